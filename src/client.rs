@@ -1,0 +1,585 @@
+//! A blocking Rust client for the native protocol.
+//!
+//! One TCP connection per [`Client`]; any number of threads may use it at
+//! once (requests are pipelined and matched by request id). A reader thread
+//! takes every frame off the socket: replies go to the caller waiting for
+//! them, pushes (lock lost, shutdown, session taken) to [`Client::events`].
+//!
+//! ```no_run
+//! use livelock::client::{Client, ClientOptions};
+//! let client = Client::connect("127.0.0.1:7873", &ClientOptions::default())?;
+//! let guard = client.acquire("report-42")?; // waits in FIFO order
+//! println!("fencing token {}", guard.token());
+//! drop(guard); // releases
+//! # Ok::<(), livelock::client::Error>(())
+//! ```
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use hashbrown::HashMap;
+use parking_lot::Mutex;
+
+use crate::protocol::{
+    self, flags, opcode, DecodedReply, Mode, Request, Status, HEADER_LEN, SECRET_LEN, WAIT_FOREVER,
+};
+
+#[derive(Debug)]
+pub enum Error {
+    Io(io::Error),
+    /// The server answered with this status (and message).
+    Status(Status, String),
+    /// The server sent something this client does not understand.
+    Protocol(String),
+    /// The connection is gone.
+    Disconnected,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io(e) => write!(f, "{e}"),
+            Error::Status(status, message) if message.is_empty() => write!(f, "{}", status.as_str()),
+            Error::Status(status, message) => write!(f, "{}: {message}", status.as_str()),
+            Error::Protocol(what) => write!(f, "protocol error: {what}"),
+            Error::Disconnected => write!(f, "disconnected from the server"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Error {
+        Error::Io(e)
+    }
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub password: Option<String>,
+    pub client_name: String,
+    /// How long the server keeps the session's holds after the connection
+    /// is lost, waiting for a RESUME. Zero: released at once.
+    pub grace: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            password: None,
+            client_name: format!("{}:{}", hostname(), std::process::id()),
+            grace: Duration::ZERO,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// How to acquire.
+#[derive(Debug, Clone, Copy)]
+pub struct AcquireOptions {
+    pub mode: Mode,
+    /// `Some(ZERO)`: try once. `Some(d)`: wait at most d. `None`: wait forever.
+    pub wait: Option<Duration>,
+    /// The hold ends unless extended within this time.
+    pub lease: Option<Duration>,
+}
+
+impl Default for AcquireOptions {
+    fn default() -> Self {
+        AcquireOptions {
+            mode: Mode::Exclusive,
+            wait: None,
+            lease: None,
+        }
+    }
+}
+
+/// Server-initiated events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The lease of this hold ran out; the lock is no longer held.
+    LockLost { name: Vec<u8>, token: u64 },
+    /// The server is shutting down.
+    Shutdown,
+    /// Another connection resumed this session.
+    SessionTaken,
+    /// The connection is gone (the session may be resumable within its grace).
+    Disconnected,
+}
+
+/// A reply taken off the socket.
+#[derive(Debug)]
+struct OwnedReply {
+    flags: u16,
+    status: Status,
+    body: Vec<u8>,
+}
+
+struct Inner {
+    writer: Mutex<TcpStream>,
+    /// Callers waiting for a reply, by request id. None once disconnected.
+    waiting: Mutex<Option<HashMap<u32, Sender<OwnedReply>>>>,
+    next_id: AtomicU32,
+    session_id: u64,
+    secret: [u8; SECRET_LEN],
+    grace_ms: u32,
+}
+
+pub struct Client {
+    inner: Arc<Inner>,
+    events: Receiver<Event>,
+}
+
+impl Client {
+    /// Connects and opens a new session.
+    pub fn connect(addr: impl ToSocketAddrs, options: &ClientOptions) -> Result<Client> {
+        let password = options.password.as_deref().unwrap_or("").as_bytes();
+        let grace_ms = u32::try_from(options.grace.as_millis()).unwrap_or(u32::MAX);
+        let hello = Request::Hello {
+            grace_ms,
+            password,
+            client_name: options.client_name.as_bytes(),
+        };
+        Client::open(addr, options.connect_timeout, &hello)
+    }
+
+    /// Connects and takes back the session `session_id` (within its grace).
+    pub fn resume(
+        addr: impl ToSocketAddrs,
+        session_id: u64,
+        secret: [u8; SECRET_LEN],
+        options: &ClientOptions,
+    ) -> Result<Client> {
+        let password = options.password.as_deref().unwrap_or("").as_bytes();
+        let resume = Request::Resume {
+            session_id,
+            secret,
+            password,
+        };
+        Client::open(addr, options.connect_timeout, &resume)
+    }
+
+    fn open(addr: impl ToSocketAddrs, timeout: Duration, first: &Request<'_>) -> Result<Client> {
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
+        let mut stream = None;
+        for addr in addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let mut stream = stream.ok_or(last)?;
+        stream.set_nodelay(true)?;
+        let mut frame = Vec::new();
+        protocol::encode_request(&mut frame, 1, first);
+        stream.write_all(&frame)?;
+        stream.set_read_timeout(Some(timeout))?;
+        let mut buf = Vec::new();
+        let reply = read_frame(&mut stream, &mut buf)?.ok_or(Error::Disconnected)?;
+        stream.set_read_timeout(None)?;
+        if reply.status != Status::Ok {
+            return Err(status_error(reply.status, &reply.body));
+        }
+        let (session_id, secret, grace_ms) = protocol::parse_session_body(&reply.body)
+            .ok_or_else(|| Error::Protocol("short session reply".into()))?;
+        let reader = stream.try_clone()?;
+        let (events_tx, events) = crossbeam_channel::unbounded();
+        let inner = Arc::new(Inner {
+            writer: Mutex::new(stream),
+            waiting: Mutex::new(Some(HashMap::new())),
+            next_id: AtomicU32::new(2),
+            session_id,
+            secret,
+            grace_ms,
+        });
+        let for_reader = inner.clone();
+        std::thread::Builder::new()
+            .name("livelock-client".into())
+            .spawn(move || read_loop(reader, buf, for_reader, events_tx))?;
+        Ok(Client { inner, events })
+    }
+
+    pub fn session_id(&self) -> u64 {
+        self.inner.session_id
+    }
+
+    /// The secret RESUME needs, with `session_id`.
+    pub fn secret(&self) -> [u8; SECRET_LEN] {
+        self.inner.secret
+    }
+
+    pub fn grace(&self) -> Duration {
+        Duration::from_millis(u64::from(self.inner.grace_ms))
+    }
+
+    /// Pushed events: lock lost, shutdown, session taken, disconnected.
+    pub fn events(&self) -> &Receiver<Event> {
+        &self.events
+    }
+
+    /// Waits (forever, FIFO) for an exclusive hold.
+    pub fn acquire(&self, name: impl AsRef<[u8]>) -> Result<Guard> {
+        self.acquire_with(name, AcquireOptions::default())
+    }
+
+    /// One attempt: `None` if someone else holds it.
+    pub fn try_acquire(&self, name: impl AsRef<[u8]>) -> Result<Option<Guard>> {
+        self.acquire_timeout(name, Duration::ZERO)
+    }
+
+    /// Waits at most `wait`: `None` if not granted in time.
+    pub fn acquire_timeout(&self, name: impl AsRef<[u8]>, wait: Duration) -> Result<Option<Guard>> {
+        let options = AcquireOptions {
+            wait: Some(wait),
+            ..AcquireOptions::default()
+        };
+        match self.acquire_with(name, options) {
+            Ok(guard) => Ok(Some(guard)),
+            Err(Error::Status(Status::Busy | Status::TimedOut, _)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits (forever) for a shared hold.
+    pub fn acquire_shared(&self, name: impl AsRef<[u8]>) -> Result<Guard> {
+        let options = AcquireOptions {
+            mode: Mode::Shared,
+            ..AcquireOptions::default()
+        };
+        self.acquire_with(name, options)
+    }
+
+    /// Acquires as `options` say; a refusal is `Error::Status(Busy | TimedOut | ...)`.
+    pub fn acquire_with(&self, name: impl AsRef<[u8]>, options: AcquireOptions) -> Result<Guard> {
+        self.start_acquire(name, options, false)?.wait()
+    }
+
+    /// Sends an acquire and returns at once; wait for it with
+    /// [`PendingAcquire::wait`], or withdraw it with [`PendingAcquire::cancel`].
+    /// `notify_queued`: the server says when the acquire has to queue
+    /// ([`PendingAcquire::wait_queued`]).
+    pub fn start_acquire(
+        &self,
+        name: impl AsRef<[u8]>,
+        options: AcquireOptions,
+        notify_queued: bool,
+    ) -> Result<PendingAcquire> {
+        let name = name.as_ref();
+        let wait_ms = match options.wait {
+            None => WAIT_FOREVER,
+            Some(wait) => u32::try_from(wait.as_millis()).unwrap_or(WAIT_FOREVER - 1).min(WAIT_FOREVER - 1),
+        };
+        let lease_ms = options.lease.map_or(0, |l| u32::try_from(l.as_millis()).unwrap_or(u32::MAX).max(1));
+        let request = Request::Acquire {
+            name,
+            mode: options.mode,
+            wait_ms,
+            lease_ms,
+            notify_queued,
+        };
+        let (request_id, replies) = self.send(&request)?;
+        Ok(PendingAcquire {
+            inner: self.inner.clone(),
+            name: name.to_vec(),
+            request_id,
+            replies,
+            queued: false,
+        })
+    }
+
+    /// Releases a hold by name (guards do this on drop).
+    pub fn release(&self, name: impl AsRef<[u8]>) -> Result<()> {
+        release(&self.inner, name.as_ref())
+    }
+
+    /// Renews the lease of a hold: it now ends `lease` from now unless extended.
+    pub fn extend(&self, name: impl AsRef<[u8]>, lease: Duration) -> Result<()> {
+        extend(&self.inner, name.as_ref(), lease)
+    }
+
+    /// One round trip.
+    pub fn ping(&self) -> Result<Duration> {
+        let start = Instant::now();
+        self.call(&Request::Ping)?;
+        Ok(start.elapsed())
+    }
+
+    /// Ends the session at once (every hold released) and closes.
+    pub fn bye(self) -> Result<()> {
+        self.call(&Request::Bye).map(|_| ())
+    }
+
+    fn send(&self, request: &Request<'_>) -> Result<(u32, Receiver<OwnedReply>)> {
+        send(&self.inner, request)
+    }
+
+    fn call(&self, request: &Request<'_>) -> Result<OwnedReply> {
+        call(&self.inner, request)
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        // Closing the socket ends the reader thread (and, without grace, the session).
+        let _ = self.inner.writer.lock().shutdown(Shutdown::Both);
+    }
+}
+
+fn send(inner: &Inner, request: &Request<'_>) -> Result<(u32, Receiver<OwnedReply>)> {
+    let request_id = loop {
+        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+        if id != 0 {
+            break id;
+        }
+    };
+    let (tx, rx) = crossbeam_channel::bounded(2);
+    match inner.waiting.lock().as_mut() {
+        Some(waiting) => waiting.insert(request_id, tx),
+        None => return Err(Error::Disconnected),
+    };
+    let mut frame = Vec::with_capacity(HEADER_LEN + 64);
+    protocol::encode_request(&mut frame, request_id, request);
+    let written = inner.writer.lock().write_all(&frame);
+    if let Err(e) = written {
+        if let Some(waiting) = inner.waiting.lock().as_mut() {
+            waiting.remove(&request_id);
+        }
+        return Err(e.into());
+    }
+    Ok((request_id, rx))
+}
+
+fn call(inner: &Inner, request: &Request<'_>) -> Result<OwnedReply> {
+    let (_, rx) = send(inner, request)?;
+    let reply = rx.recv().map_err(|_| Error::Disconnected)?;
+    match reply.status {
+        Status::Ok => Ok(reply),
+        status => Err(status_error(status, &reply.body)),
+    }
+}
+
+fn release(inner: &Inner, name: &[u8]) -> Result<()> {
+    call(inner, &Request::Release { name }).map(|_| ())
+}
+
+fn extend(inner: &Inner, name: &[u8], lease: Duration) -> Result<()> {
+    let lease_ms = u32::try_from(lease.as_millis()).unwrap_or(u32::MAX).max(1);
+    call(inner, &Request::Extend { name, lease_ms }).map(|_| ())
+}
+
+fn status_error(status: Status, body: &[u8]) -> Error {
+    Error::Status(status, String::from_utf8_lossy(body).into_owned())
+}
+
+/// An acquire in flight.
+pub struct PendingAcquire {
+    inner: Arc<Inner>,
+    name: Vec<u8>,
+    request_id: u32,
+    replies: Receiver<OwnedReply>,
+    queued: bool,
+}
+
+impl PendingAcquire {
+    pub fn request_id(&self) -> u32 {
+        self.request_id
+    }
+
+    /// Waits until the server says the acquire is queued (sent with
+    /// `notify_queued`) or it has completed, at most `timeout`.
+    /// `Ok(true)`: it is queued (or done); `Ok(false)`: still no word.
+    pub fn wait_queued(&mut self, timeout: Duration) -> Result<bool> {
+        if self.queued {
+            return Ok(true);
+        }
+        match self.replies.recv_timeout(timeout) {
+            Ok(reply) if reply.flags & flags::INTERIM != 0 => {
+                self.queued = true;
+                Ok(true)
+            }
+            Ok(reply) => {
+                // Completed without queueing: keep the answer for `wait`.
+                let (tx, rx) = crossbeam_channel::bounded(1);
+                let _ = tx.send(reply);
+                self.replies = rx;
+                self.queued = true;
+                Ok(true)
+            }
+            Err(RecvTimeoutError::Timeout) => Ok(false),
+            Err(RecvTimeoutError::Disconnected) => Err(Error::Disconnected),
+        }
+    }
+
+    /// Waits for the outcome.
+    pub fn wait(self) -> Result<Guard> {
+        loop {
+            let reply = self.replies.recv().map_err(|_| Error::Disconnected)?;
+            if reply.flags & flags::INTERIM != 0 {
+                continue;
+            }
+            if reply.status != Status::Ok {
+                return Err(status_error(reply.status, &reply.body));
+            }
+            let token = protocol::parse_token_body(&reply.body)
+                .ok_or_else(|| Error::Protocol("short grant".into()))?;
+            return Ok(Guard {
+                inner: self.inner,
+                name: self.name,
+                token,
+                armed: true,
+            });
+        }
+    }
+
+    /// Asks the server to withdraw the acquire; `wait` then reports
+    /// `Cancelled` (or the grant, if it came first).
+    pub fn cancel(&self) -> Result<()> {
+        call(&self.inner, &Request::Cancel { target: self.request_id }).map(|_| ())
+    }
+}
+
+/// A hold. Released when dropped (unless [`Guard::forget`] was called).
+pub struct Guard {
+    inner: Arc<Inner>,
+    name: Vec<u8>,
+    token: u64,
+    armed: bool,
+}
+
+impl Guard {
+    /// The fencing token of this grant: strictly greater than any earlier
+    /// grant's token for the same lock.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    pub fn name(&self) -> &[u8] {
+        &self.name
+    }
+
+    /// Releases now and reports how it went.
+    pub fn release(mut self) -> Result<()> {
+        self.armed = false;
+        release(&self.inner, &self.name)
+    }
+
+    /// Renews the lease.
+    pub fn extend(&self, lease: Duration) -> Result<()> {
+        extend(&self.inner, &self.name, lease)
+    }
+
+    /// Keeps the hold without releasing it on drop (it still ends with the
+    /// session; a resumed session can release it by name).
+    pub fn forget(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = release(&self.inner, &self.name);
+        }
+    }
+}
+
+/// Reads one whole frame into `buf` (keeping any bytes after it).
+/// `Ok(None)` at a clean end of stream.
+fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<OwnedReplyFrame>> {
+    loop {
+        match protocol::decode_reply(buf) {
+            Ok(DecodedReply::Frame { consumed, reply }) => {
+                let frame = OwnedReplyFrame {
+                    opcode: reply.opcode,
+                    request_id: reply.request_id,
+                    flags: reply.flags,
+                    status: reply.status,
+                    body: reply.body.to_vec(),
+                };
+                buf.drain(..consumed);
+                return Ok(Some(frame));
+            }
+            Ok(DecodedReply::Incomplete) => {}
+            Err(e) => return Err(Error::Protocol(format!("{e:?}"))),
+        }
+        let mut chunk = [0u8; 8192];
+        let n = match stream.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+struct OwnedReplyFrame {
+    opcode: u8,
+    request_id: u32,
+    flags: u16,
+    status: Status,
+    body: Vec<u8>,
+}
+
+fn read_loop(mut stream: TcpStream, mut buf: Vec<u8>, inner: Arc<Inner>, events: Sender<Event>) {
+    while let Ok(Some(frame)) = read_frame(&mut stream, &mut buf) {
+        let is_push_event = frame.request_id == 0
+            && matches!(frame.opcode, opcode::LOCK_LOST | opcode::SHUTDOWN | opcode::SESSION_TAKEN);
+        if is_push_event {
+            let event = match frame.opcode {
+                opcode::LOCK_LOST => match protocol::parse_lock_lost_body(&frame.body) {
+                    Some((token, name)) => Event::LockLost {
+                        name: name.to_vec(),
+                        token,
+                    },
+                    None => break,
+                },
+                opcode::SHUTDOWN => Event::Shutdown,
+                _ => Event::SessionTaken,
+            };
+            let _ = events.send(event);
+            continue;
+        }
+        let interim = frame.flags & flags::INTERIM != 0;
+        let reply = OwnedReply {
+            flags: frame.flags,
+            status: frame.status,
+            body: frame.body,
+        };
+        let mut waiting = inner.waiting.lock();
+        let Some(map) = waiting.as_mut() else { break };
+        let tx = if interim {
+            map.get(&frame.request_id).cloned()
+        } else {
+            map.remove(&frame.request_id)
+        };
+        drop(waiting);
+        if let Some(tx) = tx {
+            let _ = tx.send(reply);
+        }
+        // A reply nobody waits for (e.g. HelloTimeout with id 0) is dropped.
+    }
+    // Dropping the senders wakes every caller with Disconnected.
+    inner.waiting.lock().take();
+    let _ = events.send(Event::Disconnected);
+}

@@ -1,0 +1,153 @@
+//! One client connection's socket and buffers, and nothing else: reading
+//! until the kernel has no more (or the read buffer is full), writing until
+//! the kernel takes no more. What the bytes mean is the event loop's and the
+//! codecs' business.
+
+use std::io::{self, Read, Write};
+
+use mio::net::TcpStream;
+
+use crate::limits::READ_BUFFER_MAX;
+use crate::lock_table::SessionId;
+
+/// Which wire protocol the connection speaks, chosen by its first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Codec {
+    /// No byte seen yet.
+    Sniffing,
+    /// First byte `protocol::MAGIC_BYTE0`.
+    Native,
+}
+
+/// What a read pass found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadState {
+    /// The kernel has nothing more for now.
+    Drained,
+    /// The read buffer is full; more may be waiting in the kernel.
+    Full,
+    /// The peer closed its side.
+    Eof,
+}
+
+/// Bytes read per `read` call at least (the buffer grows in such steps).
+const READ_CHUNK: usize = 4096;
+
+pub struct Connection {
+    pub stream: TcpStream,
+    pub codec: Codec,
+    pub session: Option<SessionId>,
+    /// Received bytes; `rbuf[rpos..]` is not yet decoded.
+    pub rbuf: Vec<u8>,
+    pub rpos: usize,
+    /// Encoded replies; `wbuf[wpos..]` is not yet written.
+    pub wbuf: Vec<u8>,
+    pub wpos: usize,
+    /// A new connection must say HELLO/RESUME before this instant (0: it did).
+    pub hello_deadline_ms: u64,
+    /// Close once `wbuf` is written (after BYE, a fatal error, shutdown).
+    pub closing: bool,
+    /// Reading stopped because the peer does not read its replies.
+    pub paused: bool,
+    /// Listed in the loop's dirty list (has output to flush this turn).
+    pub dirty: bool,
+    /// Listed in the loop's ready list (has input to look at).
+    pub ready: bool,
+    /// The peer sent FIN: decode what is left, then close.
+    pub eof: bool,
+}
+
+impl Connection {
+    pub fn new(stream: TcpStream, hello_deadline_ms: u64) -> Connection {
+        Connection {
+            stream,
+            codec: Codec::Sniffing,
+            session: None,
+            rbuf: Vec::new(),
+            rpos: 0,
+            wbuf: Vec::new(),
+            wpos: 0,
+            hello_deadline_ms,
+            closing: false,
+            paused: false,
+            dirty: false,
+            ready: false,
+            eof: false,
+        }
+    }
+
+    /// Bytes of output not yet taken by the kernel.
+    pub fn unwritten(&self) -> usize {
+        self.wbuf.len() - self.wpos
+    }
+
+    /// Reads until the kernel has no more, the buffer is full, or EOF.
+    pub fn fill(&mut self) -> io::Result<ReadState> {
+        if self.rpos > 0 && self.rpos == self.rbuf.len() {
+            self.rbuf.clear();
+            self.rpos = 0;
+        }
+        loop {
+            let held = self.rbuf.len() - self.rpos;
+            if held >= READ_BUFFER_MAX {
+                return Ok(ReadState::Full);
+            }
+            if self.rpos > 0 && self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
+                // Move the undecoded tail to the front before growing.
+                self.rbuf.drain(..self.rpos);
+                self.rpos = 0;
+            }
+            let start = self.rbuf.len();
+            let room = READ_CHUNK.min(READ_BUFFER_MAX - held);
+            self.rbuf.resize(start + room, 0);
+            match self.stream.read(&mut self.rbuf[start..]) {
+                Ok(0) => {
+                    self.rbuf.truncate(start);
+                    return Ok(ReadState::Eof);
+                }
+                Ok(n) => self.rbuf.truncate(start + n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.rbuf.truncate(start);
+                    return Ok(ReadState::Drained);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => self.rbuf.truncate(start),
+                Err(e) => {
+                    self.rbuf.truncate(start);
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    /// Marks `consumed` more bytes as decoded and gives memory back when idle.
+    pub fn consume(&mut self, consumed: usize) {
+        self.rpos += consumed;
+        debug_assert!(self.rpos <= self.rbuf.len());
+        if self.rpos == self.rbuf.len() {
+            self.rbuf.clear();
+            self.rpos = 0;
+            if self.rbuf.capacity() > 4 * READ_CHUNK {
+                self.rbuf = Vec::new();
+            }
+        }
+    }
+
+    /// Writes until the kernel takes no more. `Ok(true)` when all is written.
+    pub fn flush(&mut self) -> io::Result<bool> {
+        while self.wpos < self.wbuf.len() {
+            match self.stream.write(&self.wbuf[self.wpos..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.wpos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.wbuf.clear();
+        self.wpos = 0;
+        if self.wbuf.capacity() > 64 * READ_CHUNK {
+            self.wbuf = Vec::new();
+        }
+        Ok(true)
+    }
+}

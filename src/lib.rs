@@ -1,0 +1,11 @@
+//! livelock: a lock server whose locks live exactly as long as their holder's
+//! session. See docs/ARCHITECTURE.md for how the pieces fit.
+pub mod client;
+pub mod config;
+pub mod connection;
+pub mod event_loop;
+pub mod limits;
+pub mod lock_table;
+pub mod protocol;
+pub mod server;
+pub mod session;

@@ -1,0 +1,57 @@
+//! Every limit of the server in one place: sizes, counts and times, with the
+//! relations between them checked at compile time. The README's "Limits"
+//! table documents each one; change both together.
+
+/// Longest lock name in bytes (names are 1..=NAME_LEN_MAX bytes).
+pub const NAME_LEN_MAX: usize = 1024;
+/// Longest password in a HELLO/RESUME.
+pub const PASSWORD_LEN_MAX: usize = 256;
+/// Longest client name in a HELLO.
+pub const CLIENT_NAME_LEN_MAX: usize = 256;
+/// Largest native frame body a client may send; a larger one closes the connection.
+pub const FRAME_BODY_MAX: usize = 4096;
+
+/// Open connections over all loops; further accepts are closed at once.
+pub const CONNECTIONS_MAX: usize = 100_000;
+/// Locks one session may hold, or wait for, at once.
+pub const HOLDS_PER_SESSION_MAX: usize = 100_000;
+/// Sessions queued behind one lock.
+pub const WAITERS_PER_LOCK_MAX: usize = 10_000;
+/// Requests of one session in flight (sent, no final reply yet).
+pub const IN_FLIGHT_PER_SESSION_MAX: usize = 1024;
+/// Time a new connection has to send HELLO (or RESUME) before it is closed.
+pub const HELLO_TIMEOUT_MS: u64 = 10_000;
+/// Longest grace period a session may ask for.
+pub const GRACE_MS_MAX: u32 = 3_600_000;
+/// Longest timed wait (longer waits are "forever" by WAIT_FOREVER).
+pub const WAIT_MS_MAX: u32 = u32::MAX - 1;
+
+/// Bytes buffered for reading on one connection: one whole frame must fit.
+pub const READ_BUFFER_MAX: usize = 64 * 1024;
+/// Bytes of replies buffered for one connection. Past `WRITE_BUFFER_PAUSE`
+/// the connection stops being read until the peer drains it (backpressure);
+/// replies still owed (deferred grants, pushes) may take it up to the hard max,
+/// past which the peer is considered stuck and the connection is closed.
+pub const WRITE_BUFFER_PAUSE: usize = 256 * 1024;
+pub const WRITE_BUFFER_MAX: usize = 4 * 1024 * 1024;
+/// Frames decoded from one connection per loop turn before others are served.
+pub const FRAMES_PER_TURN_MAX: usize = 256;
+
+/// Event-loop threads (the session/shard bitmask is a u64).
+pub const THREADS_MAX: usize = 64;
+/// Messages queued in one loop's inbox from the other loops.
+pub const INBOX_MAX: usize = 65_536;
+/// Messages a loop parks for a full inbox before it stops reading its sockets.
+pub const OUTBOX_PARK_MAX: usize = 65_536;
+/// How long shutdown waits for goodbye pushes to drain.
+pub const SHUTDOWN_FLUSH_MS: u64 = 1_000;
+
+const _: () = assert!(FRAME_BODY_MAX >= NAME_LEN_MAX + 64);
+const _: () = assert!(FRAME_BODY_MAX >= 28 + PASSWORD_LEN_MAX);
+const _: () = assert!(FRAME_BODY_MAX >= 8 + PASSWORD_LEN_MAX + CLIENT_NAME_LEN_MAX);
+const _: () = assert!(READ_BUFFER_MAX >= 16 + FRAME_BODY_MAX);
+const _: () = assert!(WRITE_BUFFER_PAUSE < WRITE_BUFFER_MAX);
+// Every in-flight request can owe one reply of at most a header + a short message.
+const _: () = assert!(WRITE_BUFFER_MAX - WRITE_BUFFER_PAUSE >= IN_FLIGHT_PER_SESSION_MAX * 256);
+const _: () = assert!(THREADS_MAX <= 64);
+const _: () = assert!(IN_FLIGHT_PER_SESSION_MAX <= HOLDS_PER_SESSION_MAX);

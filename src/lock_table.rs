@@ -1,0 +1,730 @@
+//! One shard's locks as a pure state machine.
+//!
+//! `LockTable::apply(now_ms, command, out)` and `LockTable::tick(now_ms, out)`
+//! are the only ways to change a shard. They never touch a socket, a clock or
+//! a channel: time is passed in, and every consequence (a reply, a deferred
+//! grant, a lost lease) is written to the caller's outbox as an [`Effect`].
+//! The event loop does the I/O; tests and the simulation drive it directly.
+//!
+//! Invariants kept here (checked by `check_invariants` in tests):
+//! - a lock in the table has at least one holder; idle names use no memory;
+//! - holders are one exclusive session, or any number of shared sessions,
+//!   each session at most once per lock (holding or waiting, not both);
+//! - waiters are served in strict FIFO order: a new request never passes a
+//!   queued one, so a writer is never starved by later readers;
+//! - when the holders change, the head of the queue is granted in the same
+//!   step (all shared waiters at the head together);
+//! - fencing tokens come from one shard-wide counter, so they strictly
+//!   increase for every lock; `raise_token_floor` keeps that across restarts.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use hashbrown::DefaultHashBuilder;
+use hashbrown::{HashMap, HashSet, HashTable};
+use std::hash::BuildHasher;
+
+use crate::limits::WAITERS_PER_LOCK_MAX;
+pub use crate::protocol::Mode;
+
+/// A session, unique over all loops of the server (its home loop is in the low bits).
+pub type SessionId = u64;
+/// A client-chosen request id, unique among the session's requests in flight.
+pub type RequestId = u32;
+
+/// The shard that owns `name`: a fixed, seedless FNV-1a hash, so every loop
+/// (and every restart) agrees without sharing state.
+pub fn shard_for(name: &[u8], shards: usize) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &byte in name {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % shards as u64) as usize
+}
+
+/// How long an acquire may wait, as an absolute deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Try once: busy if not free now.
+    Try,
+    /// Queue until this instant (ms on the server's monotonic clock).
+    Until(u64),
+    /// Queue until granted or cancelled.
+    Forever,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Acquire<'a> {
+    pub session: SessionId,
+    pub request_id: RequestId,
+    pub name: &'a [u8],
+    pub mode: Mode,
+    pub wait: Wait,
+    /// 0 = no lease; else the hold ends unless extended within this many ms.
+    pub lease_ms: u32,
+    /// Granting again to a session that already holds the lock (LiveLock AQR).
+    pub reentrant: bool,
+    /// Reply `Queued` (interim) when the acquire has to wait.
+    pub notify_queued: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Command<'a> {
+    Acquire(Acquire<'a>),
+    Release {
+        session: SessionId,
+        request_id: RequestId,
+        name: &'a [u8],
+    },
+    Extend {
+        session: SessionId,
+        request_id: RequestId,
+        name: &'a [u8],
+        lease_ms: u32,
+    },
+    /// Withdraw the session's queued acquire `target`.
+    Cancel {
+        session: SessionId,
+        request_id: RequestId,
+        target: RequestId,
+    },
+    /// The session is over: release its holds, drop its waits (no replies).
+    EndSession { session: SessionId },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Granted { token: u64 },
+    /// Release, extend or cancel done.
+    Ok,
+    /// Interim: the acquire waits in the queue.
+    Queued,
+    Busy,
+    TimedOut,
+    Cancelled,
+    NotHeld,
+    AlreadyHeld,
+    NoSuchRequest,
+    TooManyWaiters,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// The answer to `request_id` of `session`. `deferred` when it completes
+    /// an acquire that waited (it is pushed, not returned at once).
+    Reply {
+        session: SessionId,
+        request_id: RequestId,
+        outcome: Outcome,
+        deferred: bool,
+    },
+    /// The lease of a hold ran out: the hold is gone.
+    LockLost {
+        session: SessionId,
+        token: u64,
+        name: Box<[u8]>,
+    },
+}
+
+/// One holder of a lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hold {
+    pub session: SessionId,
+    pub token: u64,
+    /// When it was granted (ms, server monotonic clock).
+    pub since_ms: u64,
+    /// 0 = no lease; else the instant the hold ends unless extended.
+    pub lease_deadline_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Waiter {
+    session: SessionId,
+    request_id: RequestId,
+    mode: Mode,
+    lease_ms: u32,
+    /// Key of its entry in `wait_timers` (deadline, seq), if it has a deadline.
+    timer: Option<(u64, u64)>,
+}
+
+/// Shared holders beyond the first and the queue: boxed, because most locks
+/// have neither and a held lock should cost little memory.
+#[derive(Debug, Default)]
+struct Extra {
+    more: Vec<Hold>,
+    waiters: VecDeque<Waiter>,
+}
+
+#[derive(Debug)]
+struct Lock {
+    name: Box<[u8]>,
+    mode: Mode,
+    first: Hold,
+    extra: Option<Box<Extra>>,
+}
+
+impl Lock {
+    fn holders(&self) -> impl Iterator<Item = &Hold> {
+        std::iter::once(&self.first).chain(self.extra.iter().flat_map(|e| e.more.iter()))
+    }
+
+    fn waiters(&self) -> impl Iterator<Item = &Waiter> {
+        self.extra.iter().flat_map(|e| e.waiters.iter())
+    }
+
+    fn waiter_count(&self) -> usize {
+        self.extra.as_ref().map_or(0, |e| e.waiters.len())
+    }
+
+    fn holder_count(&self) -> usize {
+        1 + self.extra.as_ref().map_or(0, |e| e.more.len())
+    }
+
+    fn hold_of(&self, session: SessionId) -> Option<&Hold> {
+        self.holders().find(|h| h.session == session)
+    }
+
+    fn hold_of_mut(&mut self, session: SessionId) -> Option<&mut Hold> {
+        if self.first.session == session {
+            return Some(&mut self.first);
+        }
+        self.extra
+            .as_mut()
+            .and_then(|e| e.more.iter_mut().find(|h| h.session == session))
+    }
+
+    /// Removes the hold of `session`; returns it and whether the lock is now
+    /// without holders (then `first` is stale and must be replaced or the
+    /// lock removed).
+    fn remove_hold(&mut self, session: SessionId) -> Option<(Hold, bool)> {
+        if self.first.session == session {
+            let removed = self.first;
+            match self.extra.as_mut().and_then(|e| e.more.pop()) {
+                Some(next) => {
+                    self.first = next;
+                    Some((removed, false))
+                }
+                None => Some((removed, true)),
+            }
+        } else {
+            let extra = self.extra.as_mut()?;
+            let at = extra.more.iter().position(|h| h.session == session)?;
+            Some((extra.more.swap_remove(at), false))
+        }
+    }
+
+    fn extra_mut(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Box::default)
+    }
+
+    fn shrink_extra(&mut self) {
+        if self
+            .extra
+            .as_ref()
+            .is_some_and(|e| e.more.is_empty() && e.waiters.is_empty())
+        {
+            self.extra = None;
+        }
+    }
+}
+
+/// A view of one lock for inspection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockInfo {
+    pub name: Box<[u8]>,
+    pub mode: Mode,
+    pub holders: Vec<Hold>,
+    pub waiters: usize,
+}
+
+/// The locks of one shard.
+pub struct LockTable {
+    shard: usize,
+    shards: usize,
+    locks: slab::Slab<Lock>,
+    /// Name → slot in `locks`; the name is stored once, in the lock.
+    names: HashTable<u32>,
+    hasher: DefaultHashBuilder,
+    /// Locks each session holds or waits for here, so ending it touches only those.
+    by_session: HashMap<SessionId, HashSet<u32>>,
+    /// Queued acquires: (session, request) → lock slot.
+    waits: HashMap<(SessionId, RequestId), u32>,
+    /// (deadline, token) → lock slot, for holds with a lease.
+    lease_timers: BTreeMap<(u64, u64), u32>,
+    /// (deadline, seq) → (lock slot, session, request), for timed waits.
+    wait_timers: BTreeMap<(u64, u64), (u32, SessionId, RequestId)>,
+    wait_seq: u64,
+    /// The last fencing token handed out by this shard.
+    last_token: u64,
+}
+
+impl LockTable {
+    pub fn new(shard: usize, shards: usize) -> LockTable {
+        assert!(shard < shards);
+        LockTable {
+            shard,
+            shards,
+            locks: slab::Slab::new(),
+            names: HashTable::new(),
+            hasher: DefaultHashBuilder::default(),
+            by_session: HashMap::new(),
+            waits: HashMap::new(),
+            lease_timers: BTreeMap::new(),
+            wait_timers: BTreeMap::new(),
+            wait_seq: 0,
+            last_token: 0,
+        }
+    }
+
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    /// Number of locks held (with or without waiters).
+    pub fn lock_count(&self) -> usize {
+        self.locks.len()
+    }
+
+    /// Number of queued acquires.
+    pub fn waiter_count(&self) -> usize {
+        self.waits.len()
+    }
+
+    /// The last fencing token handed out here.
+    pub fn last_token(&self) -> u64 {
+        self.last_token
+    }
+
+    /// Makes every later token greater than `floor` (tokens restored from a
+    /// dump, or handed out by a previous run).
+    pub fn raise_token_floor(&mut self, floor: u64) {
+        self.last_token = self.last_token.max(floor);
+    }
+
+    /// The earliest instant at which `tick` has work to do.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let lease = self.lease_timers.keys().next().map(|k| k.0);
+        let wait = self.wait_timers.keys().next().map(|k| k.0);
+        match (lease, wait) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn find(&self, name: &[u8]) -> Option<u32> {
+        let hash = self.hasher.hash_one(name);
+        self.names
+            .find(hash, |&idx| &*self.locks[idx as usize].name == name)
+            .copied()
+    }
+
+    fn next_token(&mut self) -> u64 {
+        self.last_token += 1;
+        self.last_token
+    }
+
+    fn index_session(&mut self, session: SessionId, idx: u32) {
+        self.by_session.entry(session).or_default().insert(idx);
+    }
+
+    fn unindex_session(&mut self, session: SessionId, idx: u32) {
+        if let Some(set) = self.by_session.get_mut(&session) {
+            set.remove(&idx);
+            if set.is_empty() {
+                self.by_session.remove(&session);
+            }
+        }
+    }
+
+    fn new_hold(&mut self, session: SessionId, now_ms: u64, lease_ms: u32, idx: u32) -> Hold {
+        let token = self.next_token();
+        let lease_deadline_ms = if lease_ms == 0 {
+            0
+        } else {
+            let deadline = now_ms + u64::from(lease_ms);
+            self.lease_timers.insert((deadline, token), idx);
+            deadline
+        };
+        Hold {
+            session,
+            token,
+            since_ms: now_ms,
+            lease_deadline_ms,
+        }
+    }
+
+    /// Applies one command at `now_ms`, writing its effects to `out`.
+    pub fn apply(&mut self, now_ms: u64, command: Command<'_>, out: &mut Vec<Effect>) {
+        match command {
+            Command::Acquire(acquire) => self.acquire(now_ms, acquire, out),
+            Command::Release {
+                session,
+                request_id,
+                name,
+            } => {
+                let outcome = self.release(now_ms, session, name, out);
+                out.push(reply(session, request_id, outcome, false));
+            }
+            Command::Extend {
+                session,
+                request_id,
+                name,
+                lease_ms,
+            } => {
+                let outcome = self.extend(now_ms, session, name, lease_ms);
+                out.push(reply(session, request_id, outcome, false));
+            }
+            Command::Cancel {
+                session,
+                request_id,
+                target,
+            } => {
+                let outcome = match self.remove_waiter(now_ms, session, target, out) {
+                    true => {
+                        out.push(reply(session, target, Outcome::Cancelled, true));
+                        Outcome::Ok
+                    }
+                    false => Outcome::NoSuchRequest,
+                };
+                out.push(reply(session, request_id, outcome, false));
+            }
+            Command::EndSession { session } => self.end_session(now_ms, session, out),
+        }
+    }
+
+    fn acquire(&mut self, now_ms: u64, a: Acquire<'_>, out: &mut Vec<Effect>) {
+        assert!(!a.name.is_empty() && a.name.len() <= crate::limits::NAME_LEN_MAX);
+        assert_eq!(shard_for(a.name, self.shards), self.shard, "lock routed to the wrong shard");
+        let Some(idx) = self.find(a.name) else {
+            let idx = self.locks.vacant_key() as u32;
+            let first = self.new_hold(a.session, now_ms, a.lease_ms, idx);
+            let lock = Lock {
+                name: a.name.into(),
+                mode: a.mode,
+                first,
+                extra: None,
+            };
+            assert_eq!(self.locks.insert(lock) as u32, idx);
+            let hash = self.hasher.hash_one(a.name);
+            let (locks, hasher) = (&self.locks, &self.hasher);
+            self.names.insert_unique(hash, idx, |&i| {
+                hasher.hash_one(&*locks[i as usize].name)
+            });
+            self.index_session(a.session, idx);
+            out.push(reply(a.session, a.request_id, Outcome::Granted { token: first.token }, false));
+            return;
+        };
+        let lock = &self.locks[idx as usize];
+        if let Some(hold) = lock.hold_of(a.session) {
+            let outcome = if a.reentrant {
+                Outcome::Granted { token: hold.token }
+            } else {
+                Outcome::AlreadyHeld
+            };
+            out.push(reply(a.session, a.request_id, outcome, false));
+            return;
+        }
+        let waiting = self
+            .by_session
+            .get(&a.session)
+            .is_some_and(|set| set.contains(&idx));
+        if waiting {
+            out.push(reply(a.session, a.request_id, Outcome::AlreadyHeld, false));
+            return;
+        }
+        let compatible = lock.mode == Mode::Shared && a.mode == Mode::Shared && lock.waiter_count() == 0;
+        if compatible {
+            let hold = self.new_hold(a.session, now_ms, a.lease_ms, idx);
+            self.locks[idx as usize].extra_mut().more.push(hold);
+            self.index_session(a.session, idx);
+            out.push(reply(a.session, a.request_id, Outcome::Granted { token: hold.token }, false));
+            return;
+        }
+        let deadline = match a.wait {
+            Wait::Try => {
+                out.push(reply(a.session, a.request_id, Outcome::Busy, false));
+                return;
+            }
+            Wait::Until(deadline) => Some(deadline),
+            Wait::Forever => None,
+        };
+        if lock.waiter_count() >= WAITERS_PER_LOCK_MAX {
+            out.push(reply(a.session, a.request_id, Outcome::TooManyWaiters, false));
+            return;
+        }
+        if self.waits.contains_key(&(a.session, a.request_id)) {
+            // The home loop refuses duplicate request ids before they get here.
+            panic!("duplicate request id {} of session {:#x}", a.request_id, a.session);
+        }
+        let timer = deadline.map(|deadline| {
+            self.wait_seq += 1;
+            let key = (deadline, self.wait_seq);
+            self.wait_timers.insert(key, (idx, a.session, a.request_id));
+            key
+        });
+        self.locks[idx as usize].extra_mut().waiters.push_back(Waiter {
+            session: a.session,
+            request_id: a.request_id,
+            mode: a.mode,
+            lease_ms: a.lease_ms,
+            timer,
+        });
+        self.waits.insert((a.session, a.request_id), idx);
+        self.index_session(a.session, idx);
+        if a.notify_queued {
+            out.push(reply(a.session, a.request_id, Outcome::Queued, false));
+        }
+    }
+
+    fn release(&mut self, now_ms: u64, session: SessionId, name: &[u8], out: &mut Vec<Effect>) -> Outcome {
+        assert_eq!(shard_for(name, self.shards), self.shard, "lock routed to the wrong shard");
+        let Some(idx) = self.find(name) else {
+            return Outcome::NotHeld;
+        };
+        match self.remove_hold(now_ms, idx, session, out) {
+            true => Outcome::Ok,
+            false => Outcome::NotHeld,
+        }
+    }
+
+    /// Removes the hold of `session` on lock `idx` (if any), then grants
+    /// whoever can go next. Returns whether there was a hold.
+    fn remove_hold(&mut self, now_ms: u64, idx: u32, session: SessionId, out: &mut Vec<Effect>) -> bool {
+        let lock = &mut self.locks[idx as usize];
+        let Some((hold, empty)) = lock.remove_hold(session) else {
+            return false;
+        };
+        if hold.lease_deadline_ms != 0 {
+            self.lease_timers.remove(&(hold.lease_deadline_ms, hold.token));
+        }
+        self.unindex_session(session, idx);
+        self.after_change(now_ms, idx, empty, out);
+        true
+    }
+
+    /// Grants queued waiters that can now go, in FIFO order, or forgets the
+    /// lock if nobody holds or wants it. `empty`: the lock has no holder.
+    fn after_change(&mut self, now_ms: u64, idx: u32, mut empty: bool, out: &mut Vec<Effect>) {
+        loop {
+            let lock = &mut self.locks[idx as usize];
+            let Some(head) = lock.extra.as_ref().and_then(|e| e.waiters.front()).copied() else {
+                break;
+            };
+            if !empty && !(lock.mode == Mode::Shared && head.mode == Mode::Shared) {
+                break;
+            }
+            lock.extra_mut().waiters.pop_front();
+            if let Some(key) = head.timer {
+                self.wait_timers.remove(&key);
+            }
+            self.waits.remove(&(head.session, head.request_id));
+            let hold = self.new_hold(head.session, now_ms, head.lease_ms, idx);
+            let lock = &mut self.locks[idx as usize];
+            if empty {
+                lock.first = hold;
+                lock.mode = head.mode;
+                empty = false;
+            } else {
+                lock.extra_mut().more.push(hold);
+            }
+            out.push(reply(head.session, head.request_id, Outcome::Granted { token: hold.token }, true));
+        }
+        if empty {
+            let lock = self.locks.remove(idx as usize);
+            debug_assert_eq!(lock.waiter_count(), 0);
+            let hash = self.hasher.hash_one(&*lock.name);
+            match self.names.find_entry(hash, |&i| i == idx) {
+                Ok(entry) => {
+                    entry.remove();
+                }
+                Err(_) => panic!("lock slot {idx} missing from the name index"),
+            }
+        } else {
+            self.locks[idx as usize].shrink_extra();
+        }
+    }
+
+    fn extend(&mut self, now_ms: u64, session: SessionId, name: &[u8], lease_ms: u32) -> Outcome {
+        assert!(lease_ms > 0);
+        let Some(idx) = self.find(name) else {
+            return Outcome::NotHeld;
+        };
+        let Some(hold) = self.locks[idx as usize].hold_of_mut(session) else {
+            return Outcome::NotHeld;
+        };
+        if hold.lease_deadline_ms != 0 {
+            self.lease_timers.remove(&(hold.lease_deadline_ms, hold.token));
+        }
+        hold.lease_deadline_ms = now_ms + u64::from(lease_ms);
+        self.lease_timers.insert((hold.lease_deadline_ms, hold.token), idx);
+        Outcome::Ok
+    }
+
+    /// Takes the queued acquire `request_id` of `session` out of its queue.
+    /// Returns whether it was queued.
+    fn remove_waiter(&mut self, now_ms: u64, session: SessionId, request_id: RequestId, out: &mut Vec<Effect>) -> bool {
+        let Some(idx) = self.waits.remove(&(session, request_id)) else {
+            return false;
+        };
+        let lock = &mut self.locks[idx as usize];
+        let extra = lock.extra.as_mut().expect("a waiter lives in extra");
+        let at = extra
+            .waiters
+            .iter()
+            .position(|w| w.session == session && w.request_id == request_id)
+            .expect("indexed waiter is queued");
+        let waiter = extra.waiters.remove(at).expect("position is in range");
+        if let Some(key) = waiter.timer {
+            self.wait_timers.remove(&key);
+        }
+        self.unindex_session(session, idx);
+        // The head may have been the one blocking shared waiters behind it.
+        self.after_change(now_ms, idx, false, out);
+        true
+    }
+
+    fn end_session(&mut self, now_ms: u64, session: SessionId, out: &mut Vec<Effect>) {
+        let Some(slots) = self.by_session.remove(&session) else {
+            return;
+        };
+        for idx in slots {
+            // Put the set back piecemeal is unnecessary: remove_hold and
+            // remove_waiter tolerate a missing index entry.
+            let lock = &self.locks[idx as usize];
+            if lock.hold_of(session).is_some() {
+                let lock = &mut self.locks[idx as usize];
+                let (hold, empty) = lock.remove_hold(session).expect("hold present");
+                if hold.lease_deadline_ms != 0 {
+                    self.lease_timers.remove(&(hold.lease_deadline_ms, hold.token));
+                }
+                self.after_change(now_ms, idx, empty, out);
+            } else {
+                let request_id = lock
+                    .waiters()
+                    .find(|w| w.session == session)
+                    .expect("session indexed on a lock it neither holds nor waits for")
+                    .request_id;
+                let removed = self.remove_waiter(now_ms, session, request_id, out);
+                assert!(removed);
+            }
+        }
+    }
+
+    /// Fires every deadline at or before `now_ms`: timed-out waits get
+    /// `TimedOut`, expired leases end their hold with `LockLost`.
+    pub fn tick(&mut self, now_ms: u64, out: &mut Vec<Effect>) {
+        while let Some((&key, &(_, session, request_id))) = self.wait_timers.first_key_value() {
+            if key.0 > now_ms {
+                break;
+            }
+            let removed = self.remove_waiter(now_ms, session, request_id, out);
+            assert!(removed, "a wait timer outlived its waiter");
+            out.push(reply(session, request_id, Outcome::TimedOut, true));
+        }
+        while let Some((&(deadline, token), &idx)) = self.lease_timers.first_key_value() {
+            if deadline > now_ms {
+                break;
+            }
+            let lock = &self.locks[idx as usize];
+            let hold = *lock
+                .holders()
+                .find(|h| h.token == token)
+                .expect("a lease timer outlived its hold");
+            assert_eq!(hold.lease_deadline_ms, deadline);
+            let name = lock.name.clone();
+            let removed = self.remove_hold(now_ms, idx, hold.session, out);
+            assert!(removed);
+            out.push(Effect::LockLost {
+                session: hold.session,
+                token,
+                name,
+            });
+        }
+    }
+
+    /// Who holds `name` and how many wait.
+    pub fn inspect(&self, name: &[u8]) -> Option<LockInfo> {
+        self.find(name).map(|idx| self.info(idx))
+    }
+
+    fn info(&self, idx: u32) -> LockInfo {
+        let lock = &self.locks[idx as usize];
+        LockInfo {
+            name: lock.name.clone(),
+            mode: lock.mode,
+            holders: lock.holders().copied().collect(),
+            waiters: lock.waiter_count(),
+        }
+    }
+
+    /// Every lock whose name passes `filter`, at most `limit` of them.
+    pub fn list(&self, mut filter: impl FnMut(&[u8]) -> bool, limit: usize) -> Vec<LockInfo> {
+        let mut found = Vec::new();
+        for (idx, lock) in self.locks.iter() {
+            if found.len() >= limit {
+                break;
+            }
+            if filter(&lock.name) {
+                found.push(self.info(idx as u32));
+            }
+        }
+        found
+    }
+
+    /// Checks every invariant of the table (tests and simulation).
+    pub fn check_invariants(&self) {
+        let mut indexed = 0;
+        for (idx, lock) in self.locks.iter() {
+            let idx = idx as u32;
+            assert_eq!(self.find(&lock.name), Some(idx));
+            assert_eq!(shard_for(&lock.name, self.shards), self.shard);
+            if lock.mode == Mode::Exclusive {
+                assert_eq!(lock.holder_count(), 1, "exclusive lock with several holders");
+            }
+            let mut sessions: Vec<SessionId> = lock.holders().map(|h| h.session).collect();
+            sessions.extend(lock.waiters().map(|w| w.session));
+            let len = sessions.len();
+            sessions.sort_unstable();
+            sessions.dedup();
+            assert_eq!(sessions.len(), len, "a session twice on one lock");
+            for session in &sessions {
+                assert!(self.by_session[session].contains(&idx));
+            }
+            indexed += len;
+            for hold in lock.holders() {
+                assert!(hold.token <= self.last_token);
+                if hold.lease_deadline_ms != 0 {
+                    assert_eq!(self.lease_timers.get(&(hold.lease_deadline_ms, hold.token)), Some(&idx));
+                }
+            }
+            if let Some(head) = lock.waiters().next() {
+                // A waiter at the head must be blocked by the holders.
+                assert!(
+                    !(lock.mode == Mode::Shared && head.mode == Mode::Shared),
+                    "shared waiter queued behind shared holders"
+                );
+            }
+            for waiter in lock.waiters() {
+                assert_eq!(self.waits.get(&(waiter.session, waiter.request_id)), Some(&idx));
+                if let Some(key) = waiter.timer {
+                    assert_eq!(self.wait_timers[&key], (idx, waiter.session, waiter.request_id));
+                }
+            }
+        }
+        assert_eq!(self.by_session.values().map(|s| s.len()).sum::<usize>(), indexed);
+        assert_eq!(self.names.len(), self.locks.len());
+        let timed_waits = self.locks.iter().flat_map(|(_, l)| l.waiters()).filter(|w| w.timer.is_some()).count();
+        assert_eq!(self.wait_timers.len(), timed_waits);
+        let leases = self.locks.iter().flat_map(|(_, l)| l.holders()).filter(|h| h.lease_deadline_ms != 0).count();
+        assert_eq!(self.lease_timers.len(), leases);
+    }
+}
+
+fn reply(session: SessionId, request_id: RequestId, outcome: Outcome, deferred: bool) -> Effect {
+    Effect::Reply {
+        session,
+        request_id,
+        outcome,
+        deferred,
+    }
+}

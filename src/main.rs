@@ -1,0 +1,158 @@
+//! The `livelock` binary: `livelock server` runs the lock server,
+//! `livelock run NAME -- COMMAND` holds a lock around a command.
+
+mod run;
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use livelock::config::{ServerConfig, TcpTuning};
+use livelock::server::Server;
+
+const DEFAULT_PORT: u16 = 7873;
+
+#[derive(Parser)]
+#[command(
+    name = "livelock",
+    version,
+    about = "A lock server whose locks live exactly as long as their holder's connection",
+    long_about = "A lock server whose locks live exactly as long as their holder's connection.\n\n\
+        `livelock server` runs the server (in memory, 127.0.0.1:7873 by default).\n\
+        `livelock run NAME -- COMMAND` runs COMMAND while holding the lock NAME, like flock(1) \
+        across machines: COMMAND never runs without the lock."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Run the lock server.
+    Server(ServerArgs),
+    /// Hold a lock while a command runs (exit 75 if the lock is not obtained).
+    Run(run::RunArgs),
+}
+
+#[derive(Args)]
+struct ServerArgs {
+    /// Address to listen on; overrides LIVELOCK_BIND_TO/LIVELOCK_HOST and LIVELOCK_PORT.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Host to listen on [env: LIVELOCK_BIND_TO, LIVELOCK_HOST] [default: 127.0.0.1]
+    #[arg(long)]
+    host: Option<IpAddr>,
+    /// Port to listen on.
+    #[arg(long, env = "LIVELOCK_PORT", default_value_t = DEFAULT_PORT)]
+    port: u16,
+    /// Event-loop threads, each owning a shard of the locks [default: number of cores]
+    #[arg(long, env = "LIVELOCK_THREADS")]
+    threads: Option<usize>,
+    /// Password clients must give in HELLO.
+    #[arg(long, env = "LIVELOCK_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// Allow a non-loopback listener without a password.
+    #[arg(long)]
+    insecure_no_password: bool,
+    /// Seconds of silence before TCP keepalive probes start.
+    #[arg(long, env = "LIVELOCK_TCP_KEEPALIVE_TIME", default_value_t = 2)]
+    keepalive_time: u64,
+    /// Seconds between keepalive probes.
+    #[arg(long, env = "LIVELOCK_TCP_KEEPALIVE_INTERVAL", default_value_t = 1)]
+    keepalive_interval: u64,
+    /// Unanswered probes before the peer is declared dead.
+    #[arg(long, env = "LIVELOCK_TCP_KEEPALIVE_PROBES", default_value_t = 3)]
+    keepalive_probes: u32,
+    /// Seconds unacknowledged data may wait before the connection is dropped (TCP_USER_TIMEOUT).
+    #[arg(long, env = "LIVELOCK_TCP_USER_TIMEOUT_SECONDS", default_value_t = 5)]
+    user_timeout: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Commands::Server(args) => serve(args),
+        Commands::Run(args) => run::run(args),
+    }
+}
+
+fn env_host() -> Result<Option<IpAddr>, String> {
+    for var in ["LIVELOCK_BIND_TO", "LIVELOCK_HOST"] {
+        if let Ok(value) = std::env::var(var) {
+            return value
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("{var}={value:?} is not an IP address"));
+        }
+    }
+    Ok(None)
+}
+
+fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
+    let listen = match args.listen {
+        Some(addr) => addr,
+        None => {
+            let host = match args.host {
+                Some(host) => host,
+                None => env_host()?.unwrap_or(IpAddr::from([127, 0, 0, 1])),
+            };
+            SocketAddr::new(host, args.port)
+        }
+    };
+    let mut config = ServerConfig::new(listen);
+    if let Some(threads) = args.threads {
+        config.threads = threads;
+    }
+    config.password = args.password.clone().filter(|p| !p.is_empty()).map(String::into_bytes);
+    config.tcp = TcpTuning {
+        keepalive_idle: Duration::from_secs(args.keepalive_time.max(1)),
+        keepalive_interval: Duration::from_secs(args.keepalive_interval.max(1)),
+        keepalive_probes: args.keepalive_probes.max(1),
+        user_timeout: Duration::from_secs(args.user_timeout),
+    };
+    config.validate(args.insecure_no_password)?;
+    Ok(config)
+}
+
+fn serve(args: ServerArgs) -> ExitCode {
+    let config = match server_config(&args) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("livelock: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    let threads = config.threads;
+    let server = match Server::start(config) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("livelock: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let shutdown = server.shutdown_handle();
+    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("livelock: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            eprintln!("livelock: signal {signal}, shutting down");
+            shutdown.shutdown();
+        }
+    });
+    eprintln!("livelock: listening on {} with {threads} loop(s)", server.local_addr());
+    match server.join() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("livelock: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,1742 @@
+//! The native binary protocol, version 1: turning bytes into requests and
+//! replies into bytes. This module owns the wire format and nothing else — no
+//! I/O, no sessions, no locks. `docs/PROTOCOL.md` documents it byte by byte and
+//! `include/livelock.h` mirrors it for C clients.
+//!
+//! Every frame is a 16-byte little-endian [`Header`] followed by `body_len`
+//! bytes of body. A body is a fixed part (one of the `*Body` structs below)
+//! followed by variable bytes (a lock name, a password, ...).
+//!
+//! Invariants kept here:
+//! - Decoding borrows from the read buffer and never allocates; encoding only
+//!   appends to the caller's `Vec<u8>` (the caller bounds that buffer).
+//! - A frame is checked to be complete before it is parsed: an incomplete frame
+//!   is [`Decoded::Incomplete`], not an error.
+//! - Two kinds of bad input. If the frame can still be delimited (the header is
+//!   sane), the problem is a per-frame [`Status`] and the connection goes on.
+//!   If it cannot (bad magic, body longer than `FRAME_BODY_MAX`), it is a
+//!   [`Fatal`] and the connection must be closed.
+//! - The wire structs are `#[repr(C)]` with byte-array (unaligned) fields, so
+//!   they have no padding; their sizes and field offsets are asserted at compile
+//!   time here and in `include/livelock.h` (and compared by `tests/c_header.rs`).
+
+use core::mem::{offset_of, size_of};
+use std::fmt;
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::limits::{CLIENT_NAME_LEN_MAX, FRAME_BODY_MAX, NAME_LEN_MAX, PASSWORD_LEN_MAX};
+
+/// First two bytes of every frame (as a little-endian u16; `F1 4C` on the wire).
+pub const MAGIC: u16 = 0x4CF1;
+/// The first byte of every native connection; the server sniffs it to tell the
+/// native protocol from the text (RESP/inline) protocol.
+pub const MAGIC_BYTE0: u8 = 0xF1;
+/// The protocol version this module speaks.
+pub const VERSION: u8 = 1;
+/// Size of [`Header`] on the wire.
+pub const HEADER_LEN: usize = 16;
+/// `wait_ms` value of an ACQUIRE that waits until granted or cancelled.
+pub const WAIT_FOREVER: u32 = u32::MAX;
+/// Size of a session secret (returned by HELLO, presented by RESUME).
+pub const SECRET_LEN: usize = 16;
+
+/// Longest message carried by an error reply, so that header + message stays
+/// within the 256 bytes per owed reply that `limits::WRITE_BUFFER_MAX` assumes.
+/// Longer messages are truncated (at a UTF-8 character boundary).
+const MESSAGE_LEN_MAX: usize = 256 - HEADER_LEN;
+
+const _: () = assert!(MAGIC.to_le_bytes()[0] == MAGIC_BYTE0);
+const _: () = assert!(FRAME_BODY_MAX <= u32::MAX as usize);
+const _: () = assert!(PASSWORD_LEN_MAX <= u16::MAX as usize);
+const _: () = assert!(CLIENT_NAME_LEN_MAX <= u16::MAX as usize);
+const _: () = assert!(MESSAGE_LEN_MAX <= FRAME_BODY_MAX);
+
+/// Operation codes (header byte 3). Requests are below 0x40; server pushes are
+/// 0x40 and above, and are never valid from a client.
+pub mod opcode {
+    /// Open a session: `HelloBody` + password + client name.
+    pub const HELLO: u8 = 1;
+    /// Reattach to a session within its grace period: `ResumeBody` + password.
+    pub const RESUME: u8 = 2;
+    /// Take a lock (or wait for it): `AcquireBody` + name.
+    pub const ACQUIRE: u8 = 3;
+    /// Give a lock back: body = name.
+    pub const RELEASE: u8 = 4;
+    /// Push a held lock's lease further: `ExtendBody` + name.
+    pub const EXTEND: u8 = 5;
+    /// Cancel a pending ACQUIRE of this connection: `CancelBody`.
+    pub const CANCEL: u8 = 6;
+    /// Liveness check, empty body.
+    pub const PING: u8 = 7;
+    /// Close the session (no grace), empty body.
+    pub const BYE: u8 = 8;
+    /// Push: a held lock was taken away (lease expired); body token + name.
+    pub const LOCK_LOST: u8 = 0x40;
+    /// Push: the server is shutting down; empty body.
+    pub const SHUTDOWN: u8 = 0x41;
+    /// Push: another connection resumed this session; empty body.
+    pub const SESSION_TAKEN: u8 = 0x42;
+}
+
+/// Header flag bits (header bytes 4..6). Requests carry no flags.
+pub mod flags {
+    /// A server -> client frame (every frame the server sends has it).
+    pub const REPLY: u16 = 1;
+    /// Server-initiated, or the deferred completion of an earlier request.
+    pub const PUSH: u16 = 2;
+    /// Not the final reply to its request (e.g. QUEUED); another follows.
+    pub const INTERIM: u16 = 4;
+}
+
+/// `acq_flags` bit: send an INTERIM reply with status `Queued` when the
+/// acquire has to wait.
+pub const ACQ_NOTIFY_QUEUED: u8 = 1;
+/// Every `acq_flags` bit this version knows; others are rejected (BadBody) so
+/// that a future flag is never silently ignored.
+const ACQ_FLAGS_KNOWN: u8 = ACQ_NOTIFY_QUEUED;
+
+/// The frame header, exactly as on the wire.
+#[repr(C)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+pub struct Header {
+    /// Always [`MAGIC`].
+    pub magic: U16,
+    /// Always [`VERSION`] for this module.
+    pub version: u8,
+    /// One of [`opcode`].
+    pub opcode: u8,
+    /// Bits of [`flags`]; 0 in requests.
+    pub flags: U16,
+    /// A [`Status`] code; 0 in requests.
+    pub status: U16,
+    /// Chosen by the client; replies echo it; pushes not tied to a request use 0.
+    pub request_id: U32,
+    /// Bytes of body that follow the header.
+    pub body_len: U32,
+}
+
+const _: () = assert!(size_of::<Header>() == HEADER_LEN);
+const _: () = assert!(offset_of!(Header, magic) == 0);
+const _: () = assert!(offset_of!(Header, version) == 2);
+const _: () = assert!(offset_of!(Header, opcode) == 3);
+const _: () = assert!(offset_of!(Header, flags) == 4);
+const _: () = assert!(offset_of!(Header, status) == 6);
+const _: () = assert!(offset_of!(Header, request_id) == 8);
+const _: () = assert!(offset_of!(Header, body_len) == 12);
+
+/// Fixed part of a HELLO body; then `password_len` bytes of password, then
+/// `client_name_len` bytes of client name, and nothing else.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct HelloBody {
+    /// How long the session outlives its connection (0: it ends with it).
+    pub grace_ms: U32,
+    pub password_len: U16,
+    pub client_name_len: U16,
+}
+
+const _: () = assert!(size_of::<HelloBody>() == 8);
+const _: () = assert!(offset_of!(HelloBody, grace_ms) == 0);
+const _: () = assert!(offset_of!(HelloBody, password_len) == 4);
+const _: () = assert!(offset_of!(HelloBody, client_name_len) == 6);
+
+/// Fixed part of a RESUME body; then `password_len` bytes of password.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct ResumeBody {
+    /// The session to reattach to (from the HELLO reply).
+    pub session_id: U64,
+    /// The session's secret (from the HELLO reply).
+    pub secret: [u8; SECRET_LEN],
+    pub password_len: U16,
+    /// Must be 0.
+    pub reserved: U16,
+}
+
+const _: () = assert!(size_of::<ResumeBody>() == 28);
+const _: () = assert!(offset_of!(ResumeBody, session_id) == 0);
+const _: () = assert!(offset_of!(ResumeBody, secret) == 8);
+const _: () = assert!(offset_of!(ResumeBody, password_len) == 24);
+const _: () = assert!(offset_of!(ResumeBody, reserved) == 26);
+
+/// Fixed part of an ACQUIRE body; the lock name is the rest of the body.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct AcquireBody {
+    /// A [`Mode`]: 0 exclusive, 1 shared.
+    pub mode: u8,
+    /// Bits such as [`ACQ_NOTIFY_QUEUED`].
+    pub acq_flags: u8,
+    /// Must be 0.
+    pub reserved: U16,
+    /// 0: try once; [`WAIT_FOREVER`]; else the longest wait in ms.
+    pub wait_ms: U32,
+    /// 0: no lease (held until released or the session ends); else ms.
+    pub lease_ms: U32,
+}
+
+const _: () = assert!(size_of::<AcquireBody>() == 12);
+const _: () = assert!(offset_of!(AcquireBody, mode) == 0);
+const _: () = assert!(offset_of!(AcquireBody, acq_flags) == 1);
+const _: () = assert!(offset_of!(AcquireBody, reserved) == 2);
+const _: () = assert!(offset_of!(AcquireBody, wait_ms) == 4);
+const _: () = assert!(offset_of!(AcquireBody, lease_ms) == 8);
+
+/// Fixed part of an EXTEND body; the lock name is the rest of the body.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct ExtendBody {
+    /// New lease, counted from when the server accepts the request; > 0.
+    pub lease_ms: U32,
+}
+
+const _: () = assert!(size_of::<ExtendBody>() == 4);
+
+/// The whole CANCEL body.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct CancelBody {
+    /// `request_id` of the pending ACQUIRE to cancel.
+    pub target_request_id: U32,
+}
+
+const _: () = assert!(size_of::<CancelBody>() == 4);
+
+/// The whole body of a successful HELLO or RESUME reply.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct SessionBody {
+    pub session_id: U64,
+    pub secret: [u8; SECRET_LEN],
+    /// The grace period the server granted (may be less than asked).
+    pub grace_ms: U32,
+    /// The protocol version the server speaks.
+    pub version: u8,
+    /// Zero.
+    pub reserved: [u8; 3],
+}
+
+const _: () = assert!(size_of::<SessionBody>() == 32);
+const _: () = assert!(offset_of!(SessionBody, session_id) == 0);
+const _: () = assert!(offset_of!(SessionBody, secret) == 8);
+const _: () = assert!(offset_of!(SessionBody, grace_ms) == 24);
+const _: () = assert!(offset_of!(SessionBody, version) == 28);
+const _: () = assert!(offset_of!(SessionBody, reserved) == 29);
+
+/// Size of a fencing token in a granted reply or a LOCK_LOST push.
+const TOKEN_LEN: usize = size_of::<u64>();
+
+/// Reply status (header bytes 6..8). Codes below 32 are outcomes; 32 and above
+/// are errors.
+#[repr(u16)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok = 0,
+    Busy = 1,
+    TimedOut = 2,
+    Cancelled = 3,
+    Queued = 4,
+    NotHeld = 5,
+    AlreadyHeld = 6,
+    NoSuchRequest = 7,
+    BadVersion = 32,
+    UnknownOpcode = 33,
+    BadBody = 34,
+    BadName = 35,
+    NoSession = 36,
+    Auth = 37,
+    SessionExists = 38,
+    UnknownSession = 39,
+    TooManyHolds = 40,
+    TooManyWaiters = 41,
+    TooManyInFlight = 42,
+    DuplicateRequestId = 43,
+    ShuttingDown = 44,
+    FrameTooLarge = 45,
+    HelloTimeout = 46,
+    ServerBusy = 47,
+}
+
+impl Status {
+    /// Every status, in code order.
+    pub const ALL: [Status; 24] = [
+        Status::Ok,
+        Status::Busy,
+        Status::TimedOut,
+        Status::Cancelled,
+        Status::Queued,
+        Status::NotHeld,
+        Status::AlreadyHeld,
+        Status::NoSuchRequest,
+        Status::BadVersion,
+        Status::UnknownOpcode,
+        Status::BadBody,
+        Status::BadName,
+        Status::NoSession,
+        Status::Auth,
+        Status::SessionExists,
+        Status::UnknownSession,
+        Status::TooManyHolds,
+        Status::TooManyWaiters,
+        Status::TooManyInFlight,
+        Status::DuplicateRequestId,
+        Status::ShuttingDown,
+        Status::FrameTooLarge,
+        Status::HelloTimeout,
+        Status::ServerBusy,
+    ];
+
+    pub fn from_u16(code: u16) -> Option<Status> {
+        Some(match code {
+            0 => Status::Ok,
+            1 => Status::Busy,
+            2 => Status::TimedOut,
+            3 => Status::Cancelled,
+            4 => Status::Queued,
+            5 => Status::NotHeld,
+            6 => Status::AlreadyHeld,
+            7 => Status::NoSuchRequest,
+            32 => Status::BadVersion,
+            33 => Status::UnknownOpcode,
+            34 => Status::BadBody,
+            35 => Status::BadName,
+            36 => Status::NoSession,
+            37 => Status::Auth,
+            38 => Status::SessionExists,
+            39 => Status::UnknownSession,
+            40 => Status::TooManyHolds,
+            41 => Status::TooManyWaiters,
+            42 => Status::TooManyInFlight,
+            43 => Status::DuplicateRequestId,
+            44 => Status::ShuttingDown,
+            45 => Status::FrameTooLarge,
+            46 => Status::HelloTimeout,
+            47 => Status::ServerBusy,
+            _ => return None,
+        })
+    }
+
+    /// The code on the wire.
+    pub fn code(self) -> u16 {
+        self as u16
+    }
+
+    /// Errors are codes 32 and above; below are outcomes of a valid request.
+    pub fn is_error(self) -> bool {
+        self.code() >= 32
+    }
+
+    /// A short human description.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Busy => "lock is held by someone else",
+            Status::TimedOut => "wait timed out",
+            Status::Cancelled => "acquire was cancelled",
+            Status::Queued => "queued behind the current holder",
+            Status::NotHeld => "lock is not held by this session",
+            Status::AlreadyHeld => "lock is already held by this session",
+            Status::NoSuchRequest => "no such pending request",
+            Status::BadVersion => "unsupported protocol version",
+            Status::UnknownOpcode => "unknown opcode",
+            Status::BadBody => "malformed request body",
+            Status::BadName => "lock name must be 1 to 1024 bytes",
+            Status::NoSession => "no session: send HELLO or RESUME first",
+            Status::Auth => "authentication failed",
+            Status::SessionExists => "connection already has a session",
+            Status::UnknownSession => "unknown or expired session",
+            Status::TooManyHolds => "too many locks held or awaited by this session",
+            Status::TooManyWaiters => "too many waiters on this lock",
+            Status::TooManyInFlight => "too many requests in flight",
+            Status::DuplicateRequestId => "request id already in flight",
+            Status::ShuttingDown => "server is shutting down",
+            Status::FrameTooLarge => "frame body too large",
+            Status::HelloTimeout => "no HELLO in time",
+            Status::ServerBusy => "server is at capacity",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How a lock is held: one exclusive holder, or any number of shared holders.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Exclusive = 0,
+    Shared = 1,
+}
+
+impl Mode {
+    fn from_u8(code: u8) -> Option<Mode> {
+        match code {
+            0 => Some(Mode::Exclusive),
+            1 => Some(Mode::Shared),
+            _ => None,
+        }
+    }
+}
+
+/// A decoded client request. Byte fields borrow from the read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request<'a> {
+    Hello {
+        grace_ms: u32,
+        password: &'a [u8],
+        client_name: &'a [u8],
+    },
+    Resume {
+        session_id: u64,
+        secret: [u8; SECRET_LEN],
+        password: &'a [u8],
+    },
+    Acquire {
+        name: &'a [u8],
+        mode: Mode,
+        wait_ms: u32,
+        lease_ms: u32,
+        notify_queued: bool,
+    },
+    Release {
+        name: &'a [u8],
+    },
+    Extend {
+        name: &'a [u8],
+        lease_ms: u32,
+    },
+    Cancel {
+        target: u32,
+    },
+    Ping,
+    Bye,
+}
+
+impl Request<'_> {
+    /// The opcode this request is sent with.
+    pub fn opcode(&self) -> u8 {
+        match self {
+            Request::Hello { .. } => opcode::HELLO,
+            Request::Resume { .. } => opcode::RESUME,
+            Request::Acquire { .. } => opcode::ACQUIRE,
+            Request::Release { .. } => opcode::RELEASE,
+            Request::Extend { .. } => opcode::EXTEND,
+            Request::Cancel { .. } => opcode::CANCEL,
+            Request::Ping => opcode::PING,
+            Request::Bye => opcode::BYE,
+        }
+    }
+}
+
+/// Outcome of looking at the front of a read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// Not a whole frame yet; read more. Not an error.
+    Incomplete,
+    /// One whole frame of `consumed` bytes. `result` is the request, or the status to reply
+    /// with (the frame was delimited, so the connection can go on).
+    Frame {
+        consumed: usize,
+        opcode: u8,
+        request_id: u32,
+        result: Result<Request<'a>, Status>,
+    },
+}
+
+/// The stream cannot be delimited any more: the connection must be closed
+/// (the server may first send one error frame with the given status).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fatal {
+    /// The frame does not start with [`MAGIC`] (reply with no status; close).
+    BadMagic,
+    /// `body_len` exceeds `FRAME_BODY_MAX` (reply `Status::FrameTooLarge`; close).
+    FrameTooLarge { body_len: u32 },
+}
+
+impl fmt::Display for Fatal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fatal::BadMagic => write!(f, "bad magic: not a livelock v{VERSION} frame"),
+            Fatal::FrameTooLarge { body_len } => {
+                write!(f, "frame body of {body_len} bytes exceeds {FRAME_BODY_MAX}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+/// What the front of `buf` says about the magic: only the bytes present are
+/// checked, so a wrong first byte is caught before the second arrives.
+fn magic_ok(buf: &[u8]) -> bool {
+    let magic = MAGIC.to_le_bytes();
+    buf.iter().zip(magic.iter()).all(|(got, want)| got == want)
+}
+
+/// The header at the front of `buf`, once it is complete and its magic checked.
+fn header_of(buf: &[u8]) -> Option<Header> {
+    let (header, _) = Header::read_from_prefix(buf).ok()?;
+    assert_eq!(
+        header.magic.get(),
+        MAGIC,
+        "magic is checked before the header is read"
+    );
+    Some(header)
+}
+
+/// Decodes the frame at the front of `buf`, a server's read buffer.
+pub fn decode_request(buf: &[u8]) -> Result<Decoded<'_>, Fatal> {
+    if !magic_ok(buf) {
+        return Err(Fatal::BadMagic);
+    }
+    let Some(header) = header_of(buf) else {
+        return Ok(Decoded::Incomplete);
+    };
+    let body_len = header.body_len.get();
+    if body_len as usize > FRAME_BODY_MAX {
+        return Err(Fatal::FrameTooLarge { body_len });
+    }
+    let consumed = HEADER_LEN + body_len as usize;
+    let Some(body) = buf.get(HEADER_LEN..consumed) else {
+        return Ok(Decoded::Incomplete);
+    };
+    let result = if header.version != VERSION {
+        Err(Status::BadVersion)
+    } else if header.flags.get() != 0 || header.status.get() != 0 {
+        Err(Status::BadBody)
+    } else {
+        decode_body(header.opcode, body)
+    };
+    Ok(Decoded::Frame {
+        consumed,
+        opcode: header.opcode,
+        request_id: header.request_id.get(),
+        result,
+    })
+}
+
+/// Splits `body` into its fixed part `T` and the rest; BadBody if too short.
+fn split_fixed<T: FromBytes + KnownLayout + Immutable + Unaligned>(
+    body: &[u8],
+) -> Result<(&T, &[u8]), Status> {
+    T::ref_from_prefix(body).map_err(|_| Status::BadBody)
+}
+
+fn check_name(name: &[u8]) -> Result<&[u8], Status> {
+    if (1..=NAME_LEN_MAX).contains(&name.len()) {
+        Ok(name)
+    } else {
+        Err(Status::BadName)
+    }
+}
+
+fn decode_body(op: u8, body: &[u8]) -> Result<Request<'_>, Status> {
+    match op {
+        opcode::HELLO => {
+            let (fixed, rest) = split_fixed::<HelloBody>(body)?;
+            let password_len = usize::from(fixed.password_len.get());
+            let client_name_len = usize::from(fixed.client_name_len.get());
+            if password_len > PASSWORD_LEN_MAX
+                || client_name_len > CLIENT_NAME_LEN_MAX
+                || rest.len() != password_len + client_name_len
+            {
+                return Err(Status::BadBody);
+            }
+            let (password, client_name) = rest.split_at(password_len);
+            Ok(Request::Hello {
+                grace_ms: fixed.grace_ms.get(),
+                password,
+                client_name,
+            })
+        }
+        opcode::RESUME => {
+            let (fixed, password) = split_fixed::<ResumeBody>(body)?;
+            let password_len = usize::from(fixed.password_len.get());
+            if fixed.reserved.get() != 0
+                || password_len > PASSWORD_LEN_MAX
+                || password.len() != password_len
+            {
+                return Err(Status::BadBody);
+            }
+            Ok(Request::Resume {
+                session_id: fixed.session_id.get(),
+                secret: fixed.secret,
+                password,
+            })
+        }
+        opcode::ACQUIRE => {
+            let (fixed, name) = split_fixed::<AcquireBody>(body)?;
+            let mode = Mode::from_u8(fixed.mode).ok_or(Status::BadBody)?;
+            if fixed.acq_flags & !ACQ_FLAGS_KNOWN != 0 || fixed.reserved.get() != 0 {
+                return Err(Status::BadBody);
+            }
+            Ok(Request::Acquire {
+                name: check_name(name)?,
+                mode,
+                wait_ms: fixed.wait_ms.get(),
+                lease_ms: fixed.lease_ms.get(),
+                notify_queued: fixed.acq_flags & ACQ_NOTIFY_QUEUED != 0,
+            })
+        }
+        opcode::RELEASE => Ok(Request::Release {
+            name: check_name(body)?,
+        }),
+        opcode::EXTEND => {
+            let (fixed, name) = split_fixed::<ExtendBody>(body)?;
+            let lease_ms = fixed.lease_ms.get();
+            if lease_ms == 0 {
+                return Err(Status::BadBody);
+            }
+            Ok(Request::Extend {
+                name: check_name(name)?,
+                lease_ms,
+            })
+        }
+        opcode::CANCEL => {
+            let fixed = CancelBody::ref_from_bytes(body).map_err(|_| Status::BadBody)?;
+            Ok(Request::Cancel {
+                target: fixed.target_request_id.get(),
+            })
+        }
+        opcode::PING | opcode::BYE if !body.is_empty() => Err(Status::BadBody),
+        opcode::PING => Ok(Request::Ping),
+        opcode::BYE => Ok(Request::Bye),
+        _ => Err(Status::UnknownOpcode),
+    }
+}
+
+/// A body length as it goes in the header. Callers keep bodies far below
+/// `u32::MAX`; a longer one is a programmer error.
+fn body_len_u32(len: usize) -> u32 {
+    u32::try_from(len).expect("frame body length fits in u32")
+}
+
+/// Appends a header.
+pub fn encode_header(
+    out: &mut Vec<u8>,
+    opcode: u8,
+    flags: u16,
+    status: Status,
+    request_id: u32,
+    body_len: u32,
+) {
+    let header = Header {
+        magic: U16::new(MAGIC),
+        version: VERSION,
+        opcode,
+        flags: U16::new(flags),
+        status: U16::new(status.code()),
+        request_id: U32::new(request_id),
+        body_len: U32::new(body_len),
+    };
+    out.extend_from_slice(header.as_bytes());
+}
+
+/// The longest prefix of `message` of at most `max` bytes that ends on a
+/// character boundary.
+fn truncate_utf8(message: &str, max: usize) -> &str {
+    if message.len() <= max {
+        return message;
+    }
+    let mut end = max;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    &message[..end]
+}
+
+/// Reply with status only; error statuses carry a short UTF-8 message as the body (may be empty).
+///
+/// The message of a non-error status is dropped (such replies have an empty
+/// body); a message longer than 240 bytes is truncated.
+pub fn encode_status(
+    out: &mut Vec<u8>,
+    opcode: u8,
+    request_id: u32,
+    status: Status,
+    message: &str,
+) {
+    let message = if status.is_error() {
+        truncate_utf8(message, MESSAGE_LEN_MAX)
+    } else {
+        ""
+    };
+    encode_header(
+        out,
+        opcode,
+        flags::REPLY,
+        status,
+        request_id,
+        body_len_u32(message.len()),
+    );
+    out.extend_from_slice(message.as_bytes());
+}
+
+/// HELLO/RESUME success body: `session_id u64, secret [u8; 16], grace_ms u32, version u8,
+/// reserved [u8; 3]` (32 bytes, [`SessionBody`]).
+pub fn encode_session(
+    out: &mut Vec<u8>,
+    opcode: u8,
+    request_id: u32,
+    session_id: u64,
+    secret: &[u8; SECRET_LEN],
+    grace_ms: u32,
+) {
+    assert!(
+        opcode == opcode::HELLO || opcode == opcode::RESUME,
+        "session reply to opcode {opcode}"
+    );
+    let body = SessionBody {
+        session_id: U64::new(session_id),
+        secret: *secret,
+        grace_ms: U32::new(grace_ms),
+        version: VERSION,
+        reserved: [0; 3],
+    };
+    encode_header(
+        out,
+        opcode,
+        flags::REPLY,
+        Status::Ok,
+        request_id,
+        body_len_u32(size_of::<SessionBody>()),
+    );
+    out.extend_from_slice(body.as_bytes());
+}
+
+fn deferred_flags(deferred: bool) -> u16 {
+    if deferred {
+        flags::REPLY | flags::PUSH
+    } else {
+        flags::REPLY
+    }
+}
+
+/// ACQUIRE granted: body token u64. `deferred` sets the PUSH flag (the grant came after waiting).
+pub fn encode_granted(out: &mut Vec<u8>, request_id: u32, token: u64, deferred: bool) {
+    encode_header(
+        out,
+        opcode::ACQUIRE,
+        deferred_flags(deferred),
+        Status::Ok,
+        request_id,
+        body_len_u32(TOKEN_LEN),
+    );
+    out.extend_from_slice(&token.to_le_bytes());
+}
+
+/// Final non-granted outcome of an ACQUIRE (Busy, TimedOut, Cancelled, errors) — `deferred` sets PUSH.
+/// The body is empty.
+pub fn encode_acquire_outcome(out: &mut Vec<u8>, request_id: u32, status: Status, deferred: bool) {
+    assert!(
+        status != Status::Ok && status != Status::Queued,
+        "{status:?} is not a final non-granted acquire outcome"
+    );
+    encode_header(
+        out,
+        opcode::ACQUIRE,
+        deferred_flags(deferred),
+        status,
+        request_id,
+        0,
+    );
+}
+
+/// INTERIM QUEUED for an acquire with ACQ_NOTIFY_QUEUED.
+pub fn encode_queued(out: &mut Vec<u8>, request_id: u32) {
+    encode_header(
+        out,
+        opcode::ACQUIRE,
+        flags::REPLY | flags::INTERIM,
+        Status::Queued,
+        request_id,
+        0,
+    );
+}
+
+/// Push LOCK_LOST (request_id 0, flags REPLY|PUSH): body token u64 then name.
+pub fn encode_lock_lost(out: &mut Vec<u8>, token: u64, name: &[u8]) {
+    assert!(
+        (1..=NAME_LEN_MAX).contains(&name.len()),
+        "lock name of {} bytes",
+        name.len()
+    );
+    let body_len = body_len_u32(TOKEN_LEN + name.len());
+    encode_header(
+        out,
+        opcode::LOCK_LOST,
+        flags::REPLY | flags::PUSH,
+        Status::Ok,
+        0,
+        body_len,
+    );
+    out.extend_from_slice(&token.to_le_bytes());
+    out.extend_from_slice(name);
+}
+
+/// Push SHUTDOWN / SESSION_TAKEN (empty body).
+pub fn encode_push(out: &mut Vec<u8>, opcode: u8) {
+    assert!(
+        opcode == opcode::SHUTDOWN || opcode == opcode::SESSION_TAKEN,
+        "push opcode {opcode}"
+    );
+    encode_header(out, opcode, flags::REPLY | flags::PUSH, Status::Ok, 0, 0);
+}
+
+/// A length that goes in a u16 field of a request body; longer is a programmer
+/// error (the server would reject it anyway, but it must not be truncated).
+fn len_u16(len: usize) -> U16 {
+    U16::new(u16::try_from(len).expect("length fits in a u16 field"))
+}
+
+/// Client side: encode a request (flags 0, status 0).
+///
+/// Lengths are not checked against the server's limits (the server answers
+/// BadName/BadBody); lengths that do not fit their wire field panic.
+pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
+    let header = |out: &mut Vec<u8>, body_len: usize| {
+        encode_header(
+            out,
+            req.opcode(),
+            0,
+            Status::Ok,
+            request_id,
+            body_len_u32(body_len),
+        );
+    };
+    match *req {
+        Request::Hello {
+            grace_ms,
+            password,
+            client_name,
+        } => {
+            let fixed = HelloBody {
+                grace_ms: U32::new(grace_ms),
+                password_len: len_u16(password.len()),
+                client_name_len: len_u16(client_name.len()),
+            };
+            header(
+                out,
+                size_of::<HelloBody>() + password.len() + client_name.len(),
+            );
+            out.extend_from_slice(fixed.as_bytes());
+            out.extend_from_slice(password);
+            out.extend_from_slice(client_name);
+        }
+        Request::Resume {
+            session_id,
+            secret,
+            password,
+        } => {
+            let fixed = ResumeBody {
+                session_id: U64::new(session_id),
+                secret,
+                password_len: len_u16(password.len()),
+                reserved: U16::ZERO,
+            };
+            header(out, size_of::<ResumeBody>() + password.len());
+            out.extend_from_slice(fixed.as_bytes());
+            out.extend_from_slice(password);
+        }
+        Request::Acquire {
+            name,
+            mode,
+            wait_ms,
+            lease_ms,
+            notify_queued,
+        } => {
+            let fixed = AcquireBody {
+                mode: mode as u8,
+                acq_flags: if notify_queued { ACQ_NOTIFY_QUEUED } else { 0 },
+                reserved: U16::ZERO,
+                wait_ms: U32::new(wait_ms),
+                lease_ms: U32::new(lease_ms),
+            };
+            header(out, size_of::<AcquireBody>() + name.len());
+            out.extend_from_slice(fixed.as_bytes());
+            out.extend_from_slice(name);
+        }
+        Request::Release { name } => {
+            header(out, name.len());
+            out.extend_from_slice(name);
+        }
+        Request::Extend { name, lease_ms } => {
+            let fixed = ExtendBody {
+                lease_ms: U32::new(lease_ms),
+            };
+            header(out, size_of::<ExtendBody>() + name.len());
+            out.extend_from_slice(fixed.as_bytes());
+            out.extend_from_slice(name);
+        }
+        Request::Cancel { target } => {
+            let fixed = CancelBody {
+                target_request_id: U32::new(target),
+            };
+            header(out, size_of::<CancelBody>());
+            out.extend_from_slice(fixed.as_bytes());
+        }
+        Request::Ping | Request::Bye => header(out, 0),
+    }
+}
+
+/// Client side: a decoded server frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply<'a> {
+    pub opcode: u8,
+    /// Bits of [`flags`]; REPLY is always set.
+    pub flags: u16,
+    pub status: Status,
+    /// The request this answers; 0 for pushes not tied to a request.
+    pub request_id: u32,
+    /// Parse with [`parse_session_body`], [`parse_token_body`],
+    /// [`parse_lock_lost_body`]; error replies carry a UTF-8 message.
+    pub body: &'a [u8],
+}
+
+/// Outcome of looking at the front of a client's read buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodedReply<'a> {
+    /// Not a whole frame yet; read more. Not an error.
+    Incomplete,
+    /// One whole frame of `consumed` bytes.
+    Frame { consumed: usize, reply: Reply<'a> },
+}
+
+/// The server's stream cannot be understood: the client must close the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyError {
+    BadMagic,
+    BadVersion(u8),
+    BadStatus(u16),
+    FrameTooLarge { body_len: u32 },
+}
+
+impl fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplyError::BadMagic => write!(f, "bad magic: not a livelock v{VERSION} frame"),
+            ReplyError::BadVersion(version) => {
+                write!(f, "server frame has protocol version {version}")
+            }
+            ReplyError::BadStatus(code) => write!(f, "server frame has unknown status {code}"),
+            ReplyError::FrameTooLarge { body_len } => {
+                write!(f, "frame body of {body_len} bytes exceeds {FRAME_BODY_MAX}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ReplyError {}
+
+/// Decodes the frame at the front of `buf`, a client's read buffer. The header
+/// is checked as soon as it is complete, before the body arrives.
+pub fn decode_reply(buf: &[u8]) -> Result<DecodedReply<'_>, ReplyError> {
+    if !magic_ok(buf) {
+        return Err(ReplyError::BadMagic);
+    }
+    let Some(header) = header_of(buf) else {
+        return Ok(DecodedReply::Incomplete);
+    };
+    if header.version != VERSION {
+        return Err(ReplyError::BadVersion(header.version));
+    }
+    let status =
+        Status::from_u16(header.status.get()).ok_or(ReplyError::BadStatus(header.status.get()))?;
+    let body_len = header.body_len.get();
+    if body_len as usize > FRAME_BODY_MAX {
+        return Err(ReplyError::FrameTooLarge { body_len });
+    }
+    let consumed = HEADER_LEN + body_len as usize;
+    let Some(body) = buf.get(HEADER_LEN..consumed) else {
+        return Ok(DecodedReply::Incomplete);
+    };
+    let reply = Reply {
+        opcode: header.opcode,
+        flags: header.flags.get(),
+        status,
+        request_id: header.request_id.get(),
+        body,
+    };
+    Ok(DecodedReply::Frame { consumed, reply })
+}
+
+/// Body of a successful HELLO/RESUME reply: `(session_id, secret, grace_ms)`.
+pub fn parse_session_body(body: &[u8]) -> Option<(u64, [u8; SECRET_LEN], u32)> {
+    let body = SessionBody::ref_from_bytes(body).ok()?;
+    Some((body.session_id.get(), body.secret, body.grace_ms.get()))
+}
+
+/// Body of an ACQUIRE granted reply: the fencing token.
+pub fn parse_token_body(body: &[u8]) -> Option<u64> {
+    let token: [u8; TOKEN_LEN] = body.try_into().ok()?;
+    Some(u64::from_le_bytes(token))
+}
+
+/// Body of a LOCK_LOST push: `(token, name)`.
+pub fn parse_lock_lost_body(body: &[u8]) -> Option<(u64, &[u8])> {
+    let (token, name) = body.split_first_chunk::<TOKEN_LEN>()?;
+    if !(1..=NAME_LEN_MAX).contains(&name.len()) {
+        return None;
+    }
+    Some((u64::from_le_bytes(*token), name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn encoded(request_id: u32, req: &Request<'_>) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_request(&mut out, request_id, req);
+        out
+    }
+
+    /// Decodes `buf`, expecting exactly one whole frame.
+    fn frame(buf: &[u8]) -> (u8, u32, Result<Request<'_>, Status>) {
+        match decode_request(buf) {
+            Ok(Decoded::Frame {
+                consumed,
+                opcode,
+                request_id,
+                result,
+            }) => {
+                assert_eq!(consumed, buf.len());
+                (opcode, request_id, result)
+            }
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    fn result_of(buf: &[u8]) -> Result<Request<'_>, Status> {
+        frame(buf).2
+    }
+
+    /// A raw frame with the given header fields and body.
+    fn raw(version: u8, op: u8, flags: u16, status: u16, request_id: u32, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC.to_le_bytes());
+        out.push(version);
+        out.push(op);
+        out.extend_from_slice(&flags.to_le_bytes());
+        out.extend_from_slice(&status.to_le_bytes());
+        out.extend_from_slice(&request_id.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    fn request(op: u8, body: &[u8]) -> Vec<u8> {
+        raw(VERSION, op, 0, 0, 9, body)
+    }
+
+    fn acquire_body(mode: u8, acq_flags: u8, reserved: u16, name: &[u8]) -> Vec<u8> {
+        let mut body = vec![mode, acq_flags];
+        body.extend_from_slice(&reserved.to_le_bytes());
+        body.extend_from_slice(&100u32.to_le_bytes());
+        body.extend_from_slice(&0u32.to_le_bytes());
+        body.extend_from_slice(name);
+        body
+    }
+
+    fn all_requests() -> Vec<Request<'static>> {
+        vec![
+            Request::Hello {
+                grace_ms: 5000,
+                password: b"hunter2",
+                client_name: b"worker-1",
+            },
+            Request::Hello {
+                grace_ms: 0,
+                password: b"",
+                client_name: b"",
+            },
+            Request::Resume {
+                session_id: 0x0102_0304_0506_0708,
+                secret: [0xAB; SECRET_LEN],
+                password: b"pw",
+            },
+            Request::Resume {
+                session_id: u64::MAX,
+                secret: [0; SECRET_LEN],
+                password: b"",
+            },
+            Request::Acquire {
+                name: b"report-42",
+                mode: Mode::Exclusive,
+                wait_ms: 5000,
+                lease_ms: 0,
+                notify_queued: true,
+            },
+            Request::Acquire {
+                name: b"x",
+                mode: Mode::Shared,
+                wait_ms: WAIT_FOREVER,
+                lease_ms: 30_000,
+                notify_queued: false,
+            },
+            Request::Release { name: b"report-42" },
+            Request::Extend {
+                name: b"report-42",
+                lease_ms: 1,
+            },
+            Request::Cancel {
+                target: 0xDEAD_BEEF,
+            },
+            Request::Ping,
+            Request::Bye,
+        ]
+    }
+
+    #[test]
+    fn every_request_round_trips() {
+        for (i, req) in all_requests().iter().enumerate() {
+            let request_id = 1000 + i as u32;
+            let buf = encoded(request_id, req);
+            let (op, id, result) = frame(&buf);
+            assert_eq!(op, req.opcode());
+            assert_eq!(id, request_id);
+            assert_eq!(result, Ok(*req), "{req:?}");
+        }
+    }
+
+    #[test]
+    fn truncated_frames_are_incomplete_at_every_length() {
+        for req in all_requests() {
+            let buf = encoded(7, &req);
+            for len in 0..buf.len() {
+                assert_eq!(
+                    decode_request(&buf[..len]),
+                    Ok(Decoded::Incomplete),
+                    "{req:?} cut at {len}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn two_frames_back_to_back() {
+        let mut buf = encoded(
+            1,
+            &Request::Acquire {
+                name: b"a",
+                mode: Mode::Shared,
+                wait_ms: 0,
+                lease_ms: 0,
+                notify_queued: false,
+            },
+        );
+        let first_len = buf.len();
+        encode_request(&mut buf, 2, &Request::Release { name: b"a" });
+        // And the start of a third.
+        buf.extend_from_slice(&encoded(3, &Request::Ping)[..5]);
+
+        let Ok(Decoded::Frame {
+            consumed,
+            request_id: 1,
+            result: Ok(Request::Acquire { .. }),
+            ..
+        }) = decode_request(&buf)
+        else {
+            panic!("first frame")
+        };
+        assert_eq!(consumed, first_len);
+        let rest = &buf[consumed..];
+        let Ok(Decoded::Frame {
+            consumed,
+            request_id: 2,
+            result: Ok(Request::Release { name: b"a" }),
+            ..
+        }) = decode_request(rest)
+        else {
+            panic!("second frame")
+        };
+        assert_eq!(decode_request(&rest[consumed..]), Ok(Decoded::Incomplete));
+    }
+
+    #[test]
+    fn bad_magic_is_fatal_from_the_first_wrong_byte() {
+        assert_eq!(decode_request(&[0x00]), Err(Fatal::BadMagic));
+        assert_eq!(
+            decode_request(b"*1\r\n$4\r\nPING\r\n"),
+            Err(Fatal::BadMagic)
+        );
+        assert_eq!(decode_request(&[MAGIC_BYTE0]), Ok(Decoded::Incomplete));
+        assert_eq!(decode_request(&[MAGIC_BYTE0, 0x00]), Err(Fatal::BadMagic));
+        // Byte-swapped magic.
+        assert_eq!(decode_request(&[0x4C, 0xF1]), Err(Fatal::BadMagic));
+        let mut buf = encoded(1, &Request::Ping);
+        buf[1] ^= 1;
+        assert_eq!(decode_request(&buf), Err(Fatal::BadMagic));
+        assert_eq!(decode_reply(&buf), Err(ReplyError::BadMagic));
+        assert_eq!(decode_reply(&[0x00]), Err(ReplyError::BadMagic));
+    }
+
+    #[test]
+    fn frame_too_large_is_fatal_once_the_header_is_complete() {
+        let mut header = Vec::new();
+        encode_header(
+            &mut header,
+            opcode::RELEASE,
+            0,
+            Status::Ok,
+            1,
+            FRAME_BODY_MAX as u32 + 1,
+        );
+        assert_eq!(
+            decode_request(&header[..HEADER_LEN - 1]),
+            Ok(Decoded::Incomplete)
+        );
+        assert_eq!(
+            decode_request(&header),
+            Err(Fatal::FrameTooLarge {
+                body_len: FRAME_BODY_MAX as u32 + 1
+            })
+        );
+
+        // The largest allowed body is delimited (and then rejected per frame).
+        let buf = request(opcode::RELEASE, &vec![b'n'; FRAME_BODY_MAX]);
+        assert_eq!(result_of(&buf), Err(Status::BadName));
+    }
+
+    #[test]
+    fn bad_version_is_a_delimited_error() {
+        let buf = raw(2, opcode::PING, 0, 0, 5, b"abc");
+        assert_eq!(
+            decode_request(&buf),
+            Ok(Decoded::Frame {
+                consumed: buf.len(),
+                opcode: opcode::PING,
+                request_id: 5,
+                result: Err(Status::BadVersion)
+            })
+        );
+    }
+
+    #[test]
+    fn unknown_and_push_opcodes_are_rejected() {
+        for op in [
+            0,
+            9,
+            0x3F,
+            opcode::LOCK_LOST,
+            opcode::SHUTDOWN,
+            opcode::SESSION_TAKEN,
+            0xFF,
+        ] {
+            assert_eq!(
+                frame(&request(op, b"")),
+                (op, 9, Err(Status::UnknownOpcode)),
+                "opcode {op}"
+            );
+        }
+    }
+
+    #[test]
+    fn requests_carry_no_flags_or_status() {
+        for f in [flags::REPLY, flags::PUSH, flags::INTERIM, 0x8000] {
+            assert_eq!(
+                result_of(&raw(VERSION, opcode::PING, f, 0, 1, b"")),
+                Err(Status::BadBody)
+            );
+        }
+        assert_eq!(
+            result_of(&raw(VERSION, opcode::PING, 0, 1, 1, b"")),
+            Err(Status::BadBody)
+        );
+    }
+
+    #[test]
+    fn names_are_one_to_name_len_max_bytes() {
+        let max = vec![b'n'; NAME_LEN_MAX];
+        let over = vec![b'n'; NAME_LEN_MAX + 1];
+        for (name, want_ok) in [
+            (&b""[..], false),
+            (&b"\x00\xff"[..], true),
+            (&max[..], true),
+            (&over[..], false),
+        ] {
+            let frames = [
+                request(opcode::ACQUIRE, &acquire_body(0, 0, 0, name)),
+                request(opcode::RELEASE, name),
+                request(opcode::EXTEND, &[&10u32.to_le_bytes()[..], name].concat()),
+            ];
+            for result in frames.iter().map(|buf| result_of(buf)) {
+                match result {
+                    Ok(
+                        Request::Acquire { name: got, .. }
+                        | Request::Release { name: got }
+                        | Request::Extend { name: got, .. },
+                    ) => {
+                        assert!(want_ok, "{}-byte name accepted", name.len());
+                        assert_eq!(got, name);
+                    }
+                    other => {
+                        assert!(!want_ok, "{}-byte name: {other:?}", name.len());
+                        assert_eq!(other, Err(Status::BadName));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hello_lengths_must_add_up() {
+        let hello = |password_len: u16, client_name_len: u16, rest: &[u8]| {
+            let mut body = 0u32.to_le_bytes().to_vec();
+            body.extend_from_slice(&password_len.to_le_bytes());
+            body.extend_from_slice(&client_name_len.to_le_bytes());
+            body.extend_from_slice(rest);
+            result_of(&request(opcode::HELLO, &body)).map(|_| ())
+        };
+        assert!(hello(2, 3, b"pwabc").is_ok());
+        assert_eq!(hello(2, 3, b"pwab"), Err(Status::BadBody));
+        assert_eq!(hello(2, 3, b"pwabcd"), Err(Status::BadBody));
+        assert_eq!(hello(0, 0, b"x"), Err(Status::BadBody));
+        assert_eq!(hello(u16::MAX, 0, b""), Err(Status::BadBody));
+        let long = vec![b'p'; PASSWORD_LEN_MAX + 1];
+        assert_eq!(hello(long.len() as u16, 0, &long), Err(Status::BadBody));
+        assert_eq!(hello(0, long.len() as u16, &long), Err(Status::BadBody));
+        let max = vec![b'p'; PASSWORD_LEN_MAX + CLIENT_NAME_LEN_MAX];
+        assert!(hello(PASSWORD_LEN_MAX as u16, CLIENT_NAME_LEN_MAX as u16, &max).is_ok());
+        // Shorter than the fixed part.
+        assert_eq!(
+            result_of(&request(opcode::HELLO, &[0; 7])),
+            Err(Status::BadBody)
+        );
+    }
+
+    #[test]
+    fn resume_lengths_and_reserved() {
+        let good = encoded(
+            1,
+            &Request::Resume {
+                session_id: 1,
+                secret: [1; SECRET_LEN],
+                password: b"pw",
+            },
+        );
+        assert!(result_of(&good).is_ok());
+        let body = &good[HEADER_LEN..];
+        // Extra byte, missing byte, non-zero reserved.
+        assert_eq!(
+            result_of(&request(opcode::RESUME, &[body, b"x"].concat())),
+            Err(Status::BadBody)
+        );
+        assert_eq!(
+            result_of(&request(opcode::RESUME, &body[..body.len() - 1])),
+            Err(Status::BadBody)
+        );
+        let mut reserved = body.to_vec();
+        reserved[26] = 1;
+        assert_eq!(
+            result_of(&request(opcode::RESUME, &reserved)),
+            Err(Status::BadBody)
+        );
+        assert_eq!(
+            result_of(&request(opcode::RESUME, &[0; 27])),
+            Err(Status::BadBody)
+        );
+    }
+
+    #[test]
+    fn acquire_fixed_part_is_checked() {
+        assert_eq!(
+            result_of(&request(opcode::ACQUIRE, &acquire_body(2, 0, 0, b"n"))),
+            Err(Status::BadBody)
+        );
+        assert_eq!(
+            result_of(&request(opcode::ACQUIRE, &acquire_body(0, 0x80, 0, b"n"))),
+            Err(Status::BadBody)
+        );
+        assert_eq!(
+            result_of(&request(opcode::ACQUIRE, &acquire_body(0, 0, 1, b"n"))),
+            Err(Status::BadBody)
+        );
+        assert_eq!(
+            result_of(&request(opcode::ACQUIRE, &[0; 11])),
+            Err(Status::BadBody)
+        );
+        // The fixed part is checked before the name.
+        assert_eq!(
+            result_of(&request(opcode::ACQUIRE, &acquire_body(2, 0, 0, b""))),
+            Err(Status::BadBody)
+        );
+    }
+
+    #[test]
+    fn extend_cancel_ping_bye_bodies() {
+        let extend0 = [&0u32.to_le_bytes()[..], b"n"].concat();
+        assert_eq!(
+            result_of(&request(opcode::EXTEND, &extend0)),
+            Err(Status::BadBody)
+        );
+        assert_eq!(
+            result_of(&request(opcode::EXTEND, &[1, 0, 0])),
+            Err(Status::BadBody)
+        );
+        for len in [0, 3, 5, 8] {
+            assert_eq!(
+                result_of(&request(opcode::CANCEL, &vec![0; len])),
+                Err(Status::BadBody),
+                "{len}"
+            );
+        }
+        assert_eq!(
+            result_of(&request(opcode::CANCEL, &7u32.to_le_bytes())),
+            Ok(Request::Cancel { target: 7 })
+        );
+        assert_eq!(
+            result_of(&request(opcode::PING, b"x")),
+            Err(Status::BadBody)
+        );
+        assert_eq!(result_of(&request(opcode::BYE, b"x")), Err(Status::BadBody));
+    }
+
+    #[test]
+    fn status_codes() {
+        for (i, status) in Status::ALL.iter().enumerate() {
+            assert_eq!(Status::from_u16(status.code()), Some(*status));
+            assert_eq!(status.is_error(), status.code() >= 32);
+            assert!(!status.as_str().is_empty());
+            assert!(Status::ALL[..i].iter().all(|s| s.code() < status.code()));
+        }
+        let known = (0..=u16::MAX)
+            .filter(|&c| Status::from_u16(c).is_some())
+            .count();
+        assert_eq!(known, Status::ALL.len());
+        assert_eq!(Status::from_u16(8), None);
+        assert_eq!(Status::from_u16(48), None);
+    }
+
+    /// Decodes `buf`, expecting exactly one whole server frame.
+    fn reply(buf: &[u8]) -> Reply<'_> {
+        match decode_reply(buf) {
+            Ok(DecodedReply::Frame { consumed, reply }) => {
+                assert_eq!(consumed, buf.len());
+                reply
+            }
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let secret = [0x5A; SECRET_LEN];
+        let mut buf = Vec::new();
+        encode_session(&mut buf, opcode::RESUME, 4, 77, &secret, 2500);
+        let r = reply(&buf);
+        assert_eq!(
+            (r.opcode, r.flags, r.status, r.request_id),
+            (opcode::RESUME, flags::REPLY, Status::Ok, 4)
+        );
+        assert_eq!(parse_session_body(r.body), Some((77, secret, 2500)));
+        assert_eq!(r.body[28], VERSION);
+
+        for deferred in [false, true] {
+            buf.clear();
+            encode_granted(&mut buf, 5, u64::MAX - 1, deferred);
+            let r = reply(&buf);
+            let want_flags = if deferred {
+                flags::REPLY | flags::PUSH
+            } else {
+                flags::REPLY
+            };
+            assert_eq!(
+                (r.opcode, r.flags, r.status, r.request_id),
+                (opcode::ACQUIRE, want_flags, Status::Ok, 5)
+            );
+            assert_eq!(parse_token_body(r.body), Some(u64::MAX - 1));
+
+            buf.clear();
+            encode_acquire_outcome(&mut buf, 6, Status::TimedOut, deferred);
+            let r = reply(&buf);
+            assert_eq!(
+                (r.opcode, r.flags, r.status, r.request_id),
+                (opcode::ACQUIRE, want_flags, Status::TimedOut, 6)
+            );
+            assert!(r.body.is_empty());
+        }
+
+        buf.clear();
+        encode_queued(&mut buf, 8);
+        let r = reply(&buf);
+        assert_eq!(
+            (r.opcode, r.flags, r.status, r.request_id, r.body),
+            (
+                opcode::ACQUIRE,
+                flags::REPLY | flags::INTERIM,
+                Status::Queued,
+                8,
+                &b""[..]
+            )
+        );
+
+        buf.clear();
+        encode_lock_lost(&mut buf, 12, b"report-42");
+        let r = reply(&buf);
+        assert_eq!(
+            (r.opcode, r.flags, r.status, r.request_id),
+            (opcode::LOCK_LOST, flags::REPLY | flags::PUSH, Status::Ok, 0)
+        );
+        assert_eq!(parse_lock_lost_body(r.body), Some((12, &b"report-42"[..])));
+
+        for op in [opcode::SHUTDOWN, opcode::SESSION_TAKEN] {
+            buf.clear();
+            encode_push(&mut buf, op);
+            let r = reply(&buf);
+            assert_eq!(
+                (r.opcode, r.flags, r.status, r.request_id, r.body),
+                (op, flags::REPLY | flags::PUSH, Status::Ok, 0, &b""[..])
+            );
+        }
+
+        buf.clear();
+        encode_status(&mut buf, opcode::RELEASE, 9, Status::Ok, "ignored");
+        let r = reply(&buf);
+        assert_eq!(
+            (r.opcode, r.status, r.request_id, r.body),
+            (opcode::RELEASE, Status::Ok, 9, &b""[..])
+        );
+        buf.clear();
+        encode_status(&mut buf, opcode::HELLO, 10, Status::Auth, "bad password");
+        assert_eq!(reply(&buf).body, b"bad password");
+    }
+
+    #[test]
+    fn error_messages_are_truncated_on_a_char_boundary() {
+        let mut buf = Vec::new();
+        let long = "é".repeat(MESSAGE_LEN_MAX); // 2 bytes each
+        encode_status(&mut buf, opcode::PING, 1, Status::BadBody, &long);
+        let body = reply(&buf).body;
+        assert!(body.len() <= MESSAGE_LEN_MAX && body.len() > MESSAGE_LEN_MAX - 2);
+        assert!(std::str::from_utf8(body).is_ok());
+        assert!(buf.len() <= 256);
+    }
+
+    #[test]
+    fn reply_errors() {
+        let mut buf = Vec::new();
+        encode_granted(&mut buf, 1, 1, false);
+        for len in 0..buf.len() {
+            assert_eq!(
+                decode_reply(&buf[..len]),
+                Ok(DecodedReply::Incomplete),
+                "cut at {len}"
+            );
+        }
+        let mut bad = buf.clone();
+        bad[2] = 2;
+        assert_eq!(
+            decode_reply(&bad[..HEADER_LEN]),
+            Err(ReplyError::BadVersion(2))
+        );
+        let mut bad = buf.clone();
+        bad[6] = 8;
+        assert_eq!(
+            decode_reply(&bad[..HEADER_LEN]),
+            Err(ReplyError::BadStatus(8))
+        );
+        let mut big = Vec::new();
+        encode_header(
+            &mut big,
+            opcode::ACQUIRE,
+            flags::REPLY,
+            Status::Ok,
+            1,
+            u32::MAX,
+        );
+        assert_eq!(
+            decode_reply(&big),
+            Err(ReplyError::FrameTooLarge { body_len: u32::MAX })
+        );
+
+        assert_eq!(parse_token_body(&[0; 7]), None);
+        assert_eq!(parse_token_body(&[0; 9]), None);
+        assert_eq!(parse_session_body(&[0; 31]), None);
+        assert_eq!(parse_lock_lost_body(&[0; 8]), None);
+        assert_eq!(parse_lock_lost_body(&[0; 9]), Some((0, &[0][..])));
+    }
+
+    // The hex strings below are also in docs/PROTOCOL.md; change both together.
+
+    /// The ACQUIRE of the hex examples (and of tests/c_header.rs).
+    const ACQUIRE_EXAMPLE: Request<'static> = Request::Acquire {
+        name: b"report-42",
+        mode: Mode::Exclusive,
+        wait_ms: 5000,
+        lease_ms: 30_000,
+        notify_queued: true,
+    };
+
+    #[test]
+    fn hex_hello_request() {
+        let buf = encoded(
+            1,
+            &Request::Hello {
+                grace_ms: 5000,
+                password: b"",
+                client_name: b"demo",
+            },
+        );
+        assert_eq!(
+            hex(&buf),
+            "f1 4c 01 01 00 00 00 00 01 00 00 00 0c 00 00 00 88 13 00 00 00 00 04 00 64 65 6d 6f"
+        );
+    }
+
+    #[test]
+    fn hex_session_reply() {
+        let mut buf = Vec::new();
+        let secret: [u8; SECRET_LEN] = core::array::from_fn(|i| i as u8);
+        encode_session(&mut buf, opcode::HELLO, 1, 42, &secret, 5000);
+        assert_eq!(
+            hex(&buf),
+            "f1 4c 01 01 01 00 00 00 01 00 00 00 20 00 00 00 \
+             2a 00 00 00 00 00 00 00 00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f 88 13 00 00 01 00 00 00"
+        );
+    }
+
+    #[test]
+    fn hex_acquire_request() {
+        let buf = encoded(2, &ACQUIRE_EXAMPLE);
+        assert_eq!(
+            hex(&buf),
+            "f1 4c 01 03 00 00 00 00 02 00 00 00 15 00 00 00 00 01 00 00 88 13 00 00 30 75 00 00 \
+             72 65 70 6f 72 74 2d 34 32"
+        );
+    }
+
+    #[test]
+    fn hex_granted_reply() {
+        let mut buf = Vec::new();
+        encode_granted(&mut buf, 2, 7, false);
+        assert_eq!(
+            hex(&buf),
+            "f1 4c 01 03 01 00 00 00 02 00 00 00 08 00 00 00 07 00 00 00 00 00 00 00"
+        );
+        buf.clear();
+        encode_granted(&mut buf, 2, 7, true);
+        assert_eq!(
+            hex(&buf),
+            "f1 4c 01 03 03 00 00 00 02 00 00 00 08 00 00 00 07 00 00 00 00 00 00 00"
+        );
+    }
+
+    #[test]
+    fn hex_busy_and_queued_replies() {
+        let mut buf = Vec::new();
+        encode_acquire_outcome(&mut buf, 3, Status::Busy, false);
+        assert_eq!(hex(&buf), "f1 4c 01 03 01 00 01 00 03 00 00 00 00 00 00 00");
+        buf.clear();
+        encode_queued(&mut buf, 2);
+        assert_eq!(hex(&buf), "f1 4c 01 03 05 00 04 00 02 00 00 00 00 00 00 00");
+    }
+
+    #[test]
+    fn hex_lock_lost_push() {
+        let mut buf = Vec::new();
+        encode_lock_lost(&mut buf, 7, b"report-42");
+        assert_eq!(
+            hex(&buf),
+            "f1 4c 01 40 03 00 00 00 00 00 00 00 11 00 00 00 07 00 00 00 00 00 00 00 72 65 70 6f 72 74 2d 34 32"
+        );
+    }
+
+    #[test]
+    fn hex_error_reply() {
+        let mut buf = Vec::new();
+        encode_status(&mut buf, opcode::RELEASE, 5, Status::BadName, "bad name");
+        assert_eq!(
+            hex(&buf),
+            "f1 4c 01 04 01 00 23 00 05 00 00 00 08 00 00 00 62 61 64 20 6e 61 6d 65"
+        );
+    }
+
+    /// The frames of docs/PROTOCOL.md section 9, in order.
+    fn doc_examples() -> Vec<Vec<u8>> {
+        let secret: [u8; SECRET_LEN] = core::array::from_fn(|i| i as u8);
+        let hello = Request::Hello {
+            grace_ms: 5000,
+            password: b"",
+            client_name: b"demo",
+        };
+        let mut frames = vec![encoded(1, &hello)];
+        let mut out = Vec::new();
+        encode_session(&mut out, opcode::HELLO, 1, 42, &secret, 5000);
+        frames.push(std::mem::take(&mut out));
+        frames.push(encoded(2, &ACQUIRE_EXAMPLE));
+        encode_granted(&mut out, 2, 7, false);
+        frames.push(std::mem::take(&mut out));
+        encode_queued(&mut out, 2);
+        frames.push(std::mem::take(&mut out));
+        encode_acquire_outcome(&mut out, 3, Status::Busy, false);
+        frames.push(std::mem::take(&mut out));
+        encode_status(&mut out, opcode::RELEASE, 5, Status::BadName, "bad name");
+        frames.push(std::mem::take(&mut out));
+        encode_lock_lost(&mut out, 7, b"report-42");
+        frames.push(std::mem::take(&mut out));
+        frames
+    }
+
+    /// The leading hex bytes of a doc line (`|` separators skipped, stops at
+    /// the first other word, which starts the comment).
+    fn hex_prefix(line: &str) -> Vec<u8> {
+        line.split_whitespace()
+            .filter(|word| *word != "|")
+            .map_while(|word| {
+                (word.len() == 2)
+                    .then(|| u8::from_str_radix(word, 16).ok())
+                    .flatten()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn protocol_md_examples_match_the_encoder() {
+        let doc = include_str!("../docs/PROTOCOL.md");
+        let examples = &doc[doc.find("## 9. Examples in hex").expect("section 9")..];
+        let blocks: Vec<Vec<u8>> = examples
+            .split("```")
+            .skip(1)
+            .step_by(2)
+            .map(|block| block.lines().flat_map(hex_prefix).collect())
+            .collect();
+        assert_eq!(
+            blocks,
+            doc_examples(),
+            "docs/PROTOCOL.md section 9 is stale"
+        );
+
+        // One-line forms in backticks.
+        let mut one_liners = 0;
+        for span in examples.split('`').skip(1).step_by(2) {
+            if span.starts_with("f1 4c ") {
+                let bytes = hex_prefix(span);
+                assert_eq!(hex(&bytes), span, "not all hex: {span}");
+                let mut deferred = Vec::new();
+                encode_granted(&mut deferred, 2, 7, true);
+                assert!(
+                    doc_examples().contains(&bytes) || bytes == deferred,
+                    "{span}"
+                );
+                one_liners += 1;
+            }
+        }
+        assert_eq!(one_liners, 2);
+    }
+}

@@ -1,0 +1,228 @@
+//! Sessions of one home loop: who is connected, what each has in flight, and
+//! the grace deadlines of detached sessions.
+//!
+//! A session lives on exactly one loop, its home, which is encoded in the low
+//! bits of its id (`home_of`). Every reply and push for a session is routed to
+//! its home, which writes it to the session's connection, or parks it while
+//! the session is detached so that a RESUME gets it. The home remembers which
+//! shards a session touched, so ending it tells only those.
+
+use std::collections::BTreeMap;
+
+use hashbrown::HashMap;
+use mio::Token;
+
+use crate::lock_table::{RequestId, SessionId};
+use crate::protocol::SECRET_LEN;
+
+/// Bits of a session id that name its home loop.
+const HOME_BITS: u32 = 8;
+const _: () = assert!(crate::limits::THREADS_MAX <= 1 << HOME_BITS);
+
+/// The loop that owns `session`.
+pub fn home_of(session: SessionId) -> usize {
+    (session & ((1 << HOME_BITS) - 1)) as usize
+}
+
+/// A request of the session that awaits its final reply from a shard.
+#[derive(Debug, Clone, Copy)]
+pub struct Pending {
+    pub shard: u8,
+    /// The request's opcode, to shape its reply and keep `holds` right.
+    pub opcode: u8,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub id: SessionId,
+    pub secret: [u8; SECRET_LEN],
+    /// How long the session survives without a connection.
+    pub grace_ms: u32,
+    pub client_name: Box<[u8]>,
+    /// The connection it is attached to, if any.
+    pub conn: Option<Token>,
+    /// When a detached session ends (valid while `conn` is None).
+    pub detached_until_ms: u64,
+    /// Requests sent to shards and not yet answered, by request id.
+    pub pending: HashMap<RequestId, Pending>,
+    /// Bit i: the session sent something to shard i.
+    pub touched: u64,
+    /// Holds granted and not yet released or lost.
+    pub holds: usize,
+    /// Replies and pushes produced while detached, delivered on RESUME.
+    /// Bounded: at most one final reply per request in flight, plus one
+    /// LOCK_LOST per hold.
+    pub parked: Vec<u8>,
+}
+
+/// The sessions whose home is this loop.
+pub struct Sessions {
+    home: usize,
+    next_seq: u64,
+    map: HashMap<SessionId, Session>,
+    /// (deadline, id) of every detached session.
+    grace_timers: BTreeMap<(u64, SessionId), ()>,
+}
+
+impl Sessions {
+    pub fn new(home: usize) -> Sessions {
+        Sessions {
+            home,
+            next_seq: 0,
+            map: HashMap::new(),
+            grace_timers: BTreeMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Opens a session attached to `conn`.
+    pub fn create(&mut self, secret: [u8; SECRET_LEN], grace_ms: u32, client_name: &[u8], conn: Token) -> &mut Session {
+        self.next_seq += 1;
+        let id = (self.next_seq << HOME_BITS) | self.home as u64;
+        assert_eq!(home_of(id), self.home);
+        let session = Session {
+            id,
+            secret,
+            grace_ms,
+            client_name: client_name.into(),
+            conn: Some(conn),
+            detached_until_ms: 0,
+            pending: HashMap::new(),
+            touched: 0,
+            holds: 0,
+            parked: Vec::new(),
+        };
+        self.map.entry(id).insert(session).into_mut()
+    }
+
+    pub fn get(&self, id: SessionId) -> Option<&Session> {
+        self.map.get(&id)
+    }
+
+    pub fn get_mut(&mut self, id: SessionId) -> Option<&mut Session> {
+        self.map.get_mut(&id)
+    }
+
+    /// The connection of `id` is gone. Returns the session if it must end now
+    /// (no grace); otherwise it waits, detached, until its grace runs out.
+    pub fn detach(&mut self, id: SessionId, now_ms: u64) -> Option<Session> {
+        let session = self.map.get_mut(&id)?;
+        session.conn = None;
+        if session.grace_ms == 0 {
+            return self.map.remove(&id);
+        }
+        session.detached_until_ms = now_ms + u64::from(session.grace_ms);
+        self.grace_timers.insert((session.detached_until_ms, id), ());
+        None
+    }
+
+    /// Attaches a detached (or attached elsewhere) session to `conn`; returns
+    /// the connection it was attached to before, if any.
+    pub fn attach(&mut self, id: SessionId, conn: Token) -> Option<Token> {
+        let session = self.map.get_mut(&id)?;
+        if session.conn.is_none() {
+            self.grace_timers.remove(&(session.detached_until_ms, id));
+        }
+        session.conn.replace(conn)
+    }
+
+    pub fn remove(&mut self, id: SessionId) -> Option<Session> {
+        let session = self.map.remove(&id)?;
+        if session.conn.is_none() {
+            self.grace_timers.remove(&(session.detached_until_ms, id));
+        }
+        Some(session)
+    }
+
+    /// Removes and returns every detached session whose grace is over.
+    pub fn expire(&mut self, now_ms: u64, ended: &mut Vec<Session>) {
+        while let Some((&(deadline, id), _)) = self.grace_timers.first_key_value() {
+            if deadline > now_ms {
+                break;
+            }
+            self.grace_timers.remove(&(deadline, id));
+            let session = self.map.remove(&id).expect("grace timer of a live session");
+            assert!(session.conn.is_none());
+            ended.push(session);
+        }
+    }
+
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.grace_timers.keys().next().map(|k| k.0)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Session> {
+        self.map.values()
+    }
+}
+
+/// Constant-time equality, so a wrong password or secret reveals nothing
+/// about how much of it was right.
+pub fn secure_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_carry_their_home() {
+        let mut sessions = Sessions::new(5);
+        let a = sessions.create([1; SECRET_LEN], 0, b"a", Token(1)).id;
+        let b = sessions.create([2; SECRET_LEN], 0, b"b", Token(2)).id;
+        assert_ne!(a, b);
+        assert_eq!(home_of(a), 5);
+        assert_eq!(home_of(b), 5);
+    }
+
+    #[test]
+    fn detach_without_grace_ends_at_once() {
+        let mut sessions = Sessions::new(0);
+        let id = sessions.create([0; SECRET_LEN], 0, b"", Token(1)).id;
+        assert_eq!(sessions.detach(id, 100).map(|s| s.id), Some(id));
+        assert!(sessions.is_empty());
+    }
+
+    #[test]
+    fn grace_expires_unless_attached() {
+        let mut sessions = Sessions::new(0);
+        let kept = sessions.create([0; SECRET_LEN], 1000, b"", Token(1)).id;
+        let lost = sessions.create([0; SECRET_LEN], 1000, b"", Token(2)).id;
+        assert!(sessions.detach(kept, 100).is_none());
+        assert!(sessions.detach(lost, 100).is_none());
+        assert_eq!(sessions.next_deadline(), Some(1100));
+        assert_eq!(sessions.attach(kept, Token(3)), None);
+        let mut ended = Vec::new();
+        sessions.expire(1099, &mut ended);
+        assert!(ended.is_empty());
+        sessions.expire(1100, &mut ended);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].id, lost);
+        assert_eq!(sessions.get(kept).unwrap().conn, Some(Token(3)));
+        assert_eq!(sessions.next_deadline(), None);
+    }
+
+    #[test]
+    fn secure_eq_is_equality() {
+        assert!(secure_eq(b"", b""));
+        assert!(secure_eq(b"secret", b"secret"));
+        assert!(!secure_eq(b"secret", b"secreT"));
+        assert!(!secure_eq(b"secret", b"secret2"));
+        assert!(!secure_eq(b"", b"x"));
+        assert!(!secure_eq(&[0; 256], &[]));
+    }
+}
