@@ -44,7 +44,9 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Io(e) => write!(f, "{e}"),
-            Error::Status(status, message) if message.is_empty() => write!(f, "{}", status.as_str()),
+            Error::Status(status, message) if message.is_empty() => {
+                write!(f, "{}", status.as_str())
+            }
             Error::Status(status, message) => write!(f, "{}: {message}", status.as_str()),
             Error::Protocol(what) => write!(f, "protocol error: {what}"),
             Error::Disconnected => write!(f, "disconnected from the server"),
@@ -285,9 +287,13 @@ impl Client {
         let name = name.as_ref();
         let wait_ms = match options.wait {
             None => WAIT_FOREVER,
-            Some(wait) => u32::try_from(wait.as_millis()).unwrap_or(WAIT_FOREVER - 1).min(WAIT_FOREVER - 1),
+            Some(wait) => u32::try_from(wait.as_millis())
+                .unwrap_or(WAIT_FOREVER - 1)
+                .min(WAIT_FOREVER - 1),
         };
-        let lease_ms = options.lease.map_or(0, |l| u32::try_from(l.as_millis()).unwrap_or(u32::MAX).max(1));
+        let lease_ms = options.lease.map_or(0, |l| {
+            u32::try_from(l.as_millis()).unwrap_or(u32::MAX).max(1)
+        });
         let request = Request::Acquire {
             name,
             mode: options.mode,
@@ -452,7 +458,13 @@ impl PendingAcquire {
     /// Asks the server to withdraw the acquire; `wait` then reports
     /// `Cancelled` (or the grant, if it came first).
     pub fn cancel(&self) -> Result<()> {
-        call(&self.inner, &Request::Cancel { target: self.request_id }).map(|_| ())
+        call(
+            &self.inner,
+            &Request::Cancel {
+                target: self.request_id,
+            },
+        )
+        .map(|_| ())
     }
 }
 
@@ -544,7 +556,10 @@ struct OwnedReplyFrame {
 fn read_loop(mut stream: TcpStream, mut buf: Vec<u8>, inner: Arc<Inner>, events: Sender<Event>) {
     while let Ok(Some(frame)) = read_frame(&mut stream, &mut buf) {
         let is_push_event = frame.request_id == 0
-            && matches!(frame.opcode, opcode::LOCK_LOST | opcode::SHUTDOWN | opcode::SESSION_TAKEN);
+            && matches!(
+                frame.opcode,
+                opcode::LOCK_LOST | opcode::SHUTDOWN | opcode::SESSION_TAKEN
+            );
         if is_push_event {
             let event = match frame.opcode {
                 opcode::LOCK_LOST => match protocol::parse_lock_lost_body(&frame.body) {

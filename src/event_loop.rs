@@ -27,11 +27,16 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::config::ServerConfig;
 use crate::connection::{Codec, Connection, ReadState};
 use crate::limits::{
-    CONNECTIONS_MAX, FRAMES_PER_TURN_MAX, GRACE_MS_MAX, HOLDS_PER_SESSION_MAX, IN_FLIGHT_PER_SESSION_MAX,
-    OUTBOX_PARK_MAX, SHUTDOWN_FLUSH_MS, WRITE_BUFFER_MAX, WRITE_BUFFER_PAUSE,
+    CONNECTIONS_MAX, FRAMES_PER_TURN_MAX, GRACE_MS_MAX, HOLDS_PER_SESSION_MAX,
+    IN_FLIGHT_PER_SESSION_MAX, OUTBOX_PARK_MAX, SHUTDOWN_FLUSH_MS, WRITE_BUFFER_MAX,
+    WRITE_BUFFER_PAUSE,
 };
-use crate::lock_table::{shard_for, Acquire, Command, Effect, LockTable, Outcome, RequestId, SessionId, Wait};
-use crate::protocol::{self, opcode, Decoded, Fatal, Mode, Request, Status, SECRET_LEN, WAIT_FOREVER};
+use crate::lock_table::{
+    shard_for, Acquire, Command, Effect, LockTable, Outcome, RequestId, SessionId, Wait,
+};
+use crate::protocol::{
+    self, opcode, Decoded, Fatal, Mode, Request, Status, SECRET_LEN, WAIT_FOREVER,
+};
 use crate::session::{home_of, secure_eq, Pending, Session, Sessions};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -48,7 +53,9 @@ pub struct Clock {
 
 impl Clock {
     pub fn new() -> Clock {
-        Clock { start: Instant::now() }
+        Clock {
+            start: Instant::now(),
+        }
     }
 
     pub fn now_ms(&self) -> u64 {
@@ -278,7 +285,8 @@ impl EventLoop {
         mut listener: TcpListener,
         inbox: Receiver<Msg>,
     ) -> io::Result<EventLoop> {
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
         let loops = shared.peers.len();
         Ok(EventLoop {
             idx,
@@ -363,7 +371,9 @@ impl EventLoop {
 
     fn accept_all(&mut self) {
         loop {
-            let Some(listener) = self.listener.as_ref() else { return };
+            let Some(listener) = self.listener.as_ref() else {
+                return;
+            };
             let stream = match listener.accept() {
                 Ok((stream, _)) => stream,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -391,18 +401,19 @@ impl EventLoop {
         let entry = self.conns.vacant_entry();
         let token = Token(entry.key());
         let conn = entry.insert(conn);
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut conn.stream, token, Interest::READABLE | Interest::WRITABLE)
-        {
+        if let Err(e) = self.poll.registry().register(
+            &mut conn.stream,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
             eprintln!("livelock: registering a connection failed: {e}");
             self.conns.remove(token.0);
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
         if conn.hello_deadline_ms != 0 {
-            self.hello_timers.insert((conn.hello_deadline_ms, token.0), ());
+            self.hello_timers
+                .insert((conn.hello_deadline_ms, token.0), ());
         }
         Some(token)
     }
@@ -427,8 +438,12 @@ impl EventLoop {
 
     fn service_ready(&mut self) {
         for _ in 0..self.ready.len() {
-            let Some(token) = self.ready.pop_front() else { break };
-            let Some(conn) = self.conns.get_mut(token.0) else { continue };
+            let Some(token) = self.ready.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.conns.get_mut(token.0) else {
+                continue;
+            };
             conn.ready = false;
             if conn.closing {
                 continue;
@@ -460,7 +475,9 @@ impl EventLoop {
                 conn.eof = true;
             }
             let more_frames = self.decode_frames(token);
-            let Some(conn) = self.conns.get_mut(token.0) else { continue };
+            let Some(conn) = self.conns.get_mut(token.0) else {
+                continue;
+            };
             if conn.closing {
                 self.mark_dirty(token);
                 continue;
@@ -519,11 +536,19 @@ impl EventLoop {
                     }
                 }
                 Err(fatal) => {
-                    let (status, message) = match fatal {
-                        Fatal::BadMagic => (Status::BadBody, "bad magic: not a livelock frame"),
-                        Fatal::FrameTooLarge { .. } => (Status::FrameTooLarge, "frame body too large"),
-                    };
-                    self.reply_status(token, 0, 0, status, message);
+                    // The stream cannot be delimited any more. A frame too
+                    // large still has a readable header, so say why first;
+                    // bad magic means the peer does not speak this protocol.
+                    if let Fatal::FrameTooLarge { .. } = fatal {
+                        let (op, id) = header_ids(&rbuf[pos..]);
+                        self.reply_status(
+                            token,
+                            op,
+                            id,
+                            Status::FrameTooLarge,
+                            "frame body too large",
+                        );
+                    }
                     self.start_closing(token);
                     flow = Flow::Stop;
                     break;
@@ -557,7 +582,9 @@ impl EventLoop {
     }
 
     fn flush(&mut self, token: Token) {
-        let Some(conn) = self.conns.get_mut(token.0) else { return };
+        let Some(conn) = self.conns.get_mut(token.0) else {
+            return;
+        };
         match conn.flush() {
             Err(_) => self.close(token),
             Ok(true) if conn.closing => self.close(token),
@@ -589,7 +616,9 @@ impl EventLoop {
 
     /// Drops the connection; its session detaches (and ends without grace).
     fn close(&mut self, token: Token) {
-        let Some(mut conn) = self.conns.try_remove(token.0) else { return };
+        let Some(mut conn) = self.conns.try_remove(token.0) else {
+            return;
+        };
         let _ = self.poll.registry().deregister(&mut conn.stream);
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
         if let Some(id) = conn.session {
@@ -605,7 +634,10 @@ impl EventLoop {
     fn migrate(&mut self, token: Token, rbuf: Vec<u8>, pos: usize, home: usize) {
         let mut conn = self.conns.remove(token.0);
         let _ = self.poll.registry().deregister(&mut conn.stream);
-        assert!(conn.session.is_none(), "only a session-less connection moves");
+        assert!(
+            conn.session.is_none(),
+            "only a session-less connection moves"
+        );
         let adoption = Adoption {
             unread: rbuf[pos..].to_vec(),
             unwritten: conn.wbuf[conn.wpos..].to_vec(),
@@ -633,7 +665,14 @@ impl EventLoop {
         &mut self.conns[token.0].wbuf
     }
 
-    fn reply_status(&mut self, token: Token, opcode: u8, request_id: u32, status: Status, message: &str) {
+    fn reply_status(
+        &mut self,
+        token: Token,
+        opcode: u8,
+        request_id: u32,
+        status: Status,
+        message: &str,
+    ) {
         protocol::encode_status(self.wbuf(token), opcode, request_id, status, message);
     }
 
@@ -645,8 +684,18 @@ impl EventLoop {
                 Flow::Continue
             }
             (Request::Hello { .. } | Request::Resume { .. }, Some(_)) => {
-                let op = if matches!(request, Request::Hello { .. }) { opcode::HELLO } else { opcode::RESUME };
-                self.reply_status(token, op, request_id, Status::SessionExists, "this connection has a session");
+                let op = if matches!(request, Request::Hello { .. }) {
+                    opcode::HELLO
+                } else {
+                    opcode::RESUME
+                };
+                self.reply_status(
+                    token,
+                    op,
+                    request_id,
+                    Status::SessionExists,
+                    "this connection has a session",
+                );
                 Flow::Continue
             }
             (
@@ -692,44 +741,95 @@ impl EventLoop {
             None => true,
         };
         if !ok {
-            self.reply_status(token, op, request_id, Status::Auth, "wrong or missing password");
+            self.reply_status(
+                token,
+                op,
+                request_id,
+                Status::Auth,
+                "wrong or missing password",
+            );
             self.start_closing(token);
         }
         ok
     }
 
-    fn hello(&mut self, token: Token, request_id: u32, grace_ms: u32, password: &[u8], client_name: &[u8]) -> Flow {
+    fn hello(
+        &mut self,
+        token: Token,
+        request_id: u32,
+        grace_ms: u32,
+        password: &[u8],
+        client_name: &[u8],
+    ) -> Flow {
         if !self.check_password(token, opcode::HELLO, request_id, password) {
             return Flow::Stop;
         }
         if grace_ms > GRACE_MS_MAX {
-            self.reply_status(token, opcode::HELLO, request_id, Status::BadBody, "grace_ms too long");
+            self.reply_status(
+                token,
+                opcode::HELLO,
+                request_id,
+                Status::BadBody,
+                "grace_ms too long",
+            );
             return Flow::Continue;
         }
         let secret = random_secret();
-        let id = self.sessions.create(secret, grace_ms, client_name, token).id;
+        let id = self
+            .sessions
+            .create(secret, grace_ms, client_name, token)
+            .id;
         let conn = &mut self.conns[token.0];
         conn.session = Some(id);
         conn.hello_deadline_ms = 0;
-        protocol::encode_session(self.wbuf(token), opcode::HELLO, request_id, id, &secret, grace_ms);
+        protocol::encode_session(
+            self.wbuf(token),
+            opcode::HELLO,
+            request_id,
+            id,
+            &secret,
+            grace_ms,
+        );
         Flow::Continue
     }
 
-    fn resume(&mut self, token: Token, request_id: u32, id: SessionId, secret: &[u8; SECRET_LEN], password: &[u8]) -> Flow {
+    fn resume(
+        &mut self,
+        token: Token,
+        request_id: u32,
+        id: SessionId,
+        secret: &[u8; SECRET_LEN],
+        password: &[u8],
+    ) -> Flow {
         if !self.check_password(token, opcode::RESUME, request_id, password) {
             return Flow::Stop;
         }
         let home = home_of(id);
         if home >= self.shared.peers.len() {
-            self.reply_status(token, opcode::RESUME, request_id, Status::UnknownSession, "no such session");
+            self.reply_status(
+                token,
+                opcode::RESUME,
+                request_id,
+                Status::UnknownSession,
+                "no such session",
+            );
             return Flow::Continue;
         }
         if home != self.idx {
             return Flow::Migrate(home);
         }
-        let known = self.sessions.get(id).is_some_and(|s| secure_eq(&s.secret, secret));
+        let known = self
+            .sessions
+            .get(id)
+            .is_some_and(|s| secure_eq(&s.secret, secret));
         if !known {
-            self.reply_status(token, opcode::RESUME, request_id, Status::UnknownSession, "no such session (ended, or wrong secret)");
+            self.reply_status(
+                token,
+                opcode::RESUME,
+                request_id,
+                Status::UnknownSession,
+                "no such session (ended, or wrong secret)",
+            );
             return Flow::Continue;
         }
         if let Some(old) = self.sessions.attach(id, token) {
@@ -753,14 +853,25 @@ impl EventLoop {
     }
 
     /// A request of an established session: admission checks, then to the shard.
-    fn session_request(&mut self, token: Token, id: SessionId, request_id: RequestId, request: Request<'_>) {
+    fn session_request(
+        &mut self,
+        token: Token,
+        id: SessionId,
+        request_id: RequestId,
+        request: Request<'_>,
+    ) {
         let op = request_opcode(&request);
-        let session = self.sessions.get_mut(id).expect("a connection's session lives at home");
+        let session = self
+            .sessions
+            .get_mut(id)
+            .expect("a connection's session lives at home");
         let refusal = if session.pending.contains_key(&request_id) {
             Some((Status::DuplicateRequestId, "request id already in flight"))
         } else if session.pending.len() >= IN_FLIGHT_PER_SESSION_MAX {
             Some((Status::TooManyInFlight, "too many requests in flight"))
-        } else if op == opcode::ACQUIRE && session.holds + session.pending.len() >= HOLDS_PER_SESSION_MAX {
+        } else if op == opcode::ACQUIRE
+            && session.holds + session.pending.len() >= HOLDS_PER_SESSION_MAX
+        {
             Some((Status::TooManyHolds, "too many holds in this session"))
         } else {
             None
@@ -822,7 +933,13 @@ impl EventLoop {
                     },
                 ),
                 _ => {
-                    self.reply_status(token, op, request_id, Status::NoSuchRequest, "no such acquire in flight");
+                    self.reply_status(
+                        token,
+                        op,
+                        request_id,
+                        Status::NoSuchRequest,
+                        "no such acquire in flight",
+                    );
                     return;
                 }
             },
@@ -831,9 +948,15 @@ impl EventLoop {
             }
         };
         let session = self.sessions.get_mut(id).expect("checked above");
-        session.pending.insert(request_id, Pending { shard: shard as u8, opcode: op });
+        session.pending.insert(
+            request_id,
+            Pending {
+                shard: shard as u8,
+                opcode: op,
+            },
+        );
         session.touched |= 1 << shard;
-        self.to_shard(shard, command);
+        self.route_to_shard(shard, command);
     }
 
     fn shard_of(&self, name: &[u8]) -> usize {
@@ -841,7 +964,7 @@ impl EventLoop {
     }
 
     /// Applies `command` here if this loop owns `shard`, else sends it there.
-    fn to_shard(&mut self, shard: usize, command: Command<'_>) {
+    fn route_to_shard(&mut self, shard: usize, command: Command<'_>) {
         if shard == self.idx {
             self.table.apply(self.now_ms, command, &mut self.effects);
             self.route_effects();
@@ -856,7 +979,12 @@ impl EventLoop {
         while touched != 0 {
             let shard = touched.trailing_zeros() as usize;
             touched &= touched - 1;
-            self.to_shard(shard, Command::EndSession { session: session.id });
+            self.route_to_shard(
+                shard,
+                Command::EndSession {
+                    session: session.id,
+                },
+            );
         }
     }
 
@@ -884,9 +1012,15 @@ impl EventLoop {
         let session_id = match &effect {
             Effect::Reply { session, .. } | Effect::LockLost { session, .. } => *session,
         };
-        assert_eq!(home_of(session_id), self.idx, "effect routed to the wrong home");
+        assert_eq!(
+            home_of(session_id),
+            self.idx,
+            "effect routed to the wrong home"
+        );
         // An ended session's late replies are dropped here.
-        let Some(session) = self.sessions.get_mut(session_id) else { return };
+        let Some(session) = self.sessions.get_mut(session_id) else {
+            return;
+        };
         let out: &mut Vec<u8> = match session.conn {
             Some(token) => {
                 let conn = &mut self.conns[token.0];
@@ -918,9 +1052,12 @@ impl EventLoop {
                         session.holds += 1;
                         protocol::encode_granted(out, request_id, token, deferred);
                     }
-                    (opcode::ACQUIRE, outcome) => {
-                        protocol::encode_acquire_outcome(out, request_id, outcome_status(outcome), deferred)
-                    }
+                    (opcode::ACQUIRE, outcome) => protocol::encode_acquire_outcome(
+                        out,
+                        request_id,
+                        outcome_status(outcome),
+                        deferred,
+                    ),
                     (op, outcome) => {
                         if op == opcode::RELEASE && outcome == Outcome::Ok {
                             session.holds -= 1;
@@ -940,10 +1077,13 @@ impl EventLoop {
 
     fn drain_inbox(&mut self) {
         for _ in 0..INBOX_PER_TURN_MAX {
-            let Ok(msg) = self.inbox.try_recv() else { break };
+            let Ok(msg) = self.inbox.try_recv() else {
+                break;
+            };
             match msg {
                 Msg::Shard(shard_msg) => {
-                    self.table.apply(self.now_ms, shard_msg.as_command(), &mut self.effects);
+                    self.table
+                        .apply(self.now_ms, shard_msg.as_command(), &mut self.effects);
                     self.route_effects();
                 }
                 Msg::Effect(effect) => self.deliver(effect),
@@ -972,13 +1112,18 @@ impl EventLoop {
             }
             self.hello_timers.remove(&(deadline, key));
             let token = Token(key);
-            let late = self
-                .conns
-                .get(key)
-                .is_some_and(|c| c.session.is_none() && c.hello_deadline_ms == deadline && !c.closing);
+            let late = self.conns.get(key).is_some_and(|c| {
+                c.session.is_none() && c.hello_deadline_ms == deadline && !c.closing
+            });
             if late {
                 if self.conns[key].codec == Codec::Native {
-                    self.reply_status(token, opcode::HELLO, 0, Status::HelloTimeout, "no HELLO in time");
+                    self.reply_status(
+                        token,
+                        opcode::HELLO,
+                        0,
+                        Status::HelloTimeout,
+                        "no HELLO in time",
+                    );
                 }
                 self.start_closing(token);
             }
@@ -1049,6 +1194,15 @@ fn request_opcode(request: &Request<'_>) -> u8 {
         Request::Cancel { .. } => opcode::CANCEL,
         Request::Ping => opcode::PING,
         Request::Bye => opcode::BYE,
+    }
+}
+
+/// Opcode and request id of a frame whose header is complete.
+fn header_ids(frame: &[u8]) -> (u8, u32) {
+    use zerocopy::FromBytes;
+    match protocol::Header::ref_from_prefix(frame) {
+        Ok((header, _)) => (header.opcode, header.request_id.get()),
+        Err(_) => (0, 0),
     }
 }
 

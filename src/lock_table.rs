@@ -89,12 +89,16 @@ pub enum Command<'a> {
         target: RequestId,
     },
     /// The session is over: release its holds, drop its waits (no replies).
-    EndSession { session: SessionId },
+    EndSession {
+        session: SessionId,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    Granted { token: u64 },
+    Granted {
+        token: u64,
+    },
     /// Release, extend or cancel done.
     Ok,
     /// Interim: the acquire waits in the queue.
@@ -394,7 +398,11 @@ impl LockTable {
 
     fn acquire(&mut self, now_ms: u64, a: Acquire<'_>, out: &mut Vec<Effect>) {
         assert!(!a.name.is_empty() && a.name.len() <= crate::limits::NAME_LEN_MAX);
-        assert_eq!(shard_for(a.name, self.shards), self.shard, "lock routed to the wrong shard");
+        assert_eq!(
+            shard_for(a.name, self.shards),
+            self.shard,
+            "lock routed to the wrong shard"
+        );
         let Some(idx) = self.find(a.name) else {
             let idx = self.locks.vacant_key() as u32;
             let first = self.new_hold(a.session, now_ms, a.lease_ms, idx);
@@ -407,11 +415,15 @@ impl LockTable {
             assert_eq!(self.locks.insert(lock) as u32, idx);
             let hash = self.hasher.hash_one(a.name);
             let (locks, hasher) = (&self.locks, &self.hasher);
-            self.names.insert_unique(hash, idx, |&i| {
-                hasher.hash_one(&*locks[i as usize].name)
-            });
+            self.names
+                .insert_unique(hash, idx, |&i| hasher.hash_one(&*locks[i as usize].name));
             self.index_session(a.session, idx);
-            out.push(reply(a.session, a.request_id, Outcome::Granted { token: first.token }, false));
+            out.push(reply(
+                a.session,
+                a.request_id,
+                Outcome::Granted { token: first.token },
+                false,
+            ));
             return;
         };
         let lock = &self.locks[idx as usize];
@@ -432,12 +444,18 @@ impl LockTable {
             out.push(reply(a.session, a.request_id, Outcome::AlreadyHeld, false));
             return;
         }
-        let compatible = lock.mode == Mode::Shared && a.mode == Mode::Shared && lock.waiter_count() == 0;
+        let compatible =
+            lock.mode == Mode::Shared && a.mode == Mode::Shared && lock.waiter_count() == 0;
         if compatible {
             let hold = self.new_hold(a.session, now_ms, a.lease_ms, idx);
             self.locks[idx as usize].extra_mut().more.push(hold);
             self.index_session(a.session, idx);
-            out.push(reply(a.session, a.request_id, Outcome::Granted { token: hold.token }, false));
+            out.push(reply(
+                a.session,
+                a.request_id,
+                Outcome::Granted { token: hold.token },
+                false,
+            ));
             return;
         }
         let deadline = match a.wait {
@@ -449,12 +467,20 @@ impl LockTable {
             Wait::Forever => None,
         };
         if lock.waiter_count() >= WAITERS_PER_LOCK_MAX {
-            out.push(reply(a.session, a.request_id, Outcome::TooManyWaiters, false));
+            out.push(reply(
+                a.session,
+                a.request_id,
+                Outcome::TooManyWaiters,
+                false,
+            ));
             return;
         }
         if self.waits.contains_key(&(a.session, a.request_id)) {
             // The home loop refuses duplicate request ids before they get here.
-            panic!("duplicate request id {} of session {:#x}", a.request_id, a.session);
+            panic!(
+                "duplicate request id {} of session {:#x}",
+                a.request_id, a.session
+            );
         }
         let timer = deadline.map(|deadline| {
             self.wait_seq += 1;
@@ -462,13 +488,16 @@ impl LockTable {
             self.wait_timers.insert(key, (idx, a.session, a.request_id));
             key
         });
-        self.locks[idx as usize].extra_mut().waiters.push_back(Waiter {
-            session: a.session,
-            request_id: a.request_id,
-            mode: a.mode,
-            lease_ms: a.lease_ms,
-            timer,
-        });
+        self.locks[idx as usize]
+            .extra_mut()
+            .waiters
+            .push_back(Waiter {
+                session: a.session,
+                request_id: a.request_id,
+                mode: a.mode,
+                lease_ms: a.lease_ms,
+                timer,
+            });
         self.waits.insert((a.session, a.request_id), idx);
         self.index_session(a.session, idx);
         if a.notify_queued {
@@ -476,8 +505,18 @@ impl LockTable {
         }
     }
 
-    fn release(&mut self, now_ms: u64, session: SessionId, name: &[u8], out: &mut Vec<Effect>) -> Outcome {
-        assert_eq!(shard_for(name, self.shards), self.shard, "lock routed to the wrong shard");
+    fn release(
+        &mut self,
+        now_ms: u64,
+        session: SessionId,
+        name: &[u8],
+        out: &mut Vec<Effect>,
+    ) -> Outcome {
+        assert_eq!(
+            shard_for(name, self.shards),
+            self.shard,
+            "lock routed to the wrong shard"
+        );
         let Some(idx) = self.find(name) else {
             return Outcome::NotHeld;
         };
@@ -489,13 +528,20 @@ impl LockTable {
 
     /// Removes the hold of `session` on lock `idx` (if any), then grants
     /// whoever can go next. Returns whether there was a hold.
-    fn remove_hold(&mut self, now_ms: u64, idx: u32, session: SessionId, out: &mut Vec<Effect>) -> bool {
+    fn remove_hold(
+        &mut self,
+        now_ms: u64,
+        idx: u32,
+        session: SessionId,
+        out: &mut Vec<Effect>,
+    ) -> bool {
         let lock = &mut self.locks[idx as usize];
         let Some((hold, empty)) = lock.remove_hold(session) else {
             return false;
         };
         if hold.lease_deadline_ms != 0 {
-            self.lease_timers.remove(&(hold.lease_deadline_ms, hold.token));
+            self.lease_timers
+                .remove(&(hold.lease_deadline_ms, hold.token));
         }
         self.unindex_session(session, idx);
         self.after_change(now_ms, idx, empty, out);
@@ -510,7 +556,8 @@ impl LockTable {
             let Some(head) = lock.extra.as_ref().and_then(|e| e.waiters.front()).copied() else {
                 break;
             };
-            if !empty && !(lock.mode == Mode::Shared && head.mode == Mode::Shared) {
+            let joins_holders = lock.mode == Mode::Shared && head.mode == Mode::Shared;
+            if !(empty || joins_holders) {
                 break;
             }
             lock.extra_mut().waiters.pop_front();
@@ -527,7 +574,12 @@ impl LockTable {
             } else {
                 lock.extra_mut().more.push(hold);
             }
-            out.push(reply(head.session, head.request_id, Outcome::Granted { token: hold.token }, true));
+            out.push(reply(
+                head.session,
+                head.request_id,
+                Outcome::Granted { token: hold.token },
+                true,
+            ));
         }
         if empty {
             let lock = self.locks.remove(idx as usize);
@@ -553,16 +605,24 @@ impl LockTable {
             return Outcome::NotHeld;
         };
         if hold.lease_deadline_ms != 0 {
-            self.lease_timers.remove(&(hold.lease_deadline_ms, hold.token));
+            self.lease_timers
+                .remove(&(hold.lease_deadline_ms, hold.token));
         }
         hold.lease_deadline_ms = now_ms + u64::from(lease_ms);
-        self.lease_timers.insert((hold.lease_deadline_ms, hold.token), idx);
+        self.lease_timers
+            .insert((hold.lease_deadline_ms, hold.token), idx);
         Outcome::Ok
     }
 
     /// Takes the queued acquire `request_id` of `session` out of its queue.
     /// Returns whether it was queued.
-    fn remove_waiter(&mut self, now_ms: u64, session: SessionId, request_id: RequestId, out: &mut Vec<Effect>) -> bool {
+    fn remove_waiter(
+        &mut self,
+        now_ms: u64,
+        session: SessionId,
+        request_id: RequestId,
+        out: &mut Vec<Effect>,
+    ) -> bool {
         let Some(idx) = self.waits.remove(&(session, request_id)) else {
             return false;
         };
@@ -595,7 +655,8 @@ impl LockTable {
                 let lock = &mut self.locks[idx as usize];
                 let (hold, empty) = lock.remove_hold(session).expect("hold present");
                 if hold.lease_deadline_ms != 0 {
-                    self.lease_timers.remove(&(hold.lease_deadline_ms, hold.token));
+                    self.lease_timers
+                        .remove(&(hold.lease_deadline_ms, hold.token));
                 }
                 self.after_change(now_ms, idx, empty, out);
             } else {
@@ -679,7 +740,11 @@ impl LockTable {
             assert_eq!(self.find(&lock.name), Some(idx));
             assert_eq!(shard_for(&lock.name, self.shards), self.shard);
             if lock.mode == Mode::Exclusive {
-                assert_eq!(lock.holder_count(), 1, "exclusive lock with several holders");
+                assert_eq!(
+                    lock.holder_count(),
+                    1,
+                    "exclusive lock with several holders"
+                );
             }
             let mut sessions: Vec<SessionId> = lock.holders().map(|h| h.session).collect();
             sessions.extend(lock.waiters().map(|w| w.session));
@@ -694,7 +759,10 @@ impl LockTable {
             for hold in lock.holders() {
                 assert!(hold.token <= self.last_token);
                 if hold.lease_deadline_ms != 0 {
-                    assert_eq!(self.lease_timers.get(&(hold.lease_deadline_ms, hold.token)), Some(&idx));
+                    assert_eq!(
+                        self.lease_timers.get(&(hold.lease_deadline_ms, hold.token)),
+                        Some(&idx)
+                    );
                 }
             }
             if let Some(head) = lock.waiters().next() {
@@ -705,17 +773,36 @@ impl LockTable {
                 );
             }
             for waiter in lock.waiters() {
-                assert_eq!(self.waits.get(&(waiter.session, waiter.request_id)), Some(&idx));
+                assert_eq!(
+                    self.waits.get(&(waiter.session, waiter.request_id)),
+                    Some(&idx)
+                );
                 if let Some(key) = waiter.timer {
-                    assert_eq!(self.wait_timers[&key], (idx, waiter.session, waiter.request_id));
+                    assert_eq!(
+                        self.wait_timers[&key],
+                        (idx, waiter.session, waiter.request_id)
+                    );
                 }
             }
         }
-        assert_eq!(self.by_session.values().map(|s| s.len()).sum::<usize>(), indexed);
+        assert_eq!(
+            self.by_session.values().map(|s| s.len()).sum::<usize>(),
+            indexed
+        );
         assert_eq!(self.names.len(), self.locks.len());
-        let timed_waits = self.locks.iter().flat_map(|(_, l)| l.waiters()).filter(|w| w.timer.is_some()).count();
+        let timed_waits = self
+            .locks
+            .iter()
+            .flat_map(|(_, l)| l.waiters())
+            .filter(|w| w.timer.is_some())
+            .count();
         assert_eq!(self.wait_timers.len(), timed_waits);
-        let leases = self.locks.iter().flat_map(|(_, l)| l.holders()).filter(|h| h.lease_deadline_ms != 0).count();
+        let leases = self
+            .locks
+            .iter()
+            .flat_map(|(_, l)| l.holders())
+            .filter(|h| h.lease_deadline_ms != 0)
+            .count();
         assert_eq!(self.lease_timers.len(), leases);
     }
 }

@@ -106,7 +106,11 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
     if let Some(threads) = args.threads {
         config.threads = threads;
     }
-    config.password = args.password.clone().filter(|p| !p.is_empty()).map(String::into_bytes);
+    config.password = args
+        .password
+        .clone()
+        .filter(|p| !p.is_empty())
+        .map(String::into_bytes);
     config.tcp = TcpTuning {
         keepalive_idle: Duration::from_secs(args.keepalive_time.max(1)),
         keepalive_interval: Duration::from_secs(args.keepalive_interval.max(1)),
@@ -134,7 +138,10 @@ fn serve(args: ServerArgs) -> ExitCode {
         }
     };
     let shutdown = server.shutdown_handle();
-    let mut signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]) {
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
         Ok(signals) => signals,
         Err(e) => {
             eprintln!("livelock: cannot install signal handlers: {e}");
@@ -147,7 +154,10 @@ fn serve(args: ServerArgs) -> ExitCode {
             shutdown.shutdown();
         }
     });
-    eprintln!("livelock: listening on {} with {threads} loop(s)", server.local_addr());
+    eprintln!(
+        "livelock: listening on {} with {threads} loop(s)",
+        server.local_addr()
+    );
     match server.join() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -52,9 +52,13 @@ pub struct RunArgs {
 /// "250ms", "30s", "2m", "1h", or plain seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration (try 30s, 500ms, 2m)"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration (try 30s, 500ms, 2m)"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "" | "s" => value,
@@ -62,7 +66,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => value * 3600.0,
         _ => return Err(format!("unknown unit {unit:?} in {text:?} (ms, s, m, h)")),
     };
-    if !seconds.is_finite() || seconds < 0.0 || seconds > 1e9 {
+    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
         return Err(format!("{text:?} is out of range"));
     }
     Ok(Duration::from_secs_f64(seconds))
@@ -95,23 +99,43 @@ pub fn run(args: RunArgs) -> ExitCode {
     };
     let mut client = match Client::connect(addr.as_str(), &options) {
         Ok(client) => client,
-        Err(e) => return fail(EXIT_NOT_LOCKED, format_args!("cannot open a session at {addr}: {e}")),
+        Err(e) => {
+            return fail(
+                EXIT_NOT_LOCKED,
+                format_args!("cannot open a session at {addr}: {e}"),
+            )
+        }
     };
     let acquire = AcquireOptions {
-        mode: if args.shared { Mode::Shared } else { Mode::Exclusive },
+        mode: if args.shared {
+            Mode::Shared
+        } else {
+            Mode::Exclusive
+        },
         wait: args.wait,
         lease: None,
     };
     let guard = match client.acquire_with(&args.name, acquire) {
         Ok(guard) => guard,
         Err(Error::Status(Status::Busy, _)) => {
-            return fail(EXIT_NOT_LOCKED, format_args!("{} is held by someone else", args.name))
+            return fail(
+                EXIT_NOT_LOCKED,
+                format_args!("{} is held by someone else", args.name),
+            )
         }
         Err(Error::Status(Status::TimedOut, _)) => {
             let waited = args.wait.unwrap_or_default();
-            return fail(EXIT_NOT_LOCKED, format_args!("{} still held after waiting {waited:?}", args.name));
+            return fail(
+                EXIT_NOT_LOCKED,
+                format_args!("{} still held after waiting {waited:?}", args.name),
+            );
         }
-        Err(e) => return fail(EXIT_NOT_LOCKED, format_args!("cannot lock {}: {e}", args.name)),
+        Err(e) => {
+            return fail(
+                EXIT_NOT_LOCKED,
+                format_args!("cannot lock {}: {e}", args.name),
+            )
+        }
     };
     let token = guard.token();
     // The hold is released explicitly at the end (or by the session's end).
@@ -124,7 +148,12 @@ pub fn run(args: RunArgs) -> ExitCode {
         signal_hook::consts::SIGQUIT,
     ]) {
         Ok(signals) => signals,
-        Err(e) => return fail(EXIT_NO_COMMAND, format_args!("cannot install signal handlers: {e}")),
+        Err(e) => {
+            return fail(
+                EXIT_NO_COMMAND,
+                format_args!("cannot install signal handlers: {e}"),
+            )
+        }
     };
     let (signal_tx, signal_rx) = crossbeam_channel::unbounded();
     let signal_handle = signals.handle();
@@ -136,7 +165,9 @@ pub fn run(args: RunArgs) -> ExitCode {
 
     let parent = std::process::id();
     let mut command = Command::new(&args.command[0]);
-    command.args(&args.command[1..]).env("LIVELOCK_FENCE", token.to_string());
+    command
+        .args(&args.command[1..])
+        .env("LIVELOCK_FENCE", token.to_string());
     // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
     unsafe {
         command.pre_exec(move || {
@@ -154,7 +185,10 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(child) => child,
         Err(e) => {
             let _ = client.release(&args.name);
-            return fail(EXIT_NO_COMMAND, format_args!("cannot start {:?}: {e}", args.command[0]));
+            return fail(
+                EXIT_NO_COMMAND,
+                format_args!("cannot start {:?}: {e}", args.command[0]),
+            );
         }
     };
     let pid = child.id() as libc::pid_t;
@@ -227,7 +261,9 @@ fn reconnect(addr: &str, client: &Client, options: &ClientOptions) -> Option<Cli
     let deadline = Instant::now() + options.grace;
     let mut options = options.clone();
     while Instant::now() < deadline {
-        options.connect_timeout = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+        options.connect_timeout = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(10));
         match Client::resume(addr, client.session_id(), client.secret(), &options) {
             Ok(resumed) => return Some(resumed),
             Err(Error::Status(Status::UnknownSession, _)) => return None,

@@ -55,14 +55,20 @@ impl Server {
             connections: AtomicUsize::new(0),
         });
         let mut threads = Vec::with_capacity(loops);
-        for (idx, ((poll, listener), inbox)) in polls.into_iter().zip(listeners).zip(inboxes).enumerate() {
+        for (idx, ((poll, listener), inbox)) in
+            polls.into_iter().zip(listeners).zip(inboxes).enumerate()
+        {
             let event_loop = EventLoop::new(idx, shared.clone(), poll, listener, inbox)?;
             let thread = std::thread::Builder::new()
                 .name(format!("livelock-loop-{idx}"))
                 .spawn(move || event_loop.run())?;
             threads.push(thread);
         }
-        Ok(Server { addr, shared, threads })
+        Ok(Server {
+            addr,
+            shared,
+            threads,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {

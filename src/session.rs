@@ -83,7 +83,13 @@ impl Sessions {
     }
 
     /// Opens a session attached to `conn`.
-    pub fn create(&mut self, secret: [u8; SECRET_LEN], grace_ms: u32, client_name: &[u8], conn: Token) -> &mut Session {
+    pub fn create(
+        &mut self,
+        secret: [u8; SECRET_LEN],
+        grace_ms: u32,
+        client_name: &[u8],
+        conn: Token,
+    ) -> &mut Session {
         self.next_seq += 1;
         let id = (self.next_seq << HOME_BITS) | self.home as u64;
         assert_eq!(home_of(id), self.home);
@@ -119,7 +125,8 @@ impl Sessions {
             return self.map.remove(&id);
         }
         session.detached_until_ms = now_ms + u64::from(session.grace_ms);
-        self.grace_timers.insert((session.detached_until_ms, id), ());
+        self.grace_timers
+            .insert((session.detached_until_ms, id), ());
         None
     }
 
