@@ -3,6 +3,7 @@
 //! in-memory, loopback-only server of the README.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// TCP failure detection on every accepted socket (socket2): a silently dead
@@ -38,6 +39,21 @@ pub struct ServerConfig {
     pub tcp: TcpTuning,
     /// Time a new connection has to say HELLO.
     pub hello_timeout: Duration,
+    /// LiveLock protocol: how long a client id's locks outlive its latest
+    /// connection (LIVELOCK_RELEASE_ALL_TIMEOUT).
+    pub release_all_timeout: Duration,
+    /// Where the state dump is written on shutdown and read on start.
+    pub data_dir: PathBuf,
+    /// Read the dump at start (LIVELOCK_DISABLE_DUMP_LOAD turns it off).
+    pub dump_load: bool,
+    /// Write the dump on shutdown.
+    pub dump_save: bool,
+    /// The LiveLock SHUTDOWN command is obeyed (LIVELOCK_SHUTDOWN_SUPPORT).
+    pub shutdown_support: bool,
+    /// LiveLock protocol: the largest command in bytes (LIVELOCK_MAX_PAYLOAD).
+    pub max_payload: usize,
+    /// Prometheus metrics over HTTP on this address.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ServerConfig {
@@ -49,6 +65,13 @@ impl ServerConfig {
             password: None,
             tcp: TcpTuning::default(),
             hello_timeout: Duration::from_millis(crate::limits::HELLO_TIMEOUT_MS),
+            release_all_timeout: Duration::from_secs(5),
+            data_dir: PathBuf::from("."),
+            dump_load: false,
+            dump_save: false,
+            shutdown_support: false,
+            max_payload: 1024,
+            metrics_listen: None,
         }
     }
 
@@ -71,6 +94,64 @@ impl ServerConfig {
                 self.listen
             ));
         }
+        if self.max_payload < 16 || self.max_payload > crate::limits::READ_BUFFER_MAX / 2 {
+            return Err(format!(
+                "LIVELOCK_MAX_PAYLOAD must be 16..={}, got {}",
+                crate::limits::READ_BUFFER_MAX / 2,
+                self.max_payload
+            ));
+        }
         Ok(())
+    }
+
+    /// The dump file's path.
+    pub fn dump_path(&self) -> PathBuf {
+        self.data_dir.join(crate::dump::FILE_NAME)
+    }
+}
+
+/// Parses a boolean setting strictly: `1/true/yes/on` or `0/false/no/off`
+/// (any case); anything else is an error that names the variable.
+pub fn parse_bool(variable: &str, value: &str) -> Result<bool, String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!(
+            "{variable}={value:?} is not a boolean: use 1/true/yes/on or 0/false/no/off"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn booleans_are_strict() {
+        for yes in ["1", "true", "YES", "On"] {
+            assert_eq!(parse_bool("X", yes), Ok(true));
+        }
+        for no in ["0", "false", "No", "OFF"] {
+            assert_eq!(parse_bool("X", no), Ok(false));
+        }
+        let err = parse_bool("LIVELOCK_SHUTDOWN_SUPPORT", "maybe").unwrap_err();
+        assert!(err.contains("LIVELOCK_SHUTDOWN_SUPPORT"), "{err}");
+        assert!(parse_bool("X", "").is_err());
+    }
+
+    #[test]
+    fn non_loopback_needs_a_password() {
+        let config = ServerConfig::new("0.0.0.0:7873".parse().unwrap());
+        assert!(config.validate(false).unwrap_err().contains("password"));
+        assert!(config.validate(true).is_ok());
+        let mut with_password = config.clone();
+        with_password.password = Some(b"pw".to_vec());
+        assert!(with_password.validate(false).is_ok());
+        assert!(ServerConfig::new("127.0.0.1:7873".parse().unwrap())
+            .validate(false)
+            .is_ok());
+        assert!(ServerConfig::new("[::1]:7873".parse().unwrap())
+            .validate(false)
+            .is_ok());
     }
 }

@@ -17,6 +17,8 @@ pub enum Codec {
     Sniffing,
     /// First byte `protocol::MAGIC_BYTE0`.
     Native,
+    /// Any other first byte: the LiveLock RESP/inline protocol.
+    Resp,
 }
 
 /// What a read pass found.
@@ -55,6 +57,10 @@ pub struct Connection {
     pub ready: bool,
     /// The peer sent FIN: decode what is left, then close.
     pub eof: bool,
+    /// LiveLock protocol: PASS was given, or no password is set.
+    pub authed: bool,
+    /// LiveLock protocol: a command is being answered; the next one waits.
+    pub awaiting: bool,
 }
 
 impl Connection {
@@ -73,6 +79,8 @@ impl Connection {
             dirty: false,
             ready: false,
             eof: false,
+            authed: false,
+            awaiting: false,
         }
     }
 

@@ -13,53 +13,66 @@
 //! shard `shard_for(name)`, applied directly when that is this loop, else
 //! sent over the owner's bounded channel. Every effect for a session goes to
 //! `home_of(session)`. Both ends assert the routing.
+//!
+//! The two protocols live in submodules: `native` (binary frames) and
+//! `compat` (the LiveLock RESP/inline protocol). Both turn requests into the
+//! same lock-table commands.
+
+mod compat;
+mod native;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
+use hashbrown::HashMap;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
+use parking_lot::Mutex;
 
 use crate::config::ServerConfig;
 use crate::connection::{Codec, Connection, ReadState};
+use crate::dump::{DumpHold, DumpSession};
 use crate::limits::{
-    CONNECTIONS_MAX, FRAMES_PER_TURN_MAX, GRACE_MS_MAX, HOLDS_PER_SESSION_MAX,
-    IN_FLIGHT_PER_SESSION_MAX, OUTBOX_PARK_MAX, SHUTDOWN_FLUSH_MS, WRITE_BUFFER_MAX,
+    CONNECTIONS_MAX, FRAMES_PER_TURN_MAX, OUTBOX_PARK_MAX, SHUTDOWN_FLUSH_MS, WRITE_BUFFER_MAX,
     WRITE_BUFFER_PAUSE,
 };
-use crate::lock_table::{
-    shard_for, Acquire, Command, Effect, LockTable, Outcome, RequestId, SessionId, Wait,
-};
-use crate::protocol::{
-    self, opcode, Decoded, Fatal, Mode, Request, Status, SECRET_LEN, WAIT_FOREVER,
-};
-use crate::session::{home_of, secure_eq, Pending, Session, Sessions};
+use crate::lock_table::{shard_for, Command, Effect, LockTable, Outcome, SessionId};
+use crate::metrics::LoopMetrics;
+use crate::protocol::{self, opcode, Mode, Status, SECRET_LEN};
+use crate::session::{home_of, PendingOp, Session, Sessions};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
 /// Inbox messages handled per turn before sockets get their turn again.
 const INBOX_PER_TURN_MAX: usize = 4096;
 
-/// The server's one clock: milliseconds since start, shared by all loops so
-/// deadlines stamped on one loop mean the same on another.
+/// The server's one clock, shared by all loops so deadlines stamped on one
+/// loop mean the same on another: Unix milliseconds at start, advanced by
+/// the monotonic clock (so it never jumps, and a hold's grant time reads as
+/// wall-clock time in listings and dumps).
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     start: Instant,
+    start_unix_ms: u64,
 }
 
 impl Clock {
     pub fn new() -> Clock {
+        let start_unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
         Clock {
             start: Instant::now(),
+            start_unix_ms,
         }
     }
 
     pub fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        self.start_unix_ms + self.start.elapsed().as_millis() as u64
     }
 }
 
@@ -76,156 +89,106 @@ pub struct Peer {
 }
 
 /// What every loop shares: read-only settings, the clock, the way to reach
-/// each loop, and the connection count.
+/// each loop, the connection count, each loop's metrics (written only by
+/// that loop), and the state each loop leaves at shutdown.
 pub struct Shared {
     pub config: ServerConfig,
     pub clock: Clock,
     pub peers: Vec<Peer>,
     pub connections: AtomicUsize,
+    pub metrics: Vec<Arc<LoopMetrics>>,
+    /// Filled by each loop as it shuts down; the server writes the dump.
+    pub final_states: Mutex<Vec<LoopState>>,
 }
 
-/// A lock-table command travelling to the loop that owns its shard.
+impl Shared {
+    /// Asks every loop to shut down.
+    pub fn request_shutdown(&self) {
+        for peer in &self.peers {
+            // A full inbox still gets it: block briefly rather than lose it.
+            let _ = peer.tx.send(Msg::Shutdown);
+            let _ = peer.waker.wake();
+        }
+    }
+}
+
+/// What a loop owned when it stopped: its shard's holds and signals, its
+/// sessions, and its last fencing token (for the dump).
+#[derive(Debug, Default)]
+pub struct LoopState {
+    pub last_token: u64,
+    pub sessions: Vec<DumpSession>,
+    pub holds: Vec<DumpHold>,
+    pub signals: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A lock-table command travelling to the loop that owns its shard: the
+/// command, with the bytes it borrows (name, signal) moved into one buffer.
 #[derive(Debug)]
-pub enum ShardMsg {
-    Acquire {
-        session: SessionId,
-        request_id: RequestId,
-        name: Box<[u8]>,
-        mode: Mode,
-        wait: Wait,
-        lease_ms: u32,
-        notify_queued: bool,
-    },
-    Release {
-        session: SessionId,
-        request_id: RequestId,
-        name: Box<[u8]>,
-    },
-    Extend {
-        session: SessionId,
-        request_id: RequestId,
-        name: Box<[u8]>,
-        lease_ms: u32,
-    },
-    Cancel {
-        session: SessionId,
-        request_id: RequestId,
-        target: RequestId,
-    },
-    EndSession {
-        session: SessionId,
-    },
+pub struct ShardMsg {
+    /// The command with empty byte strings; `bytes` holds name ++ signal.
+    command: Command<'static>,
+    bytes: Box<[u8]>,
+    name_len: usize,
 }
 
 impl ShardMsg {
     fn from_command(command: Command<'_>) -> ShardMsg {
-        match command {
-            Command::Acquire(a) => {
-                debug_assert!(!a.reentrant);
-                ShardMsg::Acquire {
-                    session: a.session,
-                    request_id: a.request_id,
-                    name: a.name.into(),
-                    mode: a.mode,
-                    wait: a.wait,
-                    lease_ms: a.lease_ms,
-                    notify_queued: a.notify_queued,
-                }
-            }
-            Command::Release {
-                session,
-                request_id,
-                name,
-            } => ShardMsg::Release {
-                session,
-                request_id,
-                name: name.into(),
-            },
-            Command::Extend {
-                session,
-                request_id,
-                name,
-                lease_ms,
-            } => ShardMsg::Extend {
-                session,
-                request_id,
-                name: name.into(),
-                lease_ms,
-            },
-            Command::Cancel {
-                session,
-                request_id,
-                target,
-            } => ShardMsg::Cancel {
-                session,
-                request_id,
-                target,
-            },
-            Command::EndSession { session } => ShardMsg::EndSession { session },
+        let (name, signal) = command.bytes();
+        let mut bytes = Vec::with_capacity(name.len() + signal.len());
+        bytes.extend_from_slice(name);
+        bytes.extend_from_slice(signal);
+        ShardMsg {
+            command: command.with_bytes(b"", b""),
+            bytes: bytes.into(),
+            name_len: name.len(),
         }
     }
 
     fn as_command(&self) -> Command<'_> {
-        match *self {
-            ShardMsg::Acquire {
-                session,
-                request_id,
-                ref name,
-                mode,
-                wait,
-                lease_ms,
-                notify_queued,
-            } => Command::Acquire(Acquire {
-                session,
-                request_id,
-                name,
-                mode,
-                wait,
-                lease_ms,
-                reentrant: false,
-                notify_queued,
-            }),
-            ShardMsg::Release {
-                session,
-                request_id,
-                ref name,
-            } => Command::Release {
-                session,
-                request_id,
-                name,
-            },
-            ShardMsg::Extend {
-                session,
-                request_id,
-                ref name,
-                lease_ms,
-            } => Command::Extend {
-                session,
-                request_id,
-                name,
-                lease_ms,
-            },
-            ShardMsg::Cancel {
-                session,
-                request_id,
-                target,
-            } => Command::Cancel {
-                session,
-                request_id,
-                target,
-            },
-            ShardMsg::EndSession { session } => Command::EndSession { session },
-        }
+        let (name, signal) = self.bytes.split_at(self.name_len);
+        self.command.with_bytes(name, signal)
     }
 }
 
-/// A connection handed to the home loop of the session it RESUMEs, with the
-/// bytes it sent that are not decoded yet (starting at the RESUME frame).
+/// A connection handed to another loop (the home of the session it
+/// resumes or the LiveLock client id it names), with the bytes it sent
+/// that are not decoded yet (starting at the RESUME/CONN).
 pub struct Adoption {
     stream: TcpStream,
+    codec: Codec,
+    authed: bool,
     unread: Vec<u8>,
     unwritten: Vec<u8>,
     hello_deadline_ms: u64,
+}
+
+/// A read-only question to every shard, gathered by the asking loop.
+#[derive(Debug)]
+pub enum Query {
+    /// Locks whose name matches a glob, at most `limit` of them.
+    Find {
+        pattern: Box<[u8]>,
+        limit: usize,
+    },
+    Stats,
+}
+
+/// One shard's answer to a `Query`.
+#[derive(Debug)]
+pub enum QueryPart {
+    /// (name, grant time in server-clock ms) of matching locks.
+    Find(Vec<(Box<[u8]>, u64)>),
+    Stats(ShardStats),
+}
+
+/// Counts of one loop (summed over loops for STATS).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ShardStats {
+    pub locks: u64,
+    pub waiters: u64,
+    pub sessions_attached: u64,
+    pub sessions_detached: u64,
 }
 
 /// Messages between loops.
@@ -236,6 +199,16 @@ pub enum Msg {
     Effect(Effect),
     /// A connection moving to its session's home loop.
     Adopt(Box<Adoption>),
+    /// To every loop, from the loop `origin` that gathers the answers.
+    Query {
+        origin: usize,
+        query_id: u64,
+        query: Query,
+    },
+    QueryReply {
+        query_id: u64,
+        part: QueryPart,
+    },
     /// Stop accepting, say goodbye to every client, exit.
     Shutdown,
 }
@@ -243,15 +216,29 @@ pub enum Msg {
 /// What decoding one frame asks of the connection.
 enum Flow {
     Continue,
-    /// Stop decoding: the connection is closing (its output still flushes).
+    /// Stop decoding: the connection is closing (its output still flushes),
+    /// or waits for a reply before its next command (LiveLock, in order).
     Stop,
     /// Stop decoding: hand the connection to loop N, from this frame on.
     Migrate(usize),
 }
 
+/// A query being answered by every loop, for one connection.
+struct Gather {
+    conn: Token,
+    session: SessionId,
+    remaining: usize,
+    /// FIND (else STATS).
+    find: bool,
+    limit: usize,
+    found: Vec<(Box<[u8]>, u64)>,
+    stats: ShardStats,
+}
+
 pub struct EventLoop {
     idx: usize,
     shared: Arc<Shared>,
+    metrics: Arc<LoopMetrics>,
     poll: Poll,
     listener: Option<TcpListener>,
     inbox: Receiver<Msg>,
@@ -268,6 +255,9 @@ pub struct EventLoop {
     dirty: Vec<Token>,
     /// (deadline, connection) for connections that have not said HELLO.
     hello_timers: BTreeMap<(u64, usize), ()>,
+    /// Queries this loop is gathering answers for.
+    gathers: HashMap<u64, Gather>,
+    next_query_id: u64,
     /// Messages parked in `outgoing` because a peer's inbox was full.
     parked_total: usize,
     /// Connections not read because of that backlog.
@@ -277,30 +267,45 @@ pub struct EventLoop {
     now_ms: u64,
 }
 
+/// What a loop starts with: its listener and inbox, and what the dump
+/// gave back to it.
+pub struct LoopStart {
+    pub poll: Poll,
+    pub listener: TcpListener,
+    pub inbox: Receiver<Msg>,
+    pub table: LockTable,
+    pub sessions: Sessions,
+}
+
 impl EventLoop {
-    pub fn new(
-        idx: usize,
-        shared: Arc<Shared>,
-        poll: Poll,
-        mut listener: TcpListener,
-        inbox: Receiver<Msg>,
-    ) -> io::Result<EventLoop> {
+    pub fn new(idx: usize, shared: Arc<Shared>, start: LoopStart) -> io::Result<EventLoop> {
+        let LoopStart {
+            poll,
+            mut listener,
+            inbox,
+            table,
+            sessions,
+        } = start;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let loops = shared.peers.len();
+        assert_eq!(table.shard(), idx);
         Ok(EventLoop {
             idx,
+            metrics: shared.metrics[idx].clone(),
             poll,
             listener: Some(listener),
             inbox,
             conns: slab::Slab::new(),
-            sessions: Sessions::new(idx),
-            table: LockTable::new(idx, loops),
+            sessions,
+            table,
             effects: Vec::new(),
             outgoing: (0..loops).map(|_| VecDeque::new()).collect(),
             ready: VecDeque::new(),
             dirty: Vec::new(),
             hello_timers: BTreeMap::new(),
+            gathers: HashMap::new(),
+            next_query_id: 0,
             parked_total: 0,
             stalled: Vec::new(),
             shutdown_deadline_ms: None,
@@ -499,64 +504,34 @@ impl EventLoop {
                 None => return false,
                 Some(&protocol::MAGIC_BYTE0) => conn.codec = Codec::Native,
                 Some(_) => {
-                    // Not a protocol we speak: nothing can be said back safely.
-                    self.close(token);
-                    return false;
+                    conn.codec = Codec::Resp;
+                    conn.authed = self.shared.config.password.is_none();
                 }
             }
         }
+        let codec = conn.codec;
         let rbuf = std::mem::take(&mut conn.rbuf);
         let mut pos = conn.rpos;
         let mut flow = Flow::Continue;
         let mut frames = 0;
-        let mut more = false;
         while frames < FRAMES_PER_TURN_MAX {
-            match protocol::decode_request(&rbuf[pos..]) {
-                Ok(Decoded::Incomplete) => break,
-                Ok(Decoded::Frame {
-                    consumed,
-                    opcode,
-                    request_id,
-                    result,
-                }) => {
-                    flow = match result {
-                        Ok(request) => self.handle_native(token, request_id, request),
-                        Err(status) => {
-                            self.reply_status(token, opcode, request_id, status, "");
-                            Flow::Continue
-                        }
-                    };
-                    if let Flow::Migrate(_) = flow {
-                        break; // the migrating frame goes along, undecoded
-                    }
-                    pos += consumed;
-                    frames += 1;
-                    if let Flow::Stop = flow {
-                        break;
-                    }
-                }
-                Err(fatal) => {
-                    // The stream cannot be delimited any more. A frame too
-                    // large still has a readable header, so say why first;
-                    // bad magic means the peer does not speak this protocol.
-                    if let Fatal::FrameTooLarge { .. } = fatal {
-                        let (op, id) = header_ids(&rbuf[pos..]);
-                        self.reply_status(
-                            token,
-                            op,
-                            id,
-                            Status::FrameTooLarge,
-                            "frame body too large",
-                        );
-                    }
-                    self.start_closing(token);
-                    flow = Flow::Stop;
-                    break;
-                }
+            let step = match codec {
+                Codec::Native => self.decode_native(token, &rbuf[pos..]),
+                Codec::Resp => self.decode_resp(token, &rbuf[pos..]),
+                Codec::Sniffing => unreachable!("sniffed above"),
+            };
+            let Some((consumed, step_flow)) = step else {
+                break;
+            };
+            flow = step_flow;
+            if let Flow::Migrate(_) = flow {
+                break; // the migrating frame goes along, undecoded
             }
-        }
-        if frames == FRAMES_PER_TURN_MAX {
-            more = true;
+            pos += consumed;
+            frames += 1;
+            if let Flow::Stop = flow {
+                break;
+            }
         }
         match flow {
             Flow::Migrate(home) => {
@@ -569,7 +544,7 @@ impl EventLoop {
                     let consumed = pos - conn.rpos;
                     conn.consume(consumed);
                 }
-                more && matches!(flow, Flow::Continue)
+                frames == FRAMES_PER_TURN_MAX && matches!(flow, Flow::Continue)
             }
         }
     }
@@ -639,6 +614,8 @@ impl EventLoop {
             "only a session-less connection moves"
         );
         let adoption = Adoption {
+            codec: conn.codec,
+            authed: conn.authed,
             unread: rbuf[pos..].to_vec(),
             unwritten: conn.wbuf[conn.wpos..].to_vec(),
             hello_deadline_ms: conn.hello_deadline_ms,
@@ -649,7 +626,8 @@ impl EventLoop {
 
     fn adopt(&mut self, adoption: Adoption) {
         let mut conn = Connection::new(adoption.stream, adoption.hello_deadline_ms);
-        conn.codec = Codec::Native;
+        conn.codec = adoption.codec;
+        conn.authed = adoption.authed;
         conn.rbuf = adoption.unread;
         conn.wbuf = adoption.unwritten;
         if let Some(token) = self.add_connection(conn) {
@@ -658,305 +636,9 @@ impl EventLoop {
         }
     }
 
-    // ---- requests ----------------------------------------------------
-
     fn wbuf(&mut self, token: Token) -> &mut Vec<u8> {
         self.mark_dirty(token);
         &mut self.conns[token.0].wbuf
-    }
-
-    fn reply_status(
-        &mut self,
-        token: Token,
-        opcode: u8,
-        request_id: u32,
-        status: Status,
-        message: &str,
-    ) {
-        protocol::encode_status(self.wbuf(token), opcode, request_id, status, message);
-    }
-
-    fn handle_native(&mut self, token: Token, request_id: RequestId, request: Request<'_>) -> Flow {
-        let session = self.conns[token.0].session;
-        match (request, session) {
-            (Request::Ping, _) => {
-                self.reply_status(token, opcode::PING, request_id, Status::Ok, "");
-                Flow::Continue
-            }
-            (Request::Hello { .. } | Request::Resume { .. }, Some(_)) => {
-                let op = if matches!(request, Request::Hello { .. }) {
-                    opcode::HELLO
-                } else {
-                    opcode::RESUME
-                };
-                self.reply_status(
-                    token,
-                    op,
-                    request_id,
-                    Status::SessionExists,
-                    "this connection has a session",
-                );
-                Flow::Continue
-            }
-            (
-                Request::Hello {
-                    grace_ms,
-                    password,
-                    client_name,
-                },
-                None,
-            ) => self.hello(token, request_id, grace_ms, password, client_name),
-            (
-                Request::Resume {
-                    session_id,
-                    secret,
-                    password,
-                },
-                None,
-            ) => self.resume(token, request_id, session_id, &secret, password),
-            (request, None) => {
-                let op = request_opcode(&request);
-                self.reply_status(token, op, request_id, Status::NoSession, "say HELLO first");
-                Flow::Continue
-            }
-            (Request::Bye, Some(id)) => {
-                if let Some(session) = self.sessions.remove(id) {
-                    self.end_session(session);
-                }
-                self.conns[token.0].session = None;
-                self.reply_status(token, opcode::BYE, request_id, Status::Ok, "");
-                self.start_closing(token);
-                Flow::Stop
-            }
-            (request, Some(id)) => {
-                self.session_request(token, id, request_id, request);
-                Flow::Continue
-            }
-        }
-    }
-
-    fn check_password(&mut self, token: Token, op: u8, request_id: u32, password: &[u8]) -> bool {
-        let ok = match &self.shared.config.password {
-            Some(expected) => secure_eq(expected, password),
-            None => true,
-        };
-        if !ok {
-            self.reply_status(
-                token,
-                op,
-                request_id,
-                Status::Auth,
-                "wrong or missing password",
-            );
-            self.start_closing(token);
-        }
-        ok
-    }
-
-    fn hello(
-        &mut self,
-        token: Token,
-        request_id: u32,
-        grace_ms: u32,
-        password: &[u8],
-        client_name: &[u8],
-    ) -> Flow {
-        if !self.check_password(token, opcode::HELLO, request_id, password) {
-            return Flow::Stop;
-        }
-        if grace_ms > GRACE_MS_MAX {
-            self.reply_status(
-                token,
-                opcode::HELLO,
-                request_id,
-                Status::BadBody,
-                "grace_ms too long",
-            );
-            return Flow::Continue;
-        }
-        let secret = random_secret();
-        let id = self
-            .sessions
-            .create(secret, grace_ms, client_name, token)
-            .id;
-        let conn = &mut self.conns[token.0];
-        conn.session = Some(id);
-        conn.hello_deadline_ms = 0;
-        protocol::encode_session(
-            self.wbuf(token),
-            opcode::HELLO,
-            request_id,
-            id,
-            &secret,
-            grace_ms,
-        );
-        Flow::Continue
-    }
-
-    fn resume(
-        &mut self,
-        token: Token,
-        request_id: u32,
-        id: SessionId,
-        secret: &[u8; SECRET_LEN],
-        password: &[u8],
-    ) -> Flow {
-        if !self.check_password(token, opcode::RESUME, request_id, password) {
-            return Flow::Stop;
-        }
-        let home = home_of(id);
-        if home >= self.shared.peers.len() {
-            self.reply_status(
-                token,
-                opcode::RESUME,
-                request_id,
-                Status::UnknownSession,
-                "no such session",
-            );
-            return Flow::Continue;
-        }
-        if home != self.idx {
-            return Flow::Migrate(home);
-        }
-        let known = self
-            .sessions
-            .get(id)
-            .is_some_and(|s| secure_eq(&s.secret, secret));
-        if !known {
-            self.reply_status(
-                token,
-                opcode::RESUME,
-                request_id,
-                Status::UnknownSession,
-                "no such session (ended, or wrong secret)",
-            );
-            return Flow::Continue;
-        }
-        if let Some(old) = self.sessions.attach(id, token) {
-            // Taken over: the old connection loses the session and closes.
-            if let Some(conn) = self.conns.get_mut(old.0) {
-                conn.session = None;
-                protocol::encode_push(&mut conn.wbuf, opcode::SESSION_TAKEN);
-                self.start_closing(old);
-            }
-        }
-        let session = self.sessions.get_mut(id).expect("attached above");
-        let parked = std::mem::take(&mut session.parked);
-        let grace_ms = session.grace_ms;
-        let conn = &mut self.conns[token.0];
-        conn.session = Some(id);
-        conn.hello_deadline_ms = 0;
-        let out = self.wbuf(token);
-        protocol::encode_session(out, opcode::RESUME, request_id, id, secret, grace_ms);
-        out.extend_from_slice(&parked);
-        Flow::Continue
-    }
-
-    /// A request of an established session: admission checks, then to the shard.
-    fn session_request(
-        &mut self,
-        token: Token,
-        id: SessionId,
-        request_id: RequestId,
-        request: Request<'_>,
-    ) {
-        let op = request_opcode(&request);
-        let session = self
-            .sessions
-            .get_mut(id)
-            .expect("a connection's session lives at home");
-        let refusal = if session.pending.contains_key(&request_id) {
-            Some((Status::DuplicateRequestId, "request id already in flight"))
-        } else if session.pending.len() >= IN_FLIGHT_PER_SESSION_MAX {
-            Some((Status::TooManyInFlight, "too many requests in flight"))
-        } else if op == opcode::ACQUIRE
-            && session.holds + session.pending.len() >= HOLDS_PER_SESSION_MAX
-        {
-            Some((Status::TooManyHolds, "too many holds in this session"))
-        } else {
-            None
-        };
-        if let Some((status, message)) = refusal {
-            self.reply_status(token, op, request_id, status, message);
-            return;
-        }
-        let now_ms = self.now_ms;
-        let (shard, command) = match request {
-            Request::Acquire {
-                name,
-                mode,
-                wait_ms,
-                lease_ms,
-                notify_queued,
-            } => {
-                let wait = match wait_ms {
-                    0 => Wait::Try,
-                    WAIT_FOREVER => Wait::Forever,
-                    ms => Wait::Until(now_ms + u64::from(ms)),
-                };
-                let command = Command::Acquire(Acquire {
-                    session: id,
-                    request_id,
-                    name,
-                    mode,
-                    wait,
-                    lease_ms,
-                    reentrant: false,
-                    notify_queued,
-                });
-                (self.shard_of(name), command)
-            }
-            Request::Release { name } => (
-                self.shard_of(name),
-                Command::Release {
-                    session: id,
-                    request_id,
-                    name,
-                },
-            ),
-            Request::Extend { name, lease_ms } => (
-                self.shard_of(name),
-                Command::Extend {
-                    session: id,
-                    request_id,
-                    name,
-                    lease_ms,
-                },
-            ),
-            Request::Cancel { target } => match session.pending.get(&target) {
-                Some(p) if p.opcode == opcode::ACQUIRE => (
-                    p.shard as usize,
-                    Command::Cancel {
-                        session: id,
-                        request_id,
-                        target,
-                    },
-                ),
-                _ => {
-                    self.reply_status(
-                        token,
-                        op,
-                        request_id,
-                        Status::NoSuchRequest,
-                        "no such acquire in flight",
-                    );
-                    return;
-                }
-            },
-            Request::Hello { .. } | Request::Resume { .. } | Request::Ping | Request::Bye => {
-                unreachable!("handled by handle_native")
-            }
-        };
-        let session = self.sessions.get_mut(id).expect("checked above");
-        session.pending.insert(
-            request_id,
-            Pending {
-                shard: shard as u8,
-                opcode: op,
-            },
-        );
-        session.touched |= 1 << shard;
-        self.route_to_shard(shard, command);
     }
 
     fn shard_of(&self, name: &[u8]) -> usize {
@@ -993,10 +675,7 @@ impl EventLoop {
     fn route_effects(&mut self) {
         let mut effects = std::mem::take(&mut self.effects);
         for effect in effects.drain(..) {
-            let session = match &effect {
-                Effect::Reply { session, .. } | Effect::LockLost { session, .. } => *session,
-            };
-            let home = home_of(session);
+            let home = home_of(effect.session());
             if home == self.idx {
                 self.deliver(effect);
             } else {
@@ -1009,9 +688,7 @@ impl EventLoop {
     /// Writes an effect for one of this loop's sessions to its connection,
     /// or parks it while the session is detached.
     fn deliver(&mut self, effect: Effect) {
-        let session_id = match &effect {
-            Effect::Reply { session, .. } | Effect::LockLost { session, .. } => *session,
-        };
+        let session_id = effect.session();
         assert_eq!(
             home_of(session_id),
             self.idx,
@@ -1021,8 +698,11 @@ impl EventLoop {
         let Some(session) = self.sessions.get_mut(session_id) else {
             return;
         };
-        let out: &mut Vec<u8> = match session.conn {
-            Some(token) => {
+        let resp_session = session.client_id.is_some();
+        // Native output goes to the session's connection, or is parked for
+        // RESUME while it is detached.
+        let native_out: &mut Vec<u8> = match session.conn {
+            Some(token) if !resp_session => {
                 let conn = &mut self.conns[token.0];
                 if !conn.dirty {
                     conn.dirty = true;
@@ -1030,7 +710,7 @@ impl EventLoop {
                 }
                 &mut conn.wbuf
             }
-            None => &mut session.parked,
+            _ => &mut session.parked,
         };
         match effect {
             Effect::Reply {
@@ -1040,35 +720,43 @@ impl EventLoop {
                 ..
             } => {
                 if outcome == Outcome::Queued {
-                    protocol::encode_queued(out, request_id);
+                    protocol::encode_queued(native_out, request_id);
                     return;
                 }
                 let pending = session
                     .pending
                     .remove(&request_id)
                     .expect("a final reply answers a pending request");
-                match (pending.opcode, outcome) {
-                    (opcode::ACQUIRE, Outcome::Granted { token }) => {
+                match outcome {
+                    Outcome::Granted { .. } => {
                         session.holds += 1;
-                        protocol::encode_granted(out, request_id, token, deferred);
+                        self.metrics.inc_grants();
                     }
-                    (opcode::ACQUIRE, outcome) => protocol::encode_acquire_outcome(
-                        out,
-                        request_id,
-                        outcome_status(outcome),
-                        deferred,
-                    ),
-                    (op, outcome) => {
-                        if op == opcode::RELEASE && outcome == Outcome::Ok {
-                            session.holds -= 1;
-                        }
-                        protocol::encode_status(out, op, request_id, outcome_status(outcome), "");
+                    Outcome::Ok if pending.op.is_release() => {
+                        session.holds -= 1;
+                        self.metrics.inc_releases();
                     }
+                    Outcome::TimedOut => self.metrics.inc_timeouts(),
+                    _ => {}
+                }
+                match pending.op {
+                    PendingOp::Native(op) => {
+                        native::encode_outcome(native_out, op, request_id, outcome, deferred)
+                    }
+                    PendingOp::Resp(op) => self.resp_reply(pending.conn, session_id, op, outcome),
                 }
             }
             Effect::LockLost { token, name, .. } => {
                 session.holds -= 1;
-                protocol::encode_lock_lost(out, token, &name);
+                self.metrics.inc_lock_lost();
+                if !resp_session {
+                    protocol::encode_lock_lost(native_out, token, &name);
+                }
+            }
+            Effect::Signal { name, signal, .. } => {
+                if !resp_session {
+                    protocol::encode_signal(native_out, &name, &signal);
+                }
             }
         }
     }
@@ -1088,6 +776,15 @@ impl EventLoop {
                 }
                 Msg::Effect(effect) => self.deliver(effect),
                 Msg::Adopt(adoption) => self.adopt(*adoption),
+                Msg::Query {
+                    origin,
+                    query_id,
+                    query,
+                } => {
+                    let part = self.answer_query(&query);
+                    self.outgoing[origin].push_back(Msg::QueryReply { query_id, part });
+                }
+                Msg::QueryReply { query_id, part } => self.gather_part(query_id, part),
                 Msg::Shutdown => self.begin_shutdown(),
             }
         }
@@ -1181,19 +878,143 @@ impl EventLoop {
             }
             self.start_closing(token);
         }
+        let state = self.export_state();
+        self.shared.final_states.lock().push(state);
     }
-}
 
-fn request_opcode(request: &Request<'_>) -> u8 {
-    match request {
-        Request::Hello { .. } => opcode::HELLO,
-        Request::Resume { .. } => opcode::RESUME,
-        Request::Acquire { .. } => opcode::ACQUIRE,
-        Request::Release { .. } => opcode::RELEASE,
-        Request::Extend { .. } => opcode::EXTEND,
-        Request::Cancel { .. } => opcode::CANCEL,
-        Request::Ping => opcode::PING,
-        Request::Bye => opcode::BYE,
+    /// This loop's shard and sessions, for the dump. Grant times are in
+    /// server-clock ms, which are Unix ms.
+    fn export_state(&self) -> LoopState {
+        let holds = self
+            .table
+            .holds()
+            .map(|(name, mode, hold)| DumpHold {
+                name: name.to_vec(),
+                session: hold.session,
+                shared: mode == Mode::Shared,
+                token: hold.token,
+                since_unix_ms: hold.since_ms,
+            })
+            .collect();
+        let signals = self
+            .table
+            .signals()
+            .map(|(name, signal)| (name.to_vec(), signal.to_vec()))
+            .collect();
+        let sessions = self
+            .sessions
+            .iter()
+            // A session without grace ends with its connection: not kept.
+            .filter(|s| s.grace_ms > 0)
+            .map(|s| DumpSession {
+                id: s.id,
+                secret: s.secret,
+                client_name: s.client_name.to_vec(),
+                client_id: s.client_id.as_ref().map(|id| id.to_vec()),
+                grace_ms: s.grace_ms,
+            })
+            .collect();
+        LoopState {
+            last_token: self.table.last_token(),
+            sessions,
+            holds,
+            signals,
+        }
+    }
+
+    // ---- queries over every shard -------------------------------------
+
+    /// Asks every loop `query`; the answer is written to `conn` when all
+    /// have replied (`finish_gather`).
+    fn start_query(&mut self, conn: Token, session: SessionId, query: Query) {
+        self.next_query_id += 1;
+        let query_id = self.next_query_id;
+        let limit = match &query {
+            Query::Find { limit, .. } => *limit,
+            Query::Stats => 0,
+        };
+        let loops = self.shared.peers.len();
+        self.gathers.insert(
+            query_id,
+            Gather {
+                conn,
+                session,
+                remaining: loops,
+                find: matches!(query, Query::Find { .. }),
+                limit,
+                found: Vec::new(),
+                stats: ShardStats::default(),
+            },
+        );
+        for peer in 0..loops {
+            if peer == self.idx {
+                continue;
+            }
+            let query = match &query {
+                Query::Find { pattern, limit } => Query::Find {
+                    pattern: pattern.clone(),
+                    limit: *limit,
+                },
+                Query::Stats => Query::Stats,
+            };
+            self.outgoing[peer].push_back(Msg::Query {
+                origin: self.idx,
+                query_id,
+                query,
+            });
+        }
+        let part = self.answer_query(&query);
+        self.gather_part(query_id, part);
+    }
+
+    fn answer_query(&self, query: &Query) -> QueryPart {
+        match query {
+            Query::Find { pattern, limit } => {
+                let glob = crate::glob::Glob::new(pattern);
+                let found = self
+                    .table
+                    .list(|name| glob.matches(name), *limit)
+                    .into_iter()
+                    .map(|info| {
+                        let since = info.holders.iter().map(|h| h.since_ms).min().unwrap_or(0);
+                        (info.name, since)
+                    })
+                    .collect();
+                QueryPart::Find(found)
+            }
+            Query::Stats => {
+                let (attached, detached) = self.sessions.counts();
+                QueryPart::Stats(ShardStats {
+                    locks: self.table.lock_count() as u64,
+                    waiters: self.table.waiter_count() as u64,
+                    sessions_attached: attached as u64,
+                    sessions_detached: detached as u64,
+                })
+            }
+        }
+    }
+
+    fn gather_part(&mut self, query_id: u64, part: QueryPart) {
+        let Some(gather) = self.gathers.get_mut(&query_id) else {
+            return;
+        };
+        match part {
+            QueryPart::Find(found) => gather.found.extend(found),
+            QueryPart::Stats(stats) => {
+                gather.stats.locks += stats.locks;
+                gather.stats.waiters += stats.waiters;
+                gather.stats.sessions_attached += stats.sessions_attached;
+                gather.stats.sessions_detached += stats.sessions_detached;
+            }
+        }
+        gather.remaining -= 1;
+        if gather.remaining == 0 {
+            let mut gather = self.gathers.remove(&query_id).expect("present");
+            // Oldest grant first, as LiveLock lists them.
+            gather.found.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+            gather.found.truncate(gather.limit);
+            self.finish_gather(gather);
+        }
     }
 }
 
@@ -1203,20 +1024,6 @@ fn header_ids(frame: &[u8]) -> (u8, u32) {
     match protocol::Header::ref_from_prefix(frame) {
         Ok((header, _)) => (header.opcode, header.request_id.get()),
         Err(_) => (0, 0),
-    }
-}
-
-fn outcome_status(outcome: Outcome) -> Status {
-    match outcome {
-        Outcome::Granted { .. } | Outcome::Ok => Status::Ok,
-        Outcome::Queued => Status::Queued,
-        Outcome::Busy => Status::Busy,
-        Outcome::TimedOut => Status::TimedOut,
-        Outcome::Cancelled => Status::Cancelled,
-        Outcome::NotHeld => Status::NotHeld,
-        Outcome::AlreadyHeld => Status::AlreadyHeld,
-        Outcome::NoSuchRequest => Status::NoSuchRequest,
-        Outcome::TooManyWaiters => Status::TooManyWaiters,
     }
 }
 

@@ -3,9 +3,13 @@
 pub mod client;
 pub mod config;
 pub mod connection;
+pub mod dump;
 pub mod event_loop;
+pub mod glob;
 pub mod limits;
 pub mod lock_table;
+pub mod metrics;
 pub mod protocol;
+pub mod resp;
 pub mod server;
 pub mod session;

@@ -55,3 +55,10 @@ const _: () = assert!(WRITE_BUFFER_PAUSE < WRITE_BUFFER_MAX);
 const _: () = assert!(WRITE_BUFFER_MAX - WRITE_BUFFER_PAUSE >= IN_FLIGHT_PER_SESSION_MAX * 256);
 const _: () = assert!(THREADS_MAX <= 64);
 const _: () = assert!(IN_FLIGHT_PER_SESSION_MAX <= HOLDS_PER_SESSION_MAX);
+
+/// Signals raised on one lock at once.
+pub const SIGNALS_PER_LOCK_MAX: usize = 64;
+/// Longest signal in bytes.
+pub const SIGNAL_LEN_MAX: usize = 1024;
+/// Locks listed by one FIND (LiveLock) or LIST (native).
+pub const FIND_RESULTS_MAX: usize = 10_000;

@@ -23,7 +23,7 @@ use hashbrown::DefaultHashBuilder;
 use hashbrown::{HashMap, HashSet, HashTable};
 use std::hash::BuildHasher;
 
-use crate::limits::WAITERS_PER_LOCK_MAX;
+use crate::limits::{SIGNALS_PER_LOCK_MAX, WAITERS_PER_LOCK_MAX};
 pub use crate::protocol::Mode;
 
 /// A session, unique over all loops of the server (its home loop is in the low bits).
@@ -92,11 +92,112 @@ pub enum Command<'a> {
     EndSession {
         session: SessionId,
     },
+    /// Is the lock held (by anyone)? Answers `Bool`.
+    Locked {
+        session: SessionId,
+        request_id: RequestId,
+        name: &'a [u8],
+    },
+    /// Raise, query or clear a signal on a held lock; any session may.
+    /// Answers `Bool` (set: always true; delete: whether it was set), or
+    /// `NoSuchLock`. Signals live and die with the lock.
+    Signal {
+        session: SessionId,
+        request_id: RequestId,
+        name: &'a [u8],
+        signal: &'a [u8],
+        op: SignalOp,
+    },
+}
+
+impl<'a> Command<'a> {
+    /// The byte strings the command borrows: (lock name, signal); empty
+    /// where the command has none.
+    pub fn bytes(&self) -> (&'a [u8], &'a [u8]) {
+        match *self {
+            Command::Acquire(a) => (a.name, b""),
+            Command::Release { name, .. }
+            | Command::Extend { name, .. }
+            | Command::Locked { name, .. } => (name, b""),
+            Command::Signal { name, signal, .. } => (name, signal),
+            Command::Cancel { .. } | Command::EndSession { .. } => (b"", b""),
+        }
+    }
+
+    /// The same command borrowing other bytes (so it can travel owned).
+    pub fn with_bytes<'b>(self, name: &'b [u8], signal: &'b [u8]) -> Command<'b> {
+        match self {
+            Command::Acquire(a) => Command::Acquire(Acquire {
+                name,
+                ..a_static(a)
+            }),
+            Command::Release {
+                session,
+                request_id,
+                ..
+            } => Command::Release {
+                session,
+                request_id,
+                name,
+            },
+            Command::Extend {
+                session,
+                request_id,
+                lease_ms,
+                ..
+            } => Command::Extend {
+                session,
+                request_id,
+                name,
+                lease_ms,
+            },
+            Command::Locked {
+                session,
+                request_id,
+                ..
+            } => Command::Locked {
+                session,
+                request_id,
+                name,
+            },
+            Command::Signal {
+                session,
+                request_id,
+                op,
+                ..
+            } => Command::Signal {
+                session,
+                request_id,
+                name,
+                signal,
+                op,
+            },
+            Command::Cancel {
+                session,
+                request_id,
+                target,
+            } => Command::Cancel {
+                session,
+                request_id,
+                target,
+            },
+            Command::EndSession { session } => Command::EndSession { session },
+        }
+    }
+}
+
+/// The acquire with its name detached, so `..` update syntax can re-borrow.
+fn a_static(a: Acquire<'_>) -> Acquire<'static> {
+    Acquire { name: b"", ..a }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Granted {
+        token: u64,
+    },
+    /// A reentrant acquire by the holder: no new hold, the existing token.
+    Reentered {
         token: u64,
     },
     /// Release, extend or cancel done.
@@ -110,6 +211,22 @@ pub enum Outcome {
     AlreadyHeld,
     NoSuchRequest,
     TooManyWaiters,
+    /// Answer of a query (LOCKED, SIGEXISTS, SIGDEL...).
+    Bool(bool),
+    /// A signal was addressed to a lock that nobody holds.
+    NoSuchLock,
+    TooManySignals,
+}
+
+/// What a signal command does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalOp {
+    /// Raise the signal; `notify` also pushes it to every holder.
+    Set {
+        notify: bool,
+    },
+    Exists,
+    Delete,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +245,23 @@ pub enum Effect {
         token: u64,
         name: Box<[u8]>,
     },
+    /// A signal raised on a lock this session holds.
+    Signal {
+        session: SessionId,
+        name: Box<[u8]>,
+        signal: Box<[u8]>,
+    },
+}
+
+impl Effect {
+    /// The session the effect is for.
+    pub fn session(&self) -> SessionId {
+        match self {
+            Effect::Reply { session, .. }
+            | Effect::LockLost { session, .. }
+            | Effect::Signal { session, .. } => *session,
+        }
+    }
 }
 
 /// One holder of a lock.
@@ -157,6 +291,8 @@ struct Waiter {
 struct Extra {
     more: Vec<Hold>,
     waiters: VecDeque<Waiter>,
+    /// Raised signals (at most SIGNALS_PER_LOCK_MAX).
+    signals: Vec<Box<[u8]>>,
 }
 
 #[derive(Debug)]
@@ -225,7 +361,7 @@ impl Lock {
         if self
             .extra
             .as_ref()
-            .is_some_and(|e| e.more.is_empty() && e.waiters.is_empty())
+            .is_some_and(|e| e.more.is_empty() && e.waiters.is_empty() && e.signals.is_empty())
         {
             self.extra = None;
         }
@@ -239,6 +375,7 @@ pub struct LockInfo {
     pub mode: Mode,
     pub holders: Vec<Hold>,
     pub waiters: usize,
+    pub signals: Vec<Box<[u8]>>,
 }
 
 /// The locks of one shard.
@@ -393,7 +530,158 @@ impl LockTable {
                 out.push(reply(session, request_id, outcome, false));
             }
             Command::EndSession { session } => self.end_session(now_ms, session, out),
+            Command::Locked {
+                session,
+                request_id,
+                name,
+            } => {
+                self.assert_shard(name);
+                let held = self.find(name).is_some();
+                out.push(reply(session, request_id, Outcome::Bool(held), false));
+            }
+            Command::Signal {
+                session,
+                request_id,
+                name,
+                signal,
+                op,
+            } => {
+                let outcome = self.signal(name, signal, op, out);
+                out.push(reply(session, request_id, outcome, false));
+            }
         }
+    }
+
+    fn assert_shard(&self, name: &[u8]) {
+        assert_eq!(
+            shard_for(name, self.shards),
+            self.shard,
+            "lock routed to the wrong shard"
+        );
+    }
+
+    fn signal(
+        &mut self,
+        name: &[u8],
+        signal: &[u8],
+        op: SignalOp,
+        out: &mut Vec<Effect>,
+    ) -> Outcome {
+        self.assert_shard(name);
+        let Some(idx) = self.find(name) else {
+            return Outcome::NoSuchLock;
+        };
+        let lock = &mut self.locks[idx as usize];
+        let present = lock
+            .extra
+            .as_ref()
+            .and_then(|e| e.signals.iter().position(|s| &**s == signal));
+        let outcome = match (op, present) {
+            (SignalOp::Exists, at) => Outcome::Bool(at.is_some()),
+            (SignalOp::Delete, Some(at)) => {
+                lock.extra_mut().signals.swap_remove(at);
+                lock.shrink_extra();
+                Outcome::Bool(true)
+            }
+            (SignalOp::Delete, None) => Outcome::Bool(false),
+            (SignalOp::Set { .. }, Some(_)) => Outcome::Bool(true),
+            (SignalOp::Set { .. }, None) => {
+                let extra = lock.extra_mut();
+                if extra.signals.len() >= SIGNALS_PER_LOCK_MAX {
+                    return Outcome::TooManySignals;
+                }
+                extra.signals.push(signal.into());
+                Outcome::Bool(true)
+            }
+        };
+        if let SignalOp::Set { notify: true } = op {
+            let lock = &self.locks[idx as usize];
+            for hold in lock.holders() {
+                out.push(Effect::Signal {
+                    session: hold.session,
+                    name: lock.name.clone(),
+                    signal: signal.into(),
+                });
+            }
+        }
+        outcome
+    }
+
+    /// Puts back a hold from a dump: same session, mode, token and grant
+    /// time. Holds of one lock must agree on the mode; a conflicting one is
+    /// refused (returns false) rather than breaking mutual exclusion.
+    pub fn restore_hold(
+        &mut self,
+        name: &[u8],
+        session: SessionId,
+        mode: Mode,
+        token: u64,
+        since_ms: u64,
+    ) -> bool {
+        self.assert_shard(name);
+        self.raise_token_floor(token);
+        let hold = Hold {
+            session,
+            token,
+            since_ms,
+            lease_deadline_ms: 0,
+        };
+        let Some(idx) = self.find(name) else {
+            let idx = self.insert_lock(name, mode, hold);
+            self.index_session(session, idx);
+            return true;
+        };
+        let lock = &mut self.locks[idx as usize];
+        if lock.mode != Mode::Shared || mode != Mode::Shared || lock.hold_of(session).is_some() {
+            return false;
+        }
+        lock.extra_mut().more.push(hold);
+        self.index_session(session, idx);
+        true
+    }
+
+    /// Raises a signal on a held lock without notifying (dump reload).
+    pub fn restore_signal(&mut self, name: &[u8], signal: &[u8]) -> bool {
+        let mut sink = Vec::new();
+        self.signal(name, signal, SignalOp::Set { notify: false }, &mut sink) == Outcome::Bool(true)
+    }
+
+    fn insert_lock(&mut self, name: &[u8], mode: Mode, first: Hold) -> u32 {
+        let idx = self.locks.vacant_key() as u32;
+        let lock = Lock {
+            name: name.into(),
+            mode,
+            first,
+            extra: None,
+        };
+        assert_eq!(self.locks.insert(lock) as u32, idx);
+        let hash = self.hasher.hash_one(name);
+        let (locks, hasher) = (&self.locks, &self.hasher);
+        self.names
+            .insert_unique(hash, idx, |&i| hasher.hash_one(&*locks[i as usize].name));
+        idx
+    }
+
+    /// Every hold of the shard, with its lock's name and mode (dump).
+    pub fn holds(&self) -> impl Iterator<Item = (&[u8], Mode, &Hold)> {
+        self.locks.iter().flat_map(|(_, lock)| {
+            lock.holders()
+                .map(move |hold| (&*lock.name, lock.mode, hold))
+        })
+    }
+
+    /// Every raised signal, with its lock's name (dump).
+    pub fn signals(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.locks.iter().flat_map(|(_, lock)| {
+            lock.extra
+                .iter()
+                .flat_map(move |e| e.signals.iter().map(move |s| (&*lock.name, &**s)))
+        })
+    }
+
+    /// Grant time of the oldest hold (ms), if any (metrics; a full scan).
+    pub fn oldest_hold_ms(&self) -> Option<u64> {
+        self.holds().map(|(_, _, hold)| hold.since_ms).min()
     }
 
     fn acquire(&mut self, now_ms: u64, a: Acquire<'_>, out: &mut Vec<Effect>) {
@@ -406,17 +694,7 @@ impl LockTable {
         let Some(idx) = self.find(a.name) else {
             let idx = self.locks.vacant_key() as u32;
             let first = self.new_hold(a.session, now_ms, a.lease_ms, idx);
-            let lock = Lock {
-                name: a.name.into(),
-                mode: a.mode,
-                first,
-                extra: None,
-            };
-            assert_eq!(self.locks.insert(lock) as u32, idx);
-            let hash = self.hasher.hash_one(a.name);
-            let (locks, hasher) = (&self.locks, &self.hasher);
-            self.names
-                .insert_unique(hash, idx, |&i| hasher.hash_one(&*locks[i as usize].name));
+            assert_eq!(self.insert_lock(a.name, a.mode, first), idx);
             self.index_session(a.session, idx);
             out.push(reply(
                 a.session,
@@ -428,8 +706,8 @@ impl LockTable {
         };
         let lock = &self.locks[idx as usize];
         if let Some(hold) = lock.hold_of(a.session) {
-            let outcome = if a.reentrant {
-                Outcome::Granted { token: hold.token }
+            let outcome = if a.reentrant && lock.mode == a.mode {
+                Outcome::Reentered { token: hold.token }
             } else {
                 Outcome::AlreadyHeld
             };
@@ -647,9 +925,11 @@ impl LockTable {
         let Some(slots) = self.by_session.remove(&session) else {
             return;
         };
+        // In slot order, so a replay (simulation seed, log) gives the same effects.
+        let mut slots: Vec<u32> = slots.into_iter().collect();
+        slots.sort_unstable();
         for idx in slots {
-            // Put the set back piecemeal is unnecessary: remove_hold and
-            // remove_waiter tolerate a missing index entry.
+            // The index entry is gone already; remove_waiter tolerates that.
             let lock = &self.locks[idx as usize];
             if lock.hold_of(session).is_some() {
                 let lock = &mut self.locks[idx as usize];
@@ -674,32 +954,44 @@ impl LockTable {
     /// Fires every deadline at or before `now_ms`: timed-out waits get
     /// `TimedOut`, expired leases end their hold with `LockLost`.
     pub fn tick(&mut self, now_ms: u64, out: &mut Vec<Effect>) {
-        while let Some((&key, &(_, session, request_id))) = self.wait_timers.first_key_value() {
-            if key.0 > now_ms {
-                break;
+        // One deadline at a time, earliest first over both timer maps (a wait
+        // deadline before a lease one on a tie), so a late tick ends up where
+        // ticks at every deadline would have.
+        loop {
+            let wait = self
+                .wait_timers
+                .first_key_value()
+                .map(|(&key, &value)| (key, value));
+            let lease = self
+                .lease_timers
+                .first_key_value()
+                .map(|(&key, &idx)| (key, idx));
+            match (wait, lease) {
+                (Some(((deadline, _), (_, session, request_id))), lease)
+                    if deadline <= now_ms && lease.map_or(true, |((l, _), _)| deadline <= l) =>
+                {
+                    let removed = self.remove_waiter(now_ms, session, request_id, out);
+                    assert!(removed, "a wait timer outlived its waiter");
+                    out.push(reply(session, request_id, Outcome::TimedOut, true));
+                }
+                (_, Some(((deadline, token), idx))) if deadline <= now_ms => {
+                    let lock = &self.locks[idx as usize];
+                    let hold = *lock
+                        .holders()
+                        .find(|h| h.token == token)
+                        .expect("a lease timer outlived its hold");
+                    assert_eq!(hold.lease_deadline_ms, deadline);
+                    let name = lock.name.clone();
+                    let removed = self.remove_hold(now_ms, idx, hold.session, out);
+                    assert!(removed);
+                    out.push(Effect::LockLost {
+                        session: hold.session,
+                        token,
+                        name,
+                    });
+                }
+                _ => break,
             }
-            let removed = self.remove_waiter(now_ms, session, request_id, out);
-            assert!(removed, "a wait timer outlived its waiter");
-            out.push(reply(session, request_id, Outcome::TimedOut, true));
-        }
-        while let Some((&(deadline, token), &idx)) = self.lease_timers.first_key_value() {
-            if deadline > now_ms {
-                break;
-            }
-            let lock = &self.locks[idx as usize];
-            let hold = *lock
-                .holders()
-                .find(|h| h.token == token)
-                .expect("a lease timer outlived its hold");
-            assert_eq!(hold.lease_deadline_ms, deadline);
-            let name = lock.name.clone();
-            let removed = self.remove_hold(now_ms, idx, hold.session, out);
-            assert!(removed);
-            out.push(Effect::LockLost {
-                session: hold.session,
-                token,
-                name,
-            });
         }
     }
 
@@ -715,6 +1007,10 @@ impl LockTable {
             mode: lock.mode,
             holders: lock.holders().copied().collect(),
             waiters: lock.waiter_count(),
+            signals: lock
+                .extra
+                .as_ref()
+                .map_or_else(Vec::new, |e| e.signals.clone()),
         }
     }
 

@@ -78,6 +78,8 @@ pub mod opcode {
     pub const SHUTDOWN: u8 = 0x41;
     /// Push: another connection resumed this session; empty body.
     pub const SESSION_TAKEN: u8 = 0x42;
+    /// Push: a signal was raised on a lock this session holds.
+    pub const SIGNAL: u8 = 0x43;
 }
 
 /// Header flag bits (header bytes 4..6). Requests carry no flags.
@@ -788,6 +790,39 @@ pub fn encode_push(out: &mut Vec<u8>, opcode: u8) {
         "push opcode {opcode}"
     );
     encode_header(out, opcode, flags::REPLY | flags::PUSH, Status::Ok, 0, 0);
+}
+
+/// Push SIGNAL (request_id 0, flags REPLY|PUSH): body name_len u16, then
+/// the name, then the signal.
+pub fn encode_signal(out: &mut Vec<u8>, name: &[u8], signal: &[u8]) {
+    assert!(
+        (1..=NAME_LEN_MAX).contains(&name.len()),
+        "name length {}",
+        name.len()
+    );
+    let body_len = 2 + name.len() + signal.len();
+    let body_len = u32::try_from(body_len).expect("signal push fits a frame");
+    encode_header(
+        out,
+        opcode::SIGNAL,
+        flags::REPLY | flags::PUSH,
+        Status::Ok,
+        0,
+        body_len,
+    );
+    out.extend_from_slice(&len_u16(name.len()).get().to_le_bytes());
+    out.extend_from_slice(name);
+    out.extend_from_slice(signal);
+}
+
+/// Client side: (name, signal) of a SIGNAL push body.
+pub fn parse_signal_body(body: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, rest) = body.split_first_chunk::<2>()?;
+    let len = usize::from(u16::from_le_bytes(*len));
+    if !(1..=NAME_LEN_MAX).contains(&len) || rest.len() < len {
+        return None;
+    }
+    Some(rest.split_at(len))
 }
 
 /// A length that goes in a u16 field of a request body; longer is a programmer

@@ -1,32 +1,45 @@
 //! Starting and stopping the server: one listener per loop on the same port
 //! (SO_REUSEPORT, so the kernel spreads connections over the loops), one
-//! thread per loop, the channels and wakers between them, and shutdown.
+//! thread per loop, the channels and wakers between them, the metrics
+//! endpoint, and the state dump: read before the loops start, written after
+//! they stop.
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use mio::net::TcpListener;
 use mio::{Poll, Token, Waker};
+use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::ServerConfig;
-use crate::event_loop::{Clock, EventLoop, Msg, Peer, Shared};
+use crate::dump::{self, Dump};
+use crate::event_loop::{Clock, EventLoop, LoopStart, Peer, Shared};
 use crate::limits::INBOX_MAX;
+use crate::lock_table::{shard_for, LockTable, Mode};
+use crate::metrics::{LoopMetrics, ServerMetrics};
+use crate::session::{home_of, Sessions};
 
 const WAKER: Token = Token(usize::MAX - 2);
 
 /// A running server.
 pub struct Server {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
+    server_metrics: Arc<ServerMetrics>,
     threads: Vec<JoinHandle<io::Result<()>>>,
+    metrics_stop: Arc<AtomicBool>,
+    metrics_thread: Option<JoinHandle<()>>,
 }
 
 impl Server {
-    /// Binds and starts every loop. The address may have port 0 (tests).
+    /// Binds, reloads the dump (if enabled), and starts every loop. The
+    /// address may have port 0 (tests).
     pub fn start(config: ServerConfig) -> io::Result<Server> {
         let loops = config.threads;
         assert!((1..=crate::limits::THREADS_MAX).contains(&loops));
@@ -37,28 +50,66 @@ impl Server {
             addr = listener.local_addr()?;
             listeners.push(listener);
         }
-        let mut polls = Vec::with_capacity(loops);
+        let clock = Clock::new();
+        let mut tables: Vec<LockTable> = (0..loops).map(|i| LockTable::new(i, loops)).collect();
+        let mut sessions: Vec<Sessions> = (0..loops).map(Sessions::new).collect();
+        if config.dump_load {
+            match dump::load(&config.dump_path()) {
+                Ok(Some(state)) => {
+                    restore(&config, &state, clock.now_ms(), &mut tables, &mut sessions)
+                }
+                Ok(None) => {}
+                Err(e) => eprintln!(
+                    "livelock: warning: ignoring the dump {}: {e}; starting empty",
+                    config.dump_path().display()
+                ),
+            }
+        }
+        let mut starts = Vec::with_capacity(loops);
         let mut peers = Vec::with_capacity(loops);
-        let mut inboxes = Vec::with_capacity(loops);
-        for _ in 0..loops {
+        for ((listener, table), sessions) in listeners.into_iter().zip(tables).zip(sessions) {
             let poll = Poll::new()?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-            let (tx, rx) = crossbeam_channel::bounded(INBOX_MAX);
+            let (tx, inbox) = crossbeam_channel::bounded(INBOX_MAX);
             peers.push(Peer { tx, waker });
-            inboxes.push(rx);
-            polls.push(poll);
+            starts.push(LoopStart {
+                poll,
+                listener,
+                inbox,
+                table,
+                sessions,
+            });
         }
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(std::net::TcpListener::bind(addr)?),
+            None => None,
+        };
         let shared = Arc::new(Shared {
             config,
-            clock: Clock::new(),
+            clock,
             peers,
             connections: AtomicUsize::new(0),
+            metrics: (0..loops).map(|_| Arc::new(LoopMetrics::new())).collect(),
+            final_states: Mutex::new(Vec::new()),
         });
+        let server_metrics = Arc::new(ServerMetrics::new());
+        let metrics_stop = Arc::new(AtomicBool::new(false));
+        let mut metrics_addr = None;
+        let mut metrics_thread = None;
+        if let Some(listener) = metrics_listener {
+            metrics_addr = Some(listener.local_addr()?);
+            let clock = shared.clock;
+            metrics_thread = Some(crate::metrics::serve(
+                listener,
+                shared.metrics.clone(),
+                server_metrics.clone(),
+                move || clock.now_ms(),
+                metrics_stop.clone(),
+            )?);
+        }
         let mut threads = Vec::with_capacity(loops);
-        for (idx, ((poll, listener), inbox)) in
-            polls.into_iter().zip(listeners).zip(inboxes).enumerate()
-        {
-            let event_loop = EventLoop::new(idx, shared.clone(), poll, listener, inbox)?;
+        for (idx, start) in starts.into_iter().enumerate() {
+            let event_loop = EventLoop::new(idx, shared.clone(), start)?;
             let thread = std::thread::Builder::new()
                 .name(format!("livelock-loop-{idx}"))
                 .spawn(move || event_loop.run())?;
@@ -66,8 +117,12 @@ impl Server {
         }
         Ok(Server {
             addr,
+            metrics_addr,
             shared,
+            server_metrics,
             threads,
+            metrics_stop,
+            metrics_thread,
         })
     }
 
@@ -75,9 +130,14 @@ impl Server {
         self.addr
     }
 
+    /// Where the Prometheus endpoint listens, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// Asks every loop to stop accepting, tell its clients, and exit.
     pub fn shutdown(&self) {
-        shutdown_all(&self.shared);
+        self.shared.request_shutdown();
     }
 
     /// A handle that can ask for shutdown from another thread (signals).
@@ -87,7 +147,8 @@ impl Server {
         }
     }
 
-    /// Waits for every loop to exit.
+    /// Waits for every loop to exit (after a shutdown request: a signal,
+    /// `shutdown`, or the LiveLock SHUTDOWN command), then writes the dump.
     pub fn join(self) -> io::Result<()> {
         let mut result = Ok(());
         for thread in self.threads {
@@ -97,8 +158,126 @@ impl Server {
                 Err(_) => result = Err(io::Error::other("an event loop panicked")),
             }
         }
+        if self.shared.config.dump_save {
+            let started = Instant::now();
+            let states = std::mem::take(&mut *self.shared.final_states.lock());
+            let mut state = Dump {
+                created_unix_ms: self.shared.clock.now_ms(),
+                ..Dump::default()
+            };
+            for part in states {
+                state.last_token = state.last_token.max(part.last_token);
+                state.sessions.extend(part.sessions);
+                state.holds.extend(part.holds);
+                state.signals.extend(part.signals);
+            }
+            // Holds of sessions that do not outlive their connection end now.
+            let kept: hashbrown::HashSet<u64> = state.sessions.iter().map(|s| s.id).collect();
+            state.holds.retain(|h| kept.contains(&h.session));
+            let path = self.shared.config.dump_path();
+            match dump::write_atomic(&path, &dump::encode(&state)) {
+                Ok(()) => self
+                    .server_metrics
+                    .record_dump(started.elapsed().as_micros() as u64),
+                Err(e) => {
+                    eprintln!("livelock: writing the dump {} failed: {e}", path.display());
+                    result = result.and(Err(e));
+                }
+            }
+        }
+        self.metrics_stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.metrics_thread {
+            let _ = thread.join();
+        }
         result
     }
+}
+
+/// Gives the dump's sessions back to their home loops, detached with a
+/// grace of release-all timeout + 1 s, and their holds to the shards; every
+/// shard's tokens start above the dump's last token.
+fn restore(
+    config: &ServerConfig,
+    state: &Dump,
+    now_ms: u64,
+    tables: &mut [LockTable],
+    sessions: &mut [Sessions],
+) {
+    let loops = tables.len();
+    let until_ms = now_ms + config.release_all_timeout.as_millis() as u64 + 1000;
+    let mut kept = hashbrown::HashSet::new();
+    for session in &state.sessions {
+        let home = match &session.client_id {
+            Some(client_id) => shard_for(client_id, loops),
+            None => home_of(session.id),
+        };
+        // A native session's home is in its id; with fewer loops now it
+        // cannot be resumed, and its holds are dropped with it.
+        let native_home_ok = session.client_id.is_some() || home < loops;
+        if !native_home_ok || sessions[home].get(session.id).is_some() {
+            continue;
+        }
+        if home_of(session.id) != home {
+            // A LiveLock client id now hashes to another loop (the loop
+            // count changed): its id cannot be kept, so it is not restored.
+            continue;
+        }
+        let id = session.id;
+        sessions[home].restore(
+            id,
+            session.secret,
+            session.grace_ms,
+            &session.client_name,
+            session.client_id.as_deref(),
+            until_ms,
+        );
+        kept.insert(id);
+    }
+    for table in tables.iter_mut() {
+        table.raise_token_floor(state.last_token);
+    }
+    let mut restored = 0;
+    for hold in &state.holds {
+        if !kept.contains(&hold.session)
+            || hold.name.is_empty()
+            || hold.name.len() > crate::limits::NAME_LEN_MAX
+        {
+            continue;
+        }
+        let mode = if hold.shared {
+            Mode::Shared
+        } else {
+            Mode::Exclusive
+        };
+        let shard = shard_for(&hold.name, loops);
+        if tables[shard].restore_hold(
+            &hold.name,
+            hold.session,
+            mode,
+            hold.token,
+            hold.since_unix_ms,
+        ) {
+            restored += 1;
+            let home = match sessions.iter().position(|s| s.get(hold.session).is_some()) {
+                Some(home) => home,
+                None => continue,
+            };
+            let session = sessions[home].get_mut(hold.session).expect("found above");
+            session.holds += 1;
+            session.touched |= 1 << shard;
+        }
+    }
+    for (name, signal) in &state.signals {
+        if !name.is_empty() && name.len() <= crate::limits::NAME_LEN_MAX {
+            tables[shard_for(name, loops)].restore_signal(name, signal);
+        }
+    }
+    eprintln!(
+        "livelock: restored {} session(s) and {restored} hold(s) from the dump; they are released \
+         unless their clients reconnect within {} ms",
+        kept.len(),
+        until_ms - now_ms
+    );
 }
 
 #[derive(Clone)]
@@ -108,15 +287,7 @@ pub struct ShutdownHandle {
 
 impl ShutdownHandle {
     pub fn shutdown(&self) {
-        shutdown_all(&self.shared);
-    }
-}
-
-fn shutdown_all(shared: &Shared) {
-    for peer in &shared.peers {
-        // A full inbox still gets it: block briefly rather than lose it.
-        let _ = peer.tx.send(Msg::Shutdown);
-        let _ = peer.waker.wake();
+        self.shared.request_shutdown();
     }
 }
 

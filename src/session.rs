@@ -24,12 +24,43 @@ pub fn home_of(session: SessionId) -> usize {
     (session & ((1 << HOME_BITS) - 1)) as usize
 }
 
+/// What a pending request was, to shape its reply and keep `holds` right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingOp {
+    /// A native request with this opcode.
+    Native(u8),
+    /// A LiveLock-protocol command.
+    Resp(RespOp),
+}
+
+/// LiveLock-protocol commands that go to a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RespOp {
+    Aq,
+    Aqr,
+    Release,
+    Locked,
+    SigSet,
+    SigExists,
+    SigDel,
+}
+
+impl PendingOp {
+    pub fn is_release(self) -> bool {
+        matches!(
+            self,
+            PendingOp::Native(crate::protocol::opcode::RELEASE) | PendingOp::Resp(RespOp::Release)
+        )
+    }
+}
+
 /// A request of the session that awaits its final reply from a shard.
 #[derive(Debug, Clone, Copy)]
 pub struct Pending {
     pub shard: u8,
-    /// The request's opcode, to shape its reply and keep `holds` right.
-    pub opcode: u8,
+    pub op: PendingOp,
+    /// The connection that sent it (LiveLock replies go back on it, in order).
+    pub conn: Token,
 }
 
 #[derive(Debug)]
@@ -39,6 +70,9 @@ pub struct Session {
     /// How long the session survives without a connection.
     pub grace_ms: u32,
     pub client_name: Box<[u8]>,
+    /// LiveLock client id (CONN): the session speaks that protocol, and
+    /// `conn` is the id's latest connection (others may share the id).
+    pub client_id: Option<Box<[u8]>>,
     /// The connection it is attached to, if any.
     pub conn: Option<Token>,
     /// When a detached session ends (valid while `conn` is None).
@@ -60,6 +94,8 @@ pub struct Sessions {
     home: usize,
     next_seq: u64,
     map: HashMap<SessionId, Session>,
+    /// LiveLock client id → session.
+    by_client: HashMap<Box<[u8]>, SessionId>,
     /// (deadline, id) of every detached session.
     grace_timers: BTreeMap<(u64, SessionId), ()>,
 }
@@ -70,6 +106,7 @@ impl Sessions {
             home,
             next_seq: 0,
             map: HashMap::new(),
+            by_client: HashMap::new(),
             grace_timers: BTreeMap::new(),
         }
     }
@@ -92,20 +129,81 @@ impl Sessions {
     ) -> &mut Session {
         self.next_seq += 1;
         let id = (self.next_seq << HOME_BITS) | self.home as u64;
+        self.insert(id, secret, grace_ms, client_name, None, Some(conn))
+    }
+
+    /// Opens a LiveLock-protocol session for `client_id`, attached to `conn`.
+    pub fn create_client(&mut self, client_id: &[u8], grace_ms: u32, conn: Token) -> &mut Session {
+        self.next_seq += 1;
+        let id = (self.next_seq << HOME_BITS) | self.home as u64;
+        self.by_client.insert(client_id.into(), id);
+        self.insert(
+            id,
+            [0; SECRET_LEN],
+            grace_ms,
+            b"",
+            Some(client_id),
+            Some(conn),
+        )
+    }
+
+    /// Puts back a session from a dump, detached until `until_ms`.
+    pub fn restore(
+        &mut self,
+        id: SessionId,
+        secret: [u8; SECRET_LEN],
+        grace_ms: u32,
+        client_name: &[u8],
+        client_id: Option<&[u8]>,
+        until_ms: u64,
+    ) {
+        assert_eq!(home_of(id), self.home);
+        self.next_seq = self.next_seq.max(id >> HOME_BITS);
+        if let Some(client_id) = client_id {
+            self.by_client.insert(client_id.into(), id);
+        }
+        let session = self.insert(id, secret, grace_ms, client_name, client_id, None);
+        session.detached_until_ms = until_ms;
+        self.grace_timers.insert((until_ms, id), ());
+    }
+
+    fn insert(
+        &mut self,
+        id: SessionId,
+        secret: [u8; SECRET_LEN],
+        grace_ms: u32,
+        client_name: &[u8],
+        client_id: Option<&[u8]>,
+        conn: Option<Token>,
+    ) -> &mut Session {
         assert_eq!(home_of(id), self.home);
         let session = Session {
             id,
             secret,
             grace_ms,
             client_name: client_name.into(),
-            conn: Some(conn),
+            client_id: client_id.map(Into::into),
+            conn,
             detached_until_ms: 0,
             pending: HashMap::new(),
             touched: 0,
             holds: 0,
             parked: Vec::new(),
         };
-        self.map.entry(id).insert(session).into_mut()
+        let previous = self.map.insert(id, session);
+        assert!(previous.is_none(), "session id {id:#x} reused");
+        self.map.get_mut(&id).expect("just inserted")
+    }
+
+    /// The session of a LiveLock client id.
+    pub fn by_client(&self, client_id: &[u8]) -> Option<SessionId> {
+        self.by_client.get(client_id).copied()
+    }
+
+    fn forget(&mut self, session: &Session) {
+        if let Some(client_id) = &session.client_id {
+            self.by_client.remove(client_id);
+        }
     }
 
     pub fn get(&self, id: SessionId) -> Option<&Session> {
@@ -122,7 +220,9 @@ impl Sessions {
         let session = self.map.get_mut(&id)?;
         session.conn = None;
         if session.grace_ms == 0 {
-            return self.map.remove(&id);
+            let session = self.map.remove(&id)?;
+            self.forget(&session);
+            return Some(session);
         }
         session.detached_until_ms = now_ms + u64::from(session.grace_ms);
         self.grace_timers
@@ -145,6 +245,7 @@ impl Sessions {
         if session.conn.is_none() {
             self.grace_timers.remove(&(session.detached_until_ms, id));
         }
+        self.forget(&session);
         Some(session)
     }
 
@@ -157,6 +258,7 @@ impl Sessions {
             self.grace_timers.remove(&(deadline, id));
             let session = self.map.remove(&id).expect("grace timer of a live session");
             assert!(session.conn.is_none());
+            self.forget(&session);
             ended.push(session);
         }
     }
@@ -167,6 +269,12 @@ impl Sessions {
 
     pub fn iter(&self) -> impl Iterator<Item = &Session> {
         self.map.values()
+    }
+
+    /// Sessions attached to a connection, and detached ones.
+    pub fn counts(&self) -> (usize, usize) {
+        let detached = self.grace_timers.len();
+        (self.map.len() - detached, detached)
     }
 }
 

@@ -1,0 +1,378 @@
+//! The native protocol on a connection: HELLO/RESUME and authentication,
+//! admission of a session's requests (in-flight, duplicate ids, holds), and
+//! turning lock-table outcomes into native reply frames.
+
+use mio::Token;
+
+use super::{header_ids, random_secret, EventLoop, Flow};
+use crate::limits::{GRACE_MS_MAX, HOLDS_PER_SESSION_MAX, IN_FLIGHT_PER_SESSION_MAX};
+use crate::lock_table::{Acquire, Command, Outcome, RequestId, SessionId, Wait};
+use crate::protocol::{self, opcode, Decoded, Fatal, Request, Status, SECRET_LEN, WAIT_FOREVER};
+use crate::session::{home_of, secure_eq, Pending, PendingOp};
+
+impl EventLoop {
+    /// Decodes and handles the frame at the front of `buf`: `None` when it
+    /// is not complete yet, else (bytes consumed, what next).
+    pub(super) fn decode_native(&mut self, token: Token, buf: &[u8]) -> Option<(usize, Flow)> {
+        match protocol::decode_request(buf) {
+            Ok(Decoded::Incomplete) => None,
+            Ok(Decoded::Frame {
+                consumed,
+                opcode,
+                request_id,
+                result,
+            }) => {
+                let flow = match result {
+                    Ok(request) => self.handle_native(token, request_id, request),
+                    Err(status) => {
+                        self.reply_status(token, opcode, request_id, status, "");
+                        Flow::Continue
+                    }
+                };
+                Some((consumed, flow))
+            }
+            Err(fatal) => {
+                // The stream cannot be delimited any more. A frame too large
+                // still has a readable header, so say why first; bad magic
+                // means the peer does not speak this protocol.
+                if let Fatal::FrameTooLarge { .. } = fatal {
+                    let (op, id) = header_ids(buf);
+                    let message = "frame body too large";
+                    self.reply_status(token, op, id, Status::FrameTooLarge, message);
+                }
+                self.start_closing(token);
+                Some((0, Flow::Stop))
+            }
+        }
+    }
+
+    pub(super) fn reply_status(
+        &mut self,
+        token: Token,
+        opcode: u8,
+        request_id: u32,
+        status: Status,
+        message: &str,
+    ) {
+        protocol::encode_status(self.wbuf(token), opcode, request_id, status, message);
+    }
+
+    fn handle_native(&mut self, token: Token, request_id: RequestId, request: Request<'_>) -> Flow {
+        let session = self.conns[token.0].session;
+        match (request, session) {
+            (Request::Ping, _) => {
+                self.reply_status(token, opcode::PING, request_id, Status::Ok, "");
+                Flow::Continue
+            }
+            (Request::Hello { .. } | Request::Resume { .. }, Some(_)) => {
+                let op = if matches!(request, Request::Hello { .. }) {
+                    opcode::HELLO
+                } else {
+                    opcode::RESUME
+                };
+                self.reply_status(
+                    token,
+                    op,
+                    request_id,
+                    Status::SessionExists,
+                    "this connection has a session",
+                );
+                Flow::Continue
+            }
+            (
+                Request::Hello {
+                    grace_ms,
+                    password,
+                    client_name,
+                },
+                None,
+            ) => self.hello(token, request_id, grace_ms, password, client_name),
+            (
+                Request::Resume {
+                    session_id,
+                    secret,
+                    password,
+                },
+                None,
+            ) => self.resume(token, request_id, session_id, &secret, password),
+            (request, None) => {
+                let op = request.opcode();
+                self.reply_status(token, op, request_id, Status::NoSession, "say HELLO first");
+                Flow::Continue
+            }
+            (Request::Bye, Some(id)) => {
+                if let Some(session) = self.sessions.remove(id) {
+                    self.end_session(session);
+                }
+                self.conns[token.0].session = None;
+                self.reply_status(token, opcode::BYE, request_id, Status::Ok, "");
+                self.start_closing(token);
+                Flow::Stop
+            }
+            (request, Some(id)) => {
+                self.session_request(token, id, request_id, request);
+                Flow::Continue
+            }
+        }
+    }
+
+    fn check_password(&mut self, token: Token, op: u8, request_id: u32, password: &[u8]) -> bool {
+        let ok = match &self.shared.config.password {
+            Some(expected) => secure_eq(expected, password),
+            None => true,
+        };
+        if !ok {
+            self.reply_status(
+                token,
+                op,
+                request_id,
+                Status::Auth,
+                "wrong or missing password",
+            );
+            self.start_closing(token);
+        }
+        ok
+    }
+
+    fn hello(
+        &mut self,
+        token: Token,
+        request_id: u32,
+        grace_ms: u32,
+        password: &[u8],
+        client_name: &[u8],
+    ) -> Flow {
+        if !self.check_password(token, opcode::HELLO, request_id, password) {
+            return Flow::Stop;
+        }
+        if grace_ms > GRACE_MS_MAX {
+            self.reply_status(
+                token,
+                opcode::HELLO,
+                request_id,
+                Status::BadBody,
+                "grace_ms too long",
+            );
+            return Flow::Continue;
+        }
+        let secret = random_secret();
+        let id = self
+            .sessions
+            .create(secret, grace_ms, client_name, token)
+            .id;
+        let conn = &mut self.conns[token.0];
+        conn.session = Some(id);
+        conn.hello_deadline_ms = 0;
+        protocol::encode_session(
+            self.wbuf(token),
+            opcode::HELLO,
+            request_id,
+            id,
+            &secret,
+            grace_ms,
+        );
+        Flow::Continue
+    }
+
+    fn resume(
+        &mut self,
+        token: Token,
+        request_id: u32,
+        id: SessionId,
+        secret: &[u8; SECRET_LEN],
+        password: &[u8],
+    ) -> Flow {
+        if !self.check_password(token, opcode::RESUME, request_id, password) {
+            return Flow::Stop;
+        }
+        let home = home_of(id);
+        if home >= self.shared.peers.len() {
+            self.reply_status(
+                token,
+                opcode::RESUME,
+                request_id,
+                Status::UnknownSession,
+                "no such session",
+            );
+            return Flow::Continue;
+        }
+        if home != self.idx {
+            return Flow::Migrate(home);
+        }
+        let known = self
+            .sessions
+            .get(id)
+            .is_some_and(|s| secure_eq(&s.secret, secret));
+        if !known {
+            self.reply_status(
+                token,
+                opcode::RESUME,
+                request_id,
+                Status::UnknownSession,
+                "no such session (ended, or wrong secret)",
+            );
+            return Flow::Continue;
+        }
+        if let Some(old) = self.sessions.attach(id, token) {
+            // Taken over: the old connection loses the session and closes.
+            if let Some(conn) = self.conns.get_mut(old.0) {
+                conn.session = None;
+                protocol::encode_push(&mut conn.wbuf, opcode::SESSION_TAKEN);
+                self.start_closing(old);
+            }
+        }
+        let session = self.sessions.get_mut(id).expect("attached above");
+        let parked = std::mem::take(&mut session.parked);
+        let grace_ms = session.grace_ms;
+        let conn = &mut self.conns[token.0];
+        conn.session = Some(id);
+        conn.hello_deadline_ms = 0;
+        let out = self.wbuf(token);
+        protocol::encode_session(out, opcode::RESUME, request_id, id, secret, grace_ms);
+        out.extend_from_slice(&parked);
+        Flow::Continue
+    }
+
+    /// A request of an established session: admission checks, then to the shard.
+    fn session_request(
+        &mut self,
+        token: Token,
+        id: SessionId,
+        request_id: RequestId,
+        request: Request<'_>,
+    ) {
+        let op = request.opcode();
+        let session = self
+            .sessions
+            .get_mut(id)
+            .expect("a connection's session lives at home");
+        let refusal = if session.pending.contains_key(&request_id) {
+            Some((Status::DuplicateRequestId, "request id already in flight"))
+        } else if session.pending.len() >= IN_FLIGHT_PER_SESSION_MAX {
+            Some((Status::TooManyInFlight, "too many requests in flight"))
+        } else if op == opcode::ACQUIRE
+            && session.holds + session.pending.len() >= HOLDS_PER_SESSION_MAX
+        {
+            Some((Status::TooManyHolds, "too many holds in this session"))
+        } else {
+            None
+        };
+        if let Some((status, message)) = refusal {
+            self.reply_status(token, op, request_id, status, message);
+            return;
+        }
+        let now_ms = self.now_ms;
+        let (shard, command) = match request {
+            Request::Acquire {
+                name,
+                mode,
+                wait_ms,
+                lease_ms,
+                notify_queued,
+            } => {
+                let wait = match wait_ms {
+                    0 => Wait::Try,
+                    WAIT_FOREVER => Wait::Forever,
+                    ms => Wait::Until(now_ms + u64::from(ms)),
+                };
+                let command = Command::Acquire(Acquire {
+                    session: id,
+                    request_id,
+                    name,
+                    mode,
+                    wait,
+                    lease_ms,
+                    reentrant: false,
+                    notify_queued,
+                });
+                (self.shard_of(name), command)
+            }
+            Request::Release { name } => (
+                self.shard_of(name),
+                Command::Release {
+                    session: id,
+                    request_id,
+                    name,
+                },
+            ),
+            Request::Extend { name, lease_ms } => (
+                self.shard_of(name),
+                Command::Extend {
+                    session: id,
+                    request_id,
+                    name,
+                    lease_ms,
+                },
+            ),
+            Request::Cancel { target } => match session.pending.get(&target) {
+                Some(p) if p.op == PendingOp::Native(opcode::ACQUIRE) => (
+                    p.shard as usize,
+                    Command::Cancel {
+                        session: id,
+                        request_id,
+                        target,
+                    },
+                ),
+                _ => {
+                    self.reply_status(
+                        token,
+                        op,
+                        request_id,
+                        Status::NoSuchRequest,
+                        "no such acquire in flight",
+                    );
+                    return;
+                }
+            },
+            Request::Hello { .. } | Request::Resume { .. } | Request::Ping | Request::Bye => {
+                unreachable!("handled by handle_native")
+            }
+        };
+        let session = self.sessions.get_mut(id).expect("checked above");
+        session.pending.insert(
+            request_id,
+            Pending {
+                shard: shard as u8,
+                op: PendingOp::Native(op),
+                conn: token,
+            },
+        );
+        session.touched |= 1 << shard;
+        self.route_to_shard(shard, command);
+    }
+}
+
+/// Writes the final reply to a native request (`op`) with its outcome.
+pub(super) fn encode_outcome(
+    out: &mut Vec<u8>,
+    op: u8,
+    request_id: u32,
+    outcome: Outcome,
+    deferred: bool,
+) {
+    match (op, outcome) {
+        (opcode::ACQUIRE, Outcome::Granted { token } | Outcome::Reentered { token }) => {
+            protocol::encode_granted(out, request_id, token, deferred)
+        }
+        (opcode::ACQUIRE, outcome) => {
+            protocol::encode_acquire_outcome(out, request_id, outcome_status(outcome), deferred)
+        }
+        (op, outcome) => protocol::encode_status(out, op, request_id, outcome_status(outcome), ""),
+    }
+}
+
+fn outcome_status(outcome: Outcome) -> Status {
+    match outcome {
+        Outcome::Granted { .. } | Outcome::Reentered { .. } | Outcome::Ok => Status::Ok,
+        Outcome::Bool(true) => Status::Ok,
+        Outcome::Bool(false) => Status::NotHeld,
+        Outcome::Queued => Status::Queued,
+        Outcome::Busy => Status::Busy,
+        Outcome::TimedOut => Status::TimedOut,
+        Outcome::Cancelled => Status::Cancelled,
+        Outcome::NotHeld | Outcome::NoSuchLock => Status::NotHeld,
+        Outcome::AlreadyHeld => Status::AlreadyHeld,
+        Outcome::NoSuchRequest => Status::NoSuchRequest,
+        Outcome::TooManyWaiters | Outcome::TooManySignals => Status::TooManyWaiters,
+    }
+}
