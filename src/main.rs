@@ -69,6 +69,55 @@ struct ServerArgs {
     /// Seconds unacknowledged data may wait before the connection is dropped (TCP_USER_TIMEOUT).
     #[arg(long, env = "LIVELOCK_TCP_USER_TIMEOUT_SECONDS", default_value_t = 5)]
     user_timeout: u64,
+    /// LiveLock protocol: seconds a client id keeps its locks after its connection is lost.
+    #[arg(long, env = "LIVELOCK_RELEASE_ALL_TIMEOUT", default_value_t = 5.0)]
+    release_all_timeout: f64,
+    /// Directory of the state dump written on shutdown and read on start.
+    #[arg(long, env = "LIVELOCK_DATA_DIR", default_value = ".")]
+    data_dir: std::path::PathBuf,
+    /// Do not read the dump at start [env: LIVELOCK_DISABLE_DUMP_LOAD=1]
+    #[arg(long)]
+    disable_dump_load: bool,
+    /// Neither read nor write a dump: purely in memory.
+    #[arg(long)]
+    no_dump: bool,
+    /// Obey the LiveLock SHUTDOWN command [env: LIVELOCK_SHUTDOWN_SUPPORT=1]
+    #[arg(long)]
+    shutdown_support: bool,
+    /// Largest LiveLock-protocol command in bytes.
+    #[arg(long, env = "LIVELOCK_MAX_PAYLOAD", default_value_t = 1024)]
+    max_payload: usize,
+    /// Serve Prometheus metrics over HTTP here [env: LIVELOCK_PROMETHEUS_PORT, on the listen host]
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL.
+    #[arg(long, env = "LIVELOCK_LOGLEVEL", default_value = "INFO", value_parser = parse_log_level)]
+    log_level: u8,
+}
+
+/// Python logging's level names, as LiveLock takes them.
+fn parse_log_level(text: &str) -> Result<u8, String> {
+    match text.to_ascii_uppercase().as_str() {
+        "DEBUG" => Ok(10),
+        "INFO" => Ok(20),
+        "WARNING" | "WARN" => Ok(30),
+        "ERROR" => Ok(40),
+        "CRITICAL" => Ok(50),
+        _ => Err(format!(
+            "{text:?} is not a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)"
+        )),
+    }
+}
+
+/// A boolean flag, or else its `LIVELOCK_*` variable, parsed strictly.
+fn flag_or_env(flag: bool, variable: &str) -> Result<bool, String> {
+    if flag {
+        return Ok(true);
+    }
+    match std::env::var(variable) {
+        Ok(value) => livelock::config::parse_bool(variable, &value),
+        Err(_) => Ok(false),
+    }
 }
 
 fn main() -> ExitCode {
@@ -117,6 +166,32 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
         keepalive_probes: args.keepalive_probes.max(1),
         user_timeout: Duration::from_secs(args.user_timeout),
     };
+    if !(0.0..=86_400.0).contains(&args.release_all_timeout) {
+        return Err(format!(
+            "LIVELOCK_RELEASE_ALL_TIMEOUT must be 0..=86400 seconds, got {}",
+            args.release_all_timeout
+        ));
+    }
+    config.release_all_timeout = Duration::from_secs_f64(args.release_all_timeout);
+    config.data_dir = args.data_dir.clone();
+    let no_dump = args.no_dump;
+    config.dump_save = !no_dump;
+    config.dump_load =
+        !no_dump && !flag_or_env(args.disable_dump_load, "LIVELOCK_DISABLE_DUMP_LOAD")?;
+    config.shutdown_support = flag_or_env(args.shutdown_support, "LIVELOCK_SHUTDOWN_SUPPORT")?;
+    config.max_payload = args.max_payload;
+    config.metrics_listen = match args.metrics {
+        Some(addr) => Some(addr),
+        None => match std::env::var("LIVELOCK_PROMETHEUS_PORT") {
+            Ok(port) if !port.is_empty() => {
+                let port: u16 = port
+                    .parse()
+                    .map_err(|_| format!("LIVELOCK_PROMETHEUS_PORT={port:?} is not a port"))?;
+                Some(SocketAddr::new(listen.ip(), port))
+            }
+            _ => None,
+        },
+    };
     config.validate(args.insecure_no_password)?;
     Ok(config)
 }
@@ -130,6 +205,7 @@ fn serve(args: ServerArgs) -> ExitCode {
         }
     };
     let threads = config.threads;
+    let info = args.log_level <= 20;
     let server = match Server::start(config) {
         Ok(server) => server,
         Err(e) => {
@@ -150,14 +226,21 @@ fn serve(args: ServerArgs) -> ExitCode {
     };
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
-            eprintln!("livelock: signal {signal}, shutting down");
+            if info {
+                eprintln!("livelock: signal {signal}, shutting down");
+            }
             shutdown.shutdown();
         }
     });
-    eprintln!(
-        "livelock: listening on {} with {threads} loop(s)",
-        server.local_addr()
-    );
+    if info {
+        eprintln!(
+            "livelock: listening on {} with {threads} loop(s)",
+            server.local_addr()
+        );
+        if let Some(addr) = server.metrics_addr() {
+            eprintln!("livelock: metrics on http://{addr}/metrics");
+        }
+    }
     match server.join() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
