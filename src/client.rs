@@ -25,8 +25,10 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 
+pub use crate::protocol::LockRecord;
 use crate::protocol::{
-    self, flags, opcode, DecodedReply, Mode, Request, Status, HEADER_LEN, SECRET_LEN, WAIT_FOREVER,
+    self, flags, opcode, DecodedReply, Mode, Request, SignalKind, Status, HEADER_LEN, SECRET_LEN,
+    WAIT_FOREVER,
 };
 
 #[derive(Debug)]
@@ -111,6 +113,16 @@ impl Default for AcquireOptions {
     }
 }
 
+/// Server-wide counts (STATS).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerStats {
+    pub locks: u64,
+    pub waiters: u64,
+    pub sessions_attached: u64,
+    pub sessions_detached: u64,
+    pub connections: u64,
+}
+
 /// Server-initiated events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -120,6 +132,8 @@ pub enum Event {
     Shutdown,
     /// Another connection resumed this session.
     SessionTaken,
+    /// Someone raised `signal` on `name`, which this session holds.
+    Signal { name: Vec<u8>, signal: Vec<u8> },
     /// The connection is gone (the session may be resumable within its grace).
     Disconnected,
 }
@@ -326,6 +340,64 @@ impl Client {
         let start = Instant::now();
         self.call(&Request::Ping)?;
         Ok(start.elapsed())
+    }
+
+    /// Raises `signal` on a held lock: every holder gets `Event::Signal`.
+    /// Any session may signal any held lock; a free lock is `NotHeld`.
+    pub fn signal(&self, name: impl AsRef<[u8]>, signal: impl AsRef<[u8]>) -> Result<()> {
+        self.signal_op(name.as_ref(), signal.as_ref(), SignalKind::Raise)
+            .map(|_| ())
+    }
+
+    /// Whether `signal` is raised on a held lock.
+    pub fn signal_exists(&self, name: impl AsRef<[u8]>, signal: impl AsRef<[u8]>) -> Result<bool> {
+        self.signal_op(name.as_ref(), signal.as_ref(), SignalKind::Exists)
+    }
+
+    /// Clears `signal`; whether it was raised.
+    pub fn clear_signal(&self, name: impl AsRef<[u8]>, signal: impl AsRef<[u8]>) -> Result<bool> {
+        self.signal_op(name.as_ref(), signal.as_ref(), SignalKind::Clear)
+    }
+
+    fn signal_op(&self, name: &[u8], signal: &[u8], op: SignalKind) -> Result<bool> {
+        let reply = self.call(&Request::Signal { name, signal, op })?;
+        Ok(reply.body.first() == Some(&1))
+    }
+
+    /// Who holds `name` (None when free).
+    pub fn inspect(&self, name: impl AsRef<[u8]>) -> Result<Option<LockRecord>> {
+        let name = name.as_ref();
+        match self.call(&Request::Inspect { name }) {
+            Ok(reply) => protocol::parse_inspect_body(&reply.body)
+                .map(Some)
+                .ok_or_else(|| Error::Protocol("bad INSPECT reply".into())),
+            Err(Error::Status(Status::NotHeld, _)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Held locks whose name matches the glob `pattern` (`*`, `?`, `[...]`),
+    /// sorted by name, at most `limit`; the flag says the list was cut.
+    pub fn list(&self, pattern: impl AsRef<[u8]>, limit: u32) -> Result<(Vec<LockRecord>, bool)> {
+        let pattern = pattern.as_ref();
+        let reply = self.call(&Request::List { pattern, limit })?;
+        protocol::parse_list_body(&reply.body)
+            .ok_or_else(|| Error::Protocol("bad LIST reply".into()))
+    }
+
+    /// Server-wide counts.
+    pub fn stats(&self) -> Result<ServerStats> {
+        let reply = self.call(&Request::Stats)?;
+        let [locks, waiters, sessions_attached, sessions_detached, connections] =
+            protocol::parse_stats_body(&reply.body)
+                .ok_or_else(|| Error::Protocol("bad STATS reply".into()))?;
+        Ok(ServerStats {
+            locks,
+            waiters,
+            sessions_attached,
+            sessions_detached,
+            connections,
+        })
     }
 
     /// Ends the session at once (every hold released) and closes.
@@ -558,7 +630,7 @@ fn read_loop(mut stream: TcpStream, mut buf: Vec<u8>, inner: Arc<Inner>, events:
         let is_push_event = frame.request_id == 0
             && matches!(
                 frame.opcode,
-                opcode::LOCK_LOST | opcode::SHUTDOWN | opcode::SESSION_TAKEN
+                opcode::LOCK_LOST | opcode::SHUTDOWN | opcode::SESSION_TAKEN | opcode::SIGNALLED
             );
         if is_push_event {
             let event = match frame.opcode {
@@ -570,6 +642,13 @@ fn read_loop(mut stream: TcpStream, mut buf: Vec<u8>, inner: Arc<Inner>, events:
                     None => break,
                 },
                 opcode::SHUTDOWN => Event::Shutdown,
+                opcode::SIGNALLED => match protocol::parse_signal_body(&frame.body) {
+                    Some((name, signal)) => Event::Signal {
+                        name: name.to_vec(),
+                        signal: signal.to_vec(),
+                    },
+                    None => break,
+                },
                 _ => Event::SessionTaken,
             };
             let _ = events.send(event);

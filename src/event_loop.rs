@@ -164,12 +164,21 @@ pub struct Adoption {
 }
 
 /// A read-only question to every shard, gathered by the asking loop.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Query {
-    /// Locks whose name matches a glob, at most `limit` of them.
+    /// LiveLock FIND: locks whose name matches a glob, at most `limit`.
     Find {
         pattern: Box<[u8]>,
         limit: usize,
+    },
+    /// Native LIST: lock records of matching locks, at most `limit`.
+    List {
+        pattern: Box<[u8]>,
+        limit: usize,
+    },
+    /// Native INSPECT: one lock's record (asked of its shard only).
+    Inspect {
+        name: Box<[u8]>,
     },
     Stats,
 }
@@ -179,6 +188,8 @@ pub enum Query {
 pub enum QueryPart {
     /// (name, grant time in server-clock ms) of matching locks.
     Find(Vec<(Box<[u8]>, u64)>),
+    /// Encoded lock records (`protocol::put_lock_record`), with their names.
+    Records(Vec<(Box<[u8]>, Vec<u8>)>),
     Stats(ShardStats),
 }
 
@@ -223,15 +234,24 @@ enum Flow {
     Migrate(usize),
 }
 
-/// A query being answered by every loop, for one connection.
+/// How a gathered answer is written back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GatherReply {
+    /// The LiveLock connection waiting for FIND/STATS.
+    Resp,
+    /// A native reply to `request_id` with opcode `op`.
+    Native { op: u8, request_id: u32 },
+}
+
+/// A query being answered by the loops, for one connection.
 struct Gather {
     conn: Token,
     session: SessionId,
+    reply: GatherReply,
     remaining: usize,
-    /// FIND (else STATS).
-    find: bool,
-    limit: usize,
+    query: Query,
     found: Vec<(Box<[u8]>, u64)>,
+    records: Vec<(Box<[u8]>, Vec<u8>)>,
     stats: ShardStats,
 }
 
@@ -924,47 +944,49 @@ impl EventLoop {
 
     // ---- queries over every shard -------------------------------------
 
-    /// Asks every loop `query`; the answer is written to `conn` when all
-    /// have replied (`finish_gather`).
-    fn start_query(&mut self, conn: Token, session: SessionId, query: Query) {
+    /// Asks `query` of every loop (or only of `only_shard`); the answer is
+    /// written to `conn` when all have replied (`finish_gather`).
+    fn start_query(
+        &mut self,
+        conn: Token,
+        session: SessionId,
+        reply: GatherReply,
+        query: Query,
+        only_shard: Option<usize>,
+    ) {
         self.next_query_id += 1;
         let query_id = self.next_query_id;
-        let limit = match &query {
-            Query::Find { limit, .. } => *limit,
-            Query::Stats => 0,
-        };
         let loops = self.shared.peers.len();
+        let targets: Vec<usize> = match only_shard {
+            Some(shard) => vec![shard],
+            None => (0..loops).collect(),
+        };
         self.gathers.insert(
             query_id,
             Gather {
                 conn,
                 session,
-                remaining: loops,
-                find: matches!(query, Query::Find { .. }),
-                limit,
+                reply,
+                remaining: targets.len(),
+                query: query.clone(),
                 found: Vec::new(),
+                records: Vec::new(),
                 stats: ShardStats::default(),
             },
         );
-        for peer in 0..loops {
-            if peer == self.idx {
-                continue;
+        for &peer in &targets {
+            if peer != self.idx {
+                self.outgoing[peer].push_back(Msg::Query {
+                    origin: self.idx,
+                    query_id,
+                    query: query.clone(),
+                });
             }
-            let query = match &query {
-                Query::Find { pattern, limit } => Query::Find {
-                    pattern: pattern.clone(),
-                    limit: *limit,
-                },
-                Query::Stats => Query::Stats,
-            };
-            self.outgoing[peer].push_back(Msg::Query {
-                origin: self.idx,
-                query_id,
-                query,
-            });
         }
-        let part = self.answer_query(&query);
-        self.gather_part(query_id, part);
+        if targets.contains(&self.idx) {
+            let part = self.answer_query(&query);
+            self.gather_part(query_id, part);
+        }
     }
 
     fn answer_query(&self, query: &Query) -> QueryPart {
@@ -982,6 +1004,15 @@ impl EventLoop {
                     .collect();
                 QueryPart::Find(found)
             }
+            Query::List { pattern, limit } => {
+                let glob = crate::glob::Glob::new(pattern);
+                let infos = self.table.list(|name| glob.matches(name), *limit);
+                QueryPart::Records(infos.into_iter().map(|info| self.record(info)).collect())
+            }
+            Query::Inspect { name } => {
+                let info = self.table.inspect(name);
+                QueryPart::Records(info.into_iter().map(|info| self.record(info)).collect())
+            }
             Query::Stats => {
                 let (attached, detached) = self.sessions.counts();
                 QueryPart::Stats(ShardStats {
@@ -994,12 +1025,32 @@ impl EventLoop {
         }
     }
 
+    /// A lock's wire record, with its holders' client names from this shard.
+    fn record(&self, info: crate::lock_table::LockInfo) -> (Box<[u8]>, Vec<u8>) {
+        let holders: Vec<protocol::HolderRecord<'_>> = info
+            .holders
+            .iter()
+            .map(|hold| protocol::HolderRecord {
+                session: hold.session,
+                token: hold.token,
+                since_unix_ms: hold.since_ms,
+                client_name: self.table.client_name(hold.session).unwrap_or(b""),
+            })
+            .collect();
+        let signals: Vec<&[u8]> = info.signals.iter().map(|s| &**s).collect();
+        let mut out = Vec::new();
+        let waiters = u32::try_from(info.waiters).unwrap_or(u32::MAX);
+        protocol::put_lock_record(&mut out, &info.name, info.mode, waiters, &holders, &signals);
+        (info.name, out)
+    }
+
     fn gather_part(&mut self, query_id: u64, part: QueryPart) {
         let Some(gather) = self.gathers.get_mut(&query_id) else {
             return;
         };
         match part {
             QueryPart::Find(found) => gather.found.extend(found),
+            QueryPart::Records(records) => gather.records.extend(records),
             QueryPart::Stats(stats) => {
                 gather.stats.locks += stats.locks;
                 gather.stats.waiters += stats.waiters;
@@ -1008,13 +1059,52 @@ impl EventLoop {
             }
         }
         gather.remaining -= 1;
-        if gather.remaining == 0 {
-            let mut gather = self.gathers.remove(&query_id).expect("present");
-            // Oldest grant first, as LiveLock lists them.
-            gather.found.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
-            gather.found.truncate(gather.limit);
-            self.finish_gather(gather);
+        if gather.remaining > 0 {
+            return;
         }
+        let mut gather = self.gathers.remove(&query_id).expect("present");
+        match &gather.query {
+            Query::Find { limit, .. } => {
+                // Oldest grant first, as LiveLock lists them.
+                gather.found.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+                gather.found.truncate(*limit);
+            }
+            Query::List { limit, .. } => {
+                gather.records.sort_by(|a, b| a.0.cmp(&b.0));
+                gather.records.truncate(*limit);
+            }
+            Query::Inspect { .. } | Query::Stats => {}
+        }
+        let Some(conn) = self.conns.get(gather.conn.0) else {
+            return;
+        };
+        if conn.session != Some(gather.session) {
+            return;
+        }
+        match gather.reply {
+            GatherReply::Resp => self.finish_resp_gather(gather),
+            GatherReply::Native { op, request_id } => {
+                self.finish_native_gather(gather, op, request_id)
+            }
+        }
+    }
+
+    /// Sets the session's bit for `shard`; the first time, the shard is
+    /// told the session's client name (for listings) before anything else.
+    fn touch(&mut self, session_id: SessionId, shard: usize) {
+        let Some(session) = self.sessions.get_mut(session_id) else {
+            return;
+        };
+        if session.touched & (1 << shard) != 0 {
+            return;
+        }
+        session.touched |= 1 << shard;
+        let name = session.client_name.clone();
+        let introduce = Command::Introduce {
+            session: session_id,
+            client_name: &name,
+        };
+        self.route_to_shard(shard, introduce);
     }
 }
 

@@ -62,3 +62,6 @@ pub const SIGNALS_PER_LOCK_MAX: usize = 64;
 pub const SIGNAL_LEN_MAX: usize = 1024;
 /// Locks listed by one FIND (LiveLock) or LIST (native).
 pub const FIND_RESULTS_MAX: usize = 10_000;
+/// Bytes of one native LIST reply; longer lists are cut (flagged truncated).
+pub const LIST_REPLY_BYTES_MAX: usize = 1024 * 1024;
+const _: () = assert!(LIST_REPLY_BYTES_MAX < WRITE_BUFFER_MAX - WRITE_BUFFER_PAUSE);

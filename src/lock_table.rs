@@ -92,6 +92,12 @@ pub enum Command<'a> {
     EndSession {
         session: SessionId,
     },
+    /// Tells the shard a session's client name (sent before the session's
+    /// first request to the shard), so listings can show who holds a lock.
+    Introduce {
+        session: SessionId,
+        client_name: &'a [u8],
+    },
     /// Is the lock held (by anyone)? Answers `Bool`.
     Locked {
         session: SessionId,
@@ -120,6 +126,7 @@ impl<'a> Command<'a> {
             | Command::Extend { name, .. }
             | Command::Locked { name, .. } => (name, b""),
             Command::Signal { name, signal, .. } => (name, signal),
+            Command::Introduce { client_name, .. } => (client_name, b""),
             Command::Cancel { .. } | Command::EndSession { .. } => (b"", b""),
         }
     }
@@ -182,6 +189,10 @@ impl<'a> Command<'a> {
                 target,
             },
             Command::EndSession { session } => Command::EndSession { session },
+            Command::Introduce { session, .. } => Command::Introduce {
+                session,
+                client_name: name,
+            },
         }
     }
 }
@@ -388,6 +399,8 @@ pub struct LockTable {
     hasher: DefaultHashBuilder,
     /// Locks each session holds or waits for here, so ending it touches only those.
     by_session: HashMap<SessionId, HashSet<u32>>,
+    /// Client names of the sessions that introduced themselves here.
+    client_names: HashMap<SessionId, Box<[u8]>>,
     /// Queued acquires: (session, request) → lock slot.
     waits: HashMap<(SessionId, RequestId), u32>,
     /// (deadline, token) → lock slot, for holds with a lease.
@@ -409,6 +422,7 @@ impl LockTable {
             names: HashTable::new(),
             hasher: DefaultHashBuilder::default(),
             by_session: HashMap::new(),
+            client_names: HashMap::new(),
             waits: HashMap::new(),
             lease_timers: BTreeMap::new(),
             wait_timers: BTreeMap::new(),
@@ -529,7 +543,16 @@ impl LockTable {
                 };
                 out.push(reply(session, request_id, outcome, false));
             }
-            Command::EndSession { session } => self.end_session(now_ms, session, out),
+            Command::EndSession { session } => {
+                self.client_names.remove(&session);
+                self.end_session(now_ms, session, out)
+            }
+            Command::Introduce {
+                session,
+                client_name,
+            } => {
+                self.client_names.insert(session, client_name.into());
+            }
             Command::Locked {
                 session,
                 request_id,
@@ -993,6 +1016,11 @@ impl LockTable {
                 _ => break,
             }
         }
+    }
+
+    /// The client name a session introduced itself with here.
+    pub fn client_name(&self, session: SessionId) -> Option<&[u8]> {
+        self.client_names.get(&session).map(|n| &**n)
     }
 
     /// Who holds `name` and how many wait.

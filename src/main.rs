@@ -1,6 +1,7 @@
 //! The `livelock` binary: `livelock server` runs the lock server,
 //! `livelock run NAME -- COMMAND` holds a lock around a command.
 
+mod admin;
 mod run;
 
 use std::net::{IpAddr, SocketAddr};
@@ -35,6 +36,41 @@ enum Commands {
     Server(ServerArgs),
     /// Hold a lock while a command runs (exit 75 if the lock is not obtained).
     Run(run::RunArgs),
+    /// Operator commands: list, inspect, signal, stats.
+    #[command(flatten)]
+    Admin(AdminCommandWithArgs),
+}
+
+#[derive(Subcommand)]
+enum AdminCommandWithArgs {
+    /// List held locks whose name matches a glob (*, ?, [...]).
+    List {
+        #[command(flatten)]
+        args: admin::AdminArgs,
+        #[arg(default_value = "*")]
+        pattern: String,
+        /// At most this many locks.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
+    /// Show who holds a lock and how many wait.
+    Inspect {
+        #[command(flatten)]
+        args: admin::AdminArgs,
+        name: String,
+    },
+    /// Raise a signal on a held lock; its holders are told at once.
+    Signal {
+        #[command(flatten)]
+        args: admin::AdminArgs,
+        name: String,
+        signal: String,
+    },
+    /// Server-wide counts.
+    Stats {
+        #[command(flatten)]
+        args: admin::AdminArgs,
+    },
 }
 
 #[derive(Args)]
@@ -125,6 +161,23 @@ fn main() -> ExitCode {
     match cli.command {
         Commands::Server(args) => serve(args),
         Commands::Run(args) => run::run(args),
+        Commands::Admin(command) => {
+            let (args, command) = match command {
+                AdminCommandWithArgs::List {
+                    args,
+                    pattern,
+                    limit,
+                } => (args, admin::AdminCommand::List { pattern, limit }),
+                AdminCommandWithArgs::Inspect { args, name } => {
+                    (args, admin::AdminCommand::Inspect { name })
+                }
+                AdminCommandWithArgs::Signal { args, name, signal } => {
+                    (args, admin::AdminCommand::Signal { name, signal })
+                }
+                AdminCommandWithArgs::Stats { args } => (args, admin::AdminCommand::Stats),
+            };
+            admin::run(args, command)
+        }
     }
 }
 

@@ -72,14 +72,27 @@ pub mod opcode {
     pub const PING: u8 = 7;
     /// Close the session (no grace), empty body.
     pub const BYE: u8 = 8;
+    /// Raise, query or clear a signal on a held lock: op u8 (0 raise and
+    /// push to holders, 1 exists, 2 clear), reserved u8, name_len u16, then
+    /// the name and the signal. Reply body: one byte, 1 or 0.
+    pub const SIGNAL: u8 = 9;
+    /// Who holds a lock: body = name. Reply body: one lock record.
+    pub const INSPECT: u8 = 10;
+    /// Locks matching a glob: limit u32, then the pattern (empty = all).
+    /// Reply body: count u32, flags u32 (bit 0: truncated), then records.
+    pub const LIST: u8 = 11;
+    /// Server counts: empty body. Reply body: 5 × u64 (locks, waiters,
+    /// attached sessions, detached sessions, connections).
+    pub const STATS: u8 = 12;
     /// Push: a held lock was taken away (lease expired); body token + name.
     pub const LOCK_LOST: u8 = 0x40;
     /// Push: the server is shutting down; empty body.
     pub const SHUTDOWN: u8 = 0x41;
     /// Push: another connection resumed this session; empty body.
     pub const SESSION_TAKEN: u8 = 0x42;
-    /// Push: a signal was raised on a lock this session holds.
-    pub const SIGNAL: u8 = 0x43;
+    /// Push: a signal was raised on a lock this session holds; body
+    /// name_len u16, name, signal.
+    pub const SIGNALLED: u8 = 0x43;
 }
 
 /// Header flag bits (header bytes 4..6). Requests carry no flags.
@@ -419,6 +432,29 @@ pub enum Request<'a> {
     },
     Ping,
     Bye,
+    Signal {
+        name: &'a [u8],
+        signal: &'a [u8],
+        op: SignalKind,
+    },
+    Inspect {
+        name: &'a [u8],
+    },
+    List {
+        pattern: &'a [u8],
+        limit: u32,
+    },
+    Stats,
+}
+
+/// What a SIGNAL request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SignalKind {
+    /// Raise it and push it to every holder.
+    Raise = 0,
+    Exists = 1,
+    Clear = 2,
 }
 
 impl Request<'_> {
@@ -433,6 +469,10 @@ impl Request<'_> {
             Request::Cancel { .. } => opcode::CANCEL,
             Request::Ping => opcode::PING,
             Request::Bye => opcode::BYE,
+            Request::Signal { .. } => opcode::SIGNAL,
+            Request::Inspect { .. } => opcode::INSPECT,
+            Request::List { .. } => opcode::LIST,
+            Request::Stats => opcode::STATS,
         }
     }
 }
@@ -607,9 +647,45 @@ fn decode_body(op: u8, body: &[u8]) -> Result<Request<'_>, Status> {
                 target: fixed.target_request_id.get(),
             })
         }
-        opcode::PING | opcode::BYE if !body.is_empty() => Err(Status::BadBody),
+        opcode::PING | opcode::BYE | opcode::STATS if !body.is_empty() => Err(Status::BadBody),
         opcode::PING => Ok(Request::Ping),
         opcode::BYE => Ok(Request::Bye),
+        opcode::STATS => Ok(Request::Stats),
+        opcode::SIGNAL => {
+            let (fixed, rest) = body.split_first_chunk::<4>().ok_or(Status::BadBody)?;
+            let op = match fixed[0] {
+                0 => SignalKind::Raise,
+                1 => SignalKind::Exists,
+                2 => SignalKind::Clear,
+                _ => return Err(Status::BadBody),
+            };
+            let name_len = usize::from(u16::from_le_bytes([fixed[2], fixed[3]]));
+            if fixed[1] != 0 || rest.len() < name_len {
+                return Err(Status::BadBody);
+            }
+            let (name, signal) = rest.split_at(name_len);
+            if signal.is_empty() || signal.len() > crate::limits::SIGNAL_LEN_MAX {
+                return Err(Status::BadBody);
+            }
+            Ok(Request::Signal {
+                name: check_name(name)?,
+                signal,
+                op,
+            })
+        }
+        opcode::INSPECT => Ok(Request::Inspect {
+            name: check_name(body)?,
+        }),
+        opcode::LIST => {
+            let (limit, pattern) = body.split_first_chunk::<4>().ok_or(Status::BadBody)?;
+            if pattern.len() > NAME_LEN_MAX {
+                return Err(Status::BadName);
+            }
+            Ok(Request::List {
+                pattern,
+                limit: u32::from_le_bytes(*limit),
+            })
+        }
         _ => Err(Status::UnknownOpcode),
     }
 }
@@ -792,7 +868,7 @@ pub fn encode_push(out: &mut Vec<u8>, opcode: u8) {
     encode_header(out, opcode, flags::REPLY | flags::PUSH, Status::Ok, 0, 0);
 }
 
-/// Push SIGNAL (request_id 0, flags REPLY|PUSH): body name_len u16, then
+/// Push SIGNALLED (request_id 0, flags REPLY|PUSH): body name_len u16, then
 /// the name, then the signal.
 pub fn encode_signal(out: &mut Vec<u8>, name: &[u8], signal: &[u8]) {
     assert!(
@@ -815,7 +891,7 @@ pub fn encode_signal(out: &mut Vec<u8>, name: &[u8], signal: &[u8]) {
     out.extend_from_slice(signal);
 }
 
-/// Client side: (name, signal) of a SIGNAL push body.
+/// Client side: (name, signal) of a SIGNALLED push body.
 pub fn parse_signal_body(body: &[u8]) -> Option<(&[u8], &[u8])> {
     let (len, rest) = body.split_first_chunk::<2>()?;
     let len = usize::from(u16::from_le_bytes(*len));
@@ -917,8 +993,180 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
             header(out, size_of::<CancelBody>());
             out.extend_from_slice(fixed.as_bytes());
         }
-        Request::Ping | Request::Bye => header(out, 0),
+        Request::Ping | Request::Bye | Request::Stats => header(out, 0),
+        Request::Signal { name, signal, op } => {
+            header(out, 4 + name.len() + signal.len());
+            out.extend_from_slice(&[op as u8, 0]);
+            out.extend_from_slice(&len_u16(name.len()).get().to_le_bytes());
+            out.extend_from_slice(name);
+            out.extend_from_slice(signal);
+        }
+        Request::Inspect { name } => {
+            header(out, name.len());
+            out.extend_from_slice(name);
+        }
+        Request::List { pattern, limit } => {
+            header(out, 4 + pattern.len());
+            out.extend_from_slice(&limit.to_le_bytes());
+            out.extend_from_slice(pattern);
+        }
     }
+}
+
+/// Starts an OK reply whose body is appended next; returns where the
+/// frame starts, for [`end_reply`].
+pub fn begin_reply(out: &mut Vec<u8>, opcode: u8, request_id: u32) -> usize {
+    let start = out.len();
+    encode_header(out, opcode, flags::REPLY, Status::Ok, request_id, 0);
+    start
+}
+
+/// Writes the body length of the frame begun at `start`.
+pub fn end_reply(out: &mut [u8], start: usize) {
+    let body_len = body_len_u32(out.len() - start - HEADER_LEN);
+    out[start + 12..start + 16].copy_from_slice(&body_len.to_le_bytes());
+}
+
+/// One holder in a lock record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderRecord<'a> {
+    pub session: u64,
+    pub token: u64,
+    /// Grant time, ms since the Unix epoch.
+    pub since_unix_ms: u64,
+    pub client_name: &'a [u8],
+}
+
+/// Appends a lock record (INSPECT, LIST): name_len u16, mode u8, reserved
+/// u8, waiters u32, holders u16, signals u16; the name; per holder session
+/// u64, token u64, since_unix_ms u64, client_name_len u16, client name; per
+/// signal len u16, signal.
+pub fn put_lock_record<'a>(
+    out: &mut Vec<u8>,
+    name: &[u8],
+    mode: Mode,
+    waiters: u32,
+    holders: &[HolderRecord<'a>],
+    signals: &[&[u8]],
+) {
+    out.extend_from_slice(&len_u16(name.len()).get().to_le_bytes());
+    out.extend_from_slice(&[mode as u8, 0]);
+    out.extend_from_slice(&waiters.to_le_bytes());
+    out.extend_from_slice(&len_u16(holders.len()).get().to_le_bytes());
+    out.extend_from_slice(&len_u16(signals.len()).get().to_le_bytes());
+    out.extend_from_slice(name);
+    for holder in holders {
+        out.extend_from_slice(&holder.session.to_le_bytes());
+        out.extend_from_slice(&holder.token.to_le_bytes());
+        out.extend_from_slice(&holder.since_unix_ms.to_le_bytes());
+        out.extend_from_slice(&len_u16(holder.client_name.len()).get().to_le_bytes());
+        out.extend_from_slice(holder.client_name);
+    }
+    for signal in signals {
+        out.extend_from_slice(&len_u16(signal.len()).get().to_le_bytes());
+        out.extend_from_slice(signal);
+    }
+}
+
+/// Client side: a lock record, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockRecord {
+    pub name: Vec<u8>,
+    pub mode: Mode,
+    pub waiters: u32,
+    pub holders: Vec<(u64, u64, u64, Vec<u8>)>,
+    pub signals: Vec<Vec<u8>>,
+}
+
+/// A cursor over a reply body.
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Some(head)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.take(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    }
+    fn bytes16(&mut self) -> Option<Vec<u8>> {
+        let len = usize::from(self.u16()?);
+        self.take(len).map(<[u8]>::to_vec)
+    }
+}
+
+fn parse_record(cursor: &mut Cursor<'_>) -> Option<LockRecord> {
+    let name_len = usize::from(cursor.u16()?);
+    let mode_and_reserved = cursor.take(2)?;
+    let mode = Mode::from_u8(mode_and_reserved[0])?;
+    let waiters = cursor.u32()?;
+    let holders = cursor.u16()?;
+    let signals = cursor.u16()?;
+    let name = cursor.take(name_len)?.to_vec();
+    let holders = (0..holders)
+        .map(|_| {
+            Some((
+                cursor.u64()?,
+                cursor.u64()?,
+                cursor.u64()?,
+                cursor.bytes16()?,
+            ))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let signals = (0..signals)
+        .map(|_| cursor.bytes16())
+        .collect::<Option<Vec<_>>>()?;
+    Some(LockRecord {
+        name,
+        mode,
+        waiters,
+        holders,
+        signals,
+    })
+}
+
+/// Client side: the body of an INSPECT reply.
+pub fn parse_inspect_body(body: &[u8]) -> Option<LockRecord> {
+    let mut cursor = Cursor(body);
+    let record = parse_record(&mut cursor)?;
+    cursor.0.is_empty().then_some(record)
+}
+
+/// Client side: the body of a LIST reply: the records and whether the list
+/// was cut short.
+pub fn parse_list_body(body: &[u8]) -> Option<(Vec<LockRecord>, bool)> {
+    let mut cursor = Cursor(body);
+    let count = cursor.u32()?;
+    let truncated = cursor.u32()? & 1 != 0;
+    let records = (0..count)
+        .map(|_| parse_record(&mut cursor))
+        .collect::<Option<Vec<_>>>()?;
+    cursor.0.is_empty().then_some((records, truncated))
+}
+
+/// Client side: the body of a STATS reply.
+pub fn parse_stats_body(body: &[u8]) -> Option<[u64; 5]> {
+    let mut cursor = Cursor(body);
+    let stats = [
+        cursor.u64()?,
+        cursor.u64()?,
+        cursor.u64()?,
+        cursor.u64()?,
+        cursor.u64()?,
+    ];
+    cursor.0.is_empty().then_some(stats)
 }
 
 /// Client side: a decoded server frame.
@@ -1266,11 +1514,12 @@ mod tests {
     fn unknown_and_push_opcodes_are_rejected() {
         for op in [
             0,
-            9,
+            13,
             0x3F,
             opcode::LOCK_LOST,
             opcode::SHUTDOWN,
             opcode::SESSION_TAKEN,
+            opcode::SIGNALLED,
             0xFF,
         ] {
             assert_eq!(

@@ -72,26 +72,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(seconds))
 }
 
-fn server_addr(args: &RunArgs) -> String {
-    if let Some(server) = &args.server {
-        return server.clone();
-    }
-    let host = std::env::var("LIVELOCK_HOST").unwrap_or_else(|_| "127.0.0.1".into());
-    let port = std::env::var("LIVELOCK_PORT").unwrap_or_else(|_| "7873".into());
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
-}
-
 fn fail(code: u8, message: std::fmt::Arguments<'_>) -> ExitCode {
     eprintln!("livelock run: {message}");
     ExitCode::from(code)
 }
 
 pub fn run(args: RunArgs) -> ExitCode {
-    let addr = server_addr(&args);
+    let addr = crate::admin::server_addr(&args.server);
     let options = ClientOptions {
         password: args.password.clone(),
         grace: args.grace,
@@ -214,7 +201,7 @@ pub fn run(args: RunArgs) -> ExitCode {
             recv(client.events()) -> event => {
                 let reason = match event {
                     Ok(Event::LockLost { name, .. }) if name == args.name.as_bytes() => Some("its lease ran out".to_string()),
-                    Ok(Event::LockLost { .. }) | Ok(Event::Shutdown) => None,
+                    Ok(Event::LockLost { .. } | Event::Shutdown | Event::Signal { .. }) => None,
                     Ok(Event::SessionTaken) => Some("another connection took the session".to_string()),
                     Ok(Event::Disconnected) | Err(_) => match reconnect(&addr, &client, &options) {
                         Some(resumed) => {

@@ -13,7 +13,7 @@
 
 use mio::Token;
 
-use super::{EventLoop, Flow, Gather, Query};
+use super::{EventLoop, Flow, Gather, GatherReply, Query};
 use crate::limits::{FIND_RESULTS_MAX, HOLDS_PER_SESSION_MAX, NAME_LEN_MAX, SIGNAL_LEN_MAX};
 use crate::lock_table::{shard_for, Acquire, Command, Mode, Outcome, SessionId, SignalOp, Wait};
 use crate::resp::{self, ErrorCode, StatValue, Verb};
@@ -151,11 +151,11 @@ impl EventLoop {
                     pattern: pattern.into(),
                     limit: FIND_RESULTS_MAX,
                 };
-                self.start_query(token, session, query);
+                self.start_query(token, session, GatherReply::Resp, query, None);
             }
             resp::Command::Stats => {
                 self.conns[token.0].awaiting = true;
-                self.start_query(token, session, Query::Stats);
+                self.start_query(token, session, GatherReply::Resp, Query::Stats, None);
             }
             resp::Command::Shutdown => {
                 if self.shared.config.shutdown_support {
@@ -299,10 +299,10 @@ impl EventLoop {
                 conn: token,
             },
         );
-        s.touched |= 1 << shard;
         if matches!(op, RespOp::Aq | RespOp::Aqr) {
             self.metrics.inc_acquisitions();
         }
+        self.touch(session, shard);
         self.conns[token.0].awaiting = true;
         self.route_to_shard(shard, command);
     }
@@ -339,7 +339,7 @@ impl EventLoop {
     }
 
     /// Writes a gathered FIND or STATS answer.
-    pub(super) fn finish_gather(&mut self, gather: Gather) {
+    pub(super) fn finish_resp_gather(&mut self, gather: Gather) {
         let token = gather.conn;
         let Some(conn) = self.conns.get_mut(token.0) else {
             return;
@@ -348,7 +348,7 @@ impl EventLoop {
             return;
         }
         conn.awaiting = false;
-        if gather.find {
+        if let Query::Find { .. } = gather.query {
             let out = self.resp_out(token);
             resp::encode_find_header(out, gather.found.len());
             for (name, since_ms) in &gather.found {

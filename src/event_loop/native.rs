@@ -4,13 +4,71 @@
 
 use mio::Token;
 
-use super::{header_ids, random_secret, EventLoop, Flow};
-use crate::limits::{GRACE_MS_MAX, HOLDS_PER_SESSION_MAX, IN_FLIGHT_PER_SESSION_MAX};
-use crate::lock_table::{Acquire, Command, Outcome, RequestId, SessionId, Wait};
-use crate::protocol::{self, opcode, Decoded, Fatal, Request, Status, SECRET_LEN, WAIT_FOREVER};
+use super::{header_ids, random_secret, EventLoop, Flow, Gather, GatherReply, Query};
+use crate::limits::{
+    FIND_RESULTS_MAX, GRACE_MS_MAX, HOLDS_PER_SESSION_MAX, IN_FLIGHT_PER_SESSION_MAX,
+    LIST_REPLY_BYTES_MAX,
+};
+use crate::lock_table::{Acquire, Command, Outcome, RequestId, SessionId, SignalOp, Wait};
+use crate::protocol::{
+    self, opcode, Decoded, Fatal, Request, SignalKind, Status, SECRET_LEN, WAIT_FOREVER,
+};
 use crate::session::{home_of, secure_eq, Pending, PendingOp};
 
 impl EventLoop {
+    /// Writes the native reply to a gathered INSPECT, LIST or STATS.
+    pub(super) fn finish_native_gather(&mut self, gather: Gather, op: u8, request_id: u32) {
+        let connections = self
+            .shared
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let out = self.wbuf(gather.conn);
+        match gather.query {
+            Query::Inspect { .. } => match gather.records.first() {
+                Some((_, record)) => {
+                    let start = protocol::begin_reply(out, op, request_id);
+                    out.extend_from_slice(record);
+                    protocol::end_reply(out, start);
+                }
+                None => protocol::encode_status(out, op, request_id, Status::NotHeld, ""),
+            },
+            Query::List { .. } => {
+                let start = protocol::begin_reply(out, op, request_id);
+                let counts_at = out.len();
+                out.extend_from_slice(&[0; 8]);
+                let mut count: u32 = 0;
+                let mut truncated = false;
+                for (_, record) in &gather.records {
+                    if out.len() - start + record.len() > LIST_REPLY_BYTES_MAX {
+                        truncated = true;
+                        break;
+                    }
+                    out.extend_from_slice(record);
+                    count += 1;
+                }
+                out[counts_at..counts_at + 4].copy_from_slice(&count.to_le_bytes());
+                out[counts_at + 4..counts_at + 8]
+                    .copy_from_slice(&u32::from(truncated).to_le_bytes());
+                protocol::end_reply(out, start);
+            }
+            Query::Stats => {
+                let start = protocol::begin_reply(out, op, request_id);
+                let stats = gather.stats;
+                for value in [
+                    stats.locks,
+                    stats.waiters,
+                    stats.sessions_attached,
+                    stats.sessions_detached,
+                    connections as u64,
+                ] {
+                    out.extend_from_slice(&value.to_le_bytes());
+                }
+                protocol::end_reply(out, start);
+            }
+            Query::Find { .. } => unreachable!("FIND is LiveLock's"),
+        }
+    }
+
     /// Decodes and handles the frame at the front of `buf`: `None` when it
     /// is not complete yet, else (bytes consumed, what next).
     pub(super) fn decode_native(&mut self, token: Token, buf: &[u8]) -> Option<(usize, Flow)> {
@@ -324,6 +382,48 @@ impl EventLoop {
                     return;
                 }
             },
+            Request::Signal { name, signal, op } => (
+                self.shard_of(name),
+                Command::Signal {
+                    session: id,
+                    request_id,
+                    name,
+                    signal,
+                    op: match op {
+                        SignalKind::Raise => SignalOp::Set { notify: true },
+                        SignalKind::Exists => SignalOp::Exists,
+                        SignalKind::Clear => SignalOp::Delete,
+                    },
+                },
+            ),
+            Request::Inspect { name } => {
+                let reply = GatherReply::Native { op, request_id };
+                let shard = self.shard_of(name);
+                self.start_query(
+                    token,
+                    id,
+                    reply,
+                    Query::Inspect { name: name.into() },
+                    Some(shard),
+                );
+                return;
+            }
+            Request::List { pattern, limit } => {
+                let reply = GatherReply::Native { op, request_id };
+                let limit = (limit as usize).min(FIND_RESULTS_MAX);
+                let pattern: Box<[u8]> = if pattern.is_empty() {
+                    Box::new(*b"*")
+                } else {
+                    pattern.into()
+                };
+                self.start_query(token, id, reply, Query::List { pattern, limit }, None);
+                return;
+            }
+            Request::Stats => {
+                let reply = GatherReply::Native { op, request_id };
+                self.start_query(token, id, reply, Query::Stats, None);
+                return;
+            }
             Request::Hello { .. } | Request::Resume { .. } | Request::Ping | Request::Bye => {
                 unreachable!("handled by handle_native")
             }
@@ -337,7 +437,7 @@ impl EventLoop {
                 conn: token,
             },
         );
-        session.touched |= 1 << shard;
+        self.touch(id, shard);
         self.route_to_shard(shard, command);
     }
 }
@@ -351,6 +451,11 @@ pub(super) fn encode_outcome(
     deferred: bool,
 ) {
     match (op, outcome) {
+        (opcode::SIGNAL, Outcome::Bool(value)) => {
+            let start = protocol::begin_reply(out, op, request_id);
+            out.push(u8::from(value));
+            protocol::end_reply(out, start);
+        }
         (opcode::ACQUIRE, Outcome::Granted { token } | Outcome::Reentered { token }) => {
             protocol::encode_granted(out, request_id, token, deferred)
         }
