@@ -285,6 +285,8 @@ pub struct EventLoop {
     /// Set when shutting down: the instant to give up flushing.
     shutdown_deadline_ms: Option<u64>,
     now_ms: u64,
+    /// Next time to scan the shard for the oldest hold (metrics).
+    next_scan_ms: u64,
 }
 
 /// What a loop starts with: its listener and inbox, and what the dump
@@ -330,6 +332,7 @@ impl EventLoop {
             stalled: Vec::new(),
             shutdown_deadline_ms: None,
             now_ms: shared.clock.now_ms(),
+            next_scan_ms: 0,
             shared,
         })
     }
@@ -364,11 +367,28 @@ impl EventLoop {
             self.fire_timers();
             self.send_outgoing();
             self.flush_dirty();
+            self.update_gauges();
             if let Some(deadline) = self.shutdown_deadline_ms {
                 if self.conns.is_empty() || self.now_ms >= deadline {
                     return Ok(());
                 }
             }
+        }
+    }
+
+    /// Gauges for the metrics endpoint: cheap counts every turn; the age of
+    /// the oldest hold (a scan of the shard) at most once a second, and only
+    /// when metrics are served.
+    fn update_gauges(&mut self) {
+        let metrics = &self.metrics;
+        metrics.set_locks_held(self.table.lock_count() as u64);
+        metrics.set_waiters(self.table.waiter_count() as u64);
+        let (attached, detached) = self.sessions.counts();
+        metrics.set_sessions(attached as u64, detached as u64);
+        metrics.set_connections(self.conns.len() as u64);
+        if self.shared.config.metrics_listen.is_some() && self.now_ms >= self.next_scan_ms {
+            self.next_scan_ms = self.now_ms + 1000;
+            metrics.set_oldest_hold_ms(self.table.oldest_hold_ms());
         }
     }
 
@@ -417,6 +437,7 @@ impl EventLoop {
             if let Err(e) = tune_socket(&stream, &self.shared.config) {
                 eprintln!("livelock: tuning an accepted socket failed: {e}");
             }
+            self.metrics.inc_connections_accepted();
             let deadline = self.now_ms + self.shared.config.hello_timeout.as_millis() as u64;
             self.add_connection(Connection::new(stream, deadline));
         }
@@ -747,6 +768,8 @@ impl EventLoop {
                     .pending
                     .remove(&request_id)
                     .expect("a final reply answers a pending request");
+                let micros = pending.started.elapsed().as_micros() as u64;
+                self.metrics.observe(pending.op.metric(), micros);
                 match outcome {
                     Outcome::Granted { .. } => {
                         session.holds += 1;
@@ -853,10 +876,10 @@ impl EventLoop {
                 continue;
             }
             let peer = &self.shared.peers[dest];
-            let mut sent = false;
+            let mut sent = 0;
             while let Some(msg) = queue.pop_front() {
                 match peer.tx.try_send(msg) {
-                    Ok(()) => sent = true,
+                    Ok(()) => sent += 1,
                     Err(TrySendError::Full(msg)) => {
                         // Parked until the owner drains its inbox; reading
                         // sockets pauses while too much is parked.
@@ -870,7 +893,8 @@ impl EventLoop {
                     }
                 }
             }
-            if sent {
+            if sent > 0 {
+                self.metrics.inc_cross_shard(sent);
                 let _ = peer.waker.wake();
             }
         }

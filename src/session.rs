@@ -46,6 +46,21 @@ pub enum RespOp {
 }
 
 impl PendingOp {
+    /// The operation's metrics label.
+    pub fn metric(self) -> crate::metrics::Op {
+        use crate::metrics::Op;
+        use crate::protocol::opcode;
+        match self {
+            PendingOp::Native(opcode::ACQUIRE) => Op::Acquire,
+            PendingOp::Native(opcode::RELEASE) => Op::Release,
+            PendingOp::Native(opcode::EXTEND) => Op::Extend,
+            PendingOp::Native(opcode::CANCEL) => Op::Cancel,
+            PendingOp::Native(opcode::SIGNAL) => Op::Signal,
+            PendingOp::Native(_) => Op::Ping,
+            PendingOp::Resp(_) => Op::Resp,
+        }
+    }
+
     pub fn is_release(self) -> bool {
         matches!(
             self,
@@ -61,6 +76,8 @@ pub struct Pending {
     pub op: PendingOp,
     /// The connection that sent it (LiveLock replies go back on it, in order).
     pub conn: Token,
+    /// When it was accepted (latency metrics).
+    pub started: std::time::Instant,
 }
 
 #[derive(Debug)]

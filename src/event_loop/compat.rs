@@ -297,6 +297,7 @@ impl EventLoop {
                 shard: shard as u8,
                 op: PendingOp::Resp(op),
                 conn: token,
+                started: std::time::Instant::now(),
             },
         );
         if matches!(op, RespOp::Aq | RespOp::Aqr) {

@@ -333,6 +333,7 @@ impl EventLoop {
                     WAIT_FOREVER => Wait::Forever,
                     ms => Wait::Until(now_ms + u64::from(ms)),
                 };
+                self.metrics.inc_acquisitions();
                 let command = Command::Acquire(Acquire {
                     session: id,
                     request_id,
@@ -435,6 +436,7 @@ impl EventLoop {
                 shard: shard as u8,
                 op: PendingOp::Native(op),
                 conn: token,
+                started: std::time::Instant::now(),
             },
         );
         self.touch(id, shard);

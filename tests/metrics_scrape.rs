@@ -1,0 +1,70 @@
+//! The Prometheus endpoint of a real server, scraped over HTTP while a
+//! client holds a lock: the counters and gauges move with the traffic.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+fn scrape(addr: std::net::SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect to metrics");
+    stream.set_read_timeout(Some(WAIT_MAX)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .expect("read the response");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("text/plain; version=0.0.4"), "{response}");
+    response
+}
+
+fn sample(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
+}
+
+#[test]
+fn metrics_follow_the_traffic() {
+    let server = TestServer::start_with(2, |config| {
+        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let metrics = server
+        .server
+        .as_ref()
+        .unwrap()
+        .metrics_addr()
+        .expect("metrics on");
+    let holder = server.client();
+    let waiter = server.client();
+    let guard = holder.acquire("metered").unwrap();
+    assert!(waiter
+        .acquire_timeout("metered", Duration::from_millis(50))
+        .unwrap()
+        .is_none());
+    // Gauges are refreshed once per loop turn: wait (bounded) for them.
+    let mut text = scrape(metrics);
+    wait_until("the held lock shows", || {
+        text = scrape(metrics);
+        sample(&text, "livelock_locks_held") == 1.0
+    });
+    assert!(sample(&text, "livelock_grants_total") >= 1.0);
+    assert!(sample(&text, "livelock_timeouts_total") >= 1.0);
+    assert!(sample(&text, "livelock_acquisitions_total") >= 2.0);
+    assert!(sample(&text, "livelock_connections_accepted_total") >= 2.0);
+    assert!(sample(&text, "livelock_op_duration_seconds_count{op=\"acquire\"}") >= 2.0);
+    assert_eq!(sample(&text, "livelock_sessions{state=\"attached\"}"), 2.0);
+    assert_eq!(sample(&text, "livelock_up"), 1.0);
+    guard.release().unwrap();
+    wait_until("the release shows", || {
+        let text = scrape(metrics);
+        sample(&text, "livelock_locks_held") == 0.0
+            && sample(&text, "livelock_releases_total") >= 1.0
+    });
+}
