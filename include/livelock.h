@@ -71,10 +71,15 @@ enum livelock_opcode {
     LIVELOCK_OP_CANCEL = 6,  /* livelock_cancel */
     LIVELOCK_OP_PING = 7,    /* empty */
     LIVELOCK_OP_BYE = 8,     /* empty */
+    LIVELOCK_OP_SIGNAL = 9,  /* op u8, 0 u8, name_len u16, name, signal */
+    LIVELOCK_OP_INSPECT = 10, /* name */
+    LIVELOCK_OP_LIST = 11,   /* limit u32, glob pattern */
+    LIVELOCK_OP_STATS = 12,  /* empty */
     /* Server pushes (never valid from a client). */
     LIVELOCK_OP_LOCK_LOST = 0x40,     /* livelock_token + name */
     LIVELOCK_OP_SHUTDOWN = 0x41,      /* empty */
-    LIVELOCK_OP_SESSION_TAKEN = 0x42  /* empty */
+    LIVELOCK_OP_SESSION_TAKEN = 0x42, /* empty */
+    LIVELOCK_OP_SIGNALLED = 0x43      /* name_len u16, name, signal */
 };
 
 /* ---- Header flags (header.flags; 0 in requests) ------------------------ */

@@ -118,9 +118,14 @@ fn expectations() -> Vec<(String, u64)> {
         ("CANCEL", opcode::CANCEL),
         ("PING", opcode::PING),
         ("BYE", opcode::BYE),
+        ("SIGNAL", opcode::SIGNAL),
+        ("INSPECT", opcode::INSPECT),
+        ("LIST", opcode::LIST),
+        ("STATS", opcode::STATS),
         ("LOCK_LOST", opcode::LOCK_LOST),
         ("SHUTDOWN", opcode::SHUTDOWN),
         ("SESSION_TAKEN", opcode::SESSION_TAKEN),
+        ("SIGNALLED", opcode::SIGNALLED),
     ] {
         check(&format!("LIVELOCK_OP_{name}"), code.into());
     }
@@ -269,6 +274,16 @@ fn scratch_dir() -> PathBuf {
     dir
 }
 
+/// Strict C11; `-Wpadded` proves the structs have no padding.
+const C_FLAGS: &[&str] = &[
+    "-std=c11",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-pedantic",
+    "-Wpadded",
+];
+
 fn compile_and_run(dir: &Path, source: &str) -> String {
     let c_file = dir.join("check_header.c");
     let exe = dir.join("check_header");
@@ -276,7 +291,7 @@ fn compile_and_run(dir: &Path, source: &str) -> String {
     let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("include");
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
     let compiled = Command::new(&cc)
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-Wpadded"])
+        .args(C_FLAGS)
         .arg("-I")
         .arg(&include)
         .arg(&c_file)
