@@ -60,3 +60,181 @@ pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+// ---- raw native-protocol connections (byte-level tests) -----------------
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
+
+use livelock::protocol::{self, DecodedReply, Request, Status, SECRET_LEN};
+
+/// One server frame, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame {
+    pub opcode: u8,
+    pub flags: u16,
+    pub status: Status,
+    pub request_id: u32,
+    pub body: Vec<u8>,
+}
+
+/// Why `RawConn::recv_within` returned no frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoFrame {
+    /// The server closed the connection (FIN or RST).
+    Closed,
+    /// Nothing arrived in time.
+    TimedOut,
+}
+
+/// A plain TCP connection speaking the native protocol frame by frame, for
+/// tests that need exact bytes (raw frames, bad input, pipelining).
+pub struct RawConn {
+    pub stream: TcpStream,
+    /// Received bytes not yet decoded.
+    buf: Vec<u8>,
+}
+
+impl RawConn {
+    pub fn connect(addr: SocketAddr) -> RawConn {
+        RawConn::from_stream(TcpStream::connect_timeout(&addr, WAIT_MAX).expect("raw connect"))
+    }
+
+    /// Wraps a stream the test connected itself (e.g. with small socket buffers).
+    pub fn from_stream(stream: TcpStream) -> RawConn {
+        stream.set_nodelay(true).unwrap();
+        stream.set_write_timeout(Some(WAIT_MAX)).unwrap();
+        RawConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Connects and opens a session; returns the connection, session id and secret.
+    pub fn hello(addr: SocketAddr, grace_ms: u32) -> (RawConn, u64, [u8; SECRET_LEN]) {
+        let mut conn = RawConn::connect(addr);
+        let hello = Request::Hello {
+            grace_ms,
+            password: b"",
+            client_name: b"raw-test",
+        };
+        let reply = conn.call(1, &hello);
+        assert_eq!(reply.status, Status::Ok, "HELLO: {reply:?}");
+        let (id, secret, _) = protocol::parse_session_body(&reply.body).expect("session body");
+        (conn, id, secret)
+    }
+
+    pub fn send(&mut self, request_id: u32, request: &Request<'_>) {
+        let mut frame = Vec::new();
+        protocol::encode_request(&mut frame, request_id, request);
+        self.send_bytes(&frame);
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("raw write");
+    }
+
+    /// The next frame, or why there is none within `timeout`.
+    pub fn recv_within(&mut self, timeout: Duration) -> Result<RawFrame, NoFrame> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match protocol::decode_reply(&self.buf) {
+                Ok(DecodedReply::Frame { consumed, reply }) => {
+                    let frame = RawFrame {
+                        opcode: reply.opcode,
+                        flags: reply.flags,
+                        status: reply.status,
+                        request_id: reply.request_id,
+                        body: reply.body.to_vec(),
+                    };
+                    self.buf.drain(..consumed);
+                    return Ok(frame);
+                }
+                Ok(DecodedReply::Incomplete) => {}
+                Err(e) => panic!("the server sent a broken frame: {e} ({:02x?})", self.buf),
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(NoFrame::TimedOut);
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 16 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err(NoFrame::Closed),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+                    ) =>
+                {
+                    return Err(NoFrame::Closed)
+                }
+                Err(e) => panic!("raw read: {e}"),
+            }
+        }
+    }
+
+    /// The next frame; panics if the connection closes or WAIT_MAX passes.
+    pub fn recv(&mut self) -> RawFrame {
+        match self.recv_within(WAIT_MAX) {
+            Ok(frame) => frame,
+            Err(why) => panic!("expected a frame, got {why:?}"),
+        }
+    }
+
+    /// Sends `request` and returns the next frame, which must answer it.
+    pub fn call(&mut self, request_id: u32, request: &Request<'_>) -> RawFrame {
+        self.send(request_id, request);
+        let reply = self.recv();
+        assert_eq!(
+            reply.request_id, request_id,
+            "reply to another request: {reply:?}"
+        );
+        assert_eq!(
+            reply.opcode,
+            request.opcode(),
+            "reply with another opcode: {reply:?}"
+        );
+        reply
+    }
+
+    /// Reads until the server closes the connection (bounded by WAIT_MAX);
+    /// returns the frames it sent before closing.
+    pub fn expect_closed(&mut self) -> Vec<RawFrame> {
+        let deadline = Instant::now() + WAIT_MAX;
+        let mut frames = Vec::new();
+        loop {
+            match self.recv_within(deadline.saturating_duration_since(Instant::now())) {
+                Ok(frame) => frames.push(frame),
+                Err(NoFrame::Closed) => return frames,
+                Err(NoFrame::TimedOut) => {
+                    panic!("the server did not close the connection; it sent {frames:?}")
+                }
+            }
+        }
+    }
+
+    /// Asserts that nothing arrives for `quiet`.
+    pub fn expect_silence(&mut self, quiet: Duration) {
+        match self.recv_within(quiet) {
+            Err(NoFrame::TimedOut) => {}
+            other => panic!("expected silence, got {other:?}"),
+        }
+    }
+}
+
+/// Runs `f` on a thread and waits at most WAIT_MAX for its result.
+pub fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(WAIT_MAX) {
+        Ok(value) => value,
+        Err(crossbeam_channel::RecvTimeoutError::Timeout) => panic!("timed out waiting for {what}"),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
+    }
+}
