@@ -1,0 +1,422 @@
+//! The command line: flags (clap) and their validation into a [`Plan`].
+//! Every flag is bounded here, so a run always ends and never asks the
+//! generator or the server for something absurd.
+
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use livelock::limits::{IN_FLIGHT_PER_SESSION_MAX, NAME_LEN_MAX, PASSWORD_LEN_MAX, WAIT_MS_MAX};
+
+use crate::engine::{Op, Plan, WaitMode};
+use crate::keys::KeySampler;
+use crate::target::{self, Proto, Target, TargetError};
+
+/// Longest run, warm-up included: every run is bounded.
+pub const RUN_SECS_MAX: f64 = 600.0;
+/// Most connections (each is a socket and a server session).
+pub const CONNECTIONS_MAX: usize = 50_000;
+/// Most load threads.
+pub const THREADS_MAX: usize = 256;
+/// Largest key space (the violation check keeps 4 bytes per key).
+pub const KEYS_MAX: u32 = 10_000_000;
+/// Longest hold of one lock.
+pub const HOLD_US_MAX: u64 = 60_000_000;
+/// Time allowed to connect and finish every handshake.
+pub const SETUP_MAX: Duration = Duration::from_secs(10);
+
+const _: () = assert!(CONNECTIONS_MAX as u32 <= crate::holders::CONN_ID_MAX);
+const _: () = assert!(IN_FLIGHT_PER_SESSION_MAX < u16::MAX as usize);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Distribution {
+    Uniform,
+    Zipf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Acquire once; a taken lock is "busy".
+    Try,
+    /// Wait for the lock (server-side on livelock://, a retry loop on RESP targets).
+    Wait,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OpArg {
+    /// Lock cycles: acquire, hold, release.
+    Lock,
+    /// PING round trips: the cost of I/O alone.
+    Ping,
+}
+
+/// Load generator for lock servers, in the spirit of redis-benchmark: many
+/// connections, pipelining, a key space with a uniform or Zipf popularity,
+/// HDR latency percentiles and one-line JSON output.
+#[derive(Debug, Parser)]
+#[command(name = "livelock-loadgen", version, after_help = AFTER_HELP)]
+pub struct Args {
+    /// What to load: livelock://HOST:PORT (native protocol),
+    /// livelock-resp://HOST:PORT (LiveLock's RESP protocol) or
+    /// redis://HOST:PORT (SET NX PX + compare-and-delete).
+    pub target: String,
+    /// Connections, spread over the threads.
+    #[arg(short = 'c', long, default_value_t = 50)]
+    pub connections: usize,
+    /// Load threads, each running its own event loop [default: number of cores].
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Requests in flight per connection.
+    #[arg(short = 'P', long, default_value_t = 1)]
+    pub pipeline: usize,
+    /// Size of the key space (lock names PREFIX0 .. PREFIX{N-1}).
+    #[arg(short = 'k', long, default_value_t = 100_000)]
+    pub keys: u32,
+    /// How keys are drawn.
+    #[arg(long, value_enum, default_value_t = Distribution::Uniform)]
+    pub distribution: Distribution,
+    /// Zipf exponent: P(rank k) is proportional to k^-s.
+    #[arg(long, default_value_t = 0.99)]
+    pub zipf_s: f64,
+    /// Time a granted lock is held before its release, in microseconds.
+    #[arg(long, default_value_t = 0)]
+    pub hold_us: u64,
+    /// Fraction of acquires in shared mode (livelock:// only).
+    #[arg(long, default_value_t = 0.0)]
+    pub shared_ratio: f64,
+    /// Acquire once (try) or wait for the lock.
+    #[arg(long, value_enum, default_value_t = ModeArg::Try)]
+    pub mode: ModeArg,
+    /// With --mode wait: longest wait of one acquire [default: forever].
+    #[arg(long)]
+    pub wait_ms: Option<u32>,
+    /// With --mode wait on RESP targets: back-off between attempts.
+    #[arg(long, default_value_t = 1000)]
+    pub retry_us: u64,
+    /// redis:// only: the PX expiry of every lock key.
+    #[arg(long, default_value_t = 30_000)]
+    pub ttl_ms: u64,
+    /// Measured run time in seconds (after the warm-up).
+    #[arg(short = 'd', long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Stop after this many measured cycles (or at --duration, whichever first).
+    #[arg(short = 'n', long)]
+    pub cycles: Option<u64>,
+    /// Seconds of load before measuring starts.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+    /// Open loop: target cycles per second over all connections; latency is
+    /// measured from each cycle's intended start (coordinated omission corrected).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// The workload.
+    #[arg(long, value_enum, default_value_t = OpArg::Lock)]
+    pub op: OpArg,
+    /// Prefix of every lock name.
+    #[arg(long, default_value = "loadgen:")]
+    pub key_prefix: String,
+    /// Password for HELLO (native), PASS (LiveLock) or AUTH (Redis).
+    #[arg(long)]
+    pub password: Option<String>,
+    /// Allow a target that is not on a loopback address.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress line on stderr.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+    /// Seed of the key choices [default: from the clock].
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+const AFTER_HELP: &str = "\
+Examples:
+  livelock-loadgen livelock://127.0.0.1:7873 --duration 5
+  livelock-loadgen livelock://127.0.0.1:7873 --pipeline 16 --json
+  livelock-loadgen redis://127.0.0.1:6379 --keys 1000 --distribution zipf
+  livelock-loadgen livelock://127.0.0.1:7873 --op ping
+
+Exit status: 0 success, 1 violations found or target unreachable, 2 bad arguments.";
+
+/// A validated run: where, what, and how it is reported.
+#[derive(Debug)]
+pub struct Config {
+    pub target: Target,
+    pub plan: Plan,
+    pub json: bool,
+    pub quiet: bool,
+}
+
+/// Why the flags cannot be run.
+#[derive(Debug)]
+pub enum Invalid {
+    /// A bad or refused flag or URL (exit status 2).
+    Usage(String),
+    /// The target's host does not resolve (exit status 1).
+    Unreachable(String),
+}
+
+impl From<String> for Invalid {
+    fn from(message: String) -> Invalid {
+        Invalid::Usage(message)
+    }
+}
+
+fn check(ok: bool, message: impl FnOnce() -> String) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(message())
+    }
+}
+
+fn secs(name: &str, value: f64) -> Result<Duration, String> {
+    check(value.is_finite() && value >= 0.0, || {
+        format!("--{name} must be a number of seconds >= 0, got {value}")
+    })?;
+    Ok(Duration::from_secs_f64(value))
+}
+
+impl Args {
+    /// Checks every flag and resolves the target.
+    pub fn validate(&self) -> Result<Config, Invalid> {
+        let target = target::resolve(&self.target, self.allow_remote).map_err(|e| match e {
+            TargetError::Bad(e) => Invalid::Usage(e),
+            TargetError::Unresolved(e) => Invalid::Unreachable(e),
+        })?;
+        let proto = target.proto;
+        check((1..=CONNECTIONS_MAX).contains(&self.connections), || {
+            format!(
+                "--connections must be 1..={CONNECTIONS_MAX}, got {}",
+                self.connections
+            )
+        })?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = self.threads.unwrap_or(cores);
+        check((1..=THREADS_MAX).contains(&threads), || {
+            format!("--threads must be 1..={THREADS_MAX}, got {threads}")
+        })?;
+        let threads = threads.min(self.connections);
+        check(
+            (1..=IN_FLIGHT_PER_SESSION_MAX).contains(&self.pipeline),
+            || {
+                format!(
+                    "--pipeline must be 1..={IN_FLIGHT_PER_SESSION_MAX}, got {}",
+                    self.pipeline
+                )
+            },
+        )?;
+        let op = match self.op {
+            OpArg::Lock => Op::Lock,
+            OpArg::Ping => Op::Ping,
+        };
+        check((1..=KEYS_MAX).contains(&self.keys), || {
+            format!("--keys must be 1..={KEYS_MAX}, got {}", self.keys)
+        })?;
+        if op == Op::Lock {
+            check(self.pipeline <= self.keys as usize, || {
+                format!(
+                    "--pipeline {} needs at least as many --keys (got {}): the requests in \
+                     flight on one connection name distinct locks",
+                    self.pipeline, self.keys
+                )
+            })?;
+        }
+        check(
+            self.zipf_s.is_finite() && self.zipf_s > 0.0 && self.zipf_s <= 10.0,
+            || format!("--zipf-s must be in (0, 10], got {}", self.zipf_s),
+        )?;
+        let sampler = match self.distribution {
+            Distribution::Uniform => KeySampler::uniform(self.keys),
+            Distribution::Zipf => KeySampler::zipf(self.keys, self.zipf_s),
+        };
+        check(self.hold_us <= HOLD_US_MAX, || {
+            format!(
+                "--hold-us must be at most {HOLD_US_MAX}, got {}",
+                self.hold_us
+            )
+        })?;
+        check((0.0..=1.0).contains(&self.shared_ratio), || {
+            format!(
+                "--shared-ratio must be in 0.0..=1.0, got {}",
+                self.shared_ratio
+            )
+        })?;
+        check(self.shared_ratio == 0.0 || proto == Proto::Native, || {
+            format!(
+                "--shared-ratio needs a livelock:// target ({} has no shared locks)",
+                proto.scheme()
+            )
+        })?;
+        let wait = match self.mode {
+            ModeArg::Try => WaitMode::Try,
+            ModeArg::Wait => WaitMode::Wait,
+        };
+        if let Some(ms) = self.wait_ms {
+            check(wait == WaitMode::Wait, || {
+                "--wait-ms needs --mode wait".into()
+            })?;
+            check((1..=WAIT_MS_MAX).contains(&ms), || {
+                format!("--wait-ms must be 1..={WAIT_MS_MAX}, got {ms}")
+            })?;
+        }
+        check((1..=10_000_000).contains(&self.retry_us), || {
+            format!("--retry-us must be 1..=10000000, got {}", self.retry_us)
+        })?;
+        check((1..=86_400_000).contains(&self.ttl_ms), || {
+            format!("--ttl-ms must be 1..=86400000, got {}", self.ttl_ms)
+        })?;
+        let duration = secs("duration", self.duration)?;
+        let warmup = secs("warmup", self.warmup)?;
+        check(self.duration > 0.0, || "--duration must be > 0".into())?;
+        check(self.duration + self.warmup <= RUN_SECS_MAX, || {
+            format!(
+                "--duration plus --warmup must be at most {RUN_SECS_MAX} s, got {}",
+                self.duration + self.warmup
+            )
+        })?;
+        if let Some(n) = self.cycles {
+            check(n > 0, || "--cycles must be > 0".into())?;
+        }
+        let interval = match self.rate {
+            None => None,
+            Some(rate) => {
+                check(rate.is_finite() && rate > 0.0 && rate <= 1e9, || {
+                    format!("--rate must be in (0, 1e9] cycles/s, got {rate}")
+                })?;
+                Some(Duration::from_secs_f64(self.connections as f64 / rate))
+            }
+        };
+        check(self.key_prefix.len() + 10 <= NAME_LEN_MAX, || {
+            format!("--key-prefix is too long: names must stay within {NAME_LEN_MAX} bytes")
+        })?;
+        check(!self.key_prefix.contains(['\r', '\n']), || {
+            "--key-prefix must not contain CR or LF".into()
+        })?;
+        if let Some(pw) = &self.password {
+            check(pw.len() <= PASSWORD_LEN_MAX, || {
+                format!("--password must be at most {PASSWORD_LEN_MAX} bytes")
+            })?;
+        }
+        let seed = self.seed.unwrap_or_else(clock_seed);
+        let plan = Plan {
+            proto,
+            addr: target.addrs[0],
+            op,
+            wait,
+            wait_ms: self.wait_ms,
+            retry: Duration::from_micros(self.retry_us),
+            hold: Duration::from_micros(self.hold_us),
+            ttl_ms: self.ttl_ms,
+            shared_ratio: self.shared_ratio,
+            sampler,
+            key_prefix: self.key_prefix.as_bytes().to_vec(),
+            password: self.password.as_ref().map(|p| p.as_bytes().to_vec()),
+            connections: self.connections,
+            threads,
+            pipeline: self.pipeline,
+            rate: self.rate,
+            interval,
+            cycles_max: self.cycles,
+            warmup,
+            duration,
+            seed,
+            setup_max: SETUP_MAX,
+        };
+        Ok(Config {
+            target,
+            plan,
+            json: self.json,
+            quiet: self.quiet,
+        })
+    }
+}
+
+fn clock_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["livelock-loadgen"];
+        argv.extend_from_slice(args);
+        Args::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .validate()
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = parse(&["livelock://127.0.0.1:7873"]).unwrap();
+        let plan = config.plan;
+        assert_eq!(plan.connections, 50);
+        assert_eq!(plan.pipeline, 1);
+        assert_eq!(plan.sampler.keys(), 100_000);
+        assert_eq!(plan.duration, Duration::from_secs(10));
+        assert!(plan.interval.is_none());
+        assert!(!config.json);
+    }
+
+    #[test]
+    fn refuses_bad_values() {
+        for args in [
+            &["livelock://127.0.0.1:1", "--connections", "0"][..],
+            &["livelock://127.0.0.1:1", "--pipeline", "2000"],
+            &["livelock://127.0.0.1:1", "--pipeline", "8", "--keys", "4"],
+            &["livelock://127.0.0.1:1", "--zipf-s", "0"],
+            &["livelock://127.0.0.1:1", "--shared-ratio", "1.5"],
+            &["redis://127.0.0.1:1", "--shared-ratio", "0.5"],
+            &["livelock://127.0.0.1:1", "--wait-ms", "10"],
+            &["livelock://127.0.0.1:1", "--duration", "0"],
+            &["livelock://127.0.0.1:1", "--duration", "601"],
+            &[
+                "livelock://127.0.0.1:1",
+                "--duration",
+                "500",
+                "--warmup",
+                "200",
+            ],
+            &["livelock://127.0.0.1:1", "--rate", "0"],
+            &["livelock://127.0.0.1:1", "--cycles", "0"],
+            &["livelock://192.0.2.1:7873"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?}");
+        }
+        assert!(parse(&["livelock://192.0.2.1:7873", "--allow-remote"]).is_ok());
+        assert!(parse(&[
+            "livelock://127.0.0.1:1",
+            "--pipeline",
+            "8",
+            "--keys",
+            "4",
+            "--op",
+            "ping"
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn threads_never_exceed_connections() {
+        let plan = parse(&["livelock://127.0.0.1:1", "-c", "1", "-t", "8"])
+            .unwrap()
+            .plan;
+        assert_eq!(plan.threads, 1);
+    }
+
+    #[test]
+    fn rate_becomes_a_per_connection_interval() {
+        let plan = parse(&["livelock://127.0.0.1:1", "-c", "10", "--rate", "1000"])
+            .unwrap()
+            .plan;
+        assert_eq!(plan.interval, Some(Duration::from_millis(10)));
+    }
+}
