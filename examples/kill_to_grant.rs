@@ -19,7 +19,9 @@ use livelock::client::{AcquireOptions, Client, ClientOptions};
 fn main() {
     let mut args = std::env::args().skip(1);
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:7873".into());
-    let rounds: usize = args.next().map_or(20, |n| n.parse().expect("rounds is a number"));
+    let rounds: usize = args
+        .next()
+        .map_or(20, |n| n.parse().expect("rounds is a number"));
     let exe = std::env::current_exe().expect("own path");
     let livelock = exe
         .parent()
@@ -43,13 +45,18 @@ fn main() {
                 None => break,
                 Some(guard) => drop(guard),
             }
-            assert!(start.elapsed() < Duration::from_secs(10), "holder never got the lock");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "holder never got the lock"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         let mut pending = waiter
             .start_acquire(&name, AcquireOptions::default(), true)
             .expect("queue");
-        assert!(pending.wait_queued(Duration::from_secs(10)).expect("queued"));
+        assert!(pending
+            .wait_queued(Duration::from_secs(10))
+            .expect("queued"));
         let killed_at = Instant::now();
         // SAFETY: kill(2) on our own child.
         unsafe { libc::kill(holder.id() as libc::pid_t, libc::SIGKILL) };

@@ -287,13 +287,15 @@ pub struct EventLoop {
     now_ms: u64,
     /// Next time to scan the shard for the oldest hold (metrics).
     next_scan_ms: u64,
+    /// The loop the next accepted connection goes to (loop 0 accepts).
+    next_target: usize,
 }
 
-/// What a loop starts with: its listener and inbox, and what the dump
-/// gave back to it.
+/// What a loop starts with: its inbox, the listener (loop 0 only), and
+/// what the dump gave back to it.
 pub struct LoopStart {
     pub poll: Poll,
-    pub listener: TcpListener,
+    pub listener: Option<TcpListener>,
     pub inbox: Receiver<Msg>,
     pub table: LockTable,
     pub sessions: Sessions,
@@ -308,15 +310,17 @@ impl EventLoop {
             table,
             sessions,
         } = start;
-        poll.registry()
-            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        if let Some(listener) = listener.as_mut() {
+            poll.registry()
+                .register(listener, LISTENER, Interest::READABLE)?;
+        }
         let loops = shared.peers.len();
         assert_eq!(table.shard(), idx);
         Ok(EventLoop {
             idx,
             metrics: shared.metrics[idx].clone(),
             poll,
-            listener: Some(listener),
+            listener,
             inbox,
             conns: slab::Slab::new(),
             sessions,
@@ -333,6 +337,7 @@ impl EventLoop {
             shutdown_deadline_ms: None,
             now_ms: shared.clock.now_ms(),
             next_scan_ms: 0,
+            next_target: 0,
             shared,
         })
     }
@@ -367,6 +372,9 @@ impl EventLoop {
             self.fire_timers();
             self.send_outgoing();
             self.flush_dirty();
+            // Connections closed while flushing ended their sessions: tell
+            // the other shards now, not at the next wake-up.
+            self.send_outgoing();
             self.update_gauges();
             if let Some(deadline) = self.shutdown_deadline_ms {
                 if self.conns.is_empty() || self.now_ms >= deadline {
@@ -439,7 +447,23 @@ impl EventLoop {
             }
             self.metrics.inc_connections_accepted();
             let deadline = self.now_ms + self.shared.config.hello_timeout.as_millis() as u64;
-            self.add_connection(Connection::new(stream, deadline));
+            // Round robin over the loops: the connection's loop is the home
+            // of the sessions it opens.
+            let target = self.next_target;
+            self.next_target = (self.next_target + 1) % self.shared.peers.len();
+            if target == self.idx {
+                self.add_connection(Connection::new(stream, deadline));
+            } else {
+                let adoption = Adoption {
+                    stream,
+                    codec: Codec::Sniffing,
+                    authed: false,
+                    unread: Vec::new(),
+                    unwritten: Vec::new(),
+                    hello_deadline_ms: deadline,
+                };
+                self.outgoing[target].push_back(Msg::Adopt(Box::new(adoption)));
+            }
         }
     }
 
@@ -614,20 +638,22 @@ impl EventLoop {
     }
 
     fn flush_dirty(&mut self) {
-        let dirty = std::mem::take(&mut self.dirty);
-        for &token in &dirty {
-            if let Some(conn) = self.conns.get_mut(token.0) {
-                conn.dirty = false;
-                if conn.unwritten() > WRITE_BUFFER_MAX {
-                    // Owed replies piled up past the hard bound: the peer is stuck.
-                    self.close(token);
-                    continue;
+        // A close below can end a session whose locks go to waiters of this
+        // loop, which makes more connections dirty: flush those too.
+        while !self.dirty.is_empty() {
+            let dirty = std::mem::take(&mut self.dirty);
+            for &token in &dirty {
+                if let Some(conn) = self.conns.get_mut(token.0) {
+                    conn.dirty = false;
+                    if conn.unwritten() > WRITE_BUFFER_MAX {
+                        // Owed replies piled up past the hard bound: the peer is stuck.
+                        self.close(token);
+                        continue;
+                    }
+                    self.flush(token);
                 }
-                self.flush(token);
             }
         }
-        self.dirty = dirty;
-        self.dirty.clear();
     }
 
     /// Drops the connection; its session detaches (and ends without grace).

@@ -403,8 +403,10 @@ pub struct LockTable {
     client_names: HashMap<SessionId, Box<[u8]>>,
     /// Queued acquires: (session, request) → lock slot.
     waits: HashMap<(SessionId, RequestId), u32>,
-    /// (deadline, token) → lock slot, for holds with a lease.
-    lease_timers: BTreeMap<(u64, u64), u32>,
+    /// (deadline, token, lock slot) → lock slot, for holds with a lease. The
+    /// slot is in the key because tokens are unique per lock, not per shard:
+    /// holds restored from a dump taken with another loop count can share one.
+    lease_timers: BTreeMap<(u64, u64, u32), u32>,
     /// (deadline, seq) → (lock slot, session, request), for timed waits.
     wait_timers: BTreeMap<(u64, u64), (u32, SessionId, RequestId)>,
     wait_seq: u64,
@@ -497,7 +499,7 @@ impl LockTable {
             0
         } else {
             let deadline = now_ms + u64::from(lease_ms);
-            self.lease_timers.insert((deadline, token), idx);
+            self.lease_timers.insert((deadline, token, idx), idx);
             deadline
         };
         Hold {
@@ -655,7 +657,12 @@ impl LockTable {
             return true;
         };
         let lock = &mut self.locks[idx as usize];
-        if lock.mode != Mode::Shared || mode != Mode::Shared || lock.hold_of(session).is_some() {
+        if lock.mode != Mode::Shared
+            || mode != Mode::Shared
+            || lock
+                .holders()
+                .any(|h| h.session == session || h.token == token)
+        {
             return false;
         }
         lock.extra_mut().more.push(hold);
@@ -842,7 +849,7 @@ impl LockTable {
         };
         if hold.lease_deadline_ms != 0 {
             self.lease_timers
-                .remove(&(hold.lease_deadline_ms, hold.token));
+                .remove(&(hold.lease_deadline_ms, hold.token, idx));
         }
         self.unindex_session(session, idx);
         self.after_change(now_ms, idx, empty, out);
@@ -907,11 +914,11 @@ impl LockTable {
         };
         if hold.lease_deadline_ms != 0 {
             self.lease_timers
-                .remove(&(hold.lease_deadline_ms, hold.token));
+                .remove(&(hold.lease_deadline_ms, hold.token, idx));
         }
         hold.lease_deadline_ms = now_ms + u64::from(lease_ms);
         self.lease_timers
-            .insert((hold.lease_deadline_ms, hold.token), idx);
+            .insert((hold.lease_deadline_ms, hold.token, idx), idx);
         Outcome::Ok
     }
 
@@ -959,7 +966,7 @@ impl LockTable {
                 let (hold, empty) = lock.remove_hold(session).expect("hold present");
                 if hold.lease_deadline_ms != 0 {
                     self.lease_timers
-                        .remove(&(hold.lease_deadline_ms, hold.token));
+                        .remove(&(hold.lease_deadline_ms, hold.token, idx));
                 }
                 self.after_change(now_ms, idx, empty, out);
             } else {
@@ -991,13 +998,13 @@ impl LockTable {
                 .map(|(&key, &idx)| (key, idx));
             match (wait, lease) {
                 (Some(((deadline, _), (_, session, request_id))), lease)
-                    if deadline <= now_ms && lease.map_or(true, |((l, _), _)| deadline <= l) =>
+                    if deadline <= now_ms && lease.map_or(true, |((l, _, _), _)| deadline <= l) =>
                 {
                     let removed = self.remove_waiter(now_ms, session, request_id, out);
                     assert!(removed, "a wait timer outlived its waiter");
                     out.push(reply(session, request_id, Outcome::TimedOut, true));
                 }
-                (_, Some(((deadline, token), idx))) if deadline <= now_ms => {
+                (_, Some(((deadline, token, _), idx))) if deadline <= now_ms => {
                     let lock = &self.locks[idx as usize];
                     let hold = *lock
                         .holders()
@@ -1084,7 +1091,8 @@ impl LockTable {
                 assert!(hold.token <= self.last_token);
                 if hold.lease_deadline_ms != 0 {
                     assert_eq!(
-                        self.lease_timers.get(&(hold.lease_deadline_ms, hold.token)),
+                        self.lease_timers
+                            .get(&(hold.lease_deadline_ms, hold.token, idx)),
                         Some(&idx)
                     );
                 }

@@ -1,6 +1,5 @@
-//! Starting and stopping the server: one listener per loop on the same port
-//! (SO_REUSEPORT, so the kernel spreads connections over the loops), one
-//! thread per loop, the channels and wakers between them, the metrics
+//! Starting and stopping the server: one listener (on loop 0, which deals
+//! connections out to the loops round robin), one thread per loop, the channels and wakers between them, the metrics
 //! endpoint, and the state dump: read before the loops start, written after
 //! they stop.
 
@@ -43,13 +42,13 @@ impl Server {
     pub fn start(config: ServerConfig) -> io::Result<Server> {
         let loops = config.threads;
         assert!((1..=crate::limits::THREADS_MAX).contains(&loops));
-        let mut listeners = Vec::with_capacity(loops);
-        let mut addr = config.listen;
-        for _ in 0..loops {
-            let listener = bind_reuseport(addr)?;
-            addr = listener.local_addr()?;
-            listeners.push(listener);
-        }
+        // One listener, on loop 0, which deals connections out round robin.
+        // (Not SO_REUSEPORT: another process could join that group and
+        // receive a share of our clients.)
+        let listener = bind_listener(config.listen)?;
+        let addr = listener.local_addr()?;
+        let mut listeners: Vec<Option<TcpListener>> = (0..loops).map(|_| None).collect();
+        listeners[0] = Some(listener);
         let clock = Clock::new();
         let mut tables: Vec<LockTable> = (0..loops).map(|i| LockTable::new(i, loops)).collect();
         let mut sessions: Vec<Sessions> = (0..loops).map(Sessions::new).collect();
@@ -291,10 +290,9 @@ impl ShutdownHandle {
     }
 }
 
-fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
+fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;

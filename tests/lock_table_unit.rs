@@ -1323,6 +1323,21 @@ fn restore_hold_refuses_a_hold_that_conflicts() {
     assert_eq!(h.table.last_token(), 9);
 }
 
+/// Tokens are unique per lock, not per shard: a dump taken with another
+/// loop count restores holds from several old shards (each with its own
+/// counter) into one. Two such holds with one token, extended to the same
+/// deadline (one session extending both in one loop turn), must both expire.
+#[test]
+fn restored_holds_sharing_a_token_keep_both_leases() {
+    let mut h = Harness::new();
+    assert!(h.table.restore_hold(b"a", 1, X, 5, 0));
+    assert!(h.table.restore_hold(b"b", 2, X, 5, 0));
+    assert_eq!(h.extend(0, 1, 1, b"a", 10), [reply(1, 1, Outcome::Ok)]);
+    assert_eq!(h.extend(0, 2, 1, b"b", 10), [reply(2, 1, Outcome::Ok)]);
+    assert_eq!(h.tick(10), [lost(1, 5, b"a"), lost(2, 5, b"b")]);
+    assert_eq!(h.table.lock_count(), 0);
+}
+
 #[test]
 fn restore_signal_raises_a_signal_on_a_held_lock_without_pushing() {
     let mut h = Harness::new();

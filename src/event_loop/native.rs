@@ -118,8 +118,15 @@ impl EventLoop {
     fn handle_native(&mut self, token: Token, request_id: RequestId, request: Request<'_>) -> Flow {
         let session = self.conns[token.0].session;
         match (request, session) {
-            (Request::Ping, _) => {
-                self.reply_status(token, opcode::PING, request_id, Status::Ok, "");
+            (Request::Ping, session) => {
+                let in_flight = session
+                    .and_then(|id| self.sessions.get(id))
+                    .is_some_and(|s| s.pending.contains_key(&request_id));
+                let (status, message) = match in_flight {
+                    true => (Status::DuplicateRequestId, "request id already in flight"),
+                    false => (Status::Ok, ""),
+                };
+                self.reply_status(token, opcode::PING, request_id, status, message);
                 Flow::Continue
             }
             (Request::Hello { .. } | Request::Resume { .. }, Some(_)) => {
@@ -160,6 +167,18 @@ impl EventLoop {
             }
             (Request::Bye, Some(id)) => {
                 if let Some(session) = self.sessions.remove(id) {
+                    // Every request still in flight gets its one final
+                    // reply: Cancelled, since the session ends with BYE and
+                    // whatever it was granted is released with it.
+                    let out = self.wbuf(token);
+                    let mut pending: Vec<_> = session.pending.iter().collect();
+                    pending.sort_unstable_by_key(|(id, _)| **id);
+                    for (&pending_id, p) in pending {
+                        let PendingOp::Native(op) = p.op else {
+                            continue;
+                        };
+                        encode_outcome(out, op, pending_id, Outcome::Cancelled, true);
+                    }
                     self.end_session(session);
                 }
                 self.conns[token.0].session = None;

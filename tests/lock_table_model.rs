@@ -1,0 +1,817 @@
+//! Property test: one `LockTable` (one shard) against a tiny reference model.
+//!
+//! The model keeps every lock as a plain struct with `Vec`s of holders,
+//! waiters and signals, and answers each command by linear scans, following
+//! the rules as the table's docs state them: FIFO queues (a new request never
+//! passes a queued one), all shared waiters at the head granted together, one
+//! shard-wide token counter, a lock forgotten when its last holder goes (with
+//! its signals), deadlines fired one at a time, earliest first (a wait before
+//! a lease on a tie; waits in queue order, leases in token order on a tie).
+//!
+//! After every step the test compares the exact list of effects (the order of
+//! the pushes of one signal to a lock's holders is unspecified, so those are
+//! compared as a set), `inspect` of every name, the counters, the next
+//! deadline and the sessions' client names, and runs `check_invariants`.
+//!
+//! The one thing the model takes from the implementation is the order in
+//! which `EndSession` visits a session's locks: slot order, slots being reused
+//! last-freed first (as `slab` does). It matters because tokens are handed
+//! out in that order.
+
+use livelock::limits::SIGNALS_PER_LOCK_MAX;
+use livelock::lock_table::{
+    Acquire, Command, Effect, Hold, LockInfo, LockTable, Mode, Outcome, RequestId, SessionId,
+    SignalOp, Wait,
+};
+use proptest::prelude::*;
+
+const NAMES: [&[u8]; 3] = [b"alpha", b"beta", b"gamma"];
+const SIGNALS: [&[u8]; 3] = [b"stop", b"flush", b"reload"];
+const CLIENT_NAMES: [&[u8]; 2] = [b"worker", b""];
+/// Request ids a test command picks from (so ids of finished requests are
+/// reused); a pick that is queued already is replaced by a fresh id.
+const REQUEST_IDS: RequestId = 6;
+/// Fresh request ids start here; cancel targets that were never queued are
+/// below it and above `REQUEST_IDS`.
+const FRESH_ID_BASE: RequestId = 1_000;
+
+// ---- the reference model --------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct ModelWaiter {
+    session: SessionId,
+    request_id: RequestId,
+    mode: Mode,
+    lease_ms: u32,
+    deadline_ms: Option<u64>,
+    /// Order of queueing over the whole table (ties of wait deadlines).
+    seq: u64,
+}
+
+#[derive(Debug, Clone)]
+struct ModelLock {
+    name: Vec<u8>,
+    mode: Mode,
+    holders: Vec<Hold>,
+    waiters: Vec<ModelWaiter>,
+    signals: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    /// Locks by slot; `None` is a free slot.
+    slots: Vec<Option<ModelLock>>,
+    /// Free slots, the last freed on top.
+    free: Vec<usize>,
+    last_token: u64,
+    seq: u64,
+    /// Client names the sessions introduced themselves with.
+    client_names: Vec<(SessionId, Vec<u8>)>,
+}
+
+fn reply(session: SessionId, request_id: RequestId, outcome: Outcome, deferred: bool) -> Effect {
+    Effect::Reply {
+        session,
+        request_id,
+        outcome,
+        deferred,
+    }
+}
+
+impl Model {
+    fn slot_of(&self, name: &[u8]) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|slot| slot.as_ref().is_some_and(|lock| lock.name == name))
+    }
+
+    fn lock(&mut self, slot: usize) -> &mut ModelLock {
+        self.slots[slot].as_mut().unwrap()
+    }
+
+    fn new_hold(&mut self, session: SessionId, now_ms: u64, lease_ms: u32) -> Hold {
+        self.last_token += 1;
+        Hold {
+            session,
+            token: self.last_token,
+            since_ms: now_ms,
+            lease_deadline_ms: if lease_ms == 0 {
+                0
+            } else {
+                now_ms + u64::from(lease_ms)
+            },
+        }
+    }
+
+    /// After the holders or the queue of `slot` changed: grant the head of
+    /// the queue while it can go, and forget the lock if nobody holds it.
+    fn settle(&mut self, now_ms: u64, slot: usize, out: &mut Vec<Effect>) {
+        loop {
+            let lock = self.lock(slot);
+            let Some(head) = lock.waiters.first().cloned() else {
+                break;
+            };
+            let can_go =
+                lock.holders.is_empty() || (lock.mode == Mode::Shared && head.mode == Mode::Shared);
+            if !can_go {
+                break;
+            }
+            lock.waiters.remove(0);
+            let hold = self.new_hold(head.session, now_ms, head.lease_ms);
+            let lock = self.lock(slot);
+            lock.mode = head.mode;
+            lock.holders.push(hold);
+            out.push(reply(
+                head.session,
+                head.request_id,
+                Outcome::Granted { token: hold.token },
+                true,
+            ));
+        }
+        if self.lock(slot).holders.is_empty() {
+            assert!(self.lock(slot).waiters.is_empty());
+            self.slots[slot] = None;
+            self.free.push(slot);
+        }
+    }
+
+    fn apply(&mut self, now_ms: u64, command: Command<'_>, out: &mut Vec<Effect>) {
+        match command {
+            Command::Acquire(a) => self.acquire(now_ms, a, out),
+            Command::Release {
+                session,
+                request_id,
+                name,
+            } => {
+                let held = self.slot_of(name).and_then(|slot| {
+                    let at = self
+                        .lock(slot)
+                        .holders
+                        .iter()
+                        .position(|h| h.session == session)?;
+                    Some((slot, at))
+                });
+                let outcome = match held {
+                    Some((slot, at)) => {
+                        self.lock(slot).holders.remove(at);
+                        self.settle(now_ms, slot, out);
+                        Outcome::Ok
+                    }
+                    None => Outcome::NotHeld,
+                };
+                out.push(reply(session, request_id, outcome, false));
+            }
+            Command::Extend {
+                session,
+                request_id,
+                name,
+                lease_ms,
+            } => {
+                let hold = self.slot_of(name).and_then(|slot| {
+                    self.lock(slot)
+                        .holders
+                        .iter_mut()
+                        .find(|h| h.session == session)
+                });
+                let outcome = match hold {
+                    Some(hold) => {
+                        hold.lease_deadline_ms = now_ms + u64::from(lease_ms);
+                        Outcome::Ok
+                    }
+                    None => Outcome::NotHeld,
+                };
+                out.push(reply(session, request_id, outcome, false));
+            }
+            Command::Cancel {
+                session,
+                request_id,
+                target,
+            } => {
+                let outcome = match self.find_waiter(session, target) {
+                    Some((slot, at)) => {
+                        self.lock(slot).waiters.remove(at);
+                        self.settle(now_ms, slot, out);
+                        out.push(reply(session, target, Outcome::Cancelled, true));
+                        Outcome::Ok
+                    }
+                    None => Outcome::NoSuchRequest,
+                };
+                out.push(reply(session, request_id, outcome, false));
+            }
+            Command::Introduce {
+                session,
+                client_name,
+            } => {
+                self.client_names.retain(|(s, _)| *s != session);
+                self.client_names.push((session, client_name.to_vec()));
+            }
+            Command::EndSession { session } => {
+                self.client_names.retain(|(s, _)| *s != session);
+                for slot in 0..self.slots.len() {
+                    let Some(lock) = self.slots[slot].as_mut() else {
+                        continue;
+                    };
+                    let before = lock.holders.len() + lock.waiters.len();
+                    lock.holders.retain(|h| h.session != session);
+                    lock.waiters.retain(|w| w.session != session);
+                    if lock.holders.len() + lock.waiters.len() != before {
+                        self.settle(now_ms, slot, out);
+                    }
+                }
+            }
+            Command::Locked {
+                session,
+                request_id,
+                name,
+            } => {
+                let held = self.slot_of(name).is_some();
+                out.push(reply(session, request_id, Outcome::Bool(held), false));
+            }
+            Command::Signal {
+                session,
+                request_id,
+                name,
+                signal,
+                op,
+            } => {
+                let outcome = match self.slot_of(name) {
+                    None => Outcome::NoSuchLock,
+                    Some(slot) => {
+                        let lock = self.lock(slot);
+                        let set = lock.signals.iter().any(|s| s == signal);
+                        let outcome = match op {
+                            SignalOp::Exists => Outcome::Bool(set),
+                            SignalOp::Delete => {
+                                lock.signals.retain(|s| s != signal);
+                                Outcome::Bool(set)
+                            }
+                            SignalOp::Set { .. } if set => Outcome::Bool(true),
+                            SignalOp::Set { .. } if lock.signals.len() >= SIGNALS_PER_LOCK_MAX => {
+                                Outcome::TooManySignals
+                            }
+                            SignalOp::Set { .. } => {
+                                lock.signals.push(signal.to_vec());
+                                Outcome::Bool(true)
+                            }
+                        };
+                        if op == (SignalOp::Set { notify: true }) && outcome == Outcome::Bool(true)
+                        {
+                            for hold in &lock.holders {
+                                out.push(Effect::Signal {
+                                    session: hold.session,
+                                    name: name.into(),
+                                    signal: signal.into(),
+                                });
+                            }
+                        }
+                        outcome
+                    }
+                };
+                out.push(reply(session, request_id, outcome, false));
+            }
+        }
+    }
+
+    fn find_waiter(&self, session: SessionId, request_id: RequestId) -> Option<(usize, usize)> {
+        self.slots.iter().enumerate().find_map(|(slot, lock)| {
+            let at = lock
+                .as_ref()?
+                .waiters
+                .iter()
+                .position(|w| w.session == session && w.request_id == request_id)?;
+            Some((slot, at))
+        })
+    }
+
+    fn acquire(&mut self, now_ms: u64, a: Acquire<'_>, out: &mut Vec<Effect>) {
+        let Some(slot) = self.slot_of(a.name) else {
+            let hold = self.new_hold(a.session, now_ms, a.lease_ms);
+            let lock = ModelLock {
+                name: a.name.to_vec(),
+                mode: a.mode,
+                holders: vec![hold],
+                waiters: Vec::new(),
+                signals: Vec::new(),
+            };
+            match self.free.pop() {
+                Some(slot) => self.slots[slot] = Some(lock),
+                None => self.slots.push(Some(lock)),
+            }
+            out.push(reply(
+                a.session,
+                a.request_id,
+                Outcome::Granted { token: hold.token },
+                false,
+            ));
+            return;
+        };
+        let lock = self.lock(slot);
+        let outcome = if let Some(hold) = lock.holders.iter().find(|h| h.session == a.session) {
+            if a.reentrant && lock.mode == a.mode {
+                Outcome::Reentered { token: hold.token }
+            } else {
+                Outcome::AlreadyHeld
+            }
+        } else if lock.waiters.iter().any(|w| w.session == a.session) {
+            Outcome::AlreadyHeld
+        } else if lock.mode == Mode::Shared && a.mode == Mode::Shared && lock.waiters.is_empty() {
+            let hold = self.new_hold(a.session, now_ms, a.lease_ms);
+            self.lock(slot).holders.push(hold);
+            Outcome::Granted { token: hold.token }
+        } else if a.wait == Wait::Try {
+            Outcome::Busy
+        } else {
+            self.seq += 1;
+            let waiter = ModelWaiter {
+                session: a.session,
+                request_id: a.request_id,
+                mode: a.mode,
+                lease_ms: a.lease_ms,
+                deadline_ms: match a.wait {
+                    Wait::Until(deadline) => Some(deadline),
+                    _ => None,
+                },
+                seq: self.seq,
+            };
+            self.lock(slot).waiters.push(waiter);
+            if !a.notify_queued {
+                return;
+            }
+            Outcome::Queued
+        };
+        out.push(reply(a.session, a.request_id, outcome, false));
+    }
+
+    fn tick(&mut self, now_ms: u64, out: &mut Vec<Effect>) {
+        loop {
+            // The earliest due wait and the earliest due lease.
+            let mut wait: Option<(u64, u64, usize, usize)> = None;
+            let mut lease: Option<(u64, u64, usize, usize)> = None;
+            for (slot, lock) in self.slots.iter().enumerate() {
+                let Some(lock) = lock else { continue };
+                for (at, w) in lock.waiters.iter().enumerate() {
+                    if let Some(deadline) = w.deadline_ms.filter(|&d| d <= now_ms) {
+                        let key = (deadline, w.seq, slot, at);
+                        wait = Some(wait.map_or(key, |k| k.min(key)));
+                    }
+                }
+                for (at, h) in lock.holders.iter().enumerate() {
+                    if h.lease_deadline_ms != 0 && h.lease_deadline_ms <= now_ms {
+                        let key = (h.lease_deadline_ms, h.token, slot, at);
+                        lease = Some(lease.map_or(key, |k| k.min(key)));
+                    }
+                }
+            }
+            match (wait, lease) {
+                (Some((deadline, _, slot, at)), lease)
+                    if lease.map_or(true, |(l, ..)| deadline <= l) =>
+                {
+                    let waiter = self.lock(slot).waiters.remove(at);
+                    self.settle(now_ms, slot, out);
+                    out.push(reply(
+                        waiter.session,
+                        waiter.request_id,
+                        Outcome::TimedOut,
+                        true,
+                    ));
+                }
+                (_, Some((_, token, slot, at))) => {
+                    let lock = self.lock(slot);
+                    let name = lock.name.clone();
+                    let hold = lock.holders.remove(at);
+                    self.settle(now_ms, slot, out);
+                    out.push(Effect::LockLost {
+                        session: hold.session,
+                        token,
+                        name: name.into(),
+                    });
+                }
+                _ => break,
+            }
+        }
+    }
+
+    fn inspect(&self, name: &[u8]) -> Option<LockInfo> {
+        let lock = self.slots[self.slot_of(name)?].as_ref().unwrap();
+        Some(LockInfo {
+            name: lock.name.clone().into(),
+            mode: lock.mode,
+            holders: lock.holders.clone(),
+            waiters: lock.waiters.len(),
+            signals: lock.signals.iter().map(|s| s.clone().into()).collect(),
+        })
+    }
+
+    fn locks(&self) -> impl Iterator<Item = &ModelLock> {
+        self.slots.iter().flatten()
+    }
+
+    fn next_deadline(&self) -> Option<u64> {
+        let waits = self
+            .locks()
+            .flat_map(|l| l.waiters.iter().filter_map(|w| w.deadline_ms));
+        let leases = self.locks().flat_map(|l| {
+            l.holders
+                .iter()
+                .map(|h| h.lease_deadline_ms)
+                .filter(|&d| d != 0)
+        });
+        waits.chain(leases).min()
+    }
+
+    fn client_name(&self, session: SessionId) -> Option<&[u8]> {
+        self.client_names
+            .iter()
+            .find(|(s, _)| *s == session)
+            .map(|(_, name)| &name[..])
+    }
+
+    fn is_queued(&self, session: SessionId, request_id: RequestId) -> bool {
+        self.find_waiter(session, request_id).is_some()
+    }
+
+    /// The session's queued request ids, oldest first.
+    fn queued_of(&self, session: SessionId) -> Vec<RequestId> {
+        let mut queued: Vec<(u64, RequestId)> = self
+            .locks()
+            .flat_map(|l| l.waiters.iter())
+            .filter(|w| w.session == session)
+            .map(|w| (w.seq, w.request_id))
+            .collect();
+        queued.sort_unstable();
+        queued.into_iter().map(|(_, id)| id).collect()
+    }
+}
+
+// ---- the operations -------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+enum WaitPick {
+    Try,
+    /// Until now + this many ms.
+    In(u8),
+    Forever,
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Acquire {
+        session: SessionId,
+        request_id: RequestId,
+        name: usize,
+        exclusive: bool,
+        wait: WaitPick,
+        lease_ms: u32,
+        reentrant: bool,
+        notify_queued: bool,
+    },
+    Release {
+        session: SessionId,
+        request_id: RequestId,
+        name: usize,
+    },
+    Extend {
+        session: SessionId,
+        request_id: RequestId,
+        name: usize,
+        lease_ms: u32,
+    },
+    /// Cancel the session's `pick`-th queued acquire, or one never queued.
+    Cancel {
+        session: SessionId,
+        request_id: RequestId,
+        pick: usize,
+    },
+    EndSession {
+        session: SessionId,
+    },
+    Introduce {
+        session: SessionId,
+        client_name: usize,
+    },
+    Locked {
+        session: SessionId,
+        request_id: RequestId,
+        name: usize,
+    },
+    Signal {
+        session: SessionId,
+        request_id: RequestId,
+        name: usize,
+        signal: usize,
+        op: SignalOp,
+    },
+    /// Time passes by this many ms, then the table ticks.
+    Advance(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let session = 0..5u64;
+    let request_id = 1..=REQUEST_IDS;
+    let name = 0..NAMES.len();
+    let wait = prop_oneof![
+        2 => Just(WaitPick::Try),
+        3 => (0..20u8).prop_map(WaitPick::In),
+        2 => Just(WaitPick::Forever),
+    ];
+    let lease_ms = prop_oneof![2 => Just(0u32), 1 => 1..25u32];
+    let signal_op = prop_oneof![
+        Just(SignalOp::Set { notify: false }),
+        Just(SignalOp::Set { notify: true }),
+        Just(SignalOp::Exists),
+        Just(SignalOp::Delete),
+    ];
+    prop_oneof![
+        8 => (
+            session.clone(),
+            request_id.clone(),
+            name.clone(),
+            any::<bool>(),
+            wait,
+            lease_ms,
+            prop::bool::weighted(0.2),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(session, request_id, name, exclusive, wait, lease_ms, reentrant, notify_queued)| {
+                    Op::Acquire {
+                        session,
+                        request_id,
+                        name,
+                        exclusive,
+                        wait,
+                        lease_ms,
+                        reentrant,
+                        notify_queued,
+                    }
+                }
+            ),
+        4 => (session.clone(), request_id.clone(), name.clone()).prop_map(
+            |(session, request_id, name)| Op::Release {
+                session,
+                request_id,
+                name,
+            }
+        ),
+        1 => (session.clone(), request_id.clone(), name.clone(), 1..25u32).prop_map(
+            |(session, request_id, name, lease_ms)| Op::Extend {
+                session,
+                request_id,
+                name,
+                lease_ms,
+            }
+        ),
+        2 => (session.clone(), request_id.clone(), prop_oneof![3 => Just(0usize), 1 => 1..4usize]).prop_map(
+            |(session, request_id, pick)| Op::Cancel {
+                session,
+                request_id,
+                pick,
+            }
+        ),
+        1 => session.clone().prop_map(|session| Op::EndSession { session }),
+        1 => (session.clone(), 0..CLIENT_NAMES.len()).prop_map(|(session, client_name)| {
+            Op::Introduce {
+                session,
+                client_name,
+            }
+        }),
+        1 => (session.clone(), request_id.clone(), name.clone()).prop_map(
+            |(session, request_id, name)| Op::Locked {
+                session,
+                request_id,
+                name,
+            }
+        ),
+        2 => (session, request_id, name, 0..SIGNALS.len(), signal_op).prop_map(
+            |(session, request_id, name, signal, op)| Op::Signal {
+                session,
+                request_id,
+                name,
+                signal,
+                op,
+            }
+        ),
+        4 => prop_oneof![Just(0u64), 1..8u64, Just(30u64)].prop_map(Op::Advance),
+    ]
+}
+
+// ---- the comparison -------------------------------------------------------
+
+/// Pushes of one signal to a lock's holders come in an unspecified order:
+/// sort each run of consecutive signal pushes.
+fn normalize(mut effects: Vec<Effect>) -> Vec<Effect> {
+    let mut start = 0;
+    while start < effects.len() {
+        let mut end = start;
+        while end < effects.len() && matches!(effects[end], Effect::Signal { .. }) {
+            end += 1;
+        }
+        effects[start..end].sort_by_key(Effect::session);
+        start = end + 1;
+    }
+    effects
+}
+
+/// Holders and signals of a lock are sets.
+fn normalize_info(info: Option<LockInfo>) -> Option<LockInfo> {
+    info.map(|mut info| {
+        info.holders.sort_by_key(|h| h.token);
+        info.signals.sort();
+        info
+    })
+}
+
+struct Run {
+    table: LockTable,
+    model: Model,
+    now_ms: u64,
+    fresh_id: RequestId,
+}
+
+impl Run {
+    /// `request_id`, unless the session has it queued: then a fresh one.
+    fn id(&mut self, session: SessionId, request_id: RequestId) -> RequestId {
+        if self.model.is_queued(session, request_id) {
+            self.fresh_id += 1;
+            self.fresh_id
+        } else {
+            request_id
+        }
+    }
+
+    fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
+        let now_ms = self.now_ms;
+        let command = match *op {
+            Op::Acquire {
+                session,
+                request_id,
+                name,
+                exclusive,
+                wait,
+                lease_ms,
+                reentrant,
+                notify_queued,
+            } => Command::Acquire(Acquire {
+                session,
+                request_id: self.id(session, request_id),
+                name: NAMES[name],
+                mode: if exclusive {
+                    Mode::Exclusive
+                } else {
+                    Mode::Shared
+                },
+                wait: match wait {
+                    WaitPick::Try => Wait::Try,
+                    WaitPick::In(ms) => Wait::Until(now_ms + u64::from(ms)),
+                    WaitPick::Forever => Wait::Forever,
+                },
+                lease_ms,
+                reentrant,
+                notify_queued,
+            }),
+            Op::Release {
+                session,
+                request_id,
+                name,
+            } => Command::Release {
+                session,
+                request_id: self.id(session, request_id),
+                name: NAMES[name],
+            },
+            Op::Extend {
+                session,
+                request_id,
+                name,
+                lease_ms,
+            } => Command::Extend {
+                session,
+                request_id: self.id(session, request_id),
+                name: NAMES[name],
+                lease_ms,
+            },
+            Op::Cancel {
+                session,
+                request_id,
+                pick,
+            } => {
+                let queued = self.model.queued_of(session);
+                let target = match queued.get(pick) {
+                    Some(&target) => target,
+                    None => REQUEST_IDS + 1 + pick as RequestId,
+                };
+                Command::Cancel {
+                    session,
+                    request_id: self.id(session, request_id),
+                    target,
+                }
+            }
+            Op::EndSession { session } => Command::EndSession { session },
+            Op::Introduce {
+                session,
+                client_name,
+            } => Command::Introduce {
+                session,
+                client_name: CLIENT_NAMES[client_name],
+            },
+            Op::Locked {
+                session,
+                request_id,
+                name,
+            } => Command::Locked {
+                session,
+                request_id: self.id(session, request_id),
+                name: NAMES[name],
+            },
+            Op::Signal {
+                session,
+                request_id,
+                name,
+                signal,
+                op,
+            } => Command::Signal {
+                session,
+                request_id: self.id(session, request_id),
+                name: NAMES[name],
+                signal: SIGNALS[signal],
+                op,
+            },
+            Op::Advance(ms) => {
+                self.now_ms += ms;
+                let (mut got, mut want) = (Vec::new(), Vec::new());
+                self.table.tick(self.now_ms, &mut got);
+                self.model.tick(self.now_ms, &mut want);
+                prop_assert_eq!(normalize(got), normalize(want), "tick at {}", self.now_ms);
+                return self.compare();
+            }
+        };
+        let (mut got, mut want) = (Vec::new(), Vec::new());
+        self.table.apply(now_ms, command, &mut got);
+        self.model.apply(now_ms, command, &mut want);
+        prop_assert_eq!(
+            normalize(got),
+            normalize(want),
+            "{:?} at {}",
+            command,
+            now_ms
+        );
+        self.compare()
+    }
+
+    fn compare(&self) -> Result<(), TestCaseError> {
+        self.table.check_invariants();
+        for name in NAMES {
+            prop_assert_eq!(
+                normalize_info(self.table.inspect(name)),
+                normalize_info(self.model.inspect(name)),
+                "inspect {}",
+                String::from_utf8_lossy(name)
+            );
+        }
+        prop_assert_eq!(self.table.lock_count(), self.model.locks().count());
+        prop_assert_eq!(
+            self.table.waiter_count(),
+            self.model.locks().map(|l| l.waiters.len()).sum::<usize>()
+        );
+        prop_assert_eq!(self.table.last_token(), self.model.last_token);
+        for session in 0..5 {
+            prop_assert_eq!(
+                self.table.client_name(session),
+                self.model.client_name(session)
+            );
+        }
+        prop_assert_eq!(self.table.next_deadline(), self.model.next_deadline());
+        prop_assert_eq!(
+            self.table.oldest_hold_ms(),
+            self.model
+                .locks()
+                .flat_map(|l| l.holders.iter())
+                .map(|h| h.since_ms)
+                .min()
+        );
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn table_matches_the_reference_model(ops in prop::collection::vec(op(), 1..160)) {
+        let mut run = Run {
+            table: LockTable::new(0, 1),
+            model: Model::default(),
+            now_ms: 100,
+            fresh_id: FRESH_ID_BASE,
+        };
+        for op in &ops {
+            run.step(op)?;
+        }
+        // Everyone leaves: the table forgets everything.
+        for session in 0..5 {
+            run.step(&Op::EndSession { session })?;
+        }
+        prop_assert_eq!(run.table.lock_count(), 0);
+        prop_assert_eq!(run.table.waiter_count(), 0);
+        prop_assert_eq!(run.table.next_deadline(), None);
+    }
+}
