@@ -70,22 +70,15 @@ fn rss_bytes(pid: u32) -> u64 {
 fn read_replies(stream: &mut TcpStream, buf: &mut Vec<u8>, mut count: usize) {
     let mut chunk = vec![0u8; 64 * 1024];
     while count > 0 {
-        loop {
-            match protocol::decode_reply(buf).expect("a well-formed reply") {
-                DecodedReply::Frame { consumed, reply } => {
-                    assert_eq!(
-                        reply.status,
-                        Status::Ok,
-                        "a lock was refused: {:?}",
-                        reply.status
-                    );
-                    buf.drain(..consumed);
-                    count -= 1;
-                    if count == 0 {
-                        return;
-                    }
-                }
-                DecodedReply::Incomplete => break,
+        while let DecodedReply::Frame { consumed, reply } =
+            protocol::decode_reply(buf).expect("a well-formed reply")
+        {
+            let status = reply.status;
+            assert_eq!(status, Status::Ok, "a lock was refused: {status:?}");
+            buf.drain(..consumed);
+            count -= 1;
+            if count == 0 {
+                return;
             }
         }
         let n = stream.read(&mut chunk).expect("read");
