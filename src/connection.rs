@@ -113,7 +113,16 @@ impl Connection {
                     self.rbuf.truncate(start);
                     return Ok(ReadState::Eof);
                 }
-                Ok(n) => self.rbuf.truncate(start + n),
+                Ok(n) => {
+                    self.rbuf.truncate(start + n);
+                    if n < room {
+                        // The socket had less than we asked for: it is empty
+                        // now. With edge-triggered epoll the next arrival
+                        // raises a new event, so the read that would only
+                        // say WouldBlock is skipped (one syscall per request).
+                        return Ok(ReadState::Drained);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.rbuf.truncate(start);
                     return Ok(ReadState::Drained);
