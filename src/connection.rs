@@ -57,6 +57,8 @@ pub struct Connection {
     pub ready: bool,
     /// The peer sent FIN: decode what is left, then close.
     pub eof: bool,
+    /// The poller saw the peer's FIN: read to the end, not just one short read.
+    pub peer_closed: bool,
     /// LiveLock protocol: PASS was given, or no password is set.
     pub authed: bool,
     /// LiveLock protocol: a command is being answered; the next one waits.
@@ -79,6 +81,7 @@ impl Connection {
             dirty: false,
             ready: false,
             eof: false,
+            peer_closed: false,
             authed: false,
             awaiting: false,
         }
@@ -115,7 +118,7 @@ impl Connection {
                 }
                 Ok(n) => {
                     self.rbuf.truncate(start + n);
-                    if n < room {
+                    if n < room && !self.peer_closed {
                         // The socket had less than we asked for: it is empty
                         // now. With edge-triggered epoll the next arrival
                         // raises a new event, so the read that would only

@@ -361,6 +361,11 @@ impl EventLoop {
                         if event.is_writable() {
                             self.flush(token);
                         }
+                        if event.is_read_closed() || event.is_error() {
+                            if let Some(conn) = self.conns.get_mut(token.0) {
+                                conn.peer_closed = true;
+                            }
+                        }
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.mark_ready(token);
                         }
