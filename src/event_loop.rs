@@ -40,7 +40,7 @@ use crate::limits::{
     CONNECTIONS_MAX, FRAMES_PER_TURN_MAX, OUTBOX_PARK_MAX, SHUTDOWN_FLUSH_MS, WRITE_BUFFER_MAX,
     WRITE_BUFFER_PAUSE,
 };
-use crate::lock_table::{shard_for, Command, Effect, LockTable, Outcome, SessionId};
+use crate::lock_table::{shard_for, Command, Effect, ListOrder, LockTable, Outcome, SessionId};
 use crate::metrics::LoopMetrics;
 use crate::protocol::{self, opcode, Mode, Status, SECRET_LEN};
 use crate::session::{home_of, PendingOp, Session, Sessions};
@@ -188,8 +188,9 @@ pub enum Query {
 pub enum QueryPart {
     /// (name, grant time in server-clock ms) of matching locks.
     Find(Vec<(Box<[u8]>, u64)>),
-    /// Encoded lock records (`protocol::put_lock_record`), with their names.
-    Records(Vec<(Box<[u8]>, Vec<u8>)>),
+    /// Encoded lock records (`protocol::put_lock_record`), with their
+    /// names, and whether the shard had more matches than the limit.
+    Records(Vec<(Box<[u8]>, Vec<u8>)>, bool),
     Stats(ShardStats),
 }
 
@@ -252,6 +253,8 @@ struct Gather {
     query: Query,
     found: Vec<(Box<[u8]>, u64)>,
     records: Vec<(Box<[u8]>, Vec<u8>)>,
+    /// Some matches were left out (LIST limit).
+    truncated: bool,
     stats: ShardStats,
 }
 
@@ -729,6 +732,13 @@ impl EventLoop {
 
     /// Tells every shard the session touched that it is over.
     fn end_session(&mut self, session: Session) {
+        // LiveLock connections still waiting for an answer get one now
+        // (the session is gone, so its replies would be dropped).
+        for pending in session.pending.values() {
+            if let PendingOp::Resp(op) = pending.op {
+                self.resp_session_ended(pending.conn, session.id, op);
+            }
+        }
         let mut touched = session.touched;
         while touched != 0 {
             let shard = touched.trailing_zeros() as usize;
@@ -1026,6 +1036,7 @@ impl EventLoop {
                 query: query.clone(),
                 found: Vec::new(),
                 records: Vec::new(),
+                truncated: false,
                 stats: ShardStats::default(),
             },
         );
@@ -1048,9 +1059,12 @@ impl EventLoop {
         match query {
             Query::Find { pattern, limit } => {
                 let glob = crate::glob::Glob::new(pattern);
-                let found = self
-                    .table
-                    .list(|name| glob.matches(name), *limit)
+                let (infos, _) = self.table.list_first(
+                    |name| glob.matches(name),
+                    *limit,
+                    ListOrder::OldestGrant,
+                );
+                let found = infos
                     .into_iter()
                     .map(|info| {
                         let since = info.holders.iter().map(|h| h.since_ms).min().unwrap_or(0);
@@ -1061,12 +1075,18 @@ impl EventLoop {
             }
             Query::List { pattern, limit } => {
                 let glob = crate::glob::Glob::new(pattern);
-                let infos = self.table.list(|name| glob.matches(name), *limit);
-                QueryPart::Records(infos.into_iter().map(|info| self.record(info)).collect())
+                let (infos, cut) =
+                    self.table
+                        .list_first(|name| glob.matches(name), *limit, ListOrder::Name);
+                let records = infos.into_iter().map(|info| self.record(info)).collect();
+                QueryPart::Records(records, cut)
             }
             Query::Inspect { name } => {
                 let info = self.table.inspect(name);
-                QueryPart::Records(info.into_iter().map(|info| self.record(info)).collect())
+                QueryPart::Records(
+                    info.into_iter().map(|info| self.record(info)).collect(),
+                    false,
+                )
             }
             Query::Stats => {
                 let (attached, detached) = self.sessions.counts();
@@ -1105,7 +1125,10 @@ impl EventLoop {
         };
         match part {
             QueryPart::Find(found) => gather.found.extend(found),
-            QueryPart::Records(records) => gather.records.extend(records),
+            QueryPart::Records(records, cut) => {
+                gather.records.extend(records);
+                gather.truncated |= cut;
+            }
             QueryPart::Stats(stats) => {
                 gather.stats.locks += stats.locks;
                 gather.stats.waiters += stats.waiters;
@@ -1126,6 +1149,7 @@ impl EventLoop {
             }
             Query::List { limit, .. } => {
                 gather.records.sort_by(|a, b| a.0.cmp(&b.0));
+                gather.truncated |= gather.records.len() > *limit;
                 gather.records.truncate(*limit);
             }
             Query::Inspect { .. } | Query::Stats => {}

@@ -379,6 +379,15 @@ impl Lock {
     }
 }
 
+/// The order of `LockTable::list_first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListOrder {
+    /// By name (native LIST).
+    Name,
+    /// Oldest grant first, then by name (LiveLock FIND).
+    OldestGrant,
+}
+
 /// A view of one lock for inspection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockInfo {
@@ -1061,6 +1070,40 @@ impl LockTable {
             }
         }
         found
+    }
+
+    /// The `limit` first locks passing `filter` in `key` order (name, or
+    /// oldest grant time), and whether more matched. One pass over the
+    /// shard, keeping only `limit` candidates.
+    pub fn list_first(
+        &self,
+        mut filter: impl FnMut(&[u8]) -> bool,
+        limit: usize,
+        order: ListOrder,
+    ) -> (Vec<LockInfo>, bool) {
+        let mut best: std::collections::BinaryHeap<(u64, &[u8], u32)> = Default::default();
+        let mut matched = 0usize;
+        for (idx, lock) in self.locks.iter() {
+            if !filter(&lock.name) {
+                continue;
+            }
+            matched += 1;
+            let since = match order {
+                ListOrder::Name => 0,
+                ListOrder::OldestGrant => lock.holders().map(|h| h.since_ms).min().unwrap_or(0),
+            };
+            best.push((since, &lock.name, idx as u32));
+            if best.len() > limit {
+                best.pop();
+            }
+        }
+        let mut picked = best.into_vec();
+        picked.sort_unstable();
+        let infos = picked
+            .into_iter()
+            .map(|(_, _, idx)| self.info(idx))
+            .collect();
+        (infos, matched > limit)
     }
 
     /// Checks every invariant of the table (tests and simulation).

@@ -880,7 +880,7 @@ pub fn encode_signal(out: &mut Vec<u8>, name: &[u8], signal: &[u8]) {
     let body_len = u32::try_from(body_len).expect("signal push fits a frame");
     encode_header(
         out,
-        opcode::SIGNAL,
+        opcode::SIGNALLED,
         flags::REPLY | flags::PUSH,
         Status::Ok,
         0,
@@ -1508,6 +1508,24 @@ mod tests {
                 result: Err(Status::BadVersion)
             })
         );
+    }
+
+    #[test]
+    fn signal_push_bytes() {
+        let mut out = Vec::new();
+        encode_signal(&mut out, b"x", b"go");
+        assert_eq!(
+            out,
+            [
+                0xF1, 0x4C, 0x01, 0x43, 0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x05, 0x00,
+                0x00, 0x00, 0x01, 0x00, b'x', b'g', b'o'
+            ]
+        );
+        let DecodedReply::Frame { reply, .. } = decode_reply(&out).unwrap() else {
+            panic!("whole frame")
+        };
+        assert_eq!(reply.opcode, opcode::SIGNALLED);
+        assert_eq!(parse_signal_body(reply.body), Some((&b"x"[..], &b"go"[..])));
     }
 
     #[test]

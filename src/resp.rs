@@ -28,6 +28,8 @@ pub const ARGS_MAX: usize = 8;
 pub struct Args<'a> {
     parts: [&'a [u8]; ARGS_MAX],
     len: usize,
+    /// Bit i: part i was a RESP integer or double, not a string.
+    non_text: u8,
 }
 
 impl<'a> Args<'a> {
@@ -39,6 +41,18 @@ impl<'a> Args<'a> {
             args.push(part);
         }
         args
+    }
+
+    fn push_non_text(&mut self, part: &'a [u8]) {
+        if self.len < ARGS_MAX {
+            self.non_text |= 1 << self.len;
+        }
+        self.push(part);
+    }
+
+    /// Whether part `i` was sent as a string (bulk or inline), not a number.
+    pub fn is_text(&self, i: usize) -> bool {
+        i >= ARGS_MAX || self.non_text & (1 << i) == 0
     }
 
     fn push(&mut self, part: &'a [u8]) {
@@ -238,6 +252,24 @@ fn decode_array(buf: &[u8], max_payload: usize) -> Result<Decoded<'_>, ProtocolE
         match buf.get(pos) {
             None => return Ok(Decoded::Incomplete),
             Some(b'$') => {}
+            Some(b':' | b',') => {
+                // A RESP integer or double (the Python client packs numbers
+                // so): an argument, but not a string, so the command answers
+                // -2 and the connection goes on (as with server.py).
+                let window = &buf[..buf.len().min(max_payload)];
+                let line = window.get(pos + 1..).unwrap_or_default();
+                let Some(cr) = line.windows(2).position(|w| w == b"\r\n") else {
+                    return if buf.len() >= max_payload {
+                        Err(ProtocolError::TooLarge)
+                    } else {
+                        Ok(Decoded::Incomplete)
+                    };
+                };
+                let end = pos + 1 + cr;
+                args.push_non_text(&buf[pos + 1..end]);
+                pos = end + 2;
+                continue;
+            }
             Some(_) => return Err(ProtocolError::BadType),
         }
         let rest = (count - k - 1).saturating_mul(MIN_BULK);
@@ -476,30 +508,34 @@ fn text_arg(arg: Option<&[u8]>) -> Result<&[u8], ErrorCode> {
 pub fn parse_command<'a>(args: &Args<'a>) -> Result<Command<'a>, ErrorCode> {
     let verb = args.get(0).ok_or(ErrorCode::UnknownCommand)?;
     let argc = args.len() - 1;
+    let text = |i: usize| match args.is_text(i) {
+        true => text_arg(args.get(i)),
+        false => Err(ErrorCode::WrongArgs),
+    };
     let one = || {
         if argc == 1 {
-            text_arg(args.get(1))
+            text(1)
         } else {
             Err(ErrorCode::WrongArgs)
         }
     };
     let two = || {
         if argc == 2 {
-            Ok((text_arg(args.get(1))?, text_arg(args.get(2))?))
+            Ok((text(1)?, text(2)?))
         } else {
             Err(ErrorCode::WrongArgs)
         }
     };
     Ok(match lookup_verb(verb).ok_or(ErrorCode::UnknownCommand)? {
         Verb::Pass => match args.get(1) {
-            Some(p) if argc == 1 && !p.is_empty() => Command::Pass(p),
+            Some(p) if argc == 1 && !p.is_empty() && args.is_text(1) => Command::Pass(p),
             _ => return Err(ErrorCode::WrongPassword),
         },
         Verb::Conn => {
             if argc == 0 {
                 Command::Conn(None)
             } else {
-                Command::Conn(Some(text_arg(args.get(1))?))
+                Command::Conn(Some(text(1)?))
             }
         }
         Verb::ConnInfo => Command::ConnInfo(one()?),
@@ -1006,6 +1042,33 @@ mod tests {
     }
 
     #[test]
+    fn numbers_are_arguments_but_not_text() {
+        for input in [
+            &b"*2\r\n$2\r\nAQ\r\n:123\r\n"[..],
+            b"*2\r\n$2\r\nAQ\r\n,1.5\r\n",
+        ] {
+            let Ok(Decoded::Command { consumed, args }) = decode(input, 1024) else {
+                panic!("{input:?} decodes");
+            };
+            assert_eq!(consumed, input.len());
+            assert!(args.is_text(0) && !args.is_text(1));
+            assert_eq!(parse_command(&args), Err(ErrorCode::WrongArgs));
+        }
+        let Ok(Decoded::Command { args, .. }) = decode(b"*2\r\n$4\r\nPASS\r\n:1\r\n", 1024) else {
+            panic!("decodes");
+        };
+        assert_eq!(parse_command(&args), Err(ErrorCode::WrongPassword));
+        assert!(matches!(
+            decode(b"*2\r\n$2\r\nAQ\r\n:12", 1024),
+            Ok(Decoded::Incomplete)
+        ));
+        assert_eq!(
+            decode(b"*2\r\n$2\r\nAQ\r\n:1234567890", 16).unwrap_err(),
+            ProtocolError::TooLarge
+        );
+    }
+
+    #[test]
     fn protocol_errors() {
         use ProtocolError::*;
         assert_eq!(err(b"*x\r\n"), BadLength);
@@ -1024,10 +1087,7 @@ mod tests {
         assert_eq!(err(b"$-1\r\n\r\n"), NegativeLength);
         assert_eq!(err(b"*0\r\n"), EmptyArray);
         assert_eq!(err(b"*00\r\n"), EmptyArray);
-        assert_eq!(err(b"*1\r\n:1\r\n"), BadType);
-        assert_eq!(err(b"*2\r\n$2\r\nAQ\r\n:1\r\n"), BadType);
         assert_eq!(err(b"*1\r\n*1\r\n$4\r\nPING\r\n"), BadType);
-        assert_eq!(err(b"*1\r\n,1.5\r\n"), BadType);
         assert_eq!(err(b"*1\r\n+PING\r\n"), BadType);
         assert_eq!(err(b"*1\r\nPING\r\n"), BadType);
         assert_eq!(err(b":1\r\n"), BadType);

@@ -19,7 +19,7 @@ use crate::config::ServerConfig;
 use crate::dump::{self, Dump};
 use crate::event_loop::{Clock, EventLoop, LoopStart, Peer, Shared};
 use crate::limits::INBOX_MAX;
-use crate::lock_table::{shard_for, LockTable, Mode};
+use crate::lock_table::{shard_for, Command, LockTable, Mode};
 use crate::metrics::{LoopMetrics, ServerMetrics};
 use crate::session::{home_of, Sessions};
 
@@ -204,43 +204,57 @@ fn restore(
 ) {
     let loops = tables.len();
     let until_ms = now_ms + config.release_all_timeout.as_millis() as u64 + 1000;
-    let mut kept = hashbrown::HashSet::new();
+    // Dumped session id → (restored id, home loop).
+    let mut restored_ids: hashbrown::HashMap<u64, (u64, usize)> = hashbrown::HashMap::new();
+    let put_back =
+        |sessions: &mut [Sessions], home: usize, id: u64, s: &crate::dump::DumpSession| {
+            sessions[home].restore(
+                id,
+                s.secret,
+                s.grace_ms,
+                &s.client_name,
+                s.client_id.as_deref(),
+                until_ms,
+            );
+        };
+    // First the sessions that keep their id: native ones (their home is in
+    // the id, which the client will RESUME with) and LiveLock ones whose
+    // client id still hashes to the same loop.
     for session in &state.sessions {
         let home = match &session.client_id {
             Some(client_id) => shard_for(client_id, loops),
             None => home_of(session.id),
         };
-        // A native session's home is in its id; with fewer loops now it
-        // cannot be resumed, and its holds are dropped with it.
-        let native_home_ok = session.client_id.is_some() || home < loops;
-        if !native_home_ok || sessions[home].get(session.id).is_some() {
+        if home < loops && home_of(session.id) == home && sessions[home].get(session.id).is_none() {
+            put_back(sessions, home, session.id, session);
+            restored_ids.insert(session.id, (session.id, home));
+        }
+    }
+    // Then LiveLock sessions whose client id now hashes elsewhere (the
+    // loop count changed): clients find them by client id, so a fresh
+    // session id at the new home is as good.
+    for session in &state.sessions {
+        let Some(client_id) = &session.client_id else {
+            continue;
+        };
+        let home = shard_for(client_id, loops);
+        if restored_ids.contains_key(&session.id) || sessions[home].by_client(client_id).is_some() {
             continue;
         }
-        if home_of(session.id) != home {
-            // A LiveLock client id now hashes to another loop (the loop
-            // count changed): its id cannot be kept, so it is not restored.
-            continue;
-        }
-        let id = session.id;
-        sessions[home].restore(
-            id,
-            session.secret,
-            session.grace_ms,
-            &session.client_name,
-            session.client_id.as_deref(),
-            until_ms,
-        );
-        kept.insert(id);
+        let id = sessions[home].fresh_id();
+        put_back(sessions, home, id, session);
+        restored_ids.insert(session.id, (id, home));
     }
     for table in tables.iter_mut() {
         table.raise_token_floor(state.last_token);
     }
     let mut restored = 0;
+    let mut sink = Vec::new();
     for hold in &state.holds {
-        if !kept.contains(&hold.session)
-            || hold.name.is_empty()
-            || hold.name.len() > crate::limits::NAME_LEN_MAX
-        {
+        let Some(&(id, home)) = restored_ids.get(&hold.session) else {
+            continue;
+        };
+        if hold.name.is_empty() || hold.name.len() > crate::limits::NAME_LEN_MAX {
             continue;
         }
         let mode = if hold.shared {
@@ -249,21 +263,19 @@ fn restore(
             Mode::Exclusive
         };
         let shard = shard_for(&hold.name, loops);
-        if tables[shard].restore_hold(
-            &hold.name,
-            hold.session,
-            mode,
-            hold.token,
-            hold.since_unix_ms,
-        ) {
-            restored += 1;
-            let home = match sessions.iter().position(|s| s.get(hold.session).is_some()) {
-                Some(home) => home,
-                None => continue,
-            };
-            let session = sessions[home].get_mut(hold.session).expect("found above");
-            session.holds += 1;
+        if !tables[shard].restore_hold(&hold.name, id, mode, hold.token, hold.since_unix_ms) {
+            continue;
+        }
+        restored += 1;
+        let session = sessions[home].get_mut(id).expect("restored above");
+        session.holds += 1;
+        if session.touched & (1 << shard) == 0 {
             session.touched |= 1 << shard;
+            let introduce = Command::Introduce {
+                session: id,
+                client_name: &session.client_name,
+            };
+            tables[shard].apply(now_ms, introduce, &mut sink);
         }
     }
     for (name, signal) in &state.signals {
@@ -271,10 +283,18 @@ fn restore(
             tables[shard_for(name, loops)].restore_signal(name, signal);
         }
     }
+    let dropped_sessions = state.sessions.len() - restored_ids.len();
+    let dropped_holds = state.holds.len() - restored;
+    if dropped_sessions > 0 || dropped_holds > 0 {
+        eprintln!(
+            "livelock: warning: {dropped_sessions} session(s) and {dropped_holds} hold(s) of the dump \
+             could not be restored (native sessions homed on a loop this server does not have)"
+        );
+    }
     eprintln!(
         "livelock: restored {} session(s) and {restored} hold(s) from the dump; they are released \
          unless their clients reconnect within {} ms",
-        kept.len(),
+        restored_ids.len(),
         until_ms - now_ms
     );
 }

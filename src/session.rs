@@ -149,6 +149,13 @@ impl Sessions {
         self.insert(id, secret, grace_ms, client_name, None, Some(conn))
     }
 
+    /// A new session id homed here (for a session restored from a dump
+    /// whose old id named another loop).
+    pub fn fresh_id(&mut self) -> SessionId {
+        self.next_seq += 1;
+        (self.next_seq << HOME_BITS) | self.home as u64
+    }
+
     /// Opens a LiveLock-protocol session for `client_id`, attached to `conn`.
     pub fn create_client(&mut self, client_id: &[u8], grace_ms: u32, conn: Token) -> &mut Session {
         self.next_seq += 1;

@@ -84,7 +84,16 @@ impl EventLoop {
                 }
             };
         }
-        let session = self.conns[token.0].session;
+        // A connection sharing a client id can outlive the id's session
+        // (its latest connection went, and the grace ran out): it has no
+        // session any more and must CONN again.
+        let session = match self.conns[token.0].session {
+            Some(id) if self.sessions.get(id).is_none() => {
+                self.conns[token.0].session = None;
+                None
+            }
+            session => session,
+        };
         if verb == Some(Verb::Conn) {
             if session.is_some() {
                 self.resp_error(token, ErrorCode::AlreadyHasClientId);
@@ -335,6 +344,24 @@ impl EventLoop {
                 self.resp_bool(token, false)
             }
             (_, _) => self.resp_error(token, ErrorCode::ServerError),
+        }
+        self.mark_ready(token);
+    }
+
+    /// Answers a LiveLock command whose session ended while it was at a
+    /// shard: whatever it got is released with the session.
+    pub(super) fn resp_session_ended(&mut self, token: Token, session: SessionId, op: RespOp) {
+        let Some(conn) = self.conns.get_mut(token.0) else {
+            return;
+        };
+        if conn.session != Some(session) || !conn.awaiting {
+            return;
+        }
+        conn.awaiting = false;
+        conn.session = None;
+        match op {
+            RespOp::Aq | RespOp::Aqr | RespOp::Release => self.resp_bool(token, false),
+            _ => self.resp_error(token, ErrorCode::ServerError),
         }
         self.mark_ready(token);
     }

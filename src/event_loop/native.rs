@@ -37,7 +37,7 @@ impl EventLoop {
                 let counts_at = out.len();
                 out.extend_from_slice(&[0; 8]);
                 let mut count: u32 = 0;
-                let mut truncated = false;
+                let mut truncated = gather.truncated;
                 for (_, record) in &gather.records {
                     if out.len() - start + record.len() > LIST_REPLY_BYTES_MAX {
                         truncated = true;
