@@ -238,3 +238,142 @@ pub fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'st
         Err(crossbeam_channel::RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
     }
 }
+
+// ---- child processes and scratch directories (CLI and C tests) ----------
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// A fresh directory under the system temp dir (no temp-file crate: pid,
+/// counter and clock make the name unique), removed when dropped.
+pub struct ScratchDir {
+    path: PathBuf,
+}
+
+impl ScratchDir {
+    pub fn new(label: &str) -> ScratchDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let path = std::env::temp_dir().join(format!(
+            "livelock-{label}-{}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path).expect("create scratch dir");
+        ScratchDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A spawned process whose stdout and stderr go to files (so reading them
+/// never blocks on a grandchild holding a pipe open). Killed with SIGKILL and
+/// reaped when dropped, on every path, panics included.
+pub struct ChildGuard {
+    child: Child,
+    what: String,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl ChildGuard {
+    /// Spawns `command` with output in `dir/<what>.stdout` and `.stderr`
+    /// (`what` must be unique within `dir`). Stdin is as `command` says
+    /// (inherited unless set: set it).
+    pub fn spawn(what: &str, command: &mut Command, dir: &ScratchDir) -> ChildGuard {
+        let stdout = dir.join(&format!("{what}.stdout"));
+        let stderr = dir.join(&format!("{what}.stderr"));
+        let child = command
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what} ({command:?}): {e}"));
+        ChildGuard {
+            child,
+            what: what.to_string(),
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// What it wrote to stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    /// What it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Its exit status if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("try_wait")
+    }
+
+    /// Waits at most WAIT_MAX for it to exit (then panics; drop kills it).
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.try_wait() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < WAIT_MAX,
+                "{} did not exit within {WAIT_MAX:?}; stderr: {}",
+                self.what,
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// SIGKILL now, and reap.
+    pub fn kill(&mut self) -> ExitStatus {
+        let _ = self.child.kill();
+        self.child.wait().expect("reap")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether no live process has this pid (gone, or a zombie nobody reaped yet).
+pub fn process_gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state == 'Z' || state == 'X'),
+    }
+}

@@ -1,0 +1,784 @@
+//! The real `livelock` binary against an in-process server: `livelock run`
+//! (fencing token in LIVELOCK_FENCE, exit statuses, `--wait`, `--shared`,
+//! `--kill-after`; `kill -9` of the run and loss of the connection both free
+//! the lock and kill the command), the operator commands `list`, `inspect`,
+//! `signal`, `stats` (tables and `--json`), `--help`, and the server's refusals
+//! at start (0.0.0.0 without a password, a bad boolean variable).
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bounded, process_gone, wait_until, ChildGuard, ScratchDir, TestServer, WAIT_MAX};
+use livelock::client::{AcquireOptions, Client, ClientOptions, Event};
+use livelock::protocol::Mode;
+
+/// The binary, with every `LIVELOCK_*` variable of the test's environment
+/// removed (so a developer's settings cannot leak in) and no stdin.
+fn livelock() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_livelock"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("LIVELOCK_") {
+            command.env_remove(key);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+/// `livelock run --server ADDR OPTIONS... NAME --`; the caller adds the command.
+fn run_command(server: &TestServer, options: &[&str], name: &str) -> Command {
+    let mut command = livelock();
+    command
+        .arg("run")
+        .arg("--server")
+        .arg(server.addr.to_string())
+        .args(options)
+        .arg(name)
+        .arg("--");
+    command
+}
+
+/// `sh -c SCRIPT sh FILE`: the script sees FILE as "$1" (no quoting games).
+fn sh_with_file<'a>(command: &'a mut Command, script: &str, file: &Path) -> &'a mut Command {
+    command.args(["sh", "-c", script, "sh"]).arg(file)
+}
+
+/// Waits (bounded) until `path` holds a complete line, failing early if the
+/// process that should write it exits first; returns the line.
+fn wait_for_line(process: &mut ChildGuard, path: &Path) -> String {
+    let start = Instant::now();
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if let Some(line) = text.strip_suffix('\n') {
+                return line.to_string();
+            }
+        }
+        if let Some(status) = process.try_wait() {
+            panic!(
+                "exited ({status}) before writing {}; stderr: {}",
+                path.display(),
+                process.stderr()
+            );
+        }
+        assert!(
+            start.elapsed() < WAIT_MAX,
+            "nothing written to {} within {WAIT_MAX:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Runs `command` to completion (bounded); returns (exit code, stdout, stderr).
+fn run_to_end(
+    what: &str,
+    command: &mut Command,
+    dir: &ScratchDir,
+) -> (Option<i32>, String, String) {
+    let mut process = ChildGuard::spawn(what, command, dir);
+    let status = process.wait_exit();
+    (status.code(), process.stdout(), process.stderr())
+}
+
+/// The session of the `livelock run` process `pid` holds `name` (its client
+/// name is `host:pid`).
+fn held_by_process(client: &Client, name: &str, pid: u32) -> bool {
+    client.inspect(name).unwrap().is_some_and(|record| {
+        record
+            .holders
+            .iter()
+            .any(|(_, _, _, client)| client.ends_with(format!(":{pid}").as_bytes()))
+    })
+}
+
+// ---- livelock run ---------------------------------------------------------
+
+#[test]
+fn run_passes_the_fencing_token_and_the_exit_status() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("run-fence");
+    let client = server.client();
+    let before = client.acquire("fence").unwrap().token();
+
+    let fence = dir.join("fence");
+    let mut command = run_command(&server, &[], "fence");
+    sh_with_file(
+        &mut command,
+        r#"echo "$LIVELOCK_FENCE" > "$1"; exit 7"#,
+        &fence,
+    );
+    let (code, _, stderr) = run_to_end("run", &mut command, &dir);
+    assert_eq!(code, Some(7), "the command's exit status; stderr: {stderr}");
+
+    let token: u64 = std::fs::read_to_string(&fence)
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("LIVELOCK_FENCE is a number");
+    assert!(token > before, "run's token {token} after {before}");
+    // The run released the lock when the command ended: free at once.
+    let after = client
+        .try_acquire("fence")
+        .unwrap()
+        .expect("the run released the lock");
+    assert!(
+        after.token() > token,
+        "a later grant's token {} is not above the run's {token}",
+        after.token()
+    );
+}
+
+#[test]
+fn run_with_wait_0_exits_75_while_the_lock_is_held() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("run-busy");
+    let holder = server.client();
+    let _guard = holder.acquire("busy").unwrap();
+
+    let marker = dir.join("ran");
+    let mut command = run_command(&server, &["--wait", "0"], "busy");
+    sh_with_file(&mut command, r#"touch "$1""#, &marker);
+    let (code, _, stderr) = run_to_end("run", &mut command, &dir);
+    assert_eq!(code, Some(75), "stderr: {stderr}");
+    assert!(
+        stderr.contains("livelock run: busy is held by someone else"),
+        "unclear message: {stderr:?}"
+    );
+    assert!(!marker.exists(), "the command ran without the lock");
+}
+
+#[test]
+fn run_with_a_wait_times_out_with_75() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("run-timeout");
+    let holder = server.client();
+    let _guard = holder.acquire("slow").unwrap();
+
+    let marker = dir.join("ran");
+    let mut command = run_command(&server, &["--wait", "200ms"], "slow");
+    sh_with_file(&mut command, r#"touch "$1""#, &marker);
+    let start = Instant::now();
+    let (code, _, stderr) = run_to_end("run", &mut command, &dir);
+    let elapsed = start.elapsed();
+    assert_eq!(code, Some(75), "stderr: {stderr}");
+    // The server's clock counts whole milliseconds: allow it a little.
+    assert!(
+        elapsed >= Duration::from_millis(190),
+        "gave up after {elapsed:?}"
+    );
+    assert!(
+        stderr.contains("slow still held after waiting"),
+        "unclear message: {stderr:?}"
+    );
+    assert!(!marker.exists(), "the command ran without the lock");
+}
+
+#[test]
+fn kill_9_of_run_frees_the_lock_and_kills_the_command() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("run-kill9");
+    let pid_file = dir.join("pid");
+    let mut command = run_command(&server, &[], "doomed");
+    sh_with_file(&mut command, r#"echo $$ > "$1"; exec sleep 60"#, &pid_file);
+    let mut run = ChildGuard::spawn("run", &mut command, &dir);
+    let pid: u32 = wait_for_line(&mut run, &pid_file).parse().unwrap();
+
+    // A Rust client queues behind the run's hold.
+    let waiter = server.client();
+    assert!(held_by_process(&waiter, "doomed", run.id()));
+    let mut pending = waiter
+        .start_acquire("doomed", AcquireOptions::default(), true)
+        .unwrap();
+    assert!(pending.wait_queued(WAIT_MAX).unwrap(), "no QUEUED reply");
+    assert!(
+        held_by_process(&waiter, "doomed", run.id()),
+        "granted before the kill"
+    );
+
+    run.kill();
+    let token = bounded("the grant after kill -9", move || {
+        pending.wait().map(|guard| guard.token())
+    })
+    .expect("the waiter gets the lock");
+    assert!(token > 0);
+    // PR_SET_PDEATHSIG: the command died with its parent.
+    wait_until("the command to die with `livelock run`", || {
+        process_gone(pid)
+    });
+}
+
+/// Shuts the in-process server down (bounded) while clients are connected.
+fn shut_down(server: &mut TestServer) {
+    let server = server.server.take().expect("running");
+    bounded("server shutdown", move || {
+        server.shutdown();
+        server.join()
+    })
+    .expect("server shut down cleanly");
+}
+
+#[test]
+fn losing_the_connection_stops_the_command() {
+    let mut server = TestServer::start(2);
+    let dir = ScratchDir::new("run-conn-lost");
+    let pid_file = dir.join("pid");
+    let mut command = run_command(&server, &[], "fragile");
+    sh_with_file(&mut command, r#"echo $$ > "$1"; exec sleep 60"#, &pid_file);
+    let mut run = ChildGuard::spawn("run", &mut command, &dir);
+    let pid: u32 = wait_for_line(&mut run, &pid_file).parse().unwrap();
+    assert!(held_by_process(&server.client(), "fragile", run.id()));
+
+    shut_down(&mut server);
+    let status = run.wait_exit();
+    let stderr = run.stderr();
+    // SIGTERM ended `sleep`; run reports it as 128 + 15.
+    assert_eq!(status.code(), Some(143), "stderr: {stderr}");
+    assert!(
+        stderr.contains("lock fragile lost") && stderr.contains("stopping the command"),
+        "unclear message: {stderr:?}"
+    );
+    wait_until("the command to be gone", || process_gone(pid));
+}
+
+#[test]
+fn a_command_that_ignores_sigterm_is_killed_after_kill_after() {
+    let mut server = TestServer::start(2);
+    let dir = ScratchDir::new("run-kill-after");
+    let pid_file = dir.join("pid");
+    let mut command = run_command(&server, &["--kill-after", "300ms"], "stubborn");
+    // `exec` keeps the ignored SIGTERM: only SIGKILL ends this sleep.
+    sh_with_file(
+        &mut command,
+        r#"trap "" TERM; echo $$ > "$1"; exec sleep 60"#,
+        &pid_file,
+    );
+    let mut run = ChildGuard::spawn("run", &mut command, &dir);
+    let pid: u32 = wait_for_line(&mut run, &pid_file).parse().unwrap();
+    assert!(held_by_process(&server.client(), "stubborn", run.id()));
+
+    let start = Instant::now();
+    shut_down(&mut server);
+    let status = run.wait_exit();
+    let elapsed = start.elapsed();
+    assert_eq!(status.code(), Some(137), "stderr: {}", run.stderr());
+    assert!(
+        elapsed >= Duration::from_millis(290),
+        "SIGKILL after {elapsed:?}"
+    );
+    wait_until("the command to be gone", || process_gone(pid));
+}
+
+#[test]
+fn shared_runs_hold_at_once() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("run-shared");
+    // Each command writes its token, then runs until its stdin closes.
+    let mut runs = Vec::new();
+    let mut tokens = Vec::new();
+    for i in 0..2 {
+        let fence = dir.join(&format!("fence{i}"));
+        // The second must get in at once: the first still holds.
+        let options: &[&str] = if i == 0 {
+            &["--shared"]
+        } else {
+            &["--shared", "--wait", "0"]
+        };
+        let mut command = run_command(&server, options, "readers");
+        sh_with_file(
+            &mut command,
+            r#"echo "$LIVELOCK_FENCE" > "$1"; exec cat > /dev/null"#,
+            &fence,
+        );
+        command.stdin(Stdio::piped());
+        let mut run = ChildGuard::spawn(&format!("run{i}"), &mut command, &dir);
+        tokens.push(wait_for_line(&mut run, &fence).parse::<u64>().unwrap());
+        runs.push(run);
+    }
+    assert!(tokens[1] > tokens[0], "tokens {tokens:?}");
+
+    let client = server.client();
+    let record = client.inspect("readers").unwrap().expect("held");
+    assert_eq!(record.mode, Mode::Shared);
+    let mut held: Vec<u64> = record.holders.iter().map(|h| h.1).collect();
+    held.sort_unstable();
+    assert_eq!(held, tokens, "both runs hold at once");
+    assert!(
+        client.try_acquire("readers").unwrap().is_none(),
+        "an exclusive hold got in beside two shared ones"
+    );
+
+    for run in &mut runs {
+        drop(run.child().stdin.take());
+        let status = run.wait_exit();
+        assert_eq!(status.code(), Some(0), "stderr: {}", run.stderr());
+    }
+    assert!(client.try_acquire("readers").unwrap().is_some());
+}
+
+// ---- help -----------------------------------------------------------------
+
+#[test]
+fn help_names_the_commands_and_the_run_options() {
+    let dir = ScratchDir::new("help");
+    let (code, stdout, stderr) = run_to_end("help", livelock().arg("--help"), &dir);
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    for command in ["server", "run", "list", "inspect", "signal", "stats"] {
+        assert!(
+            stdout
+                .lines()
+                .any(|line| line.trim_start().starts_with(command)),
+            "`livelock --help` does not list {command}:\n{stdout}"
+        );
+    }
+
+    let (code, stdout, stderr) = run_to_end("run-help", livelock().args(["run", "--help"]), &dir);
+    assert_eq!(code, Some(0), "stderr: {stderr}");
+    for option in ["--wait", "--shared", "--grace", "--kill-after", "--server"] {
+        assert!(
+            stdout.contains(option),
+            "`livelock run --help` does not mention {option}:\n{stdout}"
+        );
+    }
+}
+
+// ---- operator commands ----------------------------------------------------
+
+/// Runs `livelock ARGS... --server ADDR` (bounded); returns (code, stdout, stderr).
+fn admin(
+    server: &TestServer,
+    dir: &ScratchDir,
+    what: &str,
+    args: &[&str],
+) -> (Option<i32>, String, String) {
+    let mut command = livelock();
+    command
+        .args(args)
+        .arg("--server")
+        .arg(server.addr.to_string());
+    run_to_end(what, &mut command, dir)
+}
+
+/// `admin` that must succeed; returns stdout.
+fn admin_ok(server: &TestServer, dir: &ScratchDir, what: &str, args: &[&str]) -> String {
+    let (code, stdout, stderr) = admin(server, dir, what, args);
+    assert_eq!(code, Some(0), "livelock {args:?} failed: {stderr}");
+    stdout
+}
+
+#[test]
+fn list_inspect_signal_and_stats() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("admin");
+    // A name that JSON must escape.
+    let name = r#"job "nightly" \ 1"#;
+    let holder = server.client_with(&ClientOptions {
+        client_name: "admin-test-holder".into(),
+        ..ClientOptions::default()
+    });
+    let guard = holder.acquire(name).unwrap();
+    let reader = holder.acquire_shared("job-reader").unwrap();
+    let waiter = server.client();
+    let mut pending = waiter
+        .start_acquire(name, AcquireOptions::default(), true)
+        .unwrap();
+    assert!(pending.wait_queued(WAIT_MAX).unwrap());
+
+    // list --json: both locks, sorted by name (' ' < '-').
+    let json = Json::parse(&admin_ok(&server, &dir, "list", &["list", "--json"]));
+    assert_eq!(json.get("truncated"), &Json::Bool(false));
+    let locks = json.get("locks").array();
+    assert_eq!(locks.len(), 2, "{json:?}");
+    let record = &locks[0];
+    assert_eq!(record.get("name").str(), name);
+    assert_eq!(record.get("mode").str(), "exclusive");
+    assert_eq!(record.get("waiters").u64(), 1);
+    let holders = record.get("holders").array();
+    assert_eq!(holders.len(), 1);
+    assert_eq!(holders[0].get("token").u64(), guard.token());
+    assert_eq!(holders[0].get("client").str(), "admin-test-holder");
+    assert_eq!(holders[0].get("session").u64(), holder.session_id());
+    assert!(holders[0].get("since_unix_ms").u64() > 0);
+    assert_eq!(locks[1].get("name").str(), "job-reader");
+    assert_eq!(locks[1].get("mode").str(), "shared");
+    assert_eq!(locks[1].get("waiters").u64(), 0);
+    assert_eq!(
+        locks[1].get("holders").array()[0].get("token").u64(),
+        reader.token()
+    );
+
+    // A glob, and a limit that cuts the list.
+    let json = Json::parse(&admin_ok(
+        &server,
+        &dir,
+        "list-glob",
+        &["list", "--json", "job-*"],
+    ));
+    let locks = json.get("locks").array();
+    assert_eq!(locks.len(), 1);
+    assert_eq!(locks[0].get("name").str(), "job-reader");
+    let json = Json::parse(&admin_ok(
+        &server,
+        &dir,
+        "list-limit",
+        &["list", "--json", "--limit", "1"],
+    ));
+    assert_eq!(json.get("locks").array().len(), 1);
+    assert_eq!(json.get("truncated"), &Json::Bool(true));
+
+    // The table.
+    let table = admin_ok(&server, &dir, "list-table", &["list"]);
+    for needle in [
+        name,
+        "exclusive",
+        "shared",
+        "admin-test-holder",
+        &guard.token().to_string(),
+    ] {
+        assert!(table.contains(needle), "table lacks {needle:?}:\n{table}");
+    }
+
+    // inspect.
+    let json = Json::parse(&admin_ok(
+        &server,
+        &dir,
+        "inspect",
+        &["inspect", "--json", name],
+    ));
+    assert_eq!(json.get("name").str(), name);
+    assert_eq!(json.get("mode").str(), "exclusive");
+    assert_eq!(json.get("waiters").u64(), 1);
+    assert_eq!(
+        json.get("holders").array()[0].get("token").u64(),
+        guard.token()
+    );
+    assert_eq!(json.get("signals").array().len(), 0);
+    let free = admin_ok(
+        &server,
+        &dir,
+        "inspect-free",
+        &["inspect", "--json", "free"],
+    );
+    assert_eq!(Json::parse(&free), Json::Null);
+    let free = admin_ok(&server, &dir, "inspect-free-table", &["inspect", "free"]);
+    assert!(free.contains("free is not held"), "{free:?}");
+
+    // signal: the holder is told.
+    let out = admin_ok(
+        &server,
+        &dir,
+        "signal",
+        &["signal", "--json", name, "reload"],
+    );
+    assert_eq!(
+        Json::parse(&out),
+        Json::Object(vec![("signalled".into(), Json::Bool(true))])
+    );
+    match holder.events().recv_timeout(WAIT_MAX) {
+        Ok(Event::Signal {
+            name: signalled,
+            signal,
+        }) => {
+            assert_eq!(signalled, name.as_bytes());
+            assert_eq!(signal, b"reload");
+        }
+        Ok(other) => panic!("unexpected event {other:?}"),
+        Err(e) => panic!("no Event::Signal: {e}"),
+    }
+    let json = Json::parse(&admin_ok(
+        &server,
+        &dir,
+        "inspect-signalled",
+        &["inspect", "--json", name],
+    ));
+    assert_eq!(
+        json.get("signals").array(),
+        &[Json::String("reload".into())]
+    );
+    let (code, _, stderr) = admin(&server, &dir, "signal-free", &["signal", "free", "reload"]);
+    assert_eq!(code, Some(1), "signalling a free lock");
+    assert!(stderr.contains("not held"), "unclear message: {stderr:?}");
+
+    // stats: 2 locks, 1 waiter; holder, waiter and the CLI's own session.
+    let json = Json::parse(&admin_ok(&server, &dir, "stats", &["stats", "--json"]));
+    assert_eq!(json.get("locks").u64(), 2, "{json:?}");
+    assert_eq!(json.get("waiters").u64(), 1);
+    assert_eq!(json.get("sessions_attached").u64(), 3);
+    assert_eq!(json.get("sessions_detached").u64(), 0);
+    assert!(json.get("connections").u64() >= 3);
+    let table = admin_ok(&server, &dir, "stats-table", &["stats"]);
+    assert!(table.contains("locks held"), "{table}");
+
+    // The waiter is granted when the holder lets go.
+    drop(guard);
+    let granted = bounded("the waiter's grant", move || {
+        pending.wait().map(|guard| guard.token())
+    });
+    assert!(granted.is_ok());
+}
+
+#[test]
+fn admin_commands_fail_cleanly_without_a_server() {
+    let dir = ScratchDir::new("admin-down");
+    // A port nobody listens on: bound, then closed.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut command = livelock();
+    command.args(["stats", "--server"]).arg(addr.to_string());
+    let (code, _, stderr) = run_to_end("stats", &mut command, &dir);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("cannot open a session"),
+        "unclear message: {stderr:?}"
+    );
+
+    let mut command = livelock();
+    command
+        .args(["run", "--server"])
+        .arg(addr.to_string())
+        .args(["nowhere", "--", "true"]);
+    let (code, _, stderr) = run_to_end("run", &mut command, &dir);
+    assert_eq!(code, Some(75), "stderr: {stderr}");
+}
+
+// ---- server start-up refusals ---------------------------------------------
+
+#[test]
+fn server_refuses_a_public_address_without_a_password() {
+    let dir = ScratchDir::new("server-public");
+    let mut command = livelock();
+    command.args(["server", "--listen", "0.0.0.0:0", "--no-dump"]);
+    // Exits at once; a server that started serving fails here (and is killed).
+    let (code, _, stderr) = run_to_end("server", &mut command, &dir);
+    assert_eq!(code, Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("password"), "unclear message: {stderr:?}");
+    assert!(!stderr.contains("listening"), "it served: {stderr:?}");
+}
+
+#[test]
+fn server_names_a_bad_boolean_variable() {
+    let dir = ScratchDir::new("server-bad-bool");
+    let mut command = livelock();
+    command
+        .args(["server", "--port", "0", "--no-dump"])
+        .env("LIVELOCK_SHUTDOWN_SUPPORT", "maybe");
+    let (code, _, stderr) = run_to_end("server", &mut command, &dir);
+    assert!(
+        code.is_some_and(|code| code != 0),
+        "exit {code:?}: {stderr}"
+    );
+    assert!(
+        stderr.contains("LIVELOCK_SHUTDOWN_SUPPORT"),
+        "the variable is not named: {stderr:?}"
+    );
+    assert!(!stderr.contains("listening"), "it served: {stderr:?}");
+}
+
+// ---- a small JSON reader, enough to check the CLI's output ----------------
+
+#[derive(Debug, Clone, PartialEq)]
+enum Json {
+    Null,
+    Bool(bool),
+    /// Kept as text: tokens and ids are u64, beyond f64's exact range.
+    Number(String),
+    String(String),
+    Array(Vec<Json>),
+    Object(Vec<(String, Json)>),
+}
+
+impl Json {
+    /// Parses one complete JSON document (panics on anything else).
+    fn parse(text: &str) -> Json {
+        let mut parser = JsonParser { text, pos: 0 };
+        let value = parser.value();
+        parser.skip_space();
+        assert_eq!(
+            parser.pos,
+            text.len(),
+            "trailing bytes after JSON: {text:?}"
+        );
+        value
+    }
+
+    fn get(&self, key: &str) -> &Json {
+        match self {
+            Json::Object(fields) => {
+                &fields
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .unwrap_or_else(|| panic!("no {key:?} in {self:?}"))
+                    .1
+            }
+            _ => panic!("not an object: {self:?}"),
+        }
+    }
+
+    fn str(&self) -> &str {
+        match self {
+            Json::String(s) => s,
+            _ => panic!("not a string: {self:?}"),
+        }
+    }
+
+    fn u64(&self) -> u64 {
+        match self {
+            Json::Number(n) => n.parse().unwrap_or_else(|_| panic!("not a u64: {n}")),
+            _ => panic!("not a number: {self:?}"),
+        }
+    }
+
+    fn array(&self) -> &[Json] {
+        match self {
+            Json::Array(items) => items,
+            _ => panic!("not an array: {self:?}"),
+        }
+    }
+}
+
+struct JsonParser<'a> {
+    text: &'a str,
+    pos: usize,
+}
+
+impl JsonParser<'_> {
+    fn fail(&self, what: &str) -> ! {
+        panic!("bad JSON at byte {} ({what}): {:?}", self.pos, self.text)
+    }
+
+    fn skip_space(&mut self) {
+        let rest = &self.text[self.pos..];
+        self.pos += rest.len() - rest.trim_start_matches([' ', '\t', '\n', '\r']).len();
+    }
+
+    fn peek(&self) -> Option<char> {
+        self.text[self.pos..].chars().next()
+    }
+
+    fn next(&mut self) -> char {
+        let c = self.peek().unwrap_or_else(|| self.fail("unexpected end"));
+        self.pos += c.len_utf8();
+        c
+    }
+
+    fn expect(&mut self, word: &str) {
+        if !self.text[self.pos..].starts_with(word) {
+            self.fail(&format!("expected {word}"));
+        }
+        self.pos += word.len();
+    }
+
+    fn value(&mut self) -> Json {
+        self.skip_space();
+        match self.peek() {
+            Some('n') => {
+                self.expect("null");
+                Json::Null
+            }
+            Some('t') => {
+                self.expect("true");
+                Json::Bool(true)
+            }
+            Some('f') => {
+                self.expect("false");
+                Json::Bool(false)
+            }
+            Some('"') => Json::String(self.string()),
+            Some('[') => {
+                self.next();
+                let mut items = Vec::new();
+                self.skip_space();
+                if self.peek() == Some(']') {
+                    self.next();
+                    return Json::Array(items);
+                }
+                loop {
+                    items.push(self.value());
+                    self.skip_space();
+                    match self.next() {
+                        ',' => {}
+                        ']' => return Json::Array(items),
+                        _ => self.fail("expected , or ]"),
+                    }
+                }
+            }
+            Some('{') => {
+                self.next();
+                let mut fields = Vec::new();
+                self.skip_space();
+                if self.peek() == Some('}') {
+                    self.next();
+                    return Json::Object(fields);
+                }
+                loop {
+                    self.skip_space();
+                    let key = self.string();
+                    self.skip_space();
+                    self.expect(":");
+                    fields.push((key, self.value()));
+                    self.skip_space();
+                    match self.next() {
+                        ',' => {}
+                        '}' => return Json::Object(fields),
+                        _ => self.fail("expected , or }"),
+                    }
+                }
+            }
+            Some(c) if c == '-' || c.is_ascii_digit() => {
+                let rest = &self.text[self.pos..];
+                let len = rest
+                    .find(|c: char| !(c.is_ascii_digit() || "+-.eE".contains(c)))
+                    .unwrap_or(rest.len());
+                self.pos += len;
+                Json::Number(rest[..len].to_string())
+            }
+            _ => self.fail("expected a value"),
+        }
+    }
+
+    fn string(&mut self) -> String {
+        self.expect("\"");
+        let mut out = String::new();
+        loop {
+            match self.next() {
+                '"' => return out,
+                '\\' => match self.next() {
+                    '"' => out.push('"'),
+                    '\\' => out.push('\\'),
+                    '/' => out.push('/'),
+                    'b' => out.push('\u{8}'),
+                    'f' => out.push('\u{c}'),
+                    'n' => out.push('\n'),
+                    'r' => out.push('\r'),
+                    't' => out.push('\t'),
+                    'u' => {
+                        let hex = self.text.get(self.pos..self.pos + 4).unwrap_or("");
+                        let code = u32::from_str_radix(hex, 16)
+                            .unwrap_or_else(|_| self.fail("bad \\u escape"));
+                        self.pos += 4;
+                        out.push(char::from_u32(code).unwrap_or_else(|| self.fail("surrogate")));
+                    }
+                    _ => self.fail("bad escape"),
+                },
+                c if (c as u32) < 0x20 => self.fail("raw control character in a string"),
+                c => out.push(c),
+            }
+        }
+    }
+}
+
+#[test]
+fn the_json_reader_reads_json() {
+    let json =
+        Json::parse(r#" {"a": [1, -2.5e3, "x\"\\\u0041\n"], "b": null, "c": {}, "d": [] } "#);
+    assert_eq!(json.get("a").array()[0].u64(), 1);
+    assert_eq!(json.get("a").array()[1], Json::Number("-2.5e3".into()));
+    assert_eq!(json.get("a").array()[2].str(), "x\"\\A\n");
+    assert_eq!(json.get("b"), &Json::Null);
+    assert_eq!(json.get("c"), &Json::Object(vec![]));
+    assert_eq!(json.get("d").array(), &[]);
+}
