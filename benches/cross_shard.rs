@@ -28,10 +28,24 @@ fn hand_off(c: &mut Criterion) {
     let local = name_on(home, "local");
     let remote = name_on((home + 1) % LOOPS, "remote");
     c.bench_function("cross_shard/acquire+release, lock on own loop", |b| {
-        b.iter(|| client.try_acquire(&local).unwrap().expect("free").release().unwrap())
+        b.iter(|| {
+            client
+                .try_acquire(&local)
+                .unwrap()
+                .expect("free")
+                .release()
+                .unwrap()
+        })
     });
     c.bench_function("cross_shard/acquire+release, lock on other loop", |b| {
-        b.iter(|| client.try_acquire(&remote).unwrap().expect("free").release().unwrap())
+        b.iter(|| {
+            client
+                .try_acquire(&remote)
+                .unwrap()
+                .expect("free")
+                .release()
+                .unwrap()
+        })
     });
     drop(client);
     server.shutdown();

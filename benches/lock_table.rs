@@ -26,7 +26,9 @@ fn release(session: u64, request_id: u32, name: &[u8]) -> Command<'_> {
 }
 
 fn uncontended(c: &mut Criterion) {
-    let names: Vec<Vec<u8>> = (0..100_000).map(|i| format!("key:{i}").into_bytes()).collect();
+    let names: Vec<Vec<u8>> = (0..100_000)
+        .map(|i| format!("key:{i}").into_bytes())
+        .collect();
     let mut table = LockTable::new(0, 1);
     let mut out: Vec<Effect> = Vec::with_capacity(16);
     let mut i = 0usize;
@@ -43,10 +45,16 @@ fn uncontended(c: &mut Criterion) {
     // A table that already holds 100k locks: lookups in a big table.
     let mut table = LockTable::new(0, 1);
     for (n, name) in names.iter().enumerate() {
-        table.apply(0, acquire(2 + n as u64, 1, name, Mode::Exclusive, Wait::Try), &mut out);
+        table.apply(
+            0,
+            acquire(2 + n as u64, 1, name, Mode::Exclusive, Wait::Try),
+            &mut out,
+        );
     }
     out.clear();
-    let fresh: Vec<Vec<u8>> = (0..100_000).map(|i| format!("other:{i}").into_bytes()).collect();
+    let fresh: Vec<Vec<u8>> = (0..100_000)
+        .map(|i| format!("other:{i}").into_bytes())
+        .collect();
     c.bench_function("lock_table/acquire+release beside 100k held", |b| {
         b.iter(|| {
             let name = &fresh[i % fresh.len()];
@@ -65,20 +73,31 @@ fn contended(c: &mut Criterion) {
     let mut table = LockTable::new(0, 1);
     let mut out: Vec<Effect> = Vec::with_capacity(16);
     let name = b"hot";
-    table.apply(0, acquire(1, 0, name, Mode::Exclusive, Wait::Forever), &mut out);
+    table.apply(
+        0,
+        acquire(1, 0, name, Mode::Exclusive, Wait::Forever),
+        &mut out,
+    );
     let mut holder = 1u64;
     let mut request = 1u32;
-    c.bench_function("lock_table/contended hand-off (queue + release + grant)", |b| {
-        b.iter(|| {
-            let waiter = 3 - holder;
-            request = request.wrapping_add(1);
-            table.apply(0, acquire(waiter, request, name, Mode::Exclusive, Wait::Forever), &mut out);
-            table.apply(0, release(holder, request, name), &mut out);
-            holder = waiter;
-            black_box(&out);
-            out.clear();
-        })
-    });
+    c.bench_function(
+        "lock_table/contended hand-off (queue + release + grant)",
+        |b| {
+            b.iter(|| {
+                let waiter = 3 - holder;
+                request = request.wrapping_add(1);
+                table.apply(
+                    0,
+                    acquire(waiter, request, name, Mode::Exclusive, Wait::Forever),
+                    &mut out,
+                );
+                table.apply(0, release(holder, request, name), &mut out);
+                holder = waiter;
+                black_box(&out);
+                out.clear();
+            })
+        },
+    );
 }
 
 fn shared(c: &mut Criterion) {
@@ -87,9 +106,17 @@ fn shared(c: &mut Criterion) {
             || (LockTable::new(0, 1), Vec::with_capacity(128)),
             |(mut table, mut out): (LockTable, Vec<Effect>)| {
                 for s in 0..64 {
-                    table.apply(0, acquire(s, 1, b"shared", Mode::Shared, Wait::Forever), &mut out);
+                    table.apply(
+                        0,
+                        acquire(s, 1, b"shared", Mode::Shared, Wait::Forever),
+                        &mut out,
+                    );
                 }
-                table.apply(0, acquire(100, 1, b"shared", Mode::Exclusive, Wait::Forever), &mut out);
+                table.apply(
+                    0,
+                    acquire(100, 1, b"shared", Mode::Exclusive, Wait::Forever),
+                    &mut out,
+                );
                 for s in 0..64 {
                     table.apply(0, release(s, 2, b"shared"), &mut out);
                 }

@@ -17,7 +17,9 @@ fn decode(c: &mut Criterion) {
     protocol::encode_request(&mut frame, 7, &acquire);
     c.bench_function("protocol/decode acquire", |b| {
         b.iter(|| match protocol::decode_request(black_box(&frame)) {
-            Ok(Decoded::Frame { consumed, result, .. }) => {
+            Ok(Decoded::Frame {
+                consumed, result, ..
+            }) => {
                 black_box((consumed, result.is_ok()));
             }
             _ => unreachable!(),
@@ -30,7 +32,9 @@ fn decode(c: &mut Criterion) {
     c.bench_function("protocol/decode 16 pipelined acquires", |b| {
         b.iter(|| {
             let mut pos = 0;
-            while let Ok(Decoded::Frame { consumed, .. }) = protocol::decode_request(&pipeline[pos..]) {
+            while let Ok(Decoded::Frame { consumed, .. }) =
+                protocol::decode_request(&pipeline[pos..])
+            {
                 pos += consumed;
             }
             black_box(pos)
