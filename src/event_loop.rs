@@ -23,7 +23,7 @@ mod native;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -86,6 +86,10 @@ impl Default for Clock {
 pub struct Peer {
     pub tx: Sender<Msg>,
     pub waker: Arc<Waker>,
+    /// The loop is (about to be) blocked in poll: a sender must wake it.
+    /// While it is awake it drains its inbox every turn unasked, so the
+    /// wake-up (a syscall, and a context switch) is skipped.
+    pub sleeping: AtomicBool,
 }
 
 /// What every loop shares: read-only settings, the clock, the way to reach
@@ -349,8 +353,20 @@ impl EventLoop {
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
         loop {
-            let timeout = self.poll_timeout();
-            match self.poll.poll(&mut events, timeout) {
+            let mut timeout = self.poll_timeout();
+            let sleeping = &self.shared.peers[self.idx].sleeping;
+            if timeout != Some(Duration::ZERO) {
+                // Announce the sleep, then look at the inbox once more: a
+                // sender either sees the flag and wakes us, or its message
+                // is seen here (both sides use SeqCst).
+                sleeping.store(true, Ordering::SeqCst);
+                if !self.inbox.is_empty() {
+                    timeout = Some(Duration::ZERO);
+                }
+            }
+            let polled = self.poll.poll(&mut events, timeout);
+            sleeping.store(false, Ordering::SeqCst);
+            match polled {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
@@ -936,7 +952,9 @@ impl EventLoop {
             }
             if sent > 0 {
                 self.metrics.inc_cross_shard(sent);
-                let _ = peer.waker.wake();
+                if peer.sleeping.load(Ordering::SeqCst) {
+                    let _ = peer.waker.wake();
+                }
             }
         }
         self.parked_total = self.outgoing.iter().map(VecDeque::len).sum();

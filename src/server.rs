@@ -70,7 +70,11 @@ impl Server {
             let poll = Poll::new()?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
             let (tx, inbox) = crossbeam_channel::bounded(INBOX_MAX);
-            peers.push(Peer { tx, waker });
+            peers.push(Peer {
+                tx,
+                waker,
+                sleeping: AtomicBool::new(false),
+            });
             starts.push(LoopStart {
                 poll,
                 listener,
