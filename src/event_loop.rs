@@ -72,7 +72,16 @@ impl Clock {
     }
 
     pub fn now_ms(&self) -> u64 {
-        self.start_unix_ms + self.start.elapsed().as_millis() as u64
+        self.now().0
+    }
+
+    /// (now in ms, as `now_ms`; µs since start) from one clock reading.
+    pub fn now(&self) -> (u64, u64) {
+        let elapsed = self.start.elapsed();
+        (
+            self.start_unix_ms + elapsed.as_millis() as u64,
+            elapsed.as_micros() as u64,
+        )
     }
 }
 
@@ -291,7 +300,10 @@ pub struct EventLoop {
     stalled: Vec<Token>,
     /// Set when shutting down: the instant to give up flushing.
     shutdown_deadline_ms: Option<u64>,
+    /// The clock, read once per turn: server ms, and µs since start
+    /// (latency metrics, at turn granularity).
     now_ms: u64,
+    now_us: u64,
     /// Next time to scan the shard for the oldest hold (metrics).
     next_scan_ms: u64,
     /// The loop the next accepted connection goes to (loop 0 accepts).
@@ -343,6 +355,7 @@ impl EventLoop {
             stalled: Vec::new(),
             shutdown_deadline_ms: None,
             now_ms: shared.clock.now_ms(),
+            now_us: 0,
             next_scan_ms: 0,
             next_target: 0,
             shared,
@@ -371,7 +384,7 @@ impl EventLoop {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-            self.now_ms = self.shared.clock.now_ms();
+            (self.now_ms, self.now_us) = self.shared.clock.now();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -825,7 +838,7 @@ impl EventLoop {
                     .pending
                     .remove(&request_id)
                     .expect("a final reply answers a pending request");
-                let micros = pending.started.elapsed().as_micros() as u64;
+                let micros = self.now_us.saturating_sub(pending.started_us);
                 self.metrics.observe(pending.op.metric(), micros);
                 match outcome {
                     Outcome::Granted { .. } => {

@@ -496,7 +496,10 @@ impl LockTable {
     fn unindex_session(&mut self, session: SessionId, idx: u32) {
         if let Some(set) = self.by_session.get_mut(&session) {
             set.remove(&idx);
-            if set.is_empty() {
+            // A session that holds nothing here for a moment usually takes
+            // a lock again soon: keep its small empty set (no allocation
+            // per cycle) until EndSession; give back a big one.
+            if set.is_empty() && set.capacity() > 64 {
                 self.by_session.remove(&session);
             }
         }

@@ -153,6 +153,13 @@ impl Histogram {
     }
 }
 
+/// Adds to a counter that has one writer (its loop): a plain load and
+/// store, no locked read-modify-write on the hot path. Readers (scrapes)
+/// see each counter's latest stored value.
+fn add(counter: &AtomicU64, n: u64) {
+    counter.store(counter.load(Relaxed).wrapping_add(n), Relaxed);
+}
+
 /// `oldest_hold_ms` when the shard holds nothing.
 const NO_HOLD: u64 = u64::MAX;
 
@@ -207,41 +214,41 @@ impl LoopMetrics {
     /// Latency of one operation, from decode to reply (µs).
     pub fn observe(&self, op: Op, micros: u64) {
         let histogram = &self.ops[op.index()];
-        histogram.buckets[bucket_of(micros)].fetch_add(1, Relaxed);
-        histogram.sum_us.fetch_add(micros, Relaxed);
+        add(&histogram.buckets[bucket_of(micros)], 1);
+        add(&histogram.sum_us, micros);
     }
 
     /// An acquire request was accepted (granted, queued or refused later).
     pub fn inc_acquisitions(&self) {
-        self.acquisitions.fetch_add(1, Relaxed);
+        add(&self.acquisitions, 1);
     }
 
     /// A hold was granted, at once or to a waiter.
     pub fn inc_grants(&self) {
-        self.grants.fetch_add(1, Relaxed);
+        add(&self.grants, 1);
     }
 
     /// A waiter's deadline passed before it was granted.
     pub fn inc_timeouts(&self) {
-        self.timeouts.fetch_add(1, Relaxed);
+        add(&self.timeouts, 1);
     }
 
     pub fn inc_releases(&self) {
-        self.releases.fetch_add(1, Relaxed);
+        add(&self.releases, 1);
     }
 
     /// A hold ended without its holder's release (lease expired, session ended).
     pub fn inc_lock_lost(&self) {
-        self.locks_lost.fetch_add(1, Relaxed);
+        add(&self.locks_lost, 1);
     }
 
     /// Messages this loop sent to other loops.
     pub fn inc_cross_shard(&self, n: u64) {
-        self.cross_shard_messages.fetch_add(n, Relaxed);
+        add(&self.cross_shard_messages, n);
     }
 
     pub fn inc_connections_accepted(&self) {
-        self.connections_accepted.fetch_add(1, Relaxed);
+        add(&self.connections_accepted, 1);
     }
 
     /// Holds in this loop's shard (gauge, set by the owner loop).
@@ -307,7 +314,7 @@ impl ServerMetrics {
     /// A dump was written; it took `micros`.
     pub fn record_dump(&self, micros: u64) {
         self.last_dump_us.store(micros, Relaxed);
-        self.dumps.fetch_add(1, Relaxed);
+        add(&self.dumps, 1);
     }
 }
 

@@ -76,8 +76,9 @@ pub struct Pending {
     pub op: PendingOp,
     /// The connection that sent it (LiveLock replies go back on it, in order).
     pub conn: Token,
-    /// When it was accepted (latency metrics).
-    pub started: std::time::Instant,
+    /// When it was accepted: µs since server start, as of the loop turn
+    /// (latency metrics).
+    pub started_us: u64,
 }
 
 #[derive(Debug)]

@@ -306,7 +306,7 @@ impl EventLoop {
                 shard: shard as u8,
                 op: PendingOp::Resp(op),
                 conn: token,
-                started: std::time::Instant::now(),
+                started_us: self.now_us,
             },
         );
         if matches!(op, RespOp::Aq | RespOp::Aqr) {

@@ -455,7 +455,7 @@ impl EventLoop {
                 shard: shard as u8,
                 op: PendingOp::Native(op),
                 conn: token,
-                started: std::time::Instant::now(),
+                started_us: self.now_us,
             },
         );
         self.touch(id, shard);
