@@ -24,8 +24,9 @@ wait_port() {
     return 1
 }
 
-start_livelock() { # PORT
-    target/release/livelock server --listen "127.0.0.1:$1" --no-dump --log-level ERROR &
+start_livelock() { # PORT [THREADS]
+    target/release/livelock server --listen "127.0.0.1:$1" --threads "${2:-1}" --no-dump \
+        --log-level ERROR &
     PIDS+=($!)
     LIVELOCK_PID=$!
     wait_port "$1"
