@@ -13,7 +13,7 @@
 
 use mio::Token;
 
-use super::{EventLoop, Flow, Gather, GatherReply, Query};
+use super::{EventLoop, Flow, Gather, GatherReply, Msg, Query};
 use crate::limits::{FIND_RESULTS_MAX, HOLDS_PER_SESSION_MAX, NAME_LEN_MAX, SIGNAL_LEN_MAX};
 use crate::lock_table::{shard_for, Acquire, Command, Mode, Outcome, SessionId, SignalOp, Wait};
 use crate::resp::{self, ErrorCode, StatValue, Verb};
@@ -169,7 +169,14 @@ impl EventLoop {
             resp::Command::Shutdown => {
                 if self.shared.config.shutdown_support {
                     self.resp_bool(token, true);
-                    self.shared.request_shutdown();
+                    // Through the outgoing queues, never a blocking send from
+                    // a loop (its own inbox could be the full one).
+                    for peer in 0..self.shared.peers.len() {
+                        if peer != self.idx {
+                            self.outgoing[peer].push_back(Msg::Shutdown);
+                        }
+                    }
+                    self.begin_shutdown();
                 } else {
                     self.resp_error(token, ErrorCode::UnknownCommand);
                 }
