@@ -249,6 +249,23 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
     Ok(config)
 }
 
+/// Raises the soft limit on open files towards what CONNECTIONS_MAX needs
+/// (within the hard limit), as the default 1024 would cap connections.
+fn raise_descriptor_limit() {
+    let wanted = (livelock::limits::CONNECTIONS_MAX + 1024) as libc::rlim_t;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < wanted {
+            limit.rlim_cur = wanted.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn serve(args: ServerArgs) -> ExitCode {
     let config = match server_config(&args) {
         Ok(config) => config,
@@ -257,6 +274,7 @@ fn serve(args: ServerArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    raise_descriptor_limit();
     let threads = config.threads;
     let info = args.log_level <= 20;
     let server = match Server::start(config) {
