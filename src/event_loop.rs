@@ -755,6 +755,13 @@ impl EventLoop {
             self.table.apply(self.now_ms, command, &mut self.effects);
             self.route_effects();
         } else {
+            // Checked here where the route is chosen, and again by the
+            // owner's table where it is relied on.
+            if let (name @ [_, ..], _) = command.bytes() {
+                if !matches!(command, Command::Introduce { .. }) {
+                    assert_eq!(self.shard_of(name), shard, "lock routed to the wrong shard");
+                }
+            }
             self.outgoing[shard].push_back(Msg::Shard(ShardMsg::from_command(command)));
         }
     }
