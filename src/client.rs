@@ -221,7 +221,7 @@ impl Client {
         let inner = Arc::new(Inner {
             writer: Mutex::new(stream),
             waiting: Mutex::new(Some(HashMap::new())),
-            next_id: AtomicU32::new(2),
+            next_id: AtomicU32::new(first_request_id(first)),
             session_id,
             secret,
             grace_ms,
@@ -418,6 +418,20 @@ impl Drop for Client {
     fn drop(&mut self) {
         // Closing the socket ends the reader thread (and, without grace, the session).
         let _ = self.inner.writer.lock().shutdown(Shutdown::Both);
+    }
+}
+
+/// Request ids are the session's: after a RESUME, requests of the previous
+/// connection may still be in flight (their replies come here), so a
+/// resumed client starts its ids at a random point, far from those.
+fn first_request_id(first: &Request<'_>) -> u32 {
+    match first {
+        Request::Resume { .. } => {
+            let mut bytes = [0u8; 4];
+            getrandom::getrandom(&mut bytes).expect("the OS random source works");
+            u32::from_le_bytes(bytes).max(2)
+        }
+        _ => 2,
     }
 }
 
