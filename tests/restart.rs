@@ -12,8 +12,13 @@ use common::*;
 use livelock::client::{Client, ClientOptions};
 
 fn start(dir: &ScratchDir) -> TestServer {
+    start_on(dir, "127.0.0.1:0".parse().unwrap())
+}
+
+fn start_on(dir: &ScratchDir, listen: std::net::SocketAddr) -> TestServer {
     let data_dir = dir.path().to_path_buf();
     TestServer::start_with(2, move |config| {
+        config.listen = listen;
         config.data_dir = data_dir;
         config.dump_save = true;
         config.dump_load = true;
@@ -92,5 +97,51 @@ fn a_corrupt_dump_is_ignored() {
     assert!(
         client.try_acquire("anything").unwrap().is_some(),
         "starts empty and serves"
+    );
+}
+
+#[test]
+fn livelock_run_with_grace_keeps_its_lock_across_a_server_restart() {
+    let dir = ScratchDir::new("run-restart");
+    let first = start(&dir);
+    let addr = first.addr;
+    let started = dir.join("started");
+    let finished = dir.join("finished");
+    let script = format!(
+        "echo $LIVELOCK_FENCE > {}; sleep 3; echo done > {}",
+        started.display(),
+        finished.display()
+    );
+    let mut run = ChildGuard::spawn(
+        "run",
+        std::process::Command::new(env!("CARGO_BIN_EXE_livelock"))
+            .args([
+                "run",
+                "--server",
+                &addr.to_string(),
+                "--grace",
+                "20s",
+                "job",
+            ])
+            .args(["--", "sh", "-c", &script])
+            .stdin(std::process::Stdio::null()),
+        &dir,
+    );
+    wait_until("the command started under the lock", || started.is_file());
+    stop(first);
+    // Same port, same data dir: the session comes back detached and
+    // `livelock run` RESUMEs it; the command is never stopped.
+    let second = start_on(&dir, addr);
+    let probe = second.client();
+    assert!(
+        probe.try_acquire("job").unwrap().is_none(),
+        "job is still held"
+    );
+    let status = run.wait_exit();
+    assert!(status.success(), "run failed: {}", run.stderr());
+    assert!(finished.is_file(), "the command ran to its end");
+    assert!(
+        probe.try_acquire("job").unwrap().is_some(),
+        "released at the end"
     );
 }
