@@ -56,6 +56,7 @@
 /* Limits (src/limits.rs). */
 #define LIVELOCK_NAME_LEN_MAX 1024u        /* lock names are 1..=1024 bytes */
 #define LIVELOCK_FRAME_BODY_MAX 4096u      /* larger body: connection closed */
+#define LIVELOCK_REPLY_BODY_MAX 1048576u   /* LIST and INSPECT replies only */
 #define LIVELOCK_PASSWORD_LEN_MAX 256u
 #define LIVELOCK_CLIENT_NAME_LEN_MAX 256u
 

@@ -37,12 +37,12 @@ use crate::config::ServerConfig;
 use crate::connection::{Codec, Connection, ReadState};
 use crate::dump::{DumpHold, DumpSession};
 use crate::limits::{
-    CONNECTIONS_MAX, FRAMES_PER_TURN_MAX, OUTBOX_PARK_MAX, SHUTDOWN_FLUSH_MS, WRITE_BUFFER_MAX,
-    WRITE_BUFFER_PAUSE,
+    CONNECTIONS_MAX, FRAMES_PER_TURN_MAX, OUTBOX_PARK_MAX, PARKED_PUSHES_MAX, SHUTDOWN_FLUSH_MS,
+    WRITE_BUFFER_MAX, WRITE_BUFFER_PAUSE,
 };
 use crate::lock_table::{shard_for, Command, Effect, ListOrder, LockTable, Outcome, SessionId};
 use crate::metrics::LoopMetrics;
-use crate::protocol::{self, opcode, Mode, Status, SECRET_LEN};
+use crate::protocol::{self, opcode, Mode, Status};
 use crate::session::{home_of, PendingOp, Session, Sessions};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -592,7 +592,13 @@ impl EventLoop {
             if more_frames || state == ReadState::Full {
                 self.mark_ready(token);
             } else if conn.eof {
-                self.close(token);
+                // Half-closed: the peer may still read. Answer what was
+                // decoded (a LiveLock command at a shard, a query being
+                // gathered), then flush and close.
+                let owed = conn.awaiting || self.gathers.values().any(|g| g.conn == token);
+                if !owed {
+                    self.start_closing(token);
+                }
             }
         }
     }
@@ -817,6 +823,7 @@ impl EventLoop {
             return;
         };
         let resp_session = session.client_id.is_some();
+        let detached = session.conn.is_none();
         // Native output goes to the session's connection, or is parked for
         // RESUME while it is detached.
         let native_out: &mut Vec<u8> = match session.conn {
@@ -874,7 +881,11 @@ impl EventLoop {
                 }
             }
             Effect::Signal { name, signal, .. } => {
-                if !resp_session {
+                // Signals stay queryable; pushes beyond the bound are dropped
+                // while detached, so parked output stays bounded (and RESUME
+                // cannot overflow WRITE_BUFFER_MAX).
+                let parked_full = detached && native_out.len() >= PARKED_PUSHES_MAX;
+                if !resp_session && !parked_full {
                     protocol::encode_signal(native_out, &name, &signal);
                 }
             }
@@ -1143,6 +1154,7 @@ impl EventLoop {
         let holders: Vec<protocol::HolderRecord<'_>> = info
             .holders
             .iter()
+            .take(crate::limits::HOLDERS_PER_RECORD_MAX)
             .map(|hold| protocol::HolderRecord {
                 session: hold.session,
                 token: hold.token,
@@ -1198,6 +1210,11 @@ impl EventLoop {
         if conn.session != Some(gather.session) {
             return;
         }
+        // A half-closed connection waiting for this answer closes after it.
+        let token = gather.conn;
+        if conn.eof {
+            self.mark_ready(token);
+        }
         match gather.reply {
             GatherReply::Resp => self.finish_resp_gather(gather),
             GatherReply::Native { op, request_id } => {
@@ -1232,12 +1249,6 @@ fn header_ids(frame: &[u8]) -> (u8, u32) {
         Ok((header, _)) => (header.opcode, header.request_id.get()),
         Err(_) => (0, 0),
     }
-}
-
-fn random_secret() -> [u8; SECRET_LEN] {
-    let mut secret = [0u8; SECRET_LEN];
-    getrandom::getrandom(&mut secret).expect("the OS random source works");
-    secret
 }
 
 /// TCP_NODELAY, keepalive and TCP_USER_TIMEOUT, so a dead peer is found fast.

@@ -56,6 +56,14 @@ const _: () = assert!(WRITE_BUFFER_MAX - WRITE_BUFFER_PAUSE >= IN_FLIGHT_PER_SES
 const _: () = assert!(THREADS_MAX <= 64);
 const _: () = assert!(IN_FLIGHT_PER_SESSION_MAX <= HOLDS_PER_SESSION_MAX);
 
+/// Bytes of signal pushes parked for a detached session; later ones are
+/// dropped (the signals themselves stay on the lock, queryable).
+pub const PARKED_PUSHES_MAX: usize = WRITE_BUFFER_PAUSE;
+const _: () = assert!(
+    PARKED_PUSHES_MAX + IN_FLIGHT_PER_SESSION_MAX * 256 + 64
+        < WRITE_BUFFER_MAX - WRITE_BUFFER_PAUSE
+);
+
 /// Signals raised on one lock at once.
 pub const SIGNALS_PER_LOCK_MAX: usize = 64;
 /// Longest signal in bytes.
@@ -65,3 +73,16 @@ pub const FIND_RESULTS_MAX: usize = 10_000;
 /// Bytes of one native LIST reply; longer lists are cut (flagged truncated).
 pub const LIST_REPLY_BYTES_MAX: usize = 1024 * 1024;
 const _: () = assert!(LIST_REPLY_BYTES_MAX < WRITE_BUFFER_MAX - WRITE_BUFFER_PAUSE);
+/// Largest body of a frame the server sends (LIST and INSPECT replies may be
+/// far over FRAME_BODY_MAX, which bounds what a client sends).
+pub const REPLY_BODY_MAX: usize = LIST_REPLY_BYTES_MAX;
+/// Holders listed in one lock record (INSPECT, LIST), so a record always
+/// fits a reply: 1,000 × (26 + client name) bytes.
+pub const HOLDERS_PER_RECORD_MAX: usize = 1000;
+const _: () = assert!(
+    HOLDERS_PER_RECORD_MAX * (26 + CLIENT_NAME_LEN_MAX)
+        + SIGNALS_PER_LOCK_MAX * (2 + SIGNAL_LEN_MAX)
+        + 12
+        + NAME_LEN_MAX
+        < REPLY_BODY_MAX
+);

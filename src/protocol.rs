@@ -1233,7 +1233,13 @@ pub fn decode_reply(buf: &[u8]) -> Result<DecodedReply<'_>, ReplyError> {
     let status =
         Status::from_u16(header.status.get()).ok_or(ReplyError::BadStatus(header.status.get()))?;
     let body_len = header.body_len.get();
-    if body_len as usize > FRAME_BODY_MAX {
+    // Requests are bounded by FRAME_BODY_MAX, but LIST/INSPECT replies
+    // carry up to REPLY_BODY_MAX bytes of lock records.
+    let body_max = match header.opcode {
+        opcode::LIST | opcode::INSPECT => crate::limits::REPLY_BODY_MAX,
+        _ => FRAME_BODY_MAX,
+    };
+    if body_len as usize > body_max {
         return Err(ReplyError::FrameTooLarge { body_len });
     }
     let consumed = HEADER_LEN + body_len as usize;

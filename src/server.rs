@@ -267,7 +267,10 @@ fn restore(
             Mode::Exclusive
         };
         let shard = shard_for(&hold.name, loops);
-        if !tables[shard].restore_hold(&hold.name, id, mode, hold.token, hold.since_unix_ms) {
+        // A grant time in the future (a hostile or damaged dump) would
+        // break the oldest-hold gauge (u64::MAX is its "no hold" value).
+        let since_ms = hold.since_unix_ms.min(now_ms);
+        if !tables[shard].restore_hold(&hold.name, id, mode, hold.token, since_ms) {
             continue;
         }
         restored += 1;

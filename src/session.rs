@@ -145,26 +145,32 @@ impl Sessions {
         client_name: &[u8],
         conn: Token,
     ) -> &mut Session {
-        self.next_seq += 1;
-        let id = (self.next_seq << HOME_BITS) | self.home as u64;
+        let id = self.fresh_id();
         self.insert(id, secret, grace_ms, client_name, None, Some(conn))
     }
 
-    /// A new session id homed here (for a session restored from a dump
-    /// whose old id named another loop).
+    /// A new session id homed here (for a new session, or one restored from
+    /// a dump whose old id named another loop).
     pub fn fresh_id(&mut self) -> SessionId {
-        self.next_seq += 1;
-        (self.next_seq << HOME_BITS) | self.home as u64
+        // A restored id may have pushed next_seq to the top of its range:
+        // wrap within the range and skip ids still in use, never reuse one.
+        const SEQ_MASK: u64 = u64::MAX >> HOME_BITS;
+        loop {
+            self.next_seq = self.next_seq.wrapping_add(1) & SEQ_MASK;
+            let id = (self.next_seq << HOME_BITS) | self.home as u64;
+            if self.next_seq != 0 && !self.map.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     /// Opens a LiveLock-protocol session for `client_id`, attached to `conn`.
     pub fn create_client(&mut self, client_id: &[u8], grace_ms: u32, conn: Token) -> &mut Session {
-        self.next_seq += 1;
-        let id = (self.next_seq << HOME_BITS) | self.home as u64;
+        let id = self.fresh_id();
         self.by_client.insert(client_id.into(), id);
         self.insert(
             id,
-            [0; SECRET_LEN],
+            random_secret(),
             grace_ms,
             b"",
             Some(client_id),
@@ -301,6 +307,13 @@ impl Sessions {
         let detached = self.grace_timers.len();
         (self.map.len() - detached, detached)
     }
+}
+
+/// A fresh random session secret (RESUME must present it).
+pub fn random_secret() -> [u8; SECRET_LEN] {
+    let mut secret = [0u8; SECRET_LEN];
+    getrandom::getrandom(&mut secret).expect("the OS random source works");
+    secret
 }
 
 /// Constant-time equality, so a wrong password or secret reveals nothing

@@ -96,6 +96,7 @@ fn expectations() -> Vec<(String, u64)> {
     check("LIVELOCK_SECRET_LEN", protocol::SECRET_LEN);
     check("LIVELOCK_NAME_LEN_MAX", limits::NAME_LEN_MAX);
     check("LIVELOCK_FRAME_BODY_MAX", limits::FRAME_BODY_MAX);
+    check("LIVELOCK_REPLY_BODY_MAX", limits::REPLY_BODY_MAX);
     check("LIVELOCK_PASSWORD_LEN_MAX", limits::PASSWORD_LEN_MAX);
     check("LIVELOCK_CLIENT_NAME_LEN_MAX", limits::CLIENT_NAME_LEN_MAX);
     check(

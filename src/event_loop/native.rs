@@ -4,7 +4,7 @@
 
 use mio::Token;
 
-use super::{header_ids, random_secret, EventLoop, Flow, Gather, GatherReply, Query};
+use super::{header_ids, EventLoop, Flow, Gather, GatherReply, Query};
 use crate::limits::{
     FIND_RESULTS_MAX, GRACE_MS_MAX, HOLDS_PER_SESSION_MAX, IN_FLIGHT_PER_SESSION_MAX,
     LIST_REPLY_BYTES_MAX,
@@ -13,7 +13,7 @@ use crate::lock_table::{Acquire, Command, Outcome, RequestId, SessionId, SignalO
 use crate::protocol::{
     self, opcode, Decoded, Fatal, Request, SignalKind, Status, SECRET_LEN, WAIT_FOREVER,
 };
-use crate::session::{home_of, secure_eq, Pending, PendingOp};
+use crate::session::{home_of, random_secret, secure_eq, Pending, PendingOp};
 
 impl EventLoop {
     /// Writes the native reply to a gathered INSPECT, LIST or STATS.
@@ -169,14 +169,32 @@ impl EventLoop {
                 if let Some(session) = self.sessions.remove(id) {
                     // Every request still in flight gets its one final
                     // reply: Cancelled, since the session ends with BYE and
-                    // whatever it was granted is released with it.
+                    // whatever it was granted is released with it. Queries
+                    // being gathered (INSPECT, LIST, STATS) included.
+                    let gathered: Vec<u64> = self
+                        .gathers
+                        .iter()
+                        .filter(|(_, g)| g.session == id)
+                        .map(|(&q, _)| q)
+                        .collect();
+                    let mut finals: Vec<(u32, u8)> = session
+                        .pending
+                        .iter()
+                        .filter_map(|(&rid, p)| match p.op {
+                            PendingOp::Native(op) => Some((rid, op)),
+                            PendingOp::Resp(_) => None,
+                        })
+                        .collect();
+                    for q in gathered {
+                        if let Some(g) = self.gathers.remove(&q) {
+                            if let GatherReply::Native { op, request_id } = g.reply {
+                                finals.push((request_id, op));
+                            }
+                        }
+                    }
+                    finals.sort_unstable();
                     let out = self.wbuf(token);
-                    let mut pending: Vec<_> = session.pending.iter().collect();
-                    pending.sort_unstable_by_key(|(id, _)| **id);
-                    for (&pending_id, p) in pending {
-                        let PendingOp::Native(op) = p.op else {
-                            continue;
-                        };
+                    for (pending_id, op) in finals {
                         encode_outcome(out, op, pending_id, Outcome::Cancelled, true);
                     }
                     self.end_session(session);
@@ -279,7 +297,9 @@ impl EventLoop {
         let known = self
             .sessions
             .get(id)
-            .is_some_and(|s| secure_eq(&s.secret, secret));
+            // LiveLock client-id sessions have no secret (all zeros) and are
+            // reached by CONN only.
+            .is_some_and(|s| s.client_id.is_none() && secure_eq(&s.secret, secret));
         if !known {
             self.reply_status(
                 token,
