@@ -589,7 +589,9 @@ impl EventLoop {
                 self.mark_dirty(token);
                 continue;
             }
-            if more_frames || state == ReadState::Full {
+            // A LiveLock connection waiting for its answer is resumed by it
+            // (`mark_ready` on delivery), not polled in a busy loop.
+            if (more_frames || state == ReadState::Full) && !conn.awaiting {
                 self.mark_ready(token);
             } else if conn.eof {
                 // Half-closed: the peer may still read. Answer what was

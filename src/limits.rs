@@ -86,3 +86,7 @@ const _: () = assert!(
         + NAME_LEN_MAX
         < REPLY_BODY_MAX
 );
+/// INSPECT/LIST/STATS of one session being answered at once (each LIST
+/// reply may be up to REPLY_BODY_MAX): beyond it, `TooManyInFlight`.
+pub const QUERIES_IN_FLIGHT_MAX: usize = 4;
+const _: () = assert!(QUERIES_IN_FLIGHT_MAX * REPLY_BODY_MAX <= WRITE_BUFFER_MAX);

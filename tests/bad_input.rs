@@ -765,3 +765,37 @@ fn a_client_that_never_reads_is_held_back_not_buffered_without_bound() {
     fx.assert_freed("never-reads");
     fx.assert_unharmed();
 }
+
+/// A session may have at most QUERIES_IN_FLIGHT_MAX INSPECT/LIST/STATS being
+/// gathered from the loops at once (each LIST reply may be 1 MiB): pipelined
+/// beyond that, the rest are refused, and every request still gets exactly
+/// one final reply.
+#[test]
+fn queries_in_flight_are_bounded() {
+    use livelock::limits::QUERIES_IN_FLIGHT_MAX;
+    let server = TestServer::start(4);
+    let (mut conn, _, _) = RawConn::hello(server.addr, 0);
+    let mut batch = Vec::new();
+    let count = QUERIES_IN_FLIGHT_MAX as u32 * 4;
+    for id in 0..count {
+        protocol::encode_request(&mut batch, 100 + id, &Request::Stats);
+    }
+    conn.send_bytes(&batch);
+    let (mut answered, mut refused) = (0, 0);
+    for _ in 0..count {
+        let reply = conn.recv();
+        assert_eq!(reply.opcode, protocol::opcode::STATS);
+        match reply.status {
+            Status::Ok => answered += 1,
+            Status::TooManyInFlight => refused += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        answered >= QUERIES_IN_FLIGHT_MAX,
+        "at least the first ones are answered"
+    );
+    assert!(refused > 0, "the batch beyond the bound is refused");
+    assert_eq!(answered + refused, count as usize);
+    assert_eq!(conn.call(1, &Request::Ping).status, Status::Ok);
+}

@@ -7,7 +7,7 @@ use mio::Token;
 use super::{header_ids, EventLoop, Flow, Gather, GatherReply, Query};
 use crate::limits::{
     FIND_RESULTS_MAX, GRACE_MS_MAX, HOLDS_PER_SESSION_MAX, IN_FLIGHT_PER_SESSION_MAX,
-    LIST_REPLY_BYTES_MAX,
+    LIST_REPLY_BYTES_MAX, QUERIES_IN_FLIGHT_MAX,
 };
 use crate::lock_table::{Acquire, Command, Outcome, RequestId, SessionId, SignalOp, Wait};
 use crate::protocol::{
@@ -343,10 +343,18 @@ impl EventLoop {
             .sessions
             .get_mut(id)
             .expect("a connection's session lives at home");
+        let is_query = matches!(op, opcode::INSPECT | opcode::LIST | opcode::STATS);
         let refusal = if session.pending.contains_key(&request_id) {
             Some((Status::DuplicateRequestId, "request id already in flight"))
         } else if session.pending.len() >= IN_FLIGHT_PER_SESSION_MAX {
             Some((Status::TooManyInFlight, "too many requests in flight"))
+        } else if is_query
+            && self.gathers.values().filter(|g| g.session == id).count() >= QUERIES_IN_FLIGHT_MAX
+        {
+            Some((
+                Status::TooManyInFlight,
+                "too many INSPECT/LIST/STATS in flight",
+            ))
         } else if op == opcode::ACQUIRE
             && session.holds + session.pending.len() >= HOLDS_PER_SESSION_MAX
         {
