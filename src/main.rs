@@ -21,7 +21,7 @@ const DEFAULT_PORT: u16 = 7873;
     version,
     about = "A lock server whose locks live exactly as long as their holder's connection",
     long_about = "A lock server whose locks live exactly as long as their holder's connection.\n\n\
-        `livelock server` runs the server (in memory, 127.0.0.1:7873 by default).\n\
+        `livelock server` runs the server (127.0.0.1:7873 by default; state in memory, dumped to --data-dir on shutdown and reloaded on start).\n\
         `livelock run NAME -- COMMAND` runs COMMAND while holding the lock NAME, like flock(1) \
         across machines: COMMAND never runs without the lock."
 )]
