@@ -76,7 +76,7 @@ enum AdminCommandWithArgs {
 #[derive(Args)]
 struct ServerArgs {
     /// Address to listen on; overrides LIVELOCK_BIND_TO/LIVELOCK_HOST and LIVELOCK_PORT.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", env = "LIVELOCK_LISTEN")]
     listen: Option<SocketAddr>,
     /// Host to listen on [env: LIVELOCK_BIND_TO, LIVELOCK_HOST] [default: 127.0.0.1]
     #[arg(long)]
@@ -90,7 +90,7 @@ struct ServerArgs {
     /// Password clients must give in HELLO.
     #[arg(long, env = "LIVELOCK_PASSWORD", hide_env_values = true)]
     password: Option<String>,
-    /// Allow a non-loopback listener without a password.
+    /// Allow a non-loopback listener without a password [env: LIVELOCK_INSECURE_NO_PASSWORD=1]
     #[arg(long)]
     insecure_no_password: bool,
     /// Seconds of silence before TCP keepalive probes start.
@@ -114,7 +114,7 @@ struct ServerArgs {
     /// Do not read the dump at start [env: LIVELOCK_DISABLE_DUMP_LOAD=1]
     #[arg(long)]
     disable_dump_load: bool,
-    /// Neither read nor write a dump: purely in memory.
+    /// Neither read nor write a dump: purely in memory [env: LIVELOCK_NO_DUMP=1]
     #[arg(long)]
     no_dump: bool,
     /// Obey the LiveLock SHUTDOWN command [env: LIVELOCK_SHUTDOWN_SUPPORT=1]
@@ -227,7 +227,7 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
     }
     config.release_all_timeout = Duration::from_secs_f64(args.release_all_timeout);
     config.data_dir = args.data_dir.clone();
-    let no_dump = args.no_dump;
+    let no_dump = flag_or_env(args.no_dump, "LIVELOCK_NO_DUMP")?;
     config.dump_save = !no_dump;
     config.dump_load =
         !no_dump && !flag_or_env(args.disable_dump_load, "LIVELOCK_DISABLE_DUMP_LOAD")?;
@@ -245,7 +245,10 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
             _ => None,
         },
     };
-    config.validate(args.insecure_no_password)?;
+    config.validate(flag_or_env(
+        args.insecure_no_password,
+        "LIVELOCK_INSECURE_NO_PASSWORD",
+    )?)?;
     Ok(config)
 }
 
