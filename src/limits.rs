@@ -90,3 +90,11 @@ const _: () = assert!(
 /// reply may be up to REPLY_BODY_MAX): beyond it, `TooManyInFlight`.
 pub const QUERIES_IN_FLIGHT_MAX: usize = 4;
 const _: () = assert!(QUERIES_IN_FLIGHT_MAX * REPLY_BODY_MAX <= WRITE_BUFFER_MAX);
+
+/// Fencing tokens one shard may hand out per millisecond, on average since
+/// the server started. Each start puts every shard's counter at
+/// `now_unix_ms * TOKENS_PER_MS_MAX`, above anything an earlier run (even one
+/// that crashed without a dump) can have handed out, as long as the wall
+/// clock did not step back. 65,536/ms is 50× the fastest shard measured
+/// (BENCHMARKS.md); u64 holds such tokens for thousands of years.
+pub const TOKENS_PER_MS_MAX: u64 = 1 << 16;

@@ -18,7 +18,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::ServerConfig;
 use crate::dump::{self, Dump};
 use crate::event_loop::{Clock, EventLoop, LoopStart, Peer, Shared};
-use crate::limits::INBOX_MAX;
+use crate::limits::{INBOX_MAX, TOKENS_PER_MS_MAX};
 use crate::lock_table::{shard_for, Command, LockTable, Mode};
 use crate::metrics::{LoopMetrics, ServerMetrics};
 use crate::session::{home_of, Sessions};
@@ -51,6 +51,13 @@ impl Server {
         listeners[0] = Some(listener);
         let clock = Clock::new();
         let mut tables: Vec<LockTable> = (0..loops).map(|i| LockTable::new(i, loops)).collect();
+        // Fencing tokens must keep increasing across restarts, crashes (no
+        // dump) included: every shard starts above the wall-clock floor,
+        // which no earlier run can have reached (see TOKENS_PER_MS_MAX).
+        let floor = clock.now_ms().saturating_mul(TOKENS_PER_MS_MAX);
+        for table in &mut tables {
+            table.raise_token_floor(floor);
+        }
         let mut sessions: Vec<Sessions> = (0..loops).map(Sessions::new).collect();
         if config.dump_load {
             match dump::load(&config.dump_path()) {

@@ -145,3 +145,17 @@ fn livelock_run_with_grace_keeps_its_lock_across_a_server_restart() {
         "released at the end"
     );
 }
+
+#[test]
+fn tokens_keep_increasing_across_a_restart_without_a_dump() {
+    // As after a crash: nothing is written, nothing is read.
+    let first = TestServer::start(2);
+    let before = first.client().acquire("fenced").unwrap().token();
+    stop(first);
+    let second = TestServer::start(2);
+    let after = second.client().acquire("fenced").unwrap().token();
+    assert!(
+        after > before,
+        "token {after} after the restart is not above {before}"
+    );
+}
