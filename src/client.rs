@@ -66,6 +66,10 @@ impl From<io::Error> for Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Pushed events kept for the application; later ones are dropped until it
+/// reads some (`Client::events`).
+pub const EVENTS_MAX: usize = 4096;
+
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
     pub password: Option<String>,
@@ -217,7 +221,7 @@ impl Client {
         let (session_id, secret, grace_ms) = protocol::parse_session_body(&reply.body)
             .ok_or_else(|| Error::Protocol("short session reply".into()))?;
         let reader = stream.try_clone()?;
-        let (events_tx, events) = crossbeam_channel::unbounded();
+        let (events_tx, events) = crossbeam_channel::bounded(EVENTS_MAX);
         let inner = Arc::new(Inner {
             writer: Mutex::new(stream),
             waiting: Mutex::new(Some(HashMap::new())),
@@ -246,7 +250,8 @@ impl Client {
         Duration::from_millis(u64::from(self.inner.grace_ms))
     }
 
-    /// Pushed events: lock lost, shutdown, session taken, disconnected.
+    /// Pushed events: lock lost, signal, shutdown, session taken, disconnected
+    /// (at most `EVENTS_MAX` kept unread; later ones are dropped).
     pub fn events(&self) -> &Receiver<Event> {
         &self.events
     }
@@ -665,7 +670,9 @@ fn read_loop(mut stream: TcpStream, mut buf: Vec<u8>, inner: Arc<Inner>, events:
                 },
                 _ => Event::SessionTaken,
             };
-            let _ = events.send(event);
+            // Bounded: an application that never reads its events must not
+            // grow without limit (e.g. under a flood of signals).
+            let _ = events.try_send(event);
             continue;
         }
         let interim = frame.flags & flags::INTERIM != 0;
@@ -689,5 +696,5 @@ fn read_loop(mut stream: TcpStream, mut buf: Vec<u8>, inner: Arc<Inner>, events:
     }
     // Dropping the senders wakes every caller with Disconnected.
     inner.waiting.lock().take();
-    let _ = events.send(Event::Disconnected);
+    let _ = events.try_send(Event::Disconnected);
 }
