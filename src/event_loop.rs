@@ -765,10 +765,8 @@ impl EventLoop {
         } else {
             // Checked here where the route is chosen, and again by the
             // owner's table where it is relied on.
-            if let (name @ [_, ..], _) = command.bytes() {
-                if !matches!(command, Command::Introduce { .. }) {
-                    assert_eq!(self.shard_of(name), shard, "lock routed to the wrong shard");
-                }
+            if let Some(name) = command.lock_name() {
+                assert_eq!(self.shard_of(name), shard, "lock routed to the wrong shard");
             }
             self.outgoing[shard].push_back(Msg::Shard(ShardMsg::from_command(command)));
         }

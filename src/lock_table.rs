@@ -117,8 +117,20 @@ pub enum Command<'a> {
 }
 
 impl<'a> Command<'a> {
-    /// The byte strings the command borrows: (lock name, signal); empty
-    /// where the command has none.
+    /// The lock the command is about, if any (it decides the shard).
+    pub fn lock_name(&self) -> Option<&'a [u8]> {
+        match *self {
+            Command::Acquire(a) => Some(a.name),
+            Command::Release { name, .. }
+            | Command::Extend { name, .. }
+            | Command::Locked { name, .. }
+            | Command::Signal { name, .. } => Some(name),
+            Command::Introduce { .. } | Command::Cancel { .. } | Command::EndSession { .. } => None,
+        }
+    }
+
+    /// The byte strings the command borrows, to carry them owned: (lock
+    /// name or client name, signal); empty where the command has none.
     pub fn bytes(&self) -> (&'a [u8], &'a [u8]) {
         match *self {
             Command::Acquire(a) => (a.name, b""),
@@ -524,6 +536,10 @@ impl LockTable {
 
     /// Applies one command at `now_ms`, writing its effects to `out`.
     pub fn apply(&mut self, now_ms: u64, command: Command<'_>, out: &mut Vec<Effect>) {
+        // Paired with the sender's check where the route was chosen.
+        if let Some(name) = command.lock_name() {
+            self.assert_shard(name);
+        }
         match command {
             Command::Acquire(acquire) => self.acquire(now_ms, acquire, out),
             Command::Release {
@@ -572,7 +588,6 @@ impl LockTable {
                 request_id,
                 name,
             } => {
-                self.assert_shard(name);
                 let held = self.find(name).is_some();
                 out.push(reply(session, request_id, Outcome::Bool(held), false));
             }
@@ -604,7 +619,6 @@ impl LockTable {
         op: SignalOp,
         out: &mut Vec<Effect>,
     ) -> Outcome {
-        self.assert_shard(name);
         let Some(idx) = self.find(name) else {
             return Outcome::NoSuchLock;
         };
@@ -684,6 +698,7 @@ impl LockTable {
 
     /// Raises a signal on a held lock without notifying (dump reload).
     pub fn restore_signal(&mut self, name: &[u8], signal: &[u8]) -> bool {
+        self.assert_shard(name);
         let mut sink = Vec::new();
         self.signal(name, signal, SignalOp::Set { notify: false }, &mut sink) == Outcome::Bool(true)
     }
@@ -728,11 +743,6 @@ impl LockTable {
 
     fn acquire(&mut self, now_ms: u64, a: Acquire<'_>, out: &mut Vec<Effect>) {
         assert!(!a.name.is_empty() && a.name.len() <= crate::limits::NAME_LEN_MAX);
-        assert_eq!(
-            shard_for(a.name, self.shards),
-            self.shard,
-            "lock routed to the wrong shard"
-        );
         let Some(idx) = self.find(a.name) else {
             let idx = self.locks.vacant_key() as u32;
             let first = self.new_hold(a.session, now_ms, a.lease_ms, idx);
@@ -832,11 +842,6 @@ impl LockTable {
         name: &[u8],
         out: &mut Vec<Effect>,
     ) -> Outcome {
-        assert_eq!(
-            shard_for(name, self.shards),
-            self.shard,
-            "lock routed to the wrong shard"
-        );
         let Some(idx) = self.find(name) else {
             return Outcome::NotHeld;
         };

@@ -958,3 +958,30 @@ fn shutdown_tells_every_client_and_join_returns() {
     }
     bounded("Server::join", move || running.join()).unwrap();
 }
+
+/// Signals through the Rust client: raised on a held lock they are pushed to
+/// the holder, queryable by anyone, and cleared once; a free lock has none.
+#[test]
+fn signals_are_pushed_queried_and_cleared() {
+    let server = TestServer::start(2);
+    let holder = server.client();
+    let other = server.client();
+    let _guard = holder.acquire("signalled").unwrap();
+    other.signal("signalled", "reload").unwrap();
+    let event = holder.events().recv_timeout(WAIT_MAX).expect("pushed");
+    assert_eq!(
+        event,
+        livelock::client::Event::Signal {
+            name: b"signalled".to_vec(),
+            signal: b"reload".to_vec()
+        }
+    );
+    assert!(other.signal_exists("signalled", "reload").unwrap());
+    assert!(other.clear_signal("signalled", "reload").unwrap());
+    assert!(!other.clear_signal("signalled", "reload").unwrap());
+    assert!(!other.signal_exists("signalled", "reload").unwrap());
+    assert!(
+        other.signal("free", "reload").is_err(),
+        "a free lock cannot be signalled"
+    );
+}

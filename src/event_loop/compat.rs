@@ -47,16 +47,12 @@ impl EventLoop {
         }
     }
 
-    fn resp_out(&mut self, token: Token) -> &mut Vec<u8> {
-        self.wbuf(token)
-    }
-
     fn resp_error(&mut self, token: Token, code: ErrorCode) {
-        resp::encode_error(self.resp_out(token), code);
+        resp::encode_error(self.wbuf(token), code);
     }
 
     fn resp_bool(&mut self, token: Token, value: bool) {
-        resp::encode_bool(self.resp_out(token), value);
+        resp::encode_bool(self.wbuf(token), value);
     }
 
     /// The state checks of server.py, in its order (see `resp::parse_command`).
@@ -125,7 +121,7 @@ impl EventLoop {
             Ok(command) => command,
         };
         match command {
-            resp::Command::Ping => resp::encode_simple(self.resp_out(token), b"PONG"),
+            resp::Command::Ping => resp::encode_simple(self.wbuf(token), b"PONG"),
             resp::Command::ConnInfo(info) => {
                 if let Some(s) = self.sessions.get_mut(session) {
                     let len = info.len().min(crate::limits::CLIENT_NAME_LEN_MAX);
@@ -222,7 +218,7 @@ impl EventLoop {
         let conn = &mut self.conns[token.0];
         conn.session = Some(id);
         conn.hello_deadline_ms = 0;
-        resp::encode_simple(self.resp_out(token), client_id);
+        resp::encode_simple(self.wbuf(token), client_id);
         Flow::Continue
     }
 
@@ -384,7 +380,7 @@ impl EventLoop {
         }
         conn.awaiting = false;
         if let Query::Find { .. } = gather.query {
-            let out = self.resp_out(token);
+            let out = self.wbuf(token);
             resp::encode_find_header(out, gather.found.len());
             for (name, since_ms) in &gather.found {
                 resp::encode_find_item(out, name, *since_ms as f64 / 1000.0);
@@ -399,7 +395,7 @@ impl EventLoop {
                 .connections
                 .load(std::sync::atomic::Ordering::Relaxed);
             resp::encode_map(
-                self.resp_out(token),
+                self.wbuf(token),
                 &[
                     ("lock_count", StatValue::Int(stats.locks as i64)),
                     ("dump_file_path", StatValue::Str(&dump_path)),
