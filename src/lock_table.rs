@@ -433,6 +433,9 @@ pub struct LockTable {
     wait_seq: u64,
     /// The last fencing token handed out by this shard.
     last_token: u64,
+    /// Tokens stay at or below this: the high-water mark the server has
+    /// made durable (`tokens.rs`), so a crash never repeats a token.
+    token_ceiling: u64,
 }
 
 impl LockTable {
@@ -451,6 +454,7 @@ impl LockTable {
             wait_timers: BTreeMap::new(),
             wait_seq: 0,
             last_token: 0,
+            token_ceiling: u64::MAX,
         }
     }
 
@@ -496,7 +500,20 @@ impl LockTable {
             .copied()
     }
 
+    /// Lets tokens go up to `ceiling` (the durable high-water mark).
+    pub fn set_token_ceiling(&mut self, ceiling: u64) {
+        self.token_ceiling = ceiling;
+    }
+
     fn next_token(&mut self) -> u64 {
+        // The runtime extends the ceiling long before it is reached
+        // (tokens.rs); reaching it would risk repeating a token after a
+        // crash, so it stops the process. Also rules out overflow.
+        assert!(
+            self.last_token < self.token_ceiling,
+            "fencing token {} reached the durable ceiling",
+            self.last_token
+        );
         self.last_token += 1;
         self.last_token
     }
@@ -539,6 +556,11 @@ impl LockTable {
         // Paired with the sender's check where the route was chosen.
         if let Some(name) = command.lock_name() {
             self.assert_shard(name);
+        }
+        // Deadlines that are due come first: a command never sees a hold
+        // whose lease ran out, or a wait that timed out, before `now_ms`.
+        if self.next_deadline().is_some_and(|due| due <= now_ms) {
+            self.tick(now_ms, out);
         }
         match command {
             Command::Acquire(acquire) => self.acquire(now_ms, acquire, out),
@@ -668,6 +690,7 @@ impl LockTable {
         mode: Mode,
         token: u64,
         since_ms: u64,
+        lease_deadline_ms: u64,
     ) -> bool {
         self.assert_shard(name);
         self.raise_token_floor(token);
@@ -675,11 +698,12 @@ impl LockTable {
             session,
             token,
             since_ms,
-            lease_deadline_ms: 0,
+            lease_deadline_ms,
         };
         let Some(idx) = self.find(name) else {
             let idx = self.insert_lock(name, mode, hold);
             self.index_session(session, idx);
+            self.restore_lease(hold, idx);
             return true;
         };
         let lock = &mut self.locks[idx as usize];
@@ -693,7 +717,15 @@ impl LockTable {
         }
         lock.extra_mut().more.push(hold);
         self.index_session(session, idx);
+        self.restore_lease(hold, idx);
         true
+    }
+
+    fn restore_lease(&mut self, hold: Hold, idx: u32) {
+        if hold.lease_deadline_ms != 0 {
+            self.lease_timers
+                .insert((hold.lease_deadline_ms, hold.token, idx), idx);
+        }
     }
 
     /// Raises a signal on a held lock without notifying (dump reload).
@@ -724,6 +756,26 @@ impl LockTable {
         self.locks.iter().flat_map(|(_, lock)| {
             lock.holders()
                 .map(move |hold| (&*lock.name, lock.mode, hold))
+        })
+    }
+
+    /// Every queued acquire, in queue order per lock, with its lock's name
+    /// (dump): (name, session, request, mode, lease ms, wait deadline).
+    pub fn waiters(
+        &self,
+    ) -> impl Iterator<Item = (&[u8], SessionId, RequestId, Mode, u32, Option<u64>)> {
+        self.locks.iter().flat_map(|(_, lock)| {
+            lock.waiters().map(move |w| {
+                let deadline = w.timer.map(|(deadline, _)| deadline);
+                (
+                    &*lock.name,
+                    w.session,
+                    w.request_id,
+                    w.mode,
+                    w.lease_ms,
+                    deadline,
+                )
+            })
         })
     }
 

@@ -136,6 +136,9 @@ impl Model {
     }
 
     fn apply(&mut self, now_ms: u64, command: Command<'_>, out: &mut Vec<Effect>) {
+        // Due deadlines come before the command (a lease that ran out is
+        // gone before an EXTEND or a try-acquire looks at it).
+        self.tick(now_ms, out);
         match command {
             Command::Acquire(a) => self.acquire(now_ms, a, out),
             Command::Release {

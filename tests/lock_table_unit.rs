@@ -1233,9 +1233,9 @@ fn a_lock_holds_at_most_signals_per_lock_max_signals() {
 #[test]
 fn restore_hold_puts_back_holds_and_raises_the_token_floor() {
     let mut h = Harness::new();
-    assert!(h.table.restore_hold(b"a", 1, X, 40, 7));
-    assert!(h.table.restore_hold(b"b", 2, S, 90, 8));
-    assert!(h.table.restore_hold(b"b", 3, S, 60, 9));
+    assert!(h.table.restore_hold(b"a", 1, X, 40, 7, 0));
+    assert!(h.table.restore_hold(b"b", 2, S, 90, 8, 0));
+    assert!(h.table.restore_hold(b"b", 3, S, 60, 9, 0));
     h.table.check_invariants();
     assert_eq!(h.table.last_token(), 90);
     assert_eq!(
@@ -1286,26 +1286,26 @@ fn restore_hold_puts_back_holds_and_raises_the_token_floor() {
 #[test]
 fn restore_hold_refuses_a_hold_that_conflicts() {
     let mut h = Harness::new();
-    assert!(h.table.restore_hold(b"a", 1, X, 5, 0));
-    assert!(!h.table.restore_hold(b"a", 2, X, 6, 0), "two exclusive");
+    assert!(h.table.restore_hold(b"a", 1, X, 5, 0, 0));
+    assert!(!h.table.restore_hold(b"a", 2, X, 6, 0, 0), "two exclusive");
     assert!(
-        !h.table.restore_hold(b"a", 2, S, 7, 0),
+        !h.table.restore_hold(b"a", 2, S, 7, 0, 0),
         "shared on exclusive"
     );
     assert!(
-        !h.table.restore_hold(b"a", 1, X, 8, 0),
+        !h.table.restore_hold(b"a", 1, X, 8, 0, 0),
         "same session again"
     );
-    assert!(h.table.restore_hold(b"b", 1, S, 1, 0));
+    assert!(h.table.restore_hold(b"b", 1, S, 1, 0, 0));
     assert!(
-        !h.table.restore_hold(b"b", 2, X, 2, 0),
+        !h.table.restore_hold(b"b", 2, X, 2, 0, 0),
         "exclusive on shared"
     );
     assert!(
-        !h.table.restore_hold(b"b", 1, S, 3, 0),
+        !h.table.restore_hold(b"b", 1, S, 3, 0, 0),
         "same session again"
     );
-    assert!(h.table.restore_hold(b"b", 2, S, 4, 0));
+    assert!(h.table.restore_hold(b"b", 2, S, 4, 0, 0));
     h.table.check_invariants();
     assert_eq!(h.holders(b"a"), [1]);
     assert_eq!(h.table.inspect(b"a").unwrap().holders[0].token, 5);
@@ -1319,7 +1319,7 @@ fn restore_hold_refuses_a_hold_that_conflicts() {
         [granted(3, 1, 9)]
     );
     // A lower restored token does not lower the floor.
-    assert!(h.table.restore_hold(b"d", 4, X, 2, 0));
+    assert!(h.table.restore_hold(b"d", 4, X, 2, 0, 0));
     assert_eq!(h.table.last_token(), 9);
 }
 
@@ -1330,8 +1330,8 @@ fn restore_hold_refuses_a_hold_that_conflicts() {
 #[test]
 fn restored_holds_sharing_a_token_keep_both_leases() {
     let mut h = Harness::new();
-    assert!(h.table.restore_hold(b"a", 1, X, 5, 0));
-    assert!(h.table.restore_hold(b"b", 2, X, 5, 0));
+    assert!(h.table.restore_hold(b"a", 1, X, 5, 0, 0));
+    assert!(h.table.restore_hold(b"b", 2, X, 5, 0, 0));
     assert_eq!(h.extend(0, 1, 1, b"a", 10), [reply(1, 1, Outcome::Ok)]);
     assert_eq!(h.extend(0, 2, 1, b"b", 10), [reply(2, 1, Outcome::Ok)]);
     assert_eq!(h.tick(10), [lost(1, 5, b"a"), lost(2, 5, b"b")]);
@@ -1342,8 +1342,8 @@ fn restored_holds_sharing_a_token_keep_both_leases() {
 fn restore_signal_raises_a_signal_on_a_held_lock_without_pushing() {
     let mut h = Harness::new();
     assert!(!h.table.restore_signal(b"a", b"s"), "no such lock");
-    assert!(h.table.restore_hold(b"a", 1, S, 3, 0));
-    assert!(h.table.restore_hold(b"a", 2, S, 4, 0));
+    assert!(h.table.restore_hold(b"a", 1, S, 3, 0, 0));
+    assert!(h.table.restore_hold(b"a", 2, S, 4, 0, 0));
     assert!(h.table.restore_signal(b"a", b"s"));
     assert!(h.table.restore_signal(b"a", b"s"), "twice is fine");
     assert!(h.table.restore_signal(b"a", b"t"));
@@ -1623,4 +1623,57 @@ fn a_release_routed_to_the_wrong_shard_is_a_programmer_error() {
         name: name.as_bytes(),
     };
     table.apply(0, release, &mut Vec::new());
+}
+
+// ---- deadlines before commands (safety issue, item 16) -------------------
+
+/// A command that arrives after a lease ran out, before any tick, must not
+/// see the expired hold: an EXTEND does not revive it, and a try-acquire by
+/// another session gets the lock.
+#[test]
+fn due_deadlines_are_applied_before_the_command() {
+    let mut h = Harness::new();
+    h.acquire(100, leased(acq(1, 1, b"a", X, Wait::Try), 50));
+    // No tick at 150: the EXTEND at 160 comes first.
+    assert_eq!(
+        h.extend(160, 1, 2, b"a", 1000),
+        [lost(1, 1, b"a"), reply(1, 2, Outcome::NotHeld)]
+    );
+    assert!(h.holders(b"a").is_empty());
+    h.acquire(200, leased(acq(1, 3, b"b", X, Wait::Try), 50));
+    assert_eq!(
+        h.acquire(251, acq(2, 1, b"b", X, Wait::Try)),
+        [lost(1, 2, b"b"), granted(2, 1, 3)]
+    );
+    // A timed wait that is due times out before a release could grant it.
+    h.acquire(300, acq(3, 1, b"b", X, Wait::Until(310)));
+    assert_eq!(
+        h.release(320, 2, 2, b"b"),
+        [pushed(3, 1, Outcome::TimedOut), reply(2, 2, Outcome::Ok)]
+    );
+}
+
+/// The table never hands out a token past the durable ceiling: reaching it
+/// is a broken invariant of the runtime (which extends it long before).
+#[test]
+#[should_panic(expected = "durable ceiling")]
+fn tokens_stop_at_the_ceiling() {
+    let mut h = Harness::new();
+    h.table.raise_token_floor(10);
+    h.table.set_token_ceiling(11);
+    assert_eq!(
+        h.acquire(1, acq(1, 1, b"a", X, Wait::Try)),
+        [granted(1, 1, 11)]
+    );
+    h.acquire(1, acq(1, 2, b"b", X, Wait::Try));
+}
+
+/// A restored hold keeps what was left of its lease.
+#[test]
+fn a_restored_lease_still_expires() {
+    let mut h = Harness::new();
+    assert!(h.table.restore_hold(b"a", 1, X, 5, 0, 150));
+    assert_eq!(h.table.next_deadline(), Some(150));
+    assert_eq!(h.tick(150), [lost(1, 5, b"a")]);
+    assert!(h.holders(b"a").is_empty());
 }
