@@ -26,6 +26,7 @@ wait_port() {
 
 start_livelock() { # PORT [THREADS]
     target/release/livelock server --listen "127.0.0.1:$1" --threads "${2:-1}" --no-dump \
+        --data-dir "$WORK/livelock-$1" \
         --log-level ERROR &
     PIDS+=($!)
     LIVELOCK_PID=$!

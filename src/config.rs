@@ -54,6 +54,16 @@ pub struct ServerConfig {
     pub max_payload: usize,
     /// Prometheus metrics over HTTP on this address.
     pub metrics_listen: Option<SocketAddr>,
+    /// Keep the fencing-token high-water mark in the data directory, so
+    /// tokens never repeat across crashes (`livelock server` always does,
+    /// also without a dump).
+    pub keep_tokens: bool,
+    /// How long a start waits for a predecessor to release the port and
+    /// the data directory.
+    pub takeover_wait: Duration,
+    /// The wall clock's reading at start, if not the real one (tests: a
+    /// clock that stepped back).
+    pub clock_start_unix_ms: Option<u64>,
 }
 
 impl ServerConfig {
@@ -72,6 +82,9 @@ impl ServerConfig {
             shutdown_support: false,
             max_payload: 1024,
             metrics_listen: None,
+            keep_tokens: false,
+            takeover_wait: Duration::from_secs(10),
+            clock_start_unix_ms: None,
         }
     }
 
@@ -102,6 +115,12 @@ impl ServerConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Whether the server keeps anything in `data_dir` (then it holds the
+    /// directory's lock file for its whole life).
+    pub fn uses_data_dir(&self) -> bool {
+        self.dump_save || self.dump_load || self.keep_tokens
     }
 
     /// The dump file's path.

@@ -6,6 +6,7 @@
 use std::io::{self, Read, Write};
 
 use mio::net::TcpStream;
+use mio::Token;
 
 use crate::limits::READ_BUFFER_MAX;
 use crate::lock_table::SessionId;
@@ -32,11 +33,31 @@ pub enum ReadState {
     Eof,
 }
 
+/// A connection slot and the generation of the connection in it. Slots are
+/// reused; generations never are (per loop), so a late reply addressed to a
+/// connection that is gone matches nothing instead of its slot's new tenant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRef {
+    pub token: Token,
+    pub gen: u64,
+}
+
+impl ConnRef {
+    /// Names no connection (generations start at 1): for requests restored
+    /// from a dump, whose connection is long gone.
+    pub const NONE: ConnRef = ConnRef {
+        token: Token(usize::MAX),
+        gen: 0,
+    };
+}
+
 /// Bytes read per `read` call at least (the buffer grows in such steps).
 const READ_CHUNK: usize = 4096;
 
 pub struct Connection {
     pub stream: TcpStream,
+    /// Set by the loop when the connection is added (see `ConnRef`).
+    pub gen: u64,
     pub codec: Codec,
     pub session: Option<SessionId>,
     /// Received bytes; `rbuf[rpos..]` is not yet decoded.
@@ -69,6 +90,7 @@ impl Connection {
     pub fn new(stream: TcpStream, hello_deadline_ms: u64) -> Connection {
         Connection {
             stream,
+            gen: 0,
             codec: Codec::Sniffing,
             session: None,
             rbuf: Vec::new(),

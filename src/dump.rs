@@ -16,7 +16,12 @@
 //!   u32 count, sessions: id u64, secret [16], client_name bytes,
 //!                        client_id (u8 0 = none | 1 + bytes), grace_ms u32
 //!   u32 count, holds:    name bytes, session u64, shared u8 (0|1), token u64,
-//!                        since_unix_ms u64
+//!                        since_unix_ms u64,
+//!                        lease_left_ms u64 (version 2; 0 = no lease)
+//!   u32 count, waiters:  (version 2) name bytes, session u64, request_id u32,
+//!                        shared u8 (0|1), lease_ms u32,
+//!                        wait_left_ms u64 (u64::MAX = forever);
+//!                        in queue order per lock
 //!   u32 count, signals:  name bytes, signal bytes
 //! checksum   u64       CRC-64/XZ of every byte before it
 //! ```
@@ -33,6 +38,9 @@
 //!   one exclusive holder or only shared ones, each session at most once.
 //!   `encode` asserts the same of what it is given (a broken dump is a bug
 //!   of the caller), so whatever it writes, `decode` reads back equal;
+//! - `sanitize` drops whatever record breaks these rules (with a count),
+//!   so the server's writer never panics whatever state it is given;
+//! - version 1 files (no leases, no waiters) are still read;
 //! - `write_atomic` replaces the file whole or not at all: a crash leaves the
 //!   old file or the new one, never a mix.
 
@@ -52,7 +60,11 @@ pub const FILE_NAME: &str = "livelock.dump";
 /// First bytes of every dump.
 pub const MAGIC: [u8; 8] = *b"LLDUMP\0\x01";
 /// Format version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
+/// The oldest format this build still reads.
+pub const VERSION_MIN: u32 = 1;
+/// `DumpWaiter::wait_left_ms` of a wait without deadline.
+pub const WAIT_FOREVER: u64 = u64::MAX;
 
 /// Longest lock name in a dump (hold and signal names are 1..= this).
 pub const DUMP_NAME_LEN_MAX: usize = 1024;
@@ -74,6 +86,7 @@ const CHECKSUM_LEN: usize = 8;
 /// Smallest encoding of one record of each kind, to bound counts by the bytes left.
 const SESSION_LEN_MIN: usize = 8 + SECRET_LEN + 4 + 1 + 4;
 const HOLD_LEN_MIN: usize = 4 + 1 + 8 + 1 + 8 + 8;
+const WAITER_LEN_MIN: usize = 4 + 1 + 8 + 4 + 1 + 4 + 8;
 const SIGNAL_LEN_MIN: usize = 4 + 1 + 4;
 
 /// One session, attached or not when the dump was taken; a reloaded session
@@ -100,6 +113,22 @@ pub struct DumpHold {
     pub token: u64,
     /// Wall-clock grant time, ms since the Unix epoch.
     pub since_unix_ms: u64,
+    /// What was left of the hold's lease when the dump was taken; 0 = no
+    /// lease. The restored hold gets it again, counted from the restart.
+    pub lease_left_ms: u64,
+}
+
+/// One queued acquire (a request in flight of a session of the dump).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DumpWaiter {
+    pub name: Vec<u8>,
+    pub session: u64,
+    pub request_id: u32,
+    pub shared: bool,
+    /// The lease the hold gets when granted (0 = none).
+    pub lease_ms: u32,
+    /// What was left of the wait; [`WAIT_FOREVER`] for none.
+    pub wait_left_ms: u64,
 }
 
 /// Everything the server keeps across a restart.
@@ -111,6 +140,8 @@ pub struct Dump {
     pub last_token: u64,
     pub sessions: Vec<DumpSession>,
     pub holds: Vec<DumpHold>,
+    /// Queued acquires, in queue order per lock.
+    pub waiters: Vec<DumpWaiter>,
     /// (lock name, signal) pairs.
     pub signals: Vec<(Vec<u8>, Vec<u8>)>,
 }
@@ -199,6 +230,16 @@ pub fn encode(dump: &Dump) -> Vec<u8> {
         out.push(u8::from(hold.shared));
         out.extend_from_slice(&hold.token.to_le_bytes());
         out.extend_from_slice(&hold.since_unix_ms.to_le_bytes());
+        out.extend_from_slice(&hold.lease_left_ms.to_le_bytes());
+    }
+    put_count(&mut out, dump.waiters.len());
+    for waiter in &dump.waiters {
+        put_bytes(&mut out, &waiter.name, 1, DUMP_NAME_LEN_MAX);
+        out.extend_from_slice(&waiter.session.to_le_bytes());
+        out.extend_from_slice(&waiter.request_id.to_le_bytes());
+        out.push(u8::from(waiter.shared));
+        out.extend_from_slice(&waiter.lease_ms.to_le_bytes());
+        out.extend_from_slice(&waiter.wait_left_ms.to_le_bytes());
     }
     put_count(&mut out, dump.signals.len());
     for (name, signal) in &dump.signals {
@@ -233,7 +274,7 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
         return Err(DumpError::Truncated);
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != VERSION {
+    if !(VERSION_MIN..=VERSION).contains(&version) {
         return Err(DumpError::UnsupportedVersion(version));
     }
     let body_len = u64::from_le_bytes(bytes[12..HEADER_LEN].try_into().expect("8 bytes"));
@@ -286,13 +327,40 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
         };
         let token = body.u64()?;
         let since_unix_ms = body.u64()?;
+        let lease_left_ms = if version >= 2 { body.u64()? } else { 0 };
         holds.push(DumpHold {
             name,
             session,
             shared,
             token,
             since_unix_ms,
+            lease_left_ms,
         });
+    }
+    let mut waiters = Vec::new();
+    if version >= 2 {
+        let count = body.count(WAITER_LEN_MIN)?;
+        waiters.reserve(count);
+        for _ in 0..count {
+            let name = body.bytes(1, DUMP_NAME_LEN_MAX)?;
+            let session = body.u64()?;
+            let request_id = body.u32()?;
+            let shared = match body.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(DumpError::Corrupt("bad shared flag")),
+            };
+            let lease_ms = body.u32()?;
+            let wait_left_ms = body.u64()?;
+            waiters.push(DumpWaiter {
+                name,
+                session,
+                request_id,
+                shared,
+                lease_ms,
+                wait_left_ms,
+            });
+        }
     }
     let count = body.count(SIGNAL_LEN_MIN)?;
     let mut signals = Vec::with_capacity(count);
@@ -309,6 +377,7 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
         last_token,
         sessions,
         holds,
+        waiters,
         signals,
     };
     check_consistent(&dump).map_err(DumpError::Corrupt)?;
@@ -398,6 +467,7 @@ fn check_consistent(dump: &Dump) -> Result<(), &'static str> {
     }
     if u32::try_from(dump.sessions.len()).is_err()
         || u32::try_from(dump.holds.len()).is_err()
+        || u32::try_from(dump.waiters.len()).is_err()
         || u32::try_from(dump.signals.len()).is_err()
     {
         return Err("too many records");
@@ -435,7 +505,73 @@ fn check_consistent(dump: &Dump) -> Result<(), &'static str> {
             }
         }
     }
+    let mut requests: HashSet<(u64, u32)> = HashSet::with_capacity(dump.waiters.len());
+    for waiter in &dump.waiters {
+        if waiter.name.is_empty() || waiter.name.len() > DUMP_NAME_LEN_MAX {
+            return Err("waiter lock name length out of range");
+        }
+        if !session_ids.contains(&waiter.session) {
+            return Err("waiter of an unknown session");
+        }
+        if !requests.insert((waiter.session, waiter.request_id)) {
+            return Err("request id queued twice");
+        }
+        if !holders.insert((&waiter.name, waiter.session)) {
+            return Err("session holds or waits for one lock twice");
+        }
+    }
     Ok(())
+}
+
+/// Drops every record `encode` would refuse (a name or signal too long, a
+/// hold of an unknown session, a conflicting hold...) and raises
+/// `last_token` to the greatest hold token, so that writing a dump never
+/// fails on the state it is given. Returns how many records were dropped.
+pub fn sanitize(dump: &mut Dump) -> usize {
+    let before = dump.sessions.len() + dump.holds.len() + dump.waiters.len() + dump.signals.len();
+    let mut ids = HashSet::new();
+    dump.sessions.retain(|s| {
+        s.client_name.len() <= DUMP_CLIENT_LEN_MAX
+            && s.client_id
+                .as_ref()
+                .map_or(true, |id| id.len() <= DUMP_CLIENT_LEN_MAX)
+            && ids.insert(s.id)
+    });
+    let name_ok = |name: &[u8]| !name.is_empty() && name.len() <= DUMP_NAME_LEN_MAX;
+    dump.signals
+        .retain(|(name, signal)| name_ok(name) && signal.len() <= DUMP_SIGNAL_LEN_MAX);
+    // Lock name → whether its holders are exclusive; every (lock, session).
+    let mut modes: HashMap<Vec<u8>, bool> = HashMap::new();
+    let mut holders: HashSet<(Vec<u8>, u64)> = HashSet::new();
+    dump.holds.retain(|h| {
+        if !name_ok(&h.name)
+            || !ids.contains(&h.session)
+            || holders.contains(&(h.name.clone(), h.session))
+        {
+            return false;
+        }
+        match modes.get(&h.name) {
+            Some(&exclusive) if exclusive || !h.shared => return false,
+            Some(_) => {}
+            None => {
+                modes.insert(h.name.clone(), !h.shared);
+            }
+        }
+        holders.insert((h.name.clone(), h.session))
+    });
+    let mut requests = HashSet::new();
+    dump.waiters.retain(|w| {
+        name_ok(&w.name)
+            && ids.contains(&w.session)
+            && requests.insert((w.session, w.request_id))
+            && holders.insert((w.name.clone(), w.session))
+    });
+    dump.last_token = dump
+        .holds
+        .iter()
+        .map(|h| h.token)
+        .fold(dump.last_token, u64::max);
+    before - (dump.sessions.len() + dump.holds.len() + dump.waiters.len() + dump.signals.len())
 }
 
 /// Exact body length of `dump` once encoded.
@@ -455,14 +591,19 @@ fn encoded_body_len(dump: &Dump) -> usize {
     let holds: usize = dump
         .holds
         .iter()
-        .map(|h| 4 + h.name.len() + 8 + 1 + 8 + 8)
+        .map(|h| 4 + h.name.len() + 8 + 1 + 8 + 8 + 8)
+        .sum();
+    let waiters: usize = dump
+        .waiters
+        .iter()
+        .map(|w| 4 + w.name.len() + 8 + 4 + 1 + 4 + 8)
         .sum();
     let signals: usize = dump
         .signals
         .iter()
         .map(|(n, s)| 4 + n.len() + 4 + s.len())
         .sum();
-    8 + 8 + 4 + sessions + 4 + holds + 4 + signals
+    8 + 8 + 4 + sessions + 4 + holds + 4 + waiters + 4 + signals
 }
 
 fn put_count(out: &mut Vec<u8>, count: usize) {
@@ -530,7 +671,7 @@ impl Reader<'_> {
 
 /// CRC-64/XZ (reflected ECMA-182 polynomial, init and final xor all ones):
 /// detects every error burst up to 64 bits, unlike a plain hash.
-fn crc64(bytes: &[u8]) -> u64 {
+pub(crate) fn crc64(bytes: &[u8]) -> u64 {
     let mut crc = !0u64;
     for &byte in bytes {
         crc = CRC64_TABLE[((crc ^ u64::from(byte)) & 0xff) as usize] ^ (crc >> 8);
@@ -597,6 +738,7 @@ mod tests {
                     shared: false,
                     token: 40,
                     since_unix_ms: 1_699_999_999_000,
+                    lease_left_ms: 1500,
                 },
                 DumpHold {
                     name: vec![0, 1, 2, 0xff],
@@ -604,6 +746,7 @@ mod tests {
                     shared: true,
                     token: 41,
                     since_unix_ms: 0,
+                    lease_left_ms: 0,
                 },
                 DumpHold {
                     name: vec![0, 1, 2, 0xff],
@@ -611,6 +754,25 @@ mod tests {
                     shared: true,
                     token: 42,
                     since_unix_ms: u64::MAX,
+                    lease_left_ms: u64::MAX,
+                },
+            ],
+            waiters: vec![
+                DumpWaiter {
+                    name: b"jobs/1".to_vec(),
+                    session: 0x0201,
+                    request_id: 7,
+                    shared: false,
+                    lease_ms: 0,
+                    wait_left_ms: WAIT_FOREVER,
+                },
+                DumpWaiter {
+                    name: b"jobs/1".to_vec(),
+                    session: u64::MAX,
+                    request_id: u32::MAX,
+                    shared: true,
+                    lease_ms: 5000,
+                    wait_left_ms: 12,
                 },
             ],
             signals: vec![
@@ -666,7 +828,7 @@ mod tests {
     fn round_trip_empty_dump() {
         let dump = Dump::default();
         let bytes = encode(&dump);
-        assert_eq!(bytes.len(), HEADER_LEN + 8 + 8 + 3 * 4 + CHECKSUM_LEN);
+        assert_eq!(bytes.len(), HEADER_LEN + 8 + 8 + 4 * 4 + CHECKSUM_LEN);
         assert_eq!(decode(&bytes).unwrap(), dump);
     }
 
@@ -718,13 +880,72 @@ mod tests {
 
     #[test]
     fn other_versions_are_unsupported() {
-        let mut bytes = encode(&Dump::default());
-        bytes[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let bytes = reseal(bytes);
-        assert!(matches!(
-            decode(&bytes),
-            Err(DumpError::UnsupportedVersion(2))
-        ));
+        for version in [0, VERSION + 1] {
+            let mut bytes = encode(&Dump::default());
+            bytes[8..12].copy_from_slice(&version.to_le_bytes());
+            let bytes = reseal(bytes);
+            assert!(matches!(
+                decode(&bytes),
+                Err(DumpError::UnsupportedVersion(v)) if v == version
+            ));
+        }
+    }
+
+    /// A version 1 file (no leases, no waiters) is still read.
+    #[test]
+    fn version_1_files_are_read() {
+        let mut dump = sample();
+        dump.waiters.clear();
+        let mut v1 = Vec::new();
+        for hold in &mut dump.holds {
+            hold.lease_left_ms = 0;
+        }
+        let v2 = encode(&dump);
+        // Rebuild the body without the v2 fields: each hold's last 8 bytes,
+        // and the (empty) waiters count.
+        v1.extend_from_slice(&v2[..HEADER_LEN]);
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        let mut at =
+            HEADER_LEN + 16 + 4 + dump.sessions.iter().map(encoded_session_len).sum::<usize>();
+        v1.extend_from_slice(&v2[HEADER_LEN..at + 4]);
+        at += 4;
+        for hold in &dump.holds {
+            let len = 4 + hold.name.len() + 8 + 1 + 8 + 8;
+            v1.extend_from_slice(&v2[at..at + len]);
+            at += len + 8;
+        }
+        at += 4;
+        v1.extend_from_slice(&v2[at..]); // the signals, and a checksum to redo
+        assert_eq!(decode(&reseal(v1)).unwrap(), dump);
+    }
+
+    /// The writer never panics: whatever the server hands it, `sanitize`
+    /// drops what a dump cannot hold, and the rest is written (item 12 of
+    /// the safety issue: a LiveLock signal that grew when lowercased).
+    #[test]
+    fn sanitize_drops_what_encode_would_refuse() {
+        let mut dump = sample();
+        dump.signals
+            .push((b"x".to_vec(), vec![b'i'; DUMP_SIGNAL_LEN_MAX + 1]));
+        dump.sessions[0].client_name = vec![b'n'; DUMP_CLIENT_LEN_MAX + 1];
+        dump.holds.push(DumpHold {
+            name: b"jobs/1".to_vec(),
+            session: 0x0201,
+            shared: false,
+            token: 99,
+            since_unix_ms: 0,
+            lease_left_ms: 0,
+        });
+        assert!(check_consistent(&dump).is_err());
+        let dropped = sanitize(&mut dump);
+        // The long signal, the session with the long name, its two holds,
+        // the exclusive hold on a lock held shared.
+        assert_eq!(dropped, 5, "{dump:?}");
+        check_consistent(&dump).expect("consistent after sanitize");
+        assert_eq!(decode(&encode(&dump)).unwrap(), dump);
+        let mut clean = sample();
+        assert_eq!(sanitize(&mut clean), 0);
+        assert_eq!(clean, sample());
     }
 
     #[test]

@@ -31,11 +31,11 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use hashbrown::HashMap;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
-use parking_lot::Mutex;
 
 use crate::config::ServerConfig;
-use crate::connection::{Codec, Connection, ReadState};
-use crate::dump::{DumpHold, DumpSession};
+use crate::connection::{Codec, ConnRef, Connection, ReadState};
+use crate::data_dir::TokenCeiling;
+use crate::dump::{self, DumpHold, DumpSession, DumpWaiter};
 use crate::limits::{
     CONNECTIONS_MAX, FRAMES_PER_TURN_MAX, OUTBOX_PARK_MAX, PARKED_PUSHES_MAX, SHUTDOWN_FLUSH_MS,
     WRITE_BUFFER_MAX, WRITE_BUFFER_PAUSE,
@@ -65,6 +65,11 @@ impl Clock {
         let start_unix_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
+        Clock::starting_at(start_unix_ms)
+    }
+
+    /// A clock that reads `start_unix_ms` now (tests set it wrong on purpose).
+    pub fn starting_at(start_unix_ms: u64) -> Clock {
         Clock {
             start: Instant::now(),
             start_unix_ms,
@@ -110,16 +115,29 @@ pub struct Shared {
     pub peers: Vec<Peer>,
     pub connections: AtomicUsize,
     pub metrics: Vec<Arc<LoopMetrics>>,
-    /// Filled by each loop as it shuts down; the server writes the dump.
-    pub final_states: Mutex<Vec<LoopState>>,
+    /// The durable ceiling of fencing tokens, extended by the loops.
+    pub tokens: TokenCeiling,
+    /// Each loop sends its final state here once the shutdown barrier has
+    /// passed (see `EventLoop::advance_shutdown`); the server writes the dump.
+    pub final_tx: Sender<LoopState>,
 }
 
 impl Shared {
-    /// Asks every loop to shut down.
+    /// Asks every loop to freeze (the first step of shutdown). From a
+    /// thread that is not a loop: a loop uses its outgoing queues instead.
     pub fn request_shutdown(&self) {
+        self.send_to_all(|| Msg::Freeze);
+    }
+
+    /// Tells every loop the dump is written: close the connections, exit.
+    pub fn request_close(&self) {
+        self.send_to_all(|| Msg::Close);
+    }
+
+    fn send_to_all(&self, msg: impl Fn() -> Msg) {
         for peer in &self.peers {
             // A full inbox still gets it: block briefly rather than lose it.
-            let _ = peer.tx.send(Msg::Shutdown);
+            let _ = peer.tx.send(msg());
             let _ = peer.waker.wake();
         }
     }
@@ -132,6 +150,7 @@ pub struct LoopState {
     pub last_token: u64,
     pub sessions: Vec<DumpSession>,
     pub holds: Vec<DumpHold>,
+    pub waiters: Vec<DumpWaiter>,
     pub signals: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -234,8 +253,23 @@ pub enum Msg {
         query_id: u64,
         part: QueryPart,
     },
-    /// Stop accepting, say goodbye to every client, exit.
-    Shutdown,
+    /// Shutdown, step 1: originate no more state changes (no new requests,
+    /// no timers), then take part in the export barrier.
+    Freeze,
+    /// From a frozen loop to every other: every message it sent before this
+    /// one has arrived. `Shards`: no more commands for your shard from me;
+    /// `Sessions`: no more effects for your sessions from my shard.
+    Marker(Barrier),
+    /// Shutdown, last step (the dump is written): close every connection,
+    /// release the port, exit.
+    Close,
+}
+
+/// The two rounds of the shutdown barrier (`Msg::Marker`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Barrier {
+    Shards = 0,
+    Sessions = 1,
 }
 
 /// What decoding one frame asks of the connection.
@@ -259,7 +293,7 @@ enum GatherReply {
 
 /// A query being answered by the loops, for one connection.
 struct Gather {
-    conn: Token,
+    conn: ConnRef,
     session: SessionId,
     reply: GatherReply,
     remaining: usize,
@@ -298,7 +332,17 @@ pub struct EventLoop {
     parked_total: usize,
     /// Connections not read because of that backlog.
     stalled: Vec<Token>,
-    /// Set when shutting down: the instant to give up flushing.
+    /// Shutdown step 1 happened: nothing here originates a state change
+    /// any more (requests are refused, timers do not fire, closed
+    /// connections do not end their sessions).
+    frozen: bool,
+    /// Markers received from the other loops, per barrier round.
+    markers: [usize; 2],
+    /// This shard's final part of the dump, once the first round passed.
+    shard_export: Option<LoopState>,
+    /// The final state was handed to the server.
+    exported: bool,
+    /// Set when closing (the last step): the instant to give up flushing.
     shutdown_deadline_ms: Option<u64>,
     /// The clock, read once per turn: server ms, and µs since start
     /// (latency metrics, at turn granularity).
@@ -308,6 +352,8 @@ pub struct EventLoop {
     next_scan_ms: u64,
     /// The loop the next accepted connection goes to (loop 0 accepts).
     next_target: usize,
+    /// The generation of the last connection added (`ConnRef`).
+    next_gen: u64,
 }
 
 /// What a loop starts with: its inbox, the listener (loop 0 only), and
@@ -318,6 +364,9 @@ pub struct LoopStart {
     pub inbox: Receiver<Msg>,
     pub table: LockTable,
     pub sessions: Sessions,
+    /// Effects of restoring the dump's queued acquires (grants of waits
+    /// whose lock came back free), delivered before the first turn.
+    pub effects: Vec<Effect>,
 }
 
 impl EventLoop {
@@ -328,6 +377,7 @@ impl EventLoop {
             inbox,
             table,
             sessions,
+            effects,
         } = start;
         if let Some(listener) = listener.as_mut() {
             poll.registry()
@@ -344,7 +394,7 @@ impl EventLoop {
             conns: slab::Slab::new(),
             sessions,
             table,
-            effects: Vec::new(),
+            effects,
             outgoing: (0..loops).map(|_| VecDeque::new()).collect(),
             ready: VecDeque::new(),
             dirty: Vec::new(),
@@ -353,11 +403,16 @@ impl EventLoop {
             next_query_id: 0,
             parked_total: 0,
             stalled: Vec::new(),
+            frozen: false,
+            markers: [0; 2],
+            shard_export: None,
+            exported: false,
             shutdown_deadline_ms: None,
             now_ms: shared.clock.now_ms(),
             now_us: 0,
             next_scan_ms: 0,
             next_target: 0,
+            next_gen: 0,
             shared,
         })
     }
@@ -365,7 +420,10 @@ impl EventLoop {
     /// Runs until shutdown has said goodbye to every client.
     pub fn run(mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(1024);
+        self.route_effects();
         loop {
+            let ceiling = self.shared.tokens.ensure(self.table.last_token());
+            self.table.set_token_ceiling(ceiling);
             let mut timeout = self.poll_timeout();
             let sleeping = &self.shared.peers[self.idx].sleeping;
             if timeout != Some(Duration::ZERO) {
@@ -504,7 +562,24 @@ impl EventLoop {
         }
     }
 
-    fn add_connection(&mut self, conn: Connection) -> Option<Token> {
+    /// The slot and generation of the connection at `token`.
+    fn conn_ref(&self, token: Token) -> ConnRef {
+        ConnRef {
+            token,
+            gen: self.conns[token.0].gen,
+        }
+    }
+
+    /// The connection `conn` names, if it is still there (not a newer one
+    /// in its slot).
+    fn live(&self, conn: ConnRef) -> Option<Token> {
+        let live = self.conns.get(conn.token.0)?;
+        (live.gen == conn.gen).then_some(conn.token)
+    }
+
+    fn add_connection(&mut self, mut conn: Connection) -> Option<Token> {
+        self.next_gen += 1;
+        conn.gen = self.next_gen;
         let entry = self.conns.vacant_entry();
         let token = Token(entry.key());
         let conn = entry.insert(conn);
@@ -597,7 +672,11 @@ impl EventLoop {
                 // Half-closed: the peer may still read. Answer what was
                 // decoded (a LiveLock command at a shard, a query being
                 // gathered), then flush and close.
-                let owed = conn.awaiting || self.gathers.values().any(|g| g.conn == token);
+                let this = ConnRef {
+                    token,
+                    gen: conn.gen,
+                };
+                let owed = conn.awaiting || self.gathers.values().any(|g| g.conn == this);
                 if !owed {
                     self.start_closing(token);
                 }
@@ -711,7 +790,11 @@ impl EventLoop {
         if let Some(id) = conn.session {
             if self.sessions.get(id).is_some_and(|s| s.conn == Some(token)) {
                 if let Some(session) = self.sessions.detach(id, self.now_ms) {
-                    self.end_session(session);
+                    // Frozen: the state is being exported as it is; a
+                    // session without grace is simply not in the dump.
+                    if !self.frozen {
+                        self.end_session(session);
+                    }
                 }
             }
         }
@@ -916,18 +999,24 @@ impl EventLoop {
                     self.outgoing[origin].push_back(Msg::QueryReply { query_id, part });
                 }
                 Msg::QueryReply { query_id, part } => self.gather_part(query_id, part),
-                Msg::Shutdown => self.begin_shutdown(),
+                Msg::Freeze => self.freeze(),
+                Msg::Marker(round) => {
+                    self.markers[round as usize] += 1;
+                    self.advance_shutdown();
+                }
+                Msg::Close => self.begin_close(),
             }
         }
     }
 
     fn fire_timers(&mut self) {
         let now_ms = self.now_ms;
-        if self.table.next_deadline().is_some_and(|d| d <= now_ms) {
+        // Frozen (shutting down): no timer changes the state being exported.
+        if !self.frozen && self.table.next_deadline().is_some_and(|d| d <= now_ms) {
             self.table.tick(now_ms, &mut self.effects);
             self.route_effects();
         }
-        if self.sessions.next_deadline().is_some_and(|d| d <= now_ms) {
+        if !self.frozen && self.sessions.next_deadline().is_some_and(|d| d <= now_ms) {
             let mut ended = Vec::new();
             self.sessions.expire(now_ms, &mut ended);
             for session in ended {
@@ -996,29 +1085,81 @@ impl EventLoop {
         }
     }
 
-    fn begin_shutdown(&mut self) {
+    /// Shutdown step 1: stop originating state changes, tell the clients,
+    /// and start the export barrier. The listener stays open (the port
+    /// stays ours until the dump is written) but is no longer accepted from.
+    pub(super) fn freeze(&mut self) {
+        if self.frozen {
+            return;
+        }
+        self.frozen = true;
+        if let Some(listener) = self.listener.as_mut() {
+            let _ = self.poll.registry().deregister(listener);
+        }
+        let tokens: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
+        for key in tokens {
+            if self.conns[key].codec == Codec::Native {
+                protocol::encode_push(self.wbuf(Token(key)), opcode::SHUTDOWN);
+            }
+        }
+        self.send_markers(Barrier::Shards);
+        self.advance_shutdown();
+    }
+
+    fn send_markers(&mut self, round: Barrier) {
+        for peer in 0..self.shared.peers.len() {
+            if peer != self.idx {
+                // Behind everything queued for that loop: FIFO per channel.
+                self.outgoing[peer].push_back(Msg::Marker(round));
+            }
+        }
+    }
+
+    /// The export barrier. Frozen loops originate no commands, so once a
+    /// frozen loop has every other loop's `Shards` marker, no command for
+    /// its shard is in flight: the shard is final and is exported. Effects
+    /// come only from shards, so once it also has every `Sessions` marker
+    /// (sent by each loop after exporting its shard), no effect for its
+    /// sessions is in flight: they are final too. Then the whole state goes
+    /// to the server, which writes the dump and sends `Close`.
+    fn advance_shutdown(&mut self) {
+        let others = self.shared.peers.len() - 1;
+        if !self.frozen || self.exported {
+            return;
+        }
+        if self.shard_export.is_none() && self.markers[Barrier::Shards as usize] == others {
+            self.shard_export = Some(self.export_shard());
+            self.send_markers(Barrier::Sessions);
+        }
+        if self.shard_export.is_some() && self.markers[Barrier::Sessions as usize] == others {
+            let mut state = self.shard_export.take().expect("checked");
+            state.sessions = self.export_sessions();
+            self.exported = true;
+            // The server holds the receiver until every loop has sent.
+            let _ = self.shared.final_tx.send(state);
+        }
+    }
+
+    /// Shutdown, last step: the dump is written; close every connection
+    /// (flushing what it is owed, for at most SHUTDOWN_FLUSH_MS) and exit.
+    fn begin_close(&mut self) {
         if self.shutdown_deadline_ms.is_some() {
             return;
         }
         self.shutdown_deadline_ms = Some(self.now_ms + SHUTDOWN_FLUSH_MS);
-        if let Some(mut listener) = self.listener.take() {
-            let _ = self.poll.registry().deregister(&mut listener);
-        }
         let tokens: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in tokens {
-            let token = Token(key);
-            if self.conns[key].codec == Codec::Native {
-                protocol::encode_push(self.wbuf(token), opcode::SHUTDOWN);
-            }
-            self.start_closing(token);
+            self.start_closing(Token(key));
         }
-        let state = self.export_state();
-        self.shared.final_states.lock().push(state);
     }
 
-    /// This loop's shard and sessions, for the dump. Grant times are in
-    /// server-clock ms, which are Unix ms.
-    fn export_state(&self) -> LoopState {
+    /// This loop's shard for the dump: holds (with what is left of their
+    /// leases), queued acquires, signals, the last token. Grant times are
+    /// in server-clock ms, which are Unix ms.
+    fn export_shard(&self) -> LoopState {
+        let now_ms = self.now_ms;
+        // What is left of a deadline, at least 1 ms (0 means "none").
+        let left = |deadline: u64| deadline.saturating_sub(now_ms).max(1);
         let holds = self
             .table
             .holds()
@@ -1028,17 +1169,45 @@ impl EventLoop {
                 shared: mode == Mode::Shared,
                 token: hold.token,
                 since_unix_ms: hold.since_ms,
+                lease_left_ms: match hold.lease_deadline_ms {
+                    0 => 0,
+                    deadline => left(deadline),
+                },
             })
+            .collect();
+        let waiters = self
+            .table
+            .waiters()
+            .map(
+                |(name, session, request_id, mode, lease_ms, deadline)| DumpWaiter {
+                    name: name.to_vec(),
+                    session,
+                    request_id,
+                    shared: mode == Mode::Shared,
+                    lease_ms,
+                    wait_left_ms: deadline.map_or(dump::WAIT_FOREVER, left),
+                },
+            )
             .collect();
         let signals = self
             .table
             .signals()
             .map(|(name, signal)| (name.to_vec(), signal.to_vec()))
             .collect();
-        let sessions = self
-            .sessions
+        LoopState {
+            last_token: self.table.last_token(),
+            sessions: Vec::new(),
+            holds,
+            waiters,
+            signals,
+        }
+    }
+
+    /// This loop's sessions for the dump. A session without grace ends
+    /// with its connection: not kept (the server drops its holds).
+    fn export_sessions(&self) -> Vec<DumpSession> {
+        self.sessions
             .iter()
-            // A session without grace ends with its connection: not kept.
             .filter(|s| s.grace_ms > 0)
             .map(|s| DumpSession {
                 id: s.id,
@@ -1047,13 +1216,7 @@ impl EventLoop {
                 client_id: s.client_id.as_ref().map(|id| id.to_vec()),
                 grace_ms: s.grace_ms,
             })
-            .collect();
-        LoopState {
-            last_token: self.table.last_token(),
-            sessions,
-            holds,
-            signals,
-        }
+            .collect()
     }
 
     // ---- queries over every shard -------------------------------------
@@ -1078,7 +1241,7 @@ impl EventLoop {
         self.gathers.insert(
             query_id,
             Gather {
-                conn,
+                conn: self.conn_ref(conn),
                 session,
                 reply,
                 remaining: targets.len(),
@@ -1204,14 +1367,14 @@ impl EventLoop {
             }
             Query::Inspect { .. } | Query::Stats => {}
         }
-        let Some(conn) = self.conns.get(gather.conn.0) else {
+        let Some(token) = self.live(gather.conn) else {
             return;
         };
+        let conn = &self.conns[token.0];
         if conn.session != Some(gather.session) {
             return;
         }
         // A half-closed connection waiting for this answer closes after it.
-        let token = gather.conn;
         if conn.eof {
             self.mark_ready(token);
         }

@@ -3,6 +3,7 @@
 pub mod client;
 pub mod config;
 pub mod connection;
+pub mod data_dir;
 pub mod dump;
 pub mod event_loop;
 pub mod glob;

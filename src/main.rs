@@ -117,6 +117,9 @@ struct ServerArgs {
     /// Neither read nor write a dump: purely in memory [env: LIVELOCK_NO_DUMP=1]
     #[arg(long)]
     no_dump: bool,
+    /// Seconds to wait at start for a predecessor to release the port and the data directory.
+    #[arg(long, env = "LIVELOCK_TAKEOVER_WAIT", default_value_t = 10.0)]
+    takeover_wait: f64,
     /// Obey the LiveLock SHUTDOWN command [env: LIVELOCK_SHUTDOWN_SUPPORT=1]
     #[arg(long)]
     shutdown_support: bool,
@@ -227,6 +230,15 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
     }
     config.release_all_timeout = Duration::from_secs_f64(args.release_all_timeout);
     config.data_dir = args.data_dir.clone();
+    // The fencing-token mark is kept in the data directory in every mode.
+    config.keep_tokens = true;
+    if !(0.0..=3600.0).contains(&args.takeover_wait) {
+        return Err(format!(
+            "--takeover-wait must be 0..=3600 seconds, got {}",
+            args.takeover_wait
+        ));
+    }
+    config.takeover_wait = Duration::from_secs_f64(args.takeover_wait);
     let no_dump = flag_or_env(args.no_dump, "LIVELOCK_NO_DUMP")?;
     config.dump_save = !no_dump;
     config.dump_load =

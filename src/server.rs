@@ -1,27 +1,33 @@
-//! Starting and stopping the server: one listener (on loop 0, which deals
-//! connections out to the loops round robin), one thread per loop, the channels and wakers between them, the metrics
-//! endpoint, and the state dump: read before the loops start, written after
-//! they stop.
+//! Starting and stopping the server: the data directory (lock, dump,
+//! token mark), one listener (on loop 0, which deals connections out to the
+//! loops round robin), one thread per loop, the channels and wakers between
+//! them, the metrics endpoint, and the state dump: read (and consumed)
+//! before the loops start, written at the shutdown barrier, before the port
+//! is released. See "Shutdown, restart and crash" in docs/ARCHITECTURE.md.
 
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Receiver;
 
 use mio::net::TcpListener;
 use mio::{Poll, Token, Waker};
-use parking_lot::Mutex;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::ServerConfig;
+use crate::connection::ConnRef;
+use crate::data_dir::{self, DirLock, TokenCeiling};
 use crate::dump::{self, Dump};
-use crate::event_loop::{Clock, EventLoop, LoopStart, Peer, Shared};
-use crate::limits::{INBOX_MAX, TOKENS_PER_MS_MAX};
-use crate::lock_table::{shard_for, Command, LockTable, Mode};
+use crate::event_loop::{Clock, EventLoop, LoopStart, LoopState, Peer, Shared};
+use crate::limits::{INBOX_MAX, IN_FLIGHT_PER_SESSION_MAX, TOKENS_PER_MS_MAX};
+use crate::lock_table::{shard_for, Acquire, Command, Effect, LockTable, Mode, Wait};
 use crate::metrics::{LoopMetrics, ServerMetrics};
-use crate::session::{home_of, Sessions};
+use crate::protocol::opcode;
+use crate::session::{home_of, Pending, PendingOp, Session, Sessions};
 
 const WAKER: Token = Token(usize::MAX - 2);
 
@@ -30,50 +36,97 @@ pub struct Server {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     shared: Arc<Shared>,
-    server_metrics: Arc<ServerMetrics>,
-    threads: Vec<JoinHandle<io::Result<()>>>,
+    /// Runs the shutdown (`shut_down`) once it is asked for.
+    coordinator: JoinHandle<io::Result<()>>,
     metrics_stop: Arc<AtomicBool>,
     metrics_thread: Option<JoinHandle<()>>,
 }
 
 impl Server {
-    /// Binds, reloads the dump (if enabled), and starts every loop. The
-    /// address may have port 0 (tests).
+    /// Takes the data directory (waiting for a predecessor, bounded), binds
+    /// (same), reads and consumes the dump (if enabled), reserves fencing
+    /// tokens, and starts every loop. The address may have port 0 (tests).
     pub fn start(config: ServerConfig) -> io::Result<Server> {
         let loops = config.threads;
         assert!((1..=crate::limits::THREADS_MAX).contains(&loops));
+        let started = Instant::now();
+        // The directory first: its lock outlives our port (it is released
+        // when the process ends), so a successor that has it knows the
+        // dump we wrote is complete.
+        let dir_lock = match config.uses_data_dir() {
+            true => Some(data_dir::lock(&config.data_dir, config.takeover_wait)?),
+            false => None,
+        };
+        let wait_left = config.takeover_wait.saturating_sub(started.elapsed());
         // One listener, on loop 0, which deals connections out round robin.
         // (Not SO_REUSEPORT: another process could join that group and
         // receive a share of our clients.)
-        let listener = bind_listener(config.listen)?;
+        let listener = bind_listener(config.listen, wait_left)?;
         let addr = listener.local_addr()?;
         let mut listeners: Vec<Option<TcpListener>> = (0..loops).map(|_| None).collect();
         listeners[0] = Some(listener);
-        let clock = Clock::new();
+        let clock = match config.clock_start_unix_ms {
+            Some(unix_ms) => Clock::starting_at(unix_ms),
+            None => Clock::new(),
+        };
         let mut tables: Vec<LockTable> = (0..loops).map(|i| LockTable::new(i, loops)).collect();
-        // Fencing tokens must keep increasing across restarts, crashes (no
-        // dump) included: every shard starts above the wall-clock floor,
-        // which no earlier run can have reached (see TOKENS_PER_MS_MAX).
-        let floor = clock.now_ms().saturating_mul(TOKENS_PER_MS_MAX);
+        let mut sessions: Vec<Sessions> = (0..loops).map(Sessions::new).collect();
+        let dump_path = config.dump_path();
+        let loaded = match config.dump_load {
+            true => match dump::load(&dump_path) {
+                Ok(state) => state,
+                Err(e) => {
+                    eprintln!(
+                        "livelock: warning: ignoring the dump {}: {e}; starting empty",
+                        dump_path.display()
+                    );
+                    None
+                }
+            },
+            false => None,
+        };
+        // A dump is read once: consumed (durably) before any client comes,
+        // so a crash never brings back state older than what clients saw.
+        if config.dump_load || config.dump_save {
+            data_dir::consume_dump(&dump_path).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot consume the dump {}: {e}", dump_path.display()),
+                )
+            })?;
+        }
+        let dump_floor = loaded.as_ref().map_or(0, |d| d.last_token);
+        // Fencing tokens: above the durable mark (and the dump's last one);
+        // a data directory seen for the first time is seeded from the wall
+        // clock, above anything an earlier version handed out.
+        let (tokens, floor) = match config.keep_tokens {
+            true => TokenCeiling::reserve(
+                &config.data_dir,
+                || clock.now_ms().saturating_mul(TOKENS_PER_MS_MAX),
+                dump_floor,
+            )?,
+            false => (TokenCeiling::in_memory(), dump_floor),
+        };
         for table in &mut tables {
             table.raise_token_floor(floor);
+            table.set_token_ceiling(tokens.get());
         }
-        let mut sessions: Vec<Sessions> = (0..loops).map(Sessions::new).collect();
-        if config.dump_load {
-            match dump::load(&config.dump_path()) {
-                Ok(Some(state)) => {
-                    restore(&config, &state, clock.now_ms(), &mut tables, &mut sessions)
-                }
-                Ok(None) => {}
-                Err(e) => eprintln!(
-                    "livelock: warning: ignoring the dump {}: {e}; starting empty",
-                    config.dump_path().display()
-                ),
-            }
+        let mut effects: Vec<Vec<Effect>> = (0..loops).map(|_| Vec::new()).collect();
+        if let Some(state) = &loaded {
+            restore(
+                &config,
+                state,
+                clock.now_ms(),
+                &mut tables,
+                &mut sessions,
+                &mut effects,
+            );
         }
         let mut starts = Vec::with_capacity(loops);
         let mut peers = Vec::with_capacity(loops);
-        for ((listener, table), sessions) in listeners.into_iter().zip(tables).zip(sessions) {
+        for (((listener, table), sessions), effects) in
+            listeners.into_iter().zip(tables).zip(sessions).zip(effects)
+        {
             let poll = Poll::new()?;
             let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
             let (tx, inbox) = crossbeam_channel::bounded(INBOX_MAX);
@@ -88,19 +141,22 @@ impl Server {
                 inbox,
                 table,
                 sessions,
+                effects,
             });
         }
         let metrics_listener = match config.metrics_listen {
             Some(addr) => Some(std::net::TcpListener::bind(addr)?),
             None => None,
         };
+        let (final_tx, final_rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(Shared {
             config,
             clock,
             peers,
             connections: AtomicUsize::new(0),
             metrics: (0..loops).map(|_| Arc::new(LoopMetrics::new())).collect(),
-            final_states: Mutex::new(Vec::new()),
+            tokens,
+            final_tx,
         });
         let server_metrics = Arc::new(ServerMetrics::new());
         let metrics_stop = Arc::new(AtomicBool::new(false));
@@ -122,15 +178,20 @@ impl Server {
             let event_loop = EventLoop::new(idx, shared.clone(), start)?;
             let thread = std::thread::Builder::new()
                 .name(format!("livelock-loop-{idx}"))
-                .spawn(move || event_loop.run())?;
+                .spawn(move || run_or_abort(idx, event_loop))?;
             threads.push(thread);
         }
+        let coordinator = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("livelock-shutdown".into())
+                .spawn(move || shut_down(&shared, &final_rx, threads, &server_metrics, dir_lock))?
+        };
         Ok(Server {
             addr,
             metrics_addr,
             shared,
-            server_metrics,
-            threads,
+            coordinator,
             metrics_stop,
             metrics_thread,
         })
@@ -145,7 +206,8 @@ impl Server {
         self.metrics_addr
     }
 
-    /// Asks every loop to stop accepting, tell its clients, and exit.
+    /// Asks every loop to stop taking changes, export its state, and exit
+    /// once the dump is written (`join` does the rest).
     pub fn shutdown(&self) {
         self.shared.request_shutdown();
     }
@@ -157,44 +219,15 @@ impl Server {
         }
     }
 
-    /// Waits for every loop to exit (after a shutdown request: a signal,
-    /// `shutdown`, or the LiveLock SHUTDOWN command), then writes the dump.
+    /// Waits for the shutdown (asked by a signal, `shutdown`, or the
+    /// LiveLock SHUTDOWN command) to finish: the dump written, every loop
+    /// gone, the port and the data directory released. The error is the
+    /// dump's, if it could not be written.
     pub fn join(self) -> io::Result<()> {
-        let mut result = Ok(());
-        for thread in self.threads {
-            match thread.join() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => result = Err(e),
-                Err(_) => result = Err(io::Error::other("an event loop panicked")),
-            }
-        }
-        if self.shared.config.dump_save {
-            let started = Instant::now();
-            let states = std::mem::take(&mut *self.shared.final_states.lock());
-            let mut state = Dump {
-                created_unix_ms: self.shared.clock.now_ms(),
-                ..Dump::default()
-            };
-            for part in states {
-                state.last_token = state.last_token.max(part.last_token);
-                state.sessions.extend(part.sessions);
-                state.holds.extend(part.holds);
-                state.signals.extend(part.signals);
-            }
-            // Holds of sessions that do not outlive their connection end now.
-            let kept: hashbrown::HashSet<u64> = state.sessions.iter().map(|s| s.id).collect();
-            state.holds.retain(|h| kept.contains(&h.session));
-            let path = self.shared.config.dump_path();
-            match dump::write_atomic(&path, &dump::encode(&state)) {
-                Ok(()) => self
-                    .server_metrics
-                    .record_dump(started.elapsed().as_micros() as u64),
-                Err(e) => {
-                    eprintln!("livelock: writing the dump {} failed: {e}", path.display());
-                    result = result.and(Err(e));
-                }
-            }
-        }
+        let result = self
+            .coordinator
+            .join()
+            .unwrap_or_else(|_| Err(io::Error::other("the shutdown thread panicked")));
         self.metrics_stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.metrics_thread {
             let _ = thread.join();
@@ -203,22 +236,98 @@ impl Server {
     }
 }
 
-/// Gives the dump's sessions back to their home loops, detached with a
-/// grace of release-all timeout + 1 s, and their holds to the shards; every
-/// shard's tokens start above the dump's last token.
+/// The shutdown, in this order: every loop freezes and passes the export
+/// barrier (its final state arrives on `final_rx`); the dump is written and
+/// fsynced; only then are the connections closed and the port released
+/// (the loops exit); the data directory's lock goes last.
+fn shut_down(
+    shared: &Shared,
+    final_rx: &Receiver<LoopState>,
+    threads: Vec<JoinHandle<()>>,
+    server_metrics: &ServerMetrics,
+    dir_lock: Option<DirLock>,
+) -> io::Result<()> {
+    let mut states = Vec::with_capacity(threads.len());
+    for _ in 0..threads.len() {
+        // Every loop sends, or the process aborts (`run_or_abort`).
+        states.push(final_rx.recv().expect("Shared keeps a sender"));
+    }
+    let mut result = Ok(());
+    if shared.config.dump_save {
+        let started = Instant::now();
+        let mut state = Dump {
+            created_unix_ms: shared.clock.now_ms(),
+            ..Dump::default()
+        };
+        for part in states {
+            state.last_token = state.last_token.max(part.last_token);
+            state.sessions.extend(part.sessions);
+            state.holds.extend(part.holds);
+            state.waiters.extend(part.waiters);
+            state.signals.extend(part.signals);
+        }
+        // Holds and waits of sessions that do not outlive their connection
+        // end now; anything else a dump cannot hold is dropped with a
+        // warning rather than lose the whole dump.
+        let kept: hashbrown::HashSet<u64> = state.sessions.iter().map(|s| s.id).collect();
+        state.holds.retain(|h| kept.contains(&h.session));
+        state.waiters.retain(|w| kept.contains(&w.session));
+        let dropped = dump::sanitize(&mut state);
+        if dropped > 0 {
+            eprintln!("livelock: warning: {dropped} record(s) could not be dumped, dropped");
+        }
+        let path = shared.config.dump_path();
+        match dump::write_atomic(&path, &dump::encode(&state)) {
+            Ok(()) => server_metrics.record_dump(started.elapsed().as_micros() as u64),
+            Err(e) => {
+                eprintln!("livelock: writing the dump {} failed: {e}", path.display());
+                result = Err(e);
+            }
+        }
+    }
+    shared.request_close();
+    for thread in threads {
+        // A loop that fails aborts the process, so each one returns.
+        let _ = thread.join();
+    }
+    drop(dir_lock);
+    result
+}
+
+/// Runs a loop; any way out but the orderly one (a panic, a poll error)
+/// ends the process at once, so a supervisor restarts a whole server rather
+/// than the rest limping on with a shard nobody serves.
+fn run_or_abort(idx: usize, event_loop: EventLoop) {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| event_loop.run()));
+    let why = match outcome {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => format!("failed: {e}"),
+        Err(_) => "panicked".to_string(),
+    };
+    eprintln!("livelock: event loop {idx} {why}; aborting");
+    std::process::abort();
+}
+
+/// Gives the dump's sessions back to their home loops, detached for
+/// max(their grace, release-all timeout + 1 s), their holds (with what was
+/// left of their leases) to the shards, and their queued acquires back in
+/// the queues in their order (with what was left of their waits), pending
+/// in their sessions. Grants this produces are in `effects`, per home.
 fn restore(
     config: &ServerConfig,
     state: &Dump,
     now_ms: u64,
     tables: &mut [LockTable],
     sessions: &mut [Sessions],
+    effects: &mut [Vec<Effect>],
 ) {
     let loops = tables.len();
-    let until_ms = now_ms + config.release_all_timeout.as_millis() as u64 + 1000;
+    let restart_grace_ms = config.release_all_timeout.as_millis() as u64 + 1000;
     // Dumped session id → (restored id, home loop).
     let mut restored_ids: hashbrown::HashMap<u64, (u64, usize)> = hashbrown::HashMap::new();
     let put_back =
         |sessions: &mut [Sessions], home: usize, id: u64, s: &crate::dump::DumpSession| {
+            let until_ms = now_ms + restart_grace_ms.max(u64::from(s.grace_ms));
             sessions[home].restore(
                 id,
                 s.secret,
@@ -256,9 +365,6 @@ fn restore(
         put_back(sessions, home, id, session);
         restored_ids.insert(session.id, (id, home));
     }
-    for table in tables.iter_mut() {
-        table.raise_token_floor(state.last_token);
-    }
     let mut restored = 0;
     let mut sink = Vec::new();
     for hold in &state.holds {
@@ -277,20 +383,77 @@ fn restore(
         // A grant time in the future (a hostile or damaged dump) would
         // break the oldest-hold gauge (u64::MAX is its "no hold" value).
         let since_ms = hold.since_unix_ms.min(now_ms);
-        if !tables[shard].restore_hold(&hold.name, id, mode, hold.token, since_ms) {
+        let lease_deadline_ms = match hold.lease_left_ms {
+            0 => 0,
+            left => now_ms.saturating_add(left),
+        };
+        if !tables[shard].restore_hold(
+            &hold.name,
+            id,
+            mode,
+            hold.token,
+            since_ms,
+            lease_deadline_ms,
+        ) {
             continue;
         }
         restored += 1;
         let session = sessions[home].get_mut(id).expect("restored above");
         session.holds += 1;
-        if session.touched & (1 << shard) == 0 {
-            session.touched |= 1 << shard;
-            let introduce = Command::Introduce {
-                session: id,
-                client_name: &session.client_name,
-            };
-            tables[shard].apply(now_ms, introduce, &mut sink);
+        introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
+    }
+    let mut requeued = 0;
+    for waiter in &state.waiters {
+        let Some(&(id, home)) = restored_ids.get(&waiter.session) else {
+            continue;
+        };
+        if waiter.name.is_empty() || waiter.name.len() > crate::limits::NAME_LEN_MAX {
+            continue;
         }
+        let session = sessions[home].get_mut(id).expect("restored above");
+        if session.pending.len() >= IN_FLIGHT_PER_SESSION_MAX
+            || session.pending.contains_key(&waiter.request_id)
+        {
+            continue;
+        }
+        let shard = shard_for(&waiter.name, loops);
+        introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
+        session.pending.insert(
+            waiter.request_id,
+            Pending {
+                shard: shard as u8,
+                op: PendingOp::Native(opcode::ACQUIRE),
+                conn: ConnRef::NONE,
+                started_us: 0,
+            },
+        );
+        let acquire = Acquire {
+            session: id,
+            request_id: waiter.request_id,
+            name: &waiter.name,
+            mode: if waiter.shared {
+                Mode::Shared
+            } else {
+                Mode::Exclusive
+            },
+            wait: match waiter.wait_left_ms {
+                dump::WAIT_FOREVER => Wait::Forever,
+                left => Wait::Until(now_ms.saturating_add(left)),
+            },
+            lease_ms: waiter.lease_ms,
+            reentrant: false,
+            notify_queued: false,
+        };
+        tables[shard].apply(now_ms, Command::Acquire(acquire), &mut sink);
+        // Each effect goes to its session's home, which delivers it first;
+        // a grant completes a wait, so it is pushed (deferred).
+        for mut effect in sink.drain(..) {
+            if let Effect::Reply { deferred, .. } = &mut effect {
+                *deferred = true;
+            }
+            effects[home_of(effect.session())].push(effect);
+        }
+        requeued += 1;
     }
     for (name, signal) in &state.signals {
         if !name.is_empty() && name.len() <= crate::limits::NAME_LEN_MAX {
@@ -299,18 +462,39 @@ fn restore(
     }
     let dropped_sessions = state.sessions.len() - restored_ids.len();
     let dropped_holds = state.holds.len() - restored;
-    if dropped_sessions > 0 || dropped_holds > 0 {
+    let dropped_waits = state.waiters.len() - requeued;
+    if dropped_sessions + dropped_holds + dropped_waits > 0 {
         eprintln!(
-            "livelock: warning: {dropped_sessions} session(s) and {dropped_holds} hold(s) of the dump \
-             could not be restored (native sessions homed on a loop this server does not have)"
+            "livelock: warning: {dropped_sessions} session(s), {dropped_holds} hold(s) and \
+             {dropped_waits} queued acquire(s) of the dump could not be restored (native sessions \
+             homed on a loop this server does not have)"
         );
     }
     eprintln!(
-        "livelock: restored {} session(s) and {restored} hold(s) from the dump; they are released \
-         unless their clients reconnect within {} ms",
+        "livelock: restored {} session(s), {restored} hold(s) and {requeued} queued acquire(s) \
+         from the dump; they are released unless their clients reconnect within their grace \
+         (at least {restart_grace_ms} ms)",
         restored_ids.len(),
-        until_ms - now_ms
     );
+}
+
+/// Tells `shard` the session's client name before its first hold or wait
+/// there, and records that the session touched it.
+fn introduce(
+    session: &mut Session,
+    shard: usize,
+    table: &mut LockTable,
+    now_ms: u64,
+    sink: &mut Vec<Effect>,
+) {
+    if session.touched & (1 << shard) == 0 {
+        session.touched |= 1 << shard;
+        let introduce = Command::Introduce {
+            session: session.id,
+            client_name: &session.client_name,
+        };
+        table.apply(now_ms, introduce, sink);
+    }
 }
 
 #[derive(Clone)]
@@ -324,11 +508,81 @@ impl ShutdownHandle {
     }
 }
 
-fn bind_listener(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(TcpListener::from_std(socket.into()))
+/// Binds `addr`, waiting up to `wait` while it is in use (a predecessor
+/// still shutting down), then says which process holds it, if it can tell.
+fn bind_listener(addr: SocketAddr, wait: Duration) -> io::Result<TcpListener> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        match socket.bind(&addr.into()) {
+            Ok(()) => {
+                socket.listen(1024)?;
+                return Ok(TcpListener::from_std(socket.into()));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+                let owner = match port_owner(addr.port()) {
+                    Some(pid) => format!("pid {pid}"),
+                    None => "another process".to_string(),
+                };
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr}: in use by {owner}; waited {wait:?}"),
+                ));
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {addr}: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+/// The pid of a process with a listening TCP socket on `port` (Linux
+/// /proc; None where that cannot be read).
+fn port_owner(port: u16) -> Option<u32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEX_IP:HEX_PORT, st 0A is LISTEN, inode is field 9.
+            let listening = fields.get(3) == Some(&"0A");
+            let local_port = fields
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if listening && local_port == Some(port) {
+                inodes.extend(fields.get(9).map(|i| format!("socket:[{i}]")));
+            }
+        }
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                if inodes.iter().any(|i| target.as_os_str() == i.as_str()) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
 }

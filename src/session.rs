@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use hashbrown::HashMap;
 use mio::Token;
 
+use crate::connection::ConnRef;
 use crate::lock_table::{RequestId, SessionId};
 use crate::protocol::SECRET_LEN;
 
@@ -74,8 +75,9 @@ impl PendingOp {
 pub struct Pending {
     pub shard: u8,
     pub op: PendingOp,
-    /// The connection that sent it (LiveLock replies go back on it, in order).
-    pub conn: Token,
+    /// The connection that sent it (LiveLock replies go back on it, in
+    /// order, if it is still the same connection).
+    pub conn: ConnRef,
     /// When it was accepted: µs since server start, as of the loop turn
     /// (latency metrics).
     pub started_us: u64,

@@ -121,6 +121,7 @@ fn restoring_a_session_id_near_u64_max_does_not_reuse_ids() {
             session(0x301, Some(b"c2")),
         ],
         holds: vec![],
+        waiters: vec![],
         signals: vec![],
     };
     dump::decode(&dump::encode(&state)).expect("the dump is valid");
@@ -149,7 +150,9 @@ fn a_restored_hold_granted_at_u64_max_does_not_kill_the_loop() {
             shared: false,
             token: 5,
             since_unix_ms: u64::MAX,
+            lease_left_ms: 0,
         }],
+        waiters: vec![],
         signals: vec![],
     };
     dump::write_atomic(&dir.join(dump::FILE_NAME), &dump::encode(&state)).unwrap();

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use livelock::client::{Client, ClientOptions};
+use livelock::protocol;
 
 fn start(dir: &ScratchDir) -> TestServer {
     start_on(dir, "127.0.0.1:0".parse().unwrap())
@@ -44,7 +45,12 @@ fn holds_survive_a_restart_for_sessions_that_come_back() {
     let kept = keeper.acquire("kept").unwrap();
     let kept_token = kept.token();
     kept.forget();
-    let leaver = first.client_with(&graceful);
+    // A short grace: after the restart the session is kept for
+    // max(its grace, release-all timeout + 1 s).
+    let leaver = first.client_with(&ClientOptions {
+        grace: Duration::from_secs(1),
+        ..ClientOptions::default()
+    });
     leaver.acquire("abandoned").unwrap().forget();
     let graceless = first.client();
     graceless.acquire("graceless").unwrap().forget();
@@ -107,9 +113,13 @@ fn livelock_run_with_grace_keeps_its_lock_across_a_server_restart() {
     let addr = first.addr;
     let started = dir.join("started");
     let finished = dir.join("finished");
+    let go = dir.join("go");
+    // The command runs until the test says go (bounded by the test's wait).
     let script = format!(
-        "echo $LIVELOCK_FENCE > {}; sleep 3; echo done > {}",
+        "echo $LIVELOCK_FENCE > {}; i=0; while [ ! -e {} ] && [ $i -lt 400 ]; do sleep 0.05; \
+         i=$((i+1)); done; echo done > {}",
         started.display(),
+        go.display(),
         finished.display()
     );
     let mut run = ChildGuard::spawn(
@@ -137,6 +147,7 @@ fn livelock_run_with_grace_keeps_its_lock_across_a_server_restart() {
         probe.try_acquire("job").unwrap().is_none(),
         "job is still held"
     );
+    std::fs::write(&go, b"").unwrap();
     let status = run.wait_exit();
     assert!(status.success(), "run failed: {}", run.stderr());
     assert!(finished.is_file(), "the command ran to its end");
@@ -146,13 +157,163 @@ fn livelock_run_with_grace_keeps_its_lock_across_a_server_restart() {
     );
 }
 
+/// A server that keeps its token mark in `dir`, with the wall clock
+/// reading `clock_unix_ms` at start (None: the real clock).
+fn start_keeping_tokens(dir: &ScratchDir, clock_unix_ms: Option<u64>) -> TestServer {
+    let data_dir = dir.path().to_path_buf();
+    TestServer::start_with(2, move |config| {
+        config.data_dir = data_dir;
+        config.keep_tokens = true;
+        config.clock_start_unix_ms = clock_unix_ms;
+    })
+}
+
+/// Safety issue, item 4: tokens come from the durable mark, not from the
+/// wall clock. A crash (nothing dumped) followed by a start whose clock is a
+/// day behind still hands out greater tokens.
+#[test]
+fn tokens_never_repeat_after_a_crash_even_when_the_clock_steps_back() {
+    let dir = ScratchDir::new("tokens-clock");
+    let first = start_keeping_tokens(&dir, None);
+    let before = first.client().acquire("fenced").unwrap().token();
+    stop(first); // no dump: as after a crash
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let second = start_keeping_tokens(&dir, Some(now_ms - 86_400_000));
+    let after = second.client().acquire("fenced").unwrap().token();
+    assert!(
+        after > before,
+        "token {after} after the restart is not above {before}"
+    );
+}
+
+/// Safety issue, item 1: a dump is consumed once. A takes X; clean restart
+/// (dump); A resumes and releases X; C takes X; the server dies without a
+/// dump; at the next start X must not come back to A, nor A's session.
+#[test]
+fn a_crash_restart_does_not_resurrect_a_consumed_dump() {
+    let dir = ScratchDir::new("consumed");
+    let graceful = ClientOptions {
+        grace: Duration::from_secs(30),
+        ..ClientOptions::default()
+    };
+    let first = start(&dir);
+    let a = first.client_with(&graceful);
+    a.acquire("x").unwrap().forget();
+    let (id, secret) = (a.session_id(), a.secret());
+    stop(first);
+    let data_dir = dir.path().to_path_buf();
+    // The second server reads the dump but will "crash": it writes none.
+    let second = TestServer::start_with(2, move |config| {
+        config.data_dir = data_dir;
+        config.dump_load = true;
+        config.release_all_timeout = Duration::from_millis(300);
+    });
+    assert!(!dir.join("livelock.dump").exists(), "consumed at start");
+    let a = Client::resume(second.addr, id, secret, &graceful).expect("resumes");
+    a.release("x").unwrap();
+    let c = second.client_with(&graceful);
+    c.try_acquire("x").unwrap().expect("free").forget();
+    stop(second);
+    let third = start(&dir);
+    let d = third.client();
+    assert!(
+        d.try_acquire("x").unwrap().is_some(),
+        "no phantom hold of x"
+    );
+    let resumed = Client::resume(third.addr, id, secret, &graceful);
+    assert!(resumed.is_err(), "A's session did not come back");
+}
+
+/// Safety issue, item 5: a leased hold keeps what was left of its lease
+/// across a restart (without it, the hold would live for the session's
+/// 60 s grace, past this test's wait).
+#[test]
+fn a_lease_survives_a_restart() {
+    let dir = ScratchDir::new("lease-restart");
+    let first = start(&dir);
+    let holder = first.client_with(&ClientOptions {
+        grace: Duration::from_secs(60),
+        ..ClientOptions::default()
+    });
+    let options = livelock::client::AcquireOptions {
+        lease: Some(Duration::from_secs(2)),
+        ..livelock::client::AcquireOptions::default()
+    };
+    holder.acquire_with("leased", options).unwrap().forget();
+    stop(first);
+    let second = start(&dir);
+    let other = second.client();
+    assert!(other.try_acquire("leased").unwrap().is_none(), "still held");
+    let got = other.acquire_timeout("leased", WAIT_MAX).unwrap();
+    assert!(got.is_some(), "the lease ran out after the restart");
+}
+
+/// Safety issue, item 6: a queued acquire keeps its place across a restart
+/// and gets exactly one final reply; RESUME reports the session's grace.
+#[test]
+fn a_queued_acquire_survives_a_restart_and_is_answered_once() {
+    let dir = ScratchDir::new("queued-restart");
+    let first = start(&dir);
+    let holder = first.client_with(&ClientOptions {
+        grace: Duration::from_secs(60),
+        ..ClientOptions::default()
+    });
+    holder.acquire("q").unwrap().forget();
+    let (mut waiter, id, secret) = RawConn::hello(first.addr, 60_000);
+    let acquire = protocol::Request::Acquire {
+        name: b"q",
+        mode: protocol::Mode::Exclusive,
+        wait_ms: protocol::WAIT_FOREVER,
+        lease_ms: 0,
+        notify_queued: true,
+    };
+    waiter.send(7, &acquire);
+    assert_eq!(waiter.recv().status, protocol::Status::Queued);
+    let (holder_id, holder_secret) = (holder.session_id(), holder.secret());
+    stop(first);
+    let second = start(&dir);
+    let mut waiter = RawConn::connect(second.addr);
+    let resume = protocol::Request::Resume {
+        session_id: id,
+        secret,
+        password: b"",
+    };
+    let reply = waiter.call(2, &resume);
+    assert_eq!(reply.status, protocol::Status::Ok, "{reply:?}");
+    let (_, _, grace_ms) = protocol::parse_session_body(&reply.body).unwrap();
+    assert_eq!(grace_ms, 60_000, "the session's own grace is in force");
+    // Still in flight: a second use of id 7 is refused.
+    let dup = waiter.call(7, &protocol::Request::Release { name: b"q" });
+    assert_eq!(dup.status, protocol::Status::DuplicateRequestId);
+    let holder = Client::resume(
+        second.addr,
+        holder_id,
+        holder_secret,
+        &ClientOptions::default(),
+    )
+    .unwrap();
+    holder.release("q").unwrap();
+    let grant = waiter.recv();
+    assert_eq!(
+        (grant.request_id, grant.status),
+        (7, protocol::Status::Ok),
+        "{grant:?}"
+    );
+    waiter.expect_silence(Duration::from_millis(200));
+}
+
 #[test]
 fn tokens_keep_increasing_across_a_restart_without_a_dump() {
-    // As after a crash: nothing is written, nothing is read.
-    let first = TestServer::start(2);
+    // As after a crash: nothing is written, nothing is read; the durable
+    // token mark alone keeps them increasing.
+    let dir = ScratchDir::new("tokens-no-dump");
+    let first = start_keeping_tokens(&dir, None);
     let before = first.client().acquire("fenced").unwrap().token();
     stop(first);
-    let second = TestServer::start(2);
+    let second = start_keeping_tokens(&dir, None);
     let after = second.client().acquire("fenced").unwrap().token();
     assert!(
         after > before,

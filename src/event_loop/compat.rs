@@ -14,6 +14,7 @@
 use mio::Token;
 
 use super::{EventLoop, Flow, Gather, GatherReply, Msg, Query};
+use crate::connection::ConnRef;
 use crate::limits::{FIND_RESULTS_MAX, HOLDS_PER_SESSION_MAX, NAME_LEN_MAX, SIGNAL_LEN_MAX};
 use crate::lock_table::{shard_for, Acquire, Command, Mode, Outcome, SessionId, SignalOp, Wait};
 use crate::resp::{self, ErrorCode, StatValue, Verb};
@@ -59,7 +60,7 @@ impl EventLoop {
     fn handle_resp(&mut self, token: Token, args: &resp::Args<'_>) -> Flow {
         let verb = args.get(0).and_then(resp::lookup_verb);
         let parsed = resp::parse_command(args);
-        if self.shutdown_deadline_ms.is_some() {
+        if self.frozen {
             self.resp_error(token, ErrorCode::ServerTerminating);
             return Flow::Continue;
         }
@@ -169,10 +170,10 @@ impl EventLoop {
                     // a loop (its own inbox could be the full one).
                     for peer in 0..self.shared.peers.len() {
                         if peer != self.idx {
-                            self.outgoing[peer].push_back(Msg::Shutdown);
+                            self.outgoing[peer].push_back(Msg::Freeze);
                         }
                     }
-                    self.begin_shutdown();
+                    self.freeze();
                 } else {
                     self.resp_error(token, ErrorCode::UnknownCommand);
                 }
@@ -253,6 +254,7 @@ impl EventLoop {
             self.resp_error(token, ErrorCode::WrongArgs);
             return;
         }
+        let conn = self.conn_ref(token);
         let s = self
             .sessions
             .get_mut(session)
@@ -308,7 +310,7 @@ impl EventLoop {
             Pending {
                 shard: shard as u8,
                 op: PendingOp::Resp(op),
-                conn: token,
+                conn,
                 started_us: self.now_us,
             },
         );
@@ -325,14 +327,15 @@ impl EventLoop {
     /// connection's next command go.
     pub(super) fn resp_reply(
         &mut self,
-        token: Token,
+        conn: ConnRef,
         session: SessionId,
         op: RespOp,
         outcome: Outcome,
     ) {
-        let Some(conn) = self.conns.get_mut(token.0) else {
+        let Some(token) = self.live(conn) else {
             return;
         };
+        let conn = &mut self.conns[token.0];
         if conn.session != Some(session) || !conn.awaiting {
             return;
         }
@@ -353,10 +356,11 @@ impl EventLoop {
 
     /// Answers a LiveLock command whose session ended while it was at a
     /// shard: whatever it got is released with the session.
-    pub(super) fn resp_session_ended(&mut self, token: Token, session: SessionId, op: RespOp) {
-        let Some(conn) = self.conns.get_mut(token.0) else {
+    pub(super) fn resp_session_ended(&mut self, conn: ConnRef, session: SessionId, op: RespOp) {
+        let Some(token) = self.live(conn) else {
             return;
         };
+        let conn = &mut self.conns[token.0];
         if conn.session != Some(session) || !conn.awaiting {
             return;
         }
@@ -371,10 +375,10 @@ impl EventLoop {
 
     /// Writes a gathered FIND or STATS answer.
     pub(super) fn finish_resp_gather(&mut self, gather: Gather) {
-        let token = gather.conn;
-        let Some(conn) = self.conns.get_mut(token.0) else {
+        let Some(token) = self.live(gather.conn) else {
             return;
         };
+        let conn = &mut self.conns[token.0];
         if conn.session != Some(gather.session) || !conn.awaiting {
             return;
         }

@@ -22,7 +22,10 @@ impl EventLoop {
             .shared
             .connections
             .load(std::sync::atomic::Ordering::Relaxed);
-        let out = self.wbuf(gather.conn);
+        let Some(token) = self.live(gather.conn) else {
+            return;
+        };
+        let out = self.wbuf(token);
         match gather.query {
             Query::Inspect { .. } => match gather.records.first() {
                 Some((_, record)) => {
@@ -117,6 +120,13 @@ impl EventLoop {
 
     fn handle_native(&mut self, token: Token, request_id: RequestId, request: Request<'_>) -> Flow {
         let session = self.conns[token.0].session;
+        if self.frozen && !matches!(request, Request::Ping) {
+            // Shutting down: the state is being exported; nothing changes.
+            let op = request.opcode();
+            let message = "server is shutting down";
+            self.reply_status(token, op, request_id, Status::ShuttingDown, message);
+            return Flow::Continue;
+        }
         match (request, session) {
             (Request::Ping, session) => {
                 let in_flight = session
@@ -476,13 +486,14 @@ impl EventLoop {
                 unreachable!("handled by handle_native")
             }
         };
+        let conn = self.conn_ref(token);
         let session = self.sessions.get_mut(id).expect("checked above");
         session.pending.insert(
             request_id,
             Pending {
                 shard: shard as u8,
                 op: PendingOp::Native(op),
-                conn: token,
+                conn,
                 started_us: self.now_us,
             },
         );

@@ -1,0 +1,308 @@
+//! The server's data directory and what keeps a restart safe there:
+//!
+//! - `livelock.lock`: an exclusive `flock` held for the whole life of the
+//!   process (with its pid inside), so two servers never share a directory;
+//!   a successor waits for it, for a bounded time;
+//! - the dump is consumed exactly once: right after it is read, it is
+//!   renamed to `livelock.dump.consumed` and the directory is fsynced,
+//!   before any client is accepted, so a crash restart never loads state
+//!   older than what clients were last told;
+//! - `livelock.tokens`: the fencing-token high-water mark. Tokens handed out
+//!   stay below a ceiling that is on disk (fsynced) before any token past
+//!   the previous one is handed out; a start begins at the stored ceiling.
+//!   So tokens never repeat after a crash, whatever the wall clock does.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::dump;
+
+/// The lock file's name inside the data directory.
+pub const LOCK_FILE: &str = "livelock.lock";
+/// The token high-water mark's file name.
+pub const TOKENS_FILE: &str = "livelock.tokens";
+/// What a dump is renamed to once it has been read.
+pub const CONSUMED_SUFFIX: &str = ".consumed";
+/// Tokens reserved at a time. A start skips what is left of the previous
+/// reservation, so u64 allows 2^64 / 2^40 = 16 million starts; a loop
+/// extends the reservation when less than half of it is left, and no loop
+/// turn comes near handing out 2^39 tokens.
+pub const TOKEN_BLOCK: u64 = 1 << 40;
+const TOKENS_MAGIC: [u8; 8] = *b"LLTOKEN1";
+
+/// The held lock on a data directory; released when dropped (or when the
+/// process ends, however it ends).
+#[derive(Debug)]
+pub struct DirLock {
+    _file: File,
+}
+
+/// Takes the data directory's lock, waiting up to `wait` for a predecessor
+/// to let go. Creates the directory if needed.
+pub fn lock(dir: &Path, wait: Duration) -> io::Result<DirLock> {
+    fs::create_dir_all(dir)?;
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)?;
+    let deadline = Instant::now() + wait;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            break;
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::WouldBlock {
+            return Err(error);
+        }
+        if Instant::now() >= deadline {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "another process".to_string(),
+                pid => format!("pid {pid}"),
+            };
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "the data directory {} is in use by another livelock server ({holder} holds \
+                     {}); waited {:?}",
+                    dir.display(),
+                    path.display(),
+                    wait
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{}", std::process::id())?;
+    Ok(DirLock { _file: file })
+}
+
+/// Renames the dump aside (if there is one) and makes that durable, so it
+/// is never read twice. Called after it was read (or deliberately not read).
+pub fn consume_dump(dump_path: &Path) -> io::Result<()> {
+    let mut consumed = dump_path.as_os_str().to_owned();
+    consumed.push(CONSUMED_SUFFIX);
+    match fs::rename(dump_path, &consumed) {
+        Ok(()) => {}
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    }
+    let dir = match dump_path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+/// The durable ceiling of fencing tokens (see the module comment).
+#[derive(Debug)]
+pub struct TokenCeiling {
+    /// None: nothing on disk (a server without a data directory); the
+    /// ceiling is then u64::MAX and tokens are not kept across restarts.
+    path: Option<PathBuf>,
+    ceiling: AtomicU64,
+    /// Serialises extensions by several loops.
+    extending: Mutex<()>,
+}
+
+impl TokenCeiling {
+    /// No file: tokens are bounded only by u64.
+    pub fn in_memory() -> TokenCeiling {
+        TokenCeiling {
+            path: None,
+            ceiling: AtomicU64::new(u64::MAX),
+            extending: Mutex::new(()),
+        }
+    }
+
+    /// Reads the stored ceiling (or, on a directory that has none yet,
+    /// `seed()`), takes the greater of it and `floor`, reserves a block
+    /// above it and makes that durable. Returns the ceiling and the floor
+    /// every shard starts above.
+    pub fn reserve(
+        dir: &Path,
+        seed: impl FnOnce() -> u64,
+        floor: u64,
+    ) -> io::Result<(TokenCeiling, u64)> {
+        let path = dir.join(TOKENS_FILE);
+        let stored = match fs::read(&path) {
+            Ok(bytes) => decode_mark(&bytes).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "{} is damaged; without it fencing tokens could repeat. Remove it only if \
+                         the wall clock is right (it is then seeded from the clock)",
+                        path.display()
+                    ),
+                )
+            })?,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => seed(),
+            Err(error) => return Err(error),
+        };
+        let floor = stored.max(floor);
+        let ceiling = floor.checked_add(TOKEN_BLOCK).ok_or_else(|| {
+            io::Error::other(format!(
+                "fencing tokens are exhausted (the last one handed out may be {floor})"
+            ))
+        })?;
+        dump::write_atomic(&path, &encode_mark(ceiling))?;
+        let tokens = TokenCeiling {
+            path: Some(path),
+            ceiling: AtomicU64::new(ceiling),
+            extending: Mutex::new(()),
+        };
+        Ok((tokens, floor))
+    }
+
+    pub fn get(&self) -> u64 {
+        self.ceiling.load(Ordering::Acquire)
+    }
+
+    /// Called by each loop once per turn with its shard's last token: when
+    /// less than half a block is left, moves the ceiling a block above it
+    /// (durably, before anyone can use it). Returns the ceiling in force.
+    /// A failed write (disk full) is reported and retried on later turns;
+    /// half a block is still left meanwhile.
+    pub fn ensure(&self, last_token: u64) -> u64 {
+        let ceiling = self.get();
+        if ceiling - last_token.min(ceiling) >= TOKEN_BLOCK / 2 {
+            return ceiling;
+        }
+        let Some(path) = &self.path else {
+            return ceiling;
+        };
+        let _guard = self.extending.lock();
+        let ceiling = self.get();
+        if ceiling - last_token.min(ceiling) >= TOKEN_BLOCK / 2 {
+            return ceiling;
+        }
+        let Some(next) = last_token.checked_add(TOKEN_BLOCK) else {
+            return ceiling;
+        };
+        match dump::write_atomic(path, &encode_mark(next)) {
+            Ok(()) => {
+                self.ceiling.store(next, Ordering::Release);
+                next
+            }
+            Err(error) => {
+                eprintln!(
+                    "livelock: error: cannot extend the fencing-token reservation in {}: {error}",
+                    path.display()
+                );
+                ceiling
+            }
+        }
+    }
+}
+
+fn encode_mark(ceiling: u64) -> Vec<u8> {
+    let mut out = TOKENS_MAGIC.to_vec();
+    out.extend_from_slice(&ceiling.to_le_bytes());
+    out.extend_from_slice(&dump::crc64(&out).to_le_bytes());
+    out
+}
+
+fn decode_mark(bytes: &[u8]) -> Option<u64> {
+    if bytes.len() != 24 || bytes[..8] != TOKENS_MAGIC {
+        return None;
+    }
+    let (covered, crc) = bytes.split_at(16);
+    if dump::crc64(covered).to_le_bytes() != crc {
+        return None;
+    }
+    Some(u64::from_le_bytes(bytes[8..16].try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(test: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("livelock-dd-{test}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_mark_round_trips_and_damage_is_detected() {
+        assert_eq!(decode_mark(&encode_mark(12345)), Some(12345));
+        let mut bytes = encode_mark(12345);
+        bytes[9] ^= 1;
+        assert_eq!(decode_mark(&bytes), None);
+        assert_eq!(decode_mark(&[]), None);
+    }
+
+    #[test]
+    fn a_start_begins_at_the_stored_ceiling_whatever_the_seed() {
+        let dir = temp_dir("ceiling");
+        let (tokens, floor) = TokenCeiling::reserve(&dir, || 1000, 0).unwrap();
+        assert_eq!(floor, 1000, "first start: seeded");
+        assert_eq!(tokens.get(), 1000 + TOKEN_BLOCK);
+        // A later start with a clock far behind: the seed is not used.
+        let (tokens, floor) = TokenCeiling::reserve(&dir, || 1, 0).unwrap();
+        assert_eq!(floor, 1000 + TOKEN_BLOCK);
+        assert_eq!(tokens.get(), 1000 + 2 * TOKEN_BLOCK);
+        // A dump with a higher last token wins.
+        let (_, floor) = TokenCeiling::reserve(&dir, || 1, u64::MAX / 2).unwrap();
+        assert_eq!(floor, u64::MAX / 2);
+        // Near the end of u64: refused, not wrapped.
+        let error = TokenCeiling::reserve(&dir, || 1, u64::MAX - 5).unwrap_err();
+        assert!(error.to_string().contains("exhausted"), "{error}");
+        fs::write(dir.join(TOKENS_FILE), b"garbage").unwrap();
+        let error = TokenCeiling::reserve(&dir, || 1, 0).unwrap_err();
+        assert!(error.to_string().contains("damaged"), "{error}");
+    }
+
+    #[test]
+    fn ensure_extends_durably_when_half_a_block_is_used() {
+        let dir = temp_dir("ensure");
+        let (tokens, floor) = TokenCeiling::reserve(&dir, || 0, 0).unwrap();
+        let ceiling = tokens.get();
+        assert_eq!(tokens.ensure(floor + 10), ceiling, "plenty left");
+        let late = ceiling - TOKEN_BLOCK / 2 + 1;
+        let extended = tokens.ensure(late);
+        assert_eq!(extended, late + TOKEN_BLOCK);
+        let stored = decode_mark(&fs::read(dir.join(TOKENS_FILE)).unwrap());
+        assert_eq!(stored, Some(extended), "on disk before it is used");
+        assert_eq!(TokenCeiling::in_memory().ensure(u64::MAX - 1), u64::MAX);
+    }
+
+    #[test]
+    fn a_second_lock_on_the_directory_waits_then_names_the_holder() {
+        let dir = temp_dir("lock");
+        let held = lock(&dir, Duration::ZERO).unwrap();
+        let error = lock(&dir, Duration::from_millis(50)).unwrap_err();
+        let text = error.to_string();
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
+        drop(held);
+        lock(&dir, Duration::ZERO).expect("free again");
+    }
+
+    #[test]
+    fn a_consumed_dump_is_gone() {
+        let dir = temp_dir("consume");
+        let path = dir.join(dump::FILE_NAME);
+        fs::write(&path, b"x").unwrap();
+        consume_dump(&path).unwrap();
+        assert!(!path.exists());
+        assert!(dir.join("livelock.dump.consumed").exists());
+        consume_dump(&path).expect("nothing to consume is fine");
+    }
+}
