@@ -7,6 +7,7 @@
 //! That queue is bounded: signals beyond `EVENTS_MAX` unread are dropped and
 //! counted; the other events are never dropped (they have reserved room,
 //! `EVENTS_RESERVED`, and past it the reader waits for the application).
+//! The socket has keepalive and TCP_USER_TIMEOUT, as the server's have.
 //!
 //! ```no_run
 //! use livelock::client::{Client, ClientOptions};
@@ -228,6 +229,7 @@ impl Client {
         }
         let mut stream = stream.ok_or(last)?;
         stream.set_nodelay(true)?;
+        set_dead_peer_detection(&stream)?;
         let mut frame = Vec::new();
         protocol::encode_request(&mut frame, 1, first);
         stream.write_all(&frame)?;
@@ -450,6 +452,19 @@ impl Drop for Client {
         // Closing the socket ends the reader thread (and, without grace, the session).
         let _ = self.inner.writer.lock().shutdown(Shutdown::Both);
     }
+}
+
+/// Keepalive and TCP_USER_TIMEOUT as the server sets them by default (2 s
+/// idle + 3 probes 1 s apart; unacknowledged data dropped after 5 s), so a
+/// dead server is found even by a client that sends nothing.
+fn set_dead_peer_detection(stream: &TcpStream) -> io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(2))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(3);
+    socket.set_tcp_keepalive(&keepalive)?;
+    socket.set_tcp_user_timeout(Some(Duration::from_secs(5)))
 }
 
 /// Request ids are the session's: after a RESUME, requests of the previous
@@ -739,14 +754,10 @@ fn push_event(events: &Sender<Event>, inner: &Inner, event: Event) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
+    use std::net::{SocketAddr, TcpListener};
 
-    /// A fake server floods signals, then loses a hold, shuts down and
-    /// closes: the loss, the shutdown and the disconnection all arrive;
-    /// only signals past `EVENTS_MAX` are dropped, and counted.
-    #[test]
-    fn a_flood_of_signals_never_drops_lock_lost() {
-        const FLOOD: usize = EVENTS_MAX + 100;
+    /// A one-connection server: answers the HELLO, sends `pushes`, closes.
+    fn fake_server(pushes: Vec<u8>) -> (SocketAddr, std::thread::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let server = std::thread::spawn(move || {
@@ -764,14 +775,41 @@ mod tests {
             }
             let mut out = Vec::new();
             protocol::encode_session(&mut out, opcode::HELLO, 1, 7, &[1; SECRET_LEN], 0);
-            for _ in 0..FLOOD {
-                protocol::encode_signal(&mut out, b"job", b"reload");
-            }
-            protocol::encode_lock_lost(&mut out, 42, b"job");
-            protocol::encode_push(&mut out, opcode::SHUTDOWN);
+            out.extend_from_slice(&pushes);
             stream.write_all(&out).unwrap();
             // Dropping the stream closes the connection.
         });
+        (addr, server)
+    }
+
+    #[test]
+    fn the_client_socket_finds_a_dead_server() {
+        let (addr, server) = fake_server(Vec::new());
+        let client = Client::connect(addr, &ClientOptions::default()).unwrap();
+        server.join().unwrap();
+        let writer = client.inner.writer.lock();
+        let socket = socket2::SockRef::from(&*writer);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.keepalive_time().unwrap(), Duration::from_secs(2));
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(5))
+        );
+    }
+
+    /// A fake server floods signals, then loses a hold, shuts down and
+    /// closes: the loss, the shutdown and the disconnection all arrive;
+    /// only signals past `EVENTS_MAX` are dropped, and counted.
+    #[test]
+    fn a_flood_of_signals_never_drops_lock_lost() {
+        const FLOOD: usize = EVENTS_MAX + 100;
+        let mut pushes = Vec::new();
+        for _ in 0..FLOOD {
+            protocol::encode_signal(&mut pushes, b"job", b"reload");
+        }
+        protocol::encode_lock_lost(&mut pushes, 42, b"job");
+        protocol::encode_push(&mut pushes, opcode::SHUTDOWN);
+        let (addr, server) = fake_server(pushes);
         let client = Client::connect(addr, &ClientOptions::default()).unwrap();
         server.join().unwrap();
         let start = Instant::now();
