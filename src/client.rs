@@ -4,6 +4,10 @@
 //! once (requests are pipelined and matched by request id). A reader thread
 //! takes every frame off the socket: replies go to the caller waiting for
 //! them, pushes (lock lost, shutdown, session taken) to [`Client::events`].
+//! That queue is bounded: signals beyond `EVENTS_MAX` unread are dropped and
+//! counted; the other events are never dropped (they have reserved room,
+//! `EVENTS_RESERVED`, and past it the reader waits for the application).
+//! The socket has keepalive and TCP_USER_TIMEOUT, as the server's have.
 //!
 //! ```no_run
 //! use livelock::client::{Client, ClientOptions};
@@ -17,7 +21,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -66,9 +70,24 @@ impl From<io::Error> for Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Pushed events kept for the application; later ones are dropped until it
-/// reads some (`Client::events`).
+/// Signals kept unread for the application; later ones are dropped (and
+/// counted, [`Client::signals_dropped`]) until it reads some.
 pub const EVENTS_MAX: usize = 4096;
+
+/// Room in the events queue kept for the events that are never dropped (lock
+/// lost, shutdown, session taken, disconnected): signals may only fill
+/// `EVENTS_MAX` of it. The server sends at most one LOCK_LOST per hold and one
+/// SHUTDOWN / SESSION_TAKEN / Disconnected per connection; should an
+/// application leave more than this unread, the reader waits for it
+/// (backpressure on the connection) rather than drop one.
+pub const EVENTS_RESERVED: usize = 1024;
+
+/// The queue's bound: `EVENTS_MAX` signals plus the reserved room.
+const EVENTS_QUEUE_MAX: usize = EVENTS_MAX + EVENTS_RESERVED;
+const _: () = assert!(
+    EVENTS_RESERVED >= 3,
+    "room for shutdown, session taken, disconnected"
+);
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -158,6 +177,8 @@ struct Inner {
     session_id: u64,
     secret: [u8; SECRET_LEN],
     grace_ms: u32,
+    /// Signals dropped because `EVENTS_MAX` of them were unread.
+    signals_dropped: AtomicU64,
 }
 
 pub struct Client {
@@ -208,6 +229,7 @@ impl Client {
         }
         let mut stream = stream.ok_or(last)?;
         stream.set_nodelay(true)?;
+        set_dead_peer_detection(&stream)?;
         let mut frame = Vec::new();
         protocol::encode_request(&mut frame, 1, first);
         stream.write_all(&frame)?;
@@ -221,7 +243,7 @@ impl Client {
         let (session_id, secret, grace_ms) = protocol::parse_session_body(&reply.body)
             .ok_or_else(|| Error::Protocol("short session reply".into()))?;
         let reader = stream.try_clone()?;
-        let (events_tx, events) = crossbeam_channel::bounded(EVENTS_MAX);
+        let (events_tx, events) = crossbeam_channel::bounded(EVENTS_QUEUE_MAX);
         let inner = Arc::new(Inner {
             writer: Mutex::new(stream),
             waiting: Mutex::new(Some(HashMap::new())),
@@ -229,6 +251,7 @@ impl Client {
             session_id,
             secret,
             grace_ms,
+            signals_dropped: AtomicU64::new(0),
         });
         let for_reader = inner.clone();
         std::thread::Builder::new()
@@ -250,10 +273,15 @@ impl Client {
         Duration::from_millis(u64::from(self.inner.grace_ms))
     }
 
-    /// Pushed events: lock lost, signal, shutdown, session taken, disconnected
-    /// (at most `EVENTS_MAX` kept unread; later ones are dropped).
+    /// Pushed events: lock lost, signal, shutdown, session taken, disconnected.
+    /// Only signals are ever dropped (past `EVENTS_MAX` unread ones).
     pub fn events(&self) -> &Receiver<Event> {
         &self.events
+    }
+
+    /// How many signals were dropped because `EVENTS_MAX` were unread.
+    pub fn signals_dropped(&self) -> u64 {
+        self.inner.signals_dropped.load(Ordering::Relaxed)
     }
 
     /// Waits (forever, FIFO) for an exclusive hold.
@@ -424,6 +452,19 @@ impl Drop for Client {
         // Closing the socket ends the reader thread (and, without grace, the session).
         let _ = self.inner.writer.lock().shutdown(Shutdown::Both);
     }
+}
+
+/// Keepalive and TCP_USER_TIMEOUT as the server sets them by default (2 s
+/// idle + 3 probes 1 s apart; unacknowledged data dropped after 5 s), so a
+/// dead server is found even by a client that sends nothing.
+fn set_dead_peer_detection(stream: &TcpStream) -> io::Result<()> {
+    let socket = socket2::SockRef::from(stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(2))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(3);
+    socket.set_tcp_keepalive(&keepalive)?;
+    socket.set_tcp_user_timeout(Some(Duration::from_secs(5)))
 }
 
 /// Request ids are the session's: after a RESUME, requests of the previous
@@ -670,9 +711,7 @@ fn read_loop(mut stream: TcpStream, mut buf: Vec<u8>, inner: Arc<Inner>, events:
                 },
                 _ => Event::SessionTaken,
             };
-            // Bounded: an application that never reads its events must not
-            // grow without limit (e.g. under a flood of signals).
-            let _ = events.try_send(event);
+            push_event(&events, &inner, event);
             continue;
         }
         let interim = frame.flags & flags::INTERIM != 0;
@@ -696,5 +735,108 @@ fn read_loop(mut stream: TcpStream, mut buf: Vec<u8>, inner: Arc<Inner>, events:
     }
     // Dropping the senders wakes every caller with Disconnected.
     inner.waiting.lock().take();
-    let _ = events.try_send(Event::Disconnected);
+    push_event(&events, &inner, Event::Disconnected);
+}
+
+/// Queues a pushed event (if the application still has the queue). A signal is dropped (and counted) when `EVENTS_MAX` events are unread, so
+/// signals never take the room reserved for the others; those are never
+/// dropped: past `EVENTS_QUEUE_MAX` unread, the reader waits for the
+/// application. This thread is the queue's only sender, so the length it
+/// reads can only shrink before the send.
+fn push_event(events: &Sender<Event>, inner: &Inner, event: Event) {
+    if matches!(event, Event::Signal { .. }) && events.len() >= EVENTS_MAX {
+        inner.signals_dropped.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    let _ = events.send(event);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{SocketAddr, TcpListener};
+
+    /// A one-connection server: answers the HELLO, sends `pushes`, closes.
+    fn fake_server(pushes: Vec<u8>) -> (SocketAddr, std::thread::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buf = Vec::new();
+            // The HELLO (its content does not matter here).
+            loop {
+                if let Ok(protocol::Decoded::Frame { .. }) = protocol::decode_request(&buf) {
+                    break;
+                }
+                let mut chunk = [0u8; 1024];
+                let n = stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "the client closed before its HELLO");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let mut out = Vec::new();
+            protocol::encode_session(&mut out, opcode::HELLO, 1, 7, &[1; SECRET_LEN], 0);
+            out.extend_from_slice(&pushes);
+            stream.write_all(&out).unwrap();
+            // Dropping the stream closes the connection.
+        });
+        (addr, server)
+    }
+
+    #[test]
+    fn the_client_socket_finds_a_dead_server() {
+        let (addr, server) = fake_server(Vec::new());
+        let client = Client::connect(addr, &ClientOptions::default()).unwrap();
+        server.join().unwrap();
+        let writer = client.inner.writer.lock();
+        let socket = socket2::SockRef::from(&*writer);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.keepalive_time().unwrap(), Duration::from_secs(2));
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(5))
+        );
+    }
+
+    /// A fake server floods signals, then loses a hold, shuts down and
+    /// closes: the loss, the shutdown and the disconnection all arrive;
+    /// only signals past `EVENTS_MAX` are dropped, and counted.
+    #[test]
+    fn a_flood_of_signals_never_drops_lock_lost() {
+        const FLOOD: usize = EVENTS_MAX + 100;
+        let mut pushes = Vec::new();
+        for _ in 0..FLOOD {
+            protocol::encode_signal(&mut pushes, b"job", b"reload");
+        }
+        protocol::encode_lock_lost(&mut pushes, 42, b"job");
+        protocol::encode_push(&mut pushes, opcode::SHUTDOWN);
+        let (addr, server) = fake_server(pushes);
+        let client = Client::connect(addr, &ClientOptions::default()).unwrap();
+        server.join().unwrap();
+        let start = Instant::now();
+        while client.inner.waiting.lock().is_some() || client.events().len() < EVENTS_MAX + 3 {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the reader did not take every frame off the socket"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let events: Vec<Event> = client.events().try_iter().collect();
+        let signals = events
+            .iter()
+            .filter(|e| matches!(e, Event::Signal { .. }))
+            .count();
+        assert_eq!(signals, EVENTS_MAX);
+        assert_eq!(client.signals_dropped(), (FLOOD - EVENTS_MAX) as u64);
+        assert_eq!(
+            &events[EVENTS_MAX..],
+            &[
+                Event::LockLost {
+                    name: b"job".to_vec(),
+                    token: 42
+                },
+                Event::Shutdown,
+                Event::Disconnected
+            ]
+        );
+    }
 }

@@ -1,26 +1,76 @@
 //! `livelock run NAME -- COMMAND`: hold a lock while a command runs.
 //!
 //! The one promise: COMMAND never runs without the lock. It starts only after
-//! the grant; if the hold is lost (lease, connection gone past its grace,
-//! session taken) it gets SIGTERM at once and SIGKILL after `--kill-after`;
-//! and if `livelock run` itself dies, the kernel kills COMMAND
-//! (PR_SET_PDEATHSIG), whose lock the server frees when our socket closes.
+//! the grant, and every process it starts is ended before the lock can be
+//! had by anyone else:
+//!
+//! - COMMAND runs in its own process group, under a small supervisor process
+//!   (`livelock run --supervise`, see [`supervise`]) that is a child
+//!   subreaper: whatever COMMAND leaves behind stays its descendant. Every
+//!   stop ends the whole group: SIGTERM, then SIGKILL after `--kill-after`.
+//!   The supervisor exits (with COMMAND's status) only once no descendant is
+//!   left, and only then is the lock released.
+//! - A stop is: a signal to `livelock run` (TERM, INT, HUP, QUIT; forwarded
+//!   to the group), the loss of the hold (lease, session taken, connection
+//!   gone past `--grace`), or the end of COMMAND's main process (what it left
+//!   running is stopped).
+//! - If `livelock run` dies (even by SIGKILL), the supervisor's parent-death
+//!   signal makes it SIGKILL the group; the server frees the lock when our
+//!   socket closes.
+//! - Heartbeat: a PING every `HEARTBEAT_INTERVAL`. With no answer for
+//!   `SILENCE_MAX` the connection is taken as cut (resumed within `--grace`
+//!   if it can be): COMMAND's group gets SIGTERM, and is SIGKILLed so as to be
+//!   gone at the latest `LOSS_BOUND + grace` after the send of the last
+//!   answered PING: before the earliest moment a server with the default TCP
+//!   tuning can find us dead (`SERVER_DEAD_PEER_MIN`) and let the grace run
+//!   out.
+//! - Signals ignored when `livelock run` starts (e.g. SIGHUP under `nohup`)
+//!   are left ignored: not caught, not forwarded, and still ignored by
+//!   COMMAND, which inherits the disposition.
 
 use std::ffi::OsString;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitCode, ExitStatus};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use crossbeam_channel::{after, never, select};
+use crossbeam_channel::{after, never, select, Receiver, Sender};
 
 use livelock::client::{AcquireOptions, Client, ClientOptions, Error, Event};
-use livelock::protocol::{Mode, Status};
+use livelock::protocol::{Mode, Status, SECRET_LEN};
 
 /// Exit status when the lock was not obtained (EX_TEMPFAIL).
 const EXIT_NOT_LOCKED: u8 = 75;
 /// Exit status when COMMAND could not be started.
 const EXIT_NO_COMMAND: u8 = 127;
+
+/// A PING is sent this often while COMMAND runs.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
+/// No PING answered for this long: the connection is taken as cut.
+const SILENCE_MAX: Duration = Duration::from_secs(2);
+/// The earliest a server with the default TCP tuning (keepalive 2 s idle + 3
+/// probes 1 s apart, TCP_USER_TIMEOUT 5 s; `TcpTuning::default`) finds a
+/// silent peer dead, counted from the last bytes it had from it. The lock is
+/// freed then, plus the session's grace.
+const SERVER_DEAD_PEER_MIN: Duration = Duration::from_secs(5);
+/// Kept between COMMAND's end and that earliest release.
+const LOSS_MARGIN: Duration = Duration::from_secs(1);
+/// COMMAND's group is gone at the latest this long (plus the grace) after
+/// the send of the last PING the server answered: 4 s.
+const LOSS_BOUND: Duration = SERVER_DEAD_PEER_MIN.saturating_sub(LOSS_MARGIN);
+/// The SIGKILL is sent this long before `LOSS_BOUND`, for it to take effect.
+const KILL_LEAD: Duration = Duration::from_millis(500);
+const _: () = assert!(HEARTBEAT_INTERVAL.as_millis() * 2 <= SILENCE_MAX.as_millis());
+const _: () = assert!(SILENCE_MAX.as_millis() + KILL_LEAD.as_millis() < LOSS_BOUND.as_millis());
+
+/// Signals that stop COMMAND: forwarded to its group (unless ignored when
+/// `livelock run` started).
+const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+/// The supervisor's parent-death signal.
+const SUPERVISOR_PDEATHSIG: libc::c_int = libc::SIGUSR1;
+/// From `livelock run` to the supervisor: SIGKILL the group now.
+const SUPERVISOR_KILL_NOW: libc::c_int = libc::SIGUSR2;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -39,9 +89,12 @@ pub struct RunArgs {
     /// Keep the hold this long if the connection drops, reconnecting meanwhile.
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     grace: Duration,
-    /// After SIGTERM (lock lost), wait this long before SIGKILL.
+    /// After SIGTERM (a stop), wait this long before SIGKILL.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     kill_after: Duration,
+    /// Internal: be the supervisor of COMMAND for the `livelock run` of this pid.
+    #[arg(long, hide = true, value_name = "PID")]
+    supervise: Option<u32>,
     /// The lock to hold.
     name: String,
     /// The command and its arguments (after `--`).
@@ -77,14 +130,40 @@ fn fail(code: u8, message: std::fmt::Arguments<'_>) -> ExitCode {
     ExitCode::from(code)
 }
 
+/// Whether `signal` is ignored (SIG_IGN) in this process.
+fn ignored(signal: libc::c_int) -> bool {
+    // SAFETY: sigaction(2) with a null new action only reads the disposition.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+fn exit_code(status: ExitStatus) -> ExitCode {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => ExitCode::from(code as u8),
+        (None, Some(signal)) => ExitCode::from(128u8.wrapping_add(signal as u8)),
+        _ => ExitCode::from(1),
+    }
+}
+
 pub fn run(args: RunArgs) -> ExitCode {
+    if let Some(parent) = args.supervise {
+        return supervise(parent, args.kill_after, &args.command);
+    }
+    // Before any handler is installed: what the caller wants ignored (nohup).
+    let stop_signals: Vec<libc::c_int> = STOP_SIGNALS
+        .into_iter()
+        .filter(|&signal| !ignored(signal))
+        .collect();
     let addr = crate::admin::server_addr(&args.server);
     let options = ClientOptions {
         password: args.password.clone(),
         grace: args.grace,
         ..ClientOptions::default()
     };
-    let mut client = match Client::connect(addr.as_str(), &options) {
+    let client = match Client::connect(addr.as_str(), &options) {
         Ok(client) => client,
         Err(e) => {
             return fail(
@@ -127,13 +206,16 @@ pub fn run(args: RunArgs) -> ExitCode {
     let token = guard.token();
     // The hold is released explicitly at the end (or by the session's end).
     guard.forget();
+    // The first heartbeat: the hold is confirmed from here on.
+    let confirmed = Instant::now();
+    if let Err(e) = client.ping() {
+        return fail(
+            EXIT_NOT_LOCKED,
+            format_args!("lost the connection right after locking {}: {e}", args.name),
+        );
+    }
 
-    let mut signals = match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-        signal_hook::consts::SIGQUIT,
-    ]) {
+    let mut signals = match signal_hook::iterator::Signals::new(&stop_signals) {
         Ok(signals) => signals,
         Err(e) => {
             return fail(
@@ -150,43 +232,68 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     });
 
-    let parent = std::process::id();
-    let mut command = Command::new(&args.command[0]);
-    command
-        .args(&args.command[1..])
-        .env("LIVELOCK_FENCE", token.to_string());
-    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // The parent may have died before prctl took effect.
-            if libc::getppid() as u32 != parent {
-                libc::_exit(EXIT_NO_COMMAND.into());
-            }
-            Ok(())
-        });
-    }
-    let mut child = match command.spawn() {
+    let supervisor = match spawn_supervisor(&args, token) {
         Ok(child) => child,
         Err(e) => {
             let _ = client.release(&args.name);
             return fail(
                 EXIT_NO_COMMAND,
-                format_args!("cannot start {:?}: {e}", args.command[0]),
+                format_args!("cannot start the supervisor of {:?}: {e}", args.command[0]),
             );
         }
     };
-    let pid = child.id() as libc::pid_t;
+    let supervisor_pid = supervisor.id() as libc::pid_t;
     let (exit_tx, exit_rx) = crossbeam_channel::bounded(1);
+    let mut supervisor = supervisor;
     std::thread::spawn(move || {
-        let _ = exit_tx.send(child.wait());
+        let _ = exit_tx.send(supervisor.wait());
     });
+    // SAFETY: kill(2) on our own child, which is not reaped before `exit_rx` says so.
+    let tell = |signal: libc::c_int| unsafe {
+        libc::kill(supervisor_pid, signal);
+    };
 
+    let mut link = Link::start(Arc::new(client), confirmed, 0);
+    let mut reconnecting: Option<Receiver<Option<(Client, Instant)>>> = None;
     let mut lost: Option<String> = None;
-    let mut kill_at = never();
+    let mut killed = false;
     let status: ExitStatus = loop {
+        let now = Instant::now();
+        let silent_at = link.confirmed + SILENCE_MAX;
+        let kill_at = link.confirmed + LOSS_BOUND - KILL_LEAD + args.grace;
+        let term_at = silent_at.max(kill_at.checked_sub(args.kill_after).unwrap_or(silent_at));
+        let mut reason: Option<String> = None;
+        if now >= silent_at && reconnecting.is_none() && lost.is_none() {
+            if args.grace.is_zero() {
+                reason = Some(format!("no answer from {addr} for {SILENCE_MAX:?}"));
+            } else {
+                reconnecting = Some(start_reconnect(&addr, &link.client, &options, kill_at));
+            }
+        }
+        if now >= term_at && lost.is_none() {
+            reason = Some(format!(
+                "no answer from {addr} for {:?}",
+                now - link.confirmed
+            ));
+        }
+        if now >= kill_at && !killed {
+            eprintln!(
+                "livelock run: no answer from {addr} for {:?}: killing the command before the server can free {}",
+                now - link.confirmed,
+                args.name
+            );
+            tell(SUPERVISOR_KILL_NOW);
+            killed = true;
+        }
+        if let Some(reason) = reason.take() {
+            stop_on_loss(&args.name, &reason, &mut lost, &tell);
+        }
+        let wake = [silent_at, term_at, kill_at]
+            .into_iter()
+            .filter(|&at| at > now)
+            .min()
+            .map_or_else(never, |at| after(at - now));
+        let reconnected = reconnecting.clone().unwrap_or_else(never);
         select! {
             recv(exit_rx) -> status => match status {
                 Ok(Ok(status)) => break status,
@@ -194,70 +301,366 @@ pub fn run(args: RunArgs) -> ExitCode {
             },
             recv(signal_rx) -> signal => {
                 if let Ok(signal) = signal {
-                    // SAFETY: kill(2) on our own child's pid.
-                    unsafe { libc::kill(pid, signal) };
+                    tell(signal);
                 }
             },
-            recv(client.events()) -> event => {
+            recv(link.heartbeats) -> sent => match sent {
+                Ok(sent) => link.confirmed = link.confirmed.max(sent),
+                Err(_) => link.heartbeats = never(),
+            },
+            recv(link.events) -> event => {
                 let reason = match event {
                     Ok(Event::LockLost { name, .. }) if name == args.name.as_bytes() => Some("its lease ran out".to_string()),
                     Ok(Event::LockLost { .. } | Event::Shutdown | Event::Signal { .. }) => None,
+                    // Our own RESUME takes the session from the old connection.
+                    Ok(Event::SessionTaken) if reconnecting.is_some() => None,
                     Ok(Event::SessionTaken) => Some("another connection took the session".to_string()),
-                    Ok(Event::Disconnected) | Err(_) => match reconnect(&addr, &client, &options) {
-                        Some(resumed) => {
-                            client = resumed;
+                    Ok(Event::Disconnected) | Err(_) => {
+                        link.events = never();
+                        if args.grace.is_zero() {
+                            Some(format!("the connection to {addr} was lost"))
+                        } else {
+                            if reconnecting.is_none() {
+                                reconnecting = Some(start_reconnect(&addr, &link.client, &options, kill_at));
+                            }
                             None
                         }
-                        None => Some(format!("the connection to {addr} was lost")),
-                    },
+                    }
                 };
-                if let (Some(reason), None) = (reason, &lost) {
-                    eprintln!("livelock run: lock {} lost ({reason}); stopping the command", args.name);
-                    // SAFETY: kill(2) on our own child's pid.
-                    unsafe { libc::kill(pid, libc::SIGTERM) };
-                    kill_at = after(args.kill_after);
-                    lost = Some(reason);
+                if let Some(reason) = reason {
+                    stop_on_loss(&args.name, &reason, &mut lost, &tell);
                 }
             },
-            recv(kill_at) -> _ => {
-                // SAFETY: kill(2) on our own child's pid.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                kill_at = never();
+            recv(reconnected) -> resumed => {
+                reconnecting = None;
+                match resumed {
+                    Ok(Some((client, sent))) => {
+                        let confirmed = link.confirmed.max(sent);
+                        link = Link::start(Arc::new(client), confirmed, link.generation + 1);
+                    }
+                    _ => stop_on_loss(&args.name, &format!("the connection to {addr} was lost"), &mut lost, &tell),
+                }
             },
+            recv(wake) -> _ => {},
         }
     };
     signal_handle.close();
+    link.finish(&args.name, lost.is_none());
+    exit_code(status)
+}
+
+/// Stops COMMAND (once) because the hold is lost.
+fn stop_on_loss(name: &str, reason: &str, lost: &mut Option<String>, tell: &impl Fn(libc::c_int)) {
     if lost.is_none() {
-        if let Err(e) = client.release(&args.name) {
-            eprintln!("livelock run: releasing {}: {e}", args.name);
-        }
-    }
-    let _ = client.bye();
-    match (status.code(), status.signal()) {
-        (Some(code), _) => ExitCode::from(code as u8),
-        (None, Some(signal)) => ExitCode::from(128u8.wrapping_add(signal as u8)),
-        _ => ExitCode::from(1),
+        eprintln!("livelock run: lock {name} lost ({reason}); stopping the command");
+        tell(libc::SIGTERM);
+        *lost = Some(reason.to_string());
     }
 }
 
-/// Resumes the session within its grace; None when it cannot be had.
-fn reconnect(addr: &str, client: &Client, options: &ClientOptions) -> Option<Client> {
-    if options.grace.is_zero() {
-        return None;
+/// Starts `livelock run --supervise`, which starts COMMAND.
+fn spawn_supervisor(args: &RunArgs, token: u64) -> std::io::Result<std::process::Child> {
+    let parent = std::process::id();
+    // /proc/self/exe: this very binary, even if its file was replaced since.
+    let mut command = Command::new("/proc/self/exe");
+    command
+        .arg("run")
+        .arg("--supervise")
+        .arg(parent.to_string())
+        .arg("--kill-after")
+        .arg(format!("{}ms", args.kill_after.as_millis()))
+        .arg(&args.name)
+        .arg("--")
+        .args(&args.command)
+        .env("LIVELOCK_FENCE", token.to_string());
+    // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
+    unsafe {
+        command.pre_exec(move || {
+            // Set in this thread's child: sent when this (the main) thread ends.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, SUPERVISOR_PDEATHSIG) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // We may have died before prctl took effect.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(EXIT_NO_COMMAND.into());
+            }
+            Ok(())
+        });
     }
-    let deadline = Instant::now() + options.grace;
-    let mut options = options.clone();
-    while Instant::now() < deadline {
-        options.connect_timeout = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(10));
-        match Client::resume(addr, client.session_id(), client.secret(), &options) {
-            Ok(resumed) => return Some(resumed),
-            Err(Error::Status(Status::UnknownSession, _)) => return None,
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+    command.spawn()
+}
+
+/// One connection to the server and its heartbeat.
+struct Link {
+    client: Arc<Client>,
+    /// Which connection this is (0, then one more per resume).
+    generation: u64,
+    events: Receiver<Event>,
+    /// Send times of answered PINGs.
+    heartbeats: Receiver<Instant>,
+    /// The send time of the last PING (or request) the server answered: it
+    /// has heard from us since.
+    confirmed: Instant,
+    /// Dropped to end the heartbeat thread.
+    stop: Option<Sender<()>>,
+    /// Closed when the heartbeat thread has ended.
+    done: Receiver<()>,
+}
+
+impl Link {
+    fn start(client: Arc<Client>, confirmed: Instant, generation: u64) -> Link {
+        let (beat_tx, heartbeats) = crossbeam_channel::unbounded();
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let (done_tx, done) = crossbeam_channel::bounded::<()>(0);
+        let pinged = client.clone();
+        std::thread::spawn(move || {
+            let _done = done_tx;
+            loop {
+                let sent = Instant::now();
+                if pinged.ping().is_err() || beat_tx.send(sent).is_err() {
+                    return;
+                }
+                let next = (sent + HEARTBEAT_INTERVAL).saturating_duration_since(Instant::now());
+                if stop_rx.recv_timeout(next) != Err(crossbeam_channel::RecvTimeoutError::Timeout) {
+                    return;
+                }
+            }
+        });
+        Link {
+            events: client.events().clone(),
+            client,
+            generation,
+            heartbeats,
+            confirmed,
+            stop: Some(stop_tx),
+            done,
         }
     }
-    None
+
+    /// Releases `name` if `release`, and ends the session; each step bounded
+    /// by `SILENCE_MAX` (the connection may be cut: then the server frees the
+    /// lock when it finds us gone).
+    fn finish(mut self, name: &str, release: bool) {
+        self.stop.take();
+        let _ = self.done.recv_timeout(SILENCE_MAX);
+        let client = self.client;
+        let owned = name.to_string();
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            if release {
+                if let Err(e) = client.release(&owned) {
+                    eprintln!("livelock run: releasing {owned}: {e}");
+                }
+            }
+            if let Ok(client) = Arc::try_unwrap(client) {
+                let _ = client.bye();
+            }
+            let _ = tx.send(());
+        });
+        if rx.recv_timeout(SILENCE_MAX).is_err() {
+            eprintln!("livelock run: no answer from the server while letting go of {name}");
+        }
+    }
+}
+
+/// Resumes the session on a new connection, trying until `until`; the new
+/// client and the send time of the RESUME that worked, or None.
+fn start_reconnect(
+    addr: &str,
+    client: &Client,
+    options: &ClientOptions,
+    until: Instant,
+) -> Receiver<Option<(Client, Instant)>> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let addr = addr.to_string();
+    let (session_id, secret) = (client.session_id(), client.secret());
+    let options = options.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(reconnect(&addr, session_id, secret, options, until));
+    });
+    rx
+}
+
+fn reconnect(
+    addr: &str,
+    session_id: u64,
+    secret: [u8; SECRET_LEN],
+    mut options: ClientOptions,
+    until: Instant,
+) -> Option<(Client, Instant)> {
+    loop {
+        let sent = Instant::now();
+        let left = until.saturating_duration_since(sent);
+        if left.is_zero() {
+            return None;
+        }
+        options.connect_timeout = left.min(SILENCE_MAX).max(Duration::from_millis(10));
+        match Client::resume(addr, session_id, secret, &options) {
+            Ok(resumed) => return Some((resumed, sent)),
+            Err(Error::Status(Status::UnknownSession, _)) => return None,
+            Err(_) => std::thread::sleep(Duration::from_millis(100).min(left)),
+        }
+    }
+}
+
+// ---- the supervisor ---------------------------------------------------------
+
+/// `livelock run --supervise PID`: started by the `livelock run` of PID with
+/// its parent-death signal set (SUPERVISOR_PDEATHSIG). Starts COMMAND in a new
+/// process group and is a child subreaper, so every process of COMMAND's
+/// tree stays its descendant. Single-threaded; waits for signals with
+/// `sigtimedwait`:
+/// - TERM, INT, HUP, QUIT from PID: forwarded to the group; SIGKILL follows
+///   after `kill_after`. From anyone else (e.g. the terminal): ignored, PID
+///   forwards what it gets.
+/// - SUPERVISOR_KILL_NOW from PID: SIGKILL the group.
+/// - the parent-death signal, or any wake-up finding another parent: SIGKILL
+///   the group.
+/// - COMMAND's main process exits: what is left of the group is stopped
+///   (SIGTERM, then SIGKILL).
+///
+/// Exits, with COMMAND's status (128 + signal if it was killed), only when
+/// it has no descendant left.
+fn supervise(parent: u32, kill_after: Duration, command: &[OsString]) -> ExitCode {
+    let waited = [
+        libc::SIGCHLD,
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        SUPERVISOR_PDEATHSIG,
+        SUPERVISOR_KILL_NOW,
+    ];
+    // SAFETY: plain libc calls on a local signal set; this process has one thread.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in waited {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1);
+        set
+    };
+    // SAFETY: getppid(2) cannot fail.
+    let parent_alive = || unsafe { libc::getppid() } as u32 == parent;
+    if !parent_alive() {
+        return fail(EXIT_NO_COMMAND, format_args!("livelock run is gone"));
+    }
+    let supervisor = std::process::id();
+    let mut main = Command::new(&command[0]);
+    main.args(&command[1..]).process_group(0);
+    // SAFETY: only async-signal-safe calls (sigprocmask, prctl, getppid, _exit)
+    // between fork and exec.
+    unsafe {
+        main.pre_exec(move || {
+            // COMMAND starts with no signal blocked; ignored ones stay ignored.
+            libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+            // Should the supervisor itself be killed, the main process goes too.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != supervisor {
+                libc::_exit(EXIT_NO_COMMAND.into());
+            }
+            Ok(())
+        });
+    }
+    let group = match main.spawn() {
+        Ok(child) => child.id() as libc::pid_t,
+        Err(e) => {
+            return fail(
+                EXIT_NO_COMMAND,
+                format_args!("cannot start {:?}: {e}", command[0]),
+            )
+        }
+    };
+    // SAFETY: kill(2) on COMMAND's process group (its leader is our child).
+    let signal_group = |signal: libc::c_int| unsafe {
+        libc::kill(-group, signal);
+    };
+    let mut main_status: Option<libc::c_int> = None;
+    // Set by the first stop (SIGTERM stage); SIGKILL when it passes.
+    let mut kill_at: Option<Instant> = None;
+    let mut killed = false;
+    let mut orphaned = false;
+    loop {
+        // Reap every child that ended (COMMAND's main process, or orphans
+        // of its tree, which are ours as subreaper).
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid(2) with a valid status pointer.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid == group {
+                main_status = Some(status);
+            } else if pid == 0 {
+                break;
+            } else if pid < 0 {
+                match std::io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // No descendant left.
+                    _ => return supervisor_exit(main_status),
+                }
+            }
+        }
+        if !orphaned && !parent_alive() {
+            orphaned = true;
+        }
+        if orphaned {
+            signal_group(libc::SIGKILL);
+            killed = true;
+        }
+        if main_status.is_some() && kill_at.is_none() {
+            // COMMAND is done: what it left running is stopped.
+            signal_group(libc::SIGTERM);
+            kill_at = Some(Instant::now() + kill_after);
+        }
+        let timeout = kill_at.filter(|_| !killed).map(|at| {
+            let left = at.saturating_duration_since(Instant::now());
+            libc::timespec {
+                tv_sec: left.as_secs() as libc::time_t,
+                tv_nsec: left.subsec_nanos().into(),
+            }
+        });
+        // SAFETY: sigtimedwait(2) with a valid set, info and optional timeout.
+        let (signal, sender) = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let timeout_ptr = timeout
+                .as_ref()
+                .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+            let signal = libc::sigtimedwait(&set, &mut info, timeout_ptr);
+            (signal, info.si_pid() as u32)
+        };
+        match signal {
+            // Timed out: the SIGTERM stage is over.
+            -1 if !killed && kill_at.is_some_and(|at| Instant::now() >= at) => {
+                signal_group(libc::SIGKILL);
+                killed = true;
+            }
+            libc::SIGCHLD => {}
+            SUPERVISOR_PDEATHSIG => {}
+            SUPERVISOR_KILL_NOW if sender == parent => {
+                signal_group(libc::SIGKILL);
+                killed = true;
+            }
+            signal if STOP_SIGNALS.contains(&signal) && sender == parent => {
+                signal_group(signal);
+                kill_at.get_or_insert(Instant::now() + kill_after);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The supervisor's exit status: COMMAND's.
+fn supervisor_exit(status: Option<libc::c_int>) -> ExitCode {
+    match status {
+        Some(status) if libc::WIFEXITED(status) => ExitCode::from(libc::WEXITSTATUS(status) as u8),
+        Some(status) if libc::WIFSIGNALED(status) => {
+            ExitCode::from(128u8.wrapping_add(libc::WTERMSIG(status) as u8))
+        }
+        _ => ExitCode::from(1),
+    }
 }
 
 #[cfg(test)]

@@ -1,14 +1,21 @@
 //! The real `livelock` binary against an in-process server: `livelock run`
 //! (fencing token in LIVELOCK_FENCE, exit statuses, `--wait`, `--shared`,
 //! `--kill-after`; `kill -9` of the run and loss of the connection both free
-//! the lock and kill the command), the operator commands `list`, `inspect`,
+//! the lock and kill the command; every stop ends the command's whole process
+//! tree; a partition, through a blackholing proxy, ends the command before
+//! the server can free the lock; signals ignored at start stay ignored), the
+//! operator commands `list`, `inspect`,
 //! `signal`, `stats` (tables and `--json`), `--help`, and the server's refusals
 //! at start (0.0.0.0 without a password, a bad boolean variable).
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{bounded, process_gone, wait_until, ChildGuard, ScratchDir, TestServer, WAIT_MAX};
@@ -316,6 +323,280 @@ fn shared_runs_hold_at_once() {
         assert_eq!(status.code(), Some(0), "stderr: {}", run.stderr());
     }
     assert!(client.try_acquire("readers").unwrap().is_some());
+}
+
+/// COMMAND for the process-tree tests: a shell with two background sleeps;
+/// writes "SHELL BG1 BG2" (pids) to "$1", then waits for them.
+const TREE: &str =
+    r#"sleep 30 & a=$!; sleep 30 & echo "$$ $a $!" > "$1.tmp"; mv "$1.tmp" "$1"; wait"#;
+
+/// The pids TREE wrote.
+fn tree_pids(run: &mut ChildGuard, file: &Path) -> Vec<u32> {
+    let line = wait_for_line(run, file);
+    let pids: Vec<u32> = line
+        .split_whitespace()
+        .map(|pid| pid.parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 3, "{line:?}");
+    pids
+}
+
+fn send_signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) on a child of this test, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid as libc::pid_t, signal) }, 0);
+}
+
+#[test]
+fn every_stop_signal_ends_the_whole_tree_of_the_command() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("run-tree");
+    let client = server.client();
+    for (signal, code) in [
+        (libc::SIGTERM, Some(143)),
+        (libc::SIGHUP, Some(129)),
+        (libc::SIGINT, Some(130)),
+        (libc::SIGKILL, None),
+    ] {
+        let pid_file = dir.join(&format!("pids{signal}"));
+        let mut command = run_command(&server, &[], "tree");
+        sh_with_file(&mut command, TREE, &pid_file);
+        let mut run = ChildGuard::spawn(&format!("run{signal}"), &mut command, &dir);
+        let pids = tree_pids(&mut run, &pid_file);
+        assert!(held_by_process(&client, "tree", run.id()));
+
+        send_signal(run.id(), signal);
+        let status = run.wait_exit();
+        assert_eq!(status.code(), code, "signal {signal}: {}", run.stderr());
+        // Background jobs of a script ignore SIGINT: they are ended as what
+        // the command left running (SIGTERM) after the shell is gone.
+        wait_until(
+            &format!("every process of the command to end after signal {signal}"),
+            || pids.iter().all(|&pid| process_gone(pid)),
+        );
+        wait_until(
+            &format!("the lock to be free after signal {signal}"),
+            || {
+                client
+                    .try_acquire("tree")
+                    .unwrap()
+                    .map(|guard| guard.release().unwrap())
+                    .is_some()
+            },
+        );
+    }
+}
+
+/// `sh -c 'trap "" SIGNAL; exec COMMAND...'`: runs `inner` with SIGNAL ignored.
+fn ignoring(signal: &str, inner: &Command) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .arg("-c")
+        .arg(format!(r#"trap "" {signal}; exec "$@""#))
+        .arg("sh")
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (key, value) in inner.get_envs() {
+        match value {
+            Some(value) => command.env(key, value),
+            None => command.env_remove(key),
+        };
+    }
+    command
+}
+
+/// Whether the process `pid` ignores `signal` (SigIgn in /proc).
+fn ignores(pid: u32, signal: libc::c_int) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let mask = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigIgn:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
+        .unwrap();
+    mask & (1 << (signal - 1)) != 0
+}
+
+#[test]
+fn a_signal_ignored_at_start_stays_ignored_as_under_nohup() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("run-nohup");
+    let started = dir.join("started");
+    let mut inner = run_command(&server, &[], "nohup");
+    // The command hangs itself up: it must still ignore SIGHUP.
+    sh_with_file(
+        &mut inner,
+        r#"kill -HUP $$; echo started > "$1"; read line; echo survived"#,
+        &started,
+    );
+    let mut command = ignoring("HUP", &inner);
+    command.stdin(Stdio::piped());
+    let mut run = ChildGuard::spawn("run", &mut command, &dir);
+    wait_for_line(&mut run, &started);
+    assert!(
+        ignores(run.id(), libc::SIGHUP),
+        "livelock run catches the SIGHUP it was started with ignored"
+    );
+    send_signal(run.id(), libc::SIGHUP);
+    drop(run.child().stdin.take());
+    let status = run.wait_exit();
+    assert_eq!(status.code(), Some(0), "stderr: {}", run.stderr());
+    assert_eq!(run.stdout(), "survived\n");
+}
+
+/// A TCP proxy on 127.0.0.1 between `livelock run` and the server that can
+/// blackhole: stop forwarding in both directions, keeping every socket open.
+struct Proxy {
+    addr: SocketAddr,
+    blackholed: Arc<AtomicBool>,
+    /// The proxy's connections to the server.
+    upstream: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(server: SocketAddr) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let blackholed = Arc::new(AtomicBool::new(false));
+        let upstream = Arc::new(Mutex::new(Vec::new()));
+        let (holes, ups) = (blackholed.clone(), upstream.clone());
+        // Ends with the test process (the listener is never closed).
+        std::thread::spawn(move || {
+            for down in listener.incoming() {
+                let Ok(down) = down else { return };
+                let Ok(up) = TcpStream::connect_timeout(&server, WAIT_MAX) else {
+                    continue;
+                };
+                ups.lock().unwrap().push(up.try_clone().unwrap());
+                let (down2, up2) = (down.try_clone().unwrap(), up.try_clone().unwrap());
+                let (hole, hole2) = (holes.clone(), holes.clone());
+                std::thread::spawn(move || pump(down, up, &hole));
+                std::thread::spawn(move || pump(up2, down2, &hole2));
+            }
+        });
+        Proxy {
+            addr,
+            blackholed,
+            upstream,
+        }
+    }
+
+    fn blackhole(&self) {
+        self.blackholed.store(true, Ordering::SeqCst);
+    }
+
+    /// Closes the connections to the server, as the server itself would on
+    /// finding its peer dead.
+    fn close_upstream(&self) {
+        for stream in self.upstream.lock().unwrap().iter() {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// Copies `from` to `to` until either ends; while blackholed, what is read
+/// is dropped and an end is not passed on.
+fn pump(mut from: TcpStream, mut to: TcpStream, blackholed: &AtomicBool) {
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => {
+                if !blackholed.load(Ordering::SeqCst) {
+                    let _ = to.shutdown(Shutdown::Write);
+                }
+                return;
+            }
+            Ok(n) => {
+                if !blackholed.load(Ordering::SeqCst) && to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// What `livelock run` documents: with no answer from the server, COMMAND's
+/// group is SIGKILLed at the latest 4 s (+ grace) after the send of the last
+/// answered PING; the server's default dead-peer detection takes 5 s.
+const RUN_LOSS_BOUND: Duration = Duration::from_secs(4);
+const SERVER_DEAD_PEER_MIN: Duration = Duration::from_secs(5);
+
+#[test]
+fn a_partitioned_run_ends_the_command_before_the_server_can_free_the_lock() {
+    let server = TestServer::start(2);
+    let proxy = Proxy::start(server.addr);
+    let dir = ScratchDir::new("run-partition");
+    let pid_file = dir.join("pids");
+    let mut command = livelock();
+    // The whole tree ignores SIGTERM, and --kill-after is 10 s: only the
+    // heartbeat's own deadline can end it in time.
+    command
+        .arg("run")
+        .arg("--server")
+        .arg(proxy.addr.to_string())
+        .arg("partitioned")
+        .arg("--");
+    sh_with_file(&mut command, &format!(r#"trap "" TERM; {TREE}"#), &pid_file);
+    let mut run = ChildGuard::spawn("run", &mut command, &dir);
+    let pids = tree_pids(&mut run, &pid_file);
+
+    // A second client queues for the lock and notes when it gets it.
+    let waiter = server.client();
+    assert!(held_by_process(&waiter, "partitioned", run.id()));
+    let mut pending = waiter
+        .start_acquire("partitioned", AcquireOptions::default(), true)
+        .unwrap();
+    assert!(pending.wait_queued(WAIT_MAX).unwrap(), "no QUEUED reply");
+    let (granted_tx, granted_rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let granted = pending.wait().map(|guard| (Instant::now(), guard.token()));
+        let _ = granted_tx.send(granted);
+    });
+
+    let blackholed_at = Instant::now();
+    proxy.blackhole();
+    // The server cannot find the run dead before SERVER_DEAD_PEER_MIN has
+    // passed since it last heard from it: this proxy keeps its sockets open,
+    // so the test plays that part, at the earliest moment.
+    let server_gives_up_at = blackholed_at + SERVER_DEAD_PEER_MIN;
+    let mut gone_at = None;
+    let mut closed = false;
+    while gone_at.is_none() || !closed {
+        let now = Instant::now();
+        if gone_at.is_none() && pids.iter().all(|&pid| process_gone(pid)) {
+            gone_at = Some(now);
+        }
+        if !closed && now >= server_gives_up_at {
+            proxy.close_upstream();
+            closed = true;
+        }
+        assert!(
+            now - blackholed_at < WAIT_MAX,
+            "the partitioned command still runs {WAIT_MAX:?} after the partition; stderr: {}",
+            run.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let gone_at = gone_at.unwrap();
+    let (granted_at, _) = granted_rx
+        .recv_timeout(WAIT_MAX)
+        .expect("the waiter is granted the lock")
+        .expect("the grant");
+    assert!(
+        gone_at - blackholed_at <= RUN_LOSS_BOUND,
+        "the command ended {:?} after the partition",
+        gone_at - blackholed_at
+    );
+    assert!(
+        gone_at < granted_at,
+        "the waiter got the lock {:?} before the partitioned command ended",
+        gone_at - granted_at
+    );
+    let status = run.wait_exit();
+    let stderr = run.stderr();
+    assert_eq!(status.code(), Some(137), "stderr: {stderr}");
+    assert!(
+        stderr.contains("lock partitioned lost"),
+        "unclear message: {stderr:?}"
+    );
 }
 
 // ---- help -----------------------------------------------------------------
