@@ -64,6 +64,9 @@ pub struct ServerConfig {
     /// The wall clock's reading at start, if not the real one (tests: a
     /// clock that stepped back).
     pub clock_start_unix_ms: Option<u64>,
+    /// Fault injection (debug builds' tests only): this loop panics once
+    /// it has a connection, to show a loop's death ends the process.
+    pub fault_panic_loop: Option<usize>,
 }
 
 impl ServerConfig {
@@ -85,6 +88,7 @@ impl ServerConfig {
             keep_tokens: false,
             takeover_wait: Duration::from_secs(10),
             clock_start_unix_ms: None,
+            fault_panic_loop: None,
         }
     }
 

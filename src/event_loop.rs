@@ -422,6 +422,9 @@ impl EventLoop {
         let mut events = Events::with_capacity(1024);
         self.route_effects();
         loop {
+            if self.shared.config.fault_panic_loop == Some(self.idx) && !self.conns.is_empty() {
+                panic!("fault injection: loop {} panics", self.idx);
+            }
             let ceiling = self.shared.tokens.ensure(self.table.last_token());
             self.table.set_token_ceiling(ceiling);
             let mut timeout = self.poll_timeout();

@@ -239,6 +239,11 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
         ));
     }
     config.takeover_wait = Duration::from_secs_f64(args.takeover_wait);
+    // Tests of debug builds only: make a loop panic (see ServerConfig).
+    #[cfg(debug_assertions)]
+    if let Ok(idx) = std::env::var("LIVELOCK_FAULT_PANIC_LOOP") {
+        config.fault_panic_loop = idx.parse().ok();
+    }
     let no_dump = flag_or_env(args.no_dump, "LIVELOCK_NO_DUMP")?;
     config.dump_save = !no_dump;
     config.dump_load =
