@@ -67,6 +67,10 @@ pub struct ServerConfig {
     /// Fault injection (debug builds' tests only): this loop panics once
     /// it has a connection, to show a loop's death ends the process.
     pub fault_panic_loop: Option<usize>,
+    /// Sessions and detached sessions over all loops (limits.rs; tests
+    /// set them low).
+    pub sessions_max: usize,
+    pub detached_sessions_max: usize,
 }
 
 impl ServerConfig {
@@ -89,6 +93,8 @@ impl ServerConfig {
             takeover_wait: Duration::from_secs(10),
             clock_start_unix_ms: None,
             fault_panic_loop: None,
+            sessions_max: crate::limits::SESSIONS_MAX,
+            detached_sessions_max: crate::limits::DETACHED_SESSIONS_MAX,
         }
     }
 

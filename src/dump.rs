@@ -76,6 +76,7 @@ pub const DUMP_CLIENT_LEN_MAX: usize = 1024;
 // Whatever the server may hold must fit in a dump.
 const _: () = assert!(DUMP_NAME_LEN_MAX >= NAME_LEN_MAX);
 const _: () = assert!(DUMP_CLIENT_LEN_MAX >= CLIENT_NAME_LEN_MAX);
+const _: () = assert!(DUMP_CLIENT_LEN_MAX >= crate::limits::CLIENT_ID_LEN_MAX);
 const _: () = assert!(DUMP_SIGNAL_LEN_MAX >= SIGNAL_LEN_MAX);
 const _: () = assert!(SECRET_LEN == 16);
 

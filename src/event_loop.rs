@@ -565,6 +565,32 @@ impl EventLoop {
         }
     }
 
+    /// Why a new session cannot be opened now, if it cannot: the sessions
+    /// limit, or (for one that asks for a grace period) the detached one.
+    /// Other loops' counts are as of their last turn; ours are exact.
+    fn session_refusal(&self, graceful: bool) -> Option<&'static str> {
+        let (mut all, mut detached) = (0, 0);
+        for (idx, metrics) in self.shared.metrics.iter().enumerate() {
+            let (a, d) = match idx == self.idx {
+                true => self.sessions.counts(),
+                false => {
+                    let (a, d) = metrics.sessions();
+                    (a as usize, d as usize)
+                }
+            };
+            all += a + d;
+            detached += d;
+        }
+        let config = &self.shared.config;
+        if all >= config.sessions_max {
+            Some("too many sessions")
+        } else if graceful && detached >= config.detached_sessions_max {
+            Some("too many detached sessions")
+        } else {
+            None
+        }
+    }
+
     /// The slot and generation of the connection at `token`.
     fn conn_ref(&self, token: Token) -> ConnRef {
         ConnRef {

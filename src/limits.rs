@@ -21,6 +21,16 @@ pub const WAITERS_PER_LOCK_MAX: usize = 10_000;
 pub const IN_FLIGHT_PER_SESSION_MAX: usize = 1024;
 /// Time a new connection has to send HELLO (or RESUME) before it is closed.
 pub const HELLO_TIMEOUT_MS: u64 = 10_000;
+/// Sessions over all loops, attached or not: a HELLO (or a LiveLock CONN
+/// with a new client id) past it gets `ServerBusy` (`-7`). Checked against
+/// the other loops' counts as of their last turn.
+pub const SESSIONS_MAX: usize = 200_000;
+/// Detached sessions (kept for their grace) over all loops: a HELLO asking
+/// for a grace period past it gets `ServerBusy`; a session that has one
+/// already keeps it (all of them are bounded by SESSIONS_MAX).
+pub const DETACHED_SESSIONS_MAX: usize = 100_000;
+/// Longest LiveLock client id (CONN), so that it always fits a dump.
+pub const CLIENT_ID_LEN_MAX: usize = 1024;
 /// Longest grace period a session may ask for.
 pub const GRACE_MS_MAX: u32 = 3_600_000;
 /// Longest timed wait (longer waits are "forever" by WAIT_FOREVER).

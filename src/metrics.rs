@@ -267,6 +267,14 @@ impl LoopMetrics {
         self.sessions_detached.store(detached, Relaxed);
     }
 
+    /// (attached, detached) sessions homed here, as of the loop's last turn.
+    pub fn sessions(&self) -> (u64, u64) {
+        (
+            self.sessions_attached.load(Relaxed),
+            self.sessions_detached.load(Relaxed),
+        )
+    }
+
     /// Open connections of this loop.
     pub fn set_connections(&self, n: u64) {
         self.connections.store(n, Relaxed);

@@ -799,3 +799,44 @@ fn queries_in_flight_are_bounded() {
     assert_eq!(answered + refused, count as usize);
     assert_eq!(conn.call(1, &Request::Ping).status, Status::Ok);
 }
+
+// ---- sessions are bounded (safety issue, item 14) -------------------------
+
+/// HELLO with a long grace and a close, repeated, used to keep sessions
+/// forever. Past the detached-sessions limit a HELLO asking for a grace gets
+/// `ServerBusy`; past the sessions limit every HELLO does; the sessions that
+/// exist keep working.
+#[test]
+fn sessions_and_detached_sessions_are_bounded() {
+    let server = TestServer::start_with(2, |config| {
+        config.sessions_max = 7;
+        config.detached_sessions_max = 3;
+    });
+    let observer = server.client(); // one attached session
+    let hello = |grace_ms| Request::Hello {
+        grace_ms,
+        password: b"",
+        client_name: b"flood",
+    };
+    for _ in 0..3 {
+        let (conn, _, _) = RawConn::hello(server.addr, 3_600_000);
+        drop(conn);
+    }
+    wait_until("three detached sessions", || {
+        observer.stats().unwrap().sessions_detached == 3
+    });
+    let mut refused = RawConn::connect(server.addr);
+    let reply = refused.call(1, &hello(3_600_000));
+    assert_eq!(reply.status, Status::ServerBusy, "{reply:?}");
+    // Without a grace there is room until the sessions limit.
+    let (_a, _, _) = RawConn::hello(server.addr, 0);
+    let (_b, _, _) = RawConn::hello(server.addr, 0);
+    let (_c, _, _) = RawConn::hello(server.addr, 0);
+    wait_until("seven sessions", || {
+        let stats = observer.stats().unwrap();
+        stats.sessions_attached + stats.sessions_detached >= 7
+    });
+    let mut full = RawConn::connect(server.addr);
+    let reply = full.call(1, &hello(0));
+    assert_eq!(reply.status, Status::ServerBusy, "{reply:?}");
+}

@@ -868,3 +868,39 @@ fn an_older_connection_outliving_its_client_ids_grace() {
         c.call(&resp(&["AQ", &format!("after-lock-{i}")]), ONE);
     }
 }
+
+// ---- bounds after normalisation (safety issue, item 12) -------------------
+
+/// A signal that grows past its limit when lowercased (`İ` is 2 bytes, its
+/// lowercase 3), and a client id over 1024 bytes, are refused with `-2`; the
+/// dump written at shutdown is whole (the writer used to panic on them, so
+/// no dump was written and every hold was lost).
+#[test]
+fn lengths_are_checked_after_lowercasing_and_the_dump_is_written() {
+    let dir = common::ScratchDir::new("compat-long");
+    let data_dir = dir.path().to_path_buf();
+    let server = TestServer::start_with(2, move |config| {
+        config.max_payload = 8192;
+        config.data_dir = data_dir;
+        config.dump_save = true;
+        config.release_all_timeout = Duration::from_secs(30);
+    });
+    let (mut c, _) = Raw::conn(server.addr, Some("signaller"));
+    c.call(&resp(&["AQ", "x"]), ONE);
+    let grows = "İ".repeat(400); // 800 bytes, 1200 once lowercased
+    c.call(&resp(&["SIGSET", "x", &grows]), E_ARGS);
+    c.call(&resp(&["SIGSET", "x", "short"]), ONE);
+    let long_id = "c".repeat(1025);
+    let mut other = Raw::connect(server.addr);
+    other.call(&resp(&["CONN", &long_id]), E_ARGS);
+    drop(other);
+    let mut server = server;
+    let running = server.server.take().unwrap();
+    running.shutdown();
+    bounded("the shutdown", move || running.join()).expect("the dump is written");
+    let state = livelock::dump::load(&dir.join("livelock.dump"))
+        .expect("a whole dump")
+        .expect("written");
+    assert_eq!(state.holds.len(), 1, "{state:?}");
+    assert_eq!(state.signals, [(b"x".to_vec(), b"short".to_vec())]);
+}

@@ -15,7 +15,9 @@ use mio::Token;
 
 use super::{EventLoop, Flow, Gather, GatherReply, Msg, Query};
 use crate::connection::ConnRef;
-use crate::limits::{FIND_RESULTS_MAX, HOLDS_PER_SESSION_MAX, NAME_LEN_MAX, SIGNAL_LEN_MAX};
+use crate::limits::{
+    CLIENT_ID_LEN_MAX, FIND_RESULTS_MAX, HOLDS_PER_SESSION_MAX, NAME_LEN_MAX, SIGNAL_LEN_MAX,
+};
 use crate::lock_table::{shard_for, Acquire, Command, Mode, Outcome, SessionId, SignalOp, Wait};
 use crate::resp::{self, ErrorCode, StatValue, Verb};
 use crate::session::{secure_eq, Pending, PendingOp, RespOp};
@@ -189,6 +191,10 @@ impl EventLoop {
         let loops = self.shared.peers.len();
         let generated;
         let client_id = match client_id {
+            Some(id) if id.len() > CLIENT_ID_LEN_MAX => {
+                self.resp_error(token, ErrorCode::WrongArgs);
+                return Flow::Continue;
+            }
             Some(id) => id,
             None => {
                 // A fresh id homed here, so the connection need not move.
@@ -214,7 +220,13 @@ impl EventLoop {
                 self.sessions.attach(id, token);
                 id
             }
-            None => self.sessions.create_client(client_id, grace_ms, token).id,
+            None => {
+                if self.session_refusal(grace_ms > 0).is_some() {
+                    self.resp_error(token, ErrorCode::ServerError);
+                    return Flow::Continue;
+                }
+                self.sessions.create_client(client_id, grace_ms, token).id
+            }
         };
         let conn = &mut self.conns[token.0];
         conn.session = Some(id);
@@ -231,12 +243,14 @@ impl EventLoop {
         name: &[u8],
         signal: &[u8],
     ) {
+        // The limit applies to the signal as stored: lowercasing can make
+        // it longer (`İ` is 2 bytes, its lowercase 3).
+        let mut scratch = Vec::new();
+        let signal = resp::lowercase_signal(signal, &mut scratch);
         if signal.len() > SIGNAL_LEN_MAX {
             self.resp_error(token, ErrorCode::WrongArgs);
             return;
         }
-        let mut scratch = Vec::new();
-        let signal = resp::lowercase_signal(signal, &mut scratch);
         self.resp_lock_command(token, session, op, name, signal);
     }
 

@@ -260,6 +260,11 @@ impl EventLoop {
             );
             return Flow::Continue;
         }
+        if let Some(message) = self.session_refusal(grace_ms > 0) {
+            let op = opcode::HELLO;
+            self.reply_status(token, op, request_id, Status::ServerBusy, message);
+            return Flow::Continue;
+        }
         let secret = random_secret();
         let id = self
             .sessions
