@@ -22,6 +22,7 @@ fn release(session: u64, request_id: u32, name: &[u8]) -> Command<'_> {
         session,
         request_id,
         name,
+        token: 0,
     }
 }
 

@@ -67,8 +67,8 @@ enum livelock_opcode {
     LIVELOCK_OP_HELLO = 1,   /* livelock_hello + password + client name */
     LIVELOCK_OP_RESUME = 2,  /* livelock_resume + password */
     LIVELOCK_OP_ACQUIRE = 3, /* livelock_acquire + name */
-    LIVELOCK_OP_RELEASE = 4, /* name */
-    LIVELOCK_OP_EXTEND = 5,  /* livelock_extend + name */
+    LIVELOCK_OP_RELEASE = 4, /* name; with LIVELOCK_FLAG_HOLD_TOKEN: livelock_token + name */
+    LIVELOCK_OP_EXTEND = 5,  /* livelock_extend [+ livelock_token, with the flag] + name */
     LIVELOCK_OP_CANCEL = 6,  /* livelock_cancel */
     LIVELOCK_OP_PING = 7,    /* empty */
     LIVELOCK_OP_BYE = 8,     /* empty */
@@ -83,11 +83,14 @@ enum livelock_opcode {
     LIVELOCK_OP_SIGNALLED = 0x43      /* name_len u16, name, signal */
 };
 
-/* ---- Header flags (header.flags; 0 in requests) ------------------------ */
+/* ---- Header flags (header.flags; in requests 0, or HOLD_TOKEN) ---------- */
 
 #define LIVELOCK_FLAG_REPLY 0x0001u   /* server -> client frame */
 #define LIVELOCK_FLAG_PUSH 0x0002u    /* server-initiated, or deferred completion */
 #define LIVELOCK_FLAG_INTERIM 0x0004u /* not the final reply (e.g. QUEUED) */
+/* Request flag, RELEASE and EXTEND only: the body carries the fencing token
+ * (non-zero) of the hold meant; another hold of the session: WRONG_TOKEN. */
+#define LIVELOCK_FLAG_HOLD_TOKEN 0x0008u
 
 /* ---- ACQUIRE ----------------------------------------------------------- */
 
@@ -113,6 +116,7 @@ enum livelock_status {
     LIVELOCK_STATUS_NOT_HELD = 5,
     LIVELOCK_STATUS_ALREADY_HELD = 6,
     LIVELOCK_STATUS_NO_SUCH_REQUEST = 7,
+    LIVELOCK_STATUS_WRONG_TOKEN = 8,
     LIVELOCK_STATUS_BAD_VERSION = 32,
     LIVELOCK_STATUS_UNKNOWN_OPCODE = 33,
     LIVELOCK_STATUS_BAD_BODY = 34,

@@ -358,14 +358,16 @@ impl Client {
         })
     }
 
-    /// Releases a hold by name (guards do this on drop).
+    /// Releases the session's hold of `name`, whatever its token (guards
+    /// release their own hold only, by token, on drop).
     pub fn release(&self, name: impl AsRef<[u8]>) -> Result<()> {
-        release(&self.inner, name.as_ref())
+        release(&self.inner, name.as_ref(), 0)
     }
 
-    /// Renews the lease of a hold: it now ends `lease` from now unless extended.
+    /// Renews the lease of the session's hold of `name`, whatever its
+    /// token: it now ends `lease` from now unless extended.
     pub fn extend(&self, name: impl AsRef<[u8]>, lease: Duration) -> Result<()> {
-        extend(&self.inner, name.as_ref(), lease)
+        extend(&self.inner, name.as_ref(), lease, 0)
     }
 
     /// One round trip.
@@ -514,13 +516,20 @@ fn call(inner: &Inner, request: &Request<'_>) -> Result<OwnedReply> {
     }
 }
 
-fn release(inner: &Inner, name: &[u8]) -> Result<()> {
-    call(inner, &Request::Release { name }).map(|_| ())
+/// `token` 0: whatever hold the session has; else only that hold
+/// (`WrongToken` if the session's hold has another one).
+fn release(inner: &Inner, name: &[u8], token: u64) -> Result<()> {
+    call(inner, &Request::Release { name, token }).map(|_| ())
 }
 
-fn extend(inner: &Inner, name: &[u8], lease: Duration) -> Result<()> {
+fn extend(inner: &Inner, name: &[u8], lease: Duration, token: u64) -> Result<()> {
     let lease_ms = u32::try_from(lease.as_millis()).unwrap_or(u32::MAX).max(1);
-    call(inner, &Request::Extend { name, lease_ms }).map(|_| ())
+    let request = Request::Extend {
+        name,
+        lease_ms,
+        token,
+    };
+    call(inner, &request).map(|_| ())
 }
 
 fn status_error(status: Status, body: &[u8]) -> Error {
@@ -622,12 +631,13 @@ impl Guard {
     /// Releases now and reports how it went.
     pub fn release(mut self) -> Result<()> {
         self.armed = false;
-        release(&self.inner, &self.name)
+        release(&self.inner, &self.name, self.token)
     }
 
-    /// Renews the lease.
+    /// Renews the lease of this hold (`WrongToken` if it was lost and the
+    /// session holds the lock again under a newer grant).
     pub fn extend(&self, lease: Duration) -> Result<()> {
-        extend(&self.inner, &self.name, lease)
+        extend(&self.inner, &self.name, lease, self.token)
     }
 
     /// Keeps the hold without releasing it on drop (it still ends with the
@@ -640,7 +650,9 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if self.armed {
-            let _ = release(&self.inner, &self.name);
+            // Only this hold: if its lease ran out and the session took the
+            // lock again, the newer hold is left alone.
+            let _ = release(&self.inner, &self.name, self.token);
         }
     }
 }

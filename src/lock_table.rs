@@ -71,16 +71,20 @@ pub struct Acquire<'a> {
 #[derive(Debug, Clone, Copy)]
 pub enum Command<'a> {
     Acquire(Acquire<'a>),
+    /// `token`: the fencing token of the hold meant (0 = whatever hold
+    /// the session has); another hold of the session answers `WrongToken`.
     Release {
         session: SessionId,
         request_id: RequestId,
         name: &'a [u8],
+        token: u64,
     },
     Extend {
         session: SessionId,
         request_id: RequestId,
         name: &'a [u8],
         lease_ms: u32,
+        token: u64,
     },
     /// Withdraw the session's queued acquire `target`.
     Cancel {
@@ -153,22 +157,26 @@ impl<'a> Command<'a> {
             Command::Release {
                 session,
                 request_id,
+                token,
                 ..
             } => Command::Release {
                 session,
                 request_id,
                 name,
+                token,
             },
             Command::Extend {
                 session,
                 request_id,
                 lease_ms,
+                token,
                 ..
             } => Command::Extend {
                 session,
                 request_id,
                 name,
                 lease_ms,
+                token,
             },
             Command::Locked {
                 session,
@@ -231,6 +239,9 @@ pub enum Outcome {
     TimedOut,
     Cancelled,
     NotHeld,
+    /// RELEASE/EXTEND named a token the session's hold does not have (an
+    /// older hold of the same lock, since lost): nothing changed.
+    WrongToken,
     AlreadyHeld,
     NoSuchRequest,
     TooManyWaiters,
@@ -568,8 +579,9 @@ impl LockTable {
                 session,
                 request_id,
                 name,
+                token,
             } => {
-                let outcome = self.release(now_ms, session, name, out);
+                let outcome = self.release(now_ms, session, name, token, out);
                 out.push(reply(session, request_id, outcome, false));
             }
             Command::Extend {
@@ -577,8 +589,9 @@ impl LockTable {
                 request_id,
                 name,
                 lease_ms,
+                token,
             } => {
-                let outcome = self.extend(now_ms, session, name, lease_ms);
+                let outcome = self.extend(now_ms, session, name, lease_ms, token);
                 out.push(reply(session, request_id, outcome, false));
             }
             Command::Cancel {
@@ -649,6 +662,9 @@ impl LockTable {
             .extra
             .as_ref()
             .and_then(|e| e.signals.iter().position(|s| &**s == signal));
+        // Holders are told only when the signal goes from unset to set: a
+        // signal raised again pushes nothing (it is still queryable).
+        let mut newly_set = false;
         let outcome = match (op, present) {
             (SignalOp::Exists, at) => Outcome::Bool(at.is_some()),
             (SignalOp::Delete, Some(at)) => {
@@ -664,10 +680,11 @@ impl LockTable {
                     return Outcome::TooManySignals;
                 }
                 extra.signals.push(signal.into());
+                newly_set = true;
                 Outcome::Bool(true)
             }
         };
-        if let SignalOp::Set { notify: true } = op {
+        if newly_set && op == (SignalOp::Set { notify: true }) {
             let lock = &self.locks[idx as usize];
             for hold in lock.holders() {
                 out.push(Effect::Signal {
@@ -892,11 +909,16 @@ impl LockTable {
         now_ms: u64,
         session: SessionId,
         name: &[u8],
+        token: u64,
         out: &mut Vec<Effect>,
     ) -> Outcome {
         let Some(idx) = self.find(name) else {
             return Outcome::NotHeld;
         };
+        match self.locks[idx as usize].hold_of(session) {
+            Some(hold) if token != 0 && hold.token != token => return Outcome::WrongToken,
+            _ => {}
+        }
         match self.remove_hold(now_ms, idx, session, out) {
             true => Outcome::Ok,
             false => Outcome::NotHeld,
@@ -973,7 +995,14 @@ impl LockTable {
         }
     }
 
-    fn extend(&mut self, now_ms: u64, session: SessionId, name: &[u8], lease_ms: u32) -> Outcome {
+    fn extend(
+        &mut self,
+        now_ms: u64,
+        session: SessionId,
+        name: &[u8],
+        lease_ms: u32,
+        token: u64,
+    ) -> Outcome {
         assert!(lease_ms > 0);
         let Some(idx) = self.find(name) else {
             return Outcome::NotHeld;
@@ -981,6 +1010,9 @@ impl LockTable {
         let Some(hold) = self.locks[idx as usize].hold_of_mut(session) else {
             return Outcome::NotHeld;
         };
+        if token != 0 && hold.token != token {
+            return Outcome::WrongToken;
+        }
         if hold.lease_deadline_ms != 0 {
             self.lease_timers
                 .remove(&(hold.lease_deadline_ms, hold.token, idx));

@@ -62,9 +62,11 @@ pub mod opcode {
     pub const RESUME: u8 = 2;
     /// Take a lock (or wait for it): `AcquireBody` + name.
     pub const ACQUIRE: u8 = 3;
-    /// Give a lock back: body = name.
+    /// Give a lock back: body = name; with [`flags::HOLD_TOKEN`], the hold's
+    /// fencing token (u64) first.
     pub const RELEASE: u8 = 4;
-    /// Push a held lock's lease further: `ExtendBody` + name.
+    /// Push a held lock's lease further: `ExtendBody` + name; with
+    /// [`flags::HOLD_TOKEN`], `ExtendBody` + token (u64) + name.
     pub const EXTEND: u8 = 5;
     /// Cancel a pending ACQUIRE of this connection: `CancelBody`.
     pub const CANCEL: u8 = 6;
@@ -95,7 +97,8 @@ pub mod opcode {
     pub const SIGNALLED: u8 = 0x43;
 }
 
-/// Header flag bits (header bytes 4..6). Requests carry no flags.
+/// Header flag bits (header bytes 4..6). Requests carry none but
+/// `HOLD_TOKEN`, on RELEASE and EXTEND only.
 pub mod flags {
     /// A server -> client frame (every frame the server sends has it).
     pub const REPLY: u16 = 1;
@@ -103,6 +106,10 @@ pub mod flags {
     pub const PUSH: u16 = 2;
     /// Not the final reply to its request (e.g. QUEUED); another follows.
     pub const INTERIM: u16 = 4;
+    /// Request flag, RELEASE and EXTEND: the body carries the fencing token
+    /// of the hold meant, so a stale request (its hold was lost, the lock
+    /// taken again) gets `WrongToken` instead of touching the new hold.
+    pub const HOLD_TOKEN: u16 = 8;
 }
 
 /// `acq_flags` bit: send an INTERIM reply with status `Queued` when the
@@ -258,6 +265,7 @@ pub enum Status {
     NotHeld = 5,
     AlreadyHeld = 6,
     NoSuchRequest = 7,
+    WrongToken = 8,
     BadVersion = 32,
     UnknownOpcode = 33,
     BadBody = 34,
@@ -278,7 +286,7 @@ pub enum Status {
 
 impl Status {
     /// Every status, in code order.
-    pub const ALL: [Status; 24] = [
+    pub const ALL: [Status; 25] = [
         Status::Ok,
         Status::Busy,
         Status::TimedOut,
@@ -287,6 +295,7 @@ impl Status {
         Status::NotHeld,
         Status::AlreadyHeld,
         Status::NoSuchRequest,
+        Status::WrongToken,
         Status::BadVersion,
         Status::UnknownOpcode,
         Status::BadBody,
@@ -315,6 +324,7 @@ impl Status {
             5 => Status::NotHeld,
             6 => Status::AlreadyHeld,
             7 => Status::NoSuchRequest,
+            8 => Status::WrongToken,
             32 => Status::BadVersion,
             33 => Status::UnknownOpcode,
             34 => Status::BadBody,
@@ -356,6 +366,7 @@ impl Status {
             Status::NotHeld => "lock is not held by this session",
             Status::AlreadyHeld => "lock is already held by this session",
             Status::NoSuchRequest => "no such pending request",
+            Status::WrongToken => "the session holds the lock under another fencing token",
             Status::BadVersion => "unsupported protocol version",
             Status::UnknownOpcode => "unknown opcode",
             Status::BadBody => "malformed request body",
@@ -420,12 +431,15 @@ pub enum Request<'a> {
         lease_ms: u32,
         notify_queued: bool,
     },
+    /// `token`: the hold's fencing token, 0 = whatever hold the session has.
     Release {
         name: &'a [u8],
+        token: u64,
     },
     Extend {
         name: &'a [u8],
         lease_ms: u32,
+        token: u64,
     },
     Cancel {
         target: u32,
@@ -551,10 +565,16 @@ pub fn decode_request(buf: &[u8]) -> Result<Decoded<'_>, Fatal> {
     };
     let result = if header.version != VERSION {
         Err(Status::BadVersion)
-    } else if header.flags.get() != 0 || header.status.get() != 0 {
+    } else if header.status.get() != 0 {
         Err(Status::BadBody)
     } else {
-        decode_body(header.opcode, body)
+        match header.flags.get() {
+            0 => decode_body(header.opcode, body, false),
+            flags::HOLD_TOKEN if matches!(header.opcode, opcode::RELEASE | opcode::EXTEND) => {
+                decode_body(header.opcode, body, true)
+            }
+            _ => Err(Status::BadBody),
+        }
     };
     Ok(Decoded::Frame {
         consumed,
@@ -579,7 +599,22 @@ fn check_name(name: &[u8]) -> Result<&[u8], Status> {
     }
 }
 
-fn decode_body(op: u8, body: &[u8]) -> Result<Request<'_>, Status> {
+/// Takes the fencing token off the front of `rest` when the request says it
+/// has one (`HOLD_TOKEN`); a token of 0 is refused (it would mean "any").
+fn split_token(rest: &[u8], with_token: bool) -> Result<(u64, &[u8]), Status> {
+    if !with_token {
+        return Ok((0, rest));
+    }
+    let (token, rest) = rest
+        .split_first_chunk::<TOKEN_LEN>()
+        .ok_or(Status::BadBody)?;
+    match u64::from_le_bytes(*token) {
+        0 => Err(Status::BadBody),
+        token => Ok((token, rest)),
+    }
+}
+
+fn decode_body(op: u8, body: &[u8], with_token: bool) -> Result<Request<'_>, Status> {
     match op {
         opcode::HELLO => {
             let (fixed, rest) = split_fixed::<HelloBody>(body)?;
@@ -627,18 +662,24 @@ fn decode_body(op: u8, body: &[u8]) -> Result<Request<'_>, Status> {
                 notify_queued: fixed.acq_flags & ACQ_NOTIFY_QUEUED != 0,
             })
         }
-        opcode::RELEASE => Ok(Request::Release {
-            name: check_name(body)?,
-        }),
+        opcode::RELEASE => {
+            let (token, name) = split_token(body, with_token)?;
+            Ok(Request::Release {
+                name: check_name(name)?,
+                token,
+            })
+        }
         opcode::EXTEND => {
-            let (fixed, name) = split_fixed::<ExtendBody>(body)?;
+            let (fixed, rest) = split_fixed::<ExtendBody>(body)?;
             let lease_ms = fixed.lease_ms.get();
             if lease_ms == 0 {
                 return Err(Status::BadBody);
             }
+            let (token, name) = split_token(rest, with_token)?;
             Ok(Request::Extend {
                 name: check_name(name)?,
                 lease_ms,
+                token,
             })
         }
         opcode::CANCEL => {
@@ -912,15 +953,26 @@ fn len_u16(len: usize) -> U16 {
 /// Lengths are not checked against the server's limits (the server answers
 /// BadName/BadBody); lengths that do not fit their wire field panic.
 pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
+    let request_flags = match *req {
+        Request::Release { token, .. } | Request::Extend { token, .. } if token != 0 => {
+            flags::HOLD_TOKEN
+        }
+        _ => 0,
+    };
     let header = |out: &mut Vec<u8>, body_len: usize| {
         encode_header(
             out,
             req.opcode(),
-            0,
+            request_flags,
             Status::Ok,
             request_id,
             body_len_u32(body_len),
         );
+    };
+    // The token field, present when not 0 (HOLD_TOKEN).
+    let token_bytes = |token: u64| match token {
+        0 => Vec::new(),
+        token => token.to_le_bytes().to_vec(),
     };
     match *req {
         Request::Hello {
@@ -974,16 +1026,24 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
             out.extend_from_slice(fixed.as_bytes());
             out.extend_from_slice(name);
         }
-        Request::Release { name } => {
-            header(out, name.len());
+        Request::Release { name, token } => {
+            let token = token_bytes(token);
+            header(out, token.len() + name.len());
+            out.extend_from_slice(&token);
             out.extend_from_slice(name);
         }
-        Request::Extend { name, lease_ms } => {
+        Request::Extend {
+            name,
+            lease_ms,
+            token,
+        } => {
             let fixed = ExtendBody {
                 lease_ms: U32::new(lease_ms),
             };
-            header(out, size_of::<ExtendBody>() + name.len());
+            let token = token_bytes(token);
+            header(out, size_of::<ExtendBody>() + token.len() + name.len());
             out.extend_from_slice(fixed.as_bytes());
+            out.extend_from_slice(&token);
             out.extend_from_slice(name);
         }
         Request::Cancel { target } => {
@@ -1378,10 +1438,23 @@ mod tests {
                 lease_ms: 30_000,
                 notify_queued: false,
             },
-            Request::Release { name: b"report-42" },
+            Request::Release {
+                name: b"report-42",
+                token: 0,
+            },
+            Request::Release {
+                name: b"report-42",
+                token: 77,
+            },
             Request::Extend {
                 name: b"report-42",
                 lease_ms: 1,
+                token: 0,
+            },
+            Request::Extend {
+                name: b"report-42",
+                lease_ms: 1,
+                token: u64::MAX,
             },
             Request::Cancel {
                 target: 0xDEAD_BEEF,
@@ -1430,7 +1503,14 @@ mod tests {
             },
         );
         let first_len = buf.len();
-        encode_request(&mut buf, 2, &Request::Release { name: b"a" });
+        encode_request(
+            &mut buf,
+            2,
+            &Request::Release {
+                name: b"a",
+                token: 0,
+            },
+        );
         // And the start of a third.
         buf.extend_from_slice(&encoded(3, &Request::Ping)[..5]);
 
@@ -1448,7 +1528,11 @@ mod tests {
         let Ok(Decoded::Frame {
             consumed,
             request_id: 2,
-            result: Ok(Request::Release { name: b"a" }),
+            result:
+                Ok(Request::Release {
+                    name: b"a",
+                    token: 0,
+                }),
             ..
         }) = decode_request(rest)
         else {
@@ -1587,7 +1671,7 @@ mod tests {
                 match result {
                     Ok(
                         Request::Acquire { name: got, .. }
-                        | Request::Release { name: got }
+                        | Request::Release { name: got, .. }
                         | Request::Extend { name: got, .. },
                     ) => {
                         assert!(want_ok, "{}-byte name accepted", name.len());
@@ -1727,7 +1811,7 @@ mod tests {
             .filter(|&c| Status::from_u16(c).is_some())
             .count();
         assert_eq!(known, Status::ALL.len());
-        assert_eq!(Status::from_u16(8), None);
+        assert_eq!(Status::from_u16(9), None);
         assert_eq!(Status::from_u16(48), None);
     }
 
@@ -1854,10 +1938,10 @@ mod tests {
             Err(ReplyError::BadVersion(2))
         );
         let mut bad = buf.clone();
-        bad[6] = 8;
+        bad[6] = 9;
         assert_eq!(
             decode_reply(&bad[..HEADER_LEN]),
-            Err(ReplyError::BadStatus(8))
+            Err(ReplyError::BadStatus(9))
         );
         let mut big = Vec::new();
         encode_header(

@@ -280,7 +280,14 @@ fn a_wrong_version_is_refused_per_frame() {
     // Still the same session, still usable.
     assert_eq!(raw.call(8, &Request::Ping).status, Status::Ok);
     assert_eq!(
-        raw.call(9, &Request::Release { name: b"version" }).status,
+        raw.call(
+            9,
+            &Request::Release {
+                name: b"version",
+                token: 0,
+            }
+        )
+        .status,
         Status::Ok
     );
     fx.assert_unharmed();
@@ -381,7 +388,14 @@ fn an_unknown_opcode_is_refused_and_the_connection_stays() {
     }
     assert_eq!(raw.call(100, &Request::Ping).status, Status::Ok);
     assert_eq!(
-        raw.call(101, &Request::Release { name: b"opcodes" }).status,
+        raw.call(
+            101,
+            &Request::Release {
+                name: b"opcodes",
+                token: 0,
+            }
+        )
+        .status,
         Status::Ok
     );
     // Before HELLO as well.
@@ -407,20 +421,28 @@ fn names_must_be_1_to_1024_bytes() {
         let id = 10 * (i as u32 + 1);
         let reply = raw.call(id, &acquire(name, 0));
         assert_eq!(reply.status, Status::BadName);
-        let reply = raw.call(id + 1, &Request::Release { name });
+        let reply = raw.call(id + 1, &Request::Release { name, token: 0 });
         assert_eq!(reply.status, Status::BadName);
         let reply = raw.call(
             id + 2,
             &Request::Extend {
                 name,
                 lease_ms: 1000,
+                token: 0,
             },
         );
         assert_eq!(reply.status, Status::BadName);
     }
     assert_eq!(raw.call(30, &acquire(&longest, 0)).status, Status::Ok);
     assert_eq!(
-        raw.call(31, &Request::Release { name: &longest }).status,
+        raw.call(
+            31,
+            &Request::Release {
+                name: &longest,
+                token: 0,
+            }
+        )
+        .status,
         Status::Ok
     );
     fx.assert_unharmed();
@@ -485,10 +507,14 @@ fn requests_before_hello_get_no_session() {
     let mut raw = RawConn::connect(fx.server.addr);
     let requests = [
         acquire(b"early", 0),
-        Request::Release { name: b"early" },
+        Request::Release {
+            name: b"early",
+            token: 0,
+        },
         Request::Extend {
             name: b"early",
             lease_ms: 1000,
+            token: 0,
         },
         Request::Cancel { target: 1 },
         Request::Bye,
@@ -527,7 +553,14 @@ fn a_second_hello_or_resume_gets_session_exists() {
     assert_eq!(raw.call(4, &resume).status, Status::SessionExists);
     // The first session is intact.
     assert_eq!(
-        raw.call(5, &Request::Release { name: b"second" }).status,
+        raw.call(
+            5,
+            &Request::Release {
+                name: b"second",
+                token: 0,
+            }
+        )
+        .status,
         Status::Ok
     );
     assert_eq!(raw.call(6, &acquire(b"second", 0)).status, Status::Ok);
@@ -627,10 +660,11 @@ fn garbage(kind: usize, rng: &mut Rng, len: usize) -> Vec<u8> {
                         lease_ms: [0, 0, 10, 100][rng.below(4) as usize],
                         notify_queued: rng.below(2) == 0,
                     },
-                    2 => Request::Release { name },
+                    2 => Request::Release { name, token: 0 },
                     3 => Request::Extend {
                         name,
                         lease_ms: rng.below(100) as u32,
+                        token: 0,
                     },
                     4 => Request::Cancel {
                         target: rng.below(64) as u32,

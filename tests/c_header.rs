@@ -109,6 +109,7 @@ fn expectations() -> Vec<(String, u64)> {
     check("LIVELOCK_FLAG_REPLY", flags::REPLY.into());
     check("LIVELOCK_FLAG_PUSH", flags::PUSH.into());
     check("LIVELOCK_FLAG_INTERIM", flags::INTERIM.into());
+    check("LIVELOCK_FLAG_HOLD_TOKEN", flags::HOLD_TOKEN.into());
 
     for (name, code) in [
         ("HELLO", opcode::HELLO),

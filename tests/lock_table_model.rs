@@ -145,6 +145,7 @@ impl Model {
                 session,
                 request_id,
                 name,
+                token,
             } => {
                 let held = self.slot_of(name).and_then(|slot| {
                     let at = self
@@ -155,6 +156,11 @@ impl Model {
                     Some((slot, at))
                 });
                 let outcome = match held {
+                    Some((slot, at))
+                        if token != 0 && self.lock(slot).holders[at].token != token =>
+                    {
+                        Outcome::WrongToken
+                    }
                     Some((slot, at)) => {
                         self.lock(slot).holders.remove(at);
                         self.settle(now_ms, slot, out);
@@ -169,6 +175,7 @@ impl Model {
                 request_id,
                 name,
                 lease_ms,
+                token,
             } => {
                 let hold = self.slot_of(name).and_then(|slot| {
                     self.lock(slot)
@@ -177,6 +184,7 @@ impl Model {
                         .find(|h| h.session == session)
                 });
                 let outcome = match hold {
+                    Some(hold) if token != 0 && hold.token != token => Outcome::WrongToken,
                     Some(hold) => {
                         hold.lease_deadline_ms = now_ms + u64::from(lease_ms);
                         Outcome::Ok
@@ -257,7 +265,10 @@ impl Model {
                                 Outcome::Bool(true)
                             }
                         };
-                        if op == (SignalOp::Set { notify: true }) && outcome == Outcome::Bool(true)
+                        // Pushed only when it goes from unset to set.
+                        if op == (SignalOp::Set { notify: true })
+                            && outcome == Outcome::Bool(true)
+                            && !set
                         {
                             for hold in &lock.holders {
                                 out.push(Effect::Signal {
@@ -468,16 +479,20 @@ enum Op {
         reentrant: bool,
         notify_queued: bool,
     },
+    /// `token`: 0 (any hold) or a small number, so that it sometimes
+    /// matches the hold and sometimes not.
     Release {
         session: SessionId,
         request_id: RequestId,
         name: usize,
+        token: u64,
     },
     Extend {
         session: SessionId,
         request_id: RequestId,
         name: usize,
         lease_ms: u32,
+        token: u64,
     },
     /// Cancel the session's `pick`-th queued acquire, or one never queued.
     Cancel {
@@ -512,6 +527,7 @@ fn op() -> impl Strategy<Value = Op> {
     let session = 0..5u64;
     let request_id = 1..=REQUEST_IDS;
     let name = 0..NAMES.len();
+    let token = prop_oneof![2 => Just(0u64), 1 => 1..12u64];
     let wait = prop_oneof![
         2 => Just(WaitPick::Try),
         3 => (0..20u8).prop_map(WaitPick::In),
@@ -549,19 +565,21 @@ fn op() -> impl Strategy<Value = Op> {
                     }
                 }
             ),
-        4 => (session.clone(), request_id.clone(), name.clone()).prop_map(
-            |(session, request_id, name)| Op::Release {
+        4 => (session.clone(), request_id.clone(), name.clone(), token.clone()).prop_map(
+            |(session, request_id, name, token)| Op::Release {
                 session,
                 request_id,
                 name,
+                token,
             }
         ),
-        1 => (session.clone(), request_id.clone(), name.clone(), 1..25u32).prop_map(
-            |(session, request_id, name, lease_ms)| Op::Extend {
+        1 => (session.clone(), request_id.clone(), name.clone(), 1..25u32, token.clone()).prop_map(
+            |(session, request_id, name, lease_ms, token)| Op::Extend {
                 session,
                 request_id,
                 name,
                 lease_ms,
+                token,
             }
         ),
         2 => (session.clone(), request_id.clone(), prop_oneof![3 => Just(0usize), 1 => 1..4usize]).prop_map(
@@ -676,21 +694,25 @@ impl Run {
                 session,
                 request_id,
                 name,
+                token,
             } => Command::Release {
                 session,
                 request_id: self.id(session, request_id),
                 name: NAMES[name],
+                token,
             },
             Op::Extend {
                 session,
                 request_id,
                 name,
                 lease_ms,
+                token,
             } => Command::Extend {
                 session,
                 request_id: self.id(session, request_id),
                 name: NAMES[name],
                 lease_ms,
+                token,
             },
             Op::Cancel {
                 session,

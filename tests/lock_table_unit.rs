@@ -55,6 +55,7 @@ impl Harness {
                 session,
                 request_id,
                 name,
+                token: 0,
             },
         )
     }
@@ -74,6 +75,7 @@ impl Harness {
                 request_id,
                 name,
                 lease_ms,
+                token: 0,
             },
         )
     }
@@ -1128,9 +1130,15 @@ fn a_notifying_signal_is_pushed_to_every_holder_and_no_waiter() {
             signalled(3, b"a", b"flush")
         ]
     );
-    // Raised again while already set: pushed again.
-    let effects = h.signal(9, 2, b"a", b"flush", NOTIFY);
-    assert_eq!(effects.len(), 4);
+    // Raised again while already set: pushed to nobody (safety issue,
+    // item 10: re-raising used to flood the holders' write buffers).
+    assert_eq!(
+        h.signal(9, 2, b"a", b"flush", NOTIFY),
+        [reply(9, 2, Outcome::Bool(true))]
+    );
+    // Cleared and raised again: pushed again.
+    h.signal(9, 4, b"a", b"flush", SignalOp::Delete);
+    assert_eq!(h.signal(9, 5, b"a", b"flush", NOTIFY).len(), 4);
     // Without notify: stored, pushed to nobody.
     assert_eq!(
         h.signal(9, 3, b"a", b"quiet", SET),
@@ -1621,6 +1629,7 @@ fn a_release_routed_to_the_wrong_shard_is_a_programmer_error() {
         session: 1,
         request_id: 1,
         name: name.as_bytes(),
+        token: 0,
     };
     table.apply(0, release, &mut Vec::new());
 }
@@ -1675,5 +1684,43 @@ fn a_restored_lease_still_expires() {
     assert!(h.table.restore_hold(b"a", 1, X, 5, 0, 150));
     assert_eq!(h.table.next_deadline(), Some(150));
     assert_eq!(h.tick(150), [lost(1, 5, b"a")]);
+    assert!(h.holders(b"a").is_empty());
+}
+
+/// Safety issue, item 9: RELEASE and EXTEND name the hold by its token. A
+/// guard whose lease ran out must not release or renew the session's newer
+/// hold of the same lock.
+#[test]
+fn a_stale_token_touches_no_newer_hold() {
+    let mut h = Harness::new();
+    h.acquire(0, leased(acq(1, 1, b"a", X, Wait::Try), 10));
+    h.tick(10); // lease 1 lost
+    assert_eq!(
+        h.acquire(20, acq(1, 2, b"a", X, Wait::Try)),
+        [granted(1, 2, 2)]
+    );
+    let stale = |request_id, lease_ms| Command::Extend {
+        session: 1,
+        request_id,
+        name: b"a",
+        lease_ms,
+        token: 1,
+    };
+    assert_eq!(
+        h.apply(21, stale(3, 100)),
+        [reply(1, 3, Outcome::WrongToken)]
+    );
+    let release = |request_id, token| Command::Release {
+        session: 1,
+        request_id,
+        name: b"a",
+        token,
+    };
+    assert_eq!(
+        h.apply(22, release(4, 1)),
+        [reply(1, 4, Outcome::WrongToken)]
+    );
+    assert_eq!(h.holders(b"a"), [1], "the newer hold is untouched");
+    assert_eq!(h.apply(23, release(5, 2)), [reply(1, 5, Outcome::Ok)]);
     assert!(h.holders(b"a").is_empty());
 }

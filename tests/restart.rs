@@ -147,13 +147,18 @@ fn livelock_run_with_grace_keeps_its_lock_across_a_server_restart() {
         probe.try_acquire("job").unwrap().is_none(),
         "job is still held"
     );
+    // `livelock run` notices the restart (heartbeat) and RESUMEs.
+    wait_until("run's session resumed", || {
+        probe.stats().unwrap().sessions_detached == 0
+    });
     std::fs::write(&go, b"").unwrap();
     let status = run.wait_exit();
     assert!(status.success(), "run failed: {}", run.stderr());
     assert!(finished.is_file(), "the command ran to its end");
     assert!(
         probe.try_acquire("job").unwrap().is_some(),
-        "released at the end"
+        "released at the end; run said: {}",
+        run.stderr()
     );
 }
 
@@ -286,7 +291,13 @@ fn a_queued_acquire_survives_a_restart_and_is_answered_once() {
     let (_, _, grace_ms) = protocol::parse_session_body(&reply.body).unwrap();
     assert_eq!(grace_ms, 60_000, "the session's own grace is in force");
     // Still in flight: a second use of id 7 is refused.
-    let dup = waiter.call(7, &protocol::Request::Release { name: b"q" });
+    let dup = waiter.call(
+        7,
+        &protocol::Request::Release {
+            name: b"q",
+            token: 0,
+        },
+    );
     assert_eq!(dup.status, protocol::Status::DuplicateRequestId);
     let holder = Client::resume(
         second.addr,

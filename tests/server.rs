@@ -568,14 +568,28 @@ fn resume_within_grace_keeps_holds_queue_places_and_parked_grants() {
     let b_token = token_of(&grant);
 
     assert_eq!(
-        a2.call(4, &Request::Release { name: b"rg-b" }).status,
+        a2.call(
+            4,
+            &Request::Release {
+                name: b"rg-b",
+                token: 0
+            }
+        )
+        .status,
         Status::Ok
     );
     let (label, _, c_guard) = next_grant(&rx);
     assert_eq!(label, "C");
     assert!(c_guard.token() > b_token);
     assert_eq!(
-        a2.call(5, &Request::Release { name: b"rg-a" }).status,
+        a2.call(
+            5,
+            &Request::Release {
+                name: b"rg-a",
+                token: 0
+            }
+        )
+        .status,
         Status::Ok
     );
     let after = other
@@ -681,6 +695,7 @@ fn resume_on_any_loop(loops: usize, attempts: usize) {
                 2,
                 Request::Release {
                     name: name.as_bytes(),
+                    token: 0,
                 },
             ),
             (
@@ -695,6 +710,7 @@ fn resume_on_any_loop(loops: usize, attempts: usize) {
                 4,
                 Request::Release {
                     name: name.as_bytes(),
+                    token: 0,
                 },
             ),
             (5, acquire_req(second.as_bytes(), 0, false)),
@@ -815,6 +831,7 @@ fn pipelined_requests_all_complete_and_are_matched_by_id() {
             id_of(i, 2),
             &Request::Release {
                 name: name.as_bytes(),
+                token: 0,
             },
         );
     }
@@ -872,7 +889,13 @@ fn a_request_id_in_flight_cannot_be_reused() {
     let queued = raw.recv();
     assert_eq!((queued.request_id, queued.status), (7, Status::Queued));
 
-    let reply = raw.call(7, &Request::Release { name: b"other" });
+    let reply = raw.call(
+        7,
+        &Request::Release {
+            name: b"other",
+            token: 0,
+        },
+    );
     assert_eq!(reply.status, Status::DuplicateRequestId);
     let reply = raw.call(7, &acquire_req(b"dup-2", 0, false));
     assert_eq!(reply.status, Status::DuplicateRequestId);
@@ -890,7 +913,14 @@ fn a_request_id_in_flight_cannot_be_reused() {
     );
     // Now id 7 is free again.
     assert_eq!(
-        raw.call(7, &Request::Release { name: b"dup" }).status,
+        raw.call(
+            7,
+            &Request::Release {
+                name: b"dup",
+                token: 0
+            }
+        )
+        .status,
         Status::Ok
     );
 }
@@ -984,4 +1014,36 @@ fn signals_are_pushed_queried_and_cleared() {
         other.signal("free", "reload").is_err(),
         "a free lock cannot be signalled"
     );
+}
+
+/// Safety issue, item 9: a guard whose lease ran out, dropped after the
+/// same session took the lock again, must not release the newer hold; its
+/// EXTEND gets `WrongToken` instead of reviving anything.
+#[test]
+fn a_stale_guard_does_not_release_a_newer_hold() {
+    let server = TestServer::start(2);
+    let client = server.client();
+    let leased = AcquireOptions {
+        lease: Some(Duration::from_millis(50)),
+        ..opts(Mode::Exclusive)
+    };
+    let old = client.acquire_with("relapse", leased).unwrap();
+    match client.events().recv_timeout(WAIT_MAX) {
+        Ok(Event::LockLost { .. }) => {}
+        other => panic!("expected the lease to run out: {other:?}"),
+    }
+    let new = client.acquire("relapse").unwrap();
+    assert!(new.token() > old.token());
+    match old.extend(Duration::from_secs(10)) {
+        Err(Error::Status(Status::WrongToken, _)) => {}
+        other => panic!("a stale EXTEND: {other:?}"),
+    }
+    drop(old); // releases by its own token: WrongToken, ignored
+    let other = server.client();
+    assert!(
+        other.try_acquire("relapse").unwrap().is_none(),
+        "the newer hold is still held"
+    );
+    new.release().unwrap();
+    assert!(other.try_acquire("relapse").unwrap().is_some());
 }

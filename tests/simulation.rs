@@ -152,6 +152,7 @@ impl Request {
                 session,
                 request_id: *request_id,
                 name,
+                token: 0,
             },
             Request::Extend {
                 request_id,
@@ -162,6 +163,7 @@ impl Request {
                 request_id: *request_id,
                 name,
                 lease_ms: *lease_ms,
+                token: 0,
             },
             Request::Cancel { request_id, target } => Command::Cancel {
                 session,

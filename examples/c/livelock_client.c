@@ -65,6 +65,7 @@ static const char *status_name(uint16_t status) {
         [LIVELOCK_STATUS_NOT_HELD] = "NotHeld",
         [LIVELOCK_STATUS_ALREADY_HELD] = "AlreadyHeld",
         [LIVELOCK_STATUS_NO_SUCH_REQUEST] = "NoSuchRequest",
+        [LIVELOCK_STATUS_WRONG_TOKEN] = "WrongToken",
         [LIVELOCK_STATUS_BAD_VERSION] = "BadVersion",
         [LIVELOCK_STATUS_UNKNOWN_OPCODE] = "UnknownOpcode",
         [LIVELOCK_STATUS_BAD_BODY] = "BadBody",
@@ -193,7 +194,7 @@ typedef struct frame {
 } frame;
 
 /* Sends one request: the header, then the fixed part, then the bytes after it. */
-static bool send_request(int fd, uint8_t opcode, uint32_t request_id,
+static bool send_request(int fd, uint8_t opcode, uint16_t flags, uint32_t request_id,
                          const void *fixed, size_t fixed_len,
                          const void *rest, size_t rest_len) {
     unsigned char buf[LIVELOCK_HEADER_LEN + LIVELOCK_FRAME_BODY_MAX];
@@ -206,6 +207,7 @@ static bool send_request(int fd, uint8_t opcode, uint32_t request_id,
     header.magic = LIVELOCK_MAGIC;
     header.version = LIVELOCK_VERSION;
     header.opcode = opcode;
+    header.flags = flags;
     header.request_id = request_id;
     header.body_len = (uint32_t)(fixed_len + rest_len);
     /* memcpy, not pointer casts: the wire has no alignment. */
@@ -294,10 +296,10 @@ static int fail_status(const char *what, const frame *f) {
 }
 
 /* Sends a request and reads its final reply; false (error printed) unless Ok. */
-static bool call_ok(int fd, const char *what, uint8_t opcode, uint32_t request_id,
-                    const void *fixed, size_t fixed_len, const void *rest, size_t rest_len,
-                    frame *reply) {
-    if (!send_request(fd, opcode, request_id, fixed, fixed_len, rest, rest_len) ||
+static bool call_ok(int fd, const char *what, uint8_t opcode, uint16_t flags,
+                    uint32_t request_id, const void *fixed, size_t fixed_len, const void *rest,
+                    size_t rest_len, frame *reply) {
+    if (!send_request(fd, opcode, flags, request_id, fixed, fixed_len, rest, rest_len) ||
         !read_reply(fd, request_id, reply)) {
         return false;
     }
@@ -370,7 +372,7 @@ static int session(int fd, const char *name, uint32_t wait_ms, uint32_t hold_ms)
         .password_len = (uint16_t)password_len,
         .client_name_len = (uint16_t)client_name_len,
     };
-    if (!call_ok(fd, "HELLO", LIVELOCK_OP_HELLO, 1, &hello, sizeof hello, credentials,
+    if (!call_ok(fd, "HELLO", LIVELOCK_OP_HELLO, 0, 1, &hello, sizeof hello, credentials,
                  password_len + client_name_len, &reply)) {
         return EXIT_ERROR;
     }
@@ -386,7 +388,7 @@ static int session(int fd, const char *name, uint32_t wait_ms, uint32_t hold_ms)
         .wait_ms = wait_ms,
         .lease_ms = 0,
     };
-    if (!send_request(fd, LIVELOCK_OP_ACQUIRE, 2, &acquire, sizeof acquire, name, name_len) ||
+    if (!send_request(fd, LIVELOCK_OP_ACQUIRE, 0, 2, &acquire, sizeof acquire, name, name_len) ||
         !read_reply(fd, 2, &reply)) {
         return EXIT_ERROR;
     }
@@ -414,8 +416,10 @@ static int session(int fd, const char *name, uint32_t wait_ms, uint32_t hold_ms)
         return EXIT_ERROR;
     }
 
-    if (!call_ok(fd, "RELEASE", LIVELOCK_OP_RELEASE, 3, NULL, 0, name, name_len, &reply) ||
-        !call_ok(fd, "BYE", LIVELOCK_OP_BYE, 4, NULL, 0, NULL, 0, &reply)) {
+    /* By token: only this hold is released, never a later one. */
+    if (!call_ok(fd, "RELEASE", LIVELOCK_OP_RELEASE, LIVELOCK_FLAG_HOLD_TOKEN, 3, &token,
+                 sizeof token, name, name_len, &reply) ||
+        !call_ok(fd, "BYE", LIVELOCK_OP_BYE, 0, 4, NULL, 0, NULL, 0, &reply)) {
         return EXIT_ERROR;
     }
     return EXIT_LOCKED_OK;

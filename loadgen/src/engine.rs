@@ -897,7 +897,10 @@ fn send_release(conn: &mut Conn, cx: &mut Ctx<'_>, slot: usize) {
     key_name(&mut cx.name, &plan.key_prefix, s.key);
     match plan.proto {
         Proto::Native => {
-            let request = Request::Release { name: &cx.name };
+            let request = Request::Release {
+                name: &cx.name,
+                token: 0,
+            };
             protocol::encode_request(&mut conn.wbuf, slot as u32 + 1, &request);
         }
         Proto::LiveLockResp => {

@@ -301,6 +301,7 @@ impl EventLoop {
                 session,
                 request_id,
                 name,
+                token: 0,
             },
             RespOp::Locked => Command::Locked {
                 session,

@@ -408,21 +408,27 @@ impl EventLoop {
                 });
                 (self.shard_of(name), command)
             }
-            Request::Release { name } => (
+            Request::Release { name, token } => (
                 self.shard_of(name),
                 Command::Release {
                     session: id,
                     request_id,
                     name,
+                    token,
                 },
             ),
-            Request::Extend { name, lease_ms } => (
+            Request::Extend {
+                name,
+                lease_ms,
+                token,
+            } => (
                 self.shard_of(name),
                 Command::Extend {
                     session: id,
                     request_id,
                     name,
                     lease_ms,
+                    token,
                 },
             ),
             Request::Cancel { target } => match session.pending.get(&target) {
@@ -541,6 +547,7 @@ fn outcome_status(outcome: Outcome) -> Status {
         Outcome::TimedOut => Status::TimedOut,
         Outcome::Cancelled => Status::Cancelled,
         Outcome::NotHeld | Outcome::NoSuchLock => Status::NotHeld,
+        Outcome::WrongToken => Status::WrongToken,
         Outcome::AlreadyHeld => Status::AlreadyHeld,
         Outcome::NoSuchRequest => Status::NoSuchRequest,
         Outcome::TooManyWaiters | Outcome::TooManySignals => Status::TooManyWaiters,
