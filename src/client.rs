@@ -161,6 +161,26 @@ pub enum Event {
     Disconnected,
 }
 
+/// What a RESUME found on the server: the session's requests still in
+/// flight (their replies will come, as pushes, on this connection) and
+/// every lock it holds. A request of the old connection that is in neither
+/// was answered: replies the old connection had not sent arrive (as pushes)
+/// right after the RESUME; a hold not listed is gone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resumed {
+    pub in_flight: Vec<u32>,
+    pub holds: Vec<HeldLock>,
+}
+
+/// A lock a resumed session holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldLock {
+    pub name: Vec<u8>,
+    pub mode: Mode,
+    /// The fencing token it was granted with.
+    pub token: u64,
+}
+
 /// A reply taken off the socket.
 #[derive(Debug)]
 struct OwnedReply {
@@ -179,6 +199,9 @@ struct Inner {
     grace_ms: u32,
     /// Signals dropped because `EVENTS_MAX` of them were unread.
     signals_dropped: AtomicU64,
+    /// After a RESUME: what the server listed (holds complete once
+    /// `listed` has fired).
+    resumed: Mutex<Option<Resumed>>,
 }
 
 pub struct Client {
@@ -196,7 +219,7 @@ impl Client {
             password,
             client_name: options.client_name.as_bytes(),
         };
-        Client::open(addr, options.connect_timeout, &hello)
+        Client::open(addr, options.connect_timeout, &hello).map(|(client, _)| client)
     }
 
     /// Connects and takes back the session `session_id` (within its grace).
@@ -212,10 +235,27 @@ impl Client {
             secret,
             password,
         };
-        Client::open(addr, options.connect_timeout, &resume)
+        let (client, listed) = Client::open(addr, options.connect_timeout, &resume)?;
+        // The server lists the session's holds right after the reply.
+        match listed.recv_timeout(options.connect_timeout) {
+            Ok(()) => Ok(client),
+            Err(_) => Err(Error::Protocol("the listing of holds did not end".into())),
+        }
     }
 
-    fn open(addr: impl ToSocketAddrs, timeout: Duration, first: &Request<'_>) -> Result<Client> {
+    /// After [`Client::resume`]: the session's requests still in flight and
+    /// the locks it holds, as the server listed them.
+    pub fn resumed(&self) -> Option<Resumed> {
+        self.inner.resumed.lock().clone()
+    }
+
+    /// Connects and sends `first` (HELLO or RESUME); also returns what fires
+    /// when a RESUME's listing of holds is complete.
+    fn open(
+        addr: impl ToSocketAddrs,
+        timeout: Duration,
+        first: &Request<'_>,
+    ) -> Result<(Client, Receiver<()>)> {
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
         let mut stream = None;
         for addr in addr.to_socket_addrs()? {
@@ -242,6 +282,15 @@ impl Client {
         }
         let (session_id, secret, grace_ms) = protocol::parse_session_body(&reply.body)
             .ok_or_else(|| Error::Protocol("short session reply".into()))?;
+        let resumed = match first {
+            Request::Resume { .. } => Some(Resumed {
+                in_flight: protocol::parse_resumed_in_flight(&reply.body)
+                    .ok_or_else(|| Error::Protocol("bad RESUME reply".into()))?,
+                holds: Vec::new(),
+            }),
+            _ => None,
+        };
+        let (listed_tx, listed) = crossbeam_channel::bounded(1);
         let reader = stream.try_clone()?;
         let (events_tx, events) = crossbeam_channel::bounded(EVENTS_QUEUE_MAX);
         let inner = Arc::new(Inner {
@@ -252,12 +301,13 @@ impl Client {
             secret,
             grace_ms,
             signals_dropped: AtomicU64::new(0),
+            resumed: Mutex::new(resumed),
         });
         let for_reader = inner.clone();
         std::thread::Builder::new()
             .name("livelock-client".into())
-            .spawn(move || read_loop(reader, buf, for_reader, events_tx))?;
-        Ok(Client { inner, events })
+            .spawn(move || read_loop(reader, buf, for_reader, events_tx, listed_tx))?;
+        Ok((Client { inner, events }, listed))
     }
 
     pub fn session_id(&self) -> u64 {
@@ -697,8 +747,32 @@ struct OwnedReplyFrame {
     body: Vec<u8>,
 }
 
-fn read_loop(mut stream: TcpStream, mut buf: Vec<u8>, inner: Arc<Inner>, events: Sender<Event>) {
+fn read_loop(
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    inner: Arc<Inner>,
+    events: Sender<Event>,
+    listed: Sender<()>,
+) {
     while let Ok(Some(frame)) = read_frame(&mut stream, &mut buf) {
+        // A RESUME's listing of the session's holds.
+        if frame.request_id == 0 && frame.opcode == opcode::HELD {
+            let Some((token, mode, name)) = protocol::parse_held_body(&frame.body) else {
+                break;
+            };
+            if let Some(resumed) = inner.resumed.lock().as_mut() {
+                resumed.holds.push(HeldLock {
+                    name: name.to_vec(),
+                    mode,
+                    token,
+                });
+            }
+            continue;
+        }
+        if frame.request_id == 0 && frame.opcode == opcode::HELD_END {
+            let _ = listed.try_send(());
+            continue;
+        }
         let is_push_event = frame.request_id == 0
             && matches!(
                 frame.opcode,

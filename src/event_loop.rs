@@ -23,6 +23,7 @@ mod native;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -43,7 +44,7 @@ use crate::limits::{
 use crate::lock_table::{shard_for, Command, Effect, ListOrder, LockTable, Outcome, SessionId};
 use crate::metrics::LoopMetrics;
 use crate::protocol::{self, opcode, Mode, Status};
-use crate::session::{home_of, PendingOp, Session, Sessions};
+use crate::session::{home_of, Held, PendingOp, Session, Sessions};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -705,7 +706,16 @@ impl EventLoop {
                     token,
                     gen: conn.gen,
                 };
-                let owed = conn.awaiting || self.gathers.values().any(|g| g.conn == this);
+                // Native: replies to requests in flight, the rest of a
+                // RESUME's listing.
+                let session = conn.session.and_then(|id| self.sessions.get(id));
+                let owed_native = session.is_some_and(|s| {
+                    s.conn == Some(token)
+                        && s.client_id.is_none()
+                        && (s.pending.values().any(|p| !p.queued) || s.replay.is_some())
+                });
+                let owed =
+                    conn.awaiting || owed_native || self.gathers.values().any(|g| g.conn == this);
                 if !owed {
                     self.start_closing(token);
                 }
@@ -782,9 +792,12 @@ impl EventLoop {
             Err(_) => self.close(token),
             Ok(true) if conn.closing => self.close(token),
             Ok(_) => {
-                if conn.paused && conn.unwritten() <= WRITE_BUFFER_PAUSE {
-                    conn.paused = false;
-                    self.mark_ready(token);
+                if conn.unwritten() <= WRITE_BUFFER_PAUSE {
+                    if conn.paused {
+                        conn.paused = false;
+                        self.mark_ready(token);
+                    }
+                    self.continue_replay(token);
                 }
             }
         }
@@ -818,6 +831,13 @@ impl EventLoop {
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
         if let Some(id) = conn.session {
             if self.sessions.get(id).is_some_and(|s| s.conn == Some(token)) {
+                let session = self.sessions.get_mut(id).expect("checked");
+                if session.client_id.is_none() && session.grace_ms > 0 {
+                    // What it was owed and never got waits for a RESUME.
+                    let (_, kept) = unsent_frames(&conn);
+                    session.parked.extend_from_slice(&kept);
+                }
+                session.replay = None;
                 if let Some(session) = self.sessions.detach(id, self.now_ms) {
                     // Frozen: the state is being exported as it is; a
                     // session without grace is simply not in the dump.
@@ -936,6 +956,10 @@ impl EventLoop {
         };
         let resp_session = session.client_id.is_some();
         let detached = session.conn.is_none();
+        // Output not yet taken by the peer, and whether it half-closed.
+        let (backlog, eof) = session.conn.map_or((0, false), |t| {
+            (self.conns[t.0].unwritten(), self.conns[t.0].eof)
+        });
         // Native output goes to the session's connection, or is parked for
         // RESUME while it is detached.
         let native_out: &mut Vec<u8> = match session.conn {
@@ -957,7 +981,20 @@ impl EventLoop {
                 ..
             } => {
                 if outcome == Outcome::Queued {
-                    protocol::encode_queued(native_out, request_id);
+                    let pending = session
+                        .pending
+                        .get_mut(&request_id)
+                        .expect("an interim reply answers a pending request");
+                    pending.queued = true;
+                    if pending.notify_queued {
+                        protocol::encode_queued(native_out, request_id);
+                    }
+                    // A half-closed connection does not wait for a queued acquire.
+                    if eof {
+                        if let Some(token) = session.conn {
+                            self.mark_ready(token);
+                        }
+                    }
                     return;
                 }
                 let pending = session
@@ -967,12 +1004,17 @@ impl EventLoop {
                 let micros = self.now_us.saturating_sub(pending.started_us);
                 self.metrics.observe(pending.op.metric(), micros);
                 match outcome {
-                    Outcome::Granted { .. } => {
-                        session.holds += 1;
+                    Outcome::Granted { token } => {
+                        let held = Held {
+                            mode: pending.mode,
+                            token,
+                            gen: session.attach_gen,
+                        };
+                        session.holds.insert(pending.name.clone(), held);
                         self.metrics.inc_grants();
                     }
                     Outcome::Ok if pending.op.is_release() => {
-                        session.holds -= 1;
+                        session.holds.remove(&pending.name);
                         self.metrics.inc_releases();
                     }
                     Outcome::TimedOut => self.metrics.inc_timeouts(),
@@ -980,27 +1022,92 @@ impl EventLoop {
                 }
                 match pending.op {
                     PendingOp::Native(op) => {
-                        native::encode_outcome(native_out, op, request_id, outcome, deferred)
+                        native::encode_outcome(native_out, op, request_id, outcome, deferred);
+                        // A half-closed connection closes once it is owed nothing.
+                        if eof {
+                            if let Some(token) = session.conn {
+                                self.mark_ready(token);
+                            }
+                        }
                     }
                     PendingOp::Resp(op) => self.resp_reply(pending.conn, session_id, op, outcome),
                 }
             }
             Effect::LockLost { token, name, .. } => {
-                session.holds -= 1;
+                if session.holds.get(&name).is_some_and(|h| h.token == token) {
+                    session.holds.remove(&name);
+                }
                 self.metrics.inc_lock_lost();
-                if !resp_session {
+                // Detached: not parked, the RESUME's listing no longer has
+                // it. Being listed: a hold not listed yet just is not.
+                let unlisted = session
+                    .replay
+                    .as_ref()
+                    .is_some_and(|r| r.after.as_deref().map_or(true, |after| *name > *after));
+                if !resp_session && !detached && !unlisted {
                     protocol::encode_lock_lost(native_out, token, &name);
                 }
             }
             Effect::Signal { name, signal, .. } => {
-                // Signals stay queryable; pushes beyond the bound are dropped
-                // while detached, so parked output stays bounded (and RESUME
-                // cannot overflow WRITE_BUFFER_MAX).
-                let parked_full = detached && native_out.len() >= PARKED_PUSHES_MAX;
-                if !resp_session && !parked_full {
+                // Signals stay queryable; a push never makes a connection
+                // owe more than WRITE_BUFFER_PAUSE (a holder that does not
+                // read is not closed for what others raise), and parked
+                // output stays bounded while detached.
+                let full = match detached {
+                    true => native_out.len() >= PARKED_PUSHES_MAX,
+                    false => backlog > WRITE_BUFFER_PAUSE,
+                };
+                if resp_session {
+                } else if full {
+                    self.metrics.inc_pushes_dropped();
+                } else {
                     protocol::encode_signal(native_out, &name, &signal);
                 }
             }
+        }
+    }
+
+    /// Writes more of a RESUME's listing of holds (HELD pushes, then
+    /// HELD_END) while the connection owes less than WRITE_BUFFER_PAUSE.
+    fn continue_replay(&mut self, token: Token) {
+        let Some(conn) = self.conns.get_mut(token.0) else {
+            return;
+        };
+        let Some(session) = conn.session.and_then(|id| self.sessions.get_mut(id)) else {
+            return;
+        };
+        let Some(replay) = session.replay.as_mut() else {
+            return;
+        };
+        let mut wrote = false;
+        let mut done = false;
+        while conn.unwritten() <= WRITE_BUFFER_PAUSE {
+            let next = match &replay.after {
+                None => session.holds.iter().next(),
+                Some(after) => session
+                    .holds
+                    .range::<[u8], _>((Bound::Excluded(&**after), Bound::Unbounded))
+                    .next(),
+            };
+            wrote = true;
+            let Some((name, held)) = next else {
+                protocol::encode_push(&mut conn.wbuf, opcode::HELD_END);
+                session.replay = None;
+                done = true;
+                break;
+            };
+            if held.gen < replay.before_gen {
+                protocol::encode_held(&mut conn.wbuf, held.token, held.mode, name);
+            }
+            replay.after = Some(name.clone());
+        }
+        let eof = conn.eof;
+        if wrote {
+            self.mark_dirty(token);
+        }
+        if done && eof {
+            // A half-closed connection waited for the listing.
+            self.mark_ready(token);
         }
     }
 
@@ -1432,6 +1539,42 @@ impl EventLoop {
         };
         self.route_to_shard(shard, introduce);
     }
+}
+
+/// Bytes of the whole frame at the front of `buf`, if it is one of ours.
+fn frame_len(buf: &[u8]) -> Option<usize> {
+    use zerocopy::FromBytes;
+    let (header, _) = protocol::Header::read_from_prefix(buf).ok()?;
+    let len = protocol::HEADER_LEN + header.body_len.get() as usize;
+    (header.magic.get() == protocol::MAGIC && len <= buf.len()).then_some(len)
+}
+
+/// The complete frames of a native connection's output that the peer has
+/// not started to receive: (offset of the first, the ones worth keeping
+/// for its session — final replies, deferred grants and signals — at most
+/// PARKED_PUSHES_MAX bytes). The buffer starts at a frame boundary (it is
+/// cleared only when all of it is written); if it does not look like one
+/// (a connection that moved between loops mid-frame), nothing is kept.
+fn unsent_frames(conn: &Connection) -> (usize, Vec<u8>) {
+    let wbuf = &conn.wbuf;
+    let mut at = 0;
+    while at < conn.wpos {
+        match frame_len(&wbuf[at..]) {
+            Some(len) => at += len,
+            None => return (wbuf.len(), Vec::new()),
+        }
+    }
+    let first = at;
+    let mut kept = Vec::new();
+    while let Some(len) = frame_len(&wbuf[at..]) {
+        let (op, request_id) = header_ids(&wbuf[at..]);
+        let wanted = request_id != 0 || op == opcode::SIGNALLED;
+        if wanted && kept.len() + len <= PARKED_PUSHES_MAX {
+            kept.extend_from_slice(&wbuf[at..at + len]);
+        }
+        at += len;
+    }
+    (first, kept)
 }
 
 /// Opcode and request id of a frame whose header is complete.

@@ -174,6 +174,7 @@ pub struct LoopMetrics {
     timeouts: AtomicU64,
     releases: AtomicU64,
     locks_lost: AtomicU64,
+    pushes_dropped: AtomicU64,
     cross_shard_messages: AtomicU64,
     connections_accepted: AtomicU64,
     locks_held: AtomicU64,
@@ -200,6 +201,7 @@ impl LoopMetrics {
             timeouts: AtomicU64::new(0),
             releases: AtomicU64::new(0),
             locks_lost: AtomicU64::new(0),
+            pushes_dropped: AtomicU64::new(0),
             cross_shard_messages: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
             locks_held: AtomicU64::new(0),
@@ -238,6 +240,12 @@ impl LoopMetrics {
     }
 
     /// A hold ended without its holder's release (lease expired, session ended).
+    /// A signal push dropped: its connection was not reading (or, while
+    /// detached, too much was parked). The signal itself stays queryable.
+    pub fn inc_pushes_dropped(&self) {
+        add(&self.pushes_dropped, 1);
+    }
+
     pub fn inc_lock_lost(&self) {
         add(&self.locks_lost, 1);
     }
@@ -392,7 +400,7 @@ pub fn render(loops: &[Arc<LoopMetrics>], server: &ServerMetrics, now_ms: u64) -
         );
     }
 
-    let counters: [(&str, &str, Field); 7] = [
+    let counters: [(&str, &str, Field); 8] = [
         (
             "livelock_acquisitions_total",
             "Acquire requests accepted.",
@@ -413,6 +421,11 @@ pub fn render(loops: &[Arc<LoopMetrics>], server: &ServerMetrics, now_ms: u64) -
             "livelock_locks_lost_total",
             "Holds ended without a release (lease expired or session ended).",
             |m| &m.locks_lost,
+        ),
+        (
+            "livelock_signal_pushes_dropped_total",
+            "Signal pushes not sent: the holder's connection was not reading (signals stay queryable).",
+            |m| &m.pushes_dropped,
         ),
         (
             "livelock_cross_shard_messages_total",
@@ -1028,7 +1041,7 @@ mod tests {
             0.0
         );
         assert_eq!(value(&samples, "livelock_locks_held", &[]), 0.0);
-        assert_eq!(types.len(), 17);
+        assert_eq!(types.len(), 18);
         // A clock behind a grant time (cannot happen, must not underflow).
         let m = Arc::new(LoopMetrics::new());
         m.set_oldest_hold_ms(Some(500));

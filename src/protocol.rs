@@ -95,6 +95,11 @@ pub mod opcode {
     /// Push: a signal was raised on a lock this session holds; body
     /// name_len u16, name, signal.
     pub const SIGNALLED: u8 = 0x43;
+    /// Push, after a RESUME reply: one lock the session holds; body token
+    /// u64, mode u8, name. As many as it holds, then HELD_END.
+    pub const HELD: u8 = 0x44;
+    /// Push: the RESUME's listing of holds is complete; empty body.
+    pub const HELD_END: u8 = 0x45;
 }
 
 /// Header flag bits (header bytes 4..6). Requests carry none but
@@ -830,6 +835,34 @@ pub fn encode_session(
     out.extend_from_slice(body.as_bytes());
 }
 
+/// The RESUME reply: the session body, then in_flight_count u32 and the
+/// ids of the session's requests still in flight (each u32). The locks
+/// the session holds follow as HELD pushes, then HELD_END.
+pub fn encode_resumed(
+    out: &mut Vec<u8>,
+    request_id: u32,
+    session_id: u64,
+    secret: &[u8; SECRET_LEN],
+    grace_ms: u32,
+    in_flight: &[u32],
+) {
+    let start = out.len();
+    encode_session(
+        out,
+        opcode::RESUME,
+        request_id,
+        session_id,
+        secret,
+        grace_ms,
+    );
+    out.extend_from_slice(&body_len_u32(in_flight.len()).to_le_bytes());
+    for id in in_flight {
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    let body_len = body_len_u32(out.len() - start - HEADER_LEN);
+    out[start + 12..start + 16].copy_from_slice(&body_len.to_le_bytes());
+}
+
 fn deferred_flags(deferred: bool) -> u16 {
     if deferred {
         flags::REPLY | flags::PUSH
@@ -900,10 +933,40 @@ pub fn encode_lock_lost(out: &mut Vec<u8>, token: u64, name: &[u8]) {
     out.extend_from_slice(name);
 }
 
-/// Push SHUTDOWN / SESSION_TAKEN (empty body).
+/// Push HELD: a lock the resumed session holds.
+pub fn encode_held(out: &mut Vec<u8>, token: u64, mode: Mode, name: &[u8]) {
+    assert!((1..=NAME_LEN_MAX).contains(&name.len()));
+    let body_len = body_len_u32(TOKEN_LEN + 1 + name.len());
+    encode_header(
+        out,
+        opcode::HELD,
+        flags::REPLY | flags::PUSH,
+        Status::Ok,
+        0,
+        body_len,
+    );
+    out.extend_from_slice(&token.to_le_bytes());
+    out.push(mode as u8);
+    out.extend_from_slice(name);
+}
+
+/// (token, mode, name) of a HELD push.
+pub fn parse_held_body(body: &[u8]) -> Option<(u64, Mode, &[u8])> {
+    let (token, rest) = body.split_first_chunk::<TOKEN_LEN>()?;
+    let (&mode, name) = rest.split_first()?;
+    if !(1..=NAME_LEN_MAX).contains(&name.len()) {
+        return None;
+    }
+    Some((u64::from_le_bytes(*token), Mode::from_u8(mode)?, name))
+}
+
+/// Push SHUTDOWN / SESSION_TAKEN / HELD_END (empty body).
 pub fn encode_push(out: &mut Vec<u8>, opcode: u8) {
     assert!(
-        opcode == opcode::SHUTDOWN || opcode == opcode::SESSION_TAKEN,
+        matches!(
+            opcode,
+            opcode::SHUTDOWN | opcode::SESSION_TAKEN | opcode::HELD_END
+        ),
         "push opcode {opcode}"
     );
     encode_header(out, opcode, flags::REPLY | flags::PUSH, Status::Ok, 0, 0);
@@ -1318,8 +1381,23 @@ pub fn decode_reply(buf: &[u8]) -> Result<DecodedReply<'_>, ReplyError> {
 
 /// Body of a successful HELLO/RESUME reply: `(session_id, secret, grace_ms)`.
 pub fn parse_session_body(body: &[u8]) -> Option<(u64, [u8; SECRET_LEN], u32)> {
-    let body = SessionBody::ref_from_bytes(body).ok()?;
+    let (body, _) = SessionBody::ref_from_prefix(body).ok()?;
     Some((body.session_id.get(), body.secret, body.grace_ms.get()))
+}
+
+/// The ids of the requests still in flight, from a RESUME reply's body.
+pub fn parse_resumed_in_flight(body: &[u8]) -> Option<Vec<u32>> {
+    let rest = body.get(size_of::<SessionBody>()..)?;
+    let (count, ids) = rest.split_first_chunk::<4>()?;
+    let count = u32::from_le_bytes(*count) as usize;
+    if ids.len() != count.checked_mul(4)? {
+        return None;
+    }
+    Some(
+        ids.chunks_exact(4)
+            .map(|id| u32::from_le_bytes(id.try_into().expect("4 bytes")))
+            .collect(),
+    )
 }
 
 /// Body of an ACQUIRE granted reply: the fencing token.

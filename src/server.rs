@@ -27,7 +27,7 @@ use crate::limits::{INBOX_MAX, IN_FLIGHT_PER_SESSION_MAX, TOKENS_PER_MS_MAX};
 use crate::lock_table::{shard_for, Acquire, Command, Effect, LockTable, Mode, Wait};
 use crate::metrics::{LoopMetrics, ServerMetrics};
 use crate::protocol::opcode;
-use crate::session::{home_of, Pending, PendingOp, Session, Sessions};
+use crate::session::{home_of, Held, Pending, PendingOp, Session, Sessions};
 
 const WAKER: Token = Token(usize::MAX - 2);
 
@@ -399,7 +399,12 @@ fn restore(
         }
         restored += 1;
         let session = sessions[home].get_mut(id).expect("restored above");
-        session.holds += 1;
+        let held = Held {
+            mode,
+            token: hold.token,
+            gen: session.attach_gen,
+        };
+        session.holds.insert(hold.name.as_slice().into(), held);
         introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
     }
     let mut requeued = 0;
@@ -423,6 +428,14 @@ fn restore(
             Pending {
                 shard: shard as u8,
                 op: PendingOp::Native(opcode::ACQUIRE),
+                name: waiter.name.as_slice().into(),
+                mode: if waiter.shared {
+                    Mode::Shared
+                } else {
+                    Mode::Exclusive
+                },
+                notify_queued: false,
+                queued: false,
                 conn: ConnRef::NONE,
                 started_us: 0,
             },
@@ -442,7 +455,7 @@ fn restore(
             },
             lease_ms: waiter.lease_ms,
             reentrant: false,
-            notify_queued: false,
+            notify_queued: true,
         };
         tables[shard].apply(now_ms, Command::Acquire(acquire), &mut sink);
         // Each effect goes to its session's home, which delivers it first;

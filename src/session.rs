@@ -13,7 +13,7 @@ use hashbrown::HashMap;
 use mio::Token;
 
 use crate::connection::ConnRef;
-use crate::lock_table::{RequestId, SessionId};
+use crate::lock_table::{Mode, RequestId, SessionId};
 use crate::protocol::SECRET_LEN;
 
 /// Bits of a session id that name its home loop.
@@ -71,10 +71,21 @@ impl PendingOp {
 }
 
 /// A request of the session that awaits its final reply from a shard.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Pending {
     pub shard: u8,
     pub op: PendingOp,
+    /// ACQUIRE and RELEASE (both protocols): the lock, so that the home
+    /// keeps `Session::holds` from the outcome; empty for other requests.
+    pub name: Box<[u8]>,
+    /// ACQUIRE: the mode asked for.
+    pub mode: Mode,
+    /// ACQUIRE: the client asked for an interim QUEUED reply. (The shard
+    /// always says when an acquire queues; the home forwards it only then.)
+    pub notify_queued: bool,
+    /// ACQUIRE: it waits in a queue, so its reply may take forever; a
+    /// half-closed connection does not wait for it.
+    pub queued: bool,
     /// The connection that sent it (LiveLock replies go back on it, in
     /// order, if it is still the same connection).
     pub conn: ConnRef,
@@ -101,12 +112,41 @@ pub struct Session {
     pub pending: HashMap<RequestId, Pending>,
     /// Bit i: the session sent something to shard i.
     pub touched: u64,
-    /// Holds granted and not yet released or lost.
-    pub holds: usize,
-    /// Replies and pushes produced while detached, delivered on RESUME.
-    /// Bounded: at most one final reply per request in flight, plus one
-    /// LOCK_LOST per hold.
+    /// The locks the session holds, as the home learns them from the
+    /// grants, releases and losses it delivers (the shards have the
+    /// authoritative copy): what a RESUME lists.
+    pub holds: BTreeMap<Box<[u8]>, Held>,
+    /// Counts the session's attachments (HELLO, each RESUME); a hold
+    /// records the one it was granted under.
+    pub attach_gen: u64,
+    /// A RESUME's listing of the holds, while it is being written.
+    pub replay: Option<Replay>,
+    /// Replies and signal pushes produced while detached, delivered on
+    /// RESUME. Bounded: at most one final reply per request in flight,
+    /// plus PARKED_PUSHES_MAX bytes of signals. (A lock lost meanwhile is
+    /// not parked: the RESUME's listing of holds no longer has it.)
     pub parked: Vec<u8>,
+}
+
+/// A lock the session holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub mode: Mode,
+    pub token: u64,
+    /// `Session::attach_gen` when it was granted.
+    pub gen: u64,
+}
+
+/// The listing of a session's holds after a RESUME, written a piece at a
+/// time as the connection drains (HELD pushes, then HELD_END), so that a
+/// session with many holds cannot overflow the write buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    /// Holds granted under an earlier attachment are listed; later grants
+    /// were answered on this connection already.
+    pub before_gen: u64,
+    /// The last name listed (by name order); None: none yet.
+    pub after: Option<Box<[u8]>>,
 }
 
 /// The sessions whose home is this loop.
@@ -220,7 +260,9 @@ impl Sessions {
             detached_until_ms: 0,
             pending: HashMap::new(),
             touched: 0,
-            holds: 0,
+            holds: BTreeMap::new(),
+            attach_gen: 1,
+            replay: None,
             parked: Vec::new(),
         };
         let previous = self.map.insert(id, session);
@@ -270,6 +312,7 @@ impl Sessions {
         if session.conn.is_none() {
             self.grace_timers.remove(&(session.detached_until_ms, id));
         }
+        session.attach_gen += 1;
         session.conn.replace(conn)
     }
 

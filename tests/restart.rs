@@ -290,6 +290,16 @@ fn a_queued_acquire_survives_a_restart_and_is_answered_once() {
     assert_eq!(reply.status, protocol::Status::Ok, "{reply:?}");
     let (_, _, grace_ms) = protocol::parse_session_body(&reply.body).unwrap();
     assert_eq!(grace_ms, 60_000, "the session's own grace is in force");
+    assert_eq!(
+        protocol::parse_resumed_in_flight(&reply.body),
+        Some(vec![7]),
+        "the queued acquire is still in flight"
+    );
+    assert_eq!(
+        waiter.recv().opcode,
+        protocol::opcode::HELD_END,
+        "holds nothing"
+    );
     // Still in flight: a second use of id 7 is refused.
     let dup = waiter.call(
         7,

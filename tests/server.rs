@@ -530,13 +530,15 @@ fn resume_within_grace_keeps_holds_queue_places_and_parked_grants() {
     let (tx, rx) = crossbeam_channel::unbounded();
     spawn_wait("C", queue(&c, "rg-b", Mode::Exclusive), &tx);
 
-    // Half-close and wait for the server to close its side: it detaches the
-    // session in the same step.
-    a.stream.shutdown(std::net::Shutdown::Write).unwrap();
-    assert_eq!(a.expect_closed(), vec![]);
+    // Close (a half-close would keep the connection: request 3 is owed a
+    // reply) and wait for the session to be detached.
+    drop(a);
+    let other = server.client();
+    wait_until("A detached", || {
+        other.stats().unwrap().sessions_detached == 1
+    });
 
     // Detached: its hold stays, and its place in the queue ahead of C too.
-    let other = server.client();
     assert!(
         other.try_acquire("rg-a").unwrap().is_none(),
         "hold lost while detached"
@@ -559,10 +561,28 @@ fn resume_within_grace_keeps_holds_queue_places_and_parked_grants() {
     assert_eq!(reply.status, Status::Ok);
     let (resumed_id, resumed_secret, grace_ms) = protocol::parse_session_body(&reply.body).unwrap();
     assert_eq!((resumed_id, resumed_secret, grace_ms), (id, secret, 10_000));
+    assert_eq!(
+        protocol::parse_resumed_in_flight(&reply.body),
+        Some(vec![]),
+        "request 3 was answered while detached"
+    );
     let grant = a2.recv();
     assert_eq!(
         (grant.opcode, grant.request_id, grant.status),
         (opcode::ACQUIRE, 3, Status::Ok)
+    );
+    // Then the listing of what the session holds, by name.
+    let held: Vec<(u8, Vec<u8>)> = (0..3)
+        .map(|_| a2.recv())
+        .map(|f| (f.opcode, f.body.get(9..).unwrap_or_default().to_vec()))
+        .collect();
+    assert_eq!(
+        held,
+        [
+            (opcode::HELD, b"rg-a".to_vec()),
+            (opcode::HELD, b"rg-b".to_vec()),
+            (opcode::HELD_END, Vec::new())
+        ]
     );
     assert_eq!(grant.flags, flags::REPLY | flags::PUSH);
     let b_token = token_of(&grant);
@@ -720,7 +740,14 @@ fn resume_on_any_loop(loops: usize, attempts: usize) {
             protocol::encode_request(&mut bytes, *request_id, request);
         }
         b.send_bytes(&bytes);
-        let mut replies: Vec<RawFrame> = (0..requests.len()).map(|_| b.recv()).collect();
+        // The RESUME's listing of holds (HELD, HELD_END) comes along.
+        let mut replies: Vec<RawFrame> = Vec::new();
+        while replies.len() < requests.len() {
+            let frame = b.recv();
+            if !matches!(frame.opcode, opcode::HELD | opcode::HELD_END) {
+                replies.push(frame);
+            }
+        }
         replies.sort_by_key(|r| r.request_id);
         let statuses: Vec<(u32, u8, Status)> = replies
             .iter()

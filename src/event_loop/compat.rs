@@ -274,7 +274,7 @@ impl EventLoop {
             .get_mut(session)
             .expect("a connection's session lives at home");
         if matches!(op, RespOp::Aq | RespOp::Aqr)
-            && s.holds + s.pending.len() >= HOLDS_PER_SESSION_MAX
+            && s.holds.len() + s.pending.len() >= HOLDS_PER_SESSION_MAX
         {
             self.resp_error(token, ErrorCode::ServerError);
             return;
@@ -325,6 +325,14 @@ impl EventLoop {
             Pending {
                 shard: shard as u8,
                 op: PendingOp::Resp(op),
+                // AQ, AQR and RELEASE: the home keeps the session's holds.
+                name: match op {
+                    RespOp::Aq | RespOp::Aqr | RespOp::Release => name.into(),
+                    _ => Box::default(),
+                },
+                mode: Mode::Exclusive,
+                notify_queued: false,
+                queued: false,
                 conn,
                 started_us: self.now_us,
             },

@@ -4,16 +4,16 @@
 
 use mio::Token;
 
-use super::{header_ids, EventLoop, Flow, Gather, GatherReply, Query};
+use super::{header_ids, unsent_frames, EventLoop, Flow, Gather, GatherReply, Query};
 use crate::limits::{
     FIND_RESULTS_MAX, GRACE_MS_MAX, HOLDS_PER_SESSION_MAX, IN_FLIGHT_PER_SESSION_MAX,
     LIST_REPLY_BYTES_MAX, QUERIES_IN_FLIGHT_MAX,
 };
-use crate::lock_table::{Acquire, Command, Outcome, RequestId, SessionId, SignalOp, Wait};
+use crate::lock_table::{Acquire, Command, Mode, Outcome, RequestId, SessionId, SignalOp, Wait};
 use crate::protocol::{
     self, opcode, Decoded, Fatal, Request, SignalKind, Status, SECRET_LEN, WAIT_FOREVER,
 };
-use crate::session::{home_of, random_secret, secure_eq, Pending, PendingOp};
+use crate::session::{home_of, random_secret, secure_eq, Pending, PendingOp, Replay};
 
 impl EventLoop {
     /// Writes the native reply to a gathered INSPECT, LIST or STATS.
@@ -325,9 +325,14 @@ impl EventLoop {
             );
             return Flow::Continue;
         }
+        let mut taken_over = Vec::new();
         if let Some(old) = self.sessions.attach(id, token) {
-            // Taken over: the old connection loses the session and closes.
+            // Taken over: the old connection loses the session and closes;
+            // what it had not started to send comes here instead.
             if let Some(conn) = self.conns.get_mut(old.0) {
+                let (first, kept) = unsent_frames(conn);
+                conn.wbuf.truncate(first);
+                taken_over = kept;
                 conn.session = None;
                 protocol::encode_push(&mut conn.wbuf, opcode::SESSION_TAKEN);
                 self.start_closing(old);
@@ -336,12 +341,24 @@ impl EventLoop {
         let session = self.sessions.get_mut(id).expect("attached above");
         let parked = std::mem::take(&mut session.parked);
         let grace_ms = session.grace_ms;
+        // The reply says which requests are still in flight; then come the
+        // replies and signals parked while detached; then the listing of
+        // every lock the session holds (HELD ..., HELD_END), written as the
+        // connection drains (`continue_replay`).
+        let mut in_flight: Vec<u32> = session.pending.keys().copied().collect();
+        in_flight.sort_unstable();
+        session.replay = Some(Replay {
+            before_gen: session.attach_gen,
+            after: None,
+        });
         let conn = &mut self.conns[token.0];
         conn.session = Some(id);
         conn.hello_deadline_ms = 0;
         let out = self.wbuf(token);
-        protocol::encode_session(out, opcode::RESUME, request_id, id, secret, grace_ms);
+        protocol::encode_resumed(out, request_id, id, secret, grace_ms, &in_flight);
+        out.extend_from_slice(&taken_over);
         out.extend_from_slice(&parked);
+        self.continue_replay(token);
         Flow::Continue
     }
 
@@ -371,7 +388,7 @@ impl EventLoop {
                 "too many INSPECT/LIST/STATS in flight",
             ))
         } else if op == opcode::ACQUIRE
-            && session.holds + session.pending.len() >= HOLDS_PER_SESSION_MAX
+            && session.holds.len() + session.pending.len() >= HOLDS_PER_SESSION_MAX
         {
             Some((Status::TooManyHolds, "too many holds in this session"))
         } else {
@@ -382,13 +399,24 @@ impl EventLoop {
             return;
         }
         let now_ms = self.now_ms;
+        // What the home remembers to keep the session's holds (`deliver`).
+        let (pending_name, pending_mode, notify_queued): (&[u8], Mode, bool) = match request {
+            Request::Acquire {
+                name,
+                mode,
+                notify_queued,
+                ..
+            } => (name, mode, notify_queued),
+            Request::Release { name, .. } => (name, Mode::Exclusive, false),
+            _ => (b"", Mode::Exclusive, false),
+        };
         let (shard, command) = match request {
             Request::Acquire {
                 name,
                 mode,
                 wait_ms,
                 lease_ms,
-                notify_queued,
+                ..
             } => {
                 let wait = match wait_ms {
                     0 => Wait::Try,
@@ -404,7 +432,8 @@ impl EventLoop {
                     wait,
                     lease_ms,
                     reentrant: false,
-                    notify_queued,
+                    // Always: the home learns the request waits (`deliver`).
+                    notify_queued: true,
                 });
                 (self.shard_of(name), command)
             }
@@ -504,6 +533,10 @@ impl EventLoop {
             Pending {
                 shard: shard as u8,
                 op: PendingOp::Native(op),
+                name: pending_name.into(),
+                mode: pending_mode,
+                notify_queued,
+                queued: false,
                 conn,
                 started_us: self.now_us,
             },

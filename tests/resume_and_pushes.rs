@@ -1,0 +1,231 @@
+//! What a client is owed across a dropped or half-closed connection, and
+//! what pushes may cost it (safety issue, items 7 and 10), over real
+//! sockets against an in-process server:
+//! - RESUME lists the requests still in flight and every lock the session
+//!   holds (HELD pushes, then HELD_END), written as the connection drains,
+//!   so a session with megabytes of holds resumes without being closed;
+//! - a lock lost while detached is not parked (the listing says it);
+//! - a half-closed connection gets every reply it is owed, then closes;
+//! - signal pushes never make a holder that does not read lose its locks.
+
+mod common;
+
+use std::io::Read;
+use std::net::Shutdown;
+use std::time::Duration;
+
+use common::*;
+use livelock::client::{AcquireOptions, Client, ClientOptions, HeldLock};
+use livelock::lock_table::shard_for;
+use livelock::protocol::{self, opcode, Mode, Request, SignalKind, Status};
+
+fn graceful() -> ClientOptions {
+    ClientOptions {
+        grace: Duration::from_secs(30),
+        ..ClientOptions::default()
+    }
+}
+
+/// A 1000-byte lock name, distinct per `i`.
+fn long_name(i: usize) -> Vec<u8> {
+    let mut name = format!("long-{i:06}-").into_bytes();
+    name.resize(1000, b'x');
+    name
+}
+
+/// Takes `count` locks with 1000-byte names, pipelined; each with `lease`.
+fn take_many(client: &Client, count: usize, lease: Option<Duration>) -> Vec<(Vec<u8>, u64)> {
+    let options = AcquireOptions {
+        mode: Mode::Exclusive,
+        wait: None,
+        lease,
+    };
+    let pending: Vec<_> = (0..count)
+        .map(|i| client.start_acquire(long_name(i), options, false).unwrap())
+        .collect();
+    pending
+        .into_iter()
+        .map(|p| {
+            let guard = p.wait().unwrap();
+            let taken = (guard.name().to_vec(), guard.token());
+            guard.forget();
+            taken
+        })
+        .collect()
+}
+
+/// Items 7 and 10: a session holding 5000 locks with 1000-byte names
+/// (5 MB of listing, past the 4 MiB write-buffer bound) resumes, gets all
+/// of them listed with their tokens, and is not closed.
+#[test]
+fn a_resume_lists_megabytes_of_holds_without_closing_the_connection() {
+    let server = TestServer::start(2);
+    let holder = server.client_with(&graceful());
+    let mut taken = take_many(&holder, 5000, None);
+    let (id, secret) = (holder.session_id(), holder.secret());
+    drop(holder);
+    let resumed = Client::resume(server.addr, id, secret, &graceful()).expect("resumes");
+    let listing = resumed.resumed().expect("a RESUME's listing");
+    assert!(listing.in_flight.is_empty());
+    taken.sort();
+    let held: Vec<(Vec<u8>, u64)> = listing
+        .holds
+        .iter()
+        .map(|h: &HeldLock| (h.name.clone(), h.token))
+        .collect();
+    assert_eq!(held.len(), 5000);
+    assert_eq!(held, taken, "every hold, by name, with its token");
+    assert!(listing.holds.iter().all(|h| h.mode == Mode::Exclusive));
+    resumed.ping().expect("the resumed connection still serves");
+}
+
+/// Item 10: LOCK_LOST pushes are not parked for a detached session (5000
+/// leases running out used to park 5 MB, and every RESUME was closed for
+/// overflowing the write buffer); the listing simply no longer has them.
+#[test]
+fn locks_lost_while_detached_are_not_parked_and_not_listed() {
+    let server = TestServer::start(2);
+    let holder = server.client_with(&graceful());
+    take_many(&holder, 5000, Some(Duration::from_millis(500)));
+    holder.acquire("kept").unwrap().forget();
+    let (id, secret) = (holder.session_id(), holder.secret());
+    drop(holder);
+    let observer = server.client();
+    wait_until("the leases to run out", || {
+        observer.stats().unwrap().locks == 1
+    });
+    let mut raw = RawConn::connect(server.addr);
+    let resume = Request::Resume {
+        session_id: id,
+        secret,
+        password: b"",
+    };
+    let reply = raw.call(1, &resume);
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    let mut frames = Vec::new();
+    loop {
+        let frame = raw.recv();
+        let end = frame.opcode == opcode::HELD_END;
+        frames.push((frame.opcode, frame.body.get(9..).unwrap_or(&[]).to_vec()));
+        if end {
+            break;
+        }
+    }
+    assert_eq!(
+        frames,
+        [
+            (opcode::HELD, b"kept".to_vec()),
+            (opcode::HELD_END, Vec::new())
+        ],
+        "nothing parked but the listing"
+    );
+}
+
+/// Item 7: pipelined requests to every shard, then shutdown(SHUT_WR): every
+/// reply arrives before the server closes (it used to close first about
+/// one time in three).
+#[test]
+fn a_half_closed_connection_gets_every_reply_it_is_owed() {
+    let server = TestServer::start(4);
+    // Names on each of the four shards, so replies come from other loops.
+    let names: Vec<String> = (0..)
+        .map(|i| format!("half-{i}"))
+        .scan([0usize; 4], |seen, name| {
+            let shard = shard_for(name.as_bytes(), 4);
+            seen[shard] += 1;
+            Some((name, seen[shard] <= 4))
+        })
+        .filter(|(_, keep)| *keep)
+        .map(|(name, _)| name)
+        .take(16)
+        .collect();
+    for round in 0..30 {
+        let (mut raw, _, _) = RawConn::hello(server.addr, 0);
+        let mut bytes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let request = Request::Acquire {
+                name: name.as_bytes(),
+                mode: Mode::Exclusive,
+                wait_ms: 0,
+                lease_ms: 0,
+                notify_queued: false,
+            };
+            protocol::encode_request(&mut bytes, 10 + i as u32, &request);
+        }
+        raw.send_bytes(&bytes);
+        raw.stream.shutdown(Shutdown::Write).unwrap();
+        let frames = raw.expect_closed();
+        let mut ids: Vec<u32> = frames.iter().map(|f| f.request_id).collect();
+        ids.sort_unstable();
+        let want: Vec<u32> = (10..10 + names.len() as u32).collect();
+        assert_eq!(ids, want, "round {round}: replies owed before the close");
+        // Busy when the last round's session has not ended on every shard yet.
+        assert!(frames
+            .iter()
+            .all(|f| matches!(f.status, Status::Ok | Status::Busy)));
+    }
+}
+
+/// Item 10: a holder that does not read its socket is not closed (and does
+/// not lose its locks) however many signals others raise on its locks:
+/// past the pause mark, pushes are dropped and counted; a signal raised
+/// again while set is not pushed at all.
+#[test]
+fn signal_pushes_never_cost_a_holder_its_locks() {
+    let server = TestServer::start(2);
+    let (mut holder, _, _) = RawConn::hello(server.addr, 0);
+    let locks: Vec<Vec<u8>> = (0..100).map(long_name).collect();
+    for (i, name) in locks.iter().enumerate() {
+        let request = Request::Acquire {
+            name,
+            mode: Mode::Exclusive,
+            wait_ms: 0,
+            lease_ms: 0,
+            notify_queued: false,
+        };
+        assert_eq!(holder.call(i as u32 + 2, &request).status, Status::Ok);
+    }
+    // From now on the holder reads nothing. 100 locks × 64 signals × ~2 KiB
+    // of push each is 13 MB, far past the 4 MiB that closes a connection.
+    let (mut raiser, _, _) = RawConn::hello(server.addr, 0);
+    let mut request_id = 1;
+    for name in &locks {
+        let mut bytes = Vec::new();
+        for s in 0..64 {
+            let mut signal = format!("sig-{s}-").into_bytes();
+            signal.resize(1000, b's');
+            let raise = Request::Signal {
+                name,
+                signal: &signal,
+                op: SignalKind::Raise,
+            };
+            request_id += 1;
+            protocol::encode_request(&mut bytes, request_id, &raise);
+        }
+        raiser.send_bytes(&bytes);
+        for _ in 0..64 {
+            assert_eq!(raiser.recv().status, Status::Ok);
+        }
+    }
+    let probe = server.client();
+    for name in &locks {
+        assert!(
+            probe.try_acquire(name).unwrap().is_none(),
+            "the holder kept its lock"
+        );
+    }
+    // The holder's connection is still open: draining it ends in silence,
+    // not in a close.
+    holder
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut sink = vec![0u8; 1 << 16];
+    loop {
+        match holder.stream.read(&mut sink) {
+            Ok(0) => panic!("the server closed the holder's connection"),
+            Ok(_) => {}
+            Err(_) => break, // timed out: drained, still open
+        }
+    }
+}
