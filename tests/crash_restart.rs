@@ -1,0 +1,266 @@
+//! Real `livelock server` processes on loopback, stopped the hard ways:
+//! back-to-back SIGTERM restarts on one port and data directory (the
+//! successor waits for its predecessor by itself; a graceful session
+//! RESUMEs and keeps its lock; fencing tokens keep increasing) and a
+//! `kill -9` after a restart (the consumed dump brings no phantom hold
+//! back).
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{wait_until, ChildGuard, ScratchDir, WAIT_MAX};
+use livelock::client::{Client, ClientOptions};
+
+/// The binary, with every `LIVELOCK_*` variable of the test's environment
+/// removed (so a developer's settings cannot leak in) and no stdin.
+fn livelock() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_livelock"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("LIVELOCK_") {
+            command.env_remove(key);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+/// A loopback address with a port nobody listened on a moment ago.
+fn free_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().unwrap()
+}
+
+/// `livelock server --listen ADDR --data-dir DATA --threads 2 EXTRA...`
+/// (started, not waited for).
+fn spawn_server(
+    what: &str,
+    dir: &ScratchDir,
+    data_dir: &Path,
+    addr: SocketAddr,
+    extra: &[&str],
+) -> ChildGuard {
+    let mut command = livelock();
+    command
+        .args(["server", "--listen", &addr.to_string(), "--data-dir"])
+        .arg(data_dir)
+        .args(["--threads", "2"])
+        .args(extra);
+    ChildGuard::spawn(what, &mut command, dir)
+}
+
+/// Waits (bounded) until `server` says it listens on `addr`: it then has the
+/// data directory and the port, so no predecessor serves there any more.
+/// Fails early if it exits first.
+fn wait_listening(server: &mut ChildGuard, addr: SocketAddr) {
+    let line = format!("listening on {addr}");
+    let start = Instant::now();
+    while !server.stderr().contains(&line) {
+        if let Some(status) = server.try_wait() {
+            panic!(
+                "the server exited ({status}) before listening; stderr: {}",
+                server.stderr()
+            );
+        }
+        assert!(
+            start.elapsed() < WAIT_MAX,
+            "the server did not listen on {addr} within {WAIT_MAX:?}; stderr: {}",
+            server.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Spawns a server and waits until it listens.
+fn start_server(
+    what: &str,
+    dir: &ScratchDir,
+    data_dir: &Path,
+    addr: SocketAddr,
+    extra: &[&str],
+) -> ChildGuard {
+    let mut server = spawn_server(what, dir, data_dir, addr, extra);
+    wait_listening(&mut server, addr);
+    server
+}
+
+fn signal(process: &ChildGuard, signal: libc::c_int) {
+    // SAFETY: kill(2) on a child we have not reaped (ChildGuard reaps only
+    // in wait/kill/drop), so the pid is still ours.
+    assert_eq!(
+        unsafe { libc::kill(process.id() as libc::pid_t, signal) },
+        0,
+        "kill {signal}"
+    );
+}
+
+/// Waits (bounded) for a server told to stop and checks it stopped cleanly.
+fn expect_clean_exit(server: &mut ChildGuard) {
+    let status = server.wait_exit();
+    assert!(
+        status.success(),
+        "the server's shutdown failed ({status}); stderr: {}",
+        server.stderr()
+    );
+}
+
+fn graceful() -> ClientOptions {
+    ClientOptions {
+        grace: Duration::from_secs(30),
+        ..ClientOptions::default()
+    }
+}
+
+/// The session ids holding `name`, as INSPECT reports them.
+fn holders(client: &Client, name: &str) -> Vec<u64> {
+    match client.inspect(name).expect("inspect") {
+        Some(record) => record.holders.iter().map(|holder| holder.0).collect(),
+        None => Vec::new(),
+    }
+}
+
+/// Whether process `pid` has `path` (canonical) open.
+fn has_open(pid: u32, path: &Path) -> bool {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
+}
+
+/// Safety issue, item 2: SIGTERM and an immediate start of the successor,
+/// twenty times (every other round the successor is started first and
+/// seen waiting). Each successor waits for its predecessor's dump by itself;
+/// the graceful holder RESUMEs every time and still holds its lock, and
+/// fencing tokens never go back.
+#[test]
+fn twenty_sigterm_restarts_keep_a_graceful_holder() {
+    const ROUNDS: usize = 20;
+    let dir = ScratchDir::new("sigterm-rounds");
+    let data_dir = dir.join("data");
+    let addr = free_addr();
+    let mut server = start_server("server-0", &dir, &data_dir, addr, &[]);
+    let mut holder = Client::connect(addr, &graceful()).expect("connect");
+    holder.acquire("x").unwrap().forget();
+    let (id, secret) = (holder.session_id(), holder.secret());
+    let mut last_token = Client::connect(addr, &ClientOptions::default())
+        .unwrap()
+        .acquire("probe")
+        .unwrap()
+        .token();
+
+    let started = Instant::now();
+    let lock_file = std::fs::canonicalize(data_dir.join("livelock.lock")).unwrap();
+    for round in 1..=ROUNDS {
+        let what = format!("server-{round}");
+        let mut successor = match round % 2 {
+            // SIGTERM, then at once the successor: no waiting for the
+            // predecessor here, the successor must.
+            1 => {
+                signal(&server, libc::SIGTERM);
+                spawn_server(&what, &dir, &data_dir, addr, &[])
+            }
+            // The successor first, certainly waiting: it has the data
+            // directory's lock file open and cannot have the lock.
+            _ => {
+                let mut successor = spawn_server(&what, &dir, &data_dir, addr, &[]);
+                wait_until("the successor to wait for the lock", || {
+                    has_open(successor.id(), &lock_file)
+                });
+                assert!(
+                    successor.try_wait().is_none() && !successor.stderr().contains("listening"),
+                    "round {round}: the successor did not wait: {}",
+                    successor.stderr()
+                );
+                signal(&server, libc::SIGTERM);
+                successor
+            }
+        };
+        wait_listening(&mut successor, addr);
+        expect_clean_exit(&mut server);
+        server = successor;
+
+        holder = Client::resume(addr, id, secret, &graceful())
+            .unwrap_or_else(|e| panic!("round {round}: RESUME failed: {e}"));
+        let probe = Client::connect(addr, &ClientOptions::default()).expect("connect");
+        assert!(
+            probe.try_acquire("x").unwrap().is_none(),
+            "round {round}: x is free after the restart"
+        );
+        assert_eq!(holders(&probe, "x"), [id], "round {round}: x's holder");
+        let token = probe.acquire("probe").unwrap().token();
+        assert!(
+            token > last_token,
+            "round {round}: token {token} is not above {last_token}"
+        );
+        last_token = token;
+    }
+    let elapsed = started.elapsed();
+    eprintln!("{ROUNDS} SIGTERM restarts took {elapsed:?}");
+
+    // The holder's session is the one that held x all along.
+    holder.release("x").unwrap();
+    let probe = Client::connect(addr, &ClientOptions::default()).expect("connect");
+    let x = probe.try_acquire("x").unwrap().expect("released");
+    assert!(x.token() > last_token);
+    drop((x, probe, holder));
+    signal(&server, libc::SIGTERM);
+    expect_clean_exit(&mut server);
+}
+
+/// Safety issue, item 1: A holds x over a clean restart, then releases it;
+/// C takes x; the server is killed with SIGKILL (no dump). The next start
+/// must not bring back the dump the previous start already read: x is
+/// free, A's session is gone, and tokens stay above C's.
+#[test]
+fn a_kill_9_of_the_server_leaves_no_phantom_hold() {
+    let dir = ScratchDir::new("kill9-phantom");
+    let data_dir = dir.join("data");
+    let addr = free_addr();
+    let mut first = start_server("first", &dir, &data_dir, addr, &[]);
+    let a = Client::connect(addr, &graceful()).expect("connect");
+    a.acquire("x").unwrap().forget();
+    let (a_id, a_secret) = (a.session_id(), a.secret());
+    signal(&first, libc::SIGTERM);
+    expect_clean_exit(&mut first);
+    drop(a);
+    assert!(data_dir.join("livelock.dump").is_file(), "dump written");
+
+    let mut second = start_server("second", &dir, &data_dir, addr, &[]);
+    assert!(
+        !data_dir.join("livelock.dump").exists(),
+        "the dump is consumed before clients are served"
+    );
+    let a = Client::resume(addr, a_id, a_secret, &graceful()).expect("A resumes");
+    a.release("x").unwrap();
+    let c = Client::connect(addr, &graceful()).expect("connect");
+    let c_token = c.try_acquire("x").unwrap().expect("x is free").token();
+    let killed = second.kill();
+    assert_eq!(killed.signal(), Some(libc::SIGKILL), "{killed}");
+    drop((a, c));
+
+    let mut third = start_server("third", &dir, &data_dir, addr, &[]);
+    let d = Client::connect(addr, &ClientOptions::default()).expect("connect");
+    let phantom = holders(&d, "x");
+    assert!(phantom.is_empty(), "a phantom hold of x by {phantom:?}");
+    let x = d.try_acquire("x").unwrap().expect("x is free");
+    assert!(
+        x.token() > c_token,
+        "token {} after the crash is not above C's {c_token}",
+        x.token()
+    );
+    let resumed = Client::resume(addr, a_id, a_secret, &graceful());
+    assert!(resumed.is_err(), "A's session came back from the old dump");
+    assert!(
+        !third.stderr().contains("restored"),
+        "the third server restored something: {}",
+        third.stderr()
+    );
+    drop((x, d));
+    signal(&third, libc::SIGTERM);
+    expect_clean_exit(&mut third);
+}
