@@ -1,13 +1,16 @@
 //! Real `livelock server` processes on loopback, stopped the hard ways:
 //! back-to-back SIGTERM restarts on one port and data directory (the
 //! successor waits for its predecessor by itself; a graceful session
-//! RESUMEs and keeps its lock; fencing tokens keep increasing) and a
-//! `kill -9` after a restart (the consumed dump brings no phantom hold
-//! back).
+//! RESUMEs and keeps its lock; fencing tokens keep increasing), a `kill -9`
+//! after a restart (the consumed dump brings no phantom hold back), a dump
+//! replaced by the operator once the port is closed (the successor reads
+//! what is on disk then), and a second server on a busy data directory or
+//! port (waits, then exits naming the holder).
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -263,4 +266,153 @@ fn a_kill_9_of_the_server_leaves_no_phantom_hold() {
     drop((x, d));
     signal(&third, libc::SIGTERM);
     expect_clean_exit(&mut third);
+}
+
+/// Reads one `\r\n`-terminated line (bounded by WAIT_MAX).
+fn read_line(stream: &mut TcpStream) -> Vec<u8> {
+    stream.set_read_timeout(Some(WAIT_MAX)).unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        match stream.read(&mut byte) {
+            Ok(0) => panic!(
+                "closed after {:?}",
+                String::from_utf8_lossy(&line).into_owned()
+            ),
+            Ok(_) => line.push(byte[0]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("reading a reply line: {e}"),
+        }
+    }
+    line
+}
+
+/// Safety issue, item 2: once the port is closed the dump is complete and
+/// the server writes nothing more; an operator who replaces it then (here
+/// with an empty file) decides what the successor reads.
+#[test]
+fn an_operator_replaced_dump_is_what_the_successor_reads() {
+    let dir = ScratchDir::new("replaced-dump");
+    let data_dir = dir.join("data");
+    let addr = free_addr();
+    let mut first = start_server("first", &dir, &data_dir, addr, &["--shutdown-support"]);
+    let holder = Client::connect(addr, &graceful()).expect("connect");
+    holder.acquire("x").unwrap().forget();
+    let (id, secret) = (holder.session_id(), holder.secret());
+
+    // LiveLock's inline protocol: CONN, then SHUTDOWN.
+    let mut operator = TcpStream::connect_timeout(&addr, WAIT_MAX).expect("connect");
+    operator.set_write_timeout(Some(WAIT_MAX)).unwrap();
+    operator.write_all(b"CONN\r\n").unwrap();
+    let conn = read_line(&mut operator);
+    assert!(conn.starts_with(b"+"), "CONN: {conn:?}");
+    operator.write_all(b"SHUTDOWN\r\n").unwrap();
+    assert_eq!(read_line(&mut operator), b"+1\r\n", "SHUTDOWN's reply");
+
+    wait_until(
+        "the port to refuse connections",
+        || match TcpStream::connect_timeout(&addr, WAIT_MAX) {
+            Ok(_) => false,
+            Err(e) => e.kind() == ErrorKind::ConnectionRefused,
+        },
+    );
+    let dump = data_dir.join("livelock.dump");
+    assert!(
+        dump.is_file(),
+        "the port is closed but the dump is not written yet"
+    );
+    std::fs::write(&dump, b"").unwrap();
+    drop((operator, holder));
+
+    let mut second = start_server("second", &dir, &data_dir, addr, &[]);
+    expect_clean_exit(&mut first);
+    let stderr = second.stderr();
+    assert!(
+        stderr.contains("ignoring the dump") && stderr.contains("livelock.dump"),
+        "no warning about the dump: {stderr}"
+    );
+    let probe = Client::connect(addr, &ClientOptions::default()).expect("connect");
+    assert!(
+        probe.try_acquire("x").unwrap().is_some(),
+        "x came back although the dump on disk was empty"
+    );
+    assert!(
+        Client::resume(addr, id, secret, &graceful()).is_err(),
+        "the session came back although the dump on disk was empty"
+    );
+    drop(probe);
+    signal(&second, libc::SIGTERM);
+    expect_clean_exit(&mut second);
+}
+
+/// Runs a server that must give up: returns how long it took, and its
+/// stderr. Fails if it exits 0 or by a signal.
+fn expect_refused_start(
+    what: &str,
+    dir: &ScratchDir,
+    data_dir: &Path,
+    addr: SocketAddr,
+) -> (Duration, String) {
+    let started = Instant::now();
+    let mut server = spawn_server(what, dir, data_dir, addr, &["--takeover-wait", "1"]);
+    let status = server.wait_exit();
+    let elapsed = started.elapsed();
+    let stderr = server.stderr();
+    assert!(
+        status.code().is_some_and(|code| code != 0),
+        "{what} exited {status}; stderr: {stderr}"
+    );
+    (elapsed, stderr)
+}
+
+/// Safety issue, item 2: a server never shares a data directory or a port.
+/// It waits `--takeover-wait` for the holder, then exits non-zero saying
+/// what is held and by which pid; the holder keeps serving.
+#[test]
+fn a_second_server_on_the_same_data_dir_waits_then_names_the_holder() {
+    let dir = ScratchDir::new("second-server");
+    let data_dir = dir.join("data");
+    let addr = free_addr();
+    let first = start_server("first", &dir, &data_dir, addr, &[]);
+    let holder = Client::connect(addr, &ClientOptions::default()).expect("connect");
+    let x = holder.acquire("x").unwrap();
+    let pid = first.id();
+
+    // Same data directory, another port.
+    let (elapsed, stderr) = expect_refused_start("same-dir", &dir, &data_dir, free_addr());
+    let lock_file = data_dir.join("livelock.lock");
+    assert!(
+        stderr.contains(&lock_file.display().to_string()) && stderr.contains(&format!("pid {pid}")),
+        "does not name {} and pid {pid}: {stderr}",
+        lock_file.display()
+    );
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(10),
+        "gave up after {elapsed:?}, not after the 1 s asked for"
+    );
+
+    // Another data directory, the same port.
+    let other_dir = dir.join("other-data");
+    let (elapsed, stderr) = expect_refused_start("same-port", &dir, &other_dir, addr);
+    assert!(
+        stderr.contains(&addr.to_string()),
+        "does not name {addr}: {stderr}"
+    );
+    // The listener's owner is found through /proc, where it can be read.
+    if std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok() {
+        assert!(
+            stderr.contains(&format!("pid {pid}")),
+            "does not name pid {pid}: {stderr}"
+        );
+    }
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(10),
+        "gave up after {elapsed:?}, not after the 1 s asked for"
+    );
+
+    // Neither disturbed the first server.
+    let probe = Client::connect(addr, &ClientOptions::default()).expect("connect");
+    assert!(probe.try_acquire("x").unwrap().is_none(), "x still held");
+    assert!(probe.try_acquire("y").unwrap().is_some(), "still serving");
+    drop((x, holder, first));
 }
