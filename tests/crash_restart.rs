@@ -4,8 +4,9 @@
 //! RESUMEs and keeps its lock; fencing tokens keep increasing), a `kill -9`
 //! after a restart (the consumed dump brings no phantom hold back), a dump
 //! replaced by the operator once the port is closed (the successor reads
-//! what is on disk then), and a second server on a busy data directory or
-//! port (waits, then exits naming the holder).
+//! what is on disk then), a second server on a busy data directory or port
+//! (waits, then exits naming the holder), and a panicking event loop (the
+//! whole process aborts).
 
 mod common;
 
@@ -415,4 +416,39 @@ fn a_second_server_on_the_same_data_dir_waits_then_names_the_holder() {
     assert!(probe.try_acquire("x").unwrap().is_none(), "x still held");
     assert!(probe.try_acquire("y").unwrap().is_some(), "still serving");
     drop((x, holder, first));
+}
+
+/// Item 13: a loop that panics takes the whole process down at once
+/// (abort), rather than the other loops serving on without its shard.
+#[test]
+fn a_panicking_loop_ends_the_process() {
+    let dir = ScratchDir::new("panic-loop");
+    let data_dir = dir.join("data");
+    let addr = free_addr();
+    let mut command = livelock();
+    command
+        .env("LIVELOCK_FAULT_PANIC_LOOP", "1")
+        .args(["server", "--listen", &addr.to_string(), "--data-dir"])
+        .arg(&data_dir)
+        .args(["--threads", "2"]);
+    let mut server = ChildGuard::spawn("server", &mut command, &dir);
+    wait_listening(&mut server, addr);
+    // Connections are dealt round robin from loop 0: one of four lands on
+    // loop 1. The process may be gone before the last ones connect.
+    let connections: Vec<TcpStream> = (0..4)
+        .filter_map(|_| TcpStream::connect_timeout(&addr, WAIT_MAX).ok())
+        .collect();
+    let status = server.wait_exit();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGABRT),
+        "not aborted: {status}; stderr: {}",
+        server.stderr()
+    );
+    let stderr = server.stderr();
+    assert!(
+        stderr.contains("event loop 1 panicked") && stderr.contains("aborting"),
+        "stderr does not say the loop panicked: {stderr}"
+    );
+    drop(connections);
 }
