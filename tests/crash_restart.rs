@@ -13,7 +13,7 @@ mod common;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,14 @@ fn livelock() -> Command {
     }
     command.stdin(Stdio::null());
     command
+}
+
+/// `dir/data`, created here (the server creates a missing one too; this
+/// way the tests fail for what they test on servers that did not).
+fn data_dir(dir: &ScratchDir) -> PathBuf {
+    let path = dir.join("data");
+    std::fs::create_dir_all(&path).expect("create the data dir");
+    path
 }
 
 /// A loopback address with a port nobody listened on a moment ago.
@@ -145,7 +153,7 @@ fn has_open(pid: u32, path: &Path) -> bool {
 fn twenty_sigterm_restarts_keep_a_graceful_holder() {
     const ROUNDS: usize = 20;
     let dir = ScratchDir::new("sigterm-rounds");
-    let data_dir = dir.join("data");
+    let data_dir = data_dir(&dir);
     let addr = free_addr();
     let mut server = start_server("server-0", &dir, &data_dir, addr, &[]);
     let mut holder = Client::connect(addr, &graceful()).expect("connect");
@@ -223,7 +231,7 @@ fn twenty_sigterm_restarts_keep_a_graceful_holder() {
 #[test]
 fn a_kill_9_of_the_server_leaves_no_phantom_hold() {
     let dir = ScratchDir::new("kill9-phantom");
-    let data_dir = dir.join("data");
+    let data_dir = data_dir(&dir);
     let addr = free_addr();
     let mut first = start_server("first", &dir, &data_dir, addr, &[]);
     let a = Client::connect(addr, &graceful()).expect("connect");
@@ -294,7 +302,7 @@ fn read_line(stream: &mut TcpStream) -> Vec<u8> {
 #[test]
 fn an_operator_replaced_dump_is_what_the_successor_reads() {
     let dir = ScratchDir::new("replaced-dump");
-    let data_dir = dir.join("data");
+    let data_dir = data_dir(&dir);
     let addr = free_addr();
     let mut first = start_server("first", &dir, &data_dir, addr, &["--shutdown-support"]);
     let holder = Client::connect(addr, &graceful()).expect("connect");
@@ -372,7 +380,7 @@ fn expect_refused_start(
 #[test]
 fn a_second_server_on_the_same_data_dir_waits_then_names_the_holder() {
     let dir = ScratchDir::new("second-server");
-    let data_dir = dir.join("data");
+    let data_dir = data_dir(&dir);
     let addr = free_addr();
     let first = start_server("first", &dir, &data_dir, addr, &[]);
     let holder = Client::connect(addr, &ClientOptions::default()).expect("connect");
@@ -423,7 +431,7 @@ fn a_second_server_on_the_same_data_dir_waits_then_names_the_holder() {
 #[test]
 fn a_panicking_loop_ends_the_process() {
     let dir = ScratchDir::new("panic-loop");
-    let data_dir = dir.join("data");
+    let data_dir = data_dir(&dir);
     let addr = free_addr();
     let mut command = livelock();
     command
