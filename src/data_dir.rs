@@ -29,6 +29,9 @@ pub const LOCK_FILE: &str = "livelock.lock";
 pub const TOKENS_FILE: &str = "livelock.tokens";
 /// What a dump is renamed to once it has been read.
 pub const CONSUMED_SUFFIX: &str = ".consumed";
+/// What a dump that could not be read is renamed to (kept for the
+/// operator: the next consumed dump does not overwrite it).
+pub const REJECTED_SUFFIX: &str = ".rejected";
 /// Tokens reserved at a time. A start skips what is left of the previous
 /// reservation, so u64 allows 2^64 / 2^40 = 16 million starts; a loop
 /// extends the reservation when less than half of it is left, and no loop
@@ -90,11 +93,12 @@ pub fn lock(dir: &Path, wait: Duration) -> io::Result<DirLock> {
     Ok(DirLock { _file: file })
 }
 
-/// Renames the dump aside (if there is one) and makes that durable, so it
-/// is never read twice. Called after it was read (or deliberately not read).
-pub fn consume_dump(dump_path: &Path) -> io::Result<()> {
+/// Renames the dump aside (if there is one), adding `suffix`, and makes
+/// that durable, so it is never read twice. Called after it was read (or
+/// deliberately not read, or found unreadable).
+pub fn consume_dump(dump_path: &Path, suffix: &str) -> io::Result<()> {
     let mut consumed = dump_path.as_os_str().to_owned();
-    consumed.push(CONSUMED_SUFFIX);
+    consumed.push(suffix);
     match fs::rename(dump_path, &consumed) {
         Ok(()) => {}
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -300,9 +304,9 @@ mod tests {
         let dir = temp_dir("consume");
         let path = dir.join(dump::FILE_NAME);
         fs::write(&path, b"x").unwrap();
-        consume_dump(&path).unwrap();
+        consume_dump(&path, CONSUMED_SUFFIX).unwrap();
         assert!(!path.exists());
         assert!(dir.join("livelock.dump.consumed").exists());
-        consume_dump(&path).expect("nothing to consume is fine");
+        consume_dump(&path, CONSUMED_SUFFIX).expect("nothing to consume is fine");
     }
 }

@@ -72,12 +72,16 @@ impl Server {
         let mut tables: Vec<LockTable> = (0..loops).map(|i| LockTable::new(i, loops)).collect();
         let mut sessions: Vec<Sessions> = (0..loops).map(Sessions::new).collect();
         let dump_path = config.dump_path();
+        let mut suffix = data_dir::CONSUMED_SUFFIX;
         let loaded = match config.dump_load {
             true => match dump::load(&dump_path) {
                 Ok(state) => state,
                 Err(e) => {
+                    suffix = data_dir::REJECTED_SUFFIX;
                     eprintln!(
-                        "livelock: warning: ignoring the dump {}: {e}; starting empty",
+                        "livelock: warning: ignoring the dump {}: {e}; starting empty (the file is \
+                         kept as {}{suffix})",
+                        dump_path.display(),
                         dump_path.display()
                     );
                     None
@@ -88,7 +92,7 @@ impl Server {
         // A dump is read once: consumed (durably) before any client comes,
         // so a crash never brings back state older than what clients saw.
         if config.dump_load || config.dump_save {
-            data_dir::consume_dump(&dump_path).map_err(|e| {
+            data_dir::consume_dump(&dump_path, suffix).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("cannot consume the dump {}: {e}", dump_path.display()),

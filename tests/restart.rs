@@ -104,6 +104,12 @@ fn a_corrupt_dump_is_ignored() {
         client.try_acquire("anything").unwrap().is_some(),
         "starts empty and serves"
     );
+    // Kept for the operator under another name, so no later dump replaces it.
+    assert_eq!(
+        std::fs::read(dir.join("livelock.dump.rejected")).unwrap(),
+        b"LLDUMP\0\x01 but then garbage"
+    );
+    assert!(!dir.join("livelock.dump").exists());
 }
 
 #[test]

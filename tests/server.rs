@@ -482,33 +482,27 @@ fn extend_keeps_a_leased_lock() {
     guard.forget();
 }
 
+/// A closed connection's locks go to the next waiter at once, on the FIN,
+/// not after the seconds keepalive would take to find a dead peer. Waits on
+/// the grant itself; the bound only tells "at once" from "keepalive" (5 s)
+/// with room for a loaded machine.
 #[test]
-fn a_closed_connection_frees_its_locks_for_the_next_waiter_within_10ms() {
-    let _timing = timing();
+fn a_closed_connection_frees_its_locks_for_the_next_waiter_at_once() {
     let server = TestServer::start(2);
-    let mut times = Vec::new();
-    // Best of 3: a loaded machine may deschedule any of the threads involved.
-    for attempt in 0..3 {
-        let name = format!("closed-{attempt}");
-        let a = server.client();
-        a.acquire_with(&name, opts(Mode::Exclusive))
-            .unwrap()
-            .forget();
-        let b = server.client();
-        let (tx, rx) = crossbeam_channel::unbounded();
-        spawn_wait("B", queue(&b, &name, Mode::Exclusive), &tx);
-        let start = Instant::now();
-        drop(a);
-        let (_, at, _guard) = next_grant(&rx);
-        times.push(at - start);
-        if at - start < Duration::from_millis(10) {
-            break;
-        }
-    }
-    let best = *times.iter().min().unwrap();
+    let a = server.client();
+    a.acquire_with("closed", opts(Mode::Exclusive))
+        .unwrap()
+        .forget();
+    let b = server.client();
+    let (tx, rx) = crossbeam_channel::unbounded();
+    spawn_wait("B", queue(&b, "closed", Mode::Exclusive), &tx);
+    let start = Instant::now();
+    drop(a);
+    let (_, at, _guard) = next_grant(&rx);
+    let took = at - start;
     assert!(
-        best < Duration::from_millis(10),
-        "close to grant took {times:?}"
+        took < Duration::from_secs(2),
+        "close to grant took {took:?}: not on the FIN"
     );
 }
 
