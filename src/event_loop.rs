@@ -36,15 +36,15 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::config::ServerConfig;
 use crate::connection::{Codec, ConnRef, Connection, ReadState};
 use crate::data_dir::TokenCeiling;
-use crate::dump::{self, DumpHold, DumpSession, DumpWaiter};
 use crate::limits::{
     CONNECTIONS_MAX, FRAMES_PER_TURN_MAX, OUTBOX_PARK_MAX, PARKED_PUSHES_MAX, SHUTDOWN_FLUSH_MS,
     WRITE_BUFFER_MAX, WRITE_BUFFER_PAUSE,
 };
 use crate::lock_table::{shard_for, Command, Effect, ListOrder, LockTable, Outcome, SessionId};
 use crate::metrics::LoopMetrics;
-use crate::protocol::{self, opcode, Mode, Status};
+use crate::protocol::{self, opcode, Status};
 use crate::session::{home_of, Held, PendingOp, Session, Sessions};
+use crate::snapshot::{self, LoopState};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX - 2);
@@ -142,17 +142,6 @@ impl Shared {
             let _ = peer.waker.wake();
         }
     }
-}
-
-/// What a loop owned when it stopped: its shard's holds and signals, its
-/// sessions, and its last fencing token (for the dump).
-#[derive(Debug, Default)]
-pub struct LoopState {
-    pub last_token: u64,
-    pub sessions: Vec<DumpSession>,
-    pub holds: Vec<DumpHold>,
-    pub waiters: Vec<DumpWaiter>,
-    pub signals: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// A lock-table command travelling to the loop that owns its shard: the
@@ -1264,12 +1253,12 @@ impl EventLoop {
             return;
         }
         if self.shard_export.is_none() && self.markers[Barrier::Shards as usize] == others {
-            self.shard_export = Some(self.export_shard());
+            self.shard_export = Some(snapshot::export_shard(&self.table, self.now_ms));
             self.send_markers(Barrier::Sessions);
         }
         if self.shard_export.is_some() && self.markers[Barrier::Sessions as usize] == others {
             let mut state = self.shard_export.take().expect("checked");
-            state.sessions = self.export_sessions();
+            state.sessions = snapshot::export_sessions(&self.sessions);
             self.exported = true;
             // The server holds the receiver until every loop has sent.
             let _ = self.shared.final_tx.send(state);
@@ -1287,72 +1276,6 @@ impl EventLoop {
         for key in tokens {
             self.start_closing(Token(key));
         }
-    }
-
-    /// This loop's shard for the dump: holds (with what is left of their
-    /// leases), queued acquires, signals, the last token. Grant times are
-    /// in server-clock ms, which are Unix ms.
-    fn export_shard(&self) -> LoopState {
-        let now_ms = self.now_ms;
-        // What is left of a deadline, at least 1 ms (0 means "none").
-        let left = |deadline: u64| deadline.saturating_sub(now_ms).max(1);
-        let holds = self
-            .table
-            .holds()
-            .map(|(name, mode, hold)| DumpHold {
-                name: name.to_vec(),
-                session: hold.session,
-                shared: mode == Mode::Shared,
-                token: hold.token,
-                since_unix_ms: hold.since_ms,
-                lease_left_ms: match hold.lease_deadline_ms {
-                    0 => 0,
-                    deadline => left(deadline),
-                },
-            })
-            .collect();
-        let waiters = self
-            .table
-            .waiters()
-            .map(
-                |(name, session, request_id, mode, lease_ms, deadline)| DumpWaiter {
-                    name: name.to_vec(),
-                    session,
-                    request_id,
-                    shared: mode == Mode::Shared,
-                    lease_ms,
-                    wait_left_ms: deadline.map_or(dump::WAIT_FOREVER, left),
-                },
-            )
-            .collect();
-        let signals = self
-            .table
-            .signals()
-            .map(|(name, signal)| (name.to_vec(), signal.to_vec()))
-            .collect();
-        LoopState {
-            last_token: self.table.last_token(),
-            sessions: Vec::new(),
-            holds,
-            waiters,
-            signals,
-        }
-    }
-
-    /// This loop's sessions for the dump. A session without grace ends
-    /// with its connection: not kept (the server drops its holds).
-    fn export_sessions(&self) -> Vec<DumpSession> {
-        self.sessions
-            .iter()
-            .filter(|s| s.grace_ms > 0)
-            .map(|s| DumpSession {
-                id: s.id,
-                secret: s.secret,
-                client_name: s.client_name.to_vec(),
-                client_id: s.client_id.as_ref().map(|id| id.to_vec()),
-                grace_ms: s.grace_ms,
-            })
-            .collect()
     }
 
     // ---- queries over every shard -------------------------------------

@@ -14,3 +14,4 @@ pub mod protocol;
 pub mod resp;
 pub mod server;
 pub mod session;
+pub mod snapshot;

@@ -19,15 +19,14 @@ use mio::{Poll, Token, Waker};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::ServerConfig;
-use crate::connection::ConnRef;
 use crate::data_dir::{self, DirLock, TokenCeiling};
-use crate::dump::{self, Dump};
-use crate::event_loop::{Clock, EventLoop, LoopStart, LoopState, Peer, Shared};
-use crate::limits::{INBOX_MAX, IN_FLIGHT_PER_SESSION_MAX, TOKENS_PER_MS_MAX};
-use crate::lock_table::{shard_for, Acquire, Command, Effect, LockTable, Mode, Wait};
+use crate::dump;
+use crate::event_loop::{Clock, EventLoop, LoopStart, Peer, Shared};
+use crate::limits::{INBOX_MAX, TOKENS_PER_MS_MAX};
+use crate::lock_table::{Effect, LockTable};
 use crate::metrics::{LoopMetrics, ServerMetrics};
-use crate::protocol::opcode;
-use crate::session::{home_of, Held, Pending, PendingOp, Session, Sessions};
+use crate::session::Sessions;
+use crate::snapshot::{self, LoopState};
 
 const WAKER: Token = Token(usize::MAX - 2);
 
@@ -117,14 +116,16 @@ impl Server {
         }
         let mut effects: Vec<Vec<Effect>> = (0..loops).map(|_| Vec::new()).collect();
         if let Some(state) = &loaded {
-            restore(
-                &config,
+            let restart_grace_ms = config.release_all_timeout.as_millis() as u64 + 1000;
+            let report = snapshot::restore(
                 state,
                 clock.now_ms(),
+                restart_grace_ms,
                 &mut tables,
                 &mut sessions,
                 &mut effects,
             );
+            report.log(state, restart_grace_ms);
         }
         let mut starts = Vec::with_capacity(loops);
         let mut peers = Vec::with_capacity(loops);
@@ -259,24 +260,7 @@ fn shut_down(
     let mut result = Ok(());
     if shared.config.dump_save {
         let started = Instant::now();
-        let mut state = Dump {
-            created_unix_ms: shared.clock.now_ms(),
-            ..Dump::default()
-        };
-        for part in states {
-            state.last_token = state.last_token.max(part.last_token);
-            state.sessions.extend(part.sessions);
-            state.holds.extend(part.holds);
-            state.waiters.extend(part.waiters);
-            state.signals.extend(part.signals);
-        }
-        // Holds and waits of sessions that do not outlive their connection
-        // end now; anything else a dump cannot hold is dropped with a
-        // warning rather than lose the whole dump.
-        let kept: hashbrown::HashSet<u64> = state.sessions.iter().map(|s| s.id).collect();
-        state.holds.retain(|h| kept.contains(&h.session));
-        state.waiters.retain(|w| kept.contains(&w.session));
-        let dropped = dump::sanitize(&mut state);
+        let (state, dropped) = snapshot::merge(states, shared.clock.now_ms());
         if dropped > 0 {
             eprintln!("livelock: warning: {dropped} record(s) could not be dumped, dropped");
         }
@@ -310,208 +294,6 @@ fn run_or_abort(idx: usize, event_loop: EventLoop) {
     };
     eprintln!("livelock: event loop {idx} {why}; aborting");
     std::process::abort();
-}
-
-/// Gives the dump's sessions back to their home loops, detached for
-/// max(their grace, release-all timeout + 1 s), their holds (with what was
-/// left of their leases) to the shards, and their queued acquires back in
-/// the queues in their order (with what was left of their waits), pending
-/// in their sessions. Grants this produces are in `effects`, per home.
-fn restore(
-    config: &ServerConfig,
-    state: &Dump,
-    now_ms: u64,
-    tables: &mut [LockTable],
-    sessions: &mut [Sessions],
-    effects: &mut [Vec<Effect>],
-) {
-    let loops = tables.len();
-    let restart_grace_ms = config.release_all_timeout.as_millis() as u64 + 1000;
-    // Dumped session id → (restored id, home loop).
-    let mut restored_ids: hashbrown::HashMap<u64, (u64, usize)> = hashbrown::HashMap::new();
-    let put_back =
-        |sessions: &mut [Sessions], home: usize, id: u64, s: &crate::dump::DumpSession| {
-            let until_ms = now_ms + restart_grace_ms.max(u64::from(s.grace_ms));
-            sessions[home].restore(
-                id,
-                s.secret,
-                s.grace_ms,
-                &s.client_name,
-                s.client_id.as_deref(),
-                until_ms,
-            );
-        };
-    // First the sessions that keep their id: native ones (their home is in
-    // the id, which the client will RESUME with) and LiveLock ones whose
-    // client id still hashes to the same loop.
-    for session in &state.sessions {
-        let home = match &session.client_id {
-            Some(client_id) => shard_for(client_id, loops),
-            None => home_of(session.id),
-        };
-        if home < loops && home_of(session.id) == home && sessions[home].get(session.id).is_none() {
-            put_back(sessions, home, session.id, session);
-            restored_ids.insert(session.id, (session.id, home));
-        }
-    }
-    // Then LiveLock sessions whose client id now hashes elsewhere (the
-    // loop count changed): clients find them by client id, so a fresh
-    // session id at the new home is as good.
-    for session in &state.sessions {
-        let Some(client_id) = &session.client_id else {
-            continue;
-        };
-        let home = shard_for(client_id, loops);
-        if restored_ids.contains_key(&session.id) || sessions[home].by_client(client_id).is_some() {
-            continue;
-        }
-        let id = sessions[home].fresh_id();
-        put_back(sessions, home, id, session);
-        restored_ids.insert(session.id, (id, home));
-    }
-    let mut restored = 0;
-    let mut sink = Vec::new();
-    for hold in &state.holds {
-        let Some(&(id, home)) = restored_ids.get(&hold.session) else {
-            continue;
-        };
-        if hold.name.is_empty() || hold.name.len() > crate::limits::NAME_LEN_MAX {
-            continue;
-        }
-        let mode = if hold.shared {
-            Mode::Shared
-        } else {
-            Mode::Exclusive
-        };
-        let shard = shard_for(&hold.name, loops);
-        // A grant time in the future (a hostile or damaged dump) would
-        // break the oldest-hold gauge (u64::MAX is its "no hold" value).
-        let since_ms = hold.since_unix_ms.min(now_ms);
-        let lease_deadline_ms = match hold.lease_left_ms {
-            0 => 0,
-            left => now_ms.saturating_add(left),
-        };
-        if !tables[shard].restore_hold(
-            &hold.name,
-            id,
-            mode,
-            hold.token,
-            since_ms,
-            lease_deadline_ms,
-        ) {
-            continue;
-        }
-        restored += 1;
-        let session = sessions[home].get_mut(id).expect("restored above");
-        let held = Held {
-            mode,
-            token: hold.token,
-            gen: session.attach_gen,
-        };
-        session.holds.insert(hold.name.as_slice().into(), held);
-        introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
-    }
-    let mut requeued = 0;
-    for waiter in &state.waiters {
-        let Some(&(id, home)) = restored_ids.get(&waiter.session) else {
-            continue;
-        };
-        if waiter.name.is_empty() || waiter.name.len() > crate::limits::NAME_LEN_MAX {
-            continue;
-        }
-        let session = sessions[home].get_mut(id).expect("restored above");
-        if session.pending.len() >= IN_FLIGHT_PER_SESSION_MAX
-            || session.pending.contains_key(&waiter.request_id)
-        {
-            continue;
-        }
-        let shard = shard_for(&waiter.name, loops);
-        introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
-        session.pending.insert(
-            waiter.request_id,
-            Pending {
-                shard: shard as u8,
-                op: PendingOp::Native(opcode::ACQUIRE),
-                name: waiter.name.as_slice().into(),
-                mode: if waiter.shared {
-                    Mode::Shared
-                } else {
-                    Mode::Exclusive
-                },
-                notify_queued: false,
-                queued: false,
-                conn: ConnRef::NONE,
-                started_us: 0,
-            },
-        );
-        let acquire = Acquire {
-            session: id,
-            request_id: waiter.request_id,
-            name: &waiter.name,
-            mode: if waiter.shared {
-                Mode::Shared
-            } else {
-                Mode::Exclusive
-            },
-            wait: match waiter.wait_left_ms {
-                dump::WAIT_FOREVER => Wait::Forever,
-                left => Wait::Until(now_ms.saturating_add(left)),
-            },
-            lease_ms: waiter.lease_ms,
-            reentrant: false,
-            notify_queued: true,
-        };
-        tables[shard].apply(now_ms, Command::Acquire(acquire), &mut sink);
-        // Each effect goes to its session's home, which delivers it first;
-        // a grant completes a wait, so it is pushed (deferred).
-        for mut effect in sink.drain(..) {
-            if let Effect::Reply { deferred, .. } = &mut effect {
-                *deferred = true;
-            }
-            effects[home_of(effect.session())].push(effect);
-        }
-        requeued += 1;
-    }
-    for (name, signal) in &state.signals {
-        if !name.is_empty() && name.len() <= crate::limits::NAME_LEN_MAX {
-            tables[shard_for(name, loops)].restore_signal(name, signal);
-        }
-    }
-    let dropped_sessions = state.sessions.len() - restored_ids.len();
-    let dropped_holds = state.holds.len() - restored;
-    let dropped_waits = state.waiters.len() - requeued;
-    if dropped_sessions + dropped_holds + dropped_waits > 0 {
-        eprintln!(
-            "livelock: warning: {dropped_sessions} session(s), {dropped_holds} hold(s) and \
-             {dropped_waits} queued acquire(s) of the dump could not be restored (native sessions \
-             homed on a loop this server does not have)"
-        );
-    }
-    eprintln!(
-        "livelock: restored {} session(s), {restored} hold(s) and {requeued} queued acquire(s) \
-         from the dump; they are released unless their clients reconnect within their grace \
-         (at least {restart_grace_ms} ms)",
-        restored_ids.len(),
-    );
-}
-
-/// Tells `shard` the session's client name before its first hold or wait
-/// there, and records that the session touched it.
-fn introduce(
-    session: &mut Session,
-    shard: usize,
-    table: &mut LockTable,
-    now_ms: u64,
-    sink: &mut Vec<Effect>,
-) {
-    if session.touched & (1 << shard) == 0 {
-        session.touched |= 1 << shard;
-        let introduce = Command::Introduce {
-            session: session.id,
-            client_name: &session.client_name,
-        };
-        table.apply(now_ms, introduce, sink);
-    }
 }
 
 #[derive(Clone)]

@@ -1,0 +1,326 @@
+//! What the server's state looks like in a dump, both ways, as pure
+//! functions (no I/O, no clock: time is passed in): a shard's and a home's
+//! part of the dump (`export_shard`, `export_sessions`), the merge of every
+//! loop's part (`merge`), and putting a dump back into fresh tables and
+//! sessions (`restore`). The loops export at the shutdown barrier, the
+//! server restores at start, and the seeded simulation drives both.
+
+use crate::connection::ConnRef;
+use crate::dump::{self, Dump, DumpHold, DumpSession, DumpWaiter};
+use crate::limits::IN_FLIGHT_PER_SESSION_MAX;
+use crate::lock_table::{shard_for, Acquire, Command, Effect, LockTable, Mode, Wait};
+use crate::protocol::opcode;
+use crate::session::{home_of, Held, Pending, PendingOp, Session, Sessions};
+
+/// What a loop owned when it stopped: its shard's holds and signals, its
+/// sessions, and its last fencing token (for the dump).
+#[derive(Debug, Default)]
+pub struct LoopState {
+    pub last_token: u64,
+    pub sessions: Vec<DumpSession>,
+    pub holds: Vec<DumpHold>,
+    pub waiters: Vec<DumpWaiter>,
+    pub signals: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A shard's part of the dump: holds (with what is left of their leases),
+/// queued acquires (in queue order), signals, the last token. Grant times
+/// are in server-clock ms, which are Unix ms.
+pub fn export_shard(table: &LockTable, now_ms: u64) -> LoopState {
+    // What is left of a deadline, at least 1 ms (0 means "none").
+    let left = |deadline: u64| deadline.saturating_sub(now_ms).max(1);
+    let holds = table
+        .holds()
+        .map(|(name, mode, hold)| DumpHold {
+            name: name.to_vec(),
+            session: hold.session,
+            shared: mode == Mode::Shared,
+            token: hold.token,
+            since_unix_ms: hold.since_ms,
+            lease_left_ms: match hold.lease_deadline_ms {
+                0 => 0,
+                deadline => left(deadline),
+            },
+        })
+        .collect();
+    let waiters = table
+        .waiters()
+        .map(
+            |(name, session, request_id, mode, lease_ms, deadline)| DumpWaiter {
+                name: name.to_vec(),
+                session,
+                request_id,
+                shared: mode == Mode::Shared,
+                lease_ms,
+                wait_left_ms: deadline.map_or(dump::WAIT_FOREVER, left),
+            },
+        )
+        .collect();
+    let signals = table
+        .signals()
+        .map(|(name, signal)| (name.to_vec(), signal.to_vec()))
+        .collect();
+    LoopState {
+        last_token: table.last_token(),
+        sessions: Vec::new(),
+        holds,
+        waiters,
+        signals,
+    }
+}
+
+/// A home's part of the dump: its sessions with a grace period (one
+/// without ends with its connection: not kept, and its holds are dropped
+/// by `merge`).
+pub fn export_sessions(sessions: &Sessions) -> Vec<DumpSession> {
+    sessions
+        .iter()
+        .filter(|s| s.grace_ms > 0)
+        .map(|s| DumpSession {
+            id: s.id,
+            secret: s.secret,
+            client_name: s.client_name.to_vec(),
+            client_id: s.client_id.as_ref().map(|id| id.to_vec()),
+            grace_ms: s.grace_ms,
+        })
+        .collect()
+}
+
+/// Every loop's part in one dump taken at `created_unix_ms`: holds and
+/// waits of sessions that are not kept end now, and whatever else a dump
+/// cannot hold is dropped (`dump::sanitize`) rather than lose the whole
+/// dump. Returns the dump and how many records were dropped that way.
+pub fn merge(parts: Vec<LoopState>, created_unix_ms: u64) -> (Dump, usize) {
+    let mut state = Dump {
+        created_unix_ms,
+        ..Dump::default()
+    };
+    for part in parts {
+        state.last_token = state.last_token.max(part.last_token);
+        state.sessions.extend(part.sessions);
+        state.holds.extend(part.holds);
+        state.waiters.extend(part.waiters);
+        state.signals.extend(part.signals);
+    }
+    let kept: hashbrown::HashSet<u64> = state.sessions.iter().map(|s| s.id).collect();
+    state.holds.retain(|h| kept.contains(&h.session));
+    state.waiters.retain(|w| kept.contains(&w.session));
+    let dropped = dump::sanitize(&mut state);
+    (state, dropped)
+}
+
+/// Gives the dump's sessions back to their home loops, detached for
+/// max(their grace, release-all timeout + 1 s), their holds (with what was
+/// left of their leases) to the shards, and their queued acquires back in
+/// the queues in their order (with what was left of their waits), pending
+/// in their sessions. Grants this produces are in `effects`, per home.
+pub fn restore(
+    state: &Dump,
+    now_ms: u64,
+    restart_grace_ms: u64,
+    tables: &mut [LockTable],
+    sessions: &mut [Sessions],
+    effects: &mut [Vec<Effect>],
+) -> RestoreReport {
+    let loops = tables.len();
+    // Dumped session id → (restored id, home loop).
+    let mut restored_ids: hashbrown::HashMap<u64, (u64, usize)> = hashbrown::HashMap::new();
+    let put_back =
+        |sessions: &mut [Sessions], home: usize, id: u64, s: &crate::dump::DumpSession| {
+            let until_ms = now_ms + restart_grace_ms.max(u64::from(s.grace_ms));
+            sessions[home].restore(
+                id,
+                s.secret,
+                s.grace_ms,
+                &s.client_name,
+                s.client_id.as_deref(),
+                until_ms,
+            );
+        };
+    // First the sessions that keep their id: native ones (their home is in
+    // the id, which the client will RESUME with) and LiveLock ones whose
+    // client id still hashes to the same loop.
+    for session in &state.sessions {
+        let home = match &session.client_id {
+            Some(client_id) => shard_for(client_id, loops),
+            None => home_of(session.id),
+        };
+        if home < loops && home_of(session.id) == home && sessions[home].get(session.id).is_none() {
+            put_back(sessions, home, session.id, session);
+            restored_ids.insert(session.id, (session.id, home));
+        }
+    }
+    // Then LiveLock sessions whose client id now hashes elsewhere (the
+    // loop count changed): clients find them by client id, so a fresh
+    // session id at the new home is as good.
+    for session in &state.sessions {
+        let Some(client_id) = &session.client_id else {
+            continue;
+        };
+        let home = shard_for(client_id, loops);
+        if restored_ids.contains_key(&session.id) || sessions[home].by_client(client_id).is_some() {
+            continue;
+        }
+        let id = sessions[home].fresh_id();
+        put_back(sessions, home, id, session);
+        restored_ids.insert(session.id, (id, home));
+    }
+    let mut restored = 0;
+    let mut sink = Vec::new();
+    for hold in &state.holds {
+        let Some(&(id, home)) = restored_ids.get(&hold.session) else {
+            continue;
+        };
+        if hold.name.is_empty() || hold.name.len() > crate::limits::NAME_LEN_MAX {
+            continue;
+        }
+        let mode = if hold.shared {
+            Mode::Shared
+        } else {
+            Mode::Exclusive
+        };
+        let shard = shard_for(&hold.name, loops);
+        // A grant time in the future (a hostile or damaged dump) would
+        // break the oldest-hold gauge (u64::MAX is its "no hold" value).
+        let since_ms = hold.since_unix_ms.min(now_ms);
+        let lease_deadline_ms = match hold.lease_left_ms {
+            0 => 0,
+            left => now_ms.saturating_add(left),
+        };
+        if !tables[shard].restore_hold(
+            &hold.name,
+            id,
+            mode,
+            hold.token,
+            since_ms,
+            lease_deadline_ms,
+        ) {
+            continue;
+        }
+        restored += 1;
+        let session = sessions[home].get_mut(id).expect("restored above");
+        let held = Held {
+            mode,
+            token: hold.token,
+            gen: session.attach_gen,
+        };
+        session.holds.insert(hold.name.as_slice().into(), held);
+        introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
+    }
+    let mut requeued = 0;
+    for waiter in &state.waiters {
+        let Some(&(id, home)) = restored_ids.get(&waiter.session) else {
+            continue;
+        };
+        if waiter.name.is_empty() || waiter.name.len() > crate::limits::NAME_LEN_MAX {
+            continue;
+        }
+        let session = sessions[home].get_mut(id).expect("restored above");
+        if session.pending.len() >= IN_FLIGHT_PER_SESSION_MAX
+            || session.pending.contains_key(&waiter.request_id)
+        {
+            continue;
+        }
+        let shard = shard_for(&waiter.name, loops);
+        let mode = match waiter.shared {
+            true => Mode::Shared,
+            false => Mode::Exclusive,
+        };
+        introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
+        session.pending.insert(
+            waiter.request_id,
+            Pending {
+                shard: shard as u8,
+                op: PendingOp::Native(opcode::ACQUIRE),
+                name: waiter.name.as_slice().into(),
+                mode,
+                notify_queued: false,
+                queued: false,
+                conn: ConnRef::NONE,
+                started_us: 0,
+            },
+        );
+        let acquire = Acquire {
+            session: id,
+            request_id: waiter.request_id,
+            name: &waiter.name,
+            mode,
+            wait: match waiter.wait_left_ms {
+                dump::WAIT_FOREVER => Wait::Forever,
+                left => Wait::Until(now_ms.saturating_add(left)),
+            },
+            lease_ms: waiter.lease_ms,
+            reentrant: false,
+            notify_queued: true,
+        };
+        tables[shard].apply(now_ms, Command::Acquire(acquire), &mut sink);
+        // Each effect goes to its session's home, which delivers it first;
+        // a grant completes a wait, so it is pushed (deferred).
+        for mut effect in sink.drain(..) {
+            if let Effect::Reply { deferred, .. } = &mut effect {
+                *deferred = true;
+            }
+            effects[home_of(effect.session())].push(effect);
+        }
+        requeued += 1;
+    }
+    for (name, signal) in &state.signals {
+        if !name.is_empty() && name.len() <= crate::limits::NAME_LEN_MAX {
+            tables[shard_for(name, loops)].restore_signal(name, signal);
+        }
+    }
+    RestoreReport {
+        sessions: restored_ids.len(),
+        holds: restored,
+        waiters: requeued,
+    }
+}
+
+/// What `restore` put back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestoreReport {
+    pub sessions: usize,
+    pub holds: usize,
+    pub waiters: usize,
+}
+
+impl RestoreReport {
+    /// Says on stderr what came back, and what of `state` could not.
+    pub fn log(&self, state: &Dump, restart_grace_ms: u64) {
+        let dropped_sessions = state.sessions.len() - self.sessions;
+        let dropped_holds = state.holds.len() - self.holds;
+        let dropped_waits = state.waiters.len() - self.waiters;
+        if dropped_sessions + dropped_holds + dropped_waits > 0 {
+            eprintln!(
+                "livelock: warning: {dropped_sessions} session(s), {dropped_holds} hold(s) and \
+                 {dropped_waits} queued acquire(s) of the dump could not be restored (native \
+                 sessions homed on a loop this server does not have)"
+            );
+        }
+        eprintln!(
+            "livelock: restored {} session(s), {} hold(s) and {} queued acquire(s) from the \
+             dump; they are released unless their clients reconnect within their grace (at \
+             least {restart_grace_ms} ms)",
+            self.sessions, self.holds, self.waiters,
+        );
+    }
+}
+
+/// Tells `shard` the session's client name before its first hold or wait
+/// there, and records that the session touched it.
+fn introduce(
+    session: &mut Session,
+    shard: usize,
+    table: &mut LockTable,
+    now_ms: u64,
+    sink: &mut Vec<Effect>,
+) {
+    if session.touched & (1 << shard) == 0 {
+        session.touched |= 1 << shard;
+        let introduce = Command::Introduce {
+            session: session.id,
+            client_name: &session.client_name,
+        };
+        table.apply(now_ms, introduce, sink);
+    }
+}
