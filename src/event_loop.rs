@@ -4,9 +4,10 @@
 //!
 //! A turn of the loop: poll (with the earliest deadline as timeout), accept,
 //! read and decode ready connections (a bounded number of frames each),
-//! drain the inbox of messages from other loops, fire due timers, send the
-//! messages this turn produced to other loops (one wake-up per destination
-//! per turn), and flush every connection that got output (one write pass per
+//! drain the inbox of messages from other loops, fire due timers, advance
+//! the FIND/LIST scans of the shard by one bounded slice, send the messages
+//! this turn produced to other loops (one wake-up per destination per turn),
+//! and flush every connection that got output (one write pass per
 //! connection per turn).
 //!
 //! Routing (see docs/ARCHITECTURE.md): a request for lock `name` goes to
@@ -295,6 +296,17 @@ struct Gather {
     stats: ShardStats,
 }
 
+/// A FIND or LIST this loop's shard is answering, a slice per turn
+/// (`advance_scans`), for the loop `origin` that gathers the answers.
+struct ScanJob {
+    origin: usize,
+    query_id: u64,
+    glob: crate::glob::Glob,
+    scan: crate::lock_table::Scan,
+    /// FIND (names and grant times) rather than LIST (lock records).
+    find: bool,
+}
+
 pub struct EventLoop {
     idx: usize,
     shared: Arc<Shared>,
@@ -317,6 +329,8 @@ pub struct EventLoop {
     hello_timers: BTreeMap<(u64, usize), ()>,
     /// Queries this loop is gathering answers for.
     gathers: HashMap<u64, Gather>,
+    /// FIND/LIST scans of this shard in progress, taken in turn.
+    scans: VecDeque<ScanJob>,
     next_query_id: u64,
     /// Messages parked in `outgoing` because a peer's inbox was full.
     parked_total: usize,
@@ -390,6 +404,7 @@ impl EventLoop {
             dirty: Vec::new(),
             hello_timers: BTreeMap::new(),
             gathers: HashMap::new(),
+            scans: VecDeque::new(),
             next_query_id: 0,
             parked_total: 0,
             stalled: Vec::new(),
@@ -458,6 +473,7 @@ impl EventLoop {
             self.drain_inbox();
             self.service_ready();
             self.fire_timers();
+            self.advance_scans();
             self.send_outgoing();
             self.flush_dirty();
             // Connections closed while flushing ended their sessions: tell
@@ -489,7 +505,7 @@ impl EventLoop {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.ready.is_empty() || !self.inbox.is_empty() {
+        if !self.ready.is_empty() || !self.inbox.is_empty() || !self.scans.is_empty() {
             return Some(Duration::ZERO);
         }
         if self.parked_total > 0 {
@@ -1119,10 +1135,7 @@ impl EventLoop {
                     origin,
                     query_id,
                     query,
-                } => {
-                    let part = self.answer_query(&query);
-                    self.outgoing[origin].push_back(Msg::QueryReply { query_id, part });
-                }
+                } => self.take_query(origin, query_id, query),
                 Msg::QueryReply { query_id, part } => self.gather_part(query_id, part),
                 Msg::Freeze => self.freeze(),
                 Msg::Marker(round) => {
@@ -1272,6 +1285,8 @@ impl EventLoop {
             return;
         }
         self.shutdown_deadline_ms = Some(self.now_ms + SHUTDOWN_FLUSH_MS);
+        // Every asker's connection closes now: no scan is worth finishing.
+        self.scans.clear();
         let tokens: Vec<usize> = self.conns.iter().map(|(key, _)| key).collect();
         for key in tokens {
             self.start_closing(Token(key));
@@ -1321,36 +1336,110 @@ impl EventLoop {
             }
         }
         if targets.contains(&self.idx) {
-            let part = self.answer_query(&query);
-            self.gather_part(query_id, part);
+            self.take_query(self.idx, query_id, query);
         }
+    }
+
+    /// This shard's part of query `query_id` of loop `origin`: INSPECT and
+    /// STATS are answered at once; FIND and LIST start a scan of the shard
+    /// that goes on a slice per turn (`advance_scans`), so timers and other
+    /// clients are served between slices however large the shard.
+    fn take_query(&mut self, origin: usize, query_id: u64, query: Query) {
+        let (pattern, limit, find) = match query {
+            Query::Find { pattern, limit } => (pattern, limit, true),
+            Query::List { pattern, limit } => (pattern, limit, false),
+            Query::Inspect { .. } | Query::Stats => {
+                let part = self.answer_query(&query);
+                self.send_part(origin, query_id, part);
+                return;
+            }
+        };
+        let order = match find {
+            true => ListOrder::OldestGrant,
+            false => ListOrder::Name,
+        };
+        self.scans.push_back(ScanJob {
+            origin,
+            query_id,
+            glob: crate::glob::Glob::new(&pattern),
+            scan: self.table.start_scan(order, limit),
+            find,
+        });
+    }
+
+    fn send_part(&mut self, origin: usize, query_id: u64, part: QueryPart) {
+        if origin == self.idx {
+            self.gather_part(query_id, part);
+        } else {
+            self.outgoing[origin].push_back(Msg::QueryReply { query_id, part });
+        }
+    }
+
+    /// Runs the scans in progress for at most SCAN_WORK_PER_TURN units of
+    /// work in all, round robin: the scan that used up the budget goes to
+    /// the back, so concurrent scans share the turns. A finished scan's
+    /// part goes to its asker.
+    fn advance_scans(&mut self) {
+        let mut budget = crate::limits::SCAN_WORK_PER_TURN;
+        while budget > 0 {
+            let Some(mut job) = self.scans.pop_front() else {
+                return;
+            };
+            let glob = &job.glob;
+            let slice =
+                self.table
+                    .scan_slice(&mut job.scan, |name| glob.matches_counting(name), budget);
+            let Some(spent) = slice else {
+                self.scans.push_back(job);
+                return;
+            };
+            budget = budget.saturating_sub(spent);
+            let part = self.finish_scan(job.scan, job.find);
+            self.send_part(job.origin, job.query_id, part);
+        }
+    }
+
+    /// A finished scan's part of the answer. Each shard sends at most a
+    /// whole reply's worth of bytes (LIST_REPLY_BYTES_MAX of records,
+    /// FIND_REPLY_BYTES_MAX of names), in reply order: what it leaves out
+    /// could not be in the merged reply, which is cut at the same size.
+    fn finish_scan(&self, scan: crate::lock_table::Scan, find: bool) -> QueryPart {
+        let (infos, mut cut) = self.table.finish_scan(scan);
+        if find {
+            let mut bytes = 0;
+            let mut found: Vec<(Box<[u8]>, u64)> = infos
+                .into_iter()
+                .map(|info| {
+                    let since = info.holders.iter().map(|h| h.since_ms).min().unwrap_or(0);
+                    (info.name, since)
+                })
+                .collect();
+            // Reply order, by the grant times as they are now.
+            found.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+            found.retain(|(name, _)| {
+                bytes += name.len();
+                bytes <= crate::limits::FIND_REPLY_BYTES_MAX
+            });
+            return QueryPart::Find(found);
+        }
+        let mut bytes = 0;
+        let mut records = Vec::with_capacity(infos.len());
+        for info in infos {
+            let record = self.record(info);
+            bytes += record.1.len();
+            if bytes > crate::limits::LIST_REPLY_BYTES_MAX {
+                cut = true;
+                break;
+            }
+            records.push(record);
+        }
+        QueryPart::Records(records, cut)
     }
 
     fn answer_query(&self, query: &Query) -> QueryPart {
         match query {
-            Query::Find { pattern, limit } => {
-                let glob = crate::glob::Glob::new(pattern);
-                let (infos, _) = self.table.list_first(
-                    |name| glob.matches(name),
-                    *limit,
-                    ListOrder::OldestGrant,
-                );
-                let found = infos
-                    .into_iter()
-                    .map(|info| {
-                        let since = info.holders.iter().map(|h| h.since_ms).min().unwrap_or(0);
-                        (info.name, since)
-                    })
-                    .collect();
-                QueryPart::Find(found)
-            }
-            Query::List { pattern, limit } => {
-                let glob = crate::glob::Glob::new(pattern);
-                let (infos, cut) =
-                    self.table
-                        .list_first(|name| glob.matches(name), *limit, ListOrder::Name);
-                let records = infos.into_iter().map(|info| self.record(info)).collect();
-                QueryPart::Records(records, cut)
+            Query::Find { .. } | Query::List { .. } => {
+                unreachable!("FIND and LIST are scans (take_query)")
             }
             Query::Inspect { name } => {
                 let info = self.table.inspect(name);

@@ -13,9 +13,10 @@
 //!   themselves (or wildcards).
 //!
 //! Matching is iterative with single-star backtracking: O(pattern x name) worst case, no
-//! recursion, no exponential blowup.
+//! recursion, no exponential blowup. `Glob::matches_counting` also reports the steps taken, so
+//! a FIND/LIST scan can bound its work per loop turn.
 
-/// A compiled pattern, for matching many names (FIND walks every lock).
+/// A compiled pattern, for matching many names (FIND and LIST walk every lock).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Glob {
     tokens: Vec<Token>,
@@ -217,15 +218,25 @@ impl Glob {
 
     /// True when the whole `name` matches the pattern.
     pub fn matches(&self, name: &[u8]) -> bool {
+        self.matches_counting(name).0
+    }
+
+    /// Whether the whole `name` matches, and the work it took: one per
+    /// step of the matcher, plus the ranges a set compared. At most about
+    /// pattern length × name length; a scan charges it to its slice
+    /// (`LockTable::scan_slice`).
+    pub fn matches_counting(&self, name: &[u8]) -> (bool, usize) {
         let tokens = &self.tokens[..];
         let (mut p, mut n) = (0, 0);
+        let mut work = 0usize;
         // Token index after the last star seen, and the name offset that star resumes from.
         let mut backtrack: Option<(usize, usize)> = None;
         loop {
+            work += 1;
             if let Some(&token) = tokens.get(p) {
                 if token == Token::Star {
                     if p + 1 == tokens.len() {
-                        return true; // a trailing star takes the rest
+                        return (true, work); // a trailing star takes the rest
                     }
                     p += 1;
                     backtrack = Some((p, n));
@@ -233,6 +244,9 @@ impl Glob {
                 }
                 if n < name.len() {
                     let (c, width) = decode_at(name, n);
+                    if let Token::Set { start, end, .. } = token {
+                        work += end - start;
+                    }
                     if self.token_matches(token, c) {
                         p += 1;
                         n += width;
@@ -240,7 +254,7 @@ impl Glob {
                     }
                 }
             } else if n == name.len() {
-                return true;
+                return (true, work);
             }
             // Mismatch: let the last star swallow one more character and retry after it.
             match backtrack {
@@ -250,7 +264,7 @@ impl Glob {
                     p = after_star;
                     n = from;
                 }
-                _ => return false,
+                _ => return (false, work),
             }
         }
     }
@@ -391,6 +405,31 @@ mod tests {
         assert!(glob.matches(b"lock-42x"));
         assert!(!glob.matches(b"lock-x"));
         assert!(!glob.matches(b"other"));
+    }
+
+    #[test]
+    fn counted_work_is_bounded_by_pattern_times_name() {
+        let name = [b'a'; 80];
+        let cases = [
+            ("*".to_string() + &"a".repeat(1022) + "b", false),
+            ("*a".repeat(50) + "*b", false),
+            ("*[a-z]".repeat(30), true),
+            ("x*".to_string(), false),
+            ("*".to_string(), true),
+        ];
+        for (pattern, expected) in cases {
+            let glob = Glob::new(pattern.as_bytes());
+            let (matched, work) = glob.matches_counting(&name);
+            assert_eq!(matched, expected, "{pattern}");
+            assert_eq!(matched, glob.matches(&name));
+            let bound = (pattern.len() + 1) * (name.len() + 1) * 2;
+            assert!(work >= 1 && work <= bound, "{pattern}: {work} > {bound}");
+        }
+        // A mismatch on the first character costs a step or two.
+        assert!(Glob::new(b"x*").matches_counting(&name).1 <= 2);
+        // The worst case of the scan test (tests/scans.rs) costs thousands.
+        let worst = Glob::new(("*".to_string() + &"a".repeat(1022) + "b").as_bytes());
+        assert!(worst.matches_counting(&name).1 > 3000);
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub const READ_BUFFER_MAX: usize = 64 * 1024;
 /// replies still owed (deferred grants, pushes) may take it up to the hard max,
 /// past which the peer is considered stuck and the connection is closed.
 pub const WRITE_BUFFER_PAUSE: usize = 256 * 1024;
-pub const WRITE_BUFFER_MAX: usize = 4 * 1024 * 1024;
+pub const WRITE_BUFFER_MAX: usize = 8 * 1024 * 1024;
 /// Frames decoded from one connection per loop turn before others are served.
 pub const FRAMES_PER_TURN_MAX: usize = 256;
 
@@ -99,7 +99,33 @@ const _: () = assert!(
 /// INSPECT/LIST/STATS of one session being answered at once (each LIST
 /// reply may be up to REPLY_BODY_MAX): beyond it, `TooManyInFlight`.
 pub const QUERIES_IN_FLIGHT_MAX: usize = 4;
-const _: () = assert!(QUERIES_IN_FLIGHT_MAX * REPLY_BODY_MAX <= WRITE_BUFFER_MAX);
+/// What a native connection can be owed once reading has paused: the
+/// output that paused it (up to WRITE_BUFFER_PAUSE), the immediate replies
+/// of the frames decoded in that last turn, a final reply per request in
+/// flight, the pushes parked while it was detached, and a whole reply to
+/// each query in flight. It must stay below WRITE_BUFFER_MAX, past which
+/// the connection is closed as stuck, with a quarter of it to spare.
+const NATIVE_OWED_MAX: usize = WRITE_BUFFER_PAUSE
+    + FRAMES_PER_TURN_MAX * 256
+    + IN_FLIGHT_PER_SESSION_MAX * 256
+    + PARKED_PUSHES_MAX
+    + QUERIES_IN_FLIGHT_MAX * (16 + REPLY_BODY_MAX);
+const _: () = assert!(NATIVE_OWED_MAX <= WRITE_BUFFER_MAX / 4 * 3);
+/// Bytes of one LiveLock FIND reply; further names are left out (as past
+/// FIND_RESULTS_MAX). A LiveLock connection has one command in flight, so
+/// the reply always fits the write buffer, with room to spare.
+pub const FIND_REPLY_BYTES_MAX: usize = 4 * 1024 * 1024;
+const _: () = assert!(
+    WRITE_BUFFER_PAUSE + FRAMES_PER_TURN_MAX * 256 + FIND_REPLY_BYTES_MAX
+        <= WRITE_BUFFER_MAX / 4 * 3
+);
+
+/// Work a loop spends on FIND/LIST scans of its shard per turn (units of
+/// about one glob step; a lock examined costs `lock_table::SCAN_SLOT_WORK`),
+/// before timers and other clients get their turn. A scan goes on over as
+/// many turns as it needs, from a cursor; a slice overruns the budget by at
+/// most one name's match (about pattern length × name length steps).
+pub const SCAN_WORK_PER_TURN: usize = 16_384;
 
 /// Fencing tokens one shard may hand out per millisecond, on average since
 /// the server started. Each start puts every shard's counter at

@@ -6,6 +6,10 @@
 //! grant, a lost lease) is written to the caller's outbox as an [`Effect`].
 //! The event loop does the I/O; tests and the simulation drive it directly.
 //!
+//! FIND and LIST read the table in slices between commands: a [`Scan`]
+//! (`start_scan`, `scan_slice`, `finish_scan`) keeps a cursor over the lock
+//! slots and the best `limit` matches, so no slice walks the whole shard.
+//!
 //! Invariants kept here (checked by `check_invariants` in tests):
 //! - a lock in the table has at least one holder; idle names use no memory;
 //! - holders are one exclusive session, or any number of shared sessions,
@@ -17,7 +21,7 @@
 //! - fencing tokens come from one shard-wide counter, so they strictly
 //!   increase for every lock; `raise_token_floor` keeps that across restarts.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 
 use hashbrown::DefaultHashBuilder;
 use hashbrown::{HashMap, HashSet, HashTable};
@@ -409,6 +413,37 @@ pub enum ListOrder {
     Name,
     /// Oldest grant first, then by name (LiveLock FIND).
     OldestGrant,
+}
+
+/// Work charged for examining one slot of the shard, or keeping one match,
+/// in a scan (`LockTable::scan_slice`): about as long as this many glob steps
+/// (a slot costs a cache miss or two; a glob step a few instructions).
+pub const SCAN_SLOT_WORK: usize = 16;
+
+/// A FIND/LIST scan of one shard in progress: a cursor over the lock slots
+/// and the best matches so far (bounded by the limit). See
+/// `LockTable::start_scan`.
+#[derive(Debug)]
+pub struct Scan {
+    order: ListOrder,
+    limit: usize,
+    /// The next slot to examine.
+    cursor: usize,
+    /// The scan ends here (the slot count when it started).
+    end: usize,
+    /// The `limit` best matches so far, by (oldest grant or 0, name), the
+    /// worst on top so it is the one dropped. Names are copies: the locks
+    /// may be released between slices.
+    best: BinaryHeap<(u64, Box<[u8]>)>,
+    /// More than `limit` locks matched.
+    cut: bool,
+}
+
+impl Scan {
+    /// Slots examined so far (tests).
+    pub fn cursor(&self) -> usize {
+        self.cursor
+    }
 }
 
 /// A view of one lock for inspection.
@@ -1164,38 +1199,105 @@ impl LockTable {
         found
     }
 
-    /// The `limit` first locks passing `filter` in `key` order (name, or
-    /// oldest grant time), and whether more matched. One pass over the
-    /// shard, keeping only `limit` candidates.
+    /// The `limit` first locks passing `filter` in `order`, and whether more
+    /// matched: a whole scan at once (tests; the server scans in slices).
     pub fn list_first(
         &self,
         mut filter: impl FnMut(&[u8]) -> bool,
         limit: usize,
         order: ListOrder,
     ) -> (Vec<LockInfo>, bool) {
-        let mut best: std::collections::BinaryHeap<(u64, &[u8], u32)> = Default::default();
-        let mut matched = 0usize;
-        for (idx, lock) in self.locks.iter() {
-            if !filter(&lock.name) {
+        let mut scan = self.start_scan(order, limit);
+        let done = self.scan_slice(&mut scan, |name| (filter(name), 0), usize::MAX);
+        assert!(done.is_some(), "an unbounded slice finishes the scan");
+        self.finish_scan(scan)
+    }
+
+    /// Starts a scan of this shard for the `limit` first matching locks in
+    /// `order` (FIND, LIST), to be advanced by `scan_slice` between other
+    /// commands and ended by `finish_scan`.
+    pub fn start_scan(&self, order: ListOrder, limit: usize) -> Scan {
+        Scan {
+            order,
+            limit,
+            cursor: 0,
+            // Slots at or past this were empty when the scan started: a
+            // lock there came later, so the scan may stop before it (and
+            // always ends, however many locks are added meanwhile).
+            end: self.locks.capacity(),
+            best: BinaryHeap::new(),
+            cut: false,
+        }
+    }
+
+    /// Examines the locks from the scan's cursor on until about `budget`
+    /// units of work are spent: `SCAN_SLOT_WORK` per slot examined (held or
+    /// not) and per match kept, plus what `filter` reports for a name (it
+    /// returns whether the name matches and its own work, e.g. glob steps).
+    /// At least one slot is examined per call. Returns the work spent once
+    /// the scan has passed its last slot, `None` while it has not.
+    pub fn scan_slice(
+        &self,
+        scan: &mut Scan,
+        mut filter: impl FnMut(&[u8]) -> (bool, usize),
+        budget: usize,
+    ) -> Option<usize> {
+        let mut spent = 0usize;
+        while scan.cursor < scan.end {
+            if spent >= budget {
+                return None;
+            }
+            let slot = scan.cursor;
+            scan.cursor += 1;
+            spent = spent.saturating_add(SCAN_SLOT_WORK);
+            let Some(lock) = self.locks.get(slot) else {
+                continue;
+            };
+            let (matched, work) = filter(&lock.name);
+            spent = spent.saturating_add(work);
+            if !matched {
                 continue;
             }
-            matched += 1;
-            let since = match order {
+            let since = match scan.order {
                 ListOrder::Name => 0,
                 ListOrder::OldestGrant => lock.holders().map(|h| h.since_ms).min().unwrap_or(0),
             };
-            best.push((since, &lock.name, idx as u32));
-            if best.len() > limit {
-                best.pop();
+            // Keep the `limit` smallest keys; the largest kept is on top.
+            let better = match scan.best.peek() {
+                _ if scan.best.len() < scan.limit => true,
+                Some((top_since, top_name)) => (since, &*lock.name) < (*top_since, &**top_name),
+                None => false,
+            };
+            if scan.best.len() >= scan.limit {
+                scan.cut = true;
+            }
+            if better {
+                spent = spent.saturating_add(SCAN_SLOT_WORK);
+                if scan.best.len() >= scan.limit {
+                    scan.best.pop();
+                }
+                scan.best.push((since, lock.name.clone()));
             }
         }
-        let mut picked = best.into_vec();
-        picked.sort_unstable();
-        let infos = picked
+        Some(spent)
+    }
+
+    /// The locks a finished scan picked, in its order, as they are now (a
+    /// pick released since is left out), and whether more matched than its
+    /// limit. Every lock that matched and was held from `start_scan` to the
+    /// end of the scan is either listed or ranks after `limit` others that
+    /// matched (then the answer says more matched); a lock acquired or
+    /// released meanwhile may or may not be listed.
+    pub fn finish_scan(&self, scan: Scan) -> (Vec<LockInfo>, bool) {
+        assert!(scan.cursor >= scan.end, "finish_scan of an unfinished scan");
+        let infos = scan
+            .best
+            .into_sorted_vec()
             .into_iter()
-            .map(|(_, _, idx)| self.info(idx))
+            .filter_map(|(_, name)| self.find(&name))
+            .map(|idx| self.info(idx))
             .collect();
-        (infos, matched > limit)
+        (infos, scan.cut)
     }
 
     /// Checks every invariant of the table (tests and simulation).

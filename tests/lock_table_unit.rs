@@ -5,8 +5,8 @@
 
 use livelock::limits::{SIGNALS_PER_LOCK_MAX, WAITERS_PER_LOCK_MAX};
 use livelock::lock_table::{
-    shard_for, Acquire, Command, Effect, Hold, LockInfo, LockTable, Mode, Outcome, RequestId,
-    SessionId, SignalOp, Wait,
+    shard_for, Acquire, Command, Effect, Hold, ListOrder, LockInfo, LockTable, Mode, Outcome,
+    RequestId, Scan, SessionId, SignalOp, Wait, SCAN_SLOT_WORK,
 };
 
 const X: Mode = Mode::Exclusive;
@@ -1513,6 +1513,179 @@ fn list_filters_and_limits() {
     assert_eq!(h.table.list(|name| name.starts_with(b"job:"), 2).len(), 2);
     assert_eq!(h.table.list(|_| true, 0), []);
     assert_eq!(h.table.list(|name| name == b"nope", 10), []);
+}
+
+// ---- FIND/LIST scans in slices -------------------------------------------
+
+fn names_of(infos: &[LockInfo]) -> Vec<Vec<u8>> {
+    infos.iter().map(|info| info.name.to_vec()).collect()
+}
+
+/// Runs `scan` to its end in slices of `budget`, checking each slice stays
+/// within its budget (plus one slot and one match) and moves the cursor on.
+fn scan_in_slices(
+    table: &LockTable,
+    scan: &mut Scan,
+    filter: &mut dyn FnMut(&[u8]) -> bool,
+    budget: usize,
+    mut between: impl FnMut(usize),
+) -> usize {
+    let mut slices = 0;
+    loop {
+        let before = scan.cursor();
+        let mut spent = 0;
+        let done = table.scan_slice(
+            scan,
+            |name| {
+                spent += 1;
+                (filter(name), 1)
+            },
+            budget,
+        );
+        slices += 1;
+        assert!(scan.cursor() > before || done.is_some(), "a slice moves on");
+        match done {
+            Some(work) => {
+                assert!(work <= budget + 2 * SCAN_SLOT_WORK + 1);
+                return slices;
+            }
+            None => between(slices),
+        }
+        assert!(
+            spent <= budget,
+            "a slice examined more names than its budget"
+        );
+    }
+}
+
+#[test]
+fn sliced_scan_resumes_from_its_cursor_and_equals_a_whole_scan() {
+    let mut h = Harness::new();
+    for i in 0..400u32 {
+        let name = format!("lock:{:04}", (i * 7919) % 400);
+        h.acquire(
+            u64::from(i % 13),
+            acq(u64::from(i % 10) + 1, i, name.as_bytes(), X, Wait::Try),
+        );
+    }
+    let table = &h.table;
+    for order in [ListOrder::Name, ListOrder::OldestGrant] {
+        for limit in [0, 1, 5, 133, 200, 5000] {
+            let mut even = |name: &[u8]| name.last().is_some_and(|b| b % 2 == 0);
+            let whole = table.list_first(&mut even, limit, order);
+            let mut scan = table.start_scan(order, limit);
+            let budget = 5 * SCAN_SLOT_WORK;
+            let slices = scan_in_slices(table, &mut scan, &mut even, budget, |_| {});
+            assert!(
+                slices >= 400 / 5,
+                "{slices} slices of 5 slots for 400 locks"
+            );
+            assert_eq!(table.finish_scan(scan), whole, "{order:?} limit {limit}");
+            let (infos, cut) = whole;
+            assert_eq!(infos.len(), limit.min(200));
+            assert_eq!(cut, limit < 200);
+            let keys: Vec<(u64, Vec<u8>)> = infos
+                .iter()
+                .map(|info| match order {
+                    ListOrder::Name => (0, info.name.to_vec()),
+                    ListOrder::OldestGrant => (info.holders[0].since_ms, info.name.to_vec()),
+                })
+                .collect();
+            let mut sorted = keys.clone();
+            sorted.sort();
+            assert_eq!(keys, sorted, "{order:?} order");
+            if order == ListOrder::Name && limit > 0 && limit <= 200 {
+                // The first `limit` even names: lock:0000, lock:0002, ...
+                let last = format!("lock:{:04}", 2 * (limit - 1));
+                assert_eq!(infos.last().unwrap().name.to_vec(), last.into_bytes());
+            }
+        }
+    }
+}
+
+#[test]
+fn sliced_scan_lists_every_lock_held_throughout() {
+    let mut h = Harness::new();
+    // Session 1 holds `keep:*` for the whole scan; session 2's `churn:*`
+    // come and go between slices, freeing and reusing slots on both
+    // sides of the cursor.
+    for i in 0..300u32 {
+        h.acquire(
+            0,
+            acq(1, i, format!("keep:{i:03}").as_bytes(), X, Wait::Try),
+        );
+        h.acquire(
+            0,
+            acq(2, i, format!("churn:{i:03}").as_bytes(), X, Wait::Try),
+        );
+    }
+    let mut scan = h.table.start_scan(ListOrder::Name, usize::MAX);
+    let mut next_id = 1000u32;
+    let mut round = 0u32;
+    loop {
+        let done = h
+            .table
+            .scan_slice(&mut scan, |_| (true, 0), 7 * SCAN_SLOT_WORK);
+        if done.is_some() {
+            break;
+        }
+        round += 1;
+        // Release three churned locks, take three new ones (reusing slots).
+        for k in 0..3 {
+            let old = format!("churn:{:03}", (round * 3 + k) % 300);
+            next_id += 1;
+            h.release(u64::from(round), 2, next_id, old.as_bytes());
+            let new = format!("new:{round:03}:{k}");
+            next_id += 1;
+            h.acquire(
+                u64::from(round),
+                acq(3, next_id, new.as_bytes(), X, Wait::Try),
+            );
+        }
+    }
+    assert!(round > 50, "{round} slices");
+    let (infos, cut) = h.table.finish_scan(scan);
+    assert!(!cut);
+    let names = names_of(&infos);
+    for i in 0..300 {
+        let keep = format!("keep:{i:03}").into_bytes();
+        assert!(names.contains(&keep), "{} held throughout, not listed", i);
+    }
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(names, sorted, "listed by name, each once");
+    // What is listed is held now (a pick released meanwhile is left out).
+    for info in &infos {
+        assert_eq!(Some(info), h.table.inspect(&info.name).as_ref());
+    }
+}
+
+#[test]
+fn sliced_scan_keeps_only_its_limit_oldest_first() {
+    let mut h = Harness::new();
+    // Granted at 100 - i: the highest i is the oldest.
+    for i in 0..200u32 {
+        let name = format!("n{i:03}");
+        h.acquire(
+            u64::from(100 - i / 2),
+            acq(1, i, name.as_bytes(), X, Wait::Try),
+        );
+    }
+    let mut scan = h.table.start_scan(ListOrder::OldestGrant, 10);
+    let mut all = |_: &[u8]| true;
+    scan_in_slices(&h.table, &mut scan, &mut all, SCAN_SLOT_WORK, |_| {});
+    let (infos, cut) = h.table.finish_scan(scan);
+    assert!(cut);
+    let got: Vec<(u64, Vec<u8>)> = infos
+        .iter()
+        .map(|info| (info.holders[0].since_ms, info.name.to_vec()))
+        .collect();
+    let want: Vec<(u64, Vec<u8>)> = [198, 199, 196, 197, 194, 195, 192, 193, 190, 191]
+        .iter()
+        .map(|&i: &u32| (u64::from(100 - i / 2), format!("n{i:03}").into_bytes()))
+        .collect();
+    assert_eq!(got, want);
 }
 
 #[test]

@@ -16,7 +16,8 @@ use mio::Token;
 use super::{EventLoop, Flow, Gather, GatherReply, Msg, Query};
 use crate::connection::ConnRef;
 use crate::limits::{
-    CLIENT_ID_LEN_MAX, FIND_RESULTS_MAX, HOLDS_PER_SESSION_MAX, NAME_LEN_MAX, SIGNAL_LEN_MAX,
+    CLIENT_ID_LEN_MAX, FIND_REPLY_BYTES_MAX, FIND_RESULTS_MAX, HOLDS_PER_SESSION_MAX, NAME_LEN_MAX,
+    SIGNAL_LEN_MAX,
 };
 use crate::lock_table::{shard_for, Acquire, Command, Mode, Outcome, SessionId, SignalOp, Wait};
 use crate::resp::{self, ErrorCode, StatValue, Verb};
@@ -407,11 +408,22 @@ impl EventLoop {
         }
         conn.awaiting = false;
         if let Query::Find { .. } = gather.query {
-            let out = self.wbuf(token);
-            resp::encode_find_header(out, gather.found.len());
+            // At most FIND_REPLY_BYTES_MAX of items, so the reply always
+            // fits the write buffer (the count goes first: items encoded aside).
+            let mut items = Vec::new();
+            let mut count = 0;
             for (name, since_ms) in &gather.found {
-                resp::encode_find_item(out, name, *since_ms as f64 / 1000.0);
+                let before = items.len();
+                resp::encode_find_item(&mut items, name, *since_ms as f64 / 1000.0);
+                if items.len() > FIND_REPLY_BYTES_MAX {
+                    items.truncate(before);
+                    break;
+                }
+                count += 1;
             }
+            let out = self.wbuf(token);
+            resp::encode_find_header(out, count);
+            out.extend_from_slice(&items);
         } else {
             let dump_path = std::path::absolute(self.shared.config.dump_path())
                 .unwrap_or_else(|_| self.shared.config.dump_path());
