@@ -1,0 +1,576 @@
+//! A seeded simulation of sessions, shards, shutdowns and crashes (safety
+//! issue, "Tests and simulation"): many sessions (the production `Sessions`
+//! of one home) on 1 to 4 shards (`LockTable`s) over simulated time, with
+//! detaches, resumes, grace expiry, lease and wait timers, and two kinds of
+//! restart:
+//! - shutdown + reload: every shard and the home are exported
+//!   (`snapshot::export_shard`, `export_sessions`), merged
+//!   (`snapshot::merge`), encoded and decoded (`dump`), and restored
+//!   (`snapshot::restore`) into fresh tables and sessions — with another
+//!   shard count — exactly as the server does at its shutdown barrier and
+//!   start;
+//! - crash + reload: nothing is kept; tokens start above the durable
+//!   ceiling (modelled as what `TokenCeiling` keeps: above every token
+//!   handed out).
+//!
+//! Effects are delivered to the home the way `EventLoop::deliver` does
+//! (pending requests answered, the session's holds kept from grants,
+//! releases and losses). Checked after every step:
+//! - `check_invariants` of every table (never two exclusive holders, never
+//!   exclusive with shared, FIFO queues, ...);
+//! - fencing: every grant of a lock has a greater token than every earlier
+//!   grant of that lock, across restarts and crashes;
+//! - no hold and no queued acquire that no live or graced session owns;
+//! - every final reply answers a pending request (never twice); every
+//!   interim QUEUED a pending acquire;
+//! - the home's view of each session's holds equals the tables'.
+//!
+//! Checked at each shutdown + reload: every session with a grace period
+//! comes back with the same id, the same holds (names, modes, tokens) and
+//! the same requests in flight; a session without grace comes back nowhere.
+//! At the end every live session cancels what it waits for: each such
+//! request gets exactly one final reply.
+//!
+//! `SIM_SEED=n` runs one seed; `SIM_SEEDS=n` runs seeds 0..n (default 100).
+
+use std::collections::BTreeMap;
+
+use livelock::dump;
+use livelock::lock_table::{
+    shard_for, Acquire, Command, Effect, LockTable, Mode, Outcome, RequestId, SessionId, Wait,
+};
+use livelock::session::{Held, Sessions};
+use livelock::snapshot;
+use mio::Token;
+
+const NAMES: [&[u8]; 6] = [b"a", b"b", b"c", b"d", b"e", b"f"];
+const STEPS: usize = 1500;
+const SESSIONS_LIVE: usize = 12;
+
+/// splitmix64: tiny, fast, and the same on every platform.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.below(items.len() as u64) as usize]
+    }
+}
+
+/// What a pending request was, as the simulation's client knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Acquire,
+    Release,
+    Extend,
+    Cancel,
+}
+
+struct World {
+    rng: Rng,
+    now_ms: u64,
+    tables: Vec<LockTable>,
+    /// Index 0 is the only home (session ids are homed there); the others
+    /// exist because `restore` takes one per loop.
+    homes: Vec<Sessions>,
+    /// What each pending request of each session was, by the client.
+    kinds: BTreeMap<(SessionId, RequestId), Kind>,
+    next_request: u32,
+    /// Greatest token granted per lock over the whole run.
+    last_token: BTreeMap<Vec<u8>, u64>,
+    /// Greatest token granted anywhere: the durable ceiling stays above it.
+    max_token: u64,
+    restarts: usize,
+    crashes: usize,
+}
+
+impl World {
+    fn new(seed: u64) -> World {
+        let mut rng = Rng(seed);
+        let shards = 1 + rng.below(4) as usize;
+        World {
+            rng,
+            now_ms: 1_000_000,
+            tables: (0..shards).map(|i| LockTable::new(i, shards)).collect(),
+            homes: (0..shards).map(Sessions::new).collect(),
+            kinds: BTreeMap::new(),
+            next_request: 1,
+            last_token: BTreeMap::new(),
+            max_token: 0,
+            restarts: 0,
+            crashes: 0,
+        }
+    }
+
+    fn home(&mut self) -> &mut Sessions {
+        &mut self.homes[0]
+    }
+
+    fn shard(&self, name: &[u8]) -> usize {
+        shard_for(name, self.tables.len())
+    }
+
+    /// Applies `command` on `shard` and delivers its effects to the home.
+    fn apply(&mut self, shard: usize, command: Command<'_>) {
+        let mut out = Vec::new();
+        self.tables[shard].apply(self.now_ms, command, &mut out);
+        self.deliver_all(out);
+    }
+
+    fn deliver_all(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            self.deliver(effect);
+        }
+    }
+
+    /// As `EventLoop::deliver`: the home's bookkeeping of one effect.
+    fn deliver(&mut self, effect: Effect) {
+        if let Effect::Reply {
+            outcome: Outcome::Granted { token },
+            ..
+        } = effect
+        {
+            self.max_token = self.max_token.max(token);
+        }
+        let session_id = effect.session();
+        let Some(session) = self.homes[0].get_mut(session_id) else {
+            return; // an ended session's late effect
+        };
+        match effect {
+            Effect::Reply {
+                request_id,
+                outcome: Outcome::Queued,
+                ..
+            } => {
+                let pending = session
+                    .pending
+                    .get_mut(&request_id)
+                    .expect("QUEUED answers a pending request");
+                assert_eq!(self.kinds[&(session_id, request_id)], Kind::Acquire);
+                pending.queued = true;
+            }
+            Effect::Reply {
+                request_id,
+                outcome,
+                ..
+            } => {
+                let pending = session
+                    .pending
+                    .remove(&request_id)
+                    .unwrap_or_else(|| panic!("a second final reply to {request_id}"));
+                let kind = self.kinds.remove(&(session_id, request_id));
+                match outcome {
+                    Outcome::Granted { token } => {
+                        let last = self.last_token.entry(pending.name.to_vec()).or_insert(0);
+                        assert!(token > *last, "token {token} after {last}");
+                        *last = token;
+                        let held = Held {
+                            mode: pending.mode,
+                            token,
+                            gen: session.attach_gen,
+                        };
+                        session.holds.insert(pending.name.clone(), held);
+                    }
+                    Outcome::Ok if kind == Some(Kind::Release) => {
+                        session.holds.remove(&pending.name);
+                    }
+                    _ => {}
+                }
+            }
+            Effect::LockLost { token, name, .. } => {
+                if session.holds.get(&name).is_some_and(|h| h.token == token) {
+                    session.holds.remove(&name);
+                }
+            }
+            Effect::Signal { .. } => {}
+        }
+    }
+
+    fn pending(&mut self, id: SessionId, kind: Kind, shard: usize, name: &[u8], mode: Mode) -> u32 {
+        let request_id = self.next_request;
+        self.next_request += 1;
+        let session = self.homes[0].get_mut(id).expect("live");
+        session.touched |= 1 << shard;
+        session.pending.insert(
+            request_id,
+            livelock::session::Pending {
+                shard: shard as u8,
+                op: livelock::session::PendingOp::Native(0),
+                name: name.into(),
+                mode,
+                notify_queued: true,
+                queued: false,
+                conn: livelock::connection::ConnRef::NONE,
+                started_us: 0,
+            },
+        );
+        self.kinds.insert((id, request_id), kind);
+        request_id
+    }
+
+    fn live_sessions(&self) -> Vec<SessionId> {
+        self.homes[0].iter().map(|s| s.id).collect()
+    }
+
+    fn attached(&self) -> Vec<SessionId> {
+        self.homes[0]
+            .iter()
+            .filter(|s| s.conn.is_some())
+            .map(|s| s.id)
+            .collect()
+    }
+
+    fn step(&mut self) {
+        let attached = self.attached();
+        match self.rng.below(100) {
+            0..=5 if self.live_sessions().len() < SESSIONS_LIVE => {
+                let grace = self.rng.pick(&[0, 0, 500, 3000, 20_000]);
+                self.home().create([7; 16], grace, b"sim", Token(1));
+            }
+            0..=39 if !attached.is_empty() => {
+                let id = self.rng.pick(&attached);
+                let name = self.rng.pick(&NAMES);
+                let mode = self
+                    .rng
+                    .pick(&[Mode::Exclusive, Mode::Exclusive, Mode::Shared]);
+                let wait = match self.rng.below(4) {
+                    0 => Wait::Try,
+                    1 => Wait::Until(self.now_ms + 1 + self.rng.below(3000)),
+                    _ => Wait::Forever,
+                };
+                let lease_ms = self.rng.pick(&[0, 0, 300, 4000]);
+                let shard = self.shard(name);
+                let request_id = self.pending(id, Kind::Acquire, shard, name, mode);
+                let acquire = Acquire {
+                    session: id,
+                    request_id,
+                    name,
+                    mode,
+                    wait,
+                    lease_ms,
+                    reentrant: false,
+                    notify_queued: true,
+                };
+                self.apply(shard, Command::Acquire(acquire));
+            }
+            40..=59 if !attached.is_empty() => {
+                let id = self.rng.pick(&attached);
+                let name = self.rng.pick(&NAMES);
+                let held = self.homes[0].get(id).unwrap().holds.get(name).copied();
+                let token = match (self.rng.below(3), held) {
+                    (0, _) => 0,
+                    (1, Some(h)) => h.token,
+                    _ => 1 + self.rng.below(5), // mostly a stale token
+                };
+                let shard = self.shard(name);
+                let extend = self.rng.below(3) == 0;
+                let kind = match extend {
+                    true => Kind::Extend,
+                    false => Kind::Release,
+                };
+                let request_id = self.pending(id, kind, shard, name, Mode::Exclusive);
+                let command = match extend {
+                    true => Command::Extend {
+                        session: id,
+                        request_id,
+                        name,
+                        lease_ms: 1000,
+                        token,
+                    },
+                    false => Command::Release {
+                        session: id,
+                        request_id,
+                        name,
+                        token,
+                    },
+                };
+                self.apply(shard, command);
+            }
+            60..=64 if !attached.is_empty() => {
+                let id = self.rng.pick(&attached);
+                let waits: Vec<(u32, usize)> = self.homes[0]
+                    .get(id)
+                    .unwrap()
+                    .pending
+                    .iter()
+                    .filter(|(rid, _)| self.kinds[&(id, **rid)] == Kind::Acquire)
+                    .map(|(rid, p)| (*rid, p.shard as usize))
+                    .collect();
+                if let Some(&(target, shard)) = waits.first() {
+                    let request_id = self.pending(id, Kind::Cancel, shard, b"", Mode::Exclusive);
+                    let cancel = Command::Cancel {
+                        session: id,
+                        request_id,
+                        target,
+                    };
+                    self.apply(shard, cancel);
+                }
+            }
+            65..=72 if !attached.is_empty() => {
+                // The connection drops.
+                let id = self.rng.pick(&attached);
+                let now_ms = self.now_ms;
+                if let Some(ended) = self.home().detach(id, now_ms) {
+                    self.end(ended.id, ended.touched);
+                }
+            }
+            73..=79 => {
+                // A detached session resumes.
+                let detached: Vec<SessionId> = self.homes[0]
+                    .iter()
+                    .filter(|s| s.conn.is_none())
+                    .map(|s| s.id)
+                    .collect();
+                if !detached.is_empty() {
+                    let id = self.rng.pick(&detached);
+                    self.home().attach(id, Token(2));
+                }
+            }
+            80..=94 => {
+                let ms = 1 + self.rng.below(2000);
+                self.advance(ms);
+            }
+            95..=97 => self.shutdown_and_reload(),
+            _ => self.crash_and_reload(),
+        }
+        self.check();
+    }
+
+    /// The session is over: every shard it touched is told.
+    fn end(&mut self, id: SessionId, touched: u64) {
+        self.kinds.retain(|(session, _), _| *session != id);
+        for shard in 0..self.tables.len() {
+            if touched & (1 << shard) != 0 {
+                self.apply(shard, Command::EndSession { session: id });
+            }
+        }
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now_ms += ms;
+        for shard in 0..self.tables.len() {
+            let mut out = Vec::new();
+            self.tables[shard].tick(self.now_ms, &mut out);
+            self.deliver_all(out);
+        }
+        let mut ended = Vec::new();
+        let now_ms = self.now_ms;
+        self.home().expire(now_ms, &mut ended);
+        for session in ended {
+            self.end(session.id, session.touched);
+        }
+    }
+
+    fn shards_next(&mut self) -> usize {
+        1 + self.rng.below(4) as usize
+    }
+
+    fn shutdown_and_reload(&mut self) {
+        self.restarts += 1;
+        // What the clients were last told, for the sessions that are kept.
+        type Kept = BTreeMap<SessionId, (Vec<(Vec<u8>, Mode, u64)>, Vec<u32>)>;
+        let kept: Kept = self.homes[0]
+            .iter()
+            .filter(|s| s.grace_ms > 0)
+            .map(|s| {
+                let holds = s
+                    .holds
+                    .iter()
+                    .map(|(n, h)| (n.to_vec(), h.mode, h.token))
+                    .collect();
+                let mut pending: Vec<u32> = s.pending.keys().copied().collect();
+                pending.sort_unstable();
+                (s.id, (holds, pending))
+            })
+            .collect();
+        let mut parts: Vec<_> = self
+            .tables
+            .iter()
+            .map(|t| snapshot::export_shard(t, self.now_ms))
+            .collect();
+        parts[0].sessions = snapshot::export_sessions(&self.homes[0]);
+        let (state, dropped) = snapshot::merge(parts, self.now_ms);
+        assert_eq!(dropped, 0, "the simulation's state always fits a dump");
+        let state = dump::decode(&dump::encode(&state)).expect("a dump reads back");
+        // Restart with another shard count, some time later.
+        self.now_ms += self.rng.below(500);
+        let shards = self.shards_next();
+        self.tables = (0..shards).map(|i| LockTable::new(i, shards)).collect();
+        for table in &mut self.tables {
+            table.raise_token_floor(state.last_token);
+        }
+        self.homes = (0..shards).map(Sessions::new).collect();
+        let mut effects: Vec<Vec<Effect>> = (0..shards).map(|_| Vec::new()).collect();
+        snapshot::restore(
+            &state,
+            self.now_ms,
+            1000,
+            &mut self.tables,
+            &mut self.homes,
+            &mut effects,
+        );
+        // Sessions without grace are gone, with whatever they asked.
+        let kinds = std::mem::take(&mut self.kinds);
+        self.kinds = kinds
+            .into_iter()
+            .filter(|((id, _), _)| kept.contains_key(id))
+            .collect();
+        let restored: Kept = self.homes[0]
+            .iter()
+            .map(|s| {
+                let holds = s
+                    .holds
+                    .iter()
+                    .map(|(n, h)| (n.to_vec(), h.mode, h.token))
+                    .collect();
+                let mut pending: Vec<u32> = s.pending.keys().copied().collect();
+                pending.sort_unstable();
+                (s.id, (holds, pending))
+            })
+            .collect();
+        // Queued acquires are all that is in flight at a barrier (a
+        // single-threaded home has no request in transit), so the restored
+        // sessions must be exactly the kept ones.
+        let kept_requests: BTreeMap<_, _> = kept.iter().map(|(id, (_, p))| (*id, p)).collect();
+        assert_eq!(
+            restored.keys().collect::<Vec<_>>(),
+            kept.keys().collect::<Vec<_>>(),
+            "the sessions with a grace period come back"
+        );
+        for (id, (holds, pending)) in &restored {
+            assert_eq!(holds, &kept[id].0, "session {id:#x}: the same holds");
+            assert_eq!(
+                pending, kept_requests[id],
+                "session {id:#x}: the same requests"
+            );
+        }
+        for list in effects {
+            self.deliver_all(list);
+        }
+    }
+
+    fn crash_and_reload(&mut self) {
+        self.crashes += 1;
+        let shards = self.shards_next();
+        self.tables = (0..shards).map(|i| LockTable::new(i, shards)).collect();
+        // The durable ceiling (`data_dir::TokenCeiling`) is above every
+        // token handed out; a start begins there.
+        let floor = self.max_token + 1 + self.rng.below(1000);
+        for table in &mut self.tables {
+            table.raise_token_floor(floor);
+        }
+        self.homes = (0..shards).map(Sessions::new).collect();
+        self.kinds.clear();
+        self.now_ms += self.rng.below(500);
+    }
+
+    fn check(&self) {
+        let live: BTreeMap<SessionId, &livelock::session::Session> =
+            self.homes[0].iter().map(|s| (s.id, s)).collect();
+        let mut in_tables: BTreeMap<SessionId, BTreeMap<Vec<u8>, (Mode, u64)>> = BTreeMap::new();
+        for table in &self.tables {
+            table.check_invariants();
+            for (name, mode, hold) in table.holds() {
+                assert!(
+                    live.contains_key(&hold.session),
+                    "a hold of {name:?} by session {:#x}, which is gone",
+                    hold.session
+                );
+                in_tables
+                    .entry(hold.session)
+                    .or_default()
+                    .insert(name.to_vec(), (mode, hold.token));
+            }
+            for (name, session, request_id, ..) in table.waiters() {
+                let owner = live.get(&session).unwrap_or_else(|| {
+                    panic!("a wait for {name:?} by session {session:#x}, which is gone")
+                });
+                assert!(owner.pending.contains_key(&request_id));
+            }
+        }
+        for (id, session) in live {
+            let home: BTreeMap<Vec<u8>, (Mode, u64)> = session
+                .holds
+                .iter()
+                .map(|(n, h)| (n.to_vec(), (h.mode, h.token)))
+                .collect();
+            let tables = in_tables.remove(&id).unwrap_or_default();
+            assert_eq!(
+                home, tables,
+                "session {id:#x}: the home's holds are the tables'"
+            );
+        }
+    }
+
+    /// Every live session cancels what it still waits for: each such
+    /// request gets exactly one final reply.
+    fn finish(&mut self) {
+        for id in self.live_sessions() {
+            let waits: Vec<(u32, usize)> = self.homes[0]
+                .get(id)
+                .unwrap()
+                .pending
+                .iter()
+                .map(|(rid, p)| (*rid, p.shard as usize))
+                .collect();
+            for (target, shard) in waits {
+                let request_id = self.pending(id, Kind::Cancel, shard, b"", Mode::Exclusive);
+                let cancel = Command::Cancel {
+                    session: id,
+                    request_id,
+                    target,
+                };
+                self.apply(shard, cancel);
+            }
+            let left = &self.homes[0].get(id).unwrap().pending;
+            assert!(left.is_empty(), "unanswered: {left:?}");
+        }
+        self.check();
+    }
+}
+
+fn run(seed: u64) -> (usize, usize) {
+    let mut world = World::new(seed);
+    for _ in 0..STEPS {
+        world.step();
+    }
+    world.finish();
+    (world.restarts, world.crashes)
+}
+
+#[test]
+fn sessions_shards_restarts_and_crashes() {
+    let seeds: Vec<u64> = match std::env::var("SIM_SEED") {
+        Ok(seed) => vec![seed.parse().expect("SIM_SEED is a number")],
+        Err(_) => {
+            let count = std::env::var("SIM_SEEDS").map_or(100, |n| n.parse().unwrap());
+            (0..count).collect()
+        }
+    };
+    let (mut restarts, mut crashes) = (0, 0);
+    for seed in seeds {
+        let outcome = std::panic::catch_unwind(|| run(seed));
+        match outcome {
+            Ok((r, c)) => {
+                restarts += r;
+                crashes += c;
+            }
+            Err(e) => {
+                eprintln!("failing seed: SIM_SEED={seed}");
+                std::panic::resume_unwind(e);
+            }
+        }
+    }
+    assert!(restarts > 0 && crashes > 0, "both kinds of restart ran");
+}
