@@ -44,7 +44,7 @@ use crate::limits::{
 use crate::lock_table::{shard_for, Command, Effect, ListOrder, LockTable, Outcome, SessionId};
 use crate::metrics::LoopMetrics;
 use crate::protocol::{self, opcode, Status};
-use crate::session::{home_of, Held, PendingOp, Session, Sessions};
+use crate::session::{home_of, Delivery, PendingOp, Session, Sessions};
 use crate::snapshot::{self, LoopState};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -965,6 +965,7 @@ impl EventLoop {
         let (backlog, eof) = session.conn.map_or((0, false), |t| {
             (self.conns[t.0].unwritten(), self.conns[t.0].eof)
         });
+        let delivery = session.record(&effect);
         // Native output goes to the session's connection, or is parked for
         // RESUME while it is detached.
         let native_out: &mut Vec<u8> = match session.conn {
@@ -978,50 +979,30 @@ impl EventLoop {
             }
             _ => &mut session.parked,
         };
-        match effect {
-            Effect::Reply {
-                request_id,
-                outcome,
-                deferred,
-                ..
-            } => {
-                if outcome == Outcome::Queued {
-                    let pending = session
-                        .pending
-                        .get_mut(&request_id)
-                        .expect("an interim reply answers a pending request");
-                    pending.queued = true;
-                    if pending.notify_queued {
-                        protocol::encode_queued(native_out, request_id);
-                    }
-                    // A half-closed connection does not wait for a queued acquire.
-                    if eof {
-                        if let Some(token) = session.conn {
-                            self.mark_ready(token);
-                        }
-                    }
-                    return;
+        match (delivery, effect) {
+            (Delivery::Queued { notify }, Effect::Reply { request_id, .. }) => {
+                if notify {
+                    protocol::encode_queued(native_out, request_id);
                 }
-                let pending = session
-                    .pending
-                    .remove(&request_id)
-                    .expect("a final reply answers a pending request");
+                // A half-closed connection does not wait for a queued acquire.
+                if let (true, Some(token)) = (eof, session.conn) {
+                    self.mark_ready(token);
+                }
+            }
+            (
+                Delivery::Final(pending),
+                Effect::Reply {
+                    request_id,
+                    outcome,
+                    deferred,
+                    ..
+                },
+            ) => {
                 let micros = self.now_us.saturating_sub(pending.started_us);
                 self.metrics.observe(pending.op.metric(), micros);
                 match outcome {
-                    Outcome::Granted { token } => {
-                        let held = Held {
-                            mode: pending.mode,
-                            token,
-                            gen: session.attach_gen,
-                        };
-                        session.holds.insert(pending.name.clone(), held);
-                        self.metrics.inc_grants();
-                    }
-                    Outcome::Ok if pending.op.is_release() => {
-                        session.holds.remove(&pending.name);
-                        self.metrics.inc_releases();
-                    }
+                    Outcome::Granted { .. } => self.metrics.inc_grants(),
+                    Outcome::Ok if pending.op.is_release() => self.metrics.inc_releases(),
                     Outcome::TimedOut => self.metrics.inc_timeouts(),
                     _ => {}
                 }
@@ -1029,31 +1010,20 @@ impl EventLoop {
                     PendingOp::Native(op) => {
                         native::encode_outcome(native_out, op, request_id, outcome, deferred);
                         // A half-closed connection closes once it is owed nothing.
-                        if eof {
-                            if let Some(token) = session.conn {
-                                self.mark_ready(token);
-                            }
+                        if let (true, Some(token)) = (eof, session.conn) {
+                            self.mark_ready(token);
                         }
                     }
                     PendingOp::Resp(op) => self.resp_reply(pending.conn, session_id, op, outcome),
                 }
             }
-            Effect::LockLost { token, name, .. } => {
-                if session.holds.get(&name).is_some_and(|h| h.token == token) {
-                    session.holds.remove(&name);
-                }
+            (Delivery::Lost { push }, Effect::LockLost { token, name, .. }) => {
                 self.metrics.inc_lock_lost();
-                // Detached: not parked, the RESUME's listing no longer has
-                // it. Being listed: a hold not listed yet just is not.
-                let unlisted = session
-                    .replay
-                    .as_ref()
-                    .is_some_and(|r| r.after.as_deref().map_or(true, |after| *name > *after));
-                if !resp_session && !detached && !unlisted {
+                if push && !resp_session {
                     protocol::encode_lock_lost(native_out, token, &name);
                 }
             }
-            Effect::Signal { name, signal, .. } => {
+            (Delivery::Signal, Effect::Signal { name, signal, .. }) => {
                 // Signals stay queryable; a push never makes a connection
                 // owe more than WRITE_BUFFER_PAUSE (a holder that does not
                 // read is not closed for what others raise), and parked
@@ -1069,6 +1039,7 @@ impl EventLoop {
                     protocol::encode_signal(native_out, &name, &signal);
                 }
             }
+            (delivery, effect) => unreachable!("{delivery:?} for {effect:?}"),
         }
     }
 

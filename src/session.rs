@@ -13,7 +13,7 @@ use hashbrown::HashMap;
 use mio::Token;
 
 use crate::connection::ConnRef;
-use crate::lock_table::{Mode, RequestId, SessionId};
+use crate::lock_table::{Effect, Mode, Outcome, RequestId, SessionId};
 use crate::protocol::SECRET_LEN;
 
 /// Bits of a session id that name its home loop.
@@ -126,6 +126,91 @@ pub struct Session {
     /// plus PARKED_PUSHES_MAX bytes of signals. (A lock lost meanwhile is
     /// not parked: the RESUME's listing of holds no longer has it.)
     pub parked: Vec<u8>,
+}
+
+/// What an effect means for its session once the home has recorded it
+/// (`Session::record`): what, if anything, the client is to be told.
+#[derive(Debug)]
+pub enum Delivery {
+    /// An acquire waits; the client is told (QUEUED) if it asked.
+    Queued { notify: bool },
+    /// The final reply to this request (no longer pending).
+    Final(Pending),
+    /// A hold was lost; pushed (LOCK_LOST) only if `push`: not while
+    /// detached (the RESUME's listing no longer has it), nor while a
+    /// listing is being written that has not reached it (it never will).
+    Lost { push: bool },
+    /// A signal raised on a lock the session holds.
+    Signal,
+}
+
+impl Session {
+    /// Records `effect`: answers a pending request, keeps the holds from
+    /// grants, releases and losses. The home's whole bookkeeping of an
+    /// effect, with no I/O; the event loop writes what it returns, and the
+    /// simulation drives it directly.
+    ///
+    /// # Panics
+    /// On a reply to a request that is not pending (two final replies, or
+    /// one nobody asked for): a broken invariant of the shards.
+    pub fn record(&mut self, effect: &Effect) -> Delivery {
+        match *effect {
+            Effect::Reply {
+                request_id,
+                outcome: Outcome::Queued,
+                ..
+            } => {
+                let pending = self
+                    .pending
+                    .get_mut(&request_id)
+                    .expect("an interim reply answers a pending request");
+                pending.queued = true;
+                Delivery::Queued {
+                    notify: pending.notify_queued,
+                }
+            }
+            Effect::Reply {
+                request_id,
+                outcome,
+                ..
+            } => {
+                let pending = self
+                    .pending
+                    .remove(&request_id)
+                    .expect("a final reply answers a pending request");
+                match outcome {
+                    Outcome::Granted { token } => {
+                        let held = Held {
+                            mode: pending.mode,
+                            token,
+                            gen: self.attach_gen,
+                        };
+                        self.holds.insert(pending.name.clone(), held);
+                    }
+                    Outcome::Ok if pending.op.is_release() => {
+                        self.holds.remove(&pending.name);
+                    }
+                    _ => {}
+                }
+                Delivery::Final(pending)
+            }
+            Effect::LockLost {
+                token, ref name, ..
+            } => {
+                if self.holds.get(name).is_some_and(|h| h.token == token) {
+                    self.holds.remove(name);
+                }
+                let unlisted = self
+                    .replay
+                    .as_ref()
+                    .is_some_and(|r| r.after.as_deref().map_or(true, |after| **name > *after));
+                Delivery::Lost {
+                    push: self.conn.is_some() && !unlisted,
+                }
+            }
+            Effect::Signal { .. } => Delivery::Signal,
+        }
+    }
 }
 
 /// A lock the session holds.

@@ -13,9 +13,10 @@
 //!   ceiling (modelled as what `TokenCeiling` keeps: above every token
 //!   handed out).
 //!
-//! Effects are delivered to the home the way `EventLoop::deliver` does
-//! (pending requests answered, the session's holds kept from grants,
-//! releases and losses). Checked after every step:
+//! Effects are recorded by the production home bookkeeping
+//! (`Session::record`: pending requests answered, the session's holds kept
+//! from grants, releases and losses), as the event loop does. Checked after
+//! every step:
 //! - `check_invariants` of every table (never two exclusive holders, never
 //!   exclusive with shared, FIFO queues, ...);
 //! - fencing: every grant of a lock has a greater token than every earlier
@@ -39,7 +40,8 @@ use livelock::dump;
 use livelock::lock_table::{
     shard_for, Acquire, Command, Effect, LockTable, Mode, Outcome, RequestId, SessionId, Wait,
 };
-use livelock::session::{Held, Sessions};
+use livelock::protocol::opcode;
+use livelock::session::{Delivery, PendingOp, Sessions};
 use livelock::snapshot;
 use mio::Token;
 
@@ -134,66 +136,41 @@ impl World {
         }
     }
 
-    /// As `EventLoop::deliver`: the home's bookkeeping of one effect.
+    /// The home's bookkeeping of one effect (`Session::record`, as the
+    /// event loop does), checking fencing on every grant.
     fn deliver(&mut self, effect: Effect) {
-        if let Effect::Reply {
-            outcome: Outcome::Granted { token },
-            ..
-        } = effect
-        {
-            self.max_token = self.max_token.max(token);
-        }
-        let session_id = effect.session();
-        let Some(session) = self.homes[0].get_mut(session_id) else {
+        let Some(session) = self.homes[0].get_mut(effect.session()) else {
             return; // an ended session's late effect
         };
-        match effect {
+        let delivery = session.record(&effect);
+        if let (
+            Delivery::Final(pending),
             Effect::Reply {
-                request_id,
-                outcome: Outcome::Queued,
-                ..
-            } => {
-                let pending = session
-                    .pending
-                    .get_mut(&request_id)
-                    .expect("QUEUED answers a pending request");
-                assert_eq!(self.kinds[&(session_id, request_id)], Kind::Acquire);
-                pending.queued = true;
-            }
-            Effect::Reply {
+                session,
                 request_id,
                 outcome,
                 ..
-            } => {
-                let pending = session
-                    .pending
-                    .remove(&request_id)
-                    .unwrap_or_else(|| panic!("a second final reply to {request_id}"));
-                let kind = self.kinds.remove(&(session_id, request_id));
-                match outcome {
-                    Outcome::Granted { token } => {
-                        let last = self.last_token.entry(pending.name.to_vec()).or_insert(0);
-                        assert!(token > *last, "token {token} after {last}");
-                        *last = token;
-                        let held = Held {
-                            mode: pending.mode,
-                            token,
-                            gen: session.attach_gen,
-                        };
-                        session.holds.insert(pending.name.clone(), held);
-                    }
-                    Outcome::Ok if kind == Some(Kind::Release) => {
-                        session.holds.remove(&pending.name);
-                    }
-                    _ => {}
-                }
+            },
+        ) = (&delivery, &effect)
+        {
+            self.kinds.remove(&(*session, *request_id));
+            if let Outcome::Granted { token } = *outcome {
+                self.max_token = self.max_token.max(token);
+                let last = self.last_token.entry(pending.name.to_vec()).or_insert(0);
+                assert!(token > *last, "token {token} after {last}");
+                *last = token;
             }
-            Effect::LockLost { token, name, .. } => {
-                if session.holds.get(&name).is_some_and(|h| h.token == token) {
-                    session.holds.remove(&name);
-                }
-            }
-            Effect::Signal { .. } => {}
+        }
+        if let (
+            Delivery::Queued { .. },
+            Effect::Reply {
+                session,
+                request_id,
+                ..
+            },
+        ) = (&delivery, &effect)
+        {
+            assert_eq!(self.kinds[&(*session, *request_id)], Kind::Acquire);
         }
     }
 
@@ -206,7 +183,12 @@ impl World {
             request_id,
             livelock::session::Pending {
                 shard: shard as u8,
-                op: livelock::session::PendingOp::Native(0),
+                op: match kind {
+                    Kind::Release => PendingOp::Native(opcode::RELEASE),
+                    Kind::Acquire => PendingOp::Native(opcode::ACQUIRE),
+                    Kind::Extend => PendingOp::Native(opcode::EXTEND),
+                    Kind::Cancel => PendingOp::Native(opcode::CANCEL),
+                },
                 name: name.into(),
                 mode,
                 notify_queued: true,
