@@ -727,6 +727,11 @@ fn decode_body(op: u8, body: &[u8], with_token: bool) -> Result<Request<'_>, Sta
             if pattern.len() > NAME_LEN_MAX {
                 return Err(Status::BadName);
             }
+            // A limit of 0 would list nothing: a client bug, not a request
+            // for "no limit" (that is 0xFFFFFFFF, capped by the server).
+            if u32::from_le_bytes(*limit) == 0 {
+                return Err(Status::BadBody);
+            }
             Ok(Request::List {
                 pattern,
                 limit: u32::from_le_bytes(*limit),
