@@ -987,3 +987,43 @@ fn inspect_list_and_signal_bounds() {
     assert_eq!((records.len(), truncated), (1, false));
     fx.assert_unharmed();
 }
+
+/// An INSPECT/LIST/STATS is in flight until its reply, like any request:
+/// a request reusing its id meanwhile gets `DuplicateRequestId` (it used to
+/// be accepted, and the client could not tell the two replies apart). With
+/// several loops a LIST waits for the others' parts, so a second frame in
+/// the same write is decoded while the first is still being gathered.
+#[test]
+fn a_query_in_flight_keeps_its_request_id() {
+    let server = TestServer::start(4);
+    let (mut conn, _, _) = RawConn::hello(server.addr, 0);
+    let list = Request::List {
+        pattern: b"",
+        limit: 10,
+    };
+    let mut batch = Vec::new();
+    protocol::encode_request(&mut batch, 7, &list);
+    protocol::encode_request(&mut batch, 7, &Request::Stats);
+    protocol::encode_request(&mut batch, 7, &Request::Ping);
+    protocol::encode_request(&mut batch, 7, &acquire(b"q", 0));
+    conn.send_bytes(&batch);
+    let mut replies: Vec<(u8, Status)> = (0..4)
+        .map(|_| {
+            let reply = conn.recv();
+            assert_eq!(reply.request_id, 7, "{reply:?}");
+            (reply.opcode, reply.status)
+        })
+        .collect();
+    replies.sort_unstable_by_key(|&(op, _)| op);
+    assert_eq!(
+        replies,
+        [
+            (opcode::ACQUIRE, Status::DuplicateRequestId),
+            (opcode::PING, Status::DuplicateRequestId),
+            (opcode::LIST, Status::Ok),
+            (opcode::STATS, Status::DuplicateRequestId),
+        ]
+    );
+    // Answered, the id is free again.
+    assert_eq!(conn.call(7, &Request::Stats).status, Status::Ok);
+}
