@@ -26,7 +26,10 @@ use std::fmt;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::limits::{CLIENT_NAME_LEN_MAX, FRAME_BODY_MAX, NAME_LEN_MAX, PASSWORD_LEN_MAX};
+use crate::limits::{
+    CLIENT_NAME_LEN_MAX, FRAME_BODY_MAX, IN_FLIGHT_PER_SESSION_MAX, NAME_LEN_MAX, PASSWORD_LEN_MAX,
+    REPLY_BODY_MAX,
+};
 
 /// First two bytes of every frame (as a little-endian u16; `F1 4C` on the wire).
 pub const MAGIC: u16 = 0x4CF1;
@@ -253,6 +256,15 @@ const _: () = assert!(offset_of!(SessionBody, secret) == 8);
 const _: () = assert!(offset_of!(SessionBody, grace_ms) == 24);
 const _: () = assert!(offset_of!(SessionBody, version) == 28);
 const _: () = assert!(offset_of!(SessionBody, reserved) == 29);
+
+/// Largest RESUME reply body: the session body, `in_flight_count`, and an
+/// id for each request the session may have in flight. Over
+/// FRAME_BODY_MAX once more than 1015 are in flight (a client that bounds
+/// replies by FRAME_BODY_MAX would take such a RESUME reply for a broken
+/// stream).
+pub const RESUME_REPLY_BODY_MAX: usize =
+    size_of::<SessionBody>() + 4 + 4 * IN_FLIGHT_PER_SESSION_MAX;
+const _: () = assert!(RESUME_REPLY_BODY_MAX <= REPLY_BODY_MAX);
 
 /// Size of a fencing token in a granted reply or a LOCK_LOST push.
 const TOKEN_LEN: usize = size_of::<u64>();
@@ -1362,9 +1374,11 @@ pub fn decode_reply(buf: &[u8]) -> Result<DecodedReply<'_>, ReplyError> {
         Status::from_u16(header.status.get()).ok_or(ReplyError::BadStatus(header.status.get()))?;
     let body_len = header.body_len.get();
     // Requests are bounded by FRAME_BODY_MAX, but LIST/INSPECT replies
-    // carry up to REPLY_BODY_MAX bytes of lock records.
+    // carry up to REPLY_BODY_MAX bytes of lock records, and a RESUME reply
+    // an id for each of up to 1024 requests in flight.
     let body_max = match header.opcode {
-        opcode::LIST | opcode::INSPECT => crate::limits::REPLY_BODY_MAX,
+        opcode::LIST | opcode::INSPECT => REPLY_BODY_MAX,
+        opcode::RESUME => RESUME_REPLY_BODY_MAX,
         _ => FRAME_BODY_MAX,
     };
     if body_len as usize > body_max {
