@@ -2156,7 +2156,7 @@ mod tests {
         );
     }
 
-    /// The frames of docs/PROTOCOL.md section 9, in order.
+    /// The frames of docs/PROTOCOL.md section 11, in order.
     fn doc_examples() -> Vec<Vec<u8>> {
         let secret: [u8; SECRET_LEN] = core::array::from_fn(|i| i as u8);
         let hello = Request::Hello {
@@ -2179,6 +2179,19 @@ mod tests {
         frames.push(std::mem::take(&mut out));
         encode_lock_lost(&mut out, 7, b"report-42");
         frames.push(std::mem::take(&mut out));
+        let release = Request::Release {
+            name: b"report-42",
+            token: 7,
+        };
+        frames.push(encoded(6, &release));
+        encode_status(&mut out, opcode::RELEASE, 6, Status::WrongToken, "");
+        frames.push(std::mem::take(&mut out));
+        encode_resumed(&mut out, 1, 42, &secret, 5000, &[2]);
+        frames.push(std::mem::take(&mut out));
+        encode_held(&mut out, 7, Mode::Exclusive, b"report-42");
+        frames.push(std::mem::take(&mut out));
+        encode_push(&mut out, opcode::HELD_END);
+        frames.push(std::mem::take(&mut out));
         frames
     }
 
@@ -2198,7 +2211,8 @@ mod tests {
     #[test]
     fn protocol_md_examples_match_the_encoder() {
         let doc = include_str!("../docs/PROTOCOL.md");
-        let examples = &doc[doc.find("## 9. Examples in hex").expect("section 9")..];
+        let examples = &doc[doc.find("## 11. Examples in hex").expect("section 11")..];
+        let examples = &examples[..examples.find("\n## 12.").expect("section 12")];
         let blocks: Vec<Vec<u8>> = examples
             .split("```")
             .skip(1)
@@ -2208,7 +2222,7 @@ mod tests {
         assert_eq!(
             blocks,
             doc_examples(),
-            "docs/PROTOCOL.md section 9 is stale"
+            "docs/PROTOCOL.md section 11 is stale"
         );
 
         // One-line forms in backticks.
