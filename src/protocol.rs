@@ -26,7 +26,10 @@ use std::fmt;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::limits::{CLIENT_NAME_LEN_MAX, FRAME_BODY_MAX, NAME_LEN_MAX, PASSWORD_LEN_MAX};
+use crate::limits::{
+    CLIENT_NAME_LEN_MAX, FRAME_BODY_MAX, IN_FLIGHT_PER_SESSION_MAX, NAME_LEN_MAX, PASSWORD_LEN_MAX,
+    REPLY_BODY_MAX,
+};
 
 /// First two bytes of every frame (as a little-endian u16; `F1 4C` on the wire).
 pub const MAGIC: u16 = 0x4CF1;
@@ -253,6 +256,15 @@ const _: () = assert!(offset_of!(SessionBody, secret) == 8);
 const _: () = assert!(offset_of!(SessionBody, grace_ms) == 24);
 const _: () = assert!(offset_of!(SessionBody, version) == 28);
 const _: () = assert!(offset_of!(SessionBody, reserved) == 29);
+
+/// Largest RESUME reply body: the session body, `in_flight_count`, and an
+/// id for each request the session may have in flight. Over
+/// FRAME_BODY_MAX once more than 1015 are in flight (a client that bounds
+/// replies by FRAME_BODY_MAX would take such a RESUME reply for a broken
+/// stream).
+pub const RESUME_REPLY_BODY_MAX: usize =
+    size_of::<SessionBody>() + 4 + 4 * IN_FLIGHT_PER_SESSION_MAX;
+const _: () = assert!(RESUME_REPLY_BODY_MAX <= REPLY_BODY_MAX);
 
 /// Size of a fencing token in a granted reply or a LOCK_LOST push.
 const TOKEN_LEN: usize = size_of::<u64>();
@@ -726,6 +738,11 @@ fn decode_body(op: u8, body: &[u8], with_token: bool) -> Result<Request<'_>, Sta
             let (limit, pattern) = body.split_first_chunk::<4>().ok_or(Status::BadBody)?;
             if pattern.len() > NAME_LEN_MAX {
                 return Err(Status::BadName);
+            }
+            // A limit of 0 would list nothing: a client bug, not a request
+            // for "no limit" (that is 0xFFFFFFFF, capped by the server).
+            if u32::from_le_bytes(*limit) == 0 {
+                return Err(Status::BadBody);
             }
             Ok(Request::List {
                 pattern,
@@ -1357,9 +1374,11 @@ pub fn decode_reply(buf: &[u8]) -> Result<DecodedReply<'_>, ReplyError> {
         Status::from_u16(header.status.get()).ok_or(ReplyError::BadStatus(header.status.get()))?;
     let body_len = header.body_len.get();
     // Requests are bounded by FRAME_BODY_MAX, but LIST/INSPECT replies
-    // carry up to REPLY_BODY_MAX bytes of lock records.
+    // carry up to REPLY_BODY_MAX bytes of lock records, and a RESUME reply
+    // an id for each of up to 1024 requests in flight.
     let body_max = match header.opcode {
-        opcode::LIST | opcode::INSPECT => crate::limits::REPLY_BODY_MAX,
+        opcode::LIST | opcode::INSPECT => REPLY_BODY_MAX,
+        opcode::RESUME => RESUME_REPLY_BODY_MAX,
         _ => FRAME_BODY_MAX,
     };
     if body_len as usize > body_max {
@@ -2137,7 +2156,7 @@ mod tests {
         );
     }
 
-    /// The frames of docs/PROTOCOL.md section 9, in order.
+    /// The frames of docs/PROTOCOL.md section 11, in order.
     fn doc_examples() -> Vec<Vec<u8>> {
         let secret: [u8; SECRET_LEN] = core::array::from_fn(|i| i as u8);
         let hello = Request::Hello {
@@ -2160,6 +2179,19 @@ mod tests {
         frames.push(std::mem::take(&mut out));
         encode_lock_lost(&mut out, 7, b"report-42");
         frames.push(std::mem::take(&mut out));
+        let release = Request::Release {
+            name: b"report-42",
+            token: 7,
+        };
+        frames.push(encoded(6, &release));
+        encode_status(&mut out, opcode::RELEASE, 6, Status::WrongToken, "");
+        frames.push(std::mem::take(&mut out));
+        encode_resumed(&mut out, 1, 42, &secret, 5000, &[2]);
+        frames.push(std::mem::take(&mut out));
+        encode_held(&mut out, 7, Mode::Exclusive, b"report-42");
+        frames.push(std::mem::take(&mut out));
+        encode_push(&mut out, opcode::HELD_END);
+        frames.push(std::mem::take(&mut out));
         frames
     }
 
@@ -2179,7 +2211,8 @@ mod tests {
     #[test]
     fn protocol_md_examples_match_the_encoder() {
         let doc = include_str!("../docs/PROTOCOL.md");
-        let examples = &doc[doc.find("## 9. Examples in hex").expect("section 9")..];
+        let examples = &doc[doc.find("## 11. Examples in hex").expect("section 11")..];
+        let examples = &examples[..examples.find("\n## 12.").expect("section 12")];
         let blocks: Vec<Vec<u8>> = examples
             .split("```")
             .skip(1)
@@ -2189,7 +2222,7 @@ mod tests {
         assert_eq!(
             blocks,
             doc_examples(),
-            "docs/PROTOCOL.md section 9 is stale"
+            "docs/PROTOCOL.md section 11 is stale"
         );
 
         // One-line forms in backticks.

@@ -874,3 +874,156 @@ fn sessions_and_detached_sessions_are_bounded() {
     let reply = full.call(1, &hello(0));
     assert_eq!(reply.status, Status::ServerBusy, "{reply:?}");
 }
+
+// ---- query and signal bounds (safety issue, section E) --------------------
+
+/// A SIGNAL body: op, reserved, name_len, name, signal.
+fn signal_body(op: u8, name_len: u16, name: &[u8], signal: &[u8]) -> Vec<u8> {
+    let mut body = vec![op, 0];
+    body.extend_from_slice(&name_len.to_le_bytes());
+    body.extend_from_slice(name);
+    body.extend_from_slice(signal);
+    body
+}
+
+/// A LIST body: limit, then the pattern.
+fn list_body(limit: u32, pattern: &[u8]) -> Vec<u8> {
+    let mut body = limit.to_le_bytes().to_vec();
+    body.extend_from_slice(pattern);
+    body
+}
+
+/// The bounds docs/PROTOCOL.md gives INSPECT names, LIST patterns and
+/// limits, and SIGNAL names and signals, each answered per frame: LIST with
+/// `limit = 0` is `BadBody` (it used to answer `Ok` with no records).
+#[test]
+fn inspect_list_and_signal_bounds() {
+    let fx = Fixture::new();
+    let mut raw = fx.raw_holding("bounds");
+    let long = vec![b'n'; 1025];
+    let max = vec![b'n'; 1024];
+    let cases: Vec<(u8, Vec<u8>, Status)> = vec![
+        (opcode::INSPECT, Vec::new(), Status::BadName),
+        (opcode::INSPECT, long.clone(), Status::BadName),
+        (opcode::INSPECT, max.clone(), Status::NotHeld),
+        (opcode::LIST, Vec::new(), Status::BadBody),
+        (opcode::LIST, list_body(0, b""), Status::BadBody),
+        (opcode::LIST, list_body(0, b"bounds"), Status::BadBody),
+        (opcode::LIST, list_body(1, &long), Status::BadName),
+        (opcode::LIST, list_body(1, &max), Status::Ok),
+        (opcode::SIGNAL, vec![0, 0, 6], Status::BadBody),
+        (
+            opcode::SIGNAL,
+            signal_body(3, 6, b"bounds", b"s"),
+            Status::BadBody,
+        ),
+        (
+            opcode::SIGNAL,
+            signal_body(0, 7, b"bounds", b""),
+            Status::BadBody,
+        ),
+        (
+            opcode::SIGNAL,
+            signal_body(0, 6, b"bounds", b""),
+            Status::BadBody,
+        ),
+        (
+            opcode::SIGNAL,
+            signal_body(0, 6, b"bounds", &long),
+            Status::BadBody,
+        ),
+        (
+            opcode::SIGNAL,
+            signal_body(0, 0, b"", b"s"),
+            Status::BadName,
+        ),
+        (
+            opcode::SIGNAL,
+            signal_body(0, 1025, &long, b"s"),
+            Status::BadName,
+        ),
+        (
+            opcode::SIGNAL,
+            signal_body(1, 6, b"nobody", b"s"),
+            Status::NotHeld,
+        ),
+        (opcode::STATS, vec![0], Status::BadBody),
+    ];
+    for (i, (op, body, status)) in cases.iter().enumerate() {
+        let id = 10 + i as u32;
+        expect_status(&mut raw, &frame(*op, id, body), *op, id, *status);
+    }
+    // The longest signal is raised (and pushed to the holder, this session).
+    raw.send_bytes(&frame(
+        opcode::SIGNAL,
+        80,
+        &signal_body(0, 6, b"bounds", &max),
+    ));
+    let mut frames = [raw.recv(), raw.recv()];
+    frames.sort_unstable_by_key(|f| f.opcode);
+    assert_eq!(
+        (frames[0].opcode, frames[0].request_id, frames[0].status),
+        (opcode::SIGNAL, 80, Status::Ok)
+    );
+    assert_eq!(frames[0].body, [1]);
+    assert_eq!(
+        frames[1].opcode,
+        opcode::SIGNALLED,
+        "{:?}",
+        frames[1].opcode
+    );
+    let pushed = protocol::parse_signal_body(&frames[1].body);
+    assert_eq!(pushed, Some((&b"bounds"[..], &max[..])));
+    // LIST with the largest limit is capped by the server, not refused.
+    let reply = raw.call(
+        90,
+        &Request::List {
+            pattern: b"bounds",
+            limit: u32::MAX,
+        },
+    );
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    let (records, truncated) = protocol::parse_list_body(&reply.body).expect("a LIST body");
+    assert_eq!((records.len(), truncated), (1, false));
+    fx.assert_unharmed();
+}
+
+/// An INSPECT/LIST/STATS is in flight until its reply, like any request:
+/// a request reusing its id meanwhile gets `DuplicateRequestId` (it used to
+/// be accepted, and the client could not tell the two replies apart). With
+/// several loops a LIST waits for the others' parts, so a second frame in
+/// the same write is decoded while the first is still being gathered.
+#[test]
+fn a_query_in_flight_keeps_its_request_id() {
+    let server = TestServer::start(4);
+    let (mut conn, _, _) = RawConn::hello(server.addr, 0);
+    let list = Request::List {
+        pattern: b"",
+        limit: 10,
+    };
+    let mut batch = Vec::new();
+    protocol::encode_request(&mut batch, 7, &list);
+    protocol::encode_request(&mut batch, 7, &Request::Stats);
+    protocol::encode_request(&mut batch, 7, &Request::Ping);
+    protocol::encode_request(&mut batch, 7, &acquire(b"q", 0));
+    conn.send_bytes(&batch);
+    let mut replies: Vec<(u8, Status)> = (0..4)
+        .map(|_| {
+            let reply = conn.recv();
+            assert_eq!(reply.request_id, 7, "{reply:?}");
+            (reply.opcode, reply.status)
+        })
+        .collect();
+    replies.sort_unstable_by_key(|&(op, _)| op);
+    assert_eq!(
+        replies,
+        [
+            (opcode::ACQUIRE, Status::DuplicateRequestId),
+            (opcode::PING, Status::DuplicateRequestId),
+            (opcode::LIST, Status::Ok),
+            (opcode::STATS, Status::DuplicateRequestId),
+        ]
+    );
+    // Answered, the id is free again.
+    assert_eq!(conn.call(7, &Request::Stats).status, Status::Ok);
+}

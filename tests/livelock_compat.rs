@@ -906,3 +906,41 @@ fn lengths_are_checked_after_lowercasing_and_the_dump_is_written() {
     assert_eq!(state.holds.len(), 1, "{state:?}");
     assert_eq!(state.signals, [(b"x".to_vec(), b"short".to_vec())]);
 }
+
+// ---- inline lines with leading spaces (safety issue, section E) ----------
+
+/// `"  AQ x"` as livelock 0.7.11's server.py answers it (checked against
+/// the Python server on 127.0.0.1): the line is split on single spaces
+/// before each part is stripped, so leading spaces make empty parts and the
+/// *verb* is the empty first part: `-1` before CONN, `-4 Unknown command`
+/// after it (nothing is acquired), `-5` and close while a password is
+/// owed. A leading tab is different: it is stripped off the first part
+/// (`"\tAQ y"` is `AQ y`). These bytes are also the first of their
+/// connection, which makes it a LiveLock one (not `0xF1`).
+#[test]
+fn inline_lines_with_leading_spaces_like_server_py() {
+    let server = TestServer::start(2);
+    let mut c = Raw::connect(server.addr);
+    c.call(b"  AQ x\r\n", E_CONN);
+    c.call(b" \r\n", E_CONN);
+    c.call(b"CONN\r\n", b"");
+    assert!(c.line().starts_with(b"+"));
+    c.call(b"  AQ x\r\n", E_UNKNOWN); // ["", "", "AQ", "x"]
+    c.call(b" AQ x\r\n", E_UNKNOWN); // ["", "AQ", "x"]
+    c.call(b"  PING\r\n", E_UNKNOWN);
+    c.call(b" CONN\r\n", E_UNKNOWN); // not CONN, so not -3 either
+    c.call(b"\t AQ x\r\n", E_UNKNOWN); // ["\t", "AQ", "x"] -> ["", "AQ", "x"]
+    c.call(b"  \r\n", E_UNKNOWN);
+    c.call(b"LOCKED x\r\n", ZERO); // none of the above took x
+    c.call(b"\tAQ x\r\n", ONE); // ["\tAQ", "x"] -> ["AQ", "x"]
+    c.call(b"LOCKED x\r\n", ONE);
+    c.call(b"PING  \r\n", PONG); // trailing parts are ignored by PING
+
+    let server = TestServer::start_with(2, |config| config.password = Some(b"pw".to_vec()));
+    let mut c = Raw::connect(server.addr);
+    c.call(b"  PASS pw\r\n", E_PASS);
+    c.expect_closed();
+    let mut c = Raw::connect(server.addr);
+    c.call(b"PASS pw\r\n", ONE);
+    c.call(b"  CONN\r\n", E_CONN);
+}

@@ -1068,3 +1068,70 @@ fn a_stale_guard_does_not_release_a_newer_hold() {
     new.release().unwrap();
     assert!(other.try_acquire("relapse").unwrap().is_some());
 }
+
+/// A session may have 1024 requests in flight, and a RESUME reply lists
+/// them all: 32 + 4 + 4 × 1024 = 4132 bytes of body, over the 4096 that
+/// bound other replies. Both the raw decoder and the Rust client used to
+/// take that reply for a broken stream (FrameTooLarge), so a session with
+/// more than 1015 queued acquires could not be resumed.
+#[test]
+fn a_resume_lists_a_full_in_flight_window() {
+    use livelock::limits::IN_FLIGHT_PER_SESSION_MAX;
+    let server = TestServer::start(2);
+    let names: Vec<Vec<u8>> = (0..IN_FLIGHT_PER_SESSION_MAX)
+        .map(|i| format!("window-{i}").into_bytes())
+        .collect();
+    let (mut blocker, _, _) = RawConn::hello(server.addr, 0);
+    let mut batch = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        protocol::encode_request(&mut batch, 10 + i as u32, &acquire_req(name, 0, false));
+    }
+    blocker.send_bytes(&batch);
+    for _ in &names {
+        assert_eq!(blocker.recv().status, Status::Ok);
+    }
+    let (mut waiter, id, secret) = RawConn::hello(server.addr, 60_000);
+    let ids: Vec<u32> = (0..IN_FLIGHT_PER_SESSION_MAX as u32)
+        .map(|i| 5000 + i)
+        .collect();
+    batch.clear();
+    for (name, &request_id) in names.iter().zip(&ids) {
+        let request = acquire_req(name, WAIT_FOREVER, true);
+        protocol::encode_request(&mut batch, request_id, &request);
+    }
+    waiter.send_bytes(&batch);
+    for _ in &ids {
+        let frame = waiter.recv();
+        assert_eq!(
+            (frame.flags, frame.status),
+            (flags::REPLY | flags::INTERIM, Status::Queued)
+        );
+    }
+    drop(waiter);
+
+    let mut resumed = RawConn::connect(server.addr);
+    let resume = Request::Resume {
+        session_id: id,
+        secret,
+        password: b"",
+    };
+    let reply = resumed.call(1, &resume);
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    assert_eq!(reply.body.len(), protocol::RESUME_REPLY_BODY_MAX);
+    assert_eq!(
+        protocol::parse_resumed_in_flight(&reply.body),
+        Some(ids.clone())
+    );
+    assert_eq!(resumed.recv().opcode, opcode::HELD_END, "no holds yet");
+    // The queued acquires are still queued: the blocker's close grants them.
+    drop(blocker);
+    let mut granted: Vec<u32> = (0..ids.len())
+        .map(|_| {
+            let frame = resumed.recv();
+            assert_eq!((frame.opcode, frame.status), (opcode::ACQUIRE, Status::Ok));
+            frame.request_id
+        })
+        .collect();
+    granted.sort_unstable();
+    assert_eq!(granted, ids);
+}

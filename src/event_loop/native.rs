@@ -129,9 +129,7 @@ impl EventLoop {
         }
         match (request, session) {
             (Request::Ping, session) => {
-                let in_flight = session
-                    .and_then(|id| self.sessions.get(id))
-                    .is_some_and(|s| s.pending.contains_key(&request_id));
+                let in_flight = session.is_some_and(|id| self.in_flight(id, request_id));
                 let (status, message) = match in_flight {
                     true => (Status::DuplicateRequestId, "request id already in flight"),
                     false => (Status::Ok, ""),
@@ -362,6 +360,19 @@ impl EventLoop {
         Flow::Continue
     }
 
+    /// Whether `request_id` is in flight in session `id`: a request at a
+    /// shard (or parked, or queued), or an INSPECT/LIST/STATS being gathered.
+    fn in_flight(&self, id: SessionId, request_id: RequestId) -> bool {
+        let pending = self
+            .sessions
+            .get(id)
+            .is_some_and(|s| s.pending.contains_key(&request_id));
+        pending || self.gathers.values().any(|g| {
+            g.session == id
+                && matches!(g.reply, GatherReply::Native { request_id: r, .. } if r == request_id)
+        })
+    }
+
     /// A request of an established session: admission checks, then to the shard.
     fn session_request(
         &mut self,
@@ -371,12 +382,13 @@ impl EventLoop {
         request: Request<'_>,
     ) {
         let op = request.opcode();
+        let duplicate = self.in_flight(id, request_id);
         let session = self
             .sessions
             .get_mut(id)
             .expect("a connection's session lives at home");
         let is_query = matches!(op, opcode::INSPECT | opcode::LIST | opcode::STATS);
-        let refusal = if session.pending.contains_key(&request_id) {
+        let refusal = if duplicate {
             Some((Status::DuplicateRequestId, "request id already in flight"))
         } else if session.pending.len() >= IN_FLIGHT_PER_SESSION_MAX {
             Some((Status::TooManyInFlight, "too many requests in flight"))
