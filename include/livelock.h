@@ -57,6 +57,7 @@
 #define LIVELOCK_NAME_LEN_MAX 1024u        /* lock names are 1..=1024 bytes */
 #define LIVELOCK_FRAME_BODY_MAX 4096u      /* larger body: connection closed */
 #define LIVELOCK_REPLY_BODY_MAX 1048576u   /* LIST and INSPECT replies only */
+#define LIVELOCK_RESUME_REPLY_BODY_MAX 4132u /* session body + in-flight count + 1024 ids */
 #define LIVELOCK_PASSWORD_LEN_MAX 256u
 #define LIVELOCK_CLIENT_NAME_LEN_MAX 256u
 
@@ -80,7 +81,9 @@ enum livelock_opcode {
     LIVELOCK_OP_LOCK_LOST = 0x40,     /* livelock_token + name */
     LIVELOCK_OP_SHUTDOWN = 0x41,      /* empty */
     LIVELOCK_OP_SESSION_TAKEN = 0x42, /* empty */
-    LIVELOCK_OP_SIGNALLED = 0x43      /* name_len u16, name, signal */
+    LIVELOCK_OP_SIGNALLED = 0x43,     /* name_len u16, name, signal */
+    LIVELOCK_OP_HELD = 0x44,          /* after RESUME: livelock_token, mode u8, name */
+    LIVELOCK_OP_HELD_END = 0x45       /* the RESUME's listing of holds is complete */
 };
 
 /* ---- Header flags (header.flags; in requests 0, or HOLD_TOKEN) ---------- */

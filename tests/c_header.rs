@@ -97,6 +97,10 @@ fn expectations() -> Vec<(String, u64)> {
     check("LIVELOCK_NAME_LEN_MAX", limits::NAME_LEN_MAX);
     check("LIVELOCK_FRAME_BODY_MAX", limits::FRAME_BODY_MAX);
     check("LIVELOCK_REPLY_BODY_MAX", limits::REPLY_BODY_MAX);
+    check(
+        "LIVELOCK_RESUME_REPLY_BODY_MAX",
+        protocol::RESUME_REPLY_BODY_MAX,
+    );
     check("LIVELOCK_PASSWORD_LEN_MAX", limits::PASSWORD_LEN_MAX);
     check("LIVELOCK_CLIENT_NAME_LEN_MAX", limits::CLIENT_NAME_LEN_MAX);
     check(
@@ -128,6 +132,8 @@ fn expectations() -> Vec<(String, u64)> {
         ("SHUTDOWN", opcode::SHUTDOWN),
         ("SESSION_TAKEN", opcode::SESSION_TAKEN),
         ("SIGNALLED", opcode::SIGNALLED),
+        ("HELD", opcode::HELD),
+        ("HELD_END", opcode::HELD_END),
     ] {
         check(&format!("LIVELOCK_OP_{name}"), code.into());
     }
