@@ -944,3 +944,70 @@ fn inline_lines_with_leading_spaces_like_server_py() {
     c.call(b"PASS pw\r\n", ONE);
     c.call(b"  CONN\r\n", E_CONN);
 }
+
+// ---- late replies and reused connection slots (safety issue, item 8) ------
+
+/// A LiveLock client's FIND is still being answered (a slow scan) when its
+/// connection is reset; the same client id reconnects, lands in the freed
+/// slot of the same loop, and asks its own FIND. The first FIND's late
+/// answer must not be taken for the second's (it used to be: the reply
+/// went to whatever connection of the session sat in the slot, and every
+/// later reply was off by one).
+#[test]
+fn a_late_reply_never_reaches_the_next_connection_of_the_client_id() {
+    // One loop: the freed slot is the next one taken. Commands up to 4 KiB
+    // (the patterns are 1 KiB).
+    let server = TestServer::start_with(1, |config| config.max_payload = 4096);
+    let addr = server.addr;
+    // 20,000 locks whose names cost ~2,700 glob steps each against the
+    // patterns below, so each FIND scans for a second or more.
+    let holder = server.client();
+    let names: Vec<String> = (0..20_000)
+        .map(|i| format!("{}-{i:07}", "a".repeat(72)))
+        .collect();
+    for chunk in names.chunks(1000) {
+        let pending: Vec<_> = chunk
+            .iter()
+            .map(|n| {
+                holder
+                    .start_acquire(n, AcquireOptions::default(), false)
+                    .unwrap()
+            })
+            .collect();
+        for p in pending {
+            p.wait().unwrap().forget();
+        }
+    }
+    let special = format!("{}b", "a".repeat(1022));
+    holder.acquire(&special).unwrap().forget();
+    let slow_none = format!("*{}c", "a".repeat(1022)); // matches nothing
+    let slow_one = format!("*{}b", "a".repeat(1022)); // matches `special`
+
+    let (mut first, _) = Raw::conn(addr, Some("late"));
+    first.send(&resp(&["FIND", &slow_none]));
+    // Give the server time to start that FIND's scan (it takes seconds).
+    // Not a condition of the test passing: a late start only makes this
+    // run miss the race it looks for.
+    std::thread::sleep(Duration::from_millis(300));
+    // Reset (not FIN): the server drops the connection at once, slot freed.
+    socket2::SockRef::from(&first.stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(first);
+    common::wait_until("the reset connection closed", || {
+        holder.stats().unwrap().connections == 1
+    });
+    let (mut second, _) = Raw::conn(addr, Some("late"));
+    second.send(&resp(&["FIND", &slow_one]));
+    let (reply, raw) = second.reply();
+    match reply {
+        Reply::Array(items) => assert_eq!(items.len(), 1, "{}", show(&raw)),
+        _ => panic!("FIND answered with {}", show(&raw)),
+    }
+    assert!(
+        raw.windows(special.len()).any(|w| w == special.as_bytes()),
+        "the answer to the first FIND: {}",
+        show(&raw)
+    );
+    second.call(b"PING\r\n", PONG);
+}
