@@ -24,7 +24,6 @@ mod native;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io;
-use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -1058,24 +1057,20 @@ impl EventLoop {
         let mut wrote = false;
         let mut done = false;
         while conn.unwritten() <= WRITE_BUFFER_PAUSE {
-            let next = match &replay.after {
-                None => session.holds.iter().next(),
-                Some(after) => session
-                    .holds
-                    .range::<[u8], _>((Bound::Excluded(&**after), Bound::Unbounded))
-                    .next(),
-            };
             wrote = true;
-            let Some((name, held)) = next else {
+            let Some(name) = replay.names.get(replay.next) else {
                 protocol::encode_push(&mut conn.wbuf, opcode::HELD_END);
                 session.replay = None;
                 done = true;
                 break;
             };
-            if held.gen < replay.before_gen {
-                protocol::encode_held(&mut conn.wbuf, held.token, held.mode, name);
+            // Still held, and not re-granted since (its reply was sent).
+            if let Some(held) = session.holds.get(name) {
+                if held.gen < replay.before_gen {
+                    protocol::encode_held(&mut conn.wbuf, held.token, held.mode, name);
+                }
             }
-            replay.after = Some(name.clone());
+            replay.next += 1;
         }
         let eof = conn.eof;
         if wrote {

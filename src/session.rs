@@ -115,7 +115,7 @@ pub struct Session {
     /// The locks the session holds, as the home learns them from the
     /// grants, releases and losses it delivers (the shards have the
     /// authoritative copy): what a RESUME lists.
-    pub holds: BTreeMap<Box<[u8]>, Held>,
+    pub holds: HashMap<Box<[u8]>, Held>,
     /// Counts the session's attachments (HELLO, each RESUME); a hold
     /// records the one it was granted under.
     pub attach_gen: u64,
@@ -134,8 +134,9 @@ pub struct Session {
 pub enum Delivery {
     /// An acquire waits; the client is told (QUEUED) if it asked.
     Queued { notify: bool },
-    /// The final reply to this request (no longer pending).
-    Final(Pending),
+    /// The final reply to this request (no longer pending; its name went
+    /// into the holds if it was granted).
+    Final(Answered),
     /// A hold was lost; pushed (LOCK_LOST) only if `push`: not while
     /// detached (the RESUME's listing no longer has it), nor while a
     /// listing is being written that has not reached it (it never will).
@@ -178,6 +179,11 @@ impl Session {
                     .pending
                     .remove(&request_id)
                     .expect("a final reply answers a pending request");
+                let answered = Answered {
+                    op: pending.op,
+                    conn: pending.conn,
+                    started_us: pending.started_us,
+                };
                 match outcome {
                     Outcome::Granted { token } => {
                         let held = Held {
@@ -185,14 +191,14 @@ impl Session {
                             token,
                             gen: self.attach_gen,
                         };
-                        self.holds.insert(pending.name.clone(), held);
+                        self.holds.insert(pending.name, held);
                     }
                     Outcome::Ok if pending.op.is_release() => {
                         self.holds.remove(&pending.name);
                     }
                     _ => {}
                 }
-                Delivery::Final(pending)
+                Delivery::Final(answered)
             }
             Effect::LockLost {
                 token, ref name, ..
@@ -200,10 +206,7 @@ impl Session {
                 if self.holds.get(name).is_some_and(|h| h.token == token) {
                     self.holds.remove(name);
                 }
-                let unlisted = self
-                    .replay
-                    .as_ref()
-                    .is_some_and(|r| r.after.as_deref().map_or(true, |after| **name > *after));
+                let unlisted = self.replay.as_ref().is_some_and(|r| r.unlisted(name));
                 Delivery::Lost {
                     push: self.conn.is_some() && !unlisted,
                 }
@@ -211,6 +214,14 @@ impl Session {
             Effect::Signal { .. } => Delivery::Signal,
         }
     }
+}
+
+/// What the home still needs of a request once it is answered.
+#[derive(Debug, Clone, Copy)]
+pub struct Answered {
+    pub op: PendingOp,
+    pub conn: ConnRef,
+    pub started_us: u64,
 }
 
 /// A lock the session holds.
@@ -230,8 +241,33 @@ pub struct Replay {
     /// Holds granted under an earlier attachment are listed; later grants
     /// were answered on this connection already.
     pub before_gen: u64,
-    /// The last name listed (by name order); None: none yet.
-    pub after: Option<Box<[u8]>>,
+    /// The names the session held at the RESUME, in order (a copy: the
+    /// holds change while the listing is written).
+    pub names: Vec<Box<[u8]>>,
+    /// How many of `names` are listed (or skipped: released meanwhile).
+    pub next: usize,
+}
+
+impl Replay {
+    /// The listing of `session`'s holds as of now (just attached).
+    pub fn of(session: &Session) -> Replay {
+        let mut names: Vec<Box<[u8]>> = session.holds.keys().cloned().collect();
+        names.sort_unstable();
+        Replay {
+            before_gen: session.attach_gen,
+            names,
+            next: 0,
+        }
+    }
+
+    /// Whether `name` is a hold the listing has yet to reach (then, if it
+    /// is lost, it is simply not listed, and nothing is pushed).
+    pub fn unlisted(&self, name: &[u8]) -> bool {
+        match self.names.binary_search_by(|n| (**n).cmp(name)) {
+            Ok(at) => at >= self.next,
+            Err(_) => false, // granted since the RESUME: its reply was sent
+        }
+    }
 }
 
 /// The sessions whose home is this loop.
@@ -345,7 +381,7 @@ impl Sessions {
             detached_until_ms: 0,
             pending: HashMap::new(),
             touched: 0,
-            holds: BTreeMap::new(),
+            holds: HashMap::new(),
             attach_gen: 1,
             replay: None,
             parked: Vec::new(),

@@ -142,9 +142,16 @@ impl World {
         let Some(session) = self.homes[0].get_mut(effect.session()) else {
             return; // an ended session's late effect
         };
+        // The lock a reply is about, before `record` takes the request.
+        let name = match effect {
+            Effect::Reply { request_id, .. } => {
+                session.pending.get(&request_id).map(|p| p.name.clone())
+            }
+            _ => None,
+        };
         let delivery = session.record(&effect);
         if let (
-            Delivery::Final(pending),
+            Delivery::Final(_),
             Effect::Reply {
                 session,
                 request_id,
@@ -156,7 +163,8 @@ impl World {
             self.kinds.remove(&(*session, *request_id));
             if let Outcome::Granted { token } = *outcome {
                 self.max_token = self.max_token.max(token);
-                let last = self.last_token.entry(pending.name.to_vec()).or_insert(0);
+                let name = name.expect("a grant answers a pending acquire");
+                let last = self.last_token.entry(name.to_vec()).or_insert(0);
                 assert!(token > *last, "token {token} after {last}");
                 *last = token;
             }
@@ -366,11 +374,12 @@ impl World {
             .iter()
             .filter(|s| s.grace_ms > 0)
             .map(|s| {
-                let holds = s
+                let mut holds: Vec<_> = s
                     .holds
                     .iter()
                     .map(|(n, h)| (n.to_vec(), h.mode, h.token))
                     .collect();
+                holds.sort_by(|a, b| a.0.cmp(&b.0));
                 let mut pending: Vec<u32> = s.pending.keys().copied().collect();
                 pending.sort_unstable();
                 (s.id, (holds, pending))
@@ -411,11 +420,12 @@ impl World {
         let restored: Kept = self.homes[0]
             .iter()
             .map(|s| {
-                let holds = s
+                let mut holds: Vec<_> = s
                     .holds
                     .iter()
                     .map(|(n, h)| (n.to_vec(), h.mode, h.token))
                     .collect();
+                holds.sort_by(|a, b| a.0.cmp(&b.0));
                 let mut pending: Vec<u32> = s.pending.keys().copied().collect();
                 pending.sort_unstable();
                 (s.id, (holds, pending))

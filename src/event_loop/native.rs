@@ -345,10 +345,7 @@ impl EventLoop {
         // connection drains (`continue_replay`).
         let mut in_flight: Vec<u32> = session.pending.keys().copied().collect();
         in_flight.sort_unstable();
-        session.replay = Some(Replay {
-            before_gen: session.attach_gen,
-            after: None,
-        });
+        session.replay = Some(Replay::of(session));
         let conn = &mut self.conns[token.0];
         conn.session = Some(id);
         conn.hello_deadline_ms = 0;
