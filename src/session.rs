@@ -16,6 +16,10 @@ use crate::connection::ConnRef;
 use crate::lock_table::{Effect, Mode, Outcome, RequestId, SessionId};
 use crate::protocol::SECRET_LEN;
 
+/// A lock name kept by the home (pending requests, holds): inline up to 32
+/// bytes, so the common short name costs no allocation per request.
+pub type LockName = smallvec::SmallVec<[u8; 32]>;
+
 /// Bits of a session id that name its home loop.
 const HOME_BITS: u32 = 8;
 const _: () = assert!(crate::limits::THREADS_MAX <= 1 << HOME_BITS);
@@ -77,7 +81,7 @@ pub struct Pending {
     pub op: PendingOp,
     /// ACQUIRE and RELEASE (both protocols): the lock, so that the home
     /// keeps `Session::holds` from the outcome; empty for other requests.
-    pub name: Box<[u8]>,
+    pub name: LockName,
     /// ACQUIRE: the mode asked for.
     pub mode: Mode,
     /// ACQUIRE: the client asked for an interim QUEUED reply. (The shard
@@ -115,7 +119,7 @@ pub struct Session {
     /// The locks the session holds, as the home learns them from the
     /// grants, releases and losses it delivers (the shards have the
     /// authoritative copy): what a RESUME lists.
-    pub holds: HashMap<Box<[u8]>, Held>,
+    pub holds: HashMap<LockName, Held>,
     /// Counts the session's attachments (HELLO, each RESUME); a hold
     /// records the one it was granted under.
     pub attach_gen: u64,
@@ -194,7 +198,7 @@ impl Session {
                         self.holds.insert(pending.name, held);
                     }
                     Outcome::Ok if pending.op.is_release() => {
-                        self.holds.remove(&pending.name);
+                        self.holds.remove(&*pending.name);
                     }
                     _ => {}
                 }
@@ -203,8 +207,8 @@ impl Session {
             Effect::LockLost {
                 token, ref name, ..
             } => {
-                if self.holds.get(name).is_some_and(|h| h.token == token) {
-                    self.holds.remove(name);
+                if self.holds.get(&**name).is_some_and(|h| h.token == token) {
+                    self.holds.remove(&**name);
                 }
                 let unlisted = self.replay.as_ref().is_some_and(|r| r.unlisted(name));
                 Delivery::Lost {
@@ -243,7 +247,7 @@ pub struct Replay {
     pub before_gen: u64,
     /// The names the session held at the RESUME, in order (a copy: the
     /// holds change while the listing is written).
-    pub names: Vec<Box<[u8]>>,
+    pub names: Vec<LockName>,
     /// How many of `names` are listed (or skipped: released meanwhile).
     pub next: usize,
 }
@@ -251,7 +255,7 @@ pub struct Replay {
 impl Replay {
     /// The listing of `session`'s holds as of now (just attached).
     pub fn of(session: &Session) -> Replay {
-        let mut names: Vec<Box<[u8]>> = session.holds.keys().cloned().collect();
+        let mut names: Vec<LockName> = session.holds.keys().cloned().collect();
         names.sort_unstable();
         Replay {
             before_gen: session.attach_gen,

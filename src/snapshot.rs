@@ -10,7 +10,7 @@ use crate::dump::{self, Dump, DumpHold, DumpSession, DumpWaiter};
 use crate::limits::IN_FLIGHT_PER_SESSION_MAX;
 use crate::lock_table::{shard_for, Acquire, Command, Effect, LockTable, Mode, Wait};
 use crate::protocol::opcode;
-use crate::session::{home_of, Held, Pending, PendingOp, Session, Sessions};
+use crate::session::{home_of, Held, LockName, Pending, PendingOp, Session, Sessions};
 
 /// What a loop owned when it stopped: its shard's holds and signals, its
 /// sessions, and its last fencing token (for the dump).
@@ -204,7 +204,7 @@ pub fn restore(
             token: hold.token,
             gen: session.attach_gen,
         };
-        session.holds.insert(hold.name.as_slice().into(), held);
+        session.holds.insert(LockName::from_slice(&hold.name), held);
         introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
     }
     let mut requeued = 0;
@@ -232,7 +232,7 @@ pub fn restore(
             Pending {
                 shard: shard as u8,
                 op: PendingOp::Native(opcode::ACQUIRE),
-                name: waiter.name.as_slice().into(),
+                name: LockName::from_slice(&waiter.name),
                 mode,
                 notify_queued: false,
                 queued: false,

@@ -21,7 +21,7 @@ use crate::limits::{
 };
 use crate::lock_table::{shard_for, Acquire, Command, Mode, Outcome, SessionId, SignalOp, Wait};
 use crate::resp::{self, ErrorCode, StatValue, Verb};
-use crate::session::{secure_eq, Pending, PendingOp, RespOp};
+use crate::session::{secure_eq, LockName, Pending, PendingOp, RespOp};
 
 impl EventLoop {
     /// Decodes and handles the command at the front of `buf`: `None` when
@@ -328,8 +328,8 @@ impl EventLoop {
                 op: PendingOp::Resp(op),
                 // AQ, AQR and RELEASE: the home keeps the session's holds.
                 name: match op {
-                    RespOp::Aq | RespOp::Aqr | RespOp::Release => name.into(),
-                    _ => Box::default(),
+                    RespOp::Aq | RespOp::Aqr | RespOp::Release => LockName::from_slice(name),
+                    _ => LockName::new(),
                 },
                 mode: Mode::Exclusive,
                 notify_queued: false,

@@ -13,7 +13,7 @@ use crate::lock_table::{Acquire, Command, Mode, Outcome, RequestId, SessionId, S
 use crate::protocol::{
     self, opcode, Decoded, Fatal, Request, SignalKind, Status, SECRET_LEN, WAIT_FOREVER,
 };
-use crate::session::{home_of, random_secret, secure_eq, Pending, PendingOp, Replay};
+use crate::session::{home_of, random_secret, secure_eq, LockName, Pending, PendingOp, Replay};
 
 impl EventLoop {
     /// Writes the native reply to a gathered INSPECT, LIST or STATS.
@@ -542,7 +542,7 @@ impl EventLoop {
             Pending {
                 shard: shard as u8,
                 op: PendingOp::Native(op),
-                name: pending_name.into(),
+                name: LockName::from_slice(pending_name),
                 mode: pending_mode,
                 notify_queued,
                 queued: false,
