@@ -63,7 +63,8 @@ fn churn(client: &Client, seed: u64, stop: &AtomicBool) -> Told {
             }
         }
         let name = format!("barrier-{}", next() % NAMES as u64).into_bytes();
-        if told.contains_key(&name) {
+        let holds_it = told.contains_key(&name);
+        if holds_it {
             match client.release(&name) {
                 Ok(()) => {
                     told.remove(&name);
