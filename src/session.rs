@@ -149,7 +149,59 @@ pub enum Delivery {
     Signal,
 }
 
+/// Why a session cannot take a request now (`Session::refusal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The request id is still in flight.
+    DuplicateRequestId,
+    /// IN_FLIGHT_PER_SESSION_MAX requests are in flight.
+    TooManyInFlight,
+    /// QUERIES_IN_FLIGHT_MAX INSPECT/LIST/STATS are being answered.
+    TooManyQueries,
+    /// An acquire past HOLDS_PER_SESSION_MAX holds and pending requests.
+    TooManyHolds,
+}
+
+/// What a request asks of its session, for admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    Acquire,
+    /// INSPECT, LIST, STATS: answered by a gather, not a shard.
+    Query,
+    Other,
+}
+
 impl Session {
+    /// The admission rule of a session's requests, in one place: why
+    /// `request_id` (asking `ask`) cannot be taken now, if it cannot.
+    /// `queries` is how many INSPECT/LIST/STATS of the session are being
+    /// answered and whether one of them uses `request_id` (the loop keeps
+    /// those; a request id is in flight until its final reply either way).
+    pub fn refusal(
+        &self,
+        request_id: RequestId,
+        ask: Ask,
+        queries: (usize, bool),
+    ) -> Option<Refusal> {
+        use crate::limits::{
+            HOLDS_PER_SESSION_MAX, IN_FLIGHT_PER_SESSION_MAX, QUERIES_IN_FLIGHT_MAX,
+        };
+        let (queries_in_flight, query_uses_id) = queries;
+        if query_uses_id || self.pending.contains_key(&request_id) {
+            Some(Refusal::DuplicateRequestId)
+        } else if self.pending.len() >= IN_FLIGHT_PER_SESSION_MAX {
+            Some(Refusal::TooManyInFlight)
+        } else if ask == Ask::Query && queries_in_flight >= QUERIES_IN_FLIGHT_MAX {
+            Some(Refusal::TooManyQueries)
+        } else if ask == Ask::Acquire
+            && self.holds.len() + self.pending.len() >= HOLDS_PER_SESSION_MAX
+        {
+            Some(Refusal::TooManyHolds)
+        } else {
+            None
+        }
+    }
+
     /// Records `effect`: answers a pending request, keeps the holds from
     /// grants, releases and losses. The home's whole bookkeeping of an
     /// effect, with no I/O; the event loop writes what it returns, and the

@@ -40,18 +40,20 @@ fn take_many(client: &Client, count: usize, lease: Option<Duration>) -> Vec<(Vec
         wait: None,
         lease,
     };
-    let pending: Vec<_> = (0..count)
-        .map(|i| client.start_acquire(long_name(i), options, false).unwrap())
-        .collect();
-    pending
-        .into_iter()
-        .map(|p| {
+    // In batches the session's in-flight limit (1024) allows.
+    let mut taken = Vec::with_capacity(count);
+    for batch in (0..count).collect::<Vec<_>>().chunks(500) {
+        let pending: Vec<_> = batch
+            .iter()
+            .map(|&i| client.start_acquire(long_name(i), options, false).unwrap())
+            .collect();
+        for p in pending {
             let guard = p.wait().unwrap();
-            let taken = (guard.name().to_vec(), guard.token());
+            taken.push((guard.name().to_vec(), guard.token()));
             guard.forget();
-            taken
-        })
-        .collect()
+        }
+    }
+    taken
 }
 
 /// Items 7 and 10: a session holding 5000 locks with 1000-byte names
@@ -228,4 +230,89 @@ fn signal_pushes_never_cost_a_holder_its_locks() {
             Err(_) => break, // timed out: drained, still open
         }
     }
+}
+
+/// Item 7: a reply the server had produced but not yet sent when the
+/// connection dropped is parked and reaches the RESUME. The waiter stops
+/// reading and floods PINGs (id 0, which nothing keeps) until the server
+/// stops reading it; then its queued acquire is granted — behind the PING
+/// replies that do not fit the socket — and the connection is reset. The
+/// grant used to be lost with the connection's buffer.
+#[test]
+fn a_grant_unsent_when_the_connection_dropped_reaches_the_resume() {
+    use std::io::Write;
+    // One loop: the release and the grant it makes happen in one step.
+    let server = TestServer::start(1);
+    let holder = server.client();
+    holder.acquire("unsent").unwrap().forget();
+    let (mut waiter, id, secret) = RawConn::hello(server.addr, 30_000);
+    let acquire = Request::Acquire {
+        name: b"unsent",
+        mode: Mode::Exclusive,
+        wait_ms: protocol::WAIT_FOREVER,
+        lease_ms: 0,
+        notify_queued: true,
+    };
+    waiter.send(7, &acquire);
+    assert_eq!(waiter.recv().status, Status::Queued);
+    // Flood until a write blocks: every buffer between us is full and the
+    // server no longer reads this connection.
+    let mut pings = Vec::new();
+    for _ in 0..4096 {
+        protocol::encode_request(&mut pings, 0, &Request::Ping);
+    }
+    waiter
+        .stream
+        .set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut written = 0usize;
+    // Until writes make no progress for 3 × 500 ms in a row: the server
+    // stopped reading (not merely a busy moment of a loaded machine).
+    let mut stalls = 0;
+    while stalls < 3 {
+        match waiter.stream.write(&pings) {
+            Ok(n) => {
+                written += n;
+                stalls = 0;
+            }
+            Err(_) => stalls += 1,
+        }
+        assert!(written < 1 << 30, "the server never stopped reading");
+    }
+    holder.release("unsent").unwrap(); // grants request 7, into the stuck buffer
+    socket2::SockRef::from(&waiter.stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(waiter); // reset
+    let observer = server.client();
+    wait_until("the waiter detached", || {
+        observer.stats().unwrap().sessions_detached == 1
+    });
+    let mut resumed = RawConn::connect(server.addr);
+    let resume = Request::Resume {
+        session_id: id,
+        secret,
+        password: b"",
+    };
+    let reply = resumed.call(1, &resume);
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    assert_eq!(protocol::parse_resumed_in_flight(&reply.body), Some(vec![]));
+    let mut frames = Vec::new();
+    loop {
+        let frame = resumed.recv();
+        let end = frame.opcode == opcode::HELD_END;
+        frames.push((frame.opcode, frame.request_id, frame.status));
+        if end {
+            break;
+        }
+    }
+    assert_eq!(
+        frames,
+        [
+            (opcode::ACQUIRE, 7, Status::Ok),
+            (opcode::HELD, 0, Status::Ok),
+            (opcode::HELD_END, 0, Status::Ok)
+        ],
+        "the unsent grant, then the listing"
+    );
 }

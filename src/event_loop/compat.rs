@@ -16,12 +16,11 @@ use mio::Token;
 use super::{EventLoop, Flow, Gather, GatherReply, Msg, Query};
 use crate::connection::ConnRef;
 use crate::limits::{
-    CLIENT_ID_LEN_MAX, FIND_REPLY_BYTES_MAX, FIND_RESULTS_MAX, HOLDS_PER_SESSION_MAX, NAME_LEN_MAX,
-    SIGNAL_LEN_MAX,
+    CLIENT_ID_LEN_MAX, FIND_REPLY_BYTES_MAX, FIND_RESULTS_MAX, NAME_LEN_MAX, SIGNAL_LEN_MAX,
 };
 use crate::lock_table::{shard_for, Acquire, Command, Mode, Outcome, SessionId, SignalOp, Wait};
 use crate::resp::{self, ErrorCode, StatValue, Verb};
-use crate::session::{secure_eq, LockName, Pending, PendingOp, RespOp};
+use crate::session::{secure_eq, Ask, LockName, Pending, PendingOp, RespOp};
 
 impl EventLoop {
     /// Decodes and handles the command at the front of `buf`: `None` when
@@ -274,9 +273,13 @@ impl EventLoop {
             .sessions
             .get_mut(session)
             .expect("a connection's session lives at home");
-        if matches!(op, RespOp::Aq | RespOp::Aqr)
-            && s.holds.len() + s.pending.len() >= HOLDS_PER_SESSION_MAX
-        {
+        // The session's bounds (ids are chosen below, never duplicates:
+        // 0 is never one of them).
+        let ask = match op {
+            RespOp::Aq | RespOp::Aqr => Ask::Acquire,
+            _ => Ask::Other,
+        };
+        if s.refusal(0, ask, (0, false)).is_some() {
             self.resp_error(token, ErrorCode::ServerError);
             return;
         }

@@ -5,15 +5,14 @@
 use mio::Token;
 
 use super::{header_ids, unsent_frames, EventLoop, Flow, Gather, GatherReply, Query};
-use crate::limits::{
-    FIND_RESULTS_MAX, GRACE_MS_MAX, HOLDS_PER_SESSION_MAX, IN_FLIGHT_PER_SESSION_MAX,
-    LIST_REPLY_BYTES_MAX, QUERIES_IN_FLIGHT_MAX,
-};
+use crate::limits::{FIND_RESULTS_MAX, GRACE_MS_MAX, LIST_REPLY_BYTES_MAX};
 use crate::lock_table::{Acquire, Command, Mode, Outcome, RequestId, SessionId, SignalOp, Wait};
 use crate::protocol::{
     self, opcode, Decoded, Fatal, Request, SignalKind, Status, SECRET_LEN, WAIT_FOREVER,
 };
-use crate::session::{home_of, random_secret, secure_eq, LockName, Pending, PendingOp, Replay};
+use crate::session::{
+    home_of, random_secret, secure_eq, Ask, LockName, Pending, PendingOp, Refusal, Replay,
+};
 
 impl EventLoop {
     /// Writes the native reply to a gathered INSPECT, LIST or STATS.
@@ -129,7 +128,13 @@ impl EventLoop {
         }
         match (request, session) {
             (Request::Ping, session) => {
-                let in_flight = session.is_some_and(|id| self.in_flight(id, request_id));
+                let in_flight = session.is_some_and(|id| {
+                    let queries = self.queries_of(id, request_id);
+                    self.sessions.get(id).is_some_and(|s| {
+                        s.refusal(request_id, Ask::Other, queries)
+                            == Some(Refusal::DuplicateRequestId)
+                    })
+                });
                 let (status, message) = match in_flight {
                     true => (Status::DuplicateRequestId, "request id already in flight"),
                     false => (Status::Ok, ""),
@@ -357,17 +362,16 @@ impl EventLoop {
         Flow::Continue
     }
 
-    /// Whether `request_id` is in flight in session `id`: a request at a
-    /// shard (or parked, or queued), or an INSPECT/LIST/STATS being gathered.
-    fn in_flight(&self, id: SessionId, request_id: RequestId) -> bool {
-        let pending = self
-            .sessions
-            .get(id)
-            .is_some_and(|s| s.pending.contains_key(&request_id));
-        pending || self.gathers.values().any(|g| {
-            g.session == id
-                && matches!(g.reply, GatherReply::Native { request_id: r, .. } if r == request_id)
-        })
+    /// The INSPECT/LIST/STATS of session `id` being answered: how many, and
+    /// whether one of them uses `request_id` (for `Session::refusal`).
+    fn queries_of(&self, id: SessionId, request_id: RequestId) -> (usize, bool) {
+        let mut count = 0;
+        let mut uses_id = false;
+        for gather in self.gathers.values().filter(|g| g.session == id) {
+            count += 1;
+            uses_id |= matches!(gather.reply, GatherReply::Native { request_id: r, .. } if r == request_id);
+        }
+        (count, uses_id)
     }
 
     /// A request of an established session: admission checks, then to the shard.
@@ -379,30 +383,27 @@ impl EventLoop {
         request: Request<'_>,
     ) {
         let op = request.opcode();
-        let duplicate = self.in_flight(id, request_id);
+        let ask = match op {
+            opcode::ACQUIRE => Ask::Acquire,
+            opcode::INSPECT | opcode::LIST | opcode::STATS => Ask::Query,
+            _ => Ask::Other,
+        };
+        let queries = self.queries_of(id, request_id);
         let session = self
             .sessions
             .get_mut(id)
             .expect("a connection's session lives at home");
-        let is_query = matches!(op, opcode::INSPECT | opcode::LIST | opcode::STATS);
-        let refusal = if duplicate {
-            Some((Status::DuplicateRequestId, "request id already in flight"))
-        } else if session.pending.len() >= IN_FLIGHT_PER_SESSION_MAX {
-            Some((Status::TooManyInFlight, "too many requests in flight"))
-        } else if is_query
-            && self.gathers.values().filter(|g| g.session == id).count() >= QUERIES_IN_FLIGHT_MAX
-        {
-            Some((
+        let refusal = session.refusal(request_id, ask, queries).map(|r| match r {
+            Refusal::DuplicateRequestId => {
+                (Status::DuplicateRequestId, "request id already in flight")
+            }
+            Refusal::TooManyInFlight => (Status::TooManyInFlight, "too many requests in flight"),
+            Refusal::TooManyQueries => (
                 Status::TooManyInFlight,
                 "too many INSPECT/LIST/STATS in flight",
-            ))
-        } else if op == opcode::ACQUIRE
-            && session.holds.len() + session.pending.len() >= HOLDS_PER_SESSION_MAX
-        {
-            Some((Status::TooManyHolds, "too many holds in this session"))
-        } else {
-            None
-        };
+            ),
+            Refusal::TooManyHolds => (Status::TooManyHolds, "too many holds in this session"),
+        });
         if let Some((status, message)) = refusal {
             self.reply_status(token, op, request_id, status, message);
             return;
