@@ -13,8 +13,9 @@
 //!   So tokens never repeat after a crash, whatever the wall clock does.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Read};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -87,9 +88,10 @@ pub fn lock(dir: &Path, wait: Duration) -> io::Result<DirLock> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    file.set_len(0)?;
-    file.rewind()?;
-    writeln!(file, "{}", std::process::id())?;
+    // Overwrite, then cut: a waiter reading meanwhile never sees it empty.
+    let pid = format!("{}\n", std::process::id());
+    file.write_all_at(pid.as_bytes(), 0)?;
+    file.set_len(pid.len() as u64)?;
     Ok(DirLock { _file: file })
 }
 

@@ -41,7 +41,7 @@ use livelock::lock_table::{
     shard_for, Acquire, Command, Effect, LockTable, Mode, Outcome, RequestId, SessionId, Wait,
 };
 use livelock::protocol::opcode;
-use livelock::session::{Delivery, PendingOp, Sessions};
+use livelock::session::{Ask, Delivery, PendingOp, Sessions};
 use livelock::snapshot;
 use mio::Token;
 
@@ -241,6 +241,14 @@ impl World {
                 };
                 let lease_ms = self.rng.pick(&[0, 0, 300, 4000]);
                 let shard = self.shard(name);
+                // The home's admission rule, as the loop applies it.
+                let session = self.homes[0].get(id).unwrap();
+                if session
+                    .refusal(self.next_request, Ask::Acquire, (0, false))
+                    .is_some()
+                {
+                    return;
+                }
                 let request_id = self.pending(id, Kind::Acquire, shard, name, mode);
                 let acquire = Acquire {
                     session: id,
