@@ -345,6 +345,16 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     signal_handle.close();
+    // COMMAND ended while a reconnect was under way: let it end (it gives
+    // up by itself at the grace's bound), so that the release goes through
+    // the resumed session instead of the dead connection (which would leave
+    // the lock held until the grace runs out).
+    if let (Some(pending), None) = (reconnecting.take(), &lost) {
+        if let Ok(Some((client, sent))) = pending.recv() {
+            let confirmed = link.confirmed.max(sent);
+            link = Link::start(Arc::new(client), confirmed, link.generation + 1);
+        }
+    }
     link.finish(&args.name, lost.is_none());
     exit_code(status)
 }

@@ -153,10 +153,8 @@ fn livelock_run_with_grace_keeps_its_lock_across_a_server_restart() {
         probe.try_acquire("job").unwrap().is_none(),
         "job is still held"
     );
-    // `livelock run` notices the restart (heartbeat) and RESUMEs.
-    wait_until("run's session resumed", || {
-        probe.stats().unwrap().sessions_detached == 0
-    });
+    // The command may end while `livelock run` is still reconnecting: it
+    // releases through the resumed session all the same.
     std::fs::write(&go, b"").unwrap();
     let status = run.wait_exit();
     assert!(status.success(), "run failed: {}", run.stderr());
