@@ -43,7 +43,7 @@ use crate::limits::{
 use crate::lock_table::{shard_for, Command, Effect, ListOrder, LockTable, Outcome, SessionId};
 use crate::metrics::LoopMetrics;
 use crate::protocol::{self, opcode, Status};
-use crate::session::{home_of, Delivery, PendingOp, Session, Sessions};
+use crate::session::{home_of, Delivery, Listed, PendingOp, Session, Sessions};
 use crate::snapshot::{self, LoopState};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -1051,26 +1051,21 @@ impl EventLoop {
         let Some(session) = conn.session.and_then(|id| self.sessions.get_mut(id)) else {
             return;
         };
-        let Some(replay) = session.replay.as_mut() else {
-            return;
-        };
         let mut wrote = false;
         let mut done = false;
-        while conn.unwritten() <= WRITE_BUFFER_PAUSE {
-            wrote = true;
-            let Some(name) = replay.names.get(replay.next) else {
-                protocol::encode_push(&mut conn.wbuf, opcode::HELD_END);
-                session.replay = None;
-                done = true;
-                break;
-            };
-            // Still held, and not re-granted since (its reply was sent).
-            if let Some(held) = session.holds.get(name) {
-                if held.gen < replay.before_gen {
-                    protocol::encode_held(&mut conn.wbuf, held.token, held.mode, name);
+        while !done && conn.unwritten() <= WRITE_BUFFER_PAUSE {
+            match session.next_listed() {
+                None => break, // no listing under way
+                Some(Listed::Held(name, held)) => {
+                    protocol::encode_held(&mut conn.wbuf, held.token, held.mode, &name);
+                }
+                Some(Listed::Gone) => {}
+                Some(Listed::End) => {
+                    protocol::encode_push(&mut conn.wbuf, opcode::HELD_END);
+                    done = true;
                 }
             }
-            replay.next += 1;
+            wrote = true;
         }
         let eof = conn.eof;
         if wrote {

@@ -172,6 +172,20 @@ pub enum Ask {
 }
 
 impl Session {
+    /// The next step of the RESUME's listing of holds, if one is under way.
+    pub fn next_listed(&mut self) -> Option<Listed> {
+        let replay = self.replay.as_mut()?;
+        let Some(name) = replay.names.get(replay.next) else {
+            self.replay = None;
+            return Some(Listed::End);
+        };
+        replay.next += 1;
+        Some(match self.holds.get(&**name) {
+            Some(held) if held.gen < replay.before_gen => Listed::Held(name.clone(), *held),
+            _ => Listed::Gone,
+        })
+    }
+
     /// The admission rule of a session's requests, in one place: why
     /// `request_id` (asking `ask`) cannot be taken now, if it cannot.
     /// `queries` is how many INSPECT/LIST/STATS of the session are being
@@ -302,6 +316,31 @@ pub struct Replay {
     pub names: Vec<LockName>,
     /// How many of `names` are listed (or skipped: released meanwhile).
     pub next: usize,
+}
+
+/// The next step of a RESUME's listing (`Session::next_listed`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Listed {
+    /// A lock the session holds: one HELD push.
+    Held(LockName, Held),
+    /// A name of the listing no longer held (or re-granted since the
+    /// RESUME, whose reply the client got): nothing to write.
+    Gone,
+    /// The listing is complete: HELD_END.
+    End,
+}
+
+/// What a RESUME gives the new connection (`Sessions::resume`); the
+/// listing of holds is left in `Session::replay`.
+#[derive(Debug)]
+pub struct Resumption {
+    /// The connection the session was attached to (taken over), if any.
+    pub previous: Option<Token>,
+    pub grace_ms: u32,
+    /// Ids of the requests still in flight, in order.
+    pub in_flight: Vec<RequestId>,
+    /// Replies and signals parked while detached.
+    pub parked: Vec<u8>,
 }
 
 impl Replay {
@@ -480,6 +519,35 @@ impl Sessions {
         self.grace_timers
             .insert((session.detached_until_ms, id), ());
         None
+    }
+
+    /// RESUME(id, secret) on `conn`: attaches the session (taking it over
+    /// from another connection if need be) and starts the listing of its
+    /// holds. None if there is no such native session (ended, or a wrong
+    /// secret; LiveLock sessions are reached by CONN only).
+    pub fn resume(
+        &mut self,
+        id: SessionId,
+        secret: &[u8; SECRET_LEN],
+        conn: Token,
+    ) -> Option<Resumption> {
+        let known = self
+            .get(id)
+            .is_some_and(|s| s.client_id.is_none() && secure_eq(&s.secret, secret));
+        if !known {
+            return None;
+        }
+        let previous = self.attach(id, conn);
+        let session = self.get_mut(id).expect("attached above");
+        let mut in_flight: Vec<RequestId> = session.pending.keys().copied().collect();
+        in_flight.sort_unstable();
+        session.replay = Some(Replay::of(session));
+        Some(Resumption {
+            previous,
+            grace_ms: session.grace_ms,
+            in_flight,
+            parked: std::mem::take(&mut session.parked),
+        })
     }
 
     /// Attaches a detached (or attached elsewhere) session to `conn`; returns

@@ -26,6 +26,10 @@
 //!   interim QUEUED a pending acquire;
 //! - the home's view of each session's holds equals the tables'.
 //!
+//! Checked at each RESUME (`Sessions::resume`): a wrong secret is refused;
+//! the requests in flight are the pending ones; the listing of holds
+//! (`Session::next_listed`) is exactly the session's holds.
+//!
 //! Checked at each shutdown + reload: every session with a grace period
 //! comes back with the same id, the same holds (names, modes, tokens) and
 //! the same requests in flight; a session without grace comes back nowhere.
@@ -41,7 +45,7 @@ use livelock::lock_table::{
     shard_for, Acquire, Command, Effect, LockTable, Mode, Outcome, RequestId, SessionId, Wait,
 };
 use livelock::protocol::opcode;
-use livelock::session::{Ask, Delivery, PendingOp, Sessions};
+use livelock::session::{Ask, Delivery, Listed, PendingOp, Sessions};
 use livelock::snapshot;
 use mio::Token;
 
@@ -332,7 +336,7 @@ impl World {
                     .collect();
                 if !detached.is_empty() {
                     let id = self.rng.pick(&detached);
-                    self.home().attach(id, Token(2));
+                    self.resume(id);
                 }
             }
             80..=94 => {
@@ -343,6 +347,40 @@ impl World {
             _ => self.crash_and_reload(),
         }
         self.check();
+    }
+
+    /// RESUME (`Sessions::resume`, as the loop does): the requests still
+    /// in flight are the pending ones, and the listing (`next_listed`) is
+    /// exactly the session's holds.
+    fn resume(&mut self, id: SessionId) {
+        assert!(
+            self.home().resume(id, &[9; 16], Token(2)).is_none(),
+            "a wrong secret"
+        );
+        let resumed = self
+            .home()
+            .resume(id, &[7; 16], Token(2))
+            .expect("within its grace");
+        let session = self.homes[0].get_mut(id).unwrap();
+        let mut pending: Vec<u32> = session.pending.keys().copied().collect();
+        pending.sort_unstable();
+        assert_eq!(resumed.in_flight, pending);
+        let mut listed = BTreeMap::new();
+        loop {
+            match session.next_listed().expect("a listing under way") {
+                Listed::Held(name, held) => {
+                    listed.insert(name.to_vec(), (held.mode, held.token));
+                }
+                Listed::Gone => {}
+                Listed::End => break,
+            }
+        }
+        let holds: BTreeMap<Vec<u8>, (Mode, u64)> = session
+            .holds
+            .iter()
+            .map(|(n, h)| (n.to_vec(), (h.mode, h.token)))
+            .collect();
+        assert_eq!(listed, holds, "session {id:#x}: the listing is its holds");
     }
 
     /// The session is over: every shard it touched is told.

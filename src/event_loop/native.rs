@@ -11,7 +11,7 @@ use crate::protocol::{
     self, opcode, Decoded, Fatal, Request, SignalKind, Status, SECRET_LEN, WAIT_FOREVER,
 };
 use crate::session::{
-    home_of, random_secret, secure_eq, Ask, LockName, Pending, PendingOp, Refusal, Replay,
+    home_of, random_secret, secure_eq, Ask, LockName, Pending, PendingOp, Refusal,
 };
 
 impl EventLoop {
@@ -312,13 +312,7 @@ impl EventLoop {
         if home != self.idx {
             return Flow::Migrate(home);
         }
-        let known = self
-            .sessions
-            .get(id)
-            // LiveLock client-id sessions have no secret (all zeros) and are
-            // reached by CONN only.
-            .is_some_and(|s| s.client_id.is_none() && secure_eq(&s.secret, secret));
-        if !known {
+        let Some(resumed) = self.sessions.resume(id, secret, token) else {
             self.reply_status(
                 token,
                 opcode::RESUME,
@@ -327,37 +321,31 @@ impl EventLoop {
                 "no such session (ended, or wrong secret)",
             );
             return Flow::Continue;
-        }
+        };
         let mut taken_over = Vec::new();
-        if let Some(old) = self.sessions.attach(id, token) {
+        if let Some(conn) = resumed.previous.and_then(|old| self.conns.get_mut(old.0)) {
             // Taken over: the old connection loses the session and closes;
             // what it had not started to send comes here instead.
-            if let Some(conn) = self.conns.get_mut(old.0) {
-                let (first, kept) = unsent_frames(conn);
-                conn.wbuf.truncate(first);
-                taken_over = kept;
-                conn.session = None;
-                protocol::encode_push(&mut conn.wbuf, opcode::SESSION_TAKEN);
-                self.start_closing(old);
-            }
+            let (first, kept) = unsent_frames(conn);
+            conn.wbuf.truncate(first);
+            taken_over = kept;
+            conn.session = None;
+            protocol::encode_push(&mut conn.wbuf, opcode::SESSION_TAKEN);
+            self.start_closing(resumed.previous.expect("checked"));
         }
-        let session = self.sessions.get_mut(id).expect("attached above");
-        let parked = std::mem::take(&mut session.parked);
-        let grace_ms = session.grace_ms;
         // The reply says which requests are still in flight; then come the
-        // replies and signals parked while detached; then the listing of
-        // every lock the session holds (HELD ..., HELD_END), written as the
-        // connection drains (`continue_replay`).
-        let mut in_flight: Vec<u32> = session.pending.keys().copied().collect();
-        in_flight.sort_unstable();
-        session.replay = Some(Replay::of(session));
+        // replies the old connection had not sent, and those parked while
+        // detached; then the listing of every lock the session holds
+        // (HELD ..., HELD_END), written as the connection drains
+        // (`continue_replay`).
         let conn = &mut self.conns[token.0];
         conn.session = Some(id);
         conn.hello_deadline_ms = 0;
         let out = self.wbuf(token);
-        protocol::encode_resumed(out, request_id, id, secret, grace_ms, &in_flight);
+        let (grace_ms, in_flight) = (resumed.grace_ms, &resumed.in_flight);
+        protocol::encode_resumed(out, request_id, id, secret, grace_ms, in_flight);
         out.extend_from_slice(&taken_over);
-        out.extend_from_slice(&parked);
+        out.extend_from_slice(&resumed.parked);
         self.continue_replay(token);
         Flow::Continue
     }
