@@ -120,8 +120,9 @@ pub struct TokenCeiling {
     /// ceiling is then u64::MAX and tokens are not kept across restarts.
     path: Option<PathBuf>,
     ceiling: AtomicU64,
-    /// Serialises extensions by several loops.
-    extending: Mutex<()>,
+    /// Serialises extensions by several loops; after a failed write (disk
+    /// full), when to try again (at most once a second, not every turn).
+    extending: Mutex<Option<Instant>>,
 }
 
 impl TokenCeiling {
@@ -130,7 +131,7 @@ impl TokenCeiling {
         TokenCeiling {
             path: None,
             ceiling: AtomicU64::new(u64::MAX),
-            extending: Mutex::new(()),
+            extending: Mutex::new(None),
         }
     }
 
@@ -168,7 +169,7 @@ impl TokenCeiling {
         let tokens = TokenCeiling {
             path: Some(path),
             ceiling: AtomicU64::new(ceiling),
-            extending: Mutex::new(()),
+            extending: Mutex::new(None),
         };
         Ok((tokens, floor))
     }
@@ -180,8 +181,8 @@ impl TokenCeiling {
     /// Called by each loop once per turn with its shard's last token: when
     /// less than half a block is left, moves the ceiling a block above it
     /// (durably, before anyone can use it). Returns the ceiling in force.
-    /// A failed write (disk full) is reported and retried on later turns;
-    /// half a block is still left meanwhile.
+    /// A failed write (disk full) is reported and retried at most once a
+    /// second; half a block is still left meanwhile.
     pub fn ensure(&self, last_token: u64) -> u64 {
         let ceiling = self.get();
         if ceiling - last_token.min(ceiling) >= TOKEN_BLOCK / 2 {
@@ -190,9 +191,11 @@ impl TokenCeiling {
         let Some(path) = &self.path else {
             return ceiling;
         };
-        let _guard = self.extending.lock();
+        let mut retry_at = self.extending.lock();
         let ceiling = self.get();
-        if ceiling - last_token.min(ceiling) >= TOKEN_BLOCK / 2 {
+        if ceiling - last_token.min(ceiling) >= TOKEN_BLOCK / 2
+            || retry_at.is_some_and(|at| Instant::now() < at)
+        {
             return ceiling;
         }
         let Some(next) = last_token.checked_add(TOKEN_BLOCK) else {
@@ -200,10 +203,12 @@ impl TokenCeiling {
         };
         match dump::write_atomic(path, &encode_mark(next)) {
             Ok(()) => {
+                *retry_at = None;
                 self.ceiling.store(next, Ordering::Release);
                 next
             }
             Err(error) => {
+                *retry_at = Some(Instant::now() + Duration::from_secs(1));
                 eprintln!(
                     "livelock: error: cannot extend the fencing-token reservation in {}: {error}",
                     path.display()

@@ -511,9 +511,11 @@ impl EventLoop {
             // Retry the full inbox soon, without spinning on it.
             return Some(Duration::from_millis(1));
         }
+        // Frozen, timers do not fire: their deadlines wake nobody.
+        let live = |deadline: Option<u64>| deadline.filter(|_| !self.frozen);
         let deadlines = [
-            self.table.next_deadline(),
-            self.sessions.next_deadline(),
+            live(self.table.next_deadline()),
+            live(self.sessions.next_deadline()),
             self.hello_timers.keys().next().map(|k| k.0),
             self.shutdown_deadline_ms,
         ];
@@ -1524,10 +1526,12 @@ fn frame_len(buf: &[u8]) -> Option<usize> {
 
 /// The complete frames of a native connection's output that the peer has
 /// not started to receive: (offset of the first, the ones worth keeping
-/// for its session — final replies, deferred grants and signals — at most
-/// PARKED_PUSHES_MAX bytes). The buffer starts at a frame boundary (it is
-/// cleared only when all of it is written); if it does not look like one
-/// (a connection that moved between loops mid-frame), nothing is kept.
+/// for its session). Kept: the answers to its requests (not to HELLO,
+/// RESUME or PING, which belong to that connection), then SIGNALLED pushes,
+/// at most PARKED_PUSHES_MAX bytes in all, answers first. The buffer starts
+/// at a frame boundary (it is cleared only when all of it is written); if
+/// it does not look like one (a connection that moved between loops
+/// mid-frame), nothing is kept.
 fn unsent_frames(conn: &Connection) -> (usize, Vec<u8>) {
     let wbuf = &conn.wbuf;
     let mut at = 0;
@@ -1538,14 +1542,23 @@ fn unsent_frames(conn: &Connection) -> (usize, Vec<u8>) {
         }
     }
     let first = at;
-    let mut kept = Vec::new();
+    let mut answers = Vec::new();
+    let mut signals = Vec::new();
     while let Some(len) = frame_len(&wbuf[at..]) {
-        let (op, request_id) = header_ids(&wbuf[at..]);
-        let wanted = request_id != 0 || op == opcode::SIGNALLED;
-        if wanted && kept.len() + len <= PARKED_PUSHES_MAX {
-            kept.extend_from_slice(&wbuf[at..at + len]);
+        let frame = &wbuf[at..at + len];
+        match header_ids(frame).0 {
+            opcode::HELLO | opcode::RESUME | opcode::PING => {}
+            op if op < opcode::LOCK_LOST => answers.push(frame),
+            opcode::SIGNALLED => signals.push(frame),
+            _ => {} // pushes the RESUME's listing makes up for
         }
         at += len;
+    }
+    let mut kept = Vec::new();
+    for frame in answers.into_iter().chain(signals) {
+        if kept.len() + frame.len() <= PARKED_PUSHES_MAX {
+            kept.extend_from_slice(frame);
+        }
     }
     (first, kept)
 }

@@ -127,10 +127,11 @@ const _: () = assert!(
 /// most one name's match (about pattern length × name length steps).
 pub const SCAN_WORK_PER_TURN: usize = 16_384;
 
-/// Fencing tokens one shard may hand out per millisecond, on average since
-/// the server started. Each start puts every shard's counter at
-/// `now_unix_ms * TOKENS_PER_MS_MAX`, above anything an earlier run (even one
-/// that crashed without a dump) can have handed out, as long as the wall
-/// clock did not step back. 65,536/ms is 50× the fastest shard measured
+/// Fencing tokens one shard may hand out per millisecond, on average. Only
+/// seeds token counters from the wall clock: `now_unix_ms * TOKENS_PER_MS_MAX`
+/// starts a data directory's durable mark the first time (above anything an
+/// earlier version handed out), and the counters of a server without a mark
+/// (an embedder's in-memory server, which then relies on the clock not
+/// stepping back). 65,536/ms is 50× the fastest shard measured
 /// (BENCHMARKS.md); u64 holds such tokens for thousands of years.
 pub const TOKENS_PER_MS_MAX: u64 = 1 << 16;

@@ -7,7 +7,7 @@
 
 use crate::connection::ConnRef;
 use crate::dump::{self, Dump, DumpHold, DumpSession, DumpWaiter};
-use crate::limits::IN_FLIGHT_PER_SESSION_MAX;
+use crate::limits::{CLIENT_NAME_LEN_MAX, IN_FLIGHT_PER_SESSION_MAX};
 use crate::lock_table::{shard_for, Acquire, Command, Effect, LockTable, Mode, Wait};
 use crate::protocol::opcode;
 use crate::session::{home_of, Held, LockName, Pending, PendingOp, Session, Sessions};
@@ -128,11 +128,14 @@ pub fn restore(
     let put_back =
         |sessions: &mut [Sessions], home: usize, id: u64, s: &crate::dump::DumpSession| {
             let until_ms = now_ms + restart_grace_ms.max(u64::from(s.grace_ms));
+            // A dump allows longer client names than HELLO does; listings
+            // are sized for HELLO's.
+            let name_len = s.client_name.len().min(CLIENT_NAME_LEN_MAX);
             sessions[home].restore(
                 id,
                 s.secret,
                 s.grace_ms,
-                &s.client_name,
+                &s.client_name[..name_len],
                 s.client_id.as_deref(),
                 until_ms,
             );
@@ -145,7 +148,18 @@ pub fn restore(
             Some(client_id) => shard_for(client_id, loops),
             None => home_of(session.id),
         };
-        if home < loops && home_of(session.id) == home && sessions[home].get(session.id).is_none() {
+        // One session per LiveLock client id (a dump may repeat one).
+        let id_free = |sessions: &[Sessions]| {
+            session
+                .client_id
+                .as_ref()
+                .map_or(true, |c| sessions[home].by_client(c).is_none())
+        };
+        if home < loops
+            && home_of(session.id) == home
+            && sessions[home].get(session.id).is_none()
+            && id_free(sessions)
+        {
             put_back(sessions, home, session.id, session);
             restored_ids.insert(session.id, (session.id, home));
         }

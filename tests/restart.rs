@@ -24,6 +24,9 @@ fn start_on(dir: &ScratchDir, listen: std::net::SocketAddr) -> TestServer {
         config.dump_save = true;
         config.dump_load = true;
         config.release_all_timeout = Duration::from_millis(300);
+        // A clock at the epoch: tokens seeded from it start near 0, so only
+        // the dump keeps them increasing across a restart.
+        config.clock_start_unix_ms = Some(1);
     })
 }
 
@@ -343,5 +346,21 @@ fn tokens_keep_increasing_across_a_restart_without_a_dump() {
     assert!(
         after > before,
         "token {after} after the restart is not above {before}"
+    );
+}
+
+/// A server without a durable mark (an embedder's, `keep_tokens` off, no
+/// dump) still starts its tokens above an earlier run's, from the wall
+/// clock (found in review: they restarted at 1).
+#[test]
+fn an_in_memory_server_starts_its_tokens_from_the_clock() {
+    let first = TestServer::start(1);
+    let before = first.client().acquire("fenced").unwrap().token();
+    stop(first);
+    let second = TestServer::start(1);
+    let after = second.client().acquire("fenced").unwrap().token();
+    assert!(
+        after > before,
+        "token {after} after the restart, {before} before"
     );
 }
