@@ -70,21 +70,7 @@ fn spawn_server(
 /// Fails early if it exits first.
 fn wait_listening(server: &mut ChildGuard, addr: SocketAddr) {
     let line = format!("listening on {addr}");
-    let start = Instant::now();
-    while !server.stderr().contains(&line) {
-        if let Some(status) = server.try_wait() {
-            panic!(
-                "the server exited ({status}) before listening; stderr: {}",
-                server.stderr()
-            );
-        }
-        assert!(
-            start.elapsed() < WAIT_MAX,
-            "the server did not listen on {addr} within {WAIT_MAX:?}; stderr: {}",
-            server.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    server.wait_for(&line, |s| s.stderr().contains(&line).then_some(()));
 }
 
 /// Spawns a server and waits until it listens.

@@ -49,30 +49,12 @@ use livelock::session::{Ask, Delivery, Listed, PendingOp, Sessions};
 use livelock::snapshot;
 use mio::Token;
 
+mod common;
+use common::Rng;
+
 const NAMES: [&[u8]; 6] = [b"a", b"b", b"c", b"d", b"e", b"f"];
 const STEPS: usize = 1500;
 const SESSIONS_LIVE: usize = 12;
-
-/// splitmix64: tiny, fast, and the same on every platform.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
 
 /// What a pending request was, as the simulation's client knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -415,22 +397,7 @@ impl World {
     fn shutdown_and_reload(&mut self) {
         self.restarts += 1;
         // What the clients were last told, for the sessions that are kept.
-        type Kept = BTreeMap<SessionId, (Vec<(Vec<u8>, Mode, u64)>, Vec<u32>)>;
-        let kept: Kept = self.homes[0]
-            .iter()
-            .filter(|s| s.grace_ms > 0)
-            .map(|s| {
-                let mut holds: Vec<_> = s
-                    .holds
-                    .iter()
-                    .map(|(n, h)| (n.to_vec(), h.mode, h.token))
-                    .collect();
-                holds.sort_by(|a, b| a.0.cmp(&b.0));
-                let mut pending: Vec<u32> = s.pending.keys().copied().collect();
-                pending.sort_unstable();
-                (s.id, (holds, pending))
-            })
-            .collect();
+        let kept = told(&self.homes[0], |s| s.grace_ms > 0);
         let mut parts: Vec<_> = self
             .tables
             .iter()
@@ -463,20 +430,7 @@ impl World {
             .into_iter()
             .filter(|((id, _), _)| kept.contains_key(id))
             .collect();
-        let restored: Kept = self.homes[0]
-            .iter()
-            .map(|s| {
-                let mut holds: Vec<_> = s
-                    .holds
-                    .iter()
-                    .map(|(n, h)| (n.to_vec(), h.mode, h.token))
-                    .collect();
-                holds.sort_by(|a, b| a.0.cmp(&b.0));
-                let mut pending: Vec<u32> = s.pending.keys().copied().collect();
-                pending.sort_unstable();
-                (s.id, (holds, pending))
-            })
-            .collect();
+        let restored = told(&self.homes[0], |_| true);
         // Queued acquires are all that is in flight at a barrier (a
         // single-threaded home has no request in transit), so the restored
         // sessions must be exactly the kept ones.
@@ -576,6 +530,27 @@ impl World {
         }
         self.check();
     }
+}
+
+/// Per session (those `keep` selects): its holds (name, mode, token) and
+/// its requests in flight, in order.
+type Told = BTreeMap<SessionId, (Vec<(Vec<u8>, Mode, u64)>, Vec<u32>)>;
+
+fn told(home: &Sessions, keep: impl Fn(&livelock::session::Session) -> bool) -> Told {
+    home.iter()
+        .filter(|s| keep(s))
+        .map(|s| {
+            let mut holds: Vec<_> = s
+                .holds
+                .iter()
+                .map(|(n, h)| (n.to_vec(), h.mode, h.token))
+                .collect();
+            holds.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut pending: Vec<u32> = s.pending.keys().copied().collect();
+            pending.sort_unstable();
+            (s.id, (holds, pending))
+        })
+        .collect()
 }
 
 fn run(seed: u64) -> (usize, usize) {

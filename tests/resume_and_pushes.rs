@@ -96,14 +96,7 @@ fn locks_lost_while_detached_are_not_parked_and_not_listed() {
     wait_until("the leases to run out", || {
         observer.stats().unwrap().locks == 1
     });
-    let mut raw = RawConn::connect(server.addr);
-    let resume = Request::Resume {
-        session_id: id,
-        secret,
-        password: b"",
-    };
-    let reply = raw.call(1, &resume);
-    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    let (mut raw, _) = RawConn::resume(server.addr, id, secret);
     let mut frames = Vec::new();
     loop {
         let frame = raw.recv();
@@ -288,14 +281,7 @@ fn a_grant_unsent_when_the_connection_dropped_reaches_the_resume() {
     wait_until("the waiter detached", || {
         observer.stats().unwrap().sessions_detached == 1
     });
-    let mut resumed = RawConn::connect(server.addr);
-    let resume = Request::Resume {
-        session_id: id,
-        secret,
-        password: b"",
-    };
-    let reply = resumed.call(1, &resume);
-    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    let (mut resumed, reply) = RawConn::resume(server.addr, id, secret);
     assert_eq!(protocol::parse_resumed_in_flight(&reply.body), Some(vec![]));
     let mut frames = Vec::new();
     loop {

@@ -1109,14 +1109,7 @@ fn a_resume_lists_a_full_in_flight_window() {
     }
     drop(waiter);
 
-    let mut resumed = RawConn::connect(server.addr);
-    let resume = Request::Resume {
-        session_id: id,
-        secret,
-        password: b"",
-    };
-    let reply = resumed.call(1, &resume);
-    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    let (mut resumed, reply) = RawConn::resume(server.addr, id, secret);
     assert_eq!(reply.body.len(), protocol::RESUME_REPLY_BODY_MAX);
     assert_eq!(
         protocol::parse_resumed_in_flight(&reply.body),

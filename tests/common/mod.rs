@@ -185,6 +185,20 @@ impl RawConn {
         }
     }
 
+    /// Connects and RESUMEs session `id` (request id 1): the connection and
+    /// the reply, which must be Ok.
+    pub fn resume(addr: SocketAddr, id: u64, secret: [u8; SECRET_LEN]) -> (RawConn, RawFrame) {
+        let mut conn = RawConn::connect(addr);
+        let resume = Request::Resume {
+            session_id: id,
+            secret,
+            password: b"",
+        };
+        let reply = conn.call(1, &resume);
+        assert_eq!(reply.status, Status::Ok, "RESUME: {reply:?}");
+        (conn, reply)
+    }
+
     /// Sends `request` and returns the next frame, which must answer it.
     pub fn call(&mut self, request_id: u32, request: &Request<'_>) -> RawFrame {
         self.send(request_id, request);
@@ -335,6 +349,26 @@ impl ChildGuard {
         self.child.try_wait().expect("try_wait")
     }
 
+    /// Waits (bounded by WAIT_MAX) until `found` gives something; fails
+    /// early, showing its stderr, if the process exits first.
+    pub fn wait_for<T>(&mut self, what: &str, mut found: impl FnMut(&Self) -> Option<T>) -> T {
+        let start = Instant::now();
+        loop {
+            if let Some(value) = found(self) {
+                return value;
+            }
+            if let Some(status) = self.try_wait() {
+                panic!("exited ({status}) before {what}; stderr: {}", self.stderr());
+            }
+            assert!(
+                start.elapsed() < WAIT_MAX,
+                "no {what} within {WAIT_MAX:?}; stderr: {}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Waits at most WAIT_MAX for it to exit (then panics; drop kills it).
     pub fn wait_exit(&mut self) -> ExitStatus {
         let start = Instant::now();
@@ -375,5 +409,41 @@ pub fn process_gone(pid: u32) -> bool {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.trim_start().chars().next())
             .is_some_and(|state| state == 'Z' || state == 'X'),
+    }
+}
+
+// ---- deterministic randomness (simulations) -------------------------------
+
+/// splitmix64: tiny, fast, and the same on every platform.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in 0..n (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn index(&mut self, len: usize) -> usize {
+        self.below(len as u64) as usize
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+
+    pub fn range(&mut self, low: u64, high: u64) -> u64 {
+        low + self.below(high - low + 1)
+    }
+
+    pub fn pick<T: Copy>(&mut self, items: &[T]) -> T {
+        items[self.index(items.len())]
     }
 }
