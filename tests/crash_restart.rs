@@ -14,24 +14,10 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{wait_until, ChildGuard, ScratchDir, WAIT_MAX};
+use common::{livelock_bin, wait_until, ChildGuard, ScratchDir, WAIT_MAX};
 use livelock::client::{Client, ClientOptions};
-
-/// The binary, with every `LIVELOCK_*` variable of the test's environment
-/// removed (so a developer's settings cannot leak in) and no stdin.
-fn livelock() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_livelock"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("LIVELOCK_") {
-            command.env_remove(key);
-        }
-    }
-    command.stdin(Stdio::null());
-    command
-}
 
 /// `dir/data`, created here (the server creates a missing one too; this
 /// way the tests fail for what they test on servers that did not).
@@ -56,7 +42,7 @@ fn spawn_server(
     addr: SocketAddr,
     extra: &[&str],
 ) -> ChildGuard {
-    let mut command = livelock();
+    let mut command = livelock_bin();
     command
         .args(["server", "--listen", &addr.to_string(), "--data-dir"])
         .arg(data_dir)
@@ -421,7 +407,7 @@ fn a_panicking_loop_ends_the_process() {
     let dir = ScratchDir::new("panic-loop");
     let data_dir = data_dir(&dir);
     let addr = free_addr();
-    let mut command = livelock();
+    let mut command = livelock_bin();
     command
         .env("LIVELOCK_FAULT_PANIC_LOOP", "1")
         .args(["server", "--listen", &addr.to_string(), "--data-dir"])

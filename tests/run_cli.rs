@@ -18,26 +18,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{bounded, process_gone, wait_until, ChildGuard, ScratchDir, TestServer, WAIT_MAX};
+use common::{
+    bounded, livelock_bin, process_gone, wait_until, ChildGuard, ScratchDir, TestServer, WAIT_MAX,
+};
 use livelock::client::{AcquireOptions, Client, ClientOptions, Event};
 use livelock::protocol::Mode;
 
-/// The binary, with every `LIVELOCK_*` variable of the test's environment
-/// removed (so a developer's settings cannot leak in) and no stdin.
-fn livelock() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_livelock"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("LIVELOCK_") {
-            command.env_remove(key);
-        }
-    }
-    command.stdin(Stdio::null());
-    command
-}
-
 /// `livelock run --server ADDR OPTIONS... NAME --`; the caller adds the command.
 fn run_command(server: &TestServer, options: &[&str], name: &str) -> Command {
-    let mut command = livelock();
+    let mut command = livelock_bin();
     command
         .arg("run")
         .arg("--server")
@@ -509,7 +498,7 @@ fn a_partitioned_run_ends_the_command_before_the_server_can_free_the_lock() {
     let proxy = Proxy::start(server.addr);
     let dir = ScratchDir::new("run-partition");
     let pid_file = dir.join("pids");
-    let mut command = livelock();
+    let mut command = livelock_bin();
     // The whole tree ignores SIGTERM, and --kill-after is 10 s: only the
     // heartbeat's own deadline can end it in time.
     command
@@ -588,7 +577,7 @@ fn a_partitioned_run_ends_the_command_before_the_server_can_free_the_lock() {
 #[test]
 fn help_names_the_commands_and_the_run_options() {
     let dir = ScratchDir::new("help");
-    let (code, stdout, stderr) = run_to_end("help", livelock().arg("--help"), &dir);
+    let (code, stdout, stderr) = run_to_end("help", livelock_bin().arg("--help"), &dir);
     assert_eq!(code, Some(0), "stderr: {stderr}");
     for command in ["server", "run", "list", "inspect", "signal", "stats"] {
         assert!(
@@ -599,7 +588,8 @@ fn help_names_the_commands_and_the_run_options() {
         );
     }
 
-    let (code, stdout, stderr) = run_to_end("run-help", livelock().args(["run", "--help"]), &dir);
+    let (code, stdout, stderr) =
+        run_to_end("run-help", livelock_bin().args(["run", "--help"]), &dir);
     assert_eq!(code, Some(0), "stderr: {stderr}");
     for option in ["--wait", "--shared", "--grace", "--kill-after", "--server"] {
         assert!(
@@ -618,7 +608,7 @@ fn admin(
     what: &str,
     args: &[&str],
 ) -> (Option<i32>, String, String) {
-    let mut command = livelock();
+    let mut command = livelock_bin();
     command
         .args(args)
         .arg("--server")
@@ -792,7 +782,7 @@ fn admin_commands_fail_cleanly_without_a_server() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut command = livelock();
+    let mut command = livelock_bin();
     command.args(["stats", "--server"]).arg(addr.to_string());
     let (code, _, stderr) = run_to_end("stats", &mut command, &dir);
     assert_eq!(code, Some(1));
@@ -801,7 +791,7 @@ fn admin_commands_fail_cleanly_without_a_server() {
         "unclear message: {stderr:?}"
     );
 
-    let mut command = livelock();
+    let mut command = livelock_bin();
     command
         .args(["run", "--server"])
         .arg(addr.to_string())
@@ -815,7 +805,7 @@ fn admin_commands_fail_cleanly_without_a_server() {
 #[test]
 fn server_refuses_a_public_address_without_a_password() {
     let dir = ScratchDir::new("server-public");
-    let mut command = livelock();
+    let mut command = livelock_bin();
     command.args(["server", "--listen", "0.0.0.0:0", "--no-dump"]);
     // Exits at once; a server that started serving fails here (and is killed).
     let (code, _, stderr) = run_to_end("server", &mut command, &dir);
@@ -827,7 +817,7 @@ fn server_refuses_a_public_address_without_a_password() {
 #[test]
 fn server_names_a_bad_boolean_variable() {
     let dir = ScratchDir::new("server-bad-bool");
-    let mut command = livelock();
+    let mut command = livelock_bin();
     command
         .args(["server", "--port", "0", "--no-dump"])
         .env("LIVELOCK_SHUTDOWN_SUPPORT", "maybe");

@@ -412,6 +412,20 @@ pub fn process_gone(pid: u32) -> bool {
     }
 }
 
+/// The `livelock` binary, with every `LIVELOCK_*` variable of the test's
+/// environment removed (so a developer's settings cannot leak in) and no
+/// stdin.
+pub fn livelock_bin() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_livelock"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("LIVELOCK_") {
+            command.env_remove(key);
+        }
+    }
+    command.stdin(std::process::Stdio::null());
+    command
+}
+
 // ---- deterministic randomness (simulations) -------------------------------
 
 /// splitmix64: tiny, fast, and the same on every platform.
