@@ -34,7 +34,7 @@ struct Cli {
 enum Commands {
     /// Run the lock server.
     Server(ServerArgs),
-    /// Hold a lock while a command runs (exit 75 if the lock is not obtained).
+    /// Hold a lock while a command runs (exit 75: not obtained in time; 79: lost while it ran).
     Run(run::RunArgs),
     /// Operator commands: list, inspect, signal, stats.
     #[command(flatten)]

@@ -40,10 +40,25 @@ use crossbeam_channel::{after, never, select, Receiver, Sender};
 use livelock::client::{AcquireOptions, Client, ClientOptions, Error, Event};
 use livelock::protocol::{Mode, Status, SECRET_LEN};
 
-/// Exit status when the lock was not obtained (EX_TEMPFAIL).
+/// Exit statuses of `livelock run` other than COMMAND's own (README,
+/// "Exit status"). A usage error is 2 (clap's, and ours for what clap
+/// cannot check).
+const EXIT_USAGE: u8 = 2;
+/// The lock was not obtained in time (EX_TEMPFAIL): the only one to retry on.
 const EXIT_NOT_LOCKED: u8 = 75;
-/// Exit status when COMMAND could not be started.
+/// No session could be opened: server down, unreachable, or at capacity
+/// (EX_UNAVAILABLE).
+const EXIT_UNAVAILABLE: u8 = 69;
+/// The server refused the password (EX_NOPERM).
+const EXIT_AUTH: u8 = 77;
+/// Anything else that went wrong on our side (EX_SOFTWARE).
+const EXIT_INTERNAL: u8 = 70;
+/// The lock was lost while COMMAND ran (COMMAND was stopped): whatever
+/// COMMAND's own status, so a caller tells it from COMMAND failing.
+const EXIT_LOCK_LOST: u8 = 79;
+/// COMMAND could not be found, or not executed (as shells do).
 const EXIT_NO_COMMAND: u8 = 127;
+const EXIT_NOT_EXECUTABLE: u8 = 126;
 
 /// A PING is sent this often while COMMAND runs.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(500);
@@ -73,6 +88,12 @@ const SUPERVISOR_PDEATHSIG: libc::c_int = libc::SIGUSR1;
 const SUPERVISOR_KILL_NOW: libc::c_int = libc::SIGUSR2;
 
 #[derive(Args)]
+#[command(
+    after_help = "Exit status: COMMAND's own (128 + N if killed by signal N); \
+75 the lock was not obtained in time; 79 the lock was lost while COMMAND ran (it was \
+stopped); 2 usage error; 69 no session (server down, unreachable or at capacity); \
+77 password refused; 70 other error; 126/127 COMMAND not executable / not found."
+)]
 pub struct RunArgs {
     /// Server address [default: LIVELOCK_HOST:LIVELOCK_PORT, else 127.0.0.1:7873]
     #[arg(long, value_name = "HOST:PORT")]
@@ -157,6 +178,30 @@ pub fn run(args: RunArgs) -> ExitCode {
         .into_iter()
         .filter(|&signal| !ignored(signal))
         .collect();
+    // What the server would refuse, refused here with a usage error.
+    if args.name.is_empty() || args.name.len() > livelock::limits::NAME_LEN_MAX {
+        let shown: String = args.name.chars().take(40).collect();
+        return fail(
+            EXIT_USAGE,
+            format_args!(
+                "a lock name is 1 to {} bytes, not {} ({shown:?}{})",
+                livelock::limits::NAME_LEN_MAX,
+                args.name.len(),
+                if shown.len() < args.name.len() {
+                    "…"
+                } else {
+                    ""
+                }
+            ),
+        );
+    }
+    let grace_max = Duration::from_millis(livelock::limits::GRACE_MS_MAX.into());
+    if args.grace > grace_max {
+        return fail(
+            EXIT_USAGE,
+            format_args!("--grace is at most {grace_max:?}, not {:?}", args.grace),
+        );
+    }
     let addr = crate::admin::server_addr(&args.server);
     let options = ClientOptions {
         password: args.password.clone(),
@@ -165,9 +210,12 @@ pub fn run(args: RunArgs) -> ExitCode {
     };
     let client = match Client::connect(addr.as_str(), &options) {
         Ok(client) => client,
+        Err(e @ Error::Status(Status::Auth, _)) => {
+            return fail(EXIT_AUTH, format_args!("{addr} refused the password: {e}"))
+        }
         Err(e) => {
             return fail(
-                EXIT_NOT_LOCKED,
+                EXIT_UNAVAILABLE,
                 format_args!("cannot open a session at {addr}: {e}"),
             )
         }
@@ -198,7 +246,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
         Err(e) => {
             return fail(
-                EXIT_NOT_LOCKED,
+                EXIT_UNAVAILABLE,
                 format_args!("cannot lock {}: {e}", args.name),
             )
         }
@@ -210,7 +258,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     let confirmed = Instant::now();
     if let Err(e) = client.ping() {
         return fail(
-            EXIT_NOT_LOCKED,
+            EXIT_UNAVAILABLE,
             format_args!("lost the connection right after locking {}: {e}", args.name),
         );
     }
@@ -219,7 +267,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         Ok(signals) => signals,
         Err(e) => {
             return fail(
-                EXIT_NO_COMMAND,
+                EXIT_INTERNAL,
                 format_args!("cannot install signal handlers: {e}"),
             )
         }
@@ -237,7 +285,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         Err(e) => {
             let _ = client.release(&args.name);
             return fail(
-                EXIT_NO_COMMAND,
+                EXIT_INTERNAL,
                 format_args!("cannot start the supervisor of {:?}: {e}", args.command[0]),
             );
         }
@@ -356,7 +404,11 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     }
     link.finish(&args.name, lost.is_none());
-    exit_code(status)
+    match lost {
+        // Said on stderr when it happened (`stop_on_loss`).
+        Some(_) => ExitCode::from(EXIT_LOCK_LOST),
+        None => exit_code(status),
+    }
 }
 
 /// Stops COMMAND (once) because the hold is lost.
@@ -555,7 +607,7 @@ fn supervise(parent: u32, kill_after: Duration, command: &[OsString]) -> ExitCod
     // SAFETY: getppid(2) cannot fail.
     let parent_alive = || unsafe { libc::getppid() } as u32 == parent;
     if !parent_alive() {
-        return fail(EXIT_NO_COMMAND, format_args!("livelock run is gone"));
+        return fail(EXIT_INTERNAL, format_args!("livelock run is gone"));
     }
     let supervisor = std::process::id();
     let mut main = Command::new(&command[0]);
@@ -579,10 +631,11 @@ fn supervise(parent: u32, kill_after: Duration, command: &[OsString]) -> ExitCod
     let group = match main.spawn() {
         Ok(child) => child.id() as libc::pid_t,
         Err(e) => {
-            return fail(
-                EXIT_NO_COMMAND,
-                format_args!("cannot start {:?}: {e}", command[0]),
-            )
+            let code = match e.kind() {
+                std::io::ErrorKind::NotFound => EXIT_NO_COMMAND,
+                _ => EXIT_NOT_EXECUTABLE,
+            };
+            return fail(code, format_args!("cannot start {:?}: {e}", command[0]));
         }
     };
     // SAFETY: kill(2) on COMMAND's process group (its leader is our child).

@@ -214,8 +214,9 @@ fn losing_the_connection_stops_the_command() {
     shut_down(&mut server);
     let status = run.wait_exit();
     let stderr = run.stderr();
-    // SIGTERM ended `sleep`; run reports it as 128 + 15.
-    assert_eq!(status.code(), Some(143), "stderr: {stderr}");
+    // The lock was lost while the command ran: 79, whatever the command's
+    // own status (SIGTERM ended `sleep`).
+    assert_eq!(status.code(), Some(79), "stderr: {stderr}");
     assert!(
         stderr.contains("lock fragile lost") && stderr.contains("stopping the command"),
         "unclear message: {stderr:?}"
@@ -243,7 +244,8 @@ fn a_command_that_ignores_sigterm_is_killed_after_kill_after() {
     shut_down(&mut server);
     let status = run.wait_exit();
     let elapsed = start.elapsed();
-    assert_eq!(status.code(), Some(137), "stderr: {}", run.stderr());
+    // Lost while it ran (79); the SIGKILL came after --kill-after.
+    assert_eq!(status.code(), Some(79), "stderr: {}", run.stderr());
     assert!(
         elapsed >= Duration::from_millis(290),
         "SIGKILL after {elapsed:?}"
@@ -565,7 +567,7 @@ fn a_partitioned_run_ends_the_command_before_the_server_can_free_the_lock() {
     );
     let status = run.wait_exit();
     let stderr = run.stderr();
-    assert_eq!(status.code(), Some(137), "stderr: {stderr}");
+    assert_eq!(status.code(), Some(79), "stderr: {stderr}");
     assert!(
         stderr.contains("lock partitioned lost"),
         "unclear message: {stderr:?}"
@@ -797,7 +799,57 @@ fn admin_commands_fail_cleanly_without_a_server() {
         .arg(addr.to_string())
         .args(["nowhere", "--", "true"]);
     let (code, _, stderr) = run_to_end("run", &mut command, &dir);
-    assert_eq!(code, Some(75), "stderr: {stderr}");
+    assert_eq!(code, Some(69), "server down is not 'try again': {stderr}");
+}
+
+/// Issue 11, item 1: 75 only when the lock was not obtained in time; a
+/// distinct status for every other failure, so that a script retrying on
+/// 75 never spins on a configuration error.
+#[test]
+fn run_exit_statuses_tell_the_failures_apart() {
+    let server = TestServer::start_with(1, |config| config.password = Some(b"pw".to_vec()));
+    let dir = ScratchDir::new("run-exits");
+    let run = |options: &[&str], name: &str, command: &[&str]| {
+        let mut cmd = livelock_bin();
+        cmd.args(["run", "--server"])
+            .arg(server.addr.to_string())
+            .args(options)
+            .arg(name)
+            .arg("--")
+            .args(command);
+        run_to_end("run", &mut cmd, &dir)
+    };
+    let with_pw = ["--password", "pw"];
+    // Usage errors: 2, and a long name is not echoed whole.
+    let long = "n".repeat(1100);
+    let (code, _, stderr) = run(&with_pw, &long, &["true"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.len() < 300,
+        "the name echoed whole: {} bytes",
+        stderr.len()
+    );
+    let (code, _, stderr) = run(&["--password", "pw", "--grace", "2h"], "x", &["true"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    // Authentication: 77.
+    let (code, _, stderr) = run(&["--password", "wrong"], "x", &["true"]);
+    assert_eq!(code, Some(77), "{stderr}");
+    // COMMAND not found: 127; not executable: 126 (as shells do).
+    let (code, _, stderr) = run(&with_pw, "x", &["/nonexistent/command"]);
+    assert_eq!(code, Some(127), "{stderr}");
+    let (code, _, stderr) = run(&with_pw, "x", &[dir.path().to_str().unwrap()]);
+    assert_eq!(code, Some(126), "{stderr}");
+    // COMMAND's own status passes through.
+    let (code, _, _) = run(&with_pw, "x", &["sh", "-c", "exit 3"]);
+    assert_eq!(code, Some(3));
+    // Not obtained in time: 75.
+    let holder = server.client_with(&ClientOptions {
+        password: Some("pw".into()),
+        ..ClientOptions::default()
+    });
+    holder.acquire("x").unwrap().forget();
+    let (code, _, stderr) = run(&["--password", "pw", "--wait", "0"], "x", &["true"]);
+    assert_eq!(code, Some(75), "{stderr}");
 }
 
 // ---- server start-up refusals ---------------------------------------------
