@@ -5,6 +5,7 @@ pub mod config;
 pub mod connection;
 pub mod data_dir;
 pub mod dump;
+pub mod duration;
 pub mod event_loop;
 pub mod glob;
 pub mod limits;

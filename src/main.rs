@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use livelock::config::{ServerConfig, TcpTuning};
+use livelock::duration::seconds_flag;
 use livelock::server::Server;
 
 const DEFAULT_PORT: u16 = 7873;
@@ -93,21 +94,21 @@ struct ServerArgs {
     /// Allow a non-loopback listener without a password [env: LIVELOCK_INSECURE_NO_PASSWORD=1]
     #[arg(long)]
     insecure_no_password: bool,
-    /// Seconds of silence before TCP keepalive probes start.
-    #[arg(long, env = "LIVELOCK_TCP_KEEPALIVE_TIME", default_value_t = 2)]
-    keepalive_time: u64,
-    /// Seconds between keepalive probes.
-    #[arg(long, env = "LIVELOCK_TCP_KEEPALIVE_INTERVAL", default_value_t = 1)]
-    keepalive_interval: u64,
+    /// Silence before TCP keepalive probes start (e.g. 2s; plain number: seconds).
+    #[arg(long, env = "LIVELOCK_TCP_KEEPALIVE_TIME", default_value = "2", value_parser = seconds_flag)]
+    keepalive_time: Duration,
+    /// Time between keepalive probes (plain number: seconds).
+    #[arg(long, env = "LIVELOCK_TCP_KEEPALIVE_INTERVAL", default_value = "1", value_parser = seconds_flag)]
+    keepalive_interval: Duration,
     /// Unanswered probes before the peer is declared dead.
     #[arg(long, env = "LIVELOCK_TCP_KEEPALIVE_PROBES", default_value_t = 3)]
     keepalive_probes: u32,
-    /// Seconds unacknowledged data may wait before the connection is dropped (TCP_USER_TIMEOUT).
-    #[arg(long, env = "LIVELOCK_TCP_USER_TIMEOUT_SECONDS", default_value_t = 5)]
-    user_timeout: u64,
-    /// LiveLock protocol: seconds a client id keeps its locks after its connection is lost.
-    #[arg(long, env = "LIVELOCK_RELEASE_ALL_TIMEOUT", default_value_t = 5.0)]
-    release_all_timeout: f64,
+    /// How long unacknowledged data may wait before the connection is dropped (TCP_USER_TIMEOUT; plain number: seconds).
+    #[arg(long, env = "LIVELOCK_TCP_USER_TIMEOUT_SECONDS", default_value = "5", value_parser = seconds_flag)]
+    user_timeout: Duration,
+    /// LiveLock protocol: how long a client id keeps its locks after its connection is lost (plain number: seconds).
+    #[arg(long, env = "LIVELOCK_RELEASE_ALL_TIMEOUT", default_value = "5", value_parser = seconds_flag)]
+    release_all_timeout: Duration,
     /// Directory of the state dump written on shutdown and read on start.
     #[arg(long, env = "LIVELOCK_DATA_DIR", default_value = ".")]
     data_dir: std::path::PathBuf,
@@ -117,9 +118,9 @@ struct ServerArgs {
     /// Neither read nor write a dump: purely in memory [env: LIVELOCK_NO_DUMP=1]
     #[arg(long)]
     no_dump: bool,
-    /// Seconds to wait at start for a predecessor to release the port and the data directory.
-    #[arg(long, env = "LIVELOCK_TAKEOVER_WAIT", default_value_t = 10.0)]
-    takeover_wait: f64,
+    /// How long a start waits for a predecessor to release the port and the data directory (plain number: seconds).
+    #[arg(long, env = "LIVELOCK_TAKEOVER_WAIT", default_value = "10", value_parser = seconds_flag)]
+    takeover_wait: Duration,
     /// Obey the LiveLock SHUTDOWN command [env: LIVELOCK_SHUTDOWN_SUPPORT=1]
     #[arg(long)]
     shutdown_support: bool,
@@ -217,28 +218,28 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
         .filter(|p| !p.is_empty())
         .map(String::into_bytes);
     config.tcp = TcpTuning {
-        keepalive_idle: Duration::from_secs(args.keepalive_time.max(1)),
-        keepalive_interval: Duration::from_secs(args.keepalive_interval.max(1)),
+        keepalive_idle: args.keepalive_time.max(Duration::from_secs(1)),
+        keepalive_interval: args.keepalive_interval.max(Duration::from_secs(1)),
         keepalive_probes: args.keepalive_probes.max(1),
-        user_timeout: Duration::from_secs(args.user_timeout),
+        user_timeout: args.user_timeout,
     };
-    if !(0.0..=86_400.0).contains(&args.release_all_timeout) {
+    if args.release_all_timeout > Duration::from_secs(86_400) {
         return Err(format!(
-            "LIVELOCK_RELEASE_ALL_TIMEOUT must be 0..=86400 seconds, got {}",
+            "LIVELOCK_RELEASE_ALL_TIMEOUT is at most 1 day, got {:?}",
             args.release_all_timeout
         ));
     }
-    config.release_all_timeout = Duration::from_secs_f64(args.release_all_timeout);
+    config.release_all_timeout = args.release_all_timeout;
     config.data_dir = args.data_dir.clone();
     // The fencing-token mark is kept in the data directory in every mode.
     config.keep_tokens = true;
-    if !(0.0..=3600.0).contains(&args.takeover_wait) {
+    if args.takeover_wait > Duration::from_secs(3600) {
         return Err(format!(
-            "--takeover-wait must be 0..=3600 seconds, got {}",
+            "--takeover-wait is at most 1 h, got {:?}",
             args.takeover_wait
         ));
     }
-    config.takeover_wait = Duration::from_secs_f64(args.takeover_wait);
+    config.takeover_wait = args.takeover_wait;
     // Tests of debug builds only: make a loop panic (see ServerConfig).
     #[cfg(debug_assertions)]
     if let Ok(idx) = std::env::var("LIVELOCK_FAULT_PANIC_LOOP") {

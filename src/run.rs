@@ -38,6 +38,7 @@ use clap::Args;
 use crossbeam_channel::{after, never, select, Receiver, Sender};
 
 use livelock::client::{AcquireOptions, Client, ClientOptions, Error, Event};
+use livelock::duration::seconds_flag;
 use livelock::protocol::{Mode, Status, SECRET_LEN};
 
 /// Exit statuses of `livelock run` other than COMMAND's own (README,
@@ -101,17 +102,17 @@ pub struct RunArgs {
     /// Password for the server.
     #[arg(long, env = "LIVELOCK_PASSWORD", hide_env_values = true)]
     password: Option<String>,
-    /// How long to wait for the lock (0 = try once; e.g. 30s, 500ms, 2m) [default: forever]
-    #[arg(long, value_parser = parse_duration)]
-    wait: Option<Duration>,
+    /// How long to wait for the lock (0 = try once; e.g. 30s, 500ms, 1h30m, forever) [default: forever]
+    #[arg(long, value_parser = wait_flag)]
+    wait: Option<WaitFlag>,
     /// Take a shared (reader) hold instead of an exclusive one.
     #[arg(long)]
     shared: bool,
     /// Keep the hold this long if the connection drops, reconnecting meanwhile.
-    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    #[arg(long, value_parser = seconds_flag, default_value = "0s")]
     grace: Duration,
     /// After SIGTERM (a stop), wait this long before SIGKILL.
-    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    #[arg(long, value_parser = seconds_flag, default_value = "10s")]
     kill_after: Duration,
     /// Internal: be the supervisor of COMMAND for the `livelock run` of this pid.
     #[arg(long, hide = true, value_name = "PID")]
@@ -123,27 +124,12 @@ pub struct RunArgs {
     command: Vec<OsString>,
 }
 
-/// "250ms", "30s", "2m", "1h", or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (try 30s, 500ms, 2m)"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("unknown unit {unit:?} in {text:?} (ms, s, m, h)")),
-    };
-    if !seconds.is_finite() || !(0.0..=1e9).contains(&seconds) {
-        return Err(format!("{text:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(seconds))
+/// `--wait`: a duration (plain number: seconds), or `forever`.
+#[derive(Debug, Clone, Copy)]
+pub struct WaitFlag(Option<Duration>);
+
+fn wait_flag(text: &str) -> Result<WaitFlag, String> {
+    livelock::duration::parse_or_forever(text, Duration::from_secs(1)).map(WaitFlag)
 }
 
 fn fail(code: u8, message: std::fmt::Arguments<'_>) -> ExitCode {
@@ -226,7 +212,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         } else {
             Mode::Exclusive
         },
-        wait: args.wait,
+        wait: args.wait.and_then(|w| w.0),
         lease: None,
     };
     let guard = match client.acquire_with(&args.name, acquire) {
@@ -238,7 +224,7 @@ pub fn run(args: RunArgs) -> ExitCode {
             )
         }
         Err(Error::Status(Status::TimedOut, _)) => {
-            let waited = args.wait.unwrap_or_default();
+            let waited = args.wait.and_then(|w| w.0).unwrap_or_default();
             return fail(
                 EXIT_NOT_LOCKED,
                 format_args!("{} still held after waiting {waited:?}", args.name),
@@ -723,22 +709,5 @@ fn supervisor_exit(status: Option<libc::c_int>) -> ExitCode {
             ExitCode::from(128u8.wrapping_add(libc::WTERMSIG(status) as u8))
         }
         _ => ExitCode::from(1),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("5x").is_err());
-        assert!(parse_duration("-1s").is_err());
     }
 }

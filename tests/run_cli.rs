@@ -1089,3 +1089,47 @@ fn the_json_reader_reads_json() {
     assert_eq!(json.get("c"), &Json::Object(vec![]));
     assert_eq!(json.get("d").array(), &[]);
 }
+
+/// Issue 11, item 2: one duration syntax for every flag and variable
+/// (`500ms`, `5s`, `1m`, `1h30m`, plain numbers in the flag's unit, and
+/// `forever` where the help says so).
+#[test]
+fn durations_have_one_syntax_everywhere() {
+    let dir = ScratchDir::new("durations");
+    let mut command = livelock_bin();
+    command
+        .args(["server", "--port", "0", "--no-dump", "--data-dir"])
+        .arg(dir.path())
+        .args(["--keepalive-time", "2s", "--keepalive-interval", "500ms"])
+        .args(["--user-timeout", "5", "--release-all-timeout", "1m30s"])
+        .env("LIVELOCK_TAKEOVER_WAIT", "1s");
+    let mut server = ChildGuard::spawn("server", &mut command, &dir);
+    server.wait_for("listening", |s| {
+        s.stderr().contains("listening on").then_some(())
+    });
+    drop(server);
+
+    let mut command = livelock_bin();
+    command.args([
+        "server",
+        "--port",
+        "0",
+        "--no-dump",
+        "--keepalive-time",
+        "5x",
+    ]);
+    let (code, _, stderr) = run_to_end("server", &mut command, &dir);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("keepalive-time") && stderr.contains("unit"),
+        "{stderr}"
+    );
+
+    let server = TestServer::start(1);
+    for wait in ["forever", "1h30m", "2.5s", "0"] {
+        let mut command = run_command(&server, &["--wait", wait], "durations");
+        command.arg("true");
+        let (code, _, stderr) = run_to_end("run", &mut command, &dir);
+        assert_eq!(code, Some(0), "--wait {wait}: {stderr}");
+    }
+}

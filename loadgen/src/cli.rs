@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use livelock::duration::seconds_flag;
+
 use clap::{Parser, ValueEnum};
 use livelock::limits::{IN_FLIGHT_PER_SESSION_MAX, NAME_LEN_MAX, PASSWORD_LEN_MAX, WAIT_MS_MAX};
 
@@ -95,15 +97,15 @@ pub struct Args {
     /// redis:// only: the PX expiry of every lock key.
     #[arg(long, default_value_t = 30_000)]
     pub ttl_ms: u64,
-    /// Measured run time in seconds (after the warm-up).
-    #[arg(short = 'd', long, default_value_t = 10.0)]
-    pub duration: f64,
+    /// Measured run time, after the warm-up (e.g. 5s, 1m30s; plain number: seconds).
+    #[arg(short = 'd', long, default_value = "10", value_parser = seconds_flag)]
+    pub duration: Duration,
     /// Stop after this many measured cycles (or at --duration, whichever first).
     #[arg(short = 'n', long)]
     pub cycles: Option<u64>,
-    /// Seconds of load before measuring starts.
-    #[arg(long, default_value_t = 0.0)]
-    pub warmup: f64,
+    /// Load before measuring starts (e.g. 2s; plain number: seconds).
+    #[arg(long, default_value = "0", value_parser = seconds_flag)]
+    pub warmup: Duration,
     /// Open loop: target cycles per second over all connections; latency is
     /// measured from each cycle's intended start (coordinated omission corrected).
     #[arg(long)]
@@ -170,13 +172,6 @@ fn check(ok: bool, message: impl FnOnce() -> String) -> Result<(), String> {
     } else {
         Err(message())
     }
-}
-
-fn secs(name: &str, value: f64) -> Result<Duration, String> {
-    check(value.is_finite() && value >= 0.0, || {
-        format!("--{name} must be a number of seconds >= 0, got {value}")
-    })?;
-    Ok(Duration::from_secs_f64(value))
 }
 
 impl Args {
@@ -268,13 +263,12 @@ impl Args {
         check((1..=86_400_000).contains(&self.ttl_ms), || {
             format!("--ttl-ms must be 1..=86400000, got {}", self.ttl_ms)
         })?;
-        let duration = secs("duration", self.duration)?;
-        let warmup = secs("warmup", self.warmup)?;
-        check(self.duration > 0.0, || "--duration must be > 0".into())?;
-        check(self.duration + self.warmup <= RUN_SECS_MAX, || {
+        let (duration, warmup) = (self.duration, self.warmup);
+        check(!duration.is_zero(), || "--duration must be > 0".into())?;
+        check((duration + warmup).as_secs_f64() <= RUN_SECS_MAX, || {
             format!(
-                "--duration plus --warmup must be at most {RUN_SECS_MAX} s, got {}",
-                self.duration + self.warmup
+                "--duration plus --warmup must be at most {RUN_SECS_MAX} s, got {:?}",
+                duration + warmup
             )
         })?;
         if let Some(n) = self.cycles {
@@ -392,6 +386,21 @@ mod tests {
             assert!(parse(args).is_err(), "{args:?}");
         }
         assert!(parse(&["livelock://192.0.2.1:7873", "--allow-remote"]).is_ok());
+        // One duration syntax (issue 11, item 2): units, or plain seconds.
+        let plan = parse(&[
+            "livelock://127.0.0.1:1",
+            "--duration",
+            "1m30s",
+            "--warmup",
+            "500ms",
+        ])
+        .unwrap()
+        .plan;
+        assert_eq!(plan.duration, Duration::from_secs(90));
+        assert_eq!(plan.warmup, Duration::from_millis(500));
+        let plan = parse(&["livelock://127.0.0.1:1", "-d", "5"]).unwrap().plan;
+        assert_eq!(plan.duration, Duration::from_secs(5));
+        assert!(parse(&["livelock://127.0.0.1:1", "--duration", "5x"]).is_err());
         assert!(parse(&[
             "livelock://127.0.0.1:1",
             "--pipeline",
