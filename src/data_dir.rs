@@ -47,6 +47,25 @@ pub struct DirLock {
     _file: File,
 }
 
+/// Calls `attempt` until it succeeds, or fails otherwise than `held` (a
+/// predecessor still has the thing), or `wait` has passed: a successor's
+/// bounded wait for its predecessor, for the data directory and the port.
+pub fn wait_for_predecessor<T>(
+    wait: Duration,
+    held: io::ErrorKind,
+    mut attempt: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    let deadline = Instant::now() + wait;
+    loop {
+        match attempt() {
+            Err(e) if e.kind() == held && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Takes the data directory's lock, waiting up to `wait` for a predecessor
 /// to let go. Creates the directory if needed.
 pub fn lock(dir: &Path, wait: Duration) -> io::Result<DirLock> {
@@ -58,17 +77,15 @@ pub fn lock(dir: &Path, wait: Duration) -> io::Result<DirLock> {
         .create(true)
         .truncate(false)
         .open(&path)?;
-    let deadline = Instant::now() + wait;
-    loop {
+    let locked = wait_for_predecessor(wait, io::ErrorKind::WouldBlock, || {
         // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            break;
+        match unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } {
+            0 => Ok(()),
+            _ => Err(io::Error::last_os_error()),
         }
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::WouldBlock {
-            return Err(error);
-        }
-        if Instant::now() >= deadline {
+    });
+    match locked {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             let holder = match holder.trim() {
@@ -86,7 +103,7 @@ pub fn lock(dir: &Path, wait: Duration) -> io::Result<DirLock> {
                 ),
             ));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        locked => locked?,
     }
     // Overwrite, then cut: a waiter reading meanwhile never sees it empty.
     let pid = format!("{}\n", std::process::id());
@@ -106,11 +123,7 @@ pub fn consume_dump(dump_path: &Path, suffix: &str) -> io::Result<()> {
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(error) => return Err(error),
     }
-    let dir = match dump_path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
+    dump::sync_dir(dump::parent_dir(dump_path))
 }
 
 /// The durable ceiling of fencing tokens (see the module comment).

@@ -321,11 +321,7 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
     for _ in 0..count {
         let name = body.bytes(1, DUMP_NAME_LEN_MAX)?;
         let session = body.u64()?;
-        let shared = match body.u8()? {
-            0 => false,
-            1 => true,
-            _ => return Err(DumpError::Corrupt("bad shared flag")),
-        };
+        let shared = body.flag()?;
         let token = body.u64()?;
         let since_unix_ms = body.u64()?;
         let lease_left_ms = if version >= 2 { body.u64()? } else { 0 };
@@ -346,11 +342,7 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
             let name = body.bytes(1, DUMP_NAME_LEN_MAX)?;
             let session = body.u64()?;
             let request_id = body.u32()?;
-            let shared = match body.u8()? {
-                0 => false,
-                1 => true,
-                _ => return Err(DumpError::Corrupt("bad shared flag")),
-            };
+            let shared = body.flag()?;
             let lease_ms = body.u32()?;
             let wait_left_ms = body.u64()?;
             waiters.push(DumpWaiter {
@@ -396,10 +388,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let file_name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "dump path has no file name"))?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
+    let dir = parent_dir(path);
     let mut temp_name = std::ffi::OsString::from(".");
     temp_name.push(file_name);
     temp_name.push(format!(
@@ -426,14 +415,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     sync_dir(dir)
 }
 
+/// The directory `path` is in ("." for a bare file name).
+pub(crate) fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
 /// Makes the rename durable. Only Unix can open and fsync a directory.
 #[cfg(unix)]
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
 #[cfg(not(unix))]
-fn sync_dir(_dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(_dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
@@ -640,6 +637,15 @@ impl Reader<'_> {
 
     fn u8(&mut self) -> Result<u8, DumpError> {
         Ok(self.array::<1>()?[0])
+    }
+
+    /// A shared (1) or exclusive (0) flag.
+    fn flag(&mut self) -> Result<bool, DumpError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(DumpError::Corrupt("bad shared flag")),
+        }
     }
 
     fn u32(&mut self) -> Result<u32, DumpError> {

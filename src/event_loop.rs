@@ -1516,14 +1516,6 @@ impl EventLoop {
     }
 }
 
-/// Bytes of the whole frame at the front of `buf`, if it is one of ours.
-fn frame_len(buf: &[u8]) -> Option<usize> {
-    use zerocopy::FromBytes;
-    let (header, _) = protocol::Header::read_from_prefix(buf).ok()?;
-    let len = protocol::HEADER_LEN + header.body_len.get() as usize;
-    (header.magic.get() == protocol::MAGIC && len <= buf.len()).then_some(len)
-}
-
 /// The complete frames of a native connection's output that the peer has
 /// not started to receive: (offset of the first, the ones worth keeping
 /// for its session). Kept: the answers to its requests (not to HELLO,
@@ -1533,31 +1525,36 @@ fn frame_len(buf: &[u8]) -> Option<usize> {
 /// it does not look like one (a connection that moved between loops
 /// mid-frame), nothing is kept.
 fn unsent_frames(conn: &Connection) -> (usize, Vec<u8>) {
+    // (bytes, opcode) of the whole frame at the front of `buf`, if any.
+    let frame = |buf: &[u8]| match protocol::decode_reply(buf) {
+        Ok(protocol::DecodedReply::Frame { consumed, reply }) => Some((consumed, reply.opcode)),
+        _ => None,
+    };
     let wbuf = &conn.wbuf;
     let mut at = 0;
     while at < conn.wpos {
-        match frame_len(&wbuf[at..]) {
-            Some(len) => at += len,
+        match frame(&wbuf[at..]) {
+            Some((len, _)) => at += len,
             None => return (wbuf.len(), Vec::new()),
         }
     }
     let first = at;
     let mut answers = Vec::new();
     let mut signals = Vec::new();
-    while let Some(len) = frame_len(&wbuf[at..]) {
-        let frame = &wbuf[at..at + len];
-        match header_ids(frame).0 {
+    while let Some((len, op)) = frame(&wbuf[at..]) {
+        let bytes = &wbuf[at..at + len];
+        match op {
             opcode::HELLO | opcode::RESUME | opcode::PING => {}
-            op if op < opcode::LOCK_LOST => answers.push(frame),
-            opcode::SIGNALLED => signals.push(frame),
+            op if op < opcode::LOCK_LOST => answers.push(bytes),
+            opcode::SIGNALLED => signals.push(bytes),
             _ => {} // pushes the RESUME's listing makes up for
         }
         at += len;
     }
     let mut kept = Vec::new();
-    for frame in answers.into_iter().chain(signals) {
-        if kept.len() + frame.len() <= PARKED_PUSHES_MAX {
-            kept.extend_from_slice(frame);
+    for bytes in answers.into_iter().chain(signals) {
+        if kept.len() + bytes.len() <= PARKED_PUSHES_MAX {
+            kept.extend_from_slice(bytes);
         }
     }
     (first, kept)

@@ -480,7 +480,7 @@ pub struct LockTable {
     /// The last fencing token handed out by this shard.
     last_token: u64,
     /// Tokens stay at or below this: the high-water mark the server has
-    /// made durable (`tokens.rs`), so a crash never repeats a token.
+    /// made durable (`data_dir::TokenCeiling`), so a crash never repeats a token.
     token_ceiling: u64,
 }
 
@@ -553,7 +553,7 @@ impl LockTable {
 
     fn next_token(&mut self) -> u64 {
         // The runtime extends the ceiling long before it is reached
-        // (tokens.rs); reaching it would risk repeating a token after a
+        // (`data_dir::TokenCeiling`); reaching it would risk repeating a token after a
         // crash, so it stops the process. Also rules out overflow.
         assert!(
             self.last_token < self.token_ceiling,

@@ -309,37 +309,27 @@ impl ShutdownHandle {
 /// Binds `addr`, waiting up to `wait` while it is in use (a predecessor
 /// still shutting down), then says which process holds it, if it can tell.
 fn bind_listener(addr: SocketAddr, wait: Duration) -> io::Result<TcpListener> {
-    let deadline = Instant::now() + wait;
-    loop {
+    let bound = data_dir::wait_for_predecessor(wait, io::ErrorKind::AddrInUse, || {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;
         socket.set_nonblocking(true)?;
-        match socket.bind(&addr.into()) {
-            Ok(()) => {
-                socket.listen(1024)?;
-                return Ok(TcpListener::from_std(socket.into()));
-            }
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        Ok(TcpListener::from_std(socket.into()))
+    });
+    bound.map_err(|e| {
+        let why = match e.kind() {
+            io::ErrorKind::AddrInUse => {
                 let owner = match port_owner(addr.port()) {
                     Some(pid) => format!("pid {pid}"),
                     None => "another process".to_string(),
                 };
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot listen on {addr}: in use by {owner}; waited {wait:?}"),
-                ));
+                format!("in use by {owner}; waited {wait:?}")
             }
-            Err(e) => {
-                return Err(io::Error::new(
-                    e.kind(),
-                    format!("cannot listen on {addr}: {e}"),
-                ))
-            }
-        }
-    }
+            _ => e.to_string(),
+        };
+        io::Error::new(e.kind(), format!("cannot listen on {addr}: {why}"))
+    })
 }
 
 /// The pid of a process with a listening TCP socket on `port` (Linux

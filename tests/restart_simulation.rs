@@ -283,22 +283,8 @@ impl World {
             }
             60..=64 if !attached.is_empty() => {
                 let id = self.rng.pick(&attached);
-                let waits: Vec<(u32, usize)> = self.homes[0]
-                    .get(id)
-                    .unwrap()
-                    .pending
-                    .iter()
-                    .filter(|(rid, _)| self.kinds[&(id, **rid)] == Kind::Acquire)
-                    .map(|(rid, p)| (*rid, p.shard as usize))
-                    .collect();
-                if let Some(&(target, shard)) = waits.first() {
-                    let request_id = self.pending(id, Kind::Cancel, shard, b"", Mode::Exclusive);
-                    let cancel = Command::Cancel {
-                        session: id,
-                        request_id,
-                        target,
-                    };
-                    self.apply(shard, cancel);
+                if let Some(&(target, shard)) = self.waits(id).first() {
+                    self.cancel(id, target, shard);
                 }
             }
             65..=72 if !attached.is_empty() => {
@@ -363,6 +349,29 @@ impl World {
             .map(|(n, h)| (n.to_vec(), (h.mode, h.token)))
             .collect();
         assert_eq!(listed, holds, "session {id:#x}: the listing is its holds");
+    }
+
+    /// The session's acquires in flight: (request id, shard).
+    fn waits(&self, id: SessionId) -> Vec<(u32, usize)> {
+        self.homes[0]
+            .get(id)
+            .unwrap()
+            .pending
+            .iter()
+            .filter(|(rid, _)| self.kinds[&(id, **rid)] == Kind::Acquire)
+            .map(|(rid, p)| (*rid, p.shard as usize))
+            .collect()
+    }
+
+    /// CANCEL of the session's acquire `target`, queued on `shard`.
+    fn cancel(&mut self, id: SessionId, target: u32, shard: usize) {
+        let request_id = self.pending(id, Kind::Cancel, shard, b"", Mode::Exclusive);
+        let cancel = Command::Cancel {
+            session: id,
+            request_id,
+            target,
+        };
+        self.apply(shard, cancel);
     }
 
     /// The session is over: every shard it touched is told.
@@ -509,21 +518,8 @@ impl World {
     /// request gets exactly one final reply.
     fn finish(&mut self) {
         for id in self.live_sessions() {
-            let waits: Vec<(u32, usize)> = self.homes[0]
-                .get(id)
-                .unwrap()
-                .pending
-                .iter()
-                .map(|(rid, p)| (*rid, p.shard as usize))
-                .collect();
-            for (target, shard) in waits {
-                let request_id = self.pending(id, Kind::Cancel, shard, b"", Mode::Exclusive);
-                let cancel = Command::Cancel {
-                    session: id,
-                    request_id,
-                    target,
-                };
-                self.apply(shard, cancel);
+            for (target, shard) in self.waits(id) {
+                self.cancel(id, target, shard);
             }
             let left = &self.homes[0].get(id).unwrap().pending;
             assert!(left.is_empty(), "unanswered: {left:?}");
