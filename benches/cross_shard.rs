@@ -24,7 +24,7 @@ fn hand_off(c: &mut Criterion) {
     config.threads = LOOPS;
     let server = Server::start(config).expect("server starts");
     let client = Client::connect(server.local_addr(), &ClientOptions::default()).expect("connect");
-    let home = home_of(client.session_id());
+    let home = home_of(client.session_id(), LOOPS);
     let local = name_on(home, "local");
     let remote = name_on((home + 1) % LOOPS, "remote");
     c.bench_function("cross_shard/acquire+release, lock on own loop", |b| {

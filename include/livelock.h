@@ -135,7 +135,9 @@ enum livelock_status {
     LIVELOCK_STATUS_SHUTTING_DOWN = 44,
     LIVELOCK_STATUS_FRAME_TOO_LARGE = 45,
     LIVELOCK_STATUS_HELLO_TIMEOUT = 46,
-    LIVELOCK_STATUS_SERVER_BUSY = 47
+    LIVELOCK_STATUS_SERVER_BUSY = 47,
+    /* --durability log: the log cannot be written; changes are refused. */
+    LIVELOCK_STATUS_STORAGE_FAILED = 48
 };
 
 /* ---- Wire structs ------------------------------------------------------ */

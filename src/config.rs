@@ -29,6 +29,32 @@ impl Default for TcpTuning {
     }
 }
 
+/// What survives a restart (`--durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Nothing is kept on disk but the fencing-token mark.
+    Memory,
+    /// The state is dumped at shutdown and read back at start (the
+    /// LiveLock server's behaviour); a crash loses it.
+    Dump,
+    /// Every change is in the log before it is acknowledged; a crash loses
+    /// nothing acknowledged. A clean shutdown still leaves one dump file.
+    Log,
+}
+
+impl Durability {
+    pub fn parse(value: &str) -> Result<Durability, String> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "memory" => Ok(Durability::Memory),
+            "dump" => Ok(Durability::Dump),
+            "log" => Ok(Durability::Log),
+            _ => Err(format!(
+                "durability {value:?} is not one of memory, dump, log"
+            )),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
@@ -48,6 +74,14 @@ pub struct ServerConfig {
     pub dump_load: bool,
     /// Write the dump on shutdown.
     pub dump_save: bool,
+    /// Keep every change in the durable log (`--durability log`).
+    pub log: bool,
+    /// `--durability log`: take a snapshot (and cut the log) once this
+    /// many bytes were logged since the last one.
+    pub snapshot_log_bytes: u64,
+    /// Fault injection (debug builds' tests only): while this file exists,
+    /// log writes fail as on a full disk.
+    pub fault_log_fail_file: Option<PathBuf>,
     /// The LiveLock SHUTDOWN command is obeyed (LIVELOCK_SHUTDOWN_SUPPORT).
     pub shutdown_support: bool,
     /// LiveLock protocol: the largest command in bytes (LIVELOCK_MAX_PAYLOAD).
@@ -86,6 +120,9 @@ impl ServerConfig {
             data_dir: PathBuf::from("."),
             dump_load: false,
             dump_save: false,
+            log: false,
+            snapshot_log_bytes: 64 << 20,
+            fault_log_fail_file: None,
             shutdown_support: false,
             max_payload: 1024,
             metrics_listen: None,
@@ -130,7 +167,15 @@ impl ServerConfig {
     /// Whether the server keeps anything in `data_dir` (then it holds the
     /// directory's lock file for its whole life).
     pub fn uses_data_dir(&self) -> bool {
-        self.dump_save || self.dump_load || self.keep_tokens
+        self.dump_save || self.dump_load || self.keep_tokens || self.log
+    }
+
+    /// Sets what survives a restart: `dump_load`/`dump_save`/`log`.
+    /// `load`: whether state left by the previous run is read at all.
+    pub fn set_durability(&mut self, durability: Durability, load: bool) {
+        self.log = durability == Durability::Log;
+        self.dump_save = durability != Durability::Memory;
+        self.dump_load = durability != Durability::Memory && load;
     }
 
     /// The dump file's path.

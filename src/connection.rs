@@ -84,6 +84,18 @@ pub struct Connection {
     pub authed: bool,
     /// LiveLock protocol: a command is being answered; the next one waits.
     pub awaiting: bool,
+    /// Output bytes ever dropped from the front of `wbuf` (written and
+    /// cleared), so that `released` counts from the connection's start.
+    pub wbase: u64,
+    /// Output up to this byte (counted like `wbase`) may be written:
+    /// `--durability log` holds a turn's output until its changes are
+    /// durable (`EventLoop::commit_turn`); otherwise it is `u64::MAX`.
+    pub released: u64,
+    /// Output was added this turn and is not yet held or released (log
+    /// only; always true otherwise, so nothing is listed).
+    pub written: bool,
+    /// The last log sequence number output of this connection waits for.
+    pub held_until: u64,
 }
 
 impl Connection {
@@ -106,7 +118,17 @@ impl Connection {
             peer_closed: false,
             authed: false,
             awaiting: false,
+            wbase: 0,
+            released: u64::MAX,
+            written: true,
+            held_until: 0,
         }
+    }
+
+    /// Holds every output byte until released (`--durability log`).
+    pub fn hold_output(&mut self) {
+        self.released = self.wbase;
+        self.written = false;
     }
 
     /// Bytes of output not yet taken by the kernel.
@@ -174,10 +196,16 @@ impl Connection {
         }
     }
 
-    /// Writes until the kernel takes no more. `Ok(true)` when all is written.
+    /// Writes what is released until the kernel takes no more. `Ok(true)`
+    /// when all is written.
     pub fn flush(&mut self) -> io::Result<bool> {
-        while self.wpos < self.wbuf.len() {
-            match self.stream.write(&self.wbuf[self.wpos..]) {
+        let released = self.released.saturating_sub(self.wbase);
+        let limit = self
+            .wbuf
+            .len()
+            .min(usize::try_from(released).unwrap_or(usize::MAX));
+        while self.wpos < limit {
+            match self.stream.write(&self.wbuf[self.wpos..limit]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.wpos += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
@@ -185,6 +213,11 @@ impl Connection {
                 Err(e) => return Err(e),
             }
         }
+        if self.wpos < self.wbuf.len() {
+            // The rest waits for the log.
+            return Ok(false);
+        }
+        self.wbase += self.wbuf.len() as u64;
         self.wbuf.clear();
         self.wpos = 0;
         if self.wbuf.capacity() > 64 * READ_CHUNK {

@@ -23,6 +23,9 @@
 //!                        wait_left_ms u64 (u64::MAX = forever);
 //!                        in queue order per lock
 //!   u32 count, signals:  name bytes, signal bytes
+//!   (version 3) log position: u8 0 = none | 1 + index u64, term u64,
+//!                        u32 loops, per loop: stamp_ms u64, batch u64,
+//!                        last_token u64
 //! checksum   u64       CRC-64/XZ of every byte before it
 //! ```
 //!
@@ -40,7 +43,12 @@
 //!   of the caller), so whatever it writes, `decode` reads back equal;
 //! - `sanitize` drops whatever record breaks these rules (with a count),
 //!   so the server's writer never panics whatever state it is given;
-//! - version 1 files (no leases, no waiters) are still read;
+//! - version 1 files (no leases, no waiters) and version 2 files (no log
+//!   position) are still read;
+//! - a dump with a log position is a snapshot of `--durability log`: each
+//!   loop's part is its state after its batch `batch` at its own instant
+//!   `stamp_ms` (leases and waits left are counted from there), and the log
+//!   entries after `index` replay on top of it (`journal::Replay`).
 //! - `write_atomic` replaces the file whole or not at all: a crash leaves the
 //!   old file or the new one, never a mix.
 
@@ -60,7 +68,7 @@ pub const FILE_NAME: &str = "livelock.dump";
 /// First bytes of every dump.
 pub const MAGIC: [u8; 8] = *b"LLDUMP\0\x01";
 /// Format version this build writes and reads.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// The oldest format this build still reads.
 pub const VERSION_MIN: u32 = 1;
 /// `DumpWaiter::wait_left_ms` of a wait without deadline.
@@ -145,7 +153,34 @@ pub struct Dump {
     pub waiters: Vec<DumpWaiter>,
     /// (lock name, signal) pairs.
     pub signals: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Where the log continues from, if this is a snapshot of the log.
+    pub log: Option<LogPosition>,
 }
+
+/// The point of the log a snapshot covers (see the module comment).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogPosition {
+    /// Every log entry up to this index is in the snapshot.
+    pub index: u64,
+    /// The Raft term of that entry.
+    pub term: u64,
+    /// One per loop of the server that wrote the log, in loop order.
+    pub loops: Vec<LoopPosition>,
+}
+
+/// One loop's place in the log when its part of a snapshot was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LoopPosition {
+    /// The loop's clock when it exported its part.
+    pub stamp_ms: u64,
+    /// The last batch of the loop in the snapshot (batches count from 1).
+    pub batch: u64,
+    /// The shard's last fencing token.
+    pub last_token: u64,
+}
+
+/// Most loops a log position may name (the server's own limit).
+const LOG_LOOPS_MAX: usize = crate::limits::THREADS_MAX;
 
 /// Why a dump could not be read.
 #[derive(Debug)]
@@ -246,6 +281,20 @@ pub fn encode(dump: &Dump) -> Vec<u8> {
     for (name, signal) in &dump.signals {
         put_bytes(&mut out, name, 1, DUMP_NAME_LEN_MAX);
         put_bytes(&mut out, signal, 0, DUMP_SIGNAL_LEN_MAX);
+    }
+    match &dump.log {
+        None => out.push(0),
+        Some(log) => {
+            out.push(1);
+            out.extend_from_slice(&log.index.to_le_bytes());
+            out.extend_from_slice(&log.term.to_le_bytes());
+            put_count(&mut out, log.loops.len());
+            for position in &log.loops {
+                out.extend_from_slice(&position.stamp_ms.to_le_bytes());
+                out.extend_from_slice(&position.batch.to_le_bytes());
+                out.extend_from_slice(&position.last_token.to_le_bytes());
+            }
+        }
     }
     assert_eq!(
         out.len(),
@@ -362,6 +411,31 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
         let signal = body.bytes(0, DUMP_SIGNAL_LEN_MAX)?;
         signals.push((name, signal));
     }
+    let log = if version >= 3 {
+        match body.u8()? {
+            0 => None,
+            1 => {
+                let index = body.u64()?;
+                let term = body.u64()?;
+                let count = body.count(24)?;
+                if count == 0 || count > LOG_LOOPS_MAX {
+                    return Err(DumpError::Corrupt("log position loop count out of range"));
+                }
+                let mut loops = Vec::with_capacity(count);
+                for _ in 0..count {
+                    loops.push(LoopPosition {
+                        stamp_ms: body.u64()?,
+                        batch: body.u64()?,
+                        last_token: body.u64()?,
+                    });
+                }
+                Some(LogPosition { index, term, loops })
+            }
+            _ => return Err(DumpError::Corrupt("bad log position tag")),
+        }
+    } else {
+        None
+    };
     if !body.rest.is_empty() {
         return Err(DumpError::Corrupt("trailing bytes in the body"));
     }
@@ -372,6 +446,7 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
         holds,
         waiters,
         signals,
+        log,
     };
     check_consistent(&dump).map_err(DumpError::Corrupt)?;
     Ok(dump)
@@ -470,6 +545,14 @@ fn check_consistent(dump: &Dump) -> Result<(), &'static str> {
     {
         return Err("too many records");
     }
+    if let Some(log) = &dump.log {
+        if log.loops.is_empty() || log.loops.len() > LOG_LOOPS_MAX {
+            return Err("log position loop count out of range");
+        }
+        if log.loops.iter().any(|l| l.last_token > dump.last_token) {
+            return Err("loop token above last_token");
+        }
+    }
     let mut session_ids = HashSet::with_capacity(dump.sessions.len());
     for session in &dump.sessions {
         if !session_ids.insert(session.id) {
@@ -483,7 +566,9 @@ fn check_consistent(dump: &Dump) -> Result<(), &'static str> {
         if hold.name.is_empty() || hold.name.len() > DUMP_NAME_LEN_MAX {
             return Err("hold lock name length out of range");
         }
-        if !session_ids.contains(&hold.session) {
+        // A snapshot of the log may hold the holds of a session that just
+        // ended (its release still on the way to the shard).
+        if !session_ids.contains(&hold.session) && dump.log.is_none() {
             return Err("hold of an unknown session");
         }
         if hold.token > dump.last_token {
@@ -508,7 +593,7 @@ fn check_consistent(dump: &Dump) -> Result<(), &'static str> {
         if waiter.name.is_empty() || waiter.name.len() > DUMP_NAME_LEN_MAX {
             return Err("waiter lock name length out of range");
         }
-        if !session_ids.contains(&waiter.session) {
+        if !session_ids.contains(&waiter.session) && dump.log.is_none() {
             return Err("waiter of an unknown session");
         }
         if !requests.insert((waiter.session, waiter.request_id)) {
@@ -601,7 +686,11 @@ fn encoded_body_len(dump: &Dump) -> usize {
         .iter()
         .map(|(n, s)| 4 + n.len() + 4 + s.len())
         .sum();
-    8 + 8 + 4 + sessions + 4 + holds + 4 + waiters + 4 + signals
+    let log = dump
+        .log
+        .as_ref()
+        .map_or(0, |l| 8 + 8 + 4 + 24 * l.loops.len());
+    8 + 8 + 4 + sessions + 4 + holds + 4 + waiters + 4 + signals + 1 + log
 }
 
 fn put_count(out: &mut Vec<u8>, count: usize) {
@@ -787,7 +876,37 @@ mod tests {
                 (vec![0xfe; DUMP_NAME_LEN_MAX], Vec::new()),
                 (b"x".to_vec(), vec![0; DUMP_SIGNAL_LEN_MAX]),
             ],
+            log: None,
         }
+    }
+
+    /// A snapshot of the log keeps its position, and may keep the holds
+    /// of a session that just ended (a plain dump may not).
+    #[test]
+    fn log_positions_round_trip() {
+        let mut dump = sample();
+        dump.holds[0].session = 999;
+        assert!(check_consistent(&dump).is_err());
+        dump.log = Some(LogPosition {
+            index: 77,
+            term: 3,
+            loops: vec![
+                LoopPosition {
+                    stamp_ms: 1_700_000_000_100,
+                    batch: 9,
+                    last_token: 42,
+                },
+                LoopPosition::default(),
+            ],
+        });
+        assert_eq!(decode(&encode(&dump)).unwrap(), dump);
+        dump.log.as_mut().unwrap().loops[0].last_token = 43;
+        assert!(
+            check_consistent(&dump).is_err(),
+            "a loop token above last_token"
+        );
+        dump.log.as_mut().unwrap().loops.clear();
+        assert!(check_consistent(&dump).is_err(), "no loops");
     }
 
     /// Re-seals `bytes` after a test edited them: fixes body_len and the checksum.
@@ -835,7 +954,7 @@ mod tests {
     fn round_trip_empty_dump() {
         let dump = Dump::default();
         let bytes = encode(&dump);
-        assert_eq!(bytes.len(), HEADER_LEN + 8 + 8 + 4 * 4 + CHECKSUM_LEN);
+        assert_eq!(bytes.len(), HEADER_LEN + 8 + 8 + 4 * 4 + 1 + CHECKSUM_LEN);
         assert_eq!(decode(&bytes).unwrap(), dump);
     }
 
@@ -922,7 +1041,9 @@ mod tests {
             at += len + 8;
         }
         at += 4;
-        v1.extend_from_slice(&v2[at..]); // the signals, and a checksum to redo
+        // The signals (not the version 3 log position), and a checksum to redo.
+        v1.extend_from_slice(&v2[at..v2.len() - CHECKSUM_LEN - 1]);
+        v1.extend_from_slice(&[0; CHECKSUM_LEN]);
         assert_eq!(decode(&reseal(v1)).unwrap(), dump);
     }
 

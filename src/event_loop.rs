@@ -15,6 +15,13 @@
 //! sent over the owner's bounded channel. Every effect for a session goes to
 //! `home_of(session)`. Both ends assert the routing.
 //!
+//! With `--durability log` every change to the shard or to the durable
+//! part of a session is also written to the loop's `Journal` as it is
+//! made; at the end of the turn the journal goes to the log as one batch,
+//! and the turn's output is held until the log says that batch (and every
+//! batch handed in before it, by any loop) is durable (`commit_turn`,
+//! `release_held`).
+//!
 //! The two protocols live in submodules: `native` (binary frames) and
 //! `compat` (the LiveLock RESP/inline protocol). Both turn requests into the
 //! same lock-table commands.
@@ -36,6 +43,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use crate::config::ServerConfig;
 use crate::connection::{Codec, ConnRef, Connection, ReadState};
 use crate::data_dir::TokenCeiling;
+use crate::journal::{self, Journal};
 use crate::limits::{
     CONNECTIONS_MAX, FRAMES_PER_TURN_MAX, OUTBOX_PARK_MAX, PARKED_PUSHES_MAX, SHUTDOWN_FLUSH_MS,
     WRITE_BUFFER_MAX, WRITE_BUFFER_PAUSE,
@@ -43,6 +51,7 @@ use crate::limits::{
 use crate::lock_table::{shard_for, Command, Effect, ListOrder, LockTable, Outcome, SessionId};
 use crate::metrics::LoopMetrics;
 use crate::protocol::{self, opcode, Status};
+use crate::raft_log::{LogShared, SnapshotPart};
 use crate::session::{home_of, Delivery, Listed, PendingOp, Session, Sessions};
 use crate::snapshot::{self, LoopState};
 
@@ -121,6 +130,8 @@ pub struct Shared {
     /// Each loop sends its final state here once the shutdown barrier has
     /// passed (see `EventLoop::advance_shutdown`); the server writes the dump.
     pub final_tx: Sender<LoopState>,
+    /// The durable log (`--durability log`).
+    pub log: Option<Arc<LogShared>>,
 }
 
 impl Shared {
@@ -135,7 +146,16 @@ impl Shared {
         self.send_to_all(|| Msg::Close);
     }
 
-    fn send_to_all(&self, msg: impl Fn() -> Msg) {
+    /// Wakes every loop that sleeps (the log made output releasable).
+    pub fn wake_sleepers(&self) {
+        for peer in &self.peers {
+            if peer.sleeping.load(Ordering::SeqCst) {
+                let _ = peer.waker.wake();
+            }
+        }
+    }
+
+    pub(crate) fn send_to_all(&self, msg: impl Fn() -> Msg) {
         for peer in &self.peers {
             // A full inbox still gets it: block briefly rather than lose it.
             let _ = peer.tx.send(msg());
@@ -253,6 +273,8 @@ pub enum Msg {
     /// Shutdown, last step (the dump is written): close every connection,
     /// release the port, exit.
     Close,
+    /// From the log: send your part of a snapshot.
+    Snapshot,
 }
 
 /// The two rounds of the shutdown barrier (`Msg::Marker`).
@@ -357,7 +379,21 @@ pub struct EventLoop {
     next_target: usize,
     /// The generation of the last connection added (`ConnRef`).
     next_gen: u64,
+    /// This turn's changes, for the log (`--durability log`).
+    journal: Journal,
+    /// Connections with output added this turn (log only).
+    written: Vec<Token>,
+    /// (log sequence number, [(connection, generation, output end)]):
+    /// output that leaves once that sequence number is durable.
+    held: VecDeque<(u64, Vec<HeldOutput>)>,
+    /// This turn's output may depend on changes of other loops (an effect
+    /// or a connection came from one).
+    tainted: bool,
 }
+
+/// Output of a connection held for the log: (connection, its generation,
+/// the end of the output that waits), see `EventLoop::commit_turn`.
+type HeldOutput = (Token, u64, u64);
 
 /// What a loop starts with: its inbox, the listener (loop 0 only), and
 /// what the dump gave back to it.
@@ -417,6 +453,10 @@ impl EventLoop {
             next_scan_ms: 0,
             next_target: 0,
             next_gen: 0,
+            journal: Journal::default(),
+            written: Vec::new(),
+            held: VecDeque::new(),
+            tainted: false,
             shared,
         })
     }
@@ -438,7 +478,7 @@ impl EventLoop {
                 // sender either sees the flag and wakes us, or its message
                 // is seen here (both sides use SeqCst).
                 sleeping.store(true, Ordering::SeqCst);
-                if !self.inbox.is_empty() {
+                if !self.inbox.is_empty() || self.releasable() {
                     timeout = Some(Duration::ZERO);
                 }
             }
@@ -450,6 +490,7 @@ impl EventLoop {
                 Err(e) => return Err(e),
             }
             (self.now_ms, self.now_us) = self.shared.clock.now();
+            self.release_held();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
@@ -478,6 +519,10 @@ impl EventLoop {
             // Connections closed while flushing ended their sessions: tell
             // the other shards now, not at the next wake-up.
             self.send_outgoing();
+            if self.commit_turn() {
+                self.flush_dirty();
+                self.send_outgoing();
+            }
             self.update_gauges();
             if let Some(deadline) = self.shutdown_deadline_ms {
                 if self.conns.is_empty() || self.now_ms >= deadline {
@@ -504,7 +549,12 @@ impl EventLoop {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        if !self.ready.is_empty() || !self.inbox.is_empty() || !self.scans.is_empty() {
+        if !self.ready.is_empty()
+            || !self.inbox.is_empty()
+            || !self.scans.is_empty()
+            || !self.journal.is_empty()
+            || !self.written.is_empty()
+        {
             return Some(Duration::ZERO);
         }
         if self.parked_total > 0 {
@@ -575,6 +625,11 @@ impl EventLoop {
     /// Why a new session cannot be opened now, if it cannot: the sessions
     /// limit, or (for one that asks for a grace period) the detached one.
     /// Other loops' counts are as of their last turn; ours are exact.
+    /// The log cannot write: changes are refused (reads still answered).
+    fn storage_failing(&self) -> bool {
+        self.shared.log.as_ref().is_some_and(|log| log.failing())
+    }
+
     fn session_refusal(&self, graceful: bool) -> Option<&'static str> {
         let (mut all, mut detached) = (0, 0);
         for (idx, metrics) in self.shared.metrics.iter().enumerate() {
@@ -616,6 +671,9 @@ impl EventLoop {
     fn add_connection(&mut self, mut conn: Connection) -> Option<Token> {
         self.next_gen += 1;
         conn.gen = self.next_gen;
+        if self.shared.log.is_some() {
+            conn.hold_output();
+        }
         let entry = self.conns.vacant_entry();
         let token = Token(entry.key());
         let conn = entry.insert(conn);
@@ -645,7 +703,16 @@ impl EventLoop {
         }
     }
 
+    /// The connection got output: flush it this turn (and, with the log,
+    /// hold it until the turn's changes are durable).
     fn mark_dirty(&mut self, token: Token) {
+        if let Some(conn) = self.conns.get_mut(token.0) {
+            note_output(conn, token, &mut self.dirty, &mut self.written);
+        }
+    }
+
+    /// The connection has output to flush (none added).
+    fn mark_flush(&mut self, token: Token) {
         if let Some(conn) = self.conns.get_mut(token.0) {
             if !conn.dirty {
                 conn.dirty = true;
@@ -898,8 +965,7 @@ impl EventLoop {
     /// Applies `command` here if this loop owns `shard`, else sends it there.
     fn route_to_shard(&mut self, shard: usize, command: Command<'_>) {
         if shard == self.idx {
-            self.table.apply(self.now_ms, command, &mut self.effects);
-            self.route_effects();
+            self.apply_to_shard(command);
         } else {
             // Checked here where the route is chosen, and again by the
             // owner's table where it is relied on.
@@ -910,8 +976,36 @@ impl EventLoop {
         }
     }
 
+    /// Applies a command to this loop's shard (writing it to the journal
+    /// first, with the log) and routes its effects.
+    fn apply_to_shard(&mut self, command: Command<'_>) {
+        if self.shared.log.is_some() {
+            if journal::changes_state(&command) {
+                self.journal.shard(self.now_ms, &command);
+            } else if self.table.next_deadline().is_some_and(|d| d <= self.now_ms) {
+                // A read fires the due deadlines first: that is a change.
+                self.journal.tick(self.now_ms);
+            }
+        }
+        self.table.apply(self.now_ms, command, &mut self.effects);
+        self.route_effects();
+    }
+
+    /// Writes a new session's durable part to the journal (with the log).
+    fn journal_session_open(&mut self, id: SessionId) {
+        if self.shared.log.is_some() {
+            if let Some(session) = self.sessions.get(id) {
+                self.journal
+                    .session_open(&snapshot::durable_session(session));
+            }
+        }
+    }
+
     /// Tells every shard the session touched that it is over.
     fn end_session(&mut self, session: Session) {
+        if self.shared.log.is_some() {
+            self.journal.session_end(session.id);
+        }
         // LiveLock connections still waiting for an answer get one now
         // (the session is gone, so its replies would be dropped).
         for pending in session.pending.values() {
@@ -937,7 +1031,7 @@ impl EventLoop {
     fn route_effects(&mut self) {
         let mut effects = std::mem::take(&mut self.effects);
         for effect in effects.drain(..) {
-            let home = home_of(effect.session());
+            let home = home_of(effect.session(), self.shared.peers.len());
             if home == self.idx {
                 self.deliver(effect);
             } else {
@@ -952,7 +1046,7 @@ impl EventLoop {
     fn deliver(&mut self, effect: Effect) {
         let session_id = effect.session();
         assert_eq!(
-            home_of(session_id),
+            home_of(session_id, self.shared.peers.len()),
             self.idx,
             "effect routed to the wrong home"
         );
@@ -972,10 +1066,7 @@ impl EventLoop {
         let native_out: &mut Vec<u8> = match session.conn {
             Some(token) if !resp_session => {
                 let conn = &mut self.conns[token.0];
-                if !conn.dirty {
-                    conn.dirty = true;
-                    self.dirty.push(token);
-                }
+                note_output(conn, token, &mut self.dirty, &mut self.written);
                 &mut conn.wbuf
             }
             _ => &mut session.parked,
@@ -1087,13 +1178,16 @@ impl EventLoop {
                 break;
             };
             match msg {
-                Msg::Shard(shard_msg) => {
-                    self.table
-                        .apply(self.now_ms, shard_msg.as_command(), &mut self.effects);
-                    self.route_effects();
+                Msg::Shard(shard_msg) => self.apply_to_shard(shard_msg.as_command()),
+                Msg::Effect(effect) => {
+                    self.tainted = true;
+                    self.deliver(effect);
                 }
-                Msg::Effect(effect) => self.deliver(effect),
-                Msg::Adopt(adoption) => self.adopt(*adoption),
+                Msg::Adopt(adoption) => {
+                    self.tainted = true;
+                    self.adopt(*adoption);
+                }
+                Msg::Snapshot => self.export_snapshot_part(),
                 Msg::Query {
                     origin,
                     query_id,
@@ -1114,6 +1208,9 @@ impl EventLoop {
         let now_ms = self.now_ms;
         // Frozen (shutting down): no timer changes the state being exported.
         if !self.frozen && self.table.next_deadline().is_some_and(|d| d <= now_ms) {
+            if self.shared.log.is_some() {
+                self.journal.tick(now_ms);
+            }
             self.table.tick(now_ms, &mut self.effects);
             self.route_effects();
         }
@@ -1146,6 +1243,102 @@ impl EventLoop {
                 self.start_closing(token);
             }
         }
+    }
+
+    // ---- the log ------------------------------------------------------
+
+    /// End of a turn, with the log: hands the turn's journal to the log as
+    /// one batch and holds the turn's output until everything handed in
+    /// so far (by any loop: a change of another loop this turn's output
+    /// depends on was handed in before its message was sent) is durable.
+    /// While the log is failing, a turn that changed nothing and heard
+    /// from no other loop answers at once (reads, PING). Returns whether
+    /// output was released now (to flush).
+    fn commit_turn(&mut self) -> bool {
+        let Some(log) = self.shared.log.clone() else {
+            return false;
+        };
+        let idx = self.idx;
+        let journal = &mut self.journal;
+        let changed = log.submit(|buf| journal.take_batch(idx, buf)).is_some();
+        let tail = log.submitted();
+        let durable = log.durable();
+        let answer_now = log.failing() && !changed && !self.tainted;
+        self.tainted = false;
+        let mut ends = Vec::new();
+        let mut released = false;
+        for token in std::mem::take(&mut self.written) {
+            let Some(conn) = self.conns.get_mut(token.0) else {
+                continue;
+            };
+            conn.written = false;
+            let end = conn.wbase + conn.wbuf.len() as u64;
+            if tail <= durable || (answer_now && conn.held_until <= durable) {
+                conn.released = conn.released.max(end);
+                released = true;
+                if !conn.dirty {
+                    conn.dirty = true;
+                    self.dirty.push(token);
+                }
+            } else {
+                conn.held_until = tail;
+                ends.push((token, conn.gen, end));
+            }
+        }
+        if !ends.is_empty() {
+            self.held.push_back((tail, ends));
+        }
+        released
+    }
+
+    /// Whether held output can leave (the log has caught up with it).
+    fn releasable(&self) -> bool {
+        let (Some(log), Some((seq, _))) = (&self.shared.log, self.held.front()) else {
+            return false;
+        };
+        *seq <= log.durable()
+    }
+
+    /// Lets out the output whose changes are now durable.
+    fn release_held(&mut self) {
+        while self.releasable() {
+            let (_, ends) = self.held.pop_front().expect("releasable");
+            for (token, gen, end) in ends {
+                if let Some(conn) = self.conns.get_mut(token.0).filter(|c| c.gen == gen) {
+                    conn.released = conn.released.max(end);
+                    self.mark_flush(token);
+                }
+            }
+        }
+    }
+
+    /// The log asked for a snapshot: this loop's part, at this instant,
+    /// after its due deadlines fired and its journal was handed in (so the
+    /// part is exactly the state after batch `journal.batches()`).
+    fn export_snapshot_part(&mut self) {
+        let Some(log) = self.shared.log.clone() else {
+            return;
+        };
+        let now_ms = self.now_ms;
+        if self.table.next_deadline().is_some_and(|d| d <= now_ms) {
+            self.journal.tick(now_ms);
+            self.table.tick(now_ms, &mut self.effects);
+            self.route_effects();
+        }
+        let idx = self.idx;
+        let journal = &mut self.journal;
+        log.submit(|buf| journal.take_batch(idx, buf));
+        let mut state = snapshot::export_shard(&self.table, now_ms);
+        state.sessions = snapshot::durable_sessions(&self.sessions);
+        log.send_part(SnapshotPart {
+            idx,
+            position: crate::dump::LoopPosition {
+                stamp_ms: now_ms,
+                batch: self.journal.batches(),
+                last_token: state.last_token,
+            },
+            state,
+        });
     }
 
     fn send_outgoing(&mut self) {
@@ -1524,6 +1717,24 @@ impl EventLoop {
 /// at a frame boundary (it is cleared only when all of it is written); if
 /// it does not look like one (a connection that moved between loops
 /// mid-frame), nothing is kept.
+/// Lists a connection that got output: to flush, and (with the log) to
+/// hold until the turn's changes are durable.
+fn note_output(
+    conn: &mut Connection,
+    token: Token,
+    dirty: &mut Vec<Token>,
+    written: &mut Vec<Token>,
+) {
+    if !conn.dirty {
+        conn.dirty = true;
+        dirty.push(token);
+    }
+    if !conn.written {
+        conn.written = true;
+        written.push(token);
+    }
+}
+
 fn unsent_frames(conn: &Connection) -> (usize, Vec<u8>) {
     // (bytes, opcode) of the whole frame at the front of `buf`, if any.
     let frame = |buf: &[u8]| match protocol::decode_reply(buf) {

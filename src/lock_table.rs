@@ -221,6 +221,9 @@ impl<'a> Command<'a> {
     }
 }
 
+/// A timed wait's key: (deadline, session, request).
+type WaitKey = (u64, SessionId, RequestId);
+
 /// The acquire with its name detached, so `..` update syntax can re-borrow.
 fn a_static(a: Acquire<'_>) -> Acquire<'static> {
     Acquire { name: b"", ..a }
@@ -319,8 +322,8 @@ struct Waiter {
     request_id: RequestId,
     mode: Mode,
     lease_ms: u32,
-    /// Key of its entry in `wait_timers` (deadline, seq), if it has a deadline.
-    timer: Option<(u64, u64)>,
+    /// Key of its entry in `wait_timers`, if it has a deadline.
+    timer: Option<WaitKey>,
 }
 
 /// Shared holders beyond the first and the queue: boxed, because most locks
@@ -474,9 +477,11 @@ pub struct LockTable {
     /// slot is in the key because tokens are unique per lock, not per shard:
     /// holds restored from a dump taken with another loop count can share one.
     lease_timers: BTreeMap<(u64, u64, u32), u32>,
-    /// (deadline, seq) → (lock slot, session, request), for timed waits.
-    wait_timers: BTreeMap<(u64, u64), (u32, SessionId, RequestId)>,
-    wait_seq: u64,
+    /// (deadline, session, request) → (lock slot, session, request), for
+    /// timed waits. Ties go by session and request, not by arrival or
+    /// slot, so the same state fires the same way however it was built
+    /// (a snapshot of the log, replayed).
+    wait_timers: BTreeMap<WaitKey, (u32, SessionId, RequestId)>,
     /// The last fencing token handed out by this shard.
     last_token: u64,
     /// Tokens stay at or below this: the high-water mark the server has
@@ -498,7 +503,6 @@ impl LockTable {
             waits: HashMap::new(),
             lease_timers: BTreeMap::new(),
             wait_timers: BTreeMap::new(),
-            wait_seq: 0,
             last_token: 0,
             token_ceiling: u64::MAX,
         }
@@ -818,7 +822,7 @@ impl LockTable {
     ) -> impl Iterator<Item = (&[u8], SessionId, RequestId, Mode, u32, Option<u64>)> {
         self.locks.iter().flat_map(|(_, lock)| {
             lock.waiters().map(move |w| {
-                let deadline = w.timer.map(|(deadline, _)| deadline);
+                let deadline = w.timer.map(|(deadline, _, _)| deadline);
                 (
                     &*lock.name,
                     w.session,
@@ -917,8 +921,7 @@ impl LockTable {
             );
         }
         let timer = deadline.map(|deadline| {
-            self.wait_seq += 1;
-            let key = (deadline, self.wait_seq);
+            let key = (deadline, a.session, a.request_id);
             self.wait_timers.insert(key, (idx, a.session, a.request_id));
             key
         });
@@ -1091,9 +1094,14 @@ impl LockTable {
         let Some(slots) = self.by_session.remove(&session) else {
             return;
         };
-        // In slot order, so a replay (simulation seed, log) gives the same effects.
+        // In name order, so a replay (simulation seed, the log from a
+        // snapshot) gives the same effects and tokens whatever the slots.
         let mut slots: Vec<u32> = slots.into_iter().collect();
-        slots.sort_unstable();
+        slots.sort_unstable_by(|&a, &b| {
+            self.locks[a as usize]
+                .name
+                .cmp(&self.locks[b as usize].name)
+        });
         for idx in slots {
             // The index entry is gone already; remove_waiter tolerates that.
             let lock = &self.locks[idx as usize];
@@ -1133,7 +1141,7 @@ impl LockTable {
                 .first_key_value()
                 .map(|(&key, &idx)| (key, idx));
             match (wait, lease) {
-                (Some(((deadline, _), (_, session, request_id))), lease)
+                (Some(((deadline, _, _), (_, session, request_id))), lease)
                     if deadline <= now_ms && lease.map_or(true, |((l, _, _), _)| deadline <= l) =>
                 {
                     let removed = self.remove_waiter(now_ms, session, request_id, out);

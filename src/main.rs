@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use livelock::config::{ServerConfig, TcpTuning};
+use livelock::config::{Durability, ServerConfig, TcpTuning};
 use livelock::duration::seconds_flag;
 use livelock::server::Server;
 
@@ -22,7 +22,7 @@ const DEFAULT_PORT: u16 = 7873;
     version,
     about = "A lock server whose locks live exactly as long as their holder's connection",
     long_about = "A lock server whose locks live exactly as long as their holder's connection.\n\n\
-        `livelock server` runs the server (127.0.0.1:7873 by default; state in memory, dumped to --data-dir on shutdown and reloaded on start).\n\
+        `livelock server` runs the server (127.0.0.1:7873 by default; every change is logged to ./livelock-data before it is acknowledged, so a restart or a crash keeps every hold).\n\
         `livelock run NAME -- COMMAND` runs COMMAND while holding the lock NAME, like flock(1) \
         across machines: COMMAND never runs without the lock."
 )]
@@ -109,13 +109,19 @@ struct ServerArgs {
     /// LiveLock protocol: how long a client id keeps its locks after its connection is lost (plain number: seconds).
     #[arg(long, env = "LIVELOCK_RELEASE_ALL_TIMEOUT", default_value = "5", value_parser = seconds_flag)]
     release_all_timeout: Duration,
-    /// Directory of the state dump written on shutdown and read on start.
-    #[arg(long, env = "LIVELOCK_DATA_DIR", default_value = ".")]
+    /// What survives a restart: memory (nothing), dump (the state, written at shutdown), log (every change, before it is acknowledged; survives kill -9).
+    #[arg(long, env = "LIVELOCK_DURABILITY", default_value = "log", value_parser = Durability::parse)]
+    durability: Durability,
+    /// Directory of the log, the dump and the fencing-token mark (created if missing).
+    #[arg(long, env = "LIVELOCK_DATA_DIR", default_value = "livelock-data")]
     data_dir: std::path::PathBuf,
+    /// With --durability log: take a snapshot once this many bytes were logged since the last one.
+    #[arg(long, env = "LIVELOCK_SNAPSHOT_LOG_BYTES", default_value_t = 64 << 20)]
+    snapshot_log_bytes: u64,
     /// Do not read the dump at start [env: LIVELOCK_DISABLE_DUMP_LOAD=1]
     #[arg(long)]
     disable_dump_load: bool,
-    /// Neither read nor write a dump: purely in memory [env: LIVELOCK_NO_DUMP=1]
+    /// Same as --durability memory [env: LIVELOCK_NO_DUMP=1]
     #[arg(long)]
     no_dump: bool,
     /// How long a start waits for a predecessor to release the port and the data directory (plain number: seconds).
@@ -245,10 +251,23 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
     if let Ok(idx) = std::env::var("LIVELOCK_FAULT_PANIC_LOOP") {
         config.fault_panic_loop = idx.parse().ok();
     }
-    let no_dump = flag_or_env(args.no_dump, "LIVELOCK_NO_DUMP")?;
-    config.dump_save = !no_dump;
-    config.dump_load =
-        !no_dump && !flag_or_env(args.disable_dump_load, "LIVELOCK_DISABLE_DUMP_LOAD")?;
+    #[cfg(debug_assertions)]
+    if let Ok(file) = std::env::var("LIVELOCK_FAULT_LOG_FAIL_FILE") {
+        config.fault_log_fail_file = Some(file.into());
+    }
+    let durability = match flag_or_env(args.no_dump, "LIVELOCK_NO_DUMP")? {
+        true => Durability::Memory,
+        false => args.durability,
+    };
+    let load = !flag_or_env(args.disable_dump_load, "LIVELOCK_DISABLE_DUMP_LOAD")?;
+    config.set_durability(durability, load);
+    if args.snapshot_log_bytes < 1 << 20 {
+        return Err(format!(
+            "--snapshot-log-bytes is at least 1 MiB, got {}",
+            args.snapshot_log_bytes
+        ));
+    }
+    config.snapshot_log_bytes = args.snapshot_log_bytes;
     config.shutdown_support = flag_or_env(args.shutdown_support, "LIVELOCK_SHUTDOWN_SUPPORT")?;
     config.max_payload = args.max_payload;
     config.metrics_listen = match args.metrics {

@@ -299,11 +299,14 @@ pub enum Status {
     FrameTooLarge = 45,
     HelloTimeout = 46,
     ServerBusy = 47,
+    /// `--durability log`: the log cannot be written (disk full, failing);
+    /// changes are refused until it can, reads are answered.
+    StorageFailed = 48,
 }
 
 impl Status {
     /// Every status, in code order.
-    pub const ALL: [Status; 25] = [
+    pub const ALL: [Status; 26] = [
         Status::Ok,
         Status::Busy,
         Status::TimedOut,
@@ -329,6 +332,7 @@ impl Status {
         Status::FrameTooLarge,
         Status::HelloTimeout,
         Status::ServerBusy,
+        Status::StorageFailed,
     ];
 
     pub fn from_u16(code: u16) -> Option<Status> {
@@ -358,6 +362,7 @@ impl Status {
             45 => Status::FrameTooLarge,
             46 => Status::HelloTimeout,
             47 => Status::ServerBusy,
+            48 => Status::StorageFailed,
             _ => return None,
         })
     }
@@ -400,6 +405,7 @@ impl Status {
             Status::FrameTooLarge => "frame body too large",
             Status::HelloTimeout => "no HELLO in time",
             Status::ServerBusy => "server is at capacity",
+            Status::StorageFailed => "the log cannot be written",
         }
     }
 }
@@ -489,6 +495,20 @@ pub enum SignalKind {
 }
 
 impl Request<'_> {
+    /// Whether the request changes the state (refused while the log
+    /// cannot write). HELLO is checked where the session is made; BYE is
+    /// always taken (the connection ends anyway).
+    pub fn changes_state(&self) -> bool {
+        match self {
+            Request::Acquire { .. }
+            | Request::Release { .. }
+            | Request::Extend { .. }
+            | Request::Cancel { .. } => true,
+            Request::Signal { op, .. } => *op != SignalKind::Exists,
+            _ => false,
+        }
+    }
+
     /// The opcode this request is sent with.
     pub fn opcode(&self) -> u8 {
         match self {
@@ -1909,7 +1929,7 @@ mod tests {
             .count();
         assert_eq!(known, Status::ALL.len());
         assert_eq!(Status::from_u16(9), None);
-        assert_eq!(Status::from_u16(48), None);
+        assert_eq!(Status::from_u16(49), None);
     }
 
     /// Decodes `buf`, expecting exactly one whole server frame.

@@ -20,11 +20,12 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::ServerConfig;
 use crate::data_dir::{self, DirLock, TokenCeiling};
-use crate::dump;
-use crate::event_loop::{Clock, EventLoop, LoopStart, Peer, Shared};
+use crate::dump::{self, LoopPosition};
+use crate::event_loop::{Clock, EventLoop, LoopStart, Msg, Peer, Shared};
 use crate::limits::{INBOX_MAX, TOKENS_PER_MS_MAX};
 use crate::lock_table::{Effect, LockTable};
 use crate::metrics::{LoopMetrics, ServerMetrics};
+use crate::raft_log::{self, Log, LogConfig, LogShared};
 use crate::session::Sessions;
 use crate::snapshot::{self, LoopState};
 
@@ -69,9 +70,11 @@ impl Server {
             None => Clock::new(),
         };
         let mut tables: Vec<LockTable> = (0..loops).map(|i| LockTable::new(i, loops)).collect();
-        let mut sessions: Vec<Sessions> = (0..loops).map(Sessions::new).collect();
+        let mut sessions: Vec<Sessions> =
+            (0..loops).map(|home| Sessions::new(home, loops)).collect();
         let dump_path = config.dump_path();
         let mut suffix = data_dir::CONSUMED_SUFFIX;
+        let mut started_log = false;
         let loaded = match config.dump_load {
             true => match dump::load(&dump_path) {
                 Ok(state) => state,
@@ -90,13 +93,46 @@ impl Server {
         };
         // A dump is read once: consumed (durably) before any client comes,
         // so a crash never brings back state older than what clients saw.
-        if config.dump_load || config.dump_save {
+        // (With the log, the new base snapshot replaces it below; only an
+        // unreadable one is put aside.)
+        if (config.dump_load || config.dump_save)
+            && (!config.log || suffix == data_dir::REJECTED_SUFFIX)
+        {
             data_dir::consume_dump(&dump_path, suffix).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("cannot consume the dump {}: {e}", dump_path.display()),
                 )
             })?;
+        }
+        // The log: the snapshot (the dump file) and the entries after it,
+        // replayed into the state they describe.
+        let mut loaded = loaded;
+        let mut recovered = None;
+        if config.log {
+            let base = if config.dump_load {
+                loaded.take()
+            } else {
+                None
+            };
+            let mut found = raft_log::recover(&config.data_dir, base)
+                .map_err(|e| io::Error::other(format!("cannot start from the log: {e}")))?;
+            if found.ignored_entries > 0 {
+                eprintln!(
+                    "livelock: warning: {} log entries belong to no snapshot (the dump was \
+                     written by a clean shutdown, or is missing); they are ignored",
+                    found.ignored_entries
+                );
+            }
+            if found.batches > 0 {
+                eprintln!(
+                    "livelock: replayed {} logged batch(es) on top of the snapshot",
+                    found.batches
+                );
+            }
+            loaded = found.state.take().map(snapshot::settle);
+            recovered = Some(found);
+            started_log = true;
         }
         let dump_floor = loaded.as_ref().map_or(0, |d| d.last_token);
         // Fencing tokens: above the durable mark (and the dump's last one);
@@ -114,17 +150,45 @@ impl Server {
             table.set_token_ceiling(tokens.get());
         }
         let mut effects: Vec<Vec<Effect>> = (0..loops).map(|_| Vec::new()).collect();
+        // One instant for the restore and the base snapshot, so the log's
+        // replay starts from exactly the state the loops start from.
+        let now_ms = clock.now_ms();
         if let Some(state) = &loaded {
             let restart_grace_ms = config.release_all_timeout.as_millis() as u64 + 1000;
             let report = snapshot::restore(
                 state,
-                clock.now_ms(),
+                now_ms,
                 restart_grace_ms,
                 &mut tables,
                 &mut sessions,
                 &mut effects,
             );
             report.log(state, restart_grace_ms);
+        }
+        if let Some(found) = &recovered {
+            // The base snapshot: the restored state, each loop at batch 0.
+            let parts = tables
+                .iter()
+                .zip(&sessions)
+                .map(|(table, sessions)| {
+                    let mut state = snapshot::export_shard(table, now_ms);
+                    state.sessions = snapshot::durable_sessions(sessions);
+                    let position = LoopPosition {
+                        stamp_ms: now_ms,
+                        batch: 0,
+                        last_token: table.last_token(),
+                    };
+                    (state, position)
+                })
+                .collect();
+            let (index, term) = found.position();
+            let base = snapshot::log_snapshot(parts, index, term);
+            dump::write_atomic(&dump_path, &dump::encode(&base)).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot write the snapshot {}: {e}", dump_path.display()),
+                )
+            })?;
         }
         let mut starts = Vec::with_capacity(loops);
         let mut peers = Vec::with_capacity(loops);
@@ -153,7 +217,9 @@ impl Server {
             None => None,
         };
         let (final_tx, final_rx) = crossbeam_channel::unbounded();
+        let log_parts = recovered.as_ref().map(|_| LogShared::new());
         let shared = Arc::new(Shared {
+            log: log_parts.as_ref().map(|(log, _)| log.clone()),
             config,
             clock,
             peers,
@@ -177,6 +243,37 @@ impl Server {
                 metrics_stop.clone(),
             )?);
         }
+        let log = match (recovered, log_parts) {
+            (Some(found), Some(parts)) => {
+                let config = LogConfig {
+                    data_dir: shared.config.data_dir.clone(),
+                    snapshot_log_bytes: shared.config.snapshot_log_bytes,
+                    fault_fail_file: shared.config.fault_log_fail_file.clone(),
+                };
+                let ask = Arc::downgrade(&shared);
+                let wake = Arc::downgrade(&shared);
+                let log = Log::start(
+                    found,
+                    config,
+                    parts,
+                    loops,
+                    Box::new(move || {
+                        if let Some(shared) = ask.upgrade() {
+                            shared.send_to_all(|| Msg::Snapshot);
+                        }
+                    }),
+                    Box::new(move || {
+                        if let Some(shared) = wake.upgrade() {
+                            shared.wake_sleepers();
+                        }
+                    }),
+                )
+                .map_err(io::Error::other)?;
+                Some(log)
+            }
+            _ => None,
+        };
+        debug_assert_eq!(log.is_some(), started_log);
         let mut threads = Vec::with_capacity(loops);
         for (idx, start) in starts.into_iter().enumerate() {
             let event_loop = EventLoop::new(idx, shared.clone(), start)?;
@@ -189,7 +286,9 @@ impl Server {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("livelock-shutdown".into())
-                .spawn(move || shut_down(&shared, &final_rx, threads, &server_metrics, dir_lock))?
+                .spawn(move || {
+                    shut_down(&shared, &final_rx, threads, &server_metrics, dir_lock, log)
+                })?
         };
         Ok(Server {
             addr,
@@ -250,11 +349,16 @@ fn shut_down(
     threads: Vec<JoinHandle<()>>,
     server_metrics: &ServerMetrics,
     dir_lock: Option<DirLock>,
+    mut log: Option<Log>,
 ) -> io::Result<()> {
     let mut states = Vec::with_capacity(threads.len());
     for _ in 0..threads.len() {
         // Every loop sends, or the process aborts (`run_or_abort`).
         states.push(final_rx.recv().expect("Shared keeps a sender"));
+    }
+    // No snapshot of the log may land on top of the dump written now.
+    if let Some(log) = &mut log {
+        log.stop_snapshots();
     }
     let mut result = Ok(());
     if shared.config.dump_save {
@@ -276,6 +380,11 @@ fn shut_down(
     for thread in threads {
         // A loop that fails aborts the process, so each one returns.
         let _ = thread.join();
+    }
+    // The dump has everything: the log before it can go (a crash before
+    // this leaves entries the next start ignores, with a warning).
+    if let Some(log) = log {
+        log.stop(result.is_ok());
     }
     drop(dir_lock);
     result

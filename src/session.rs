@@ -1,8 +1,10 @@
 //! Sessions of one home loop: who is connected, what each has in flight, and
 //! the grace deadlines of detached sessions.
 //!
-//! A session lives on exactly one loop, its home, which is encoded in the low
-//! bits of its id (`home_of`). Every reply and push for a session is routed to
+//! A session lives on exactly one loop, its home: the low bits of its id
+//! modulo the loop count (`home_of`). A loop makes ids whose low bits are
+//! its own index; an id restored on a server with fewer loops still has a
+//! home, so a session id names no particular thread. Every reply and push for a session is routed to
 //! its home, which writes it to the session's connection, or parks it while
 //! the session is detached so that a RESUME gets it. The home remembers which
 //! shards a session touched, so ending it tells only those.
@@ -24,9 +26,9 @@ pub type LockName = smallvec::SmallVec<[u8; 32]>;
 const HOME_BITS: u32 = 8;
 const _: () = assert!(crate::limits::THREADS_MAX <= 1 << HOME_BITS);
 
-/// The loop that owns `session`.
-pub fn home_of(session: SessionId) -> usize {
-    (session & ((1 << HOME_BITS) - 1)) as usize
+/// The loop that owns `session` on a server with `loops` loops.
+pub fn home_of(session: SessionId, loops: usize) -> usize {
+    (session & ((1 << HOME_BITS) - 1)) as usize % loops
 }
 
 /// What a pending request was, to shape its reply and keep `holds` right.
@@ -374,6 +376,7 @@ impl Replay {
 /// The sessions whose home is this loop.
 pub struct Sessions {
     home: usize,
+    loops: usize,
     next_seq: u64,
     map: HashMap<SessionId, Session>,
     /// LiveLock client id → session.
@@ -383,9 +386,11 @@ pub struct Sessions {
 }
 
 impl Sessions {
-    pub fn new(home: usize) -> Sessions {
+    pub fn new(home: usize, loops: usize) -> Sessions {
+        assert!(home < loops);
         Sessions {
             home,
+            loops,
             next_seq: 0,
             map: HashMap::new(),
             by_client: HashMap::new(),
@@ -452,7 +457,7 @@ impl Sessions {
         client_id: Option<&[u8]>,
         until_ms: u64,
     ) {
-        assert_eq!(home_of(id), self.home);
+        assert_eq!(home_of(id, self.loops), self.home);
         self.next_seq = self.next_seq.max(id >> HOME_BITS);
         if let Some(client_id) = client_id {
             self.by_client.insert(client_id.into(), id);
@@ -471,7 +476,7 @@ impl Sessions {
         client_id: Option<&[u8]>,
         conn: Option<Token>,
     ) -> &mut Session {
-        assert_eq!(home_of(id), self.home);
+        assert_eq!(home_of(id, self.loops), self.home);
         let session = Session {
             id,
             secret,
@@ -633,17 +638,19 @@ mod tests {
 
     #[test]
     fn ids_carry_their_home() {
-        let mut sessions = Sessions::new(5);
+        let mut sessions = Sessions::new(5, 8);
         let a = sessions.create([1; SECRET_LEN], 0, b"a", Token(1)).id;
         let b = sessions.create([2; SECRET_LEN], 0, b"b", Token(2)).id;
         assert_ne!(a, b);
-        assert_eq!(home_of(a), 5);
-        assert_eq!(home_of(b), 5);
+        assert_eq!(home_of(a, 8), 5);
+        assert_eq!(home_of(b, 8), 5);
+        // With fewer loops the same id still has a home.
+        assert_eq!(home_of(a, 3), 2);
     }
 
     #[test]
     fn detach_without_grace_ends_at_once() {
-        let mut sessions = Sessions::new(0);
+        let mut sessions = Sessions::new(0, 1);
         let id = sessions.create([0; SECRET_LEN], 0, b"", Token(1)).id;
         assert_eq!(sessions.detach(id, 100).map(|s| s.id), Some(id));
         assert!(sessions.is_empty());
@@ -651,7 +658,7 @@ mod tests {
 
     #[test]
     fn grace_expires_unless_attached() {
-        let mut sessions = Sessions::new(0);
+        let mut sessions = Sessions::new(0, 1);
         let kept = sessions.create([0; SECRET_LEN], 1000, b"", Token(1)).id;
         let lost = sessions.create([0; SECRET_LEN], 1000, b"", Token(2)).id;
         assert!(sessions.detach(kept, 100).is_none());
@@ -687,7 +694,7 @@ mod tests {
     #[test]
     fn a_hold_granted_during_the_listing_and_lost_is_pushed() {
         use crate::protocol::opcode;
-        let mut sessions = Sessions::new(0);
+        let mut sessions = Sessions::new(0, 1);
         let id = sessions.create([7; 16], 5_000, b"c", Token(1)).id;
         let held = Held {
             mode: Mode::Exclusive,

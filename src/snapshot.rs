@@ -2,7 +2,10 @@
 //! functions (no I/O, no clock: time is passed in): a shard's and a home's
 //! part of the dump (`export_shard`, `export_sessions`), the merge of every
 //! loop's part (`merge`), and putting a dump back into fresh tables and
-//! sessions (`restore`). The loops export at the shutdown barrier, the
+//! sessions (`restore`). With `--durability log` the same records make
+//! the log's snapshots: every session's durable part (`durable_sessions`),
+//! merged as is (`exact_merge`), and put back exactly where the log's
+//! replay starts (`rebuild_shards`). The loops export at the shutdown barrier, the
 //! server restores at start, and the seeded simulation drives both.
 
 use crate::connection::ConnRef;
@@ -69,21 +72,171 @@ pub fn export_shard(table: &LockTable, now_ms: u64) -> LoopState {
     }
 }
 
-/// A home's part of the dump: its sessions with a grace period (one
-/// without ends with its connection: not kept, and its holds are dropped
-/// by `merge`).
+/// A home's part of the shutdown dump: its sessions with a grace period
+/// (one without ends with its connection: not kept, and its holds are
+/// dropped by `merge`).
 pub fn export_sessions(sessions: &Sessions) -> Vec<DumpSession> {
-    sessions
+    let mut all = durable_sessions(sessions);
+    all.retain(|s| s.grace_ms > 0);
+    all
+}
+
+/// The durable part of every session of a home (what the log records of
+/// a session): a snapshot of the log keeps them all.
+pub fn durable_sessions(sessions: &Sessions) -> Vec<DumpSession> {
+    sessions.iter().map(durable_session).collect()
+}
+
+/// The durable part of one session.
+pub fn durable_session(s: &Session) -> DumpSession {
+    DumpSession {
+        id: s.id,
+        secret: s.secret,
+        client_name: s.client_name.to_vec(),
+        client_id: s.client_id.as_ref().map(|id| id.to_vec()),
+        grace_ms: s.grace_ms,
+    }
+}
+
+/// A snapshot of the log from every loop's part (in loop order) and its
+/// place in the log: the parts' sessions together, merged as is.
+pub fn log_snapshot(parts: Vec<(LoopState, dump::LoopPosition)>, index: u64, term: u64) -> Dump {
+    let mut states = Vec::with_capacity(parts.len());
+    let mut positions = Vec::with_capacity(parts.len());
+    let mut sessions = Vec::new();
+    for (mut state, position) in parts {
+        sessions.append(&mut state.sessions);
+        states.push(state);
+        positions.push(position);
+    }
+    let created = positions.iter().map(|p| p.stamp_ms).max().unwrap_or(0);
+    let log = dump::LogPosition {
+        index,
+        term,
+        loops: positions,
+    };
+    exact_merge(states, sessions, created, log)
+}
+
+/// The state a restart restores from a replayed snapshot: without its log
+/// position, and without the holds and waits of sessions that had ended
+/// (their release was still on its way to the shard).
+pub fn settle(mut state: Dump) -> Dump {
+    state.log = None;
+    let kept: hashbrown::HashSet<u64> = state.sessions.iter().map(|s| s.id).collect();
+    state.holds.retain(|h| kept.contains(&h.session));
+    state.waiters.retain(|w| kept.contains(&w.session));
+    state
+}
+
+/// Every loop's part of a snapshot of the log, as it is: nothing dropped
+/// (a hold whose session just ended, and whose release is still on its
+/// way to the shard, stays; a restart drops it with its session).
+pub fn exact_merge(
+    parts: Vec<LoopState>,
+    sessions: Vec<DumpSession>,
+    created_unix_ms: u64,
+    log: dump::LogPosition,
+) -> Dump {
+    let mut state = Dump {
+        created_unix_ms,
+        sessions,
+        log: Some(log),
+        ..Dump::default()
+    };
+    for part in parts {
+        state.last_token = state.last_token.max(part.last_token);
+        state.holds.extend(part.holds);
+        state.waiters.extend(part.waiters);
+        state.signals.extend(part.signals);
+    }
+    state
+}
+
+/// Puts a snapshot of the log back into the tables of the server that
+/// wrote it, each shard as it was at its loop's stamp: the same holds
+/// (token, grant time, lease deadline), the same queues (same request
+/// ids and deadlines), signals, and the shard's token counter. Records
+/// this server could not have written (a name out of range) are skipped.
+pub fn rebuild_shards(state: &Dump, positions: &[dump::LoopPosition], tables: &mut [LockTable]) {
+    let loops = tables.len();
+    let valid = |name: &[u8]| !name.is_empty() && name.len() <= crate::limits::NAME_LEN_MAX;
+    let mode_of = |shared: bool| {
+        if shared {
+            Mode::Shared
+        } else {
+            Mode::Exclusive
+        }
+    };
+    let names: hashbrown::HashMap<u64, &[u8]> = state
+        .sessions
         .iter()
-        .filter(|s| s.grace_ms > 0)
-        .map(|s| DumpSession {
-            id: s.id,
-            secret: s.secret,
-            client_name: s.client_name.to_vec(),
-            client_id: s.client_id.as_ref().map(|id| id.to_vec()),
-            grace_ms: s.grace_ms,
+        .map(|s| {
+            (
+                s.id,
+                &s.client_name[..s.client_name.len().min(CLIENT_NAME_LEN_MAX)],
+            )
         })
-        .collect()
+        .collect();
+    let mut sink = Vec::new();
+    let mut introduced = hashbrown::HashSet::new();
+    let mut introduce =
+        |table: &mut LockTable, session: u64, now_ms: u64, sink: &mut Vec<Effect>| {
+            if let Some(client_name) = names.get(&session) {
+                if introduced.insert((table.shard(), session)) {
+                    let command = Command::Introduce {
+                        session,
+                        client_name,
+                    };
+                    table.apply(now_ms, command, sink);
+                }
+            }
+        };
+    for hold in state.holds.iter().filter(|h| valid(&h.name)) {
+        let shard = shard_for(&hold.name, loops);
+        let at = positions[shard].stamp_ms;
+        let lease_deadline_ms = match hold.lease_left_ms {
+            0 => 0,
+            left => at.saturating_add(left),
+        };
+        let table = &mut tables[shard];
+        table.restore_hold(
+            &hold.name,
+            hold.session,
+            mode_of(hold.shared),
+            hold.token,
+            hold.since_unix_ms,
+            lease_deadline_ms,
+        );
+        introduce(table, hold.session, at, &mut sink);
+    }
+    for waiter in state.waiters.iter().filter(|w| valid(&w.name)) {
+        let shard = shard_for(&waiter.name, loops);
+        let at = positions[shard].stamp_ms;
+        let table = &mut tables[shard];
+        introduce(table, waiter.session, at, &mut sink);
+        let acquire = Acquire {
+            session: waiter.session,
+            request_id: waiter.request_id,
+            name: &waiter.name,
+            mode: mode_of(waiter.shared),
+            wait: match waiter.wait_left_ms {
+                dump::WAIT_FOREVER => Wait::Forever,
+                left => Wait::Until(at.saturating_add(left)),
+            },
+            lease_ms: waiter.lease_ms,
+            reentrant: false,
+            notify_queued: true,
+        };
+        table.apply(at, Command::Acquire(acquire), &mut sink);
+        sink.clear();
+    }
+    for (name, signal) in state.signals.iter().filter(|(n, _)| valid(n)) {
+        tables[shard_for(name, loops)].restore_signal(name, signal);
+    }
+    for (table, position) in tables.iter_mut().zip(positions) {
+        table.raise_token_floor(position.last_token);
+    }
 }
 
 /// Every loop's part in one dump taken at `created_unix_ms`: holds and
@@ -146,7 +299,7 @@ pub fn restore(
     for session in &state.sessions {
         let home = match &session.client_id {
             Some(client_id) => shard_for(client_id, loops),
-            None => home_of(session.id),
+            None => home_of(session.id, loops),
         };
         // One session per LiveLock client id (a dump may repeat one).
         let id_free = |sessions: &[Sessions]| {
@@ -155,8 +308,7 @@ pub fn restore(
                 .as_ref()
                 .map_or(true, |c| sessions[home].by_client(c).is_none())
         };
-        if home < loops
-            && home_of(session.id) == home
+        if home_of(session.id, loops) == home
             && sessions[home].get(session.id).is_none()
             && id_free(sessions)
         {
@@ -274,7 +426,7 @@ pub fn restore(
             if let Effect::Reply { deferred, .. } = &mut effect {
                 *deferred = true;
             }
-            effects[home_of(effect.session())].push(effect);
+            effects[home_of(effect.session(), loops)].push(effect);
         }
         requeued += 1;
     }
@@ -307,8 +459,8 @@ impl RestoreReport {
         if dropped_sessions + dropped_holds + dropped_waits > 0 {
             eprintln!(
                 "livelock: warning: {dropped_sessions} session(s), {dropped_holds} hold(s) and \
-                 {dropped_waits} queued acquire(s) of the dump could not be restored (native \
-                 sessions homed on a loop this server does not have)"
+                 {dropped_waits} queued acquire(s) of the dump could not be restored (a \
+                 lock name too long, a LiveLock client id given twice, a hold that conflicts)"
             );
         }
         eprintln!(

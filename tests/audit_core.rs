@@ -123,6 +123,7 @@ fn restoring_a_session_id_near_u64_max_does_not_reuse_ids() {
         holds: vec![],
         waiters: vec![],
         signals: vec![],
+        log: None,
     };
     dump::decode(&dump::encode(&state)).expect("the dump is valid");
     let result = std::panic::catch_unwind(|| start_with_dump(&dir, &state, 1));
@@ -154,6 +155,7 @@ fn a_restored_hold_granted_at_u64_max_does_not_kill_the_loop() {
         }],
         waiters: vec![],
         signals: vec![],
+        log: None,
     };
     dump::write_atomic(&dir.join(dump::FILE_NAME), &dump::encode(&state)).unwrap();
     let data_dir = dir.path().to_path_buf();

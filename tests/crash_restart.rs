@@ -1,4 +1,5 @@
-//! Real `livelock server` processes on loopback, stopped the hard ways:
+//! Real `livelock server --durability dump` processes on loopback, stopped
+//! the hard ways (`tests/log_crash.rs` has the same for the log):
 //! back-to-back SIGTERM restarts on one port and data directory (the
 //! successor waits for its predecessor by itself; a graceful session
 //! RESUMEs and keeps its lock; fencing tokens keep increasing), a `kill -9`
@@ -46,7 +47,7 @@ fn spawn_server(
     command
         .args(["server", "--listen", &addr.to_string(), "--data-dir"])
         .arg(data_dir)
-        .args(["--threads", "2"])
+        .args(["--threads", "2", "--durability", "dump"])
         .args(extra);
     ChildGuard::spawn(what, &mut command, dir)
 }

@@ -91,7 +91,9 @@ impl World {
             rng,
             now_ms: 1_000_000,
             tables: (0..shards).map(|i| LockTable::new(i, shards)).collect(),
-            homes: (0..shards).map(Sessions::new).collect(),
+            homes: (0..shards)
+                .map(|home| Sessions::new(home, shards))
+                .collect(),
             kinds: BTreeMap::new(),
             next_request: 1,
             last_token: BTreeMap::new(),
@@ -423,7 +425,9 @@ impl World {
         for table in &mut self.tables {
             table.raise_token_floor(state.last_token);
         }
-        self.homes = (0..shards).map(Sessions::new).collect();
+        self.homes = (0..shards)
+            .map(|home| Sessions::new(home, shards))
+            .collect();
         let mut effects: Vec<Vec<Effect>> = (0..shards).map(|_| Vec::new()).collect();
         snapshot::restore(
             &state,
@@ -471,7 +475,9 @@ impl World {
         for table in &mut self.tables {
             table.raise_token_floor(floor);
         }
-        self.homes = (0..shards).map(Sessions::new).collect();
+        self.homes = (0..shards)
+            .map(|home| Sessions::new(home, shards))
+            .collect();
         self.kinds.clear();
         self.now_ms += self.rng.below(500);
     }

@@ -692,7 +692,7 @@ fn resume_on_any_loop(loops: usize, attempts: usize) {
     for i in 0..attempts {
         let name = format!("any-loop-{i}");
         let (mut a, id, secret) = RawConn::hello(server.addr, 10_000);
-        homes[home_of(id)] += 1;
+        homes[home_of(id, loops)] += 1;
         assert_eq!(
             a.call(2, &acquire_req(name.as_bytes(), 0, false)).status,
             Status::Ok

@@ -221,11 +221,13 @@ impl EventLoop {
                 id
             }
             None => {
-                if self.session_refusal(grace_ms > 0).is_some() {
+                if self.session_refusal(grace_ms > 0).is_some() || self.storage_failing() {
                     self.resp_error(token, ErrorCode::ServerError);
                     return Flow::Continue;
                 }
-                self.sessions.create_client(client_id, grace_ms, token).id
+                let id = self.sessions.create_client(client_id, grace_ms, token).id;
+                self.journal_session_open(id);
+                id
             }
         };
         let conn = &mut self.conns[token.0];
@@ -266,6 +268,12 @@ impl EventLoop {
     ) {
         if name.is_empty() || name.len() > NAME_LEN_MAX {
             self.resp_error(token, ErrorCode::WrongArgs);
+            return;
+        }
+        let read = matches!(op, RespOp::Locked | RespOp::SigExists);
+        if !read && self.storage_failing() {
+            // The log cannot write: `-7 Server error`, as for any failure.
+            self.resp_error(token, ErrorCode::ServerError);
             return;
         }
         let conn = self.conn_ref(token);

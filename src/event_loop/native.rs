@@ -14,6 +14,10 @@ use crate::session::{
     home_of, random_secret, secure_eq, Ask, LockName, Pending, PendingOp, Refusal,
 };
 
+/// Why a change is refused while the log cannot write.
+const STORAGE_FAILED: &str =
+    "the log cannot be written (disk full or failing): changes are refused";
+
 impl EventLoop {
     /// Writes the native reply to a gathered INSPECT, LIST or STATS.
     pub(super) fn finish_native_gather(&mut self, gather: Gather, op: u8, request_id: u32) {
@@ -217,6 +221,11 @@ impl EventLoop {
                 self.start_closing(token);
                 Flow::Stop
             }
+            (request, Some(_)) if request.changes_state() && self.storage_failing() => {
+                let op = request.opcode();
+                self.reply_status(token, op, request_id, Status::StorageFailed, STORAGE_FAILED);
+                Flow::Continue
+            }
             (request, Some(id)) => {
                 self.session_request(token, id, request_id, request);
                 Flow::Continue
@@ -268,11 +277,17 @@ impl EventLoop {
             self.reply_status(token, op, request_id, Status::ServerBusy, message);
             return Flow::Continue;
         }
+        if self.storage_failing() {
+            let op = opcode::HELLO;
+            self.reply_status(token, op, request_id, Status::StorageFailed, STORAGE_FAILED);
+            return Flow::Continue;
+        }
         let secret = random_secret();
         let id = self
             .sessions
             .create(secret, grace_ms, client_name, token)
             .id;
+        self.journal_session_open(id);
         let conn = &mut self.conns[token.0];
         conn.session = Some(id);
         conn.hello_deadline_ms = 0;
@@ -298,17 +313,7 @@ impl EventLoop {
         if !self.check_password(token, opcode::RESUME, request_id, password) {
             return Flow::Stop;
         }
-        let home = home_of(id);
-        if home >= self.shared.peers.len() {
-            self.reply_status(
-                token,
-                opcode::RESUME,
-                request_id,
-                Status::UnknownSession,
-                "no such session",
-            );
-            return Flow::Continue;
-        }
+        let home = home_of(id, self.shared.peers.len());
         if home != self.idx {
             return Flow::Migrate(home);
         }

@@ -1,0 +1,633 @@
+//! The durable log of `--durability log`: the Raft log of a one-voter group
+//! (raft-rs `RawNode`, stored by raft-engine), written by one thread.
+//!
+//! The loops hand in their turns' batches (`LogShared::submit`), each
+//! numbered in one global sequence. The log thread takes everything handed
+//! in since its last write as one entry (group commit across loops),
+//! proposes it, persists what raft asks to persist with one fsync'd
+//! raft-engine write, and publishes the highest sequence number now
+//! committed (`durable`). A loop lets a turn's replies and pushes leave
+//! only once `durable` has reached what was handed in by the end of that
+//! turn (`EventLoop::release_held`).
+//!
+//! A write that fails (disk full, read-only, vanished directory, an
+//! injected fault) is retried until it succeeds; meanwhile `failing` is
+//! set, the loops refuse new changes with a specific error, and nothing
+//! written since is acknowledged. An fsync error is not retried: raft-engine
+//! stops the thread (after a failed fsync the page cache cannot be
+//! trusted), `failing` stays set, and the server keeps answering reads
+//! until it is restarted.
+//!
+//! Snapshots bound the log: once `snapshot_log_bytes` have been written
+//! since the last one, the thread asks every loop for its part (see
+//! `EventLoop::export_snapshot_part`); the snapshot thread merges the parts
+//! and writes them as the dump file with their log position, and the log is
+//! then compacted up to the index the request was made at.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle, Thread};
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::storage::MemStorage;
+use raft::{Config as RaftConfig, RawNode};
+use raft_engine::{Config as EngineConfig, Engine, LogBatch, MessageExt, ReadableSize};
+
+use crate::dump::{self, Dump, LoopPosition};
+use crate::journal::Replay;
+use crate::snapshot::LoopState;
+
+/// The one Raft group of a single server.
+const GROUP: u64 = 1;
+/// Where the group's hard state is kept in raft-engine.
+const HARD_STATE_KEY: &[u8] = b"hard_state";
+/// This node's Raft id.
+const NODE_ID: u64 = 1;
+/// How long a failing write waits before it is tried again.
+const RETRY_WAIT: Duration = Duration::from_millis(100);
+
+/// raft-engine's view of raft-rs entries.
+#[derive(Clone)]
+pub struct EntryExt;
+
+impl MessageExt for EntryExt {
+    type Entry = Entry;
+
+    fn index(entry: &Entry) -> u64 {
+        entry.index
+    }
+}
+
+/// The log's subdirectory of the data directory.
+pub fn log_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("log")
+}
+
+/// What the loops and the log thread share.
+pub struct LogShared {
+    /// Batches handed in and not yet taken by the log thread, and the
+    /// sequence number of the last one.
+    queue: Mutex<(Vec<u8>, u64)>,
+    /// Sequence number of the last batch handed in.
+    submitted: AtomicU64,
+    /// Every batch up to this sequence number is durable.
+    durable: AtomicU64,
+    /// A write failed and has not succeeded since.
+    failing: AtomicBool,
+    /// Parts of the snapshot asked for, from the loops.
+    parts_tx: Sender<SnapshotPart>,
+    /// The log thread, to wake it.
+    thread: Mutex<Option<Thread>>,
+    stop: AtomicBool,
+    /// Counters for the metrics endpoint.
+    pub writes: AtomicU64,
+    pub bytes: AtomicU64,
+    pub write_errors: AtomicU64,
+    pub snapshots: AtomicU64,
+    /// A snapshot was asked for and not yet written.
+    snapshot_pending: AtomicBool,
+    /// The snapshot thread wrote the snapshot up to this index: compact.
+    compact_to: AtomicU64,
+}
+
+/// One loop's part of a snapshot of the log.
+pub struct SnapshotPart {
+    pub idx: usize,
+    pub state: LoopState,
+    pub position: LoopPosition,
+}
+
+impl LogShared {
+    /// The shared part, before the threads start; also the receiving end
+    /// of the loops' snapshot parts, for `Log::start`.
+    pub fn new() -> (Arc<LogShared>, Receiver<SnapshotPart>) {
+        let (parts_tx, parts_rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(LogShared {
+            queue: Mutex::new((Vec::new(), 0)),
+            submitted: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            parts_tx,
+            thread: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            write_errors: AtomicU64::new(0),
+            snapshots: AtomicU64::new(0),
+            snapshot_pending: AtomicBool::new(false),
+            compact_to: AtomicU64::new(0),
+        });
+        (shared, parts_rx)
+    }
+
+    /// Hands in a batch: `fill` appends it to the queue (and says whether
+    /// it did). Returns the sequence number it got, if any.
+    pub fn submit(&self, fill: impl FnOnce(&mut Vec<u8>) -> bool) -> Option<u64> {
+        let seq = {
+            let mut queue = self.queue.lock().expect("log queue lock");
+            if !fill(&mut queue.0) {
+                return None;
+            }
+            queue.1 += 1;
+            self.submitted.store(queue.1, Ordering::SeqCst);
+            queue.1
+        };
+        if let Some(thread) = &*self.thread.lock().expect("log thread lock") {
+            thread.unpark();
+        }
+        Some(seq)
+    }
+
+    /// The last sequence number handed in.
+    pub fn submitted(&self) -> u64 {
+        self.submitted.load(Ordering::SeqCst)
+    }
+
+    /// Every batch up to this sequence number is durable.
+    pub fn durable(&self) -> u64 {
+        self.durable.load(Ordering::SeqCst)
+    }
+
+    /// Writes are failing: changes are refused until one succeeds.
+    pub fn failing(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Where the loops send their parts of a snapshot.
+    pub fn send_part(&self, part: SnapshotPart) {
+        let _ = self.parts_tx.send(part);
+    }
+}
+
+/// Settings of the log.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub data_dir: PathBuf,
+    /// Take a snapshot once this many bytes were logged since the last.
+    pub snapshot_log_bytes: u64,
+    /// Fault injection (debug builds' tests): while this file exists,
+    /// every write fails as if the disk were full.
+    pub fault_fail_file: Option<PathBuf>,
+}
+
+/// The log as it was found at start, replayed.
+pub struct Recovered {
+    /// The state to restore: the snapshot and the log after it, or the
+    /// plain dump.
+    pub state: Option<Dump>,
+    /// Log batches replayed on top of the snapshot.
+    pub batches: u64,
+    /// Log entries found that belong to no snapshot (ignored).
+    pub ignored_entries: u64,
+    engine: Engine,
+    hard_state: HardState,
+    last_index: u64,
+}
+
+/// Opens the log in `data_dir` and replays it on top of `base` (the dump
+/// file as loaded). A log whose entries do not follow the snapshot, or do
+/// not parse, is an error: the start stops rather than drop acknowledged
+/// history. raft-engine itself truncates a torn tail (with a warning).
+pub fn recover(data_dir: &Path, base: Option<Dump>) -> Result<Recovered, String> {
+    let dir = log_dir(data_dir);
+    let engine = Engine::open(EngineConfig {
+        dir: dir.to_string_lossy().into_owned(),
+        target_file_size: ReadableSize::mb(64),
+        purge_threshold: ReadableSize::mb(256),
+        ..EngineConfig::default()
+    })
+    .map_err(|e| format!("cannot open the log in {}: {e}", dir.display()))?;
+    let hard_state: HardState = engine
+        .get_message(GROUP, HARD_STATE_KEY)
+        .map_err(|e| format!("the log's hard state is unreadable: {e}"))?
+        .unwrap_or_default();
+    let first = engine.first_index(GROUP);
+    let last = engine.last_index(GROUP);
+    let mut recovered = Recovered {
+        state: None,
+        batches: 0,
+        ignored_entries: 0,
+        last_index: last.unwrap_or(0).max(hard_state.commit),
+        engine,
+        hard_state,
+    };
+    let Some(base) = base else {
+        recovered.ignored_entries = count(first, last);
+        return Ok(recovered);
+    };
+    if base.log.is_none() {
+        recovered.ignored_entries = count(first, last);
+        recovered.state = Some(base);
+        return Ok(recovered);
+    }
+    let mut replay = Replay::from_snapshot(&base).map_err(|e| e.to_string())?;
+    let from = replay.snapshot_index() + 1;
+    let mut term = base.log.as_ref().map_or(0, |l| l.term);
+    let mut index = replay.snapshot_index();
+    if let (Some(first), Some(last)) = (first, last) {
+        if first > from && last >= from {
+            return Err(format!(
+                "the log starts at entry {first} but the snapshot covers only up to {}: \
+                 entries are missing",
+                from - 1
+            ));
+        }
+        let mut next = from.max(first);
+        while next <= last {
+            let upto = (next + 1024).min(last + 1);
+            let mut entries = Vec::new();
+            recovered
+                .engine
+                .fetch_entries_to::<EntryExt>(GROUP, next, upto, None, &mut entries)
+                .map_err(|e| format!("cannot read log entries {next}..{upto}: {e}"))?;
+            for entry in &entries {
+                replay
+                    .apply_entry(&entry.data)
+                    .map_err(|e| format!("log entry {}: {e}", entry.index))?;
+                index = entry.index;
+                term = entry.term;
+            }
+            next = upto;
+        }
+    }
+    recovered.batches = replay.batches;
+    recovered.last_index = recovered.last_index.max(index);
+    recovered.state = Some(replay.finish(index, term));
+    Ok(recovered)
+}
+
+fn count(first: Option<u64>, last: Option<u64>) -> u64 {
+    match (first, last) {
+        (Some(first), Some(last)) if last >= first => last - first + 1,
+        _ => 0,
+    }
+}
+
+impl Recovered {
+    /// The index and term the next snapshot position starts from.
+    pub fn position(&self) -> (u64, u64) {
+        (self.last_index, self.hard_state.term)
+    }
+}
+
+/// The running log: its thread, the snapshot thread, and what they share.
+pub struct Log {
+    pub shared: Arc<LogShared>,
+    jobs_tx: Sender<SnapshotJob>,
+    thread: Option<JoinHandle<()>>,
+    snapshotter: Option<JoinHandle<()>>,
+}
+
+impl Log {
+    /// Starts the log after the base snapshot (the state the loops start
+    /// from, already written at `recovered.position()`) is durable:
+    /// everything before it is compacted away.
+    pub fn start(
+        recovered: Recovered,
+        config: LogConfig,
+        (shared, parts_rx): (Arc<LogShared>, Receiver<SnapshotPart>),
+        loops: usize,
+        ask_loops: Box<dyn Fn() + Send>,
+        wake_loops: Box<dyn Fn() + Send>,
+    ) -> Result<Log, String> {
+        let (index, term) = recovered.position();
+        let engine = recovered.engine;
+        engine.compact_to(GROUP, index + 1);
+        let _ = engine.purge_expired_files();
+        let voters = || ConfState::from((vec![NODE_ID], vec![]));
+        let storage = MemStorage::new_with_conf_state(voters());
+        {
+            let mut core = storage.wl();
+            if index > 0 {
+                // Everything up to `index` is in the snapshot just written.
+                let mut snapshot = Snapshot::default();
+                let meta = snapshot.mut_metadata();
+                meta.index = index;
+                meta.term = term;
+                meta.set_conf_state(voters());
+                core.apply_snapshot(snapshot)
+                    .map_err(|e| format!("raft: {e}"))?;
+            }
+            let mut hard_state = recovered.hard_state.clone();
+            hard_state.commit = index;
+            hard_state.term = hard_state.term.max(term);
+            core.set_hardstate(hard_state);
+        }
+        let raft_config = RaftConfig {
+            id: NODE_ID,
+            applied: index,
+            ..RaftConfig::default()
+        };
+        raft_config.validate().map_err(|e| format!("raft: {e}"))?;
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let mut node =
+            RawNode::new(&raft_config, storage, &logger).map_err(|e| format!("raft: {e}"))?;
+        node.campaign().map_err(|e| format!("raft: {e}"))?;
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+        let mut writer = Writer {
+            node,
+            engine,
+            shared: shared.clone(),
+            config: config.clone(),
+            wake_loops,
+            ask_loops,
+            jobs_tx: jobs_tx.clone(),
+            since_snapshot: 0,
+            compacted: index,
+        };
+        let thread = thread::Builder::new()
+            .name("livelock-log".into())
+            .spawn(move || writer.run())
+            .map_err(|e| format!("cannot start the log thread: {e}"))?;
+        *shared.thread.lock().expect("log thread lock") = Some(thread.thread().clone());
+        let snapshot_shared = shared.clone();
+        let dump_path = config.data_dir.join(dump::FILE_NAME);
+        let snapshotter = thread::Builder::new()
+            .name("livelock-snapshot".into())
+            .spawn(move || write_snapshots(&snapshot_shared, &dump_path, loops, jobs_rx, parts_rx))
+            .map_err(|e| format!("cannot start the snapshot thread: {e}"))?;
+        Ok(Log {
+            shared,
+            jobs_tx,
+            thread: Some(thread),
+            snapshotter: Some(snapshotter),
+        })
+    }
+
+    /// Stops the snapshot thread (before the shutdown dump is written, so
+    /// that no older snapshot lands on top of it).
+    pub fn stop_snapshots(&mut self) {
+        // Whether it waits for a job or for parts, it sees one of these.
+        let _ = self.jobs_tx.send(SnapshotJob {
+            index: u64::MAX,
+            term: 0,
+        });
+        let _ = self.shared.parts_tx.send(SnapshotPart {
+            idx: usize::MAX,
+            state: LoopState::default(),
+            position: LoopPosition::default(),
+        });
+        if let Some(handle) = self.snapshotter.take() {
+            let _ = handle.join();
+        }
+    }
+
+    /// Writes what is still queued, then stops; with `compact_all`, the
+    /// whole log is compacted away (the shutdown dump has everything).
+    pub fn stop(mut self, compact_all: bool) {
+        self.stop_snapshots();
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if compact_all {
+            self.shared.compact_to.store(u64::MAX, Ordering::SeqCst);
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.thread().unpark();
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A snapshot asked of the loops: the log index and term it covers.
+struct SnapshotJob {
+    index: u64,
+    term: u64,
+}
+
+struct Writer {
+    node: RawNode<MemStorage>,
+    engine: Engine,
+    shared: Arc<LogShared>,
+    config: LogConfig,
+    wake_loops: Box<dyn Fn() + Send>,
+    ask_loops: Box<dyn Fn() + Send>,
+    jobs_tx: Sender<SnapshotJob>,
+    since_snapshot: u64,
+    compacted: u64,
+}
+
+impl Writer {
+    fn run(&mut self) {
+        let mut spare = Vec::new();
+        // (log index, batch sequence number) of entries not yet committed.
+        let mut uncommitted: std::collections::VecDeque<(u64, u64)> = Default::default();
+        loop {
+            let (data, seq) = {
+                let mut queue = self.shared.queue.lock().expect("log queue lock");
+                let data = std::mem::replace(&mut queue.0, std::mem::take(&mut spare));
+                (data, queue.1)
+            };
+            let stopping = self.shared.stop.load(Ordering::SeqCst);
+            if data.is_empty() {
+                self.compact();
+                // The leader's first entry (after the election) is persisted
+                // here too.
+                if self.node.has_ready() && !self.persist_ready() {
+                    return;
+                }
+                if stopping {
+                    self.compact();
+                    return;
+                }
+                spare = data;
+                thread::park_timeout(Duration::from_millis(100));
+                continue;
+            }
+            let len = data.len() as u64;
+            if let Err(e) = self.node.propose(Vec::new(), data) {
+                panic!("raft refused a proposal of the only voter: {e}");
+            }
+            uncommitted.push_back((self.node.raft.raft_log.last_index(), seq));
+            if !self.persist_ready() {
+                // The thread stops (fsync failed): nothing more is durable.
+                return;
+            }
+            // A batch is durable once its entry is committed (at once, for
+            // the only voter).
+            let committed = self.node.raft.raft_log.committed;
+            let mut durable = None;
+            while uncommitted
+                .front()
+                .is_some_and(|&(index, _)| index <= committed)
+            {
+                durable = uncommitted.pop_front().map(|(_, seq)| seq);
+            }
+            if let Some(seq) = durable {
+                self.shared.durable.store(seq, Ordering::SeqCst);
+                (self.wake_loops)();
+            }
+            self.since_snapshot += len;
+            self.maybe_snapshot();
+            self.compact();
+        }
+    }
+
+    /// Persists one Ready, retrying a failed write; false if the thread
+    /// must stop (a panic inside raft-engine: a failed fsync).
+    fn persist_ready(&mut self) -> bool {
+        let mut ready = self.node.ready();
+        let store = self.node.raft.raft_log.store.clone();
+        let _committed = ready.take_committed_entries();
+        let mut attempt = 0u64;
+        loop {
+            match self.write(&ready) {
+                Ok(bytes) => {
+                    self.shared.writes.fetch_add(1, Ordering::Relaxed);
+                    self.shared.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                    if self.shared.failing.swap(false, Ordering::SeqCst) {
+                        eprintln!("livelock: the log is writable again; changes are accepted");
+                    }
+                    break;
+                }
+                Err(WriteError::Fatal(why)) => {
+                    self.shared.failing.store(true, Ordering::SeqCst);
+                    eprintln!(
+                        "livelock: error: the log cannot be made durable ({why}); no change is \
+                         accepted any more, reads still are: restart the server"
+                    );
+                    return false;
+                }
+                Err(WriteError::Retry(why)) => {
+                    self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                    if !self.shared.failing.swap(true, Ordering::SeqCst) || attempt % 100 == 0 {
+                        eprintln!(
+                            "livelock: error: writing the log failed ({why}); changes are \
+                             refused until it succeeds, retrying"
+                        );
+                    }
+                    attempt += 1;
+                    thread::sleep(RETRY_WAIT);
+                }
+            }
+        }
+        {
+            let mut core = store.wl();
+            core.append(ready.entries())
+                .expect("entries follow the stored ones");
+            if let Some(hs) = ready.hs() {
+                core.set_hardstate(hs.clone());
+            }
+        }
+        let mut light = self.node.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            store.wl().mut_hard_state().set_commit(commit);
+        }
+        let _ = light.take_committed_entries();
+        self.node.advance_apply();
+        true
+    }
+
+    fn write(&self, ready: &raft::Ready) -> Result<usize, WriteError> {
+        if let Some(file) = &self.config.fault_fail_file {
+            if file.exists() {
+                return Err(WriteError::Retry(
+                    "No space left on device (injected fault)".into(),
+                ));
+            }
+        }
+        let mut batch = LogBatch::default();
+        batch
+            .add_entries::<EntryExt>(GROUP, ready.entries())
+            .map_err(|e| WriteError::Retry(e.to_string()))?;
+        if let Some(hs) = ready.hs() {
+            batch
+                .put_message(GROUP, HARD_STATE_KEY.to_vec(), hs)
+                .map_err(|e| WriteError::Retry(e.to_string()))?;
+        }
+        let engine = &self.engine;
+        // raft-engine panics when fsync fails (it cannot know what reached
+        // the disk): the log stops, the server keeps serving reads.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine.write(&mut batch, true)
+        })) {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(e)) => Err(WriteError::Retry(e.to_string())),
+            Err(_) => Err(WriteError::Fatal("fsync failed".into())),
+        }
+    }
+
+    fn maybe_snapshot(&mut self) {
+        if self.since_snapshot < self.config.snapshot_log_bytes
+            || self.shared.snapshot_pending.load(Ordering::SeqCst)
+        {
+            return;
+        }
+        self.since_snapshot = 0;
+        self.shared.snapshot_pending.store(true, Ordering::SeqCst);
+        let index = self.node.raft.raft_log.last_index();
+        let term = self.node.raft.raft_log.term(index).unwrap_or(0);
+        let _ = self.jobs_tx.send(SnapshotJob { index, term });
+        (self.ask_loops)();
+    }
+
+    /// Drops the entries a written snapshot covers.
+    fn compact(&mut self) {
+        let to = self.shared.compact_to.load(Ordering::SeqCst);
+        let last = self.node.raft.raft_log.last_index();
+        let to = to.min(last);
+        if to <= self.compacted {
+            return;
+        }
+        self.compacted = to;
+        self.engine.compact_to(GROUP, to + 1);
+        let store = self.node.raft.raft_log.store.clone();
+        let applied = self.node.raft.raft_log.applied;
+        let _ = store.wl().compact((to + 1).min(applied + 1));
+        let _ = self.engine.purge_expired_files();
+    }
+}
+
+enum WriteError {
+    Retry(String),
+    Fatal(String),
+}
+
+/// The snapshot thread: collects every loop's part of each snapshot asked
+/// for, writes it as the dump file, and lets the log be compacted.
+fn write_snapshots(
+    shared: &LogShared,
+    dump_path: &Path,
+    loops: usize,
+    jobs: Receiver<SnapshotJob>,
+    parts: Receiver<SnapshotPart>,
+) {
+    while let Ok(job) = jobs.recv() {
+        if job.index == u64::MAX {
+            return;
+        }
+        let mut got: Vec<Option<SnapshotPart>> = (0..loops).map(|_| None).collect();
+        let mut missing = loops;
+        while missing > 0 {
+            let Ok(part) = parts.recv() else { return };
+            if part.idx == usize::MAX {
+                return;
+            }
+            if got[part.idx].replace(part).is_none() {
+                missing -= 1;
+            }
+        }
+        let parts = got
+            .into_iter()
+            .flatten()
+            .map(|part| (part.state, part.position))
+            .collect();
+        let snapshot = crate::snapshot::log_snapshot(parts, job.index, job.term);
+        match dump::write_atomic(dump_path, &dump::encode(&snapshot)) {
+            Ok(()) => {
+                shared.snapshots.fetch_add(1, Ordering::Relaxed);
+                shared.compact_to.fetch_max(job.index, Ordering::SeqCst);
+                if let Some(thread) = &*shared.thread.lock().expect("log thread lock") {
+                    thread.unpark();
+                }
+            }
+            Err(e) => eprintln!(
+                "livelock: warning: writing a snapshot to {} failed ({e}); the log keeps \
+                 growing until one succeeds",
+                dump_path.display()
+            ),
+        }
+        shared.snapshot_pending.store(false, Ordering::SeqCst);
+    }
+}
