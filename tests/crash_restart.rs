@@ -12,30 +12,18 @@
 mod common;
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{livelock_bin, wait_until, ChildGuard, ScratchDir, WAIT_MAX};
+use common::{
+    data_dir, expect_clean_exit, free_addr, graceful, livelock_bin, signal, spawn_server_with,
+    start_server_with, wait_listening, wait_until, ChildGuard, ScratchDir, WAIT_MAX,
+};
 use livelock::client::{Client, ClientOptions};
 
-/// `dir/data`, created here (the server creates a missing one too; this
-/// way the tests fail for what they test on servers that did not).
-fn data_dir(dir: &ScratchDir) -> PathBuf {
-    let path = dir.join("data");
-    std::fs::create_dir_all(&path).expect("create the data dir");
-    path
-}
-
-/// A loopback address with a port nobody listened on a moment ago.
-fn free_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().unwrap()
-}
-
-/// `livelock server --listen ADDR --data-dir DATA --threads 2 EXTRA...`
-/// (started, not waited for).
+/// A `--durability dump` server (these tests are about the dump).
 fn spawn_server(
     what: &str,
     dir: &ScratchDir,
@@ -43,24 +31,10 @@ fn spawn_server(
     addr: SocketAddr,
     extra: &[&str],
 ) -> ChildGuard {
-    let mut command = livelock_bin();
-    command
-        .args(["server", "--listen", &addr.to_string(), "--data-dir"])
-        .arg(data_dir)
-        .args(["--threads", "2", "--durability", "dump"])
-        .args(extra);
-    ChildGuard::spawn(what, &mut command, dir)
+    spawn_server_with(what, dir, data_dir, addr, "dump", extra)
 }
 
-/// Waits (bounded) until `server` says it listens on `addr`: it then has the
-/// data directory and the port, so no predecessor serves there any more.
-/// Fails early if it exits first.
-fn wait_listening(server: &mut ChildGuard, addr: SocketAddr) {
-    let line = format!("listening on {addr}");
-    server.wait_for(&line, |s| s.stderr().contains(&line).then_some(()));
-}
-
-/// Spawns a server and waits until it listens.
+/// A `--durability dump` server, once it listens.
 fn start_server(
     what: &str,
     dir: &ScratchDir,
@@ -68,36 +42,7 @@ fn start_server(
     addr: SocketAddr,
     extra: &[&str],
 ) -> ChildGuard {
-    let mut server = spawn_server(what, dir, data_dir, addr, extra);
-    wait_listening(&mut server, addr);
-    server
-}
-
-fn signal(process: &ChildGuard, signal: libc::c_int) {
-    // SAFETY: kill(2) on a child we have not reaped (ChildGuard reaps only
-    // in wait/kill/drop), so the pid is still ours.
-    assert_eq!(
-        unsafe { libc::kill(process.id() as libc::pid_t, signal) },
-        0,
-        "kill {signal}"
-    );
-}
-
-/// Waits (bounded) for a server told to stop and checks it stopped cleanly.
-fn expect_clean_exit(server: &mut ChildGuard) {
-    let status = server.wait_exit();
-    assert!(
-        status.success(),
-        "the server's shutdown failed ({status}); stderr: {}",
-        server.stderr()
-    );
-}
-
-fn graceful() -> ClientOptions {
-    ClientOptions {
-        grace: Duration::from_secs(30),
-        ..ClientOptions::default()
-    }
+    start_server_with(what, dir, data_dir, addr, "dump", extra)
 }
 
 /// The session ids holding `name`, as INSPECT reports them.

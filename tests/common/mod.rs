@@ -2,7 +2,7 @@
 //! 127.0.0.1:0 and bounded waits.
 #![allow(dead_code)]
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
 use livelock::client::{Client, ClientOptions};
@@ -424,6 +424,90 @@ pub fn livelock_bin() -> Command {
     }
     command.stdin(std::process::Stdio::null());
     command
+}
+
+// ---- real server processes ----------------------------------------------
+
+/// `dir/data`, created here (the server creates a missing one too; this
+/// way the tests fail for what they test on servers that did not).
+pub fn data_dir(dir: &ScratchDir) -> PathBuf {
+    let path = dir.join("data");
+    std::fs::create_dir_all(&path).expect("create the data dir");
+    path
+}
+
+/// A loopback address with a port nobody listened on a moment ago.
+pub fn free_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().unwrap()
+}
+
+/// `livelock server --listen ADDR --data-dir DATA --threads 2
+/// --durability DURABILITY EXTRA...` (started, not waited for).
+pub fn spawn_server_with(
+    what: &str,
+    dir: &ScratchDir,
+    data_dir: &Path,
+    addr: SocketAddr,
+    durability: &str,
+    extra: &[&str],
+) -> ChildGuard {
+    let mut command = livelock_bin();
+    command
+        .args(["server", "--listen", &addr.to_string(), "--data-dir"])
+        .arg(data_dir)
+        .args(["--threads", "2", "--durability", durability])
+        .args(extra);
+    ChildGuard::spawn(what, &mut command, dir)
+}
+
+/// Waits (bounded) until `server` says it listens on `addr`: it then has the
+/// data directory and the port, so no predecessor serves there any more.
+/// Fails early if it exits first.
+pub fn wait_listening(server: &mut ChildGuard, addr: SocketAddr) {
+    let line = format!("listening on {addr}");
+    server.wait_for(&line, |s| s.stderr().contains(&line).then_some(()));
+}
+
+/// Spawns a server and waits until it listens.
+pub fn start_server_with(
+    what: &str,
+    dir: &ScratchDir,
+    data_dir: &Path,
+    addr: SocketAddr,
+    durability: &str,
+    extra: &[&str],
+) -> ChildGuard {
+    let mut server = spawn_server_with(what, dir, data_dir, addr, durability, extra);
+    wait_listening(&mut server, addr);
+    server
+}
+
+pub fn signal(process: &ChildGuard, signal: libc::c_int) {
+    // SAFETY: kill(2) on a child we have not reaped (ChildGuard reaps only
+    // in wait/kill/drop), so the pid is still ours.
+    assert_eq!(
+        unsafe { libc::kill(process.id() as libc::pid_t, signal) },
+        0,
+        "kill {signal}"
+    );
+}
+
+/// Waits (bounded) for a server told to stop and checks it stopped cleanly.
+pub fn expect_clean_exit(server: &mut ChildGuard) {
+    let status = server.wait_exit();
+    assert!(
+        status.success(),
+        "the server's shutdown failed ({status}); stderr: {}",
+        server.stderr()
+    );
+}
+
+pub fn graceful() -> ClientOptions {
+    ClientOptions {
+        grace: Duration::from_secs(30),
+        ..ClientOptions::default()
+    }
 }
 
 // ---- deterministic randomness (simulations) -------------------------------

@@ -1,0 +1,301 @@
+//! Real `livelock server --durability log` processes on loopback: kill -9
+//! at random moments while a client takes and releases locks, a failing
+//! disk (an injected write error), a torn log tail, and a dump replaced
+//! by garbage. Whatever was acknowledged before a crash is there after
+//! it; nothing released comes back; fencing tokens only go up.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{
+    data_dir, expect_clean_exit, free_addr, graceful, livelock_bin, signal, start_server_with,
+    wait_until, ChildGuard, Rng, ScratchDir, WAIT_MAX,
+};
+use livelock::client::{Client, Error};
+use livelock::protocol::Status;
+
+fn start(what: &str, dir: &ScratchDir, addr: SocketAddr) -> ChildGuard {
+    start_server_with(what, dir, &data_dir(dir), addr, "log", &[])
+}
+
+/// What the client was told, and the one request that may have been cut
+/// off by the crash.
+#[derive(Default)]
+struct Told {
+    /// Lock → token of every acknowledged hold not acknowledged released.
+    held: BTreeMap<String, u64>,
+    /// The request in flight when the server died: (lock, acquire?).
+    in_flight: Option<(String, bool)>,
+    /// Per lock, the greatest token this client was handed (tokens go up
+    /// per lock; each shard counts its own).
+    top_token: BTreeMap<String, u64>,
+}
+
+/// Takes and releases locks until a request fails (the server is gone).
+fn churn(client: &Client, rng: &mut Rng, told: &mut Told, stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        let name = format!("lock-{}", rng.below(24));
+        let acquire = !told.held.contains_key(&name);
+        told.in_flight = Some((name.clone(), acquire));
+        let result = if acquire {
+            client.try_acquire(&name).map(|guard| {
+                if let Some(guard) = guard {
+                    let token = guard.token();
+                    guard.forget();
+                    let top = told.top_token.entry(name.clone()).or_default();
+                    assert!(token > *top, "{name}: token {token} not above {top}");
+                    *top = token;
+                    told.held.insert(name.clone(), token);
+                }
+            })
+        } else {
+            client.release(&name).map(|()| {
+                told.held.remove(&name);
+            })
+        };
+        match result {
+            Ok(()) => told.in_flight = None,
+            Err(Error::Status(status, message)) => {
+                panic!("unexpected refusal {status:?}: {message}")
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// kill -9 at random moments under load, eight times: after each restart
+/// the session RESUMEs and lists exactly the holds it was told it has
+/// (give or take the one request the crash cut off), with their tokens.
+#[test]
+fn kill_9_at_random_moments_loses_no_acknowledged_hold() {
+    let dir = ScratchDir::new("log-kill9");
+    let addr = free_addr();
+    let mut rng = Rng(0x5eed_1096);
+    let mut server = start("first", &dir, addr);
+    let mut client = Client::connect(addr, &graceful()).expect("connect");
+    let (id, secret) = (client.session_id(), client.secret());
+    let mut told = Told::default();
+    for round in 0..8 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let stop = stop.clone();
+            let seed = rng.next();
+            std::thread::spawn(move || {
+                let mut rng = Rng(seed);
+                churn(&client, &mut rng, &mut told, &stop);
+                (client, told)
+            })
+        };
+        // A random moment, while the client works.
+        std::thread::sleep(Duration::from_millis(rng.range(20, 250)));
+        let killed = server.kill();
+        assert_eq!(killed.signal(), Some(libc::SIGKILL), "{killed}");
+        stop.store(true, Ordering::Relaxed);
+        let (old, mut seen) = worker
+            .join()
+            .expect("the worker ends when the server is gone");
+        drop(old);
+
+        server = start(&format!("round {round}"), &dir, addr);
+        client = Client::resume(addr, id, secret, &graceful()).expect("the session survives");
+        let listed: BTreeMap<String, u64> = client
+            .resumed()
+            .expect("a resumed client")
+            .holds
+            .iter()
+            .map(|h| (String::from_utf8(h.name.clone()).unwrap(), h.token))
+            .collect();
+        let mut expected = seen.held.clone();
+        if let Some((name, acquire)) = seen.in_flight.take() {
+            // Cut off: it may or may not have happened.
+            match (acquire, listed.get(&name)) {
+                (true, Some(&token)) => {
+                    let top = seen.top_token.entry(name.clone()).or_default();
+                    assert!(token > *top, "a new token for {name}");
+                    *top = token;
+                    expected.insert(name, token);
+                }
+                (false, None) => {
+                    expected.remove(&name);
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(
+            listed, expected,
+            "round {round}: the holds after the crash are not the acknowledged ones"
+        );
+        told = seen;
+        told.held = expected;
+    }
+    // Tokens go on above everything handed out before.
+    for (name, top) in &told.top_token {
+        if !told.held.contains_key(name) {
+            let guard = client.try_acquire(name).unwrap().expect("free");
+            assert!(
+                guard.token() > *top,
+                "{name}: a token from before the crashes"
+            );
+        }
+    }
+    drop(client);
+    signal(&server, libc::SIGTERM);
+    expect_clean_exit(&mut server);
+}
+
+/// A clean shutdown leaves the state in the one dump file (LiveLock's
+/// `dump_file_path`); garbage in its place means an empty start with a
+/// warning, with tokens still above all handed out before.
+#[test]
+fn a_garbage_dump_starts_empty_with_tokens_above() {
+    let dir = ScratchDir::new("log-garbage");
+    let addr = free_addr();
+    let mut server = start("first", &dir, addr);
+    let client = Client::connect(addr, &graceful()).expect("connect");
+    let top = client.acquire("kept").unwrap();
+    let top_token = top.token();
+    top.forget();
+    drop(client);
+    signal(&server, libc::SIGTERM);
+    expect_clean_exit(&mut server);
+    let dump = data_dir(&dir).join("livelock.dump");
+    assert!(dump.is_file(), "the state is in the dump file");
+    std::fs::write(&dump, b"not a dump at all").unwrap();
+
+    let mut second = start("second", &dir, addr);
+    assert!(
+        second.stderr().contains("warning"),
+        "no warning: {}",
+        second.stderr()
+    );
+    let client = Client::connect(addr, &graceful()).expect("connect");
+    assert!(client.inspect("kept").unwrap().is_none(), "started empty");
+    let again = client.try_acquire("kept").unwrap().expect("free");
+    assert!(again.token() > top_token, "tokens go on above");
+    drop((again, client));
+    signal(&second, libc::SIGTERM);
+    expect_clean_exit(&mut second);
+}
+
+/// A log whose last write was torn (garbage after the last whole record)
+/// is cut there with a warning; what was acknowledged before is kept.
+#[test]
+fn a_torn_log_tail_is_cut() {
+    let dir = ScratchDir::new("log-torn");
+    let addr = free_addr();
+    let mut server = start("first", &dir, addr);
+    let client = Client::connect(addr, &graceful()).expect("connect");
+    let (id, secret) = (client.session_id(), client.secret());
+    for i in 0..20 {
+        client.acquire(format!("torn-{i}")).unwrap().forget();
+    }
+    server.kill();
+    drop(client);
+    let log_dir = data_dir(&dir).join("log");
+    let mut files: Vec<_> = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "raftlog"))
+        .collect();
+    files.sort();
+    let last = files.last().expect("a log file");
+    let mut bytes = std::fs::read(last).unwrap();
+    bytes.extend_from_slice(&[0xa5; 37]);
+    std::fs::write(last, bytes).unwrap();
+
+    let mut second = start("second", &dir, addr);
+    let client = Client::resume(addr, id, secret, &graceful()).expect("the session survives");
+    let holds = client.resumed().unwrap().holds;
+    assert_eq!(holds.len(), 20, "every acknowledged hold is back");
+    drop(client);
+    signal(&second, libc::SIGTERM);
+    expect_clean_exit(&mut second);
+}
+
+/// The disk fails (an injected write error, as on a full disk): changes
+/// are refused with StorageFailed, reads and PING are answered, a grant
+/// that depends on a change not yet durable is not sent; once writes
+/// succeed again everything goes on by itself.
+#[test]
+fn a_failing_disk_refuses_changes_and_recovers() {
+    let dir = ScratchDir::new("log-fail");
+    let addr = free_addr();
+    let fail = dir.join("fail-writes");
+    let mut command = livelock_bin();
+    command
+        .args(["server", "--listen", &addr.to_string(), "--data-dir"])
+        .arg(data_dir(&dir))
+        .args(["--threads", "2", "--durability", "log"])
+        .env("LIVELOCK_FAULT_LOG_FAIL_FILE", &fail);
+    let mut server = ChildGuard::spawn("failing", &mut command, &dir);
+    common::wait_listening(&mut server, addr);
+
+    let holder = Client::connect(addr, &livelock::client::ClientOptions::default()).unwrap();
+    holder.acquire("contended").unwrap().forget();
+    let waiter = Arc::new(Client::connect(addr, &graceful()).unwrap());
+    let pending = {
+        let waiter = waiter.clone();
+        std::thread::spawn(move || {
+            let guard = waiter.acquire_timeout("contended", WAIT_MAX);
+            guard.map(|g| g.map(|g| g.token()))
+        })
+    };
+    wait_until("the waiter is queued", || {
+        waiter
+            .inspect("contended")
+            .unwrap()
+            .is_some_and(|r| r.waiters == 1)
+    });
+
+    // Asks on its own connection: the waiter's replies queue behind the
+    // grant the log holds back.
+    let probe = Client::connect(addr, &graceful()).unwrap();
+    std::fs::write(&fail, b"").unwrap();
+    // The holder goes (no grace): its release is a change the log cannot
+    // take, so the waiter must not be told it has the lock; the failed
+    // write puts the server in its refusing state.
+    drop(holder);
+    wait_until("a change is refused", || {
+        matches!(
+            probe.try_acquire("other"),
+            Err(Error::Status(Status::StorageFailed, _))
+        )
+    });
+    probe.ping().expect("PING answered");
+    assert!(probe.stats().is_ok(), "reads answered");
+    let quiet_until = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < quiet_until {
+        assert!(
+            !pending.is_finished(),
+            "granted before the release was durable"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(server.stderr().contains("writing the log failed"));
+
+    std::fs::remove_file(&fail).unwrap();
+    let granted = pending
+        .join()
+        .unwrap()
+        .unwrap()
+        .expect("granted once the disk is back");
+    assert!(granted > 0);
+    let other = probe
+        .try_acquire("other")
+        .unwrap()
+        .expect("changes accepted again");
+    drop((other, probe));
+    wait_until("the recovery is logged", || {
+        server.stderr().contains("writable again")
+    });
+    drop(waiter);
+    signal(&server, libc::SIGTERM);
+    expect_clean_exit(&mut server);
+}
