@@ -306,6 +306,8 @@ pub struct ServerMetrics {
     dumps: AtomicU64,
     /// Wall-clock start of the process, ms since the Unix epoch.
     start_unix_ms: u64,
+    /// The durable log's counters (`--durability log`).
+    log: Option<Arc<crate::raft_log::LogShared>>,
 }
 
 impl Default for ServerMetrics {
@@ -324,7 +326,14 @@ impl ServerMetrics {
             last_dump_us: AtomicU64::new(0),
             dumps: AtomicU64::new(0),
             start_unix_ms,
+            log: None,
         }
+    }
+
+    /// Also reports the durable log's counters.
+    pub fn with_log(mut self, log: Option<Arc<crate::raft_log::LogShared>>) -> Self {
+        self.log = log;
+        self
     }
 
     /// A dump was written; it took `micros`.
@@ -511,7 +520,56 @@ pub fn render(loops: &[Arc<LoopMetrics>], server: &ServerMetrics, now_ms: u64) -
     let name = "livelock_dumps_total";
     family(&mut out, name, "counter", "State dumps written.");
     sample(&mut out, name, "", server.dumps.load(Relaxed));
+    if let Some(log) = &server.log {
+        render_log(&mut out, log);
+    }
     out
+}
+
+/// The durable log's families (`--durability log` only).
+fn render_log(out: &mut String, log: &crate::raft_log::LogShared) {
+    let gauges = [
+        (
+            "livelock_log_failing",
+            "1 while log writes fail (changes are refused), else 0.",
+            u64::from(log.failing()),
+        ),
+        (
+            "livelock_log_batches_waiting",
+            "Loop batches handed to the log and not yet durable.",
+            log.submitted().saturating_sub(log.durable()),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        family(out, name, "gauge", help);
+        sample(out, name, "", value);
+    }
+    let counters = [
+        (
+            "livelock_log_writes_total",
+            "Log writes (one fsync each).",
+            &log.writes,
+        ),
+        (
+            "livelock_log_bytes_total",
+            "Bytes written to the log.",
+            &log.bytes,
+        ),
+        (
+            "livelock_log_write_errors_total",
+            "Log writes that failed (and were retried).",
+            &log.write_errors,
+        ),
+        (
+            "livelock_snapshots_total",
+            "Snapshots of the log written.",
+            &log.snapshots,
+        ),
+    ];
+    for (name, help, value) in counters {
+        family(out, name, "counter", help);
+        sample(out, name, "", value.load(Relaxed));
+    }
 }
 
 /// One counter or gauge of a loop's metrics.

@@ -61,12 +61,35 @@ impl MessageExt for EntryExt {
     }
 }
 
+/// raft-engine reports what it does at start (a torn tail cut, for one)
+/// through the `log` facade: its warnings and errors go to stderr, unless
+/// the embedding program installed a logger of its own.
+struct EngineWarnings;
+
+impl log::Log for EngineWarnings {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let level = record.level().as_str().to_ascii_lowercase();
+            eprintln!("livelock: {level}: log store: {}", record.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static ENGINE_WARNINGS: EngineWarnings = EngineWarnings;
+
 /// The log's subdirectory of the data directory.
 pub fn log_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("log")
 }
 
 /// What the loops and the log thread share.
+#[derive(Debug)]
 pub struct LogShared {
     /// Batches handed in and not yet taken by the log thread, and the
     /// sequence number of the last one.
@@ -94,6 +117,7 @@ pub struct LogShared {
 }
 
 /// One loop's part of a snapshot of the log.
+#[derive(Debug)]
 pub struct SnapshotPart {
     pub idx: usize,
     pub state: LoopState,
@@ -192,6 +216,9 @@ pub struct Recovered {
 /// not parse, is an error: the start stops rather than drop acknowledged
 /// history. raft-engine itself truncates a torn tail (with a warning).
 pub fn recover(data_dir: &Path, base: Option<Dump>) -> Result<Recovered, String> {
+    if log::set_logger(&ENGINE_WARNINGS).is_ok() {
+        log::set_max_level(log::LevelFilter::Warn);
+    }
     let dir = log_dir(data_dir);
     let engine = Engine::open(EngineConfig {
         dir: dir.to_string_lossy().into_owned(),

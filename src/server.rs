@@ -228,7 +228,7 @@ impl Server {
             tokens,
             final_tx,
         });
-        let server_metrics = Arc::new(ServerMetrics::new());
+        let server_metrics = Arc::new(ServerMetrics::new().with_log(shared.log.clone()));
         let metrics_stop = Arc::new(AtomicBool::new(false));
         let mut metrics_addr = None;
         let mut metrics_thread = None;

@@ -13,10 +13,11 @@
 //! compared as a set), `inspect` of every name, the counters, the next
 //! deadline and the sessions' client names, and runs `check_invariants`.
 //!
-//! The one thing the model takes from the implementation is the order in
-//! which `EndSession` visits a session's locks: slot order, slots being reused
-//! last-freed first (as `slab` does). It matters because tokens are handed
-//! out in that order.
+//! Orders that decide which token goes where are by what things are, never
+//! by where they are stored: `EndSession` visits a session's locks in name
+//! order; waits due at the same instant time out in (session, request)
+//! order. (So a table rebuilt from a snapshot of the log behaves exactly as
+//! the one it was taken from.)
 
 use livelock::limits::SIGNALS_PER_LOCK_MAX;
 use livelock::lock_table::{
@@ -218,7 +219,9 @@ impl Model {
             }
             Command::EndSession { session } => {
                 self.client_names.retain(|(s, _)| *s != session);
-                for slot in 0..self.slots.len() {
+                let mut slots: Vec<usize> = (0..self.slots.len()).collect();
+                slots.sort_by_key(|&slot| self.slots[slot].as_ref().map(|l| l.name.clone()));
+                for slot in slots {
                     let Some(lock) = self.slots[slot].as_mut() else {
                         continue;
                     };
@@ -359,13 +362,13 @@ impl Model {
     fn tick(&mut self, now_ms: u64, out: &mut Vec<Effect>) {
         loop {
             // The earliest due wait and the earliest due lease.
-            let mut wait: Option<(u64, u64, usize, usize)> = None;
+            let mut wait: Option<(u64, SessionId, RequestId, usize, usize)> = None;
             let mut lease: Option<(u64, u64, usize, usize)> = None;
             for (slot, lock) in self.slots.iter().enumerate() {
                 let Some(lock) = lock else { continue };
                 for (at, w) in lock.waiters.iter().enumerate() {
                     if let Some(deadline) = w.deadline_ms.filter(|&d| d <= now_ms) {
-                        let key = (deadline, w.seq, slot, at);
+                        let key = (deadline, w.session, w.request_id, slot, at);
                         wait = Some(wait.map_or(key, |k| k.min(key)));
                     }
                 }
@@ -377,7 +380,7 @@ impl Model {
                 }
             }
             match (wait, lease) {
-                (Some((deadline, _, slot, at)), lease)
+                (Some((deadline, _, _, slot, at)), lease)
                     if lease.map_or(true, |(l, ..)| deadline <= l) =>
                 {
                     let waiter = self.lock(slot).waiters.remove(at);

@@ -262,12 +262,15 @@ fn a_failing_disk_refuses_changes_and_recovers() {
     // take, so the waiter must not be told it has the lock; the failed
     // write puts the server in its refusing state.
     drop(holder);
-    wait_until("a change is refused", || {
-        matches!(
-            probe.try_acquire("other"),
-            Err(Error::Status(Status::StorageFailed, _))
-        )
+    // (A change accepted before the failed write is seen would wait for
+    // the disk like the release: probe only once the server says so.)
+    wait_until("the failed write is reported", || {
+        server.stderr().contains("writing the log failed")
     });
+    assert!(matches!(
+        probe.try_acquire("other"),
+        Err(Error::Status(Status::StorageFailed, _))
+    ));
     probe.ping().expect("PING answered");
     assert!(probe.stats().is_ok(), "reads answered");
     let quiet_until = Instant::now() + Duration::from_millis(500);
@@ -278,7 +281,6 @@ fn a_failing_disk_refuses_changes_and_recovers() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(server.stderr().contains("writing the log failed"));
 
     std::fs::remove_file(&fail).unwrap();
     let granted = pending
