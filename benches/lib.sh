@@ -24,8 +24,9 @@ wait_port() {
     return 1
 }
 
-start_livelock() { # PORT [THREADS]
-    target/release/livelock server --listen "127.0.0.1:$1" --threads "${2:-1}" --no-dump \
+start_livelock() { # PORT [THREADS] [DURABILITY (memory)]
+    target/release/livelock server --listen "127.0.0.1:$1" --threads "${2:-1}" \
+        --durability "${3:-memory}" \
         --data-dir "$WORK/livelock-$1" \
         --log-level ERROR &
     PIDS+=($!)
@@ -33,11 +34,12 @@ start_livelock() { # PORT [THREADS]
     wait_port "$1"
 }
 
-start_redis() { # PORT
-    redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly no \
+start_redis() { # PORT [--appendonly yes --appendfsync always ...]
+    local port=$1; shift
+    redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no "$@" \
         --dir "$WORK" --logfile "$WORK/redis.log" &
     PIDS+=($!)
-    wait_port "$1"
+    wait_port "$port"
 }
 
 start_original_livelock() { # PORT

@@ -28,6 +28,8 @@ check livelock livelock://127.0.0.1:27901
 check livelock-pipeline livelock://127.0.0.1:27901 --pipeline 16
 check livelock-ping livelock://127.0.0.1:27901 --op ping
 check livelock-contended livelock://127.0.0.1:27901 --keys 4 --mode wait
+start_livelock 27905 2 log
+check livelock-log livelock://127.0.0.1:27905 --pipeline 4
 check livelock-resp livelock-resp://127.0.0.1:27901
 if have_redis; then
     start_redis 27902

@@ -27,6 +27,8 @@ struct Options {
     connections: usize,
     locks_per_connection: usize,
     hold_secs: u64,
+    /// The sessions' grace (a clean restart keeps only graceful sessions).
+    grace_ms: u32,
 }
 
 fn parse() -> Options {
@@ -36,6 +38,7 @@ fn parse() -> Options {
         connections: 100,
         locks_per_connection: 10_000,
         hold_secs: 5,
+        grace_ms: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -50,6 +53,7 @@ fn parse() -> Options {
                 options.locks_per_connection = value.parse().expect("count")
             }
             "--hold-secs" => options.hold_secs = value.parse::<u64>().expect("seconds").min(600),
+            "--grace-ms" => options.grace_ms = value.parse().expect("ms"),
             _ => panic!("unknown flag {flag}"),
         }
     }
@@ -102,7 +106,7 @@ fn main() {
             .unwrap();
         frame.clear();
         let hello = Request::Hello {
-            grace_ms: 0,
+            grace_ms: options.grace_ms,
             password: b"",
             client_name: b"hold_many",
         };

@@ -641,8 +641,17 @@ fn write_snapshots(
             .map(|part| (part.state, part.position))
             .collect();
         let snapshot = crate::snapshot::log_snapshot(parts, job.index, job.term);
-        match dump::write_atomic(dump_path, &dump::encode(&snapshot)) {
+        let started = std::time::Instant::now();
+        let bytes = dump::encode(&snapshot);
+        match dump::write_atomic(dump_path, &bytes) {
             Ok(()) => {
+                eprintln!(
+                    "livelock: snapshot of {} hold(s) at log index {} written ({} bytes, {} ms)",
+                    snapshot.holds.len(),
+                    job.index,
+                    bytes.len(),
+                    started.elapsed().as_millis()
+                );
                 shared.snapshots.fetch_add(1, Ordering::Relaxed);
                 shared.compact_to.fetch_max(job.index, Ordering::SeqCst);
                 if let Some(thread) = &*shared.thread.lock().expect("log thread lock") {

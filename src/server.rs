@@ -182,13 +182,22 @@ impl Server {
                 })
                 .collect();
             let (index, term) = found.position();
+            let written = Instant::now();
             let base = snapshot::log_snapshot(parts, index, term);
-            dump::write_atomic(&dump_path, &dump::encode(&base)).map_err(|e| {
+            let bytes = dump::encode(&base);
+            dump::write_atomic(&dump_path, &bytes).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("cannot write the snapshot {}: {e}", dump_path.display()),
                 )
             })?;
+            eprintln!(
+                "livelock: base snapshot of {} hold(s) written ({} bytes, {} ms); started in {} ms",
+                base.holds.len(),
+                bytes.len(),
+                written.elapsed().as_millis(),
+                started.elapsed().as_millis()
+            );
         }
         let mut starts = Vec::with_capacity(loops);
         let mut peers = Vec::with_capacity(loops);
