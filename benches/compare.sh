@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 rm -f "$OUT"/*.json "$OUT"/*.txt
 
 install_peers
-cargo build --release --workspace --examples -q
+cargo build --release --workspace --bins --examples -q
 
 start_livelock 27801 "$SERVER_THREADS"
 MAIN_PID=$LIVELOCK_PID

@@ -29,6 +29,8 @@ struct Options {
     hold_secs: u64,
     /// The sessions' grace (a clean restart keeps only graceful sessions).
     grace_ms: u32,
+    /// First letter of the lock names (another run's names differ).
+    prefix: char,
 }
 
 fn parse() -> Options {
@@ -39,6 +41,7 @@ fn parse() -> Options {
         locks_per_connection: 10_000,
         hold_secs: 5,
         grace_ms: 0,
+        prefix: 'h',
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -54,6 +57,7 @@ fn parse() -> Options {
             }
             "--hold-secs" => options.hold_secs = value.parse::<u64>().expect("seconds").min(600),
             "--grace-ms" => options.grace_ms = value.parse().expect("ms"),
+            "--prefix" => options.prefix = value.chars().next().expect("a letter"),
             _ => panic!("unknown flag {flag}"),
         }
     }
@@ -121,7 +125,7 @@ fn main() {
             frame.clear();
             let n = batch.min(options.locks_per_connection - sent);
             for i in sent..sent + n {
-                let name = format!("hold:{:04}:{:08}", c % 10_000, i);
+                let name = format!("{}old:{:04}:{:08}", options.prefix, c % 10_000, i);
                 let acquire = Request::Acquire {
                     name: name.as_bytes(),
                     mode: Mode::Exclusive,
