@@ -301,3 +301,154 @@ fn a_failing_disk_refuses_changes_and_recovers() {
     signal(&server, libc::SIGTERM);
     expect_clean_exit(&mut server);
 }
+
+/// `count` lock names of 992 random hex digits (the log cannot compress them).
+fn long_names(seed: u64, count: usize) -> Vec<String> {
+    let mut rng = Rng(seed);
+    (0..count)
+        .map(|_| (0..62).map(|_| format!("{:016x}", rng.next())).collect())
+        .collect()
+}
+
+/// Takes every lock of `names`, 64 requests in flight; returns how many.
+fn take_all(client: &Client, names: &[String]) -> usize {
+    let mut granted = 0;
+    for window in names.chunks(64) {
+        let pending: Vec<_> = window
+            .iter()
+            .map(|name| {
+                client
+                    .start_acquire(name, Default::default(), false)
+                    .unwrap()
+            })
+            .collect();
+        for acquire in pending {
+            acquire.wait().unwrap().forget();
+            granted += 1;
+        }
+    }
+    granted
+}
+
+/// Snapshots bound the log while the server serves: after one was taken
+/// (and the log compacted), a crash restarts from it and the log after it.
+#[test]
+fn a_crash_after_a_snapshot_restarts_from_it_and_the_log_after() {
+    let dir = ScratchDir::new("log-snapshot");
+    let addr = free_addr();
+    let data = data_dir(&dir);
+    let extra = ["--snapshot-log-bytes", "1048576"];
+    let mut server = start_server_with("first", &dir, &data, addr, "log", &extra);
+    let client = Client::connect(addr, &graceful()).expect("connect");
+    let (id, secret) = (client.session_id(), client.secret());
+    assert_eq!(take_all(&client, &long_names(1, 1_500)), 1_500);
+    wait_until("a snapshot is written", || {
+        server.stderr().contains("snapshot of")
+    });
+    // Some more, in the log only (or in a later snapshot).
+    assert_eq!(take_all(&client, &long_names(2, 300)), 300);
+    server.kill();
+    drop(client);
+
+    let mut second = start_server_with("second", &dir, &data, addr, "log", &extra);
+    assert!(second.stderr().contains("replayed"), "{}", second.stderr());
+    let resumed = Client::resume(addr, id, secret, &graceful()).expect("resumes");
+    assert_eq!(
+        resumed.resumed().unwrap().holds.len(),
+        1_800,
+        "every hold is back"
+    );
+    drop(resumed);
+    signal(&second, libc::SIGTERM);
+    expect_clean_exit(&mut second);
+}
+
+/// A real full disk, where the test may mount a small tmpfs (root with
+/// CAP_SYS_ADMIN; elsewhere the injected fault above stands in): changes
+/// are refused while the disk is full and accepted again once space is
+/// freed, and what was acknowledged before is kept.
+#[test]
+fn a_full_disk_refuses_changes_until_space_is_freed() {
+    let dir = ScratchDir::new("log-full");
+    let mount_point = dir.join("small");
+    std::fs::create_dir_all(&mount_point).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+        .arg(&mount_point)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("no tmpfs can be mounted here: the injected fault covers a full disk");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mount_point.clone());
+    let data = mount_point.join("data");
+    let addr = free_addr();
+    let mut server = start_server_with("full", &dir, &data, addr, "log", &[]);
+    let client = Client::connect(addr, &graceful()).expect("connect");
+    let (id, secret) = (client.session_id(), client.secret());
+    client.acquire("before-full").unwrap().forget();
+
+    // Fill the disk to the last byte.
+    let filler = mount_point.join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        let mut byte = [0u8; 1];
+        while file.write_all(&byte).is_ok() {
+            byte[0] = byte[0].wrapping_add(1);
+        }
+        let _ = file.sync_all();
+    }
+    // raft-engine allocates its file 2 MiB ahead, so the log goes on a
+    // while: take locks with long, incompressible names until a write
+    // fails; those changes wait, later ones are refused.
+    let probe = Client::connect(addr, &graceful()).expect("connect");
+    let names = long_names(0xf011, 8_000);
+    let count = names.len();
+    let waiting = std::thread::spawn(move || {
+        let granted = take_all(&client, &names);
+        (client, granted)
+    });
+    wait_until("the full disk is reported", || {
+        server.stderr().contains("writing the log failed")
+    });
+    assert!(matches!(
+        probe.try_acquire("refused"),
+        Err(Error::Status(Status::StorageFailed, _))
+    ));
+    probe.ping().expect("PING answered while the disk is full");
+
+    std::fs::remove_file(&filler).unwrap();
+    let (client, granted) = waiting.join().unwrap();
+    assert_eq!(granted, count, "the waiting changes went through");
+    let after = probe
+        .try_acquire("after-full")
+        .unwrap()
+        .expect("accepted again");
+    after.forget();
+    drop((client, probe));
+
+    // All three are durable: a crash keeps them.
+    server.kill();
+    let mut second = start_server_with("after", &dir, &data, addr, "log", &[]);
+    let resumed = Client::resume(addr, id, secret, &graceful()).expect("resumes");
+    let holds = resumed.resumed().unwrap().holds;
+    assert_eq!(holds.len(), count + 1, "every acknowledged hold is back");
+    assert!(holds.iter().any(|h| h.name == b"before-full"));
+    drop(resumed);
+    signal(&second, libc::SIGTERM);
+    expect_clean_exit(&mut second);
+}
