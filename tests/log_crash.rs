@@ -452,3 +452,42 @@ fn a_full_disk_refuses_changes_until_space_is_freed() {
     signal(&second, libc::SIGTERM);
     expect_clean_exit(&mut second);
 }
+
+/// The state does not belong to a thread: a log written by a server with
+/// two loops restarts whole on one loop and on three (sessions, holds and
+/// their tokens), after a crash.
+#[test]
+fn a_crash_restart_with_another_loop_count_keeps_everything() {
+    let dir = ScratchDir::new("log-threads");
+    let addr = free_addr();
+    let data = data_dir(&dir);
+    let mut server = start_server_with("two loops", &dir, &data, addr, "log", &[]);
+    let mut sessions = Vec::new();
+    let mut expected = BTreeMap::new();
+    for c in 0..6 {
+        let client = Client::connect(addr, &graceful()).expect("connect");
+        for i in 0..10 {
+            let name = format!("c{c}-lock{i}");
+            let guard = client.acquire(&name).unwrap();
+            expected.insert(name, guard.token());
+            guard.forget();
+        }
+        sessions.push((client.session_id(), client.secret()));
+    }
+    for threads in ["1", "3"] {
+        server.kill();
+        server = start_server_with(threads, &dir, &data, addr, "log", &["--threads", threads]);
+        let mut found = BTreeMap::new();
+        let mut clients = Vec::new();
+        for &(id, secret) in &sessions {
+            let client = Client::resume(addr, id, secret, &graceful()).expect("resumes");
+            for hold in client.resumed().unwrap().holds {
+                found.insert(String::from_utf8(hold.name).unwrap(), hold.token);
+            }
+            clients.push(client);
+        }
+        assert_eq!(found, expected, "{threads} loop(s): the holds and their tokens");
+    }
+    signal(&server, libc::SIGTERM);
+    expect_clean_exit(&mut server);
+}

@@ -442,8 +442,8 @@ pub fn free_addr() -> SocketAddr {
     listener.local_addr().unwrap()
 }
 
-/// `livelock server --listen ADDR --data-dir DATA --threads 2
-/// --durability DURABILITY EXTRA...` (started, not waited for).
+/// `livelock server --listen ADDR --data-dir DATA --durability DURABILITY
+/// EXTRA...` (and `--threads 2` unless EXTRA says; started, not waited for).
 pub fn spawn_server_with(
     what: &str,
     dir: &ScratchDir,
@@ -456,8 +456,11 @@ pub fn spawn_server_with(
     command
         .args(["server", "--listen", &addr.to_string(), "--data-dir"])
         .arg(data_dir)
-        .args(["--threads", "2", "--durability", durability])
+        .args(["--durability", durability])
         .args(extra);
+    if !extra.contains(&"--threads") {
+        command.args(["--threads", "2"]);
+    }
     ChildGuard::spawn(what, &mut command, dir)
 }
 
