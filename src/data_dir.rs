@@ -69,14 +69,21 @@ pub fn wait_for_predecessor<T>(
 /// Takes the data directory's lock, waiting up to `wait` for a predecessor
 /// to let go. Creates the directory if needed.
 pub fn lock(dir: &Path, wait: Duration) -> io::Result<DirLock> {
-    fs::create_dir_all(dir)?;
+    let unusable = |e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot use the data directory {}: {e}", dir.display()),
+        )
+    };
+    fs::create_dir_all(dir).map_err(unusable)?;
     let path = dir.join(LOCK_FILE);
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)?;
+        .open(&path)
+        .map_err(unusable)?;
     let locked = wait_for_predecessor(wait, io::ErrorKind::WouldBlock, || {
         // SAFETY: flock on a descriptor we own; no memory is involved.
         match unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } {

@@ -237,8 +237,6 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
     }
     config.release_all_timeout = args.release_all_timeout;
     config.data_dir = args.data_dir.clone();
-    // The fencing-token mark is kept in the data directory in every mode.
-    config.keep_tokens = true;
     if args.takeover_wait > Duration::from_secs(3600) {
         return Err(format!(
             "--takeover-wait is at most 1 h, got {:?}",
@@ -261,6 +259,9 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
     };
     let load = !flag_or_env(args.disable_dump_load, "LIVELOCK_DISABLE_DUMP_LOAD")?;
     config.set_durability(durability, load);
+    // The fencing-token mark is kept in the data directory unless nothing
+    // is (`memory` keeps nothing on disk: its tokens start from the clock).
+    config.keep_tokens = durability != Durability::Memory;
     if args.snapshot_log_bytes < 1 << 20 {
         return Err(format!(
             "--snapshot-log-bytes is at least 1 MiB, got {}",

@@ -135,12 +135,17 @@ impl Server {
             started_log = true;
         }
         let dump_floor = loaded.as_ref().map_or(0, |d| d.last_token);
-        // Fencing tokens: above the durable mark (and the dump's last one);
-        // a data directory seen for the first time is seeded from the wall
-        // clock, above anything an earlier version handed out. Without a
-        // mark (an embedder's in-memory server), the wall clock is all
-        // there is to start above an earlier run.
-        let clock_floor = || clock.now_ms().saturating_mul(TOKENS_PER_MS_MAX);
+        // Fencing tokens: above the durable mark (and the dump's or the
+        // log's last one). With the log, durable state is all they come
+        // from (a new directory starts at 1); with a dump, a directory seen
+        // for the first time is seeded from the wall clock, above anything
+        // an earlier version handed out. Without a mark (`memory`, an
+        // embedder's server), the wall clock is all there is to start
+        // above an earlier run.
+        let clock_floor = || match config.log {
+            true => 0,
+            false => clock.now_ms().saturating_mul(TOKENS_PER_MS_MAX),
+        };
         let (tokens, floor) = match config.keep_tokens {
             true => TokenCeiling::reserve(&config.data_dir, clock_floor, dump_floor)?,
             false => (TokenCeiling::in_memory(), dump_floor.max(clock_floor())),

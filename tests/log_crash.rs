@@ -486,8 +486,33 @@ fn a_crash_restart_with_another_loop_count_keeps_everything() {
             }
             clients.push(client);
         }
-        assert_eq!(found, expected, "{threads} loop(s): the holds and their tokens");
+        assert_eq!(
+            found, expected,
+            "{threads} loop(s): the holds and their tokens"
+        );
     }
     signal(&server, libc::SIGTERM);
     expect_clean_exit(&mut server);
+}
+
+/// A data directory that cannot be used is an error at start, not at the
+/// first change or at shutdown.
+#[test]
+fn an_unusable_data_dir_stops_the_start() {
+    let dir = ScratchDir::new("log-bad-dir");
+    let not_a_dir = dir.join("file");
+    std::fs::write(&not_a_dir, b"").unwrap();
+    let addr = free_addr();
+    let mut command = livelock_bin();
+    command
+        .args(["server", "--listen", &addr.to_string(), "--data-dir"])
+        .arg(not_a_dir.join("data"));
+    let mut server = ChildGuard::spawn("bad dir", &mut command, &dir);
+    let status = server.wait_exit();
+    assert!(!status.success(), "started on an unusable data dir");
+    assert!(
+        server.stderr().contains("cannot start") && server.stderr().contains("file/data"),
+        "{}",
+        server.stderr()
+    );
 }
