@@ -2,6 +2,9 @@
 //! relations between them checked at compile time. The README's "Limits"
 //! table documents each one; change both together.
 
+/// Size of a session secret (returned by HELLO, presented by RESUME).
+pub const SECRET_LEN: usize = 16;
+
 /// Longest lock name in bytes (names are 1..=NAME_LEN_MAX bytes).
 pub const NAME_LEN_MAX: usize = 1024;
 /// Longest password in a HELLO/RESUME.

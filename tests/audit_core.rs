@@ -90,7 +90,7 @@ fn session(id: u64, client_id: Option<&[u8]>) -> DumpSession {
 }
 
 fn start_with_dump(dir: &ScratchDir, state: &Dump, threads: usize) -> TestServer {
-    dump::write_atomic(&dir.join(dump::FILE_NAME), &dump::encode(state)).unwrap();
+    livelock::data_dir::write_atomic(&dir.join(dump::FILE_NAME), &dump::encode(state)).unwrap();
     let data_dir = dir.path().to_path_buf();
     TestServer::start_with(threads, move |config| {
         config.data_dir = data_dir;
@@ -157,7 +157,7 @@ fn a_restored_hold_granted_at_u64_max_does_not_kill_the_loop() {
         signals: vec![],
         log: None,
     };
-    dump::write_atomic(&dir.join(dump::FILE_NAME), &dump::encode(&state)).unwrap();
+    livelock::data_dir::write_atomic(&dir.join(dump::FILE_NAME), &dump::encode(&state)).unwrap();
     let data_dir = dir.path().to_path_buf();
     let mut server = TestServer::start_with(1, move |config| {
         config.data_dir = data_dir;

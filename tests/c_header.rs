@@ -1,4 +1,4 @@
-//! Checks that `include/livelock.h` says the same thing as `src/protocol.rs`.
+//! Checks that `include/livelock.h` says the same thing as `src/wire/protocol.rs`.
 //!
 //! Writes a small C program that includes the header, compiles it with the
 //! system C compiler (`$CC`, default `cc`) as strict C11, runs it, and compares
@@ -355,7 +355,7 @@ fn c_header_matches_the_rust_protocol() {
     }
     assert!(
         mismatches.is_empty(),
-        "livelock.h disagrees with src/protocol.rs:\n{}",
+        "livelock.h disagrees with src/wire/protocol.rs:\n{}",
         mismatches.join("\n")
     );
 

@@ -900,7 +900,7 @@ fn lengths_are_checked_after_lowercasing_and_the_dump_is_written() {
     let running = server.server.take().unwrap();
     running.shutdown();
     bounded("the shutdown", move || running.join()).expect("the dump is written");
-    let state = livelock::dump::load(&dir.join("livelock.dump"))
+    let state = livelock::data_dir::load_dump(&dir.join("livelock.dump"))
         .expect("a whole dump")
         .expect("written");
     assert_eq!(state.holds.len(), 1, "{state:?}");

@@ -15,8 +15,8 @@ use hashbrown::HashMap;
 use mio::Token;
 
 use crate::connection::ConnRef;
+use crate::limits::SECRET_LEN;
 use crate::lock_table::{Effect, Mode, Outcome, RequestId, SessionId};
-use crate::protocol::SECRET_LEN;
 
 /// A lock name kept by the home (pending requests, holds): inline up to 32
 /// bytes, so the common short name costs no allocation per request.
@@ -53,21 +53,6 @@ pub enum RespOp {
 }
 
 impl PendingOp {
-    /// The operation's metrics label.
-    pub fn metric(self) -> crate::metrics::Op {
-        use crate::metrics::Op;
-        use crate::protocol::opcode;
-        match self {
-            PendingOp::Native(opcode::ACQUIRE) => Op::Acquire,
-            PendingOp::Native(opcode::RELEASE) => Op::Release,
-            PendingOp::Native(opcode::EXTEND) => Op::Extend,
-            PendingOp::Native(opcode::CANCEL) => Op::Cancel,
-            PendingOp::Native(opcode::SIGNAL) => Op::Signal,
-            PendingOp::Native(_) => Op::Ping,
-            PendingOp::Resp(_) => Op::Resp,
-        }
-    }
-
     pub fn is_release(self) -> bool {
         matches!(
             self,

@@ -1091,7 +1091,7 @@ impl EventLoop {
                 },
             ) => {
                 let micros = self.now_us.saturating_sub(pending.started_us);
-                self.metrics.observe(pending.op.metric(), micros);
+                self.metrics.observe(op_metric(pending.op), micros);
                 match outcome {
                     Outcome::Granted { .. } => self.metrics.inc_grants(),
                     Outcome::Ok if pending.op.is_release() => self.metrics.inc_releases(),
@@ -1717,6 +1717,20 @@ impl EventLoop {
 /// at a frame boundary (it is cleared only when all of it is written); if
 /// it does not look like one (a connection that moved between loops
 /// mid-frame), nothing is kept.
+/// The metrics label of a pending request's operation.
+fn op_metric(op: PendingOp) -> crate::metrics::Op {
+    use crate::metrics::Op;
+    match op {
+        PendingOp::Native(opcode::ACQUIRE) => Op::Acquire,
+        PendingOp::Native(opcode::RELEASE) => Op::Release,
+        PendingOp::Native(opcode::EXTEND) => Op::Extend,
+        PendingOp::Native(opcode::CANCEL) => Op::Cancel,
+        PendingOp::Native(opcode::SIGNAL) => Op::Signal,
+        PendingOp::Native(_) => Op::Ping,
+        PendingOp::Resp(_) => Op::Resp,
+    }
+}
+
 /// Lists a connection that got output: to flush, and (with the log) to
 /// hold until the turn's changes are durable.
 fn note_output(

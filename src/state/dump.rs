@@ -49,19 +49,16 @@
 //!   loop's part is its state after its batch `batch` at its own instant
 //!   `stamp_ms` (leases and waits left are counted from there), and the log
 //!   entries after `index` replay on top of it (`journal::Replay`).
-//! - `write_atomic` replaces the file whole or not at all: a crash leaves the
+//! - `data_dir::write_atomic` replaces the file whole or not at all: a crash leaves the
 //!   old file or the new one, never a mix.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io;
 
 use hashbrown::{HashMap, HashSet};
 
+use crate::limits::SECRET_LEN;
 use crate::limits::{CLIENT_NAME_LEN_MAX, NAME_LEN_MAX, SIGNAL_LEN_MAX};
-use crate::protocol::SECRET_LEN;
 
 /// The state file's name inside the server's data directory.
 pub const FILE_NAME: &str = "livelock.dump";
@@ -228,7 +225,7 @@ impl From<io::Error> for DumpError {
     }
 }
 
-/// The dump as bytes, ready for [`write_atomic`].
+/// The dump as bytes, ready for `data_dir::write_atomic`.
 ///
 /// # Panics
 /// If `dump` breaks an invariant `decode` checks (a length over its maximum,
@@ -450,72 +447,6 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
     };
     check_consistent(&dump).map_err(DumpError::Corrupt)?;
     Ok(dump)
-}
-
-/// Writes atomically: temp file in the same directory, write, fsync, rename
-/// over `path`, fsync the directory. If writing or renaming fails, the temp
-/// file is removed and `path` is left as it was; if only the directory fsync
-/// fails, the new file is in place but may not survive a power loss.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    /// Tells apart temp files of concurrent writers within one process.
-    static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
-
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "dump path has no file name"))?;
-    let dir = parent_dir(path);
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(file_name);
-    temp_name.push(format!(
-        ".tmp.{}.{}",
-        std::process::id(),
-        TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    let temp = dir.join(temp_name);
-
-    let written = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&temp, path)
-    })();
-    if let Err(error) = written {
-        let _ = fs::remove_file(&temp);
-        return Err(error);
-    }
-    sync_dir(dir)
-}
-
-/// The directory `path` is in ("." for a bare file name).
-pub(crate) fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    }
-}
-
-/// Makes the rename durable. Only Unix can open and fsync a directory.
-#[cfg(unix)]
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-#[cfg(not(unix))]
-pub(crate) fn sync_dir(_dir: &Path) -> io::Result<()> {
-    Ok(())
-}
-
-/// Reads and decodes the dump at `path`; `Ok(None)` if the file does not exist.
-pub fn load(path: &Path) -> Result<Option<Dump>, DumpError> {
-    match fs::read(path) {
-        Ok(bytes) => decode(&bytes).map(Some),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(error) => Err(DumpError::Io(error)),
-    }
 }
 
 /// The invariants a dump keeps beyond its lengths (see the module comment).
@@ -1213,59 +1144,5 @@ mod tests {
         // Some damage (a timestamp, a secret byte) leaves a valid dump:
         // proof the resealed cases got past the checksum into the parser.
         assert!(accepted > 0);
-    }
-
-    fn temp_dir(test: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("livelock-dump-{test}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    #[test]
-    fn write_atomic_replaces_and_leaves_no_temp_files() {
-        let dir = temp_dir("write");
-        let path = dir.join(FILE_NAME);
-        fs::write(&path, b"old contents").unwrap();
-        let bytes = encode(&sample());
-        write_atomic(&path, &bytes).unwrap();
-        assert_eq!(fs::read(&path).unwrap(), bytes);
-        write_atomic(&path, &encode(&Dump::default())).unwrap();
-        assert_eq!(load(&path).unwrap(), Some(Dump::default()));
-        let names: Vec<_> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name())
-            .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from(FILE_NAME)]);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn write_atomic_failure_leaves_the_old_file() {
-        let dir = temp_dir("fail");
-        // Renaming a file over a non-empty directory fails.
-        let path = dir.join("occupied");
-        fs::create_dir(&path).unwrap();
-        fs::write(path.join("inside"), b"x").unwrap();
-        assert!(write_atomic(&path, b"new").is_err());
-        let mut names: Vec<_> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name())
-            .collect();
-        names.sort();
-        assert_eq!(names, vec![std::ffi::OsString::from("occupied")]);
-        fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn load_of_a_missing_file_is_none() {
-        let dir = temp_dir("missing");
-        assert!(load(&dir.join(FILE_NAME)).unwrap().is_none());
-        fs::write(dir.join(FILE_NAME), b"\x80\x04\x95junk").unwrap();
-        assert!(matches!(
-            load(&dir.join(FILE_NAME)),
-            Err(DumpError::NotADump)
-        ));
-        fs::remove_dir_all(&dir).unwrap();
     }
 }

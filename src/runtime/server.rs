@@ -76,7 +76,7 @@ impl Server {
         let mut suffix = data_dir::CONSUMED_SUFFIX;
         let mut started_log = false;
         let loaded = match config.dump_load {
-            true => match dump::load(&dump_path) {
+            true => match data_dir::load_dump(&dump_path) {
                 Ok(state) => state,
                 Err(e) => {
                     suffix = data_dir::REJECTED_SUFFIX;
@@ -190,7 +190,7 @@ impl Server {
             let written = Instant::now();
             let base = snapshot::log_snapshot(parts, index, term);
             let bytes = dump::encode(&base);
-            dump::write_atomic(&dump_path, &bytes).map_err(|e| {
+            data_dir::write_atomic(&dump_path, &bytes).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!("cannot write the snapshot {}: {e}", dump_path.display()),
@@ -382,7 +382,7 @@ fn shut_down(
             eprintln!("livelock: warning: {dropped} record(s) could not be dumped, dropped");
         }
         let path = shared.config.dump_path();
-        match dump::write_atomic(&path, &dump::encode(&state)) {
+        match data_dir::write_atomic(&path, &dump::encode(&state)) {
             Ok(()) => server_metrics.record_dump(started.elapsed().as_micros() as u64),
             Err(e) => {
                 eprintln!("livelock: writing the dump {} failed: {e}", path.display());

@@ -50,8 +50,8 @@
 use std::collections::BTreeMap;
 
 use crate::dump::{self, Dump, DumpSession, LogPosition, LoopPosition};
+use crate::limits::SECRET_LEN;
 use crate::lock_table::{shard_for, Acquire, Command, Effect, LockTable, Mode, SignalOp, Wait};
-use crate::protocol::SECRET_LEN;
 use crate::snapshot;
 
 const ACQUIRE: u8 = 1;

@@ -13,7 +13,7 @@
 //!   So tokens never repeat after a crash, whatever the wall clock does.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::dump;
+use crate::dump::{self, Dump, DumpError};
 
 /// The lock file's name inside the data directory.
 pub const LOCK_FILE: &str = "livelock.lock";
@@ -130,7 +130,7 @@ pub fn consume_dump(dump_path: &Path, suffix: &str) -> io::Result<()> {
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(error) => return Err(error),
     }
-    dump::sync_dir(dump::parent_dir(dump_path))
+    sync_dir(parent_dir(dump_path))
 }
 
 /// The durable ceiling of fencing tokens (see the module comment).
@@ -185,7 +185,7 @@ impl TokenCeiling {
                 "fencing tokens are exhausted (the last one handed out may be {floor})"
             ))
         })?;
-        dump::write_atomic(&path, &encode_mark(ceiling))?;
+        write_atomic(&path, &encode_mark(ceiling))?;
         let tokens = TokenCeiling {
             path: Some(path),
             ceiling: AtomicU64::new(ceiling),
@@ -221,7 +221,7 @@ impl TokenCeiling {
         let Some(next) = last_token.checked_add(TOKEN_BLOCK) else {
             return ceiling;
         };
-        match dump::write_atomic(path, &encode_mark(next)) {
+        match write_atomic(path, &encode_mark(next)) {
             Ok(()) => {
                 *retry_at = None;
                 self.ceiling.store(next, Ordering::Release);
@@ -255,6 +255,72 @@ fn decode_mark(bytes: &[u8]) -> Option<u64> {
         return None;
     }
     Some(u64::from_le_bytes(bytes[8..16].try_into().ok()?))
+}
+
+/// Writes atomically: temp file in the same directory, write, fsync, rename
+/// over `path`, fsync the directory. If writing or renaming fails, the temp
+/// file is removed and `path` is left as it was; if only the directory fsync
+/// fails, the new file is in place but may not survive a power loss.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    /// Tells apart temp files of concurrent writers within one process.
+    static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "dump path has no file name"))?;
+    let dir = parent_dir(path);
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(file_name);
+    temp_name.push(format!(
+        ".tmp.{}.{}",
+        std::process::id(),
+        TEMP_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let temp = dir.join(temp_name);
+
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&temp, path)
+    })();
+    if let Err(error) = written {
+        let _ = fs::remove_file(&temp);
+        return Err(error);
+    }
+    sync_dir(dir)
+}
+
+/// The directory `path` is in ("." for a bare file name).
+pub(crate) fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// Makes the rename durable. Only Unix can open and fsync a directory.
+#[cfg(unix)]
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(not(unix))]
+pub(crate) fn sync_dir(_dir: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+/// Reads and decodes the dump at `path`; `Ok(None)` if the file does not exist.
+pub fn load_dump(path: &Path) -> Result<Option<Dump>, DumpError> {
+    match fs::read(path) {
+        Ok(bytes) => dump::decode(&bytes).map(Some),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(DumpError::Io(error)),
+    }
 }
 
 #[cfg(test)]
@@ -335,5 +401,52 @@ mod tests {
         assert!(!path.exists());
         assert!(dir.join("livelock.dump.consumed").exists());
         consume_dump(&path, CONSUMED_SUFFIX).expect("nothing to consume is fine");
+    }
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_temp_files() {
+        let dir = temp_dir("atomic-write");
+        let path = dir.join(dump::FILE_NAME);
+        fs::write(&path, b"old contents").unwrap();
+        let bytes = dump::encode(&dump::Dump::default());
+        write_atomic(&path, &bytes).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), bytes);
+        write_atomic(&path, &dump::encode(&dump::Dump::default())).unwrap();
+        assert_eq!(load_dump(&path).unwrap(), Some(dump::Dump::default()));
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(dump::FILE_NAME)]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn write_atomic_failure_leaves_the_old_file() {
+        let dir = temp_dir("atomic-fail");
+        // Renaming a file over a non-empty directory fails.
+        let path = dir.join("occupied");
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("inside"), b"x").unwrap();
+        assert!(write_atomic(&path, b"new").is_err());
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec![std::ffi::OsString::from("occupied")]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn load_of_a_missing_file_is_none() {
+        let dir = temp_dir("dump-missing");
+        assert!(load_dump(&dir.join(dump::FILE_NAME)).unwrap().is_none());
+        fs::write(dir.join(dump::FILE_NAME), b"\x80\x04\x95junk").unwrap();
+        assert!(matches!(
+            load_dump(&dir.join(dump::FILE_NAME)),
+            Err(dump::DumpError::NotADump)
+        ));
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

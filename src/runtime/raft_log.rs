@@ -643,7 +643,7 @@ fn write_snapshots(
         let snapshot = crate::snapshot::log_snapshot(parts, job.index, job.term);
         let started = std::time::Instant::now();
         let bytes = dump::encode(&snapshot);
-        match dump::write_atomic(dump_path, &bytes) {
+        match crate::data_dir::write_atomic(dump_path, &bytes) {
             Ok(()) => {
                 eprintln!(
                     "livelock: snapshot of {} hold(s) at log index {} written ({} bytes, {} ms)",

@@ -42,8 +42,7 @@ pub const VERSION: u8 = 1;
 pub const HEADER_LEN: usize = 16;
 /// `wait_ms` value of an ACQUIRE that waits until granted or cancelled.
 pub const WAIT_FOREVER: u32 = u32::MAX;
-/// Size of a session secret (returned by HELLO, presented by RESUME).
-pub const SECRET_LEN: usize = 16;
+pub use crate::limits::SECRET_LEN;
 
 /// Longest message carried by an error reply, so that header + message stays
 /// within the 256 bytes per owed reply that `limits::WRITE_BUFFER_MAX` assumes.
@@ -416,13 +415,7 @@ impl fmt::Display for Status {
     }
 }
 
-/// How a lock is held: one exclusive holder, or any number of shared holders.
-#[repr(u8)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Exclusive = 0,
-    Shared = 1,
-}
+pub use crate::state::lock_table::Mode;
 
 impl Mode {
     fn from_u8(code: u8) -> Option<Mode> {
@@ -2230,7 +2223,7 @@ mod tests {
 
     #[test]
     fn protocol_md_examples_match_the_encoder() {
-        let doc = include_str!("../docs/PROTOCOL.md");
+        let doc = include_str!("../../docs/PROTOCOL.md");
         let examples = &doc[doc.find("## 11. Examples in hex").expect("section 11")..];
         let examples = &examples[..examples.find("\n## 12.").expect("section 12")];
         let blocks: Vec<Vec<u8>> = examples
