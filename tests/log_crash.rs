@@ -69,7 +69,7 @@ fn churn(client: &Client, rng: &mut Rng, told: &mut Told, stop: &AtomicBool) {
     }
 }
 
-/// kill -9 at random moments under load, eight times: after each restart
+/// kill -9 at random moments under load, sixteen times: after each restart
 /// the session RESUMEs and lists exactly the holds it was told it has
 /// (give or take the one request the crash cut off), with their tokens.
 #[test]
@@ -81,7 +81,7 @@ fn kill_9_at_random_moments_loses_no_acknowledged_hold() {
     let mut client = Client::connect(addr, &graceful()).expect("connect");
     let (id, secret) = (client.session_id(), client.secret());
     let mut told = Told::default();
-    for round in 0..8 {
+    for round in 0..16 {
         let stop = Arc::new(AtomicBool::new(false));
         let worker = {
             let stop = stop.clone();
@@ -398,6 +398,7 @@ fn a_full_disk_refuses_changes_until_space_is_freed() {
     let client = Client::connect(addr, &graceful()).expect("connect");
     let (id, secret) = (client.session_id(), client.secret());
     client.acquire("before-full").unwrap().forget();
+    let probe = Client::connect(addr, &graceful()).expect("connect");
 
     // Fill the disk to the last byte.
     let filler = mount_point.join("filler");
@@ -412,11 +413,10 @@ fn a_full_disk_refuses_changes_until_space_is_freed() {
         }
         let _ = file.sync_all();
     }
-    // raft-engine allocates its file 2 MiB ahead, so the log goes on a
-    // while: take locks with long, incompressible names until a write
-    // fails; those changes wait, later ones are refused.
-    let probe = Client::connect(addr, &graceful()).expect("connect");
-    let names = long_names(0xf011, 8_000);
+    // The log writes only with room to spare (raft-engine must never run
+    // out in the middle of a write): the next change waits, those after it
+    // are refused. Long, incompressible names make it a few MB of log.
+    let names = long_names(0xf011, 3_000);
     let count = names.len();
     let waiting = std::thread::spawn(move || {
         let granted = take_all(&client, &names);
@@ -514,5 +514,50 @@ fn an_unusable_data_dir_stops_the_start() {
         server.stderr().contains("cannot start") && server.stderr().contains("file/data"),
         "{}",
         server.stderr()
+    );
+}
+
+/// Damage before the log's tail (not a torn last write) stops the start
+/// with a message, rather than drop what was acknowledged after it.
+#[test]
+fn damage_before_the_tail_stops_the_start() {
+    let dir = ScratchDir::new("log-damaged");
+    let addr = free_addr();
+    let mut server = start("first", &dir, addr);
+    let client = Client::connect(addr, &graceful()).expect("connect");
+    for i in 0..200 {
+        client.acquire(format!("damaged-{i}")).unwrap().forget();
+    }
+    server.kill();
+    drop(client);
+    let log_dir = data_dir(&dir).join("log");
+    let file = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "raftlog"))
+        .expect("a log file");
+    let mut bytes = std::fs::read(&file).unwrap();
+    // Somewhere in the first third of what was written: many acknowledged
+    // writes come after it.
+    let written = bytes.iter().rposition(|&b| b != 0).unwrap();
+    for byte in &mut bytes[written / 3..written / 3 + 8] {
+        *byte ^= 0x5a;
+    }
+    std::fs::write(&file, bytes).unwrap();
+
+    let mut command = livelock_bin();
+    command
+        .args(["server", "--listen", &addr.to_string(), "--data-dir"])
+        .arg(data_dir(&dir));
+    let mut second = ChildGuard::spawn("damaged", &mut command, &dir);
+    let status = second.wait_exit();
+    assert!(!status.success(), "started without acknowledged history");
+    // raft-engine finds the damaged record when it is read (its checksum),
+    // or cuts the log there, which leaves it short of the commit index.
+    assert!(
+        second.stderr().contains("cannot start from the log"),
+        "{}",
+        second.stderr()
     );
 }

@@ -389,6 +389,8 @@ pub struct EventLoop {
     /// This turn's output may depend on changes of other loops (an effect
     /// or a connection came from one).
     tainted: bool,
+    /// This turn handed changes to the log.
+    handed_in: bool,
 }
 
 /// Output of a connection held for the log: (connection, its generation,
@@ -457,6 +459,7 @@ impl EventLoop {
             written: Vec::new(),
             held: VecDeque::new(),
             tainted: false,
+            handed_in: false,
             shared,
         })
     }
@@ -1247,10 +1250,11 @@ impl EventLoop {
 
     // ---- the log ------------------------------------------------------
 
-    /// End of a turn, with the log: hands the turn's journal to the log as
-    /// one batch and holds the turn's output until everything handed in
-    /// so far (by any loop: a change of another loop this turn's output
-    /// depends on was handed in before its message was sent) is durable.
+    /// End of a turn, with the log: hands the rest of the turn's journal to
+    /// the log and holds the turn's output until everything handed in so
+    /// far is durable — by any loop: a change of another loop this turn's
+    /// output depends on was handed in before the message that reported it
+    /// was sent (`hand_in` in `send_outgoing`).
     /// While the log is failing, a turn that changed nothing and heard
     /// from no other loop answers at once (reads, PING). Returns whether
     /// output was released now (to flush).
@@ -1258,9 +1262,8 @@ impl EventLoop {
         let Some(log) = self.shared.log.clone() else {
             return false;
         };
-        let idx = self.idx;
-        let journal = &mut self.journal;
-        let changed = log.submit(|buf| journal.take_batch(idx, buf)).is_some();
+        self.hand_in();
+        let changed = std::mem::take(&mut self.handed_in);
         let tail = log.submitted();
         let durable = log.durable();
         let answer_now = log.failing() && !changed && !self.tainted;
@@ -1325,9 +1328,8 @@ impl EventLoop {
             self.table.tick(now_ms, &mut self.effects);
             self.route_effects();
         }
+        self.hand_in();
         let idx = self.idx;
-        let journal = &mut self.journal;
-        log.submit(|buf| journal.take_batch(idx, buf));
         let mut state = snapshot::export_shard(&self.table, now_ms);
         state.sessions = snapshot::durable_sessions(&self.sessions);
         log.send_part(SnapshotPart {
@@ -1341,7 +1343,23 @@ impl EventLoop {
         });
     }
 
+    /// Hands the journal's records to the log (with the log; nothing
+    /// otherwise). Called before any message of this turn leaves: a loop
+    /// that receives one and reads the log's tail afterwards then waits for
+    /// the change the message reports (`commit_turn`).
+    fn hand_in(&mut self) {
+        let Some(log) = &self.shared.log else {
+            return;
+        };
+        let idx = self.idx;
+        let journal = &mut self.journal;
+        if log.submit(|buf| journal.take_batch(idx, buf)).is_some() {
+            self.handed_in = true;
+        }
+    }
+
     fn send_outgoing(&mut self) {
+        self.hand_in();
         for (dest, queue) in self.outgoing.iter_mut().enumerate() {
             if queue.is_empty() {
                 continue;

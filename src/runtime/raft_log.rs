@@ -46,6 +46,25 @@ const GROUP: u64 = 1;
 const HARD_STATE_KEY: &[u8] = b"hard_state";
 /// This node's Raft id.
 const NODE_ID: u64 = 1;
+/// The log writes only while the file system has this much room (raft-engine
+/// grows a file 2 MiB at a time and starts a new one every 64 MiB).
+const FREE_SPACE_MIN: u64 = 16 << 20;
+
+/// Bytes an unprivileged process may still write in `dir`'s file system.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs fills the struct we own from a NUL-terminated path.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    #[allow(clippy::useless_conversion)] // the field types differ by platform
+    let (available, block) = (u64::from(stat.f_bavail), u64::from(stat.f_frsize));
+    Ok(available.saturating_mul(block))
+}
+
 /// How long a failing write waits before it is tried again.
 const RETRY_WAIT: Duration = Duration::from_millis(100);
 
@@ -233,6 +252,24 @@ pub fn recover(data_dir: &Path, base: Option<Dump>) -> Result<Recovered, String>
         .unwrap_or_default();
     let first = engine.first_index(GROUP);
     let last = engine.last_index(GROUP);
+    // The hard state's commit index is written with the entries (one write
+    // behind): a log that now ends before it lost entries that were
+    // acknowledged — raft-engine cut more than a torn tail. Never go on
+    // without them. (With no entries left, the snapshot covers the commit.)
+    let covered = base
+        .as_ref()
+        .and_then(|b| b.log.as_ref())
+        .map_or(0, |l| l.index);
+    let ends = last.unwrap_or(0).max(covered);
+    if last.is_some() && ends < hard_state.commit {
+        return Err(format!(
+            "the log in {} ends at entry {ends}, but entries up to {} were committed: it is \
+             damaged before its tail (see the log store's warnings above); refusing to start \
+             without acknowledged history",
+            dir.display(),
+            hard_state.commit
+        ));
+    }
     let mut recovered = Recovered {
         state: None,
         batches: 0,
@@ -355,6 +392,7 @@ impl Log {
         node.campaign().map_err(|e| format!("raft: {e}"))?;
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let mut writer = Writer {
+            log_dir: log_dir(&config.data_dir),
             node,
             engine,
             shared: shared.clone(),
@@ -425,6 +463,8 @@ struct SnapshotJob {
 
 struct Writer {
     node: RawNode<MemStorage>,
+    /// The log's directory (its file system's free space is checked).
+    log_dir: PathBuf,
     engine: Engine,
     shared: Arc<LogShared>,
     config: LogConfig,
@@ -553,6 +593,16 @@ impl Writer {
                     "No space left on device (injected fault)".into(),
                 ));
             }
+        }
+        // raft-engine does not recover well from running out of space in
+        // the middle of a write (a half-written record before a new file,
+        // a new file without its header): never let it get there.
+        let free = free_bytes(&self.log_dir).map_err(|e| WriteError::Retry(e.to_string()))?;
+        if free < FREE_SPACE_MIN {
+            return Err(WriteError::Retry(format!(
+                "No space left on device: {free} bytes free in {}, the log needs {FREE_SPACE_MIN}",
+                self.log_dir.display()
+            )));
         }
         let mut batch = LogBatch::default();
         batch
