@@ -33,14 +33,6 @@ start_livelock 27804 2
 if have_redis; then start_redis 27802; fi
 if have_original; then start_original_livelock 27803; fi
 
-run() { # NAME TARGET ARGS...
-    local name=$1; shift
-    echo "running $name: livelock-loadgen $* --duration $DURATION" >&2
-    target/release/livelock-loadgen "$@" --threads "$LOADGEN_THREADS" --duration "$DURATION" \
-        --warmup 1 --json --quiet \
-        > "$OUT/$name.json" || echo "{\"failed\": true}" > "$OUT/$name.json"
-}
-
 LL=livelock://127.0.0.1:27801
 RL=livelock-resp://127.0.0.1:27801
 RD=redis://127.0.0.1:27802

@@ -24,14 +24,6 @@ rm -f "$OUT"/*.json "$OUT"/*.txt
 install_peers
 cargo build --release --workspace --bins --examples -q
 
-run() { # NAME TARGET ARGS...
-    local name=$1; shift
-    echo "running $name: livelock-loadgen $* --duration $DURATION" >&2
-    target/release/livelock-loadgen "$@" --threads 1 --duration "$DURATION" \
-        --warmup 1 --json --quiet \
-        > "$OUT/$name.json" || echo "{\"failed\": true}" > "$OUT/$name.json"
-}
-
 # metric PORT NAME: one value from the metrics endpoint.
 metric() {
     python3 - "$1" "$2" <<'PY'

@@ -49,6 +49,16 @@ start_original_livelock() { # PORT
     wait_port "$1"
 }
 
+# run NAME TARGET ARGS...: one livelock-loadgen run of $DURATION s (1 s
+# warm-up, $LOADGEN_THREADS threads, default 1), its JSON in $OUT/NAME.json.
+run() {
+    local name=$1; shift
+    echo "running $name: livelock-loadgen $* --duration $DURATION" >&2
+    target/release/livelock-loadgen "$@" --threads "${LOADGEN_THREADS:-1}" --duration "$DURATION" \
+        --warmup 1 --json --quiet \
+        > "$OUT/$name.json" || echo "{\"failed\": true}" > "$OUT/$name.json"
+}
+
 have_redis() { command -v redis-server >/dev/null; }
 have_original() { python3 -c 'import livelock.server' 2>/dev/null; }
 
