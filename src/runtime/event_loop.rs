@@ -1330,10 +1330,12 @@ impl EventLoop {
         }
         self.hand_in();
         let idx = self.idx;
+        let started = Instant::now();
         let mut state = snapshot::export_shard(&self.table, now_ms);
         state.sessions = snapshot::durable_sessions(&self.sessions);
         log.send_part(SnapshotPart {
             idx,
+            export: started.elapsed(),
             position: crate::dump::LoopPosition {
                 stamp_ms: now_ms,
                 batch: self.journal.batches(),

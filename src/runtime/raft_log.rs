@@ -141,6 +141,8 @@ pub struct SnapshotPart {
     pub idx: usize,
     pub state: LoopState,
     pub position: LoopPosition,
+    /// How long the loop paused its clients to export its part.
+    pub export: Duration,
 }
 
 impl LogShared {
@@ -243,6 +245,10 @@ pub fn recover(data_dir: &Path, base: Option<Dump>) -> Result<Recovered, String>
         dir: dir.to_string_lossy().into_owned(),
         target_file_size: ReadableSize::mb(64),
         purge_threshold: ReadableSize::mb(256),
+        // Batches go out as they are: compressing them costs the log
+        // thread CPU on the loops' core for little (measured: see
+        // BENCHMARKS.md, "Durability").
+        batch_compression_threshold: ReadableSize(0),
         ..EngineConfig::default()
     })
     .map_err(|e| format!("cannot open the log in {}: {e}", dir.display()))?;
@@ -434,6 +440,7 @@ impl Log {
             idx: usize::MAX,
             state: LoopState::default(),
             position: LoopPosition::default(),
+            export: Duration::ZERO,
         });
         if let Some(handle) = self.snapshotter.take() {
             let _ = handle.join();
@@ -685,6 +692,12 @@ fn write_snapshots(
                 missing -= 1;
             }
         }
+        let paused = got
+            .iter()
+            .flatten()
+            .map(|p| p.export)
+            .max()
+            .unwrap_or_default();
         let parts = got
             .into_iter()
             .flatten()
@@ -696,11 +709,13 @@ fn write_snapshots(
         match crate::data_dir::write_atomic(dump_path, &bytes) {
             Ok(()) => {
                 eprintln!(
-                    "livelock: snapshot of {} hold(s) at log index {} written ({} bytes, {} ms)",
+                    "livelock: snapshot of {} hold(s) at log index {} written ({} bytes, {} ms; \
+                     the loops paused up to {} ms to export)",
                     snapshot.holds.len(),
                     job.index,
                     bytes.len(),
-                    started.elapsed().as_millis()
+                    started.elapsed().as_millis(),
+                    paused.as_millis()
                 );
                 shared.snapshots.fetch_add(1, Ordering::Relaxed);
                 shared.compact_to.fetch_max(job.index, Ordering::SeqCst);
