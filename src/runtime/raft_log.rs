@@ -102,6 +102,25 @@ impl log::Log for EngineWarnings {
 
 static ENGINE_WARNINGS: EngineWarnings = EngineWarnings;
 
+/// The log's high-water mark, kept beside it: raft-engine cannot tell a
+/// damaged record from a torn last write, and cuts the log at either; a
+/// log that then ends before the mark lost acknowledged entries.
+const MARK_FILE: &str = "livelock.logmark";
+/// How often the mark follows the log under load (and when the log is idle).
+const MARK_EVERY: Duration = Duration::from_secs(1);
+
+fn read_mark(data_dir: &Path) -> Result<u64, String> {
+    let path = data_dir.join(MARK_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map_err(|_| format!("{} is not a log index: {text:?}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+    }
+}
+
 /// The log's subdirectory of the data directory.
 pub fn log_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("log")
@@ -267,13 +286,13 @@ pub fn recover(data_dir: &Path, base: Option<Dump>) -> Result<Recovered, String>
         .and_then(|b| b.log.as_ref())
         .map_or(0, |l| l.index);
     let ends = last.unwrap_or(0).max(covered);
-    if last.is_some() && ends < hard_state.commit {
+    let committed = hard_state.commit.max(read_mark(data_dir)?);
+    if base.as_ref().is_some_and(|b| b.log.is_some()) && ends < committed {
         return Err(format!(
-            "the log in {} ends at entry {ends}, but entries up to {} were committed: it is \
-             damaged before its tail (see the log store's warnings above); refusing to start \
-             without acknowledged history",
+            "the log in {} ends at entry {ends}, but entries up to {committed} were committed: \
+             it is damaged before its tail (see the log store's warnings above); refusing to \
+             start without acknowledged history",
             dir.display(),
-            hard_state.commit
         ));
     }
     let mut recovered = Recovered {
@@ -487,6 +506,7 @@ impl Writer {
         let mut spare = Vec::new();
         // (log index, batch sequence number) of entries not yet committed.
         let mut uncommitted: std::collections::VecDeque<(u64, u64)> = Default::default();
+        let mut mark = (0u64, std::time::Instant::now());
         loop {
             let (data, seq) = {
                 let mut queue = self.shared.queue.lock().expect("log queue lock");
@@ -495,6 +515,7 @@ impl Writer {
             };
             let stopping = self.shared.stop.load(Ordering::SeqCst);
             if data.is_empty() {
+                self.follow_mark(&mut mark, true);
                 self.compact();
                 // The leader's first entry (after the election) is persisted
                 // here too.
@@ -532,10 +553,27 @@ impl Writer {
                 self.shared.durable.store(seq, Ordering::SeqCst);
                 (self.wake_loops)();
             }
+            self.follow_mark(&mut mark, false);
             self.since_snapshot += len;
             self.maybe_snapshot();
             self.compact();
         }
+    }
+
+    /// Moves the high-water mark (`MARK_FILE`) up to the committed index,
+    /// at most every `MARK_EVERY` under load, at once when idle.
+    fn follow_mark(&self, (marked, at): &mut (u64, std::time::Instant), idle: bool) {
+        let committed = self.node.raft.raft_log.committed;
+        if committed <= *marked || (!idle && at.elapsed() < MARK_EVERY) {
+            return;
+        }
+        let path = self.config.data_dir.join(MARK_FILE);
+        match crate::data_dir::write_atomic(&path, format!("{committed}\n").as_bytes()) {
+            Ok(()) => *marked = committed,
+            // Tried again later; an old mark only checks less.
+            Err(e) => eprintln!("livelock: warning: cannot write {}: {e}", path.display()),
+        }
+        *at = std::time::Instant::now();
     }
 
     /// Persists one Ready, retrying a failed write; false if the thread

@@ -133,6 +133,12 @@ impl Server {
             loaded = found.state.take().map(snapshot::settle);
             recovered = Some(found);
             started_log = true;
+        } else if config.dump_load && raft_log::log_dir(&config.data_dir).is_dir() {
+            eprintln!(
+                "livelock: warning: {} holds a log (--durability log) that this mode does not \
+                 read: only the dump is restored; changes logged after it are not",
+                raft_log::log_dir(&config.data_dir).display()
+            );
         }
         let dump_floor = loaded.as_ref().map_or(0, |d| d.last_token);
         // Fencing tokens: above the durable mark (and the dump's or the
