@@ -17,7 +17,7 @@ pub struct AdminArgs {
     /// Password for the server.
     #[arg(long, env = "LIVELOCK_PASSWORD", hide_env_values = true)]
     password: Option<String>,
-    /// Print JSON instead of a table.
+    /// Print JSON instead of a table (fencing tokens and session ids as strings: they pass 2^53).
     #[arg(long)]
     json: bool,
 }
@@ -180,7 +180,7 @@ fn record_json(record: &LockRecord) -> String {
         .iter()
         .map(|(session, token, since, client)| {
             format!(
-                "{{\"session\":{session},\"token\":{token},\"since_unix_ms\":{since},\"client\":{}}}",
+                "{{\"session\":\"{session}\",\"token\":\"{token}\",\"since_unix_ms\":{since},\"client\":{}}}",
                 json_string(client)
             )
         })

@@ -654,15 +654,25 @@ fn list_inspect_signal_and_stats() {
     assert_eq!(record.get("waiters").u64(), 1);
     let holders = record.get("holders").array();
     assert_eq!(holders.len(), 1);
-    assert_eq!(holders[0].get("token").u64(), guard.token());
+    assert_eq!(
+        holders[0].get("token").str().parse::<u64>().unwrap(),
+        guard.token()
+    );
     assert_eq!(holders[0].get("client").str(), "admin-test-holder");
-    assert_eq!(holders[0].get("session").u64(), holder.session_id());
+    assert_eq!(
+        holders[0].get("session").str().parse::<u64>().unwrap(),
+        holder.session_id()
+    );
     assert!(holders[0].get("since_unix_ms").u64() > 0);
     assert_eq!(locks[1].get("name").str(), "job-reader");
     assert_eq!(locks[1].get("mode").str(), "shared");
     assert_eq!(locks[1].get("waiters").u64(), 0);
     assert_eq!(
-        locks[1].get("holders").array()[0].get("token").u64(),
+        locks[1].get("holders").array()[0]
+            .get("token")
+            .str()
+            .parse::<u64>()
+            .unwrap(),
         reader.token()
     );
 
@@ -708,7 +718,11 @@ fn list_inspect_signal_and_stats() {
     assert_eq!(json.get("mode").str(), "exclusive");
     assert_eq!(json.get("waiters").u64(), 1);
     assert_eq!(
-        json.get("holders").array()[0].get("token").u64(),
+        json.get("holders").array()[0]
+            .get("token")
+            .str()
+            .parse::<u64>()
+            .unwrap(),
         guard.token()
     );
     assert_eq!(json.get("signals").array().len(), 0);
@@ -1132,4 +1146,34 @@ fn durations_have_one_syntax_everywhere() {
         let (code, _, stderr) = run_to_end("run", &mut command, &dir);
         assert_eq!(code, Some(0), "--wait {wait}: {stderr}");
     }
+}
+
+/// Fencing tokens and session ids pass 2^53 (tokens start near 1.2e17 on a
+/// server without a durable mark), where jq 1.6 and JavaScript round
+/// numbers: `--json` prints them as strings, and a real jq reads them back
+/// digit for digit (issue 11, item 7).
+#[test]
+fn json_tokens_survive_jq() {
+    let server = TestServer::start(1);
+    let dir = ScratchDir::new("jq");
+    let holder = server.client();
+    let guard = holder.acquire("jq-lock").unwrap();
+    assert!(guard.token() > 1 << 53, "the test needs a token past 2^53");
+    let json = admin_ok(&server, &dir, "inspect", &["inspect", "--json", "jq-lock"]);
+    let mut jq = std::process::Command::new("jq")
+        .args(["-r", ".holders[0].token, .holders[0].session"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("jq is installed (.ci/run installs it)");
+    use std::io::Write as _;
+    jq.stdin.take().unwrap().write_all(json.as_bytes()).unwrap();
+    let out = jq.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [guard.token().to_string(), holder.session_id().to_string()]
+    );
 }
