@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use livelock::config::{Durability, ServerConfig, TcpTuning};
 use livelock::duration::seconds_flag;
@@ -40,6 +40,14 @@ enum Commands {
     /// Operator commands: list, inspect, signal, stats.
     #[command(flatten)]
     Admin(AdminCommandWithArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g. `livelock completions bash > /etc/bash_completion.d/livelock`.
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff), e.g. `livelock man > livelock.1`; with --dir, write livelock.1 and one page per subcommand (livelock-server.1, ...) there.
+    Man {
+        /// Write every page into this directory instead.
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -171,6 +179,25 @@ fn main() -> ExitCode {
     match cli.command {
         Commands::Server(args) => serve(args),
         Commands::Run(args) => run::run(args),
+        Commands::Completions { shell } => {
+            // Generated from the same clap definitions as --help.
+            let mut command = Cli::command();
+            clap_complete::generate(shell, &mut command, "livelock", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Commands::Man { dir } => {
+            let written = match dir {
+                Some(dir) => clap_mangen::generate_to(Cli::command(), &dir),
+                None => clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()),
+            };
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("livelock: cannot write the manual page: {e}");
+                    ExitCode::from(70)
+                }
+            }
+        }
         Commands::Admin(command) => {
             let (args, command) = match command {
                 AdminCommandWithArgs::List {

@@ -1177,3 +1177,72 @@ fn json_tokens_survive_jq() {
         [guard.token().to_string(), holder.session_id().to_string()]
     );
 }
+
+/// Shell completions and the manual page come from the same clap
+/// definitions as `--help` (issue 11, item 12): bash really completes the
+/// subcommands and a server flag from the script, and the page lists every
+/// subcommand.
+#[test]
+fn completions_and_the_manual_page_are_generated() {
+    let dir = ScratchDir::new("completions");
+    let bin = env!("CARGO_BIN_EXE_livelock");
+    let complete = |words: &str, cword: usize, cur: &str, prev: &str| {
+        let script = format!(
+            "source <('{bin}' completions bash); COMP_WORDS=({words}); COMP_CWORD={cword}; \
+             _livelock livelock '{cur}' '{prev}'; echo \"${{COMPREPLY[@]}}\""
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &script])
+            .current_dir(dir.path())
+            .output()
+            .expect("bash runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let subcommands = complete("livelock ''", 1, "", "livelock");
+    for name in [
+        "server",
+        "run",
+        "list",
+        "inspect",
+        "signal",
+        "stats",
+        "completions",
+        "man",
+    ] {
+        assert!(
+            subcommands.split_whitespace().any(|w| w == name),
+            "{name}: {subcommands}"
+        );
+    }
+    assert_eq!(
+        complete("livelock server --dur", 2, "--dur", "server").trim(),
+        "--durability"
+    );
+
+    let mut command = livelock_bin();
+    command.arg("man");
+    let (code, page, stderr) = run_to_end("man", &mut command, &dir);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(page.contains(".TH livelock 1"), "{page}");
+    for name in ["server", "run", "list", "inspect", "signal", "stats"] {
+        assert!(
+            page.contains(&format!("livelock\\-{name}(1)")),
+            "{name}: {page}"
+        );
+    }
+    // Every page the main one points to is written with --dir.
+    let pages = dir.join("man1");
+    let mut command = livelock_bin();
+    command.arg("man").arg("--dir").arg(&pages);
+    std::fs::create_dir_all(&pages).unwrap();
+    let (code, _, stderr) = run_to_end("man --dir", &mut command, &dir);
+    assert_eq!(code, Some(0), "{stderr}");
+    let server_page = std::fs::read_to_string(pages.join("livelock-server.1")).unwrap();
+    assert!(server_page.contains("durability"), "{server_page}");
+    assert!(pages.join("livelock-run.1").is_file());
+}
