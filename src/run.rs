@@ -103,11 +103,22 @@ pub struct RunArgs {
     #[arg(long, env = "LIVELOCK_PASSWORD", hide_env_values = true)]
     password: Option<String>,
     /// How long to wait for the lock (0 = try once; e.g. 30s, 500ms, 1h30m, forever) [default: forever]
-    #[arg(long, value_parser = wait_flag)]
+    #[arg(short = 'w', long, value_parser = wait_flag)]
     wait: Option<WaitFlag>,
+    /// Do not wait: exit 75 at once if the lock is held (same as --wait 0, like flock -n).
+    #[arg(short = 'n', long = "nonblock", conflicts_with = "wait")]
+    nonblock: bool,
     /// Take a shared (reader) hold instead of an exclusive one.
-    #[arg(long)]
+    #[arg(short = 's', long)]
     shared: bool,
+    /// Run this shell command (sh -c) instead of COMMAND after `--`, like flock -c.
+    #[arg(
+        short = 'c',
+        long = "command",
+        value_name = "SHELL_COMMAND",
+        conflicts_with = "command"
+    )]
+    shell_command: Option<String>,
     /// Keep the hold this long if the connection drops, reconnecting meanwhile.
     #[arg(long, value_parser = seconds_flag, default_value = "0s")]
     grace: Duration,
@@ -120,7 +131,11 @@ pub struct RunArgs {
     /// The lock to hold.
     name: String,
     /// The command and its arguments (after `--`).
-    #[arg(last = true, required = true, value_name = "COMMAND")]
+    #[arg(
+        last = true,
+        required_unless_present = "shell_command",
+        value_name = "COMMAND"
+    )]
     command: Vec<OsString>,
 }
 
@@ -155,7 +170,13 @@ fn exit_code(status: ExitStatus) -> ExitCode {
     }
 }
 
-pub fn run(args: RunArgs) -> ExitCode {
+pub fn run(mut args: RunArgs) -> ExitCode {
+    if let Some(shell_command) = args.shell_command.take() {
+        args.command = vec!["sh".into(), "-c".into(), shell_command.into()];
+    }
+    if args.nonblock {
+        args.wait = Some(WaitFlag(Some(Duration::ZERO)));
+    }
     if let Some(parent) = args.supervise {
         return supervise(parent, args.kill_after, &args.command);
     }

@@ -1246,3 +1246,51 @@ fn completions_and_the_manual_page_are_generated() {
     assert!(server_page.contains("durability"), "{server_page}");
     assert!(pages.join("livelock-run.1").is_file());
 }
+
+/// flock(1) habits (issue 11, item 4): `-c 'shell command'`, `-n` (do not
+/// wait), `-w DURATION`, `-s` (shared); `-c` and a COMMAND after `--` are
+/// one or the other.
+#[test]
+fn flock_style_short_flags() {
+    let server = TestServer::start(1);
+    let dir = ScratchDir::new("short-flags");
+    let base = |options: &[&str]| {
+        let mut command = livelock_bin();
+        command
+            .arg("run")
+            .arg("--server")
+            .arg(server.addr.to_string())
+            .args(options);
+        command
+    };
+    // -c runs a shell command with the fence in the environment; -s shares.
+    let mut command = base(&["-s", "-c", "echo fence=$LIVELOCK_FENCE", "short-flags"]);
+    let (code, stdout, stderr) = run_to_end("-c", &mut command, &dir);
+    assert_eq!(code, Some(0), "{stderr}");
+    let fence: u64 = stdout
+        .trim()
+        .strip_prefix("fence=")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(fence > 0);
+
+    // Held by someone else: -n and -w 0 give up at once with 75.
+    let holder = server.client();
+    let guard = holder.acquire("short-flags").unwrap();
+    for options in [&["-n"][..], &["-w", "0"][..], &["-n", "-s"][..]] {
+        let mut command = base(options);
+        command.args(["short-flags", "--", "true"]);
+        let (code, _, stderr) = run_to_end("-n", &mut command, &dir);
+        assert_eq!(code, Some(75), "{options:?}: {stderr}");
+    }
+    drop(guard);
+
+    // -c and a COMMAND together, or neither: a usage error (2).
+    let mut command = base(&["-c", "true", "short-flags", "--", "true"]);
+    assert_eq!(run_to_end("both", &mut command, &dir).0, Some(2));
+    let mut command = base(&["short-flags"]);
+    assert_eq!(run_to_end("neither", &mut command, &dir).0, Some(2));
+    let mut command = base(&["-n", "-w", "5s", "short-flags", "--", "true"]);
+    assert_eq!(run_to_end("-n and -w", &mut command, &dir).0, Some(2));
+}
