@@ -175,7 +175,10 @@ fn flag_or_env(flag: bool, variable: &str) -> Result<bool, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(error),
+    };
     match cli.command {
         Commands::Server(args) => serve(args),
         Commands::Run(args) => run::run(args),
@@ -214,6 +217,42 @@ fn main() -> ExitCode {
                 AdminCommandWithArgs::Stats { args } => (args, admin::AdminCommand::Stats),
             };
             admin::run(args, command)
+        }
+    }
+}
+
+/// Reports a command-line error as clap does (exit 2), except that a bad
+/// value that came from the environment is reported under the variable's
+/// name (`LIVELOCK_PORT="abc"`), not the flag's, which was never typed.
+fn usage_error(error: clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let from_env = match (error.kind(), error.get(ContextKind::InvalidArg)) {
+        (ErrorKind::InvalidValue | ErrorKind::ValueValidation, Some(ContextValue::String(arg))) => {
+            let long = arg.split_whitespace().next().unwrap_or_default();
+            let typed = std::env::args().any(|a| a == long || a.starts_with(&format!("{long}=")));
+            let command = Cli::command();
+            let env = std::iter::once(&command)
+                .chain(command.get_subcommands())
+                .flat_map(|c| c.get_arguments())
+                .find(|a| a.get_long().is_some_and(|l| format!("--{l}") == long))
+                .and_then(|a| a.get_env())
+                .map(|e| e.to_string_lossy().into_owned());
+            env.filter(|_| !typed)
+                .and_then(|name| std::env::var(&name).ok().map(|value| (name, value)))
+                .map(|found| (found, long.to_string()))
+        }
+        _ => None,
+    };
+    match from_env {
+        Some(((name, value), long)) => {
+            let why = std::error::Error::source(&error)
+                .map_or_else(|| error.kind().to_string(), |e| e.to_string());
+            eprintln!("error: invalid value {value:?} in {name} (the environment's {long}): {why}");
+            ExitCode::from(2)
+        }
+        None => {
+            let _ = error.print();
+            ExitCode::from(if error.use_stderr() { 2 } else { 0 })
         }
     }
 }

@@ -1294,3 +1294,46 @@ fn flock_style_short_flags() {
     let mut command = base(&["-n", "-w", "5s", "short-flags", "--", "true"]);
     assert_eq!(run_to_end("-n and -w", &mut command, &dir).0, Some(2));
 }
+
+/// A bad value from the environment is reported under the variable's name
+/// (it was never typed as a flag); a bad flag still under the flag's
+/// (issue 11, item 10).
+#[test]
+fn errors_name_the_variable_that_was_set() {
+    let dir = ScratchDir::new("env-names");
+    for (variable, value) in [
+        ("LIVELOCK_PORT", "abc"),
+        ("LIVELOCK_THREADS", "x"),
+        ("LIVELOCK_TCP_KEEPALIVE_TIME", "5x"),
+        ("LIVELOCK_DURABILITY", "disk"),
+    ] {
+        let mut command = livelock_bin();
+        command.arg("server").env(variable, value);
+        if variable != "LIVELOCK_DURABILITY" {
+            // (should the value be taken, nothing is written to disk)
+            command.args(["--durability", "memory"]);
+        }
+        let (code, _, stderr) = run_to_end(variable, &mut command, &dir);
+        assert_eq!(code, Some(2), "{variable}: {stderr}");
+        assert!(
+            stderr.contains(variable) && stderr.contains(value),
+            "{variable}: {stderr}"
+        );
+    }
+    let mut command = livelock_bin();
+    command.args(["server", "--port", "abc"]);
+    let (code, _, stderr) = run_to_end("--port", &mut command, &dir);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("--port") && !stderr.contains("LIVELOCK_PORT"),
+        "{stderr}"
+    );
+    // Out of range after parsing: the message names both.
+    let mut command = livelock_bin();
+    command
+        .args(["server", "--durability", "memory"])
+        .env("LIVELOCK_THREADS", "0");
+    let (code, _, stderr) = run_to_end("threads 0", &mut command, &dir);
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("LIVELOCK_THREADS"), "{stderr}");
+}

@@ -141,7 +141,7 @@ impl ServerConfig {
     pub fn validate(&self, allow_insecure: bool) -> Result<(), String> {
         if self.threads == 0 || self.threads > crate::limits::THREADS_MAX {
             return Err(format!(
-                "--threads must be 1..={}, got {}",
+                "--threads / LIVELOCK_THREADS must be 1..={}, got {}",
                 crate::limits::THREADS_MAX,
                 self.threads
             ));
