@@ -120,9 +120,27 @@ fn age(since_unix_ms: u64) -> Duration {
     Duration::from_millis(now.saturating_sub(since_unix_ms))
 }
 
+/// An age as people read it: `4.2s`, `4m05s`, `3h02m`, `2d03h`.
+fn human_age(age: Duration) -> String {
+    let secs = age.as_secs();
+    match secs {
+        0..=59 => format!("{:.1}s", age.as_secs_f64()),
+        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
+        3600..=86_399 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{:02}h", secs / 86_400, secs % 86_400 / 3600),
+    }
+}
+
 fn print_table(records: &[LockRecord]) {
+    // As wide as the longest name, so the columns stay aligned.
+    let width = records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.name).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(32);
     println!(
-        "{:<32} {:<9} {:>7} {:>20} {:>10}  CLIENT",
+        "{:<width$} {:<9} {:>7} {:>20} {:>10}  CLIENT",
         "NAME", "MODE", "WAITERS", "TOKEN", "HELD FOR"
     );
     for record in records {
@@ -138,12 +156,12 @@ fn print_table(records: &[LockRecord]) {
                 String::new()
             };
             println!(
-                "{:<32} {:<9} {:>7} {:>20} {:>9.1}s  {}",
+                "{:<width$} {:<9} {:>7} {:>20} {:>10}  {}",
                 name,
                 mode_name(record.mode),
                 waiters,
                 token,
-                age(*since).as_secs_f64(),
+                human_age(age(*since)),
                 String::from_utf8_lossy(client)
             );
         }
@@ -153,7 +171,7 @@ fn print_table(records: &[LockRecord]) {
                 .iter()
                 .map(|s| String::from_utf8_lossy(s).into_owned())
                 .collect();
-            println!("{:<32} signals: {}", "", signals.join(", "));
+            println!("{:<width$} signals: {}", "", signals.join(", "));
         }
     }
 }
@@ -199,6 +217,15 @@ fn record_json(record: &LockRecord) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ages_read_as_people_read_them() {
+        let s = Duration::from_secs;
+        assert_eq!(human_age(Duration::from_millis(4_200)), "4.2s");
+        assert_eq!(human_age(s(245)), "4m05s");
+        assert_eq!(human_age(s(3 * 3600 + 2 * 60 + 7)), "3h02m");
+        assert_eq!(human_age(s(2 * 86_400 + 3 * 3600)), "2d03h");
+    }
 
     #[test]
     fn json_strings_are_escaped() {

@@ -1337,3 +1337,26 @@ fn errors_name_the_variable_that_was_set() {
     assert_ne!(code, Some(0));
     assert!(stderr.contains("LIVELOCK_THREADS"), "{stderr}");
 }
+
+/// `list` keeps its columns aligned whatever the names' lengths, and says
+/// ages as people read them (issue 11, item 6, in part).
+#[test]
+fn list_columns_stay_aligned() {
+    let server = TestServer::start(1);
+    let dir = ScratchDir::new("aligned");
+    let holder = server.client();
+    let long = "a-rather-long-lock-name-for-a-nightly-report-job-number-42";
+    let _a = holder.acquire(long).unwrap();
+    let _b = holder.acquire("short").unwrap();
+    let table = admin_ok(&server, &dir, "list", &["list"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    let column = |line: &str, word: &str| {
+        line.find(word)
+            .unwrap_or_else(|| panic!("{word} in {line}"))
+    };
+    let mode = column(lines[0], "MODE");
+    assert_eq!(column(lines[1], "exclusive"), mode, "{table}");
+    assert_eq!(column(lines[2], "exclusive"), mode, "{table}");
+    assert!(lines[1].contains("s  "), "an age in seconds: {table}");
+}
