@@ -252,6 +252,17 @@ fn usage_error(error: clap::Error) -> ExitCode {
         }
         None => {
             let _ = error.print();
+            // `livelock run NAME COMMAND` without `--`: say what to type.
+            let args: Vec<String> = std::env::args().collect();
+            if error.kind() == ErrorKind::UnknownArgument
+                && args.get(1).is_some_and(|a| a == "run")
+                && !args.iter().any(|a| a == "--")
+            {
+                eprintln!(
+                    "hint: put `--` between the lock's name and the command: livelock run NAME \
+                     -- COMMAND [ARGS...] (or -c 'SHELL COMMAND')"
+                );
+            }
             ExitCode::from(if error.use_stderr() { 2 } else { 0 })
         }
     }

@@ -1293,6 +1293,11 @@ fn flock_style_short_flags() {
     assert_eq!(run_to_end("neither", &mut command, &dir).0, Some(2));
     let mut command = base(&["-n", "-w", "5s", "short-flags", "--", "true"]);
     assert_eq!(run_to_end("-n and -w", &mut command, &dir).0, Some(2));
+    // A command without `--` gets a hint that says what to type.
+    let mut command = base(&["short-flags", "echo", "hi"]);
+    let (code, _, stderr) = run_to_end("no --", &mut command, &dir);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("hint: put `--`"), "{stderr}");
 }
 
 /// A bad value from the environment is reported under the variable's name
