@@ -83,6 +83,33 @@ const _: () = assert!(SILENCE_MAX.as_millis() + KILL_LEAD.as_millis() < LOSS_BOU
 /// Signals that stop COMMAND: forwarded to its group (unless ignored when
 /// `livelock run` started).
 const STOP_SIGNALS: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+/// Signals raised on the lock (`livelock signal NAME SIG`) that COMMAND gets
+/// as the Unix signal of that name (`term`, `SIGTERM`, `usr1`... any case).
+/// The supervisor is told which with SIGRTMIN + 1 + its place here.
+const PUSHED_SIGNALS: [(&str, libc::c_int); 9] = [
+    ("hup", libc::SIGHUP),
+    ("int", libc::SIGINT),
+    ("quit", libc::SIGQUIT),
+    ("term", libc::SIGTERM),
+    ("usr1", libc::SIGUSR1),
+    ("usr2", libc::SIGUSR2),
+    ("winch", libc::SIGWINCH),
+    ("alrm", libc::SIGALRM),
+    ("cont", libc::SIGCONT),
+];
+
+/// The place in PUSHED_SIGNALS of a signal raised on the lock, if it names one.
+fn pushed_signal(raised: &[u8]) -> Option<usize> {
+    let name = String::from_utf8_lossy(raised).to_ascii_lowercase();
+    let name = name.strip_prefix("sig").unwrap_or(&name);
+    PUSHED_SIGNALS.iter().position(|(n, _)| *n == name)
+}
+
+/// The realtime signal that tells the supervisor to pass PUSHED_SIGNALS[i] on.
+fn forward_signal(i: usize) -> libc::c_int {
+    libc::SIGRTMIN() + 1 + i as libc::c_int
+}
 /// The supervisor's parent-death signal.
 const SUPERVISOR_PDEATHSIG: libc::c_int = libc::SIGUSR1;
 /// From `livelock run` to the supervisor: SIGKILL the group now.
@@ -366,6 +393,17 @@ pub fn run(mut args: RunArgs) -> ExitCode {
             recv(link.events) -> event => {
                 let reason = match event {
                     Ok(Event::LockLost { name, .. }) if name == args.name.as_bytes() => Some("its lease ran out".to_string()),
+                    Ok(Event::Signal { name, signal }) if name == args.name.as_bytes() => {
+                        let shown = String::from_utf8_lossy(&signal);
+                        match pushed_signal(&signal) {
+                            Some(i) => {
+                                eprintln!("livelock run: signal {shown} raised on {}: passed to COMMAND", args.name);
+                                tell(forward_signal(i));
+                            }
+                            None => eprintln!("livelock run: signal {shown} raised on {} (not a Unix signal name: COMMAND is not told)", args.name),
+                        }
+                        None
+                    }
                     Ok(Event::LockLost { .. } | Event::Shutdown | Event::Signal { .. }) => None,
                     // Our own RESUME takes the session from the old connection.
                     Ok(Event::SessionTaken) if reconnecting.is_some() => None,
@@ -591,7 +629,8 @@ fn reconnect(
 /// Exits, with COMMAND's status (128 + signal if it was killed), only when
 /// it has no descendant left.
 fn supervise(parent: u32, kill_after: Duration, command: &[OsString]) -> ExitCode {
-    let waited = [
+    let forwarded = (0..PUSHED_SIGNALS.len()).map(forward_signal);
+    let waited: Vec<libc::c_int> = [
         libc::SIGCHLD,
         libc::SIGTERM,
         libc::SIGINT,
@@ -599,12 +638,15 @@ fn supervise(parent: u32, kill_after: Duration, command: &[OsString]) -> ExitCod
         libc::SIGQUIT,
         SUPERVISOR_PDEATHSIG,
         SUPERVISOR_KILL_NOW,
-    ];
+    ]
+    .into_iter()
+    .chain(forwarded)
+    .collect();
     // SAFETY: plain libc calls on a local signal set; this process has one thread.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for signal in waited {
+        for &signal in &waited {
             libc::sigaddset(&mut set, signal);
         }
         libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -716,6 +758,13 @@ fn supervise(parent: u32, kill_after: Duration, command: &[OsString]) -> ExitCod
             signal if STOP_SIGNALS.contains(&signal) && sender == parent => {
                 signal_group(signal);
                 kill_at.get_or_insert(Instant::now() + kill_after);
+            }
+            // A signal raised on the lock: COMMAND gets it, nothing stops.
+            signal if sender == parent && signal > libc::SIGRTMIN() => {
+                let i = (signal - libc::SIGRTMIN() - 1) as usize;
+                if let Some(&(_, unix)) = PUSHED_SIGNALS.get(i) {
+                    signal_group(unix);
+                }
             }
             _ => {}
         }

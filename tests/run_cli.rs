@@ -1365,3 +1365,39 @@ fn list_columns_stay_aligned() {
     assert_eq!(column(lines[2], "exclusive"), mode, "{table}");
     assert!(lines[1].contains("s  "), "an age in seconds: {table}");
 }
+
+/// A signal raised on the lock reaches COMMAND as the Unix signal of that
+/// name, and `run` says so; a name that is no Unix signal is only reported
+/// (issue 11, item 5).
+#[test]
+fn signals_raised_on_the_lock_reach_the_command() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("run-signals");
+    let ready = dir.join("ready");
+    let mut command = run_command(&server, &[], "signalled");
+    let script = r#"trap 'echo usr1 >> "$1.got"' USR1; trap 'echo term >> "$1.got"; exit 0' TERM;
+        echo ready > "$1"; while :; do sleep 0.05; done"#;
+    sh_with_file(&mut command, script, &ready);
+    let mut run = ChildGuard::spawn("run", &mut command, &dir);
+    wait_for_line(&mut run, &ready);
+    let got = std::path::PathBuf::from(format!("{}.got", ready.display()));
+    let admin = server.client();
+    admin.signal("signalled", "reload-config").unwrap();
+    admin.signal("signalled", "usr1").unwrap();
+    wait_for_line(&mut run, &got);
+    assert_eq!(std::fs::read_to_string(&got).unwrap(), "usr1\n");
+    // Any spelling of the name: SIGTERM, term, TERM.
+    admin.signal("signalled", "SIGTERM").unwrap();
+    let status = run.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", run.stderr());
+    assert_eq!(std::fs::read_to_string(&got).unwrap(), "usr1\nterm\n");
+    let stderr = run.stderr();
+    assert!(
+        stderr.contains("signal usr1 raised on signalled: passed to COMMAND"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("reload-config") && stderr.contains("not a Unix signal"),
+        "{stderr}"
+    );
+}
