@@ -74,13 +74,17 @@ pub fn run(args: AdminArgs, command: AdminCommand) -> ExitCode {
             (None, true) => println!("null"),
             (None, false) => println!("{name} is not held"),
         }),
-        AdminCommand::Signal { name, signal } => client.signal(&name, &signal).map(|()| {
-            if args.json {
-                println!("{{\"signalled\":true}}");
-            } else {
-                println!("signalled {signal} on {name}");
+        AdminCommand::Signal { name, signal } => match client.signal(&name, &signal) {
+            Ok(()) if args.json => Ok(println!("{{\"signalled\":true}}")),
+            Ok(()) => Ok(println!("signalled {signal} on {name}")),
+            // A signal goes to a lock's holders: there are none.
+            Err(livelock::client::Error::Status(livelock::protocol::Status::NotHeld, _)) => {
+                eprintln!("livelock: {name} is not held by anyone: nobody to signal");
+                let _ = client.bye();
+                return ExitCode::from(1);
             }
-        }),
+            Err(e) => Err(e),
+        },
         AdminCommand::Stats => client.stats().map(|stats| {
             if args.json {
                 println!(

@@ -1401,3 +1401,17 @@ fn signals_raised_on_the_lock_reach_the_command() {
         "{stderr}"
     );
 }
+
+/// `livelock signal` on a lock nobody holds says so in words (issue 11,
+/// item 5).
+#[test]
+fn signal_on_a_free_lock_says_nobody_holds_it() {
+    let server = TestServer::start(1);
+    let dir = ScratchDir::new("signal-free");
+    let (code, _, stderr) = admin(&server, &dir, "signal", &["signal", "nobody-holds", "usr1"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("nobody-holds is not held by anyone"),
+        "{stderr}"
+    );
+}
