@@ -75,8 +75,14 @@ pub fn run(args: AdminArgs, command: AdminCommand) -> ExitCode {
             (None, false) => println!("{name} is not held"),
         }),
         AdminCommand::Signal { name, signal } => match client.signal(&name, &signal) {
-            Ok(()) if args.json => Ok(println!("{{\"signalled\":true}}")),
-            Ok(()) => Ok(println!("signalled {signal} on {name}")),
+            Ok(()) => {
+                if args.json {
+                    println!("{{\"signalled\":true}}");
+                } else {
+                    println!("signalled {signal} on {name}");
+                }
+                Ok(())
+            }
             // A signal goes to a lock's holders: there are none.
             Err(livelock::client::Error::Status(livelock::protocol::Status::NotHeld, _)) => {
                 eprintln!("livelock: {name} is not held by anyone: nobody to signal");
