@@ -56,6 +56,7 @@ fn metrics_follow_the_traffic() {
     });
     assert!(sample(&text, "livelock_grants_total") >= 1.0);
     assert!(sample(&text, "livelock_timeouts_total") >= 1.0);
+    assert_eq!(sample(&text, "livelock_busy_total"), 0.0);
     assert!(sample(&text, "livelock_acquisitions_total") >= 2.0);
     assert!(sample(&text, "livelock_connections_accepted_total") >= 2.0);
     assert!(sample(&text, "livelock_op_duration_seconds_count{op=\"acquire\"}") >= 2.0);
@@ -67,4 +68,44 @@ fn metrics_follow_the_traffic() {
         sample(&text, "livelock_locks_held") == 0.0
             && sample(&text, "livelock_releases_total") >= 1.0
     });
+}
+
+/// Every operation is counted under its own label, the ones answered at
+/// once (HELLO, PING, BYE) and the gathered queries (INSPECT, LIST, STATS)
+/// included; an acquire that would not wait and found the lock held counts
+/// as busy (issue 11, item 9, in part).
+#[test]
+fn every_operation_is_counted() {
+    let server = TestServer::start_with(2, |config| {
+        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let metrics = server.server.as_ref().unwrap().metrics_addr().unwrap();
+    let client = server.client();
+    let other = server.client();
+    let guard = client.acquire("counted").unwrap();
+    assert!(other.try_acquire("counted").unwrap().is_none());
+    client.ping().unwrap();
+    client.inspect("counted").unwrap();
+    client.list("*", 10).unwrap();
+    client.stats().unwrap();
+    drop(guard);
+    other.bye().unwrap();
+    let count = |text: &str, op: &str| {
+        sample(
+            text,
+            &format!("livelock_op_duration_seconds_count{{op=\"{op}\"}}"),
+        )
+    };
+    let mut text = scrape(metrics);
+    wait_until("the BYE is counted", || {
+        text = scrape(metrics);
+        count(&text, "bye") >= 1.0
+    });
+    for op in [
+        "hello", "acquire", "release", "ping", "inspect", "list", "stats",
+    ] {
+        assert!(count(&text, op) >= 1.0, "op={op} not counted:\n{text}");
+    }
+    assert!(count(&text, "hello") >= 2.0);
+    assert_eq!(sample(&text, "livelock_busy_total"), 1.0);
 }

@@ -305,6 +305,8 @@ enum GatherReply {
 
 /// A query being answered by the loops, for one connection.
 struct Gather {
+    /// When the query was accepted (µs since start, as of the loop turn).
+    started_us: u64,
     conn: ConnRef,
     session: SessionId,
     reply: GatherReply,
@@ -1099,6 +1101,7 @@ impl EventLoop {
                     Outcome::Granted { .. } => self.metrics.inc_grants(),
                     Outcome::Ok if pending.op.is_release() => self.metrics.inc_releases(),
                     Outcome::TimedOut => self.metrics.inc_timeouts(),
+                    Outcome::Busy => self.metrics.inc_busy(),
                     _ => {}
                 }
                 match pending.op {
@@ -1491,6 +1494,7 @@ impl EventLoop {
         self.gathers.insert(
             query_id,
             Gather {
+                started_us: self.now_us,
                 conn: self.conn_ref(conn),
                 session,
                 reply,
@@ -1739,15 +1743,28 @@ impl EventLoop {
 /// mid-frame), nothing is kept.
 /// The metrics label of a pending request's operation.
 fn op_metric(op: PendingOp) -> crate::metrics::Op {
-    use crate::metrics::Op;
     match op {
-        PendingOp::Native(opcode::ACQUIRE) => Op::Acquire,
-        PendingOp::Native(opcode::RELEASE) => Op::Release,
-        PendingOp::Native(opcode::EXTEND) => Op::Extend,
-        PendingOp::Native(opcode::CANCEL) => Op::Cancel,
-        PendingOp::Native(opcode::SIGNAL) => Op::Signal,
-        PendingOp::Native(_) => Op::Ping,
-        PendingOp::Resp(_) => Op::Resp,
+        PendingOp::Native(opcode) => native_op(opcode),
+        PendingOp::Resp(_) => crate::metrics::Op::Resp,
+    }
+}
+
+/// The metrics label of a native opcode.
+fn native_op(code: u8) -> crate::metrics::Op {
+    use crate::metrics::Op;
+    match code {
+        opcode::HELLO => Op::Hello,
+        opcode::RESUME => Op::Resume,
+        opcode::ACQUIRE => Op::Acquire,
+        opcode::RELEASE => Op::Release,
+        opcode::EXTEND => Op::Extend,
+        opcode::CANCEL => Op::Cancel,
+        opcode::BYE => Op::Bye,
+        opcode::SIGNAL => Op::Signal,
+        opcode::LIST => Op::List,
+        opcode::INSPECT => Op::Inspect,
+        opcode::STATS => Op::Stats,
+        _ => Op::Ping,
     }
 }
 

@@ -172,6 +172,7 @@ pub struct LoopMetrics {
     acquisitions: AtomicU64,
     grants: AtomicU64,
     timeouts: AtomicU64,
+    busy: AtomicU64,
     releases: AtomicU64,
     locks_lost: AtomicU64,
     pushes_dropped: AtomicU64,
@@ -199,6 +200,7 @@ impl LoopMetrics {
             acquisitions: AtomicU64::new(0),
             grants: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
+            busy: AtomicU64::new(0),
             releases: AtomicU64::new(0),
             locks_lost: AtomicU64::new(0),
             pushes_dropped: AtomicU64::new(0),
@@ -233,6 +235,11 @@ impl LoopMetrics {
     /// A waiter's deadline passed before it was granted.
     pub fn inc_timeouts(&self) {
         add(&self.timeouts, 1);
+    }
+
+    /// An acquire that would not wait found the lock held (Busy).
+    pub fn inc_busy(&self) {
+        add(&self.busy, 1);
     }
 
     pub fn inc_releases(&self) {
@@ -409,7 +416,7 @@ pub fn render(loops: &[Arc<LoopMetrics>], server: &ServerMetrics, now_ms: u64) -
         );
     }
 
-    let counters: [(&str, &str, Field); 8] = [
+    let counters: [(&str, &str, Field); 9] = [
         (
             "livelock_acquisitions_total",
             "Acquire requests accepted.",
@@ -420,6 +427,11 @@ pub fn render(loops: &[Arc<LoopMetrics>], server: &ServerMetrics, now_ms: u64) -
             "livelock_timeouts_total",
             "Acquires whose wait timed out.",
             |m| &m.timeouts,
+        ),
+        (
+            "livelock_busy_total",
+            "Acquires that would not wait and found the lock held.",
+            |m| &m.busy,
         ),
         (
             "livelock_releases_total",
@@ -1099,7 +1111,7 @@ mod tests {
             0.0
         );
         assert_eq!(value(&samples, "livelock_locks_held", &[]), 0.0);
-        assert_eq!(types.len(), 18);
+        assert_eq!(types.len(), 19);
         // A clock behind a grant time (cannot happen, must not underflow).
         let m = Arc::new(LoopMetrics::new());
         m.set_oldest_hold_ms(Some(500));

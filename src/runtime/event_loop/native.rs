@@ -21,6 +21,8 @@ const STORAGE_FAILED: &str =
 impl EventLoop {
     /// Writes the native reply to a gathered INSPECT, LIST or STATS.
     pub(super) fn finish_native_gather(&mut self, gather: Gather, op: u8, request_id: u32) {
+        let micros = self.now_us.saturating_sub(gather.started_us);
+        self.metrics.observe(super::native_op(op), micros);
         let connections = self
             .shared
             .connections
@@ -122,6 +124,15 @@ impl EventLoop {
     }
 
     fn handle_native(&mut self, token: Token, request_id: RequestId, request: Request<'_>) -> Flow {
+        // Requests answered in this turn count here (latency 0 at turn
+        // granularity); those a shard or every shard answers count when
+        // their reply goes out (`deliver`, `finish_native_gather`).
+        if matches!(
+            request,
+            Request::Hello { .. } | Request::Resume { .. } | Request::Ping | Request::Bye
+        ) {
+            self.metrics.observe(super::native_op(request.opcode()), 0);
+        }
         let session = self.conns[token.0].session;
         if self.frozen && !matches!(request, Request::Ping) {
             // Shutting down: the state is being exported; nothing changes.
