@@ -108,4 +108,13 @@ fn every_operation_is_counted() {
     }
     assert!(count(&text, "hello") >= 2.0);
     assert_eq!(sample(&text, "livelock_busy_total"), 1.0);
+    // The build and the process.
+    let version = format!(
+        "livelock_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(&text, &version), 1.0);
+    assert!(sample(&text, "process_resident_memory_bytes") > 1e6);
+    assert!(sample(&text, "process_open_fds") >= 3.0);
+    assert!(sample(&text, "process_cpu_seconds_total") >= 0.0);
 }

@@ -535,7 +535,62 @@ pub fn render(loops: &[Arc<LoopMetrics>], server: &ServerMetrics, now_ms: u64) -
     if let Some(log) = &server.log {
         render_log(&mut out, log);
     }
+    render_process(&mut out);
     out
+}
+
+/// `livelock_build_info` and the process's own figures, from /proc (the
+/// `process_*` names every Prometheus client library uses).
+fn render_process(out: &mut String) {
+    family(
+        out,
+        "livelock_build_info",
+        "gauge",
+        "The running build (always 1).",
+    );
+    let labels = format!("version=\"{}\"", env!("CARGO_PKG_VERSION"));
+    sample(out, "livelock_build_info", &labels, 1);
+    // SAFETY: sysconf(3) with valid names only reads configuration.
+    let (ticks, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK).max(1) as u64,
+            libc::sysconf(libc::_SC_PAGESIZE).max(1) as u64,
+        )
+    };
+    // /proc/self/stat: fields 14 and 15 (after the command in parentheses)
+    // are user and system time in clock ticks.
+    let cpu_ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            let after = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = after.split_whitespace().collect();
+            let user: u64 = fields.get(11)?.parse().ok()?;
+            let system: u64 = fields.get(12)?.parse().ok()?;
+            Some(user + system)
+        });
+    if let Some(ticks_used) = cpu_ticks {
+        let name = "process_cpu_seconds_total";
+        family(
+            out,
+            name,
+            "counter",
+            "User and system CPU time spent, in seconds.",
+        );
+        sample_f(out, name, "", ticks_used, ticks);
+    }
+    let resident = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|statm| statm.split_whitespace().nth(1)?.parse::<u64>().ok());
+    if let Some(pages) = resident {
+        let name = "process_resident_memory_bytes";
+        family(out, name, "gauge", "Resident memory size in bytes.");
+        sample(out, name, "", pages * page);
+    }
+    if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+        let name = "process_open_fds";
+        family(out, name, "gauge", "Open file descriptors.");
+        sample(out, name, "", fds.count() as u64);
+    }
 }
 
 /// The durable log's families (`--durability log` only).
@@ -1111,7 +1166,7 @@ mod tests {
             0.0
         );
         assert_eq!(value(&samples, "livelock_locks_held", &[]), 0.0);
-        assert_eq!(types.len(), 19);
+        assert_eq!(types.len(), 23);
         // A clock behind a grant time (cannot happen, must not underflow).
         let m = Arc::new(LoopMetrics::new());
         m.set_oldest_hold_ms(Some(500));
