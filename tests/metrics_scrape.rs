@@ -59,7 +59,9 @@ fn metrics_follow_the_traffic() {
     assert_eq!(sample(&text, "livelock_busy_total"), 0.0);
     assert!(sample(&text, "livelock_acquisitions_total") >= 2.0);
     assert!(sample(&text, "livelock_connections_accepted_total") >= 2.0);
-    assert!(sample(&text, "livelock_op_duration_seconds_count{op=\"acquire\"}") >= 2.0);
+    // The holder's acquire was served; the waiter's waited (and timed out).
+    assert!(sample(&text, "livelock_op_duration_seconds_count{op=\"acquire\"}") >= 1.0);
+    assert!(sample(&text, "livelock_acquire_wait_seconds_count") >= 1.0);
     assert_eq!(sample(&text, "livelock_sessions{state=\"attached\"}"), 2.0);
     assert_eq!(sample(&text, "livelock_up"), 1.0);
     guard.release().unwrap();
@@ -108,6 +110,29 @@ fn every_operation_is_counted() {
     }
     assert!(count(&text, "hello") >= 2.0);
     assert_eq!(sample(&text, "livelock_busy_total"), 1.0);
+    // An acquire that waited in the queue counts as waiting, not as service.
+    let waits = sample(&text, "livelock_acquire_wait_seconds_count");
+    let acquires = count(&text, "acquire");
+    let waiter = server.client();
+    let holder = client.acquire("waited-for").unwrap();
+    let pending = std::thread::spawn(move || waiter.acquire("waited-for").map(|g| g.token()));
+    wait_until("the waiter is queued", || {
+        client
+            .inspect("waited-for")
+            .unwrap()
+            .is_some_and(|r| r.waiters == 1)
+    });
+    drop(holder);
+    pending.join().unwrap().unwrap();
+    wait_until("the wait is counted", || {
+        text = scrape(metrics);
+        sample(&text, "livelock_acquire_wait_seconds_count") == waits + 1.0
+    });
+    assert_eq!(
+        count(&text, "acquire"),
+        acquires + 1.0,
+        "only the holder's acquire is service"
+    );
     // The build and the process.
     let version = format!(
         "livelock_build_info{{version=\"{}\"}}",

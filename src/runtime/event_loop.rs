@@ -1096,7 +1096,12 @@ impl EventLoop {
                 },
             ) => {
                 let micros = self.now_us.saturating_sub(pending.started_us);
-                self.metrics.observe(op_metric(pending.op), micros);
+                // An acquire that waited in a queue: waiting, not service.
+                if pending.queued {
+                    self.metrics.observe_wait(micros);
+                } else {
+                    self.metrics.observe(op_metric(pending.op), micros);
+                }
                 match outcome {
                     Outcome::Granted { .. } => self.metrics.inc_grants(),
                     Outcome::Ok if pending.op.is_release() => self.metrics.inc_releases(),

@@ -151,6 +151,11 @@ impl Histogram {
             sum_us: AtomicU64::new(0),
         }
     }
+
+    fn observe(&self, micros: u64) {
+        add(&self.buckets[bucket_of(micros)], 1);
+        add(&self.sum_us, micros);
+    }
 }
 
 /// Adds to a counter that has one writer (its loop): a plain load and
@@ -169,6 +174,7 @@ const NO_HOLD: u64 = u64::MAX;
 #[repr(align(128))]
 pub struct LoopMetrics {
     ops: [Histogram; Op::COUNT],
+    acquire_wait: Histogram,
     acquisitions: AtomicU64,
     grants: AtomicU64,
     timeouts: AtomicU64,
@@ -197,6 +203,7 @@ impl LoopMetrics {
     pub fn new() -> LoopMetrics {
         LoopMetrics {
             ops: [const { Histogram::new() }; Op::COUNT],
+            acquire_wait: Histogram::new(),
             acquisitions: AtomicU64::new(0),
             grants: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
@@ -217,9 +224,12 @@ impl LoopMetrics {
 
     /// Latency of one operation, from decode to reply (µs).
     pub fn observe(&self, op: Op, micros: u64) {
-        let histogram = &self.ops[op.index()];
-        add(&histogram.buckets[bucket_of(micros)], 1);
-        add(&histogram.sum_us, micros);
+        self.ops[op.index()].observe(micros);
+    }
+
+    /// An acquire that waited in a queue got its final answer after `micros`.
+    pub fn observe_wait(&self, micros: u64) {
+        self.acquire_wait.observe(micros);
     }
 
     /// An acquire request was accepted (granted, queued or refused later).
@@ -382,39 +392,21 @@ pub fn render(loops: &[Arc<LoopMetrics>], server: &ServerMetrics, now_ms: u64) -
         &mut out,
         name,
         "histogram",
-        "Latency of operations, from decoding the request to queueing the reply.",
+        "Service latency of operations, from decoding the request to queueing the reply; an \
+         acquire that waited in a queue is in livelock_acquire_wait_seconds instead.",
     );
     for op in Op::ALL {
-        let mut cumulative = 0u64;
-        for (bucket, le) in BUCKET_LE.iter().enumerate() {
-            cumulative = loops
-                .iter()
-                .map(|m| m.ops[op.index()].buckets[bucket].load(Relaxed))
-                .fold(cumulative, u64::wrapping_add);
-            let labels = format!("op=\"{}\",le=\"{le}\"", op.label());
-            sample(
-                &mut out,
-                "livelock_op_duration_seconds_bucket",
-                &labels,
-                cumulative,
-            );
-        }
-        let labels = format!("op=\"{}\"", op.label());
-        let sum_us = sum_of(loops, |m| &m.ops[op.index()].sum_us);
-        sample_f(
-            &mut out,
-            "livelock_op_duration_seconds_sum",
-            &labels,
-            sum_us,
-            1_000_000,
-        );
-        sample(
-            &mut out,
-            "livelock_op_duration_seconds_count",
-            &labels,
-            cumulative,
-        );
+        let label = format!("op=\"{}\"", op.label());
+        histogram(&mut out, name, &label, loops, |m| &m.ops[op.index()]);
     }
+    let name = "livelock_acquire_wait_seconds";
+    family(
+        &mut out,
+        name,
+        "histogram",
+        "Acquires that waited in a queue: from the request to the grant (or time-out, cancel).",
+    );
+    histogram(&mut out, name, "", loops, |m| &m.acquire_wait);
 
     let counters: [(&str, &str, Field); 9] = [
         (
@@ -637,6 +629,33 @@ fn render_log(out: &mut String, log: &crate::raft_log::LogShared) {
         family(out, name, "counter", help);
         sample(out, name, "", value.load(Relaxed));
     }
+}
+
+/// The samples of one histogram, summed over the loops.
+fn histogram(
+    out: &mut String,
+    name: &str,
+    label: &str,
+    loops: &[Arc<LoopMetrics>],
+    of: impl Fn(&LoopMetrics) -> &Histogram,
+) {
+    let joined = |extra: &str| match (label.is_empty(), extra.is_empty()) {
+        (true, _) => extra.to_string(),
+        (false, true) => label.to_string(),
+        (false, false) => format!("{label},{extra}"),
+    };
+    let mut cumulative = 0u64;
+    for (bucket, le) in BUCKET_LE.iter().enumerate() {
+        cumulative = loops
+            .iter()
+            .map(|m| of(m).buckets[bucket].load(Relaxed))
+            .fold(cumulative, u64::wrapping_add);
+        let labels = joined(&format!("le=\"{le}\""));
+        sample(out, &format!("{name}_bucket"), &labels, cumulative);
+    }
+    let sum_us = sum_of(loops, |m| &of(m).sum_us);
+    sample_f(out, &format!("{name}_sum"), &joined(""), sum_us, 1_000_000);
+    sample(out, &format!("{name}_count"), &joined(""), cumulative);
 }
 
 /// One counter or gauge of a loop's metrics.
@@ -1166,7 +1185,7 @@ mod tests {
             0.0
         );
         assert_eq!(value(&samples, "livelock_locks_held", &[]), 0.0);
-        assert_eq!(types.len(), 23);
+        assert_eq!(types.len(), 24);
         // A clock behind a grant time (cannot happen, must not underflow).
         let m = Arc::new(LoopMetrics::new());
         m.set_oldest_hold_ms(Some(500));

@@ -240,6 +240,7 @@ impl Session {
                     op: pending.op,
                     conn: pending.conn,
                     started_us: pending.started_us,
+                    queued: pending.queued,
                 };
                 match outcome {
                     Outcome::Granted { token } => {
@@ -285,6 +286,8 @@ pub struct Answered {
     pub op: PendingOp,
     pub conn: ConnRef,
     pub started_us: u64,
+    /// It waited in a queue before this answer (metrics: waiting, not service).
+    pub queued: bool,
 }
 
 /// A lock the session holds.
