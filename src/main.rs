@@ -37,6 +37,8 @@ enum Commands {
     Server(ServerArgs),
     /// Hold a lock while a command runs (exit 75: not obtained in time; 79: lost while it ran).
     Run(run::RunArgs),
+    /// Hold a lock until interrupted, printing its fencing token (like `etcdctl lock NAME`).
+    Hold(run::HoldArgs),
     /// Operator commands: list, inspect, signal, stats.
     #[command(flatten)]
     Admin(AdminCommandWithArgs),
@@ -182,6 +184,7 @@ fn main() -> ExitCode {
     match cli.command {
         Commands::Server(args) => serve(args),
         Commands::Run(args) => run::run(args),
+        Commands::Hold(args) => run::hold(args),
         Commands::Completions { shell } => {
             // Generated from the same clap definitions as --help.
             let mut command = Cli::command();

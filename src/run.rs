@@ -110,19 +110,15 @@ fn pushed_signal(raised: &[u8]) -> Option<usize> {
 fn forward_signal(i: usize) -> libc::c_int {
     libc::SIGRTMIN() + 1 + i as libc::c_int
 }
+
 /// The supervisor's parent-death signal.
 const SUPERVISOR_PDEATHSIG: libc::c_int = libc::SIGUSR1;
 /// From `livelock run` to the supervisor: SIGKILL the group now.
 const SUPERVISOR_KILL_NOW: libc::c_int = libc::SIGUSR2;
 
+/// How `run` and `hold` take the lock.
 #[derive(Args)]
-#[command(
-    after_help = "Exit status: COMMAND's own (128 + N if killed by signal N); \
-75 the lock was not obtained in time; 79 the lock was lost while COMMAND ran (it was \
-stopped); 2 usage error; 69 no session (server down, unreachable or at capacity); \
-77 password refused; 70 other error; 126/127 COMMAND not executable / not found."
-)]
-pub struct RunArgs {
+pub struct LockArgs {
     /// Server address [default: LIVELOCK_HOST:LIVELOCK_PORT, else 127.0.0.1:7873]
     #[arg(long, value_name = "HOST:PORT")]
     server: Option<String>,
@@ -138,6 +134,21 @@ pub struct RunArgs {
     /// Take a shared (reader) hold instead of an exclusive one.
     #[arg(short = 's', long)]
     shared: bool,
+    /// Keep the hold this long if the connection drops, reconnecting meanwhile.
+    #[arg(long, value_parser = seconds_flag, default_value = "0s")]
+    grace: Duration,
+}
+
+#[derive(Args)]
+#[command(
+    after_help = "Exit status: COMMAND's own (128 + N if killed by signal N); \
+75 the lock was not obtained in time; 79 the lock was lost while COMMAND ran (it was \
+stopped); 2 usage error; 69 no session (server down, unreachable or at capacity); \
+77 password refused; 70 other error; 126/127 COMMAND not executable / not found."
+)]
+pub struct RunArgs {
+    #[command(flatten)]
+    lock: LockArgs,
     /// Run this shell command (sh -c) instead of COMMAND after `--`, like flock -c.
     #[arg(
         short = 'c',
@@ -146,9 +157,6 @@ pub struct RunArgs {
         conflicts_with = "command"
     )]
     shell_command: Option<String>,
-    /// Keep the hold this long if the connection drops, reconnecting meanwhile.
-    #[arg(long, value_parser = seconds_flag, default_value = "0s")]
-    grace: Duration,
     /// After SIGTERM (a stop), wait this long before SIGKILL.
     #[arg(long, value_parser = seconds_flag, default_value = "10s")]
     kill_after: Duration,
@@ -197,12 +205,43 @@ fn exit_code(status: ExitStatus) -> ExitCode {
     }
 }
 
+/// `livelock hold NAME`: holds the lock until interrupted (Ctrl-C, SIGTERM,
+/// SIGHUP: exit 0), printing its fencing token — `run` with a COMMAND that
+/// prints `$LIVELOCK_FENCE` and waits, so a hold gets all of `run`'s care
+/// (heartbeats, partitions, lost locks: 79).
+#[derive(Args)]
+#[command(
+    after_help = "Exit status: 0 when interrupted after holding the lock; 75 not obtained \
+in time; 79 lost while held; 2 usage error; 69 no session; 77 password refused; 70 other error."
+)]
+pub struct HoldArgs {
+    #[command(flatten)]
+    lock: LockArgs,
+    /// The lock to hold.
+    name: String,
+}
+
+/// (A background `sleep` ignores SIGINT in a non-interactive shell: the
+/// trap ends it, or the supervisor would wait `--kill-after` for it.)
+const HOLD_SCRIPT: &str = r#"trap 'kill $pid 2>/dev/null; exit 0' INT TERM HUP; echo "$LIVELOCK_FENCE"; while :; do sleep 3600 & pid=$!; wait $pid; done"#;
+
+pub fn hold(args: HoldArgs) -> ExitCode {
+    run(RunArgs {
+        lock: args.lock,
+        kill_after: Duration::from_secs(10),
+        supervise: None,
+        shell_command: Some(HOLD_SCRIPT.into()),
+        name: args.name,
+        command: Vec::new(),
+    })
+}
+
 pub fn run(mut args: RunArgs) -> ExitCode {
     if let Some(shell_command) = args.shell_command.take() {
         args.command = vec!["sh".into(), "-c".into(), shell_command.into()];
     }
-    if args.nonblock {
-        args.wait = Some(WaitFlag(Some(Duration::ZERO)));
+    if args.lock.nonblock {
+        args.lock.wait = Some(WaitFlag(Some(Duration::ZERO)));
     }
     if let Some(parent) = args.supervise {
         return supervise(parent, args.kill_after, &args.command);
@@ -230,16 +269,19 @@ pub fn run(mut args: RunArgs) -> ExitCode {
         );
     }
     let grace_max = Duration::from_millis(livelock::limits::GRACE_MS_MAX.into());
-    if args.grace > grace_max {
+    if args.lock.grace > grace_max {
         return fail(
             EXIT_USAGE,
-            format_args!("--grace is at most {grace_max:?}, not {:?}", args.grace),
+            format_args!(
+                "--grace is at most {grace_max:?}, not {:?}",
+                args.lock.grace
+            ),
         );
     }
-    let addr = crate::admin::server_addr(&args.server);
+    let addr = crate::admin::server_addr(&args.lock.server);
     let options = ClientOptions {
-        password: args.password.clone(),
-        grace: args.grace,
+        password: args.lock.password.clone(),
+        grace: args.lock.grace,
         ..ClientOptions::default()
     };
     let client = match Client::connect(addr.as_str(), &options) {
@@ -255,12 +297,12 @@ pub fn run(mut args: RunArgs) -> ExitCode {
         }
     };
     let acquire = AcquireOptions {
-        mode: if args.shared {
+        mode: if args.lock.shared {
             Mode::Shared
         } else {
             Mode::Exclusive
         },
-        wait: args.wait.and_then(|w| w.0),
+        wait: args.lock.wait.and_then(|w| w.0),
         lease: None,
     };
     let guard = match client.acquire_with(&args.name, acquire) {
@@ -272,7 +314,7 @@ pub fn run(mut args: RunArgs) -> ExitCode {
             )
         }
         Err(Error::Status(Status::TimedOut, _)) => {
-            let waited = args.wait.and_then(|w| w.0).unwrap_or_default();
+            let waited = args.lock.wait.and_then(|w| w.0).unwrap_or_default();
             return fail(
                 EXIT_NOT_LOCKED,
                 format_args!("{} still held after waiting {waited:?}", args.name),
@@ -342,11 +384,11 @@ pub fn run(mut args: RunArgs) -> ExitCode {
     let status: ExitStatus = loop {
         let now = Instant::now();
         let silent_at = link.confirmed + SILENCE_MAX;
-        let kill_at = link.confirmed + LOSS_BOUND - KILL_LEAD + args.grace;
+        let kill_at = link.confirmed + LOSS_BOUND - KILL_LEAD + args.lock.grace;
         let term_at = silent_at.max(kill_at.checked_sub(args.kill_after).unwrap_or(silent_at));
         let mut reason: Option<String> = None;
         if now >= silent_at && reconnecting.is_none() && lost.is_none() {
-            if args.grace.is_zero() {
+            if args.lock.grace.is_zero() {
                 reason = Some(format!("no answer from {addr} for {SILENCE_MAX:?}"));
             } else {
                 reconnecting = Some(start_reconnect(&addr, &link.client, &options, kill_at));
@@ -410,7 +452,7 @@ pub fn run(mut args: RunArgs) -> ExitCode {
                     Ok(Event::SessionTaken) => Some("another connection took the session".to_string()),
                     Ok(Event::Disconnected) | Err(_) => {
                         link.events = never();
-                        if args.grace.is_zero() {
+                        if args.lock.grace.is_zero() {
                             Some(format!("the connection to {addr} was lost"))
                         } else {
                             if reconnecting.is_none() {

@@ -1415,3 +1415,36 @@ fn signal_on_a_free_lock_says_nobody_holds_it() {
         "{stderr}"
     );
 }
+
+/// `livelock hold NAME` holds until interrupted and prints the fencing
+/// token (like `etcdctl lock NAME`); Ctrl-C releases it and exits 0
+/// (issue 11, item 4).
+#[test]
+fn hold_holds_until_interrupted_and_prints_the_token() {
+    let server = TestServer::start(1);
+    let dir = ScratchDir::new("hold");
+    let mut command = livelock_bin();
+    command
+        .args(["hold", "--server", &server.addr.to_string(), "held-by-hold"])
+        .stdout(Stdio::piped());
+    let mut hold = ChildGuard::spawn("hold", &mut command, &dir);
+    let token: u64 = hold.wait_for("the token", |h| {
+        h.stdout().lines().next()?.trim().parse().ok()
+    });
+    let observer = server.client();
+    let record = observer.inspect("held-by-hold").unwrap().expect("held");
+    assert_eq!(
+        record.holders[0].1, token,
+        "the printed token is the hold's"
+    );
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    assert_eq!(
+        unsafe { libc::kill(hold.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    let status = hold.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", hold.stderr());
+    wait_until("the lock is free", || {
+        observer.inspect("held-by-hold").unwrap().is_none()
+    });
+}
