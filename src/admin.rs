@@ -44,6 +44,12 @@ pub fn server_addr(server: &Option<String>) -> String {
 }
 
 pub fn run(args: AdminArgs, command: AdminCommand) -> ExitCode {
+    if let AdminCommand::List { pattern, .. } = &command {
+        if let Some(problem) = livelock::glob::Glob::new(pattern.as_bytes()).problem() {
+            eprintln!("livelock: invalid glob {pattern:?}: {problem}");
+            return ExitCode::from(2);
+        }
+    }
     let addr = server_addr(&args.server);
     let options = ClientOptions {
         password: args.password.clone(),

@@ -1448,3 +1448,17 @@ fn hold_holds_until_interrupted_and_prints_the_token() {
         observer.inspect("held-by-hold").unwrap().is_none()
     });
 }
+
+/// A glob that is most likely a mistake (a `[` never closed, a reversed
+/// range) is an error, not an empty list (issue 11, item 6).
+#[test]
+fn list_refuses_a_broken_glob() {
+    let server = TestServer::start(1);
+    let dir = ScratchDir::new("broken-glob");
+    for pattern in ["job-[12", "[z-a]*"] {
+        let (code, stdout, stderr) = admin(&server, &dir, "list", &["list", pattern]);
+        assert_eq!(code, Some(2), "{pattern}: {stdout}");
+        assert!(stderr.contains("invalid glob"), "{pattern}: {stderr}");
+    }
+    admin_ok(&server, &dir, "list", &["list", "[[]x*"]);
+}

@@ -22,6 +22,8 @@ pub struct Glob {
     tokens: Vec<Token>,
     /// Inclusive code point ranges of all sets; a set refers to a slice of these.
     ranges: Vec<(u32, u32)>,
+    /// What in the pattern is most likely a mistake (fnmatch accepts it).
+    problem: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +80,7 @@ impl Glob {
         let mut glob = Glob {
             tokens: Vec::with_capacity(pat.len()),
             ranges: Vec::new(),
+            problem: None,
         };
         let n = pat.len();
         let mut i = 0;
@@ -105,6 +108,9 @@ impl Glob {
                     }
                     if j >= n {
                         glob.tokens.push(Token::Literal(OPEN));
+                        glob.problem.get_or_insert(
+                            "a `[` without its `]` (it would match a literal `[`: write `[[]` for that)",
+                        );
                     } else {
                         glob.push_set(&pat, i, j);
                         i = j + 1;
@@ -144,6 +150,8 @@ impl Glob {
                     continue;
                 };
                 if lo > hi {
+                    self.problem
+                        .get_or_insert("a reversed range such as `[z-a]` (it matches nothing)");
                     let tail = chunks.remove(k);
                     let prev = &mut chunks[k - 1];
                     prev.pop();
@@ -214,6 +222,14 @@ impl Glob {
             }
             Token::Star => false,
         }
+    }
+
+    /// What in the pattern is most likely a mistake, though fnmatch (and
+    /// so FIND) accepts it: a `[` never closed, a reversed range. The
+    /// `livelock list` command refuses such a pattern rather than print
+    /// an empty list.
+    pub fn problem(&self) -> Option<&'static str> {
+        self.problem
     }
 
     /// True when the whole `name` matches the pattern.
@@ -454,5 +470,23 @@ mod tests {
             "{:?}",
             start.elapsed()
         );
+    }
+
+    #[test]
+    fn likely_mistakes_are_named() {
+        assert!(Glob::new(b"job-*").problem().is_none());
+        assert!(Glob::new(b"[a-z]*").problem().is_none());
+        assert!(Glob::new(b"[[]x").problem().is_none());
+        assert!(Glob::new(b"job-[12")
+            .problem()
+            .unwrap()
+            .contains("without its `]`"));
+        assert!(Glob::new(b"[z-a]*")
+            .problem()
+            .unwrap()
+            .contains("reversed range"));
+        // Still matched the fnmatch way.
+        assert!(Glob::new(b"job-[12").matches(b"job-[12"));
+        assert!(!Glob::new(b"[z-a]*").matches(b"z"));
     }
 }
