@@ -1267,18 +1267,21 @@ impl EventLoop {
     /// from no other loop answers at once (reads, PING). Returns whether
     /// output was released now (to flush).
     fn commit_turn(&mut self) -> bool {
-        let Some(log) = self.shared.log.clone() else {
+        if self.shared.log.is_none() {
             return false;
-        };
+        }
         self.hand_in();
         let changed = std::mem::take(&mut self.handed_in);
+        let log = self.shared.log.as_deref().expect("checked above");
         let tail = log.submitted();
         let durable = log.durable();
         let answer_now = log.failing() && !changed && !self.tainted;
         self.tainted = false;
         let mut ends = Vec::new();
         let mut released = false;
-        for token in std::mem::take(&mut self.written) {
+        // (The list keeps its allocation from turn to turn.)
+        let mut written = std::mem::take(&mut self.written);
+        for token in written.drain(..) {
             let Some(conn) = self.conns.get_mut(token.0) else {
                 continue;
             };
@@ -1296,6 +1299,7 @@ impl EventLoop {
                 ends.push((token, conn.gen, end));
             }
         }
+        self.written = written;
         if !ends.is_empty() {
             self.held.push_back((tail, ends));
         }

@@ -26,7 +26,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle, Thread};
 use std::time::Duration;
 
@@ -141,7 +141,7 @@ pub struct LogShared {
     /// Parts of the snapshot asked for, from the loops.
     parts_tx: Sender<SnapshotPart>,
     /// The log thread, to wake it.
-    thread: Mutex<Option<Thread>>,
+    thread: OnceLock<Thread>,
     stop: AtomicBool,
     /// Counters for the metrics endpoint.
     pub writes: AtomicU64,
@@ -175,7 +175,7 @@ impl LogShared {
             durable: AtomicU64::new(0),
             failing: AtomicBool::new(false),
             parts_tx,
-            thread: Mutex::new(None),
+            thread: OnceLock::new(),
             stop: AtomicBool::new(false),
             writes: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -199,7 +199,7 @@ impl LogShared {
             self.submitted.store(queue.1, Ordering::SeqCst);
             queue.1
         };
-        if let Some(thread) = &*self.thread.lock().expect("log thread lock") {
+        if let Some(thread) = self.thread.get() {
             thread.unpark();
         }
         Some(seq)
@@ -303,15 +303,16 @@ pub fn recover(data_dir: &Path, base: Option<Dump>) -> Result<Recovered, String>
         engine,
         hard_state,
     };
-    let Some(base) = base else {
-        recovered.ignored_entries = count(first, last);
-        return Ok(recovered);
+    // No snapshot of the log (none at all, or a clean shutdown's dump):
+    // entries left beside it have no base to replay on.
+    let base = match base {
+        Some(base) if base.log.is_some() => base,
+        plain => {
+            recovered.ignored_entries = count(first, last);
+            recovered.state = plain;
+            return Ok(recovered);
+        }
     };
-    if base.log.is_none() {
-        recovered.ignored_entries = count(first, last);
-        recovered.state = Some(base);
-        return Ok(recovered);
-    }
     let mut replay = Replay::from_snapshot(&base).map_err(|e| e.to_string())?;
     let from = replay.snapshot_index() + 1;
     let mut term = base.log.as_ref().map_or(0, |l| l.term);
@@ -432,7 +433,7 @@ impl Log {
             .name("livelock-log".into())
             .spawn(move || writer.run())
             .map_err(|e| format!("cannot start the log thread: {e}"))?;
-        *shared.thread.lock().expect("log thread lock") = Some(thread.thread().clone());
+        let _ = shared.thread.set(thread.thread().clone());
         let snapshot_shared = shared.clone();
         let dump_path = config.data_dir.join(dump::FILE_NAME);
         let snapshotter = thread::Builder::new()
@@ -757,7 +758,7 @@ fn write_snapshots(
                 );
                 shared.snapshots.fetch_add(1, Ordering::Relaxed);
                 shared.compact_to.fetch_max(job.index, Ordering::SeqCst);
-                if let Some(thread) = &*shared.thread.lock().expect("log thread lock") {
+                if let Some(thread) = shared.thread.get() {
                     thread.unpark();
                 }
             }

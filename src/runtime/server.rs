@@ -74,7 +74,6 @@ impl Server {
             (0..loops).map(|home| Sessions::new(home, loops)).collect();
         let dump_path = config.dump_path();
         let mut suffix = data_dir::CONSUMED_SUFFIX;
-        let mut started_log = false;
         let loaded = match config.dump_load {
             true => match data_dir::load_dump(&dump_path) {
                 Ok(state) => state,
@@ -132,7 +131,6 @@ impl Server {
             }
             loaded = found.state.take().map(snapshot::settle);
             recovered = Some(found);
-            started_log = true;
         } else if config.dump_load && raft_log::log_dir(&config.data_dir).is_dir() {
             eprintln!(
                 "livelock: warning: {} holds a log (--durability log) that this mode does not \
@@ -293,7 +291,6 @@ impl Server {
             }
             _ => None,
         };
-        debug_assert_eq!(log.is_some(), started_log);
         let mut threads = Vec::with_capacity(loops);
         for (idx, start) in starts.into_iter().enumerate() {
             let event_loop = EventLoop::new(idx, shared.clone(), start)?;

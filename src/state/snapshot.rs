@@ -160,14 +160,6 @@ pub fn exact_merge(
 /// this server could not have written (a name out of range) are skipped.
 pub fn rebuild_shards(state: &Dump, positions: &[dump::LoopPosition], tables: &mut [LockTable]) {
     let loops = tables.len();
-    let valid = |name: &[u8]| !name.is_empty() && name.len() <= crate::limits::NAME_LEN_MAX;
-    let mode_of = |shared: bool| {
-        if shared {
-            Mode::Shared
-        } else {
-            Mode::Exclusive
-        }
-    };
     let names: hashbrown::HashMap<u64, &[u8]> = state
         .sessions
         .iter()
@@ -192,13 +184,9 @@ pub fn rebuild_shards(state: &Dump, positions: &[dump::LoopPosition], tables: &m
                 }
             }
         };
-    for hold in state.holds.iter().filter(|h| valid(&h.name)) {
+    for hold in state.holds.iter().filter(|h| valid_name(&h.name)) {
         let shard = shard_for(&hold.name, loops);
         let at = positions[shard].stamp_ms;
-        let lease_deadline_ms = match hold.lease_left_ms {
-            0 => 0,
-            left => at.saturating_add(left),
-        };
         let table = &mut tables[shard];
         table.restore_hold(
             &hold.name,
@@ -206,32 +194,20 @@ pub fn rebuild_shards(state: &Dump, positions: &[dump::LoopPosition], tables: &m
             mode_of(hold.shared),
             hold.token,
             hold.since_unix_ms,
-            lease_deadline_ms,
+            deadline_after(at, hold.lease_left_ms),
         );
         introduce(table, hold.session, at, &mut sink);
     }
-    for waiter in state.waiters.iter().filter(|w| valid(&w.name)) {
+    for waiter in state.waiters.iter().filter(|w| valid_name(&w.name)) {
         let shard = shard_for(&waiter.name, loops);
         let at = positions[shard].stamp_ms;
         let table = &mut tables[shard];
         introduce(table, waiter.session, at, &mut sink);
-        let acquire = Acquire {
-            session: waiter.session,
-            request_id: waiter.request_id,
-            name: &waiter.name,
-            mode: mode_of(waiter.shared),
-            wait: match waiter.wait_left_ms {
-                dump::WAIT_FOREVER => Wait::Forever,
-                left => Wait::Until(at.saturating_add(left)),
-            },
-            lease_ms: waiter.lease_ms,
-            reentrant: false,
-            notify_queued: true,
-        };
+        let acquire = requeue(waiter, waiter.session, at);
         table.apply(at, Command::Acquire(acquire), &mut sink);
         sink.clear();
     }
-    for (name, signal) in state.signals.iter().filter(|(n, _)| valid(n)) {
+    for (name, signal) in state.signals.iter().filter(|(n, _)| valid_name(n)) {
         tables[shard_for(name, loops)].restore_signal(name, signal);
     }
     for (table, position) in tables.iter_mut().zip(positions) {
@@ -337,29 +313,21 @@ pub fn restore(
         let Some(&(id, home)) = restored_ids.get(&hold.session) else {
             continue;
         };
-        if hold.name.is_empty() || hold.name.len() > crate::limits::NAME_LEN_MAX {
+        if !valid_name(&hold.name) {
             continue;
         }
-        let mode = if hold.shared {
-            Mode::Shared
-        } else {
-            Mode::Exclusive
-        };
+        let mode = mode_of(hold.shared);
         let shard = shard_for(&hold.name, loops);
         // A grant time in the future (a hostile or damaged dump) would
         // break the oldest-hold gauge (u64::MAX is its "no hold" value).
         let since_ms = hold.since_unix_ms.min(now_ms);
-        let lease_deadline_ms = match hold.lease_left_ms {
-            0 => 0,
-            left => now_ms.saturating_add(left),
-        };
         if !tables[shard].restore_hold(
             &hold.name,
             id,
             mode,
             hold.token,
             since_ms,
-            lease_deadline_ms,
+            deadline_after(now_ms, hold.lease_left_ms),
         ) {
             continue;
         }
@@ -378,7 +346,7 @@ pub fn restore(
         let Some(&(id, home)) = restored_ids.get(&waiter.session) else {
             continue;
         };
-        if waiter.name.is_empty() || waiter.name.len() > crate::limits::NAME_LEN_MAX {
+        if !valid_name(&waiter.name) {
             continue;
         }
         let session = sessions[home].get_mut(id).expect("restored above");
@@ -388,10 +356,7 @@ pub fn restore(
             continue;
         }
         let shard = shard_for(&waiter.name, loops);
-        let mode = match waiter.shared {
-            true => Mode::Shared,
-            false => Mode::Exclusive,
-        };
+        let mode = mode_of(waiter.shared);
         introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
         session.pending.insert(
             waiter.request_id,
@@ -406,19 +371,7 @@ pub fn restore(
                 started_us: 0,
             },
         );
-        let acquire = Acquire {
-            session: id,
-            request_id: waiter.request_id,
-            name: &waiter.name,
-            mode,
-            wait: match waiter.wait_left_ms {
-                dump::WAIT_FOREVER => Wait::Forever,
-                left => Wait::Until(now_ms.saturating_add(left)),
-            },
-            lease_ms: waiter.lease_ms,
-            reentrant: false,
-            notify_queued: true,
-        };
+        let acquire = requeue(waiter, id, now_ms);
         tables[shard].apply(now_ms, Command::Acquire(acquire), &mut sink);
         // Each effect goes to its session's home, which delivers it first;
         // a grant completes a wait, so it is pushed (deferred).
@@ -488,5 +441,44 @@ fn introduce(
             client_name: &session.client_name,
         };
         table.apply(now_ms, introduce, sink);
+    }
+}
+
+/// A name this server could hold (a dump may carry others).
+fn valid_name(name: &[u8]) -> bool {
+    !name.is_empty() && name.len() <= crate::limits::NAME_LEN_MAX
+}
+
+fn mode_of(shared: bool) -> Mode {
+    if shared {
+        Mode::Shared
+    } else {
+        Mode::Exclusive
+    }
+}
+
+/// The deadline `left` ms after `at`; 0 (none) stays 0.
+fn deadline_after(at: u64, left: u64) -> u64 {
+    match left {
+        0 => 0,
+        left => at.saturating_add(left),
+    }
+}
+
+/// A dumped queued acquire, to put back in its queue at `at` for `session`
+/// (with QUEUED notice: whoever keeps its pending request learns it waits).
+fn requeue(waiter: &DumpWaiter, session: u64, at: u64) -> Acquire<'_> {
+    Acquire {
+        session,
+        request_id: waiter.request_id,
+        name: &waiter.name,
+        mode: mode_of(waiter.shared),
+        wait: match waiter.wait_left_ms {
+            dump::WAIT_FOREVER => Wait::Forever,
+            left => Wait::Until(at.saturating_add(left)),
+        },
+        lease_ms: waiter.lease_ms,
+        reentrant: false,
+        notify_queued: true,
     }
 }
