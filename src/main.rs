@@ -2,6 +2,7 @@
 //! `livelock run NAME -- COMMAND` holds a lock around a command.
 
 mod admin;
+mod logging;
 mod run;
 
 use std::net::{IpAddr, SocketAddr};
@@ -146,23 +147,12 @@ struct ServerArgs {
     /// Serve Prometheus metrics over HTTP here [env: LIVELOCK_PROMETHEUS_PORT, on the listen host]
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
-    /// Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL.
-    #[arg(long, env = "LIVELOCK_LOGLEVEL", default_value = "INFO", value_parser = parse_log_level)]
-    log_level: u8,
-}
-
-/// Python logging's level names, as LiveLock takes them.
-fn parse_log_level(text: &str) -> Result<u8, String> {
-    match text.to_ascii_uppercase().as_str() {
-        "DEBUG" => Ok(10),
-        "INFO" => Ok(20),
-        "WARNING" | "WARN" => Ok(30),
-        "ERROR" => Ok(40),
-        "CRITICAL" => Ok(50),
-        _ => Err(format!(
-            "{text:?} is not a log level (DEBUG, INFO, WARNING, ERROR, CRITICAL)"
-        )),
-    }
+    /// Log level: TRACE (every request), DEBUG (connections, sessions), INFO (state changes an operator cares about), WARNING, ERROR or CRITICAL.
+    #[arg(long, env = "LIVELOCK_LOGLEVEL", default_value = "INFO", value_parser = logging::parse_level)]
+    log_level: tracing::level_filters::LevelFilter,
+    /// Log lines as text or as JSON objects (timestamp, level, target, message, fields).
+    #[arg(long, env = "LIVELOCK_LOG_FORMAT", value_enum, default_value_t = logging::Format::Text)]
+    log_format: logging::Format,
 }
 
 /// A boolean flag, or else its `LIVELOCK_*` variable, parsed strictly.
@@ -395,13 +385,19 @@ fn serve(args: ServerArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    logging::init(args.log_level, args.log_format);
     raise_descriptor_limit();
     let threads = config.threads;
-    let info = args.log_level <= 20;
+    let durability = match (config.log, config.dump_save) {
+        (true, _) => "log",
+        (false, true) => "dump",
+        (false, false) => "memory",
+    };
+    let data_dir = config.data_dir.clone();
     let server = match Server::start(config) {
         Ok(server) => server,
         Err(e) => {
-            eprintln!("livelock: cannot start: {e}");
+            tracing::error!("cannot start: {e}");
             return ExitCode::from(1);
         }
     };
@@ -412,31 +408,34 @@ fn serve(args: ServerArgs) -> ExitCode {
     ]) {
         Ok(signals) => signals,
         Err(e) => {
-            eprintln!("livelock: cannot install signal handlers: {e}");
+            tracing::error!("cannot install signal handlers: {e}");
             return ExitCode::from(1);
         }
     };
     std::thread::spawn(move || {
         if let Some(signal) = signals.forever().next() {
-            if info {
-                eprintln!("livelock: signal {signal}, shutting down");
-            }
+            tracing::info!(signal, "signal {signal}: shutting down");
             shutdown.shutdown();
         }
     });
-    if info {
-        eprintln!(
-            "livelock: listening on {} with {threads} loop(s)",
-            server.local_addr()
-        );
-        if let Some(addr) = server.metrics_addr() {
-            eprintln!("livelock: metrics on http://{addr}/metrics");
-        }
+    tracing::info!(
+        addr = %server.local_addr(),
+        threads,
+        version = env!("CARGO_PKG_VERSION"),
+        "listening on {} with {threads} loop(s), durability {durability}, data in {}",
+        server.local_addr(),
+        data_dir.display()
+    );
+    if let Some(addr) = server.metrics_addr() {
+        tracing::info!("metrics on http://{addr}/metrics");
     }
     match server.join() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
         Err(e) => {
-            eprintln!("livelock: {e}");
+            tracing::error!("{e}");
             ExitCode::from(1)
         }
     }

@@ -170,7 +170,7 @@ fn a_garbage_dump_starts_empty_with_tokens_above() {
 
     let mut second = start("second", &dir, addr);
     assert!(
-        second.stderr().contains("warning"),
+        second.stderr().contains("WARN"),
         "no warning: {}",
         second.stderr()
     );

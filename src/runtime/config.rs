@@ -32,7 +32,7 @@ impl Default for TcpTuning {
 /// What survives a restart (`--durability`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
-    /// Nothing is kept on disk but the fencing-token mark.
+    /// Nothing is kept on disk (tokens start from the clock).
     Memory,
     /// The state is dumped at shutdown and read back at start (the
     /// LiveLock server's behaviour); a crash loses it.

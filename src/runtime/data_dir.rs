@@ -229,8 +229,8 @@ impl TokenCeiling {
             }
             Err(error) => {
                 *retry_at = Some(Instant::now() + Duration::from_secs(1));
-                eprintln!(
-                    "livelock: error: cannot extend the fencing-token reservation in {}: {error}",
+                tracing::error!(
+                    "cannot extend the fencing-token reservation in {}: {error}",
                     path.display()
                 );
                 ceiling

@@ -593,19 +593,24 @@ impl EventLoop {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     // Out of descriptors and the like: drop this one, keep serving.
-                    eprintln!("livelock: accept failed: {e}");
+                    tracing::error!("accept failed: {e}");
                     return;
                 }
             };
             if self.shared.connections.fetch_add(1, Ordering::Relaxed) >= CONNECTIONS_MAX {
                 self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+                tracing::warn!(
+                    peer = ?stream.peer_addr().ok(),
+                    "connection refused: {CONNECTIONS_MAX} connections already open"
+                );
                 drop(stream);
                 continue;
             }
             if let Err(e) = tune_socket(&stream, &self.shared.config) {
-                eprintln!("livelock: tuning an accepted socket failed: {e}");
+                tracing::warn!("tuning an accepted socket failed: {e}");
             }
             self.metrics.inc_connections_accepted();
+            tracing::debug!(peer = ?stream.peer_addr().ok(), "connection accepted");
             let deadline = self.now_ms + self.shared.config.hello_timeout.as_millis() as u64;
             // Round robin over the loops: the connection's loop is the home
             // of the sessions it opens.
@@ -658,6 +663,11 @@ impl EventLoop {
         }
     }
 
+    /// The connection's peer address, for the log.
+    fn peer_of(&self, token: Token) -> Option<std::net::SocketAddr> {
+        self.conns.get(token.0)?.stream.peer_addr().ok()
+    }
+
     /// The slot and generation of the connection at `token`.
     fn conn_ref(&self, token: Token) -> ConnRef {
         ConnRef {
@@ -687,7 +697,7 @@ impl EventLoop {
             token,
             Interest::READABLE | Interest::WRITABLE,
         ) {
-            eprintln!("livelock: registering a connection failed: {e}");
+            tracing::error!("registering a connection failed: {e}");
             self.conns.remove(token.0);
             self.shared.connections.fetch_sub(1, Ordering::Relaxed);
             return None;
@@ -907,6 +917,7 @@ impl EventLoop {
         };
         let _ = self.poll.registry().deregister(&mut conn.stream);
         self.shared.connections.fetch_sub(1, Ordering::Relaxed);
+        tracing::debug!(peer = ?conn.stream.peer_addr().ok(), session = conn.session, "connection closed");
         if let Some(id) = conn.session {
             if self.sessions.get(id).is_some_and(|s| s.conn == Some(token)) {
                 let session = self.sessions.get_mut(id).expect("checked");
@@ -1122,6 +1133,12 @@ impl EventLoop {
             }
             (Delivery::Lost { push }, Effect::LockLost { token, name, .. }) => {
                 self.metrics.inc_lock_lost();
+                tracing::info!(
+                    session = session_id,
+                    token,
+                    lock = %String::from_utf8_lossy(&name),
+                    "lock lost"
+                );
                 if push && !resp_session {
                     protocol::encode_lock_lost(native_out, token, &name);
                 }
@@ -1229,6 +1246,13 @@ impl EventLoop {
             let mut ended = Vec::new();
             self.sessions.expire(now_ms, &mut ended);
             for session in ended {
+                tracing::info!(
+                    session = session.id,
+                    client = %String::from_utf8_lossy(&session.client_name),
+                    holds = session.holds.len(),
+                    "session expired: no RESUME within its grace of {} ms; its locks are released",
+                    session.grace_ms
+                );
                 self.end_session(session);
             }
         }

@@ -80,28 +80,6 @@ impl MessageExt for EntryExt {
     }
 }
 
-/// raft-engine reports what it does at start (a torn tail cut, for one)
-/// through the `log` facade: its warnings and errors go to stderr, unless
-/// the embedding program installed a logger of its own.
-struct EngineWarnings;
-
-impl log::Log for EngineWarnings {
-    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        metadata.level() <= log::Level::Warn
-    }
-
-    fn log(&self, record: &log::Record<'_>) {
-        if self.enabled(record.metadata()) {
-            let level = record.level().as_str().to_ascii_lowercase();
-            eprintln!("livelock: {level}: log store: {}", record.args());
-        }
-    }
-
-    fn flush(&self) {}
-}
-
-static ENGINE_WARNINGS: EngineWarnings = EngineWarnings;
-
 /// The log's high-water mark, kept beside it: raft-engine cannot tell a
 /// damaged record from a torn last write, and cuts the log at either; a
 /// log that then ends before the mark lost acknowledged entries.
@@ -256,9 +234,6 @@ pub struct Recovered {
 /// not parse, is an error: the start stops rather than drop acknowledged
 /// history. raft-engine itself truncates a torn tail (with a warning).
 pub fn recover(data_dir: &Path, base: Option<Dump>) -> Result<Recovered, String> {
-    if log::set_logger(&ENGINE_WARNINGS).is_ok() {
-        log::set_max_level(log::LevelFilter::Warn);
-    }
     let dir = log_dir(data_dir);
     let engine = Engine::open(EngineConfig {
         dir: dir.to_string_lossy().into_owned(),
@@ -572,7 +547,7 @@ impl Writer {
         match crate::data_dir::write_atomic(&path, format!("{committed}\n").as_bytes()) {
             Ok(()) => *marked = committed,
             // Tried again later; an old mark only checks less.
-            Err(e) => eprintln!("livelock: warning: cannot write {}: {e}", path.display()),
+            Err(e) => tracing::warn!("cannot write {}: {e}", path.display()),
         }
         *at = std::time::Instant::now();
     }
@@ -590,14 +565,14 @@ impl Writer {
                     self.shared.writes.fetch_add(1, Ordering::Relaxed);
                     self.shared.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                     if self.shared.failing.swap(false, Ordering::SeqCst) {
-                        eprintln!("livelock: the log is writable again; changes are accepted");
+                        tracing::info!("the log is writable again; changes are accepted");
                     }
                     break;
                 }
                 Err(WriteError::Fatal(why)) => {
                     self.shared.failing.store(true, Ordering::SeqCst);
-                    eprintln!(
-                        "livelock: error: the log cannot be made durable ({why}); no change is \
+                    tracing::error!(
+                        "the log cannot be made durable ({why}); no change is \
                          accepted any more, reads still are: restart the server"
                     );
                     return false;
@@ -605,8 +580,8 @@ impl Writer {
                 Err(WriteError::Retry(why)) => {
                     self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
                     if !self.shared.failing.swap(true, Ordering::SeqCst) || attempt % 100 == 0 {
-                        eprintln!(
-                            "livelock: error: writing the log failed ({why}); changes are \
+                        tracing::error!(
+                            "writing the log failed ({why}); changes are \
                              refused until it succeeds, retrying"
                         );
                     }
@@ -747,8 +722,8 @@ fn write_snapshots(
         let bytes = dump::encode(&snapshot);
         match crate::data_dir::write_atomic(dump_path, &bytes) {
             Ok(()) => {
-                eprintln!(
-                    "livelock: snapshot of {} hold(s) at log index {} written ({} bytes, {} ms; \
+                tracing::info!(
+                    "snapshot of {} hold(s) at log index {} written ({} bytes, {} ms; \
                      the loops paused up to {} ms to export)",
                     snapshot.holds.len(),
                     job.index,
@@ -762,8 +737,8 @@ fn write_snapshots(
                     thread.unpark();
                 }
             }
-            Err(e) => eprintln!(
-                "livelock: warning: writing a snapshot to {} failed ({e}); the log keeps \
+            Err(e) => tracing::warn!(
+                "writing a snapshot to {} failed ({e}); the log keeps \
                  growing until one succeeds",
                 dump_path.display()
             ),

@@ -79,8 +79,8 @@ impl Server {
                 Ok(state) => state,
                 Err(e) => {
                     suffix = data_dir::REJECTED_SUFFIX;
-                    eprintln!(
-                        "livelock: warning: ignoring the dump {}: {e}; starting empty (the file is \
+                    tracing::warn!(
+                        "ignoring the dump {}: {e}; starting empty (the file is \
                          kept as {}{suffix})",
                         dump_path.display(),
                         dump_path.display()
@@ -117,23 +117,23 @@ impl Server {
             let mut found = raft_log::recover(&config.data_dir, base)
                 .map_err(|e| io::Error::other(format!("cannot start from the log: {e}")))?;
             if found.ignored_entries > 0 {
-                eprintln!(
-                    "livelock: warning: {} log entries belong to no snapshot (the dump was \
+                tracing::warn!(
+                    "{} log entries belong to no snapshot (the dump was \
                      written by a clean shutdown, or is missing); they are ignored",
                     found.ignored_entries
                 );
             }
             if found.batches > 0 {
-                eprintln!(
-                    "livelock: replayed {} logged batch(es) on top of the snapshot",
+                tracing::info!(
+                    "replayed {} logged batch(es) on top of the snapshot",
                     found.batches
                 );
             }
             loaded = found.state.take().map(snapshot::settle);
             recovered = Some(found);
         } else if config.dump_load && raft_log::log_dir(&config.data_dir).is_dir() {
-            eprintln!(
-                "livelock: warning: {} holds a log (--durability log) that this mode does not \
+            tracing::warn!(
+                "{} holds a log (--durability log) that this mode does not \
                  read: only the dump is restored; changes logged after it are not",
                 raft_log::log_dir(&config.data_dir).display()
             );
@@ -200,8 +200,8 @@ impl Server {
                     format!("cannot write the snapshot {}: {e}", dump_path.display()),
                 )
             })?;
-            eprintln!(
-                "livelock: base snapshot of {} hold(s) written ({} bytes, {} ms); started in {} ms",
+            tracing::info!(
+                "base snapshot of {} hold(s) written ({} bytes, {} ms); started in {} ms",
                 base.holds.len(),
                 bytes.len(),
                 written.elapsed().as_millis(),
@@ -382,13 +382,23 @@ fn shut_down(
         let started = Instant::now();
         let (state, dropped) = snapshot::merge(states, shared.clock.now_ms());
         if dropped > 0 {
-            eprintln!("livelock: warning: {dropped} record(s) could not be dumped, dropped");
+            tracing::warn!("{dropped} record(s) could not be dumped, dropped");
         }
         let path = shared.config.dump_path();
         match data_dir::write_atomic(&path, &dump::encode(&state)) {
-            Ok(()) => server_metrics.record_dump(started.elapsed().as_micros() as u64),
+            Ok(()) => {
+                server_metrics.record_dump(started.elapsed().as_micros() as u64);
+                tracing::info!(
+                    "state saved to {}: {} session(s), {} hold(s), {} queued acquire(s) ({} ms)",
+                    path.display(),
+                    state.sessions.len(),
+                    state.holds.len(),
+                    state.waiters.len(),
+                    started.elapsed().as_millis()
+                );
+            }
             Err(e) => {
-                eprintln!("livelock: writing the dump {} failed: {e}", path.display());
+                tracing::error!("writing the dump {} failed: {e}", path.display());
                 result = Err(e);
             }
         }
@@ -417,7 +427,7 @@ fn run_or_abort(idx: usize, event_loop: EventLoop) {
         Ok(Err(e)) => format!("failed: {e}"),
         Err(_) => "panicked".to_string(),
     };
-    eprintln!("livelock: event loop {idx} {why}; aborting");
+    tracing::error!("event loop {idx} {why}; aborting");
     std::process::abort();
 }
 

@@ -410,17 +410,19 @@ impl RestoreReport {
         let dropped_holds = state.holds.len() - self.holds;
         let dropped_waits = state.waiters.len() - self.waiters;
         if dropped_sessions + dropped_holds + dropped_waits > 0 {
-            eprintln!(
-                "livelock: warning: {dropped_sessions} session(s), {dropped_holds} hold(s) and \
+            tracing::warn!(
+                "{dropped_sessions} session(s), {dropped_holds} hold(s) and \
                  {dropped_waits} queued acquire(s) of the dump could not be restored (a \
                  lock name too long, a LiveLock client id given twice, a hold that conflicts)"
             );
         }
-        eprintln!(
-            "livelock: restored {} session(s), {} hold(s) and {} queued acquire(s) from the \
+        tracing::info!(
+            "restored {} session(s), {} hold(s) and {} queued acquire(s) from the \
              dump; they are released unless their clients reconnect within their grace (at \
              least {restart_grace_ms} ms)",
-            self.sessions, self.holds, self.waiters,
+            self.sessions,
+            self.holds,
+            self.waiters,
         );
     }
 }

@@ -75,6 +75,10 @@ impl EventLoop {
                     Flow::Continue
                 }
                 _ => {
+                    tracing::warn!(
+                        peer = ?self.peer_of(token),
+                        "authentication failed (LiveLock protocol): wrong or missing password"
+                    );
                     // Nothing after a failed PASS is executed (server.py
                     // runs what was already buffered; that is a hole).
                     self.resp_error(token, ErrorCode::WrongPassword);

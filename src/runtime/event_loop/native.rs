@@ -124,6 +124,13 @@ impl EventLoop {
     }
 
     fn handle_native(&mut self, token: Token, request_id: RequestId, request: Request<'_>) -> Flow {
+        tracing::trace!(
+            loop_idx = self.idx,
+            conn = token.0,
+            request_id,
+            op = request.opcode(),
+            "request"
+        );
         // Requests answered in this turn count here (latency 0 at turn
         // granularity); those a shard or every shard answers count when
         // their reply goes out (`deliver`, `finish_native_gather`).
@@ -221,6 +228,7 @@ impl EventLoop {
                         }
                     }
                     finals.sort_unstable();
+                    tracing::debug!(session = id, "session ended by BYE");
                     let out = self.wbuf(token);
                     for (pending_id, op) in finals {
                         encode_outcome(out, op, pending_id, Outcome::Cancelled, true);
@@ -250,6 +258,10 @@ impl EventLoop {
             None => true,
         };
         if !ok {
+            tracing::warn!(
+                peer = ?self.peer_of(token),
+                "authentication failed: wrong or missing password"
+            );
             self.reply_status(
                 token,
                 op,
@@ -299,6 +311,13 @@ impl EventLoop {
             .create(secret, grace_ms, client_name, token)
             .id;
         self.journal_session_open(id);
+        tracing::debug!(
+            session = id,
+            client = %String::from_utf8_lossy(client_name),
+            grace_ms,
+            peer = ?self.peer_of(token),
+            "session opened"
+        );
         let conn = &mut self.conns[token.0];
         conn.session = Some(id);
         conn.hello_deadline_ms = 0;
@@ -338,6 +357,7 @@ impl EventLoop {
             );
             return Flow::Continue;
         };
+        tracing::debug!(session = id, peer = ?self.peer_of(token), "session resumed");
         let mut taken_over = Vec::new();
         if let Some(conn) = resumed.previous.and_then(|old| self.conns.get_mut(old.0)) {
             // Taken over: the old connection loses the session and closes;

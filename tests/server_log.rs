@@ -1,0 +1,139 @@
+//! The server's log, read from a real process's stderr: JSON lines with a
+//! timestamp and a level, the events an operator needs (authentication
+//! failures, connections, sessions expiring, locks lost, the state saved),
+//! each at its level, and nothing below the level asked for.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use livelock::client::{AcquireOptions, Client, ClientOptions};
+
+/// Every stderr line as a JSON object (each line must be one).
+fn json_lines(stderr: &str) -> Vec<serde_json::Value> {
+    stderr
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
+        })
+        .collect()
+}
+
+/// The first event whose message contains `text`, if any.
+fn event<'a>(events: &'a [serde_json::Value], text: &str) -> Option<&'a serde_json::Value> {
+    events.iter().find(|e| {
+        e["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains(text))
+    })
+}
+
+fn wait_event(server: &mut ChildGuard, text: &str) -> serde_json::Value {
+    server.wait_for(text, |s| event(&json_lines(&s.stderr()), text).cloned())
+}
+
+fn options(password: &str, grace: Duration) -> ClientOptions {
+    ClientOptions {
+        password: Some(password.into()),
+        grace,
+        client_name: "logged-client".into(),
+        ..ClientOptions::default()
+    }
+}
+
+#[test]
+fn json_log_has_the_events_an_operator_needs() {
+    let dir = ScratchDir::new("server-log-json");
+    let addr = free_addr();
+    let mut server = spawn_server_with(
+        "server",
+        &dir,
+        &data_dir(&dir),
+        addr,
+        "log",
+        &[
+            "--log-format",
+            "json",
+            "--log-level",
+            "debug",
+            "--password",
+            "pw",
+        ],
+    );
+    let started = wait_event(&mut server, &format!("listening on {addr}"));
+    assert_eq!(started["level"], "INFO");
+    let timestamp = started["timestamp"].as_str().expect("a timestamp");
+    assert!(
+        timestamp.starts_with("20") && timestamp.contains('T'),
+        "RFC 3339: {timestamp}"
+    );
+
+    // A wrong password: refused, and logged as a warning with the peer.
+    assert!(Client::connect(addr, &options("wrong", Duration::ZERO)).is_err());
+    let refused = wait_event(&mut server, "authentication failed");
+    assert_eq!(refused["level"], "WARN");
+    assert!(
+        refused["fields"]["peer"]
+            .as_str()
+            .is_some_and(|p| p.contains("127.0.0.1")),
+        "{refused}"
+    );
+    // Connections at DEBUG.
+    assert_eq!(
+        wait_event(&mut server, "connection accepted")["level"],
+        "DEBUG"
+    );
+
+    // A lease that runs out: the lock is lost, at INFO, naming the lock.
+    let client = Client::connect(addr, &options("pw", Duration::ZERO)).unwrap();
+    let lease = AcquireOptions {
+        lease: Some(Duration::from_millis(50)),
+        ..AcquireOptions::default()
+    };
+    let _guard = client.acquire_with("leased-lock", lease).unwrap();
+    let lost = wait_event(&mut server, "lock lost");
+    assert_eq!(lost["level"], "INFO");
+    assert_eq!(lost["fields"]["lock"], "leased-lock");
+
+    // A session whose grace runs out after its connection is dropped.
+    let graceful = Client::connect(addr, &options("pw", Duration::from_millis(100))).unwrap();
+    graceful.acquire("kept-a-while").unwrap().forget();
+    drop(graceful); // the connection closes; the session waits 100 ms
+    let expired = wait_event(&mut server, "session expired");
+    assert_eq!(expired["level"], "INFO");
+    assert_eq!(expired["fields"]["client"], "logged-client");
+    assert_eq!(expired["fields"]["holds"], 1);
+
+    signal(&server, libc::SIGTERM);
+    expect_clean_exit(&mut server);
+    let events = json_lines(&server.stderr());
+    assert!(event(&events, "state saved").is_some());
+    assert!(event(&events, "stopped").is_some());
+    // The password itself is never in the log.
+    assert!(!server.stderr().contains("\"pw\""));
+}
+
+#[test]
+fn text_log_has_timestamps_and_keeps_to_its_level() {
+    let dir = ScratchDir::new("server-log-text");
+    let addr = free_addr();
+    let mut server = start_server_with("server", &dir, &data_dir(&dir), addr, "memory", &[]);
+    let client = Client::connect(addr, &ClientOptions::default()).unwrap();
+    client.acquire("x").unwrap().release().unwrap();
+    client.bye().unwrap();
+    signal(&server, libc::SIGTERM);
+    expect_clean_exit(&mut server);
+    let stderr = server.stderr();
+    let start = stderr
+        .lines()
+        .find(|l| l.contains("listening on"))
+        .expect("the start line");
+    // `2026-12-02T13:59:33.123456Z  INFO livelock::...: listening on ...`
+    let (timestamp, rest) = start.split_once(' ').unwrap();
+    assert!(timestamp.len() >= 20 && timestamp.ends_with('Z'), "{start}");
+    assert!(rest.trim_start().starts_with("INFO"), "{start}");
+    // INFO (the default) leaves out DEBUG events such as connections.
+    assert!(!stderr.contains("connection accepted"), "{stderr}");
+    assert!(stderr.contains("stopped"), "{stderr}");
+}
