@@ -171,6 +171,41 @@ impl Model {
                 };
                 out.push(reply(session, request_id, outcome, false));
             }
+            Command::ForceRelease {
+                session,
+                request_id,
+                name,
+                token,
+            } => {
+                let outcome = match self.slot_of(name) {
+                    None => Outcome::NotHeld,
+                    Some(slot) => {
+                        let mut ended: Vec<Hold> = self
+                            .lock(slot)
+                            .holders
+                            .iter()
+                            .filter(|h| token == 0 || h.token == token)
+                            .copied()
+                            .collect();
+                        ended.sort_by_key(|h| h.token);
+                        for hold in &ended {
+                            let slot = self.slot_of(name).expect("held until the last one goes");
+                            self.lock(slot).holders.retain(|h| h.token != hold.token);
+                            self.settle(now_ms, slot, out);
+                            out.push(Effect::LockLost {
+                                session: hold.session,
+                                token: hold.token,
+                                name: name.into(),
+                            });
+                        }
+                        match ended.is_empty() {
+                            true => Outcome::WrongToken,
+                            false => Outcome::Ok,
+                        }
+                    }
+                };
+                out.push(reply(session, request_id, outcome, false));
+            }
             Command::Extend {
                 session,
                 request_id,
@@ -497,6 +532,13 @@ enum Op {
         lease_ms: u32,
         token: u64,
     },
+    /// An operator's forced release: every hold (token 0) or one.
+    ForceRelease {
+        session: SessionId,
+        request_id: RequestId,
+        name: usize,
+        token: u64,
+    },
     /// Cancel the session's `pick`-th queued acquire, or one never queued.
     Cancel {
         session: SessionId,
@@ -570,6 +612,14 @@ fn op() -> impl Strategy<Value = Op> {
             ),
         4 => (session.clone(), request_id.clone(), name.clone(), token.clone()).prop_map(
             |(session, request_id, name, token)| Op::Release {
+                session,
+                request_id,
+                name,
+                token,
+            }
+        ),
+        1 => (session.clone(), request_id.clone(), name.clone(), token.clone()).prop_map(
+            |(session, request_id, name, token)| Op::ForceRelease {
                 session,
                 request_id,
                 name,
@@ -699,6 +749,17 @@ impl Run {
                 name,
                 token,
             } => Command::Release {
+                session,
+                request_id: self.id(session, request_id),
+                name: NAMES[name],
+                token,
+            },
+            Op::ForceRelease {
+                session,
+                request_id,
+                name,
+                token,
+            } => Command::ForceRelease {
                 session,
                 request_id: self.id(session, request_id),
                 name: NAMES[name],

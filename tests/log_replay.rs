@@ -123,9 +123,19 @@ impl Sim {
                 };
                 self.apply(shard, Command::Acquire(acquire));
             }
-            35..=59 => self.apply(
+            35..=56 => self.apply(
                 shard,
                 Command::Release {
+                    session,
+                    request_id,
+                    name,
+                    token: 0,
+                },
+            ),
+            // An operator breaks the lock (logged as its own record).
+            57..=59 => self.apply(
+                shard,
+                Command::ForceRelease {
                     session,
                     request_id,
                     name,

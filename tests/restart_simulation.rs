@@ -499,11 +499,12 @@ impl World {
                     .or_default()
                     .insert(name.to_vec(), (mode, hold.token));
             }
-            for (name, session, request_id, ..) in table.waiters() {
+            for (name, queued) in table.waiters() {
+                let session = queued.session;
                 let owner = live.get(&session).unwrap_or_else(|| {
                     panic!("a wait for {name:?} by session {session:#x}, which is gone")
                 });
-                assert!(owner.pending.contains_key(&request_id));
+                assert!(owner.pending.contains_key(&queued.request_id));
             }
         }
         for (id, session) in live {

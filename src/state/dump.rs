@@ -20,8 +20,9 @@
 //!                        lease_left_ms u64 (version 2; 0 = no lease)
 //!   u32 count, waiters:  (version 2) name bytes, session u64, request_id u32,
 //!                        shared u8 (0|1), lease_ms u32,
-//!                        wait_left_ms u64 (u64::MAX = forever);
-//!                        in queue order per lock
+//!                        wait_left_ms u64 (u64::MAX = forever),
+//!                        since_unix_ms u64 (version 4; earlier: the
+//!                        dump's created_unix_ms); in queue order per lock
 //!   u32 count, signals:  name bytes, signal bytes
 //!   (version 3) log position: u8 0 = none | 1 + index u64, term u64,
 //!                        u32 loops, per loop: stamp_ms u64, batch u64,
@@ -43,8 +44,8 @@
 //!   of the caller), so whatever it writes, `decode` reads back equal;
 //! - `sanitize` drops whatever record breaks these rules (with a count),
 //!   so the server's writer never panics whatever state it is given;
-//! - version 1 files (no leases, no waiters) and version 2 files (no log
-//!   position) are still read;
+//! - version 1 files (no leases, no waiters), version 2 files (no log
+//!   position) and version 3 files (no queueing times) are still read;
 //! - a dump with a log position is a snapshot of `--durability log`: each
 //!   loop's part is its state after its batch `batch` at its own instant
 //!   `stamp_ms` (leases and waits left are counted from there), and the log
@@ -65,7 +66,7 @@ pub const FILE_NAME: &str = "livelock.dump";
 /// First bytes of every dump.
 pub const MAGIC: [u8; 8] = *b"LLDUMP\0\x01";
 /// Format version this build writes and reads.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 /// The oldest format this build still reads.
 pub const VERSION_MIN: u32 = 1;
 /// `DumpWaiter::wait_left_ms` of a wait without deadline.
@@ -92,7 +93,7 @@ const CHECKSUM_LEN: usize = 8;
 /// Smallest encoding of one record of each kind, to bound counts by the bytes left.
 const SESSION_LEN_MIN: usize = 8 + SECRET_LEN + 4 + 1 + 4;
 const HOLD_LEN_MIN: usize = 4 + 1 + 8 + 1 + 8 + 8;
-const WAITER_LEN_MIN: usize = 4 + 1 + 8 + 4 + 1 + 4 + 8;
+const WAITER_LEN_MIN: usize = 4 + 1 + 8 + 4 + 1 + 4 + 8; // + 8 from version 4
 const SIGNAL_LEN_MIN: usize = 4 + 1 + 4;
 
 /// One session, attached or not when the dump was taken; a reloaded session
@@ -135,6 +136,8 @@ pub struct DumpWaiter {
     pub lease_ms: u32,
     /// What was left of the wait; [`WAIT_FOREVER`] for none.
     pub wait_left_ms: u64,
+    /// When it was queued, ms since the Unix epoch.
+    pub since_unix_ms: u64,
 }
 
 /// Everything the server keeps across a restart.
@@ -273,6 +276,7 @@ pub fn encode(dump: &Dump) -> Vec<u8> {
         out.push(u8::from(waiter.shared));
         out.extend_from_slice(&waiter.lease_ms.to_le_bytes());
         out.extend_from_slice(&waiter.wait_left_ms.to_le_bytes());
+        out.extend_from_slice(&waiter.since_unix_ms.to_le_bytes());
     }
     put_count(&mut out, dump.signals.len());
     for (name, signal) in &dump.signals {
@@ -391,6 +395,10 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
             let shared = body.flag()?;
             let lease_ms = body.u32()?;
             let wait_left_ms = body.u64()?;
+            let since_unix_ms = match version >= 4 {
+                true => body.u64()?,
+                false => created_unix_ms,
+            };
             waiters.push(DumpWaiter {
                 name,
                 session,
@@ -398,6 +406,7 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
                 shared,
                 lease_ms,
                 wait_left_ms,
+                since_unix_ms,
             });
         }
     }
@@ -610,7 +619,7 @@ fn encoded_body_len(dump: &Dump) -> usize {
     let waiters: usize = dump
         .waiters
         .iter()
-        .map(|w| 4 + w.name.len() + 8 + 4 + 1 + 4 + 8)
+        .map(|w| 4 + w.name.len() + 8 + 4 + 1 + 4 + 8 + 8)
         .sum();
     let signals: usize = dump
         .signals
@@ -792,6 +801,7 @@ mod tests {
                     shared: false,
                     lease_ms: 0,
                     wait_left_ms: WAIT_FOREVER,
+                    since_unix_ms: 1_699_999_999_500,
                 },
                 DumpWaiter {
                     name: b"jobs/1".to_vec(),
@@ -800,6 +810,7 @@ mod tests {
                     shared: true,
                     lease_ms: 5000,
                     wait_left_ms: 12,
+                    since_unix_ms: u64::MAX,
                 },
             ],
             signals: vec![
@@ -976,6 +987,36 @@ mod tests {
         v1.extend_from_slice(&v2[at..v2.len() - CHECKSUM_LEN - 1]);
         v1.extend_from_slice(&[0; CHECKSUM_LEN]);
         assert_eq!(decode(&reseal(v1)).unwrap(), dump);
+    }
+
+    /// A version 3 file (waiters without their queueing time) is read, each
+    /// waiter queued since the dump was taken.
+    #[test]
+    fn version_3_files_are_read() {
+        let mut dump = sample();
+        let v4 = encode(&dump);
+        let mut v3 = v4[..HEADER_LEN].to_vec();
+        v3[8..12].copy_from_slice(&3u32.to_le_bytes());
+        let mut at = HEADER_LEN
+            + 16
+            + 4
+            + dump.sessions.iter().map(encoded_session_len).sum::<usize>()
+            + 4
+            + dump
+                .holds
+                .iter()
+                .map(|h| 4 + h.name.len() + 8 + 1 + 8 + 8 + 8)
+                .sum::<usize>()
+            + 4;
+        v3.extend_from_slice(&v4[HEADER_LEN..at]);
+        for waiter in &mut dump.waiters {
+            let len = 4 + waiter.name.len() + 8 + 4 + 1 + 4 + 8;
+            v3.extend_from_slice(&v4[at..at + len]);
+            at += len + 8;
+            waiter.since_unix_ms = dump.created_unix_ms;
+        }
+        v3.extend_from_slice(&v4[at..]);
+        assert_eq!(decode(&reseal(v3)).unwrap(), dump);
     }
 
     /// The writer never panics: whatever the server hands it, `sanitize`

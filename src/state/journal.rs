@@ -43,6 +43,7 @@
 //! 9 SessionOpen id u64, secret [16], grace u32, client_name bytes,
 //!               client_id u8 (0 none | 1 + bytes)
 //! 10 SessionEnd id u64
+//! 11 ForceRelease now, session, request, token u64 (0 = every hold), name bytes
 //! ```
 //! Decoding never panics: a record that does not parse, names a loop the
 //! snapshot does not have, or a lock of another shard is an error.
@@ -64,6 +65,7 @@ const SIGNAL: u8 = 7;
 const TICK: u8 = 8;
 const SESSION_OPEN: u8 = 9;
 const SESSION_END: u8 = 10;
+const FORCE_RELEASE: u8 = 11;
 
 /// Bytes of a batch's frame header: loop u16, batch u64, len u32.
 pub const BATCH_HEADER_LEN: usize = 2 + 8 + 4;
@@ -182,8 +184,18 @@ fn encode_command(out: &mut Vec<u8>, now_ms: u64, command: &Command<'_>) {
             request_id,
             name,
             token,
+        }
+        | Command::ForceRelease {
+            session,
+            request_id,
+            name,
+            token,
         } => {
-            head(out, RELEASE, session);
+            let tag = match command {
+                Command::Release { .. } => RELEASE,
+                _ => FORCE_RELEASE,
+            };
+            head(out, tag, session);
             out.extend_from_slice(&request_id.to_le_bytes());
             out.extend_from_slice(&token.to_le_bytes());
             put_bytes(out, name);
@@ -398,7 +410,7 @@ impl Replay {
                     let id = r.u64()?;
                     self.sessions.remove(&id);
                 }
-                ACQUIRE..=SIGNAL => {
+                ACQUIRE..=SIGNAL | FORCE_RELEASE => {
                     let now = r.u64()?;
                     let session = r.u64()?;
                     self.stamp(idx, now)?;
@@ -492,15 +504,23 @@ fn decode_command<'a>(
                 notify_queued: flags & 2 != 0,
             })
         }
-        RELEASE => {
+        RELEASE | FORCE_RELEASE => {
             let request_id = r.u32()?;
             let token = r.u64()?;
             let name = r.name()?;
-            Command::Release {
-                session,
-                request_id,
-                name,
-                token,
+            match tag {
+                RELEASE => Command::Release {
+                    session,
+                    request_id,
+                    name,
+                    token,
+                },
+                _ => Command::ForceRelease {
+                    session,
+                    request_id,
+                    name,
+                    token,
+                },
             }
         }
         EXTEND => {

@@ -96,6 +96,16 @@ pub enum Command<'a> {
         lease_ms: u32,
         token: u64,
     },
+    /// An operator ends other sessions' holds of a lock: every hold
+    /// (`token` 0) or the one with `token`. Each holder is told LockLost;
+    /// the queue moves on as after a release. Answers `Ok`, `NotHeld`
+    /// (nobody holds it) or `WrongToken` (no hold has that token).
+    ForceRelease {
+        session: SessionId,
+        request_id: RequestId,
+        name: &'a [u8],
+        token: u64,
+    },
     /// Withdraw the session's queued acquire `target`.
     Cancel {
         session: SessionId,
@@ -136,6 +146,7 @@ impl<'a> Command<'a> {
         match *self {
             Command::Acquire(a) => Some(a.name),
             Command::Release { name, .. }
+            | Command::ForceRelease { name, .. }
             | Command::Extend { name, .. }
             | Command::Locked { name, .. }
             | Command::Signal { name, .. } => Some(name),
@@ -149,6 +160,7 @@ impl<'a> Command<'a> {
         match *self {
             Command::Acquire(a) => (a.name, b""),
             Command::Release { name, .. }
+            | Command::ForceRelease { name, .. }
             | Command::Extend { name, .. }
             | Command::Locked { name, .. } => (name, b""),
             Command::Signal { name, signal, .. } => (name, signal),
@@ -170,6 +182,17 @@ impl<'a> Command<'a> {
                 token,
                 ..
             } => Command::Release {
+                session,
+                request_id,
+                name,
+                token,
+            },
+            Command::ForceRelease {
+                session,
+                request_id,
+                token,
+                ..
+            } => Command::ForceRelease {
                 session,
                 request_id,
                 name,
@@ -330,6 +353,34 @@ struct Waiter {
     lease_ms: u32,
     /// Key of its entry in `wait_timers`, if it has a deadline.
     timer: Option<WaitKey>,
+    /// When it was queued (server-clock ms, which are Unix ms).
+    since_ms: u64,
+}
+
+/// One queued acquire, as listings and the dump see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Queued {
+    pub session: SessionId,
+    pub request_id: RequestId,
+    pub mode: Mode,
+    pub lease_ms: u32,
+    /// The wait's deadline, if it has one.
+    pub deadline_ms: Option<u64>,
+    /// When it was queued (server-clock ms).
+    pub since_ms: u64,
+}
+
+impl From<&Waiter> for Queued {
+    fn from(w: &Waiter) -> Queued {
+        Queued {
+            session: w.session,
+            request_id: w.request_id,
+            mode: w.mode,
+            lease_ms: w.lease_ms,
+            deadline_ms: w.timer.map(|(deadline, _, _)| deadline),
+            since_ms: w.since_ms,
+        }
+    }
 }
 
 /// Shared holders beyond the first and the queue: boxed, because most locks
@@ -629,6 +680,15 @@ impl LockTable {
                 let outcome = self.release(now_ms, session, name, token, out);
                 out.push(reply(session, request_id, outcome, false));
             }
+            Command::ForceRelease {
+                session,
+                request_id,
+                name,
+                token,
+            } => {
+                let outcome = self.force_release(now_ms, name, token, out);
+                out.push(reply(session, request_id, outcome, false));
+            }
             Command::Extend {
                 session,
                 request_id,
@@ -822,23 +882,40 @@ impl LockTable {
     }
 
     /// Every queued acquire, in queue order per lock, with its lock's name
-    /// (dump): (name, session, request, mode, lease ms, wait deadline).
-    pub fn waiters(
-        &self,
-    ) -> impl Iterator<Item = (&[u8], SessionId, RequestId, Mode, u32, Option<u64>)> {
+    /// (dump).
+    pub fn waiters(&self) -> impl Iterator<Item = (&[u8], Queued)> {
         self.locks.iter().flat_map(|(_, lock)| {
-            lock.waiters().map(move |w| {
-                let deadline = w.timer.map(|(deadline, _, _)| deadline);
-                (
-                    &*lock.name,
-                    w.session,
-                    w.request_id,
-                    w.mode,
-                    w.lease_ms,
-                    deadline,
-                )
-            })
+            lock.waiters()
+                .map(move |w| (&*lock.name, Queued::from(w)))
         })
+    }
+
+    /// The queue of `name`, first in line first (INSPECT).
+    pub fn queue_of(&self, name: &[u8]) -> Vec<Queued> {
+        self.find(name).map_or_else(Vec::new, |idx| {
+            self.locks[idx as usize].waiters().map(Queued::from).collect()
+        })
+    }
+
+    /// Sets when a restored queued acquire was first queued (a dump keeps
+    /// it; requeueing it stamps the restore time). Returns whether it is
+    /// queued here.
+    pub fn restore_waiter_since(
+        &mut self,
+        session: SessionId,
+        request_id: RequestId,
+        since_ms: u64,
+    ) -> bool {
+        let Some(&idx) = self.waits.get(&(session, request_id)) else {
+            return false;
+        };
+        let waiters = &mut self.locks[idx as usize].extra_mut().waiters;
+        let waiter = waiters
+            .iter_mut()
+            .find(|w| w.session == session && w.request_id == request_id)
+            .expect("indexed waits are queued");
+        waiter.since_ms = since_ms;
+        true
     }
 
     /// Every raised signal, with its lock's name (dump).
@@ -940,6 +1017,7 @@ impl LockTable {
                 mode: a.mode,
                 lease_ms: a.lease_ms,
                 timer,
+                since_ms: now_ms,
             });
         self.waits.insert((a.session, a.request_id), idx);
         self.index_session(a.session, idx);
@@ -967,6 +1045,43 @@ impl LockTable {
             true => Outcome::Ok,
             false => Outcome::NotHeld,
         }
+    }
+
+    /// Ends the holds of `name` (all, or the one with `token`), in token
+    /// order, each holder told LockLost; the queue moves on.
+    fn force_release(
+        &mut self,
+        now_ms: u64,
+        name: &[u8],
+        token: u64,
+        out: &mut Vec<Effect>,
+    ) -> Outcome {
+        let Some(idx) = self.find(name) else {
+            return Outcome::NotHeld;
+        };
+        let lock = &self.locks[idx as usize];
+        let mut ended: Vec<Hold> = lock
+            .holders()
+            .filter(|h| token == 0 || h.token == token)
+            .copied()
+            .collect();
+        if ended.is_empty() {
+            return Outcome::WrongToken;
+        }
+        ended.sort_unstable_by_key(|h| h.token);
+        let name: Box<[u8]> = lock.name.clone();
+        for hold in ended {
+            // Found again each time: the last removal may free the slot.
+            let idx = self.find(&name).expect("held until its last hold ends");
+            let removed = self.remove_hold(now_ms, idx, hold.session, out);
+            assert!(removed, "a holder listed a moment ago");
+            out.push(Effect::LockLost {
+                session: hold.session,
+                token: hold.token,
+                name: name.clone(),
+            });
+        }
+        Outcome::Ok
     }
 
     /// Removes the hold of `session` on lock `idx` (if any), then grants

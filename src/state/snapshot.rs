@@ -48,16 +48,15 @@ pub fn export_shard(table: &LockTable, now_ms: u64) -> LoopState {
         .collect();
     let waiters = table
         .waiters()
-        .map(
-            |(name, session, request_id, mode, lease_ms, deadline)| DumpWaiter {
-                name: name.to_vec(),
-                session,
-                request_id,
-                shared: mode == Mode::Shared,
-                lease_ms,
-                wait_left_ms: deadline.map_or(dump::WAIT_FOREVER, left),
-            },
-        )
+        .map(|(name, queued)| DumpWaiter {
+            name: name.to_vec(),
+            session: queued.session,
+            request_id: queued.request_id,
+            shared: queued.mode == Mode::Shared,
+            lease_ms: queued.lease_ms,
+            wait_left_ms: queued.deadline_ms.map_or(dump::WAIT_FOREVER, left),
+            since_unix_ms: queued.since_ms,
+        })
         .collect();
     let signals = table
         .signals()
@@ -203,8 +202,7 @@ pub fn rebuild_shards(state: &Dump, positions: &[dump::LoopPosition], tables: &m
         let at = positions[shard].stamp_ms;
         let table = &mut tables[shard];
         introduce(table, waiter.session, at, &mut sink);
-        let acquire = requeue(waiter, waiter.session, at);
-        table.apply(at, Command::Acquire(acquire), &mut sink);
+        requeue(table, waiter, waiter.session, at, &mut sink);
         sink.clear();
     }
     for (name, signal) in state.signals.iter().filter(|(n, _)| valid_name(n)) {
@@ -371,8 +369,7 @@ pub fn restore(
                 started_us: 0,
             },
         );
-        let acquire = requeue(waiter, id, now_ms);
-        tables[shard].apply(now_ms, Command::Acquire(acquire), &mut sink);
+        requeue(&mut tables[shard], waiter, id, now_ms, &mut sink);
         // Each effect goes to its session's home, which delivers it first;
         // a grant completes a wait, so it is pushed (deferred).
         for mut effect in sink.drain(..) {
@@ -467,10 +464,17 @@ fn deadline_after(at: u64, left: u64) -> u64 {
     }
 }
 
-/// A dumped queued acquire, to put back in its queue at `at` for `session`
-/// (with QUEUED notice: whoever keeps its pending request learns it waits).
-fn requeue(waiter: &DumpWaiter, session: u64, at: u64) -> Acquire<'_> {
-    Acquire {
+/// Puts a dumped queued acquire back in its queue at `at` for `session`
+/// (with QUEUED notice: whoever keeps its pending request learns it
+/// waits), queued since when the dump says (not later than `at`).
+fn requeue(
+    table: &mut LockTable,
+    waiter: &DumpWaiter,
+    session: u64,
+    at: u64,
+    sink: &mut Vec<Effect>,
+) {
+    let acquire = Acquire {
         session,
         request_id: waiter.request_id,
         name: &waiter.name,
@@ -482,5 +486,7 @@ fn requeue(waiter: &DumpWaiter, session: u64, at: u64) -> Acquire<'_> {
         lease_ms: waiter.lease_ms,
         reentrant: false,
         notify_queued: true,
-    }
+    };
+    table.apply(at, Command::Acquire(acquire), sink);
+    table.restore_waiter_since(session, waiter.request_id, waiter.since_unix_ms.min(at));
 }
