@@ -77,6 +77,8 @@ enum livelock_opcode {
     LIVELOCK_OP_INSPECT = 10, /* name */
     LIVELOCK_OP_LIST = 11,   /* limit u32, glob pattern */
     LIVELOCK_OP_STATS = 12,  /* empty */
+    LIVELOCK_OP_FORCE_RELEASE = 13, /* operator: name; with LIVELOCK_FLAG_HOLD_TOKEN: livelock_token + name */
+    LIVELOCK_OP_KILL_SESSION = 14,  /* operator: session id u64 */
     /* Server pushes (never valid from a client). */
     LIVELOCK_OP_LOCK_LOST = 0x40,     /* livelock_token + name */
     LIVELOCK_OP_SHUTDOWN = 0x41,      /* empty */

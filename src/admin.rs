@@ -1,13 +1,15 @@
-//! `livelock list | inspect | signal | stats`: operator commands over the
-//! native protocol, as human tables or `--json` for scripts.
+//! `livelock list | inspect | signal | stats | release --force |
+//! kill-session`: operator commands over the native protocol, as human
+//! tables or `--json` for scripts. Ages are computed from the server's
+//! clock, which every reply carries.
 
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clap::Args;
 
-use livelock::client::{Client, ClientOptions, LockRecord};
-use livelock::protocol::Mode;
+use livelock::client::{Client, ClientOptions, Error, Inspection, LockRecord, ServerStats};
+use livelock::protocol::{Mode, Status};
 
 #[derive(Args)]
 pub struct AdminArgs {
@@ -24,10 +26,26 @@ pub struct AdminArgs {
 
 /// What to do (parsed by main.rs, which owns the clap definitions).
 pub enum AdminCommand {
-    List { pattern: String, limit: u32 },
-    Inspect { name: String },
-    Signal { name: String, signal: String },
+    List {
+        pattern: String,
+        limit: u32,
+    },
+    Inspect {
+        name: String,
+    },
+    Signal {
+        name: String,
+        signal: String,
+    },
     Stats,
+    /// End other sessions' holds of a lock (every hold, or the one with `token`).
+    ForceRelease {
+        name: String,
+        token: Option<u64>,
+    },
+    KillSession {
+        session: u64,
+    },
 }
 
 pub fn server_addr(server: &Option<String>) -> String {
@@ -63,23 +81,30 @@ pub fn run(args: AdminArgs, command: AdminCommand) -> ExitCode {
         }
     };
     let result = match command {
-        AdminCommand::List { pattern, limit } => client.list(&pattern, limit).map(|(records, truncated)| {
+        AdminCommand::List { pattern, limit } => client.list(&pattern, limit).map(|listing| {
             if args.json {
-                let items: Vec<String> = records.iter().map(record_json).collect();
-                println!("{{\"locks\":[{}],\"truncated\":{truncated}}}", items.join(","));
+                let items: Vec<String> = listing.records.iter().map(record_json).collect();
+                println!(
+                    "{{\"locks\":[{}],\"truncated\":{},\"server_unix_ms\":{}}}",
+                    items.join(","),
+                    listing.truncated,
+                    listing.server_unix_ms
+                );
             } else {
-                print_table(&records);
-                if truncated {
-                    println!("(list cut at {} locks)", records.len());
+                print_table(&listing.records, listing.server_unix_ms);
+                if listing.truncated {
+                    println!("(list cut at {} locks)", listing.records.len());
                 }
             }
         }),
-        AdminCommand::Inspect { name } => client.inspect(&name).map(|record| match (record, args.json) {
-            (Some(record), true) => println!("{}", record_json(&record)),
-            (Some(record), false) => print_table(std::slice::from_ref(&record)),
-            (None, true) => println!("null"),
-            (None, false) => println!("{name} is not held"),
-        }),
+        AdminCommand::Inspect { name } => {
+            client.inspect(&name).map(|found| match (found, args.json) {
+                (Some(found), true) => println!("{}", inspection_json(&found)),
+                (Some(found), false) => print_inspection(&found),
+                (None, true) => println!("null"),
+                (None, false) => println!("{name} is not held"),
+            })
+        }
         AdminCommand::Signal { name, signal } => match client.signal(&name, &signal) {
             Ok(()) => {
                 if args.json {
@@ -90,27 +115,62 @@ pub fn run(args: AdminArgs, command: AdminCommand) -> ExitCode {
                 Ok(())
             }
             // A signal goes to a lock's holders: there are none.
-            Err(livelock::client::Error::Status(livelock::protocol::Status::NotHeld, _)) => {
+            Err(Error::Status(Status::NotHeld, _)) => {
                 eprintln!("livelock: {name} is not held by anyone: nobody to signal");
                 let _ = client.bye();
                 return ExitCode::from(1);
             }
             Err(e) => Err(e),
         },
-        AdminCommand::Stats => client.stats().map(|stats| {
-            if args.json {
-                println!(
-                    "{{\"locks\":{},\"waiters\":{},\"sessions_attached\":{},\"sessions_detached\":{},\"connections\":{}}}",
-                    stats.locks, stats.waiters, stats.sessions_attached, stats.sessions_detached, stats.connections
-                );
-            } else {
-                println!("locks held         {}", stats.locks);
-                println!("waiters            {}", stats.waiters);
-                println!("sessions attached  {}", stats.sessions_attached);
-                println!("sessions detached  {}", stats.sessions_detached);
-                println!("connections        {}", stats.connections);
-            }
+        AdminCommand::Stats => client.stats().map(|stats| match args.json {
+            true => println!("{}", stats_json(&stats)),
+            false => print_stats(&stats),
         }),
+        AdminCommand::ForceRelease { name, token } => {
+            match client.force_release(&name, token.unwrap_or(0)) {
+                Ok(()) => {
+                    match (args.json, token) {
+                        (true, _) => println!("{{\"released\":true}}"),
+                        (false, Some(token)) => println!(
+                            "released {name} (token {token}); its holder was told LOCK_LOST"
+                        ),
+                        (false, None) => {
+                            println!("released {name}; its holders were told LOCK_LOST")
+                        }
+                    }
+                    Ok(())
+                }
+                Err(Error::Status(status @ (Status::NotHeld | Status::WrongToken), _)) => {
+                    match status {
+                        Status::NotHeld => {
+                            eprintln!("livelock: {name} is not held by anyone: nothing to release")
+                        }
+                        _ => eprintln!(
+                            "livelock: no hold of {name} has token {}: nothing released",
+                            token.unwrap_or(0)
+                        ),
+                    }
+                    let _ = client.bye();
+                    return ExitCode::from(1);
+                }
+                Err(e) => Err(e),
+            }
+        }
+        AdminCommand::KillSession { session } => match client.kill_session(session) {
+            Ok(()) => {
+                match args.json {
+                    true => println!("{{\"killed\":true}}"),
+                    false => println!("ended session {session}; its locks are released"),
+                }
+                Ok(())
+            }
+            Err(Error::Status(Status::UnknownSession, _)) => {
+                eprintln!("livelock: there is no session {session} (ended already, or never was)");
+                let _ = client.bye();
+                return ExitCode::from(1);
+            }
+            Err(e) => Err(e),
+        },
     };
     let _ = client.bye();
     match result {
@@ -129,11 +189,9 @@ fn mode_name(mode: Mode) -> &'static str {
     }
 }
 
-fn age(since_unix_ms: u64) -> Duration {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    Duration::from_millis(now.saturating_sub(since_unix_ms))
+/// How long ago `since_unix_ms` was, by the server's clock `now_unix_ms`.
+fn age(since_unix_ms: u64, now_unix_ms: u64) -> Duration {
+    Duration::from_millis(now_unix_ms.saturating_sub(since_unix_ms))
 }
 
 /// An age as people read it: `4.2s`, `4m05s`, `3h02m`, `2d03h`.
@@ -147,7 +205,7 @@ fn human_age(age: Duration) -> String {
     }
 }
 
-fn print_table(records: &[LockRecord]) {
+fn print_table(records: &[LockRecord], now_unix_ms: u64) {
     // As wide as the longest name, so the columns stay aligned.
     let width = records
         .iter()
@@ -177,7 +235,7 @@ fn print_table(records: &[LockRecord]) {
                 mode_name(record.mode),
                 waiters,
                 token,
-                human_age(age(*since)),
+                human_age(age(*since, now_unix_ms)),
                 String::from_utf8_lossy(client)
             );
         }
@@ -190,6 +248,78 @@ fn print_table(records: &[LockRecord]) {
             println!("{:<width$} signals: {}", "", signals.join(", "));
         }
     }
+}
+
+/// INSPECT as a table: the holders, then who waits, first in line first.
+fn print_inspection(found: &Inspection) {
+    print_table(std::slice::from_ref(&found.record), found.server_unix_ms);
+    if found.queue.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:>4} {:>20} {:<9} {:>13}  CLIENT",
+        "#", "WAITING SESSION", "MODE", "WAITING FOR"
+    );
+    for (place, waiting) in found.queue.iter().enumerate() {
+        println!(
+            "{:>4} {:>20} {:<9} {:>13}  {}",
+            place + 1,
+            waiting.session,
+            mode_name(waiting.mode),
+            human_age(age(waiting.since_unix_ms, found.server_unix_ms)),
+            String::from_utf8_lossy(&waiting.client_name)
+        );
+    }
+    if found.queue_cut {
+        println!("(queue cut at {} waiters)", found.queue.len());
+    }
+}
+
+fn print_stats(stats: &ServerStats) {
+    let uptime = human_age(Duration::from_millis(stats.uptime_ms));
+    for (label, value) in [
+        ("version", stats.version.clone()),
+        ("uptime", uptime),
+        ("locks held", stats.locks.to_string()),
+        ("waiters", stats.waiters.to_string()),
+        ("sessions attached", stats.sessions_attached.to_string()),
+        ("sessions detached", stats.sessions_detached.to_string()),
+        ("connections", stats.connections.to_string()),
+        ("acquires total", stats.acquisitions_total.to_string()),
+        ("grants total", stats.grants_total.to_string()),
+        ("releases total", stats.releases_total.to_string()),
+        ("timeouts total", stats.timeouts_total.to_string()),
+        ("busy total", stats.busy_total.to_string()),
+        ("locks lost total", stats.locks_lost_total.to_string()),
+        ("connections total", stats.connections_total.to_string()),
+    ] {
+        println!("{label:<19}{value}");
+    }
+}
+
+fn stats_json(stats: &ServerStats) -> String {
+    format!(
+        "{{\"version\":{},\"uptime_ms\":{},\"server_unix_ms\":{},\"locks\":{},\"waiters\":{},\
+         \"sessions_attached\":{},\"sessions_detached\":{},\"connections\":{},\
+         \"acquires_total\":{},\"grants_total\":{},\"releases_total\":{},\"timeouts_total\":{},\
+         \"busy_total\":{},\"locks_lost_total\":{},\"connections_total\":{}}}",
+        json_string(stats.version.as_bytes()),
+        stats.uptime_ms,
+        stats.server_unix_ms,
+        stats.locks,
+        stats.waiters,
+        stats.sessions_attached,
+        stats.sessions_detached,
+        stats.connections,
+        stats.acquisitions_total,
+        stats.grants_total,
+        stats.releases_total,
+        stats.timeouts_total,
+        stats.busy_total,
+        stats.locks_lost_total,
+        stats.connections_total
+    )
 }
 
 fn json_string(bytes: &[u8]) -> String {
@@ -227,6 +357,32 @@ fn record_json(record: &LockRecord) -> String {
         record.waiters,
         holders.join(","),
         signals.join(",")
+    )
+}
+
+/// INSPECT as JSON: the lock record, the server's clock, and `queue`
+/// (session ids as strings, like tokens: they pass 2^53).
+fn inspection_json(found: &Inspection) -> String {
+    let record = record_json(&found.record);
+    let queue: Vec<String> = found
+        .queue
+        .iter()
+        .map(|w| {
+            format!(
+                "{{\"session\":\"{}\",\"mode\":\"{}\",\"since_unix_ms\":{},\"client\":{}}}",
+                w.session,
+                mode_name(w.mode),
+                w.since_unix_ms,
+                json_string(&w.client_name)
+            )
+        })
+        .collect();
+    format!(
+        "{},\"queue\":[{}],\"queue_cut\":{},\"server_unix_ms\":{}}}",
+        record.strip_suffix('}').expect("an object"),
+        queue.join(","),
+        found.queue_cut,
+        found.server_unix_ms
     )
 }
 

@@ -29,11 +29,11 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 
-pub use crate::protocol::LockRecord;
 use crate::protocol::{
     self, flags, opcode, DecodedReply, Mode, Request, SignalKind, Status, HEADER_LEN, SECRET_LEN,
     WAIT_FOREVER,
 };
+pub use crate::protocol::{Inspection, Listing, LockRecord, StatsReply as ServerStats, Waiting};
 
 #[derive(Debug)]
 pub enum Error {
@@ -134,16 +134,6 @@ impl Default for AcquireOptions {
             lease: None,
         }
     }
-}
-
-/// Server-wide counts (STATS).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerStats {
-    pub locks: u64,
-    pub waiters: u64,
-    pub sessions_attached: u64,
-    pub sessions_detached: u64,
-    pub connections: u64,
 }
 
 /// Server-initiated events.
@@ -449,8 +439,9 @@ impl Client {
         Ok(reply.body.first() == Some(&1))
     }
 
-    /// Who holds `name` (None when free).
-    pub fn inspect(&self, name: impl AsRef<[u8]>) -> Result<Option<LockRecord>> {
+    /// Who holds `name` and who waits for it (None when nobody holds it).
+    /// Reads as its `LockRecord`.
+    pub fn inspect(&self, name: impl AsRef<[u8]>) -> Result<Option<Inspection>> {
         let name = name.as_ref();
         match self.call(&Request::Inspect { name }) {
             Ok(reply) => protocol::parse_inspect_body(&reply.body)
@@ -462,27 +453,36 @@ impl Client {
     }
 
     /// Held locks whose name matches the glob `pattern` (`*`, `?`, `[...]`),
-    /// sorted by name, at most `limit`; the flag says the list was cut.
-    pub fn list(&self, pattern: impl AsRef<[u8]>, limit: u32) -> Result<(Vec<LockRecord>, bool)> {
+    /// sorted by name, at most `limit`, with the server's clock.
+    pub fn list(&self, pattern: impl AsRef<[u8]>, limit: u32) -> Result<Listing> {
         let pattern = pattern.as_ref();
         let reply = self.call(&Request::List { pattern, limit })?;
         protocol::parse_list_body(&reply.body)
             .ok_or_else(|| Error::Protocol("bad LIST reply".into()))
     }
 
-    /// Server-wide counts.
+    /// Server-wide counts, totals, uptime and version.
     pub fn stats(&self) -> Result<ServerStats> {
         let reply = self.call(&Request::Stats)?;
-        let [locks, waiters, sessions_attached, sessions_detached, connections] =
-            protocol::parse_stats_body(&reply.body)
-                .ok_or_else(|| Error::Protocol("bad STATS reply".into()))?;
-        Ok(ServerStats {
-            locks,
-            waiters,
-            sessions_attached,
-            sessions_detached,
-            connections,
-        })
+        protocol::parse_stats_body(&reply.body)
+            .ok_or_else(|| Error::Protocol("bad STATS reply".into()))
+    }
+
+    /// Operator: ends other sessions' holds of `name` — every hold (`token`
+    /// 0) or the one with `token`; each holder is told LOCK_LOST.
+    /// `Status::NotHeld` if nobody holds it, `WrongToken` if no hold has
+    /// that token.
+    pub fn force_release(&self, name: impl AsRef<[u8]>, token: u64) -> Result<()> {
+        let name = name.as_ref();
+        self.call(&Request::ForceRelease { name, token })
+            .map(|_| ())
+    }
+
+    /// Operator: ends session `session_id` (its holds are released, its
+    /// queued acquires dropped, its connection closed after one LOCK_LOST
+    /// per hold). `Status::UnknownSession` if there is no such session.
+    pub fn kill_session(&self, session_id: u64) -> Result<()> {
+        self.call(&Request::KillSession { session_id }).map(|_| ())
     }
 
     /// Ends the session at once (every hold released) and closes.

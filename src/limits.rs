@@ -99,6 +99,19 @@ const _: () = assert!(
         + NAME_LEN_MAX
         < REPLY_BODY_MAX
 );
+/// Queued acquires listed by one INSPECT, first in line first; a longer
+/// queue is cut (flagged): 1,000 × (20 + client name) bytes, which fit a
+/// reply beside the largest lock record.
+pub const WAITERS_PER_INSPECT_MAX: usize = 1000;
+const _: () = assert!(
+    HOLDERS_PER_RECORD_MAX * (26 + CLIENT_NAME_LEN_MAX)
+        + SIGNALS_PER_LOCK_MAX * (2 + SIGNAL_LEN_MAX)
+        + 12
+        + NAME_LEN_MAX
+        + 16
+        + WAITERS_PER_INSPECT_MAX * (20 + CLIENT_NAME_LEN_MAX)
+        < REPLY_BODY_MAX
+);
 /// INSPECT/LIST/STATS of one session being answered at once (each LIST
 /// reply may be up to REPLY_BODY_MAX): beyond it, `TooManyInFlight`.
 pub const QUERIES_IN_FLIGHT_MAX: usize = 4;

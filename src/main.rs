@@ -40,7 +40,7 @@ enum Commands {
     Run(run::RunArgs),
     /// Hold a lock until interrupted, printing its fencing token (like `etcdctl lock NAME`).
     Hold(run::HoldArgs),
-    /// Operator commands: list, inspect, signal, stats.
+    /// Operator commands: list, inspect, signal, stats, release --force, kill-session.
     #[command(flatten)]
     Admin(AdminCommandWithArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g. `livelock completions bash > /etc/bash_completion.d/livelock`.
@@ -65,7 +65,7 @@ enum AdminCommandWithArgs {
         #[arg(long, default_value_t = 1000)]
         limit: u32,
     },
-    /// Show who holds a lock and how many wait.
+    /// Show who holds a lock and who waits for it, first in line first.
     Inspect {
         #[command(flatten)]
         args: admin::AdminArgs,
@@ -78,10 +78,28 @@ enum AdminCommandWithArgs {
         name: String,
         signal: String,
     },
-    /// Server-wide counts.
+    /// Server version, uptime, counts and totals.
     Stats {
         #[command(flatten)]
         args: admin::AdminArgs,
+    },
+    /// Break a stuck lock: end its holds (needs --force); each holder is told LOCK_LOST and the next waiter is granted.
+    Release {
+        #[command(flatten)]
+        args: admin::AdminArgs,
+        name: String,
+        /// Required: ending another session's hold is an operator's act (it is logged).
+        #[arg(long)]
+        force: bool,
+        /// Only the hold with this fencing token (as `inspect` shows it).
+        #[arg(long)]
+        token: Option<u64>,
+    },
+    /// End a session (as `inspect`/`list` show it): its locks are released, its waits dropped, its client told LOCK_LOST and disconnected.
+    KillSession {
+        #[command(flatten)]
+        args: admin::AdminArgs,
+        session: u64,
     },
 }
 
@@ -208,6 +226,21 @@ fn main() -> ExitCode {
                     (args, admin::AdminCommand::Signal { name, signal })
                 }
                 AdminCommandWithArgs::Stats { args } => (args, admin::AdminCommand::Stats),
+                AdminCommandWithArgs::Release {
+                    force: false, name, ..
+                } => {
+                    eprintln!(
+                        "livelock: a lock is released by its holder; to end another session's \
+                         hold of {name:?} as an operator, add --force"
+                    );
+                    return ExitCode::from(2);
+                }
+                AdminCommandWithArgs::Release {
+                    args, name, token, ..
+                } => (args, admin::AdminCommand::ForceRelease { name, token }),
+                AdminCommandWithArgs::KillSession { args, session } => {
+                    (args, admin::AdminCommand::KillSession { session })
+                }
             };
             admin::run(args, command)
         }

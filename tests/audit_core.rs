@@ -22,6 +22,7 @@ fn decode_reply_accepts_a_list_reply_larger_than_frame_body_max() {
     let records = 5u32;
     out.extend_from_slice(&records.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&1_700_000_000_000u64.to_le_bytes()); // server_unix_ms
     for i in 0..records {
         let name = vec![b'a' + i as u8; 1000];
         let holder = HolderRecord {
@@ -37,7 +38,11 @@ fn decode_reply_accepts_a_list_reply_larger_than_frame_body_max() {
     match protocol::decode_reply(&out) {
         Ok(DecodedReply::Frame { consumed, reply }) => {
             assert_eq!(consumed, out.len());
-            let (list, truncated) = protocol::parse_list_body(reply.body).expect("list body");
+            let protocol::Listing {
+                records: list,
+                truncated,
+                ..
+            } = protocol::parse_list_body(reply.body).expect("list body");
             assert_eq!(list.len(), 5);
             assert!(!truncated);
         }
@@ -56,7 +61,11 @@ fn client_lists_locks_whose_records_exceed_4096_bytes() {
         guards.push(holder.acquire(&name).expect("acquire"));
     }
     let lister = server.client();
-    let (list, truncated) = lister.list(b"*", 100).expect("LIST of five long names");
+    let livelock::client::Listing {
+        records: list,
+        truncated,
+        ..
+    } = lister.list(b"*", 100).expect("LIST of five long names");
     assert_eq!(list.len(), 5);
     assert!(!truncated);
 }

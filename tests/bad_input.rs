@@ -983,7 +983,9 @@ fn inspect_list_and_signal_bounds() {
         },
     );
     assert_eq!(reply.status, Status::Ok, "{reply:?}");
-    let (records, truncated) = protocol::parse_list_body(&reply.body).expect("a LIST body");
+    let protocol::Listing {
+        records, truncated, ..
+    } = protocol::parse_list_body(&reply.body).expect("a LIST body");
     assert_eq!((records.len(), truncated), (1, false));
     fx.assert_unharmed();
 }

@@ -128,6 +128,8 @@ fn expectations() -> Vec<(String, u64)> {
         ("INSPECT", opcode::INSPECT),
         ("LIST", opcode::LIST),
         ("STATS", opcode::STATS),
+        ("FORCE_RELEASE", opcode::FORCE_RELEASE),
+        ("KILL_SESSION", opcode::KILL_SESSION),
         ("LOCK_LOST", opcode::LOCK_LOST),
         ("SHUTDOWN", opcode::SHUTDOWN),
         ("SESSION_TAKEN", opcode::SESSION_TAKEN),

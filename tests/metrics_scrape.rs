@@ -91,6 +91,10 @@ fn every_operation_is_counted() {
     client.list("*", 10).unwrap();
     client.stats().unwrap();
     drop(guard);
+    let victim = server.client();
+    victim.acquire("broken").unwrap().forget();
+    client.force_release("broken", 0).unwrap();
+    client.kill_session(victim.session_id()).unwrap();
     other.bye().unwrap();
     let count = |text: &str, op: &str| {
         sample(
@@ -104,7 +108,15 @@ fn every_operation_is_counted() {
         count(&text, "bye") >= 1.0
     });
     for op in [
-        "hello", "acquire", "release", "ping", "inspect", "list", "stats",
+        "hello",
+        "acquire",
+        "release",
+        "ping",
+        "inspect",
+        "list",
+        "stats",
+        "force_release",
+        "kill_session",
     ] {
         assert!(count(&text, op) >= 1.0, "op={op} not counted:\n{text}");
     }

@@ -4,8 +4,8 @@
 //! the lock and kill the command; every stop ends the command's whole process
 //! tree; a partition, through a blackholing proxy, ends the command before
 //! the server can free the lock; signals ignored at start stay ignored), the
-//! operator commands `list`, `inspect`,
-//! `signal`, `stats` (tables and `--json`), `--help`, and the server's refusals
+//! operator commands `list`, `inspect` (with the queue), `signal`, `stats`,
+//! `release --force`, `kill-session` (tables and `--json`), `--help`, and the server's refusals
 //! at start (0.0.0.0 without a password, a bad boolean variable).
 
 mod common;
@@ -19,7 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    bounded, livelock_bin, process_gone, wait_until, ChildGuard, ScratchDir, TestServer, WAIT_MAX,
+    bounded, graceful, livelock_bin, process_gone, wait_until, ChildGuard, ScratchDir, TestServer,
+    WAIT_MAX,
 };
 use livelock::client::{AcquireOptions, Client, ClientOptions, Event};
 use livelock::protocol::Mode;
@@ -1461,4 +1462,198 @@ fn list_refuses_a_broken_glob() {
         assert!(stderr.contains("invalid glob"), "{pattern}: {stderr}");
     }
     admin_ok(&server, &dir, "list", &["list", "[[]x*"]);
+}
+
+/// `inspect` lists who waits (session, client, mode, how long, first in
+/// line first); `list`/`inspect` ages come from the server's clock, which
+/// the JSON carries; `stats` shows version, uptime and totals (issue 11,
+/// item 6).
+#[test]
+fn inspect_lists_the_waiters_and_stats_the_totals() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("inspect-waiters");
+    let holder = server.client();
+    let guard = holder.acquire("queue").unwrap();
+    let named = |name: &str| {
+        server.client_with(&ClientOptions {
+            client_name: name.into(),
+            ..ClientOptions::default()
+        })
+    };
+    let first = named("first-in-line");
+    let second = named("second-in-line");
+    let mut first_wait = first
+        .start_acquire("queue", AcquireOptions::default(), true)
+        .unwrap();
+    assert!(first_wait.wait_queued(WAIT_MAX).unwrap());
+    let shared = AcquireOptions {
+        mode: Mode::Shared,
+        ..AcquireOptions::default()
+    };
+    let mut second_wait = second.start_acquire("queue", shared, true).unwrap();
+    assert!(second_wait.wait_queued(WAIT_MAX).unwrap());
+
+    let json = Json::parse(&admin_ok(
+        &server,
+        &dir,
+        "inspect",
+        &["inspect", "--json", "queue"],
+    ));
+    let queue = json.get("queue").array();
+    assert_eq!(queue.len(), 2, "{json:?}");
+    assert_eq!(queue[0].get("client").str(), "first-in-line");
+    assert_eq!(queue[0].get("mode").str(), "exclusive");
+    assert_eq!(
+        queue[0].get("session").str().parse::<u64>().unwrap(),
+        first.session_id()
+    );
+    assert_eq!(queue[1].get("client").str(), "second-in-line");
+    assert_eq!(queue[1].get("mode").str(), "shared");
+    let server_now = json.get("server_unix_ms").u64();
+    let since = queue[0].get("since_unix_ms").u64();
+    assert!(since > 0 && since <= server_now, "{json:?}");
+    assert_eq!(json.get("queue_cut"), &Json::Bool(false));
+
+    let table = admin_ok(&server, &dir, "inspect-table", &["inspect", "queue"]);
+    let lines: Vec<&str> = table.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.contains("WAITING SESSION"))
+        .unwrap_or_else(|| panic!("no waiters table:\n{table}"));
+    assert!(lines[at + 1].contains("first-in-line"), "{table}");
+    assert!(lines[at + 1].trim_start().starts_with('1'), "{table}");
+    assert!(lines[at + 2].contains("second-in-line"), "{table}");
+
+    let listed = Json::parse(&admin_ok(&server, &dir, "list", &["list", "--json"]));
+    assert!(listed.get("server_unix_ms").u64() >= server_now);
+
+    let stats = Json::parse(&admin_ok(&server, &dir, "stats", &["stats", "--json"]));
+    assert_eq!(stats.get("version").str(), env!("CARGO_PKG_VERSION"));
+    assert!(stats.get("uptime_ms").u64() > 0);
+    assert!(stats.get("acquires_total").u64() >= 3, "{stats:?}");
+    assert!(stats.get("grants_total").u64() >= 1);
+    assert!(stats.get("connections_total").u64() >= 4);
+    let table = admin_ok(&server, &dir, "stats-table", &["stats"]);
+    for needle in [
+        "version",
+        "uptime",
+        "grants total",
+        env!("CARGO_PKG_VERSION"),
+    ] {
+        assert!(table.contains(needle), "{needle} in\n{table}");
+    }
+    drop(guard);
+    let granted = bounded("the first waiter's grant", move || {
+        first_wait.wait().map(|guard| guard.token())
+    });
+    assert!(granted.is_ok(), "first in line, first granted");
+}
+
+/// `release --force NAME` breaks a stuck lock: the holder is told
+/// LOCK_LOST, the next waiter is granted, the act is logged; without
+/// `--force` it is refused, a wrong token releases nothing (issue 11,
+/// item 6).
+#[test]
+fn release_force_breaks_a_stuck_lock() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("release-force");
+    let stuck = server.client();
+    let guard = stuck.acquire("stuck").unwrap();
+    let token = guard.token();
+    guard.forget();
+    let waiter = server.client();
+    let mut pending = waiter
+        .start_acquire("stuck", AcquireOptions::default(), true)
+        .unwrap();
+    assert!(pending.wait_queued(WAIT_MAX).unwrap());
+
+    let (code, _, stderr) = admin(&server, &dir, "no-force", &["release", "stuck"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--force"), "{stderr}");
+    let wrong = (token + 1).to_string();
+    let (code, _, stderr) = admin(
+        &server,
+        &dir,
+        "wrong-token",
+        &["release", "--force", "--token", &wrong, "stuck"],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no hold of stuck has token"), "{stderr}");
+    assert!(server.client().inspect("stuck").unwrap().is_some());
+
+    let out = admin_ok(
+        &server,
+        &dir,
+        "force",
+        &["release", "--force", "--token", &token.to_string(), "stuck"],
+    );
+    assert!(out.contains("released stuck"), "{out}");
+    match stuck.events().recv_timeout(WAIT_MAX) {
+        Ok(Event::LockLost { name, token: lost }) => {
+            assert_eq!((name.as_slice(), lost), (&b"stuck"[..], token));
+        }
+        other => panic!("no LockLost: {other:?}"),
+    }
+    let granted = bounded("the waiter's grant", move || {
+        pending.wait().map(|guard| guard.token())
+    });
+    assert!(granted.unwrap() > token, "fencing tokens go up");
+    let (code, _, stderr) = admin(&server, &dir, "free", &["release", "--force", "free"]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("not held by anyone"), "{stderr}");
+}
+
+/// `kill-session ID` ends a session: its holds go (the next waiter is
+/// granted), its client is told LOCK_LOST and disconnected, and the
+/// session cannot be resumed (issue 11, item 6).
+#[test]
+fn kill_session_ends_a_session_and_frees_its_locks() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("kill-session");
+    let victim = server.client_with(&graceful());
+    let guard = victim.acquire("held-by-victim").unwrap();
+    let token = guard.token();
+    guard.forget();
+    let waiter = server.client();
+    let mut pending = waiter
+        .start_acquire("held-by-victim", AcquireOptions::default(), true)
+        .unwrap();
+    assert!(pending.wait_queued(WAIT_MAX).unwrap());
+
+    let id = victim.session_id().to_string();
+    let out = admin_ok(&server, &dir, "kill", &["kill-session", &id]);
+    assert!(out.contains(&format!("ended session {id}")), "{out}");
+    let mut events = Vec::new();
+    while let Ok(event) = victim.events().recv_timeout(WAIT_MAX) {
+        let end = event == Event::Disconnected;
+        events.push(event);
+        if end {
+            break;
+        }
+    }
+    assert_eq!(
+        events,
+        vec![
+            Event::LockLost {
+                name: b"held-by-victim".to_vec(),
+                token
+            },
+            Event::Disconnected
+        ]
+    );
+    let granted = bounded("the waiter's grant", move || {
+        pending.wait().map(|guard| guard.token())
+    });
+    assert!(granted.unwrap() > token);
+    // The session is gone for good, grace or not.
+    assert!(Client::resume(
+        server.addr,
+        victim.session_id(),
+        victim.secret(),
+        &graceful()
+    )
+    .is_err());
+    let (code, _, stderr) = admin(&server, &dir, "again", &["kill-session", &id]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains(&format!("no session {id}")), "{stderr}");
 }

@@ -103,7 +103,9 @@ fn a_bystander_is_served_while_a_slow_list_scans() {
     }
     let (reply, list_elapsed) = waiter.join().unwrap();
     assert_eq!((reply.opcode, reply.status), (opcode::LIST, Status::Ok));
-    let (records, truncated) = protocol::parse_list_body(&reply.body).expect("LIST body");
+    let protocol::Listing {
+        records, truncated, ..
+    } = protocol::parse_list_body(&reply.body).expect("LIST body");
     assert!(
         records.is_empty() && !truncated,
         "the pattern matches nothing"
@@ -181,7 +183,9 @@ fn four_large_lists_at_once_do_not_disconnect_the_asker() {
             reply.body.len() > LIST_REPLY_BYTES_MAX - 2000,
             "a large reply"
         );
-        let (records, truncated) = protocol::parse_list_body(&reply.body).expect("LIST body");
+        let protocol::Listing {
+            records, truncated, ..
+        } = protocol::parse_list_body(&reply.body).expect("LIST body");
         assert!(truncated, "1,100 records do not fit 1 MiB");
         assert_eq!(records[0].name, names[0]);
     }

@@ -90,6 +90,11 @@ impl Clock {
         self.now().0
     }
 
+    /// Milliseconds since the clock started (the process's uptime).
+    pub fn uptime_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
     /// (now in ms, as `now_ms`; µs since start) from one clock reading.
     pub fn now(&self) -> (u64, u64) {
         let elapsed = self.start.elapsed();
@@ -218,11 +223,16 @@ pub enum Query {
         pattern: Box<[u8]>,
         limit: usize,
     },
-    /// Native INSPECT: one lock's record (asked of its shard only).
+    /// Native INSPECT: one lock's record and queue (asked of its shard only).
     Inspect {
         name: Box<[u8]>,
     },
     Stats,
+    /// Operator KILL_SESSION: end the session (asked of its home only).
+    /// The one query that changes the state: the home logs the end.
+    Kill {
+        session: SessionId,
+    },
 }
 
 /// One shard's answer to a `Query`.
@@ -234,6 +244,9 @@ pub enum QueryPart {
     /// names, and whether the shard had more matches than the limit.
     Records(Vec<(Box<[u8]>, Vec<u8>)>, bool),
     Stats(ShardStats),
+    /// What the home did with a `Kill`: `Ok`, `UnknownSession`, or
+    /// `ShuttingDown` (frozen: nothing changes any more).
+    Killed(Status),
 }
 
 /// Counts of one loop (summed over loops for STATS).
@@ -317,6 +330,8 @@ struct Gather {
     /// Some matches were left out (LIST limit).
     truncated: bool,
     stats: ShardStats,
+    /// The home's answer to a `Kill`.
+    killed: Status,
 }
 
 /// A FIND or LIST this loop's shard is answering, a slice per turn
@@ -1537,6 +1552,7 @@ impl EventLoop {
                 records: Vec::new(),
                 truncated: false,
                 stats: ShardStats::default(),
+                killed: Status::UnknownSession,
             },
         );
         for &peer in &targets {
@@ -1564,6 +1580,14 @@ impl EventLoop {
             Query::Inspect { .. } | Query::Stats => {
                 let part = self.answer_query(&query);
                 self.send_part(origin, query_id, part);
+                return;
+            }
+            Query::Kill { session } => {
+                let status = match self.frozen {
+                    true => Status::ShuttingDown,
+                    false => self.kill_session(session),
+                };
+                self.send_part(origin, query_id, QueryPart::Killed(status));
                 return;
             }
         };
@@ -1656,11 +1680,14 @@ impl EventLoop {
             }
             Query::Inspect { name } => {
                 let info = self.table.inspect(name);
-                QueryPart::Records(
-                    info.into_iter().map(|info| self.record(info)).collect(),
-                    false,
-                )
+                let records = info.into_iter().map(|info| {
+                    let (name, mut bytes) = self.record(info);
+                    self.put_queue(&mut bytes, &name);
+                    (name, bytes)
+                });
+                QueryPart::Records(records.collect(), false)
             }
+            Query::Kill { .. } => unreachable!("a kill changes the state (take_query)"),
             Query::Stats => {
                 let (attached, detached) = self.sessions.counts();
                 QueryPart::Stats(ShardStats {
@@ -1671,6 +1698,53 @@ impl EventLoop {
                 })
             }
         }
+    }
+
+    /// What follows the lock record in an INSPECT reply: this loop's clock
+    /// and the lock's queue, with the waiters' client names.
+    fn put_queue(&self, out: &mut Vec<u8>, name: &[u8]) {
+        let queue = self.table.queue_of(name);
+        let cut = queue.len() > crate::limits::WAITERS_PER_INSPECT_MAX;
+        let listed: Vec<protocol::QueuedRecord<'_>> = queue
+            .iter()
+            .take(crate::limits::WAITERS_PER_INSPECT_MAX)
+            .map(|w| protocol::QueuedRecord {
+                session: w.session,
+                since_unix_ms: w.since_ms,
+                mode: w.mode,
+                client_name: self.table.client_name(w.session).unwrap_or(b""),
+            })
+            .collect();
+        protocol::put_queue(out, self.now_ms, &listed, cut);
+    }
+
+    /// Operator KILL_SESSION, at the session's home: the session ends as
+    /// if its grace ran out (logged; its holds and waits go), its holder
+    /// is told LOCK_LOST per hold and its connection closes.
+    fn kill_session(&mut self, id: SessionId) -> Status {
+        let Some(session) = self.sessions.remove(id) else {
+            return Status::UnknownSession;
+        };
+        tracing::warn!(
+            session = id,
+            client = %String::from_utf8_lossy(&session.client_name),
+            holds = session.holds.len(),
+            "session ended by an operator (kill-session)"
+        );
+        if let Some(token) = session.conn {
+            if session.client_id.is_none() {
+                let mut holds: Vec<_> = session.holds.iter().collect();
+                holds.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                let out = self.wbuf(token);
+                for (name, held) in holds {
+                    protocol::encode_lock_lost(out, held.token, name);
+                }
+            }
+            self.conns[token.0].session = None;
+            self.start_closing(token);
+        }
+        self.end_session(session);
+        Status::Ok
     }
 
     /// A lock's wire record, with its holders' client names from this shard.
@@ -1703,6 +1777,7 @@ impl EventLoop {
                 gather.records.extend(records);
                 gather.truncated |= cut;
             }
+            QueryPart::Killed(status) => gather.killed = status,
             QueryPart::Stats(stats) => {
                 gather.stats.locks += stats.locks;
                 gather.stats.waiters += stats.waiters;
@@ -1726,7 +1801,7 @@ impl EventLoop {
                 gather.truncated |= gather.records.len() > *limit;
                 gather.records.truncate(*limit);
             }
-            Query::Inspect { .. } | Query::Stats => {}
+            Query::Inspect { .. } | Query::Stats | Query::Kill { .. } => {}
         }
         let Some(token) = self.live(gather.conn) else {
             return;
@@ -1797,6 +1872,8 @@ fn native_op(code: u8) -> crate::metrics::Op {
         opcode::LIST => Op::List,
         opcode::INSPECT => Op::Inspect,
         opcode::STATS => Op::Stats,
+        opcode::FORCE_RELEASE => Op::ForceRelease,
+        opcode::KILL_SESSION => Op::KillSession,
         _ => Op::Ping,
     }
 }

@@ -76,12 +76,14 @@ pub enum Op {
     List,
     Inspect,
     Stats,
+    ForceRelease,
+    KillSession,
     /// Any LiveLock-protocol command.
     Resp,
 }
 
 impl Op {
-    pub const COUNT: usize = 13;
+    pub const COUNT: usize = 15;
     /// Every op, in the order of its index.
     pub const ALL: [Op; Op::COUNT] = [
         Op::Hello,
@@ -96,6 +98,8 @@ impl Op {
         Op::List,
         Op::Inspect,
         Op::Stats,
+        Op::ForceRelease,
+        Op::KillSession,
         Op::Resp,
     ];
 
@@ -114,6 +118,8 @@ impl Op {
             Op::List => "list",
             Op::Inspect => "inspect",
             Op::Stats => "stats",
+            Op::ForceRelease => "force_release",
+            Op::KillSession => "kill_session",
             Op::Resp => "resp",
         }
     }
@@ -167,6 +173,18 @@ fn add(counter: &AtomicU64, n: u64) {
 
 /// `oldest_hold_ms` when the shard holds nothing.
 const NO_HOLD: u64 = u64::MAX;
+
+/// Counters since the process started, summed over the loops (STATS).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    pub acquisitions: u64,
+    pub grants: u64,
+    pub releases: u64,
+    pub timeouts: u64,
+    pub busy: u64,
+    pub locks_lost: u64,
+    pub connections_accepted: u64,
+}
 
 /// One event loop's metrics, written by that loop only. Aligned so that two
 /// loops' metrics never share a cache line.
@@ -256,13 +274,14 @@ impl LoopMetrics {
         add(&self.releases, 1);
     }
 
-    /// A hold ended without its holder's release (lease expired, session ended).
     /// A signal push dropped: its connection was not reading (or, while
     /// detached, too much was parked). The signal itself stays queryable.
     pub fn inc_pushes_dropped(&self) {
         add(&self.pushes_dropped, 1);
     }
 
+    /// A hold ended without its holder's release (lease expired, an
+    /// operator's forced release).
     pub fn inc_lock_lost(&self) {
         add(&self.locks_lost, 1);
     }
@@ -274,6 +293,17 @@ impl LoopMetrics {
 
     pub fn inc_connections_accepted(&self) {
         add(&self.connections_accepted, 1);
+    }
+
+    /// Adds this loop's counters to `totals` (STATS sums every loop's).
+    pub fn add_totals(&self, totals: &mut Totals) {
+        totals.acquisitions += self.acquisitions.load(Relaxed);
+        totals.grants += self.grants.load(Relaxed);
+        totals.releases += self.releases.load(Relaxed);
+        totals.timeouts += self.timeouts.load(Relaxed);
+        totals.busy += self.busy.load(Relaxed);
+        totals.locks_lost += self.locks_lost.load(Relaxed);
+        totals.connections_accepted += self.connections_accepted.load(Relaxed);
     }
 
     /// Holds in this loop's shard (gauge, set by the owner loop).

@@ -884,16 +884,18 @@ impl LockTable {
     /// Every queued acquire, in queue order per lock, with its lock's name
     /// (dump).
     pub fn waiters(&self) -> impl Iterator<Item = (&[u8], Queued)> {
-        self.locks.iter().flat_map(|(_, lock)| {
-            lock.waiters()
-                .map(move |w| (&*lock.name, Queued::from(w)))
-        })
+        self.locks
+            .iter()
+            .flat_map(|(_, lock)| lock.waiters().map(move |w| (&*lock.name, Queued::from(w))))
     }
 
     /// The queue of `name`, first in line first (INSPECT).
     pub fn queue_of(&self, name: &[u8]) -> Vec<Queued> {
         self.find(name).map_or_else(Vec::new, |idx| {
-            self.locks[idx as usize].waiters().map(Queued::from).collect()
+            self.locks[idx as usize]
+                .waiters()
+                .map(Queued::from)
+                .collect()
         })
     }
 

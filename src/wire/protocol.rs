@@ -80,14 +80,22 @@ pub mod opcode {
     /// push to holders, 1 exists, 2 clear), reserved u8, name_len u16, then
     /// the name and the signal. Reply body: one byte, 1 or 0.
     pub const SIGNAL: u8 = 9;
-    /// Who holds a lock: body = name. Reply body: one lock record.
+    /// Who holds a lock and who waits: body = name. Reply body: one lock
+    /// record, server_unix_ms u64, then the queue (see `put_queue`).
     pub const INSPECT: u8 = 10;
     /// Locks matching a glob: limit u32, then the pattern (empty = all).
-    /// Reply body: count u32, flags u32 (bit 0: truncated), then records.
+    /// Reply body: count u32, flags u32 (bit 0: truncated), server_unix_ms
+    /// u64, then records.
     pub const LIST: u8 = 11;
-    /// Server counts: empty body. Reply body: 5 × u64 (locks, waiters,
-    /// attached sessions, detached sessions, connections).
+    /// Server counts: empty body. Reply body: see [`super::StatsReply`].
     pub const STATS: u8 = 12;
+    /// Operator: end other sessions' holds of a lock (they get LOCK_LOST):
+    /// body = name; with [`flags::HOLD_TOKEN`], the token of the one hold
+    /// meant first.
+    pub const FORCE_RELEASE: u8 = 13;
+    /// Operator: end a session (its holds go, its connection closes after
+    /// one LOCK_LOST per hold): body = session id u64.
+    pub const KILL_SESSION: u8 = 14;
     /// Push: a held lock was taken away (lease expired); body token + name.
     pub const LOCK_LOST: u8 = 0x40;
     /// Push: the server is shutting down; empty body.
@@ -475,6 +483,14 @@ pub enum Request<'a> {
         limit: u32,
     },
     Stats,
+    /// `token` 0: every hold of the lock.
+    ForceRelease {
+        name: &'a [u8],
+        token: u64,
+    },
+    KillSession {
+        session_id: u64,
+    },
 }
 
 /// What a SIGNAL request does.
@@ -496,7 +512,9 @@ impl Request<'_> {
             Request::Acquire { .. }
             | Request::Release { .. }
             | Request::Extend { .. }
-            | Request::Cancel { .. } => true,
+            | Request::Cancel { .. }
+            | Request::ForceRelease { .. }
+            | Request::KillSession { .. } => true,
             Request::Signal { op, .. } => *op != SignalKind::Exists,
             _ => false,
         }
@@ -517,6 +535,8 @@ impl Request<'_> {
             Request::Inspect { .. } => opcode::INSPECT,
             Request::List { .. } => opcode::LIST,
             Request::Stats => opcode::STATS,
+            Request::ForceRelease { .. } => opcode::FORCE_RELEASE,
+            Request::KillSession { .. } => opcode::KILL_SESSION,
         }
     }
 }
@@ -600,7 +620,12 @@ pub fn decode_request(buf: &[u8]) -> Result<Decoded<'_>, Fatal> {
     } else {
         match header.flags.get() {
             0 => decode_body(header.opcode, body, false),
-            flags::HOLD_TOKEN if matches!(header.opcode, opcode::RELEASE | opcode::EXTEND) => {
+            flags::HOLD_TOKEN
+                if matches!(
+                    header.opcode,
+                    opcode::RELEASE | opcode::EXTEND | opcode::FORCE_RELEASE
+                ) =>
+            {
                 decode_body(header.opcode, body, true)
             }
             _ => Err(Status::BadBody),
@@ -697,6 +722,19 @@ fn decode_body(op: u8, body: &[u8], with_token: bool) -> Result<Request<'_>, Sta
             Ok(Request::Release {
                 name: check_name(name)?,
                 token,
+            })
+        }
+        opcode::FORCE_RELEASE => {
+            let (token, name) = split_token(body, with_token)?;
+            Ok(Request::ForceRelease {
+                name: check_name(name)?,
+                token,
+            })
+        }
+        opcode::KILL_SESSION => {
+            let id: [u8; 8] = body.try_into().map_err(|_| Status::BadBody)?;
+            Ok(Request::KillSession {
+                session_id: u64::from_le_bytes(id),
             })
         }
         opcode::EXTEND => {
@@ -1047,7 +1085,11 @@ fn len_u16(len: usize) -> U16 {
 /// BadName/BadBody); lengths that do not fit their wire field panic.
 pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
     let request_flags = match *req {
-        Request::Release { token, .. } | Request::Extend { token, .. } if token != 0 => {
+        Request::Release { token, .. }
+        | Request::Extend { token, .. }
+        | Request::ForceRelease { token, .. }
+            if token != 0 =>
+        {
             flags::HOLD_TOKEN
         }
         _ => 0,
@@ -1119,7 +1161,7 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
             out.extend_from_slice(fixed.as_bytes());
             out.extend_from_slice(name);
         }
-        Request::Release { name, token } => {
+        Request::Release { name, token } | Request::ForceRelease { name, token } => {
             let token = token_bytes(token);
             header(out, token.len() + name.len());
             out.extend_from_slice(&token);
@@ -1162,6 +1204,10 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
             header(out, 4 + pattern.len());
             out.extend_from_slice(&limit.to_le_bytes());
             out.extend_from_slice(pattern);
+        }
+        Request::KillSession { session_id } => {
+            header(out, 8);
+            out.extend_from_slice(&session_id.to_le_bytes());
         }
     }
 }
@@ -1290,36 +1336,198 @@ fn parse_record(cursor: &mut Cursor<'_>) -> Option<LockRecord> {
     })
 }
 
-/// Client side: the body of an INSPECT reply.
-pub fn parse_inspect_body(body: &[u8]) -> Option<LockRecord> {
-    let mut cursor = Cursor(body);
-    let record = parse_record(&mut cursor)?;
-    cursor.0.is_empty().then_some(record)
+/// One queued acquire in an INSPECT reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedRecord<'a> {
+    pub session: u64,
+    /// When it was queued, ms since the Unix epoch.
+    pub since_unix_ms: u64,
+    pub mode: Mode,
+    pub client_name: &'a [u8],
 }
 
-/// Client side: the body of a LIST reply: the records and whether the list
-/// was cut short.
-pub fn parse_list_body(body: &[u8]) -> Option<(Vec<LockRecord>, bool)> {
+/// Appends what follows the lock record in an INSPECT reply: the server's
+/// clock (server_unix_ms u64, so ages are the server's), queue_count u32,
+/// queue_flags u32 (bit 0: cut at `WAITERS_PER_INSPECT_MAX`), then per
+/// waiter, first in line first: session u64, since_unix_ms u64, mode u8,
+/// reserved u8, client_name_len u16, client name.
+pub fn put_queue(out: &mut Vec<u8>, server_unix_ms: u64, queue: &[QueuedRecord<'_>], cut: bool) {
+    out.extend_from_slice(&server_unix_ms.to_le_bytes());
+    let count = u32::try_from(queue.len()).expect("queue listing is bounded");
+    out.extend_from_slice(&count.to_le_bytes());
+    out.extend_from_slice(&u32::from(cut).to_le_bytes());
+    for waiter in queue {
+        out.extend_from_slice(&waiter.session.to_le_bytes());
+        out.extend_from_slice(&waiter.since_unix_ms.to_le_bytes());
+        out.extend_from_slice(&[waiter.mode as u8, 0]);
+        out.extend_from_slice(&len_u16(waiter.client_name.len()).get().to_le_bytes());
+        out.extend_from_slice(waiter.client_name);
+    }
+}
+
+/// Client side: one queued acquire of an INSPECT reply, owned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    pub session: u64,
+    pub since_unix_ms: u64,
+    pub mode: Mode,
+    pub client_name: Vec<u8>,
+}
+
+/// Client side: an INSPECT reply. Reads as its lock record (`Deref`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspection {
+    pub record: LockRecord,
+    /// The server's clock when it answered (ages are against it).
+    pub server_unix_ms: u64,
+    /// Who waits, first in line first.
+    pub queue: Vec<Waiting>,
+    /// The queue was longer than listed.
+    pub queue_cut: bool,
+}
+
+impl std::ops::Deref for Inspection {
+    type Target = LockRecord;
+    fn deref(&self) -> &LockRecord {
+        &self.record
+    }
+}
+
+/// Client side: the body of an INSPECT reply.
+pub fn parse_inspect_body(body: &[u8]) -> Option<Inspection> {
+    let mut cursor = Cursor(body);
+    let record = parse_record(&mut cursor)?;
+    let server_unix_ms = cursor.u64()?;
+    let count = cursor.u32()?;
+    let queue_cut = cursor.u32()? & 1 != 0;
+    let queue = (0..count)
+        .map(|_| {
+            let session = cursor.u64()?;
+            let since_unix_ms = cursor.u64()?;
+            let mode = Mode::from_u8(cursor.take(2)?[0])?;
+            let client_name = cursor.bytes16()?;
+            Some(Waiting {
+                session,
+                since_unix_ms,
+                mode,
+                client_name,
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    cursor.0.is_empty().then_some(Inspection {
+        record,
+        server_unix_ms,
+        queue,
+        queue_cut,
+    })
+}
+
+/// Client side: a LIST reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    pub records: Vec<LockRecord>,
+    /// The list was cut short (limit, 10,000 records or 1 MiB).
+    pub truncated: bool,
+    /// The server's clock when it answered.
+    pub server_unix_ms: u64,
+}
+
+/// Client side: the body of a LIST reply.
+pub fn parse_list_body(body: &[u8]) -> Option<Listing> {
     let mut cursor = Cursor(body);
     let count = cursor.u32()?;
     let truncated = cursor.u32()? & 1 != 0;
+    let server_unix_ms = cursor.u64()?;
     let records = (0..count)
         .map(|_| parse_record(&mut cursor))
         .collect::<Option<Vec<_>>>()?;
-    cursor.0.is_empty().then_some((records, truncated))
+    cursor.0.is_empty().then_some(Listing {
+        records,
+        truncated,
+        server_unix_ms,
+    })
+}
+
+/// The STATS reply body: these u64 in this order, then version_len u16 and
+/// the server's version (UTF-8).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StatsReply {
+    pub locks: u64,
+    pub waiters: u64,
+    pub sessions_attached: u64,
+    pub sessions_detached: u64,
+    pub connections: u64,
+    /// Since this process started.
+    pub uptime_ms: u64,
+    pub server_unix_ms: u64,
+    /// Totals since this process started:
+    pub acquisitions_total: u64,
+    pub grants_total: u64,
+    pub releases_total: u64,
+    pub timeouts_total: u64,
+    pub busy_total: u64,
+    pub locks_lost_total: u64,
+    pub connections_total: u64,
+    pub version: String,
+}
+
+impl StatsReply {
+    fn numbers(&self) -> [u64; 14] {
+        [
+            self.locks,
+            self.waiters,
+            self.sessions_attached,
+            self.sessions_detached,
+            self.connections,
+            self.uptime_ms,
+            self.server_unix_ms,
+            self.acquisitions_total,
+            self.grants_total,
+            self.releases_total,
+            self.timeouts_total,
+            self.busy_total,
+            self.locks_lost_total,
+            self.connections_total,
+        ]
+    }
+
+    /// Appends the body.
+    pub fn put(&self, out: &mut Vec<u8>) {
+        for value in self.numbers() {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out.extend_from_slice(&len_u16(self.version.len()).get().to_le_bytes());
+        out.extend_from_slice(self.version.as_bytes());
+    }
 }
 
 /// Client side: the body of a STATS reply.
-pub fn parse_stats_body(body: &[u8]) -> Option<[u64; 5]> {
+pub fn parse_stats_body(body: &[u8]) -> Option<StatsReply> {
     let mut cursor = Cursor(body);
-    let stats = [
-        cursor.u64()?,
-        cursor.u64()?,
-        cursor.u64()?,
-        cursor.u64()?,
-        cursor.u64()?,
-    ];
-    cursor.0.is_empty().then_some(stats)
+    let mut n = [0u64; 14];
+    for value in &mut n {
+        *value = cursor.u64()?;
+    }
+    let version = String::from_utf8(cursor.bytes16()?).ok()?;
+    let [locks, waiters, sessions_attached, sessions_detached, connections, uptime_ms, server_unix_ms, acquisitions_total, grants_total, releases_total, timeouts_total, busy_total, locks_lost_total, connections_total] =
+        n;
+    cursor.0.is_empty().then_some(StatsReply {
+        locks,
+        waiters,
+        sessions_attached,
+        sessions_detached,
+        connections,
+        uptime_ms,
+        server_unix_ms,
+        acquisitions_total,
+        grants_total,
+        releases_total,
+        timeouts_total,
+        busy_total,
+        locks_lost_total,
+        connections_total,
+        version,
+    })
 }
 
 /// Client side: a decoded server frame.
@@ -1571,7 +1779,123 @@ mod tests {
             },
             Request::Ping,
             Request::Bye,
+            Request::ForceRelease {
+                name: b"stuck",
+                token: 0,
+            },
+            Request::ForceRelease {
+                name: b"stuck",
+                token: 9,
+            },
+            Request::KillSession {
+                session_id: u64::MAX,
+            },
         ]
+    }
+
+    /// Operator requests: a KILL_SESSION body is exactly a session id; a
+    /// FORCE_RELEASE names a lock and, with HOLD_TOKEN, a non-zero token.
+    #[test]
+    fn operator_requests_refuse_bad_bodies() {
+        let mut buf = Vec::new();
+        encode_header(&mut buf, opcode::KILL_SESSION, 0, Status::Ok, 1, 7);
+        buf.extend_from_slice(&[0; 7]);
+        assert_eq!(frame(&buf).2, Err(Status::BadBody));
+        let mut buf = Vec::new();
+        encode_header(&mut buf, opcode::FORCE_RELEASE, 0, Status::Ok, 1, 0);
+        assert_eq!(frame(&buf).2, Err(Status::BadName));
+        let mut buf = Vec::new();
+        encode_header(
+            &mut buf,
+            opcode::FORCE_RELEASE,
+            flags::HOLD_TOKEN,
+            Status::Ok,
+            1,
+            9,
+        );
+        buf.extend_from_slice(&[0; 8]);
+        buf.push(b'x');
+        assert_eq!(
+            frame(&buf).2,
+            Err(Status::BadBody),
+            "token 0 with HOLD_TOKEN"
+        );
+    }
+
+    /// The INSPECT example in docs/PROTOCOL.md is what the server writes.
+    #[test]
+    fn the_documented_inspect_example_is_exact() {
+        let doc = include_str!("../../docs/PROTOCOL.md");
+        let at = doc.find("Example: a lock `q`").expect("the example");
+        let block = &doc[at..];
+        let block = &block[block.find("```text").expect("its bytes") + 7..];
+        let block = &block[..block.find("```").expect("its end")];
+        let documented: Vec<u8> = block
+            .lines()
+            .flat_map(|line| line.split("  ").next().unwrap_or("").split_whitespace())
+            .map(|byte| u8::from_str_radix(byte, 16).expect("a hex byte"))
+            .collect();
+        let holder = HolderRecord {
+            session: 5,
+            token: 6,
+            since_unix_ms: 7,
+            client_name: b"h",
+        };
+        let waiter = QueuedRecord {
+            session: 8,
+            since_unix_ms: 9,
+            mode: Mode::Exclusive,
+            client_name: b"w",
+        };
+        let mut body = Vec::new();
+        put_lock_record(&mut body, b"q", Mode::Exclusive, 1, &[holder], &[]);
+        put_queue(&mut body, 10, &[waiter], false);
+        assert_eq!(documented, body);
+    }
+
+    /// The replies that carry the server's clock and the queue parse back.
+    #[test]
+    fn inspect_list_and_stats_bodies_parse_back() {
+        let holder = HolderRecord {
+            session: 5,
+            token: 6,
+            since_unix_ms: 7,
+            client_name: b"holder",
+        };
+        let mut body = Vec::new();
+        put_lock_record(&mut body, b"lock", Mode::Exclusive, 1, &[holder], &[]);
+        let waiter = QueuedRecord {
+            session: 8,
+            since_unix_ms: 9,
+            mode: Mode::Shared,
+            client_name: b"waiter",
+        };
+        put_queue(&mut body, 10, &[waiter], true);
+        let found = parse_inspect_body(&body).expect("an INSPECT body");
+        assert_eq!(found.name, b"lock");
+        assert_eq!(found.server_unix_ms, 10);
+        assert!(found.queue_cut);
+        assert_eq!(
+            found.queue,
+            vec![Waiting {
+                session: 8,
+                since_unix_ms: 9,
+                mode: Mode::Shared,
+                client_name: b"waiter".to_vec(),
+            }]
+        );
+        assert!(parse_inspect_body(&body[..body.len() - 1]).is_none());
+        let stats = StatsReply {
+            locks: 1,
+            uptime_ms: 2,
+            connections_total: 3,
+            version: "9.9.9".into(),
+            ..StatsReply::default()
+        };
+        let mut body = Vec::new();
+        stats.put(&mut body);
+        assert_eq!(parse_stats_body(&body), Some(stats));
+        assert!(parse_stats_body(&body[..body.len() - 1]).is_none());
     }
 
     #[test]
@@ -1732,7 +2056,7 @@ mod tests {
     fn unknown_and_push_opcodes_are_rejected() {
         for op in [
             0,
-            13,
+            15,
             0x3F,
             opcode::LOCK_LOST,
             opcode::SHUTDOWN,

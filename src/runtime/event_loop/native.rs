@@ -7,8 +7,9 @@ use mio::Token;
 use super::{header_ids, unsent_frames, EventLoop, Flow, Gather, GatherReply, Query};
 use crate::limits::{FIND_RESULTS_MAX, GRACE_MS_MAX, LIST_REPLY_BYTES_MAX};
 use crate::lock_table::{Acquire, Command, Mode, Outcome, RequestId, SessionId, SignalOp, Wait};
+use crate::metrics::Totals;
 use crate::protocol::{
-    self, opcode, Decoded, Fatal, Request, SignalKind, Status, SECRET_LEN, WAIT_FOREVER,
+    self, opcode, Decoded, Fatal, Request, SignalKind, StatsReply, Status, SECRET_LEN, WAIT_FOREVER,
 };
 use crate::session::{
     home_of, random_secret, secure_eq, Ask, LockName, Pending, PendingOp, Refusal,
@@ -27,6 +28,11 @@ impl EventLoop {
             .shared
             .connections
             .load(std::sync::atomic::Ordering::Relaxed);
+        let mut totals = Totals::default();
+        for metrics in &self.shared.metrics {
+            metrics.add_totals(&mut totals);
+        }
+        let (now_ms, uptime_ms) = (self.now_ms, self.shared.clock.uptime_ms());
         let Some(token) = self.live(gather.conn) else {
             return;
         };
@@ -43,7 +49,7 @@ impl EventLoop {
             Query::List { .. } => {
                 let start = protocol::begin_reply(out, op, request_id);
                 let counts_at = out.len();
-                out.extend_from_slice(&[0; 8]);
+                out.extend_from_slice(&[0; 16]);
                 let mut count: u32 = 0;
                 let mut truncated = gather.truncated;
                 for (_, record) in &gather.records {
@@ -57,21 +63,39 @@ impl EventLoop {
                 out[counts_at..counts_at + 4].copy_from_slice(&count.to_le_bytes());
                 out[counts_at + 4..counts_at + 8]
                     .copy_from_slice(&u32::from(truncated).to_le_bytes());
+                out[counts_at + 8..counts_at + 16].copy_from_slice(&now_ms.to_le_bytes());
                 protocol::end_reply(out, start);
             }
             Query::Stats => {
                 let start = protocol::begin_reply(out, op, request_id);
                 let stats = gather.stats;
-                for value in [
-                    stats.locks,
-                    stats.waiters,
-                    stats.sessions_attached,
-                    stats.sessions_detached,
-                    connections as u64,
-                ] {
-                    out.extend_from_slice(&value.to_le_bytes());
+                StatsReply {
+                    locks: stats.locks,
+                    waiters: stats.waiters,
+                    sessions_attached: stats.sessions_attached,
+                    sessions_detached: stats.sessions_detached,
+                    connections: connections as u64,
+                    uptime_ms,
+                    server_unix_ms: now_ms,
+                    acquisitions_total: totals.acquisitions,
+                    grants_total: totals.grants,
+                    releases_total: totals.releases,
+                    timeouts_total: totals.timeouts,
+                    busy_total: totals.busy,
+                    locks_lost_total: totals.locks_lost,
+                    connections_total: totals.connections_accepted,
+                    version: env!("CARGO_PKG_VERSION").into(),
                 }
+                .put(out);
                 protocol::end_reply(out, start);
+            }
+            Query::Kill { .. } => {
+                let message = match gather.killed {
+                    Status::Ok => "",
+                    Status::UnknownSession => "no such session",
+                    _ => "server is shutting down",
+                };
+                protocol::encode_status(out, op, request_id, gather.killed, message);
             }
             Query::Find { .. } => unreachable!("FIND is LiveLock's"),
         }
@@ -409,7 +433,7 @@ impl EventLoop {
         let op = request.opcode();
         let ask = match op {
             opcode::ACQUIRE => Ask::Acquire,
-            opcode::INSPECT | opcode::LIST | opcode::STATS => Ask::Query,
+            opcode::INSPECT | opcode::LIST | opcode::STATS | opcode::KILL_SESSION => Ask::Query,
             _ => Ask::Other,
         };
         let queries = self.queries_of(id, request_id);
@@ -554,6 +578,37 @@ impl EventLoop {
             Request::Stats => {
                 let reply = GatherReply::Native { op, request_id };
                 self.start_query(token, id, reply, Query::Stats, None);
+                return;
+            }
+            Request::ForceRelease { name, token } => {
+                tracing::warn!(
+                    by_session = id,
+                    lock = %String::from_utf8_lossy(name),
+                    token,
+                    "forced release requested by an operator"
+                );
+                (
+                    self.shard_of(name),
+                    Command::ForceRelease {
+                        session: id,
+                        request_id,
+                        name,
+                        token,
+                    },
+                )
+            }
+            Request::KillSession { session_id } => {
+                tracing::warn!(
+                    by_session = id,
+                    session = session_id,
+                    "kill-session requested"
+                );
+                let reply = GatherReply::Native { op, request_id };
+                let home = home_of(session_id, self.shared.peers.len());
+                let query = Query::Kill {
+                    session: session_id,
+                };
+                self.start_query(token, id, reply, query, Some(home));
                 return;
             }
             Request::Hello { .. } | Request::Resume { .. } | Request::Ping | Request::Bye => {
