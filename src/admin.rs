@@ -13,8 +13,8 @@ use livelock::protocol::{Mode, Status};
 
 #[derive(Args)]
 pub struct AdminArgs {
-    /// Server address [default: LIVELOCK_HOST:LIVELOCK_PORT, else 127.0.0.1:7873]
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Server(s): HOST, HOST:PORT or livelock://HOST:PORT, comma-separated to try in order [default: LIVELOCK_HOST, LIVELOCK_PORT, else 127.0.0.1:7873]
+    #[arg(long, value_name = "ADDR[,ADDR...]")]
     server: Option<String>,
     /// Password for the server.
     #[arg(long, env = "LIVELOCK_PASSWORD", hide_env_values = true)]
@@ -48,17 +48,28 @@ pub enum AdminCommand {
     },
 }
 
-pub fn server_addr(server: &Option<String>) -> String {
-    if let Some(server) = server {
-        return server.clone();
+/// The servers to try: `--server`, else LIVELOCK_HOST/LIVELOCK_PORT, else
+/// 127.0.0.1:7873 (`livelock::address`); a bad address is a usage error.
+pub fn servers(flag: &Option<String>) -> Result<Vec<String>, String> {
+    livelock::address::servers_from_env(flag.as_deref())
+}
+
+/// Opens a session on the first of `servers` that answers, in order (a
+/// refused password stops the search: the others share it). On failure,
+/// the last address tried and its error.
+pub fn connect_first<'a>(
+    servers: &'a [String],
+    options: &ClientOptions,
+) -> Result<(Client, &'a str), (&'a str, Error)> {
+    let mut last = None;
+    for addr in servers {
+        match Client::connect(addr.as_str(), options) {
+            Ok(client) => return Ok((client, addr)),
+            Err(e @ Error::Status(Status::Auth, _)) => return Err((addr, e)),
+            Err(e) => last = Some((addr.as_str(), e)),
+        }
     }
-    let host = std::env::var("LIVELOCK_HOST").unwrap_or_else(|_| "127.0.0.1".into());
-    let port = std::env::var("LIVELOCK_PORT").unwrap_or_else(|_| "7873".into());
-    if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    }
+    Err(last.expect("at least one server"))
 }
 
 pub fn run(args: AdminArgs, command: AdminCommand) -> ExitCode {
@@ -68,14 +79,20 @@ pub fn run(args: AdminArgs, command: AdminCommand) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let addr = server_addr(&args.server);
+    let servers = match servers(&args.server) {
+        Ok(servers) => servers,
+        Err(e) => {
+            eprintln!("livelock: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let options = ClientOptions {
         password: args.password.clone(),
         ..ClientOptions::default()
     };
-    let client = match Client::connect(addr.as_str(), &options) {
-        Ok(client) => client,
-        Err(e) => {
+    let client = match connect_first(&servers, &options) {
+        Ok((client, _)) => client,
+        Err((addr, e)) => {
             eprintln!("livelock: cannot open a session at {addr}: {e}");
             return ExitCode::from(1);
         }

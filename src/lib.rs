@@ -11,7 +11,8 @@
 //! - `state`: the pure core — the lock table, sessions, the log's records
 //!   and their replay, the dump's format, export and restore. No socket, no
 //!   clock, no thread, no file;
-//! - `limits`, `duration`: shared by all.
+//! - `limits`, `duration`, `address`: shared by all.
+pub mod address;
 pub mod client;
 pub mod duration;
 pub mod limits;

@@ -119,8 +119,8 @@ const SUPERVISOR_KILL_NOW: libc::c_int = libc::SIGUSR2;
 /// How `run` and `hold` take the lock.
 #[derive(Args)]
 pub struct LockArgs {
-    /// Server address [default: LIVELOCK_HOST:LIVELOCK_PORT, else 127.0.0.1:7873]
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Server(s): HOST, HOST:PORT or livelock://HOST:PORT, comma-separated to try in order [default: LIVELOCK_HOST, LIVELOCK_PORT, else 127.0.0.1:7873]
+    #[arg(long, value_name = "ADDR[,ADDR...]")]
     server: Option<String>,
     /// Password for the server.
     #[arg(long, env = "LIVELOCK_PASSWORD", hide_env_values = true)]
@@ -137,6 +137,36 @@ pub struct LockArgs {
     /// Keep the hold this long if the connection drops, reconnecting meanwhile.
     #[arg(long, value_parser = seconds_flag, default_value = "0s")]
     grace: Duration,
+    /// End the hold after this long even if COMMAND still runs (COMMAND is then stopped, exit 79), e.g. 10m [default: none].
+    #[arg(long, value_parser = seconds_flag)]
+    lease: Option<Duration>,
+}
+
+/// What `run` tells COMMAND's process tree it holds, one line per lock:
+/// `SERVER MODE HEXNAME` (a nested `run` of one of them would wait forever).
+const HELD_VAR: &str = "LIVELOCK_HELD";
+
+/// One line of `LIVELOCK_HELD`.
+fn held_line(server: &str, shared: bool, name: &str) -> String {
+    let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{server} {} {hex}",
+        if shared { "shared" } else { "exclusive" }
+    )
+}
+
+/// Whether an enclosing `run` (per `held`, the inherited `LIVELOCK_HELD`)
+/// holds `name` on one of `servers` so that this acquire would wait for it
+/// forever: unless both holds are shared.
+fn held_by_enclosing_run(held: &str, servers: &[String], shared: bool, name: &str) -> bool {
+    servers.iter().any(|server| {
+        [true, false].iter().any(|&outer_shared| {
+            !(outer_shared && shared)
+                && held
+                    .lines()
+                    .any(|l| l == held_line(server, outer_shared, name))
+        })
+    })
 }
 
 #[derive(Args)]
@@ -278,18 +308,43 @@ pub fn run(mut args: RunArgs) -> ExitCode {
             ),
         );
     }
-    let addr = crate::admin::server_addr(&args.lock.server);
+    let servers = match crate::admin::servers(&args.lock.server) {
+        Ok(servers) => servers,
+        Err(e) => return fail(EXIT_USAGE, format_args!("{e}")),
+    };
+    let held = std::env::var(HELD_VAR).unwrap_or_default();
+    if held_by_enclosing_run(&held, &servers, args.lock.shared, &args.name) {
+        return fail(
+            EXIT_USAGE,
+            format_args!(
+                "{} is already held by an enclosing `livelock run` of this process tree \
+                 ({HELD_VAR}): waiting for it would never end",
+                args.name
+            ),
+        );
+    }
+    let lease_max = Duration::from_millis(u32::MAX.into());
+    if args
+        .lock
+        .lease
+        .is_some_and(|l| l.is_zero() || l > lease_max)
+    {
+        return fail(
+            EXIT_USAGE,
+            format_args!("--lease must be more than 0 and at most {lease_max:?}"),
+        );
+    }
     let options = ClientOptions {
         password: args.lock.password.clone(),
         grace: args.lock.grace,
         ..ClientOptions::default()
     };
-    let client = match Client::connect(addr.as_str(), &options) {
-        Ok(client) => client,
-        Err(e @ Error::Status(Status::Auth, _)) => {
+    let (client, addr) = match crate::admin::connect_first(&servers, &options) {
+        Ok((client, addr)) => (client, addr.to_string()),
+        Err((addr, e @ Error::Status(Status::Auth, _))) => {
             return fail(EXIT_AUTH, format_args!("{addr} refused the password: {e}"))
         }
-        Err(e) => {
+        Err((addr, e)) => {
             return fail(
                 EXIT_UNAVAILABLE,
                 format_args!("cannot open a session at {addr}: {e}"),
@@ -303,7 +358,7 @@ pub fn run(mut args: RunArgs) -> ExitCode {
             Mode::Exclusive
         },
         wait: args.lock.wait.and_then(|w| w.0),
-        lease: None,
+        lease: args.lock.lease,
     };
     let guard = match client.acquire_with(&args.name, acquire) {
         Ok(guard) => guard,
@@ -356,7 +411,13 @@ pub fn run(mut args: RunArgs) -> ExitCode {
         }
     });
 
-    let supervisor = match spawn_supervisor(&args, token) {
+    // COMMAND's tree learns what it holds (a nested run of it fails fast).
+    let mut held_env = held;
+    if !held_env.is_empty() && !held_env.ends_with('\n') {
+        held_env.push('\n');
+    }
+    held_env.push_str(&held_line(&addr, args.lock.shared, &args.name));
+    let supervisor = match spawn_supervisor(&args, token, &held_env) {
         Ok(child) => child,
         Err(e) => {
             let _ = client.release(&args.name);
@@ -508,7 +569,11 @@ fn stop_on_loss(name: &str, reason: &str, lost: &mut Option<String>, tell: &impl
 }
 
 /// Starts `livelock run --supervise`, which starts COMMAND.
-fn spawn_supervisor(args: &RunArgs, token: u64) -> std::io::Result<std::process::Child> {
+fn spawn_supervisor(
+    args: &RunArgs,
+    token: u64,
+    held_env: &str,
+) -> std::io::Result<std::process::Child> {
     let parent = std::process::id();
     // /proc/self/exe: this very binary, even if its file was replaced since.
     let mut command = Command::new("/proc/self/exe");
@@ -521,7 +586,8 @@ fn spawn_supervisor(args: &RunArgs, token: u64) -> std::io::Result<std::process:
         .arg(&args.name)
         .arg("--")
         .args(&args.command)
-        .env("LIVELOCK_FENCE", token.to_string());
+        .env("LIVELOCK_FENCE", token.to_string())
+        .env(HELD_VAR, held_env);
     // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
     unsafe {
         command.pre_exec(move || {

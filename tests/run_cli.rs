@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    bounded, graceful, livelock_bin, process_gone, wait_until, ChildGuard, ScratchDir, TestServer,
-    WAIT_MAX,
+    bounded, free_addr, graceful, livelock_bin, process_gone, wait_until, ChildGuard, ScratchDir,
+    TestServer, WAIT_MAX,
 };
 use livelock::client::{AcquireOptions, Client, ClientOptions, Event};
 use livelock::protocol::Mode;
@@ -1656,4 +1656,124 @@ fn kill_session_ends_a_session_and_frees_its_locks() {
     let (code, _, stderr) = admin(&server, &dir, "again", &["kill-session", &id]);
     assert_eq!(code, Some(1));
     assert!(stderr.contains(&format!("no session {id}")), "{stderr}");
+}
+
+/// One address syntax everywhere: HOST, HOST:PORT, livelock://HOST:PORT, a
+/// list tried in order, LIVELOCK_HOST/LIVELOCK_PORT when no --server is
+/// given; a bad one is a usage error naming where it came from (issue 11,
+/// item 3).
+#[test]
+fn addresses_have_one_form_everywhere() {
+    let server = TestServer::start(1);
+    let dir = ScratchDir::new("addresses");
+    let port = server.addr.port().to_string();
+    let down = free_addr();
+    let forms = [
+        format!("127.0.0.1:{port}"),
+        format!("livelock://127.0.0.1:{port}"),
+        format!("livelock://127.0.0.1:{port}/"),
+        format!("{down},livelock://127.0.0.1:{port}"),
+    ];
+    for form in &forms {
+        let mut command = livelock_bin();
+        command.args(["stats", "--server", form]);
+        let (code, _, stderr) = run_to_end("stats", &mut command, &dir);
+        assert_eq!(code, Some(0), "--server {form}: {stderr}");
+    }
+    // The environment, for admin commands and run alike: HOST, HOST + PORT.
+    for (host, port) in [
+        (format!("127.0.0.1:{port}"), None),
+        ("127.0.0.1".to_string(), Some(port.as_str())),
+        ("localhost".to_string(), Some(port.as_str())),
+    ] {
+        for args in [&["stats"][..], &["run", "env-addressed", "--", "true"]] {
+            let mut command = livelock_bin();
+            command.args(args).env("LIVELOCK_HOST", &host);
+            if let Some(port) = port {
+                command.env("LIVELOCK_PORT", port);
+            }
+            let (code, _, stderr) = run_to_end("env", &mut command, &dir);
+            assert_eq!(code, Some(0), "{args:?} LIVELOCK_HOST={host}: {stderr}");
+        }
+    }
+    for (flag, env, named) in [
+        (Some("127.0.0.1:http"), None, "--server"),
+        (None, Some(("LIVELOCK_PORT", "abc")), "LIVELOCK_PORT"),
+        (None, Some(("LIVELOCK_HOST", "redis://x")), "LIVELOCK_HOST"),
+    ] {
+        for args in [&["stats"][..], &["run", "bad-address", "--", "true"]] {
+            let mut command = livelock_bin();
+            command.arg(args[0]);
+            if let Some(flag) = flag {
+                command.args(["--server", flag]);
+            }
+            command.args(&args[1..]);
+            if let Some((key, value)) = env {
+                command.env(key, value);
+            }
+            let (code, _, stderr) = run_to_end("bad", &mut command, &dir);
+            assert_eq!(code, Some(2), "{args:?}: {stderr}");
+            assert!(stderr.contains(named), "{named} in {stderr}");
+        }
+    }
+}
+
+/// A `livelock run` of a lock that an enclosing `run` of the same process
+/// tree holds fails at once instead of waiting forever; two shared holds
+/// nest (issue 11, item 4).
+#[test]
+fn a_nested_run_of_the_same_lock_fails_fast() {
+    let server = TestServer::start(1);
+    let dir = ScratchDir::new("nested");
+    let inner = format!(
+        "{} run --server {} nested -- true",
+        env!("CARGO_BIN_EXE_livelock"),
+        server.addr
+    );
+    let mut command = run_command(&server, &[], "nested");
+    command.args(["sh", "-c", &inner]);
+    let (code, _, stderr) = run_to_end("nested", &mut command, &dir);
+    assert_eq!(code, Some(2), "the inner run's status: {stderr}");
+    assert!(
+        stderr.contains("already held by an enclosing `livelock run`"),
+        "{stderr}"
+    );
+    // Another lock inside is fine; so are shared inside shared.
+    let other = format!(
+        "{} run --server {} other -- true",
+        env!("CARGO_BIN_EXE_livelock"),
+        server.addr
+    );
+    let mut command = run_command(&server, &[], "nested");
+    command.args(["sh", "-c", &other]);
+    let (code, _, stderr) = run_to_end("other", &mut command, &dir);
+    assert_eq!(code, Some(0), "{stderr}");
+    let shared = format!(
+        "{} run --server {} -s nested -- true",
+        env!("CARGO_BIN_EXE_livelock"),
+        server.addr
+    );
+    let mut command = run_command(&server, &["-s"], "nested");
+    command.args(["sh", "-c", &shared]);
+    let (code, _, stderr) = run_to_end("shared", &mut command, &dir);
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+/// `--lease` bounds the hold: when it runs out COMMAND is stopped and run
+/// exits 79, saying why (issue 11, item 4).
+#[test]
+fn a_lease_bounds_the_hold() {
+    let server = TestServer::start(1);
+    let dir = ScratchDir::new("lease");
+    let mut command = run_command(&server, &["--lease", "300ms"], "leased");
+    command.args(["sleep", "30"]);
+    let started = Instant::now();
+    let (code, _, stderr) = run_to_end("leased", &mut command, &dir);
+    assert_eq!(code, Some(79), "{stderr}");
+    assert!(stderr.contains("lease ran out"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(25), "stopped early");
+    let mut command = run_command(&server, &["--lease", "0"], "leased");
+    command.arg("true");
+    let (code, _, stderr) = run_to_end("zero", &mut command, &dir);
+    assert_eq!(code, Some(2), "{stderr}");
 }

@@ -57,10 +57,11 @@ pub enum OpArg {
 #[derive(Debug, Parser)]
 #[command(name = "livelock-loadgen", version, after_help = AFTER_HELP)]
 pub struct Args {
-    /// What to load: livelock://HOST:PORT (native protocol),
-    /// livelock-resp://HOST:PORT (LiveLock's RESP protocol) or
-    /// redis://HOST:PORT (SET NX PX + compare-and-delete).
-    pub target: String,
+    /// What to load: livelock://HOST[:PORT] or just HOST[:PORT] (native protocol),
+    /// livelock-resp://HOST[:PORT] (LiveLock's RESP protocol) or
+    /// redis://HOST[:PORT] (SET NX PX + compare-and-delete)
+    /// [default: the livelock server of LIVELOCK_HOST and LIVELOCK_PORT, else 127.0.0.1:7873].
+    pub target: Option<String>,
     /// Connections, spread over the threads.
     #[arg(short = 'c', long, default_value_t = 50)]
     pub connections: usize,
@@ -79,8 +80,8 @@ pub struct Args {
     /// Zipf exponent: P(rank k) is proportional to k^-s.
     #[arg(long, default_value_t = 0.99)]
     pub zipf_s: f64,
-    /// Time a granted lock is held before its release, in microseconds.
-    #[arg(long, default_value_t = 0)]
+    /// Time a granted lock is held before its release (e.g. 2ms; plain number: microseconds).
+    #[arg(long, default_value = "0", value_parser = micros)]
     pub hold_us: u64,
     /// Fraction of acquires in shared mode (livelock:// only).
     #[arg(long, default_value_t = 0.0)]
@@ -88,14 +89,14 @@ pub struct Args {
     /// Acquire once (try) or wait for the lock.
     #[arg(long, value_enum, default_value_t = ModeArg::Try)]
     pub mode: ModeArg,
-    /// With --mode wait: longest wait of one acquire [default: forever].
-    #[arg(long)]
+    /// With --mode wait: longest wait of one acquire (e.g. 2s; plain number: milliseconds) [default: forever].
+    #[arg(long, value_parser = millis_u32)]
     pub wait_ms: Option<u32>,
-    /// With --mode wait on RESP targets: back-off between attempts.
-    #[arg(long, default_value_t = 1000)]
+    /// With --mode wait on RESP targets: back-off between attempts (e.g. 1ms; plain number: microseconds).
+    #[arg(long, default_value = "1000", value_parser = micros)]
     pub retry_us: u64,
-    /// redis:// only: the PX expiry of every lock key.
-    #[arg(long, default_value_t = 30_000)]
+    /// redis:// only: the PX expiry of every lock key (e.g. 30s; plain number: milliseconds).
+    #[arg(long, default_value = "30000", value_parser = millis)]
     pub ttl_ms: u64,
     /// Measured run time, after the warm-up (e.g. 5s, 1m30s; plain number: seconds).
     #[arg(short = 'd', long, default_value = "10", value_parser = seconds_flag)]
@@ -117,7 +118,7 @@ pub struct Args {
     #[arg(long, default_value = "loadgen:")]
     pub key_prefix: String,
     /// Password for HELLO (native), PASS (LiveLock) or AUTH (Redis).
-    #[arg(long)]
+    #[arg(long, env = "LIVELOCK_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
     /// Allow a target that is not on a loopback address.
     #[arg(long)]
@@ -166,6 +167,21 @@ impl From<String> for Invalid {
     }
 }
 
+/// A duration flag counted in microseconds (`2ms`, or a plain number of µs).
+fn micros(text: &str) -> Result<u64, String> {
+    livelock::duration::parse(text, Duration::from_micros(1)).map(|d| d.as_micros() as u64)
+}
+
+/// A duration flag counted in milliseconds (`30s`, or a plain number of ms).
+fn millis(text: &str) -> Result<u64, String> {
+    livelock::duration::parse(text, Duration::from_millis(1)).map(|d| d.as_millis() as u64)
+}
+
+fn millis_u32(text: &str) -> Result<u32, String> {
+    let ms = millis(text)?;
+    u32::try_from(ms).map_err(|_| format!("{text:?} is too long (at most {} ms)", u32::MAX))
+}
+
 fn check(ok: bool, message: impl FnOnce() -> String) -> Result<(), String> {
     if ok {
         Ok(())
@@ -177,7 +193,14 @@ fn check(ok: bool, message: impl FnOnce() -> String) -> Result<(), String> {
 impl Args {
     /// Checks every flag and resolves the target.
     pub fn validate(&self) -> Result<Config, Invalid> {
-        let target = target::resolve(&self.target, self.allow_remote).map_err(|e| match e {
+        let url = match &self.target {
+            Some(url) => url.clone(),
+            // The first of the environment's servers.
+            None => livelock::address::servers_from_env(None)
+                .map_err(Invalid::Usage)?
+                .swap_remove(0),
+        };
+        let target = target::resolve(&url, self.allow_remote).map_err(|e| match e {
             TargetError::Bad(e) => Invalid::Usage(e),
             TargetError::Unresolved(e) => Invalid::Unreachable(e),
         })?;
@@ -400,6 +423,28 @@ mod tests {
         assert_eq!(plan.warmup, Duration::from_millis(500));
         let plan = parse(&["livelock://127.0.0.1:1", "-d", "5"]).unwrap().plan;
         assert_eq!(plan.duration, Duration::from_secs(5));
+        // Every duration flag, with units or in its documented plain unit.
+        let plan = parse(&[
+            "127.0.0.1:1",
+            "--mode",
+            "wait",
+            "--hold-us",
+            "2ms",
+            "--retry-us",
+            "250",
+            "--wait-ms",
+            "1.5s",
+        ])
+        .unwrap()
+        .plan;
+        assert_eq!(plan.hold, Duration::from_millis(2));
+        assert_eq!(plan.retry, Duration::from_micros(250));
+        assert_eq!(plan.wait_ms, Some(1500));
+        let plan = parse(&["redis://127.0.0.1:1", "--ttl-ms", "30s", "--hold-us", "1"])
+            .unwrap()
+            .plan;
+        assert_eq!(plan.ttl_ms, 30_000);
+        assert_eq!(plan.hold, Duration::from_micros(1));
         assert!(parse(&["livelock://127.0.0.1:1", "--duration", "5x"]).is_err());
         assert!(parse(&[
             "livelock://127.0.0.1:1",

@@ -47,37 +47,35 @@ impl fmt::Display for Target {
     }
 }
 
-/// Splits `scheme://host:port` into the protocol and `host:port`. A trailing
-/// `/` is accepted; any other path, user info or query is refused.
-pub fn parse_url(url: &str) -> Result<(Proto, &str), String> {
-    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
-        format!("target {url:?} is not a URL: expected livelock://HOST:PORT, livelock-resp://HOST:PORT or redis://HOST:PORT")
-    })?;
-    let proto = match scheme.to_ascii_lowercase().as_str() {
-        "livelock" => Proto::Native,
-        "livelock-resp" => Proto::LiveLockResp,
-        "redis" => Proto::Redis,
-        other => {
-            return Err(format!(
-                "unknown scheme {other:?} in {url:?}: use livelock, livelock-resp or redis"
-            ))
-        }
+/// Splits a target into the protocol and `host:port`. A target without a
+/// scheme is a livelock server in the one address syntax of every
+/// `livelock` command (`HOST`, `HOST:PORT`, `[::1]:PORT`); the port defaults
+/// to the scheme's (7873 for livelock, 6379 for redis). A trailing `/` is
+/// accepted; any other path, user info or query is refused.
+pub fn parse_url(url: &str) -> Result<(Proto, String), String> {
+    let (proto, rest) = match url.split_once("://") {
+        None => (Proto::Native, url),
+        Some((scheme, rest)) => match scheme.to_ascii_lowercase().as_str() {
+            "livelock" => (Proto::Native, rest),
+            "livelock-resp" => (Proto::LiveLockResp, rest),
+            "redis" => (Proto::Redis, rest),
+            other => {
+                return Err(format!(
+                    "unknown scheme {other:?} in {url:?}: use livelock, livelock-resp or redis"
+                ))
+            }
+        },
     };
-    let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.is_empty() || authority.contains(['/', '@', '?', '#']) {
-        return Err(format!(
-            "target {url:?} must be {scheme}://HOST:PORT with no path, user or query"
-        ));
+    let default_port = match proto {
+        Proto::Redis => 6379,
+        Proto::Native | Proto::LiveLockResp => livelock::address::DEFAULT_PORT,
+    };
+    let mut list = livelock::address::parse_list(rest, default_port)
+        .map_err(|e| format!("target {url:?}: {e}"))?;
+    if list.len() != 1 {
+        return Err(format!("target {url:?}: one server, not a list"));
     }
-    let port_ok = authority
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
-    if !port_ok {
-        return Err(format!(
-            "target {url:?} needs a host and a port, e.g. {scheme}://127.0.0.1:7873"
-        ));
-    }
-    Ok((proto, authority))
+    Ok((proto, list.remove(0)))
 }
 
 /// Why a target cannot be used.
@@ -93,6 +91,7 @@ pub enum TargetError {
 /// loopback addresses unless `allow_remote`.
 pub fn resolve(url: &str, allow_remote: bool) -> Result<Target, TargetError> {
     let (proto, authority) = parse_url(url).map_err(TargetError::Bad)?;
+    let authority = authority.as_str();
     let addrs: Vec<SocketAddr> = authority
         .to_socket_addrs()
         .map_err(|e| TargetError::Unresolved(format!("cannot resolve {authority}: {e}")))?
@@ -123,22 +122,33 @@ mod tests {
 
     #[test]
     fn parses_schemes_and_authorities() {
+        let ok = |proto, authority: &str| Ok((proto, authority.to_string()));
         assert_eq!(
             parse_url("livelock://127.0.0.1:7873"),
-            Ok((Proto::Native, "127.0.0.1:7873"))
+            ok(Proto::Native, "127.0.0.1:7873")
         );
         assert_eq!(
             parse_url("livelock-resp://localhost:1/"),
-            Ok((Proto::LiveLockResp, "localhost:1"))
+            ok(Proto::LiveLockResp, "localhost:1")
         );
         assert_eq!(
             parse_url("REDIS://[::1]:6379"),
-            Ok((Proto::Redis, "[::1]:6379"))
+            ok(Proto::Redis, "[::1]:6379")
+        );
+        // The address forms of every livelock command; default ports.
+        assert_eq!(parse_url("127.0.0.1"), ok(Proto::Native, "127.0.0.1:7873"));
+        assert_eq!(parse_url("::1"), ok(Proto::Native, "[::1]:7873"));
+        assert_eq!(
+            parse_url("livelock://localhost"),
+            ok(Proto::Native, "localhost:7873")
+        );
+        assert_eq!(
+            parse_url("redis://127.0.0.1"),
+            ok(Proto::Redis, "127.0.0.1:6379")
         );
         for bad in [
-            "127.0.0.1:7873",
             "http://127.0.0.1:80",
-            "redis://127.0.0.1",
+            "a:1,b:2",
             "redis://127.0.0.1:0",
             "redis://:6379",
             "redis://127.0.0.1:6379/0",
