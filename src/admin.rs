@@ -211,17 +211,6 @@ fn age(since_unix_ms: u64, now_unix_ms: u64) -> Duration {
     Duration::from_millis(now_unix_ms.saturating_sub(since_unix_ms))
 }
 
-/// An age as people read it: `4.2s`, `4m05s`, `3h02m`, `2d03h`.
-fn human_age(age: Duration) -> String {
-    let secs = age.as_secs();
-    match secs {
-        0..=59 => format!("{:.1}s", age.as_secs_f64()),
-        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
-        3600..=86_399 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
-        _ => format!("{}d{:02}h", secs / 86_400, secs % 86_400 / 3600),
-    }
-}
-
 fn print_table(records: &[LockRecord], now_unix_ms: u64) {
     // As wide as the longest name, so the columns stay aligned.
     let width = records
@@ -252,7 +241,7 @@ fn print_table(records: &[LockRecord], now_unix_ms: u64) {
                 mode_name(record.mode),
                 waiters,
                 token,
-                human_age(age(*since, now_unix_ms)),
+                livelock::duration::human(age(*since, now_unix_ms)),
                 String::from_utf8_lossy(client)
             );
         }
@@ -284,7 +273,7 @@ fn print_inspection(found: &Inspection) {
             place + 1,
             waiting.session,
             mode_name(waiting.mode),
-            human_age(age(waiting.since_unix_ms, found.server_unix_ms)),
+            livelock::duration::human(age(waiting.since_unix_ms, found.server_unix_ms)),
             String::from_utf8_lossy(&waiting.client_name)
         );
     }
@@ -294,7 +283,7 @@ fn print_inspection(found: &Inspection) {
 }
 
 fn print_stats(stats: &ServerStats) {
-    let uptime = human_age(Duration::from_millis(stats.uptime_ms));
+    let uptime = livelock::duration::human(Duration::from_millis(stats.uptime_ms));
     for (label, value) in [
         ("version", stats.version.clone()),
         ("uptime", uptime),
@@ -406,15 +395,6 @@ fn inspection_json(found: &Inspection) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ages_read_as_people_read_them() {
-        let s = Duration::from_secs;
-        assert_eq!(human_age(Duration::from_millis(4_200)), "4.2s");
-        assert_eq!(human_age(s(245)), "4m05s");
-        assert_eq!(human_age(s(3 * 3600 + 2 * 60 + 7)), "3h02m");
-        assert_eq!(human_age(s(2 * 86_400 + 3 * 3600)), "2d03h");
-    }
 
     #[test]
     fn json_strings_are_escaped() {

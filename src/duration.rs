@@ -1,7 +1,8 @@
 //! The one duration syntax of every flag and `LIVELOCK_*` variable (the
 //! server, `livelock run`, the load generator): `500ms`, `5s`, `1m`,
 //! `1h30m`, `1.5s`, `250us`, or a plain number in the unit the flag
-//! documents; `forever` where a flag allows no bound. Pure parsing, no I/O.
+//! documents; `forever` where a flag allows no bound; and how a duration is
+//! shown to people (`human`). Pure, no I/O.
 
 use std::time::Duration;
 
@@ -65,6 +66,17 @@ fn seconds(text: &str, value: f64) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(value))
 }
 
+/// An age as people read it: `4.2s`, `4m05s`, `3h02m`, `2d03h`.
+pub fn human(age: Duration) -> String {
+    let secs = age.as_secs();
+    match secs {
+        0..=59 => format!("{:.1}s", age.as_secs_f64()),
+        60..=3599 => format!("{}m{:02}s", secs / 60, secs % 60),
+        3600..=86_399 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{:02}h", secs / 86_400, secs % 86_400 / 3600),
+    }
+}
+
 /// Clap value parsers for flags documented in seconds and milliseconds.
 pub fn seconds_flag(text: &str) -> Result<Duration, String> {
     parse(text, Duration::from_secs(1))
@@ -107,5 +119,14 @@ mod tests {
         }
         assert!(parse("5x", S).unwrap_err().contains("unit"));
         assert!(parse("99999999999s", S).unwrap_err().contains("range"));
+    }
+
+    #[test]
+    fn ages_read_as_people_read_them() {
+        let s = Duration::from_secs;
+        assert_eq!(human(Duration::from_millis(4_200)), "4.2s");
+        assert_eq!(human(s(245)), "4m05s");
+        assert_eq!(human(s(3 * 3600 + 2 * 60 + 7)), "3h02m");
+        assert_eq!(human(s(2 * 86_400 + 3 * 3600)), "2d03h");
     }
 }

@@ -16,11 +16,15 @@
 mod common;
 
 use std::cell::Cell;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bounded, wait_until, ChildGuard, ScratchDir, TestServer, WAIT_MAX};
+use common::{
+    bounded, data_dir, free_addr, signal, start_server_with, wait_until, ChildGuard, ScratchDir,
+    TestServer, WAIT_MAX,
+};
 use livelock::client::{AcquireOptions, ClientOptions};
 use livelock::protocol::LockRecord;
 
@@ -88,7 +92,7 @@ impl CClient {
     /// `livelock_client 127.0.0.1 PORT ARGS...`, with no stdin and no
     /// `LIVELOCK_*` variable of the test's environment (so a developer's
     /// LIVELOCK_PASSWORD cannot leak in); `password` sets LIVELOCK_PASSWORD.
-    fn command(&self, server: &TestServer, args: &[&str], password: Option<&str>) -> Command {
+    fn command(&self, addr: SocketAddr, args: &[&str], password: Option<&str>) -> Command {
         let mut command = Command::new(&self.exe);
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("LIVELOCK_") {
@@ -99,8 +103,8 @@ impl CClient {
             command.env("LIVELOCK_PASSWORD", password);
         }
         command
-            .arg(server.addr.ip().to_string())
-            .arg(server.addr.port().to_string())
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
             .args(args)
             .stdin(Stdio::null());
         command
@@ -189,7 +193,7 @@ fn holders(record: &LockRecord) -> Vec<(u64, u64, Vec<u8>)> {
 /// A free lock: exit 0 and `token N`; released when the client exits.
 fn grant_prints_the_token_and_releases(c: &CClient) {
     let server = TestServer::start(1);
-    let outcome = c.run("grant", &mut c.command(&server, &["grant", "0"], None));
+    let outcome = c.run("grant", &mut c.command(server.addr, &["grant", "0"], None));
     let token = granted(&outcome);
     assert!(token > 0, "token {token}");
 
@@ -215,7 +219,7 @@ fn busy_exits_75(c: &CClient) {
     let rust = server.client();
     let guard = rust.acquire("busy").unwrap();
 
-    let outcome = c.run("busy", &mut c.command(&server, &["busy", "0"], None));
+    let outcome = c.run("busy", &mut c.command(server.addr, &["busy", "0"], None));
     assert_eq!(outcome.code, Some(EXIT_NOT_LOCKED), "{outcome:?}");
     assert_eq!(outcome.stdout, "", "printed a token without the lock");
     assert!(
@@ -242,7 +246,10 @@ fn timed_out_exits_75_after_the_wait(c: &CClient) {
     let rust = server.client();
     let _guard = rust.acquire("slow").unwrap();
 
-    let outcome = c.run("timeout", &mut c.command(&server, &["slow", "200"], None));
+    let outcome = c.run(
+        "timeout",
+        &mut c.command(server.addr, &["slow", "200"], None),
+    );
     assert_eq!(outcome.code, Some(EXIT_NOT_LOCKED), "{outcome:?}");
     assert_eq!(outcome.stdout, "", "printed a token without the lock");
     assert!(
@@ -269,13 +276,13 @@ fn tokens_increase_across_runs(c: &CClient) {
     let rust = server.client();
     let mut tokens = Vec::new();
     for run in 0..3 {
-        let outcome = c.run("counter", &mut c.command(&server, &["counter"], None));
+        let outcome = c.run("counter", &mut c.command(server.addr, &["counter"], None));
         tokens.push((format!("C run {run}"), granted(&outcome)));
     }
     let guard = rust.acquire("counter").unwrap();
     tokens.push(("Rust client".to_string(), guard.token()));
     guard.release().unwrap();
-    let outcome = c.run("counter", &mut c.command(&server, &["counter"], None));
+    let outcome = c.run("counter", &mut c.command(server.addr, &["counter"], None));
     tokens.push(("C run after the Rust client".to_string(), granted(&outcome)));
 
     for pair in tokens.windows(2) {
@@ -296,7 +303,7 @@ fn a_waiting_rust_client_gets_the_lock_after_the_c_client_releases(c: &CClient) 
     let hold_ms = HOLD.as_millis().to_string();
     let mut holder = c.spawn(
         "holder",
-        &mut c.command(&server, &["handover", "forever", &hold_ms], None),
+        &mut c.command(server.addr, &["handover", "forever", &hold_ms], None),
     );
     // 1. The C client is granted the lock.
     let c_token = wait_for_token(&mut holder);
@@ -381,7 +388,10 @@ fn a_waiting_rust_client_gets_the_lock_after_the_c_client_releases(c: &CClient) 
 fn auth_errors_exit_1(c: &CClient) {
     let server = TestServer::start_with(1, |config| config.password = Some(b"pw".to_vec()));
     for (what, password) in [("no-password", None), ("wrong-password", Some("nope"))] {
-        let outcome = c.run(what, &mut c.command(&server, &["guarded", "0"], password));
+        let outcome = c.run(
+            what,
+            &mut c.command(server.addr, &["guarded", "0"], password),
+        );
         assert_eq!(outcome.code, Some(EXIT_ERROR), "{what}: {outcome:?}");
         assert_eq!(outcome.stdout, "", "{what}: printed a token");
         assert!(
@@ -392,7 +402,7 @@ fn auth_errors_exit_1(c: &CClient) {
     }
     let outcome = c.run(
         "right-password",
-        &mut c.command(&server, &["guarded", "0"], Some("pw")),
+        &mut c.command(server.addr, &["guarded", "0"], Some("pw")),
     );
     granted(&outcome);
 }
@@ -407,7 +417,7 @@ fn bad_arguments_exit_1(c: &CClient) {
         ("bad-hold", &["name", "0", "1s"][..]),
         ("too-many", &["name", "0", "0", "extra"][..]),
     ] {
-        let outcome = c.run(what, &mut c.command(&server, args, None));
+        let outcome = c.run(what, &mut c.command(server.addr, args, None));
         assert_eq!(outcome.code, Some(EXIT_ERROR), "{what}: {outcome:?}");
         assert!(
             outcome.stderr.contains("usage: livelock_client"),
@@ -417,6 +427,37 @@ fn bad_arguments_exit_1(c: &CClient) {
     }
     let stats = server.client().stats().unwrap();
     assert_eq!(stats.locks, 0, "a run with bad arguments took a lock");
+}
+
+/// The README's "Run" example, as written: against a fresh server started
+/// with its defaults (the log in a new data directory), `livelock_client
+/// 127.0.0.1 7873 report-42 5000 2000` prints what the README shows.
+fn the_readme_example_prints_what_it_shows(c: &CClient) {
+    let readme = include_str!("../examples/c/README.md");
+    let run = &readme[readme.find("## Run").expect("a Run section")..];
+    let block = &run[run.find("```sh").expect("its commands") + 5..];
+    let block = &block[..block.find("```").expect("its end")];
+    let (command, shown) = block
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix("./livelock_client 127.0.0.1 7873 ")?;
+            Some((rest, block.lines().skip_while(|l| *l != line).nth(1)?))
+        })
+        .expect("a ./livelock_client line and its output");
+    let args: Vec<&str> = command.split_whitespace().collect();
+    let shown = shown.strip_prefix("# ").expect("the output as a comment");
+    let dir = ScratchDir::new("c-readme");
+    let addr = free_addr();
+    let mut server = start_server_with("server", &dir, &data_dir(&dir), addr, "log", &[]);
+    let outcome = c.run("readme", &mut c.command(addr, &args, None));
+    assert_eq!(outcome.code, Some(0), "{}", outcome.stderr);
+    assert_eq!(
+        outcome.stdout,
+        format!("{shown}\n"),
+        "the README shows {shown:?}"
+    );
+    signal(&server, libc::SIGTERM);
+    server.wait_exit();
 }
 
 /// One test: the client is compiled once, then each check runs against its
@@ -437,4 +478,5 @@ fn c_example_client_against_a_real_server() {
     a_waiting_rust_client_gets_the_lock_after_the_c_client_releases(&c);
     auth_errors_exit_1(&c);
     bad_arguments_exit_1(&c);
+    the_readme_example_prints_what_it_shows(&c);
 }

@@ -103,10 +103,10 @@ pub fn lock(dir: &Path, wait: Duration) -> io::Result<DirLock> {
                 io::ErrorKind::AddrInUse,
                 format!(
                     "the data directory {} is in use by another livelock server ({holder} holds \
-                     {}); waited {:?}",
+                     {}); waited {}",
                     dir.display(),
                     path.display(),
-                    wait
+                    crate::duration::human(wait)
                 ),
             ));
         }

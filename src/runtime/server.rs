@@ -460,7 +460,7 @@ fn bind_listener(addr: SocketAddr, wait: Duration) -> io::Result<TcpListener> {
                     Some(pid) => format!("pid {pid}"),
                     None => "another process".to_string(),
                 };
-                format!("in use by {owner}; waited {wait:?}")
+                format!("in use by {owner}; waited {}", crate::duration::human(wait))
             }
             _ => e.to_string(),
         };
