@@ -105,6 +105,26 @@ fn json_log_has_the_events_an_operator_needs() {
     assert_eq!(expired["fields"]["client"], "logged-client");
     assert_eq!(expired["fields"]["holds"], 1);
 
+    // Operator acts are logged as warnings, naming who asked.
+    let operator = Client::connect(addr, &options("pw", Duration::ZERO)).unwrap();
+    let victim = Client::connect(addr, &options("pw", Duration::ZERO)).unwrap();
+    victim.acquire("broken").unwrap().forget();
+    operator.force_release("broken", 0).unwrap();
+    let forced = wait_event(&mut server, "forced release");
+    assert_eq!(forced["level"], "WARN");
+    assert_eq!(forced["fields"]["lock"], "broken");
+    assert_eq!(
+        forced["fields"]["by_session"].as_u64(),
+        Some(operator.session_id())
+    );
+    operator.kill_session(victim.session_id()).unwrap();
+    let killed = wait_event(&mut server, "session ended by an operator");
+    assert_eq!(killed["level"], "WARN");
+    assert_eq!(
+        killed["fields"]["session"].as_u64(),
+        Some(victim.session_id())
+    );
+
     signal(&server, libc::SIGTERM);
     expect_clean_exit(&mut server);
     let events = json_lines(&server.stderr());
@@ -136,4 +156,25 @@ fn text_log_has_timestamps_and_keeps_to_its_level() {
     // INFO (the default) leaves out DEBUG events such as connections.
     assert!(!stderr.contains("connection accepted"), "{stderr}");
     assert!(stderr.contains("stopped"), "{stderr}");
+
+    // LIVELOCK_LOGLEVEL (LiveLock's variable, Python's level names) is honoured.
+    let addr = free_addr();
+    let mut command = livelock_bin();
+    command
+        .args(["server", "--durability", "memory", "--listen"])
+        .arg(addr.to_string())
+        .env("LIVELOCK_LOGLEVEL", "debug");
+    let mut server = ChildGuard::spawn("debug-server", &mut command, &dir);
+    wait_listening(&mut server, addr);
+    Client::connect(addr, &ClientOptions::default())
+        .unwrap()
+        .bye()
+        .unwrap();
+    let line = server.wait_for("a DEBUG line", |s| {
+        s.stderr()
+            .lines()
+            .find(|l| l.contains("connection accepted"))
+            .map(str::to_string)
+    });
+    assert!(line.contains("DEBUG"), "{line}");
 }
