@@ -1345,6 +1345,33 @@ impl EventLoop {
         released
     }
 
+    /// Writes `frame`, a native reply that reports no change (a refusal
+    /// because the log cannot write), so that it leaves at once: ahead of
+    /// the connection's output that waits for the log, at the frame
+    /// boundary where that output starts (native replies are matched by
+    /// request id, so their order is free). While the log fails, held
+    /// output may wait until the disk recovers; a refusal must not — nor
+    /// be held with the other output of a turn that applied a change.
+    fn reply_now(&mut self, token: Token, frame: &[u8]) {
+        let conn = &mut self.conns[token.0];
+        let end = conn.wbase + conn.wbuf.len() as u64;
+        let at = conn.released.min(end);
+        let offset = usize::try_from(at - conn.wbase).expect("within the buffer");
+        conn.wbuf.splice(offset..offset, frame.iter().copied());
+        let len = frame.len() as u64;
+        if conn.released != u64::MAX {
+            conn.released = at + len;
+        }
+        // The connection's held output moved back by the frame's length.
+        let gen = conn.gen;
+        for (_, ends) in self.held.iter_mut() {
+            for (_, _, held_end) in ends.iter_mut().filter(|(t, g, _)| *t == token && *g == gen) {
+                *held_end += len;
+            }
+        }
+        self.mark_flush(token);
+    }
+
     /// Whether held output can leave (the log has caught up with it).
     fn releasable(&self) -> bool {
         let (Some(log), Some((seq, _))) = (&self.shared.log, self.held.front()) else {

@@ -265,8 +265,7 @@ impl EventLoop {
                 Flow::Stop
             }
             (request, Some(_)) if request.changes_state() && self.storage_failing() => {
-                let op = request.opcode();
-                self.reply_status(token, op, request_id, Status::StorageFailed, STORAGE_FAILED);
+                self.refuse_storage_failed(token, request.opcode(), request_id);
                 Flow::Continue
             }
             (request, Some(id)) => {
@@ -274,6 +273,20 @@ impl EventLoop {
                 Flow::Continue
             }
         }
+    }
+
+    /// A change refused because the log cannot write: answered at once,
+    /// whatever output of the connection waits for the log (`reply_now`).
+    fn refuse_storage_failed(&mut self, token: Token, op: u8, request_id: u32) {
+        let mut frame = Vec::new();
+        protocol::encode_status(
+            &mut frame,
+            op,
+            request_id,
+            Status::StorageFailed,
+            STORAGE_FAILED,
+        );
+        self.reply_now(token, &frame);
     }
 
     fn check_password(&mut self, token: Token, op: u8, request_id: u32, password: &[u8]) -> bool {
@@ -325,8 +338,7 @@ impl EventLoop {
             return Flow::Continue;
         }
         if self.storage_failing() {
-            let op = opcode::HELLO;
-            self.reply_status(token, op, request_id, Status::StorageFailed, STORAGE_FAILED);
+            self.refuse_storage_failed(token, opcode::HELLO, request_id);
             return Flow::Continue;
         }
         let secret = random_secret();
