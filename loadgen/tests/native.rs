@@ -200,10 +200,39 @@ fn bad_arguments_exit_2() {
         &["livelock://127.0.0.1:7873", "--distribution", "pareto"],
         &["http://127.0.0.1:7873"],
         &["redis://127.0.0.1:6379", "--shared-ratio", "0.5"],
-        &[],
+        &["livelock://127.0.0.1:7873", "--hold-us", "5x"],
     ] {
         let out = loadgen(args);
         assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
         assert!(!out.stderr.is_empty(), "{args:?}");
     }
+}
+
+/// With no target, the server of LIVELOCK_HOST and LIVELOCK_PORT, read as
+/// every livelock command reads them; a bad one is a usage error naming it.
+#[test]
+fn the_target_defaults_to_the_environment() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let run = |env: &[(&str, String)]| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_livelock-loadgen"));
+        command
+            .args(["--duration", "1", "-q"])
+            .envs(env.iter().cloned());
+        command.output().expect("run livelock-loadgen")
+    };
+    let out = run(&[
+        ("LIVELOCK_HOST", "127.0.0.1".into()),
+        ("LIVELOCK_PORT", free.to_string()),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("127.0.0.1:{free}")), "{stderr}");
+    let out = run(&[("LIVELOCK_PORT", "abc".into())]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("LIVELOCK_PORT"), "{stderr}");
 }
