@@ -83,7 +83,7 @@ pub const EVENTS_MAX: usize = 4096;
 pub const EVENTS_RESERVED: usize = 1024;
 
 /// The queue's bound: `EVENTS_MAX` signals plus the reserved room.
-const EVENTS_QUEUE_MAX: usize = EVENTS_MAX + EVENTS_RESERVED;
+pub(crate) const EVENTS_QUEUE_MAX: usize = EVENTS_MAX + EVENTS_RESERVED;
 const _: () = assert!(
     EVENTS_RESERVED >= 3,
     "room for shutdown, session taken, disconnected"
@@ -173,10 +173,10 @@ pub struct HeldLock {
 
 /// A reply taken off the socket.
 #[derive(Debug)]
-struct OwnedReply {
-    flags: u16,
-    status: Status,
-    body: Vec<u8>,
+pub(crate) struct OwnedReply {
+    pub(crate) flags: u16,
+    pub(crate) status: Status,
+    pub(crate) body: Vec<u8>,
 }
 
 struct Inner {
@@ -372,22 +372,7 @@ impl Client {
         notify_queued: bool,
     ) -> Result<PendingAcquire> {
         let name = name.as_ref();
-        let wait_ms = match options.wait {
-            None => WAIT_FOREVER,
-            Some(wait) => u32::try_from(wait.as_millis())
-                .unwrap_or(WAIT_FOREVER - 1)
-                .min(WAIT_FOREVER - 1),
-        };
-        let lease_ms = options.lease.map_or(0, |l| {
-            u32::try_from(l.as_millis()).unwrap_or(u32::MAX).max(1)
-        });
-        let request = Request::Acquire {
-            name,
-            mode: options.mode,
-            wait_ms,
-            lease_ms,
-            notify_queued,
-        };
+        let request = acquire_request(name, options, notify_queued);
         let (request_id, replies) = self.send(&request)?;
         Ok(PendingAcquire {
             inner: self.inner.clone(),
@@ -506,6 +491,30 @@ impl Drop for Client {
     }
 }
 
+/// The ACQUIRE of `name` as `options` say.
+pub(crate) fn acquire_request(
+    name: &[u8],
+    options: AcquireOptions,
+    notify_queued: bool,
+) -> Request<'_> {
+    let wait_ms = match options.wait {
+        None => WAIT_FOREVER,
+        Some(wait) => u32::try_from(wait.as_millis())
+            .unwrap_or(WAIT_FOREVER - 1)
+            .min(WAIT_FOREVER - 1),
+    };
+    let lease_ms = options.lease.map_or(0, |l| {
+        u32::try_from(l.as_millis()).unwrap_or(u32::MAX).max(1)
+    });
+    Request::Acquire {
+        name,
+        mode: options.mode,
+        wait_ms,
+        lease_ms,
+        notify_queued,
+    }
+}
+
 /// Keepalive and TCP_USER_TIMEOUT as the server sets them by default (2 s
 /// idle + 3 probes 1 s apart; unacknowledged data dropped after 5 s), so a
 /// dead server is found even by a client that sends nothing.
@@ -533,13 +542,18 @@ fn first_request_id(first: &Request<'_>) -> u32 {
     }
 }
 
-fn send(inner: &Inner, request: &Request<'_>) -> Result<(u32, Receiver<OwnedReply>)> {
-    let request_id = loop {
-        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+/// The next request id of a session (never 0: pushes use it).
+pub(crate) fn next_request_id(next: &AtomicU32) -> u32 {
+    loop {
+        let id = next.fetch_add(1, Ordering::Relaxed);
         if id != 0 {
             break id;
         }
-    };
+    }
+}
+
+fn send(inner: &Inner, request: &Request<'_>) -> Result<(u32, Receiver<OwnedReply>)> {
+    let request_id = next_request_id(&inner.next_id);
     let (tx, rx) = crossbeam_channel::bounded(2);
     match inner.waiting.lock().as_mut() {
         Some(waiting) => waiting.insert(request_id, tx),
@@ -582,7 +596,7 @@ fn extend(inner: &Inner, name: &[u8], lease: Duration, token: u64) -> Result<()>
     call(inner, &request).map(|_| ())
 }
 
-fn status_error(status: Status, body: &[u8]) -> Error {
+pub(crate) fn status_error(status: Status, body: &[u8]) -> Error {
     Error::Status(status, String::from_utf8_lossy(body).into_owned())
 }
 
@@ -707,24 +721,25 @@ impl Drop for Guard {
     }
 }
 
+/// Takes the whole frame at the front of `buf` off it, if there is one.
+pub(crate) fn take_frame(buf: &mut Vec<u8>) -> Result<Option<OwnedFrame>> {
+    match protocol::decode_reply(buf) {
+        Ok(DecodedReply::Frame { consumed, reply }) => {
+            let frame = OwnedFrame::from(&reply);
+            buf.drain(..consumed);
+            Ok(Some(frame))
+        }
+        Ok(DecodedReply::Incomplete) => Ok(None),
+        Err(e) => Err(Error::Protocol(format!("{e:?}"))),
+    }
+}
+
 /// Reads one whole frame into `buf` (keeping any bytes after it).
 /// `Ok(None)` at a clean end of stream.
-fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<OwnedReplyFrame>> {
+fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<OwnedFrame>> {
     loop {
-        match protocol::decode_reply(buf) {
-            Ok(DecodedReply::Frame { consumed, reply }) => {
-                let frame = OwnedReplyFrame {
-                    opcode: reply.opcode,
-                    request_id: reply.request_id,
-                    flags: reply.flags,
-                    status: reply.status,
-                    body: reply.body.to_vec(),
-                };
-                buf.drain(..consumed);
-                return Ok(Some(frame));
-            }
-            Ok(DecodedReply::Incomplete) => {}
-            Err(e) => return Err(Error::Protocol(format!("{e:?}"))),
+        if let Some(frame) = take_frame(buf)? {
+            return Ok(Some(frame));
         }
         let mut chunk = [0u8; 8192];
         let n = match stream.read(&mut chunk) {
@@ -739,12 +754,87 @@ fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<OwnedR
     }
 }
 
-struct OwnedReplyFrame {
-    opcode: u8,
-    request_id: u32,
-    flags: u16,
-    status: Status,
-    body: Vec<u8>,
+/// A server frame, owned.
+pub(crate) struct OwnedFrame {
+    pub(crate) opcode: u8,
+    pub(crate) request_id: u32,
+    pub(crate) flags: u16,
+    pub(crate) status: Status,
+    pub(crate) body: Vec<u8>,
+}
+
+impl From<&protocol::Reply<'_>> for OwnedFrame {
+    fn from(reply: &protocol::Reply<'_>) -> OwnedFrame {
+        OwnedFrame {
+            opcode: reply.opcode,
+            request_id: reply.request_id,
+            flags: reply.flags,
+            status: reply.status,
+            body: reply.body.to_vec(),
+        }
+    }
+}
+
+/// What a server frame is to a client (blocking or async).
+pub(crate) enum Incoming {
+    /// A push for the application.
+    Event(Event),
+    /// One hold of a RESUME's listing.
+    Held(HeldLock),
+    /// The RESUME's listing is complete.
+    HeldEnd,
+    /// A reply to `request_id`: interim (QUEUED) or final.
+    Reply {
+        request_id: u32,
+        interim: bool,
+        reply: OwnedReply,
+    },
+    /// A push whose body does not parse: the stream cannot be trusted.
+    Broken,
+}
+
+/// Classifies a server frame.
+pub(crate) fn classify(frame: OwnedFrame) -> Incoming {
+    if frame.request_id == 0 {
+        let body = &frame.body;
+        let pushed = match frame.opcode {
+            opcode::HELD => Some(protocol::parse_held_body(body).map(|(token, mode, name)| {
+                Incoming::Held(HeldLock {
+                    name: name.to_vec(),
+                    mode,
+                    token,
+                })
+            })),
+            opcode::HELD_END => Some(Some(Incoming::HeldEnd)),
+            opcode::LOCK_LOST => Some(protocol::parse_lock_lost_body(body).map(|(token, name)| {
+                Incoming::Event(Event::LockLost {
+                    name: name.to_vec(),
+                    token,
+                })
+            })),
+            opcode::SIGNALLED => Some(protocol::parse_signal_body(body).map(|(name, signal)| {
+                Incoming::Event(Event::Signal {
+                    name: name.to_vec(),
+                    signal: signal.to_vec(),
+                })
+            })),
+            opcode::SHUTDOWN => Some(Some(Incoming::Event(Event::Shutdown))),
+            opcode::SESSION_TAKEN => Some(Some(Incoming::Event(Event::SessionTaken))),
+            _ => None,
+        };
+        if let Some(pushed) = pushed {
+            return pushed.unwrap_or(Incoming::Broken);
+        }
+    }
+    Incoming::Reply {
+        request_id: frame.request_id,
+        interim: frame.flags & flags::INTERIM != 0,
+        reply: OwnedReply {
+            flags: frame.flags,
+            status: frame.status,
+            body: frame.body,
+        },
+    }
 }
 
 fn read_loop(
@@ -755,69 +845,36 @@ fn read_loop(
     listed: Sender<()>,
 ) {
     while let Ok(Some(frame)) = read_frame(&mut stream, &mut buf) {
-        // A RESUME's listing of the session's holds.
-        if frame.request_id == 0 && frame.opcode == opcode::HELD {
-            let Some((token, mode, name)) = protocol::parse_held_body(&frame.body) else {
-                break;
-            };
-            if let Some(resumed) = inner.resumed.lock().as_mut() {
-                resumed.holds.push(HeldLock {
-                    name: name.to_vec(),
-                    mode,
-                    token,
-                });
+        match classify(frame) {
+            Incoming::Held(held) => {
+                if let Some(resumed) = inner.resumed.lock().as_mut() {
+                    resumed.holds.push(held);
+                }
             }
-            continue;
+            Incoming::HeldEnd => {
+                let _ = listed.try_send(());
+            }
+            Incoming::Event(event) => push_event(&events, &inner, event),
+            Incoming::Reply {
+                request_id,
+                interim,
+                reply,
+            } => {
+                let mut waiting = inner.waiting.lock();
+                let Some(map) = waiting.as_mut() else { break };
+                let tx = if interim {
+                    map.get(&request_id).cloned()
+                } else {
+                    map.remove(&request_id)
+                };
+                drop(waiting);
+                if let Some(tx) = tx {
+                    let _ = tx.send(reply);
+                }
+                // A reply nobody waits for (e.g. HelloTimeout with id 0) is dropped.
+            }
+            Incoming::Broken => break,
         }
-        if frame.request_id == 0 && frame.opcode == opcode::HELD_END {
-            let _ = listed.try_send(());
-            continue;
-        }
-        let is_push_event = frame.request_id == 0
-            && matches!(
-                frame.opcode,
-                opcode::LOCK_LOST | opcode::SHUTDOWN | opcode::SESSION_TAKEN | opcode::SIGNALLED
-            );
-        if is_push_event {
-            let event = match frame.opcode {
-                opcode::LOCK_LOST => match protocol::parse_lock_lost_body(&frame.body) {
-                    Some((token, name)) => Event::LockLost {
-                        name: name.to_vec(),
-                        token,
-                    },
-                    None => break,
-                },
-                opcode::SHUTDOWN => Event::Shutdown,
-                opcode::SIGNALLED => match protocol::parse_signal_body(&frame.body) {
-                    Some((name, signal)) => Event::Signal {
-                        name: name.to_vec(),
-                        signal: signal.to_vec(),
-                    },
-                    None => break,
-                },
-                _ => Event::SessionTaken,
-            };
-            push_event(&events, &inner, event);
-            continue;
-        }
-        let interim = frame.flags & flags::INTERIM != 0;
-        let reply = OwnedReply {
-            flags: frame.flags,
-            status: frame.status,
-            body: frame.body,
-        };
-        let mut waiting = inner.waiting.lock();
-        let Some(map) = waiting.as_mut() else { break };
-        let tx = if interim {
-            map.get(&frame.request_id).cloned()
-        } else {
-            map.remove(&frame.request_id)
-        };
-        drop(waiting);
-        if let Some(tx) = tx {
-            let _ = tx.send(reply);
-        }
-        // A reply nobody waits for (e.g. HelloTimeout with id 0) is dropped.
     }
     // Dropping the senders wakes every caller with Disconnected.
     inner.waiting.lock().take();

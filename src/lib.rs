@@ -1,6 +1,30 @@
 //! livelock: a lock server whose locks live exactly as long as their holder's
 //! session. See docs/ARCHITECTURE.md for how the pieces fit.
 //!
+//! As a client library (`default-features = false, features = ["client"]`
+//! builds only this part):
+//!
+//! ```no_run
+//! use livelock::client::{AcquireOptions, Client, ClientOptions};
+//! use std::time::Duration;
+//!
+//! # fn main() -> livelock::client::Result<()> {
+//! let client = Client::connect("127.0.0.1:7873", &ClientOptions::default())?;
+//! let guard = client.acquire("report-42")?; // waits, FIFO, server-side
+//! println!("fencing token {}", guard.token()); // pass it to what you write
+//! drop(guard); // releases this hold (by its token)
+//! let options = AcquireOptions {
+//!     wait: Some(Duration::from_secs(5)),
+//!     lease: Some(Duration::from_secs(30)),
+//!     ..AcquireOptions::default()
+//! };
+//! if let Ok(guard) = client.acquire_with("nightly", options) {
+//!     guard.extend(Duration::from_secs(30))?;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! The folders are the layers (imports go down this list, never up; the
 //! exceptions are named in docs/ARCHITECTURE.md, "Modules"):
 //! - `runtime`: the server's threads and I/O — event loops, connections,
@@ -11,16 +35,28 @@
 //! - `state`: the pure core — the lock table, sessions, the log's records
 //!   and their replay, the dump's format, export and restore. No socket, no
 //!   clock, no thread, no file;
-//! - `limits`, `duration`, `address`: shared by all.
+//! - `limits`, `duration`, `address`, `mode`: shared by all.
+//!
+//! Features: `server` (the default) is all of it; `client` alone (with
+//! `default-features = false`) is the blocking client, the wire format and
+//! the shared modules, without the server's dependencies; `tokio` adds the
+//! async client (`client_async`).
 pub mod address;
 pub mod client;
+#[cfg(feature = "tokio")]
+pub mod client_async;
 pub mod duration;
 pub mod limits;
+pub mod mode;
+#[cfg(feature = "server")]
 pub mod runtime;
+#[cfg(feature = "server")]
 pub mod state;
 pub mod wire;
 
 // Every module also under its short name (`livelock::lock_table`...).
+#[cfg(feature = "server")]
 pub use runtime::{config, connection, data_dir, event_loop, metrics, raft_log, server};
+#[cfg(feature = "server")]
 pub use state::{dump, journal, lock_table, session, snapshot};
 pub use wire::{glob, protocol, resp};

@@ -28,13 +28,7 @@ use hashbrown::{HashMap, HashSet, HashTable};
 use std::hash::BuildHasher;
 
 use crate::limits::{SIGNALS_PER_LOCK_MAX, WAITERS_PER_LOCK_MAX};
-/// How a lock is held: one exclusive holder, or any number of shared holders.
-#[repr(u8)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Exclusive = 0,
-    Shared = 1,
-}
+pub use crate::mode::Mode;
 
 /// A session, unique over all loops of the server (its home loop is in the low bits).
 pub type SessionId = u64;

@@ -423,17 +423,7 @@ impl fmt::Display for Status {
     }
 }
 
-pub use crate::state::lock_table::Mode;
-
-impl Mode {
-    fn from_u8(code: u8) -> Option<Mode> {
-        match code {
-            0 => Some(Mode::Exclusive),
-            1 => Some(Mode::Shared),
-            _ => None,
-        }
-    }
-}
+pub use crate::mode::Mode;
 
 /// A decoded client request. Byte fields borrow from the read buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,378 @@
+//! The async client for tokio services (feature `tokio`): the sessions,
+//! locks and events of the blocking client (`client`), over a tokio
+//! `TcpStream`. One reader task hands each final reply to the request that
+//! waits for it and queues pushes as events; one writer task sends frames
+//! in order, so a guard dropped outside `async` code can still release its
+//! hold. Frames are classified by `client::classify`, shared with the
+//! blocking client.
+//!
+//! ```no_run
+//! # async fn demo() -> livelock::client::Result<()> {
+//! use livelock::client::ClientOptions;
+//! use livelock::client_async::AsyncClient;
+//!
+//! let client = AsyncClient::connect("127.0.0.1:7873", &ClientOptions::default()).await?;
+//! let guard = client.acquire("report-42").await?; // waits, FIFO
+//! println!("fencing token {}", guard.token());
+//! guard.release().await?;
+//! client.bye().await
+//! # }
+//! ```
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hashbrown::HashMap;
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::client::{
+    acquire_request, classify, next_request_id, status_error, take_frame, AcquireOptions,
+    ClientOptions, Error, Event, Incoming, OwnedFrame, OwnedReply, Result, EVENTS_MAX,
+    EVENTS_QUEUE_MAX,
+};
+use crate::protocol::{self, Mode, Request, Status, SECRET_LEN};
+
+/// Requests waiting for their final reply, by request id; `None` once the
+/// connection is gone.
+type Waiting = Mutex<Option<HashMap<u32, oneshot::Sender<OwnedReply>>>>;
+
+struct Inner {
+    /// Frames to send, in order (the writer task owns the socket's half).
+    frames: mpsc::UnboundedSender<Vec<u8>>,
+    waiting: Waiting,
+    next_id: AtomicU32,
+    session_id: u64,
+    secret: [u8; SECRET_LEN],
+    signals_dropped: AtomicU64,
+}
+
+impl Inner {
+    /// Sends `request` and returns where its final reply will arrive.
+    fn send(&self, request: &Request<'_>) -> Result<oneshot::Receiver<OwnedReply>> {
+        let request_id = next_request_id(&self.next_id);
+        let (tx, rx) = oneshot::channel();
+        match self.waiting.lock().as_mut() {
+            Some(map) => map.insert(request_id, tx),
+            None => return Err(Error::Disconnected),
+        };
+        let mut frame = Vec::new();
+        protocol::encode_request(&mut frame, request_id, request);
+        self.frames.send(frame).map_err(|_| Error::Disconnected)?;
+        Ok(rx)
+    }
+
+    async fn call(&self, request: &Request<'_>) -> Result<OwnedReply> {
+        let reply = self.send(request)?.await.map_err(|_| Error::Disconnected)?;
+        match reply.status {
+            Status::Ok => Ok(reply),
+            status => Err(status_error(status, &reply.body)),
+        }
+    }
+}
+
+/// A session with the server, for tokio tasks. Cheap to share (`Arc`).
+pub struct AsyncClient {
+    inner: Arc<Inner>,
+    events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
+}
+
+impl AsyncClient {
+    /// Connects and opens a session (HELLO), within `options.connect_timeout`.
+    pub async fn connect(addr: impl ToSocketAddrs, options: &ClientOptions) -> Result<AsyncClient> {
+        let grace_ms = u32::try_from(options.grace.as_millis()).unwrap_or(u32::MAX);
+        let hello = Request::Hello {
+            grace_ms,
+            password: options.password.as_deref().unwrap_or("").as_bytes(),
+            client_name: options.client_name.as_bytes(),
+        };
+        let open = async {
+            let mut stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let mut frame = Vec::new();
+            protocol::encode_request(&mut frame, 1, &hello);
+            stream.write_all(&frame).await?;
+            let mut buf = Vec::new();
+            let (reader, writer) = stream.into_split();
+            let mut reader = reader;
+            let reply = read_frame(&mut reader, &mut buf)
+                .await?
+                .ok_or(Error::Disconnected)?;
+            Ok::<_, Error>((reader, writer, buf, reply))
+        };
+        let (reader, writer, buf, reply) = tokio::time::timeout(options.connect_timeout, open)
+            .await
+            .map_err(|_| Error::Io(std::io::ErrorKind::TimedOut.into()))??;
+        if reply.status != Status::Ok {
+            return Err(status_error(reply.status, &reply.body));
+        }
+        let (session_id, secret, _) = protocol::parse_session_body(&reply.body)
+            .ok_or_else(|| Error::Protocol("short session reply".into()))?;
+        let (frames, frames_rx) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::channel(EVENTS_QUEUE_MAX);
+        let inner = Arc::new(Inner {
+            frames,
+            waiting: Mutex::new(Some(HashMap::new())),
+            next_id: AtomicU32::new(2),
+            session_id,
+            secret,
+            signals_dropped: AtomicU64::new(0),
+        });
+        tokio::spawn(write_loop(writer, frames_rx));
+        tokio::spawn(read_loop(reader, buf, inner.clone(), events_tx));
+        Ok(AsyncClient {
+            inner,
+            events: tokio::sync::Mutex::new(events),
+        })
+    }
+
+    pub fn session_id(&self) -> u64 {
+        self.inner.session_id
+    }
+
+    /// The secret a RESUME needs, with `session_id`.
+    pub fn secret(&self) -> [u8; SECRET_LEN] {
+        self.inner.secret
+    }
+
+    /// The next pushed event (lock lost, signal, shutdown, session taken,
+    /// disconnected); `None` once the connection is gone and every event
+    /// was read. Only signals are ever dropped (past `EVENTS_MAX` unread).
+    pub async fn next_event(&self) -> Option<Event> {
+        self.events.lock().await.recv().await
+    }
+
+    /// How many signals were dropped because `EVENTS_MAX` were unread.
+    pub fn signals_dropped(&self) -> u64 {
+        self.inner.signals_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits (forever, FIFO) for an exclusive hold.
+    pub async fn acquire(&self, name: impl AsRef<[u8]>) -> Result<AsyncGuard> {
+        self.acquire_with(name, AcquireOptions::default()).await
+    }
+
+    /// One attempt: `None` if someone else holds it.
+    pub async fn try_acquire(&self, name: impl AsRef<[u8]>) -> Result<Option<AsyncGuard>> {
+        self.acquire_timeout(name, Duration::ZERO).await
+    }
+
+    /// Waits at most `wait` (server-side): `None` if not granted in time.
+    pub async fn acquire_timeout(
+        &self,
+        name: impl AsRef<[u8]>,
+        wait: Duration,
+    ) -> Result<Option<AsyncGuard>> {
+        let options = AcquireOptions {
+            wait: Some(wait),
+            ..AcquireOptions::default()
+        };
+        match self.acquire_with(name, options).await {
+            Ok(guard) => Ok(Some(guard)),
+            Err(Error::Status(Status::Busy | Status::TimedOut, _)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits (forever) for a shared hold.
+    pub async fn acquire_shared(&self, name: impl AsRef<[u8]>) -> Result<AsyncGuard> {
+        let options = AcquireOptions {
+            mode: Mode::Shared,
+            ..AcquireOptions::default()
+        };
+        self.acquire_with(name, options).await
+    }
+
+    /// Acquires as `options` say; a refusal is `Error::Status(Busy | TimedOut | ...)`.
+    /// Dropping the future before the grant leaves the acquire queued on
+    /// the server (its grant, if it comes, is released at once).
+    pub async fn acquire_with(
+        &self,
+        name: impl AsRef<[u8]>,
+        options: AcquireOptions,
+    ) -> Result<AsyncGuard> {
+        let name = name.as_ref();
+        let reply = self
+            .inner
+            .call(&acquire_request(name, options, false))
+            .await?;
+        let token = protocol::parse_token_body(&reply.body)
+            .ok_or_else(|| Error::Protocol("bad grant".into()))?;
+        Ok(AsyncGuard {
+            inner: self.inner.clone(),
+            name: name.to_vec(),
+            token,
+            armed: true,
+        })
+    }
+
+    /// One round trip.
+    pub async fn ping(&self) -> Result<Duration> {
+        let start = tokio::time::Instant::now();
+        self.inner.call(&Request::Ping).await?;
+        Ok(start.elapsed())
+    }
+
+    /// Raises `signal` on a held lock: every holder gets `Event::Signal`.
+    pub async fn signal(&self, name: impl AsRef<[u8]>, signal: impl AsRef<[u8]>) -> Result<()> {
+        let request = Request::Signal {
+            name: name.as_ref(),
+            signal: signal.as_ref(),
+            op: protocol::SignalKind::Raise,
+        };
+        self.inner.call(&request).await.map(|_| ())
+    }
+
+    /// Who holds `name` and who waits (None when nobody holds it).
+    pub async fn inspect(&self, name: impl AsRef<[u8]>) -> Result<Option<protocol::Inspection>> {
+        let name = name.as_ref();
+        match self.inner.call(&Request::Inspect { name }).await {
+            Ok(reply) => protocol::parse_inspect_body(&reply.body)
+                .map(Some)
+                .ok_or_else(|| Error::Protocol("bad INSPECT reply".into())),
+            Err(Error::Status(Status::NotHeld, _)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Server-wide counts, totals, uptime and version.
+    pub async fn stats(&self) -> Result<protocol::StatsReply> {
+        let reply = self.inner.call(&Request::Stats).await?;
+        protocol::parse_stats_body(&reply.body)
+            .ok_or_else(|| Error::Protocol("bad STATS reply".into()))
+    }
+
+    /// Ends the session at once (every hold released) and closes.
+    pub async fn bye(self) -> Result<()> {
+        self.inner.call(&Request::Bye).await.map(|_| ())
+    }
+}
+
+/// A hold of a lock. Release it with `release().await`; dropping it
+/// releases it too (the RELEASE is queued for the writer task, no await
+/// needed) — only this hold, by its fencing token.
+pub struct AsyncGuard {
+    inner: Arc<Inner>,
+    name: Vec<u8>,
+    token: u64,
+    armed: bool,
+}
+
+impl AsyncGuard {
+    /// The fencing token of this grant.
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    pub fn name(&self) -> &[u8] {
+        &self.name
+    }
+
+    /// Releases this hold and waits for the server's answer.
+    pub async fn release(mut self) -> Result<()> {
+        self.armed = false;
+        let request = Request::Release {
+            name: &self.name,
+            token: self.token,
+        };
+        self.inner.call(&request).await.map(|_| ())
+    }
+
+    /// Renews this hold's lease: it ends `lease` from now unless extended.
+    pub async fn extend(&self, lease: Duration) -> Result<()> {
+        let request = Request::Extend {
+            name: &self.name,
+            lease_ms: u32::try_from(lease.as_millis()).unwrap_or(u32::MAX).max(1),
+            token: self.token,
+        };
+        self.inner.call(&request).await.map(|_| ())
+    }
+
+    /// Keeps the hold without releasing it on drop (it ends with the session).
+    pub fn forget(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AsyncGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let request = Request::Release {
+                name: &self.name,
+                token: self.token,
+            };
+            // Nobody waits for the answer: its receiver is dropped here.
+            let _ = self.inner.send(&request);
+        }
+    }
+}
+
+async fn write_loop(mut writer: OwnedWriteHalf, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(frame) = frames.recv().await {
+        if writer.write_all(&frame).await.is_err() {
+            break;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+/// Reads one whole frame into `buf` (keeping any bytes after it); `None` at
+/// a clean end of stream.
+async fn read_frame(reader: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> Result<Option<OwnedFrame>> {
+    loop {
+        if let Some(frame) = take_frame(buf)? {
+            return Ok(Some(frame));
+        }
+        let mut chunk = [0u8; 8192];
+        let n = reader.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn read_loop(
+    mut reader: OwnedReadHalf,
+    mut buf: Vec<u8>,
+    inner: Arc<Inner>,
+    events: mpsc::Sender<Event>,
+) {
+    while let Ok(Some(frame)) = read_frame(&mut reader, &mut buf).await {
+        match classify(frame) {
+            Incoming::Event(event) => {
+                if matches!(event, Event::Signal { .. })
+                    && events.max_capacity() - events.capacity() >= EVENTS_MAX
+                {
+                    inner.signals_dropped.fetch_add(1, Ordering::Relaxed);
+                } else if events.send(event).await.is_err() {
+                    // The client is gone: nobody reads events any more.
+                }
+            }
+            Incoming::Reply {
+                request_id,
+                interim: false,
+                reply,
+            } => {
+                let tx = inner
+                    .waiting
+                    .lock()
+                    .as_mut()
+                    .and_then(|map| map.remove(&request_id));
+                if let Some(tx) = tx {
+                    let _ = tx.send(reply);
+                }
+            }
+            // QUEUED notices and a RESUME's listing: this client asks for neither.
+            Incoming::Reply { .. } | Incoming::Held(_) | Incoming::HeldEnd => {}
+            Incoming::Broken => break,
+        }
+    }
+    // Dropping the senders wakes every waiting call with Disconnected.
+    inner.waiting.lock().take();
+    let _ = events.send(Event::Disconnected).await;
+}

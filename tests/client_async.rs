@@ -1,0 +1,117 @@
+//! The async client (feature `tokio`) against a real server: the grant and
+//! its fencing token, try and timed waits, FIFO hand-over between tasks, a
+//! guard dropped in async code releasing its own hold, a lease lost as an
+//! event, INSPECT and STATS, a server error as a status, and the
+//! disconnection event. Every wait is bounded.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestServer, WAIT_MAX};
+use livelock::client::{AcquireOptions, ClientOptions, Error, Event};
+use livelock::client_async::AsyncClient;
+use livelock::protocol::Status;
+
+async fn bounded<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT_MAX, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not happen within {WAIT_MAX:?}"))
+}
+
+async fn connect(server: &TestServer) -> AsyncClient {
+    bounded(
+        "connect",
+        AsyncClient::connect(server.addr, &ClientOptions::default()),
+    )
+    .await
+    .expect("a session")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_tokens_and_hand_over() {
+    let server = TestServer::start(2);
+    let a = connect(&server).await;
+    let b = connect(&server).await;
+    let first = bounded("grant", a.acquire("job")).await.unwrap();
+    assert!(bounded("try", b.try_acquire("job"))
+        .await
+        .unwrap()
+        .is_none());
+    let timed = bounded("timed", b.acquire_timeout("job", Duration::from_millis(50)))
+        .await
+        .unwrap();
+    assert!(timed.is_none(), "TimedOut after the wait");
+    // A waiting task is granted when the holder lets go, with a higher token.
+    let waiter = tokio::spawn(async move {
+        let guard = b.acquire("job").await?;
+        Ok::<_, Error>((guard.token(), b, guard))
+    });
+    let found = loop {
+        let found = bounded("inspect", a.inspect("job")).await.unwrap().unwrap();
+        if found.queue.len() == 1 {
+            break found;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(found.holders[0].1, first.token());
+    let token = first.token();
+    bounded("release", first.release()).await.unwrap();
+    let (granted, b, guard) = bounded("hand-over", waiter).await.unwrap().unwrap();
+    assert!(granted > token);
+    // Dropped without await: the writer task still sends its RELEASE.
+    drop(guard);
+    let again = bounded("grant after drop", a.acquire("job")).await.unwrap();
+    assert!(again.token() > granted);
+    again.forget();
+    let stats = bounded("stats", b.stats()).await.unwrap();
+    assert_eq!(stats.locks, 1);
+    assert!(stats.grants_total >= 3);
+    bounded("bye", b.bye()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_and_a_lost_connection_are_events() {
+    let server = TestServer::start(1);
+    let client = connect(&server).await;
+    let lease = AcquireOptions {
+        lease: Some(Duration::from_millis(50)),
+        ..AcquireOptions::default()
+    };
+    let guard = bounded("grant", client.acquire_with("leased", lease))
+        .await
+        .unwrap();
+    let event = bounded("lock lost", client.next_event()).await;
+    assert_eq!(
+        event,
+        Some(Event::LockLost {
+            name: b"leased".to_vec(),
+            token: guard.token()
+        })
+    );
+    // Extending a lost hold is refused with the server's status.
+    match bounded("extend", guard.extend(Duration::from_secs(1))).await {
+        Err(Error::Status(Status::NotHeld, _)) => {}
+        other => panic!("extend of a lost hold: {other:?}"),
+    }
+    guard.forget();
+    match bounded("bad name", client.acquire("")).await {
+        Err(Error::Status(Status::BadName, _)) => {}
+        other => panic!("an empty name: {}", other.is_ok()),
+    }
+    // The server shuts down: it says so, then the connection ends.
+    let stopping = tokio::task::spawn_blocking(move || drop(server));
+    assert_eq!(
+        bounded("shutdown", client.next_event()).await,
+        Some(Event::Shutdown)
+    );
+    assert_eq!(
+        bounded("disconnected", client.next_event()).await,
+        Some(Event::Disconnected)
+    );
+    bounded("the server stops", stopping).await.unwrap();
+    assert!(matches!(
+        bounded("ping", client.ping()).await,
+        Err(Error::Disconnected)
+    ));
+}
