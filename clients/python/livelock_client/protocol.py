@@ -1,0 +1,751 @@
+"""The livelock native protocol, version 1, without any I/O.
+
+This module owns the wire format (docs/PROTOCOL.md): constants and limits,
+the opcode and status enums, the typed exceptions, request body encoders
+that refuse bad input with ValueError before anything is sent, an
+incremental decoder of server frames that never trusts a length beyond the
+documented bounds, and parsers of every reply and push body. The blocking
+and asyncio clients share it through ``livelock_client.core``.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from dataclasses import dataclass
+from typing import NoReturn, Union
+
+MAGIC = b"\xf1\x4c"
+VERSION = 1
+HEADER_LEN = 16
+SECRET_LEN = 16
+WAIT_FOREVER = 0xFFFFFFFF
+NAME_LEN_MAX = 1024
+SIGNAL_LEN_MAX = 1024
+PATTERN_LEN_MAX = 1024
+PASSWORD_LEN_MAX = 256
+CLIENT_NAME_LEN_MAX = 256
+GRACE_MS_MAX = 3_600_000
+FRAME_BODY_MAX = 4096
+REPLY_BODY_MAX = 1 << 20
+IN_FLIGHT_MAX = 1024
+RESUME_REPLY_BODY_MAX = 32 + 4 + 4 * IN_FLIGHT_MAX
+LIST_LIMIT_MAX = 10_000
+U32_MAX = 0xFFFFFFFF
+U64_MAX = 0xFFFFFFFFFFFFFFFF
+
+# Header flags.
+FLAG_REPLY = 0x0001
+FLAG_PUSH = 0x0002
+FLAG_INTERIM = 0x0004
+FLAG_HOLD_TOKEN = 0x0008
+
+# ACQUIRE acq_flags bit: an INTERIM Queued reply when the acquire has to wait.
+ACQ_NOTIFY_QUEUED = 0x01
+
+_HEADER = struct.Struct("<2sBBHHII")
+
+#: What a lock name, signal or password may be given as (str is UTF-8 encoded).
+BytesLike = Union[str, bytes, bytearray, memoryview]
+
+
+class Opcode(enum.IntEnum):
+    HELLO = 0x01
+    RESUME = 0x02
+    ACQUIRE = 0x03
+    RELEASE = 0x04
+    EXTEND = 0x05
+    CANCEL = 0x06
+    PING = 0x07
+    BYE = 0x08
+    SIGNAL = 0x09
+    INSPECT = 0x0A
+    LIST = 0x0B
+    STATS = 0x0C
+    FORCE_RELEASE = 0x0D
+    KILL_SESSION = 0x0E
+    LOCK_LOST = 0x40
+    SHUTDOWN = 0x41
+    SESSION_TAKEN = 0x42
+    SIGNALLED = 0x43
+    HELD = 0x44
+    HELD_END = 0x45
+
+
+class Status(enum.IntEnum):
+    """Every status code a server sends; below 32 outcomes, 32 and above errors."""
+
+    OK = 0
+    BUSY = 1
+    TIMED_OUT = 2
+    CANCELLED = 3
+    QUEUED = 4
+    NOT_HELD = 5
+    ALREADY_HELD = 6
+    NO_SUCH_REQUEST = 7
+    WRONG_TOKEN = 8
+    BAD_VERSION = 32
+    UNKNOWN_OPCODE = 33
+    BAD_BODY = 34
+    BAD_NAME = 35
+    NO_SESSION = 36
+    AUTH = 37
+    SESSION_EXISTS = 38
+    UNKNOWN_SESSION = 39
+    TOO_MANY_HOLDS = 40
+    TOO_MANY_WAITERS = 41
+    TOO_MANY_IN_FLIGHT = 42
+    DUPLICATE_REQUEST_ID = 43
+    SHUTTING_DOWN = 44
+    FRAME_TOO_LARGE = 45
+    HELLO_TIMEOUT = 46
+    SERVER_BUSY = 47
+    STORAGE_FAILED = 48
+
+    @property
+    def is_error(self) -> bool:
+        return self >= 32
+
+    @property
+    def description(self) -> str:
+        return _DESCRIPTIONS[self]
+
+
+_DESCRIPTIONS = {
+    Status.OK: "ok",
+    Status.BUSY: "lock is held by someone else",
+    Status.TIMED_OUT: "wait timed out",
+    Status.CANCELLED: "acquire was cancelled",
+    Status.QUEUED: "queued behind the current holder",
+    Status.NOT_HELD: "lock is not held by this session",
+    Status.ALREADY_HELD: "lock is already held or awaited by this session",
+    Status.NO_SUCH_REQUEST: "no such pending request",
+    Status.WRONG_TOKEN: "the session holds the lock under another fencing token",
+    Status.BAD_VERSION: "unsupported protocol version",
+    Status.UNKNOWN_OPCODE: "unknown opcode",
+    Status.BAD_BODY: "malformed request body",
+    Status.BAD_NAME: "lock name must be 1 to 1024 bytes",
+    Status.NO_SESSION: "no session: send HELLO or RESUME first",
+    Status.AUTH: "authentication failed",
+    Status.SESSION_EXISTS: "connection already has a session",
+    Status.UNKNOWN_SESSION: "unknown or expired session",
+    Status.TOO_MANY_HOLDS: "too many locks held or awaited by this session",
+    Status.TOO_MANY_WAITERS: "too many waiters (or signals) on this lock",
+    Status.TOO_MANY_IN_FLIGHT: "too many requests in flight",
+    Status.DUPLICATE_REQUEST_ID: "request id already in flight",
+    Status.SHUTTING_DOWN: "server is shutting down",
+    Status.FRAME_TOO_LARGE: "frame body too large",
+    Status.HELLO_TIMEOUT: "no HELLO in time",
+    Status.SERVER_BUSY: "server is at capacity",
+    Status.STORAGE_FAILED: "the server's log cannot be written",
+}
+
+
+class Mode(enum.IntEnum):
+    EXCLUSIVE = 0
+    SHARED = 1
+
+
+class SignalOp(enum.IntEnum):
+    RAISE = 0
+    EXISTS = 1
+    CLEAR = 2
+
+
+# ---- Exceptions --------------------------------------------------------
+
+
+class LivelockError(Exception):
+    """Everything this package raises about the server or the connection
+    (bad arguments are ValueError/TypeError, raised before sending)."""
+
+
+class ConnectionLost(LivelockError):
+    """The connection is gone (or was never made); the request's outcome is
+    unknown. A session with a grace period can be resumed."""
+
+
+class LivelockTimeout(LivelockError, TimeoutError):
+    """The client stopped waiting for the server after its ``timeout``."""
+
+
+class ProtocolError(ConnectionLost):
+    """The server sent something this client does not understand; the
+    connection is closed."""
+
+
+class ServerError(LivelockError):
+    """The server answered with a status other than Ok."""
+
+    def __init__(self, status: Status, message: str = "") -> None:
+        self.status = status
+        self.message = message
+        text = status.description if not message else f"{status.description}: {message}"
+        super().__init__(f"{status.name} ({int(status)}): {text}")
+
+
+class NotAcquired(ServerError):
+    """An ACQUIRE was not granted: Busy, TimedOut or Cancelled."""
+
+
+class LockBusy(NotAcquired):
+    """Status BUSY: a try (wait=0) found the lock held."""
+
+
+class AcquireTimedOut(NotAcquired):
+    """Status TIMED_OUT: the server-side wait ran out."""
+
+
+class AcquireCancelled(NotAcquired):
+    """Status CANCELLED: withdrawn by CANCEL (or by BYE)."""
+
+
+class NotHeldError(ServerError):
+    """Status NOT_HELD: this session does not hold the lock (or, for
+    SIGNAL, nobody does)."""
+
+
+class AlreadyHeldError(ServerError):
+    """Status ALREADY_HELD: this session already holds or awaits the lock."""
+
+
+class WrongTokenError(ServerError):
+    """Status WRONG_TOKEN: the session holds the lock under another token."""
+
+
+class NoSuchRequestError(ServerError):
+    """Status NO_SUCH_REQUEST."""
+
+
+class AuthError(ServerError):
+    """Status AUTH: wrong or missing password; the server closes the connection."""
+
+
+class UnknownSessionError(ServerError):
+    """Status UNKNOWN_SESSION: no such session, wrong secret or grace over."""
+
+
+class ShuttingDownError(ServerError):
+    """Status SHUTTING_DOWN."""
+
+
+class LimitError(ServerError):
+    """A server limit: TOO_MANY_HOLDS, TOO_MANY_WAITERS, TOO_MANY_IN_FLIGHT,
+    SERVER_BUSY."""
+
+
+class StorageFailedError(ServerError):
+    """Status STORAGE_FAILED: the server cannot write its log; nothing changed."""
+
+
+class BadRequestError(ServerError):
+    """The server refused the frame itself (BAD_BODY, BAD_NAME, ...): a client
+    bug or a server of another version."""
+
+
+_ERROR_CLASSES = {
+    Status.BUSY: LockBusy,
+    Status.TIMED_OUT: AcquireTimedOut,
+    Status.CANCELLED: AcquireCancelled,
+    Status.NOT_HELD: NotHeldError,
+    Status.ALREADY_HELD: AlreadyHeldError,
+    Status.WRONG_TOKEN: WrongTokenError,
+    Status.NO_SUCH_REQUEST: NoSuchRequestError,
+    Status.AUTH: AuthError,
+    Status.UNKNOWN_SESSION: UnknownSessionError,
+    Status.SHUTTING_DOWN: ShuttingDownError,
+    Status.TOO_MANY_HOLDS: LimitError,
+    Status.TOO_MANY_WAITERS: LimitError,
+    Status.TOO_MANY_IN_FLIGHT: LimitError,
+    Status.SERVER_BUSY: LimitError,
+    Status.STORAGE_FAILED: StorageFailedError,
+}
+
+
+def error_for(frame: Frame) -> ServerError:
+    """The exception for a reply whose status is not Ok."""
+    cls = _ERROR_CLASSES.get(frame.status, BadRequestError)
+    message = frame.body.decode("utf-8", "replace") if frame.status.is_error else ""
+    return cls(frame.status, message)
+
+
+def raise_for(frame: Frame) -> None:
+    """Raises the status's exception unless the reply is Ok."""
+    if frame.status != Status.OK:
+        raise error_for(frame)
+
+
+# ---- Argument checks and conversions ----------------------------------
+
+
+def to_bytes(value: BytesLike, what: str) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{what} must be str or bytes, not {type(value).__name__}")
+
+
+def _bounded(value: BytesLike, what: str, low: int, high: int) -> bytes:
+    data = to_bytes(value, what)
+    if not low <= len(data) <= high:
+        raise ValueError(f"{what} must be {low} to {high} bytes, got {len(data)}")
+    return data
+
+
+def lock_name(name: BytesLike) -> bytes:
+    """A lock name as sent: 1..=1024 bytes (str is UTF-8), else ValueError."""
+    return _bounded(name, "lock name", 1, NAME_LEN_MAX)
+
+
+def _milliseconds(seconds: float, what: str, high: int) -> int:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{what} must be a finite number of seconds >= 0, got {seconds!r}")
+    ms = math.ceil(seconds * 1000)
+    if ms > high:
+        raise ValueError(f"{what} must be at most {high / 1000:g} s, got {seconds!r}")
+    return ms
+
+
+def wait_ms(wait: float | None) -> int:
+    """ACQUIRE wait_ms: None waits forever, 0 tries once, else seconds."""
+    if wait is None:
+        return WAIT_FOREVER
+    return _milliseconds(wait, "wait", WAIT_FOREVER - 1)
+
+
+def lease_ms(lease: float | None) -> int:
+    """ACQUIRE lease_ms: None or 0 is no lease, else seconds (at least 1 ms)."""
+    if lease is None:
+        return 0
+    return _milliseconds(lease, "lease", U32_MAX)
+
+
+def extend_ms(lease: float) -> int:
+    """EXTEND lease_ms: more than 0."""
+    ms = _milliseconds(lease, "lease", U32_MAX)
+    if ms == 0:
+        raise ValueError("an extended lease must be more than 0 s")
+    return ms
+
+
+def grace_ms(grace: float) -> int:
+    """HELLO grace_ms: 0 to one hour."""
+    return _milliseconds(grace, "grace", GRACE_MS_MAX)
+
+
+def _token(token: int) -> int:
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 < token <= U64_MAX:
+        raise ValueError(f"a fencing token is a u64 above 0, got {token!r}")
+    return token
+
+
+def _u32(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= U32_MAX:
+        raise ValueError(f"{what} must be an integer 0..{U32_MAX}, got {value!r}")
+    return value
+
+
+# ---- Requests ------------------------------------------------------------
+
+
+def encode_frame(opcode: Opcode, request_id: int, body: bytes = b"", flags: int = 0) -> bytes:
+    """A whole request frame: header (status 0) and body."""
+    if not 0 < request_id <= U32_MAX:
+        raise ValueError(f"request id must be 1..{U32_MAX}")
+    if len(body) > FRAME_BODY_MAX:
+        raise ValueError(f"request body of {len(body)} bytes exceeds {FRAME_BODY_MAX}")
+    return _HEADER.pack(MAGIC, VERSION, opcode, flags, 0, request_id, len(body)) + body
+
+
+def hello_body(grace: int, password: BytesLike, client_name: BytesLike) -> bytes:
+    """HELLO: grace_ms (already checked by ``grace_ms``), password, client name."""
+    pw = _bounded(password, "password", 0, PASSWORD_LEN_MAX)
+    cn = _bounded(client_name, "client name", 0, CLIENT_NAME_LEN_MAX)
+    if not 0 <= grace <= GRACE_MS_MAX:
+        raise ValueError(f"grace must be at most {GRACE_MS_MAX} ms")
+    return struct.pack("<IHH", grace, len(pw), len(cn)) + pw + cn
+
+
+def resume_body(session_id: int, secret: bytes, password: BytesLike) -> bytes:
+    if isinstance(session_id, bool) or not isinstance(session_id, int):
+        raise TypeError("session id must be an int")
+    if not 0 <= session_id <= U64_MAX:
+        raise ValueError("session id must be a u64")
+    if not isinstance(secret, (bytes, bytearray)) or len(secret) != SECRET_LEN:
+        raise ValueError(f"secret must be {SECRET_LEN} bytes")
+    pw = _bounded(password, "password", 0, PASSWORD_LEN_MAX)
+    return struct.pack("<Q16sHH", session_id, bytes(secret), len(pw), 0) + pw
+
+
+def acquire_body(name: bytes, mode: Mode, wait: int, lease: int, notify_queued: bool) -> bytes:
+    acq_flags = ACQ_NOTIFY_QUEUED if notify_queued else 0
+    return struct.pack("<BBHII", mode, acq_flags, 0, _u32(wait, "wait_ms"), _u32(lease, "lease_ms")) + name
+
+
+def token_prefix(token: int | None) -> tuple[bytes, int]:
+    """The token field and header flags of RELEASE/EXTEND/FORCE_RELEASE:
+    empty and 0 for "whatever hold", else the token and HOLD_TOKEN."""
+    if token is None:
+        return b"", 0
+    return struct.pack("<Q", _token(token)), FLAG_HOLD_TOKEN
+
+
+def extend_body(lease: int, token_field: bytes, name: bytes) -> bytes:
+    return struct.pack("<I", _u32(lease, "lease_ms")) + token_field + name
+
+
+def cancel_body(target_request_id: int) -> bytes:
+    return struct.pack("<I", _u32(target_request_id, "request id"))
+
+
+def signal_body(op: SignalOp, name: bytes, signal: BytesLike) -> bytes:
+    sig = _bounded(signal, "signal", 1, SIGNAL_LEN_MAX)
+    body = struct.pack("<BBH", op, 0, len(name)) + name + sig
+    if len(body) > FRAME_BODY_MAX:
+        raise ValueError("lock name and signal together must fit a 4096-byte request")
+    return body
+
+
+def list_body(limit: int, pattern: BytesLike) -> bytes:
+    if _u32(limit, "limit") == 0:
+        raise ValueError("limit must be at least 1")
+    return struct.pack("<I", limit) + _bounded(pattern, "pattern", 0, PATTERN_LEN_MAX)
+
+
+def kill_session_body(session_id: int) -> bytes:
+    if isinstance(session_id, bool) or not isinstance(session_id, int) or not 0 <= session_id <= U64_MAX:
+        raise ValueError("session id must be a u64")
+    return struct.pack("<Q", session_id)
+
+
+# ---- Server frames ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One server frame (REPLY is always set in ``flags``)."""
+
+    opcode: int
+    flags: int
+    status: Status
+    request_id: int
+    body: bytes
+
+    @property
+    def interim(self) -> bool:
+        return bool(self.flags & FLAG_INTERIM)
+
+    @property
+    def is_push(self) -> bool:
+        """A push not tied to a request (LOCK_LOST, SIGNALLED, ...)."""
+        return self.request_id == 0 and self.opcode >= 0x40
+
+
+def body_max(opcode: int) -> int:
+    """The largest body a server frame of this opcode may have."""
+    if opcode in (Opcode.LIST, Opcode.INSPECT):
+        return REPLY_BODY_MAX
+    if opcode == Opcode.RESUME:
+        return RESUME_REPLY_BODY_MAX
+    return FRAME_BODY_MAX
+
+
+class FrameDecoder:
+    """Turns the server's byte stream into frames. ``feed`` returns every
+    whole frame received so far; a partial one waits for more bytes. A stream
+    that cannot be trusted (bad magic, checked byte by byte; version other
+    than 1; unknown status; no REPLY flag; a body over its documented bound)
+    raises ProtocolError, and so does every later call."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._broken: str | None = None
+
+    def feed(self, data: bytes) -> list[Frame]:
+        if self._broken is not None:
+            raise ProtocolError(self._broken)
+        self._buf += data
+        frames: list[Frame] = []
+        while True:
+            head = bytes(self._buf[:2])
+            if head != MAGIC[: len(head)]:
+                self._fail(f"bad magic {head.hex()}: not a livelock v1 frame")
+            if len(self._buf) < HEADER_LEN:
+                return frames
+            _, version, opcode, flags, status, request_id, body_len = _HEADER.unpack_from(self._buf)
+            if version != VERSION:
+                self._fail(f"server frame has protocol version {version}")
+            if status not in _STATUS_CODES:
+                self._fail(f"server frame has unknown status {status}")
+            if not flags & FLAG_REPLY:
+                self._fail("server frame without the REPLY flag")
+            if body_len > body_max(opcode):
+                self._fail(f"frame body of {body_len} bytes for opcode {opcode:#04x} exceeds its bound")
+            end = HEADER_LEN + body_len
+            if len(self._buf) < end:
+                return frames
+            body = bytes(self._buf[HEADER_LEN:end])
+            del self._buf[:end]
+            frames.append(Frame(opcode, flags, Status(status), request_id, body))
+
+    def _fail(self, why: str) -> NoReturn:
+        self._broken = why
+        raise ProtocolError(why)
+
+
+_STATUS_CODES = frozenset(int(s) for s in Status)
+
+
+# ---- Reply and push bodies -------------------------------------------------
+
+
+class _Reader:
+    """A cursor over a body; running short is a ProtocolError."""
+
+    def __init__(self, body: bytes, what: str) -> None:
+        self._body = body
+        self._at = 0
+        self._what = what
+
+    def take(self, n: int) -> bytes:
+        if self._at + n > len(self._body):
+            raise ProtocolError(f"short {self._what}")
+        data = self._body[self._at : self._at + n]
+        self._at += n
+        return data
+
+    def unpack(self, fmt: str) -> tuple[int, ...]:
+        s = struct.Struct("<" + fmt)
+        return tuple(s.unpack(self.take(s.size)))
+
+    def u16(self) -> int:
+        return self.unpack("H")[0]
+
+    def u32(self) -> int:
+        return self.unpack("I")[0]
+
+    def u64(self) -> int:
+        return self.unpack("Q")[0]
+
+    def bytes16(self) -> bytes:
+        return self.take(self.u16())
+
+    def mode(self) -> Mode:
+        code = self.take(1)[0]
+        if code not in (0, 1):
+            raise ProtocolError(f"bad mode {code} in {self._what}")
+        return Mode(code)
+
+    def count(self, min_record: int) -> int:
+        """A record count, refused when the rest of the body cannot hold it."""
+        n = self.u32()
+        if n * min_record > self.remaining:
+            raise ProtocolError(f"{self._what} claims {n} records in {self.remaining} bytes")
+        return n
+
+    @property
+    def remaining(self) -> int:
+        return len(self._body) - self._at
+
+    def end(self) -> None:
+        if self.remaining:
+            raise ProtocolError(f"{self.remaining} stray bytes after {self._what}")
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A HELLO or RESUME reply: the session and its grace."""
+
+    session_id: int
+    secret: bytes
+    grace_ms: int
+    version: int
+
+
+def parse_session(body: bytes, resumed: bool) -> tuple[SessionInfo, tuple[int, ...]]:
+    """A HELLO reply (exactly 32 bytes) or a RESUME reply (32 bytes, then the
+    ids still in flight)."""
+    r = _Reader(body, "session reply")
+    session_id = r.u64()
+    secret = r.take(SECRET_LEN)
+    grace, version = r.unpack("IB")
+    r.take(3)
+    in_flight: tuple[int, ...] = ()
+    if resumed:
+        n = r.count(4)
+        if n > IN_FLIGHT_MAX:
+            raise ProtocolError(f"RESUME reply lists {n} requests in flight")
+        in_flight = tuple(r.u32() for _ in range(n))
+    r.end()
+    return SessionInfo(session_id, secret, grace, version), in_flight
+
+
+def parse_token(body: bytes) -> int:
+    r = _Reader(body, "grant")
+    token = r.u64()
+    r.end()
+    return token
+
+
+def parse_flag(body: bytes) -> bool:
+    """SIGNAL's one-byte answer."""
+    if len(body) != 1 or body[0] > 1:
+        raise ProtocolError("SIGNAL reply is not one byte 0 or 1")
+    return body[0] == 1
+
+
+def _name(r: _Reader, n: int) -> bytes:
+    if not 1 <= n <= NAME_LEN_MAX:
+        raise ProtocolError(f"lock name of {n} bytes")
+    return r.take(n)
+
+
+def parse_lock_lost(body: bytes) -> tuple[bytes, int]:
+    """LOCK_LOST: (name, token)."""
+    r = _Reader(body, "LOCK_LOST")
+    token = r.u64()
+    return _name(r, r.remaining), token
+
+
+def parse_held(body: bytes) -> tuple[bytes, int, Mode]:
+    """HELD: (name, token, mode)."""
+    r = _Reader(body, "HELD")
+    token = r.u64()
+    mode = r.mode()
+    return _name(r, r.remaining), token, mode
+
+
+def parse_signalled(body: bytes) -> tuple[bytes, bytes]:
+    """SIGNALLED: (name, signal)."""
+    r = _Reader(body, "SIGNALLED")
+    name = _name(r, r.u16())
+    return name, r.take(r.remaining)
+
+
+@dataclass(frozen=True)
+class Holder:
+    session: int
+    token: int
+    since_unix_ms: int
+    client_name: bytes
+
+
+@dataclass(frozen=True)
+class LockRecord:
+    name: bytes
+    mode: Mode
+    waiters: int
+    holders: tuple[Holder, ...]
+    signals: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class Waiter:
+    """One queued ACQUIRE in an INSPECT reply."""
+
+    session: int
+    since_unix_ms: int
+    mode: Mode
+    client_name: bytes
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """An INSPECT reply: the lock record, the server's clock and the queue
+    (first in line first)."""
+
+    record: LockRecord
+    server_unix_ms: int
+    queue: tuple[Waiter, ...]
+    queue_cut: bool
+
+
+@dataclass(frozen=True)
+class Listing:
+    """A LIST reply: records sorted by name; ``truncated`` if cut short."""
+
+    records: tuple[LockRecord, ...]
+    truncated: bool
+    server_unix_ms: int
+
+
+@dataclass(frozen=True)
+class Stats:
+    locks: int
+    waiters: int
+    sessions_attached: int
+    sessions_detached: int
+    connections: int
+    uptime_ms: int
+    server_unix_ms: int
+    acquisitions_total: int
+    grants_total: int
+    releases_total: int
+    timeouts_total: int
+    busy_total: int
+    locks_lost_total: int
+    connections_total: int
+    version: str
+
+
+def _holder(r: _Reader) -> Holder:
+    session, token, since = r.unpack("QQQ")
+    return Holder(session, token, since, r.bytes16())
+
+
+def _record(r: _Reader) -> LockRecord:
+    name_len, mode_code, _, waiters, n_holders, n_signals = r.unpack("HBBIHH")
+    if mode_code not in (0, 1):
+        raise ProtocolError(f"bad mode {mode_code} in a lock record")
+    name = _name(r, name_len)
+    holders = tuple(_holder(r) for _ in range(n_holders))
+    signals = tuple(r.bytes16() for _ in range(n_signals))
+    return LockRecord(name, Mode(mode_code), waiters, holders, signals)
+
+
+def parse_inspect(body: bytes) -> Inspection:
+    r = _Reader(body, "INSPECT reply")
+    record = _record(r)
+    server_unix_ms = r.u64()
+    n = r.count(20)
+    cut = bool(r.u32() & 1)
+    queue = []
+    for _ in range(n):
+        session, since = r.unpack("QQ")
+        mode = r.mode()
+        r.take(1)
+        queue.append(Waiter(session, since, mode, r.bytes16()))
+    r.end()
+    return Inspection(record, server_unix_ms, tuple(queue), cut)
+
+
+def parse_list(body: bytes) -> Listing:
+    r = _Reader(body, "LIST reply")
+    n = r.count(12)
+    truncated = bool(r.u32() & 1)
+    server_unix_ms = r.u64()
+    records = tuple(_record(r) for _ in range(n))
+    r.end()
+    return Listing(records, truncated, server_unix_ms)
+
+
+def parse_stats(body: bytes) -> Stats:
+    r = _Reader(body, "STATS reply")
+    n = r.unpack("14Q")
+    try:
+        version = r.bytes16().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError("STATS version is not UTF-8") from e
+    r.end()
+    return Stats(n[0], n[1], n[2], n[3], n[4], n[5], n[6], n[7], n[8], n[9], n[10], n[11], n[12], n[13], version)
+
+
+def expect_empty(frame: Frame) -> None:
+    """Ok with an empty body, else the status's exception."""
+    raise_for(frame)
+    if frame.body:
+        raise ProtocolError(f"unexpected body in the reply to opcode {frame.opcode:#04x}")

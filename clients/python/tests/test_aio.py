@@ -1,0 +1,159 @@
+"""The asyncio client against a real server: the core cases of test_sync.py
+(grants, try/timeout, FIFO hand-over and cancel, leases, signals, queries,
+resume, passwords, bad input, server errors) and task cancellation. Each test
+runs its own event loop with asyncio.run."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, Callable
+
+import pytest
+from conftest import WAIT_MAX, Server
+
+import livelock_client as ll
+from livelock_client import AsyncClient
+
+
+def run(test: Callable[[], Awaitable[Any]]) -> Any:
+    return asyncio.run(asyncio.wait_for(test(), WAIT_MAX * 2))
+
+
+async def connect(server: Server, **options: Any) -> AsyncClient:
+    return await AsyncClient.connect(server.address, request_timeout=WAIT_MAX, **options)
+
+
+def test_grant_release_try_and_timeout(server: Server, name: str) -> None:
+    async def test() -> None:
+        async with await connect(server) as client, await connect(server) as other:
+            async with client.lock(name) as first:
+                assert first.active and first.name == name.encode()
+                assert await other.try_acquire(name) is None
+                with pytest.raises(ll.AcquireTimedOut):
+                    await other.acquire(name, wait=0.2)
+            assert not first.active
+            second = await other.acquire(name, wait=0)
+            assert second.token > first.token
+            await second.release()
+            assert await client.inspect(name) is None
+
+    run(test)
+
+
+def test_fifo_hand_over_and_cancel(server: Server, name: str) -> None:
+    async def test() -> None:
+        async with await connect(server) as a, await connect(server) as b, await connect(server) as c:
+            first = await a.acquire(name)
+            second = await b.start_acquire(name)
+            assert await second.wait_queued(WAIT_MAX)  # before the next one is sent: FIFO is arrival order
+            third = await c.start_acquire(name)
+            assert await third.wait_queued(WAIT_MAX)
+            inspection = await a.inspect(name)
+            assert inspection is not None
+            assert [w.session for w in inspection.queue] == [b.session_id, c.session_id]
+            assert await third.cancel() is True
+            with pytest.raises(ll.AcquireCancelled):
+                await third.wait(WAIT_MAX)
+            await first.release()
+            granted = await second.wait(WAIT_MAX)
+            assert granted.token > first.token
+            assert await second.cancel() is False
+
+    run(test)
+
+
+async def queue_length(client: AsyncClient, name: str) -> int:
+    inspection = await client.inspect(name)
+    assert inspection is not None, f"{name} is not held"
+    return len(inspection.queue)
+
+
+def test_cancelling_the_task_cancels_the_acquire(server: Server, name: str) -> None:
+    async def test() -> None:
+        async with await connect(server) as holder, await connect(server) as waiter:
+            async with holder.lock(name):
+                task = asyncio.create_task(waiter.acquire(name))
+                while await queue_length(holder, name) == 0:  # bounded by run()
+                    await asyncio.sleep(0.01)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                while await queue_length(holder, name) == 1:
+                    await asyncio.sleep(0.01)
+            assert await waiter.try_acquire(name) is not None
+
+    run(test)
+
+
+def test_lease_lock_lost_extend_and_signals(server: Server, name: str) -> None:
+    async def test() -> None:
+        seen: list[ll.Event] = []
+        async with await connect(server, on_event=seen.append) as client, await connect(server) as other:
+            kept = await client.acquire(name, lease=0.3)
+            await kept.extend(WAIT_MAX * 3)
+            async with client.lock(name + "-short", lease=0.6) as short:
+                event = await client.next_event(WAIT_MAX)
+                assert event == ll.LockLost(short.name, short.token) and short.lost
+            assert kept.active
+            assert await other.signal(name, "stop") is True
+            events = [e async for e in client.events(timeout=0.5)]
+            assert events == [ll.Signal(name.encode(), b"stop")]
+            assert seen == [event, events[0]]
+            assert await other.signal_exists(name, "stop") and await other.clear_signal(name, "stop")
+            listing = await other.list(name + "*")
+            assert [r.name for r in listing.records] == [name.encode()]
+            stats = await other.stats()
+            assert stats.locks >= 1 and stats.version
+            await other.ping()
+
+    run(test)
+
+
+def test_resume_and_reconnect(server: Server, name: str) -> None:
+    async def test() -> None:
+        client = await connect(server, grace=WAIT_MAX)
+        held = await client.acquire(name)
+        await client.close()
+        assert await client.next_event(WAIT_MAX) == ll.Disconnected("closed by this client")
+        await client.reconnect()
+        assert client.resumed is not None and [h.token for h in client.resumed.holds] == [held.token]
+        await client.close()
+        again = await AsyncClient.resume(client.session_id, client.secret, server.address)
+        assert again.resumed is not None
+        (listed,) = again.resumed.holds
+        assert listed.token == held.token
+        await listed.release()
+        await again.bye()
+        with pytest.raises(ll.UnknownSessionError):
+            await AsyncClient.resume(client.session_id, client.secret, server.address)
+
+    run(test)
+
+
+def test_errors(make_server: Callable[..., Server], server: Server, name: str) -> None:
+    secured = make_server("--password", "pw")
+
+    async def test() -> None:
+        with pytest.raises(ll.AuthError):
+            await AsyncClient.connect(secured.address, password="nope")
+        async with await AsyncClient.connect(secured.address, password="pw") as ok:
+            await ok.ping()
+        with pytest.raises(ValueError, match="grace"):
+            await AsyncClient.connect(server.address, grace=7200)
+        async with await connect(server) as client:
+            bads: list[str | bytes] = ["", b"x" * 1025]
+            for bad in bads:
+                with pytest.raises(ValueError):
+                    await client.acquire(bad)
+            held = await client.acquire(name)
+            with pytest.raises(ll.AlreadyHeldError):
+                await client.acquire(name)
+            with pytest.raises(ll.WrongTokenError):
+                await client.extend(name, 1, token=held.token + 1)
+            await held.release()
+            with pytest.raises(ll.NotHeldError) as error:
+                await client.release(name)
+            assert error.value.status == ll.Status.NOT_HELD
+
+    run(test)

@@ -1,0 +1,229 @@
+"""The protocol module without a server: the hex examples of docs/PROTOCOL.md
+(section 11 and INSPECT) encode and decode exactly, the decoder refuses
+untrustworthy streams, bad arguments are refused before anything is sent,
+and the address syntax reads as the Rust tools read it."""
+
+from __future__ import annotations
+
+import pytest
+
+from livelock_client import core
+from livelock_client import protocol as p
+from livelock_client.config import parse_addresses, servers
+
+
+def hexbytes(text: str) -> bytes:
+    return bytes.fromhex(text.replace("|", " "))
+
+
+def one_frame(data: bytes) -> p.Frame:
+    frames = p.FrameDecoder().feed(data)
+    assert len(frames) == 1
+    return frames[0]
+
+
+def test_requests_encode_as_the_documented_examples() -> None:
+    hello = core.Core.hello_frame(5.0, "", "demo")
+    assert hello == hexbytes("f1 4c 01 01 00 00 00 00 01 00 00 00 0c 00 00 00 88 13 00 00 00 00 04 00 64 65 6d 6f")
+    acquire = core.acquire_op("report-42", wait=5, shared=False, lease=30, notify_queued=True).frame(2)
+    assert acquire == hexbytes(
+        "f1 4c 01 03 00 00 00 00 02 00 00 00 15 00 00 00 00 01 00 00 88 13 00 00 30 75 00 00 72 65 70 6f 72 74 2d 34 32"
+    )
+    release = core.release_op("report-42", token=7).frame(6)
+    assert release == hexbytes(
+        "f1 4c 01 04 08 00 00 00 06 00 00 00 11 00 00 00 07 00 00 00 00 00 00 00 72 65 70 6f 72 74 2d 34 32"
+    )
+
+
+def test_replies_decode_as_the_documented_examples() -> None:
+    granted = one_frame(hexbytes("f1 4c 01 03 01 00 00 00 02 00 00 00 08 00 00 00 07 00 00 00 00 00 00 00"))
+    assert (granted.opcode, granted.request_id, p.parse_token(granted.body)) == (3, 2, 7)
+    assert not granted.interim and not granted.is_push
+    queued = one_frame(hexbytes("f1 4c 01 03 05 00 04 00 02 00 00 00 00 00 00 00"))
+    assert queued.interim and queued.status == p.Status.QUEUED
+    busy = one_frame(hexbytes("f1 4c 01 03 01 00 01 00 03 00 00 00 00 00 00 00"))
+    assert isinstance(p.error_for(busy), p.LockBusy)
+    error = one_frame(hexbytes("f1 4c 01 04 01 00 23 00 05 00 00 00 08 00 00 00 62 61 64 20 6e 61 6d 65"))
+    exc = p.error_for(error)
+    assert isinstance(exc, p.BadRequestError)
+    assert (exc.status, exc.message) == (p.Status.BAD_NAME, "bad name")
+    lost = one_frame(
+        hexbytes("f1 4c 01 40 03 00 00 00 00 00 00 00 11 00 00 00 07 00 00 00 00 00 00 00 72 65 70 6f 72 74 2d 34 32")
+    )
+    assert lost.is_push and p.parse_lock_lost(lost.body) == (b"report-42", 7)
+    resumed = one_frame(
+        hexbytes(
+            "f1 4c 01 02 01 00 00 00 01 00 00 00 28 00 00 00 2a 00 00 00 00 00 00 00"
+            " 00 01 02 03 04 05 06 07 08 09 0a 0b 0c 0d 0e 0f 88 13 00 00 01 00 00 00 01 00 00 00 02 00 00 00"
+        )
+    )
+    info, in_flight = p.parse_session(resumed.body, resumed=True)
+    assert (info.session_id, info.secret, info.grace_ms, info.version) == (42, bytes(range(16)), 5000, 1)
+    assert in_flight == (2,)
+    held = one_frame(
+        hexbytes(
+            "f1 4c 01 44 03 00 00 00 00 00 00 00 12 00 00 00 07 00 00 00 00 00 00 00 00 72 65 70 6f 72 74 2d 34 32"
+        )
+    )
+    assert p.parse_held(held.body) == (b"report-42", 7, p.Mode.EXCLUSIVE)
+
+
+def test_inspect_body_parses_as_documented() -> None:
+    body = hexbytes(
+        "01 00 00 00 01 00 00 00 01 00 00 00 71"
+        " 05 00 00 00 00 00 00 00 06 00 00 00 00 00 00 00"
+        " 07 00 00 00 00 00 00 00 01 00 68"
+        " 0a 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00"
+        " 08 00 00 00 00 00 00 00 09 00 00 00 00 00 00 00 00 00 01 00 77"
+    )
+    inspection = p.parse_inspect(body)
+    assert inspection.record == p.LockRecord(b"q", p.Mode.EXCLUSIVE, 1, (p.Holder(5, 6, 7, b"h"),), ())
+    assert inspection.server_unix_ms == 10
+    assert inspection.queue == (p.Waiter(8, 9, p.Mode.EXCLUSIVE, b"w"),)
+    with pytest.raises(p.ProtocolError):
+        p.parse_inspect(body[:-1])
+    with pytest.raises(p.ProtocolError):
+        p.parse_inspect(body + b"\x00")
+
+
+def test_the_decoder_takes_frames_byte_by_byte() -> None:
+    stream = hexbytes("f1 4c 01 03 05 00 04 00 02 00 00 00 00 00 00 00") + hexbytes(
+        "f1 4c 01 03 03 00 00 00 02 00 00 00 08 00 00 00 07 00 00 00 00 00 00 00"
+    )
+    decoder = p.FrameDecoder()
+    frames = []
+    for byte in stream:
+        frames += decoder.feed(bytes([byte]))
+    assert [(f.flags, f.status) for f in frames] == [(5, p.Status.QUEUED), (3, p.Status.OK)]
+
+
+@pytest.mark.parametrize(
+    "data, why",
+    [
+        (b"\xf2", "bad magic"),
+        (b"\xf1\x4d", "bad magic"),
+        (hexbytes("f1 4c 02 03 01 00 00 00 01 00 00 00 00 00 00 00"), "version"),
+        (hexbytes("f1 4c 01 03 01 00 09 00 01 00 00 00 00 00 00 00"), "unknown status"),
+        (hexbytes("f1 4c 01 03 00 00 00 00 01 00 00 00 00 00 00 00"), "REPLY"),
+        (hexbytes("f1 4c 01 03 01 00 00 00 01 00 00 00 01 10 00 00"), "exceeds"),
+        (hexbytes("f1 4c 01 02 01 00 00 00 01 00 00 00 25 10 00 00"), "exceeds"),
+        (hexbytes("f1 4c 01 0b 01 00 00 00 01 00 00 00 01 00 10 00"), "exceeds"),
+    ],
+)
+def test_the_decoder_refuses_a_broken_stream(data: bytes, why: str) -> None:
+    decoder = p.FrameDecoder()
+    with pytest.raises(p.ProtocolError, match=why):
+        decoder.feed(data)
+    with pytest.raises(p.ProtocolError):
+        decoder.feed(b"")  # broken for good
+
+
+def test_large_replies_wait_for_their_body() -> None:
+    header = hexbytes("f1 4c 01 0b 01 00 00 00 01 00 00 00 00 00 10 00")  # LIST, 1 MiB
+    assert p.FrameDecoder().feed(header) == []
+
+
+def test_counts_are_not_trusted() -> None:
+    # A LIST reply claiming 2**32-1 records in 16 bytes is refused at once.
+    with pytest.raises(p.ProtocolError, match="claims"):
+        p.parse_list(hexbytes("ff ff ff ff 00 00 00 00 00 00 00 00 00 00 00 00"))
+    with pytest.raises(p.ProtocolError):
+        p.parse_session(bytes(32) + hexbytes("01 04 00 00"), resumed=True)
+
+
+@pytest.mark.parametrize("bad", ["", b"", "x" * 1025, "é" * 513])
+def test_bad_names_are_refused_before_sending(bad: str) -> None:
+    with pytest.raises(ValueError, match="lock name"):
+        core.acquire_op(bad, wait=None, shared=False, lease=None, notify_queued=False)
+    with pytest.raises(ValueError):
+        core.release_op(bad)
+    with pytest.raises(ValueError):
+        core.inspect_op(bad)
+
+
+def test_bad_arguments_are_refused_before_sending() -> None:
+    with pytest.raises(ValueError, match="grace"):
+        core.Core.hello_frame(3600.001, "", "me")
+    with pytest.raises(ValueError, match="password"):
+        core.Core.hello_frame(0, "p" * 257, "me")
+    with pytest.raises(ValueError, match="wait"):
+        core.acquire_op("x", wait=-1, shared=False, lease=None, notify_queued=False)
+    with pytest.raises(ValueError, match="lease"):
+        core.acquire_op("x", wait=None, shared=False, lease=float("inf"), notify_queued=False)
+    with pytest.raises(ValueError, match="lease"):
+        core.extend_op("x", 0)
+    with pytest.raises(ValueError, match="signal"):
+        core.signal_op("x", "", p.SignalOp.RAISE)
+    with pytest.raises(ValueError, match="limit"):
+        core.list_op("*", 0)
+    with pytest.raises(ValueError, match="token"):
+        core.release_op("x", token=0)
+    with pytest.raises(TypeError):
+        core.acquire_op(42, wait=None, shared=False, lease=None, notify_queued=False)  # type: ignore[arg-type]
+    assert core.Core.hello_frame(3600, "", "me")  # one hour is allowed
+
+
+def test_every_status_has_an_exception_class() -> None:
+    for status in p.Status:
+        if status in (p.Status.OK, p.Status.QUEUED):
+            continue
+        frame = p.Frame(p.Opcode.ACQUIRE, p.FLAG_REPLY, status, 1, b"why" if status.is_error else b"")
+        error = p.error_for(frame)
+        assert isinstance(error, p.ServerError) and error.status == status
+        assert status.name in str(error)
+
+
+def test_addresses_read_as_the_rust_tools_read_them() -> None:
+    for text in ["127.0.0.1", "127.0.0.1:7873", "livelock://127.0.0.1", "LIVELOCK://127.0.0.1:7873/"]:
+        assert parse_addresses(text) == [("127.0.0.1", 7873)], text
+    assert parse_addresses("localhost:9000") == [("localhost", 9000)]
+    assert parse_addresses("::1") == [("::1", 7873)]
+    assert parse_addresses("[::1]") == [("::1", 7873)]
+    assert parse_addresses("livelock://[::1]:9") == [("::1", 9)]
+    assert parse_addresses("a:1, livelock://b ,c") == [("a", 1), ("b", 7873), ("c", 7873)]
+    for text, why in [
+        ("", "no host"),
+        (":7873", "no host"),
+        ("host:0", "not a port"),
+        ("host:http", "not a port"),
+        ("redis://host", "unknown scheme"),
+        ("livelock://host/path", "no path"),
+        ("[::1", "never closed"),
+        ("a,,b", "no host"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            parse_addresses(text)
+
+
+def test_the_environment_is_read_the_same_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert servers() == [("127.0.0.1", 7873)]
+    monkeypatch.setenv("LIVELOCK_PORT", "9000")
+    assert servers() == [("127.0.0.1", 9000)]
+    monkeypatch.setenv("LIVELOCK_HOST", "h1,h2:1")
+    assert servers() == [("h1", 9000), ("h2", 1)]
+    assert servers("x") == [("x", 9000)]
+    monkeypatch.setenv("LIVELOCK_PORT", "abc")
+    with pytest.raises(ValueError, match="LIVELOCK_PORT"):
+        servers()
+    monkeypatch.setenv("LIVELOCK_PORT", "1")
+    monkeypatch.setenv("LIVELOCK_HOST", "h:x")
+    with pytest.raises(ValueError, match="LIVELOCK_HOST"):
+        servers()
+
+
+def test_django_settings_are_read_when_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = pytest.importorskip("django.conf").settings
+
+    from livelock_client import config
+
+    assert config.setting("LIVELOCK_HOST") is None  # installed but not configured
+    if not settings.configured:
+        settings.configure()
+    monkeypatch.setattr(settings, "LIVELOCK_HOST", "django-host", raising=False)
+    monkeypatch.setattr(settings, "LIVELOCK_PORT", 7000, raising=False)
+    monkeypatch.setattr(settings, "LIVELOCK_PASSWORD", "from-django", raising=False)
+    assert servers() == [("django-host", 7000)]
+    assert config.password() == "from-django"
+    # The environment comes first, as in the legacy client.
+    monkeypatch.setenv("LIVELOCK_HOST", "env-host")
+    assert servers() == [("env-host", 7000)]
