@@ -233,9 +233,16 @@ fn a_failing_disk_refuses_changes_and_recovers() {
         .args(["server", "--listen", &addr.to_string(), "--data-dir"])
         .arg(data_dir(&dir))
         .args(["--threads", "2", "--durability", "log"])
+        .args(["--metrics", "127.0.0.1:0"])
         .env("LIVELOCK_FAULT_LOG_FAIL_FILE", &fail);
     let mut server = ChildGuard::spawn("failing", &mut command, &dir);
     common::wait_listening(&mut server, addr);
+    let metrics: SocketAddr = server.wait_for("the metrics address", |s| {
+        let text = s.stderr();
+        let at = text.find("metrics on http://")? + "metrics on http://".len();
+        text[at..].split('/').next()?.parse().ok()
+    });
+    assert_eq!(http_status(metrics, "/health/ready"), 200);
 
     let holder = Client::connect(addr, &livelock::client::ClientOptions::default()).unwrap();
     holder.acquire("contended").unwrap().forget();
@@ -273,6 +280,9 @@ fn a_failing_disk_refuses_changes_and_recovers() {
     ));
     probe.ping().expect("PING answered");
     assert!(probe.stats().is_ok(), "reads answered");
+    // An orchestrator sees it: alive, not ready.
+    assert_eq!(http_status(metrics, "/health/live"), 200);
+    assert_eq!(http_status(metrics, "/health/ready"), 503);
     let quiet_until = Instant::now() + Duration::from_millis(500);
     while Instant::now() < quiet_until {
         assert!(
@@ -297,9 +307,25 @@ fn a_failing_disk_refuses_changes_and_recovers() {
     wait_until("the recovery is logged", || {
         server.stderr().contains("writable again")
     });
+    assert_eq!(http_status(metrics, "/health/ready"), 200);
     drop(waiter);
     signal(&server, libc::SIGTERM);
     expect_clean_exit(&mut server);
+}
+
+/// The status code of `GET path` on the metrics endpoint.
+fn http_status(addr: SocketAddr, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    stream.set_read_timeout(Some(WAIT_MAX)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"))
 }
 
 /// `count` lock names of 992 random hex digits (the log cannot compress them).

@@ -137,9 +137,23 @@ pub struct Shared {
     pub final_tx: Sender<LoopState>,
     /// The durable log (`--durability log`).
     pub log: Option<Arc<LogShared>>,
+    /// A loop froze: the server is shutting down (readiness says so).
+    pub stopping: AtomicBool,
 }
 
 impl Shared {
+    /// Why the server does not take changes now, if it does not: the
+    /// readiness an orchestrator asks for (`/health/ready`).
+    pub fn not_ready(&self) -> Option<&'static str> {
+        if self.stopping.load(Ordering::SeqCst) {
+            Some("shutting down")
+        } else if self.log.as_ref().is_some_and(|log| log.failing()) {
+            Some("the log cannot be written: changes are refused")
+        } else {
+            None
+        }
+    }
+
     /// Asks every loop to freeze (the first step of shutdown). From a
     /// thread that is not a loop: a loop uses its outgoing queues instead.
     pub fn request_shutdown(&self) {
@@ -1485,6 +1499,7 @@ impl EventLoop {
             return;
         }
         self.frozen = true;
+        self.shared.stopping.store(true, Ordering::SeqCst);
         if let Some(listener) = self.listener.as_mut() {
             let _ = self.poll.registry().deregister(listener);
         }

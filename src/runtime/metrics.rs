@@ -722,16 +722,23 @@ fn sample_f(out: &mut String, name: &str, labels: &str, value: u64, per_unit: u6
     }
 }
 
+/// Why the server is not ready for changes (None: it is).
+pub type Readiness = Box<dyn Fn() -> Option<&'static str> + Send>;
+
 /// What the metrics thread needs to answer a request.
 struct Endpoint<F> {
     loops: Vec<Arc<LoopMetrics>>,
     server: Arc<ServerMetrics>,
     now_ms: F,
+    not_ready: Readiness,
     stop: Arc<AtomicBool>,
 }
 
 /// A tiny HTTP/1.1 server on `listener`, on a thread of its own:
-/// `GET /metrics` renders the metrics, `GET /` points there; unknown paths
+/// `GET /metrics` renders the metrics, `GET /` points there,
+/// `GET /health/live` answers 200 while the server runs (its loops abort the
+/// process if one fails), `GET /health/ready` 200 while it takes changes,
+/// else 503 with the reason (`not_ready`: shutting down, log failing); unknown paths
 /// get 404, other methods on known paths 405, malformed requests 400 and
 /// requests over [`HTTP_REQUEST_LEN_MAX`] 431. One connection at a time,
 /// closed after its response. The thread ends soon after `stop` is set.
@@ -740,6 +747,7 @@ pub fn serve(
     loops: Vec<Arc<LoopMetrics>>,
     server: Arc<ServerMetrics>,
     now_ms: impl Fn() -> u64 + Send + 'static,
+    not_ready: Readiness,
     stop: Arc<AtomicBool>,
 ) -> io::Result<JoinHandle<()>> {
     // Non-blocking, so that the thread can check `stop` between accepts.
@@ -748,6 +756,7 @@ pub fn serve(
         loops,
         server,
         now_ms,
+        not_ready,
         stop,
     };
     thread::Builder::new()
@@ -868,12 +877,26 @@ fn respond<F: Fn() -> u64>(head: &[u8], endpoint: &Endpoint<F>) -> Response {
         return error_response("400 Bad Request");
     };
     let mut response = match path {
-        "/metrics" | "/" if method != "GET" && method != "HEAD" => build(
-            "405 Method Not Allowed",
-            "Allow: GET, HEAD\r\n",
-            "text/plain; charset=utf-8",
-            b"Method Not Allowed\n",
-        ),
+        "/metrics" | "/" | "/health/live" | "/health/ready"
+            if method != "GET" && method != "HEAD" =>
+        {
+            build(
+                "405 Method Not Allowed",
+                "Allow: GET, HEAD\r\n",
+                "text/plain; charset=utf-8",
+                b"Method Not Allowed\n",
+            )
+        }
+        "/health/live" => build("200 OK", "", "text/plain; charset=utf-8", b"live\n"),
+        "/health/ready" => match (endpoint.not_ready)() {
+            None => build("200 OK", "", "text/plain; charset=utf-8", b"ready\n"),
+            Some(why) => build(
+                "503 Service Unavailable",
+                "",
+                "text/plain; charset=utf-8",
+                format!("not ready: {why}\n").as_bytes(),
+            ),
+        },
         "/metrics" => {
             let body = render(&endpoint.loops, &endpoint.server, (endpoint.now_ms)());
             let content_type = "text/plain; version=0.0.4; charset=utf-8";
@@ -1264,6 +1287,10 @@ mod tests {
 
     /// A metrics endpoint on 127.0.0.1:0 with one loop that saw one acquire.
     fn start() -> (SocketAddr, Arc<AtomicBool>, JoinHandle<()>) {
+        start_with(Box::new(|| None))
+    }
+
+    fn start_with(not_ready: Readiness) -> (SocketAddr, Arc<AtomicBool>, JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let metrics = Arc::new(LoopMetrics::new());
@@ -1275,10 +1302,34 @@ mod tests {
             vec![metrics],
             Arc::new(ServerMetrics::new()),
             || 1_000,
+            not_ready,
             stop.clone(),
         )
         .unwrap();
         (addr, stop, handle)
+    }
+
+    /// Liveness answers while the endpoint runs; readiness follows
+    /// `not_ready`, with the reason in the 503 body.
+    #[test]
+    fn health_endpoints() {
+        let ready = Arc::new(AtomicBool::new(true));
+        let flag = ready.clone();
+        let (addr, stop, handle) = start_with(Box::new(move || {
+            (!flag.load(Relaxed)).then_some("the log cannot be written")
+        }));
+        assert_eq!(exchange(addr, b"GET /health/live HTTP/1.1\r\n\r\n").0, 200);
+        assert_eq!(exchange(addr, b"GET /health/ready HTTP/1.1\r\n\r\n").0, 200);
+        ready.store(false, Relaxed);
+        let (status, _, body) = exchange(addr, b"GET /health/ready HTTP/1.1\r\n\r\n");
+        assert_eq!(status, 503);
+        assert!(body.contains("the log cannot be written"), "{body}");
+        assert_eq!(exchange(addr, b"GET /health/live HTTP/1.1\r\n\r\n").0, 200);
+        assert_eq!(
+            exchange(addr, b"POST /health/ready HTTP/1.1\r\n\r\n").0,
+            405
+        );
+        stop_and_join(&stop, handle);
     }
 
     fn stop_and_join(stop: &AtomicBool, handle: JoinHandle<()>) -> Duration {

@@ -245,6 +245,7 @@ impl Server {
             metrics: (0..loops).map(|_| Arc::new(LoopMetrics::new())).collect(),
             tokens,
             final_tx,
+            stopping: AtomicBool::new(false),
         });
         let server_metrics = Arc::new(ServerMetrics::new().with_log(shared.log.clone()));
         let metrics_stop = Arc::new(AtomicBool::new(false));
@@ -253,11 +254,13 @@ impl Server {
         if let Some(listener) = metrics_listener {
             metrics_addr = Some(listener.local_addr()?);
             let clock = shared.clock;
+            let for_health = shared.clone();
             metrics_thread = Some(crate::metrics::serve(
                 listener,
                 shared.metrics.clone(),
                 server_metrics.clone(),
                 move || clock.now_ms(),
+                Box::new(move || for_health.not_ready()),
                 metrics_stop.clone(),
             )?);
         }
