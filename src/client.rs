@@ -97,6 +97,9 @@ pub struct ClientOptions {
     /// is lost, waiting for a RESUME. Zero: released at once.
     pub grace: Duration,
     pub connect_timeout: Duration,
+    /// Speak TLS to the server (feature `tls`).
+    #[cfg(feature = "tls")]
+    pub tls: Option<TlsClient>,
 }
 
 impl Default for ClientOptions {
@@ -106,7 +109,72 @@ impl Default for ClientOptions {
             client_name: format!("{}:{}", hostname(), std::process::id()),
             grace: Duration::ZERO,
             connect_timeout: Duration::from_secs(10),
+            #[cfg(feature = "tls")]
+            tls: None,
         }
+    }
+}
+
+/// How to reach a server over TLS: whom to trust, the name its
+/// certificate must carry, and optionally this client's certificate.
+#[cfg(feature = "tls")]
+#[derive(Debug, Clone)]
+pub struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+    server_name: rustls::pki_types::ServerName<'static>,
+}
+
+#[cfg(feature = "tls")]
+impl TlsClient {
+    /// Trusts the CA certificates in `ca_file` (PEM) for a server whose
+    /// certificate names `server_name` (a DNS name or an IP address); with
+    /// `client_cert` (certificate chain, key; PEM files), proves who this
+    /// client is to a server that asks (mutual TLS).
+    pub fn new(
+        ca_file: &std::path::Path,
+        server_name: &str,
+        client_cert: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> std::result::Result<TlsClient, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+        let pem = |what: &str, path: &std::path::Path, e: &dyn fmt::Display| {
+            format!("TLS {what} {}: {e}", path.display())
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| pem("CA", ca_file, &e))? {
+            let cert = cert.map_err(|e| pem("CA", ca_file, &e))?;
+            roots.add(cert).map_err(|e| pem("CA", ca_file, &e))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots);
+        let config = match client_cert {
+            Some((cert_file, key_file)) => {
+                let certs = CertificateDer::pem_file_iter(cert_file)
+                    .and_then(|certs| certs.collect::<std::result::Result<Vec<_>, _>>())
+                    .map_err(|e| pem("certificate", cert_file, &e))?;
+                let key =
+                    PrivateKeyDer::from_pem_file(key_file).map_err(|e| pem("key", key_file, &e))?;
+                builder
+                    .with_client_auth_cert(certs, key)
+                    .map_err(|e| format!("TLS client certificate: {e}"))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let server_name = ServerName::try_from(server_name.to_string())
+            .map_err(|e| format!("TLS server name {server_name:?}: {e}"))?;
+        Ok(TlsClient {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
+
+    /// A new TLS client session for one connection (the load generator
+    /// drives it over its own sockets).
+    pub fn session(&self) -> std::result::Result<rustls::ClientConnection, rustls::Error> {
+        rustls::ClientConnection::new(self.config.clone(), self.server_name.clone())
     }
 }
 
@@ -180,7 +248,7 @@ pub(crate) struct OwnedReply {
 }
 
 struct Inner {
-    writer: Mutex<TcpStream>,
+    wire: Arc<Wire>,
     /// Callers waiting for a reply, by request id. None once disconnected.
     waiting: Mutex<Option<HashMap<u32, Sender<OwnedReply>>>>,
     next_id: AtomicU32,
@@ -209,7 +277,7 @@ impl Client {
             password,
             client_name: options.client_name.as_bytes(),
         };
-        Client::open(addr, options.connect_timeout, &hello).map(|(client, _)| client)
+        Client::open(addr, options, &hello).map(|(client, _)| client)
     }
 
     /// Connects and takes back the session `session_id` (within its grace).
@@ -225,7 +293,7 @@ impl Client {
             secret,
             password,
         };
-        let (client, listed) = Client::open(addr, options.connect_timeout, &resume)?;
+        let (client, listed) = Client::open(addr, options, &resume)?;
         // The server lists the session's holds right after the reply.
         match listed.recv_timeout(options.connect_timeout) {
             Ok(()) => Ok(client),
@@ -243,9 +311,10 @@ impl Client {
     /// when a RESUME's listing of holds is complete.
     fn open(
         addr: impl ToSocketAddrs,
-        timeout: Duration,
+        options: &ClientOptions,
         first: &Request<'_>,
     ) -> Result<(Client, Receiver<()>)> {
+        let timeout = options.connect_timeout;
         let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
         let mut stream = None;
         for addr in addr.to_socket_addrs()? {
@@ -260,13 +329,21 @@ impl Client {
         let mut stream = stream.ok_or(last)?;
         stream.set_nodelay(true)?;
         set_dead_peer_detection(&stream)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let wire = Arc::new(Wire::open(&mut stream, options)?);
         let mut frame = Vec::new();
         protocol::encode_request(&mut frame, 1, first);
-        stream.write_all(&frame)?;
-        stream.set_read_timeout(Some(timeout))?;
+        wire.write_all(&frame)?;
+        let mut reader = WireReader {
+            raw: stream.try_clone()?,
+            #[cfg(feature = "tls")]
+            wire: wire.clone(),
+        };
         let mut buf = Vec::new();
-        let reply = read_frame(&mut stream, &mut buf)?.ok_or(Error::Disconnected)?;
+        let reply = read_frame(&mut reader, &mut buf)?.ok_or(Error::Disconnected)?;
         stream.set_read_timeout(None)?;
+        stream.set_write_timeout(None)?;
         if reply.status != Status::Ok {
             return Err(status_error(reply.status, &reply.body));
         }
@@ -281,10 +358,10 @@ impl Client {
             _ => None,
         };
         let (listed_tx, listed) = crossbeam_channel::bounded(1);
-        let reader = stream.try_clone()?;
+
         let (events_tx, events) = crossbeam_channel::bounded(EVENTS_QUEUE_MAX);
         let inner = Arc::new(Inner {
-            writer: Mutex::new(stream),
+            wire,
             waiting: Mutex::new(Some(HashMap::new())),
             next_id: AtomicU32::new(first_request_id(first)),
             session_id,
@@ -487,7 +564,7 @@ impl Client {
 impl Drop for Client {
     fn drop(&mut self) {
         // Closing the socket ends the reader thread (and, without grace, the session).
-        let _ = self.inner.writer.lock().shutdown(Shutdown::Both);
+        let _ = self.inner.wire.stream.lock().shutdown(Shutdown::Both);
     }
 }
 
@@ -512,6 +589,95 @@ pub(crate) fn acquire_request(
         wait_ms,
         lease_ms,
         notify_queued,
+    }
+}
+
+/// The connection's bytes, as written: plain TCP, or TLS over it (feature
+/// `tls`). Writers and the reader's TLS replies (handshake, alerts) take
+/// the stream's lock, then the TLS state's.
+struct Wire {
+    stream: Mutex<TcpStream>,
+    #[cfg(feature = "tls")]
+    tls: Option<Mutex<rustls::ClientConnection>>,
+}
+
+impl Wire {
+    /// The wire over `stream`: with TLS options, after the handshake.
+    fn open(stream: &mut TcpStream, _options: &ClientOptions) -> Result<Wire> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &_options.tls {
+            let mut session = tls
+                .session()
+                .map_err(|e| Error::Protocol(format!("TLS: {e}")))?;
+            while session.is_handshaking() {
+                session.complete_io(stream)?;
+            }
+            return Ok(Wire {
+                stream: Mutex::new(stream.try_clone()?),
+                tls: Some(Mutex::new(session)),
+            });
+        }
+        Ok(Wire {
+            stream: Mutex::new(stream.try_clone()?),
+            #[cfg(feature = "tls")]
+            tls: None,
+        })
+    }
+
+    /// Writes `bytes` whole (through TLS if the wire has it), and whatever
+    /// TLS has to send.
+    fn write_all(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut stream = self.stream.lock();
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            let mut tls = tls.lock();
+            tls.writer().write_all(bytes)?;
+            while tls.wants_write() {
+                tls.write_tls(&mut *stream)?;
+            }
+            return Ok(());
+        }
+        stream.write_all(bytes)
+    }
+}
+
+/// The reading side of a wire: the socket, decrypted when the wire is TLS.
+struct WireReader {
+    raw: TcpStream,
+    #[cfg(feature = "tls")]
+    wire: Arc<Wire>,
+}
+
+impl Read for WireReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.wire.tls {
+            loop {
+                match tls.lock().reader().read(out) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                let mut chunk = [0u8; 16 * 1024];
+                let n = self.raw.read(&mut chunk)?;
+                if n == 0 {
+                    return Ok(0);
+                }
+                let wants_write = {
+                    let mut tls = tls.lock();
+                    let mut data = &chunk[..n];
+                    while !data.is_empty() {
+                        tls.read_tls(&mut data)?;
+                        tls.process_new_packets().map_err(io::Error::other)?;
+                    }
+                    tls.wants_write()
+                };
+                if wants_write {
+                    self.wire.write_all(&[])?;
+                }
+            }
+        }
+        self.raw.read(out)
     }
 }
 
@@ -561,7 +727,7 @@ fn send(inner: &Inner, request: &Request<'_>) -> Result<(u32, Receiver<OwnedRepl
     };
     let mut frame = Vec::with_capacity(HEADER_LEN + 64);
     protocol::encode_request(&mut frame, request_id, request);
-    let written = inner.writer.lock().write_all(&frame);
+    let written = inner.wire.write_all(&frame);
     if let Err(e) = written {
         if let Some(waiting) = inner.waiting.lock().as_mut() {
             waiting.remove(&request_id);
@@ -736,7 +902,7 @@ pub(crate) fn take_frame(buf: &mut Vec<u8>) -> Result<Option<OwnedFrame>> {
 
 /// Reads one whole frame into `buf` (keeping any bytes after it).
 /// `Ok(None)` at a clean end of stream.
-fn read_frame(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<OwnedFrame>> {
+fn read_frame(stream: &mut impl Read, buf: &mut Vec<u8>) -> Result<Option<OwnedFrame>> {
     loop {
         if let Some(frame) = take_frame(buf)? {
             return Ok(Some(frame));
@@ -838,7 +1004,7 @@ pub(crate) fn classify(frame: OwnedFrame) -> Incoming {
 }
 
 fn read_loop(
-    mut stream: TcpStream,
+    mut stream: WireReader,
     mut buf: Vec<u8>,
     inner: Arc<Inner>,
     events: Sender<Event>,
@@ -930,7 +1096,7 @@ mod tests {
         let (addr, server) = fake_server(Vec::new());
         let client = Client::connect(addr, &ClientOptions::default()).unwrap();
         server.join().unwrap();
-        let writer = client.inner.writer.lock();
+        let writer = client.inner.wire.stream.lock();
         let socket = socket2::SockRef::from(&*writer);
         assert!(socket.keepalive().unwrap());
         assert_eq!(socket.keepalive_time().unwrap(), Duration::from_secs(2));

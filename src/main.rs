@@ -162,6 +162,33 @@ struct ServerArgs {
     /// Largest LiveLock-protocol command in bytes.
     #[arg(long, env = "LIVELOCK_MAX_PAYLOAD", default_value_t = 1024)]
     max_payload: usize,
+    /// TLS on the client port: the certificate chain (PEM); a connection that opens with a TLS record speaks TLS. Reloaded on SIGHUP.
+    #[arg(
+        long,
+        env = "LIVELOCK_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(
+        long,
+        env = "LIVELOCK_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
+    /// Require client certificates signed by these CAs (PEM): mutual TLS.
+    #[arg(
+        long,
+        env = "LIVELOCK_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<std::path::PathBuf>,
+    /// Refuse plaintext connections (the LiveLock protocol's included) [env: LIVELOCK_TLS_REQUIRED=1]
+    #[arg(long, requires = "tls_cert")]
+    tls_required: bool,
     /// Serve Prometheus metrics over HTTP here [env: LIVELOCK_PROMETHEUS_PORT, on the listen host]
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -373,6 +400,19 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
     }
     config.snapshot_log_bytes = args.snapshot_log_bytes;
     config.shutdown_support = flag_or_env(args.shutdown_support, "LIVELOCK_SHUTDOWN_SUPPORT")?;
+    let tls_required = flag_or_env(args.tls_required, "LIVELOCK_TLS_REQUIRED")?;
+    config.tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(livelock::tls::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.tls_client_ca.clone(),
+            required: tls_required,
+        }),
+        _ if tls_required => {
+            return Err("LIVELOCK_TLS_REQUIRED needs --tls-cert and --tls-key".into())
+        }
+        _ => None,
+    };
     config.max_payload = args.max_payload;
     config.metrics_listen = match args.metrics {
         Some(addr) => Some(addr),
@@ -435,9 +475,11 @@ fn serve(args: ServerArgs) -> ExitCode {
         }
     };
     let shutdown = server.shutdown_handle();
+    let reload_tls = server.tls_reloader();
     let mut signals = match signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ]) {
         Ok(signals) => signals,
         Err(e) => {
@@ -446,9 +488,18 @@ fn serve(args: ServerArgs) -> ExitCode {
         }
     };
     std::thread::spawn(move || {
-        if let Some(signal) = signals.forever().next() {
+        for signal in signals.forever() {
+            if signal == signal_hook::consts::SIGHUP {
+                match reload_tls() {
+                    Ok(true) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                    Ok(false) => tracing::info!("SIGHUP: no TLS to reload"),
+                    Err(e) => tracing::error!("SIGHUP: TLS not reloaded (the old one stays): {e}"),
+                }
+                continue;
+            }
             tracing::info!(signal, "signal {signal}: shutting down");
             shutdown.shutdown();
+            break;
         }
     });
     tracing::info!(

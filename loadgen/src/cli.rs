@@ -120,6 +120,9 @@ pub struct Args {
     /// Password for HELLO (native), PASS (LiveLock) or AUTH (Redis).
     #[arg(long, env = "LIVELOCK_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,
+    /// Speak TLS to a livelock target, trusting this CA (PEM); the target's host is the name its certificate must carry.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<std::path::PathBuf>,
     /// Allow a target that is not on a loopback address.
     #[arg(long)]
     pub allow_remote: bool,
@@ -317,6 +320,22 @@ impl Args {
                 format!("--password must be at most {PASSWORD_LEN_MAX} bytes")
             })?;
         }
+        let tls = match &self.tls_ca {
+            Some(ca) => {
+                check(proto != Proto::Redis, || {
+                    "--tls-ca needs a livelock:// or livelock-resp:// target".into()
+                })?;
+                // The name the certificate must carry: the target's host.
+                let host = target
+                    .authority
+                    .rsplit_once(':')
+                    .map_or(target.authority.as_str(), |(host, _)| host)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                Some(livelock::client::TlsClient::new(ca, host, None)?)
+            }
+            None => None,
+        };
         let seed = self.seed.unwrap_or_else(clock_seed);
         let plan = Plan {
             proto,
@@ -331,6 +350,7 @@ impl Args {
             sampler,
             key_prefix: self.key_prefix.as_bytes().to_vec(),
             password: self.password.as_ref().map(|p| p.as_bytes().to_vec()),
+            tls,
             connections: self.connections,
             threads,
             pipeline: self.pipeline,

@@ -95,6 +95,8 @@ pub struct Plan {
     pub sampler: KeySampler,
     pub key_prefix: Vec<u8>,
     pub password: Option<Vec<u8>>,
+    /// Speak TLS to the target (`--tls-ca`).
+    pub tls: Option<livelock::client::TlsClient>,
     pub connections: usize,
     pub threads: usize,
     pub pipeline: usize,
@@ -255,6 +257,8 @@ struct Conn {
     /// Index in this thread's `conns` (the mio token).
     local: u32,
     stream: TcpStream,
+    /// The TLS session over `stream` (`--tls-ca`).
+    tls: Option<Box<rustls::ClientConnection>>,
     alive: bool,
     rbuf: Box<[u8]>,
     rpos: usize,
@@ -461,8 +465,24 @@ fn setup(
         if left.is_zero() {
             return Err("connecting took too long".into());
         }
-        let std_stream = std::net::TcpStream::connect_timeout(&plan.addr, left)
+        let mut std_stream = std::net::TcpStream::connect_timeout(&plan.addr, left)
             .map_err(|e| format!("cannot connect to {}: {e}", plan.addr))?;
+        let tls = match &plan.tls {
+            Some(tls) => {
+                // The handshake, blocking, before the socket joins the loop.
+                let mut session = tls.session().map_err(|e| format!("TLS: {e}"))?;
+                std_stream
+                    .set_read_timeout(Some(left))
+                    .map_err(|e| format!("cannot set up a socket: {e}"))?;
+                while session.is_handshaking() {
+                    session
+                        .complete_io(&mut std_stream)
+                        .map_err(|e| format!("TLS handshake with {}: {e}", plan.addr))?;
+                }
+                Some(Box::new(session))
+            }
+            None => None,
+        };
         std_stream
             .set_nodelay(true)
             .and_then(|()| std_stream.set_nonblocking(true))
@@ -480,6 +500,7 @@ fn setup(
             id: id as u32,
             local,
             stream,
+            tls,
             alive: true,
             rbuf: vec![0; READ_BUFFER_LEN].into_boxed_slice(),
             rpos: 0,
@@ -1031,28 +1052,17 @@ fn on_outcome(
 
 /// Reads to `WouldBlock`, acting on every complete reply.
 fn read(conn: &mut Conn, cx: &mut Ctx<'_>) -> Result<(), String> {
+    if let Some(session) = conn.tls.take() {
+        return read_tls(conn, cx, session);
+    }
     loop {
-        if conn.rlen == conn.rbuf.len() {
-            if conn.rpos == 0 {
-                return Err("reply larger than the read buffer".into());
-            }
-            conn.rbuf.copy_within(conn.rpos..conn.rlen, 0);
-            conn.rlen -= conn.rpos;
-            conn.rpos = 0;
-        }
+        compact(conn)?;
         match conn.stream.read(&mut conn.rbuf[conn.rlen..]) {
             Ok(0) => return Err("the server closed the connection".into()),
             Ok(n) => {
                 let room = conn.rbuf.len() - conn.rlen;
                 conn.rlen += n;
-                match cx.plan.proto {
-                    Proto::Native => parse_native(conn, cx)?,
-                    Proto::LiveLockResp | Proto::Redis => parse_resp(conn, cx)?,
-                }
-                if conn.rpos == conn.rlen {
-                    conn.rpos = 0;
-                    conn.rlen = 0;
-                }
+                parse(conn, cx)?;
                 if n < room {
                     // A short read emptied the socket. With edge-triggered
                     // epoll (Linux), bytes arriving later raise a new event,
@@ -1064,6 +1074,70 @@ fn read(conn: &mut Conn, cx: &mut Ctx<'_>) -> Result<(), String> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Makes room at the end of the read buffer (the reply being read moves
+/// to the front).
+fn compact(conn: &mut Conn) -> Result<(), String> {
+    if conn.rlen == conn.rbuf.len() {
+        if conn.rpos == 0 {
+            return Err("reply larger than the read buffer".into());
+        }
+        conn.rbuf.copy_within(conn.rpos..conn.rlen, 0);
+        conn.rlen -= conn.rpos;
+        conn.rpos = 0;
+    }
+    Ok(())
+}
+
+fn parse(conn: &mut Conn, cx: &mut Ctx<'_>) -> Result<(), String> {
+    match cx.plan.proto {
+        Proto::Native => parse_native(conn, cx)?,
+        Proto::LiveLockResp | Proto::Redis => parse_resp(conn, cx)?,
+    }
+    if conn.rpos == conn.rlen {
+        conn.rpos = 0;
+        conn.rlen = 0;
+    }
+    Ok(())
+}
+
+/// `read` through TLS: records from the socket to `WouldBlock`, every
+/// decrypted reply acted on. The session is put back unless the
+/// connection fails.
+fn read_tls(
+    conn: &mut Conn,
+    cx: &mut Ctx<'_>,
+    mut session: Box<rustls::ClientConnection>,
+) -> Result<(), String> {
+    loop {
+        let drained = match session.read_tls(&mut conn.stream) {
+            Ok(0) => return Err("the server closed the connection".into()),
+            Ok(_) => false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => false,
+            Err(e) => return Err(e.to_string()),
+        };
+        session
+            .process_new_packets()
+            .map_err(|e| format!("TLS: {e}"))?;
+        loop {
+            compact(conn)?;
+            match session.reader().read(&mut conn.rbuf[conn.rlen..]) {
+                Ok(0) => return Err("the server closed the TLS session".into()),
+                Ok(n) => {
+                    conn.rlen += n;
+                    parse(conn, cx)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if drained {
+            conn.tls = Some(session);
+            return Ok(());
         }
     }
 }
@@ -1216,7 +1290,27 @@ fn classify(proto: Proto, state: State, reply: resp::Reply<'_>) -> Outcome {
 
 /// Writes until done or `WouldBlock`; the rest waits for a writable event.
 fn flush(conn: &mut Conn) -> io::Result<()> {
-    while conn.wpos < conn.wbuf.len() {
+    if let Some(session) = conn.tls.as_deref_mut() {
+        loop {
+            while conn.wpos < conn.wbuf.len() {
+                match session.writer().write(&conn.wbuf[conn.wpos..])? {
+                    0 => break,
+                    n => conn.wpos += n,
+                }
+            }
+            if !session.wants_write() {
+                break;
+            }
+            match session.write_tls(&mut conn.stream) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    while conn.wpos < conn.wbuf.len() && conn.tls.is_none() {
         match conn.stream.write(&conn.wbuf[conn.wpos..]) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
             Ok(n) => conn.wpos += n,

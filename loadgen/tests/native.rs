@@ -236,3 +236,62 @@ fn the_target_defaults_to_the_environment() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("LIVELOCK_PORT"), "{stderr}");
 }
+
+/// `--tls-ca`: the same lock cycles through TLS, pipelined; a target whose
+/// certificate the CA did not sign fails to set up.
+#[test]
+fn lock_cycles_over_tls() {
+    let dir = std::env::temp_dir().join(format!("loadgen-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write_ca = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        let path = dir.join(format!("{name}.pem"));
+        std::fs::write(&path, cert.pem()).unwrap();
+        (cert, key, path)
+    };
+    let (ca, ca_key, ca_path) = write_ca("ca");
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let server = TestServer::start_with(|config| {
+        config.tls = Some(livelock::tls::TlsFiles {
+            cert: cert_path.clone(),
+            key: key_path.clone(),
+            client_ca: None,
+            required: true,
+        });
+    });
+    let ca_arg = ca_path.to_str().unwrap();
+    let json = loadgen_json(&[
+        &server.url(),
+        "--tls-ca",
+        ca_arg,
+        "--duration",
+        "1",
+        "-c",
+        "4",
+        "--pipeline",
+        "16",
+    ]);
+    assert_healthy(&json);
+    assert!(num(&json, "release\":{\"count") > 0.0, "{json}");
+    let (_, _, other_path) = write_ca("other");
+    let out = loadgen(&[
+        &server.url(),
+        "--tls-ca",
+        other_path.to_str().unwrap(),
+        "-d",
+        "1",
+    ]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("TLS"), "{}", out.stderr);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -88,6 +88,8 @@ pub struct ServerConfig {
     pub max_payload: usize,
     /// Prometheus metrics over HTTP on this address.
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS on the client port (None: plaintext only).
+    pub tls: Option<crate::tls::TlsFiles>,
     /// Keep the fencing-token high-water mark in the data directory, so
     /// tokens never repeat across crashes (`livelock server` always does,
     /// also without a dump).
@@ -126,6 +128,7 @@ impl ServerConfig {
             shutdown_support: false,
             max_payload: 1024,
             metrics_listen: None,
+            tls: None,
             keep_tokens: false,
             takeover_wait: Duration::from_secs(10),
             clock_start_unix_ms: None,

@@ -1,7 +1,8 @@
 //! One client connection's socket and buffers, and nothing else: reading
 //! until the kernel has no more (or the read buffer is full), writing until
-//! the kernel takes no more. What the bytes mean is the event loop's and the
-//! codecs' business.
+//! the kernel takes no more, through TLS when the connection opened with a
+//! TLS record. What the bytes mean is the event loop's and the codecs'
+//! business.
 
 use std::io::{self, Read, Write};
 
@@ -20,6 +21,14 @@ pub enum Codec {
     Native,
     /// Any other first byte: the LiveLock RESP/inline protocol.
     Resp,
+}
+
+/// How the connection's bytes travel.
+pub enum Transport {
+    /// No byte read yet: TLS or not is decided by the first one.
+    Undecided,
+    Plain,
+    Tls(Box<rustls::ServerConnection>),
 }
 
 /// What a read pass found.
@@ -55,6 +64,7 @@ impl ConnRef {
 const READ_CHUNK: usize = 4096;
 
 pub struct Connection {
+    pub transport: Transport,
     pub stream: TcpStream,
     /// Set by the loop when the connection is added (see `ConnRef`).
     pub gen: u64,
@@ -101,6 +111,7 @@ pub struct Connection {
 impl Connection {
     pub fn new(stream: TcpStream, hello_deadline_ms: u64) -> Connection {
         Connection {
+            transport: Transport::Undecided,
             stream,
             gen: 0,
             codec: Codec::Sniffing,
@@ -136,12 +147,115 @@ impl Connection {
         self.wbuf.len() - self.wpos
     }
 
-    /// Reads until the kernel has no more, the buffer is full, or EOF.
-    pub fn fill(&mut self) -> io::Result<ReadState> {
+    /// Reads until the kernel has no more, the buffer is full, or EOF;
+    /// the first bytes decide TLS (`tls`: the server's setup, if any).
+    pub fn fill(&mut self, tls: Option<&crate::tls::Tls>) -> io::Result<ReadState> {
         if self.rpos > 0 && self.rpos == self.rbuf.len() {
             self.rbuf.clear();
             self.rpos = 0;
         }
+        match self.transport {
+            Transport::Plain => self.fill_plain(),
+            Transport::Tls(_) => self.fill_tls(),
+            Transport::Undecided => {
+                let state = self.fill_plain()?;
+                let Some(&first) = self.rbuf.get(self.rpos) else {
+                    return Ok(state);
+                };
+                match tls {
+                    Some(tls) if first == crate::tls::HANDSHAKE_RECORD => {
+                        let mut session = rustls::ServerConnection::new(tls.config())
+                            .map_err(io::Error::other)?;
+                        // What was read is the start of the TLS stream.
+                        let mut read = &self.rbuf[self.rpos..];
+                        while !read.is_empty() {
+                            session.read_tls(&mut read)?;
+                            session.process_new_packets().map_err(io::Error::other)?;
+                        }
+                        self.rbuf.clear();
+                        self.rpos = 0;
+                        self.transport = Transport::Tls(Box::new(session));
+                        match state {
+                            ReadState::Eof => Ok(ReadState::Eof),
+                            _ => self.fill_tls(),
+                        }
+                    }
+                    Some(tls) if tls.required() => Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        "TLS is required on this server",
+                    )),
+                    _ => {
+                        self.transport = Transport::Plain;
+                        Ok(state)
+                    }
+                }
+            }
+        }
+    }
+
+    /// `fill` through TLS: ciphertext from the socket until it has no more,
+    /// plaintext into the read buffer (bounded like a plain read).
+    fn fill_tls(&mut self) -> io::Result<ReadState> {
+        let Transport::Tls(session) = &mut self.transport else {
+            unreachable!("a TLS connection");
+        };
+        let mut state = ReadState::Drained;
+        loop {
+            // Plaintext first: what rustls has decrypted already.
+            loop {
+                let held = self.rbuf.len() - self.rpos;
+                if held >= READ_BUFFER_MAX {
+                    return Ok(ReadState::Full);
+                }
+                let start = self.rbuf.len();
+                let room = READ_CHUNK.min(READ_BUFFER_MAX - held);
+                self.rbuf.resize(start + room, 0);
+                match session.reader().read(&mut self.rbuf[start..]) {
+                    Ok(0) => {
+                        // close_notify: the peer is done.
+                        self.rbuf.truncate(start);
+                        return Ok(ReadState::Eof);
+                    }
+                    Ok(n) => self.rbuf.truncate(start + n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.rbuf.truncate(start);
+                        break;
+                    }
+                    Err(e) => {
+                        self.rbuf.truncate(start);
+                        return Err(e);
+                    }
+                }
+            }
+            if state == ReadState::Eof {
+                return Ok(ReadState::Eof);
+            }
+            match session.read_tls(&mut self.stream) {
+                Ok(0) => state = ReadState::Eof,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            if let Err(e) = session.process_new_packets() {
+                // Tell the peer why (an alert), then give up.
+                let _ = session.write_tls(&mut self.stream);
+                return Err(io::Error::other(e));
+            }
+        }
+        // Handshake messages and alerts go out now; the rest is `flush`'s.
+        while session.wants_write() {
+            match session.write_tls(&mut self.stream) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(state)
+    }
+
+    fn fill_plain(&mut self) -> io::Result<ReadState> {
         loop {
             let held = self.rbuf.len() - self.rpos;
             if held >= READ_BUFFER_MAX {
@@ -204,7 +318,31 @@ impl Connection {
             .wbuf
             .len()
             .min(usize::try_from(released).unwrap_or(usize::MAX));
-        while self.wpos < limit {
+        if let Transport::Tls(session) = &mut self.transport {
+            // Plaintext into rustls (it takes what its buffer allows), the
+            // records out to the socket, until both are done.
+            loop {
+                while self.wpos < limit {
+                    match session.writer().write(&self.wbuf[self.wpos..limit]) {
+                        Ok(0) => break,
+                        Ok(n) => self.wpos += n,
+                        Err(e) => return Err(e),
+                    }
+                }
+                if !session.wants_write() {
+                    break;
+                }
+                match session.write_tls(&mut self.stream) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        while self.wpos < limit && matches!(self.transport, Transport::Plain | Transport::Undecided)
+        {
             match self.stream.write(&self.wbuf[self.wpos..limit]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => self.wpos += n,

@@ -139,6 +139,8 @@ pub struct Shared {
     pub log: Option<Arc<LogShared>>,
     /// A loop froze: the server is shutting down (readiness says so).
     pub stopping: AtomicBool,
+    /// TLS on the client port (`--tls-cert`, `--tls-key`).
+    pub tls: Option<crate::tls::Tls>,
 }
 
 impl Shared {
@@ -792,7 +794,7 @@ impl EventLoop {
             let state = if conn.eof {
                 ReadState::Eof
             } else {
-                match conn.fill() {
+                match conn.fill(self.shared.tls.as_ref()) {
                     Ok(state) => state,
                     Err(_) => {
                         self.close(token);

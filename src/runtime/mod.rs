@@ -8,3 +8,4 @@ pub mod event_loop;
 pub mod metrics;
 pub mod raft_log;
 pub mod server;
+pub mod tls;

@@ -234,6 +234,10 @@ impl Server {
             Some(addr) => Some(std::net::TcpListener::bind(addr)?),
             None => None,
         };
+        let tls = match &config.tls {
+            Some(files) => Some(crate::tls::Tls::load(files.clone()).map_err(io::Error::other)?),
+            None => None,
+        };
         let (final_tx, final_rx) = crossbeam_channel::unbounded();
         let log_parts = recovered.as_ref().map(|_| LogShared::new());
         let shared = Arc::new(Shared {
@@ -246,6 +250,7 @@ impl Server {
             tokens,
             final_tx,
             stopping: AtomicBool::new(false),
+            tls,
         });
         let server_metrics = Arc::new(ServerMetrics::new().with_log(shared.log.clone()));
         let metrics_stop = Arc::new(AtomicBool::new(false));
@@ -339,6 +344,17 @@ impl Server {
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {
             shared: self.shared.clone(),
+        }
+    }
+
+    /// What reads the TLS certificate and key files again (SIGHUP): new
+    /// connections get them. It answers `Ok(false)` without TLS; an error
+    /// keeps the old ones.
+    pub fn tls_reloader(&self) -> impl Fn() -> Result<bool, String> + Send + 'static {
+        let shared = self.shared.clone();
+        move || match &shared.tls {
+            Some(tls) => tls.reload().map(|()| true),
+            None => Ok(false),
         }
     }
 

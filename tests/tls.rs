@@ -1,0 +1,182 @@
+//! TLS on the client port: a connection that opens with a TLS record gets
+//! TLS, others stay plaintext on the same port (unless TLS is required); the
+//! server's certificate is checked against the client's CA, a server that
+//! asks for client certificates refuses a client without one, and SIGHUP
+//! reloads the files (new connections get the new certificate). Certificates
+//! are made by rcgen in each test.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use livelock::client::{Client, ClientOptions, TlsClient};
+use livelock::tls::TlsFiles;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+
+/// A CA, and files of certificates it signed.
+struct Ca {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+    path: PathBuf,
+}
+
+impl Ca {
+    fn new(dir: &ScratchDir, name: &str) -> Ca {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        let path = dir.join(&format!("{name}-ca.pem"));
+        std::fs::write(&path, cert.pem()).unwrap();
+        Ca { cert, key, path }
+    }
+
+    /// A certificate for `names`, signed by this CA: (cert file, key file).
+    fn issue(&self, dir: &ScratchDir, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &self.cert, &self.key)
+            .unwrap();
+        let (cert_path, key_path) = (
+            dir.join(&format!("{file}.pem")),
+            dir.join(&format!("{file}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        (cert_path, key_path)
+    }
+}
+
+fn tls_options(ca: &Path, client_cert: Option<(&Path, &Path)>) -> ClientOptions {
+    ClientOptions {
+        tls: Some(TlsClient::new(ca, "127.0.0.1", client_cert).expect("TLS client setup")),
+        ..ClientOptions::default()
+    }
+}
+
+fn files(cert: &Path, key: &Path, client_ca: Option<&Path>, required: bool) -> TlsFiles {
+    TlsFiles {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        client_ca: client_ca.map(Path::to_path_buf),
+        required,
+    }
+}
+
+#[test]
+fn tls_and_plaintext_share_the_port() {
+    let dir = ScratchDir::new("tls-shared");
+    let ca = Ca::new(&dir, "server");
+    let (cert, key) = ca.issue(&dir, "server", &["127.0.0.1", "localhost"]);
+    let server = TestServer::start_with(2, |config| {
+        config.tls = Some(files(&cert, &key, None, false));
+    });
+    let secure = Client::connect(server.addr, &tls_options(&ca.path, None)).expect("over TLS");
+    let guard = secure.acquire("over-tls").unwrap();
+    let plain = server.client();
+    assert!(
+        plain.try_acquire("over-tls").unwrap().is_none(),
+        "one lock, both ways"
+    );
+    let token = guard.token();
+    guard.release().unwrap();
+    let again = plain.acquire("over-tls").unwrap();
+    assert!(again.token() > token);
+    // A large reply (LIST of long names) crosses many TLS records.
+    let names: Vec<String> = (0..200)
+        .map(|i| format!("{i:04}-{}", "x".repeat(900)))
+        .collect();
+    for name in &names {
+        secure.acquire(name).unwrap().forget();
+    }
+    let listing = secure.list("0*", 1000).unwrap();
+    assert_eq!(listing.records.len(), names.len());
+    secure.bye().unwrap();
+
+    // Another CA's client does not trust this server.
+    let other = Ca::new(&dir, "other");
+    assert!(Client::connect(server.addr, &tls_options(&other.path, None)).is_err());
+}
+
+#[test]
+fn required_tls_refuses_plaintext_and_client_certificates_are_checked() {
+    let dir = ScratchDir::new("tls-required");
+    let ca = Ca::new(&dir, "server");
+    let (cert, key) = ca.issue(&dir, "server", &["127.0.0.1"]);
+    let clients = Ca::new(&dir, "clients");
+    let server = TestServer::start_with(1, |config| {
+        config.tls = Some(files(&cert, &key, Some(&clients.path), true));
+    });
+    assert!(
+        Client::connect(server.addr, &ClientOptions::default()).is_err(),
+        "plaintext refused"
+    );
+    assert!(
+        Client::connect(server.addr, &tls_options(&ca.path, None)).is_err(),
+        "no client certificate"
+    );
+    let stranger = Ca::new(&dir, "stranger");
+    let (bad_cert, bad_key) = stranger.issue(&dir, "stranger-client", &["someone"]);
+    assert!(
+        Client::connect(
+            server.addr,
+            &tls_options(&ca.path, Some((&bad_cert, &bad_key)))
+        )
+        .is_err(),
+        "a client certificate of another CA"
+    );
+    let (client_cert, client_key) = clients.issue(&dir, "client", &["worker-1"]);
+    let client = Client::connect(
+        server.addr,
+        &tls_options(&ca.path, Some((&client_cert, &client_key))),
+    )
+    .expect("a known client certificate");
+    client.acquire("mutual").unwrap().release().unwrap();
+}
+
+#[test]
+fn sighup_reloads_the_certificate() {
+    let dir = ScratchDir::new("tls-reload");
+    let first = Ca::new(&dir, "first");
+    let (cert, key) = first.issue(&dir, "server", &["127.0.0.1"]);
+    let addr = free_addr();
+    let mut server = start_server_with(
+        "server",
+        &dir,
+        &data_dir(&dir),
+        addr,
+        "memory",
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    Client::connect(addr, &tls_options(&first.path, None)).expect("the first certificate");
+    // New files in place, then SIGHUP.
+    let second = Ca::new(&dir, "second");
+    let (new_cert, new_key) = second.issue(&dir, "server-2", &["127.0.0.1"]);
+    std::fs::rename(&new_cert, &cert).unwrap();
+    std::fs::rename(&new_key, &key).unwrap();
+    signal(&server, libc::SIGHUP);
+    server.wait_for("the reload", |s| {
+        s.stderr()
+            .contains("TLS certificate and key reloaded")
+            .then_some(())
+    });
+    Client::connect(addr, &tls_options(&second.path, None)).expect("the new certificate");
+    assert!(Client::connect(addr, &tls_options(&first.path, None)).is_err());
+    // A broken file keeps the working setup.
+    std::fs::write(&cert, b"not a certificate").unwrap();
+    signal(&server, libc::SIGHUP);
+    server.wait_for("the refused reload", |s| {
+        s.stderr().contains("TLS not reloaded").then_some(())
+    });
+    Client::connect(addr, &tls_options(&second.path, None)).expect("still the second");
+    signal(&server, libc::SIGTERM);
+    expect_clean_exit(&mut server);
+}
