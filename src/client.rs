@@ -171,10 +171,20 @@ impl TlsClient {
         })
     }
 
+    /// The rustls setup (the async client hands it to tokio-rustls).
+    pub fn config(&self) -> Arc<rustls::ClientConfig> {
+        self.config.clone()
+    }
+
+    /// The name the server's certificate must carry.
+    pub fn server_name(&self) -> rustls::pki_types::ServerName<'static> {
+        self.server_name.clone()
+    }
+
     /// A new TLS client session for one connection (the load generator
     /// drives it over its own sockets).
     pub fn session(&self) -> std::result::Result<rustls::ClientConnection, rustls::Error> {
-        rustls::ClientConnection::new(self.config.clone(), self.server_name.clone())
+        rustls::ClientConnection::new(self.config(), self.server_name())
     }
 }
 

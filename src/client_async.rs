@@ -1,6 +1,6 @@
 //! The async client for tokio services (feature `tokio`): the sessions,
 //! locks and events of the blocking client (`client`), over a tokio
-//! `TcpStream`. One reader task hands each final reply to the request that
+//! `TcpStream`, with TLS when `ClientOptions::tls` says (tokio-rustls). One reader task hands each final reply to the request that
 //! waits for it and queues pushes as events; one writer task sends frames
 //! in order, so a guard dropped outside `async` code can still release its
 //! hold. Frames are classified by `client::classify`, shared with the
@@ -25,8 +25,7 @@ use std::time::Duration;
 
 use hashbrown::HashMap;
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
 
@@ -36,6 +35,10 @@ use crate::client::{
     EVENTS_QUEUE_MAX,
 };
 use crate::protocol::{self, Mode, Request, Status, SECRET_LEN};
+
+/// The halves of the connection, plain or TLS (`ClientOptions::tls`).
+type ReadHalf = Box<dyn AsyncRead + Unpin + Send>;
+type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
 
 /// Requests waiting for their final reply, by request id; `None` once the
 /// connection is gone.
@@ -91,14 +94,25 @@ impl AsyncClient {
             client_name: options.client_name.as_bytes(),
         };
         let open = async {
-            let mut stream = TcpStream::connect(addr).await?;
+            let stream = TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
+            let (mut reader, mut writer): (ReadHalf, WriteHalf) = match &options.tls {
+                Some(tls) => {
+                    let connector = tokio_rustls::TlsConnector::from(tls.config());
+                    let stream = connector.connect(tls.server_name(), stream).await?;
+                    let (reader, writer) = tokio::io::split(stream);
+                    (Box::new(reader), Box::new(writer))
+                }
+                None => {
+                    let (reader, writer) = stream.into_split();
+                    (Box::new(reader), Box::new(writer))
+                }
+            };
             let mut frame = Vec::new();
             protocol::encode_request(&mut frame, 1, &hello);
-            stream.write_all(&frame).await?;
+            writer.write_all(&frame).await?;
+            writer.flush().await?;
             let mut buf = Vec::new();
-            let (reader, writer) = stream.into_split();
-            let mut reader = reader;
             let reply = read_frame(&mut reader, &mut buf)
                 .await?
                 .ok_or(Error::Disconnected)?;
@@ -311,9 +325,9 @@ impl Drop for AsyncGuard {
     }
 }
 
-async fn write_loop(mut writer: OwnedWriteHalf, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
+async fn write_loop(mut writer: WriteHalf, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
     while let Some(frame) = frames.recv().await {
-        if writer.write_all(&frame).await.is_err() {
+        if writer.write_all(&frame).await.is_err() || writer.flush().await.is_err() {
             break;
         }
     }
@@ -322,7 +336,7 @@ async fn write_loop(mut writer: OwnedWriteHalf, mut frames: mpsc::UnboundedRecei
 
 /// Reads one whole frame into `buf` (keeping any bytes after it); `None` at
 /// a clean end of stream.
-async fn read_frame(reader: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> Result<Option<OwnedFrame>> {
+async fn read_frame(reader: &mut ReadHalf, buf: &mut Vec<u8>) -> Result<Option<OwnedFrame>> {
     loop {
         if let Some(frame) = take_frame(buf)? {
             return Ok(Some(frame));
@@ -337,7 +351,7 @@ async fn read_frame(reader: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> Result<Opt
 }
 
 async fn read_loop(
-    mut reader: OwnedReadHalf,
+    mut reader: ReadHalf,
     mut buf: Vec<u8>,
     inner: Arc<Inner>,
     events: mpsc::Sender<Event>,

@@ -8,8 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, WAIT_MAX};
-use livelock::client::{AcquireOptions, ClientOptions, Error, Event};
+use common::certs::Ca;
+use common::{ScratchDir, TestServer, WAIT_MAX};
+use livelock::client::{AcquireOptions, ClientOptions, Error, Event, TlsClient};
 use livelock::client_async::AsyncClient;
 use livelock::protocol::Status;
 
@@ -114,4 +115,39 @@ async fn a_lost_lease_and_a_lost_connection_are_events() {
         bounded("ping", client.ping()).await,
         Err(Error::Disconnected)
     ));
+}
+
+/// The async client over TLS (tokio-rustls), on a server that requires it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls() {
+    let dir = ScratchDir::new("async-tls");
+    let ca = Ca::new(&dir, "server");
+    let (cert, key) = ca.issue(&dir, "server", &["127.0.0.1"]);
+    let server = TestServer::start_with(1, |config| {
+        config.tls = Some(livelock::tls::TlsFiles {
+            cert,
+            key,
+            client_ca: None,
+            required: true,
+        });
+    });
+    let options = ClientOptions {
+        tls: Some(TlsClient::new(&ca.path, "127.0.0.1", None).unwrap()),
+        ..ClientOptions::default()
+    };
+    let client = bounded(
+        "connect over TLS",
+        AsyncClient::connect(server.addr, &options),
+    )
+    .await
+    .expect("a session over TLS");
+    let guard = bounded("grant", client.acquire("secure")).await.unwrap();
+    assert!(guard.token() > 0);
+    bounded("release", guard.release()).await.unwrap();
+    assert!(bounded(
+        "plaintext refused",
+        AsyncClient::connect(server.addr, &ClientOptions::default())
+    )
+    .await
+    .is_err());
 }

@@ -7,48 +7,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use common::certs::Ca;
 use common::*;
 use livelock::client::{Client, ClientOptions, TlsClient};
 use livelock::tls::TlsFiles;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-
-/// A CA, and files of certificates it signed.
-struct Ca {
-    cert: rcgen::Certificate,
-    key: KeyPair,
-    path: PathBuf,
-}
-
-impl Ca {
-    fn new(dir: &ScratchDir, name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let cert = params.self_signed(&key).unwrap();
-        let path = dir.join(&format!("{name}-ca.pem"));
-        std::fs::write(&path, cert.pem()).unwrap();
-        Ca { cert, key, path }
-    }
-
-    /// A certificate for `names`, signed by this CA: (cert file, key file).
-    fn issue(&self, dir: &ScratchDir, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.cert, &self.key)
-            .unwrap();
-        let (cert_path, key_path) = (
-            dir.join(&format!("{file}.pem")),
-            dir.join(&format!("{file}.key")),
-        );
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        (cert_path, key_path)
-    }
-}
 
 fn tls_options(ca: &Path, client_cert: Option<(&Path, &Path)>) -> ClientOptions {
     ClientOptions {

@@ -2,6 +2,8 @@
 //! 127.0.0.1:0 and bounded waits.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
