@@ -8,8 +8,8 @@ LOCK_LOST or a RESUME listing marks the right ``Held`` lost), the RESUME
 reconciliation, and what happens to a request whose caller gave up: a
 waiting ACQUIRE is cancelled and a grant that comes anyway is released by
 its fencing token, so no hold is ever left behind unknown. It also defines
-the requests (``Op``), the events and the pieces of ``Held`` both shells
-share.
+the requests (``Op``: the frame to send and what its reply means) and the
+events. The public methods built on them are ``livelock_client.api``'s.
 """
 
 from __future__ import annotations
@@ -174,6 +174,16 @@ def acquire_op(
     return Op(Opcode.ACQUIRE, body, _granted(key, mode), name=key)
 
 
+def try_acquire_op(name: BytesLike, *, shared: bool, lease: float | None) -> Op[HoldState | None]:
+    """An ACQUIRE that tries once: None when someone else holds the lock."""
+    acquire = acquire_op(name, wait=0, shared=shared, lease=lease, notify_queued=False)
+
+    def finish(frame: Frame) -> HoldState | None:
+        return None if frame.status == Status.BUSY else acquire.finish(frame)
+
+    return Op(acquire.opcode, acquire.body, finish, name=acquire.name)
+
+
 def release_op(name: BytesLike, token: int | None = None) -> Op[None]:
     key = p.lock_name(name)
     field_, flags = p.token_prefix(token)
@@ -331,15 +341,23 @@ class Core:
     def hello_frame(grace: float, password: BytesLike, client_name: BytesLike) -> bytes:
         return p.encode_frame(Opcode.HELLO, FIRST_REQUEST_ID, p.hello_body(p.grace_ms(grace), password, client_name))
 
-    def resume_frame(self, password: BytesLike, session_id: int | None = None, secret: bytes | None = None) -> bytes:
-        """RESUME of ``session_id`` (by default this client's own session)."""
-        if session_id is None or secret is None:
-            if self.session is None:
-                raise ConnectionLost("no session to resume")
-            session_id, secret = self.session.session_id, self.session.secret
+    @staticmethod
+    def resume_frame(session_id: int, secret: bytes, password: BytesLike) -> bytes:
+        """RESUME of a session, by its id and secret."""
+        return p.encode_frame(Opcode.RESUME, FIRST_REQUEST_ID, p.resume_body(session_id, secret, password))
+
+    def reconnect_frame(self, password: BytesLike) -> bytes:
+        """RESUME of this client's own session."""
+        if self.session is None:
+            raise ConnectionLost("no session to resume")
         if self.ended:
             raise ConnectionLost("the session has ended (BYE, or its connection closed without a grace period)")
-        return p.encode_frame(Opcode.RESUME, FIRST_REQUEST_ID, p.resume_body(session_id, secret, password))
+        return self.resume_frame(self.session.session_id, self.session.secret, password)
+
+    def on_connected(self, frames: list[Frame]) -> list[Outcome]:
+        """The first frames of a connection: the HELLO/RESUME reply, then
+        whatever came with it."""
+        return [self.on_session(frames[0])] + [self.on_frame(frame) for frame in frames[1:]]
 
     def on_session(self, frame: Frame) -> Outcome:
         """The reply to HELLO or RESUME, the first frame of a connection."""
@@ -539,51 +557,3 @@ class Core:
             self.holds.clear()
         out.events.append(Disconnected(reason))
         return out
-
-
-# ---- What both Held classes share --------------------------------------------
-
-
-class HeldBase:
-    """A hold: the lock's name, its fencing token, its mode, and whether it
-    is still held as far as this client knows."""
-
-    def __init__(self, state: HoldState) -> None:
-        self._state = state
-
-    @property
-    def name(self) -> bytes:
-        return self._state.name
-
-    @property
-    def token(self) -> int:
-        """The fencing token of this grant: larger than every earlier grant's."""
-        return self._state.token
-
-    @property
-    def mode(self) -> Mode:
-        return self._state.mode
-
-    @property
-    def lost(self) -> bool:
-        """True once the server took the hold away (LockLost)."""
-        return self._state.lost
-
-    @property
-    def active(self) -> bool:
-        """Neither released nor lost."""
-        return self._state.active
-
-    def _raise_on_exit(self, body_raised: bool, error: LivelockError) -> bool:
-        """Whether a release failing at the end of a ``with`` block raises:
-        never over the block's own exception, nor when the hold is gone
-        anyway (lost meanwhile). A release that could not be sent (the
-        connection is gone) is not an error either: the hold ends with the
-        session, or is released when a RESUME lists it."""
-        if body_raised:
-            return False
-        return not isinstance(error, (p.NotHeldError, p.WrongTokenError))
-
-    def __repr__(self) -> str:
-        state = "lost" if self._state.lost else "released" if self._state.released else "held"
-        return f"<{type(self).__name__} {self.name!r} token={self.token} {self.mode.name.lower()} {state}>"

@@ -5,7 +5,8 @@ the opcode and status enums, the typed exceptions, request body encoders
 that refuse bad input with ValueError before anything is sent, an
 incremental decoder of server frames that never trusts a length beyond the
 documented bounds, and parsers of every reply and push body. The blocking
-and asyncio clients share it through ``livelock_client.core``.
+and asyncio clients share it through ``livelock_client.core`` and
+``livelock_client.api``.
 """
 
 from __future__ import annotations

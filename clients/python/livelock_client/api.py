@@ -1,0 +1,694 @@
+"""The public API of both clients, written once.
+
+``Client`` (blocking, ``livelock_client.sync``) and ``AsyncClient``
+(asyncio, ``livelock_client.aio``) offer the same methods, with the same
+arguments and meanings. This module owns them: each is a function here that
+checks its arguments and returns a ``Call`` (the request to send, how long to
+wait for the answer, what the caller gets from it), made a ``Method`` that
+binds it to the object it is read from. On a ``Blocking`` object (the
+blocking client's) a method runs its call to completion; on an ``Awaiting``
+one (the asyncio client's) it is a coroutine function. ``connect()`` and
+``resume()`` are written once the same way (``Opener``). The I/O shells
+supply only the I/O: ``_run`` (send, wait, hand back), ``_enter`` (the
+``lock()`` block), ``_open`` (dial and hand the first frames to the core),
+the reader, and the waits for events.
+
+It also owns what the shells' clients, holds and pending acquires share (the
+session's properties, the listeners, applying the core's ``Outcome``), the
+I/O-free part of dialling (``Dial``) and why a connection ended.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import inspect
+from collections.abc import Coroutine, Iterator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Final, Generic, Protocol, TypeVar, overload
+
+from . import config
+from . import core as c
+from . import protocol as p
+from .core import Event
+from .protocol import BytesLike, ConnectionLost, LivelockError, LivelockTimeout
+
+if TYPE_CHECKING:
+    from typing_extensions import Concatenate, ParamSpec
+
+    P = ParamSpec("P")
+else:
+    P = TypeVar("P")  # only annotations, which are not evaluated, need a ParamSpec
+
+T = TypeVar("T")
+K = TypeVar("K")
+W = TypeVar("W")
+#: The shell's Held, PendingAcquire and client classes.
+H = TypeVar("H")
+PA = TypeVar("PA")
+C = TypeVar("C", bound="_Runner")
+BC = TypeVar("BC", bound="Blocking")
+AC = TypeVar("AC", bound="Awaiting")
+
+#: Why a RESUME gave up waiting for the listing of the session's holds.
+LISTING_LATE = "the RESUME listing of holds did not end in time"
+
+
+# ---- Calls ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """What a method asks of its I/O shell: send ``op`` and wait at most
+    ``timeout`` seconds (None: for ever) for its reply; the caller gets
+    ``result`` of the reply's value. With ``op`` None nothing is sent and the
+    caller gets ``result(None)``. A ``detached`` call is not waited for: the
+    caller gets ``result`` of the ``Started`` request."""
+
+    op: c.Op[Any] | None
+    timeout: float | None
+    result: Callable[[Any], T]
+    detached: bool = False
+
+
+def ask(op: c.Op[T], timeout: float | None) -> Call[T]:
+    """The call whose caller gets the reply's value as it is."""
+    return Call(op, timeout, _as_is)
+
+
+def _as_is(value: T) -> T:
+    return value
+
+
+@dataclass(frozen=True)
+class Started(Generic[W]):
+    """A request sent by a detached call, and the shell's waiter for its reply."""
+
+    request_id: int
+    waiter: W
+
+
+def no_answer(timeout: float | None) -> LivelockTimeout:
+    return LivelockTimeout(f"no answer from the server within {timeout} s")
+
+
+# ---- Methods ----------------------------------------------------------------
+
+
+class Runs:
+    """The kind of method whose caller gets its call's result."""
+
+
+class Enters:
+    """The kind of method that returns a context manager around its call's
+    result (a hold, released at the end of the block)."""
+
+
+class Blocking:
+    """An object of the blocking client: its methods run to completion
+    (``_run``; a client's ``_enter`` makes the ``with`` block of ``lock``)."""
+
+    def _run(self, call: Call[T]) -> T:
+        raise NotImplementedError
+
+
+class Awaiting:
+    """An object of the asyncio client: its methods are coroutine functions
+    (``_run``), but for ``lock``, whose ``async with`` block a client's
+    ``_enter`` makes."""
+
+    async def _run(self, call: Call[T]) -> T:
+        raise NotImplementedError
+
+
+def _function(
+    run: Callable[..., Any], awaits: bool, owner: type[Any], like: Method[..., Any, Any] | Opener[...]
+) -> Any:
+    """``run`` as its caller sees it: a coroutine function if ``awaits``,
+    named, documented and signed as the method ``like`` of ``owner``."""
+    function = run
+    if awaits:
+
+        async def awaiting(*args: Any, **kwargs: Any) -> Any:
+            return await run(*args, **kwargs)
+
+        function = awaiting
+    function.__name__ = like.__name__
+    function.__qualname__ = f"{owner.__qualname__}.{like.__name__}"
+    function.__doc__ = like.__doc__
+    setattr(function, "__signature__", like.signature)  # noqa: B010 (unknown to the type of functions)
+    return function
+
+
+def _signature(build: Callable[..., Any]) -> inspect.Signature:
+    """The signature of a method written as ``build``: its own, less what
+    ``build`` returns."""
+    return inspect.signature(build).replace(return_annotation=inspect.Signature.empty)
+
+
+class Method(Generic[P, T, K]):
+    """A public method: ``build`` (its signature, its docstring and the Call
+    it makes, given the object and the arguments) bound by kind to the
+    object it is read from. Read from the class, it is a function of the
+    object and the arguments."""
+
+    def __init__(self, build: Callable[Concatenate[Any, P], Call[T]], enters: bool, doc: str | None) -> None:
+        self._build = build
+        self._enters = enters
+        self.__signature__ = _signature(build)
+        self.signature = self.__signature__.replace(parameters=list(self.__signature__.parameters.values())[1:])
+        self.__name__ = build.__name__
+        self.__doc__ = doc or build.__doc__
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self.__name__ = name
+
+    @overload
+    def __get__(self, obj: None, owner: type[Any]) -> Method[P, T, K]: ...
+    @overload
+    def __get__(self: Method[P, T, Runs], obj: Blocking, owner: type[Any]) -> Callable[P, T]: ...
+    @overload
+    def __get__(self: Method[P, T, Runs], obj: Awaiting, owner: type[Any]) -> Callable[P, Coroutine[Any, Any, T]]: ...
+    @overload
+    def __get__(
+        self: Method[P, T, Enters], obj: Blocking, owner: type[Any]
+    ) -> Callable[P, AbstractContextManager[T]]: ...
+    @overload
+    def __get__(
+        self: Method[P, T, Enters], obj: Awaiting, owner: type[Any]
+    ) -> Callable[P, AbstractAsyncContextManager[T]]: ...
+    def __get__(self, obj: Any, owner: type[Any]) -> Any:
+        if obj is None:
+            return self
+        build = self._build
+        shell = obj._enter if self._enters else obj._run
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return shell(build(obj, *args, **kwargs))
+
+        awaits = isinstance(obj, Awaiting) and not self._enters
+        return _function(run, awaits, type(obj), self)
+
+    def __call__(self, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+        return self.__get__(obj, type(obj))(*args, **kwargs)
+
+
+def method(build: Callable[Concatenate[Any, P], Call[T]]) -> Method[P, T, Runs]:
+    """Makes ``build`` a public method whose caller gets the call's result."""
+    return Method(build, enters=False, doc=None)
+
+
+def entering(like: Method[P, T, Runs], doc: str) -> Method[P, T, Enters]:
+    """The method that makes the call of ``like`` and returns a context
+    manager around its result."""
+    return Method(like._build, enters=True, doc=doc)
+
+
+@dataclass(frozen=True)
+class Opening:
+    """How a client opens its session: its settings and the first frame."""
+
+    servers: list[config.Server]
+    password: BytesLike
+    connect_timeout: float
+    request_timeout: float | None
+    on_event: Callable[[Event], None] | None
+    first: bytes
+    resuming: bool
+
+
+class Opener(Generic[P]):
+    """``connect``/``resume``: ``build`` (the signature, the docstring, and
+    the Opening made of the arguments) bound to a client class, which it
+    opens (awaited for an asyncio client)."""
+
+    def __init__(self, build: Callable[P, Opening]) -> None:
+        self._build = build
+        self.signature = _signature(build)
+        self.__name__ = build.__name__
+        self.__doc__ = build.__doc__
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self.__name__ = name
+
+    @overload
+    def __get__(self, obj: object, owner: type[BC]) -> Callable[P, BC]: ...
+    @overload
+    def __get__(self, obj: object, owner: type[AC]) -> Callable[P, Coroutine[Any, Any, AC]]: ...
+    def __get__(self, obj: object, owner: type[Any]) -> Any:
+        build = self._build
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return owner._opened(build(*args, **kwargs))
+
+        return _function(run, issubclass(owner, Awaiting), owner, self)
+
+
+def _hello(
+    address: str | None = None,
+    *,
+    password: BytesLike | None = None,
+    grace: float = 0.0,
+    client_name: BytesLike | None = None,
+    connect_timeout: float = 10.0,
+    request_timeout: float | None = 30.0,
+    on_event: Callable[[Event], None] | None = None,
+) -> Opening:
+    """Connects and opens a new session (HELLO). ``grace`` (seconds, at most
+    an hour): how long the session and its holds outlive a lost connection,
+    waiting for ``reconnect()``/``resume()``."""
+    secret_word = config.password(password)
+    first = c.Core.hello_frame(grace, secret_word, client_name or config.default_client_name())
+    return Opening(config.servers(address), secret_word, connect_timeout, request_timeout, on_event, first, False)
+
+
+def _resumption(
+    session_id: int,
+    secret: bytes,
+    address: str | None = None,
+    *,
+    password: BytesLike | None = None,
+    connect_timeout: float = 10.0,
+    request_timeout: float | None = 30.0,
+    on_event: Callable[[Event], None] | None = None,
+) -> Opening:
+    """Connects and takes back a session within its grace period (RESUME).
+    ``resumed`` then lists its holds; requests of the earlier client still
+    in flight are cancelled."""
+    secret_word = config.password(password)
+    first = c.Core.resume_frame(session_id, secret, secret_word)
+    return Opening(config.servers(address), secret_word, connect_timeout, request_timeout, on_event, first, True)
+
+
+# ---- The client -------------------------------------------------------------
+
+
+class _Flag(Protocol):
+    """threading.Event or asyncio.Event."""
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+class ClientBase(Generic[H, PA]):
+    """A session with a livelock server, over one connection at a time.
+
+    Open one with ``connect()`` or ``resume()``. Every method that waits
+    takes ``timeout`` (seconds; None: the client's ``request_timeout``) and
+    raises LivelockTimeout past it.
+    """
+
+    def __init__(
+        self,
+        opening: Opening,
+        held: Callable[[Any, c.HoldState], H],
+        pending: Callable[[Any, Started[Any]], PA],
+        core_lock: AbstractContextManager[Any],
+        listed: _Flag,
+    ) -> None:
+        """What the shell brings: its Held and PendingAcquire classes, the
+        lock that guards the core (which is not thread-safe), and the flag
+        set when a RESUME's listing completed or the connection ended."""
+        self._servers = opening.servers
+        self._password = opening.password
+        self._connect_timeout = opening.connect_timeout
+        self.request_timeout = opening.request_timeout
+        self._make_held = held
+        self._make_pending = pending
+        self._core = c.Core()
+        self._core_lock = core_lock
+        self._listed = listed
+        self._closing: object = None  # the connection this client closed itself
+        self._hub = c.EventHub()
+        if opening.on_event is not None:
+            self._hub.add_listener(opening.on_event)
+
+    connect = Opener(_hello)
+    resume = Opener(_resumption)
+
+    def _held(self, state: c.HoldState) -> H:
+        return self._make_held(self, state)
+
+    def _pending(self, started: Started[Any]) -> PA:
+        return self._make_pending(self, started)
+
+    # -- What the shell does.
+
+    def _write_quietly(self, frames: builtins.list[bytes]) -> None:
+        """Sends frames nobody waits on; a dead connection is the reader's news."""
+        raise NotImplementedError
+
+    def _queue(self, event: Event) -> None:
+        """Queues an event and wakes who waits for one."""
+        raise NotImplementedError
+
+    # -- The session.
+
+    def _session(self) -> p.SessionInfo:
+        """The session, which a client has once open."""
+        assert self._core.session is not None
+        return self._core.session
+
+    @property
+    def session_id(self) -> int:
+        return self._session().session_id
+
+    @property
+    def secret(self) -> bytes:
+        """What ``resume()`` needs with ``session_id``; keep it private."""
+        return self._session().secret
+
+    @property
+    def grace(self) -> float:
+        return self._session().grace_ms / 1000
+
+    @property
+    def connected(self) -> bool:
+        return self._core.connected
+
+    @property
+    def resumed(self) -> c.Resumed[H] | None:
+        """After a RESUME: the ids it listed in flight and every hold."""
+        with self._core_lock:
+            listed, in_flight = self._core.listed, self._core.in_flight
+        if listed is None:
+            return None
+        return c.Resumed(in_flight, tuple(self._held(state) for state in listed))
+
+    def _reconnect_frame(self) -> bytes:
+        with self._core_lock:
+            return self._core.reconnect_frame(self._password)
+
+    def _check_resumed(self) -> None:
+        if self._core.listed is None or not self._core.connected:
+            raise ConnectionLost("the connection dropped during the RESUME listing")
+
+    # -- Locks.
+
+    @method
+    def acquire(
+        self,
+        name: BytesLike,
+        *,
+        wait: float | None = None,
+        shared: bool = False,
+        lease: float | None = None,
+        timeout: float | None = None,
+    ) -> Call[H]:
+        """Takes the lock (ACQUIRE). ``wait``: None waits forever (FIFO), 0
+        tries once (LockBusy), else at most that many seconds
+        (AcquireTimedOut). ``lease``: the hold ends unless extended in time.
+        ``timeout``: how long this call waits for the answer (default: forever
+        with ``wait=None``, else ``wait`` plus the request timeout); past it
+        LivelockTimeout is raised. A caller that stops waiting (its timeout,
+        Ctrl-C, a cancelled task) has the acquire cancelled, and a grant that
+        comes anyway released."""
+        op = c.acquire_op(name, wait=wait, shared=shared, lease=lease, notify_queued=False)
+        return Call(op, c.acquire_timeout(wait, timeout, self.request_timeout), self._held)
+
+    lock = entering(
+        acquire,
+        """``with client.lock(name) as held:`` (``async with`` on an AsyncClient)
+        acquires as ``acquire`` does and releases this hold (by its token) at
+        the end of the block.""",
+    )
+
+    @method
+    def try_acquire(
+        self, name: BytesLike, *, shared: bool = False, lease: float | None = None, timeout: float | None = None
+    ) -> Call[H | None]:
+        """One attempt: the hold, or None when someone else holds the lock."""
+        op = c.try_acquire_op(name, shared=shared, lease=lease)
+        return Call(op, c.acquire_timeout(0, timeout, self.request_timeout), self._held_if_granted)
+
+    def _held_if_granted(self, state: c.HoldState | None) -> H | None:
+        return None if state is None else self._held(state)
+
+    @method
+    def start_acquire(
+        self, name: BytesLike, *, wait: float | None = None, shared: bool = False, lease: float | None = None
+    ) -> Call[PA]:
+        """Sends an ACQUIRE (asking to be told when it queues) and returns
+        once it is sent; wait for it or cancel it with the returned
+        PendingAcquire."""
+        op = c.acquire_op(name, wait=wait, shared=shared, lease=lease, notify_queued=True)
+        return Call(op, None, self._pending, detached=True)
+
+    @method
+    def release(self, name: BytesLike, *, token: int | None = None, timeout: float | None = None) -> Call[None]:
+        """Releases this session's hold of ``name`` (RELEASE): only the hold
+        with ``token`` if given (WrongTokenError otherwise), else whatever
+        hold it has. NotHeldError if it holds none."""
+        return ask(c.release_op(name, token), timeout)
+
+    @method
+    def extend(
+        self, name: BytesLike, lease: float, *, token: int | None = None, timeout: float | None = None
+    ) -> Call[None]:
+        """Renews the lease of this session's hold of ``name`` (EXTEND): it now
+        ends ``lease`` seconds from now unless extended again."""
+        return ask(c.extend_op(name, lease, token), timeout)
+
+    # -- Signals.
+
+    @method
+    def signal(self, name: BytesLike, signal: BytesLike, *, timeout: float | None = None) -> Call[bool]:
+        """Raises ``signal`` on a held lock (any session may): its holders get
+        a Signal event if it was not raised yet. NotHeldError if nobody
+        holds the lock."""
+        return ask(c.signal_op(name, signal, p.SignalOp.RAISE), timeout)
+
+    @method
+    def signal_exists(self, name: BytesLike, signal: BytesLike, *, timeout: float | None = None) -> Call[bool]:
+        """Whether ``signal`` is raised on ``name``."""
+        return ask(c.signal_op(name, signal, p.SignalOp.EXISTS), timeout)
+
+    @method
+    def clear_signal(self, name: BytesLike, signal: BytesLike, *, timeout: float | None = None) -> Call[bool]:
+        """Clears ``signal``; whether it was raised."""
+        return ask(c.signal_op(name, signal, p.SignalOp.CLEAR), timeout)
+
+    # -- Queries and operator requests.
+
+    @method
+    def inspect(self, name: BytesLike, *, timeout: float | None = None) -> Call[p.Inspection | None]:
+        """Who holds ``name`` and who waits for it; None when nobody holds it."""
+        return ask(c.inspect_op(name), timeout)
+
+    @method
+    def list(self, pattern: BytesLike = "", *, limit: int = 1000, timeout: float | None = None) -> Call[p.Listing]:
+        """Held locks whose name matches the glob ``pattern`` (``*``, ``?``,
+        ``[...]``; empty: all), sorted by name, at most ``limit``."""
+        return ask(c.list_op(pattern, limit), timeout)
+
+    @method
+    def stats(self, *, timeout: float | None = None) -> Call[p.Stats]:
+        """The server's counters and version (STATS)."""
+        return ask(c.stats_op(), timeout)
+
+    @method
+    def ping(self, *, timeout: float | None = None) -> Call[None]:
+        """A round trip to the server (PING)."""
+        return ask(c.ping_op(), timeout)
+
+    @method
+    def force_release(self, name: BytesLike, *, token: int | None = None, timeout: float | None = None) -> Call[None]:
+        """Operator: ends every hold of ``name`` (or the one with ``token``);
+        each holder gets LockLost."""
+        return ask(c.force_release_op(name, token), timeout)
+
+    @method
+    def kill_session(self, session_id: int, *, timeout: float | None = None) -> Call[None]:
+        """Operator: ends a session (its holds released, its client told)."""
+        return ask(c.kill_session_op(session_id), timeout)
+
+    # -- Events.
+
+    def add_listener(self, listener: Callable[[Event], None]) -> None:
+        """Calls ``listener(event)`` for every event, on the client's reader
+        (the blocking client's thread, the asyncio client's task): it must
+        return quickly and must not wait for this client's replies."""
+        self._hub.add_listener(listener)
+
+    def remove_listener(self, listener: Callable[[Event], None]) -> None:
+        self._hub.remove_listener(listener)
+
+    @property
+    def signals_dropped(self) -> int:
+        """Signals dropped because EVENTS_MAX events were unread."""
+        return self._hub.signals_dropped
+
+    # -- What the core says.
+
+    def _apply(self, outcome: c.Outcome) -> None:
+        """Does what the core said after taking a frame: send, publish, and
+        tell a RESUME its listing is complete."""
+        self._write_quietly(outcome.send)
+        for event in outcome.events:
+            self._queue(event)
+            self._hub.notify(event)
+        if outcome.listed:
+            self._listed.set()
+
+    def _forget(self, hold: c.HoldState) -> None:
+        """A hold whose release could not be sent: released when possible."""
+        with self._core_lock:
+            frames = self._core.drop_hold(hold)
+        self._write_quietly(frames)
+
+
+# ---- Holds and pending acquires ---------------------------------------------
+
+
+class _Runner(Protocol):
+    """What holds and pending acquires need of their client."""
+
+    def _run(self, call: Call[Any]) -> Any: ...
+
+    def _forget(self, hold: c.HoldState) -> None: ...
+
+
+class _OfClient(Generic[C]):
+    """An object whose calls its client makes."""
+
+    def __init__(self, client: C) -> None:
+        self._client = client
+
+    def _run(self, call: Call[Any]) -> Any:
+        return self._client._run(call)
+
+
+class HeldBase(_OfClient[C]):
+    """A hold: the lock's ``name``, the ``token`` of this grant (the fencing
+    token: larger than every earlier grant's), its ``mode``, and whether it
+    is still held as far as this client knows."""
+
+    def __init__(self, client: C, state: c.HoldState) -> None:
+        super().__init__(client)
+        self._state = state
+        self.name: Final = state.name
+        self.token: Final = state.token
+        self.mode: Final = state.mode
+
+    @property
+    def lost(self) -> bool:
+        """True once the server took the hold away (LockLost)."""
+        return self._state.lost
+
+    @property
+    def active(self) -> bool:
+        """Neither released nor lost."""
+        return self._state.active
+
+    @method
+    def release(self, *, timeout: float | None = None) -> Call[None]:
+        """Releases this hold, by its token; nothing if already released."""
+        op = None if self._state.released else c.release_op(self.name, self.token)
+        return Call(op, timeout, _as_is)
+
+    @method
+    def extend(self, lease: float, *, timeout: float | None = None) -> Call[None]:
+        """Renews this hold's lease (WrongTokenError if it was lost and the
+        session holds the lock again under a newer grant)."""
+        return ask(c.extend_op(self.name, lease, self.token), timeout)
+
+    def _release_failed(self, error: LivelockError, body_raised: bool) -> bool:
+        """The release at the end of a ``with`` block failed: whether that
+        raises. Never over the block's own exception, nor when the hold is
+        gone anyway (lost meanwhile). A release that could not be sent (the
+        connection is gone) is not an error either: the hold is forgotten,
+        and ends with the session or is released when a RESUME lists it."""
+        if isinstance(error, ConnectionLost):
+            self._client._forget(self._state)
+            return False
+        return not body_raised and not isinstance(error, (p.NotHeldError, p.WrongTokenError))
+
+    def __repr__(self) -> str:
+        state = "lost" if self._state.lost else "released" if self._state.released else "held"
+        return f"<{type(self).__name__} {self.name!r} token={self.token} {self.mode.name.lower()} {state}>"
+
+
+class PendingBase(_OfClient[C], Generic[C, W]):
+    """An ACQUIRE sent by ``start_acquire``, not answered yet."""
+
+    def __init__(self, client: C, started: Started[W]) -> None:
+        super().__init__(client)
+        self.request_id = started.request_id
+        self._waiter = started.waiter
+
+    @method
+    def cancel(self, *, timeout: float | None = None) -> Call[bool]:
+        """Withdraws the acquire (CANCEL): True if it was still pending (``wait``
+        then raises AcquireCancelled), False if it had completed (``wait``
+        returns the hold, to be released)."""
+        return ask(c.cancel_op(self.request_id), timeout)
+
+    def _late(self, timeout: float | None) -> LivelockTimeout:
+        return LivelockTimeout(f"acquire {self.request_id} not answered within {timeout} s")
+
+
+# ---- Connections ------------------------------------------------------------
+
+
+class Dial:
+    """Opening a connection, less the I/O: the servers to try in order, why
+    those tried failed, the reply to the first frame (and whatever came with
+    it) read from what the shell receives, and what each failure raises."""
+
+    def __init__(self, servers: list[config.Server], timeout: float) -> None:
+        self._servers = servers
+        self.timeout = timeout
+        self.where = ""
+        self.decoder = p.FrameDecoder()
+        self.frames: list[p.Frame] = []
+        self._failures: list[str] = []
+
+    def __iter__(self) -> Iterator[config.Server]:
+        for host, port in self._servers:
+            self.where = f"{host}:{port}"
+            yield host, port
+
+    def refused(self, error: BaseException) -> None:
+        """The server did not accept the connection: the next one is tried."""
+        self._failures.append(f"{self.where}: {str(error) or 'timed out'}")
+
+    def failure(self) -> ConnectionLost:
+        """What to raise when no server accepted the connection."""
+        return ConnectionLost("could not connect: " + "; ".join(self._failures))
+
+    @contextlib.contextmanager
+    def answering(self, close: Callable[[], None], timeout: type[BaseException]) -> Iterator[None]:
+        """Around sending the first frame and reading the reply: any failure
+        closes the connection; ``timeout`` raises LivelockTimeout, an
+        OSError ConnectionLost."""
+        try:
+            yield
+        except BaseException as error:
+            close()
+            if isinstance(error, timeout):
+                raise LivelockTimeout(f"{self.where} did not answer within {self.timeout} s") from None
+            if isinstance(error, OSError):
+                raise ConnectionLost(f"{self.where}: {error}") from error
+            raise
+
+    def feed(self, data: bytes) -> bool:
+        """Takes what the server sent; whether its reply has come."""
+        if not data:
+            raise ConnectionLost(f"{self.where} closed the connection before answering")
+        self.frames += self.decoder.feed(data)
+        return bool(self.frames)
+
+
+def disconnect_reason(error: Exception | None, closed_here: bool) -> str:
+    """Why a connection ended, as Disconnected says: ``error`` ended the
+    reader (None: the server closed the connection), ``closed_here``: this
+    client closed it."""
+    if closed_here:
+        return "closed by this client"
+    if isinstance(error, p.ProtocolError):
+        return f"protocol error: {error}"
+    if error is not None:
+        return f"connection error: {error}"
+    return "the server closed the connection"
