@@ -64,11 +64,11 @@ pub mod opcode {
     pub const RESUME: u8 = 2;
     /// Take a lock (or wait for it): `AcquireBody` + name.
     pub const ACQUIRE: u8 = 3;
-    /// Give a lock back: body = name; with [`flags::HOLD_TOKEN`], the hold's
+    /// Give a lock back: body = name; with [`super::flags::HOLD_TOKEN`], the hold's
     /// fencing token (u64) first.
     pub const RELEASE: u8 = 4;
     /// Push a held lock's lease further: `ExtendBody` + name; with
-    /// [`flags::HOLD_TOKEN`], `ExtendBody` + token (u64) + name.
+    /// [`super::flags::HOLD_TOKEN`], `ExtendBody` + token (u64) + name.
     pub const EXTEND: u8 = 5;
     /// Cancel a pending ACQUIRE of this connection: `CancelBody`.
     pub const CANCEL: u8 = 6;
@@ -90,7 +90,7 @@ pub mod opcode {
     /// Server counts: empty body. Reply body: see [`super::StatsReply`].
     pub const STATS: u8 = 12;
     /// Operator: end other sessions' holds of a lock (they get LOCK_LOST):
-    /// body = name; with [`flags::HOLD_TOKEN`], the token of the one hold
+    /// body = name; with [`super::flags::HOLD_TOKEN`], the token of the one hold
     /// meant first.
     pub const FORCE_RELEASE: u8 = 13;
     /// Operator: end a session (its holds go, its connection closes after
