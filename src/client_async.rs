@@ -81,7 +81,7 @@ impl Inner {
 /// A session with the server, for tokio tasks. Cheap to share (`Arc`).
 pub struct AsyncClient {
     inner: Arc<Inner>,
-    events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
+    events: Mutex<mpsc::Receiver<Event>>,
 }
 
 impl AsyncClient {
@@ -140,7 +140,7 @@ impl AsyncClient {
         tokio::spawn(read_loop(reader, buf, inner.clone(), events_tx));
         Ok(AsyncClient {
             inner,
-            events: tokio::sync::Mutex::new(events),
+            events: Mutex::new(events),
         })
     }
 
@@ -157,7 +157,12 @@ impl AsyncClient {
     /// disconnected); `None` once the connection is gone and every event
     /// was read. Only signals are ever dropped (past `EVENTS_MAX` unread).
     pub async fn next_event(&self) -> Option<Event> {
-        self.events.lock().await.recv().await
+        std::future::poll_fn(|cx| self.events.lock().poll_recv(cx)).await
+    }
+
+    /// The pushed events as a `Stream` (what `next_event` yields, in order).
+    pub fn events(&self) -> Events<'_> {
+        Events { client: self }
     }
 
     /// How many signals were dropped because `EVENTS_MAX` were unread.
@@ -263,6 +268,22 @@ impl AsyncClient {
     /// Ends the session at once (every hold released) and closes.
     pub async fn bye(self) -> Result<()> {
         self.inner.call(&Request::Bye).await.map(|_| ())
+    }
+}
+
+/// The pushed events of a client as a `futures_core::Stream`.
+pub struct Events<'a> {
+    client: &'a AsyncClient,
+}
+
+impl futures_core::Stream for Events<'_> {
+    type Item = Event;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Event>> {
+        self.client.events.lock().poll_recv(cx)
     }
 }
 

@@ -82,7 +82,15 @@ async fn a_lost_lease_and_a_lost_connection_are_events() {
     let guard = bounded("grant", client.acquire_with("leased", lease))
         .await
         .unwrap();
-    let event = bounded("lock lost", client.next_event()).await;
+    // The events as a Stream (the same queue `next_event` reads).
+    let event = bounded(
+        "lock lost",
+        std::future::poll_fn(|cx| {
+            let mut events = client.events();
+            futures_core::Stream::poll_next(std::pin::Pin::new(&mut events), cx)
+        }),
+    )
+    .await;
     assert_eq!(
         event,
         Some(Event::LockLost {
