@@ -92,7 +92,7 @@ enum AdminCommandWithArgs {
         #[arg(long)]
         force: bool,
         /// Only the hold with this fencing token (as `inspect` shows it).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         token: Option<u64>,
     },
     /// End a session (as `inspect`/`list` show it): its locks are released, its waits dropped, its client told LOCK_LOST and disconnected.
@@ -178,7 +178,7 @@ struct ServerArgs {
         requires = "tls_cert"
     )]
     tls_key: Option<std::path::PathBuf>,
-    /// Require client certificates signed by these CAs (PEM): mutual TLS.
+    /// Require client certificates signed by these CAs (PEM): mutual TLS (plaintext is then refused too).
     #[arg(
         long,
         env = "LIVELOCK_TLS_CLIENT_CA",
@@ -406,7 +406,8 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
             cert: cert.clone(),
             key: key.clone(),
             client_ca: args.tls_client_ca.clone(),
-            required: tls_required,
+            // Client certificates are the access control: no plaintext way around them.
+            required: tls_required || args.tls_client_ca.is_some(),
         }),
         _ if tls_required => {
             return Err("LIVELOCK_TLS_REQUIRED needs --tls-cert and --tls-key".into())

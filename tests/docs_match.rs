@@ -103,7 +103,7 @@ fn the_settings_table_lists_every_server_flag_and_its_variable() {
         }
         let row = table
             .iter()
-            .find(|row| row.contains(&format!("`--{flag}")))
+            .find(|row| row.starts_with(&format!("| `--{flag}")))
             .unwrap_or_else(|| panic!("--{flag} is not in the README's settings table"));
         // A variable the help names for this flag is in its row.
         let at = help.find(&format!("--{flag}")).expect("the flag's entry");

@@ -166,10 +166,12 @@ fn text_log_has_timestamps_and_keeps_to_its_level() {
         .env("LIVELOCK_LOGLEVEL", "debug");
     let mut server = ChildGuard::spawn("debug-server", &mut command, &dir);
     wait_listening(&mut server, addr);
-    Client::connect(addr, &ClientOptions::default())
-        .unwrap()
-        .bye()
-        .unwrap();
+    // A client name cannot forge a line of the log.
+    let forger = ClientOptions {
+        client_name: "x\n2026-01-01T00:00:00.000000Z  WARN forged".into(),
+        ..ClientOptions::default()
+    };
+    Client::connect(addr, &forger).unwrap().bye().unwrap();
     let line = server.wait_for("a DEBUG line", |s| {
         s.stderr()
             .lines()
@@ -177,4 +179,13 @@ fn text_log_has_timestamps_and_keeps_to_its_level() {
             .map(str::to_string)
     });
     assert!(line.contains("DEBUG"), "{line}");
+    server.wait_for("the session line", |s| {
+        s.stderr().contains("session opened").then_some(())
+    });
+    let stderr = server.stderr();
+    assert!(
+        !stderr.lines().any(|l| l.starts_with("2026-01-01")),
+        "a forged line: {stderr}"
+    );
+    assert!(stderr.contains("x\\n2026-01-01"), "escaped: {stderr}");
 }

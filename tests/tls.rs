@@ -144,3 +144,71 @@ fn sighup_reloads_the_certificate() {
     signal(&server, libc::SIGTERM);
     expect_clean_exit(&mut server);
 }
+
+/// RESUME over TLS on a server with several loops: the connection moves to
+/// the session's home loop with its TLS session (each new connection lands
+/// on another loop, so most of these resumes move).
+#[test]
+fn resume_over_tls_moves_with_its_session() {
+    let dir = ScratchDir::new("tls-resume");
+    let ca = Ca::new(&dir, "server");
+    let (cert, key) = ca.issue(&dir, "server", &["127.0.0.1"]);
+    let server = TestServer::start_with(4, |config| {
+        config.tls = Some(files(&cert, &key, None, true));
+    });
+    let options = ClientOptions {
+        grace: std::time::Duration::from_secs(30),
+        ..tls_options(&ca.path, None)
+    };
+    let client = Client::connect(server.addr, &options).unwrap();
+    let guard = client.acquire("kept").unwrap();
+    let token = guard.token();
+    guard.forget();
+    let (id, secret) = (client.session_id(), client.secret());
+    drop(client);
+    for round in 0..8 {
+        let resumed = Client::resume(server.addr, id, secret, &options)
+            .unwrap_or_else(|e| panic!("resume {round} over TLS: {e}"));
+        let holds = resumed.resumed().expect("a RESUME").holds;
+        assert_eq!(holds.len(), 1, "round {round}");
+        assert_eq!(holds[0].token, token);
+        resumed.ping().unwrap();
+    }
+}
+
+/// `--tls-client-ca` alone refuses plaintext: client certificates that a
+/// plaintext connection could walk around would guard nothing.
+#[test]
+fn client_certificates_imply_required_tls() {
+    let dir = ScratchDir::new("tls-client-ca");
+    let ca = Ca::new(&dir, "server");
+    let (cert, key) = ca.issue(&dir, "server", &["127.0.0.1"]);
+    let clients = Ca::new(&dir, "clients");
+    let addr = free_addr();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let (cert, key, client_ca) = (path(&cert), path(&key), path(&clients.path));
+    let mut server = start_server_with(
+        "server",
+        &dir,
+        &data_dir(&dir),
+        addr,
+        "memory",
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-client-ca",
+            &client_ca,
+        ],
+    );
+    assert!(Client::connect(addr, &ClientOptions::default()).is_err());
+    let (client_cert, client_key) = clients.issue(&dir, "client", &["worker"]);
+    Client::connect(
+        addr,
+        &tls_options(&ca.path, Some((&client_cert, &client_key))),
+    )
+    .expect("a known client certificate");
+    signal(&server, libc::SIGTERM);
+    expect_clean_exit(&mut server);
+}

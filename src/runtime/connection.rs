@@ -23,6 +23,25 @@ pub enum Codec {
     Resp,
 }
 
+/// Makes room for one read at the end of `rbuf` (undecoded bytes from
+/// `rpos`): `None` when READ_BUFFER_MAX of them wait; else where the read
+/// goes and how much it may take (the buffer is extended by that much).
+fn reserve(rbuf: &mut Vec<u8>, rpos: &mut usize) -> Option<(usize, usize)> {
+    let held = rbuf.len() - *rpos;
+    if held >= READ_BUFFER_MAX {
+        return None;
+    }
+    if *rpos > 0 && rbuf.capacity() - rbuf.len() < READ_CHUNK {
+        // Move the undecoded tail to the front before growing.
+        rbuf.drain(..*rpos);
+        *rpos = 0;
+    }
+    let start = rbuf.len();
+    let room = READ_CHUNK.min(READ_BUFFER_MAX - held);
+    rbuf.resize(start + room, 0);
+    Some((start, room))
+}
+
 /// How the connection's bytes travel.
 pub enum Transport {
     /// No byte read yet: TLS or not is decided by the first one.
@@ -203,13 +222,9 @@ impl Connection {
         loop {
             // Plaintext first: what rustls has decrypted already.
             loop {
-                let held = self.rbuf.len() - self.rpos;
-                if held >= READ_BUFFER_MAX {
+                let Some((start, _)) = reserve(&mut self.rbuf, &mut self.rpos) else {
                     return Ok(ReadState::Full);
-                }
-                let start = self.rbuf.len();
-                let room = READ_CHUNK.min(READ_BUFFER_MAX - held);
-                self.rbuf.resize(start + room, 0);
+                };
                 match session.reader().read(&mut self.rbuf[start..]) {
                     Ok(0) => {
                         // close_notify: the peer is done.
@@ -220,6 +235,12 @@ impl Connection {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         self.rbuf.truncate(start);
                         break;
+                    }
+                    // The peer closed TCP without close_notify: what it
+                    // sent before is decrypted already and is answered.
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        self.rbuf.truncate(start);
+                        return Ok(ReadState::Eof);
                     }
                     Err(e) => {
                         self.rbuf.truncate(start);
@@ -257,18 +278,9 @@ impl Connection {
 
     fn fill_plain(&mut self) -> io::Result<ReadState> {
         loop {
-            let held = self.rbuf.len() - self.rpos;
-            if held >= READ_BUFFER_MAX {
+            let Some((start, room)) = reserve(&mut self.rbuf, &mut self.rpos) else {
                 return Ok(ReadState::Full);
-            }
-            if self.rpos > 0 && self.rbuf.capacity() - self.rbuf.len() < READ_CHUNK {
-                // Move the undecoded tail to the front before growing.
-                self.rbuf.drain(..self.rpos);
-                self.rpos = 0;
-            }
-            let start = self.rbuf.len();
-            let room = READ_CHUNK.min(READ_BUFFER_MAX - held);
-            self.rbuf.resize(start + room, 0);
+            };
             match self.stream.read(&mut self.rbuf[start..]) {
                 Ok(0) => {
                     self.rbuf.truncate(start);

@@ -219,6 +219,8 @@ impl ShardMsg {
 /// that are not decoded yet (starting at the RESUME/CONN).
 pub struct Adoption {
     stream: TcpStream,
+    /// Plain or TLS (its session goes along: the bytes in flight are in it).
+    transport: crate::connection::Transport,
     codec: Codec,
     authed: bool,
     unread: Vec<u8>,
@@ -652,6 +654,7 @@ impl EventLoop {
             } else {
                 let adoption = Adoption {
                     stream,
+                    transport: crate::connection::Transport::Undecided,
                     codec: Codec::Sniffing,
                     authed: false,
                     unread: Vec::new(),
@@ -978,6 +981,7 @@ impl EventLoop {
             "only a session-less connection moves"
         );
         let adoption = Adoption {
+            transport: conn.transport,
             codec: conn.codec,
             authed: conn.authed,
             unread: rbuf[pos..].to_vec(),
@@ -990,6 +994,7 @@ impl EventLoop {
 
     fn adopt(&mut self, adoption: Adoption) {
         let mut conn = Connection::new(adoption.stream, adoption.hello_deadline_ms);
+        conn.transport = adoption.transport;
         conn.codec = adoption.codec;
         conn.authed = adoption.authed;
         conn.rbuf = adoption.unread;
@@ -1167,7 +1172,7 @@ impl EventLoop {
                 tracing::info!(
                     session = session_id,
                     token,
-                    lock = %String::from_utf8_lossy(&name),
+                    lock = %shown(&name),
                     "lock lost"
                 );
                 if push && !resp_session {
@@ -1252,7 +1257,12 @@ impl EventLoop {
                     query_id,
                     query,
                 } => self.take_query(origin, query_id, query),
-                Msg::QueryReply { query_id, part } => self.gather_part(query_id, part),
+                Msg::QueryReply { query_id, part } => {
+                    // A kill's answer reports a change of another loop:
+                    // it waits for the log like an effect does.
+                    self.tainted |= matches!(part, QueryPart::Killed(_));
+                    self.gather_part(query_id, part)
+                }
                 Msg::Freeze => self.freeze(),
                 Msg::Marker(round) => {
                     self.markers[round as usize] += 1;
@@ -1279,7 +1289,7 @@ impl EventLoop {
             for session in ended {
                 tracing::info!(
                     session = session.id,
-                    client = %String::from_utf8_lossy(&session.client_name),
+                    client = %shown(&session.client_name),
                     holds = session.holds.len(),
                     "session expired: no RESUME within its grace of {} ms; its locks are released",
                     session.grace_ms
@@ -1627,9 +1637,13 @@ impl EventLoop {
                 return;
             }
             Query::Kill { session } => {
-                let status = match self.frozen {
-                    true => Status::ShuttingDown,
-                    false => self.kill_session(session),
+                let status = if self.frozen {
+                    Status::ShuttingDown
+                } else if self.storage_failing() {
+                    // The end could not be made durable: nothing changes.
+                    Status::StorageFailed
+                } else {
+                    self.kill_session(session)
                 };
                 self.send_part(origin, query_id, QueryPart::Killed(status));
                 return;
@@ -1771,7 +1785,7 @@ impl EventLoop {
         };
         tracing::warn!(
             session = id,
-            client = %String::from_utf8_lossy(&session.client_name),
+            client = %shown(&session.client_name),
             holds = session.holds.len(),
             "session ended by an operator (kill-session)"
         );
@@ -1894,6 +1908,12 @@ impl EventLoop {
 /// it does not look like one (a connection that moved between loops
 /// mid-frame), nothing is kept.
 /// The metrics label of a pending request's operation.
+/// Client-chosen bytes (a lock or client name) as a log field: control
+/// characters escaped, so a name cannot forge a log line.
+pub(super) fn shown(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).escape_debug().to_string()
+}
+
 fn op_metric(op: PendingOp) -> crate::metrics::Op {
     match op {
         PendingOp::Native(opcode) => native_op(opcode),

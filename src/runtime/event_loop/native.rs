@@ -4,7 +4,7 @@
 
 use mio::Token;
 
-use super::{header_ids, unsent_frames, EventLoop, Flow, Gather, GatherReply, Query};
+use super::{header_ids, shown, unsent_frames, EventLoop, Flow, Gather, GatherReply, Query};
 use crate::limits::{FIND_RESULTS_MAX, GRACE_MS_MAX, LIST_REPLY_BYTES_MAX};
 use crate::lock_table::{Acquire, Command, Mode, Outcome, RequestId, SessionId, SignalOp, Wait};
 use crate::metrics::Totals;
@@ -93,6 +93,7 @@ impl EventLoop {
                 let message = match gather.killed {
                     Status::Ok => "",
                     Status::UnknownSession => "no such session",
+                    Status::StorageFailed => STORAGE_FAILED,
                     _ => "server is shutting down",
                 };
                 protocol::encode_status(out, op, request_id, gather.killed, message);
@@ -349,7 +350,7 @@ impl EventLoop {
         self.journal_session_open(id);
         tracing::debug!(
             session = id,
-            client = %String::from_utf8_lossy(client_name),
+            client = %shown(client_name),
             grace_ms,
             peer = ?self.peer_of(token),
             "session opened"
@@ -595,7 +596,7 @@ impl EventLoop {
             Request::ForceRelease { name, token } => {
                 tracing::warn!(
                     by_session = id,
-                    lock = %String::from_utf8_lossy(name),
+                    lock = %shown(name),
                     token,
                     "forced release requested by an operator"
                 );
