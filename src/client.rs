@@ -635,17 +635,25 @@ impl Wire {
     }
 
     /// Writes `bytes` whole (through TLS if the wire has it), and whatever
-    /// TLS has to send.
+    /// TLS has to send. The stream's lock keeps writes in order; the TLS
+    /// state is locked only to encrypt, never across a socket write that
+    /// may block, so the reader can always decrypt meanwhile.
     fn write_all(&self, bytes: &[u8]) -> io::Result<()> {
-        let mut stream = self.stream.lock();
+        self.write_locked(&mut self.stream.lock(), bytes)
+    }
+
+    fn write_locked(&self, stream: &mut TcpStream, bytes: &[u8]) -> io::Result<()> {
         #[cfg(feature = "tls")]
         if let Some(tls) = &self.tls {
-            let mut tls = tls.lock();
-            tls.writer().write_all(bytes)?;
-            while tls.wants_write() {
-                tls.write_tls(&mut *stream)?;
+            let mut records = Vec::new();
+            {
+                let mut tls = tls.lock();
+                tls.writer().write_all(bytes)?;
+                while tls.wants_write() {
+                    tls.write_tls(&mut records)?;
+                }
             }
-            return Ok(());
+            return stream.write_all(&records);
         }
         stream.write_all(bytes)
     }
@@ -682,8 +690,12 @@ impl Read for WireReader {
                     }
                     tls.wants_write()
                 };
+                // What TLS has to say back (rare after the handshake) goes
+                // now if no writer is busy; else with the next write.
                 if wants_write {
-                    self.wire.write_all(&[])?;
+                    if let Some(mut stream) = self.wire.stream.try_lock() {
+                        self.wire.write_locked(&mut stream, &[])?;
+                    }
                 }
             }
         }
@@ -694,7 +706,7 @@ impl Read for WireReader {
 /// Keepalive and TCP_USER_TIMEOUT as the server sets them by default (2 s
 /// idle + 3 probes 1 s apart; unacknowledged data dropped after 5 s), so a
 /// dead server is found even by a client that sends nothing.
-fn set_dead_peer_detection(stream: &TcpStream) -> io::Result<()> {
+pub(crate) fn set_dead_peer_detection(stream: &impl std::os::fd::AsFd) -> io::Result<()> {
     let socket = socket2::SockRef::from(stream);
     let keepalive = socket2::TcpKeepalive::new()
         .with_time(Duration::from_secs(2))

@@ -30,9 +30,9 @@ use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::client::{
-    acquire_request, classify, next_request_id, status_error, take_frame, AcquireOptions,
-    ClientOptions, Error, Event, Incoming, OwnedFrame, OwnedReply, Result, EVENTS_MAX,
-    EVENTS_QUEUE_MAX,
+    acquire_request, classify, next_request_id, set_dead_peer_detection, status_error, take_frame,
+    AcquireOptions, ClientOptions, Error, Event, Incoming, OwnedFrame, OwnedReply, Result,
+    EVENTS_MAX, EVENTS_QUEUE_MAX,
 };
 use crate::protocol::{self, Mode, Request, Status, SECRET_LEN};
 
@@ -40,9 +40,17 @@ use crate::protocol::{self, Mode, Request, Status, SECRET_LEN};
 type ReadHalf = Box<dyn AsyncRead + Unpin + Send>;
 type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
 
+/// A request waiting for its final reply: where it goes, and for an
+/// ACQUIRE the lock's name (a grant nobody waits for any more — its future
+/// was dropped — is released at once).
+struct Waiter {
+    tx: oneshot::Sender<OwnedReply>,
+    acquire: Option<Vec<u8>>,
+}
+
 /// Requests waiting for their final reply, by request id; `None` once the
 /// connection is gone.
-type Waiting = Mutex<Option<HashMap<u32, oneshot::Sender<OwnedReply>>>>;
+type Waiting = Mutex<Option<HashMap<u32, Waiter>>>;
 
 struct Inner {
     /// Frames to send, in order (the writer task owns the socket's half).
@@ -56,24 +64,59 @@ struct Inner {
 
 impl Inner {
     /// Sends `request` and returns where its final reply will arrive.
-    fn send(&self, request: &Request<'_>) -> Result<oneshot::Receiver<OwnedReply>> {
+    /// Sends `request`; returns its id and where its final reply arrives.
+    fn send(&self, request: &Request<'_>) -> Result<(u32, oneshot::Receiver<OwnedReply>)> {
         let request_id = next_request_id(&self.next_id);
         let (tx, rx) = oneshot::channel();
+        let acquire = match request {
+            Request::Acquire { name, .. } => Some(name.to_vec()),
+            _ => None,
+        };
         match self.waiting.lock().as_mut() {
-            Some(map) => map.insert(request_id, tx),
+            Some(map) => map.insert(request_id, Waiter { tx, acquire }),
             None => return Err(Error::Disconnected),
         };
+        self.send_frame(request_id, request)?;
+        Ok((request_id, rx))
+    }
+
+    /// Sends `request` and answers nothing back (a release or a cancel of
+    /// something dropped).
+    fn send_frame(&self, request_id: u32, request: &Request<'_>) -> Result<()> {
         let mut frame = Vec::new();
         protocol::encode_request(&mut frame, request_id, request);
-        self.frames.send(frame).map_err(|_| Error::Disconnected)?;
-        Ok(rx)
+        self.frames.send(frame).map_err(|_| Error::Disconnected)
     }
 
     async fn call(&self, request: &Request<'_>) -> Result<OwnedReply> {
-        let reply = self.send(request)?.await.map_err(|_| Error::Disconnected)?;
+        let (request_id, rx) = self.send(request)?;
+        // Dropped before the answer (a timeout, a select): an ACQUIRE is
+        // cancelled (and a grant that comes anyway released by the reader).
+        let mut cancel = CancelOnDrop {
+            inner: self,
+            request_id: matches!(request, Request::Acquire { .. }).then_some(request_id),
+        };
+        let reply = rx.await.map_err(|_| Error::Disconnected);
+        cancel.request_id = None;
+        let reply = reply?;
         match reply.status {
             Status::Ok => Ok(reply),
             status => Err(status_error(status, &reply.body)),
+        }
+    }
+}
+
+/// Cancels an ACQUIRE whose caller stopped waiting.
+struct CancelOnDrop<'a> {
+    inner: &'a Inner,
+    request_id: Option<u32>,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(target) = self.request_id {
+            let id = next_request_id(&self.inner.next_id);
+            let _ = self.inner.send_frame(id, &Request::Cancel { target });
         }
     }
 }
@@ -96,6 +139,7 @@ impl AsyncClient {
         let open = async {
             let stream = TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
+            set_dead_peer_detection(&stream)?;
             let (mut reader, mut writer): (ReadHalf, WriteHalf) = match &options.tls {
                 Some(tls) => {
                     let connector = tokio_rustls::TlsConnector::from(tls.config());
@@ -207,8 +251,8 @@ impl AsyncClient {
     }
 
     /// Acquires as `options` say; a refusal is `Error::Status(Busy | TimedOut | ...)`.
-    /// Dropping the future before the grant leaves the acquire queued on
-    /// the server (its grant, if it comes, is released at once).
+    /// Dropping the future before the grant (a timeout, a `select!`)
+    /// cancels the acquire; a grant that comes anyway is released at once.
     pub async fn acquire_with(
         &self,
         name: impl AsRef<[u8]>,
@@ -268,6 +312,14 @@ impl AsyncClient {
     /// Ends the session at once (every hold released) and closes.
     pub async fn bye(self) -> Result<()> {
         self.inner.call(&Request::Bye).await.map(|_| ())
+    }
+}
+
+impl Drop for AsyncClient {
+    /// Closes the connection (the writer task shuts the socket down; the
+    /// reader then sees the end): without grace the session ends with it.
+    fn drop(&mut self) {
+        let _ = self.inner.frames.send(Vec::new());
     }
 }
 
@@ -340,15 +392,20 @@ impl Drop for AsyncGuard {
                 name: &self.name,
                 token: self.token,
             };
-            // Nobody waits for the answer: its receiver is dropped here.
-            let _ = self.inner.send(&request);
+            // Nobody waits for the answer.
+            let id = next_request_id(&self.inner.next_id);
+            let _ = self.inner.send_frame(id, &request);
         }
     }
 }
 
 async fn write_loop(mut writer: WriteHalf, mut frames: mpsc::UnboundedReceiver<Vec<u8>>) {
     while let Some(frame) = frames.recv().await {
-        if writer.write_all(&frame).await.is_err() || writer.flush().await.is_err() {
+        // An empty frame: the client was dropped.
+        if frame.is_empty()
+            || writer.write_all(&frame).await.is_err()
+            || writer.flush().await.is_err()
+        {
             break;
         }
     }
@@ -393,13 +450,22 @@ async fn read_loop(
                 interim: false,
                 reply,
             } => {
-                let tx = inner
+                let waiter = inner
                     .waiting
                     .lock()
                     .as_mut()
                     .and_then(|map| map.remove(&request_id));
-                if let Some(tx) = tx {
-                    let _ = tx.send(reply);
+                if let Some(Waiter { tx, acquire }) = waiter {
+                    if let Err(reply) = tx.send(reply) {
+                        // A grant whose future was dropped: let it go.
+                        let token = protocol::parse_token_body(&reply.body);
+                        if let (Some(name), Status::Ok, Some(token)) =
+                            (acquire, reply.status, token)
+                        {
+                            let id = next_request_id(&inner.next_id);
+                            let _ = inner.send_frame(id, &Request::Release { name: &name, token });
+                        }
+                    }
                 }
             }
             // QUEUED notices and a RESUME's listing: this client asks for neither.

@@ -159,3 +159,46 @@ async fn over_tls() {
     .await
     .is_err());
 }
+
+/// A dropped acquire future (a timeout) cancels its acquire, and a dropped
+/// client closes its connection: neither leaves a hold behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_futures_and_clients_leaves_no_hold() {
+    let server = TestServer::start(2);
+    let holder = connect(&server).await;
+    let impatient = connect(&server).await;
+    let guard = bounded("grant", holder.acquire("wanted")).await.unwrap();
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(100), impatient.acquire("wanted")).await;
+    assert!(gave_up.is_err(), "still queued when the timeout fired");
+    // The queue empties (the CANCEL went out), and the lock goes back to
+    // free when the holder lets go: nobody was granted it meanwhile.
+    loop {
+        let found = bounded("inspect", holder.inspect("wanted"))
+            .await
+            .unwrap()
+            .unwrap();
+        if found.queue.is_empty() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    bounded("release", guard.release()).await.unwrap();
+    assert!(bounded("inspect", holder.inspect("wanted"))
+        .await
+        .unwrap()
+        .is_none());
+
+    // A client dropped with a hold it forgot: the session ends, the lock frees.
+    let forgetful = connect(&server).await;
+    bounded("grant", forgetful.acquire("forgotten"))
+        .await
+        .unwrap()
+        .forget();
+    drop(forgetful);
+    let again = bounded("the lock frees", holder.acquire("forgotten"))
+        .await
+        .unwrap();
+    assert!(again.token() > 0);
+    drop(impatient);
+}
