@@ -156,16 +156,14 @@ fn held_line(server: &str, shared: bool, name: &str) -> String {
 }
 
 /// Whether an enclosing `run` (per `held`, the inherited `LIVELOCK_HELD`)
-/// holds `name` on one of `servers` so that this acquire would wait for it
-/// forever: unless both holds are shared.
-fn held_by_enclosing_run(held: &str, servers: &[String], shared: bool, name: &str) -> bool {
+/// holds `name` on one of `servers`: this acquire could wait for it
+/// forever — shared inside shared too, as a queued exclusive acquire puts
+/// the inner shared one behind it (FIFO).
+fn held_by_enclosing_run(held: &str, servers: &[String], name: &str) -> bool {
     servers.iter().any(|server| {
-        [true, false].iter().any(|&outer_shared| {
-            !(outer_shared && shared)
-                && held
-                    .lines()
-                    .any(|l| l == held_line(server, outer_shared, name))
-        })
+        [true, false]
+            .iter()
+            .any(|&shared| held.lines().any(|l| l == held_line(server, shared, name)))
     })
 }
 
@@ -313,7 +311,7 @@ pub fn run(mut args: RunArgs) -> ExitCode {
         Err(e) => return fail(EXIT_USAGE, format_args!("{e}")),
     };
     let held = std::env::var(HELD_VAR).unwrap_or_default();
-    if held_by_enclosing_run(&held, &servers, args.lock.shared, &args.name) {
+    if held_by_enclosing_run(&held, &servers, &args.name) {
         return fail(
             EXIT_USAGE,
             format_args!(
