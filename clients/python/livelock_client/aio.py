@@ -1,4 +1,5 @@
-"""The asyncio client: asyncio streams, one reader task, and futures.
+"""The asyncio client: asyncio streams (with TLS or not), one reader task,
+and futures.
 
 This module owns only the asyncio I/O: dialling, the reader task that hands
 every frame to the shared state machine (``livelock_client.core``) and
@@ -64,13 +65,17 @@ async def _dial(dial: api.Dial, first: bytes) -> _Streams:
     """Sends ``first`` on the first server that accepts the connection and
     reads its reply into ``dial``."""
     for host, port in dial:
+        context, server_name = dial.tls_for(host)
+        connecting = asyncio.open_connection(host, port, ssl=context, server_hostname=server_name)
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), dial.timeout)
+            reader, writer = await asyncio.wait_for(connecting, dial.timeout)  # the TLS handshake included
         except (OSError, asyncio.TimeoutError) as e:
             dial.refused(e)
             continue
         with dial.answering(writer.close, asyncio.TimeoutError):
-            config.configure_socket(writer.get_extra_info("socket"))
+            sock = writer.get_extra_info("socket")
+            if sock is not None:  # None: the server already closed it (e.g. TLS refused the client), read below
+                config.configure_socket(sock)
             writer.write(first)
             while not dial.feed(await asyncio.wait_for(reader.read(_READ_SIZE), dial.timeout)):
                 continue
@@ -109,7 +114,7 @@ class AsyncClient(api.ClientBase["AsyncHeld", "AsyncPendingAcquire"], api.Awaiti
         await self._open(self._reconnect_frame(), resuming=True)
 
     async def _open(self, first: bytes, resuming: bool) -> None:
-        dial = api.Dial(self._servers, self._connect_timeout)
+        dial = self._dial()
         reader, writer = await _dial(dial, first)
         try:
             outcomes = self._core.on_connected(dial.frames)
@@ -143,7 +148,7 @@ class AsyncClient(api.ClientBase["AsyncHeld", "AsyncPendingAcquire"], api.Awaiti
     async def bye(self, timeout: float | None = None) -> None:
         """Ends the session at once (every hold released) and closes."""
         try:
-            await self._run(api.ask(c.bye_op(), timeout))
+            await self._run(self._ask(c.bye_op(), timeout))
         finally:
             await self.close()
 
@@ -198,7 +203,7 @@ class AsyncClient(api.ClientBase["AsyncHeld", "AsyncPendingAcquire"], api.Awaiti
         waiter: _Waiter[Any] = _Waiter()
         request_id = await self._send(call.op, waiter)
         if call.detached:
-            return call.result(api.Started(request_id, waiter))
+            return call.result(api.Started(request_id, waiter, call.timeout))
         try:
             value = await asyncio.wait_for(asyncio.shield(waiter.future), call.timeout)
         except asyncio.TimeoutError:
@@ -284,17 +289,19 @@ class AsyncPendingAcquire(api.PendingBase[AsyncClient, _Waiter[HoldState]], api.
     """An ACQUIRE sent by ``start_acquire``, not answered yet."""
 
     async def wait_queued(self, timeout: float | None = None) -> bool:
-        """Whether, within ``timeout``, the server said the acquire queues (or
-        it completed)."""
+        """Whether, within ``timeout`` (None: the client's request timeout),
+        the server said the acquire queues (or it completed)."""
         try:
-            await asyncio.wait_for(self._waiter.is_queued.wait(), timeout)
+            await asyncio.wait_for(self._waiter.is_queued.wait(), self._queued_timeout(timeout))
         except asyncio.TimeoutError:
             return False
         return True
 
     async def wait(self, timeout: float | None = None) -> AsyncHeld:
         """The hold once granted, else the acquire's error; past ``timeout``
+        (None: as ``acquire`` waits, forever with ``wait=None``)
         LivelockTimeout, and the acquire stays pending (``cancel`` it)."""
+        timeout = self._wait_timeout(timeout)
         try:
             state = await asyncio.wait_for(asyncio.shield(self._waiter.future), timeout)
         except asyncio.TimeoutError:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import inspect
+import ssl
 from collections.abc import Coroutine, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
@@ -72,21 +73,18 @@ class Call(Generic[T]):
     detached: bool = False
 
 
-def ask(op: c.Op[T], timeout: float | None) -> Call[T]:
-    """The call whose caller gets the reply's value as it is."""
-    return Call(op, timeout, _as_is)
-
-
 def _as_is(value: T) -> T:
     return value
 
 
 @dataclass(frozen=True)
 class Started(Generic[W]):
-    """A request sent by a detached call, and the shell's waiter for its reply."""
+    """A request sent by a detached call, the shell's waiter for its reply,
+    and how long to wait for it by default (the call's ``timeout``)."""
 
     request_id: int
     waiter: W
+    timeout: float | None
 
 
 def no_answer(timeout: float | None) -> LivelockTimeout:
@@ -214,6 +212,7 @@ class Opening:
     connect_timeout: float
     request_timeout: float | None
     on_event: Callable[[Event], None] | None
+    tls: config.Tls | None
     first: bytes
     resuming: bool
 
@@ -254,13 +253,25 @@ def _hello(
     connect_timeout: float = 10.0,
     request_timeout: float | None = 30.0,
     on_event: Callable[[Event], None] | None = None,
+    tls: ssl.SSLContext | bool | None = None,
+    tls_ca: config.FilePath | None = None,
+    tls_cert: config.FilePath | None = None,
+    tls_key: config.FilePath | None = None,
+    tls_server_name: str | None = None,
 ) -> Opening:
     """Connects and opens a new session (HELLO). ``grace`` (seconds, at most
     an hour): how long the session and its holds outlive a lost connection,
-    waiting for ``reconnect()``/``resume()``."""
+    waiting for ``reconnect()``/``resume()``. ``tls``: an ``ssl.SSLContext``,
+    True (TLS trusting ``tls_ca``, else LIVELOCK_TLS_CA, else the system's
+    CAs), False (plaintext), or None (TLS when a TLS option or setting is
+    given); ``tls_cert``/``tls_key`` (else LIVELOCK_TLS_CLIENT_CERT/_KEY): a
+    client certificate for mutual TLS; ``tls_server_name``: the name the
+    server's certificate must carry (default: the host dialled)."""
     secret_word = config.password(password)
     first = c.Core.hello_frame(grace, secret_word, client_name or config.default_client_name())
-    return Opening(config.servers(address), secret_word, connect_timeout, request_timeout, on_event, first, False)
+    secure = config.tls(tls, ca=tls_ca, cert=tls_cert, key=tls_key, server_name=tls_server_name)
+    servers = config.servers(address)
+    return Opening(servers, secret_word, connect_timeout, request_timeout, on_event, secure, first, False)
 
 
 def _resumption(
@@ -272,13 +283,20 @@ def _resumption(
     connect_timeout: float = 10.0,
     request_timeout: float | None = 30.0,
     on_event: Callable[[Event], None] | None = None,
+    tls: ssl.SSLContext | bool | None = None,
+    tls_ca: config.FilePath | None = None,
+    tls_cert: config.FilePath | None = None,
+    tls_key: config.FilePath | None = None,
+    tls_server_name: str | None = None,
 ) -> Opening:
     """Connects and takes back a session within its grace period (RESUME).
     ``resumed`` then lists its holds; requests of the earlier client still
-    in flight are cancelled."""
+    in flight are cancelled. The options are ``connect()``'s."""
     secret_word = config.password(password)
     first = c.Core.resume_frame(session_id, secret, secret_word)
-    return Opening(config.servers(address), secret_word, connect_timeout, request_timeout, on_event, first, True)
+    secure = config.tls(tls, ca=tls_ca, cert=tls_cert, key=tls_key, server_name=tls_server_name)
+    servers = config.servers(address)
+    return Opening(servers, secret_word, connect_timeout, request_timeout, on_event, secure, first, True)
 
 
 # ---- The client -------------------------------------------------------------
@@ -314,6 +332,7 @@ class ClientBase(Generic[H, PA]):
         self._servers = opening.servers
         self._password = opening.password
         self._connect_timeout = opening.connect_timeout
+        self._tls = opening.tls
         self.request_timeout = opening.request_timeout
         self._make_held = held
         self._make_pending = pending
@@ -333,6 +352,21 @@ class ClientBase(Generic[H, PA]):
 
     def _pending(self, started: Started[Any]) -> PA:
         return self._make_pending(self, started)
+
+    def _dial(self) -> Dial:
+        return Dial(self._servers, self._connect_timeout, self._tls)
+
+    # -- Timeouts.
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        """How long a call waits for its answer: ``timeout``, else the
+        client's request timeout."""
+        return self.request_timeout if timeout is None else timeout
+
+    def _ask(self, op: c.Op[T], timeout: float | None) -> Call[T]:
+        """The call whose caller gets the reply's value as it is, waiting
+        ``timeout`` (None: the request timeout)."""
+        return Call(op, self._timeout(timeout), _as_is)
 
     # -- What the shell does.
 
@@ -432,16 +466,17 @@ class ClientBase(Generic[H, PA]):
     ) -> Call[PA]:
         """Sends an ACQUIRE (asking to be told when it queues) and returns
         once it is sent; wait for it or cancel it with the returned
-        PendingAcquire."""
+        PendingAcquire (whose ``wait`` waits as ``acquire`` would by
+        default)."""
         op = c.acquire_op(name, wait=wait, shared=shared, lease=lease, notify_queued=True)
-        return Call(op, None, self._pending, detached=True)
+        return Call(op, c.acquire_timeout(wait, None, self.request_timeout), self._pending, detached=True)
 
     @method
     def release(self, name: BytesLike, *, token: int | None = None, timeout: float | None = None) -> Call[None]:
         """Releases this session's hold of ``name`` (RELEASE): only the hold
         with ``token`` if given (WrongTokenError otherwise), else whatever
         hold it has. NotHeldError if it holds none."""
-        return ask(c.release_op(name, token), timeout)
+        return self._ask(c.release_op(name, token), timeout)
 
     @method
     def extend(
@@ -449,7 +484,7 @@ class ClientBase(Generic[H, PA]):
     ) -> Call[None]:
         """Renews the lease of this session's hold of ``name`` (EXTEND): it now
         ends ``lease`` seconds from now unless extended again."""
-        return ask(c.extend_op(name, lease, token), timeout)
+        return self._ask(c.extend_op(name, lease, token), timeout)
 
     # -- Signals.
 
@@ -458,51 +493,51 @@ class ClientBase(Generic[H, PA]):
         """Raises ``signal`` on a held lock (any session may): its holders get
         a Signal event if it was not raised yet. NotHeldError if nobody
         holds the lock."""
-        return ask(c.signal_op(name, signal, p.SignalOp.RAISE), timeout)
+        return self._ask(c.signal_op(name, signal, p.SignalOp.RAISE), timeout)
 
     @method
     def signal_exists(self, name: BytesLike, signal: BytesLike, *, timeout: float | None = None) -> Call[bool]:
         """Whether ``signal`` is raised on ``name``."""
-        return ask(c.signal_op(name, signal, p.SignalOp.EXISTS), timeout)
+        return self._ask(c.signal_op(name, signal, p.SignalOp.EXISTS), timeout)
 
     @method
     def clear_signal(self, name: BytesLike, signal: BytesLike, *, timeout: float | None = None) -> Call[bool]:
         """Clears ``signal``; whether it was raised."""
-        return ask(c.signal_op(name, signal, p.SignalOp.CLEAR), timeout)
+        return self._ask(c.signal_op(name, signal, p.SignalOp.CLEAR), timeout)
 
     # -- Queries and operator requests.
 
     @method
     def inspect(self, name: BytesLike, *, timeout: float | None = None) -> Call[p.Inspection | None]:
         """Who holds ``name`` and who waits for it; None when nobody holds it."""
-        return ask(c.inspect_op(name), timeout)
+        return self._ask(c.inspect_op(name), timeout)
 
     @method
     def list(self, pattern: BytesLike = "", *, limit: int = 1000, timeout: float | None = None) -> Call[p.Listing]:
         """Held locks whose name matches the glob ``pattern`` (``*``, ``?``,
         ``[...]``; empty: all), sorted by name, at most ``limit``."""
-        return ask(c.list_op(pattern, limit), timeout)
+        return self._ask(c.list_op(pattern, limit), timeout)
 
     @method
     def stats(self, *, timeout: float | None = None) -> Call[p.Stats]:
         """The server's counters and version (STATS)."""
-        return ask(c.stats_op(), timeout)
+        return self._ask(c.stats_op(), timeout)
 
     @method
     def ping(self, *, timeout: float | None = None) -> Call[None]:
         """A round trip to the server (PING)."""
-        return ask(c.ping_op(), timeout)
+        return self._ask(c.ping_op(), timeout)
 
     @method
     def force_release(self, name: BytesLike, *, token: int | None = None, timeout: float | None = None) -> Call[None]:
         """Operator: ends every hold of ``name`` (or the one with ``token``);
         each holder gets LockLost."""
-        return ask(c.force_release_op(name, token), timeout)
+        return self._ask(c.force_release_op(name, token), timeout)
 
     @method
     def kill_session(self, session_id: int, *, timeout: float | None = None) -> Call[None]:
         """Operator: ends a session (its holds released, its client told)."""
-        return ask(c.kill_session_op(session_id), timeout)
+        return self._ask(c.kill_session_op(session_id), timeout)
 
     # -- Events.
 
@@ -549,6 +584,10 @@ class _Runner(Protocol):
 
     def _forget(self, hold: c.HoldState) -> None: ...
 
+    def _timeout(self, timeout: float | None) -> float | None: ...
+
+    def _ask(self, op: c.Op[T], timeout: float | None) -> Call[T]: ...
+
 
 class _OfClient(Generic[C]):
     """An object whose calls its client makes."""
@@ -558,6 +597,9 @@ class _OfClient(Generic[C]):
 
     def _run(self, call: Call[Any]) -> Any:
         return self._client._run(call)
+
+    def _ask(self, op: c.Op[T], timeout: float | None) -> Call[T]:
+        return self._client._ask(op, timeout)
 
 
 class HeldBase(_OfClient[C]):
@@ -585,14 +627,15 @@ class HeldBase(_OfClient[C]):
     @method
     def release(self, *, timeout: float | None = None) -> Call[None]:
         """Releases this hold, by its token; nothing if already released."""
-        op = None if self._state.released else c.release_op(self.name, self.token)
-        return Call(op, timeout, _as_is)
+        if self._state.released:
+            return Call(None, None, _as_is)
+        return self._ask(c.release_op(self.name, self.token), timeout)
 
     @method
     def extend(self, lease: float, *, timeout: float | None = None) -> Call[None]:
         """Renews this hold's lease (WrongTokenError if it was lost and the
         session holds the lock again under a newer grant)."""
-        return ask(c.extend_op(self.name, lease, self.token), timeout)
+        return self._ask(c.extend_op(self.name, lease, self.token), timeout)
 
     def _release_failed(self, error: LivelockError, body_raised: bool) -> bool:
         """The release at the end of a ``with`` block failed: whether that
@@ -617,13 +660,23 @@ class PendingBase(_OfClient[C], Generic[C, W]):
         super().__init__(client)
         self.request_id = started.request_id
         self._waiter = started.waiter
+        self._default_wait = started.timeout
 
     @method
     def cancel(self, *, timeout: float | None = None) -> Call[bool]:
         """Withdraws the acquire (CANCEL): True if it was still pending (``wait``
         then raises AcquireCancelled), False if it had completed (``wait``
         returns the hold, to be released)."""
-        return ask(c.cancel_op(self.request_id), timeout)
+        return self._ask(c.cancel_op(self.request_id), timeout)
+
+    def _wait_timeout(self, timeout: float | None) -> float | None:
+        """How long ``wait`` waits: ``timeout``, else as ``acquire`` would
+        (forever with ``wait=None``, else ``wait`` plus the request timeout)."""
+        return self._default_wait if timeout is None else timeout
+
+    def _queued_timeout(self, timeout: float | None) -> float | None:
+        """How long ``wait_queued`` waits: ``timeout``, else the request timeout."""
+        return self._client._timeout(timeout)
 
     def _late(self, timeout: float | None) -> LivelockTimeout:
         return LivelockTimeout(f"acquire {self.request_id} not answered within {timeout} s")
@@ -633,30 +686,45 @@ class PendingBase(_OfClient[C], Generic[C, W]):
 
 
 class Dial:
-    """Opening a connection, less the I/O: the servers to try in order, why
-    those tried failed, the reply to the first frame (and whatever came with
-    it) read from what the shell receives, and what each failure raises."""
+    """Opening a connection, less the I/O: the servers to try in order, with
+    TLS or not, why those tried failed, the reply to the first frame (and
+    whatever came with it) read from what the shell receives, and what each
+    failure raises."""
 
-    def __init__(self, servers: list[config.Server], timeout: float) -> None:
+    def __init__(self, servers: list[config.Server], timeout: float, tls: config.Tls | None) -> None:
         self._servers = servers
         self.timeout = timeout
+        self.tls = tls
         self.where = ""
         self.decoder = p.FrameDecoder()
         self.frames: list[p.Frame] = []
         self._failures: list[str] = []
+        self._last: BaseException | None = None
 
     def __iter__(self) -> Iterator[config.Server]:
         for host, port in self._servers:
             self.where = f"{host}:{port}"
             yield host, port
 
+    def tls_for(self, host: str) -> tuple[ssl.SSLContext | None, str | None]:
+        """The TLS context for a connection to ``host`` and the name its
+        certificate must carry; (None, None) for plaintext."""
+        if self.tls is None:
+            return None, None
+        return self.tls.context, self.tls.name_for(host)
+
     def refused(self, error: BaseException) -> None:
-        """The server did not accept the connection: the next one is tried."""
-        self._failures.append(f"{self.where}: {str(error) or 'timed out'}")
+        """The server did not accept the connection (or its TLS handshake
+        failed): the next one is tried."""
+        self._failures.append(f"{self.where}: {_why(error)}")
+        self._last = error
 
     def failure(self) -> ConnectionLost:
-        """What to raise when no server accepted the connection."""
-        return ConnectionLost("could not connect: " + "; ".join(self._failures))
+        """What to raise when no server accepted the connection (caused by
+        the last one's error)."""
+        error = ConnectionLost("could not connect: " + "; ".join(self._failures))
+        error.__cause__ = self._last
+        return error
 
     @contextlib.contextmanager
     def answering(self, close: Callable[[], None], timeout: type[BaseException]) -> Iterator[None]:
@@ -670,15 +738,24 @@ class Dial:
             if isinstance(error, timeout):
                 raise LivelockTimeout(f"{self.where} did not answer within {self.timeout} s") from None
             if isinstance(error, OSError):
-                raise ConnectionLost(f"{self.where}: {error}") from error
+                raise ConnectionLost(f"{self.where}: {_why(error)}") from error
             raise
 
     def feed(self, data: bytes) -> bool:
         """Takes what the server sent; whether its reply has come."""
         if not data:
-            raise ConnectionLost(f"{self.where} closed the connection before answering")
+            # What a server started with --tls-required does to plaintext.
+            hint = "" if self.tls is not None else " (does it require TLS?)"
+            raise ConnectionLost(f"{self.where} closed the connection before answering{hint}")
         self.frames += self.decoder.feed(data)
         return bool(self.frames)
+
+
+def _why(error: BaseException) -> str:
+    """An error of dialling, as a failure's text says it."""
+    if isinstance(error, ssl.SSLError):
+        return f"TLS: {error}"  # e.g. the certificate failed verification, or a client certificate is required
+    return str(error) or "timed out"
 
 
 def disconnect_reason(error: Exception | None, closed_here: bool) -> str:

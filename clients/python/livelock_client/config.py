@@ -1,7 +1,8 @@
 """Where and how to connect: the address syntax of every livelock tool, the
-settings (LIVELOCK_HOST, LIVELOCK_PORT, LIVELOCK_PASSWORD from the
-environment, else from Django's settings as the legacy ``livelock`` client
-reads them), the default client name, and the socket options.
+settings (LIVELOCK_HOST, LIVELOCK_PORT, LIVELOCK_PASSWORD, LIVELOCK_TLS_CA,
+LIVELOCK_TLS_CLIENT_CERT, LIVELOCK_TLS_CLIENT_KEY from the environment, else
+from Django's settings as the legacy ``livelock`` client reads them), the TLS
+setup, the default client name, and the socket options.
 
 Addresses: ``HOST``, ``HOST:PORT``, ``livelock://HOST[:PORT]``, IPv6 as
 ``::1`` or ``[::1]:PORT``, or a comma-separated list of those (the servers
@@ -14,10 +15,15 @@ import importlib
 import os
 import re
 import socket
+import ssl
+from dataclasses import dataclass
+from typing import Callable, TypeVar, Union
 
 from .protocol import BytesLike
 
 DEFAULT_PORT = 7873
+
+T = TypeVar("T")
 
 #: (host, port); an IPv6 host without brackets.
 Server = tuple[str, int]
@@ -109,6 +115,86 @@ def password(explicit: BytesLike | None = None) -> BytesLike:
     if explicit is not None:
         return explicit
     return setting("LIVELOCK_PASSWORD") or ""
+
+
+#: What ``tls=`` takes: an ``ssl.SSLContext``, used as it is; True: TLS with
+#: the CA and client certificate settings (the system's trusted CAs by
+#: default); False: plaintext, whatever the settings; None: TLS when a TLS
+#: setting is given.
+TlsOption = Union[ssl.SSLContext, bool, None]
+
+#: A file's path.
+FilePath = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class Tls:
+    """TLS for a client's connections: the context, and the name the server's
+    certificate must carry (None: the host dialled)."""
+
+    context: ssl.SSLContext
+    server_name: str | None = None
+
+    def name_for(self, host: str) -> str:
+        return self.server_name or host
+
+
+def _setting_file(key: str) -> str | None:
+    """The file the setting ``key`` names (empty: none)."""
+    return setting(key) or None
+
+
+def _loading(what: str, path: str | None, load: Callable[[], T]) -> T:
+    """Runs ``load``; a file it cannot read is a ValueError that names it."""
+    try:
+        return load()
+    except OSError as e:  # ssl.SSLError included
+        raise ValueError(f"TLS {what} {path}: {e}") from e
+
+
+def tls(
+    option: TlsOption = None,
+    *,
+    ca: FilePath | None = None,
+    cert: FilePath | None = None,
+    key: FilePath | None = None,
+    server_name: str | None = None,
+) -> Tls | None:
+    """The TLS of a client's connections; None: plaintext. An SSLContext
+    ``option`` is used as it is. Otherwise the CAs trusted are those of the
+    file ``ca``, else of LIVELOCK_TLS_CA, else the system's; the client
+    certificate (mutual TLS) is ``cert`` with ``key`` (None: the key is in
+    ``cert``), else LIVELOCK_TLS_CLIENT_CERT with LIVELOCK_TLS_CLIENT_KEY.
+    TLS is on when ``option`` is True, or, when it is None, when any of these
+    (or ``server_name``) is set."""
+    if not isinstance(option, (ssl.SSLContext, bool, type(None))):
+        raise TypeError(f"tls must be an ssl.SSLContext, True, False or None, not {type(option).__name__}")
+    given = [name for name, value in (("tls_ca", ca), ("tls_cert", cert), ("tls_key", key)) if value is not None]
+    if isinstance(option, ssl.SSLContext):
+        if given:
+            raise ValueError(f"{', '.join(given)} with an SSLContext: load them into the context instead")
+        return Tls(option, server_name)
+    if option is False:
+        if given or server_name is not None:
+            raise ValueError("TLS options with tls=False")
+        return None
+    ca_file = os.fspath(ca) if ca is not None else _setting_file("LIVELOCK_TLS_CA")
+    cert_file: str | None
+    if cert is not None:
+        cert_file, key_file = os.fspath(cert), None if key is None else os.fspath(key)
+    elif key is not None:
+        raise ValueError("tls_key without tls_cert")
+    else:
+        cert_file, key_file = _setting_file("LIVELOCK_TLS_CLIENT_CERT"), _setting_file("LIVELOCK_TLS_CLIENT_KEY")
+        if key_file is not None and cert_file is None:
+            raise ValueError("LIVELOCK_TLS_CLIENT_KEY without LIVELOCK_TLS_CLIENT_CERT")
+    if option is None and ca_file is None and cert_file is None and server_name is None:
+        return None
+    # With a CA file, only its CAs are trusted; without, the system's.
+    context = _loading("CA", ca_file, lambda: ssl.create_default_context(cafile=ca_file))
+    if cert_file is not None:
+        _loading("client certificate", cert_file, lambda: context.load_cert_chain(cert_file, key_file))
+    return Tls(context, server_name)
 
 
 def default_client_name() -> str:

@@ -1,8 +1,10 @@
-"""The blocking client: a socket, one reader thread, and waiters.
+"""The blocking client: a socket (with TLS or not), one reader thread, and
+waiters.
 
-This module owns only the blocking I/O: dialling, the reader thread that
-hands every frame to the shared state machine (``livelock_client.core``) and
-applies what it says, sending, and the waits, each bounded by a timeout.
+This module owns only the blocking I/O: dialling (and the TLS handshake),
+the reader thread that hands every frame to the shared state machine
+(``livelock_client.core``) and applies what it says, sending, and the waits,
+each bounded by a timeout.
 Every public method, its arguments and what it means, is
 ``livelock_client.api``'s, shared with the asyncio client. Any number of
 threads may use one ``Client``; requests are pipelined and matched by
@@ -14,10 +16,11 @@ from __future__ import annotations
 import builtins
 import contextlib
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 from . import api, config
 from . import core as c
@@ -66,17 +69,131 @@ class _Waiter(Generic[T]):
         return cast(T, self._value)
 
 
-def _dial(dial: api.Dial, first: bytes) -> socket.socket:
+class _Stream(Protocol):
+    """What the client uses of a connection: a socket, or TLS over one."""
+
+    def sendall(self, data: bytes, /) -> None: ...
+
+    def recv(self, size: int, /) -> bytes: ...
+
+    def settimeout(self, timeout: float | None, /) -> None: ...
+
+    def shutdown(self, how: int, /) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _TlsSocket:
+    """TLS over a connected socket, through memory buffers. An OpenSSL
+    connection must never be used by two threads at once, and the reader
+    thread reads while callers write: so every TLS step takes ``_tls_lock``,
+    and the socket is read and written outside it (an ``SSLSocket`` read by
+    one thread while another writes it can corrupt its state or crash).
+    ``_send_lock`` keeps the records in the order they were made."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_name: str | None) -> None:
+        self._sock = sock
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_name)
+        self._tls_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+
+    def handshake(self) -> None:
+        """The TLS handshake, each read bounded by the socket's timeout."""
+        while True:
+            try:
+                with self._tls_lock:
+                    self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                if not self._fill():
+                    raise ConnectionResetError("the server closed the connection during the TLS handshake") from None
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):
+                    self._flush()  # the alert saying why, for the server's log
+                raise
+        self._flush()
+
+    def sendall(self, data: bytes) -> None:
+        with self._send_lock:
+            with self._tls_lock:
+                self._tls.write(data)  # all of it: a memory buffer is never full
+                records = self._outgoing.read()
+            self._sock.sendall(records)
+
+    def recv(self, size: int) -> bytes:
+        """Up to ``size`` bytes of plaintext; b"" once the server closed."""
+        while True:
+            with self._tls_lock:
+                try:
+                    data: bytes | None = self._tls.read(size)
+                except ssl.SSLWantReadError:
+                    data = None  # a whole record is needed
+                except ssl.SSLZeroReturnError:
+                    data = b""  # the server's close_notify
+                replies = self._outgoing.pending  # e.g. to a key update
+            if replies:
+                self._flush()
+            if data is not None:
+                return data
+            if not self._fill():
+                return b""
+
+    def _fill(self) -> bool:
+        """Reads records from the socket; False at its end."""
+        data = self._sock.recv(_READ_SIZE)
+        if data:
+            with self._tls_lock:
+                self._incoming.write(data)
+        return bool(data)
+
+    def _flush(self) -> None:
+        """Sends the records made but not sent (handshake, replies)."""
+        with self._send_lock:
+            with self._tls_lock:
+                records = self._outgoing.read()
+            if records:
+                self._sock.sendall(records)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._sock.settimeout(timeout)
+
+    def shutdown(self, how: int) -> None:
+        self._sock.shutdown(how)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _connect(dial: api.Dial, host: str, port: int) -> _Stream:
+    """A connection to ``host``, through its TLS handshake if the client
+    speaks TLS; each step bounded by the dial's timeout."""
+    sock = socket.create_connection((host, port), timeout=dial.timeout)
+    try:
+        config.configure_socket(sock)
+        context, server_name = dial.tls_for(host)
+        if context is None:
+            return sock
+        stream = _TlsSocket(sock, context, server_name)
+        stream.handshake()
+        return stream
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _dial(dial: api.Dial, first: bytes) -> _Stream:
     """Sends ``first`` on the first server that accepts the connection and
     reads its reply into ``dial``."""
     for host, port in dial:
         try:
-            sock = socket.create_connection((host, port), timeout=dial.timeout)
+            sock = _connect(dial, host, port)
         except OSError as e:
             dial.refused(e)
             continue
         with dial.answering(sock.close, socket.timeout):
-            config.configure_socket(sock)
             sock.sendall(first)
             while not dial.feed(sock.recv(_READ_SIZE)):
                 continue
@@ -97,7 +214,7 @@ class Client(api.ClientBase["Held", "PendingAcquire"], api.Blocking):
 
     def __init__(self, opening: api.Opening) -> None:
         super().__init__(opening, Held, PendingAcquire, threading.Lock(), threading.Event())
-        self._sock: socket.socket | None = None
+        self._sock: _Stream | None = None
         self._reader: threading.Thread | None = None
         self._write_lock = threading.Lock()
         self._events_ready = threading.Condition()
@@ -119,7 +236,7 @@ class Client(api.ClientBase["Held", "PendingAcquire"], api.Blocking):
         self._open(self._reconnect_frame(), resuming=True)
 
     def _open(self, first: bytes, resuming: bool) -> None:
-        dial = api.Dial(self._servers, self._connect_timeout)
+        dial = self._dial()
         sock = _dial(dial, first)
         try:
             with self._core_lock:
@@ -158,7 +275,7 @@ class Client(api.ClientBase["Held", "PendingAcquire"], api.Blocking):
         """Ends the session at once (every hold released, whatever the
         grace) and closes the connection."""
         try:
-            self._run(api.ask(c.bye_op(), timeout))
+            self._run(self._ask(c.bye_op(), timeout))
         finally:
             self.close()
 
@@ -207,7 +324,7 @@ class Client(api.ClientBase["Held", "PendingAcquire"], api.Blocking):
             return call.result(None)
         waiter: _Waiter[Any] = _Waiter()
         if call.detached:
-            return call.result(api.Started(self._send(call.op, waiter), waiter))
+            return call.result(api.Started(self._send(call.op, waiter), waiter, call.timeout))
         self._not_on_reader()
         request_id = self._send(call.op, waiter)
         self._wait(request_id, waiter, call.timeout)
@@ -269,7 +386,7 @@ class Client(api.ClientBase["Held", "PendingAcquire"], api.Blocking):
             except ConnectionLost:
                 return
 
-    def _read_loop(self, sock: socket.socket, decoder: FrameDecoder) -> None:
+    def _read_loop(self, sock: _Stream, decoder: FrameDecoder) -> None:
         error: Exception | None = None
         try:
             while data := sock.recv(_READ_SIZE):
@@ -315,15 +432,17 @@ class PendingAcquire(api.PendingBase[Client, _Waiter[HoldState]], api.Blocking):
     """An ACQUIRE sent by ``start_acquire``, not answered yet."""
 
     def wait_queued(self, timeout: float | None = None) -> bool:
-        """Whether, within ``timeout``, the server said the acquire queues
-        (or it completed)."""
-        return self._waiter.wait_queued(timeout)
+        """Whether, within ``timeout`` (None: the client's request timeout),
+        the server said the acquire queues (or it completed)."""
+        return self._waiter.wait_queued(self._queued_timeout(timeout))
 
     def wait(self, timeout: float | None = None) -> Held:
         """The hold once granted; the acquire's error (LockBusy,
         AcquireTimedOut, AcquireCancelled, ...) otherwise. Past ``timeout``
+        (None: as ``acquire`` waits, forever with ``wait=None``)
         LivelockTimeout, and the acquire stays pending (``cancel`` it)."""
         self._client._not_on_reader()
+        timeout = self._wait_timeout(timeout)
         if not self._waiter.wait(timeout):
             raise self._late(timeout)
         return self._client._held(self._waiter.result())

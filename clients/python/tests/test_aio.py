@@ -1,16 +1,18 @@
 """The asyncio client against a real server: the core cases of test_sync.py
 (grants, try/timeout, FIFO hand-over and cancel, leases, signals, queries,
-resume, passwords, bad input, server errors) and task cancellation. Each test
+resume, passwords, bad input, server errors), task cancellation, and the
+request timeout of every call on a server that never answers. Each test
 runs its own event loop with asyncio.run."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable
 from typing import Any, Callable
 
 import pytest
-from conftest import WAIT_MAX, Server
+from conftest import WAIT_MAX, WAITING_CALLS, Server, SilentServer
 
 import livelock_client as ll
 from livelock_client import AsyncClient
@@ -155,5 +157,28 @@ def test_errors(make_server: Callable[..., Server], server: Server, name: str) -
             with pytest.raises(ll.NotHeldError) as error:
                 await client.release(name)
             assert error.value.status == ll.Status.NOT_HELD
+
+    run(test)
+
+
+def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) -> None:
+    short = 0.1
+
+    async def timed(call: Awaitable[Any]) -> float:
+        started = time.monotonic()
+        with pytest.raises(ll.LivelockTimeout):
+            await call
+        return time.monotonic() - started
+
+    async def test() -> None:
+        client = await AsyncClient.connect(silent_server.address, request_timeout=short)
+        pending = await client.start_acquire("lock", wait=short)
+        calls = [getattr(client, method)(*args) for method, args in WAITING_CALLS]
+        calls += [client.acquire("lock-2", wait=short), pending.cancel(), pending.wait()]
+        # All at once: each one's wait is its own.
+        waited = await asyncio.gather(*(timed(call) for call in calls))
+        assert all(short <= seconds < short * 2 + 1 for seconds in waited), waited
+        assert await pending.wait_queued() is False
+        assert short <= await timed(client.bye()) < short + 1
 
     run(test)

@@ -227,3 +227,6 @@ def test_django_settings_are_read_when_configured(monkeypatch: pytest.MonkeyPatc
     # The environment comes first, as in the legacy client.
     monkeypatch.setenv("LIVELOCK_HOST", "env-host")
     assert servers() == [("env-host", 7000)]
+    monkeypatch.setattr(settings, "LIVELOCK_TLS_CA", "/nowhere/ca.pem", raising=False)
+    with pytest.raises(ValueError, match="TLS CA /nowhere/ca.pem"):
+        config.tls()  # the setting was read, and turned TLS on

@@ -1,16 +1,18 @@
 """The blocking client against a real server: grants and tokens, try and
 timeout, shared holds, FIFO hand-over, leases and LockLost, extend, cancel,
 signals, INSPECT/LIST/STATS, resume within and after the grace, passwords,
-bad input and server errors."""
+bad input and server errors; and, on a server that never answers, every
+call that waits for it ends after the request timeout."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Callable
 
 import pytest
-from conftest import WAIT_MAX, Server, wait_until
+from conftest import WAIT_MAX, WAITING_CALLS, Server, SilentServer, wait_until
 
 import livelock_client as ll
 from livelock_client import Client
@@ -354,3 +356,22 @@ def test_an_address_list_is_tried_in_order(server: Server) -> None:
         client.ping()
     with pytest.raises(ll.ConnectionLost, match="could not connect"):
         Client.connect("127.0.0.1:1", connect_timeout=WAIT_MAX)
+
+
+def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) -> None:
+    short = 0.1
+    client = Client.connect(silent_server.address, request_timeout=short, connect_timeout=WAIT_MAX)
+    pending = client.start_acquire("lock", wait=short)
+    timed: list[tuple[str, Callable[[], object]]] = [
+        *((method, lambda method=method, args=args: getattr(client, method)(*args)) for method, args in WAITING_CALLS),
+        ("acquire(wait)", lambda: client.acquire("lock", wait=short)),  # the wait, then the request timeout
+        ("PendingAcquire.cancel", pending.cancel),
+        ("PendingAcquire.wait", pending.wait),
+        ("bye", client.bye),  # last: it closes the connection
+    ]
+    assert pending.wait_queued() is False  # not told within the request timeout
+    for what, call in timed:
+        started = time.monotonic()
+        with pytest.raises(ll.LivelockTimeout):
+            call()
+        assert short <= time.monotonic() - started < short * 2 + 1, what
