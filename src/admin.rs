@@ -22,6 +22,46 @@ pub struct AdminArgs {
     /// Print JSON instead of a table (fencing tokens and session ids as strings: they pass 2^53).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// How a command reaches a server over TLS (shared by every client command).
+#[derive(Args, Clone)]
+pub struct TlsArgs {
+    /// Speak TLS, trusting this CA (PEM) for the server's certificate.
+    #[arg(long, env = "LIVELOCK_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// This client's certificate chain (PEM), for a server that asks for one (mutual TLS).
+    #[arg(long = "tls-cert", env = "LIVELOCK_TLS_CLIENT_CERT", value_name = "FILE", requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    #[arg(
+        long = "tls-key",
+        env = "LIVELOCK_TLS_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<std::path::PathBuf>,
+    /// The name the server's certificate must carry [default: the host of the address].
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
+}
+
+impl TlsArgs {
+    /// The TLS setup for the server at `addr` (HOST:PORT), if TLS is asked for.
+    pub fn client(&self, addr: &str) -> Result<Option<livelock::client::TlsClient>, String> {
+        let Some(ca) = &self.tls_ca else {
+            return Ok(None);
+        };
+        let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+        let name = self
+            .tls_server_name
+            .as_deref()
+            .unwrap_or(host.trim_start_matches('[').trim_end_matches(']'));
+        let client_cert = self.tls_cert.as_deref().zip(self.tls_key.as_deref());
+        livelock::client::TlsClient::new(ca, name, client_cert).map(Some)
+    }
 }
 
 /// What to do (parsed by main.rs, which owns the clap definitions).
@@ -54,16 +94,30 @@ pub fn servers(flag: &Option<String>) -> Result<Vec<String>, String> {
     livelock::address::servers_from_env(flag.as_deref())
 }
 
+/// The TLS setup of every server, checked before any is dialled (a file
+/// that does not load is a usage error).
+pub fn check_tls(tls: &TlsArgs, servers: &[String]) -> Result<(), String> {
+    servers
+        .iter()
+        .try_for_each(|addr| tls.client(addr).map(|_| ()))
+}
+
 /// Opens a session on the first of `servers` that answers, in order (a
-/// refused password stops the search: the others share it). On failure,
-/// the last address tried and its error.
+/// refused password stops the search: the others share it), over TLS if
+/// `tls` says so (checked by `check_tls`). On failure, the last address
+/// tried and its error.
 pub fn connect_first<'a>(
     servers: &'a [String],
     options: &ClientOptions,
+    tls: &TlsArgs,
 ) -> Result<(Client, &'a str), (&'a str, Error)> {
     let mut last = None;
     for addr in servers {
-        match Client::connect(addr.as_str(), options) {
+        let mut options = options.clone();
+        options.tls = tls
+            .client(addr)
+            .map_err(|e| (addr.as_str(), Error::Protocol(e)))?;
+        match Client::connect(addr.as_str(), &options) {
             Ok(client) => return Ok((client, addr)),
             Err(e @ Error::Status(Status::Auth, _)) => return Err((addr, e)),
             Err(e) => last = Some((addr.as_str(), e)),
@@ -86,11 +140,15 @@ pub fn run(args: AdminArgs, command: AdminCommand) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = check_tls(&args.tls, &servers) {
+        eprintln!("livelock: {e}");
+        return ExitCode::from(2);
+    }
     let options = ClientOptions {
         password: args.password.clone(),
         ..ClientOptions::default()
     };
-    let client = match connect_first(&servers, &options) {
+    let client = match connect_first(&servers, &options, &args.tls) {
         Ok((client, _)) => client,
         Err((addr, e)) => {
             eprintln!("livelock: cannot open a session at {addr}: {e}");

@@ -137,6 +137,8 @@ pub struct LockArgs {
     /// Keep the hold this long if the connection drops, reconnecting meanwhile.
     #[arg(long, value_parser = seconds_flag, default_value = "0s")]
     grace: Duration,
+    #[command(flatten)]
+    tls: crate::admin::TlsArgs,
     /// End the hold after this long even if COMMAND still runs (COMMAND is then stopped, exit 79), e.g. 10m [default: none].
     #[arg(long, value_parser = seconds_flag)]
     lease: Option<Duration>,
@@ -332,12 +334,15 @@ pub fn run(mut args: RunArgs) -> ExitCode {
             format_args!("--lease must be more than 0 and at most {lease_max:?}"),
         );
     }
+    if let Err(e) = crate::admin::check_tls(&args.lock.tls, &servers) {
+        return fail(EXIT_USAGE, format_args!("{e}"));
+    }
     let options = ClientOptions {
         password: args.lock.password.clone(),
         grace: args.lock.grace,
         ..ClientOptions::default()
     };
-    let (client, addr) = match crate::admin::connect_first(&servers, &options) {
+    let (client, addr) = match crate::admin::connect_first(&servers, &options, &args.lock.tls) {
         Ok((client, addr)) => (client, addr.to_string()),
         Err((addr, e @ Error::Status(Status::Auth, _))) => {
             return fail(EXIT_AUTH, format_args!("{addr} refused the password: {e}"))
@@ -348,6 +353,11 @@ pub fn run(mut args: RunArgs) -> ExitCode {
                 format_args!("cannot open a session at {addr}: {e}"),
             )
         }
+    };
+    // A reconnect (RESUME) goes to the same server, the same way.
+    let options = ClientOptions {
+        tls: args.lock.tls.client(&addr).ok().flatten(),
+        ..options
     };
     let acquire = AcquireOptions {
         mode: if args.lock.shared {

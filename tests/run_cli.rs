@@ -1785,3 +1785,41 @@ fn a_lease_bounds_the_hold() {
     let (code, _, stderr) = run_to_end("zero", &mut command, &dir);
     assert_eq!(code, Some(2), "{stderr}");
 }
+
+/// The command line speaks TLS (`--tls-ca`, or LIVELOCK_TLS_CA), to a
+/// server that requires it; a CA file that does not load is a usage error.
+#[test]
+fn commands_reach_a_tls_only_server() {
+    let dir = ScratchDir::new("cli-tls");
+    let ca = common::certs::Ca::new(&dir, "server");
+    let (cert, key) = ca.issue(&dir, "server", &["127.0.0.1"]);
+    let server = TestServer::start_with(2, |config| {
+        config.tls = Some(livelock::tls::TlsFiles {
+            cert,
+            key,
+            client_ca: None,
+            required: true,
+        });
+    });
+    let ca_file = ca.path.to_str().unwrap();
+    admin_ok(&server, &dir, "stats-tls", &["stats", "--tls-ca", ca_file]);
+    let (code, _, _) = admin(&server, &dir, "stats-plain", &["stats"]);
+    assert_eq!(code, Some(1), "plaintext is refused");
+    let mut command = run_command(&server, &["--tls-ca", ca_file], "over-tls");
+    command.args(["sh", "-c", "test -n \"$LIVELOCK_FENCE\""]);
+    let (code, _, stderr) = run_to_end("run-tls", &mut command, &dir);
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut command = run_command(&server, &[], "over-tls");
+    command.env("LIVELOCK_TLS_CA", ca_file).arg("true");
+    let (code, _, stderr) = run_to_end("run-tls-env", &mut command, &dir);
+    assert_eq!(code, Some(0), "{stderr}");
+    let missing = dir.join("missing.pem");
+    let (code, _, stderr) = admin(
+        &server,
+        &dir,
+        "bad-ca",
+        &["stats", "--tls-ca", missing.to_str().unwrap()],
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("missing.pem"), "{stderr}");
+}
