@@ -257,10 +257,18 @@ pub(crate) struct OwnedReply {
     pub(crate) body: Vec<u8>,
 }
 
+/// A request waiting for its final reply: where it goes, and for an
+/// ACQUIRE the lock's name (a grant nobody waits for any more — its
+/// `PendingAcquire` was dropped — is released at once).
+struct Waiter {
+    tx: Sender<OwnedReply>,
+    acquire: Option<Vec<u8>>,
+}
+
 struct Inner {
     wire: Arc<Wire>,
     /// Callers waiting for a reply, by request id. None once disconnected.
-    waiting: Mutex<Option<HashMap<u32, Sender<OwnedReply>>>>,
+    waiting: Mutex<Option<HashMap<u32, Waiter>>>,
     next_id: AtomicU32,
     session_id: u64,
     secret: [u8; SECRET_LEN],
@@ -467,6 +475,7 @@ impl Client {
             request_id,
             replies,
             queued: false,
+            done: false,
         })
     }
 
@@ -743,8 +752,12 @@ pub(crate) fn next_request_id(next: &AtomicU32) -> u32 {
 fn send(inner: &Inner, request: &Request<'_>) -> Result<(u32, Receiver<OwnedReply>)> {
     let request_id = next_request_id(&inner.next_id);
     let (tx, rx) = crossbeam_channel::bounded(2);
+    let acquire = match request {
+        Request::Acquire { name, .. } => Some(name.to_vec()),
+        _ => None,
+    };
     match inner.waiting.lock().as_mut() {
-        Some(waiting) => waiting.insert(request_id, tx),
+        Some(waiting) => waiting.insert(request_id, Waiter { tx, acquire }),
         None => return Err(Error::Disconnected),
     };
     let mut frame = Vec::with_capacity(HEADER_LEN + 64);
@@ -795,6 +808,8 @@ pub struct PendingAcquire {
     request_id: u32,
     replies: Receiver<OwnedReply>,
     queued: bool,
+    /// Its final reply was taken: nothing to cancel when dropped.
+    done: bool,
 }
 
 impl PendingAcquire {
@@ -828,10 +843,13 @@ impl PendingAcquire {
     }
 
     /// Waits for the outcome.
-    pub fn wait(self) -> Result<Guard> {
+    pub fn wait(mut self) -> Result<Guard> {
         loop {
-            let reply = self.replies.recv().map_err(|_| Error::Disconnected)?;
+            let reply = self.replies.recv();
+            self.done = true;
+            let reply = reply.map_err(|_| Error::Disconnected)?;
             if reply.flags & flags::INTERIM != 0 {
+                self.done = false;
                 continue;
             }
             if reply.status != Status::Ok {
@@ -840,8 +858,8 @@ impl PendingAcquire {
             let token = protocol::parse_token_body(&reply.body)
                 .ok_or_else(|| Error::Protocol("short grant".into()))?;
             return Ok(Guard {
-                inner: self.inner,
-                name: self.name,
+                inner: self.inner.clone(),
+                name: std::mem::take(&mut self.name),
                 token,
                 armed: true,
             });
@@ -858,6 +876,35 @@ impl PendingAcquire {
             },
         )
         .map(|_| ())
+    }
+}
+
+impl Drop for PendingAcquire {
+    /// Dropped before its outcome: the acquire is cancelled (and a grant
+    /// that comes anyway is released by the reader).
+    fn drop(&mut self) {
+        // An outcome already here (kept by `wait_queued`): a grant goes back.
+        while let Ok(reply) = self.replies.try_recv() {
+            if reply.flags & flags::INTERIM != 0 {
+                continue;
+            }
+            self.done = true;
+            if let (Status::Ok, Some(token)) =
+                (reply.status, protocol::parse_token_body(&reply.body))
+            {
+                let _ = send(
+                    &self.inner,
+                    &Request::Release {
+                        name: &self.name,
+                        token,
+                    },
+                );
+            }
+        }
+        if !self.done {
+            let target = self.request_id;
+            let _ = send(&self.inner, &Request::Cancel { target });
+        }
     }
 }
 
@@ -1050,16 +1097,24 @@ fn read_loop(
             } => {
                 let mut waiting = inner.waiting.lock();
                 let Some(map) = waiting.as_mut() else { break };
-                let tx = if interim {
-                    map.get(&request_id).cloned()
-                } else {
-                    map.remove(&request_id)
+                let (tx, acquire) = match interim {
+                    true => (map.get(&request_id).map(|w| w.tx.clone()), None),
+                    false => match map.remove(&request_id) {
+                        Some(Waiter { tx, acquire }) => (Some(tx), acquire),
+                        None => (None, None),
+                    },
                 };
                 drop(waiting);
-                if let Some(tx) = tx {
-                    let _ = tx.send(reply);
-                }
                 // A reply nobody waits for (e.g. HelloTimeout with id 0) is dropped.
+                let Some(tx) = tx else { continue };
+                if let Err(unread) = tx.send(reply) {
+                    // A grant whose PendingAcquire was dropped: let it go.
+                    let reply = unread.into_inner();
+                    let token = protocol::parse_token_body(&reply.body);
+                    if let (Some(name), Status::Ok, Some(token)) = (acquire, reply.status, token) {
+                        let _ = send(&inner, &Request::Release { name: &name, token });
+                    }
+                }
             }
             Incoming::Broken => break,
         }

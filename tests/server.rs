@@ -1128,3 +1128,42 @@ fn a_resume_lists_a_full_in_flight_window() {
     granted.sort_unstable();
     assert_eq!(granted, ids);
 }
+
+/// A `PendingAcquire` dropped before its outcome cancels the acquire: the
+/// queue empties and, when the holder lets go, nobody is granted a hold
+/// that no code knows of (review finding: the grant used to leak).
+#[test]
+fn a_dropped_pending_acquire_is_cancelled() {
+    let server = TestServer::start(2);
+    let holder = server.client();
+    let guard = holder.acquire("wanted").unwrap();
+    let waiter = server.client();
+    let mut pending = waiter
+        .start_acquire("wanted", AcquireOptions::default(), true)
+        .unwrap();
+    assert!(pending.wait_queued(WAIT_MAX).unwrap());
+    drop(pending);
+    wait_until("the queue empties", || {
+        holder
+            .inspect("wanted")
+            .unwrap()
+            .is_some_and(|found| found.queue.is_empty())
+    });
+    guard.release().unwrap();
+    assert!(
+        holder.inspect("wanted").unwrap().is_none(),
+        "nobody holds it"
+    );
+    // A grant kept by wait_queued and then dropped is released too.
+    let free = waiter
+        .start_acquire("free-one", AcquireOptions::default(), true)
+        .map(|mut pending| {
+            assert!(pending.wait_queued(WAIT_MAX).unwrap());
+            pending
+        })
+        .unwrap();
+    drop(free);
+    wait_until("the unclaimed grant is released", || {
+        holder.inspect("free-one").unwrap().is_none()
+    });
+}
