@@ -212,3 +212,86 @@ fn client_certificates_imply_required_tls() {
     signal(&server, libc::SIGTERM);
     expect_clean_exit(&mut server);
 }
+
+/// A TLS client that sends its last requests and closes TCP without a TLS
+/// close_notify (many stacks do) still has them answered: the server reads
+/// what was decrypted before the end, as for a plaintext half-close.
+#[test]
+fn requests_before_a_bare_close_are_answered() {
+    use livelock::protocol::{self, DecodedReply, Mode, Request, Status};
+    use std::io::{Read, Write};
+    let dir = ScratchDir::new("tls-bare-close");
+    let ca = Ca::new(&dir, "server");
+    let (cert, key) = ca.issue(&dir, "server", &["127.0.0.1"]);
+    let server = TestServer::start_with(1, |config| {
+        config.tls = Some(files(&cert, &key, None, true));
+    });
+    let mut tcp = std::net::TcpStream::connect(server.addr).unwrap();
+    tcp.set_read_timeout(Some(WAIT_MAX)).unwrap();
+    let mut tls = TlsClient::new(&ca.path, "127.0.0.1", None)
+        .unwrap()
+        .session()
+        .unwrap();
+    let mut frames = Vec::new();
+    let hello = Request::Hello {
+        grace_ms: 60_000,
+        password: b"",
+        client_name: b"bare-close",
+    };
+    protocol::encode_request(&mut frames, 1, &hello);
+    let acquire = Request::Acquire {
+        name: b"closing",
+        mode: Mode::Exclusive,
+        wait_ms: 0,
+        lease_ms: 0,
+        notify_queued: false,
+    };
+    protocol::encode_request(&mut frames, 2, &acquire);
+    protocol::encode_request(
+        &mut frames,
+        3,
+        &Request::Release {
+            name: b"closing",
+            token: 0,
+        },
+    );
+    protocol::encode_request(&mut frames, 4, &Request::Bye);
+    {
+        let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+        stream.write_all(&frames).unwrap();
+        stream.flush().unwrap();
+    }
+    // The end of the TCP stream, no close_notify.
+    tcp.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut plain = Vec::new();
+    let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => plain.extend_from_slice(&chunk[..n]),
+            // The server ends without close_notify too once it closed.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => panic!("reading the replies: {e}"),
+        }
+    }
+    let mut replies = Vec::new();
+    let mut at = 0;
+    while let Ok(DecodedReply::Frame { consumed, reply }) = protocol::decode_reply(&plain[at..]) {
+        replies.push((reply.request_id, reply.status));
+        at += consumed;
+    }
+    assert_eq!(
+        replies,
+        vec![
+            (1, Status::Ok),
+            (2, Status::Ok),
+            (3, Status::Ok),
+            (4, Status::Ok)
+        ],
+        "every request answered"
+    );
+    // The session ended with BYE: the lock is free, grace or not.
+    let observer = Client::connect(server.addr, &tls_options(&ca.path, None)).unwrap();
+    assert!(observer.inspect("closing").unwrap().is_none());
+}
