@@ -295,3 +295,70 @@ fn requests_before_a_bare_close_are_answered() {
     let observer = Client::connect(server.addr, &tls_options(&ca.path, None)).unwrap();
     assert!(observer.inspect("closing").unwrap().is_none());
 }
+
+/// The resident memory of this process (the server runs in it), in bytes.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// A TLS connection's read buffer stays bounded however its records cut the
+/// frames: 40 MB of pipelined PINGs in records that each end mid-frame do
+/// not grow the server by anything like 40 MB (the buffer used to grow by
+/// every byte received).
+#[test]
+fn a_tls_read_buffer_stays_bounded() {
+    use livelock::protocol::{self, DecodedReply, Request};
+    use std::io::{Read, Write};
+    let dir = ScratchDir::new("tls-bounded");
+    let ca = Ca::new(&dir, "server");
+    let (cert, key) = ca.issue(&dir, "server", &["127.0.0.1"]);
+    let server = TestServer::start_with(1, |config| {
+        config.tls = Some(files(&cert, &key, None, true));
+    });
+    let mut tcp = std::net::TcpStream::connect(server.addr).unwrap();
+    tcp.set_read_timeout(Some(WAIT_MAX)).unwrap();
+    let mut tls = TlsClient::new(&ca.path, "127.0.0.1", None)
+        .unwrap()
+        .session()
+        .unwrap();
+    let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
+    let mut pings = Vec::new();
+    for id in 1..=1000u32 {
+        protocol::encode_request(&mut pings, id, &Request::Ping);
+    }
+    let (mut sent, mut answered, mut replies) = (0usize, 0usize, Vec::new());
+    let before = rss_bytes();
+    let mut carry: &[u8] = &[];
+    let mut chunk = [0u8; 64 * 1024];
+    while sent < 40 << 20 {
+        // 1000 PINGs shifted by 8 bytes: every write ends mid-frame.
+        let mut write = carry.to_vec();
+        write.extend_from_slice(&pings[..pings.len() - 8]);
+        carry = &pings[pings.len() - 8..];
+        stream.write_all(&write).unwrap();
+        sent += write.len();
+        // Read the replies of the whole frames sent so far.
+        let expected = sent / 16;
+        while answered < expected {
+            let n = stream.read(&mut chunk).unwrap();
+            assert!(n > 0, "the server closed the connection");
+            replies.extend_from_slice(&chunk[..n]);
+            let mut at = 0;
+            while let Ok(DecodedReply::Frame { consumed, .. }) =
+                protocol::decode_reply(&replies[at..])
+            {
+                at += consumed;
+                answered += 1;
+            }
+            replies.drain(..at);
+        }
+    }
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(
+        grown < 16 << 20,
+        "the server grew by {grown} bytes for 40 MB received"
+    );
+}
