@@ -50,7 +50,7 @@ pub struct TlsArgs {
 
 impl TlsArgs {
     /// The TLS setup for the server at `addr` (HOST:PORT), if TLS is asked for.
-    pub fn client(&self, addr: &str) -> Result<Option<livelock::client::TlsClient>, String> {
+    fn client(&self, addr: &str) -> Result<Option<livelock::client::TlsClient>, String> {
         let Some(ca) = &self.tls_ca else {
             return Ok(None);
         };
@@ -94,31 +94,37 @@ pub fn servers(flag: &Option<String>) -> Result<Vec<String>, String> {
     livelock::address::servers_from_env(flag.as_deref())
 }
 
-/// The TLS setup of every server, checked before any is dialled (a file
-/// that does not load is a usage error).
-pub fn check_tls(tls: &TlsArgs, servers: &[String]) -> Result<(), String> {
+/// How to reach each of `servers`: `base` with each one's TLS setup, all
+/// loaded before any is dialled (a file that does not load is a usage
+/// error).
+pub fn server_options(
+    servers: &[String],
+    base: &ClientOptions,
+    tls: &TlsArgs,
+) -> Result<Vec<ClientOptions>, String> {
     servers
         .iter()
-        .try_for_each(|addr| tls.client(addr).map(|_| ()))
+        .map(|addr| {
+            Ok(ClientOptions {
+                tls: tls.client(addr)?,
+                ..base.clone()
+            })
+        })
+        .collect()
 }
 
-/// Opens a session on the first of `servers` that answers, in order (a
-/// refused password stops the search: the others share it), over TLS if
-/// `tls` says so (checked by `check_tls`). On failure, the last address
-/// tried and its error.
+/// Opens a session on the first of `servers` that answers, in order, each
+/// with its `options` (a refused password stops the search: the others
+/// share it). Returns the client, its address and the options that reached
+/// it; on failure, the last address tried and its error.
 pub fn connect_first<'a>(
     servers: &'a [String],
-    options: &ClientOptions,
-    tls: &TlsArgs,
-) -> Result<(Client, &'a str), (&'a str, Error)> {
+    options: &'a [ClientOptions],
+) -> Result<(Client, &'a str, &'a ClientOptions), (&'a str, Error)> {
     let mut last = None;
-    for addr in servers {
-        let mut options = options.clone();
-        options.tls = tls
-            .client(addr)
-            .map_err(|e| (addr.as_str(), Error::Protocol(e)))?;
-        match Client::connect(addr.as_str(), &options) {
-            Ok(client) => return Ok((client, addr)),
+    for (addr, options) in servers.iter().zip(options) {
+        match Client::connect(addr.as_str(), options) {
+            Ok(client) => return Ok((client, addr, options)),
             Err(e @ Error::Status(Status::Auth, _)) => return Err((addr, e)),
             Err(e) => last = Some((addr.as_str(), e)),
         }
@@ -140,16 +146,19 @@ pub fn run(args: AdminArgs, command: AdminCommand) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = check_tls(&args.tls, &servers) {
-        eprintln!("livelock: {e}");
-        return ExitCode::from(2);
-    }
-    let options = ClientOptions {
+    let base = ClientOptions {
         password: args.password.clone(),
         ..ClientOptions::default()
     };
-    let client = match connect_first(&servers, &options, &args.tls) {
-        Ok((client, _)) => client,
+    let options = match server_options(&servers, &base, &args.tls) {
+        Ok(options) => options,
+        Err(e) => {
+            eprintln!("livelock: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match connect_first(&servers, &options) {
+        Ok((client, _, _)) => client,
         Err((addr, e)) => {
             eprintln!("livelock: cannot open a session at {addr}: {e}");
             return ExitCode::from(1);

@@ -334,16 +334,18 @@ pub fn run(mut args: RunArgs) -> ExitCode {
             format_args!("--lease must be more than 0 and at most {lease_max:?}"),
         );
     }
-    if let Err(e) = crate::admin::check_tls(&args.lock.tls, &servers) {
-        return fail(EXIT_USAGE, format_args!("{e}"));
-    }
-    let options = ClientOptions {
+    let base = ClientOptions {
         password: args.lock.password.clone(),
         grace: args.lock.grace,
         ..ClientOptions::default()
     };
-    let (client, addr) = match crate::admin::connect_first(&servers, &options, &args.lock.tls) {
-        Ok((client, addr)) => (client, addr.to_string()),
+    let options = match crate::admin::server_options(&servers, &base, &args.lock.tls) {
+        Ok(options) => options,
+        Err(e) => return fail(EXIT_USAGE, format_args!("{e}")),
+    };
+    // A reconnect (RESUME) goes to the server that answered, the same way.
+    let (client, addr, options) = match crate::admin::connect_first(&servers, &options) {
+        Ok((client, addr, options)) => (client, addr.to_string(), options.clone()),
         Err((addr, e @ Error::Status(Status::Auth, _))) => {
             return fail(EXIT_AUTH, format_args!("{addr} refused the password: {e}"))
         }
@@ -353,11 +355,6 @@ pub fn run(mut args: RunArgs) -> ExitCode {
                 format_args!("cannot open a session at {addr}: {e}"),
             )
         }
-    };
-    // A reconnect (RESUME) goes to the same server, the same way.
-    let options = ClientOptions {
-        tls: args.lock.tls.client(&addr).ok().flatten(),
-        ..options
     };
     let acquire = AcquireOptions {
         mode: if args.lock.shared {

@@ -213,6 +213,33 @@ fn client_certificates_imply_required_tls() {
     expect_clean_exit(&mut server);
 }
 
+/// A one-loop server that requires TLS, and a TCP connection to it with a
+/// TLS session the test drives itself (the scratch directory lives as long
+/// as the caller keeps it).
+fn raw_tls(
+    label: &str,
+) -> (
+    ScratchDir,
+    Ca,
+    TestServer,
+    std::net::TcpStream,
+    rustls::ClientConnection,
+) {
+    let dir = ScratchDir::new(label);
+    let ca = Ca::new(&dir, "server");
+    let (cert, key) = ca.issue(&dir, "server", &["127.0.0.1"]);
+    let server = TestServer::start_with(1, |config| {
+        config.tls = Some(files(&cert, &key, None, true));
+    });
+    let tcp = std::net::TcpStream::connect(server.addr).unwrap();
+    tcp.set_read_timeout(Some(WAIT_MAX)).unwrap();
+    let tls = TlsClient::new(&ca.path, "127.0.0.1", None)
+        .unwrap()
+        .session()
+        .unwrap();
+    (dir, ca, server, tcp, tls)
+}
+
 /// A TLS client that sends its last requests and closes TCP without a TLS
 /// close_notify (many stacks do) still has them answered: the server reads
 /// what was decrypted before the end, as for a plaintext half-close.
@@ -220,18 +247,7 @@ fn client_certificates_imply_required_tls() {
 fn requests_before_a_bare_close_are_answered() {
     use livelock::protocol::{self, DecodedReply, Mode, Request, Status};
     use std::io::{Read, Write};
-    let dir = ScratchDir::new("tls-bare-close");
-    let ca = Ca::new(&dir, "server");
-    let (cert, key) = ca.issue(&dir, "server", &["127.0.0.1"]);
-    let server = TestServer::start_with(1, |config| {
-        config.tls = Some(files(&cert, &key, None, true));
-    });
-    let mut tcp = std::net::TcpStream::connect(server.addr).unwrap();
-    tcp.set_read_timeout(Some(WAIT_MAX)).unwrap();
-    let mut tls = TlsClient::new(&ca.path, "127.0.0.1", None)
-        .unwrap()
-        .session()
-        .unwrap();
+    let (_dir, ca, server, mut tcp, mut tls) = raw_tls("tls-bare-close");
     let mut frames = Vec::new();
     let hello = Request::Hello {
         grace_ms: 60_000,
@@ -312,18 +328,7 @@ fn rss_bytes() -> u64 {
 fn a_tls_read_buffer_stays_bounded() {
     use livelock::protocol::{self, DecodedReply, Request};
     use std::io::{Read, Write};
-    let dir = ScratchDir::new("tls-bounded");
-    let ca = Ca::new(&dir, "server");
-    let (cert, key) = ca.issue(&dir, "server", &["127.0.0.1"]);
-    let server = TestServer::start_with(1, |config| {
-        config.tls = Some(files(&cert, &key, None, true));
-    });
-    let mut tcp = std::net::TcpStream::connect(server.addr).unwrap();
-    tcp.set_read_timeout(Some(WAIT_MAX)).unwrap();
-    let mut tls = TlsClient::new(&ca.path, "127.0.0.1", None)
-        .unwrap()
-        .session()
-        .unwrap();
+    let (_dir, _ca, _server, mut tcp, mut tls) = raw_tls("tls-bounded");
     let mut stream = rustls::Stream::new(&mut tls, &mut tcp);
     let mut pings = Vec::new();
     for id in 1..=1000u32 {

@@ -330,38 +330,19 @@ impl Connection {
             .wbuf
             .len()
             .min(usize::try_from(released).unwrap_or(usize::MAX));
-        if let Transport::Tls(session) = &mut self.transport {
-            // Plaintext into rustls (it takes what its buffer allows), the
-            // records out to the socket, until both are done.
-            loop {
-                while self.wpos < limit {
-                    match session.writer().write(&self.wbuf[self.wpos..limit]) {
-                        Ok(0) => break,
-                        Ok(n) => self.wpos += n,
-                        Err(e) => return Err(e),
-                    }
-                }
-                if !session.wants_write() {
-                    break;
-                }
-                match session.write_tls(&mut self.stream) {
-                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
+        let sent = match &mut self.transport {
+            Transport::Tls(session) => send_tls(
+                session,
+                &mut self.stream,
+                &self.wbuf[..limit],
+                &mut self.wpos,
+            )?,
+            Transport::Plain | Transport::Undecided => {
+                send_plain(&mut self.stream, &self.wbuf[..limit], &mut self.wpos)?
             }
-        }
-        while self.wpos < limit && matches!(self.transport, Transport::Plain | Transport::Undecided)
-        {
-            match self.stream.write(&self.wbuf[self.wpos..limit]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.wpos += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
+        };
+        if !sent {
+            return Ok(false);
         }
         if self.wpos < self.wbuf.len() {
             // The rest waits for the log.
@@ -374,5 +355,48 @@ impl Connection {
             self.wbuf = Vec::new();
         }
         Ok(true)
+    }
+}
+
+/// Writes `out[*pos..]` until the kernel takes no more; whether all went.
+fn send_plain(stream: &mut TcpStream, out: &[u8], pos: &mut usize) -> io::Result<bool> {
+    while *pos < out.len() {
+        match stream.write(&out[*pos..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => *pos += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+/// `send_plain` through TLS: plaintext into rustls (it takes what its
+/// buffer allows), records out to the socket, until both are done (also
+/// what the handshake left to send).
+fn send_tls(
+    session: &mut rustls::ServerConnection,
+    stream: &mut TcpStream,
+    out: &[u8],
+    pos: &mut usize,
+) -> io::Result<bool> {
+    loop {
+        while *pos < out.len() {
+            match session.writer().write(&out[*pos..])? {
+                0 => break,
+                n => *pos += n,
+            }
+        }
+        if !session.wants_write() {
+            return Ok(true);
+        }
+        match session.write_tls(stream) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
 }
