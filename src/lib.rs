@@ -56,7 +56,9 @@ pub mod wire;
 
 // Every module also under its short name (`livelock::lock_table`...).
 #[cfg(feature = "server")]
-pub use runtime::{config, connection, data_dir, event_loop, metrics, raft_log, server, tls};
+pub use runtime::{
+    cluster, config, connection, data_dir, event_loop, metrics, raft_log, server, tls,
+};
 #[cfg(feature = "server")]
 pub use state::{dump, journal, lock_table, session, snapshot};
 pub use wire::{glob, protocol, resp};

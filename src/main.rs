@@ -7,6 +7,7 @@ mod run;
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
@@ -147,6 +148,23 @@ struct ServerArgs {
     /// With --durability log: take a snapshot once this many bytes were logged since the last one.
     #[arg(long, env = "LIVELOCK_SNAPSHOT_LOG_BYTES", default_value_t = 64 << 20)]
     snapshot_log_bytes: u64,
+    /// Cluster: this node's id in the member list (a replicated cluster of 3 or 5 nodes; see docs/OPERATIONS.md).
+    #[arg(long, env = "LIVELOCK_NODE_ID", requires = "peers")]
+    node_id: Option<u64>,
+    /// Cluster: every member as ID=HOST:PORT (its peer port), comma-separated, this node included.
+    #[arg(
+        long,
+        env = "LIVELOCK_PEERS",
+        value_name = "ID=HOST:PORT,...",
+        requires = "node_id"
+    )]
+    peers: Option<String>,
+    /// Cluster: the secret every peer connection proves (16 bytes or more; all members the same).
+    #[arg(long, env = "LIVELOCK_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
+    /// Cluster: after a failover, every session waits at least this long for its client (plain number: seconds).
+    #[arg(long, env = "LIVELOCK_FAILOVER_GRACE", default_value = "5", value_parser = seconds_flag)]
+    failover_grace: Duration,
     /// Do not read the dump at start [env: LIVELOCK_DISABLE_DUMP_LOAD=1]
     #[arg(long)]
     disable_dump_load: bool,
@@ -427,11 +445,103 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
             _ => None,
         },
     };
+    if let (Some(node_id), Some(peers)) = (args.node_id, &args.peers) {
+        if durability != Durability::Log {
+            return Err("a cluster node keeps its state in the log: --durability log".into());
+        }
+        let cluster = livelock::cluster::ClusterConfig {
+            node_id,
+            peers: livelock::cluster::parse_peers(peers)?,
+            secret: args.cluster_secret.clone().unwrap_or_default().into_bytes(),
+            failover_grace: args.failover_grace,
+        };
+        cluster.validate()?;
+        // The state is the log's: no dump is read or written.
+        config.dump_load = false;
+        config.dump_save = false;
+        config.keep_tokens = false;
+        config.cluster = Some(cluster);
+    }
     config.validate(flag_or_env(
         args.insecure_no_password,
         "LIVELOCK_INSECURE_NO_PASSWORD",
     )?)?;
     Ok(config)
+}
+
+/// A thread that answers SIGHUP with `reload_tls` and the first SIGTERM
+/// or SIGINT with `stop`.
+fn on_signals(
+    reload_tls: impl Fn() -> Result<bool, String> + Send + 'static,
+    stop: impl FnOnce() + Send + 'static,
+) -> Result<(), ExitCode> {
+    let mut signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            tracing::error!("cannot install signal handlers: {e}");
+            return Err(ExitCode::from(1));
+        }
+    };
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            if signal == signal_hook::consts::SIGHUP {
+                match reload_tls() {
+                    Ok(true) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                    Ok(false) => tracing::info!("SIGHUP: no TLS to reload"),
+                    Err(e) => tracing::error!("SIGHUP: TLS not reloaded (the old one stays): {e}"),
+                }
+                continue;
+            }
+            tracing::info!(signal, "signal {signal}: shutting down");
+            stop();
+            break;
+        }
+    });
+    Ok(())
+}
+
+/// A cluster node: follows (relaying its clients to the leader) until it
+/// is elected, then serves. SIGTERM hands leadership over first; a leader
+/// that loses office ends the process (its supervisor restarts it).
+fn serve_cluster(config: ServerConfig) -> ExitCode {
+    let follower = match livelock::cluster::start(config) {
+        Ok(follower) => follower,
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    type Reload = Box<dyn Fn() -> Result<bool, String> + Send + Sync>;
+    let reload: Arc<OnceLock<Reload>> = Arc::new(OnceLock::new());
+    let reload_tls = reload.clone();
+    if let Err(code) = on_signals(
+        move || reload_tls.get().map_or(Ok(false), |reload| reload()),
+        follower.stopper(),
+    ) {
+        return code;
+    }
+    let server = match follower.lead() {
+        Ok(server) => server,
+        Err(e) => {
+            tracing::error!("cannot serve as the leader: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let _ = reload.set(Box::new(server.tls_reloader()));
+    tracing::info!("serving clients on {} as the leader", server.local_addr());
+    // The process ends in the raft thread (stopped or deposed), or here
+    // after a LiveLock SHUTDOWN.
+    match server.join() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Raises the soft limit on open files towards what CONNECTIONS_MAX needs
@@ -468,6 +578,9 @@ fn serve(args: ServerArgs) -> ExitCode {
         (false, false) => "memory",
     };
     let data_dir = config.data_dir.clone();
+    if config.cluster.is_some() {
+        return serve_cluster(config);
+    }
     let server = match Server::start(config) {
         Ok(server) => server,
         Err(e) => {
@@ -476,33 +589,9 @@ fn serve(args: ServerArgs) -> ExitCode {
         }
     };
     let shutdown = server.shutdown_handle();
-    let reload_tls = server.tls_reloader();
-    let mut signals = match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGHUP,
-    ]) {
-        Ok(signals) => signals,
-        Err(e) => {
-            tracing::error!("cannot install signal handlers: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    std::thread::spawn(move || {
-        for signal in signals.forever() {
-            if signal == signal_hook::consts::SIGHUP {
-                match reload_tls() {
-                    Ok(true) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
-                    Ok(false) => tracing::info!("SIGHUP: no TLS to reload"),
-                    Err(e) => tracing::error!("SIGHUP: TLS not reloaded (the old one stays): {e}"),
-                }
-                continue;
-            }
-            tracing::info!(signal, "signal {signal}: shutting down");
-            shutdown.shutdown();
-            break;
-        }
-    });
+    if let Err(code) = on_signals(server.tls_reloader(), move || shutdown.shutdown()) {
+        return code;
+    }
     tracing::info!(
         addr = %server.local_addr(),
         threads,

@@ -107,6 +107,8 @@ pub struct ServerConfig {
     /// set them low).
     pub sessions_max: usize,
     pub detached_sessions_max: usize,
+    /// A member of a replicated cluster (`--node-id`, `--peers`).
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 impl ServerConfig {
@@ -135,6 +137,7 @@ impl ServerConfig {
             fault_panic_loop: None,
             sessions_max: crate::limits::SESSIONS_MAX,
             detached_sessions_max: crate::limits::DETACHED_SESSIONS_MAX,
+            cluster: None,
         }
     }
 
@@ -182,6 +185,13 @@ impl ServerConfig {
     }
 
     /// The dump file's path.
+    /// How long sessions wait for their clients after a failover.
+    pub fn cluster_failover_grace(&self) -> Duration {
+        self.cluster
+            .as_ref()
+            .map_or(crate::cluster::FAILOVER_GRACE_DEFAULT, |c| c.failover_grace)
+    }
+
     pub fn dump_path(&self) -> PathBuf {
         self.data_dir.join(crate::dump::FILE_NAME)
     }

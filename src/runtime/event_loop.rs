@@ -1338,8 +1338,14 @@ impl EventLoop {
         self.hand_in();
         let changed = std::mem::take(&mut self.handed_in);
         let log = self.shared.log.as_deref().expect("checked above");
-        let tail = log.submitted();
+        let mut tail = log.submitted();
         let durable = log.durable();
+        // A cluster leader's answers to reads wait for a quorum round begun
+        // after the read: this turn's own batch, or an empty one
+        // (linearizable: a deposed leader answers none).
+        if !changed && !self.written.is_empty() && log.read_barriers.load(Ordering::Relaxed) {
+            tail = log.barrier();
+        }
         let answer_now = log.failing() && !changed && !self.tainted;
         self.tainted = false;
         let mut ends = Vec::new();

@@ -120,6 +120,10 @@ pub struct LogShared {
     parts_tx: Sender<SnapshotPart>,
     /// The log thread, to wake it.
     thread: OnceLock<Thread>,
+    /// A cluster's leader: a turn that answers reads and changed nothing
+    /// hands in an empty batch (`barrier`), and its answers wait until it
+    /// is committed — proof that this node still led after it read.
+    pub read_barriers: AtomicBool,
     stop: AtomicBool,
     /// Counters for the metrics endpoint.
     pub writes: AtomicU64,
@@ -154,6 +158,7 @@ impl LogShared {
             failing: AtomicBool::new(false),
             parts_tx,
             thread: OnceLock::new(),
+            read_barriers: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             writes: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -177,10 +182,15 @@ impl LogShared {
             self.submitted.store(queue.1, Ordering::SeqCst);
             queue.1
         };
-        if let Some(thread) = self.thread.get() {
-            thread.unpark();
-        }
+        self.wake();
         Some(seq)
+    }
+
+    /// Hands in an empty batch (a read barrier, see `read_barriers`);
+    /// returns its sequence number.
+    pub fn barrier(&self) -> u64 {
+        self.submit(|_| true)
+            .expect("an empty batch is always taken")
     }
 
     /// The last sequence number handed in.
@@ -196,6 +206,31 @@ impl LogShared {
     /// Writes are failing: changes are refused until one succeeds.
     pub fn failing(&self) -> bool {
         self.failing.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the log thread (it parks between writes).
+    pub fn wake(&self) {
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+
+    /// The log thread is `thread` (it is woken by `submit` and `wake`).
+    pub fn set_thread(&self, thread: Thread) {
+        let _ = self.thread.set(thread);
+    }
+
+    /// Takes every batch handed in since the last call, and the sequence
+    /// number of the last one.
+    pub fn take_queued(&self, spare: Vec<u8>) -> (Vec<u8>, u64) {
+        let mut queue = self.queue.lock().expect("log queue lock");
+        (std::mem::replace(&mut queue.0, spare), queue.1)
+    }
+
+    /// Every batch up to `seq` is durable (committed): the loops may let
+    /// the output that waited for it go.
+    pub fn set_durable(&self, seq: u64) {
+        self.durable.store(seq, Ordering::SeqCst);
     }
 
     /// Where the loops send their parts of a snapshot.
@@ -229,11 +264,8 @@ pub struct Recovered {
     last_index: u64,
 }
 
-/// Opens the log in `data_dir` and replays it on top of `base` (the dump
-/// file as loaded). A log whose entries do not follow the snapshot, or do
-/// not parse, is an error: the start stops rather than drop acknowledged
-/// history. raft-engine itself truncates a torn tail (with a warning).
-pub fn recover(data_dir: &Path, base: Option<Dump>) -> Result<Recovered, String> {
+/// Opens the log store in `data_dir` and reads its hard state.
+pub fn open(data_dir: &Path) -> Result<(Engine, HardState), String> {
     let dir = log_dir(data_dir);
     let engine = Engine::open(EngineConfig {
         dir: dir.to_string_lossy().into_owned(),
@@ -250,6 +282,33 @@ pub fn recover(data_dir: &Path, base: Option<Dump>) -> Result<Recovered, String>
         .get_message(GROUP, HARD_STATE_KEY)
         .map_err(|e| format!("the log's hard state is unreadable: {e}"))?
         .unwrap_or_default();
+    Ok((engine, hard_state))
+}
+
+/// Reads the stored entries from `from` to the last one.
+pub fn read_entries(engine: &Engine, from: u64) -> Result<Vec<Entry>, String> {
+    let mut entries = Vec::new();
+    let Some(last) = engine.last_index(GROUP) else {
+        return Ok(entries);
+    };
+    let mut next = from.max(engine.first_index(GROUP).unwrap_or(from));
+    while next <= last {
+        let upto = (next + 1024).min(last + 1);
+        engine
+            .fetch_entries_to::<EntryExt>(GROUP, next, upto, None, &mut entries)
+            .map_err(|e| format!("cannot read log entries {next}..{upto}: {e}"))?;
+        next = upto;
+    }
+    Ok(entries)
+}
+
+/// Opens the log in `data_dir` and replays it on top of `base` (the dump
+/// file as loaded). A log whose entries do not follow the snapshot, or do
+/// not parse, is an error: the start stops rather than drop acknowledged
+/// history. raft-engine itself truncates a torn tail (with a warning).
+pub fn recover(data_dir: &Path, base: Option<Dump>) -> Result<Recovered, String> {
+    let (engine, hard_state) = open(data_dir)?;
+    let dir = log_dir(data_dir);
     let first = engine.first_index(GROUP);
     let last = engine.last_index(GROUP);
     // The hard state's commit index is written with the entries (one write
@@ -300,22 +359,12 @@ pub fn recover(data_dir: &Path, base: Option<Dump>) -> Result<Recovered, String>
                 from - 1
             ));
         }
-        let mut next = from.max(first);
-        while next <= last {
-            let upto = (next + 1024).min(last + 1);
-            let mut entries = Vec::new();
-            recovered
-                .engine
-                .fetch_entries_to::<EntryExt>(GROUP, next, upto, None, &mut entries)
-                .map_err(|e| format!("cannot read log entries {next}..{upto}: {e}"))?;
-            for entry in &entries {
-                replay
-                    .apply_entry(&entry.data)
-                    .map_err(|e| format!("log entry {}: {e}", entry.index))?;
-                index = entry.index;
-                term = entry.term;
-            }
-            next = upto;
+        for entry in read_entries(&recovered.engine, from)? {
+            replay
+                .apply_entry(&entry.data)
+                .map_err(|e| format!("log entry {}: {e}", entry.index))?;
+            index = entry.index;
+            term = entry.term;
         }
     }
     recovered.batches = replay.batches;
@@ -393,9 +442,8 @@ impl Log {
         node.campaign().map_err(|e| format!("raft: {e}"))?;
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
         let mut writer = Writer {
-            log_dir: log_dir(&config.data_dir),
+            store: Store::new(engine, &config),
             node,
-            engine,
             shared: shared.clone(),
             config: config.clone(),
             wake_loops,
@@ -408,7 +456,7 @@ impl Log {
             .name("livelock-log".into())
             .spawn(move || writer.run())
             .map_err(|e| format!("cannot start the log thread: {e}"))?;
-        let _ = shared.thread.set(thread.thread().clone());
+        shared.set_thread(thread.thread().clone());
         let snapshot_shared = shared.clone();
         let dump_path = config.data_dir.join(dump::FILE_NAME);
         let snapshotter = thread::Builder::new()
@@ -465,9 +513,7 @@ struct SnapshotJob {
 
 struct Writer {
     node: RawNode<MemStorage>,
-    /// The log's directory (its file system's free space is checked).
-    log_dir: PathBuf,
-    engine: Engine,
+    store: Store,
     shared: Arc<LogShared>,
     config: LogConfig,
     wake_loops: Box<dyn Fn() + Send>,
@@ -484,11 +530,7 @@ impl Writer {
         let mut uncommitted: std::collections::VecDeque<(u64, u64)> = Default::default();
         let mut mark = (0u64, std::time::Instant::now());
         loop {
-            let (data, seq) = {
-                let mut queue = self.shared.queue.lock().expect("log queue lock");
-                let data = std::mem::replace(&mut queue.0, std::mem::take(&mut spare));
-                (data, queue.1)
-            };
+            let (data, seq) = self.shared.take_queued(std::mem::take(&mut spare));
             let stopping = self.shared.stop.load(Ordering::SeqCst);
             if data.is_empty() {
                 self.follow_mark(&mut mark, true);
@@ -526,7 +568,7 @@ impl Writer {
                 durable = uncommitted.pop_front().map(|(_, seq)| seq);
             }
             if let Some(seq) = durable {
-                self.shared.durable.store(seq, Ordering::SeqCst);
+                self.shared.set_durable(seq);
                 (self.wake_loops)();
             }
             self.follow_mark(&mut mark, false);
@@ -558,37 +600,11 @@ impl Writer {
         let mut ready = self.node.ready();
         let store = self.node.raft.raft_log.store.clone();
         let _committed = ready.take_committed_entries();
-        let mut attempt = 0u64;
-        loop {
-            match self.write(&ready) {
-                Ok(bytes) => {
-                    self.shared.writes.fetch_add(1, Ordering::Relaxed);
-                    self.shared.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
-                    if self.shared.failing.swap(false, Ordering::SeqCst) {
-                        tracing::info!("the log is writable again; changes are accepted");
-                    }
-                    break;
-                }
-                Err(WriteError::Fatal(why)) => {
-                    self.shared.failing.store(true, Ordering::SeqCst);
-                    tracing::error!(
-                        "the log cannot be made durable ({why}); no change is \
-                         accepted any more, reads still are: restart the server"
-                    );
-                    return false;
-                }
-                Err(WriteError::Retry(why)) => {
-                    self.shared.write_errors.fetch_add(1, Ordering::Relaxed);
-                    if !self.shared.failing.swap(true, Ordering::SeqCst) || attempt % 100 == 0 {
-                        tracing::error!(
-                            "writing the log failed ({why}); changes are \
-                             refused until it succeeds, retrying"
-                        );
-                    }
-                    attempt += 1;
-                    thread::sleep(RETRY_WAIT);
-                }
-            }
+        if !self
+            .store
+            .persist(&self.shared, ready.entries(), ready.hs())
+        {
+            return false;
         }
         {
             let mut core = store.wl();
@@ -605,45 +621,6 @@ impl Writer {
         let _ = light.take_committed_entries();
         self.node.advance_apply();
         true
-    }
-
-    fn write(&self, ready: &raft::Ready) -> Result<usize, WriteError> {
-        if let Some(file) = &self.config.fault_fail_file {
-            if file.exists() {
-                return Err(WriteError::Retry(
-                    "No space left on device (injected fault)".into(),
-                ));
-            }
-        }
-        // raft-engine does not recover well from running out of space in
-        // the middle of a write (a half-written record before a new file,
-        // a new file without its header): never let it get there.
-        let free = free_bytes(&self.log_dir).map_err(|e| WriteError::Retry(e.to_string()))?;
-        if free < FREE_SPACE_MIN {
-            return Err(WriteError::Retry(format!(
-                "No space left on device: {free} bytes free in {}, the log needs {FREE_SPACE_MIN}",
-                self.log_dir.display()
-            )));
-        }
-        let mut batch = LogBatch::default();
-        batch
-            .add_entries::<EntryExt>(GROUP, ready.entries())
-            .map_err(|e| WriteError::Retry(e.to_string()))?;
-        if let Some(hs) = ready.hs() {
-            batch
-                .put_message(GROUP, HARD_STATE_KEY.to_vec(), hs)
-                .map_err(|e| WriteError::Retry(e.to_string()))?;
-        }
-        let engine = &self.engine;
-        // raft-engine panics when fsync fails (it cannot know what reached
-        // the disk): the log stops, the server keeps serving reads.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            engine.write(&mut batch, true)
-        })) {
-            Ok(Ok(bytes)) => Ok(bytes),
-            Ok(Err(e)) => Err(WriteError::Retry(e.to_string())),
-            Err(_) => Err(WriteError::Fatal("fsync failed".into())),
-        }
     }
 
     fn maybe_snapshot(&mut self) {
@@ -669,11 +646,106 @@ impl Writer {
             return;
         }
         self.compacted = to;
-        self.engine.compact_to(GROUP, to + 1);
+        self.store.engine.compact_to(GROUP, to + 1);
         let store = self.node.raft.raft_log.store.clone();
         let applied = self.node.raft.raft_log.applied;
         let _ = store.wl().compact((to + 1).min(applied + 1));
-        let _ = self.engine.purge_expired_files();
+        let _ = self.store.engine.purge_expired_files();
+    }
+}
+
+/// The log's store (raft-engine) and how its writes are checked.
+pub struct Store {
+    pub engine: Engine,
+    /// The log's directory (its file system's free space is checked).
+    log_dir: PathBuf,
+    fault_fail_file: Option<PathBuf>,
+}
+
+impl Store {
+    pub fn new(engine: Engine, config: &LogConfig) -> Store {
+        Store {
+            engine,
+            log_dir: log_dir(&config.data_dir),
+            fault_fail_file: config.fault_fail_file.clone(),
+        }
+    }
+
+    /// Writes `entries` and the hard state with one fsync, retrying a
+    /// failed write every RETRY_WAIT (with `failing` set meanwhile); false
+    /// if the log must stop (a panic inside raft-engine: a failed fsync).
+    pub fn persist(&self, shared: &LogShared, entries: &[Entry], hs: Option<&HardState>) -> bool {
+        let mut attempt = 0u64;
+        loop {
+            match self.write(entries, hs) {
+                Ok(bytes) => {
+                    shared.writes.fetch_add(1, Ordering::Relaxed);
+                    shared.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                    if shared.failing.swap(false, Ordering::SeqCst) {
+                        tracing::info!("the log is writable again; changes are accepted");
+                    }
+                    return true;
+                }
+                Err(WriteError::Fatal(why)) => {
+                    shared.failing.store(true, Ordering::SeqCst);
+                    tracing::error!(
+                        "the log cannot be made durable ({why}); no change is \
+                         accepted any more, reads still are: restart the server"
+                    );
+                    return false;
+                }
+                Err(WriteError::Retry(why)) => {
+                    shared.write_errors.fetch_add(1, Ordering::Relaxed);
+                    if !shared.failing.swap(true, Ordering::SeqCst) || attempt % 100 == 0 {
+                        tracing::error!(
+                            "writing the log failed ({why}); changes are \
+                             refused until it succeeds, retrying"
+                        );
+                    }
+                    attempt += 1;
+                    thread::sleep(RETRY_WAIT);
+                }
+            }
+        }
+    }
+
+    fn write(&self, entries: &[Entry], hs: Option<&HardState>) -> Result<usize, WriteError> {
+        if let Some(file) = &self.fault_fail_file {
+            if file.exists() {
+                return Err(WriteError::Retry(
+                    "No space left on device (injected fault)".into(),
+                ));
+            }
+        }
+        // raft-engine does not recover well from running out of space in
+        // the middle of a write (a half-written record before a new file,
+        // a new file without its header): never let it get there.
+        let free = free_bytes(&self.log_dir).map_err(|e| WriteError::Retry(e.to_string()))?;
+        if free < FREE_SPACE_MIN {
+            return Err(WriteError::Retry(format!(
+                "No space left on device: {free} bytes free in {}, the log needs {FREE_SPACE_MIN}",
+                self.log_dir.display()
+            )));
+        }
+        let mut batch = LogBatch::default();
+        batch
+            .add_entries::<EntryExt>(GROUP, entries)
+            .map_err(|e| WriteError::Retry(e.to_string()))?;
+        if let Some(hs) = hs {
+            batch
+                .put_message(GROUP, HARD_STATE_KEY.to_vec(), hs)
+                .map_err(|e| WriteError::Retry(e.to_string()))?;
+        }
+        let engine = &self.engine;
+        // raft-engine panics when fsync fails (it cannot know what reached
+        // the disk): the log stops, the server keeps serving reads.
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine.write(&mut batch, true)
+        })) {
+            Ok(Ok(bytes)) => Ok(bytes),
+            Ok(Err(e)) => Err(WriteError::Retry(e.to_string())),
+            Err(_) => Err(WriteError::Fatal("fsync failed".into())),
+        }
     }
 }
 
@@ -733,9 +805,7 @@ fn write_snapshots(
                 );
                 shared.snapshots.fetch_add(1, Ordering::Relaxed);
                 shared.compact_to.fetch_max(job.index, Ordering::SeqCst);
-                if let Some(thread) = shared.thread.get() {
-                    thread.unpark();
-                }
+                shared.wake();
             }
             Err(e) => tracing::warn!(
                 "writing a snapshot to {} failed ({e}); the log keeps \

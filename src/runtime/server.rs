@@ -22,6 +22,7 @@ use crate::config::ServerConfig;
 use crate::data_dir::{self, DirLock, TokenCeiling};
 use crate::dump::{self, LoopPosition};
 use crate::event_loop::{Clock, EventLoop, LoopStart, Msg, Peer, Shared};
+use crate::journal;
 use crate::limits::{INBOX_MAX, TOKENS_PER_MS_MAX};
 use crate::lock_table::{Effect, LockTable};
 use crate::metrics::{LoopMetrics, ServerMetrics};
@@ -62,16 +63,10 @@ impl Server {
         // (Not SO_REUSEPORT: another process could join that group and
         // receive a share of our clients.)
         let listener = bind_listener(config.listen, wait_left)?;
-        let addr = listener.local_addr()?;
-        let mut listeners: Vec<Option<TcpListener>> = (0..loops).map(|_| None).collect();
-        listeners[0] = Some(listener);
         let clock = match config.clock_start_unix_ms {
             Some(unix_ms) => Clock::starting_at(unix_ms),
             None => Clock::new(),
         };
-        let mut tables: Vec<LockTable> = (0..loops).map(|i| LockTable::new(i, loops)).collect();
-        let mut sessions: Vec<Sessions> =
-            (0..loops).map(|home| Sessions::new(home, loops)).collect();
         let dump_path = config.dump_path();
         let mut suffix = data_dir::CONSUMED_SUFFIX;
         let loaded = match config.dump_load {
@@ -138,193 +133,43 @@ impl Server {
                 raft_log::log_dir(&config.data_dir).display()
             );
         }
-        let dump_floor = loaded.as_ref().map_or(0, |d| d.last_token);
-        // Fencing tokens: above the durable mark (and the dump's or the
-        // log's last one). With the log, durable state is all they come
-        // from (a new directory starts at 1); with a dump, a directory seen
-        // for the first time is seeded from the wall clock, above anything
-        // an earlier version handed out. Without a mark (`memory`, an
-        // embedder's server), the wall clock is all there is to start
-        // above an earlier run.
-        let clock_floor = || match config.log {
-            true => 0,
-            false => clock.now_ms().saturating_mul(TOKENS_PER_MS_MAX),
-        };
-        let (tokens, floor) = match config.keep_tokens {
-            true => TokenCeiling::reserve(&config.data_dir, clock_floor, dump_floor)?,
-            false => (TokenCeiling::in_memory(), dump_floor.max(clock_floor())),
-        };
-        for table in &mut tables {
-            table.raise_token_floor(floor);
-            table.set_token_ceiling(tokens.get());
-        }
-        let mut effects: Vec<Vec<Effect>> = (0..loops).map(|_| Vec::new()).collect();
-        // One instant for the restore and the base snapshot, so the log's
-        // replay starts from exactly the state the loops start from.
-        let now_ms = clock.now_ms();
-        if let Some(state) = &loaded {
-            let restart_grace_ms = config.release_all_timeout.as_millis() as u64 + 1000;
-            let report = snapshot::restore(
-                state,
-                now_ms,
-                restart_grace_ms,
-                &mut tables,
-                &mut sessions,
-                &mut effects,
-            );
-            report.log(state, restart_grace_ms);
-        }
-        if let Some(found) = &recovered {
-            // The base snapshot: the restored state, each loop at batch 0.
-            let parts = tables
-                .iter()
-                .zip(&sessions)
-                .map(|(table, sessions)| {
-                    let mut state = snapshot::export_shard(table, now_ms);
-                    state.sessions = snapshot::durable_sessions(sessions);
-                    let position = LoopPosition {
-                        stamp_ms: now_ms,
-                        batch: 0,
-                        last_token: table.last_token(),
-                    };
-                    (state, position)
-                })
-                .collect();
-            let (index, term) = found.position();
-            let written = Instant::now();
-            let base = snapshot::log_snapshot(parts, index, term);
-            let bytes = dump::encode(&base);
-            data_dir::write_atomic(&dump_path, &bytes).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot write the snapshot {}: {e}", dump_path.display()),
-                )
-            })?;
-            tracing::info!(
-                "base snapshot of {} hold(s) written ({} bytes, {} ms); started in {} ms",
-                base.holds.len(),
-                bytes.len(),
-                written.elapsed().as_millis(),
-                started.elapsed().as_millis()
-            );
-        }
-        let mut starts = Vec::with_capacity(loops);
-        let mut peers = Vec::with_capacity(loops);
-        for (((listener, table), sessions), effects) in
-            listeners.into_iter().zip(tables).zip(sessions).zip(effects)
-        {
-            let poll = Poll::new()?;
-            let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-            let (tx, inbox) = crossbeam_channel::bounded(INBOX_MAX);
-            peers.push(Peer {
-                tx,
-                waker,
-                sleeping: AtomicBool::new(false),
-            });
-            starts.push(LoopStart {
-                poll,
-                listener,
-                inbox,
-                table,
-                sessions,
-                effects,
-            });
-        }
-        let metrics_listener = match config.metrics_listen {
-            Some(addr) => Some(std::net::TcpListener::bind(addr)?),
-            None => None,
-        };
-        let tls = match &config.tls {
-            Some(files) => Some(crate::tls::Tls::load(files.clone()).map_err(io::Error::other)?),
-            None => None,
-        };
-        let (final_tx, final_rx) = crossbeam_channel::unbounded();
-        let log_parts = recovered.as_ref().map(|_| LogShared::new());
-        let shared = Arc::new(Shared {
-            log: log_parts.as_ref().map(|(log, _)| log.clone()),
+        launch(Launch {
             config,
+            started,
+            dir_lock,
+            listener,
             clock,
-            peers,
-            connections: AtomicUsize::new(0),
-            metrics: (0..loops).map(|_| Arc::new(LoopMetrics::new())).collect(),
-            tokens,
-            final_tx,
-            stopping: AtomicBool::new(false),
-            tls,
-        });
-        let server_metrics = Arc::new(ServerMetrics::new().with_log(shared.log.clone()));
-        let metrics_stop = Arc::new(AtomicBool::new(false));
-        let mut metrics_addr = None;
-        let mut metrics_thread = None;
-        if let Some(listener) = metrics_listener {
-            metrics_addr = Some(listener.local_addr()?);
-            let clock = shared.clock;
-            let for_health = shared.clone();
-            metrics_thread = Some(crate::metrics::serve(
-                listener,
-                shared.metrics.clone(),
-                server_metrics.clone(),
-                move || clock.now_ms(),
-                Box::new(move || for_health.not_ready()),
-                metrics_stop.clone(),
-            )?);
-        }
-        let log = match (recovered, log_parts) {
-            (Some(found), Some(parts)) => {
-                let config = LogConfig {
-                    data_dir: shared.config.data_dir.clone(),
-                    snapshot_log_bytes: shared.config.snapshot_log_bytes,
-                    fault_fail_file: shared.config.fault_log_fail_file.clone(),
-                };
-                let ask = Arc::downgrade(&shared);
-                let wake = Arc::downgrade(&shared);
-                let log = Log::start(
-                    found,
-                    config,
-                    parts,
-                    loops,
-                    Box::new(move || {
-                        if let Some(shared) = ask.upgrade() {
-                            shared.send_to_all(|| Msg::Snapshot);
-                        }
-                    }),
-                    Box::new(move || {
-                        if let Some(shared) = wake.upgrade() {
-                            shared.wake_sleepers();
-                        }
-                    }),
-                )
-                .map_err(io::Error::other)?;
-                Some(log)
-            }
-            _ => None,
-        };
-        let mut threads = Vec::with_capacity(loops);
-        for (idx, start) in starts.into_iter().enumerate() {
-            let event_loop = EventLoop::new(idx, shared.clone(), start)?;
-            let thread = std::thread::Builder::new()
-                .name(format!("livelock-loop-{idx}"))
-                .spawn(move || run_or_abort(idx, event_loop))?;
-            threads.push(thread);
-        }
-        let coordinator = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
-                .name("livelock-shutdown".into())
-                .spawn(move || {
-                    shut_down(&shared, &final_rx, threads, &server_metrics, dir_lock, log)
-                })?
-        };
-        Ok(Server {
-            addr,
-            metrics_addr,
-            shared,
-            coordinator,
-            metrics_stop,
-            metrics_thread,
+            loaded,
+            log: match recovered {
+                Some(found) => LaunchLog::Single(Box::new(found)),
+                None => LaunchLog::None,
+            },
         })
     }
 
+    /// Starts a cluster's new leader: `state` (the replayed log) restored
+    /// with every session detached for at least `failover_grace`, counted
+    /// from now (DESIGN.md §5, Chubby's rule); the base entry goes to
+    /// `serve` before any loop runs.
+    pub fn start_leader(
+        config: ServerConfig,
+        dir_lock: DirLock,
+        listener: std::net::TcpListener,
+        state: dump::Dump,
+        log: Arc<LogShared>,
+        serve: Box<dyn FnOnce(crate::cluster::Base)>,
+    ) -> io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        launch(Launch {
+            started: Instant::now(),
+            dir_lock: Some(dir_lock),
+            listener: TcpListener::from_std(listener),
+            clock: Clock::new(),
+            loaded: Some(state),
+            log: LaunchLog::Cluster { log, serve },
+            config,
+        })
+    }
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
@@ -373,6 +218,274 @@ impl Server {
         }
         result
     }
+}
+
+/// What `launch` starts from.
+struct Launch {
+    config: ServerConfig,
+    started: Instant,
+    dir_lock: Option<DirLock>,
+    listener: TcpListener,
+    clock: Clock,
+    loaded: Option<dump::Dump>,
+    log: LaunchLog,
+}
+
+/// How the loops' changes are made durable.
+enum LaunchLog {
+    None,
+    /// This server's own log, as recovered.
+    Single(Box<raft_log::Recovered>),
+    /// A cluster's log (its raft thread runs already); the base entry goes
+    /// to `serve`.
+    Cluster {
+        log: Arc<LogShared>,
+        serve: Box<dyn FnOnce(crate::cluster::Base)>,
+    },
+}
+
+/// Restores the loaded state, writes (or proposes) the base snapshot, and
+/// starts the loops, the log and the shutdown coordinator.
+fn launch(launch: Launch) -> io::Result<Server> {
+    let Launch {
+        config,
+        started,
+        dir_lock,
+        listener,
+        clock,
+        loaded,
+        log: launch_log,
+    } = launch;
+    let loops = config.threads;
+    let addr = listener.local_addr()?;
+    let mut listeners: Vec<Option<TcpListener>> = (0..loops).map(|_| None).collect();
+    listeners[0] = Some(listener);
+    let mut tables: Vec<LockTable> = (0..loops).map(|i| LockTable::new(i, loops)).collect();
+    let mut sessions: Vec<Sessions> = (0..loops).map(|home| Sessions::new(home, loops)).collect();
+    let dump_path = config.dump_path();
+    let dump_floor = loaded.as_ref().map_or(0, |d| d.last_token);
+    // Fencing tokens: above the durable mark (and the dump's or the
+    // log's last one). With the log, durable state is all they come
+    // from (a new directory starts at 1); with a dump, a directory seen
+    // for the first time is seeded from the wall clock, above anything
+    // an earlier version handed out. Without a mark (`memory`, an
+    // embedder's server), the wall clock is all there is to start
+    // above an earlier run.
+    let clock_floor = || match config.log {
+        true => 0,
+        false => clock.now_ms().saturating_mul(TOKENS_PER_MS_MAX),
+    };
+    let (tokens, floor) = match config.keep_tokens {
+        true => TokenCeiling::reserve(&config.data_dir, clock_floor, dump_floor)?,
+        false => (TokenCeiling::in_memory(), dump_floor.max(clock_floor())),
+    };
+    for table in &mut tables {
+        table.raise_token_floor(floor);
+        table.set_token_ceiling(tokens.get());
+    }
+    let mut effects: Vec<Vec<Effect>> = (0..loops).map(|_| Vec::new()).collect();
+    // One instant for the restore and the base snapshot, so the log's
+    // replay starts from exactly the state the loops start from.
+    let now_ms = clock.now_ms();
+    if let Some(state) = &loaded {
+        // After a restart, or a failover: sessions wait this long at least
+        // for their clients to come back.
+        let restart_grace_ms = match &launch_log {
+            LaunchLog::Cluster { .. } => config.cluster_failover_grace().as_millis() as u64,
+            _ => config.release_all_timeout.as_millis() as u64 + 1000,
+        };
+        let report = snapshot::restore(
+            state,
+            now_ms,
+            restart_grace_ms,
+            &mut tables,
+            &mut sessions,
+            &mut effects,
+        );
+        report.log(state, restart_grace_ms);
+    }
+    // The base snapshot: the restored state, each loop at batch 0.
+    let base_parts = || {
+        tables
+            .iter()
+            .zip(&sessions)
+            .map(|(table, sessions)| {
+                let mut state = snapshot::export_shard(table, now_ms);
+                state.sessions = snapshot::durable_sessions(sessions);
+                let position = LoopPosition {
+                    stamp_ms: now_ms,
+                    batch: 0,
+                    last_token: table.last_token(),
+                };
+                (state, position)
+            })
+            .collect()
+    };
+    let mut base_entry = None;
+    match &launch_log {
+        LaunchLog::None => {}
+        LaunchLog::Single(found) => {
+            let (index, term) = found.position();
+            let written = Instant::now();
+            let base = snapshot::log_snapshot(base_parts(), index, term);
+            let bytes = dump::encode(&base);
+            data_dir::write_atomic(&dump_path, &bytes).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot write the snapshot {}: {e}", dump_path.display()),
+                )
+            })?;
+            tracing::info!(
+                "base snapshot of {} hold(s) written ({} bytes, {} ms); started in {} ms",
+                base.holds.len(),
+                bytes.len(),
+                written.elapsed().as_millis(),
+                started.elapsed().as_millis()
+            );
+        }
+        // Its place in the log is the entry's own (`Replay::apply_committed`).
+        LaunchLog::Cluster { .. } => {
+            base_entry = Some(journal::base_entry(&snapshot::log_snapshot(
+                base_parts(),
+                0,
+                0,
+            )));
+        }
+    }
+    let mut starts = Vec::with_capacity(loops);
+    let mut peers = Vec::with_capacity(loops);
+    for (((listener, table), sessions), effects) in
+        listeners.into_iter().zip(tables).zip(sessions).zip(effects)
+    {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (tx, inbox) = crossbeam_channel::bounded(INBOX_MAX);
+        peers.push(Peer {
+            tx,
+            waker,
+            sleeping: AtomicBool::new(false),
+        });
+        starts.push(LoopStart {
+            poll,
+            listener,
+            inbox,
+            table,
+            sessions,
+            effects,
+        });
+    }
+    let metrics_listener = match config.metrics_listen {
+        Some(addr) => Some(std::net::TcpListener::bind(addr)?),
+        None => None,
+    };
+    let tls = match &config.tls {
+        Some(files) => Some(crate::tls::Tls::load(files.clone()).map_err(io::Error::other)?),
+        None => None,
+    };
+    let (final_tx, final_rx) = crossbeam_channel::unbounded();
+    let (launch_log, log_parts) = match launch_log {
+        LaunchLog::None => (LaunchLog::None, None),
+        LaunchLog::Single(found) => (LaunchLog::Single(found), Some(LogShared::new())),
+        // A cluster node takes no snapshot of its own (it keeps its log).
+        LaunchLog::Cluster { log, serve } => (
+            LaunchLog::Cluster {
+                log: log.clone(),
+                serve,
+            },
+            Some((log, crossbeam_channel::never())),
+        ),
+    };
+    let shared = Arc::new(Shared {
+        log: log_parts.as_ref().map(|(log, _)| log.clone()),
+        config,
+        clock,
+        peers,
+        connections: AtomicUsize::new(0),
+        metrics: (0..loops).map(|_| Arc::new(LoopMetrics::new())).collect(),
+        tokens,
+        final_tx,
+        stopping: AtomicBool::new(false),
+        tls,
+    });
+    let server_metrics = Arc::new(ServerMetrics::new().with_log(shared.log.clone()));
+    let metrics_stop = Arc::new(AtomicBool::new(false));
+    let mut metrics_addr = None;
+    let mut metrics_thread = None;
+    if let Some(listener) = metrics_listener {
+        metrics_addr = Some(listener.local_addr()?);
+        let clock = shared.clock;
+        let for_health = shared.clone();
+        metrics_thread = Some(crate::metrics::serve(
+            listener,
+            shared.metrics.clone(),
+            server_metrics.clone(),
+            move || clock.now_ms(),
+            Box::new(move || for_health.not_ready()),
+            metrics_stop.clone(),
+        )?);
+    }
+    let wake_loops = |shared: &Arc<Shared>| -> Box<dyn Fn() + Send> {
+        let wake = Arc::downgrade(shared);
+        Box::new(move || {
+            if let Some(shared) = wake.upgrade() {
+                shared.wake_sleepers();
+            }
+        })
+    };
+    let log = match (launch_log, log_parts) {
+        (LaunchLog::Cluster { serve, .. }, _) => {
+            serve(crate::cluster::Base {
+                entry: base_entry.take().expect("made above"),
+                wake_loops: wake_loops(&shared),
+            });
+            None
+        }
+        (LaunchLog::Single(found), Some(parts)) => {
+            let config = LogConfig {
+                data_dir: shared.config.data_dir.clone(),
+                snapshot_log_bytes: shared.config.snapshot_log_bytes,
+                fault_fail_file: shared.config.fault_log_fail_file.clone(),
+            };
+            let ask = Arc::downgrade(&shared);
+            let log = Log::start(
+                *found,
+                config,
+                parts,
+                loops,
+                Box::new(move || {
+                    if let Some(shared) = ask.upgrade() {
+                        shared.send_to_all(|| Msg::Snapshot);
+                    }
+                }),
+                wake_loops(&shared),
+            )
+            .map_err(io::Error::other)?;
+            Some(log)
+        }
+        _ => None,
+    };
+    let mut threads = Vec::with_capacity(loops);
+    for (idx, start) in starts.into_iter().enumerate() {
+        let event_loop = EventLoop::new(idx, shared.clone(), start)?;
+        let thread = std::thread::Builder::new()
+            .name(format!("livelock-loop-{idx}"))
+            .spawn(move || run_or_abort(idx, event_loop))?;
+        threads.push(thread);
+    }
+    let coordinator = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("livelock-shutdown".into())
+            .spawn(move || shut_down(&shared, &final_rx, threads, &server_metrics, dir_lock, log))?
+    };
+    Ok(Server {
+        addr,
+        metrics_addr,
+        shared,
+        coordinator,
+        metrics_stop,
+        metrics_thread,
+    })
 }
 
 /// The shutdown, in this order: every loop freezes and passes the export
@@ -461,16 +574,22 @@ impl ShutdownHandle {
     }
 }
 
-/// Binds `addr`, waiting up to `wait` while it is in use (a predecessor
-/// still shutting down), then says which process holds it, if it can tell.
+/// Binds `addr` for the event loops (see `bind`).
 fn bind_listener(addr: SocketAddr, wait: Duration) -> io::Result<TcpListener> {
+    Ok(TcpListener::from_std(bind(addr, wait)?))
+}
+
+/// Binds `addr` (non-blocking), waiting up to `wait` while it is in use (a
+/// predecessor still shutting down), then says which process holds it, if
+/// it can tell.
+pub fn bind(addr: SocketAddr, wait: Duration) -> io::Result<std::net::TcpListener> {
     let bound = data_dir::wait_for_predecessor(wait, io::ErrorKind::AddrInUse, || {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
         socket.listen(1024)?;
-        Ok(TcpListener::from_std(socket.into()))
+        Ok(socket.into())
     });
     bound.map_err(|e| {
         let why = match e.kind() {

@@ -27,6 +27,12 @@
 //! depends only on its own records (a message from another loop that
 //! changes it is logged by the receiver as a command).
 //!
+//! In a cluster, each leader's first entry is a *base*: `0xFFFF` (no loop
+//! has that index) and the dump of the state it starts from (`base_entry`),
+//! loops at batch 0. A node that replays the log replaces its state with
+//! the base (`Replay::apply_committed`), so a log is self-describing from
+//! any base on, whichever node wrote it.
+//!
 //! Record layout (little-endian; `bytes` = u16 length + bytes):
 //! ```text
 //! 1 Acquire     now u64, session u64, request u32, mode u8, wait u8 (0 try,
@@ -304,6 +310,19 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// How a base entry starts: a batch starts with its loop's index, always
+/// less.
+const BASE_MARK: [u8; 2] = [0xFF, 0xFF];
+const _: () = assert!(crate::limits::THREADS_MAX < 0xFFFF);
+
+/// A base entry: `state` (a snapshot with every loop at batch 0) as the
+/// start of a new leader's log.
+pub fn base_entry(state: &Dump) -> Vec<u8> {
+    let mut data = BASE_MARK.to_vec();
+    data.extend_from_slice(&crate::dump::encode(state));
+    data
+}
+
 /// The state a snapshot and the log after it describe, rebuilt record by
 /// record: one table per loop of the server that wrote the log, and the
 /// sessions. `finish` turns it into the dump a restart restores.
@@ -340,6 +359,38 @@ impl Replay {
             sink: Vec::new(),
             batches: 0,
         })
+    }
+
+    /// An empty state, before the first base entry of a cluster's log.
+    pub fn empty() -> Replay {
+        Replay {
+            tables: Vec::new(),
+            sessions: BTreeMap::new(),
+            positions: Vec::new(),
+            index: 0,
+            sink: Vec::new(),
+            batches: 0,
+        }
+    }
+
+    /// Applies committed entry `index` of a cluster's log: nothing for an
+    /// empty one (a new leader's first), a base entry replaces the state,
+    /// any other is batches (`apply_entry`).
+    pub fn apply_committed(&mut self, index: u64, data: &[u8]) -> Result<(), ReplayError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let Some(base) = data.strip_prefix(&BASE_MARK) else {
+            return self.apply_entry(data);
+        };
+        let mut state = crate::dump::decode(base)
+            .map_err(|e| ReplayError(format!("base entry {index}: {e}")))?;
+        match &mut state.log {
+            Some(log) => log.index = index,
+            None => return Err(corrupt("a base entry without loop positions")),
+        }
+        *self = Replay::from_snapshot(&state)?;
+        Ok(())
     }
 
     /// The log index the snapshot covers.

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod cluster;
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};

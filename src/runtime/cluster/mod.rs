@@ -1,0 +1,196 @@
+//! A replicated cluster: the same server on 3 or 5 nodes, one raft group
+//! (raft-rs) whose log is the `--durability log` log of every node.
+//!
+//! A node starts as a follower: its raft thread (`node`) keeps its copy of
+//! the log and replays the committed part, and its client port relays every
+//! connection to the leader (`proxy`). When it is elected and holds every
+//! committed entry, it becomes a server like a single one (`Follower::lead`
+//! → `Server::start_leader`): the replayed state restored with every
+//! session detached for the failover grace, its base entry proposed first,
+//! then the loops' batches, each acknowledged once a majority stores it.
+//! Peers talk over `transport` (a cluster secret, bounded frames). See
+//! "The cluster" in docs/ARCHITECTURE.md.
+
+pub mod node;
+pub mod proxy;
+pub mod transport;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use node::{Base, NodeStatus};
+
+use crate::config::ServerConfig;
+use crate::data_dir::{self, DirLock};
+use crate::raft_log::{self, LogConfig, LogShared, Store};
+use crate::server::Server;
+
+/// The shortest cluster secret accepted.
+pub const SECRET_LEN_MIN: usize = 16;
+/// The default failover grace (DESIGN.md §5).
+pub const FAILOVER_GRACE_DEFAULT: Duration = Duration::from_secs(5);
+
+/// This node's place in its cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub node_id: u64,
+    /// Every member's peer address, this node's included.
+    pub peers: BTreeMap<u64, SocketAddr>,
+    /// Every peer connection proves it knows this.
+    pub secret: Vec<u8>,
+    /// After a failover, sessions wait at least this long for their clients.
+    pub failover_grace: Duration,
+}
+
+impl ClusterConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.peers.contains_key(&self.node_id) {
+            return Err(format!(
+                "--node-id {} is not one of --peers ({})",
+                self.node_id,
+                self.peers
+                    .keys()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if self.secret.len() < SECRET_LEN_MIN || self.secret.len() > transport::SECRET_LEN_MAX {
+            return Err(format!(
+                "the cluster secret (LIVELOCK_CLUSTER_SECRET) must have {SECRET_LEN_MIN} to {} bytes",
+                transport::SECRET_LEN_MAX
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `ID=HOST:PORT,...` (ids ≥ 1, each once) as a map.
+pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, SocketAddr>, String> {
+    let mut peers = BTreeMap::new();
+    for one in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let bad = |why: &str| format!("{one:?} is not a peer ({why}; e.g. 1=10.0.0.1:7874)");
+        let (id, addr) = one.split_once('=').ok_or_else(|| bad("no ID="))?;
+        let id: u64 = match id.trim().parse() {
+            Ok(id) if id >= 1 => id,
+            _ => return Err(bad("the id is a number from 1")),
+        };
+        let addr = addr
+            .trim()
+            .to_socket_addrs()
+            .map_err(|e| bad(&e.to_string()))?
+            .next()
+            .ok_or_else(|| bad("the host has no address"))?;
+        if peers.insert(id, addr).is_some() {
+            return Err(bad("the id is listed twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("--peers lists no node".into());
+    }
+    Ok(peers)
+}
+
+/// A node that does not lead (yet): its raft thread runs, its client port
+/// relays to the leader.
+pub struct Follower {
+    config: ServerConfig,
+    dir_lock: DirLock,
+    node: node::NodeHandle,
+    proxy: proxy::Proxy,
+    log: Arc<LogShared>,
+}
+
+/// Takes the data directory, binds the client and peer ports, opens the
+/// log, and starts the raft thread and the peer links.
+pub fn start(config: ServerConfig) -> io::Result<Follower> {
+    let cluster = config
+        .cluster
+        .clone()
+        .ok_or_else(|| io::Error::other("not a cluster node"))?;
+    cluster.validate().map_err(io::Error::other)?;
+    let dir_lock = data_dir::lock(&config.data_dir, config.takeover_wait)?;
+    let listener = crate::server::bind(config.listen, config.takeover_wait)?;
+    let peer_addr = cluster.peers[&cluster.node_id];
+    let peer_listener = crate::server::bind(peer_addr, config.takeover_wait)?;
+    peer_listener.set_nonblocking(false)?;
+    let (engine, hard_state) = raft_log::open(&config.data_dir)
+        .map_err(|e| io::Error::other(format!("cannot start: {e}")))?;
+    let log_config = LogConfig {
+        data_dir: config.data_dir.clone(),
+        snapshot_log_bytes: config.snapshot_log_bytes,
+        fault_fail_file: config.fault_log_fail_file.clone(),
+    };
+    let store = Store::new(engine, &log_config);
+    let (log, _parts) = LogShared::new();
+    log.read_barriers
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let directory = Arc::new(transport::Directory::default());
+    let me = transport::Identity {
+        node_id: cluster.node_id,
+        client_addr: listener.local_addr()?,
+        secret: Arc::new(cluster.secret.clone()),
+    };
+    let wake = log.clone();
+    let (links, inbox) = transport::start(
+        &me,
+        peer_listener,
+        &cluster.peers,
+        directory.clone(),
+        Arc::new(move || wake.wake()),
+    )?;
+    let node = node::start(node::NodeStart {
+        id: cluster.node_id,
+        voters: cluster.peers.keys().copied().collect(),
+        store,
+        hard_state,
+        log: log.clone(),
+        links,
+        inbox,
+    })
+    .map_err(io::Error::other)?;
+    let proxy = proxy::Proxy::start(listener, cluster.node_id, node.status.clone(), directory)?;
+    tracing::info!(
+        node = cluster.node_id,
+        "cluster node listening on {} (clients) and {peer_addr} (peers); {} member(s)",
+        me.client_addr,
+        cluster.peers.len()
+    );
+    Ok(Follower {
+        config,
+        dir_lock,
+        node,
+        proxy,
+        log,
+    })
+}
+
+impl Follower {
+    /// What asks the node to stop (SIGTERM): a leader hands over first.
+    pub fn stopper(&self) -> impl Fn() + Send + Sync + 'static {
+        let stop = self.node.stopper();
+        move || stop()
+    }
+
+    /// The node's view of the cluster.
+    pub fn status(&self) -> Arc<NodeStatus> {
+        self.node.status.clone()
+    }
+
+    /// Waits until this node is elected and holds every committed change,
+    /// then serves: the client port goes from the relay to the loops.
+    pub fn lead(self) -> io::Result<Server> {
+        let node::Event::Promoted { state } = self
+            .node
+            .events
+            .recv()
+            .map_err(|_| io::Error::other("the raft thread ended"))?;
+        let listener = self.proxy.stop();
+        // (The raft thread runs for the rest of the process.)
+        let serve = self.node.server_hook();
+        Server::start_leader(self.config, self.dir_lock, listener, state, self.log, serve)
+    }
+}

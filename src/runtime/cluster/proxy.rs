@@ -1,0 +1,159 @@
+//! A follower's client port: every connection is relayed, byte for byte,
+//! to the leader's client port (so a client configured with any one node,
+//! the LiveLock client included, reaches the leader; TLS passes through and
+//! ends at the leader). Until a leader is known a connection waits (at
+//! most `LEADER_WAIT`), then is closed. When this node becomes the leader
+//! the proxy stops accepting and hands the listener to the event loops;
+//! connections not yet accepted wait in the backlog for them.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use super::node::NodeStatus;
+use super::transport::Directory;
+
+/// Relayed connections at a time; more are closed at once.
+const RELAYED_MAX: usize = 1024;
+/// How long a connection waits for a leader to relay to.
+const LEADER_WAIT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The proxy thread.
+pub struct Proxy {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<TcpListener>,
+}
+
+impl Proxy {
+    /// Starts relaying connections accepted on `listener`.
+    pub fn start(
+        listener: TcpListener,
+        me: u64,
+        status: Arc<NodeStatus>,
+        directory: Arc<Directory>,
+    ) -> io::Result<Proxy> {
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::Builder::new()
+            .name("livelock-proxy".into())
+            .spawn(move || accept(listener, me, &status, &directory, &flag))?;
+        Ok(Proxy { stop, thread })
+    }
+
+    /// Stops accepting and gives the listener back (relayed connections
+    /// go on until either side closes).
+    pub fn stop(self) -> TcpListener {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().expect("the proxy thread does not panic")
+    }
+}
+
+fn accept(
+    listener: TcpListener,
+    me: u64,
+    status: &Arc<NodeStatus>,
+    directory: &Arc<Directory>,
+    stop: &AtomicBool,
+) -> TcpListener {
+    let relayed = Arc::new(AtomicUsize::new(0));
+    while !stop.load(Ordering::SeqCst) {
+        // While this node is the leader its loops are about to take the
+        // listener: leave new connections in the backlog for them.
+        if status.leader.load(Ordering::Relaxed) == me {
+            thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        let client = match listener.accept() {
+            Ok((client, _)) => client,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(_) => continue,
+        };
+        if relayed.load(Ordering::SeqCst) >= RELAYED_MAX {
+            tracing::warn!("{RELAYED_MAX} connections relayed already; one closed");
+            continue;
+        }
+        relayed.fetch_add(1, Ordering::SeqCst);
+        let (status, directory, count) = (status.clone(), directory.clone(), relayed.clone());
+        let spawned = thread::Builder::new()
+            .name("livelock-relay".into())
+            .spawn(move || {
+                relay(client, me, &status, &directory);
+                count.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            tracing::warn!("cannot start a relay thread; a connection closed");
+        }
+    }
+    listener
+}
+
+/// The leader's client address, once there is a leader other than us.
+fn leader_addr(me: u64, status: &NodeStatus, directory: &Directory) -> Option<SocketAddr> {
+    let deadline = Instant::now() + LEADER_WAIT;
+    while Instant::now() < deadline {
+        let leader = status.leader.load(Ordering::Relaxed);
+        if leader != 0 && leader != me {
+            if let Some(addr) = directory.client_addr(leader) {
+                return Some(addr);
+            }
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+fn relay(client: TcpStream, me: u64, status: &NodeStatus, directory: &Directory) {
+    let _ = client.set_nonblocking(false);
+    let Some(addr) = leader_addr(me, status, directory) else {
+        tracing::debug!("no leader to relay a connection to; closed");
+        return;
+    };
+    let Ok(upstream) = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) else {
+        tracing::debug!("the leader at {addr} cannot be reached; a connection closed");
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (Ok(client_read), Ok(upstream_write), Ok(client_end)) =
+        (client.try_clone(), upstream.try_clone(), client.try_clone())
+    else {
+        return;
+    };
+    let up = thread::Builder::new()
+        .name("livelock-relay".into())
+        .spawn(move || pipe(client_read, upstream_write));
+    pipe(upstream, client);
+    // The leader's side ended: so does the client's (a client that keeps
+    // its side open would otherwise hold the relay forever).
+    let _ = client_end.shutdown(Shutdown::Both);
+    if let Ok(up) = up {
+        let _ = up.join();
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, then ends `to`'s writing side
+/// (and `from`'s reading side, so the other direction ends too if `to`
+/// went away).
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let mut buffer = [0u8; 16 << 10];
+    loop {
+        match from.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buffer[..n]).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+    let _ = from.shutdown(Shutdown::Read);
+}

@@ -1,0 +1,329 @@
+//! Peer links: raft messages between the nodes of a cluster, over TCP.
+//!
+//! Each node listens on its peer address and keeps one outgoing connection
+//! to every other node (reconnected as needed). A connection opens with a
+//! handshake — magic, the sender's node id, its client address and the
+//! cluster secret (compared in constant time; a wrong one closes the
+//! connection and is logged) — then carries frames `len u32 LE, raft
+//! Message (protobuf)`, each at most `PEER_FRAME_MAX`. Every queue is
+//! bounded and drops on overflow (raft resends what is lost); nothing here
+//! waits on a peer while holding anything of the raft thread's.
+
+use std::collections::BTreeMap;
+use std::io::{BufWriter, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+
+/// A peer connection's first bytes.
+const MAGIC: [u8; 8] = *b"LLPEER\x00\x01";
+/// The largest frame: a raft message with a leader's base entry (the whole
+/// state) in it.
+pub const PEER_FRAME_MAX: usize = 256 << 20;
+/// The longest cluster secret, and client address text, in a handshake.
+pub const SECRET_LEN_MAX: usize = 1024;
+const ADDR_LEN_MAX: usize = 256;
+/// Messages queued for one peer, and received from all of them, before
+/// more are dropped.
+const QUEUE_MAX: usize = 4096;
+/// Peer connections accepted and not yet closed.
+const INCOMING_MAX: usize = 64;
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// A handshake must arrive within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Wait between reconnection attempts.
+const RECONNECT_WAIT: Duration = Duration::from_millis(100);
+
+/// What the links learned: each node's client address (from its handshake).
+#[derive(Debug, Default)]
+pub struct Directory {
+    clients: Mutex<BTreeMap<u64, SocketAddr>>,
+}
+
+impl Directory {
+    /// Node `id`'s client address, once it has connected to us.
+    pub fn client_addr(&self, id: u64) -> Option<SocketAddr> {
+        self.clients
+            .lock()
+            .expect("directory lock")
+            .get(&id)
+            .copied()
+    }
+
+    fn learn(&self, id: u64, addr: SocketAddr) {
+        self.clients
+            .lock()
+            .expect("directory lock")
+            .insert(id, addr);
+    }
+}
+
+/// The outgoing side: one queue per peer.
+pub struct Links {
+    senders: BTreeMap<u64, Sender<Message>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Links {
+    /// Queues `message` for its peer; dropped if the queue is full.
+    pub fn send(&self, message: Message) {
+        if let Some(tx) = self.senders.get(&message.to) {
+            match tx.try_send(message) {
+                Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
+            }
+        }
+    }
+}
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Wakes the raft thread when a message arrives.
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+/// Who this node is to its peers.
+#[derive(Clone)]
+pub struct Identity {
+    pub node_id: u64,
+    pub client_addr: SocketAddr,
+    pub secret: Arc<Vec<u8>>,
+}
+
+/// Starts the links: a listener on `listener` whose messages go to the
+/// returned receiver, and a sender thread per peer in `peers`.
+pub fn start(
+    me: &Identity,
+    listener: TcpListener,
+    peers: &BTreeMap<u64, SocketAddr>,
+    directory: Arc<Directory>,
+    wake: Wake,
+) -> std::io::Result<(Links, Receiver<Message>)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (inbox_tx, inbox) = crossbeam_channel::bounded(QUEUE_MAX);
+    {
+        let me = me.clone();
+        let stop = stop.clone();
+        thread::Builder::new()
+            .name("livelock-peers".into())
+            .spawn(move || accept(listener, me, inbox_tx, directory, wake, stop))?;
+    }
+    let mut senders = BTreeMap::new();
+    for (&id, &addr) in peers {
+        if id == me.node_id {
+            continue;
+        }
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE_MAX);
+        senders.insert(id, tx);
+        let me = me.clone();
+        let stop = stop.clone();
+        thread::Builder::new()
+            .name(format!("livelock-peer-{id}"))
+            .spawn(move || send_loop(&me, id, addr, &rx, &stop))?;
+    }
+    Ok((Links { senders, stop }, inbox))
+}
+
+fn handshake(me: &Identity) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&me.node_id.to_le_bytes());
+    let addr = me.client_addr.to_string();
+    out.extend_from_slice(&(addr.len() as u16).to_le_bytes());
+    out.extend_from_slice(addr.as_bytes());
+    out.extend_from_slice(&(me.secret.len() as u16).to_le_bytes());
+    out.extend_from_slice(&me.secret);
+    out
+}
+
+/// Keeps a connection to peer `id` and writes its queue to it; what is
+/// queued while it cannot connect is dropped.
+fn send_loop(me: &Identity, id: u64, addr: SocketAddr, rx: &Receiver<Message>, stop: &AtomicBool) {
+    let hello = handshake(me);
+    let mut frame = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let stream = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(stream) => stream,
+            Err(_) => {
+                // Raft resends: what piled up meanwhile is stale.
+                while rx.try_recv().is_ok() {}
+                thread::sleep(RECONNECT_WAIT);
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        let mut out = BufWriter::with_capacity(64 << 10, stream);
+        if out.write_all(&hello).is_err() {
+            continue;
+        }
+        tracing::debug!("peer link to node {id} ({addr}) up");
+        loop {
+            let message = match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(message) => message,
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            };
+            frame.clear();
+            if message.write_to_vec(&mut frame).is_err() || frame.len() > PEER_FRAME_MAX {
+                tracing::warn!("a raft message to node {id} could not be framed; dropped");
+                continue;
+            }
+            let written = out
+                .write_all(&(frame.len() as u32).to_le_bytes())
+                .and_then(|()| out.write_all(&frame))
+                .and_then(|()| match rx.is_empty() {
+                    true => out.flush(),
+                    false => Ok(()),
+                });
+            if written.is_err() {
+                tracing::debug!("peer link to node {id} ({addr}) lost");
+                break;
+            }
+        }
+    }
+}
+
+fn accept(
+    listener: TcpListener,
+    me: Identity,
+    inbox: Sender<Message>,
+    directory: Arc<Directory>,
+    wake: Wake,
+    stop: Arc<AtomicBool>,
+) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let Ok(stream) = stream else { continue };
+        if open.load(Ordering::SeqCst) >= INCOMING_MAX {
+            continue;
+        }
+        open.fetch_add(1, Ordering::SeqCst);
+        let (me, inbox, directory, wake, open) = (
+            me.clone(),
+            inbox.clone(),
+            directory.clone(),
+            wake.clone(),
+            open.clone(),
+        );
+        let spawned = thread::Builder::new()
+            .name("livelock-peer-in".into())
+            .spawn(move || {
+                let peer = stream.peer_addr().ok();
+                if let Err(why) = receive(stream, &me, &inbox, &directory, &*wake) {
+                    tracing::warn!("peer connection from {peer:?} closed: {why}");
+                }
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            tracing::warn!("cannot start a thread for a peer connection");
+        }
+    }
+}
+
+/// Reads one peer connection: the handshake, then frames into `inbox`.
+/// Returns why it ended (a clean close of the peer is not an error).
+fn receive(
+    mut stream: TcpStream,
+    me: &Identity,
+    inbox: &Sender<Message>,
+    directory: &Directory,
+    wake: &(dyn Fn() + Send + Sync),
+) -> Result<(), String> {
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut magic = [0u8; 8];
+    stream
+        .read_exact(&mut magic)
+        .map_err(|e| format!("no handshake ({e})"))?;
+    if magic != MAGIC {
+        return Err("not a livelock peer (bad magic)".into());
+    }
+    let from = read_u64(&mut stream)?;
+    let addr = read_bytes(&mut stream, ADDR_LEN_MAX)?;
+    let secret = read_bytes(&mut stream, SECRET_LEN_MAX)?;
+    if !crate::session::secure_eq(&secret, &me.secret) {
+        return Err(format!(
+            "node {from} sent a wrong cluster secret (authentication failed)"
+        ));
+    }
+    let client_addr: SocketAddr = std::str::from_utf8(&addr)
+        .ok()
+        .and_then(|a| a.parse().ok())
+        .ok_or("a bad client address in the handshake")?;
+    directory.learn(from, client_addr);
+    // Peers idle between heartbeats; a dead one is found by TCP keepalive
+    // on its side and by raft's own timeouts on ours.
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    let mut reader = std::io::BufReader::with_capacity(64 << 10, stream);
+    let mut frame = Vec::new();
+    loop {
+        let mut len = [0u8; 4];
+        match reader.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
+        let len = u32::from_le_bytes(len) as usize;
+        if len > PEER_FRAME_MAX {
+            return Err(format!("a frame of {len} bytes (at most {PEER_FRAME_MAX})"));
+        }
+        frame.resize(len, 0);
+        reader.read_exact(&mut frame).map_err(|e| e.to_string())?;
+        let message = Message::parse_from_bytes(&frame).map_err(|e| e.to_string())?;
+        if message.from != from || message.to != me.node_id {
+            return Err(format!(
+                "a message from {} to {} on node {from}'s link",
+                message.from, message.to
+            ));
+        }
+        if frame.capacity() > 1 << 20 {
+            frame = Vec::new();
+        }
+        match inbox.try_send(message) {
+            Ok(()) => wake(),
+            Err(TrySendError::Full(_)) => {}
+            Err(TrySendError::Disconnected(_)) => return Ok(()),
+        }
+    }
+}
+
+fn read_u64(stream: &mut TcpStream) -> Result<u64, String> {
+    let mut bytes = [0u8; 8];
+    stream
+        .read_exact(&mut bytes)
+        .map_err(|e| format!("short handshake ({e})"))?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
+fn read_bytes(stream: &mut TcpStream, max: usize) -> Result<Vec<u8>, String> {
+    let mut len = [0u8; 2];
+    stream
+        .read_exact(&mut len)
+        .map_err(|e| format!("short handshake ({e})"))?;
+    let len = u16::from_le_bytes(len) as usize;
+    if len > max {
+        return Err(format!("a handshake field of {len} bytes (at most {max})"));
+    }
+    let mut bytes = vec![0u8; len];
+    stream
+        .read_exact(&mut bytes)
+        .map_err(|e| format!("short handshake ({e})"))?;
+    Ok(bytes)
+}

@@ -1,0 +1,347 @@
+//! Real cluster processes on loopback for the cluster tests: each node on
+//! its own loopback address (127.0.0.B+i), every peer link (i → j) through
+//! a fault-injecting TCP relay inside the test (`Link`: block, delay), and
+//! sessions that follow the cluster across failovers (`Follow`).
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use livelock::client::{Client, ClientOptions, Error};
+use livelock::limits::SECRET_LEN;
+
+use super::{livelock_bin, ChildGuard, ScratchDir, WAIT_MAX};
+
+pub const SECRET: &str = "a cluster secret for tests";
+
+/// A directed peer link's relay: what node `from` sends to node `to`.
+pub struct Link {
+    pub addr: SocketAddr,
+    blocked: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Link {
+    fn start(target: SocketAddr) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a link relay");
+        let addr = listener.local_addr().unwrap();
+        let blocked = Arc::new(AtomicBool::new(false));
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let (b, d, o) = (blocked.clone(), delay_ms.clone(), open.clone());
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(inbound) = stream else { continue };
+                if b.load(Ordering::SeqCst) {
+                    let _ = inbound.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(outbound) = TcpStream::connect_timeout(&target, Duration::from_secs(1))
+                else {
+                    continue;
+                };
+                let mut open = o.lock().unwrap();
+                open.retain(|s: &TcpStream| s.peer_addr().is_ok());
+                open.push(inbound.try_clone().unwrap());
+                open.push(outbound.try_clone().unwrap());
+                drop(open);
+                let (b, d) = (b.clone(), d.clone());
+                thread::spawn(move || relay(inbound, outbound, &b, &d));
+            }
+        });
+        Link {
+            addr,
+            blocked,
+            delay_ms,
+            open,
+        }
+    }
+
+    /// Cuts the link (open connections and new ones) until `heal`.
+    pub fn block(&self) {
+        self.blocked.store(true, Ordering::SeqCst);
+        for stream in self.open.lock().unwrap().drain(..) {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn heal(&self) {
+        self.blocked.store(false, Ordering::SeqCst);
+        self.delay_ms.store(0, Ordering::SeqCst);
+    }
+
+    /// Every chunk relayed waits this long first.
+    pub fn delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+fn relay(mut from: TcpStream, mut to: TcpStream, blocked: &AtomicBool, delay_ms: &AtomicU64) {
+    let mut buffer = [0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let delay = delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            thread::sleep(Duration::from_millis(delay));
+        }
+        if blocked.load(Ordering::SeqCst) || to.write_all(&buffer[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Both);
+    let _ = from.shutdown(Shutdown::Both);
+}
+
+pub struct Node {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub peer: SocketAddr,
+    data: PathBuf,
+    pub process: Option<ChildGuard>,
+    runs: u32,
+}
+
+/// A cluster of `n` nodes on 127.0.0.(base+1) ..= (base+n).
+pub struct TestCluster {
+    pub dir: ScratchDir,
+    pub nodes: Vec<Node>,
+    /// (from, to) → the relay of that direction.
+    pub links: BTreeMap<(u64, u64), Link>,
+}
+
+/// A free port on `ip` (bound and released: the node binds it next).
+fn free_port_on(ip: [u8; 4]) -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::from((ip, 0))).expect("bind a loopback address");
+    listener.local_addr().unwrap()
+}
+
+impl TestCluster {
+    /// Starts `n` nodes (not waiting for a leader).
+    pub fn start(label: &str, n: u64, base: u8) -> TestCluster {
+        let dir = ScratchDir::new(label);
+        let nodes: Vec<Node> = (1..=n)
+            .map(|id| {
+                let ip = [127, 0, 0, base + id as u8];
+                let data = dir.join(&format!("node{id}"));
+                std::fs::create_dir_all(&data).unwrap();
+                Node {
+                    id,
+                    client: free_port_on(ip),
+                    peer: free_port_on(ip),
+                    data,
+                    process: None,
+                    runs: 0,
+                }
+            })
+            .collect();
+        let mut links = BTreeMap::new();
+        for from in &nodes {
+            for to in &nodes {
+                if from.id != to.id {
+                    links.insert((from.id, to.id), Link::start(to.peer));
+                }
+            }
+        }
+        let mut cluster = TestCluster { dir, nodes, links };
+        for id in 1..=n {
+            cluster.spawn(id);
+        }
+        for id in 1..=n {
+            cluster.wait_up(id);
+        }
+        cluster
+    }
+
+    fn node(&mut self, id: u64) -> &mut Node {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    /// Starts node `id` (again), with its peers behind their relays.
+    pub fn spawn(&mut self, id: u64) {
+        let peers: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| match n.id == id {
+                true => format!("{}={}", n.id, n.peer),
+                false => format!("{}={}", n.id, self.links[&(id, n.id)].addr),
+            })
+            .collect();
+        let peers = peers.join(",");
+        let node = &self.nodes[id as usize - 1];
+        let mut command = livelock_bin();
+        command
+            .args(["server", "--threads", "2", "--node-id", &id.to_string()])
+            .args(["--peers", &peers, "--listen", &node.client.to_string()])
+            .arg("--data-dir")
+            .arg(&node.data)
+            .env("LIVELOCK_CLUSTER_SECRET", SECRET);
+        let what = format!("node{id}-run{}", node.runs + 1);
+        let process = ChildGuard::spawn(&what, &mut command, &self.dir);
+        let node = self.node(id);
+        node.runs += 1;
+        node.process = Some(process);
+    }
+
+    /// Waits until node `id` listens.
+    pub fn wait_up(&mut self, id: u64) {
+        let process = self.node(id).process.as_mut().expect("started");
+        process.wait_for("the node to listen", |p| {
+            p.stderr().contains("cluster node listening").then_some(())
+        });
+    }
+
+    /// Starts node `id` again and waits until it listens.
+    pub fn restart(&mut self, id: u64) {
+        self.spawn(id);
+        self.wait_up(id);
+    }
+
+    /// The node that serves as the leader (a running process whose latest
+    /// run says so), waiting for one (bounded).
+    pub fn leader(&mut self) -> u64 {
+        let start = Instant::now();
+        loop {
+            for node in &mut self.nodes {
+                if let Some(process) = &mut node.process {
+                    if process.try_wait().is_none()
+                        && process.stderr().contains("serving as the leader")
+                    {
+                        return node.id;
+                    }
+                }
+            }
+            assert!(start.elapsed() < WAIT_MAX, "no leader within {WAIT_MAX:?}");
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGKILL node `id`.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut process) = self.node(id).process.take() {
+            process.kill();
+        }
+    }
+
+    /// Waits (bounded) for node `id` to exit by itself; its status and
+    /// what it logged.
+    pub fn wait_exit(&mut self, id: u64) -> (std::process::ExitStatus, String) {
+        let mut process = self.node(id).process.take().expect("running");
+        let status = process.wait_exit();
+        (status, process.stderr())
+    }
+
+    /// Cuts every link to and from node `id`.
+    pub fn isolate(&self, id: u64) {
+        for ((from, to), link) in &self.links {
+            if *from == id || *to == id {
+                link.block();
+            }
+        }
+    }
+
+    pub fn heal(&self) {
+        for link in self.links.values() {
+            link.heal();
+        }
+    }
+
+    /// Client addresses of the nodes that run.
+    pub fn live_clients(&mut self) -> Vec<SocketAddr> {
+        self.nodes
+            .iter_mut()
+            .filter_map(|n| {
+                let running = n.process.as_mut().is_some_and(|p| p.try_wait().is_none());
+                running.then_some(n.client)
+            })
+            .collect()
+    }
+
+    pub fn client_addr(&self, id: u64) -> SocketAddr {
+        self.nodes[id as usize - 1].client
+    }
+
+    pub fn stderr(&self, id: u64) -> String {
+        self.nodes[id as usize - 1]
+            .process
+            .as_ref()
+            .map(|p| p.stderr())
+            .unwrap_or_default()
+    }
+}
+
+/// A session that follows the cluster: on a lost connection it resumes
+/// at the nodes in turn (any node relays to the leader), bounded.
+pub struct Follow {
+    pub client: Client,
+    id: u64,
+    secret: [u8; SECRET_LEN],
+    options: ClientOptions,
+}
+
+impl Follow {
+    pub fn connect(addrs: &[SocketAddr], name: &str, grace: Duration) -> Follow {
+        let options = ClientOptions {
+            client_name: name.into(),
+            grace,
+            connect_timeout: Duration::from_secs(5),
+            ..ClientOptions::default()
+        };
+        let start = Instant::now();
+        loop {
+            for addr in addrs {
+                if let Ok(client) = Client::connect(addr, &options) {
+                    return Follow {
+                        id: client.session_id(),
+                        secret: client.secret(),
+                        client,
+                        options,
+                    };
+                }
+            }
+            assert!(start.elapsed() < WAIT_MAX, "no node took a session");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn session_id(&self) -> u64 {
+        self.id
+    }
+
+    /// Resumes the session at one of `addrs` (tried in turn until one
+    /// takes it, at most WAIT_MAX): what it lists.
+    pub fn resume(&mut self, addrs: &[SocketAddr]) -> livelock::client::Resumed {
+        let start = Instant::now();
+        let mut last = String::new();
+        loop {
+            for addr in addrs {
+                match Client::resume(addr, self.id, self.secret, &self.options) {
+                    Ok(client) => {
+                        let resumed = client.resumed().expect("a resumed client");
+                        self.client = client;
+                        return resumed;
+                    }
+                    Err(Error::Status(livelock::protocol::Status::NoSession, message)) => {
+                        panic!("session {} is gone: {message}", self.id)
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            assert!(
+                start.elapsed() < WAIT_MAX,
+                "session {} not resumed within {WAIT_MAX:?}: {last}",
+                self.id
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
