@@ -37,6 +37,8 @@ impl Proxy {
         directory: Arc<Directory>,
     ) -> io::Result<Proxy> {
         listener.set_nonblocking(true)?;
+        // Peers' addresses come with their handshakes; this node's own is here.
+        directory.learn(me, listener.local_addr()?);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = thread::Builder::new()
@@ -95,12 +97,14 @@ fn accept(
     listener
 }
 
-/// The leader's client address, once there is a leader other than us.
+/// The leader's client address, once there is a leader (this node's own
+/// when it was just elected: the connection waits in the backlog for its
+/// loops).
 fn leader_addr(me: u64, status: &NodeStatus, directory: &Directory) -> Option<SocketAddr> {
     let deadline = Instant::now() + LEADER_WAIT;
     while Instant::now() < deadline {
         let leader = status.leader.load(Ordering::Relaxed);
-        if leader != 0 && leader != me {
+        if leader != 0 {
             if let Some(addr) = directory.client_addr(leader) {
                 return Some(addr);
             }

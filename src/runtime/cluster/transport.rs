@@ -56,7 +56,7 @@ impl Directory {
             .copied()
     }
 
-    fn learn(&self, id: u64, addr: SocketAddr) {
+    pub fn learn(&self, id: u64, addr: SocketAddr) {
         self.clients
             .lock()
             .expect("directory lock")
