@@ -87,7 +87,7 @@ fn accept(
         let spawned = thread::Builder::new()
             .name("livelock-relay".into())
             .spawn(move || {
-                relay(client, me, &status, &directory);
+                relay(client, &status, &directory);
                 count.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
@@ -100,7 +100,7 @@ fn accept(
 /// The leader's client address, once there is a leader (this node's own
 /// when it was just elected: the connection waits in the backlog for its
 /// loops).
-fn leader_addr(me: u64, status: &NodeStatus, directory: &Directory) -> Option<SocketAddr> {
+fn leader_addr(status: &NodeStatus, directory: &Directory) -> Option<SocketAddr> {
     let deadline = Instant::now() + LEADER_WAIT;
     while Instant::now() < deadline {
         let leader = status.leader.load(Ordering::Relaxed);
@@ -114,9 +114,9 @@ fn leader_addr(me: u64, status: &NodeStatus, directory: &Directory) -> Option<So
     None
 }
 
-fn relay(client: TcpStream, me: u64, status: &NodeStatus, directory: &Directory) {
+fn relay(client: TcpStream, status: &NodeStatus, directory: &Directory) {
     let _ = client.set_nonblocking(false);
-    let Some(addr) = leader_addr(me, status, directory) else {
+    let Some(addr) = leader_addr(status, directory) else {
         tracing::debug!("no leader to relay a connection to; closed");
         return;
     };
