@@ -390,3 +390,94 @@ fn a_guarded_register_stays_linear_under_faults() {
         log.join("; ")
     );
 }
+
+/// A member down while the others log more than a snapshot's worth: the
+/// leader compacts its log, so the member catches up from the leader's
+/// snapshot; it restarts from that snapshot (its own file) and, made the
+/// leader, serves the state intact.
+#[test]
+fn a_member_that_was_down_catches_up_from_a_snapshot() {
+    let mut cluster = TestCluster::start_with(
+        "cluster-snapshot",
+        3,
+        50,
+        &["--snapshot-log-bytes", "1048576"],
+    );
+    let leader = cluster.leader();
+    let lagging = (1..=3).find(|&id| id != leader).unwrap();
+    let other = (1..=3).find(|&id| id != leader && id != lagging).unwrap();
+    cluster.kill(lagging);
+    let addrs = cluster.live_clients();
+    let mut holder = Follow::connect(&addrs, "holder", Duration::from_secs(60));
+    let kept = holder.client.acquire("kept").unwrap();
+    let token = kept.token();
+    kept.forget();
+    // About 2.5 MiB of log: long names taken and released.
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let addrs = addrs.clone();
+            thread::spawn(move || {
+                let session = Follow::connect(&addrs, &format!("writer-{t}"), Duration::ZERO);
+                let long = "x".repeat(1000);
+                for i in 0..300 {
+                    let guard = session
+                        .client
+                        .try_acquire(format!("{t}-{i}-{long}"))
+                        .unwrap()
+                        .expect("free");
+                    guard.release().unwrap();
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.join().expect("a writer failed");
+    }
+    wait_until("the leader's snapshot", || {
+        cluster.stderr(leader).contains("at log index")
+    });
+    cluster.restart(lagging);
+    wait_until("the snapshot installed", || {
+        cluster
+            .stderr(lagging)
+            .contains("installed the leader's snapshot")
+    });
+    assert!(cluster
+        .stderr(leader)
+        .contains(&format!("sending node {lagging} a snapshot")));
+    // Restarted, it starts from the snapshot it installed.
+    cluster.kill(lagging);
+    cluster.restart(lagging);
+    // Cut the other follower off, so it falls behind, and stop the
+    // leader: it hands over to the member that caught up.
+    cluster.isolate(other);
+    let guard = match holder.client.acquire("after-the-cut") {
+        Ok(guard) => guard,
+        Err(e) => panic!(
+            "{e}: {}\n---\n{}\n---\n{}",
+            cluster.stderr(1),
+            cluster.stderr(2),
+            cluster.stderr(3)
+        ),
+    };
+    guard.release().unwrap();
+    signal(
+        cluster.nodes[leader as usize - 1].process.as_ref().unwrap(),
+        libc::SIGTERM,
+    );
+    let (status, log) = cluster.wait_exit(leader);
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains(&format!("handing leadership to node {lagging}")),
+        "{log}"
+    );
+    cluster.restart(leader);
+    assert_eq!(cluster.leader(), lagging);
+    let resumed = holder.resume(&[cluster.client_addr(lagging)]);
+    assert_eq!(resumed.holds.len(), 1);
+    assert_eq!(
+        (resumed.holds[0].name.as_slice(), resumed.holds[0].token),
+        (&b"kept"[..], token)
+    );
+    cluster.heal();
+}

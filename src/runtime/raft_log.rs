@@ -41,7 +41,7 @@ use crate::journal::Replay;
 use crate::snapshot::LoopState;
 
 /// The one Raft group of a single server.
-const GROUP: u64 = 1;
+pub const GROUP: u64 = 1;
 /// Where the group's hard state is kept in raft-engine.
 const HARD_STATE_KEY: &[u8] = b"hard_state";
 /// This node's Raft id.
@@ -131,7 +131,7 @@ pub struct LogShared {
     pub write_errors: AtomicU64,
     pub snapshots: AtomicU64,
     /// A snapshot was asked for and not yet written.
-    snapshot_pending: AtomicBool,
+    pub snapshot_pending: AtomicBool,
     /// The snapshot thread wrote the snapshot up to this index: compact.
     compact_to: AtomicU64,
 }
@@ -461,7 +461,17 @@ impl Log {
         let dump_path = config.data_dir.join(dump::FILE_NAME);
         let snapshotter = thread::Builder::new()
             .name("livelock-snapshot".into())
-            .spawn(move || write_snapshots(&snapshot_shared, &dump_path, loops, jobs_rx, parts_rx))
+            .spawn(move || {
+                let written: OnSnapshot = Box::new(|_, _, _| {});
+                write_snapshots(
+                    &snapshot_shared,
+                    &dump_path,
+                    loops,
+                    jobs_rx,
+                    parts_rx,
+                    written,
+                )
+            })
             .map_err(|e| format!("cannot start the snapshot thread: {e}"))?;
         Ok(Log {
             shared,
@@ -506,10 +516,13 @@ impl Log {
 }
 
 /// A snapshot asked of the loops: the log index and term it covers.
-struct SnapshotJob {
-    index: u64,
-    term: u64,
+pub struct SnapshotJob {
+    pub index: u64,
+    pub term: u64,
 }
+
+/// Told of each snapshot written: its index, term and bytes.
+pub type OnSnapshot = Box<dyn Fn(u64, u64, Vec<u8>) + Send>;
 
 struct Writer {
     node: RawNode<MemStorage>,
@@ -671,6 +684,30 @@ impl Store {
         }
     }
 
+    /// Drops every stored entry (a snapshot from the leader replaces the
+    /// log), keeping `hard_state` (written again in the same batch: a vote
+    /// is never forgotten).
+    pub fn replace_all(&self, shared: &LogShared, hard_state: &HardState) -> bool {
+        let mut batch = LogBatch::default();
+        batch.add_command(GROUP, raft_engine::Command::Clean);
+        let written = batch
+            .put_message(GROUP, HARD_STATE_KEY.to_vec(), hard_state)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                self.engine
+                    .write(&mut batch, true)
+                    .map_err(|e| e.to_string())
+            });
+        match written {
+            Ok(_) => true,
+            Err(e) => {
+                shared.failing.store(true, Ordering::SeqCst);
+                tracing::error!("cannot replace the log with a snapshot: {e}");
+                false
+            }
+        }
+    }
+
     /// Writes `entries` and the hard state with one fsync, retrying a
     /// failed write every RETRY_WAIT (with `failing` set meanwhile); false
     /// if the log must stop (a panic inside raft-engine: a failed fsync).
@@ -756,12 +793,13 @@ enum WriteError {
 
 /// The snapshot thread: collects every loop's part of each snapshot asked
 /// for, writes it as the dump file, and lets the log be compacted.
-fn write_snapshots(
+pub fn write_snapshots(
     shared: &LogShared,
     dump_path: &Path,
     loops: usize,
     jobs: Receiver<SnapshotJob>,
     parts: Receiver<SnapshotPart>,
+    written: OnSnapshot,
 ) {
     while let Ok(job) = jobs.recv() {
         if job.index == u64::MAX {
@@ -805,6 +843,7 @@ fn write_snapshots(
                 );
                 shared.snapshots.fetch_add(1, Ordering::Relaxed);
                 shared.compact_to.fetch_max(job.index, Ordering::SeqCst);
+                written(job.index, job.term, bytes);
                 shared.wake();
             }
             Err(e) => tracing::warn!(

@@ -432,11 +432,22 @@ fn launch(launch: Launch) -> io::Result<Server> {
             }
         })
     };
+    // What asks every loop for its part of a snapshot.
+    let ask_loops = |shared: &Arc<Shared>| -> Box<dyn Fn() + Send> {
+        let ask = Arc::downgrade(shared);
+        Box::new(move || {
+            if let Some(shared) = ask.upgrade() {
+                shared.send_to_all(|| Msg::Snapshot);
+            }
+        })
+    };
     let log = match (launch_log, log_parts) {
         (LaunchLog::Cluster { serve, .. }, _) => {
             serve(crate::cluster::Base {
                 entry: base_entry.take().expect("made above"),
                 wake_loops: wake_loops(&shared),
+                ask_loops: ask_loops(&shared),
+                loops,
             });
             None
         }
@@ -446,17 +457,12 @@ fn launch(launch: Launch) -> io::Result<Server> {
                 snapshot_log_bytes: shared.config.snapshot_log_bytes,
                 fault_fail_file: shared.config.fault_log_fail_file.clone(),
             };
-            let ask = Arc::downgrade(&shared);
             let log = Log::start(
                 *found,
                 config,
                 parts,
                 loops,
-                Box::new(move || {
-                    if let Some(shared) = ask.upgrade() {
-                        shared.send_to_all(|| Msg::Snapshot);
-                    }
-                }),
+                ask_loops(&shared),
                 wake_loops(&shared),
             )
             .map_err(io::Error::other)?;

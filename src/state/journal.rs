@@ -499,14 +499,20 @@ impl Replay {
     /// The replayed state as a dump (each loop's leases and waits counted
     /// from its last stamp), with the log position it reached.
     pub fn finish(self, index: u64, term: u64) -> Dump {
+        self.snapshot(index, term)
+    }
+
+    /// What `finish` gives, leaving the replay to go on (a follower's
+    /// snapshot of its log).
+    pub fn snapshot(&self, index: u64, term: u64) -> Dump {
         let mut parts = Vec::with_capacity(self.tables.len());
-        let mut positions = self.positions;
+        let mut positions = self.positions.clone();
         for (table, position) in self.tables.iter().zip(positions.iter_mut()) {
             position.last_token = table.last_token();
             parts.push(snapshot::export_shard(table, position.stamp_ms));
         }
         let created = positions.iter().map(|p| p.stamp_ms).max().unwrap_or(0);
-        let sessions = self.sessions.into_values().collect();
+        let sessions = self.sessions.values().cloned().collect();
         snapshot::exact_merge(
             parts,
             sessions,

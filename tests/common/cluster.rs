@@ -117,6 +117,8 @@ pub struct TestCluster {
     pub nodes: Vec<Node>,
     /// (from, to) → the relay of that direction.
     pub links: BTreeMap<(u64, u64), Link>,
+    /// More `livelock server` arguments for every node.
+    extra: Vec<String>,
 }
 
 /// A free port on `ip` (bound and released: the node binds it next).
@@ -128,6 +130,11 @@ fn free_port_on(ip: [u8; 4]) -> SocketAddr {
 impl TestCluster {
     /// Starts `n` nodes (not waiting for a leader).
     pub fn start(label: &str, n: u64, base: u8) -> TestCluster {
+        TestCluster::start_with(label, n, base, &[])
+    }
+
+    /// Starts `n` nodes with `extra` server arguments.
+    pub fn start_with(label: &str, n: u64, base: u8, extra: &[&str]) -> TestCluster {
         let dir = ScratchDir::new(label);
         let nodes: Vec<Node> = (1..=n)
             .map(|id| {
@@ -152,7 +159,13 @@ impl TestCluster {
                 }
             }
         }
-        let mut cluster = TestCluster { dir, nodes, links };
+        let extra = extra.iter().map(|a| a.to_string()).collect();
+        let mut cluster = TestCluster {
+            dir,
+            nodes,
+            links,
+            extra,
+        };
         for id in 1..=n {
             cluster.spawn(id);
         }
@@ -184,6 +197,7 @@ impl TestCluster {
             .args(["--peers", &peers, "--listen", &node.client.to_string()])
             .arg("--data-dir")
             .arg(&node.data)
+            .args(&self.extra)
             .env("LIVELOCK_CLUSTER_SECRET", SECRET);
         let what = format!("node{id}-run{}", node.runs + 1);
         let process = ChildGuard::spawn(&what, &mut command, &self.dir);

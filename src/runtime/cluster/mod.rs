@@ -13,6 +13,7 @@
 
 pub mod node;
 pub mod proxy;
+pub mod storage;
 pub mod transport;
 
 use std::collections::BTreeMap;
@@ -125,7 +126,7 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
         fault_fail_file: config.fault_log_fail_file.clone(),
     };
     let store = Store::new(engine, &log_config);
-    let (log, _parts) = LogShared::new();
+    let (log, parts) = LogShared::new();
     log.read_barriers
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let directory = Arc::new(transport::Directory::default());
@@ -147,7 +148,11 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
         voters: cluster.peers.keys().copied().collect(),
         store,
         hard_state,
+        snapshot: own_snapshot(&config)?,
+        data_dir: config.data_dir.clone(),
+        snapshot_log_bytes: config.snapshot_log_bytes,
         log: log.clone(),
+        parts,
         links,
         inbox,
     })
@@ -166,6 +171,24 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
         proxy,
         log,
     })
+}
+
+/// The node's last snapshot of the log (its dump file), if it has one.
+fn own_snapshot(config: &ServerConfig) -> io::Result<Option<crate::dump::Dump>> {
+    let path = config.dump_path();
+    match data_dir::load_dump(&path) {
+        Ok(Some(state)) if state.log.is_some() => Ok(Some(state)),
+        Ok(Some(_)) => Err(io::Error::other(format!(
+            "{} is not a snapshot of a cluster's log (a single server's dump?): \
+             a cluster node starts from its log only",
+            path.display()
+        ))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(io::Error::other(format!(
+            "cannot read the snapshot {}: {e}",
+            path.display()
+        ))),
+    }
 }
 
 impl Follower {

@@ -11,32 +11,35 @@
 //! majority stores them. A leader that loses office ends the process (its
 //! held output never leaves; its clients reconnect to the new leader).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use raft::eraftpb::{ConfState, Entry, Message};
-use raft::storage::MemStorage;
-use raft::{Config as RaftConfig, RawNode, StateRole};
+use raft::eraftpb::{ConfState, Entry, Message, MessageType, Snapshot};
+use raft::{Config as RaftConfig, ProgressState, RawNode, SnapshotStatus, StateRole};
 
+use super::storage::ClusterStorage;
 use super::transport::Links;
-use crate::dump::Dump;
+use crate::dump::{self, Dump};
 use crate::journal::Replay;
-use crate::raft_log::{LogShared, Store};
+use crate::raft_log::{self, LogShared, SnapshotJob, SnapshotPart, Store};
 use crate::snapshot;
 
 /// One raft tick.
 pub const TICK: Duration = Duration::from_millis(50);
 /// Ticks without a leader's word before a follower stands for election
 /// (randomised up to twice this), and a leader without a quorum's steps
-/// down (check-quorum): 0.5 to 1 s.
-const ELECTION_TICKS: usize = 10;
+/// down (check-quorum): 0.75 to 1.5 s.
+const ELECTION_TICKS: usize = 15;
 const HEARTBEAT_TICKS: usize = 2;
 /// How long a leader asked to stop tries to hand over before it just goes.
 const TRANSFER_MAX: Duration = Duration::from_secs(3);
+/// A snapshot sent that no follower acknowledged within this is sent again.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(10);
 
 /// What the server learns from the node.
 pub enum Event {
@@ -57,10 +60,13 @@ pub struct NodeStatus {
 }
 
 /// What the server hands back at promotion: the base entry to propose
-/// first, and how to wake the loops when `durable` moves.
+/// first, how to wake the loops when `durable` moves, and how to ask them
+/// for their parts of a snapshot (`loops` of them).
 pub struct Base {
     pub entry: Vec<u8>,
     pub wake_loops: Box<dyn Fn() + Send>,
+    pub ask_loops: Box<dyn Fn() + Send>,
+    pub loops: usize,
 }
 
 /// The running node, as the server holds it.
@@ -95,7 +101,13 @@ pub struct NodeStart {
     pub voters: Vec<u64>,
     pub store: Store,
     pub hard_state: raft::eraftpb::HardState,
+    /// The node's last snapshot (its dump file, with a log position).
+    pub snapshot: Option<Dump>,
+    pub data_dir: PathBuf,
+    pub snapshot_log_bytes: u64,
     pub log: Arc<LogShared>,
+    /// The loops' parts of a snapshot, once this node leads.
+    pub parts: Receiver<SnapshotPart>,
     pub links: Links,
     pub inbox: Receiver<Message>,
 }
@@ -107,25 +119,43 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
         voters,
         store,
         hard_state,
+        snapshot,
+        data_dir,
+        snapshot_log_bytes,
         log,
+        parts,
         links,
         inbox,
     } = start;
-    let storage = MemStorage::new_with_conf_state(ConfState::from((voters, vec![])));
-    {
-        let entries = crate::raft_log::read_entries(&store.engine, 1)?;
-        let mut core = storage.wl();
-        if let Some(first) = entries.first() {
-            if first.index != 1 {
-                return Err(format!(
-                    "the log starts at entry {} (a cluster node keeps its whole log)",
-                    first.index
-                ));
-            }
+    let conf_state = ConfState::from((voters, vec![]));
+    // The node's own snapshot, then the stored entries after it.
+    let (replay, raft_snapshot) = match &snapshot {
+        Some(state) => {
+            let position = state.log.as_ref().expect("checked by the caller");
+            let replay = Replay::from_snapshot(state).map_err(|e| e.to_string())?;
+            let mut raft_snapshot = Snapshot {
+                data: dump::encode(state).into(),
+                ..Snapshot::default()
+            };
+            let meta = raft_snapshot.mut_metadata();
+            meta.index = position.index;
+            meta.term = position.term;
+            meta.set_conf_state(conf_state.clone());
+            (replay, raft_snapshot)
         }
-        core.append(&entries).map_err(|e| format!("raft: {e}"))?;
-        core.set_hardstate(hard_state);
+        None => (Replay::empty(), Snapshot::default()),
+    };
+    let applied = raft_snapshot.get_metadata().index;
+    let entries = raft_log::read_entries(&store.engine, applied + 1)?;
+    if let Some(first) = entries.first() {
+        if first.index > applied + 1 {
+            return Err(format!(
+                "the log starts at entry {} but the snapshot covers only up to {applied}",
+                first.index
+            ));
+        }
     }
+    let storage = ClusterStorage::new(raft_snapshot, entries, hard_state, conf_state);
     let config = RaftConfig {
         id,
         election_tick: ELECTION_TICKS,
@@ -134,23 +164,32 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
         pre_vote: true,
         max_size_per_msg: 1 << 20,
         max_inflight_msgs: 256,
-        applied: 0,
+        applied,
         ..RaftConfig::default()
     };
     config.validate().map_err(|e| format!("raft: {e}"))?;
     let logger = slog::Logger::root(slog::Discard, slog::o!());
-    let raw = RawNode::new(&config, storage, &logger).map_err(|e| format!("raft: {e}"))?;
+    let raw = RawNode::new(&config, storage.clone(), &logger).map_err(|e| format!("raft: {e}"))?;
     let status = Arc::new(NodeStatus::default());
     let (events_tx, events) = crossbeam_channel::bounded(1);
     let (base_tx, base_rx) = crossbeam_channel::bounded(1);
     let stop = Arc::new(AtomicBool::new(false));
     let mut node = Node {
         raw,
+        storage,
         store,
         log: log.clone(),
         links,
         inbox,
-        replay: Some(Replay::empty()),
+        replay: Some(replay),
+        dump_path: data_dir.join(dump::FILE_NAME),
+        snapshot_log_bytes,
+        since_snapshot: 0,
+        written: Arc::new(Mutex::new(None)),
+        parts: Some(parts),
+        jobs: None,
+        follower_jobs: None,
+        snapshots_sent: HashMap::new(),
         status: status.clone(),
         events: events_tx,
         base_rx,
@@ -174,14 +213,36 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
     })
 }
 
+/// The last snapshot written (index, term, bytes), until compacted to.
+type Written = Arc<Mutex<Option<(u64, u64, Vec<u8>)>>>;
+
+/// The leader's snapshot thread's jobs, and what asks the loops for parts.
+type LeaderSnapshots = (Sender<SnapshotJob>, Box<dyn Fn() + Send>);
+
 struct Node {
-    raw: RawNode<MemStorage>,
+    raw: RawNode<ClusterStorage>,
+    /// What raft reads (the node writes it after each persisted Ready).
+    storage: ClusterStorage,
     store: Store,
     log: Arc<LogShared>,
     links: Links,
     inbox: Receiver<Message>,
     /// The state of the committed log (until this node serves).
     replay: Option<Replay>,
+    dump_path: PathBuf,
+    snapshot_log_bytes: u64,
+    /// Bytes logged (leader) or applied (follower) since the last snapshot.
+    since_snapshot: u64,
+    /// The last snapshot written (index, term, bytes), not yet compacted to.
+    written: Written,
+    /// The loops' parts, until the leader's snapshot thread takes them.
+    parts: Option<Receiver<SnapshotPart>>,
+    /// The leader's snapshot thread, and how to ask the loops for parts.
+    jobs: Option<LeaderSnapshots>,
+    /// A follower's snapshot writer.
+    follower_jobs: Option<Sender<(u64, u64, Dump)>>,
+    /// Snapshots sent, by follower, to send again if never acknowledged.
+    snapshots_sent: HashMap<u64, Instant>,
     status: Arc<NodeStatus>,
     events: Sender<Event>,
     base_rx: Receiver<Base>,
@@ -224,6 +285,7 @@ impl Node {
                         self.deposed();
                     }
                     self.wake_loops = Some(base.wake_loops);
+                    self.start_leader_snapshots(base.loops, base.ask_loops);
                     self.status.serving.store(true, Ordering::SeqCst);
                     tracing::info!(
                         term = self.raw.raft.term,
@@ -241,6 +303,7 @@ impl Node {
                     // (Empty: read barriers only; an empty entry still
                     // takes a quorum round.)
                     self.taken = seq;
+                    let len = data.len() as u64;
                     if let Err(e) = self.raw.propose(Vec::new(), data) {
                         tracing::error!("raft refused a proposal: {e}");
                         self.deposed();
@@ -248,6 +311,7 @@ impl Node {
                     self.uncommitted
                         .push_back((self.raw.raft.raft_log.last_index(), seq));
                     proposed = true;
+                    self.maybe_snapshot_as_leader(len);
                 }
             }
             let busy = self.raw.has_ready();
@@ -257,6 +321,8 @@ impl Node {
                 std::process::exit(1);
             }
             self.release_durable();
+            self.compact();
+            self.retry_snapshots();
             self.maybe_promote();
             self.publish();
             if !busy && !proposed && self.inbox.is_empty() {
@@ -269,12 +335,10 @@ impl Node {
     fn handle_ready(&mut self) -> bool {
         let mut ready = self.raw.ready();
         for message in ready.take_messages() {
-            self.links.send(message);
+            self.send(message);
         }
-        if !ready.snapshot().is_empty() {
-            // Nodes keep their whole log: no snapshot is ever sent.
-            tracing::error!("a raft snapshot arrived, which this version does not take");
-            std::process::exit(1);
+        if !ready.snapshot().is_empty() && !self.install(ready.snapshot().clone()) {
+            return false;
         }
         let committed = ready.take_committed_entries();
         self.apply(&committed);
@@ -283,25 +347,22 @@ impl Node {
         {
             return false;
         }
-        let storage = self.raw.raft.raft_log.store.clone();
         {
-            let mut core = storage.wl();
-            if core.append(ready.entries()).is_err() {
-                return false;
-            }
+            let mut core = self.storage.wl();
+            core.append(ready.entries());
             if let Some(hs) = ready.hs() {
-                core.set_hardstate(hs.clone());
+                core.set_hard_state(hs.clone());
             }
         }
         for message in ready.take_persisted_messages() {
-            self.links.send(message);
+            self.send(message);
         }
         let mut light = self.raw.advance(ready);
         if let Some(commit) = light.commit_index() {
-            storage.wl().mut_hard_state().set_commit(commit);
+            self.storage.wl().set_commit(commit);
         }
         for message in light.take_messages() {
-            self.links.send(message);
+            self.send(message);
         }
         let committed = light.take_committed_entries();
         self.apply(&committed);
@@ -325,7 +386,197 @@ impl Node {
                 tracing::error!("committed entry {}: {e}; stopping", entry.index);
                 std::process::exit(1);
             }
+            self.since_snapshot += entry.data.len() as u64;
         }
+        let Some(last) = entries.last() else {
+            return;
+        };
+        // A follower snapshots its replayed state as the leader does its
+        // loops', so its log stays bounded too.
+        if self.since_snapshot >= self.snapshot_log_bytes
+            && !self.log.snapshot_pending.swap(true, Ordering::SeqCst)
+        {
+            self.since_snapshot = 0;
+            let state = replay.snapshot(last.index, last.term);
+            let writer = self.follower_jobs.get_or_insert_with(|| {
+                let (tx, rx) = crossbeam_channel::bounded::<(u64, u64, Dump)>(1);
+                let (log, path, written) = (
+                    self.log.clone(),
+                    self.dump_path.clone(),
+                    self.written.clone(),
+                );
+                thread::Builder::new()
+                    .name("livelock-snapshot".into())
+                    .spawn(move || {
+                        for (index, term, state) in rx {
+                            write_follower_snapshot(&log, &path, &written, index, term, &state);
+                        }
+                    })
+                    .expect("start the snapshot thread");
+                tx
+            });
+            let _ = writer.try_send((last.index, last.term, state));
+        }
+    }
+
+    /// Sends a message; a snapshot sent is noted (to send again if lost).
+    fn send(&mut self, message: Message) {
+        if message.get_msg_type() == MessageType::MsgSnapshot {
+            tracing::info!(
+                "sending node {} a snapshot at entry {} ({} bytes)",
+                message.to,
+                message.get_snapshot().get_metadata().index,
+                message.get_snapshot().data.len()
+            );
+            self.snapshots_sent.insert(message.to, Instant::now());
+        }
+        self.links.send(message);
+    }
+
+    /// A snapshot whose follower never caught up with it is reported
+    /// failed, so raft sends it again (the link may have dropped it).
+    fn retry_snapshots(&mut self) {
+        if self.snapshots_sent.is_empty() {
+            return;
+        }
+        let mut failed = Vec::new();
+        for (&id, sent) in &self.snapshots_sent {
+            let still = self
+                .raw
+                .raft
+                .prs()
+                .get(id)
+                .is_some_and(|p| p.state == ProgressState::Snapshot);
+            if !still {
+                failed.push((id, false));
+            } else if sent.elapsed() > SNAPSHOT_RETRY {
+                failed.push((id, true));
+            }
+        }
+        for (id, resend) in failed {
+            self.snapshots_sent.remove(&id);
+            if resend {
+                self.raw.report_snapshot(id, SnapshotStatus::Failure);
+            }
+        }
+    }
+
+    /// Installs a snapshot from the leader: the replayed state becomes it,
+    /// it is this node's snapshot file, and the stored log is replaced.
+    fn install(&mut self, snapshot: Snapshot) -> bool {
+        let meta = snapshot.get_metadata();
+        let mut state = match dump::decode(&snapshot.data) {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::error!("a snapshot from the leader does not decode: {e}; stopping");
+                std::process::exit(1);
+            }
+        };
+        match &mut state.log {
+            Some(log) => log.index = meta.index,
+            None => {
+                tracing::error!("a snapshot from the leader has no log position; stopping");
+                std::process::exit(1);
+            }
+        }
+        match Replay::from_snapshot(&state) {
+            Ok(replay) => self.replay = Some(replay),
+            Err(e) => {
+                tracing::error!("a snapshot from the leader: {e}; stopping");
+                std::process::exit(1);
+            }
+        }
+        // The file first: a crash after it restarts from the snapshot.
+        if let Err(e) = crate::data_dir::write_atomic(&self.dump_path, &snapshot.data) {
+            tracing::error!("cannot write {}: {e}", self.dump_path.display());
+            return false;
+        }
+        if !self
+            .store
+            .replace_all(&self.log, &self.raw.raft.hard_state())
+        {
+            return false;
+        }
+        tracing::info!(
+            "installed the leader's snapshot at entry {} ({} bytes): {} session(s), {} hold(s)",
+            meta.index,
+            snapshot.data.len(),
+            state.sessions.len(),
+            state.holds.len()
+        );
+        self.since_snapshot = 0;
+        self.storage.wl().install(snapshot);
+        true
+    }
+
+    /// The leader's snapshots: the loops export their parts, a thread
+    /// writes the file (as with one node) and hands the bytes back.
+    fn start_leader_snapshots(&mut self, loops: usize, ask_loops: Box<dyn Fn() + Send>) {
+        let Some(parts) = self.parts.take() else {
+            return;
+        };
+        let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+        let (log, path, written) = (
+            self.log.clone(),
+            self.dump_path.clone(),
+            self.written.clone(),
+        );
+        let on_written: raft_log::OnSnapshot = Box::new(move |index, term, bytes| {
+            *written.lock().expect("snapshot slot") = Some((index, term, bytes));
+        });
+        let spawned = thread::Builder::new()
+            .name("livelock-snapshot".into())
+            .spawn(move || {
+                raft_log::write_snapshots(&log, &path, loops, jobs_rx, parts, on_written)
+            });
+        match spawned {
+            Ok(_) => self.jobs = Some((jobs_tx, ask_loops)),
+            Err(e) => tracing::warn!("no snapshots: cannot start their thread ({e})"),
+        }
+    }
+
+    /// Once `snapshot_log_bytes` were proposed since the last snapshot,
+    /// asks the loops for one at the last index.
+    fn maybe_snapshot_as_leader(&mut self, len: u64) {
+        self.since_snapshot += len;
+        let Some((jobs, ask_loops)) = &self.jobs else {
+            return;
+        };
+        if self.since_snapshot < self.snapshot_log_bytes
+            || self.log.snapshot_pending.swap(true, Ordering::SeqCst)
+        {
+            return;
+        }
+        self.since_snapshot = 0;
+        let index = self.raw.raft.raft_log.last_index();
+        let term = self.raw.raft.raft_log.term(index).unwrap_or(0);
+        let _ = jobs.send(SnapshotJob { index, term });
+        ask_loops();
+    }
+
+    /// A snapshot written and committed replaces the entries it covers, in
+    /// raft's storage and on disk; it is what lagging followers are sent.
+    fn compact(&mut self) {
+        let committed = self.raw.raft.raft_log.committed;
+        let ready = {
+            let mut slot = self.written.lock().expect("snapshot slot");
+            match &*slot {
+                Some((index, _, _)) if *index <= committed => slot.take(),
+                _ => None,
+            }
+        };
+        let Some((index, term, bytes)) = ready else {
+            return;
+        };
+        let mut snapshot = Snapshot {
+            data: bytes.into(),
+            ..Snapshot::default()
+        };
+        snapshot.mut_metadata().index = index;
+        snapshot.mut_metadata().term = term;
+        self.storage.wl().compact(snapshot);
+        self.store.engine.compact_to(raft_log::GROUP, index + 1);
+        let _ = self.store.engine.purge_expired_files();
     }
 
     /// Moves `durable` past the batches whose entries are committed.
@@ -432,4 +683,34 @@ impl Node {
             .applied
             .store(raft.raft_log.applied, Ordering::Relaxed);
     }
+}
+
+/// Writes a follower's snapshot as its dump file and hands the bytes to the
+/// node (which compacts its log to it).
+fn write_follower_snapshot(
+    log: &LogShared,
+    path: &std::path::Path,
+    written: &Written,
+    index: u64,
+    term: u64,
+    state: &Dump,
+) {
+    let bytes = dump::encode(state);
+    match crate::data_dir::write_atomic(path, &bytes) {
+        Ok(()) => {
+            tracing::info!(
+                "snapshot of {} hold(s) at log index {index} written ({} bytes)",
+                state.holds.len(),
+                bytes.len()
+            );
+            log.snapshots.fetch_add(1, Ordering::Relaxed);
+            *written.lock().expect("snapshot slot") = Some((index, term, bytes));
+            log.wake();
+        }
+        Err(e) => tracing::warn!(
+            "writing a snapshot to {} failed ({e}); the log keeps growing until one succeeds",
+            path.display()
+        ),
+    }
+    log.snapshot_pending.store(false, Ordering::SeqCst);
 }
