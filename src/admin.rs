@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 
 use livelock::client::{Client, ClientOptions, Error, Inspection, LockRecord, ServerStats};
-use livelock::protocol::{Mode, Status};
+use livelock::protocol::{ClusterReply, Mode, Status};
 
 #[derive(Args)]
 pub struct AdminArgs {
@@ -86,6 +86,7 @@ pub enum AdminCommand {
     KillSession {
         session: u64,
     },
+    ClusterStatus,
 }
 
 /// The servers to try: `--server`, else LIVELOCK_HOST/LIVELOCK_PORT, else
@@ -206,6 +207,10 @@ pub fn run(args: AdminArgs, command: AdminCommand) -> ExitCode {
             }
             Err(e) => Err(e),
         },
+        AdminCommand::ClusterStatus => client.cluster_status().map(|status| match args.json {
+            true => println!("{}", cluster_json(&status)),
+            false => print_cluster(&status),
+        }),
         AdminCommand::Stats => client.stats().map(|stats| match args.json {
             true => println!("{}", stats_json(&stats)),
             false => print_stats(&stats),
@@ -369,6 +374,86 @@ fn print_stats(stats: &ServerStats) {
     ] {
         println!("{label:<19}{value}");
     }
+}
+
+/// A member's replication state as raft names it.
+fn member_state(state: u8) -> &'static str {
+    match state {
+        0 => "probe",
+        1 => "replicate",
+        _ => "snapshot",
+    }
+}
+
+/// How far a member is behind the leader's log.
+fn lag(status: &ClusterReply, matched: u64) -> u64 {
+    let last = status
+        .members
+        .iter()
+        .find(|m| m.id == status.node)
+        .map_or(0, |m| m.matched);
+    last.saturating_sub(matched)
+}
+
+fn print_cluster(status: &ClusterReply) {
+    if status.node == 0 {
+        println!("not a cluster: a single server");
+        return;
+    }
+    let leader = status.members.iter().find(|m| m.id == status.node);
+    let addr = leader.map_or("", |m| m.client_addr.as_str());
+    println!(
+        "leader   node {} ({addr}), term {}",
+        status.node, status.term
+    );
+    println!("commit   {}, applied {}", status.commit, status.applied);
+    println!(
+        "{:<8}{:<24}{:>12}{:>8}  {:<11}HEALTH",
+        "MEMBER", "CLIENT", "MATCHED", "LAG", "STATE"
+    );
+    for member in &status.members {
+        println!(
+            "{:<8}{:<24}{:>12}{:>8}  {:<11}{}",
+            member.id,
+            member.client_addr,
+            member.matched,
+            lag(status, member.matched),
+            member_state(member.state),
+            match member.active {
+                true => "up",
+                false => "unreachable",
+            }
+        );
+    }
+}
+
+fn cluster_json(status: &ClusterReply) -> String {
+    if status.node == 0 {
+        return "{\"cluster\":false}".into();
+    }
+    let members: Vec<String> = status
+        .members
+        .iter()
+        .map(|m| {
+            format!(
+                "{{\"id\":{},\"client\":{},\"matched\":{},\"lag\":{},\"state\":\"{}\",\"healthy\":{}}}",
+                m.id,
+                json_string(m.client_addr.as_bytes()),
+                m.matched,
+                lag(status, m.matched),
+                member_state(m.state),
+                m.active
+            )
+        })
+        .collect();
+    format!(
+        "{{\"cluster\":true,\"leader\":{},\"term\":{},\"commit\":{},\"applied\":{},\"members\":[{}]}}",
+        status.node,
+        status.term,
+        status.commit,
+        status.applied,
+        members.join(",")
+    )
 }
 
 fn stats_json(stats: &ServerStats) -> String {

@@ -549,6 +549,14 @@ impl Client {
             .ok_or_else(|| Error::Protocol("bad STATS reply".into()))
     }
 
+    /// The cluster as its leader sees it (term, commit, each member's
+    /// progress); node 0 and no members from a single server.
+    pub fn cluster_status(&self) -> Result<protocol::ClusterReply> {
+        let reply = self.call(&Request::ClusterStatus)?;
+        protocol::parse_cluster_body(&reply.body)
+            .ok_or_else(|| Error::Protocol("bad CLUSTER_STATUS reply".into()))
+    }
+
     /// Operator: ends other sessions' holds of `name` — every hold (`token`
     /// 0) or the one with `token`; each holder is told LOCK_LOST.
     /// `Status::NotHeld` if nobody holds it, `WrongToken` if no hold has

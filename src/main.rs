@@ -41,7 +41,7 @@ enum Commands {
     Run(run::RunArgs),
     /// Hold a lock until interrupted, printing its fencing token (like `etcdctl lock NAME`).
     Hold(run::HoldArgs),
-    /// Operator commands: list, inspect, signal, stats, release --force, kill-session.
+    /// Operator commands: list, inspect, signal, stats, release --force, kill-session, cluster status.
     #[command(flatten)]
     Admin(AdminCommandWithArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell), e.g. `livelock completions bash > /etc/bash_completion.d/livelock`.
@@ -101,6 +101,20 @@ enum AdminCommandWithArgs {
         #[command(flatten)]
         args: admin::AdminArgs,
         session: u64,
+    },
+    /// A cluster's members: `livelock cluster status` shows the leader, term, commit and applied index, and each member's lag and health.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// The leader, term, commit and applied index, and each member's matched index, lag and health, as the leader sees them (any member answers).
+    Status {
+        #[command(flatten)]
+        args: admin::AdminArgs,
     },
 }
 
@@ -286,6 +300,9 @@ fn main() -> ExitCode {
                 AdminCommandWithArgs::KillSession { args, session } => {
                     (args, admin::AdminCommand::KillSession { session })
                 }
+                AdminCommandWithArgs::Cluster {
+                    command: ClusterCommand::Status { args },
+                } => (args, admin::AdminCommand::ClusterStatus),
             };
             admin::run(args, command)
         }

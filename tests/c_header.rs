@@ -130,6 +130,7 @@ fn expectations() -> Vec<(String, u64)> {
         ("STATS", opcode::STATS),
         ("FORCE_RELEASE", opcode::FORCE_RELEASE),
         ("KILL_SESSION", opcode::KILL_SESSION),
+        ("CLUSTER_STATUS", opcode::CLUSTER_STATUS),
         ("LOCK_LOST", opcode::LOCK_LOST),
         ("SHUTDOWN", opcode::SHUTDOWN),
         ("SESSION_TAKEN", opcode::SESSION_TAKEN),

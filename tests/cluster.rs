@@ -481,3 +481,57 @@ fn a_member_that_was_down_catches_up_from_a_snapshot() {
     );
     cluster.heal();
 }
+
+/// `livelock cluster status`, asked of any member, shows the leader's view:
+/// every member, its lag and health; a member that is down turns
+/// unreachable. A single server says it is not a cluster.
+#[test]
+fn cluster_status_shows_the_leaders_view() {
+    let mut cluster = TestCluster::start("cluster-status", 3, 60);
+    let leader = cluster.leader();
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let status = |cluster: &TestCluster, id: u64| -> serde_json::Value {
+        let output = livelock_bin()
+            .args(["cluster", "status", "--json", "--server"])
+            .arg(cluster.client_addr(id).to_string())
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let seen = status(&cluster, follower);
+    assert_eq!(seen["leader"], leader);
+    let members = seen["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    for member in members {
+        let id = member["id"].as_u64().unwrap();
+        assert_eq!(member["client"], cluster.client_addr(id).to_string());
+    }
+    wait_until("every member replicating and up", || {
+        let seen = status(&cluster, leader);
+        seen["members"].as_array().unwrap().iter().all(|m| {
+            m["healthy"] == true && m["state"] == "replicate" && m["lag"].as_u64() == Some(0)
+        })
+    });
+    cluster.kill(follower);
+    wait_until("the member that is down seen unreachable", || {
+        let seen = status(&cluster, leader);
+        seen["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == follower && m["healthy"] == false)
+    });
+    let text = livelock_bin()
+        .args(["cluster", "status", "--server"])
+        .arg(cluster.client_addr(leader).to_string())
+        .output()
+        .unwrap();
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.contains(&format!("leader   node {leader}")), "{text}");
+    assert!(text.contains("unreachable"), "{text}");
+    // A single server.
+    let single = TestServer::start(1);
+    let reply = single.client().cluster_status().unwrap();
+    assert_eq!((reply.node, reply.members.len()), (0, 0));
+}

@@ -63,7 +63,13 @@ fn the_usage_block_names_every_command_and_real_flags() {
             continue;
         }
         let command = words.next().expect("a command").to_string();
-        let help = help(&[&command]);
+        // A command with subcommands (`cluster status`): the subcommand's help.
+        let mut path = vec![command.as_str()];
+        let sub = words.next().unwrap_or("");
+        if help(&[&command]).contains(&format!("\n  {sub} ")) {
+            path.push(sub);
+        }
+        let help = help(&path);
         for flag in flags_in(code) {
             // `-w 30s` in the README: `-w, --wait` in the help.
             let written = help.contains(&format!("{flag} ")) || help.contains(&format!("{flag},"));

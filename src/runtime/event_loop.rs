@@ -141,11 +141,20 @@ pub struct Shared {
     pub stopping: AtomicBool,
     /// TLS on the client port (`--tls-cert`, `--tls-key`).
     pub tls: Option<crate::tls::Tls>,
+    /// This node's view of its cluster (None: a single server).
+    pub cluster: Option<Arc<crate::cluster::NodeStatus>>,
 }
 
 impl Shared {
     /// Why the server does not take changes now, if it does not: the
     /// readiness an orchestrator asks for (`/health/ready`).
+    /// The CLUSTER_STATUS reply (a single server: node 0, no members).
+    pub fn cluster_status(&self) -> crate::protocol::ClusterReply {
+        self.cluster
+            .as_ref()
+            .map_or_else(Default::default, |status| status.reply())
+    }
+
     pub fn not_ready(&self) -> Option<&'static str> {
         if self.stopping.load(Ordering::SeqCst) {
             Some("shutting down")
@@ -1944,6 +1953,7 @@ fn native_op(code: u8) -> crate::metrics::Op {
         opcode::STATS => Op::Stats,
         opcode::FORCE_RELEASE => Op::ForceRelease,
         opcode::KILL_SESSION => Op::KillSession,
+        opcode::CLUSTER_STATUS => Op::ClusterStatus,
         _ => Op::Ping,
     }
 }

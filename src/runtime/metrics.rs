@@ -78,12 +78,13 @@ pub enum Op {
     Stats,
     ForceRelease,
     KillSession,
+    ClusterStatus,
     /// Any LiveLock-protocol command.
     Resp,
 }
 
 impl Op {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 16;
     /// Every op, in the order of its index.
     pub const ALL: [Op; Op::COUNT] = [
         Op::Hello,
@@ -100,6 +101,7 @@ impl Op {
         Op::Stats,
         Op::ForceRelease,
         Op::KillSession,
+        Op::ClusterStatus,
         Op::Resp,
     ];
 
@@ -120,6 +122,7 @@ impl Op {
             Op::Stats => "stats",
             Op::ForceRelease => "force_release",
             Op::KillSession => "kill_session",
+            Op::ClusterStatus => "cluster_status",
             Op::Resp => "resp",
         }
     }

@@ -156,7 +156,7 @@ impl Server {
         dir_lock: DirLock,
         listener: std::net::TcpListener,
         state: dump::Dump,
-        log: Arc<LogShared>,
+        (log, status): (Arc<LogShared>, Arc<crate::cluster::NodeStatus>),
         serve: Box<dyn FnOnce(crate::cluster::Base)>,
     ) -> io::Result<Server> {
         listener.set_nonblocking(true)?;
@@ -166,7 +166,7 @@ impl Server {
             listener: TcpListener::from_std(listener),
             clock: Clock::new(),
             loaded: Some(state),
-            log: LaunchLog::Cluster { log, serve },
+            log: LaunchLog::Cluster { log, status, serve },
             config,
         })
     }
@@ -240,6 +240,7 @@ enum LaunchLog {
     /// to `serve`.
     Cluster {
         log: Arc<LogShared>,
+        status: Arc<crate::cluster::NodeStatus>,
         serve: Box<dyn FnOnce(crate::cluster::Base)>,
     },
 }
@@ -387,15 +388,21 @@ fn launch(launch: Launch) -> io::Result<Server> {
         LaunchLog::None => (LaunchLog::None, None),
         LaunchLog::Single(found) => (LaunchLog::Single(found), Some(LogShared::new())),
         // A cluster node takes no snapshot of its own (it keeps its log).
-        LaunchLog::Cluster { log, serve } => (
+        LaunchLog::Cluster { log, status, serve } => (
             LaunchLog::Cluster {
                 log: log.clone(),
+                status,
                 serve,
             },
             Some((log, crossbeam_channel::never())),
         ),
     };
+    let cluster = match &launch_log {
+        LaunchLog::Cluster { status, .. } => Some(status.clone()),
+        _ => None,
+    };
     let shared = Arc::new(Shared {
+        cluster,
         log: log_parts.as_ref().map(|(log, _)| log.clone()),
         config,
         clock,

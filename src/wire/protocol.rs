@@ -96,6 +96,9 @@ pub mod opcode {
     /// Operator: end a session (its holds go, its connection closes after
     /// one LOCK_LOST per hold): body = session id u64.
     pub const KILL_SESSION: u8 = 14;
+    /// A cluster's state as its leader sees it: empty body. Reply body: see
+    /// [`super::ClusterReply`].
+    pub const CLUSTER_STATUS: u8 = 15;
     /// Push: a held lock was taken away (lease expired); body token + name.
     pub const LOCK_LOST: u8 = 0x40;
     /// Push: the server is shutting down; empty body.
@@ -473,6 +476,7 @@ pub enum Request<'a> {
         limit: u32,
     },
     Stats,
+    ClusterStatus,
     /// `token` 0: every hold of the lock.
     ForceRelease {
         name: &'a [u8],
@@ -525,6 +529,7 @@ impl Request<'_> {
             Request::Inspect { .. } => opcode::INSPECT,
             Request::List { .. } => opcode::LIST,
             Request::Stats => opcode::STATS,
+            Request::ClusterStatus => opcode::CLUSTER_STATUS,
             Request::ForceRelease { .. } => opcode::FORCE_RELEASE,
             Request::KillSession { .. } => opcode::KILL_SESSION,
         }
@@ -746,10 +751,13 @@ fn decode_body(op: u8, body: &[u8], with_token: bool) -> Result<Request<'_>, Sta
                 target: fixed.target_request_id.get(),
             })
         }
-        opcode::PING | opcode::BYE | opcode::STATS if !body.is_empty() => Err(Status::BadBody),
+        opcode::PING | opcode::BYE | opcode::STATS | opcode::CLUSTER_STATUS if !body.is_empty() => {
+            Err(Status::BadBody)
+        }
         opcode::PING => Ok(Request::Ping),
         opcode::BYE => Ok(Request::Bye),
         opcode::STATS => Ok(Request::Stats),
+        opcode::CLUSTER_STATUS => Ok(Request::ClusterStatus),
         opcode::SIGNAL => {
             let (fixed, rest) = body.split_first_chunk::<4>().ok_or(Status::BadBody)?;
             let op = match fixed[0] {
@@ -1178,7 +1186,7 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
             header(out, size_of::<CancelBody>());
             out.extend_from_slice(fixed.as_bytes());
         }
-        Request::Ping | Request::Bye | Request::Stats => header(out, 0),
+        Request::Ping | Request::Bye | Request::Stats | Request::ClusterStatus => header(out, 0),
         Request::Signal { name, signal, op } => {
             header(out, 4 + name.len() + signal.len());
             out.extend_from_slice(&[op as u8, 0]);
@@ -1489,6 +1497,76 @@ impl StatsReply {
         out.extend_from_slice(&len_u16(self.version.len()).get().to_le_bytes());
         out.extend_from_slice(self.version.as_bytes());
     }
+}
+
+/// The CLUSTER_STATUS reply body: node u64 (the answering leader's id; 0
+/// on a single server), term u64, commit u64, applied u64, members u16,
+/// then per member: id u64, matched u64 (log index known stored there),
+/// state u8 (0 probe, 1 replicate, 2 snapshot; the leader's own: 1),
+/// active u8 (heard from within an election timeout), client_addr_len u16,
+/// client address (UTF-8, empty if unknown).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterReply {
+    pub node: u64,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub members: Vec<ClusterMember>,
+}
+
+/// One member in a [`ClusterReply`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ClusterMember {
+    pub id: u64,
+    pub matched: u64,
+    pub state: u8,
+    pub active: bool,
+    pub client_addr: String,
+}
+
+impl ClusterReply {
+    /// Appends the body.
+    pub fn put(&self, out: &mut Vec<u8>) {
+        for value in [self.node, self.term, self.commit, self.applied] {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out.extend_from_slice(&len_u16(self.members.len()).get().to_le_bytes());
+        for member in &self.members {
+            out.extend_from_slice(&member.id.to_le_bytes());
+            out.extend_from_slice(&member.matched.to_le_bytes());
+            out.push(member.state);
+            out.push(u8::from(member.active));
+            out.extend_from_slice(&len_u16(member.client_addr.len()).get().to_le_bytes());
+            out.extend_from_slice(member.client_addr.as_bytes());
+        }
+    }
+}
+
+/// Client side: the body of a CLUSTER_STATUS reply.
+pub fn parse_cluster_body(body: &[u8]) -> Option<ClusterReply> {
+    let mut cursor = Cursor(body);
+    let mut reply = ClusterReply {
+        node: cursor.u64()?,
+        term: cursor.u64()?,
+        commit: cursor.u64()?,
+        applied: cursor.u64()?,
+        members: Vec::new(),
+    };
+    for _ in 0..cursor.u16()? {
+        let id = cursor.u64()?;
+        let matched = cursor.u64()?;
+        let state = cursor.take(1)?[0];
+        let active = cursor.take(1)?[0] != 0;
+        let client_addr = String::from_utf8(cursor.bytes16()?).ok()?;
+        reply.members.push(ClusterMember {
+            id,
+            matched,
+            state,
+            active,
+            client_addr,
+        });
+    }
+    cursor.0.is_empty().then_some(reply)
 }
 
 /// Client side: the body of a STATS reply.
@@ -2568,5 +2646,46 @@ mod tests {
             }
         }
         assert_eq!(one_liners, 2);
+    }
+
+    #[test]
+    fn cluster_replies_round_trip_and_refuse_junk() {
+        let reply = ClusterReply {
+            node: 2,
+            term: 7,
+            commit: 100,
+            applied: 99,
+            members: vec![
+                ClusterMember {
+                    id: 1,
+                    matched: 98,
+                    state: 0,
+                    active: false,
+                    client_addr: String::new(),
+                },
+                ClusterMember {
+                    id: 2,
+                    matched: 100,
+                    state: 1,
+                    active: true,
+                    client_addr: "127.0.0.12:7873".into(),
+                },
+            ],
+        };
+        let mut body = Vec::new();
+        reply.put(&mut body);
+        assert_eq!(body.len(), 32 + 2 + 2 * 20 + 15);
+        assert_eq!(parse_cluster_body(&body), Some(reply));
+        assert_eq!(parse_cluster_body(&body[..body.len() - 1]), None);
+        body.push(0);
+        assert_eq!(parse_cluster_body(&body), None);
+        assert_eq!(
+            decode_body(opcode::CLUSTER_STATUS, b"x", false),
+            Err(Status::BadBody)
+        );
+        assert_eq!(
+            decode_body(opcode::CLUSTER_STATUS, b"", false),
+            Ok(Request::ClusterStatus)
+        );
     }
 }

@@ -155,6 +155,7 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
         parts,
         links,
         inbox,
+        directory: directory.clone(),
     })
     .map_err(io::Error::other)?;
     let proxy = proxy::Proxy::start(listener, cluster.node_id, node.status.clone(), directory)?;
@@ -214,6 +215,13 @@ impl Follower {
         let listener = self.proxy.stop();
         // (The raft thread runs for the rest of the process.)
         let serve = self.node.server_hook();
-        Server::start_leader(self.config, self.dir_lock, listener, state, self.log, serve)
+        Server::start_leader(
+            self.config,
+            self.dir_lock,
+            listener,
+            state,
+            (self.log, self.node.status.clone()),
+            serve,
+        )
     }
 }

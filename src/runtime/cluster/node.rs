@@ -26,6 +26,7 @@ use super::storage::ClusterStorage;
 use super::transport::Links;
 use crate::dump::{self, Dump};
 use crate::journal::Replay;
+use crate::protocol::{ClusterMember, ClusterReply};
 use crate::raft_log::{self, LogShared, SnapshotJob, SnapshotPart, Store};
 use crate::snapshot;
 
@@ -51,12 +52,47 @@ pub enum Event {
 /// What the node shows (the proxy, status, metrics).
 #[derive(Debug, Default)]
 pub struct NodeStatus {
+    pub id: u64,
     pub leader: AtomicU64,
     pub term: AtomicU64,
     pub commit: AtomicU64,
     pub applied: AtomicU64,
     /// This node leads and serves (its base entry is proposed).
     pub serving: AtomicBool,
+    /// As the leader sees them: (id, matched, state, active).
+    members: Mutex<Vec<(u64, u64, u8, bool)>>,
+    /// Members' client addresses.
+    pub directory: Arc<super::transport::Directory>,
+}
+
+impl NodeStatus {
+    /// The CLUSTER_STATUS reply.
+    pub fn reply(&self) -> ClusterReply {
+        let members = self
+            .members
+            .lock()
+            .expect("status lock")
+            .iter()
+            .map(|&(id, matched, state, active)| ClusterMember {
+                id,
+                matched,
+                state,
+                active,
+                client_addr: self
+                    .directory
+                    .client_addr(id)
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        ClusterReply {
+            node: self.id,
+            term: self.term.load(Ordering::Relaxed),
+            commit: self.commit.load(Ordering::Relaxed),
+            applied: self.applied.load(Ordering::Relaxed),
+            members,
+        }
+    }
 }
 
 /// What the server hands back at promotion: the base entry to propose
@@ -110,6 +146,7 @@ pub struct NodeStart {
     pub parts: Receiver<SnapshotPart>,
     pub links: Links,
     pub inbox: Receiver<Message>,
+    pub directory: Arc<super::transport::Directory>,
 }
 
 /// Loads the stored log into raft's memory and starts the thread.
@@ -126,6 +163,7 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
         parts,
         links,
         inbox,
+        directory,
     } = start;
     let conf_state = ConfState::from((voters, vec![]));
     // The node's own snapshot, then the stored entries after it.
@@ -170,7 +208,11 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
     config.validate().map_err(|e| format!("raft: {e}"))?;
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     let raw = RawNode::new(&config, storage.clone(), &logger).map_err(|e| format!("raft: {e}"))?;
-    let status = Arc::new(NodeStatus::default());
+    let status = Arc::new(NodeStatus {
+        id,
+        directory,
+        ..NodeStatus::default()
+    });
     let (events_tx, events) = crossbeam_channel::bounded(1);
     let (base_tx, base_rx) = crossbeam_channel::bounded(1);
     let stop = Arc::new(AtomicBool::new(false));
@@ -674,6 +716,26 @@ impl Node {
 
     fn publish(&self) {
         let raft = &self.raw.raft;
+        if raft.state == StateRole::Leader {
+            let mut members: Vec<(u64, u64, u8, bool)> = raft
+                .prs()
+                .iter()
+                .map(|(&id, progress)| {
+                    let state = match progress.state {
+                        ProgressState::Probe => 0,
+                        ProgressState::Replicate => 1,
+                        ProgressState::Snapshot => 2,
+                    };
+                    let matched = match id == raft.id {
+                        true => raft.raft_log.last_index(),
+                        false => progress.matched,
+                    };
+                    (id, matched, state, id == raft.id || progress.recent_active)
+                })
+                .collect();
+            members.sort_unstable();
+            *self.status.members.lock().expect("status lock") = members;
+        }
         self.status.leader.store(raft.leader_id, Ordering::Relaxed);
         self.status.term.store(raft.term, Ordering::Relaxed);
         self.status

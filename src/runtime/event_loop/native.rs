@@ -161,7 +161,11 @@ impl EventLoop {
         // their reply goes out (`deliver`, `finish_native_gather`).
         if matches!(
             request,
-            Request::Hello { .. } | Request::Resume { .. } | Request::Ping | Request::Bye
+            Request::Hello { .. }
+                | Request::Resume { .. }
+                | Request::Ping
+                | Request::Bye
+                | Request::ClusterStatus
         ) {
             self.metrics.observe(super::native_op(request.opcode()), 0);
         }
@@ -230,6 +234,14 @@ impl EventLoop {
             (request, None) => {
                 let op = request.opcode();
                 self.reply_status(token, op, request_id, Status::NoSession, "say HELLO first");
+                Flow::Continue
+            }
+            (Request::ClusterStatus, Some(_)) => {
+                let reply = self.shared.cluster_status();
+                let out = self.wbuf(token);
+                let start = protocol::begin_reply(out, opcode::CLUSTER_STATUS, request_id);
+                reply.put(out);
+                protocol::end_reply(out, start);
                 Flow::Continue
             }
             (Request::Bye, Some(id)) => {
@@ -630,7 +642,11 @@ impl EventLoop {
                 self.start_query(token, id, reply, query, Some(home));
                 return;
             }
-            Request::Hello { .. } | Request::Resume { .. } | Request::Ping | Request::Bye => {
+            Request::Hello { .. }
+            | Request::Resume { .. }
+            | Request::Ping
+            | Request::Bye
+            | Request::ClusterStatus => {
                 unreachable!("handled by handle_native")
             }
         };
