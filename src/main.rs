@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use livelock::config::{Durability, ServerConfig, TcpTuning};
-use livelock::duration::seconds_flag;
+use livelock::duration::{millis_flag, seconds_flag};
 use livelock::server::Server;
 
 const DEFAULT_PORT: u16 = 7873;
@@ -179,6 +179,9 @@ struct ServerArgs {
     /// Cluster: after a failover, every session waits at least this long for its client (plain number: seconds).
     #[arg(long, env = "LIVELOCK_FAILOVER_GRACE", default_value = "5", value_parser = seconds_flag)]
     failover_grace: Duration,
+    /// Cluster: a follower stands for election after this (randomised up to twice it) without a leader's word; a leader without a quorum steps down as soon. Plain number: milliseconds.
+    #[arg(long, env = "LIVELOCK_ELECTION_TIMEOUT", default_value = "500", value_parser = millis_flag)]
+    election_timeout: Duration,
     /// Do not read the dump at start [env: LIVELOCK_DISABLE_DUMP_LOAD=1]
     #[arg(long)]
     disable_dump_load: bool,
@@ -471,6 +474,7 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
             peers: livelock::cluster::parse_peers(peers)?,
             secret: args.cluster_secret.clone().unwrap_or_default().into_bytes(),
             failover_grace: args.failover_grace,
+            election_timeout: args.election_timeout,
         };
         cluster.validate()?;
         // The state is the log's: no dump is read or written.

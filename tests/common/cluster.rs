@@ -195,6 +195,8 @@ impl TestCluster {
         command
             .args(["server", "--threads", "2", "--node-id", &id.to_string()])
             .args(["--peers", &peers, "--listen", &node.client.to_string()])
+            // Twice the default: no spurious election on a loaded machine.
+            .args(["--election-timeout", "1s"])
             .arg("--data-dir")
             .arg(&node.data)
             .args(&self.extra)

@@ -33,6 +33,9 @@ use crate::server::Server;
 pub const SECRET_LEN_MIN: usize = 16;
 /// The default failover grace (DESIGN.md §5).
 pub const FAILOVER_GRACE_DEFAULT: Duration = Duration::from_secs(5);
+/// The default election timeout: a follower stands after 0.5 to 1 s
+/// without a leader's word; a leader without a quorum steps down as soon.
+pub const ELECTION_TIMEOUT_DEFAULT: Duration = Duration::from_millis(500);
 
 /// This node's place in its cluster.
 #[derive(Debug, Clone)]
@@ -44,6 +47,8 @@ pub struct ClusterConfig {
     pub secret: Vec<u8>,
     /// After a failover, sessions wait at least this long for their clients.
     pub failover_grace: Duration,
+    /// Raft's election timeout (randomised up to twice this).
+    pub election_timeout: Duration,
 }
 
 impl ClusterConfig {
@@ -57,6 +62,13 @@ impl ClusterConfig {
                     .map(u64::to_string)
                     .collect::<Vec<_>>()
                     .join(", ")
+            ));
+        }
+        if self.election_timeout < 3 * node::TICK || self.election_timeout > Duration::from_secs(60)
+        {
+            return Err(format!(
+                "--election-timeout is from {} ms to 60 s",
+                3 * node::TICK.as_millis()
             ));
         }
         if self.secret.len() < SECRET_LEN_MIN || self.secret.len() > transport::SECRET_LEN_MAX {
@@ -151,6 +163,7 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
         snapshot: own_snapshot(&config)?,
         data_dir: config.data_dir.clone(),
         snapshot_log_bytes: config.snapshot_log_bytes,
+        election_timeout: cluster.election_timeout,
         log: log.clone(),
         parts,
         links,

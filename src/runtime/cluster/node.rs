@@ -32,10 +32,7 @@ use crate::snapshot;
 
 /// One raft tick.
 pub const TICK: Duration = Duration::from_millis(50);
-/// Ticks without a leader's word before a follower stands for election
-/// (randomised up to twice this), and a leader without a quorum's steps
-/// down (check-quorum): 0.75 to 1.5 s.
-const ELECTION_TICKS: usize = 15;
+/// A leader's heartbeat, in ticks.
 const HEARTBEAT_TICKS: usize = 2;
 /// How long a leader asked to stop tries to hand over before it just goes.
 const TRANSFER_MAX: Duration = Duration::from_secs(3);
@@ -141,6 +138,7 @@ pub struct NodeStart {
     pub snapshot: Option<Dump>,
     pub data_dir: PathBuf,
     pub snapshot_log_bytes: u64,
+    pub election_timeout: Duration,
     pub log: Arc<LogShared>,
     /// The loops' parts of a snapshot, once this node leads.
     pub parts: Receiver<SnapshotPart>,
@@ -159,6 +157,7 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
         snapshot,
         data_dir,
         snapshot_log_bytes,
+        election_timeout,
         log,
         parts,
         links,
@@ -196,7 +195,10 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
     let storage = ClusterStorage::new(raft_snapshot, entries, hard_state, conf_state);
     let config = RaftConfig {
         id,
-        election_tick: ELECTION_TICKS,
+        // Ticks without a leader's word before a follower stands for
+        // election (randomised up to twice this), and without a quorum's
+        // before a leader steps down (check-quorum).
+        election_tick: (election_timeout.as_millis() / TICK.as_millis()).max(3) as usize,
         heartbeat_tick: HEARTBEAT_TICKS,
         check_quorum: true,
         pre_vote: true,
