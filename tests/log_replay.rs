@@ -9,28 +9,20 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
+use common::server_sim::ServerSim;
 use common::Rng;
-use livelock::dump::{DumpSession, LoopPosition};
-use livelock::journal::{fingerprint, state_bytes, Journal, Replay};
-use livelock::lock_table::{shard_for, Acquire, Command, LockTable, Mode, SignalOp, Wait};
+use livelock::journal::{state_bytes, Replay};
+use livelock::lock_table::LockTable;
 use livelock::session::Sessions;
 use livelock::snapshot;
 
 const LOOPS: usize = 3;
-const NAMES: [&[u8]; 6] = [b"a", b"b", b"c", b"jobs/1", b"jobs/2", b"z"];
 
-/// One simulated server: each loop's table and journal, the sessions by
-/// home, the log (entries of batches) and the snapshots taken.
+/// One simulated server (`ServerSim`), its log (entries of batches), the
+/// snapshots taken and the state after each entry.
 struct Sim {
     rng: Rng,
-    now: u64,
-    tables: Vec<LockTable>,
-    journals: Vec<Journal>,
-    sessions: Vec<BTreeMap<u64, DumpSession>>,
-    next_session: u64,
-    next_request: u32,
+    server: ServerSim,
     /// Committed log entries (index = position + 1).
     log: Vec<Vec<u8>>,
     /// (log index covered, snapshot dump).
@@ -41,197 +33,29 @@ struct Sim {
 
 impl Sim {
     fn new(seed: u64) -> Sim {
-        let now = 1_000_000;
         let mut sim = Sim {
             rng: Rng(seed),
-            now,
-            tables: (0..LOOPS).map(|i| LockTable::new(i, LOOPS)).collect(),
-            journals: (0..LOOPS).map(|_| Journal::default()).collect(),
-            sessions: (0..LOOPS).map(|_| BTreeMap::new()).collect(),
-            next_session: 1,
-            next_request: 1,
+            server: ServerSim::new(LOOPS, 1_000_000),
             log: Vec::new(),
             snapshots: Vec::new(),
             states: Vec::new(),
         };
         let base = sim.snapshot_now();
-        sim.states.push(sim.fingerprint());
+        sim.states.push(sim.server.fingerprint());
         sim.snapshots.push((0, base));
         sim
     }
 
-    fn session_ids(&self) -> Vec<u64> {
-        self.sessions
-            .iter()
-            .flat_map(|m| m.keys().copied())
-            .collect()
-    }
-
-    fn apply(&mut self, shard: usize, command: Command<'_>) {
-        self.journals[shard].shard(self.now, &command);
-        if !livelock::journal::changes_state(&command)
-            && self.tables[shard]
-                .next_deadline()
-                .is_some_and(|d| d <= self.now)
-        {
-            self.journals[shard].tick(self.now);
-        }
-        let mut sink = Vec::new();
-        self.tables[shard].apply(self.now, command, &mut sink);
-    }
-
-    /// One random change.
     fn step(&mut self) {
-        self.now += self.rng.range(0, 40);
-        let sessions = self.session_ids();
-        if sessions.is_empty() || self.rng.chance(8) {
-            let home = self.rng.index(LOOPS);
-            let id = (self.next_session << 8) | home as u64;
-            self.next_session += 1;
-            let session = DumpSession {
-                id,
-                secret: [id as u8; 16],
-                client_name: format!("client-{id}").into_bytes(),
-                client_id: None,
-                grace_ms: self.rng.pick(&[0, 5_000]),
-            };
-            self.journals[home].session_open(&session);
-            self.sessions[home].insert(id, session);
-            return;
-        }
-        let session = self.rng.pick(&sessions);
-        let name = self.rng.pick(&NAMES);
-        let shard = shard_for(name, LOOPS);
-        let request_id = self.next_request;
-        self.next_request += 1;
-        match self.rng.below(100) {
-            0..=34 => {
-                let wait = match self.rng.below(3) {
-                    0 => Wait::Try,
-                    1 => Wait::Until(self.now + self.rng.range(1, 200)),
-                    _ => Wait::Forever,
-                };
-                let acquire = Acquire {
-                    session,
-                    request_id,
-                    name,
-                    mode: self.rng.pick(&[Mode::Exclusive, Mode::Shared]),
-                    wait,
-                    lease_ms: self.rng.pick(&[0, 0, 50, 300]),
-                    reentrant: self.rng.chance(10),
-                    notify_queued: true,
-                };
-                self.apply(shard, Command::Acquire(acquire));
-            }
-            35..=56 => self.apply(
-                shard,
-                Command::Release {
-                    session,
-                    request_id,
-                    name,
-                    token: 0,
-                },
-            ),
-            // An operator breaks the lock (logged as its own record).
-            57..=59 => self.apply(
-                shard,
-                Command::ForceRelease {
-                    session,
-                    request_id,
-                    name,
-                    token: 0,
-                },
-            ),
-            60..=67 => self.apply(
-                shard,
-                Command::Extend {
-                    session,
-                    request_id,
-                    name,
-                    lease_ms: 200,
-                    token: 0,
-                },
-            ),
-            68..=72 => {
-                let target = request_id.saturating_sub(self.rng.range(1, 5) as u32);
-                let shard = self.rng.index(LOOPS);
-                let cancel = Command::Cancel {
-                    session,
-                    request_id,
-                    target,
-                };
-                self.apply(shard, cancel);
-            }
-            73..=82 => {
-                let op = self.rng.pick(&[
-                    SignalOp::Set { notify: true },
-                    SignalOp::Set { notify: false },
-                    SignalOp::Delete,
-                    SignalOp::Exists,
-                ]);
-                let signal = Command::Signal {
-                    session,
-                    request_id,
-                    name,
-                    signal: b"sig",
-                    op,
-                };
-                self.apply(shard, signal);
-            }
-            83..=87 => self.apply(
-                shard,
-                Command::Locked {
-                    session,
-                    request_id,
-                    name,
-                },
-            ),
-            88..=92 => {
-                // Timers fire on one loop.
-                let idx = self.rng.index(LOOPS);
-                if self.tables[idx]
-                    .next_deadline()
-                    .is_some_and(|d| d <= self.now)
-                {
-                    self.journals[idx].tick(self.now);
-                    self.tables[idx].tick(self.now, &mut Vec::new());
-                }
-            }
-            _ => {
-                // The session ends: its home logs that, then each shard
-                // ends it (in the server, a message to each).
-                let home = (0..LOOPS)
-                    .find(|&h| self.sessions[h].contains_key(&session))
-                    .expect("a live session has a home");
-                self.journals[home].session_end(session);
-                self.sessions[home].remove(&session);
-                for shard in 0..LOOPS {
-                    if self.rng.chance(80) {
-                        self.apply(shard, Command::EndSession { session });
-                    }
-                }
-            }
-        }
+        self.server.step(&mut self.rng);
     }
 
     /// Every loop hands in its batch; the group becomes one log entry.
     fn group_commit(&mut self) {
-        let mut entry = Vec::new();
-        for (idx, journal) in self.journals.iter_mut().enumerate() {
-            journal.take_batch(idx, &mut entry);
+        if let Some(entry) = self.server.take_entry() {
+            self.log.push(entry);
+            self.states.push(self.server.fingerprint());
         }
-        if entry.is_empty() {
-            return;
-        }
-        self.log.push(entry);
-        let live = self.fingerprint();
-        self.states.push(live);
-    }
-
-    fn fingerprint(&self) -> Vec<u8> {
-        let batches: Vec<u64> = self.journals.iter().map(Journal::batches).collect();
-        let sessions = self.sessions.iter().flat_map(|m| m.values().cloned());
-        fingerprint(&self.tables, sessions, &batches)
     }
 
     /// Each loop's part of a snapshot, as `EventLoop::export_snapshot_part`
@@ -240,30 +64,9 @@ impl Sim {
     /// snapshot covers the whole log; the server's may cover less, and
     /// replay skips by batch number.)
     fn snapshot_now(&mut self) -> livelock::dump::Dump {
-        for idx in 0..LOOPS {
-            if self.tables[idx]
-                .next_deadline()
-                .is_some_and(|d| d <= self.now)
-            {
-                self.journals[idx].tick(self.now);
-                self.tables[idx].tick(self.now, &mut Vec::new());
-            }
-        }
+        self.server.fire_timers();
         self.group_commit();
-        let parts = (0..LOOPS)
-            .map(|idx| {
-                let at = self.now;
-                let mut state = snapshot::export_shard(&self.tables[idx], at);
-                state.sessions = self.sessions[idx].values().cloned().collect();
-                let position = LoopPosition {
-                    stamp_ms: at,
-                    batch: self.journals[idx].batches(),
-                    last_token: self.tables[idx].last_token(),
-                };
-                (state, position)
-            })
-            .collect();
-        snapshot::log_snapshot(parts, self.log.len() as u64, 1)
+        snapshot::log_snapshot(self.server.parts(), self.log.len() as u64, 1)
     }
 }
 
@@ -371,7 +174,7 @@ fn a_replayed_state_restores_whole_on_any_loop_count() {
             let mut effects = vec![Vec::new(); loops];
             let report = snapshot::restore(
                 &state,
-                sim.now,
+                sim.server.now,
                 6_000,
                 &mut tables,
                 &mut homes,

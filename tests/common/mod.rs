@@ -4,6 +4,7 @@
 
 pub mod certs;
 pub mod cluster;
+pub mod server_sim;
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};

@@ -1,0 +1,305 @@
+//! A simulated server for the seeded simulations: each loop's lock table
+//! and journal and the durable part of the sessions, changed by random
+//! commands as the event loops change them, each change journaled; the
+//! turn's batches taken as one log entry (group commit). No I/O, no clock:
+//! the time is `now`.
+
+use std::collections::BTreeMap;
+
+use livelock::dump::{DumpSession, LoopPosition};
+use livelock::journal::{fingerprint, Journal};
+use livelock::lock_table::{
+    shard_for, Acquire, Command, Effect, LockTable, Mode, Outcome, SignalOp, Wait,
+};
+use livelock::session::Sessions;
+use livelock::snapshot;
+
+use super::Rng;
+
+pub const NAMES: [&[u8]; 6] = [b"a", b"b", b"c", b"jobs/1", b"jobs/2", b"z"];
+
+pub struct ServerSim {
+    pub loops: usize,
+    pub now: u64,
+    pub tables: Vec<LockTable>,
+    pub journals: Vec<Journal>,
+    /// The durable part of each home's sessions.
+    pub sessions: Vec<BTreeMap<u64, DumpSession>>,
+    next_session: u64,
+    next_request: u32,
+    /// Acquires in flight: (session, request id) → lock name.
+    acquiring: BTreeMap<(u64, u32), &'static [u8]>,
+    /// Grants made since `take_grants`: (lock name, token).
+    grants: Vec<(&'static [u8], u64)>,
+}
+
+impl ServerSim {
+    pub fn new(loops: usize, now: u64) -> ServerSim {
+        ServerSim {
+            loops,
+            now,
+            tables: (0..loops).map(|i| LockTable::new(i, loops)).collect(),
+            journals: (0..loops).map(|_| Journal::default()).collect(),
+            sessions: (0..loops).map(|_| BTreeMap::new()).collect(),
+            next_session: 1,
+            next_request: 1,
+            acquiring: BTreeMap::new(),
+            grants: Vec::new(),
+        }
+    }
+
+    /// A server that starts from restored tables and sessions (journals
+    /// at batch 0); new session ids from `next_session` on, request ids
+    /// from `next_request` (above those of the restored sessions).
+    pub fn restored(
+        tables: Vec<LockTable>,
+        homes: &[Sessions],
+        now: u64,
+        (next_session, next_request): (u64, u32),
+    ) -> ServerSim {
+        let loops = tables.len();
+        ServerSim {
+            loops,
+            now,
+            tables,
+            journals: (0..loops).map(|_| Journal::default()).collect(),
+            sessions: homes
+                .iter()
+                .map(|home| {
+                    snapshot::durable_sessions(home)
+                        .into_iter()
+                        .map(|s| (s.id, s))
+                        .collect()
+                })
+                .collect(),
+            next_session,
+            next_request,
+            acquiring: BTreeMap::new(),
+            grants: Vec::new(),
+        }
+    }
+
+    pub fn session_ids(&self) -> Vec<u64> {
+        self.sessions
+            .iter()
+            .flat_map(|m| m.keys().copied())
+            .collect()
+    }
+
+    fn apply(&mut self, shard: usize, command: Command<'_>) {
+        self.journals[shard].shard(self.now, &command);
+        if !livelock::journal::changes_state(&command)
+            && self.tables[shard]
+                .next_deadline()
+                .is_some_and(|d| d <= self.now)
+        {
+            self.journals[shard].tick(self.now);
+        }
+        let mut sink = Vec::new();
+        self.tables[shard].apply(self.now, command, &mut sink);
+        self.note(&sink);
+    }
+
+    /// Notes the grants among `effects`.
+    fn note(&mut self, effects: &[Effect]) {
+        for effect in effects {
+            if let Effect::Reply {
+                session,
+                request_id,
+                outcome: Outcome::Granted { token },
+                ..
+            } = effect
+            {
+                if let Some(name) = self.acquiring.remove(&(*session, *request_id)) {
+                    self.grants.push((name, *token));
+                }
+            }
+        }
+    }
+
+    /// The grants made since the last call: (lock name, token).
+    pub fn take_grants(&mut self) -> Vec<(&'static [u8], u64)> {
+        std::mem::take(&mut self.grants)
+    }
+
+    /// One random change.
+    pub fn step(&mut self, rng: &mut Rng) {
+        self.now += rng.range(0, 40);
+        let sessions = self.session_ids();
+        if sessions.is_empty() || rng.chance(8) {
+            let home = rng.index(self.loops);
+            let id = (self.next_session << 8) | home as u64;
+            self.next_session += 1;
+            let session = DumpSession {
+                id,
+                secret: [id as u8; 16],
+                client_name: format!("client-{id}").into_bytes(),
+                client_id: None,
+                grace_ms: rng.pick(&[0, 5_000]),
+            };
+            self.journals[home].session_open(&session);
+            self.sessions[home].insert(id, session);
+            return;
+        }
+        let session = rng.pick(&sessions);
+        let name = rng.pick(&NAMES);
+        let shard = shard_for(name, self.loops);
+        let request_id = self.next_request;
+        self.next_request += 1;
+        match rng.below(100) {
+            0..=34 => {
+                let wait = match rng.below(3) {
+                    0 => Wait::Try,
+                    1 => Wait::Until(self.now + rng.range(1, 200)),
+                    _ => Wait::Forever,
+                };
+                let acquire = Acquire {
+                    session,
+                    request_id,
+                    name,
+                    mode: rng.pick(&[Mode::Exclusive, Mode::Shared]),
+                    wait,
+                    lease_ms: rng.pick(&[0, 0, 50, 300]),
+                    reentrant: rng.chance(10),
+                    notify_queued: true,
+                };
+                self.acquiring.insert((session, request_id), name);
+                self.apply(shard, Command::Acquire(acquire));
+            }
+            35..=56 => self.apply(
+                shard,
+                Command::Release {
+                    session,
+                    request_id,
+                    name,
+                    token: 0,
+                },
+            ),
+            // An operator breaks the lock (logged as its own record).
+            57..=59 => self.apply(
+                shard,
+                Command::ForceRelease {
+                    session,
+                    request_id,
+                    name,
+                    token: 0,
+                },
+            ),
+            60..=67 => self.apply(
+                shard,
+                Command::Extend {
+                    session,
+                    request_id,
+                    name,
+                    lease_ms: 200,
+                    token: 0,
+                },
+            ),
+            68..=72 => {
+                let target = request_id.saturating_sub(rng.range(1, 5) as u32);
+                let shard = rng.index(self.loops);
+                let cancel = Command::Cancel {
+                    session,
+                    request_id,
+                    target,
+                };
+                self.apply(shard, cancel);
+            }
+            73..=82 => {
+                let op = rng.pick(&[
+                    SignalOp::Set { notify: true },
+                    SignalOp::Set { notify: false },
+                    SignalOp::Delete,
+                    SignalOp::Exists,
+                ]);
+                let signal = Command::Signal {
+                    session,
+                    request_id,
+                    name,
+                    signal: b"sig",
+                    op,
+                };
+                self.apply(shard, signal);
+            }
+            83..=87 => self.apply(
+                shard,
+                Command::Locked {
+                    session,
+                    request_id,
+                    name,
+                },
+            ),
+            88..=92 => {
+                // Timers fire on one loop.
+                let idx = rng.index(self.loops);
+                self.fire_timers_of(idx);
+            }
+            _ => {
+                // The session ends: its home logs that, then each shard
+                // ends it (in the server, a message to each).
+                let home = (0..self.loops)
+                    .find(|&h| self.sessions[h].contains_key(&session))
+                    .expect("a live session has a home");
+                self.journals[home].session_end(session);
+                self.sessions[home].remove(&session);
+                for shard in 0..self.loops {
+                    if rng.chance(80) {
+                        self.apply(shard, Command::EndSession { session });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every loop hands in its batch: the group as one log entry, if any.
+    pub fn take_entry(&mut self) -> Option<Vec<u8>> {
+        let mut entry = Vec::new();
+        for (idx, journal) in self.journals.iter_mut().enumerate() {
+            journal.take_batch(idx, &mut entry);
+        }
+        (!entry.is_empty()).then_some(entry)
+    }
+
+    pub fn fingerprint(&self) -> Vec<u8> {
+        let batches: Vec<u64> = self.journals.iter().map(Journal::batches).collect();
+        let sessions = self.sessions.iter().flat_map(|m| m.values().cloned());
+        fingerprint(&self.tables, sessions, &batches)
+    }
+
+    /// Fires due deadlines on every loop (logged).
+    pub fn fire_timers(&mut self) {
+        for idx in 0..self.loops {
+            self.fire_timers_of(idx);
+        }
+    }
+
+    /// Fires loop `idx`'s due deadlines, if any (logged).
+    fn fire_timers_of(&mut self, idx: usize) {
+        if self.tables[idx]
+            .next_deadline()
+            .is_some_and(|d| d <= self.now)
+        {
+            self.journals[idx].tick(self.now);
+            let mut sink = Vec::new();
+            self.tables[idx].tick(self.now, &mut sink);
+            self.note(&sink);
+        }
+    }
+
+    /// Each loop's part of a snapshot at its current batch, as
+    /// `EventLoop::export_snapshot_part` makes it.
+    pub fn parts(&self) -> Vec<(livelock::snapshot::LoopState, LoopPosition)> {
+        (0..self.loops)
+            .map(|idx| {
+                let mut state = snapshot::export_shard(&self.tables[idx], self.now);
+                state.sessions = self.sessions[idx].values().cloned().collect();
+                let position = LoopPosition {
+                    stamp_ms: self.now,
+                    batch: self.journals[idx].batches(),
+                    last_token: self.tables[idx].last_token(),
+                };
+                (state, position)
+            })
+            .collect()
+    }
+}
