@@ -80,6 +80,7 @@ enum livelock_opcode {
     LIVELOCK_OP_FORCE_RELEASE = 13, /* operator: name; with LIVELOCK_FLAG_HOLD_TOKEN: livelock_token + name */
     LIVELOCK_OP_KILL_SESSION = 14,  /* operator: session id u64 */
     LIVELOCK_OP_CLUSTER_STATUS = 15, /* empty; reply: see PROTOCOL.md */
+    LIVELOCK_OP_CLUSTER_CHANGE = 16, /* operator: members or transfer, see PROTOCOL.md */
     /* Server pushes (never valid from a client). */
     LIVELOCK_OP_LOCK_LOST = 0x40,     /* livelock_token + name */
     LIVELOCK_OP_SHUTDOWN = 0x41,      /* empty */

@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 
 use livelock::client::{Client, ClientOptions, Error, Inspection, LockRecord, ServerStats};
-use livelock::protocol::{ClusterReply, Mode, Status};
+use livelock::protocol::{ClusterChange, ClusterReply, Mode, Status};
 
 #[derive(Args)]
 pub struct AdminArgs {
@@ -87,6 +87,7 @@ pub enum AdminCommand {
         session: u64,
     },
     ClusterStatus,
+    ClusterChange(livelock::protocol::ClusterChange),
 }
 
 /// The servers to try: `--server`, else LIVELOCK_HOST/LIVELOCK_PORT, else
@@ -204,6 +205,15 @@ pub fn run(args: AdminArgs, command: AdminCommand) -> ExitCode {
                 eprintln!("livelock: {name} is not held by anyone: nobody to signal");
                 let _ = client.bye();
                 return ExitCode::from(1);
+            }
+            Err(e) => Err(e),
+        },
+        AdminCommand::ClusterChange(change) => match client.cluster_change(&change) {
+            // A transfer ends the old leader, maybe before its answer
+            // left: whether the change is done, the cluster tells.
+            Ok(()) | Err(Error::Disconnected) => {
+                let reconnect = || connect_first(&servers, &options).ok().map(|(c, _, _)| c);
+                return wait_for_change(Some(client), &change, args.json, reconnect);
             }
             Err(e) => Err(e),
         },
@@ -374,6 +384,63 @@ fn print_stats(stats: &ServerStats) {
     ] {
         println!("{label:<19}{value}");
     }
+}
+
+/// How long `cluster add/remove/transfer` waits for the change to be done.
+const CHANGE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Waits (bounded) until the cluster shows `change` done: members added and
+/// caught up, removed, or the leader moved. Exit 0 done, 1 not in time.
+fn wait_for_change(
+    client: Option<Client>,
+    change: &ClusterChange,
+    json: bool,
+    reconnect: impl Fn() -> Option<Client>,
+) -> ExitCode {
+    use livelock::protocol::MemberChange;
+    let started = std::time::Instant::now();
+    let mut last = None;
+    let mut client = client;
+    while started.elapsed() < CHANGE_WAIT {
+        // A transfer or a removal may end the old leader, and this
+        // connection with it: then it connects again.
+        let status = match client.as_ref().map(Client::cluster_status) {
+            Some(Ok(status)) => Some(status),
+            _ => {
+                client = reconnect();
+                None
+            }
+        };
+        if let Some(status) = status {
+            let has = |id: u64| status.members.iter().find(|m| m.id == id);
+            let done = match change {
+                ClusterChange::Transfer(id) => status.node == *id,
+                ClusterChange::Members(changes) => changes.iter().all(|c| match c {
+                    MemberChange::Add { id, .. } => {
+                        has(*id).is_some_and(|m| m.active && lag(&status, m.matched) == 0)
+                    }
+                    MemberChange::Remove { id } => has(*id).is_none(),
+                }),
+            };
+            if done {
+                match json {
+                    true => println!("{}", cluster_json(&status)),
+                    false => print_cluster(&status),
+                }
+                return ExitCode::SUCCESS;
+            }
+            last = Some(status);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    eprintln!(
+        "livelock: the change was proposed but is not done after {}; see `livelock cluster status`",
+        livelock::duration::human(started.elapsed())
+    );
+    if let Some(status) = last {
+        print_cluster(&status);
+    }
+    ExitCode::from(1)
 }
 
 /// A member's replication state as raft names it.

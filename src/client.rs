@@ -557,6 +557,15 @@ impl Client {
             .ok_or_else(|| Error::Protocol("bad CLUSTER_STATUS reply".into()))
     }
 
+    /// Operator: changes the cluster's members (several at once go through
+    /// joint consensus) or hands leadership over. `Ok` once the leader has
+    /// proposed it; [`Client::cluster_status`] shows when it is done.
+    pub fn cluster_change(&self, change: &protocol::ClusterChange) -> Result<()> {
+        let mut body = Vec::new();
+        change.put(&mut body);
+        self.call(&Request::ClusterChange(&body)).map(|_| ())
+    }
+
     /// Operator: ends other sessions' holds of `name` — every hold (`token`
     /// 0) or the one with `token`; each holder is told LOCK_LOST.
     /// `Status::NotHeld` if nobody holds it, `WrongToken` if no hold has

@@ -116,6 +116,27 @@ enum ClusterCommand {
         #[command(flatten)]
         args: admin::AdminArgs,
     },
+    /// Add members (started with --join), each as ID=HOST:PORT (its peer address); several at once go through joint consensus. Waits until they are caught up.
+    Add {
+        #[command(flatten)]
+        args: admin::AdminArgs,
+        #[arg(required = true, value_name = "ID=HOST:PORT")]
+        members: Vec<String>,
+    },
+    /// Remove members by id; several at once go through joint consensus. A removed node exits. Waits until the change is done.
+    Remove {
+        #[command(flatten)]
+        args: admin::AdminArgs,
+        #[arg(required = true, value_parser = clap::value_parser!(u64).range(1..))]
+        ids: Vec<u64>,
+    },
+    /// Hand leadership to member ID (brought up to date first). Waits until it leads.
+    Transfer {
+        #[command(flatten)]
+        args: admin::AdminArgs,
+        #[arg(value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
+    },
 }
 
 #[derive(Args)]
@@ -182,6 +203,9 @@ struct ServerArgs {
     /// Cluster: a follower stands for election after this (randomised up to twice it) without a leader's word; a leader without a quorum steps down as soon. Plain number: milliseconds.
     #[arg(long, env = "LIVELOCK_ELECTION_TIMEOUT", default_value = "500", value_parser = millis_flag)]
     election_timeout: Duration,
+    /// Cluster: a new member that waits to be added (`livelock cluster add`) instead of founding a cluster with the member list [env: LIVELOCK_JOIN=1]
+    #[arg(long)]
+    join: bool,
     /// Do not read the dump at start [env: LIVELOCK_DISABLE_DUMP_LOAD=1]
     #[arg(long)]
     disable_dump_load: bool,
@@ -303,13 +327,56 @@ fn main() -> ExitCode {
                 AdminCommandWithArgs::KillSession { args, session } => {
                     (args, admin::AdminCommand::KillSession { session })
                 }
-                AdminCommandWithArgs::Cluster {
-                    command: ClusterCommand::Status { args },
-                } => (args, admin::AdminCommand::ClusterStatus),
+                AdminCommandWithArgs::Cluster { command } => match command {
+                    ClusterCommand::Status { args } => (args, admin::AdminCommand::ClusterStatus),
+                    ClusterCommand::Add { args, members } => {
+                        let mut changes = Vec::new();
+                        for member in members {
+                            match livelock::cluster::parse_peers(&member) {
+                                Ok(parsed) => {
+                                    changes.extend(parsed.into_iter().map(|(id, addr)| {
+                                        livelock::protocol::MemberChange::Add {
+                                            id,
+                                            peer_addr: addr.to_string(),
+                                        }
+                                    }))
+                                }
+                                Err(e) => {
+                                    eprintln!("livelock: {e}");
+                                    return ExitCode::from(2);
+                                }
+                            }
+                        }
+                        (
+                            args,
+                            admin::AdminCommand::ClusterChange(changes_of(changes)),
+                        )
+                    }
+                    ClusterCommand::Remove { args, ids } => {
+                        let changes = ids
+                            .into_iter()
+                            .map(|id| livelock::protocol::MemberChange::Remove { id })
+                            .collect();
+                        (
+                            args,
+                            admin::AdminCommand::ClusterChange(changes_of(changes)),
+                        )
+                    }
+                    ClusterCommand::Transfer { args, id } => (
+                        args,
+                        admin::AdminCommand::ClusterChange(
+                            livelock::protocol::ClusterChange::Transfer(id),
+                        ),
+                    ),
+                },
             };
             admin::run(args, command)
         }
     }
+}
+
+fn changes_of(changes: Vec<livelock::protocol::MemberChange>) -> livelock::protocol::ClusterChange {
+    livelock::protocol::ClusterChange::Members(changes)
 }
 
 /// Reports a command-line error as clap does (exit 2), except that a bad
@@ -475,6 +542,7 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
             secret: args.cluster_secret.clone().unwrap_or_default().into_bytes(),
             failover_grace: args.failover_grace,
             election_timeout: args.election_timeout,
+            join: flag_or_env(args.join, "LIVELOCK_JOIN")?,
         };
         cluster.validate()?;
         // The state is the log's: no dump is read or written.

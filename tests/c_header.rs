@@ -131,6 +131,7 @@ fn expectations() -> Vec<(String, u64)> {
         ("FORCE_RELEASE", opcode::FORCE_RELEASE),
         ("KILL_SESSION", opcode::KILL_SESSION),
         ("CLUSTER_STATUS", opcode::CLUSTER_STATUS),
+        ("CLUSTER_CHANGE", opcode::CLUSTER_CHANGE),
         ("LOCK_LOST", opcode::LOCK_LOST),
         ("SHUTDOWN", opcode::SHUTDOWN),
         ("SESSION_TAKEN", opcode::SESSION_TAKEN),

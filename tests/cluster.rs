@@ -535,3 +535,73 @@ fn cluster_status_shows_the_leaders_view() {
     let reply = single.client().cluster_status().unwrap();
     assert_eq!((reply.node, reply.members.len()), (0, 0));
 }
+
+/// Online membership: a node started with --join is added (`livelock
+/// cluster add`), catches up from a snapshot and takes leadership when
+/// asked (`cluster transfer`); two founding members are then removed at
+/// once (joint consensus) and exit; the hold taken before survives all of
+/// it and the two that remain keep serving.
+#[test]
+fn members_are_added_and_removed_online() {
+    let mut cluster = TestCluster::start("cluster-members", 3, 70);
+    let first_leader = cluster.leader();
+    let addrs = cluster.live_clients();
+    let mut holder = Follow::connect(&addrs, "holder", Duration::from_secs(60));
+    let guard = holder.client.acquire("kept").unwrap();
+    let token = guard.token();
+    guard.forget();
+    let admin = |cluster: &TestCluster, args: &[&str]| {
+        // Every node: the one asked may be the leader that steps down.
+        let servers: Vec<String> = (1..=cluster.nodes.len() as u64)
+            .map(|id| cluster.client_addr(id).to_string())
+            .collect();
+        let output = livelock_bin()
+            .arg("cluster")
+            .args(args)
+            .arg("--json")
+            .arg("--server")
+            .arg(servers.join(","))
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "cluster {args:?}: {output:?}");
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()
+    };
+    let new = cluster.add_joiner(70);
+    let added = format!("{new}={}", cluster.peer_addr_of(new));
+    let status = admin(&cluster, &["add", &added]);
+    let members = status["members"].as_array().unwrap();
+    assert_eq!(members.len(), 4, "{status}");
+    assert!(members
+        .iter()
+        .all(|m| m["lag"] == 0 && m["healthy"] == true));
+    let status = admin(&cluster, &["transfer", &new.to_string()]);
+    assert_eq!(status["leader"], new);
+    // The old leader stepped down: it ends its process (3), as any
+    // deposed leader; its supervisor would restart it.
+    let (code, _) = cluster.wait_exit(first_leader);
+    assert_eq!(code.code(), Some(3));
+    cluster.restart(first_leader);
+    let gone: Vec<u64> = (1..=3).filter(|&id| id != first_leader).collect();
+    let remove: Vec<String> = gone.iter().map(u64::to_string).collect();
+    let mut args = vec!["remove"];
+    args.extend(remove.iter().map(String::as_str));
+    let status = admin(&cluster, &args);
+    let ids: Vec<u64> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![first_leader, new]);
+    for id in gone {
+        let (code, log) = cluster.wait_exit(id);
+        assert!(code.success(), "{log}");
+        assert!(log.contains("removed from the cluster"), "{log}");
+    }
+    let live = cluster.live_clients();
+    let resumed = holder.resume(&live);
+    assert_eq!(resumed.holds.len(), 1);
+    assert_eq!(resumed.holds[0].token, token);
+    let other = holder.client.acquire("after").unwrap();
+    assert!(other.token() > 0);
+}

@@ -155,6 +155,18 @@ impl Shared {
             .map_or_else(Default::default, |status| status.reply())
     }
 
+    /// Hands an operator's CLUSTER_CHANGE to the raft thread: the reply's
+    /// status and message.
+    pub fn cluster_change(&self, change: crate::protocol::ClusterChange) -> (Status, &'static str) {
+        match &self.cluster {
+            None => (Status::BadBody, "not a cluster: a single server"),
+            Some(status) => match status.ask(change) {
+                true => (Status::Ok, ""),
+                false => (Status::ServerBusy, "too many cluster changes waiting"),
+            },
+        }
+    }
+
     pub fn not_ready(&self) -> Option<&'static str> {
         if self.stopping.load(Ordering::SeqCst) {
             Some("shutting down")
@@ -1953,7 +1965,7 @@ fn native_op(code: u8) -> crate::metrics::Op {
         opcode::STATS => Op::Stats,
         opcode::FORCE_RELEASE => Op::ForceRelease,
         opcode::KILL_SESSION => Op::KillSession,
-        opcode::CLUSTER_STATUS => Op::ClusterStatus,
+        opcode::CLUSTER_STATUS | opcode::CLUSTER_CHANGE => Op::Cluster,
         _ => Op::Ping,
     }
 }

@@ -78,7 +78,8 @@ pub enum Op {
     Stats,
     ForceRelease,
     KillSession,
-    ClusterStatus,
+    /// CLUSTER_STATUS and CLUSTER_CHANGE.
+    Cluster,
     /// Any LiveLock-protocol command.
     Resp,
 }
@@ -101,7 +102,7 @@ impl Op {
         Op::Stats,
         Op::ForceRelease,
         Op::KillSession,
-        Op::ClusterStatus,
+        Op::Cluster,
         Op::Resp,
     ];
 
@@ -122,7 +123,7 @@ impl Op {
             Op::Stats => "stats",
             Op::ForceRelease => "force_release",
             Op::KillSession => "kill_session",
-            Op::ClusterStatus => "cluster_status",
+            Op::Cluster => "cluster",
             Op::Resp => "resp",
         }
     }

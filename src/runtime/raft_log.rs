@@ -44,6 +44,9 @@ use crate::snapshot::LoopState;
 pub const GROUP: u64 = 1;
 /// Where the group's hard state is kept in raft-engine.
 const HARD_STATE_KEY: &[u8] = b"hard_state";
+/// A cluster's voters (raft's conf state) and members' peer addresses.
+const CONF_STATE_KEY: &[u8] = b"conf_state";
+const MEMBERS_KEY: &[u8] = b"members";
 /// This node's Raft id.
 const NODE_ID: u64 = 1;
 /// The log writes only while the file system has this much room (raft-engine
@@ -667,6 +670,9 @@ impl Writer {
     }
 }
 
+/// A cluster's members: id → peer address.
+pub type Members = std::collections::BTreeMap<u64, std::net::SocketAddr>;
+
 /// The log's store (raft-engine) and how its writes are checked.
 pub struct Store {
     pub engine: Engine,
@@ -682,6 +688,51 @@ impl Store {
             log_dir: log_dir(&config.data_dir),
             fault_fail_file: config.fault_fail_file.clone(),
         }
+    }
+
+    /// Stores a cluster's membership: the voters (raft's conf state) and
+    /// every member's peer address, fsynced.
+    pub fn put_membership(&self, conf_state: &ConfState, members: &Members) -> Result<(), String> {
+        let text: Vec<String> = members
+            .iter()
+            .map(|(id, addr)| format!("{id}={addr}"))
+            .collect();
+        let mut batch = LogBatch::default();
+        batch
+            .put_message(GROUP, CONF_STATE_KEY.to_vec(), conf_state)
+            .map_err(|e| e.to_string())?;
+        batch
+            .put(GROUP, MEMBERS_KEY.to_vec(), text.join(",").into_bytes())
+            .map_err(|e| e.to_string())?;
+        self.engine
+            .write(&mut batch, true)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    /// The membership stored by `put_membership`, if any.
+    pub fn membership(&self) -> Result<Option<(ConfState, Members)>, String> {
+        let Some(conf_state) = self
+            .engine
+            .get_message::<ConfState>(GROUP, CONF_STATE_KEY)
+            .map_err(|e| format!("the stored membership is unreadable: {e}"))?
+        else {
+            return Ok(None);
+        };
+        let text = self.engine.get(GROUP, MEMBERS_KEY).unwrap_or_default();
+        let mut members = std::collections::BTreeMap::new();
+        for one in String::from_utf8_lossy(&text)
+            .split(',')
+            .filter(|s| !s.is_empty())
+        {
+            let parsed = one
+                .split_once('=')
+                .and_then(|(id, addr)| Some((id.parse().ok()?, addr.parse().ok()?)));
+            let (id, addr) =
+                parsed.ok_or_else(|| format!("a stored member is unreadable: {one:?}"))?;
+            members.insert(id, addr);
+        }
+        Ok(Some((conf_state, members)))
     }
 
     /// Drops every stored entry (a snapshot from the leader replaces the

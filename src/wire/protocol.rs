@@ -99,6 +99,10 @@ pub mod opcode {
     /// A cluster's state as its leader sees it: empty body. Reply body: see
     /// [`super::ClusterReply`].
     pub const CLUSTER_STATUS: u8 = 15;
+    /// Operator: change a cluster's members, or hand leadership over.
+    /// Body: see [`super::ClusterChange`]. Reply: `Ok` once the leader has
+    /// proposed it (CLUSTER_STATUS shows when it is done).
+    pub const CLUSTER_CHANGE: u8 = 16;
     /// Push: a held lock was taken away (lease expired); body token + name.
     pub const LOCK_LOST: u8 = 0x40;
     /// Push: the server is shutting down; empty body.
@@ -477,6 +481,8 @@ pub enum Request<'a> {
     },
     Stats,
     ClusterStatus,
+    /// A well-formed [`ClusterChange`] body (`ClusterChange::parse` it).
+    ClusterChange(&'a [u8]),
     /// `token` 0: every hold of the lock.
     ForceRelease {
         name: &'a [u8],
@@ -530,6 +536,7 @@ impl Request<'_> {
             Request::List { .. } => opcode::LIST,
             Request::Stats => opcode::STATS,
             Request::ClusterStatus => opcode::CLUSTER_STATUS,
+            Request::ClusterChange(_) => opcode::CLUSTER_CHANGE,
             Request::ForceRelease { .. } => opcode::FORCE_RELEASE,
             Request::KillSession { .. } => opcode::KILL_SESSION,
         }
@@ -758,6 +765,10 @@ fn decode_body(op: u8, body: &[u8], with_token: bool) -> Result<Request<'_>, Sta
         opcode::BYE => Ok(Request::Bye),
         opcode::STATS => Ok(Request::Stats),
         opcode::CLUSTER_STATUS => Ok(Request::ClusterStatus),
+        opcode::CLUSTER_CHANGE => match ClusterChange::parse(body) {
+            Some(_) => Ok(Request::ClusterChange(body)),
+            None => Err(Status::BadBody),
+        },
         opcode::SIGNAL => {
             let (fixed, rest) = body.split_first_chunk::<4>().ok_or(Status::BadBody)?;
             let op = match fixed[0] {
@@ -1187,6 +1198,10 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
             out.extend_from_slice(fixed.as_bytes());
         }
         Request::Ping | Request::Bye | Request::Stats | Request::ClusterStatus => header(out, 0),
+        Request::ClusterChange(body) => {
+            header(out, body.len());
+            out.extend_from_slice(body);
+        }
         Request::Signal { name, signal, op } => {
             header(out, 4 + name.len() + signal.len());
             out.extend_from_slice(&[op as u8, 0]);
@@ -1539,6 +1554,87 @@ impl ClusterReply {
             out.extend_from_slice(&len_u16(member.client_addr.len()).get().to_le_bytes());
             out.extend_from_slice(member.client_addr.as_bytes());
         }
+    }
+}
+
+/// Most member changes in one CLUSTER_CHANGE.
+pub const MEMBER_CHANGES_MAX: usize = 8;
+
+/// A CLUSTER_CHANGE body: kind u8 — 0: member changes, then count u16 and
+/// per change op u8 (0 add a voter, 1 remove), id u64, addr_len u16 and
+/// the new member's peer address (UTF-8 `HOST:PORT`; empty for a removal);
+/// several changes go through raft's joint consensus — 1: hand leadership
+/// to member id u64.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterChange {
+    Members(Vec<MemberChange>),
+    Transfer(u64),
+}
+
+/// One change of a [`ClusterChange::Members`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberChange {
+    Add { id: u64, peer_addr: String },
+    Remove { id: u64 },
+}
+
+impl ClusterChange {
+    pub fn put(&self, out: &mut Vec<u8>) {
+        match self {
+            ClusterChange::Members(changes) => {
+                out.push(0);
+                out.extend_from_slice(&len_u16(changes.len()).get().to_le_bytes());
+                for change in changes {
+                    let (op, id, addr) = match change {
+                        MemberChange::Add { id, peer_addr } => (0, id, peer_addr.as_str()),
+                        MemberChange::Remove { id } => (1, id, ""),
+                    };
+                    out.push(op);
+                    out.extend_from_slice(&id.to_le_bytes());
+                    out.extend_from_slice(&len_u16(addr.len()).get().to_le_bytes());
+                    out.extend_from_slice(addr.as_bytes());
+                }
+            }
+            ClusterChange::Transfer(id) => {
+                out.push(1);
+                out.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+    }
+
+    /// The body, if it is well formed (ids ≥ 1, 1..=MEMBER_CHANGES_MAX
+    /// changes, an address of at most 255 bytes for each addition).
+    pub fn parse(body: &[u8]) -> Option<ClusterChange> {
+        let mut cursor = Cursor(body);
+        let change = match cursor.take(1)?[0] {
+            0 => {
+                let count = cursor.u16()? as usize;
+                if count == 0 || count > MEMBER_CHANGES_MAX {
+                    return None;
+                }
+                let mut changes = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let op = cursor.take(1)?[0];
+                    let id = cursor.u64()?;
+                    let addr = cursor.bytes16()?;
+                    if id == 0 || addr.len() > 255 {
+                        return None;
+                    }
+                    changes.push(match op {
+                        0 if !addr.is_empty() => MemberChange::Add {
+                            id,
+                            peer_addr: String::from_utf8(addr).ok()?,
+                        },
+                        1 if addr.is_empty() => MemberChange::Remove { id },
+                        _ => return None,
+                    });
+                }
+                ClusterChange::Members(changes)
+            }
+            1 => ClusterChange::Transfer(cursor.u64().filter(|&id| id != 0)?),
+            _ => return None,
+        };
+        cursor.0.is_empty().then_some(change)
     }
 }
 
@@ -2124,7 +2220,7 @@ mod tests {
     fn unknown_and_push_opcodes_are_rejected() {
         for op in [
             0,
-            15,
+            17,
             0x3F,
             opcode::LOCK_LOST,
             opcode::SHUTDOWN,
@@ -2687,5 +2783,43 @@ mod tests {
             decode_body(opcode::CLUSTER_STATUS, b"", false),
             Ok(Request::ClusterStatus)
         );
+    }
+
+    #[test]
+    fn cluster_changes_round_trip_and_refuse_junk() {
+        for change in [
+            ClusterChange::Members(vec![
+                MemberChange::Add {
+                    id: 4,
+                    peer_addr: "10.0.0.4:7874".into(),
+                },
+                MemberChange::Remove { id: 1 },
+            ]),
+            ClusterChange::Transfer(2),
+        ] {
+            let mut body = Vec::new();
+            change.put(&mut body);
+            assert_eq!(ClusterChange::parse(&body), Some(change.clone()));
+            assert_eq!(
+                decode_body(opcode::CLUSTER_CHANGE, &body, false),
+                Ok(Request::ClusterChange(&body))
+            );
+            assert_eq!(ClusterChange::parse(&body[..body.len() - 1]), None);
+        }
+        let junk: [&[u8]; 6] = [
+            b"",
+            &[2],
+            &[1, 0, 0, 0, 0, 0, 0, 0, 0],                // transfer to 0
+            &[0, 0, 0],                                  // no change
+            &[0, 1, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0], // an addition without an address
+            &[0, 1, 0, 1, 5, 0, 0, 0, 0, 0, 0, 0, 1, 0, b'x'], // remove with an address
+        ];
+        for body in junk {
+            assert_eq!(
+                decode_body(opcode::CLUSTER_CHANGE, body, false),
+                Err(Status::BadBody),
+                "{body:?}"
+            );
+        }
     }
 }

@@ -111,14 +111,32 @@ pub struct Node {
     runs: u32,
 }
 
+impl Node {
+    /// Node `id` on 127.0.0.(base+id), its data in `dir/node<id>`.
+    fn new(dir: &ScratchDir, id: u64, base: u8) -> Node {
+        let ip = [127, 0, 0, base + id as u8];
+        let data = dir.join(&format!("node{id}"));
+        std::fs::create_dir_all(&data).unwrap();
+        Node {
+            id,
+            client: free_port_on(ip),
+            peer: free_port_on(ip),
+            data,
+            process: None,
+            runs: 0,
+        }
+    }
+}
+
 /// A cluster of `n` nodes on 127.0.0.(base+1) ..= (base+n).
 pub struct TestCluster {
     pub dir: ScratchDir,
     pub nodes: Vec<Node>,
     /// (from, to) → the relay of that direction.
     pub links: BTreeMap<(u64, u64), Link>,
-    /// More `livelock server` arguments for every node.
+    /// More `livelock server` arguments for every node, and for some.
     extra: Vec<String>,
+    extra_for: BTreeMap<u64, Vec<String>>,
 }
 
 /// A free port on `ip` (bound and released: the node binds it next).
@@ -136,21 +154,7 @@ impl TestCluster {
     /// Starts `n` nodes with `extra` server arguments.
     pub fn start_with(label: &str, n: u64, base: u8, extra: &[&str]) -> TestCluster {
         let dir = ScratchDir::new(label);
-        let nodes: Vec<Node> = (1..=n)
-            .map(|id| {
-                let ip = [127, 0, 0, base + id as u8];
-                let data = dir.join(&format!("node{id}"));
-                std::fs::create_dir_all(&data).unwrap();
-                Node {
-                    id,
-                    client: free_port_on(ip),
-                    peer: free_port_on(ip),
-                    data,
-                    process: None,
-                    runs: 0,
-                }
-            })
-            .collect();
+        let nodes: Vec<Node> = (1..=n).map(|id| Node::new(&dir, id, base)).collect();
         let mut links = BTreeMap::new();
         for from in &nodes {
             for to in &nodes {
@@ -165,6 +169,7 @@ impl TestCluster {
             nodes,
             links,
             extra,
+            extra_for: BTreeMap::new(),
         };
         for id in 1..=n {
             cluster.spawn(id);
@@ -177,6 +182,30 @@ impl TestCluster {
 
     fn node(&mut self, id: u64) -> &mut Node {
         &mut self.nodes[id as usize - 1]
+    }
+
+    /// A new node that joins (`--join`): its links to and from every node,
+    /// started; returns its id. It is a member once `livelock cluster add`
+    /// adds it with `peer_addr_of(id)`.
+    pub fn add_joiner(&mut self, base: u8) -> u64 {
+        let id = self.nodes.len() as u64 + 1;
+        let node = Node::new(&self.dir, id, base);
+        for other in &self.nodes {
+            self.links.insert((other.id, id), Link::start(node.peer));
+            self.links.insert((id, other.id), Link::start(other.peer));
+        }
+        self.nodes.push(node);
+        self.extra_for.insert(id, vec!["--join".to_string()]);
+        self.spawn(id);
+        self.wait_up(id);
+        id
+    }
+
+    /// The address members reach node `id` at once it is added: its own
+    /// peer port (a membership change carries one address per member, so
+    /// links to an added node bypass the relays).
+    pub fn peer_addr_of(&self, id: u64) -> SocketAddr {
+        self.nodes[id as usize - 1].peer
     }
 
     /// Starts node `id` (again), with its peers behind their relays.
@@ -200,6 +229,7 @@ impl TestCluster {
             .arg("--data-dir")
             .arg(&node.data)
             .args(&self.extra)
+            .args(self.extra_for.get(&id).into_iter().flatten())
             .env("LIVELOCK_CLUSTER_SECRET", SECRET);
         let what = format!("node{id}-run{}", node.runs + 1);
         let process = ChildGuard::spawn(&what, &mut command, &self.dir);

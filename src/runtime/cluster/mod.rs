@@ -24,6 +24,8 @@ use std::time::Duration;
 
 pub use node::{Base, NodeStatus};
 
+use raft::eraftpb::ConfState;
+
 use crate::config::ServerConfig;
 use crate::data_dir::{self, DirLock};
 use crate::raft_log::{self, LogConfig, LogShared, Store};
@@ -49,6 +51,9 @@ pub struct ClusterConfig {
     pub failover_grace: Duration,
     /// Raft's election timeout (randomised up to twice this).
     pub election_timeout: Duration,
+    /// A new member: it starts with no membership and waits to be added
+    /// (`livelock cluster add`), instead of founding a cluster.
+    pub join: bool,
 }
 
 impl ClusterConfig {
@@ -138,6 +143,33 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
         fault_fail_file: config.fault_log_fail_file.clone(),
     };
     let store = Store::new(engine, &log_config);
+    // The membership: as stored (changes made while running), else the
+    // `--peers` list (a new cluster) — or none, for a node that joins and
+    // waits to be added. Addresses given now win (a member moved).
+    let (conf_state, members) = match store.membership().map_err(io::Error::other)? {
+        Some((conf_state, mut members)) => {
+            members.extend(cluster.peers.iter().map(|(&id, &addr)| (id, addr)));
+            (conf_state, members)
+        }
+        None if cluster.join => (ConfState::default(), cluster.peers.clone()),
+        None => {
+            // A founding member: the cluster's first snapshot (index 1,
+            // term 1, no state) and its first members, the same on every
+            // founding node, so that a member added later is sent a
+            // snapshot that says who the members were.
+            let voters: Vec<u64> = cluster.peers.keys().copied().collect();
+            let conf_state = ConfState::from((voters, vec![]));
+            if own_snapshot(&config)?.is_none() {
+                let empty = (Default::default(), Default::default());
+                let founding = crate::snapshot::log_snapshot(vec![empty], 1, 1);
+                data_dir::write_atomic(&config.dump_path(), &crate::dump::encode(&founding))?;
+            }
+            store
+                .put_membership(&conf_state, &cluster.peers)
+                .map_err(io::Error::other)?;
+            (conf_state, cluster.peers.clone())
+        }
+    };
     let (log, parts) = LogShared::new();
     log.read_barriers
         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -151,13 +183,14 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
     let (links, inbox) = transport::start(
         &me,
         peer_listener,
-        &cluster.peers,
+        &members,
         directory.clone(),
         Arc::new(move || wake.wake()),
     )?;
     let node = node::start(node::NodeStart {
         id: cluster.node_id,
-        voters: cluster.peers.keys().copied().collect(),
+        conf_state,
+        members,
         store,
         hard_state,
         snapshot: own_snapshot(&config)?,

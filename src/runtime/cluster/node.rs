@@ -11,7 +11,7 @@
 //! majority stores them. A leader that loses office ends the process (its
 //! held output never leaves; its clients reconnect to the new leader).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,14 +19,18 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use raft::eraftpb::{ConfState, Entry, Message, MessageType, Snapshot};
+use raft::eraftpb::{
+    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry,
+    EntryType, Message, MessageType, Snapshot,
+};
 use raft::{Config as RaftConfig, ProgressState, RawNode, SnapshotStatus, StateRole};
+use std::net::SocketAddr;
 
 use super::storage::ClusterStorage;
 use super::transport::Links;
 use crate::dump::{self, Dump};
 use crate::journal::Replay;
-use crate::protocol::{ClusterMember, ClusterReply};
+use crate::protocol::{ClusterChange, ClusterMember, ClusterReply, MemberChange};
 use crate::raft_log::{self, LogShared, SnapshotJob, SnapshotPart, Store};
 use crate::snapshot;
 
@@ -36,6 +40,8 @@ pub const TICK: Duration = Duration::from_millis(50);
 const HEARTBEAT_TICKS: usize = 2;
 /// How long a leader asked to stop tries to hand over before it just goes.
 const TRANSFER_MAX: Duration = Duration::from_secs(3);
+/// Operators' changes waiting for the raft thread.
+const CHANGES_MAX: usize = 16;
 /// A snapshot sent that no follower acknowledged within this is sent again.
 const SNAPSHOT_RETRY: Duration = Duration::from_secs(10);
 
@@ -46,8 +52,9 @@ pub enum Event {
     Promoted { state: Dump },
 }
 
-/// What the node shows (the proxy, status, metrics).
-#[derive(Debug, Default)]
+/// What the node shows (the proxy, status, metrics), and the operators'
+/// changes on their way to it.
+#[derive(Debug)]
 pub struct NodeStatus {
     pub id: u64,
     pub leader: AtomicU64,
@@ -60,9 +67,30 @@ pub struct NodeStatus {
     members: Mutex<Vec<(u64, u64, u8, bool)>>,
     /// Members' client addresses.
     pub directory: Arc<super::transport::Directory>,
+    changes: (Sender<ClusterChange>, Receiver<ClusterChange>),
 }
 
 impl NodeStatus {
+    fn new(id: u64, directory: Arc<super::transport::Directory>) -> NodeStatus {
+        NodeStatus {
+            id,
+            leader: AtomicU64::new(0),
+            term: AtomicU64::new(0),
+            commit: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            serving: AtomicBool::new(false),
+            members: Mutex::new(Vec::new()),
+            directory,
+            changes: crossbeam_channel::bounded(CHANGES_MAX),
+        }
+    }
+
+    /// Hands an operator's change to the raft thread; false if too many
+    /// wait already.
+    pub fn ask(&self, change: ClusterChange) -> bool {
+        self.changes.0.try_send(change).is_ok()
+    }
+
     /// The CLUSTER_STATUS reply.
     pub fn reply(&self) -> ClusterReply {
         let members = self
@@ -131,7 +159,10 @@ impl NodeHandle {
 /// Everything the node starts from.
 pub struct NodeStart {
     pub id: u64,
-    pub voters: Vec<u64>,
+    /// The voters (from the stored membership, else `--peers`; none for a
+    /// node that joins) and every member's peer address.
+    pub conf_state: ConfState,
+    pub members: BTreeMap<u64, SocketAddr>,
     pub store: Store,
     pub hard_state: raft::eraftpb::HardState,
     /// The node's last snapshot (its dump file, with a log position).
@@ -151,7 +182,8 @@ pub struct NodeStart {
 pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
     let NodeStart {
         id,
-        voters,
+        conf_state,
+        members,
         store,
         hard_state,
         snapshot,
@@ -164,7 +196,6 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
         inbox,
         directory,
     } = start;
-    let conf_state = ConfState::from((voters, vec![]));
     // The node's own snapshot, then the stored entries after it.
     let (replay, raft_snapshot) = match &snapshot {
         Some(state) => {
@@ -210,15 +241,12 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
     config.validate().map_err(|e| format!("raft: {e}"))?;
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     let raw = RawNode::new(&config, storage.clone(), &logger).map_err(|e| format!("raft: {e}"))?;
-    let status = Arc::new(NodeStatus {
-        id,
-        directory,
-        ..NodeStatus::default()
-    });
+    let status = Arc::new(NodeStatus::new(id, directory));
     let (events_tx, events) = crossbeam_channel::bounded(1);
     let (base_tx, base_rx) = crossbeam_channel::bounded(1);
     let stop = Arc::new(AtomicBool::new(false));
     let mut node = Node {
+        members,
         raw,
         storage,
         store,
@@ -264,6 +292,8 @@ type Written = Arc<Mutex<Option<(u64, u64, Vec<u8>)>>>;
 type LeaderSnapshots = (Sender<SnapshotJob>, Box<dyn Fn() + Send>);
 
 struct Node {
+    /// Every member's peer address (stored with the membership).
+    members: BTreeMap<u64, SocketAddr>,
     raw: RawNode<ClusterStorage>,
     /// What raft reads (the node writes it after each persisted Ready).
     storage: ClusterStorage,
@@ -322,6 +352,9 @@ impl Node {
             if self.promoted && !leader {
                 self.deposed();
             }
+            while let Ok(change) = self.status.changes.1.try_recv() {
+                self.ask(change);
+            }
             if leader && self.wake_loops.is_none() {
                 if let Ok(base) = self.base_rx.try_recv() {
                     if let Err(e) = self.raw.propose(Vec::new(), base.entry) {
@@ -339,7 +372,10 @@ impl Node {
                 }
             }
             let mut proposed = false;
-            if leader && self.wake_loops.is_some() {
+            // While leadership is being handed over raft takes no proposal:
+            // the batches wait in the queue (and their output with them).
+            let transferring = self.raw.raft.lead_transferee.is_some();
+            if leader && self.wake_loops.is_some() && !transferring {
                 let (data, seq) = self.log.take_queued(std::mem::take(&mut spare));
                 if seq <= self.taken {
                     spare = data;
@@ -417,13 +453,14 @@ impl Node {
     /// Committed entries go into the replayed state, until this node
     /// serves (then its loops have the state).
     fn apply(&mut self, entries: &[Entry]) {
-        let Some(replay) = &mut self.replay else {
-            return;
-        };
         for entry in entries {
             if entry.get_entry_type() != raft::eraftpb::EntryType::EntryNormal {
+                self.apply_conf_change(entry);
                 continue;
             }
+            let Some(replay) = &mut self.replay else {
+                continue;
+            };
             if let Err(e) = replay.apply_committed(entry.index, &entry.data) {
                 // Every node applies the same entries: this is a bug or a
                 // damaged log, and serving on would be wrong.
@@ -432,7 +469,7 @@ impl Node {
             }
             self.since_snapshot += entry.data.len() as u64;
         }
-        let Some(last) = entries.last() else {
+        let (Some(last), Some(replay)) = (entries.last(), &self.replay) else {
             return;
         };
         // A follower snapshots its replayed state as the leader does its
@@ -460,6 +497,126 @@ impl Node {
                 tx
             });
             let _ = writer.try_send((last.index, last.term, state));
+        }
+    }
+
+    /// A committed membership change: raft's configuration, the peer
+    /// links and the stored membership follow it; a node removed leaves.
+    fn apply_conf_change(&mut self, entry: &Entry) {
+        use protobuf::Message as _;
+        // (This node proposes only version 2 changes.)
+        let change = match entry.get_entry_type() {
+            EntryType::EntryConfChangeV2 => {
+                ConfChangeV2::parse_from_bytes(&entry.data).map_err(|e| e.to_string())
+            }
+            _ => Err("a version 1 change".to_string()),
+        };
+        let change = match change {
+            Ok(change) => change,
+            Err(e) => {
+                tracing::error!(
+                    "committed entry {}: a bad membership change ({e}); stopping",
+                    entry.index
+                );
+                std::process::exit(1);
+            }
+        };
+        let conf_state = match self.raw.apply_conf_change(&change) {
+            Ok(conf_state) => conf_state,
+            Err(e) => {
+                tracing::error!(
+                    "committed entry {}: membership change refused: {e}; stopping",
+                    entry.index
+                );
+                std::process::exit(1);
+            }
+        };
+        // The addresses of the members added ride in the context.
+        for (id, addr) in parse_members(&String::from_utf8_lossy(&entry.context)) {
+            self.members.insert(id, addr);
+            self.links.set(id, addr);
+        }
+        let current: Vec<u64> = conf_state
+            .voters
+            .iter()
+            .chain(&conf_state.voters_outgoing)
+            .copied()
+            .collect();
+        self.members.retain(|id, _| current.contains(id));
+        for id in self.links.peers().into_keys() {
+            if !current.contains(&id) {
+                self.links.remove(id);
+            }
+        }
+        self.storage.wl().set_conf_state(conf_state.clone());
+        if let Err(e) = self.store.put_membership(&conf_state, &self.members) {
+            tracing::error!("cannot store the membership: {e}; stopping");
+            std::process::exit(1);
+        }
+        tracing::info!(
+            "membership now: voters {:?}{}",
+            conf_state.voters,
+            match conf_state.voters_outgoing.is_empty() {
+                true => String::new(),
+                false => format!(" (joint with {:?})", conf_state.voters_outgoing),
+            }
+        );
+        if !current.contains(&self.raw.raft.id) {
+            tracing::warn!("this node was removed from the cluster; exiting");
+            std::process::exit(0);
+        }
+        // A member just added is sent a snapshot that knows it: take one.
+        if self.jobs.is_some() {
+            self.since_snapshot = self.snapshot_log_bytes;
+            self.maybe_snapshot_as_leader(0);
+        }
+    }
+
+    /// An operator's change, on the leader: proposed (added members get a
+    /// link at once, so they are caught up as soon as they count).
+    fn ask(&mut self, change: ClusterChange) {
+        if self.raw.raft.state != StateRole::Leader {
+            tracing::warn!("a cluster change arrived after this node stopped leading; dropped");
+            return;
+        }
+        match change {
+            ClusterChange::Transfer(id) => {
+                tracing::info!("handing leadership to node {id}, as asked");
+                self.raw.transfer_leader(id);
+            }
+            ClusterChange::Members(changes) => {
+                let mut cc = ConfChangeV2::default();
+                let mut context = Vec::new();
+                for change in &changes {
+                    let single = match change {
+                        MemberChange::Add { id, peer_addr } => {
+                            match peer_addr.parse::<SocketAddr>() {
+                                Ok(addr) => {
+                                    self.links.set(*id, addr);
+                                    context.push(format!("{id}={addr}"));
+                                }
+                                Err(_) => {
+                                    tracing::warn!("member {id}: {peer_addr:?} is not HOST:PORT; change dropped");
+                                    return;
+                                }
+                            }
+                            single(*id, ConfChangeType::AddNode)
+                        }
+                        MemberChange::Remove { id } => single(*id, ConfChangeType::RemoveNode),
+                    };
+                    cc.mut_changes().push(single);
+                }
+                // Several changes at once go through joint consensus, left
+                // automatically once the joint configuration is committed.
+                cc.set_transition(ConfChangeTransition::Auto);
+                match self
+                    .raw
+                    .propose_conf_change(context.join(",").into_bytes(), cc)
+                {
+                    Ok(()) => tracing::info!(?changes, "membership change proposed"),
+                    Err(e) => tracing::warn!(?changes, "membership change refused: {e}"),
+                }
+            }
         }
     }
 
@@ -777,4 +934,23 @@ fn write_follower_snapshot(
         ),
     }
     log.snapshot_pending.store(false, Ordering::SeqCst);
+}
+
+/// `ID=HOST:PORT,...` as a membership change's context carries it.
+fn parse_members(text: &str) -> Vec<(u64, SocketAddr)> {
+    text.split(',')
+        .filter_map(|one| {
+            let (id, addr) = one.split_once('=')?;
+            Some((id.parse().ok()?, addr.parse().ok()?))
+        })
+        .collect()
+}
+
+fn single(node_id: u64, change_type: ConfChangeType) -> ConfChangeSingle {
+    let mut single = ConfChangeSingle {
+        node_id,
+        ..ConfChangeSingle::default()
+    };
+    single.set_change_type(change_type);
+    single
 }

@@ -74,6 +74,11 @@ impl Core {
         self.snapshot = snapshot;
     }
 
+    /// A membership change applied.
+    pub fn set_conf_state(&mut self, conf_state: ConfState) {
+        self.conf_state = conf_state;
+    }
+
     pub fn snapshot_index(&self) -> u64 {
         self.snapshot.get_metadata().index
     }
@@ -171,9 +176,15 @@ impl Storage for ClusterStorage {
         Ok(self.rl().last_index())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let core = self.rl();
-        if core.snapshot.get_metadata().index < request_index || core.snapshot.data.is_empty() {
+        let meta = core.snapshot.get_metadata();
+        // A member added after the snapshot would refuse it (it is not
+        // among its members): it waits for the next one, which the leader
+        // takes when a change is applied.
+        let knows = meta.get_conf_state().voters.contains(&to)
+            || meta.get_conf_state().learners.contains(&to);
+        if meta.index < request_index || core.snapshot.data.is_empty() || !knows {
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,
             ));
@@ -202,11 +213,17 @@ mod tests {
         snapshot.mut_metadata().index = index;
         snapshot.mut_metadata().term = term;
         snapshot
+            .mut_metadata()
+            .set_conf_state(ConfState::from((vec![2], vec![])));
+        snapshot
     }
 
     #[test]
     fn appends_replace_a_conflicting_tail_and_compaction_keeps_terms() {
         let storage = ClusterStorage::default();
+        storage
+            .wl()
+            .set_conf_state(ConfState::from((vec![2], vec![])));
         storage
             .wl()
             .append(&[entry(1, 1), entry(2, 1), entry(3, 1)]);
@@ -224,6 +241,10 @@ mod tests {
         assert_eq!(storage.entries(4, 5, None, ctx).unwrap(), vec![entry(4, 2)]);
         assert_eq!(storage.snapshot(3, 2).unwrap().get_metadata().index, 3);
         assert!(storage.snapshot(4, 2).is_err(), "no snapshot that new yet");
+        assert!(
+            storage.snapshot(3, 5).is_err(),
+            "node 5 is not among its members"
+        );
     }
 
     #[test]

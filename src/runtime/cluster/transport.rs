@@ -66,18 +66,52 @@ impl Directory {
 
 /// The outgoing side: one queue per peer.
 pub struct Links {
-    senders: BTreeMap<u64, Sender<Message>>,
+    me: Identity,
+    /// Per peer: its address and the queue of its sender thread.
+    senders: BTreeMap<u64, (SocketAddr, Sender<Message>)>,
     stop: Arc<AtomicBool>,
 }
 
 impl Links {
     /// Queues `message` for its peer; dropped if the queue is full.
     pub fn send(&self, message: Message) {
-        if let Some(tx) = self.senders.get(&message.to) {
+        if let Some((_, tx)) = self.senders.get(&message.to) {
             match tx.try_send(message) {
                 Ok(()) | Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {}
             }
         }
+    }
+
+    /// Peer `id` is at `addr` (a member added, or moved): a sender thread
+    /// for it (the old one, if any, ends).
+    pub fn set(&mut self, id: u64, addr: SocketAddr) {
+        if id == self.me.node_id || self.senders.get(&id).is_some_and(|(a, _)| *a == addr) {
+            return;
+        }
+        let (tx, rx) = crossbeam_channel::bounded(QUEUE_MAX);
+        let (me, stop) = (self.me.clone(), self.stop.clone());
+        let spawned = thread::Builder::new()
+            .name(format!("livelock-peer-{id}"))
+            .spawn(move || send_loop(&me, id, addr, &rx, &stop));
+        match spawned {
+            Ok(_) => {
+                self.senders.insert(id, (addr, tx));
+            }
+            Err(e) => tracing::error!("cannot start the link to node {id}: {e}"),
+        }
+    }
+
+    /// Peer `id` is no member any more: its sender thread ends.
+    pub fn remove(&mut self, id: u64) {
+        self.senders.remove(&id);
+    }
+
+    /// The peers and their addresses.
+    pub fn peers(&self) -> BTreeMap<u64, SocketAddr> {
+        self.senders
+            .iter()
+            .map(|(&id, (addr, _))| (id, *addr))
+            .collect()
     }
 }
 
@@ -116,20 +150,15 @@ pub fn start(
             .name("livelock-peers".into())
             .spawn(move || accept(listener, me, inbox_tx, directory, wake, stop))?;
     }
-    let mut senders = BTreeMap::new();
+    let mut links = Links {
+        me: me.clone(),
+        senders: BTreeMap::new(),
+        stop,
+    };
     for (&id, &addr) in peers {
-        if id == me.node_id {
-            continue;
-        }
-        let (tx, rx) = crossbeam_channel::bounded(QUEUE_MAX);
-        senders.insert(id, tx);
-        let me = me.clone();
-        let stop = stop.clone();
-        thread::Builder::new()
-            .name(format!("livelock-peer-{id}"))
-            .spawn(move || send_loop(&me, id, addr, &rx, &stop))?;
+        links.set(id, addr);
     }
-    Ok((Links { senders, stop }, inbox))
+    Ok((links, inbox))
 }
 
 fn handshake(me: &Identity) -> Vec<u8> {
@@ -152,8 +181,15 @@ fn send_loop(me: &Identity, id: u64, addr: SocketAddr, rx: &Receiver<Message>, s
         let stream = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
             Ok(stream) => stream,
             Err(_) => {
-                // Raft resends: what piled up meanwhile is stale.
-                while rx.try_recv().is_ok() {}
+                // Raft resends: what piled up meanwhile is stale. A peer
+                // removed (its queue dropped) ends the thread.
+                loop {
+                    match rx.try_recv() {
+                        Ok(_) => {}
+                        Err(crossbeam_channel::TryRecvError::Empty) => break,
+                        Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+                    }
+                }
                 thread::sleep(RECONNECT_WAIT);
                 continue;
             }

@@ -166,6 +166,7 @@ impl EventLoop {
                 | Request::Ping
                 | Request::Bye
                 | Request::ClusterStatus
+                | Request::ClusterChange(_)
         ) {
             self.metrics.observe(super::native_op(request.opcode()), 0);
         }
@@ -242,6 +243,17 @@ impl EventLoop {
                 let start = protocol::begin_reply(out, opcode::CLUSTER_STATUS, request_id);
                 reply.put(out);
                 protocol::end_reply(out, start);
+                Flow::Continue
+            }
+            (Request::ClusterChange(body), Some(id)) => {
+                let change = protocol::ClusterChange::parse(body).expect("checked when decoded");
+                tracing::warn!(
+                    by_session = id,
+                    ?change,
+                    "cluster change asked by an operator"
+                );
+                let (status, message) = self.shared.cluster_change(change);
+                self.reply_status(token, opcode::CLUSTER_CHANGE, request_id, status, message);
                 Flow::Continue
             }
             (Request::Bye, Some(id)) => {
@@ -646,7 +658,8 @@ impl EventLoop {
             | Request::Resume { .. }
             | Request::Ping
             | Request::Bye
-            | Request::ClusterStatus => {
+            | Request::ClusterStatus
+            | Request::ClusterChange(_) => {
                 unreachable!("handled by handle_native")
             }
         };
