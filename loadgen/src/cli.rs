@@ -58,8 +58,9 @@ pub enum OpArg {
 #[command(name = "livelock-loadgen", version, after_help = AFTER_HELP)]
 pub struct Args {
     /// What to load: livelock://HOST[:PORT] or just HOST[:PORT] (native protocol),
-    /// livelock-resp://HOST[:PORT] (LiveLock's RESP protocol) or
-    /// redis://HOST[:PORT] (SET NX PX + compare-and-delete)
+    /// livelock-resp://HOST[:PORT] (LiveLock's RESP protocol),
+    /// redis://HOST[:PORT] (SET NX PX + compare-and-delete) or
+    /// etcd://HOST[:PORT] (etcd's lock API with a lease, through its HTTP gateway; --mode wait)
     /// [default: the livelock server of LIVELOCK_HOST and LIVELOCK_PORT, else 127.0.0.1:7873].
     pub target: Option<String>,
     /// Connections, spread over the threads.
@@ -142,6 +143,7 @@ Examples:
   livelock-loadgen livelock://127.0.0.1:7873 --duration 5
   livelock-loadgen livelock://127.0.0.1:7873 --pipeline 16 --json
   livelock-loadgen redis://127.0.0.1:6379 --keys 1000 --distribution zipf
+  livelock-loadgen etcd://127.0.0.1:2379 --mode wait
   livelock-loadgen livelock://127.0.0.1:7873 --op ping
 
 Exit status: 0 success, 1 violations found or target unreachable, 2 bad arguments.";
@@ -275,6 +277,15 @@ impl Args {
             ModeArg::Try => WaitMode::Try,
             ModeArg::Wait => WaitMode::Wait,
         };
+        // etcd's lock call always waits in the server, with no deadline.
+        let etcd_lock = proto == Proto::Etcd && op == Op::Lock;
+        check(
+            !etcd_lock || (wait == WaitMode::Wait && self.wait_ms.is_none()),
+            || {
+                "etcd:// has no try-lock and no wait limit: use --mode wait, without --wait-ms"
+                    .into()
+            },
+        )?;
         if let Some(ms) = self.wait_ms {
             check(wait == WaitMode::Wait, || {
                 "--wait-ms needs --mode wait".into()
@@ -322,7 +333,7 @@ impl Args {
         }
         let tls = match &self.tls_ca {
             Some(ca) => {
-                check(proto != Proto::Redis, || {
+                check(!matches!(proto, Proto::Redis | Proto::Etcd), || {
                     "--tls-ca needs a livelock:// or livelock-resp:// target".into()
                 })?;
                 // The name the certificate must carry: the target's host.
@@ -340,6 +351,7 @@ impl Args {
         let plan = Plan {
             proto,
             addr: target.addrs[0],
+            host: target.authority.clone(),
             op,
             wait,
             wait_ms: self.wait_ms,

@@ -35,6 +35,7 @@ use livelock::protocol::{self, flags, opcode, DecodedReply, Mode, Request, Statu
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Registry, Token};
 
+use crate::etcd;
 use crate::holders::Holders;
 use crate::keys::{key_name, push_decimal, KeySampler, Rng};
 use crate::report::{OpKind, Stats};
@@ -82,6 +83,8 @@ pub enum WaitMode {
 pub struct Plan {
     pub proto: Proto,
     pub addr: SocketAddr,
+    /// The target's `HOST:PORT` as written (etcd: the HTTP `Host`).
+    pub host: String,
     pub op: Op,
     pub wait: WaitMode,
     /// Longest wait of one acquire (`None`: forever).
@@ -279,6 +282,10 @@ struct Conn {
     seq: u64,
     /// Redis: SHA1 of the release script, from SCRIPT LOAD.
     sha: [u8; 40],
+    /// etcd: the lease the connection's locks are taken under, and each
+    /// slot's lock key (as etcd answered it).
+    lease: String,
+    etcd_keys: Vec<String>,
 }
 
 /// How a reply ended a request.
@@ -526,6 +533,8 @@ fn setup(
             next_due: cx.now,
             seq: 0,
             sha: [0; 40],
+            lease: String::new(),
+            etcd_keys: vec![String::new(); plan.pipeline],
         };
         send_handshake(&mut conn, cx);
         cx.alive += 1;
@@ -602,6 +611,10 @@ fn send_handshake(conn: &mut Conn, cx: &mut Ctx<'_>) {
                 &mut conn.wbuf,
                 &[b"SCRIPT", b"LOAD", RELEASE_SCRIPT.as_bytes()],
             );
+            conn.fifo.push_back(HANDSHAKE);
+        }
+        Proto::Etcd => {
+            etcd::encode_grant(&mut conn.wbuf, &cx.plan.host);
             conn.fifo.push_back(HANDSHAKE);
         }
     }
@@ -810,6 +823,10 @@ fn start_cycle(conn: &mut Conn, cx: &mut Ctx<'_>, slot: usize, t_cycle: Instant)
                     resp::encode_command(&mut conn.wbuf, &[b"PING"]);
                     conn.fifo.push_back(slot as u16);
                 }
+                Proto::Etcd => {
+                    etcd::encode_health(&mut conn.wbuf, &plan.host);
+                    conn.fifo.push_back(slot as u16);
+                }
             }
             cx.mark_dirty(conn);
         }
@@ -897,6 +914,10 @@ fn send_acquire(conn: &mut Conn, cx: &mut Ctx<'_>, slot: usize) {
             );
             conn.fifo.push_back(slot as u16);
         }
+        Proto::Etcd => {
+            etcd::encode_lock(&mut conn.wbuf, &plan.host, &cx.name, &conn.lease);
+            conn.fifo.push_back(slot as u16);
+        }
     }
     cx.mark_dirty(conn);
 }
@@ -934,6 +955,10 @@ fn send_release(conn: &mut Conn, cx: &mut Ctx<'_>, slot: usize) {
                 &mut conn.wbuf,
                 &[b"EVALSHA", &conn.sha, b"1", &cx.name, &token],
             );
+            conn.fifo.push_back(slot as u16);
+        }
+        Proto::Etcd => {
+            etcd::encode_unlock(&mut conn.wbuf, &plan.host, &conn.etcd_keys[slot]);
             conn.fifo.push_back(slot as u16);
         }
     }
@@ -1096,6 +1121,7 @@ fn parse(conn: &mut Conn, cx: &mut Ctx<'_>) -> Result<(), String> {
     match cx.plan.proto {
         Proto::Native => parse_native(conn, cx)?,
         Proto::LiveLockResp | Proto::Redis => parse_resp(conn, cx)?,
+        Proto::Etcd => parse_etcd(conn, cx)?,
     }
     if conn.rpos == conn.rlen {
         conn.rpos = 0;
@@ -1265,6 +1291,47 @@ fn parse_resp(conn: &mut Conn, cx: &mut Ctx<'_>) -> Result<(), String> {
                 }
                 other => cx.note_error(|| format!("unexpected reply {other:?}")),
             }
+        }
+        conn.rpos += used;
+        on_outcome(conn, cx, slot, outcome)?;
+    }
+}
+
+/// etcd's HTTP replies, in the order of the requests.
+fn parse_etcd(conn: &mut Conn, cx: &mut Ctx<'_>) -> Result<(), String> {
+    loop {
+        let Some((reply, used)) = etcd::parse(&conn.rbuf[conn.rpos..conn.rlen])? else {
+            return Ok(());
+        };
+        let Some(entry) = conn.fifo.pop_front() else {
+            return Err("reply to no request".into());
+        };
+        let body = || String::from_utf8_lossy(reply.body).into_owned();
+        if entry == HANDSHAKE {
+            match (reply.status, etcd::field(reply.body, "ID")) {
+                (200, Some(lease)) => conn.lease = lease,
+                _ => return Err(format!("lease grant refused: {} {}", reply.status, body())),
+            }
+            conn.rpos += used;
+            conn.handshake_left -= 1;
+            continue;
+        }
+        let slot = entry as usize;
+        let outcome = match (conn.slots[slot].state, reply.status) {
+            (State::Acquiring, 200) => match etcd::field(reply.body, "key") {
+                Some(key) => {
+                    conn.etcd_keys[slot] = key;
+                    Outcome::Granted
+                }
+                None => Outcome::Error,
+            },
+            (State::Releasing, 200) => Outcome::Released,
+            (State::Pinging, 200) => Outcome::Pong,
+            _ => Outcome::Error,
+        };
+        if outcome == Outcome::Error {
+            let status = reply.status;
+            cx.note_error(|| format!("etcd answered {status}: {}", body()));
         }
         conn.rpos += used;
         on_outcome(conn, cx, slot, outcome)?;

@@ -11,6 +11,7 @@
 
 mod cli;
 mod engine;
+mod etcd;
 mod holders;
 mod keys;
 mod report;
@@ -219,6 +220,7 @@ fn summarize(
         Proto::Native => "native",
         Proto::LiveLockResp => "livelock-resp",
         Proto::Redis => "redis",
+        Proto::Etcd => "etcd",
     };
     let summary = Summary {
         target: target.to_string(),

@@ -13,6 +13,8 @@ pub enum Proto {
     LiveLockResp,
     /// `redis://`: Redis locks (SET NX PX + compare-and-delete via EVALSHA).
     Redis,
+    /// `etcd://`: etcd's lock API with a lease, over its HTTP/JSON gateway.
+    Etcd,
 }
 
 impl Proto {
@@ -21,6 +23,7 @@ impl Proto {
             Proto::Native => "livelock",
             Proto::LiveLockResp => "livelock-resp",
             Proto::Redis => "redis",
+            Proto::Etcd => "etcd",
         }
     }
 
@@ -59,15 +62,17 @@ pub fn parse_url(url: &str) -> Result<(Proto, String), String> {
             "livelock" => (Proto::Native, rest),
             "livelock-resp" => (Proto::LiveLockResp, rest),
             "redis" => (Proto::Redis, rest),
+            "etcd" => (Proto::Etcd, rest),
             other => {
                 return Err(format!(
-                    "unknown scheme {other:?} in {url:?}: use livelock, livelock-resp or redis"
-                ))
+                "unknown scheme {other:?} in {url:?}: use livelock, livelock-resp, redis or etcd"
+            ))
             }
         },
     };
     let default_port = match proto {
         Proto::Redis => 6379,
+        Proto::Etcd => 2379,
         Proto::Native | Proto::LiveLockResp => livelock::address::DEFAULT_PORT,
     };
     let mut list = livelock::address::parse_list(rest, default_port)
