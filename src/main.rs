@@ -203,6 +203,9 @@ struct ServerArgs {
     /// Cluster: a follower stands for election after this (randomised up to twice it) without a leader's word; a leader without a quorum steps down as soon. Plain number: milliseconds.
     #[arg(long, env = "LIVELOCK_ELECTION_TIMEOUT", default_value = "500", value_parser = millis_flag)]
     election_timeout: Duration,
+    /// Cluster: TLS on peer links, each node showing its --tls-cert and checking its peers' against this CA (PEM).
+    #[arg(long, env = "LIVELOCK_PEER_TLS_CA", value_name = "FILE")]
+    peer_tls_ca: Option<std::path::PathBuf>,
     /// Cluster: a new member that waits to be added (`livelock cluster add`) instead of founding a cluster with the member list [env: LIVELOCK_JOIN=1]
     #[arg(long)]
     join: bool,
@@ -543,6 +546,7 @@ fn server_config(args: &ServerArgs) -> Result<ServerConfig, String> {
             failover_grace: args.failover_grace,
             election_timeout: args.election_timeout,
             join: flag_or_env(args.join, "LIVELOCK_JOIN")?,
+            peer_tls_ca: args.peer_tls_ca.clone(),
         };
         cluster.validate()?;
         // The state is the log's: no dump is read or written.

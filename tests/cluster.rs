@@ -605,3 +605,53 @@ fn members_are_added_and_removed_online() {
     let other = holder.client.acquire("after").unwrap();
     assert!(other.token() > 0);
 }
+
+/// With --peer-tls-ca the peer links are mutual TLS: the cluster elects a
+/// leader and serves, and a peer that speaks plaintext (even with the
+/// right secret) is refused.
+#[test]
+fn peer_links_can_be_tls() {
+    use std::io::{Read, Write};
+    let certs = ScratchDir::new("cluster-tls-certs");
+    let ca = common::certs::Ca::new(&certs, "peers");
+    let names = ["127.0.0.1", "127.0.0.81", "127.0.0.82", "127.0.0.83"];
+    let (cert, key) = ca.issue(&certs, "node", &names);
+    let (cert, key, ca_path) = (
+        cert.to_str().unwrap().to_string(),
+        key.to_str().unwrap().to_string(),
+        ca.path.to_str().unwrap().to_string(),
+    );
+    let extra = [
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--peer-tls-ca",
+        &ca_path,
+    ];
+    let mut cluster = TestCluster::start_with("cluster-tls", 3, 80, &extra);
+    let leader = cluster.leader();
+    let addrs = cluster.live_clients();
+    let client = Follow::connect(&addrs, "over-tls-peers", Duration::ZERO);
+    assert!(client.client.try_acquire("x").unwrap().is_some());
+    // A plaintext peer with the right secret: the TLS side refuses it.
+    let peer = cluster.nodes[leader as usize - 1].peer;
+    let mut raw = std::net::TcpStream::connect(peer).unwrap();
+    raw.set_read_timeout(Some(WAIT_MAX)).unwrap();
+    let mut hello = b"LLPEER\x00\x01".to_vec();
+    hello.extend_from_slice(&9u64.to_le_bytes());
+    hello.extend_from_slice(&0u16.to_le_bytes());
+    let secret = common::cluster::SECRET.as_bytes();
+    hello.extend_from_slice(&(secret.len() as u16).to_le_bytes());
+    hello.extend_from_slice(secret);
+    raw.write_all(&hello).unwrap();
+    let mut rest = Vec::new();
+    let _ = raw.read_to_end(&mut rest);
+    // What came back, if anything, is a TLS alert, not a peer's traffic.
+    assert!(rest.is_empty() || rest[0] == 0x15, "{rest:?}");
+    wait_until("the refusal logged", || {
+        cluster
+            .stderr(leader)
+            .contains("received corrupt message of type InvalidContentType")
+    });
+}

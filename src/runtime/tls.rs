@@ -61,7 +61,9 @@ impl Tls {
     }
 }
 
-fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
+/// The rustls server setup of `files` (client certificates verified
+/// against `client_ca` when given).
+pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .and_then(|certs| certs.collect())
         .map_err(|e| format!("TLS certificate {}: {e}", files.cert.display()))?;

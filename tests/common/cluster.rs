@@ -19,7 +19,8 @@ use super::{livelock_bin, ChildGuard, ScratchDir, WAIT_MAX};
 
 pub const SECRET: &str = "a cluster secret for tests";
 
-/// A directed peer link's relay: what node `from` sends to node `to`.
+/// A directed peer link's relay: the connections node `from` opens to
+/// node `to` (raft messages flow from `from`; TLS handshakes both ways).
 pub struct Link {
     pub addr: SocketAddr,
     blocked: Arc<AtomicBool>,
@@ -51,6 +52,12 @@ impl Link {
                 open.push(inbound.try_clone().unwrap());
                 open.push(outbound.try_clone().unwrap());
                 drop(open);
+                // Both ways: raft messages go from the link's owner, but
+                // TLS answers back.
+                let (back_in, back_out) =
+                    (outbound.try_clone().unwrap(), inbound.try_clone().unwrap());
+                let (b2, d2) = (b.clone(), d.clone());
+                thread::spawn(move || relay(back_in, back_out, &b2, &d2));
                 let (b, d) = (b.clone(), d.clone());
                 thread::spawn(move || relay(inbound, outbound, &b, &d));
             }
@@ -266,7 +273,17 @@ impl TestCluster {
                     }
                 }
             }
-            assert!(start.elapsed() < WAIT_MAX, "no leader within {WAIT_MAX:?}");
+            if start.elapsed() > WAIT_MAX {
+                let logs: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|n| n.process.as_ref().map(|p| p.stderr()).unwrap_or_default())
+                    .collect();
+                panic!(
+                    "no leader within {WAIT_MAX:?}; the nodes said:\n{}",
+                    logs.join("\n---\n")
+                );
+            }
             thread::sleep(Duration::from_millis(10));
         }
     }

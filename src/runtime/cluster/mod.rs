@@ -54,6 +54,9 @@ pub struct ClusterConfig {
     /// A new member: it starts with no membership and waits to be added
     /// (`livelock cluster add`), instead of founding a cluster.
     pub join: bool,
+    /// TLS on peer links: peers' certificates must chain to this CA (each
+    /// node shows its `--tls-cert`).
+    pub peer_tls_ca: Option<std::path::PathBuf>,
 }
 
 impl ClusterConfig {
@@ -178,6 +181,7 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
         node_id: cluster.node_id,
         client_addr: listener.local_addr()?,
         secret: Arc::new(cluster.secret.clone()),
+        tls: peer_tls(&config, &cluster).map_err(io::Error::other)?,
     };
     let wake = log.clone();
     let (links, inbox) = transport::start(
@@ -218,6 +222,33 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
         proxy,
         log,
     })
+}
+
+/// The TLS setup of the peer links, with `--peer-tls-ca`: this node's
+/// certificate both ways, peers' checked against the CA.
+fn peer_tls(
+    config: &ServerConfig,
+    cluster: &ClusterConfig,
+) -> Result<Option<transport::PeerTls>, String> {
+    let Some(ca) = &cluster.peer_tls_ca else {
+        return Ok(None);
+    };
+    let Some(files) = &config.tls else {
+        return Err(
+            "--peer-tls-ca needs --tls-cert and --tls-key (this node's certificate)".into(),
+        );
+    };
+    let server = crate::tls::server_config(&crate::tls::TlsFiles {
+        client_ca: Some(ca.clone()),
+        required: true,
+        ..files.clone()
+    })?;
+    // (The name each connection checks is the peer's address.)
+    let client = crate::client::TlsClient::new(ca, "localhost", Some((&files.cert, &files.key)))?;
+    Ok(Some(transport::PeerTls {
+        server,
+        client: client.config(),
+    }))
 }
 
 /// The node's last snapshot of the log (its dump file), if it has one.

@@ -1,4 +1,6 @@
-//! Peer links: raft messages between the nodes of a cluster, over TCP.
+//! Peer links: raft messages between the nodes of a cluster, over TCP —
+//! or TLS with `--peer-tls-ca`: each side proves its certificate (the
+//! node's `--tls-cert`) against that CA, mutual TLS, before the handshake.
 //!
 //! Each node listens on its peer address and keeps one outgoing connection
 //! to every other node (reconnected as needed). A connection opens with a
@@ -130,6 +132,32 @@ pub struct Identity {
     pub node_id: u64,
     pub client_addr: SocketAddr,
     pub secret: Arc<Vec<u8>>,
+    pub tls: Option<PeerTls>,
+}
+
+/// TLS on peer links: this node as a server (peers' certificates checked)
+/// and as a client (with its certificate).
+#[derive(Clone)]
+pub struct PeerTls {
+    pub server: Arc<rustls::ServerConfig>,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+/// A peer connection's writing side, TLS or not.
+type Out = BufWriter<Box<dyn Write + Send>>;
+
+/// Wraps an outgoing connection to `addr` in TLS if the links use it.
+fn outgoing(me: &Identity, addr: SocketAddr, stream: TcpStream) -> Result<Out, String> {
+    let stream: Box<dyn Write + Send> = match &me.tls {
+        None => Box::new(stream),
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let session = rustls::ClientConnection::new(tls.client.clone(), name)
+                .map_err(|e| e.to_string())?;
+            Box::new(rustls::StreamOwned::new(session, stream))
+        }
+    };
+    Ok(BufWriter::with_capacity(64 << 10, stream))
 }
 
 /// Starts the links: a listener on `listener` whose messages go to the
@@ -196,7 +224,14 @@ fn send_loop(me: &Identity, id: u64, addr: SocketAddr, rx: &Receiver<Message>, s
         };
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-        let mut out = BufWriter::with_capacity(64 << 10, stream);
+        let mut out = match outgoing(me, addr, stream) {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::warn!("peer link to node {id} ({addr}): {e}");
+                thread::sleep(RECONNECT_WAIT);
+                continue;
+            }
+        };
         if out.write_all(&hello).is_err() {
             continue;
         }
@@ -275,15 +310,23 @@ fn accept(
 /// Reads one peer connection: the handshake, then frames into `inbox`.
 /// Returns why it ended (a clean close of the peer is not an error).
 fn receive(
-    mut stream: TcpStream,
+    tcp: TcpStream,
     me: &Identity,
     inbox: &Sender<Message>,
     directory: &Directory,
     wake: &(dyn Fn() + Send + Sync),
 ) -> Result<(), String> {
-    stream
-        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(|e| e.to_string())?;
+    let control = tcp.try_clone().map_err(|e| e.to_string())?;
+    let mut stream: Box<dyn Read> = match &me.tls {
+        None => Box::new(tcp),
+        Some(tls) => {
+            let session =
+                rustls::ServerConnection::new(tls.server.clone()).map_err(|e| e.to_string())?;
+            Box::new(rustls::StreamOwned::new(session, tcp))
+        }
+    };
     let mut magic = [0u8; 8];
     stream
         .read_exact(&mut magic)
@@ -306,7 +349,7 @@ fn receive(
     directory.learn(from, client_addr);
     // Peers idle between heartbeats; a dead one is found by TCP keepalive
     // on its side and by raft's own timeouts on ours.
-    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    control.set_read_timeout(None).map_err(|e| e.to_string())?;
     let mut reader = std::io::BufReader::with_capacity(64 << 10, stream);
     let mut frame = Vec::new();
     loop {
@@ -340,7 +383,7 @@ fn receive(
     }
 }
 
-fn read_u64(stream: &mut TcpStream) -> Result<u64, String> {
+fn read_u64(stream: &mut impl Read) -> Result<u64, String> {
     let mut bytes = [0u8; 8];
     stream
         .read_exact(&mut bytes)
@@ -348,7 +391,7 @@ fn read_u64(stream: &mut TcpStream) -> Result<u64, String> {
     Ok(u64::from_le_bytes(bytes))
 }
 
-fn read_bytes(stream: &mut TcpStream, max: usize) -> Result<Vec<u8>, String> {
+fn read_bytes(stream: &mut impl Read, max: usize) -> Result<Vec<u8>, String> {
     let mut len = [0u8; 2];
     stream
         .read_exact(&mut len)
