@@ -396,6 +396,51 @@ fn a_crash_after_a_snapshot_restarts_from_it_and_the_log_after() {
     expect_clean_exit(&mut second);
 }
 
+/// A snapshot taken while the server is idle covers the whole log, which
+/// is then compacted away entirely; the next change is still logged and
+/// acknowledged (raft's in-memory log used to fall back to index 0 and
+/// refuse it, stopping the log thread).
+#[test]
+fn changes_go_on_after_a_snapshot_of_the_whole_log() {
+    let dir = ScratchDir::new("log-snapshot-idle");
+    let addr = free_addr();
+    let data = data_dir(&dir);
+    let extra = ["--snapshot-log-bytes", "1048576", "--log-level", "debug"];
+    let mut server = start_server_with("idle", &dir, &data, addr, "log", &extra);
+    let client = Client::connect(addr, &graceful()).expect("connect");
+    // ~0.9 MiB of log, then one change at a time until the snapshot is
+    // asked for, so that nothing follows the entry it covers.
+    assert_eq!(take_all(&client, &long_names(1, 900)), 900);
+    let mut asked = false;
+    for name in long_names(2, 400) {
+        client.acquire(&name).unwrap().forget();
+        let start = std::time::Instant::now();
+        while start.elapsed() < std::time::Duration::from_millis(20) && !asked {
+            asked = server.stderr().contains("snapshot asked at entry");
+        }
+        if asked {
+            break;
+        }
+    }
+    assert!(asked, "no snapshot within 1.3 MiB of log");
+    // Idle: the log thread compacts everything the snapshot covers.
+    wait_until("the log compacted", || {
+        server.stderr().contains("log compacted up to entry")
+    });
+    // Changes are still acknowledged, each within the bound.
+    for i in 0..5 {
+        let name = format!("after-{i}");
+        let granted = common::bounded("an acquire after the snapshot", {
+            let client = Client::connect(addr, &graceful()).expect("connect");
+            move || client.acquire(name).map(|g| g.token())
+        });
+        assert!(granted.is_ok(), "{granted:?}: {}", server.stderr());
+    }
+    assert!(!server.stderr().contains("panicked"), "{}", server.stderr());
+    signal(&server, libc::SIGTERM);
+    expect_clean_exit(&mut server);
+}
+
 /// A real full disk, where the test may mount a small tmpfs (root with
 /// CAP_SYS_ADMIN; elsewhere the injected fault above stands in): changes
 /// are refused while the disk is full and accepted again once space is

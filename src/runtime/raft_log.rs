@@ -649,6 +649,7 @@ impl Writer {
         self.shared.snapshot_pending.store(true, Ordering::SeqCst);
         let index = self.node.raft.raft_log.last_index();
         let term = self.node.raft.raft_log.term(index).unwrap_or(0);
+        tracing::debug!("snapshot asked at entry {index}");
         let _ = self.jobs_tx.send(SnapshotJob { index, term });
         (self.ask_loops)();
     }
@@ -665,8 +666,12 @@ impl Writer {
         self.store.engine.compact_to(GROUP, to + 1);
         let store = self.node.raft.raft_log.store.clone();
         let applied = self.node.raft.raft_log.applied;
-        let _ = store.wl().compact((to + 1).min(applied + 1));
+        // The last entry stays in memory: with none left, raft's in-memory
+        // log would fall back to the start snapshot's index (0 for a new
+        // directory) and place the next proposal before the commit index.
+        let _ = store.wl().compact((to + 1).min(applied + 1).min(last));
         let _ = self.store.engine.purge_expired_files();
+        tracing::debug!("log compacted up to entry {to}");
     }
 }
 
