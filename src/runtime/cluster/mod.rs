@@ -177,9 +177,10 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
     log.read_barriers
         .store(true, std::sync::atomic::Ordering::Relaxed);
     let directory = Arc::new(transport::Directory::default());
+    let client_addr = advertised(listener.local_addr()?, peer_addr);
     let me = transport::Identity {
         node_id: cluster.node_id,
-        client_addr: listener.local_addr()?,
+        client_addr,
         secret: Arc::new(cluster.secret.clone()),
         tls: peer_tls(&config, &cluster).map_err(io::Error::other)?,
     };
@@ -208,11 +209,18 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
         directory: directory.clone(),
     })
     .map_err(io::Error::other)?;
-    let proxy = proxy::Proxy::start(listener, cluster.node_id, node.status.clone(), directory)?;
+    let listener_addr = listener.local_addr()?;
+    let proxy = proxy::Proxy::start(
+        listener,
+        cluster.node_id,
+        client_addr,
+        node.status.clone(),
+        directory,
+    )?;
     tracing::info!(
         node = cluster.node_id,
         "cluster node listening on {} (clients) and {peer_addr} (peers); {} member(s)",
-        me.client_addr,
+        listener_addr,
         cluster.peers.len()
     );
     Ok(Follower {
@@ -222,6 +230,15 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
         proxy,
         log,
     })
+}
+
+/// What followers relay to: the client port at an address peers reach
+/// (the peer address's host when it listens on every interface).
+fn advertised(client: SocketAddr, peer: SocketAddr) -> SocketAddr {
+    match client.ip().is_unspecified() {
+        true => SocketAddr::new(peer.ip(), client.port()),
+        false => client,
+    }
 }
 
 /// The TLS setup of the peer links, with `--peer-tls-ca`: this node's
@@ -300,5 +317,35 @@ impl Follower {
             (self.log, self.node.status.clone()),
             serve,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_are_parsed_and_checked() {
+        let peers = parse_peers("1=127.0.0.1:7874, 2=127.0.0.2:7874").unwrap();
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[&2], "127.0.0.2:7874".parse().unwrap());
+        for bad in [
+            "",
+            "1",
+            "0=127.0.0.1:1",
+            "x=127.0.0.1:1",
+            "1=127.0.0.1:1,1=127.0.0.2:1",
+        ] {
+            assert!(parse_peers(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_node_listening_everywhere_advertises_its_peer_host() {
+        let peer: SocketAddr = "10.0.0.2:7874".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:7873".parse().unwrap();
+        assert_eq!(advertised(any, peer), "10.0.0.2:7873".parse().unwrap());
+        let one: SocketAddr = "127.0.0.5:7873".parse().unwrap();
+        assert_eq!(advertised(one, peer), one);
     }
 }

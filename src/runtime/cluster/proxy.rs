@@ -33,12 +33,13 @@ impl Proxy {
     pub fn start(
         listener: TcpListener,
         me: u64,
+        client_addr: SocketAddr,
         status: Arc<NodeStatus>,
         directory: Arc<Directory>,
     ) -> io::Result<Proxy> {
         listener.set_nonblocking(true)?;
         // Peers' addresses come with their handshakes; this node's own is here.
-        directory.learn(me, listener.local_addr()?);
+        directory.learn(me, client_addr);
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let thread = thread::Builder::new()
