@@ -530,6 +530,33 @@ fn cluster_status_shows_the_leaders_view() {
     let text = String::from_utf8(text.stdout).unwrap();
     assert!(text.contains(&format!("leader   node {leader}")), "{text}");
     assert!(text.contains("unreachable"), "{text}");
+    // Followers serve metrics too: the cluster's figures, and ready while
+    // they know a leader to relay to; the leader says it serves.
+    let other = (1..=3).find(|&id| id != leader && id != follower).unwrap();
+    let scrape = |id: u64, path: &str| -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(cluster.metrics_addr(id)).unwrap();
+        stream.set_read_timeout(Some(WAIT_MAX)).unwrap();
+        write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    };
+    let metrics = scrape(other, "/metrics");
+    assert!(
+        metrics.contains(&format!("livelock_cluster_leader_id {leader}")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("livelock_cluster_is_leader 0"),
+        "{metrics}"
+    );
+    assert!(scrape(other, "/health/ready").starts_with("HTTP/1.1 200"));
+    let metrics = scrape(leader, "/metrics");
+    assert!(
+        metrics.contains("livelock_cluster_is_leader 1"),
+        "{metrics}"
+    );
     // A single server.
     let single = TestServer::start(1);
     let reply = single.client().cluster_status().unwrap();

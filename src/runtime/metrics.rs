@@ -359,6 +359,8 @@ pub struct ServerMetrics {
     start_unix_ms: u64,
     /// The durable log's counters (`--durability log`).
     log: Option<Arc<crate::raft_log::LogShared>>,
+    /// A cluster node's view of its cluster.
+    cluster: Option<Arc<crate::cluster::NodeStatus>>,
 }
 
 impl Default for ServerMetrics {
@@ -378,12 +380,19 @@ impl ServerMetrics {
             dumps: AtomicU64::new(0),
             start_unix_ms,
             log: None,
+            cluster: None,
         }
     }
 
     /// Also reports the durable log's counters.
     pub fn with_log(mut self, log: Option<Arc<crate::raft_log::LogShared>>) -> Self {
         self.log = log;
+        self
+    }
+
+    /// Also reports a cluster node's view of its cluster.
+    pub fn with_cluster(mut self, cluster: Option<Arc<crate::cluster::NodeStatus>>) -> Self {
+        self.cluster = cluster;
         self
     }
 
@@ -561,8 +570,48 @@ pub fn render(loops: &[Arc<LoopMetrics>], server: &ServerMetrics, now_ms: u64) -
     if let Some(log) = &server.log {
         render_log(&mut out, log);
     }
+    if let Some(cluster) = &server.cluster {
+        render_cluster(&mut out, cluster);
+    }
     render_process(&mut out);
     out
+}
+
+/// A cluster node's families (leader and followers alike).
+fn render_cluster(out: &mut String, status: &crate::cluster::NodeStatus) {
+    let leader = status.leader.load(Relaxed);
+    let gauges = [
+        ("livelock_cluster_node_id", "This node's id.", status.id),
+        (
+            "livelock_cluster_leader_id",
+            "The leader this node knows of (0: none).",
+            leader,
+        ),
+        (
+            "livelock_cluster_is_leader",
+            "1 on the leader while it serves, else 0.",
+            u64::from(status.serving.load(Relaxed)),
+        ),
+        (
+            "livelock_cluster_term",
+            "The raft term.",
+            status.term.load(Relaxed),
+        ),
+        (
+            "livelock_cluster_commit_index",
+            "The highest log index known committed.",
+            status.commit.load(Relaxed),
+        ),
+        (
+            "livelock_cluster_applied_index",
+            "The highest log index applied.",
+            status.applied.load(Relaxed),
+        ),
+    ];
+    for (name, help, value) in gauges {
+        family(out, name, "gauge", help);
+        sample(out, name, "", value);
+    }
 }
 
 /// `livelock_build_info` and the process's own figures, from /proc (the

@@ -414,7 +414,11 @@ fn launch(launch: Launch) -> io::Result<Server> {
         stopping: AtomicBool::new(false),
         tls,
     });
-    let server_metrics = Arc::new(ServerMetrics::new().with_log(shared.log.clone()));
+    let server_metrics = Arc::new(
+        ServerMetrics::new()
+            .with_log(shared.log.clone())
+            .with_cluster(shared.cluster.clone()),
+    );
     let metrics_stop = Arc::new(AtomicBool::new(false));
     let mut metrics_addr = None;
     let mut metrics_thread = None;

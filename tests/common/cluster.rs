@@ -171,12 +171,24 @@ impl TestCluster {
             }
         }
         let extra = extra.iter().map(|a| a.to_string()).collect();
+        // Every node serves metrics on its own address.
+        let extra_for = nodes
+            .iter()
+            .map(|n| {
+                let ip = match n.client.ip() {
+                    std::net::IpAddr::V4(ip) => ip.octets(),
+                    _ => unreachable!("loopback v4"),
+                };
+                let metrics = free_port_on(ip).to_string();
+                (n.id, vec!["--metrics".to_string(), metrics])
+            })
+            .collect();
         let mut cluster = TestCluster {
             dir,
             nodes,
             links,
             extra,
-            extra_for: BTreeMap::new(),
+            extra_for,
         };
         for id in 1..=n {
             cluster.spawn(id);
@@ -327,6 +339,11 @@ impl TestCluster {
                 running.then_some(n.client)
             })
             .collect()
+    }
+
+    /// Node `id`'s metrics endpoint (`--metrics`).
+    pub fn metrics_addr(&self, id: u64) -> SocketAddr {
+        self.extra_for[&id][1].parse().expect("a metrics address")
     }
 
     pub fn client_addr(&self, id: u64) -> SocketAddr {

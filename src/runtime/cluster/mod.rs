@@ -123,6 +123,12 @@ pub struct Follower {
     node: node::NodeHandle,
     proxy: proxy::Proxy,
     log: Arc<LogShared>,
+    /// The metrics endpoint while following (the leader's server binds
+    /// its own).
+    metrics: Option<(
+        Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )>,
 }
 
 /// Takes the data directory, binds the client and peer ports, opens the
@@ -217,6 +223,10 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
         node.status.clone(),
         directory,
     )?;
+    let metrics = match config.metrics_listen {
+        Some(addr) => Some(follower_metrics(addr, log.clone(), node.status.clone())?),
+        None => None,
+    };
     tracing::info!(
         node = cluster.node_id,
         "cluster node listening on {} (clients) and {peer_addr} (peers); {} member(s)",
@@ -229,7 +239,42 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
         node,
         proxy,
         log,
+        metrics,
     })
+}
+
+/// A follower's metrics endpoint: the log's and the cluster's figures;
+/// ready while it knows a leader to relay to.
+fn follower_metrics(
+    addr: SocketAddr,
+    log: Arc<LogShared>,
+    status: Arc<NodeStatus>,
+) -> io::Result<(
+    Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<()>,
+)> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let metrics = crate::metrics::ServerMetrics::new()
+        .with_log(Some(log))
+        .with_cluster(Some(status.clone()));
+    let clock = crate::event_loop::Clock::new();
+    let ready: crate::metrics::Readiness =
+        Box::new(
+            move || match status.leader.load(std::sync::atomic::Ordering::Relaxed) {
+                0 => Some("no leader known to relay to"),
+                _ => None,
+            },
+        );
+    let thread = crate::metrics::serve(
+        listener,
+        Vec::new(),
+        Arc::new(metrics),
+        move || clock.now_ms(),
+        ready,
+        stop.clone(),
+    )?;
+    Ok((stop, thread))
 }
 
 /// What followers relay to: the client port at an address peers reach
@@ -307,6 +352,11 @@ impl Follower {
             .recv()
             .map_err(|_| io::Error::other("the raft thread ended"))?;
         let listener = self.proxy.stop();
+        // The server's endpoint takes the metrics address over.
+        if let Some((stop, thread)) = self.metrics {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = thread.join();
+        }
         // (The raft thread runs for the rest of the process.)
         let serve = self.node.server_hook();
         Server::start_leader(
