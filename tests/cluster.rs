@@ -300,11 +300,13 @@ fn a_guarded_register_stays_linear_under_faults() {
         });
     };
     progress(&done, "the start");
-    let faults: [&str; 5] = [
+    let faults: [&str; 7] = [
         "kill -9",
         "partition",
         "one-way partition",
         "SIGSTOP",
+        "SIGSTOP of a follower",
+        "kill -9 of a follower",
         "slow links",
     ];
     let mut log = Vec::new();
@@ -352,6 +354,29 @@ fn a_guarded_register_stays_linear_under_faults() {
                 let (status, _) = cluster.wait_exit(leader);
                 assert_eq!(status.code(), Some(3));
                 cluster.restart(leader);
+            }
+            "SIGSTOP of a follower" => {
+                // The majority goes on meanwhile: a client of the leader
+                // takes and releases locks. (Workers whose connection the
+                // frozen node relays are frozen with it, as with a frozen
+                // server: their holds keep "reg" until it thaws.)
+                let follower = (1..=3).find(|&id| id != leader).unwrap();
+                let node = &cluster.nodes[follower as usize - 1];
+                signal(node.process.as_ref().unwrap(), libc::SIGSTOP);
+                let options = ClientOptions::default();
+                let probe = Client::connect(cluster.client_addr(leader), &options).unwrap();
+                for i in 0..5 {
+                    let guard = probe.acquire(format!("probe-{i}")).unwrap();
+                    guard.release().unwrap();
+                }
+                let node = &cluster.nodes[follower as usize - 1];
+                signal(node.process.as_ref().unwrap(), libc::SIGCONT);
+            }
+            "kill -9 of a follower" => {
+                let follower = (1..=3).find(|&id| id != leader).unwrap();
+                cluster.kill(follower);
+                progress(&done, fault);
+                cluster.restart(follower);
             }
             _ => {
                 for link in cluster.links.values() {
