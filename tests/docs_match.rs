@@ -112,7 +112,11 @@ fn the_settings_table_lists_every_server_flag_and_its_variable() {
             .find(|row| row.starts_with(&format!("| `--{flag}")))
             .unwrap_or_else(|| panic!("--{flag} is not in the README's settings table"));
         // A variable the help names for this flag is in its row.
-        let at = help.find(&format!("--{flag}")).expect("the flag's entry");
+        // (The entry's own line: another flag's text may name this one.)
+        let at = help
+            .find(&format!("\n      --{flag}"))
+            .or_else(|| help.find(&format!(", --{flag}")))
+            .expect("the flag's entry");
         let entry = &help[at..];
         let entry = &entry[..entry[2..].find("\n  -").map_or(entry.len(), |e| e + 2)];
         if let Some(env) = entry.split("[env: ").nth(1) {
