@@ -196,6 +196,28 @@ fn grant_prints_the_token_and_releases(c: &CClient) {
     let outcome = c.run("grant", &mut c.command(server.addr, &["grant", "0"], None));
     let token = granted(&outcome);
     assert!(token > 0, "token {token}");
+    // A list of hosts: the first that answers is used (nothing listens on
+    // 127.0.0.2 at this port).
+    let with_hosts = |hosts: &str| {
+        let base = c.command(server.addr, &["listed", "0"], None);
+        let args: Vec<std::ffi::OsString> = base.get_args().map(|a| a.to_owned()).collect();
+        let mut listed = Command::new(base.get_program());
+        listed.arg(hosts).args(&args[1..]).stdin(Stdio::null());
+        listed
+    };
+    let outcome = c.run(
+        "listed",
+        &mut with_hosts(&format!("127.0.0.2,{}", server.addr.ip())),
+    );
+    assert!(granted(&outcome) > token, "{}", outcome.stderr);
+    // None answers: the last one's reason, and the error exit.
+    let outcome = c.run("none", &mut with_hosts("127.0.0.2,127.0.0.3"));
+    assert_eq!(outcome.code, Some(1), "{}", outcome.stderr);
+    assert!(
+        outcome.stderr.contains("cannot connect to 127.0.0.3"),
+        "{}",
+        outcome.stderr
+    );
 
     let rust = server.client();
     assert!(

@@ -110,8 +110,9 @@ static uint64_t token_value(const livelock_token *token) {
 
 /* ---- Socket I/O: whole buffers, whatever the kernel hands back ---------- */
 
-/* Connects to HOST:PORT (any address family); -1 on failure. */
-static int connect_to(const char *host, const char *port) {
+/* Connects to one host at PORT (any address family); -1 on failure, with
+ * why in `why`. */
+static int connect_one(const char *host, const char *port, char *why, size_t why_len) {
     struct addrinfo hints;
     memset(&hints, 0, sizeof hints);
     hints.ai_family = AF_UNSPEC;
@@ -119,29 +120,45 @@ static int connect_to(const char *host, const char *port) {
     struct addrinfo *addrs = NULL;
     int rc = getaddrinfo(host, port, &hints, &addrs);
     if (rc != 0) {
-        fail("cannot resolve %s:%s: %s", host, port, gai_strerror(rc));
+        snprintf(why, why_len, "cannot resolve %s:%s: %s", host, port, gai_strerror(rc));
         return -1;
     }
     int fd = -1;
-    int saved_errno = 0;
     for (struct addrinfo *a = addrs; a != NULL; a = a->ai_next) {
         fd = socket(a->ai_family, a->ai_socktype, a->ai_protocol);
-        if (fd < 0) {
-            saved_errno = errno;
-            continue;
-        }
-        if (connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
+        if (fd >= 0 && connect(fd, a->ai_addr, a->ai_addrlen) == 0) {
             break;
         }
-        saved_errno = errno;
-        close(fd);
+        snprintf(why, why_len, "cannot connect to %s:%s: %s", host, port, strerror(errno));
+        if (fd >= 0) {
+            close(fd);
+        }
         fd = -1;
     }
     freeaddrinfo(addrs);
-    if (fd < 0) {
-        fail("cannot connect to %s:%s: %s", host, port, strerror(saved_errno));
-    }
     return fd;
+}
+
+/* Connects to the first of HOSTS (comma-separated: the nodes of a cluster,
+ * any of which relays to the leader) that accepts a connection at PORT;
+ * -1 on failure. */
+static int connect_to(const char *hosts, const char *port) {
+    char list[1024];
+    if (strlen(hosts) >= sizeof list) {
+        fail("HOST is longer than %zu bytes", sizeof list - 1);
+        return -1;
+    }
+    strcpy(list, hosts);
+    char why[512] = "no host given";
+    for (char *host = strtok(list, ","); host != NULL; host = strtok(NULL, ",")) {
+        int fd = connect_one(host, port, why, sizeof why);
+        if (fd >= 0) {
+            return fd;
+        }
+    }
+    /* None answered: the last host's reason. */
+    fail("%s", why);
+    return -1;
 }
 
 /* Writes all of buf: send() may take less than asked. */
