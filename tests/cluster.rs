@@ -707,3 +707,75 @@ fn peer_links_can_be_tls() {
             .contains("received corrupt message of type InvalidContentType")
     });
 }
+
+/// OPERATIONS.md's backup and restore: a stopped follower's data
+/// directory, copied, restores the whole cluster to that moment — the hold
+/// taken before it is back (its session resumes), the change made after it
+/// is not.
+#[test]
+fn a_backup_of_one_follower_restores_the_whole_cluster() {
+    let mut cluster = TestCluster::start("cluster-backup", 3, 90);
+    let leader = cluster.leader();
+    let addrs = cluster.live_clients();
+    let mut holder = Follow::connect(&addrs, "holder", Duration::from_secs(120));
+    let guard = holder.client.acquire("before-backup").unwrap();
+    let token = guard.token();
+    guard.forget();
+    // Back up a follower: stop it (SIGTERM), copy its directory, start it.
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    // It has the hold once the leader sees every member caught up.
+    wait_until("every member caught up", || {
+        let client = Client::connect(cluster.client_addr(leader), &ClientOptions::default());
+        client.is_ok_and(|c| {
+            c.cluster_status()
+                .is_ok_and(|s| s.members.iter().all(|m| m.matched >= s.commit && m.active))
+        })
+    });
+    signal(
+        cluster.nodes[follower as usize - 1]
+            .process
+            .as_ref()
+            .unwrap(),
+        libc::SIGTERM,
+    );
+    let (status, _) = cluster.wait_exit(follower);
+    assert!(status.success());
+    let backup = cluster.dir.join("backup");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(cluster.data_dir(follower))
+        .arg(&backup)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    cluster.restart(follower);
+    let later = holder.client.acquire("after-backup").unwrap();
+    later.forget();
+    // Restore: every node stopped, every directory replaced by the backup.
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    for id in 1..=3 {
+        let dir = cluster.data_dir(id).to_path_buf();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&backup)
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(copied.success());
+    }
+    for id in 1..=3 {
+        cluster.restart(id);
+    }
+    cluster.leader();
+    let live = cluster.live_clients();
+    let resumed = holder.resume(&live);
+    let held: Vec<(Vec<u8>, u64)> = resumed
+        .holds
+        .iter()
+        .map(|h| (h.name.clone(), h.token))
+        .collect();
+    assert_eq!(held, vec![(b"before-backup".to_vec(), token)]);
+}

@@ -341,6 +341,11 @@ impl TestCluster {
             .collect()
     }
 
+    /// Node `id`'s data directory.
+    pub fn data_dir(&self, id: u64) -> &std::path::Path {
+        &self.nodes[id as usize - 1].data
+    }
+
     /// Node `id`'s metrics endpoint (`--metrics`).
     pub fn metrics_addr(&self, id: u64) -> SocketAddr {
         self.extra_for[&id][1].parse().expect("a metrics address")
