@@ -749,6 +749,9 @@ fn a_backup_of_one_follower_restores_the_whole_cluster() {
         .unwrap();
     assert!(copied.success());
     cluster.restart(follower);
+    // (Its connection may have gone through the follower's relay.)
+    let live = cluster.live_clients();
+    holder.resume(&live);
     let later = holder.client.acquire("after-backup").unwrap();
     later.forget();
     // Restore: every node stopped, every directory replaced by the backup.
