@@ -782,3 +782,41 @@ fn a_backup_of_one_follower_restores_the_whole_cluster() {
         .collect();
     assert_eq!(held, vec![(b"before-backup".to_vec(), token)]);
 }
+
+/// The timer a socket runs, from /proc/net/tcp (`tr`: 0 none, 1
+/// retransmit, 2 keepalive, ...), for the connection `local` ↔ `remote`.
+fn tcp_timer(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<u8> {
+    let hex = |addr: std::net::SocketAddr| match addr.ip() {
+        std::net::IpAddr::V4(ip) => {
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_le_bytes(ip.octets()),
+                addr.port()
+            )
+        }
+        std::net::IpAddr::V6(_) => unreachable!("loopback v4"),
+    };
+    let (local, remote) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.get(1) == Some(&local.as_str()) && fields.get(2) == Some(&remote.as_str()))
+            .then(|| fields.get(5)?.split(':').next()?.parse().ok())
+            .flatten()
+    })
+}
+
+/// A follower's relay finds a vanished client as fast as the leader would:
+/// its sockets get the server's keepalive (and user timeout), seen here as
+/// the keepalive timer on the relayed connection.
+#[test]
+fn a_relayed_connection_is_kept_alive_like_a_direct_one() {
+    let mut cluster = TestCluster::start("cluster-keepalive", 3, 100);
+    let leader = cluster.leader();
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let relayed = std::net::TcpStream::connect(cluster.client_addr(follower)).unwrap();
+    let local = relayed.local_addr().unwrap();
+    wait_until("the relay's socket keepalive timer", || {
+        tcp_timer(cluster.client_addr(follower), local) == Some(2)
+    });
+}

@@ -29,6 +29,22 @@ impl Default for TcpTuning {
     }
 }
 
+impl TcpTuning {
+    /// TCP_NODELAY, keepalive and TCP_USER_TIMEOUT on `stream`, so that a
+    /// dead peer is found fast.
+    pub fn apply(&self, stream: &impl std::os::fd::AsFd) -> std::io::Result<()> {
+        let socket = socket2::SockRef::from(stream);
+        socket.set_nodelay(true)?;
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(self.keepalive_idle)
+            .with_interval(self.keepalive_interval)
+            .with_retries(self.keepalive_probes);
+        socket.set_tcp_keepalive(&keepalive)?;
+        socket.set_tcp_user_timeout(Some(self.user_timeout))?;
+        Ok(())
+    }
+}
+
 /// What survives a restart (`--durability`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {

@@ -660,7 +660,7 @@ impl EventLoop {
                 drop(stream);
                 continue;
             }
-            if let Err(e) = tune_socket(&stream, &self.shared.config) {
+            if let Err(e) = self.shared.config.tcp.apply(&stream) {
                 tracing::warn!("tuning an accepted socket failed: {e}");
             }
             self.metrics.inc_connections_accepted();
@@ -2031,17 +2031,4 @@ fn header_ids(frame: &[u8]) -> (u8, u32) {
         Ok((header, _)) => (header.opcode, header.request_id.get()),
         Err(_) => (0, 0),
     }
-}
-
-/// TCP_NODELAY, keepalive and TCP_USER_TIMEOUT, so a dead peer is found fast.
-fn tune_socket(stream: &TcpStream, config: &ServerConfig) -> io::Result<()> {
-    let socket = socket2::SockRef::from(stream);
-    socket.set_nodelay(true)?;
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(config.tcp.keepalive_idle)
-        .with_interval(config.tcp.keepalive_interval)
-        .with_retries(config.tcp.keepalive_probes);
-    socket.set_tcp_keepalive(&keepalive)?;
-    socket.set_tcp_user_timeout(Some(config.tcp.user_timeout))?;
-    Ok(())
 }

@@ -220,6 +220,7 @@ pub fn start(config: ServerConfig) -> io::Result<Follower> {
         listener,
         cluster.node_id,
         client_addr,
+        config.tcp,
         node.status.clone(),
         directory,
     )?;

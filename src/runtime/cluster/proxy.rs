@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use super::node::NodeStatus;
 use super::transport::Directory;
+use crate::config::TcpTuning;
 
 /// Relayed connections at a time; more are closed at once.
 const RELAYED_MAX: usize = 1024;
@@ -34,6 +35,7 @@ impl Proxy {
         listener: TcpListener,
         me: u64,
         client_addr: SocketAddr,
+        tcp: TcpTuning,
         status: Arc<NodeStatus>,
         directory: Arc<Directory>,
     ) -> io::Result<Proxy> {
@@ -44,7 +46,7 @@ impl Proxy {
         let flag = stop.clone();
         let thread = thread::Builder::new()
             .name("livelock-proxy".into())
-            .spawn(move || accept(listener, me, &status, &directory, &flag))?;
+            .spawn(move || accept(listener, me, tcp, &status, &directory, &flag))?;
         Ok(Proxy { stop, thread })
     }
 
@@ -59,6 +61,7 @@ impl Proxy {
 fn accept(
     listener: TcpListener,
     me: u64,
+    tcp: TcpTuning,
     status: &Arc<NodeStatus>,
     directory: &Arc<Directory>,
     stop: &AtomicBool,
@@ -88,7 +91,7 @@ fn accept(
         let spawned = thread::Builder::new()
             .name("livelock-relay".into())
             .spawn(move || {
-                relay(client, &status, &directory);
+                relay(client, tcp, &status, &directory);
                 count.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
@@ -115,8 +118,11 @@ fn leader_addr(status: &NodeStatus, directory: &Directory) -> Option<SocketAddr>
     None
 }
 
-fn relay(client: TcpStream, status: &NodeStatus, directory: &Directory) {
+fn relay(client: TcpStream, tcp: TcpTuning, status: &NodeStatus, directory: &Directory) {
     let _ = client.set_nonblocking(false);
+    // A client that vanishes (or a leader) is found as fast as by the
+    // leader itself: the relay's sockets get the server's TCP tuning.
+    let _ = tcp.apply(&client);
     let Some(addr) = leader_addr(status, directory) else {
         tracing::debug!("no leader to relay a connection to; closed");
         return;
@@ -125,8 +131,7 @@ fn relay(client: TcpStream, status: &NodeStatus, directory: &Directory) {
         tracing::debug!("the leader at {addr} cannot be reached; a connection closed");
         return;
     };
-    let _ = client.set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
+    let _ = tcp.apply(&upstream);
     let (Ok(client_read), Ok(upstream_write), Ok(client_end)) =
         (client.try_clone(), upstream.try_clone(), client.try_clone())
     else {
