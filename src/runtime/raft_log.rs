@@ -242,6 +242,31 @@ impl LogShared {
     }
 }
 
+/// Batches proposed and not yet committed: (log index of their entry,
+/// sequence number of the last batch in it), in log order.
+#[derive(Debug, Default)]
+pub struct Uncommitted(std::collections::VecDeque<(u64, u64)>);
+
+impl Uncommitted {
+    /// The entry at `index` carries the batches up to `seq`.
+    pub fn push(&mut self, index: u64, seq: u64) {
+        self.0.push_back((index, seq));
+    }
+
+    /// Entries up to `committed` are committed: `durable` moves past their
+    /// batches. Whether it moved (the loops are then to be woken).
+    pub fn release(&mut self, committed: u64, shared: &LogShared) -> bool {
+        let mut durable = None;
+        while self.0.front().is_some_and(|&(index, _)| index <= committed) {
+            durable = self.0.pop_front().map(|(_, seq)| seq);
+        }
+        if let Some(seq) = durable {
+            shared.set_durable(seq);
+        }
+        durable.is_some()
+    }
+}
+
 /// Settings of the log.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
@@ -543,7 +568,7 @@ impl Writer {
     fn run(&mut self) {
         let mut spare = Vec::new();
         // (log index, batch sequence number) of entries not yet committed.
-        let mut uncommitted: std::collections::VecDeque<(u64, u64)> = Default::default();
+        let mut uncommitted = Uncommitted::default();
         let mut mark = (0u64, std::time::Instant::now());
         loop {
             let (data, seq) = self.shared.take_queued(std::mem::take(&mut spare));
@@ -568,23 +593,14 @@ impl Writer {
             if let Err(e) = self.node.propose(Vec::new(), data) {
                 panic!("raft refused a proposal of the only voter: {e}");
             }
-            uncommitted.push_back((self.node.raft.raft_log.last_index(), seq));
+            uncommitted.push(self.node.raft.raft_log.last_index(), seq);
             if !self.persist_ready() {
                 // The thread stops (fsync failed): nothing more is durable.
                 return;
             }
             // A batch is durable once its entry is committed (at once, for
             // the only voter).
-            let committed = self.node.raft.raft_log.committed;
-            let mut durable = None;
-            while uncommitted
-                .front()
-                .is_some_and(|&(index, _)| index <= committed)
-            {
-                durable = uncommitted.pop_front().map(|(_, seq)| seq);
-            }
-            if let Some(seq) = durable {
-                self.shared.set_durable(seq);
+            if uncommitted.release(self.node.raft.raft_log.committed, &self.shared) {
                 (self.wake_loops)();
             }
             self.follow_mark(&mut mark, false);

@@ -11,7 +11,7 @@
 //! majority stores them. A leader that loses office ends the process (its
 //! held output never leaves; its clients reconnect to the new leader).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +31,7 @@ use super::transport::Links;
 use crate::dump::{self, Dump};
 use crate::journal::Replay;
 use crate::protocol::{ClusterChange, ClusterMember, ClusterReply, MemberChange};
-use crate::raft_log::{self, LogShared, SnapshotJob, SnapshotPart, Store};
+use crate::raft_log::{self, LogShared, SnapshotJob, SnapshotPart, Store, Uncommitted};
 use crate::snapshot;
 
 /// One raft tick.
@@ -267,7 +267,7 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
         base_rx,
         wake_loops: None,
         promoted: false,
-        uncommitted: VecDeque::new(),
+        uncommitted: Uncommitted::default(),
         taken: 0,
         stop: stop.clone(),
         stopping_since: None,
@@ -324,7 +324,7 @@ struct Node {
     /// The state went to the server (`Event::Promoted`).
     promoted: bool,
     /// (log index, batch sequence number) of proposals not yet committed.
-    uncommitted: VecDeque<(u64, u64)>,
+    uncommitted: Uncommitted,
     /// The sequence number of the last batch proposed.
     taken: u64,
     stop: Arc<AtomicBool>,
@@ -344,6 +344,8 @@ impl Node {
             if Instant::now() >= next_tick {
                 self.raw.tick();
                 next_tick = Instant::now() + TICK;
+                // (Once a tick: it locks and allocates.)
+                self.publish_members();
             }
             if self.stop.load(Ordering::SeqCst) {
                 self.hand_over();
@@ -389,7 +391,7 @@ impl Node {
                         self.deposed();
                     }
                     self.uncommitted
-                        .push_back((self.raw.raft.raft_log.last_index(), seq));
+                        .push(self.raw.raft.raft_log.last_index(), seq);
                     proposed = true;
                     self.maybe_snapshot_as_leader(len);
                 }
@@ -783,16 +785,7 @@ impl Node {
     /// Moves `durable` past the batches whose entries are committed.
     fn release_durable(&mut self) {
         let committed = self.raw.raft.raft_log.committed;
-        let mut durable = None;
-        while self
-            .uncommitted
-            .front()
-            .is_some_and(|&(index, _)| index <= committed)
-        {
-            durable = self.uncommitted.pop_front().map(|(_, seq)| seq);
-        }
-        if let Some(seq) = durable {
-            self.log.set_durable(seq);
+        if self.uncommitted.release(committed, &self.log) {
             if let Some(wake) = &self.wake_loops {
                 wake();
             }
@@ -873,7 +866,8 @@ impl Node {
         }
     }
 
-    fn publish(&self) {
+    /// The members' progress as the leader sees it, for CLUSTER_STATUS.
+    fn publish_members(&self) {
         let raft = &self.raw.raft;
         if raft.state == StateRole::Leader {
             let mut members: Vec<(u64, u64, u8, bool)> = raft
@@ -895,6 +889,11 @@ impl Node {
             members.sort_unstable();
             *self.status.members.lock().expect("status lock") = members;
         }
+    }
+
+    /// Leader, term, commit and applied index (the relay reads the leader).
+    fn publish(&self) {
+        let raft = &self.raw.raft;
         self.status.leader.store(raft.leader_id, Ordering::Relaxed);
         self.status.term.store(raft.term, Ordering::Relaxed);
         self.status
