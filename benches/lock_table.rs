@@ -10,6 +10,8 @@ fn acquire(session: u64, request_id: u32, name: &[u8], mode: Mode, wait: Wait) -
         request_id,
         name,
         mode,
+        weight: 1,
+        capacity: 0,
         wait,
         lease_ms: 0,
         reentrant: false,

@@ -10,6 +10,8 @@ fn decode(c: &mut Criterion) {
     let acquire = Request::Acquire {
         name: b"report:000042",
         mode: Mode::Exclusive,
+        weight: 1,
+        capacity: 0,
         wait_ms: 0,
         lease_ms: 0,
         notify_queued: false,
@@ -47,7 +49,7 @@ fn encode(c: &mut Criterion) {
     c.bench_function("protocol/encode granted + release ok", |b| {
         b.iter(|| {
             out.clear();
-            protocol::encode_granted(&mut out, 7, black_box(42), false);
+            protocol::encode_granted(&mut out, protocol::opcode::ACQUIRE, 7, black_box(42), false);
             protocol::encode_status(&mut out, protocol::opcode::RELEASE, 8, Status::Ok, "");
             black_box(out.len())
         })
@@ -58,6 +60,8 @@ fn encode(c: &mut Criterion) {
             let request = Request::Acquire {
                 name: b"report:000042",
                 mode: Mode::Exclusive,
+                weight: 1,
+                capacity: 0,
                 wait_ms: 0,
                 lease_ms: 0,
                 notify_queued: false,

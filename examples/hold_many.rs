@@ -129,6 +129,8 @@ fn main() {
                 let acquire = Request::Acquire {
                     name: name.as_bytes(),
                     mode: Mode::Exclusive,
+                    weight: 1,
+                    capacity: 0,
                     wait_ms: 0,
                     lease_ms: 0,
                     notify_queued: false,

@@ -81,6 +81,8 @@ enum livelock_opcode {
     LIVELOCK_OP_KILL_SESSION = 14,  /* operator: session id u64 */
     LIVELOCK_OP_CLUSTER_STATUS = 15, /* empty; reply: see PROTOCOL.md */
     LIVELOCK_OP_CLUSTER_CHANGE = 16, /* operator: members or transfer, see PROTOCOL.md */
+    LIVELOCK_OP_ACQUIRE_PERMITS = 17, /* livelock_acquire_permits + name; replies as ACQUIRE */
+    LIVELOCK_OP_SET_CAPACITY = 18,    /* capacity u32 (>= 1) + name */
     /* Server pushes (never valid from a client). */
     LIVELOCK_OP_LOCK_LOST = 0x40,     /* livelock_token + name */
     LIVELOCK_OP_SHUTDOWN = 0x41,      /* empty */
@@ -103,7 +105,8 @@ enum livelock_opcode {
 
 enum livelock_mode {
     LIVELOCK_MODE_EXCLUSIVE = 0,
-    LIVELOCK_MODE_SHARED = 1
+    LIVELOCK_MODE_SHARED = 1,
+    LIVELOCK_MODE_PERMITS = 2 /* ACQUIRE_PERMITS only; in records: a semaphore */
 };
 
 /* livelock_acquire.acq_flags: send an INTERIM QUEUED reply when the acquire waits. */
@@ -124,6 +127,9 @@ enum livelock_status {
     LIVELOCK_STATUS_ALREADY_HELD = 6,
     LIVELOCK_STATUS_NO_SUCH_REQUEST = 7,
     LIVELOCK_STATUS_WRONG_TOKEN = 8,
+    LIVELOCK_STATUS_WRONG_KIND = 9,         /* a lock's name as a semaphore, or the reverse */
+    LIVELOCK_STATUS_CAPACITY_CONFLICT = 10, /* not the semaphore's capacity */
+    LIVELOCK_STATUS_OVER_CAPACITY = 11,     /* queued; the capacity fell below its weight */
     LIVELOCK_STATUS_BAD_VERSION = 32,
     LIVELOCK_STATUS_UNKNOWN_OPCODE = 33,
     LIVELOCK_STATUS_BAD_BODY = 34,
@@ -210,6 +216,19 @@ LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire, acq_flags) == 1, "livelock_acq
 LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire, reserved) == 2, "livelock_acquire.reserved");
 LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire, wait_ms) == 4, "livelock_acquire.wait_ms");
 LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire, lease_ms) == 8, "livelock_acquire.lease_ms");
+
+/* ACQUIRE_PERMITS: a counting semaphore's permits; then the name = rest of
+ * the body. */
+typedef struct livelock_acquire_permits {
+    livelock_acquire acquire; /* mode = LIVELOCK_MODE_PERMITS */
+    uint32_t weight;          /* 1..=capacity */
+    uint32_t capacity;        /* >= 1; the semaphore's while it is in use */
+} livelock_acquire_permits;
+
+LIVELOCK_STATIC_ASSERT(sizeof(livelock_acquire_permits) == 20, "livelock_acquire_permits size");
+LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_permits, acquire) == 0, "livelock_acquire_permits.acquire");
+LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_permits, weight) == 12, "livelock_acquire_permits.weight");
+LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_permits, capacity) == 16, "livelock_acquire_permits.capacity");
 
 /* EXTEND: then the lock name = rest of the body. */
 typedef struct livelock_extend {

@@ -285,6 +285,16 @@ fn mode_name(mode: Mode) -> &'static str {
     match mode {
         Mode::Exclusive => "exclusive",
         Mode::Shared => "shared",
+        Mode::Permits => "permits",
+    }
+}
+
+/// The MODE column of a hold: the mode, or a semaphore's permits as
+/// WEIGHT/CAPACITY.
+fn hold_mode(record: &LockRecord, weight: u32) -> String {
+    match record.mode {
+        Mode::Permits => format!("{weight}/{}", record.capacity),
+        mode => mode_name(mode).to_string(),
     }
 }
 
@@ -306,7 +316,7 @@ fn print_table(records: &[LockRecord], now_unix_ms: u64) {
         "NAME", "MODE", "WAITERS", "TOKEN", "HELD FOR"
     );
     for record in records {
-        for (i, (_, token, since, client)) in record.holders.iter().enumerate() {
+        for (i, holder) in record.holders.iter().enumerate() {
             let name = if i == 0 {
                 String::from_utf8_lossy(&record.name).into_owned()
             } else {
@@ -320,11 +330,11 @@ fn print_table(records: &[LockRecord], now_unix_ms: u64) {
             println!(
                 "{:<width$} {:<9} {:>7} {:>20} {:>10}  {}",
                 name,
-                mode_name(record.mode),
+                hold_mode(record, holder.weight),
                 waiters,
-                token,
-                livelock::duration::human(age(*since, now_unix_ms)),
-                String::from_utf8_lossy(client)
+                holder.token,
+                livelock::duration::human(age(holder.since_unix_ms, now_unix_ms)),
+                String::from_utf8_lossy(&holder.client_name)
             );
         }
         if !record.signals.is_empty() {
@@ -567,18 +577,23 @@ fn record_json(record: &LockRecord) -> String {
     let holders: Vec<String> = record
         .holders
         .iter()
-        .map(|(session, token, since, client)| {
+        .map(|h| {
             format!(
-                "{{\"session\":\"{session}\",\"token\":\"{token}\",\"since_unix_ms\":{since},\"client\":{}}}",
-                json_string(client)
+                "{{\"session\":\"{}\",\"token\":\"{}\",\"since_unix_ms\":{},\"client\":{},\"weight\":{}}}",
+                h.session,
+                h.token,
+                h.since_unix_ms,
+                json_string(&h.client_name),
+                h.weight
             )
         })
         .collect();
     let signals: Vec<String> = record.signals.iter().map(|s| json_string(s)).collect();
     format!(
-        "{{\"name\":{},\"mode\":\"{}\",\"waiters\":{},\"holders\":[{}],\"signals\":[{}]}}",
+        "{{\"name\":{},\"mode\":\"{}\",\"capacity\":{},\"waiters\":{},\"holders\":[{}],\"signals\":[{}]}}",
         json_string(&record.name),
         mode_name(record.mode),
+        record.capacity,
         record.waiters,
         holders.join(","),
         signals.join(",")
@@ -594,11 +609,12 @@ fn inspection_json(found: &Inspection) -> String {
         .iter()
         .map(|w| {
             format!(
-                "{{\"session\":\"{}\",\"mode\":\"{}\",\"since_unix_ms\":{},\"client\":{}}}",
+                "{{\"session\":\"{}\",\"mode\":\"{}\",\"since_unix_ms\":{},\"client\":{},\"weight\":{}}}",
                 w.session,
                 mode_name(w.mode),
                 w.since_unix_ms,
-                json_string(&w.client_name)
+                json_string(&w.client_name),
+                w.weight
             )
         })
         .collect();

@@ -202,6 +202,10 @@ pub struct AcquireOptions {
     pub wait: Option<Duration>,
     /// The hold ends unless extended within this time.
     pub lease: Option<Duration>,
+    /// `Mode::Permits`: how many permits (1..=capacity); ignored otherwise.
+    pub weight: u32,
+    /// `Mode::Permits`: the semaphore's capacity; ignored otherwise.
+    pub capacity: u32,
 }
 
 impl Default for AcquireOptions {
@@ -210,6 +214,8 @@ impl Default for AcquireOptions {
             mode: Mode::Exclusive,
             wait: None,
             lease: None,
+            weight: 1,
+            capacity: 0,
         }
     }
 }
@@ -451,6 +457,19 @@ impl Client {
         self.acquire_with(name, options)
     }
 
+    /// The counting semaphore `name` of `capacity` permits (the capacity
+    /// is the name's while it is in use: every acquire must name the same,
+    /// or is refused `CapacityConflict`; `Semaphore::set_capacity` changes
+    /// it). Permits are held like locks: released with the guard, or the
+    /// moment the session ends.
+    pub fn semaphore(&self, name: impl AsRef<[u8]>, capacity: u32) -> Semaphore<'_> {
+        Semaphore {
+            client: self,
+            name: name.as_ref().to_vec(),
+            capacity,
+        }
+    }
+
     /// Acquires as `options` say; a refusal is `Error::Status(Busy | TimedOut | ...)`.
     pub fn acquire_with(&self, name: impl AsRef<[u8]>, options: AcquireOptions) -> Result<Guard> {
         self.start_acquire(name, options, false)?.wait()
@@ -619,9 +638,15 @@ pub(crate) fn acquire_request(
     let lease_ms = options.lease.map_or(0, |l| {
         u32::try_from(l.as_millis()).unwrap_or(u32::MAX).max(1)
     });
+    let (weight, capacity) = match options.mode {
+        Mode::Permits => (options.weight, options.capacity),
+        Mode::Exclusive | Mode::Shared => (1, 0),
+    };
     Request::Acquire {
         name,
         mode: options.mode,
+        weight,
+        capacity,
         wait_ms,
         lease_ms,
         notify_queued,
@@ -922,6 +947,63 @@ impl Drop for PendingAcquire {
             let target = self.request_id;
             let _ = send(&self.inner, &Request::Cancel { target });
         }
+    }
+}
+
+/// A counting semaphore of a client ([`Client::semaphore`]).
+pub struct Semaphore<'c> {
+    client: &'c Client,
+    name: Vec<u8>,
+    capacity: u32,
+}
+
+impl Semaphore<'_> {
+    /// The options of an acquire of `weight` permits.
+    pub fn options(&self, weight: u32) -> AcquireOptions {
+        AcquireOptions {
+            mode: Mode::Permits,
+            weight,
+            capacity: self.capacity,
+            ..AcquireOptions::default()
+        }
+    }
+
+    /// Waits (forever, strict FIFO: a large request is not passed by
+    /// smaller ones) for `weight` permits.
+    pub fn acquire(&self, weight: u32) -> Result<Guard> {
+        self.client.acquire_with(&self.name, self.options(weight))
+    }
+
+    /// Waits at most `wait` (`ZERO`: one try): `None` if not granted in time.
+    pub fn acquire_timeout(&self, weight: u32, wait: Duration) -> Result<Option<Guard>> {
+        let options = AcquireOptions {
+            wait: Some(wait),
+            ..self.options(weight)
+        };
+        match self.client.acquire_with(&self.name, options) {
+            Ok(guard) => Ok(Some(guard)),
+            Err(Error::Status(Status::Busy | Status::TimedOut, _)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// One try: `None` if the permits are not free now.
+    pub fn try_acquire(&self, weight: u32) -> Result<Option<Guard>> {
+        self.acquire_timeout(weight, Duration::ZERO)
+    }
+
+    /// Changes the capacity of the semaphore while it is in use (holders
+    /// keep their permits; queued acquires heavier than the new capacity
+    /// end `OverCapacity`); later acquires through this handle name it.
+    /// `NotHeld` if the name is not in use, `WrongKind` if it is a lock's.
+    pub fn set_capacity(&mut self, capacity: u32) -> Result<()> {
+        let request = Request::SetCapacity {
+            name: &self.name,
+            capacity,
+        };
+        self.client.call(&request)?;
+        self.capacity = capacity;
+        Ok(())
     }
 }
 

@@ -90,26 +90,27 @@ const _: () = assert!(LIST_REPLY_BYTES_MAX < WRITE_BUFFER_MAX - WRITE_BUFFER_PAU
 /// far over FRAME_BODY_MAX, which bounds what a client sends).
 pub const REPLY_BODY_MAX: usize = LIST_REPLY_BYTES_MAX;
 /// Holders listed in one lock record (INSPECT, LIST), so a record always
-/// fits a reply: 1,000 × (26 + client name) bytes.
+/// fits a reply: 1,000 × (30 + client name) bytes (a semaphore's holders
+/// carry their weight, and the record its capacity).
 pub const HOLDERS_PER_RECORD_MAX: usize = 1000;
 const _: () = assert!(
-    HOLDERS_PER_RECORD_MAX * (26 + CLIENT_NAME_LEN_MAX)
+    HOLDERS_PER_RECORD_MAX * (30 + CLIENT_NAME_LEN_MAX)
         + SIGNALS_PER_LOCK_MAX * (2 + SIGNAL_LEN_MAX)
-        + 12
+        + 16
         + NAME_LEN_MAX
         < REPLY_BODY_MAX
 );
 /// Queued acquires listed by one INSPECT, first in line first; a longer
-/// queue is cut (flagged): 1,000 × (20 + client name) bytes, which fit a
+/// queue is cut (flagged): 1,000 × (24 + client name) bytes, which fit a
 /// reply beside the largest lock record.
 pub const WAITERS_PER_INSPECT_MAX: usize = 1000;
 const _: () = assert!(
-    HOLDERS_PER_RECORD_MAX * (26 + CLIENT_NAME_LEN_MAX)
+    HOLDERS_PER_RECORD_MAX * (30 + CLIENT_NAME_LEN_MAX)
         + SIGNALS_PER_LOCK_MAX * (2 + SIGNAL_LEN_MAX)
-        + 12
+        + 16
         + NAME_LEN_MAX
         + 16
-        + WAITERS_PER_INSPECT_MAX * (20 + CLIENT_NAME_LEN_MAX)
+        + WAITERS_PER_INSPECT_MAX * (24 + CLIENT_NAME_LEN_MAX)
         < REPLY_BODY_MAX
 );
 /// INSPECT/LIST/STATS of one session being answered at once (each LIST

@@ -134,6 +134,11 @@ pub struct LockArgs {
     /// Take a shared (reader) hold instead of an exclusive one.
     #[arg(short = 's', long)]
     shared: bool,
+    /// NAME is a counting semaphore: take N of its CAPACITY permits (N
+    /// alone: 1 of N, like `consul lock -n N`). The capacity must be the
+    /// semaphore's while anyone holds or waits for it.
+    #[arg(long, value_name = "N[/CAPACITY]", value_parser = permits_flag, conflicts_with = "shared")]
+    permits: Option<(u32, u32)>,
     /// Keep the hold this long if the connection drops, reconnecting meanwhile.
     #[arg(long, value_parser = seconds_flag, default_value = "0s")]
     grace: Duration,
@@ -149,24 +154,48 @@ pub struct LockArgs {
 const HELD_VAR: &str = "LIVELOCK_HELD";
 
 /// One line of `LIVELOCK_HELD`.
-fn held_line(server: &str, shared: bool, name: &str) -> String {
+fn held_line(server: &str, mode: Mode, name: &str) -> String {
     let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{server} {} {hex}",
-        if shared { "shared" } else { "exclusive" }
-    )
+    let mode = match mode {
+        Mode::Exclusive => "exclusive",
+        Mode::Shared => "shared",
+        Mode::Permits => "permits",
+    };
+    format!("{server} {mode} {hex}")
 }
 
 /// Whether an enclosing `run` (per `held`, the inherited `LIVELOCK_HELD`)
 /// holds `name` on one of `servers`: this acquire could wait for it
 /// forever — shared inside shared too, as a queued exclusive acquire puts
-/// the inner shared one behind it (FIFO).
+/// the inner shared one behind it (FIFO), and permits inside permits (the
+/// outer ones may be what the inner acquire waits for).
 fn held_by_enclosing_run(held: &str, servers: &[String], name: &str) -> bool {
     servers.iter().any(|server| {
-        [true, false]
+        [Mode::Exclusive, Mode::Shared, Mode::Permits]
             .iter()
-            .any(|&shared| held.lines().any(|l| l == held_line(server, shared, name)))
+            .any(|&mode| held.lines().any(|l| l == held_line(server, mode, name)))
     })
+}
+
+/// `--permits N[/CAPACITY]`: (weight, capacity); `N` alone is 1 of N.
+fn permits_flag(text: &str) -> Result<(u32, u32), String> {
+    let number = |t: &str| {
+        t.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| n > 0)
+            .ok_or_else(|| format!("{t:?} is not a whole number from 1 to {}", u32::MAX))
+    };
+    let (weight, capacity) = match text.split_once('/') {
+        Some((weight, capacity)) => (number(weight)?, number(capacity)?),
+        None => (1, number(text)?),
+    };
+    if weight > capacity {
+        return Err(format!(
+            "{weight} permits of a capacity of {capacity} can never be had"
+        ));
+    }
+    Ok((weight, capacity))
 }
 
 #[derive(Args)]
@@ -356,14 +385,18 @@ pub fn run(mut args: RunArgs) -> ExitCode {
             )
         }
     };
+    let mode = match (args.lock.permits, args.lock.shared) {
+        (Some(_), _) => Mode::Permits,
+        (None, true) => Mode::Shared,
+        (None, false) => Mode::Exclusive,
+    };
+    let (weight, capacity) = args.lock.permits.unwrap_or((1, 0));
     let acquire = AcquireOptions {
-        mode: if args.lock.shared {
-            Mode::Shared
-        } else {
-            Mode::Exclusive
-        },
+        mode,
         wait: args.lock.wait.and_then(|w| w.0),
         lease: args.lock.lease,
+        weight,
+        capacity,
     };
     let guard = match client.acquire_with(&args.name, acquire) {
         Ok(guard) => guard,
@@ -421,7 +454,7 @@ pub fn run(mut args: RunArgs) -> ExitCode {
     if !held_env.is_empty() && !held_env.ends_with('\n') {
         held_env.push('\n');
     }
-    held_env.push_str(&held_line(&addr, args.lock.shared, &args.name));
+    held_env.push_str(&held_line(&addr, mode, &args.name));
     let supervisor = match spawn_supervisor(&args, token, &held_env) {
         Ok(child) => child,
         Err(e) => {

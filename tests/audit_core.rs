@@ -28,10 +28,11 @@ fn decode_reply_accepts_a_list_reply_larger_than_frame_body_max() {
         let holder = HolderRecord {
             session: 1,
             token: u64::from(i) + 1,
+            weight: 1,
             since_unix_ms: 0,
             client_name: b"c",
         };
-        protocol::put_lock_record(&mut out, &name, Mode::Exclusive, 0, &[holder], &[]);
+        protocol::put_lock_record(&mut out, &name, (Mode::Exclusive, 0), 0, &[holder], &[]);
     }
     protocol::end_reply(&mut out, start);
     assert!(out.len() > 16 + livelock::limits::FRAME_BODY_MAX);
@@ -157,7 +158,9 @@ fn a_restored_hold_granted_at_u64_max_does_not_kill_the_loop() {
         holds: vec![DumpHold {
             name: b"held".to_vec(),
             session: 0x100,
-            shared: false,
+            mode: Mode::Exclusive,
+            weight: 1,
+            capacity: 0,
             token: 5,
             since_unix_ms: u64::MAX,
             lease_left_ms: 0,

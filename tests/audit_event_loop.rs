@@ -141,6 +141,8 @@ fn parked_signal_pushes_of_a_detached_session_are_bounded() {
     let acquire = Request::Acquire {
         name: &name,
         mode: Mode::Exclusive,
+        weight: 1,
+        capacity: 0,
         wait_ms: 0,
         lease_ms: 0,
         notify_queued: false,

@@ -29,6 +29,7 @@ fn exclusive() -> AcquireOptions {
         mode: Mode::Exclusive,
         wait: Some(WAIT_MAX),
         lease: None,
+        ..AcquireOptions::default()
     }
 }
 
@@ -100,6 +101,8 @@ fn acquire(name: &[u8], wait_ms: u32) -> Request<'_> {
     Request::Acquire {
         name,
         mode: Mode::Exclusive,
+        weight: 1,
+        capacity: 0,
         wait_ms,
         lease_ms: 0,
         notify_queued: false,
@@ -651,11 +654,11 @@ fn garbage(kind: usize, rng: &mut Rng, len: usize) -> Vec<u8> {
                 let request = match rng.below(6) {
                     0 | 1 => Request::Acquire {
                         name,
-                        mode: if rng.below(2) == 0 {
-                            Mode::Exclusive
-                        } else {
-                            Mode::Shared
-                        },
+                        // Locks and semaphores (of two capacities) on the
+                        // same few names: kinds and capacities clash.
+                        mode: Mode::from_u8(rng.below(3) as u8).expect("0..3"),
+                        weight: 1 + rng.below(2) as u32,
+                        capacity: 2 + rng.below(2) as u32,
                         wait_ms: [0, 5, 50, WAIT_FOREVER][rng.below(4) as usize],
                         lease_ms: [0, 0, 10, 100][rng.below(4) as usize],
                         notify_queued: rng.below(2) == 0,

@@ -184,7 +184,7 @@ fn holders(record: &LockRecord) -> Vec<(u64, u64, Vec<u8>)> {
     record
         .holders
         .iter()
-        .map(|(session, token, _since, client)| (*session, *token, client.clone()))
+        .map(|h| (h.session, h.token, h.client_name.clone()))
         .collect()
 }
 

@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use livelock::limits;
 use livelock::protocol::{
     self, encode_request, flags, opcode, AcquireBody, CancelBody, ExtendBody, Header, HelloBody,
-    Mode, Request, ResumeBody, SessionBody, Status,
+    Mode, PermitsBody, Request, ResumeBody, SessionBody, Status,
 };
 
 /// Size of a struct field, by a projection closure (`|h: &Header| &h.magic`).
@@ -67,6 +67,7 @@ fn layout_expectations(checks: &mut Vec<(String, u64)>) {
     split_u64!(checks, "livelock_resume", ResumeBody, session_id);
     same_layout!(checks, "livelock_acquire", AcquireBody,
         [mode, acq_flags, reserved, wait_ms, lease_ms]);
+    same_layout!(checks, "livelock_acquire_permits", PermitsBody, [acquire, weight, capacity]);
     same_layout!(checks, "livelock_extend", ExtendBody, [lease_ms]);
     same_layout!(checks, "livelock_cancel", CancelBody, [target_request_id]);
     same_layout!(checks, "livelock_session_reply", SessionBody,
@@ -109,6 +110,7 @@ fn expectations() -> Vec<(String, u64)> {
     );
     check("LIVELOCK_MODE_EXCLUSIVE", Mode::Exclusive as usize);
     check("LIVELOCK_MODE_SHARED", Mode::Shared as usize);
+    check("LIVELOCK_MODE_PERMITS", Mode::Permits as usize);
 
     check("LIVELOCK_FLAG_REPLY", flags::REPLY.into());
     check("LIVELOCK_FLAG_PUSH", flags::PUSH.into());
@@ -132,6 +134,8 @@ fn expectations() -> Vec<(String, u64)> {
         ("KILL_SESSION", opcode::KILL_SESSION),
         ("CLUSTER_STATUS", opcode::CLUSTER_STATUS),
         ("CLUSTER_CHANGE", opcode::CLUSTER_CHANGE),
+        ("ACQUIRE_PERMITS", opcode::ACQUIRE_PERMITS),
+        ("SET_CAPACITY", opcode::SET_CAPACITY),
         ("LOCK_LOST", opcode::LOCK_LOST),
         ("SHUTDOWN", opcode::SHUTDOWN),
         ("SESSION_TAKEN", opcode::SESSION_TAKEN),
@@ -177,6 +181,8 @@ fn screaming_snake(camel: &str) -> String {
 const ACQUIRE: Request<'static> = Request::Acquire {
     name: b"report-42",
     mode: Mode::Exclusive,
+    weight: 1,
+    capacity: 0,
     wait_ms: 5000,
     lease_ms: 30_000,
     notify_queued: true,

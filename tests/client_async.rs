@@ -55,7 +55,7 @@ async fn locks_tokens_and_hand_over() {
         }
         tokio::task::yield_now().await;
     };
-    assert_eq!(found.holders[0].1, first.token());
+    assert_eq!(found.holders[0].token, first.token());
     let token = first.token();
     bounded("release", first.release()).await.unwrap();
     let (granted, b, guard) = bounded("hand-over", waiter).await.unwrap().unwrap();

@@ -30,7 +30,7 @@ fn holders_and_queue(cluster: &mut TestCluster, name: &str) -> (Vec<(u64, u64)>,
                 .record
                 .holders
                 .iter()
-                .map(|h| (h.0, h.1))
+                .map(|h| (h.session, h.token))
                 .collect(),
             inspection.queue.iter().map(|w| w.session).collect(),
         ),
@@ -124,8 +124,8 @@ fn a_cut_off_leader_never_grants() {
     // Through the restarted node (it relays to the leader).
     let via_old = Client::connect(cluster.client_addr(leader), &ClientOptions::default()).unwrap();
     let seen = via_old.inspect("y").unwrap().expect("held");
-    assert_eq!(seen.record.holders[0].0, majority.session_id());
-    assert_eq!(seen.record.holders[0].1, guard.token());
+    assert_eq!(seen.record.holders[0].session, majority.session_id());
+    assert_eq!(seen.record.holders[0].token, guard.token());
 }
 
 /// SIGTERM on each node in turn, leader included, each restarted before

@@ -48,7 +48,7 @@ fn start_server(
 /// The session ids holding `name`, as INSPECT reports them.
 fn holders(client: &Client, name: &str) -> Vec<u64> {
     match client.inspect(name).expect("inspect") {
-        Some(record) => record.holders.iter().map(|holder| holder.0).collect(),
+        Some(record) => record.holders.iter().map(|holder| holder.session).collect(),
         None => Vec::new(),
     }
 }

@@ -44,6 +44,8 @@ fn acquire_frame(id: u32, name: &[u8], wait_ms: u32, lease_ms: u32) -> Vec<u8> {
     let request = Request::Acquire {
         name,
         mode: Mode::Shared,
+        weight: 1,
+        capacity: 0,
         wait_ms,
         lease_ms,
         notify_queued: true,

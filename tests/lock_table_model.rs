@@ -7,6 +7,11 @@
 //! shard-wide token counter, a lock forgotten when its last holder goes (with
 //! its signals), deadlines fired one at a time, earliest first (a wait before
 //! a lease on a tie; waits in queue order, leases in token order on a tie).
+//! Semaphores: a name is a lock or a semaphore while in use (`WrongKind`),
+//! every acquire names the semaphore's capacity (`CapacityConflict`), the
+//! head is granted while the holders' weights and its own fit the capacity
+//! (strict FIFO: a heavy head blocks lighter ones behind it), a lowered
+//! capacity ends the queued acquires heavier than it (`OverCapacity`).
 //!
 //! After every step the test compares the exact list of effects (the order of
 //! the pushes of one signal to a lock's holders is unspecified, so those are
@@ -43,6 +48,7 @@ struct ModelWaiter {
     session: SessionId,
     request_id: RequestId,
     mode: Mode,
+    weight: u32,
     lease_ms: u32,
     deadline_ms: Option<u64>,
     /// Order of queueing over the whole table (ties of wait deadlines).
@@ -53,6 +59,8 @@ struct ModelWaiter {
 struct ModelLock {
     name: Vec<u8>,
     mode: Mode,
+    /// A semaphore's capacity, 0 for a lock.
+    capacity: u32,
     holders: Vec<Hold>,
     waiters: Vec<ModelWaiter>,
     signals: Vec<Vec<u8>>,
@@ -90,11 +98,12 @@ impl Model {
         self.slots[slot].as_mut().unwrap()
     }
 
-    fn new_hold(&mut self, session: SessionId, now_ms: u64, lease_ms: u32) -> Hold {
+    fn new_hold(&mut self, session: SessionId, now_ms: u64, weight: u32, lease_ms: u32) -> Hold {
         self.last_token += 1;
         Hold {
             session,
             token: self.last_token,
+            weight,
             since_ms: now_ms,
             lease_deadline_ms: if lease_ms == 0 {
                 0
@@ -112,13 +121,19 @@ impl Model {
             let Some(head) = lock.waiters.first().cloned() else {
                 break;
             };
-            let can_go =
-                lock.holders.is_empty() || (lock.mode == Mode::Shared && head.mode == Mode::Shared);
+            let used: u64 = lock.holders.iter().map(|h| u64::from(h.weight)).sum();
+            let can_go = match head.mode {
+                Mode::Permits => used + u64::from(head.weight) <= u64::from(lock.capacity),
+                _ => {
+                    lock.holders.is_empty()
+                        || (lock.mode == Mode::Shared && head.mode == Mode::Shared)
+                }
+            };
             if !can_go {
                 break;
             }
             lock.waiters.remove(0);
-            let hold = self.new_hold(head.session, now_ms, head.lease_ms);
+            let hold = self.new_hold(head.session, now_ms, head.weight, head.lease_ms);
             let lock = self.lock(slot);
             lock.mode = head.mode;
             lock.holders.push(hold);
@@ -268,6 +283,31 @@ impl Model {
                     }
                 }
             }
+            Command::SetCapacity {
+                session,
+                request_id,
+                name,
+                capacity,
+            } => {
+                let outcome = match self.slot_of(name) {
+                    None => Outcome::NoSuchLock,
+                    Some(slot) if self.lock(slot).mode != Mode::Permits => Outcome::WrongKind,
+                    Some(slot) => {
+                        self.lock(slot).capacity = capacity;
+                        while let Some(at) = self
+                            .lock(slot)
+                            .waiters
+                            .iter()
+                            .position(|w| w.weight > capacity)
+                        {
+                            self.end_wait(now_ms, (slot, at), Outcome::OverCapacity, out);
+                        }
+                        self.settle(now_ms, slot, out);
+                        Outcome::Ok
+                    }
+                };
+                out.push(reply(session, request_id, outcome, false));
+            }
             Command::Locked {
                 session,
                 request_id,
@@ -324,6 +364,20 @@ impl Model {
         }
     }
 
+    /// Takes waiter `at` of `slot` out of its queue (those behind it may
+    /// go), then tells it `outcome`.
+    fn end_wait(
+        &mut self,
+        now_ms: u64,
+        (slot, at): (usize, usize),
+        outcome: Outcome,
+        out: &mut Vec<Effect>,
+    ) {
+        let waiter = self.lock(slot).waiters.remove(at);
+        self.settle(now_ms, slot, out);
+        out.push(reply(waiter.session, waiter.request_id, outcome, true));
+    }
+
     fn find_waiter(&self, session: SessionId, request_id: RequestId) -> Option<(usize, usize)> {
         self.slots.iter().enumerate().find_map(|(slot, lock)| {
             let at = lock
@@ -337,10 +391,11 @@ impl Model {
 
     fn acquire(&mut self, now_ms: u64, a: Acquire<'_>, out: &mut Vec<Effect>) {
         let Some(slot) = self.slot_of(a.name) else {
-            let hold = self.new_hold(a.session, now_ms, a.lease_ms);
+            let hold = self.new_hold(a.session, now_ms, a.weight, a.lease_ms);
             let lock = ModelLock {
                 name: a.name.to_vec(),
                 mode: a.mode,
+                capacity: a.capacity,
                 holders: vec![hold],
                 waiters: Vec::new(),
                 signals: Vec::new(),
@@ -366,8 +421,20 @@ impl Model {
             }
         } else if lock.waiters.iter().any(|w| w.session == a.session) {
             Outcome::AlreadyHeld
-        } else if lock.mode == Mode::Shared && a.mode == Mode::Shared && lock.waiters.is_empty() {
-            let hold = self.new_hold(a.session, now_ms, a.lease_ms);
+        } else if (lock.mode == Mode::Permits) != (a.mode == Mode::Permits) {
+            Outcome::WrongKind
+        } else if lock.capacity != a.capacity {
+            Outcome::CapacityConflict
+        } else if lock.waiters.is_empty()
+            && match a.mode {
+                Mode::Permits => {
+                    let used: u64 = lock.holders.iter().map(|h| u64::from(h.weight)).sum();
+                    used + u64::from(a.weight) <= u64::from(lock.capacity)
+                }
+                _ => lock.mode == Mode::Shared && a.mode == Mode::Shared,
+            }
+        {
+            let hold = self.new_hold(a.session, now_ms, a.weight, a.lease_ms);
             self.lock(slot).holders.push(hold);
             Outcome::Granted { token: hold.token }
         } else if a.wait == Wait::Try {
@@ -378,6 +445,7 @@ impl Model {
                 session: a.session,
                 request_id: a.request_id,
                 mode: a.mode,
+                weight: a.weight,
                 lease_ms: a.lease_ms,
                 deadline_ms: match a.wait {
                     Wait::Until(deadline) => Some(deadline),
@@ -418,14 +486,7 @@ impl Model {
                 (Some((deadline, _, _, slot, at)), lease)
                     if lease.map_or(true, |(l, ..)| deadline <= l) =>
                 {
-                    let waiter = self.lock(slot).waiters.remove(at);
-                    self.settle(now_ms, slot, out);
-                    out.push(reply(
-                        waiter.session,
-                        waiter.request_id,
-                        Outcome::TimedOut,
-                        true,
-                    ));
+                    self.end_wait(now_ms, (slot, at), Outcome::TimedOut, out);
                 }
                 (_, Some((_, token, slot, at))) => {
                     let lock = self.lock(slot);
@@ -448,6 +509,7 @@ impl Model {
         Some(LockInfo {
             name: lock.name.clone().into(),
             mode: lock.mode,
+            capacity: lock.capacity,
             holders: lock.holders.clone(),
             waiters: lock.waiters.len(),
             signals: lock.signals.iter().map(|s| s.clone().into()).collect(),
@@ -511,7 +573,11 @@ enum Op {
         session: SessionId,
         request_id: RequestId,
         name: usize,
-        exclusive: bool,
+        /// `Mode::from_u8`: exclusive, shared, permits.
+        mode: u8,
+        /// Permits: the weight (up to the capacity) and the capacity.
+        weight: u32,
+        capacity: u32,
         wait: WaitPick,
         lease_ms: u32,
         reentrant: bool,
@@ -557,6 +623,12 @@ enum Op {
         request_id: RequestId,
         name: usize,
     },
+    SetCapacity {
+        session: SessionId,
+        request_id: RequestId,
+        name: usize,
+        capacity: u32,
+    },
     Signal {
         session: SessionId,
         request_id: RequestId,
@@ -587,22 +659,22 @@ fn op() -> impl Strategy<Value = Op> {
     ];
     prop_oneof![
         8 => (
-            session.clone(),
-            request_id.clone(),
-            name.clone(),
-            any::<bool>(),
+            (session.clone(), request_id.clone(), name.clone()),
+            (0..3u8, 1..=4u32, 3..=4u32),
             wait,
             lease_ms,
             prop::bool::weighted(0.2),
             any::<bool>(),
         )
             .prop_map(
-                |(session, request_id, name, exclusive, wait, lease_ms, reentrant, notify_queued)| {
+                |((session, request_id, name), (mode, weight, capacity), wait, lease_ms, reentrant, notify_queued)| {
                     Op::Acquire {
                         session,
                         request_id,
                         name,
-                        exclusive,
+                        mode,
+                        weight: weight.min(capacity),
+                        capacity,
                         wait,
                         lease_ms,
                         reentrant,
@@ -610,6 +682,14 @@ fn op() -> impl Strategy<Value = Op> {
                     }
                 }
             ),
+        1 => (session.clone(), request_id.clone(), name.clone(), 1..=5u32).prop_map(
+            |(session, request_id, name, capacity)| Op::SetCapacity {
+                session,
+                request_id,
+                name,
+                capacity,
+            }
+        ),
         4 => (session.clone(), request_id.clone(), name.clone(), token.clone()).prop_map(
             |(session, request_id, name, token)| Op::Release {
                 session,
@@ -720,7 +800,9 @@ impl Run {
                 session,
                 request_id,
                 name,
-                exclusive,
+                mode,
+                weight,
+                capacity,
                 wait,
                 lease_ms,
                 reentrant,
@@ -729,10 +811,16 @@ impl Run {
                 session,
                 request_id: self.id(session, request_id),
                 name: NAMES[name],
-                mode: if exclusive {
-                    Mode::Exclusive
+                mode: Mode::from_u8(mode).expect("0..3"),
+                weight: if mode == Mode::Permits as u8 {
+                    weight
                 } else {
-                    Mode::Shared
+                    1
+                },
+                capacity: if mode == Mode::Permits as u8 {
+                    capacity
+                } else {
+                    0
                 },
                 wait: match wait {
                     WaitPick::Try => Wait::Try,
@@ -810,6 +898,17 @@ impl Run {
                 session,
                 request_id: self.id(session, request_id),
                 name: NAMES[name],
+            },
+            Op::SetCapacity {
+                session,
+                request_id,
+                name,
+                capacity,
+            } => Command::SetCapacity {
+                session,
+                request_id: self.id(session, request_id),
+                name: NAMES[name],
+                capacity,
             },
             Op::Signal {
                 session,

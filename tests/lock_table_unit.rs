@@ -5,7 +5,7 @@
 
 use livelock::limits::{SIGNALS_PER_LOCK_MAX, WAITERS_PER_LOCK_MAX};
 use livelock::lock_table::{
-    shard_for, Acquire, Command, Effect, Hold, ListOrder, LockInfo, LockTable, Mode, Outcome,
+    shard_for, Acquire, Command, Effect, Hold, Kind, ListOrder, LockInfo, LockTable, Mode, Outcome,
     RequestId, Scan, SessionId, SignalOp, Wait, SCAN_SLOT_WORK,
 };
 
@@ -168,6 +168,8 @@ fn acq(
         request_id,
         name,
         mode,
+        weight: 1,
+        capacity: 0,
         wait,
         lease_ms: 0,
         reentrant: false,
@@ -244,9 +246,11 @@ fn exclusive_acquire_of_a_free_lock_is_granted_at_once() {
         Some(LockInfo {
             name: (*b"a").into(),
             mode: X,
+            capacity: 0,
             holders: vec![Hold {
                 session: 1,
                 token: 1,
+                weight: 1,
                 since_ms: 5,
                 lease_deadline_ms: 0,
             }],
@@ -1239,12 +1243,33 @@ fn a_lock_holds_at_most_signals_per_lock_max_signals() {
 
 // ---- restore (dump reload) ------------------------------------------------
 
+/// Puts back a lock's hold (weight 1) as a dump would.
+fn restore(
+    table: &mut LockTable,
+    name: &[u8],
+    session: SessionId,
+    mode: Mode,
+    token: u64,
+    since_ms: u64,
+    lease_deadline_ms: u64,
+) -> bool {
+    let kind = Kind { mode, capacity: 0 };
+    let hold = Hold {
+        session,
+        token,
+        weight: 1,
+        since_ms,
+        lease_deadline_ms,
+    };
+    table.restore_hold(name, kind, hold)
+}
+
 #[test]
 fn restore_hold_puts_back_holds_and_raises_the_token_floor() {
     let mut h = Harness::new();
-    assert!(h.table.restore_hold(b"a", 1, X, 40, 7, 0));
-    assert!(h.table.restore_hold(b"b", 2, S, 90, 8, 0));
-    assert!(h.table.restore_hold(b"b", 3, S, 60, 9, 0));
+    assert!(restore(&mut h.table, b"a", 1, X, 40, 7, 0));
+    assert!(restore(&mut h.table, b"b", 2, S, 90, 8, 0));
+    assert!(restore(&mut h.table, b"b", 3, S, 60, 9, 0));
     h.table.check_invariants();
     assert_eq!(h.table.last_token(), 90);
     assert_eq!(
@@ -1252,6 +1277,7 @@ fn restore_hold_puts_back_holds_and_raises_the_token_floor() {
         [Hold {
             session: 1,
             token: 40,
+            weight: 1,
             since_ms: 7,
             lease_deadline_ms: 0,
         }]
@@ -1259,7 +1285,7 @@ fn restore_hold_puts_back_holds_and_raises_the_token_floor() {
     let mut holds: Vec<_> = h
         .table
         .holds()
-        .map(|(name, mode, hold)| (name.to_vec(), mode, hold.session, hold.token))
+        .map(|(name, kind, hold)| (name.to_vec(), kind.mode, hold.session, hold.token))
         .collect();
     holds.sort_by(|a, b| (&a.0, a.2).cmp(&(&b.0, b.2)));
     assert_eq!(
@@ -1295,26 +1321,26 @@ fn restore_hold_puts_back_holds_and_raises_the_token_floor() {
 #[test]
 fn restore_hold_refuses_a_hold_that_conflicts() {
     let mut h = Harness::new();
-    assert!(h.table.restore_hold(b"a", 1, X, 5, 0, 0));
-    assert!(!h.table.restore_hold(b"a", 2, X, 6, 0, 0), "two exclusive");
+    assert!(restore(&mut h.table, b"a", 1, X, 5, 0, 0));
+    assert!(!restore(&mut h.table, b"a", 2, X, 6, 0, 0), "two exclusive");
     assert!(
-        !h.table.restore_hold(b"a", 2, S, 7, 0, 0),
+        !restore(&mut h.table, b"a", 2, S, 7, 0, 0),
         "shared on exclusive"
     );
     assert!(
-        !h.table.restore_hold(b"a", 1, X, 8, 0, 0),
+        !restore(&mut h.table, b"a", 1, X, 8, 0, 0),
         "same session again"
     );
-    assert!(h.table.restore_hold(b"b", 1, S, 1, 0, 0));
+    assert!(restore(&mut h.table, b"b", 1, S, 1, 0, 0));
     assert!(
-        !h.table.restore_hold(b"b", 2, X, 2, 0, 0),
+        !restore(&mut h.table, b"b", 2, X, 2, 0, 0),
         "exclusive on shared"
     );
     assert!(
-        !h.table.restore_hold(b"b", 1, S, 3, 0, 0),
+        !restore(&mut h.table, b"b", 1, S, 3, 0, 0),
         "same session again"
     );
-    assert!(h.table.restore_hold(b"b", 2, S, 4, 0, 0));
+    assert!(restore(&mut h.table, b"b", 2, S, 4, 0, 0));
     h.table.check_invariants();
     assert_eq!(h.holders(b"a"), [1]);
     assert_eq!(h.table.inspect(b"a").unwrap().holders[0].token, 5);
@@ -1328,7 +1354,7 @@ fn restore_hold_refuses_a_hold_that_conflicts() {
         [granted(3, 1, 9)]
     );
     // A lower restored token does not lower the floor.
-    assert!(h.table.restore_hold(b"d", 4, X, 2, 0, 0));
+    assert!(restore(&mut h.table, b"d", 4, X, 2, 0, 0));
     assert_eq!(h.table.last_token(), 9);
 }
 
@@ -1339,8 +1365,8 @@ fn restore_hold_refuses_a_hold_that_conflicts() {
 #[test]
 fn restored_holds_sharing_a_token_keep_both_leases() {
     let mut h = Harness::new();
-    assert!(h.table.restore_hold(b"a", 1, X, 5, 0, 0));
-    assert!(h.table.restore_hold(b"b", 2, X, 5, 0, 0));
+    assert!(restore(&mut h.table, b"a", 1, X, 5, 0, 0));
+    assert!(restore(&mut h.table, b"b", 2, X, 5, 0, 0));
     assert_eq!(h.extend(0, 1, 1, b"a", 10), [reply(1, 1, Outcome::Ok)]);
     assert_eq!(h.extend(0, 2, 1, b"b", 10), [reply(2, 1, Outcome::Ok)]);
     assert_eq!(h.tick(10), [lost(1, 5, b"a"), lost(2, 5, b"b")]);
@@ -1351,8 +1377,8 @@ fn restored_holds_sharing_a_token_keep_both_leases() {
 fn restore_signal_raises_a_signal_on_a_held_lock_without_pushing() {
     let mut h = Harness::new();
     assert!(!h.table.restore_signal(b"a", b"s"), "no such lock");
-    assert!(h.table.restore_hold(b"a", 1, S, 3, 0, 0));
-    assert!(h.table.restore_hold(b"a", 2, S, 4, 0, 0));
+    assert!(restore(&mut h.table, b"a", 1, S, 3, 0, 0));
+    assert!(restore(&mut h.table, b"a", 2, S, 4, 0, 0));
     assert!(h.table.restore_signal(b"a", b"s"));
     assert!(h.table.restore_signal(b"a", b"s"), "twice is fine");
     assert!(h.table.restore_signal(b"a", b"t"));
@@ -1461,16 +1487,19 @@ fn inspect_shows_holders_and_the_number_of_waiters() {
         LockInfo {
             name: (*b"a").into(),
             mode: S,
+            capacity: 0,
             holders: vec![
                 Hold {
                     session: 1,
                     token: 1,
+                    weight: 1,
                     since_ms: 7,
                     lease_deadline_ms: 37,
                 },
                 Hold {
                     session: 2,
                     token: 2,
+                    weight: 1,
                     since_ms: 8,
                     lease_deadline_ms: 0,
                 },
@@ -1855,7 +1884,7 @@ fn tokens_stop_at_the_ceiling() {
 #[test]
 fn a_restored_lease_still_expires() {
     let mut h = Harness::new();
-    assert!(h.table.restore_hold(b"a", 1, X, 5, 0, 150));
+    assert!(restore(&mut h.table, b"a", 1, X, 5, 0, 150));
     assert_eq!(h.table.next_deadline(), Some(150));
     assert_eq!(h.tick(150), [lost(1, 5, b"a")]);
     assert!(h.holders(b"a").is_empty());
@@ -1897,4 +1926,183 @@ fn a_stale_token_touches_no_newer_hold() {
     assert_eq!(h.holders(b"a"), [1], "the newer hold is untouched");
     assert_eq!(h.apply(23, release(5, 2)), [reply(1, 5, Outcome::Ok)]);
     assert!(h.holders(b"a").is_empty());
+}
+
+// ---- counting semaphores ----------------------------------------------------
+
+const P: Mode = Mode::Permits;
+
+/// `weight` permits of the semaphore `name` of `capacity`.
+fn permits(
+    session: SessionId,
+    request_id: RequestId,
+    name: &[u8],
+    (weight, capacity): (u32, u32),
+    wait: Wait,
+) -> Acquire<'_> {
+    Acquire {
+        weight,
+        capacity,
+        ..acq(session, request_id, name, P, wait)
+    }
+}
+
+fn set_capacity(h: &mut Harness, now_ms: u64, name: &[u8], capacity: u32) -> Vec<Effect> {
+    let command = Command::SetCapacity {
+        session: 99,
+        request_id: 1,
+        name,
+        capacity,
+    };
+    h.apply(now_ms, command)
+}
+
+#[test]
+fn permits_are_granted_while_their_weights_fit_the_capacity() {
+    let mut h = Harness::new();
+    let gpus = b"gpus";
+    assert_eq!(
+        h.acquire(0, permits(1, 1, gpus, (2, 4), Wait::Try)),
+        [granted(1, 1, 1)]
+    );
+    assert_eq!(
+        h.acquire(0, permits(2, 1, gpus, (1, 4), Wait::Try)),
+        [granted(2, 1, 2)]
+    );
+    // 3 of 4 out: 2 more do not fit, 1 does.
+    assert_eq!(
+        h.acquire(0, permits(3, 1, gpus, (2, 4), Wait::Try)),
+        [reply(3, 1, Outcome::Busy)]
+    );
+    assert_eq!(
+        h.acquire(0, permits(4, 1, gpus, (1, 4), Wait::Try)),
+        [granted(4, 1, 3)]
+    );
+    let info = h.table.inspect(gpus).unwrap();
+    assert_eq!((info.mode, info.capacity), (P, 4));
+    let weights: Vec<u32> = info.holders.iter().map(|hold| hold.weight).collect();
+    assert_eq!(weights, [2, 1, 1]);
+    // The last holder out forgets the name, capacity included.
+    for session in [1, 2, 4] {
+        h.release(1, session, 2, gpus);
+    }
+    assert_eq!(h.table.lock_count(), 0);
+    assert_eq!(
+        h.acquire(2, permits(5, 1, gpus, (7, 7), Wait::Try)),
+        [granted(5, 1, 4)]
+    );
+}
+
+#[test]
+fn a_heavy_request_at_the_head_is_not_passed_by_lighter_ones() {
+    let mut h = Harness::new();
+    h.acquire(0, permits(1, 1, b"s", (3, 4), Wait::Try));
+    // Session 2 wants 2 (does not fit); session 3 wants 1, which would fit,
+    // but queues behind it: strict FIFO.
+    assert_eq!(h.acquire(1, permits(2, 1, b"s", (2, 4), Wait::Forever)), []);
+    assert_eq!(h.acquire(2, permits(3, 1, b"s", (1, 4), Wait::Forever)), []);
+    assert_eq!(
+        h.acquire(2, permits(4, 1, b"s", (1, 4), Wait::Try)),
+        [reply(4, 1, Outcome::Busy)],
+        "a try does not pass the queue either"
+    );
+    // The release lets both in, in order, in the same step.
+    assert_eq!(
+        h.release(3, 1, 2, b"s"),
+        [
+            pushed_grant(2, 1, 2),
+            pushed_grant(3, 1, 3),
+            reply(1, 2, Outcome::Ok)
+        ]
+    );
+    // The head leaving the queue lets those behind it in (cancel).
+    h.acquire(4, permits(5, 1, b"s", (4, 4), Wait::Forever));
+    h.acquire(4, permits(6, 1, b"s", (1, 4), Wait::Forever));
+    assert_eq!(
+        h.cancel(5, 5, 2, 1),
+        [
+            pushed_grant(6, 1, 4),
+            pushed(5, 1, Outcome::Cancelled),
+            reply(5, 2, Outcome::Ok)
+        ]
+    );
+}
+
+#[test]
+fn a_name_is_a_lock_or_a_semaphore_and_has_one_capacity() {
+    let mut h = Harness::new();
+    h.acquire(0, acq(1, 1, b"lock", X, Wait::Try));
+    assert_eq!(
+        h.acquire(0, permits(2, 1, b"lock", (1, 3), Wait::Forever)),
+        [reply(2, 1, Outcome::WrongKind)]
+    );
+    h.acquire(0, permits(1, 2, b"sem", (1, 3), Wait::Try));
+    for mode in [X, S] {
+        assert_eq!(
+            h.acquire(0, acq(2, 2, b"sem", mode, Wait::Forever)),
+            [reply(2, 2, Outcome::WrongKind)]
+        );
+    }
+    assert_eq!(
+        h.acquire(0, permits(2, 3, b"sem", (1, 4), Wait::Forever)),
+        [reply(2, 3, Outcome::CapacityConflict)]
+    );
+    assert_eq!(
+        set_capacity(&mut h, 0, b"lock", 2),
+        [reply(99, 1, Outcome::WrongKind)]
+    );
+    assert_eq!(
+        set_capacity(&mut h, 0, b"none", 2),
+        [reply(99, 1, Outcome::NoSuchLock)]
+    );
+    // Nothing of the refused requests stayed.
+    assert_eq!(h.table.waiter_count(), 0);
+    assert_eq!(h.holders(b"sem"), [1]);
+}
+
+#[test]
+fn a_capacity_change_grants_what_fits_and_ends_what_never_can() {
+    let mut h = Harness::new();
+    h.acquire(0, permits(1, 1, b"s", (2, 2), Wait::Try));
+    h.acquire(0, permits(2, 1, b"s", (2, 2), Wait::Forever));
+    h.acquire(0, permits(3, 1, b"s", (1, 2), Wait::Forever));
+    // Raised to 4: session 2's 2 fit beside session 1's 2; 3's does not.
+    assert_eq!(
+        set_capacity(&mut h, 1, b"s", 4),
+        [pushed_grant(2, 1, 2), reply(99, 1, Outcome::Ok)]
+    );
+    // Acquires now name 4.
+    assert_eq!(
+        h.acquire(1, permits(4, 1, b"s", (1, 2), Wait::Try)),
+        [reply(4, 1, Outcome::CapacityConflict)]
+    );
+    h.acquire(1, permits(4, 2, b"s", (3, 4), Wait::Forever));
+    // Lowered to 2: holders keep their 4 permits; the waiter of 3 can
+    // never fit and ends; the one of 1 waits until enough are released.
+    assert_eq!(
+        set_capacity(&mut h, 2, b"s", 2),
+        [
+            pushed(4, 2, Outcome::OverCapacity),
+            reply(99, 1, Outcome::Ok)
+        ]
+    );
+    assert_eq!(h.release(3, 1, 2, b"s"), [reply(1, 2, Outcome::Ok)]);
+    assert_eq!(
+        h.release(4, 2, 2, b"s"),
+        [pushed_grant(3, 1, 3), reply(2, 2, Outcome::Ok)]
+    );
+}
+
+#[test]
+fn a_session_that_ends_gives_its_permits_back() {
+    let mut h = Harness::new();
+    h.acquire(0, permits(1, 1, b"s", (3, 3), Wait::Try));
+    h.acquire(0, permits(2, 1, b"s", (2, 3), Wait::Forever));
+    h.acquire(0, permits(3, 1, b"s", (1, 3), Wait::Forever));
+    assert_eq!(h.end(1, 1), [pushed_grant(2, 1, 2), pushed_grant(3, 1, 3)]);
+    // A lease runs out the same way.
+    h.end(2, 2);
+    h.acquire(2, leased(permits(4, 1, b"s", (2, 3), Wait::Try), 10));
+    h.acquire(3, permits(5, 1, b"s", (2, 3), Wait::Forever));
+    assert_eq!(h.tick(12), [pushed_grant(5, 1, 5), lost(4, 4, b"s")]);
 }

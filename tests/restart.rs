@@ -278,6 +278,8 @@ fn a_queued_acquire_survives_a_restart_and_is_answered_once() {
     let acquire = protocol::Request::Acquire {
         name: b"q",
         mode: protocol::Mode::Exclusive,
+        weight: 1,
+        capacity: 0,
         wait_ms: protocol::WAIT_FOREVER,
         lease_ms: 0,
         notify_queued: true,

@@ -243,6 +243,8 @@ impl World {
                     request_id,
                     name,
                     mode,
+                    weight: 1,
+                    capacity: 0,
                     wait,
                     lease_ms,
                     reentrant: false,
@@ -497,9 +499,9 @@ impl World {
                 in_tables
                     .entry(hold.session)
                     .or_default()
-                    .insert(name.to_vec(), (mode, hold.token));
+                    .insert(name.to_vec(), (mode.mode, hold.token));
             }
-            for (name, queued) in table.waiters() {
+            for (name, _, queued) in table.waiters() {
                 let session = queued.session;
                 let owner = live.get(&session).unwrap_or_else(|| {
                     panic!("a wait for {name:?} by session {session:#x}, which is gone")

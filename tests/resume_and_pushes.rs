@@ -39,6 +39,7 @@ fn take_many(client: &Client, count: usize, lease: Option<Duration>) -> Vec<(Vec
         mode: Mode::Exclusive,
         wait: None,
         lease,
+        ..AcquireOptions::default()
     };
     // In batches the session's in-flight limit (1024) allows.
     let mut taken = Vec::with_capacity(count);
@@ -141,6 +142,8 @@ fn a_half_closed_connection_gets_every_reply_it_is_owed() {
             let request = Request::Acquire {
                 name: name.as_bytes(),
                 mode: Mode::Exclusive,
+                weight: 1,
+                capacity: 0,
                 wait_ms: 0,
                 lease_ms: 0,
                 notify_queued: false,
@@ -174,6 +177,8 @@ fn signal_pushes_never_cost_a_holder_its_locks() {
         let request = Request::Acquire {
             name,
             mode: Mode::Exclusive,
+            weight: 1,
+            capacity: 0,
             wait_ms: 0,
             lease_ms: 0,
             notify_queued: false,
@@ -242,6 +247,8 @@ fn a_grant_unsent_when_the_connection_dropped_reaches_the_resume() {
     let acquire = Request::Acquire {
         name: b"unsent",
         mode: Mode::Exclusive,
+        weight: 1,
+        capacity: 0,
         wait_ms: protocol::WAIT_FOREVER,
         lease_ms: 0,
         notify_queued: true,

@@ -71,7 +71,7 @@ fn held_by_process(client: &Client, name: &str, pid: u32) -> bool {
         record
             .holders
             .iter()
-            .any(|(_, _, _, client)| client.ends_with(format!(":{pid}").as_bytes()))
+            .any(|h| h.client_name.ends_with(format!(":{pid}").as_bytes()))
     })
 }
 
@@ -285,7 +285,7 @@ fn shared_runs_hold_at_once() {
     let client = server.client();
     let record = client.inspect("readers").unwrap().expect("held");
     assert_eq!(record.mode, Mode::Shared);
-    let mut held: Vec<u64> = record.holders.iter().map(|h| h.1).collect();
+    let mut held: Vec<u64> = record.holders.iter().map(|h| h.token).collect();
     held.sort_unstable();
     assert_eq!(held, tokens, "both runs hold at once");
     assert!(
@@ -1435,7 +1435,7 @@ fn hold_holds_until_interrupted_and_prints_the_token() {
     let observer = server.client();
     let record = observer.inspect("held-by-hold").unwrap().expect("held");
     assert_eq!(
-        record.holders[0].1, token,
+        record.holders[0].token, token,
         "the printed token is the hold's"
     );
     // SAFETY: kill(2) on our own child, not yet reaped.

@@ -24,6 +24,8 @@ fn hold_all(addr: std::net::SocketAddr, names: &[Vec<u8>]) -> RawConn {
             let acquire = Request::Acquire {
                 name,
                 mode: Mode::Exclusive,
+                weight: 1,
+                capacity: 0,
                 wait_ms: 0,
                 lease_ms: 0,
                 notify_queued: false,

@@ -36,6 +36,7 @@ fn opts(mode: Mode) -> AcquireOptions {
         mode,
         wait: Some(WAIT_MAX),
         lease: None,
+        ..AcquireOptions::default()
     }
 }
 
@@ -108,6 +109,8 @@ fn acquire_req(name: &[u8], wait_ms: u32, notify_queued: bool) -> Request<'_> {
     Request::Acquire {
         name,
         mode: Mode::Exclusive,
+        weight: 1,
+        capacity: 0,
         wait_ms,
         lease_ms: 0,
         notify_queued,
@@ -241,6 +244,7 @@ fn shared_locks_admit_many_readers_and_exclude_writers() {
         mode: Mode::Shared,
         wait: Some(Duration::ZERO),
         lease: None,
+        ..AcquireOptions::default()
     };
     match readers[0].acquire_with("shared", try_shared) {
         Err(Error::Status(Status::Busy, _)) => {}

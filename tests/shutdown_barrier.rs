@@ -81,6 +81,7 @@ fn churn(client: &Client, seed: u64, stop: &AtomicBool) -> Told {
                 mode: Mode::Exclusive,
                 wait: Some(Duration::ZERO),
                 lease,
+                ..AcquireOptions::default()
             };
             match client.acquire_with(&name, options) {
                 Ok(guard) => {

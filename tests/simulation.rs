@@ -116,6 +116,8 @@ impl Request {
                 request_id: *request_id,
                 name,
                 mode: *mode,
+                weight: 1,
+                capacity: 0,
                 wait: *wait,
                 lease_ms: *lease_ms,
                 reentrant: *reentrant,
@@ -1057,7 +1059,7 @@ impl Sim {
                 holds
                     .entry(hold.session)
                     .or_default()
-                    .insert(name.to_vec(), (hold.token, mode));
+                    .insert(name.to_vec(), (hold.token, mode.mode));
             }
         }
         for (&id, session) in &self.sessions {

@@ -258,6 +258,8 @@ fn requests_before_a_bare_close_are_answered() {
     let acquire = Request::Acquire {
         name: b"closing",
         mode: Mode::Exclusive,
+        weight: 1,
+        capacity: 0,
         wait_ms: 0,
         lease_ms: 0,
         notify_queued: false,

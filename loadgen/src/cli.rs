@@ -87,6 +87,9 @@ pub struct Args {
     /// Fraction of acquires in shared mode (livelock:// only).
     #[arg(long, default_value_t = 0.0)]
     pub shared_ratio: f64,
+    /// livelock:// only: the keys are counting semaphores; each acquire takes W of their C permits (ACQUIRE_PERMITS).
+    #[arg(long, value_name = "W/C", value_parser = permits)]
+    pub permits: Option<(u32, u32)>,
     /// Acquire once (try) or wait for the lock.
     #[arg(long, value_enum, default_value_t = ModeArg::Try)]
     pub mode: ModeArg,
@@ -187,6 +190,17 @@ fn millis_u32(text: &str) -> Result<u32, String> {
     u32::try_from(ms).map_err(|_| format!("{text:?} is too long (at most {} ms)", u32::MAX))
 }
 
+/// `--permits W/C`: W of C permits, 1 <= W <= C.
+fn permits(text: &str) -> Result<(u32, u32), String> {
+    let parsed = text
+        .split_once('/')
+        .and_then(|(w, c)| Some((w.parse::<u32>().ok()?, c.parse::<u32>().ok()?)));
+    match parsed {
+        Some((weight, capacity)) if (1..=capacity).contains(&weight) => Ok((weight, capacity)),
+        _ => Err(format!("{text:?} is not W/C with 1 <= W <= C")),
+    }
+}
+
 fn check(ok: bool, message: impl FnOnce() -> String) -> Result<(), String> {
     if ok {
         Ok(())
@@ -273,6 +287,10 @@ impl Args {
                 proto.scheme()
             )
         })?;
+        check(
+            self.permits.is_none() || (proto == Proto::Native && self.shared_ratio == 0.0),
+            || "--permits needs a livelock:// target, without --shared-ratio".into(),
+        )?;
         let wait = match self.mode {
             ModeArg::Try => WaitMode::Try,
             ModeArg::Wait => WaitMode::Wait,
@@ -359,6 +377,7 @@ impl Args {
             hold: Duration::from_micros(self.hold_us),
             ttl_ms: self.ttl_ms,
             shared_ratio: self.shared_ratio,
+            permits: self.permits,
             sampler,
             key_prefix: self.key_prefix.as_bytes().to_vec(),
             password: self.password.as_ref().map(|p| p.as_bytes().to_vec()),
@@ -424,6 +443,17 @@ mod tests {
             &["livelock://127.0.0.1:1", "--zipf-s", "0"],
             &["livelock://127.0.0.1:1", "--shared-ratio", "1.5"],
             &["redis://127.0.0.1:1", "--shared-ratio", "0.5"],
+            &["redis://127.0.0.1:1", "--permits", "1/2"],
+            &["livelock://127.0.0.1:1", "--permits", "3/2"],
+            &["livelock://127.0.0.1:1", "--permits", "0/2"],
+            &["livelock://127.0.0.1:1", "--permits", "2"],
+            &[
+                "livelock://127.0.0.1:1",
+                "--permits",
+                "1/2",
+                "--shared-ratio",
+                "0.5",
+            ],
             &["livelock://127.0.0.1:1", "--wait-ms", "10"],
             &["livelock://127.0.0.1:1", "--duration", "0"],
             &["livelock://127.0.0.1:1", "--duration", "601"],

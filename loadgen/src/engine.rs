@@ -95,6 +95,9 @@ pub struct Plan {
     /// Redis `PX` of every `SET`.
     pub ttl_ms: u64,
     pub shared_ratio: f64,
+    /// livelock:// only: every acquire takes (weight, capacity) permits of
+    /// a semaphore (ACQUIRE_PERMITS).
+    pub permits: Option<(u32, u32)>,
     pub sampler: KeySampler,
     pub key_prefix: Vec<u8>,
     pub password: Option<Vec<u8>>,
@@ -886,13 +889,16 @@ fn send_acquire(conn: &mut Conn, cx: &mut Ctx<'_>, slot: usize) {
                 WaitMode::Try => 0,
                 WaitMode::Wait => plan.wait_ms.unwrap_or(WAIT_FOREVER),
             };
+            let (mode, (weight, capacity)) = match plan.permits {
+                Some(permits) => (Mode::Permits, permits),
+                None if shared => (Mode::Shared, (1, 0)),
+                None => (Mode::Exclusive, (1, 0)),
+            };
             let request = Request::Acquire {
                 name: &cx.name,
-                mode: if shared {
-                    Mode::Shared
-                } else {
-                    Mode::Exclusive
-                },
+                mode,
+                weight,
+                capacity,
                 wait_ms,
                 lease_ms: 0,
                 notify_queued: false,
@@ -1215,6 +1221,7 @@ fn parse_native(conn: &mut Conn, cx: &mut Ctx<'_>) -> Result<(), String> {
             return Err(format!("reply to unknown request id {request_id}"));
         };
         let expected = match state {
+            State::Acquiring if cx.plan.permits.is_some() => opcode::ACQUIRE_PERMITS,
             State::Acquiring => opcode::ACQUIRE,
             State::Releasing => opcode::RELEASE,
             State::Pinging => opcode::PING,
@@ -1230,9 +1237,9 @@ fn parse_native(conn: &mut Conn, cx: &mut Ctx<'_>) -> Result<(), String> {
             ));
         }
         let outcome = match (op, status) {
-            (opcode::ACQUIRE, Status::Ok) => Outcome::Granted,
-            (opcode::ACQUIRE, Status::Busy) => Outcome::Busy,
-            (opcode::ACQUIRE, Status::TimedOut) => Outcome::TimedOut,
+            (op, Status::Ok) if protocol::is_acquire(op) => Outcome::Granted,
+            (op, Status::Busy) if protocol::is_acquire(op) => Outcome::Busy,
+            (op, Status::TimedOut) if protocol::is_acquire(op) => Outcome::TimedOut,
             (opcode::RELEASE, Status::Ok) => Outcome::Released,
             (opcode::RELEASE, Status::NotHeld) => Outcome::NotHeld,
             (opcode::PING, Status::Ok) => Outcome::Pong,
@@ -1245,15 +1252,13 @@ fn parse_native(conn: &mut Conn, cx: &mut Ctx<'_>) -> Result<(), String> {
 /// A status that is an error for this opcode (as opposed to an expected
 /// outcome such as Busy, TimedOut or NotHeld).
 fn status_is_failure(op: u8, status: Status) -> bool {
-    !matches!(
-        (op, status),
-        (_, Status::Ok)
-            | (
-                opcode::ACQUIRE,
-                Status::Busy | Status::TimedOut | Status::Queued
-            )
-            | (opcode::RELEASE, Status::NotHeld)
-    )
+    let acquire_outcome = protocol::is_acquire(op)
+        && matches!(status, Status::Busy | Status::TimedOut | Status::Queued);
+    !(acquire_outcome
+        || matches!(
+            (op, status),
+            (_, Status::Ok) | (opcode::RELEASE, Status::NotHeld)
+        ))
 }
 
 fn parse_resp(conn: &mut Conn, cx: &mut Ctx<'_>) -> Result<(), String> {

@@ -1146,8 +1146,8 @@ impl EventLoop {
         };
         match (delivery, effect) {
             (Delivery::Queued { notify }, Effect::Reply { request_id, .. }) => {
-                if notify {
-                    protocol::encode_queued(native_out, request_id);
+                if let Some(op) = notify {
+                    protocol::encode_queued(native_out, op, request_id);
                 }
                 // A half-closed connection does not wait for a queued acquire.
                 if let (true, Some(token)) = (eof, session.conn) {
@@ -1797,6 +1797,7 @@ impl EventLoop {
                 session: w.session,
                 since_unix_ms: w.since_ms,
                 mode: w.mode,
+                weight: w.weight,
                 client_name: self.table.client_name(w.session).unwrap_or(b""),
             })
             .collect();
@@ -1841,6 +1842,7 @@ impl EventLoop {
             .map(|hold| protocol::HolderRecord {
                 session: hold.session,
                 token: hold.token,
+                weight: hold.weight,
                 since_unix_ms: hold.since_ms,
                 client_name: self.table.client_name(hold.session).unwrap_or(b""),
             })
@@ -1848,7 +1850,8 @@ impl EventLoop {
         let signals: Vec<&[u8]> = info.signals.iter().map(|s| &**s).collect();
         let mut out = Vec::new();
         let waiters = u32::try_from(info.waiters).unwrap_or(u32::MAX);
-        protocol::put_lock_record(&mut out, &info.name, info.mode, waiters, &holders, &signals);
+        let kind = (info.mode, info.capacity);
+        protocol::put_lock_record(&mut out, &info.name, kind, waiters, &holders, &signals);
         (info.name, out)
     }
 

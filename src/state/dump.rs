@@ -15,11 +15,13 @@
 //!   created_unix_ms u64, last_token u64
 //!   u32 count, sessions: id u64, secret [16], client_name bytes,
 //!                        client_id (u8 0 = none | 1 + bytes), grace_ms u32
-//!   u32 count, holds:    name bytes, session u64, shared u8 (0|1), token u64,
-//!                        since_unix_ms u64,
+//!   u32 count, holds:    name bytes, session u64, mode u8 (0 exclusive,
+//!                        1 shared; version 5: 2 permits, then weight u32,
+//!                        capacity u32), token u64, since_unix_ms u64,
 //!                        lease_left_ms u64 (version 2; 0 = no lease)
 //!   u32 count, waiters:  (version 2) name bytes, session u64, request_id u32,
-//!                        shared u8 (0|1), lease_ms u32,
+//!                        mode u8 (as for holds, with weight and capacity),
+//!                        lease_ms u32,
 //!                        wait_left_ms u64 (u64::MAX = forever),
 //!                        since_unix_ms u64 (version 4; earlier: the
 //!                        dump's created_unix_ms); in queue order per lock
@@ -39,13 +41,16 @@
 //! - a file `decode` accepts is whole (its checksum matches, nothing trails)
 //!   and consistent: session ids are unique, each hold names a session of the
 //!   dump and carries a token no greater than `last_token`, and each lock has
-//!   one exclusive holder or only shared ones, each session at most once.
+//!   one exclusive holder or only shared ones, each session at most once;
+//!   the holds and queued acquires of a semaphore all name its capacity,
+//!   and no lock's name is also a semaphore's.
 //!   `encode` asserts the same of what it is given (a broken dump is a bug
 //!   of the caller), so whatever it writes, `decode` reads back equal;
 //! - `sanitize` drops whatever record breaks these rules (with a count),
 //!   so the server's writer never panics whatever state it is given;
 //! - version 1 files (no leases, no waiters), version 2 files (no log
-//!   position) and version 3 files (no queueing times) are still read;
+//!   position), version 3 files (no queueing times) and version 4 files
+//!   (no semaphores) are still read;
 //! - a dump with a log position is a snapshot of `--durability log`: each
 //!   loop's part is its state after its batch `batch` at its own instant
 //!   `stamp_ms` (leases and waits left are counted from there), and the log
@@ -60,13 +65,14 @@ use hashbrown::{HashMap, HashSet};
 
 use crate::limits::SECRET_LEN;
 use crate::limits::{CLIENT_NAME_LEN_MAX, NAME_LEN_MAX, SIGNAL_LEN_MAX};
+pub use crate::mode::Mode;
 
 /// The state file's name inside the server's data directory.
 pub const FILE_NAME: &str = "livelock.dump";
 /// First bytes of every dump.
 pub const MAGIC: [u8; 8] = *b"LLDUMP\0\x01";
 /// Format version this build writes and reads.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 /// The oldest format this build still reads.
 pub const VERSION_MIN: u32 = 1;
 /// `DumpWaiter::wait_left_ms` of a wait without deadline.
@@ -115,7 +121,11 @@ pub struct DumpSession {
 pub struct DumpHold {
     pub name: Vec<u8>,
     pub session: u64,
-    pub shared: bool,
+    pub mode: Mode,
+    /// Permits held (`Mode::Permits`); 1 for a lock.
+    pub weight: u32,
+    /// The semaphore's capacity (`Mode::Permits`); 0 for a lock.
+    pub capacity: u32,
     /// The fencing token the hold was granted with.
     pub token: u64,
     /// Wall-clock grant time, ms since the Unix epoch.
@@ -131,7 +141,11 @@ pub struct DumpWaiter {
     pub name: Vec<u8>,
     pub session: u64,
     pub request_id: u32,
-    pub shared: bool,
+    pub mode: Mode,
+    /// Permits asked for (`Mode::Permits`); 1 for a lock.
+    pub weight: u32,
+    /// The semaphore's capacity (`Mode::Permits`); 0 for a lock.
+    pub capacity: u32,
     /// The lease the hold gets when granted (0 = none).
     pub lease_ms: u32,
     /// What was left of the wait; [`WAIT_FOREVER`] for none.
@@ -263,7 +277,7 @@ pub fn encode(dump: &Dump) -> Vec<u8> {
     for hold in &dump.holds {
         put_bytes(&mut out, &hold.name, 1, DUMP_NAME_LEN_MAX);
         out.extend_from_slice(&hold.session.to_le_bytes());
-        out.push(u8::from(hold.shared));
+        put_mode(&mut out, hold.mode, hold.weight, hold.capacity);
         out.extend_from_slice(&hold.token.to_le_bytes());
         out.extend_from_slice(&hold.since_unix_ms.to_le_bytes());
         out.extend_from_slice(&hold.lease_left_ms.to_le_bytes());
@@ -273,7 +287,7 @@ pub fn encode(dump: &Dump) -> Vec<u8> {
         put_bytes(&mut out, &waiter.name, 1, DUMP_NAME_LEN_MAX);
         out.extend_from_slice(&waiter.session.to_le_bytes());
         out.extend_from_slice(&waiter.request_id.to_le_bytes());
-        out.push(u8::from(waiter.shared));
+        put_mode(&mut out, waiter.mode, waiter.weight, waiter.capacity);
         out.extend_from_slice(&waiter.lease_ms.to_le_bytes());
         out.extend_from_slice(&waiter.wait_left_ms.to_le_bytes());
         out.extend_from_slice(&waiter.since_unix_ms.to_le_bytes());
@@ -371,14 +385,16 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
     for _ in 0..count {
         let name = body.bytes(1, DUMP_NAME_LEN_MAX)?;
         let session = body.u64()?;
-        let shared = body.flag()?;
+        let (mode, weight, capacity) = body.mode(version)?;
         let token = body.u64()?;
         let since_unix_ms = body.u64()?;
         let lease_left_ms = if version >= 2 { body.u64()? } else { 0 };
         holds.push(DumpHold {
             name,
             session,
-            shared,
+            mode,
+            weight,
+            capacity,
             token,
             since_unix_ms,
             lease_left_ms,
@@ -392,7 +408,7 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
             let name = body.bytes(1, DUMP_NAME_LEN_MAX)?;
             let session = body.u64()?;
             let request_id = body.u32()?;
-            let shared = body.flag()?;
+            let (mode, weight, capacity) = body.mode(version)?;
             let lease_ms = body.u32()?;
             let wait_left_ms = body.u64()?;
             let since_unix_ms = match version >= 4 {
@@ -403,7 +419,9 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
                 name,
                 session,
                 request_id,
-                shared,
+                mode,
+                weight,
+                capacity,
                 lease_ms,
                 wait_left_ms,
                 since_unix_ms,
@@ -499,8 +517,7 @@ fn check_consistent(dump: &Dump) -> Result<(), &'static str> {
             return Err("duplicate session id");
         }
     }
-    // Per lock: whether its first hold was exclusive; and every (lock, session).
-    let mut first_exclusive: HashMap<&[u8], bool> = HashMap::new();
+    let mut kinds = Kinds::default();
     let mut holders: HashSet<(&[u8], u64)> = HashSet::with_capacity(dump.holds.len());
     for hold in &dump.holds {
         if hold.name.is_empty() || hold.name.len() > DUMP_NAME_LEN_MAX {
@@ -517,16 +534,7 @@ fn check_consistent(dump: &Dump) -> Result<(), &'static str> {
         if !holders.insert((&hold.name, hold.session)) {
             return Err("session holds one lock twice");
         }
-        match first_exclusive.entry(&hold.name) {
-            hashbrown::hash_map::Entry::Vacant(entry) => {
-                entry.insert(!hold.shared);
-            }
-            hashbrown::hash_map::Entry::Occupied(entry) => {
-                if *entry.get() || !hold.shared {
-                    return Err("exclusive hold of a lock with other holders");
-                }
-            }
-        }
+        kinds.admit(&hold.name, true, hold.mode, hold.weight, hold.capacity)?;
     }
     let mut requests: HashSet<(u64, u32)> = HashSet::with_capacity(dump.waiters.len());
     for waiter in &dump.waiters {
@@ -542,8 +550,66 @@ fn check_consistent(dump: &Dump) -> Result<(), &'static str> {
         if !holders.insert((&waiter.name, waiter.session)) {
             return Err("session holds or waits for one lock twice");
         }
+        kinds.admit(
+            &waiter.name,
+            false,
+            waiter.mode,
+            waiter.weight,
+            waiter.capacity,
+        )?;
     }
     Ok(())
+}
+
+/// How each name of a dump is held, as its records are admitted: the
+/// rules `check_consistent` enforces and `sanitize` keeps.
+#[derive(Default)]
+struct Kinds {
+    /// Name → (mode of its first hold or waiter, capacity, whether it has
+    /// an exclusive hold).
+    names: HashMap<Vec<u8>, (Mode, u32, bool)>,
+}
+
+impl Kinds {
+    /// Admits one hold (`hold`) or queued acquire of `name`, or says why
+    /// it conflicts with those admitted before (and records nothing).
+    fn admit(
+        &mut self,
+        name: &[u8],
+        hold: bool,
+        mode: Mode,
+        weight: u32,
+        capacity: u32,
+    ) -> Result<(), &'static str> {
+        let valid = match mode {
+            Mode::Permits => weight >= 1 && capacity >= 1 && (hold || weight <= capacity),
+            Mode::Exclusive | Mode::Shared => weight == 1 && capacity == 0,
+        };
+        if !valid {
+            return Err("bad weight or capacity");
+        }
+        let exclusive = hold && mode == Mode::Exclusive;
+        let permits = mode == Mode::Permits;
+        match self.names.get_mut(name) {
+            None => {
+                self.names
+                    .insert(name.to_vec(), (mode, capacity, exclusive));
+            }
+            Some((first, first_capacity, held_exclusive)) => {
+                if (*first == Mode::Permits) != permits {
+                    return Err("a name both a lock and a semaphore");
+                }
+                if *first_capacity != capacity {
+                    return Err("a semaphore with two capacities");
+                }
+                if hold && (*held_exclusive || exclusive) {
+                    return Err("exclusive hold of a lock with other holders");
+                }
+                *held_exclusive |= exclusive;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Drops every record `encode` would refuse (a name or signal too long, a
@@ -563,29 +629,26 @@ pub fn sanitize(dump: &mut Dump) -> usize {
     let name_ok = |name: &[u8]| !name.is_empty() && name.len() <= DUMP_NAME_LEN_MAX;
     dump.signals
         .retain(|(name, signal)| name_ok(name) && signal.len() <= DUMP_SIGNAL_LEN_MAX);
-    // Lock name → whether its holders are exclusive; every (lock, session).
-    let mut modes: HashMap<Vec<u8>, bool> = HashMap::new();
+    let mut kinds = Kinds::default();
     let mut holders: HashSet<(Vec<u8>, u64)> = HashSet::new();
     dump.holds.retain(|h| {
-        if !name_ok(&h.name)
-            || !ids.contains(&h.session)
-            || holders.contains(&(h.name.clone(), h.session))
-        {
-            return false;
-        }
-        match modes.get(&h.name) {
-            Some(&exclusive) if exclusive || !h.shared => return false,
-            Some(_) => {}
-            None => {
-                modes.insert(h.name.clone(), !h.shared);
-            }
-        }
-        holders.insert((h.name.clone(), h.session))
+        name_ok(&h.name)
+            && ids.contains(&h.session)
+            && !holders.contains(&(h.name.clone(), h.session))
+            && kinds
+                .admit(&h.name, true, h.mode, h.weight, h.capacity)
+                .is_ok()
+            && holders.insert((h.name.clone(), h.session))
     });
     let mut requests = HashSet::new();
     dump.waiters.retain(|w| {
         name_ok(&w.name)
             && ids.contains(&w.session)
+            && !requests.contains(&(w.session, w.request_id))
+            && !holders.contains(&(w.name.clone(), w.session))
+            && kinds
+                .admit(&w.name, false, w.mode, w.weight, w.capacity)
+                .is_ok()
             && requests.insert((w.session, w.request_id))
             && holders.insert((w.name.clone(), w.session))
     });
@@ -614,12 +677,12 @@ fn encoded_body_len(dump: &Dump) -> usize {
     let holds: usize = dump
         .holds
         .iter()
-        .map(|h| 4 + h.name.len() + 8 + 1 + 8 + 8 + 8)
+        .map(|h| 4 + h.name.len() + 8 + mode_len(h.mode) + 8 + 8 + 8)
         .sum();
     let waiters: usize = dump
         .waiters
         .iter()
-        .map(|w| 4 + w.name.len() + 8 + 4 + 1 + 4 + 8 + 8)
+        .map(|w| 4 + w.name.len() + 8 + 4 + mode_len(w.mode) + 4 + 8 + 8)
         .sum();
     let signals: usize = dump
         .signals
@@ -631,6 +694,22 @@ fn encoded_body_len(dump: &Dump) -> usize {
         .as_ref()
         .map_or(0, |l| 8 + 8 + 4 + 24 * l.loops.len());
     8 + 8 + 4 + sessions + 4 + holds + 4 + waiters + 4 + signals + 1 + log
+}
+
+/// Bytes of an encoded mode: the code, and a semaphore's weight and capacity.
+fn mode_len(mode: Mode) -> usize {
+    match mode {
+        Mode::Permits => 1 + 4 + 4,
+        Mode::Exclusive | Mode::Shared => 1,
+    }
+}
+
+fn put_mode(out: &mut Vec<u8>, mode: Mode, weight: u32, capacity: u32) {
+    out.push(mode as u8);
+    if mode == Mode::Permits {
+        out.extend_from_slice(&weight.to_le_bytes());
+        out.extend_from_slice(&capacity.to_le_bytes());
+    }
 }
 
 fn put_count(out: &mut Vec<u8>, count: usize) {
@@ -668,12 +747,13 @@ impl Reader<'_> {
         Ok(self.array::<1>()?[0])
     }
 
-    /// A shared (1) or exclusive (0) flag.
-    fn flag(&mut self) -> Result<bool, DumpError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            _ => Err(DumpError::Corrupt("bad shared flag")),
+    /// A mode (`put_mode`); before version 5 only 0 and 1.
+    fn mode(&mut self, version: u32) -> Result<(Mode, u32, u32), DumpError> {
+        match (self.u8()?, version >= 5) {
+            (0, _) => Ok((Mode::Exclusive, 1, 0)),
+            (1, _) => Ok((Mode::Shared, 1, 0)),
+            (2, true) => Ok((Mode::Permits, self.u32()?, self.u32()?)),
+            _ => Err(DumpError::Corrupt("bad mode")),
         }
     }
 
@@ -771,7 +851,9 @@ mod tests {
                 DumpHold {
                     name: b"jobs/1".to_vec(),
                     session: 0x0100,
-                    shared: false,
+                    mode: Mode::Exclusive,
+                    weight: 1,
+                    capacity: 0,
                     token: 40,
                     since_unix_ms: 1_699_999_999_000,
                     lease_left_ms: 1500,
@@ -779,7 +861,9 @@ mod tests {
                 DumpHold {
                     name: vec![0, 1, 2, 0xff],
                     session: 0x0100,
-                    shared: true,
+                    mode: Mode::Shared,
+                    weight: 1,
+                    capacity: 0,
                     token: 41,
                     since_unix_ms: 0,
                     lease_left_ms: 0,
@@ -787,7 +871,9 @@ mod tests {
                 DumpHold {
                     name: vec![0, 1, 2, 0xff],
                     session: 0x0201,
-                    shared: true,
+                    mode: Mode::Shared,
+                    weight: 1,
+                    capacity: 0,
                     token: 42,
                     since_unix_ms: u64::MAX,
                     lease_left_ms: u64::MAX,
@@ -798,7 +884,9 @@ mod tests {
                     name: b"jobs/1".to_vec(),
                     session: 0x0201,
                     request_id: 7,
-                    shared: false,
+                    mode: Mode::Exclusive,
+                    weight: 1,
+                    capacity: 0,
                     lease_ms: 0,
                     wait_left_ms: WAIT_FOREVER,
                     since_unix_ms: 1_699_999_999_500,
@@ -807,7 +895,9 @@ mod tests {
                     name: b"jobs/1".to_vec(),
                     session: u64::MAX,
                     request_id: u32::MAX,
-                    shared: true,
+                    mode: Mode::Shared,
+                    weight: 1,
+                    capacity: 0,
                     lease_ms: 5000,
                     wait_left_ms: 12,
                     since_unix_ms: u64::MAX,
@@ -1031,7 +1121,9 @@ mod tests {
         dump.holds.push(DumpHold {
             name: b"jobs/1".to_vec(),
             session: 0x0201,
-            shared: false,
+            mode: Mode::Exclusive,
+            weight: 1,
+            capacity: 0,
             token: 99,
             since_unix_ms: 0,
             lease_left_ms: 0,
@@ -1088,6 +1180,92 @@ mod tests {
         assert!(matches!(error, DumpError::Corrupt(_)), "{error}");
     }
 
+    /// A semaphore's holds and queued acquires.
+    fn with_semaphore() -> Dump {
+        let mut dump = sample();
+        let permits = |session, token, weight| DumpHold {
+            name: b"gpus".to_vec(),
+            session,
+            mode: Mode::Permits,
+            weight,
+            capacity: 4,
+            token,
+            since_unix_ms: 5,
+            lease_left_ms: 0,
+        };
+        dump.holds.push(permits(0x0100, 30, 3));
+        dump.holds.push(permits(0x0201, 31, 1));
+        dump.waiters.push(DumpWaiter {
+            name: b"gpus".to_vec(),
+            session: u64::MAX,
+            request_id: 9,
+            mode: Mode::Permits,
+            weight: 4,
+            capacity: 4,
+            lease_ms: 0,
+            wait_left_ms: WAIT_FOREVER,
+            since_unix_ms: 6,
+        });
+        dump
+    }
+
+    #[test]
+    fn semaphores_round_trip_and_need_version_5() {
+        let dump = with_semaphore();
+        let bytes = encode(&dump);
+        assert_eq!(decode(&bytes).unwrap(), dump);
+        // Version 4 knew no permits: the same bytes marked 4 are corrupt.
+        let mut v4 = bytes.clone();
+        v4[8..12].copy_from_slice(&4u32.to_le_bytes());
+        assert!(matches!(
+            decode(&reseal(v4)),
+            Err(DumpError::Corrupt("bad mode"))
+        ));
+        // Without the semaphore, a version 5 file is a version 4 file.
+        let mut v4 = encode(&sample());
+        v4[8..12].copy_from_slice(&4u32.to_le_bytes());
+        assert_eq!(decode(&reseal(v4)).unwrap(), sample());
+    }
+
+    #[test]
+    fn inconsistent_semaphores_are_corrupt() {
+        type Breaker = fn(&mut Dump);
+        let at = sample().holds.len();
+        let cases: [(&str, Breaker); 6] = [
+            ("two capacities", |d| {
+                d.holds.last_mut().unwrap().capacity = 5
+            }),
+            ("zero weight", |d| d.holds.last_mut().unwrap().weight = 0),
+            ("a waiter heavier than the capacity", |d| {
+                d.waiters.last_mut().unwrap().weight = 5
+            }),
+            ("a lock waiter on a semaphore", |d| {
+                let w = d.waiters.len() - 1;
+                d.waiters[w].mode = Mode::Shared;
+                d.waiters[w].weight = 1;
+                d.waiters[w].capacity = 0;
+            }),
+            ("a semaphore hold of a lock", |d| {
+                d.holds[0].mode = Mode::Permits;
+                d.holds[0].capacity = 1;
+            }),
+            ("a lock with a capacity", |d| d.holds[0].capacity = 2),
+        ];
+        for (what, break_it) in cases {
+            let mut dump = with_semaphore();
+            break_it(&mut dump);
+            assert!(check_consistent(&dump).is_err(), "{what}");
+            let mut sanitized = dump.clone();
+            assert!(sanitize(&mut sanitized) > 0, "{what}");
+            assert!(check_consistent(&sanitized).is_ok(), "{what}");
+        }
+        // Holders over a lowered capacity are consistent (they keep their
+        // permits until they release them).
+        let mut dump = with_semaphore();
+        dump.holds[at].weight = 4;
+        assert!(check_consistent(&dump).is_ok());
+    }
+
     #[test]
     fn inconsistent_dumps_are_corrupt() {
         /// Breaks one invariant of a dump.
@@ -1101,7 +1279,9 @@ mod tests {
                 second.session = d.sessions[1].id;
                 d.holds.push(second);
             }),
-            ("exclusive among shared", |d| d.holds[2].shared = false),
+            ("exclusive among shared", |d| {
+                d.holds[2].mode = Mode::Exclusive
+            }),
             ("same session twice", |d| {
                 d.holds[2].session = d.holds[1].session
             }),

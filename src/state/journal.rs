@@ -35,9 +35,10 @@
 //!
 //! Record layout (little-endian; `bytes` = u16 length + bytes):
 //! ```text
-//! 1 Acquire     now u64, session u64, request u32, mode u8, wait u8 (0 try,
-//!               1 until, 2 forever), deadline u64, lease u32, flags u8
-//!               (1 reentrant, 2 notify_queued), name bytes
+//! 1 Acquire     now u64, session u64, request u32, mode u8 (0 exclusive,
+//!               1 shared, 2 permits + weight u32, capacity u32), wait u8
+//!               (0 try, 1 until, 2 forever), deadline u64, lease u32,
+//!               flags u8 (1 reentrant, 2 notify_queued), name bytes
 //! 2 Release     now, session, request, token u64, name bytes
 //! 3 Extend      now, session, request, lease u32, token u64, name bytes
 //! 4 Cancel      now, session, request, target u32
@@ -50,6 +51,7 @@
 //!               client_id u8 (0 none | 1 + bytes)
 //! 10 SessionEnd id u64
 //! 11 ForceRelease now, session, request, token u64 (0 = every hold), name bytes
+//! 12 SetCapacity now, session, request, capacity u32, name bytes
 //! ```
 //! Decoding never panics: a record that does not parse, names a loop the
 //! snapshot does not have, or a lock of another shard is an error.
@@ -72,6 +74,7 @@ const TICK: u8 = 8;
 const SESSION_OPEN: u8 = 9;
 const SESSION_END: u8 = 10;
 const FORCE_RELEASE: u8 = 11;
+const SET_CAPACITY: u8 = 12;
 
 /// Bytes of a batch's frame header: loop u16, batch u64, len u32.
 pub const BATCH_HEADER_LEN: usize = 2 + 8 + 4;
@@ -174,6 +177,10 @@ fn encode_command(out: &mut Vec<u8>, now_ms: u64, command: &Command<'_>) {
             head(out, ACQUIRE, a.session);
             out.extend_from_slice(&a.request_id.to_le_bytes());
             out.push(a.mode as u8);
+            if a.mode == Mode::Permits {
+                out.extend_from_slice(&a.weight.to_le_bytes());
+                out.extend_from_slice(&a.capacity.to_le_bytes());
+            }
             let (kind, deadline) = match a.wait {
                 Wait::Try => (0, 0),
                 Wait::Until(at) => (1, at),
@@ -253,6 +260,17 @@ fn encode_command(out: &mut Vec<u8>, now_ms: u64, command: &Command<'_>) {
             });
             put_bytes(out, name);
             put_bytes(out, signal);
+        }
+        Command::SetCapacity {
+            session,
+            request_id,
+            name,
+            capacity,
+        } => {
+            head(out, SET_CAPACITY, session);
+            out.extend_from_slice(&request_id.to_le_bytes());
+            out.extend_from_slice(&capacity.to_le_bytes());
+            put_bytes(out, name);
         }
         Command::Locked { .. } => unreachable!("reads are not logged"),
     }
@@ -461,7 +479,7 @@ impl Replay {
                     let id = r.u64()?;
                     self.sessions.remove(&id);
                 }
-                ACQUIRE..=SIGNAL | FORCE_RELEASE => {
+                ACQUIRE..=SIGNAL | FORCE_RELEASE | SET_CAPACITY => {
                     let now = r.u64()?;
                     let session = r.u64()?;
                     self.stamp(idx, now)?;
@@ -534,11 +552,15 @@ fn decode_command<'a>(
     Ok(match tag {
         ACQUIRE => {
             let request_id = r.u32()?;
-            let mode = match r.u8()? {
-                0 => Mode::Exclusive,
-                1 => Mode::Shared,
+            let (mode, weight, capacity) = match r.u8()? {
+                0 => (Mode::Exclusive, 1, 0),
+                1 => (Mode::Shared, 1, 0),
+                2 => (Mode::Permits, r.u32()?, r.u32()?),
                 _ => return Err(corrupt("bad mode")),
             };
+            if mode == Mode::Permits && !(1..=capacity).contains(&weight) {
+                return Err(corrupt("bad weight"));
+            }
             let kind = r.u8()?;
             let deadline = r.u64()?;
             let wait = match kind {
@@ -555,6 +577,8 @@ fn decode_command<'a>(
                 request_id,
                 name,
                 mode,
+                weight,
+                capacity,
                 wait,
                 lease_ms,
                 reentrant: flags & 1 != 0,
@@ -591,6 +615,19 @@ fn decode_command<'a>(
                 name,
                 lease_ms,
                 token,
+            }
+        }
+        SET_CAPACITY => {
+            let request_id = r.u32()?;
+            let capacity = r.u32()?;
+            if capacity == 0 {
+                return Err(corrupt("capacity 0"));
+            }
+            Command::SetCapacity {
+                session,
+                request_id,
+                capacity,
+                name: r.name()?,
             }
         }
         CANCEL => Command::Cancel {

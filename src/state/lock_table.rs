@@ -13,7 +13,9 @@
 //! Invariants kept here (checked by `check_invariants` in tests):
 //! - a lock in the table has at least one holder; idle names use no memory;
 //! - holders are one exclusive session, or any number of shared sessions,
-//!   each session at most once per lock (holding or waiting, not both);
+//!   or (a semaphore) sessions whose weights fit the name's capacity when
+//!   granted; each session at most once per name (holding or waiting, not
+//!   both); a name is a lock or a semaphore for as long as it is in use;
 //! - waiters are served in strict FIFO order: a new request never passes a
 //!   queued one, so a writer is never starved by later readers;
 //! - when the holders change, the head of the queue is granted in the same
@@ -63,6 +65,11 @@ pub struct Acquire<'a> {
     pub request_id: RequestId,
     pub name: &'a [u8],
     pub mode: Mode,
+    /// `Mode::Permits`: how many permits (1..=capacity); else 1.
+    pub weight: u32,
+    /// `Mode::Permits`: the semaphore's capacity, which must be the name's
+    /// (it is set by the acquire that puts the name in use); else 0.
+    pub capacity: u32,
     pub wait: Wait,
     /// 0 = no lease; else the hold ends unless extended within this many ms.
     pub lease_ms: u32,
@@ -122,6 +129,17 @@ pub enum Command<'a> {
         request_id: RequestId,
         name: &'a [u8],
     },
+    /// Change a semaphore's capacity; any session may. Holders keep their
+    /// permits (more may be out than the new capacity until they are
+    /// released); queued acquires heavier than the new capacity end
+    /// `OverCapacity`; those that now fit are granted. Answers `Ok`,
+    /// `NoSuchLock` (not in use) or `WrongKind` (a lock).
+    SetCapacity {
+        session: SessionId,
+        request_id: RequestId,
+        name: &'a [u8],
+        capacity: u32,
+    },
     /// Raise, query or clear a signal on a held lock; any session may.
     /// Answers `Bool` (set: always true; delete: whether it was set), or
     /// `NoSuchLock`. Signals live and die with the lock.
@@ -143,6 +161,7 @@ impl<'a> Command<'a> {
             | Command::ForceRelease { name, .. }
             | Command::Extend { name, .. }
             | Command::Locked { name, .. }
+            | Command::SetCapacity { name, .. }
             | Command::Signal { name, .. } => Some(name),
             Command::Introduce { .. } | Command::Cancel { .. } | Command::EndSession { .. } => None,
         }
@@ -156,6 +175,7 @@ impl<'a> Command<'a> {
             Command::Release { name, .. }
             | Command::ForceRelease { name, .. }
             | Command::Extend { name, .. }
+            | Command::SetCapacity { name, .. }
             | Command::Locked { name, .. } => (name, b""),
             Command::Signal { name, signal, .. } => (name, signal),
             Command::Introduce { client_name, .. } => (client_name, b""),
@@ -213,6 +233,17 @@ impl<'a> Command<'a> {
                 session,
                 request_id,
                 name,
+            },
+            Command::SetCapacity {
+                session,
+                request_id,
+                capacity,
+                ..
+            } => Command::SetCapacity {
+                session,
+                request_id,
+                name,
+                capacity,
             },
             Command::Signal {
                 session,
@@ -280,6 +311,14 @@ pub enum Outcome {
     /// A signal was addressed to a lock that nobody holds.
     NoSuchLock,
     TooManySignals,
+    /// A semaphore acquire of a lock's name, or a lock acquire of a
+    /// semaphore's, or SetCapacity of a lock: nothing changed.
+    WrongKind,
+    /// A semaphore acquire whose capacity is not the semaphore's.
+    CapacityConflict,
+    /// A queued semaphore acquire that can never fit: its capacity was
+    /// lowered below its weight.
+    OverCapacity,
 }
 
 /// What a signal command does.
@@ -333,6 +372,8 @@ impl Effect {
 pub struct Hold {
     pub session: SessionId,
     pub token: u64,
+    /// Permits held (`Mode::Permits`); 1 for a lock.
+    pub weight: u32,
     /// When it was granted (ms, server monotonic clock).
     pub since_ms: u64,
     /// 0 = no lease; else the instant the hold ends unless extended.
@@ -344,6 +385,7 @@ struct Waiter {
     session: SessionId,
     request_id: RequestId,
     mode: Mode,
+    weight: u32,
     lease_ms: u32,
     /// Key of its entry in `wait_timers`, if it has a deadline.
     timer: Option<WaitKey>,
@@ -357,6 +399,8 @@ pub struct Queued {
     pub session: SessionId,
     pub request_id: RequestId,
     pub mode: Mode,
+    /// Permits asked for (`Mode::Permits`); 1 for a lock.
+    pub weight: u32,
     pub lease_ms: u32,
     /// The wait's deadline, if it has one.
     pub deadline_ms: Option<u64>,
@@ -370,6 +414,7 @@ impl From<&Waiter> for Queued {
             session: w.session,
             request_id: w.request_id,
             mode: w.mode,
+            weight: w.weight,
             lease_ms: w.lease_ms,
             deadline_ms: w.timer.map(|(deadline, _, _)| deadline),
             since_ms: w.since_ms,
@@ -391,11 +436,22 @@ struct Extra {
 struct Lock {
     name: Box<[u8]>,
     mode: Mode,
+    /// A semaphore's capacity (`Mode::Permits`); 0 for a lock.
+    capacity: u32,
+    /// A semaphore's permits out: the holders' weights summed.
+    used: u64,
     first: Hold,
     extra: Option<Box<Extra>>,
 }
 
 impl Lock {
+    fn kind(&self) -> Kind {
+        Kind {
+            mode: self.mode,
+            capacity: self.capacity,
+        }
+    }
+
     fn holders(&self) -> impl Iterator<Item = &Hold> {
         std::iter::once(&self.first).chain(self.extra.iter().flat_map(|e| e.more.iter()))
     }
@@ -429,19 +485,50 @@ impl Lock {
     /// without holders (then `first` is stale and must be replaced or the
     /// lock removed).
     fn remove_hold(&mut self, session: SessionId) -> Option<(Hold, bool)> {
-        if self.first.session == session {
+        let removed = if self.first.session == session {
             let removed = self.first;
             match self.extra.as_mut().and_then(|e| e.more.pop()) {
                 Some(next) => {
                     self.first = next;
-                    Some((removed, false))
+                    (removed, false)
                 }
-                None => Some((removed, true)),
+                None => (removed, true),
             }
         } else {
             let extra = self.extra.as_mut()?;
             let at = extra.more.iter().position(|h| h.session == session)?;
-            Some((extra.more.swap_remove(at), false))
+            (extra.more.swap_remove(at), false)
+        };
+        if self.mode == Mode::Permits {
+            self.used -= u64::from(removed.0.weight);
+        }
+        Some(removed)
+    }
+
+    /// Adds a granted hold. `empty`: the lock had no holder (`first` is
+    /// stale and is replaced).
+    fn add_hold(&mut self, hold: Hold, mode: Mode, empty: bool) {
+        if empty {
+            self.first = hold;
+            self.mode = mode;
+        } else {
+            self.extra_mut().more.push(hold);
+        }
+        if mode == Mode::Permits {
+            self.used += u64::from(hold.weight);
+        }
+    }
+
+    /// Whether a request of `mode` and `weight` may join the holders now
+    /// (the queue aside). `empty`: the lock has no holder.
+    fn admits(&self, empty: bool, mode: Mode, weight: u32) -> bool {
+        match (self.mode, mode) {
+            (Mode::Permits, Mode::Permits) => {
+                self.used + u64::from(weight) <= u64::from(self.capacity)
+            }
+            _ if empty => true,
+            (Mode::Shared, Mode::Shared) => true,
+            _ => false,
         }
     }
 
@@ -505,9 +592,19 @@ impl Scan {
 pub struct LockInfo {
     pub name: Box<[u8]>,
     pub mode: Mode,
+    /// A semaphore's capacity; 0 for a lock.
+    pub capacity: u32,
     pub holders: Vec<Hold>,
     pub waiters: usize,
     pub signals: Vec<Box<[u8]>>,
+}
+
+/// How a name in use is held: its mode, and a semaphore's capacity (0
+/// for a lock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kind {
+    pub mode: Mode,
+    pub capacity: u32,
 }
 
 /// The locks of one shard.
@@ -635,7 +732,13 @@ impl LockTable {
         }
     }
 
-    fn new_hold(&mut self, session: SessionId, now_ms: u64, lease_ms: u32, idx: u32) -> Hold {
+    fn new_hold(
+        &mut self,
+        session: SessionId,
+        now_ms: u64,
+        (weight, lease_ms): (u32, u32),
+        idx: u32,
+    ) -> Hold {
         let token = self.next_token();
         let lease_deadline_ms = if lease_ms == 0 {
             0
@@ -647,6 +750,7 @@ impl LockTable {
         Hold {
             session,
             token,
+            weight,
             since_ms: now_ms,
             lease_deadline_ms,
         }
@@ -735,7 +839,49 @@ impl LockTable {
                 let outcome = self.signal(name, signal, op, out);
                 out.push(reply(session, request_id, outcome, false));
             }
+            Command::SetCapacity {
+                session,
+                request_id,
+                name,
+                capacity,
+            } => {
+                let outcome = self.set_capacity(now_ms, name, capacity, out);
+                out.push(reply(session, request_id, outcome, false));
+            }
         }
+    }
+
+    fn set_capacity(
+        &mut self,
+        now_ms: u64,
+        name: &[u8],
+        capacity: u32,
+        out: &mut Vec<Effect>,
+    ) -> Outcome {
+        assert!(capacity > 0);
+        let Some(idx) = self.find(name) else {
+            return Outcome::NoSuchLock;
+        };
+        let lock = &mut self.locks[idx as usize];
+        if lock.mode != Mode::Permits {
+            return Outcome::WrongKind;
+        }
+        lock.capacity = capacity;
+        // Waiters that can never fit end now, in queue order, so none
+        // blocks the queue forever.
+        let too_heavy: Vec<(SessionId, RequestId)> = lock
+            .waiters()
+            .filter(|w| w.weight > capacity)
+            .map(|w| (w.session, w.request_id))
+            .collect();
+        for (session, request_id) in too_heavy {
+            let removed = self.remove_waiter(now_ms, session, request_id, out);
+            assert!(removed, "a waiter listed a moment ago");
+            out.push(reply(session, request_id, Outcome::OverCapacity, true));
+        }
+        // A raised capacity lets waiters in (the lock still has holders).
+        self.after_change(now_ms, idx, false, out);
+        Outcome::Ok
     }
 
     fn assert_shard(&self, name: &[u8]) {
@@ -796,42 +942,42 @@ impl LockTable {
         outcome
     }
 
-    /// Puts back a hold from a dump: same session, mode, token and grant
-    /// time. Holds of one lock must agree on the mode; a conflicting one is
-    /// refused (returns false) rather than breaking mutual exclusion.
-    pub fn restore_hold(
-        &mut self,
-        name: &[u8],
-        session: SessionId,
-        mode: Mode,
-        token: u64,
-        since_ms: u64,
-        lease_deadline_ms: u64,
-    ) -> bool {
+    /// Puts back a hold from a dump: same session, mode (weight, capacity),
+    /// token and grant time. Holds of one name must agree on the mode (and
+    /// capacity); a conflicting one is refused (returns false) rather than
+    /// breaking mutual exclusion.
+    pub fn restore_hold(&mut self, name: &[u8], how: Kind, hold: Hold) -> bool {
         self.assert_shard(name);
-        self.raise_token_floor(token);
-        let hold = Hold {
-            session,
-            token,
-            since_ms,
-            lease_deadline_ms,
+        let (mode, capacity) = (how.mode, how.capacity);
+        let valid = match mode {
+            Mode::Permits => hold.weight > 0 && capacity > 0,
+            Mode::Exclusive | Mode::Shared => hold.weight == 1,
         };
+        if !valid {
+            return false;
+        }
+        self.raise_token_floor(hold.token);
         let Some(idx) = self.find(name) else {
-            let idx = self.insert_lock(name, mode, hold);
-            self.index_session(session, idx);
+            let idx = self.insert_lock(name, how, hold);
+            self.index_session(hold.session, idx);
             self.restore_lease(hold, idx);
             return true;
         };
         let lock = &mut self.locks[idx as usize];
-        if lock.mode != Mode::Shared
-            || mode != Mode::Shared
+        let joins = match (lock.mode, mode) {
+            (Mode::Shared, Mode::Shared) => true,
+            (Mode::Permits, Mode::Permits) => lock.capacity == capacity,
+            _ => false,
+        };
+        if !joins
             || lock
                 .holders()
-                .any(|h| h.session == session || h.token == token)
+                .any(|h| h.session == hold.session || h.token == hold.token)
         {
             return false;
         }
-        lock.extra_mut().more.push(hold);
+        lock.add_hold(hold, mode, false);
+        let session = hold.session;
         self.index_session(session, idx);
         self.restore_lease(hold, idx);
         true
@@ -851,11 +997,14 @@ impl LockTable {
         self.signal(name, signal, SignalOp::Set { notify: false }, &mut sink) == Outcome::Bool(true)
     }
 
-    fn insert_lock(&mut self, name: &[u8], mode: Mode, first: Hold) -> u32 {
+    fn insert_lock(&mut self, name: &[u8], how: Kind, first: Hold) -> u32 {
         let idx = self.locks.vacant_key() as u32;
+        let permits = how.mode == Mode::Permits;
         let lock = Lock {
             name: name.into(),
-            mode,
+            mode: how.mode,
+            capacity: if permits { how.capacity } else { 0 },
+            used: if permits { u64::from(first.weight) } else { 0 },
             first,
             extra: None,
         };
@@ -867,20 +1016,21 @@ impl LockTable {
         idx
     }
 
-    /// Every hold of the shard, with its lock's name and mode (dump).
-    pub fn holds(&self) -> impl Iterator<Item = (&[u8], Mode, &Hold)> {
+    /// Every hold of the shard, with its name and how the name is held (dump).
+    pub fn holds(&self) -> impl Iterator<Item = (&[u8], Kind, &Hold)> {
         self.locks.iter().flat_map(|(_, lock)| {
             lock.holders()
-                .map(move |hold| (&*lock.name, lock.mode, hold))
+                .map(move |hold| (&*lock.name, lock.kind(), hold))
         })
     }
 
-    /// Every queued acquire, in queue order per lock, with its lock's name
-    /// (dump).
-    pub fn waiters(&self) -> impl Iterator<Item = (&[u8], Queued)> {
-        self.locks
-            .iter()
-            .flat_map(|(_, lock)| lock.waiters().map(move |w| (&*lock.name, Queued::from(w))))
+    /// Every queued acquire, in queue order per lock, with its name and how
+    /// the name is held (dump).
+    pub fn waiters(&self) -> impl Iterator<Item = (&[u8], Kind, Queued)> {
+        self.locks.iter().flat_map(|(_, lock)| {
+            lock.waiters()
+                .map(move |w| (&*lock.name, lock.kind(), Queued::from(w)))
+        })
     }
 
     /// The queue of `name`, first in line first (INSPECT).
@@ -930,10 +1080,19 @@ impl LockTable {
 
     fn acquire(&mut self, now_ms: u64, a: Acquire<'_>, out: &mut Vec<Effect>) {
         assert!(!a.name.is_empty() && a.name.len() <= crate::limits::NAME_LEN_MAX);
+        // The decoders refuse anything else.
+        assert!(match a.mode {
+            Mode::Permits => a.weight >= 1 && a.weight <= a.capacity,
+            Mode::Exclusive | Mode::Shared => a.weight == 1,
+        });
         let Some(idx) = self.find(a.name) else {
             let idx = self.locks.vacant_key() as u32;
-            let first = self.new_hold(a.session, now_ms, a.lease_ms, idx);
-            assert_eq!(self.insert_lock(a.name, a.mode, first), idx);
+            let first = self.new_hold(a.session, now_ms, (a.weight, a.lease_ms), idx);
+            let how = Kind {
+                mode: a.mode,
+                capacity: a.capacity,
+            };
+            assert_eq!(self.insert_lock(a.name, how, first), idx);
             self.index_session(a.session, idx);
             out.push(reply(
                 a.session,
@@ -961,11 +1120,21 @@ impl LockTable {
             out.push(reply(a.session, a.request_id, Outcome::AlreadyHeld, false));
             return;
         }
-        let compatible =
-            lock.mode == Mode::Shared && a.mode == Mode::Shared && lock.waiter_count() == 0;
-        if compatible {
-            let hold = self.new_hold(a.session, now_ms, a.lease_ms, idx);
-            self.locks[idx as usize].extra_mut().more.push(hold);
+        let refusal = match (lock.mode, a.mode) {
+            (Mode::Permits, Mode::Permits) if lock.capacity != a.capacity => {
+                Some(Outcome::CapacityConflict)
+            }
+            (Mode::Permits, Mode::Permits) => None,
+            (Mode::Permits, _) | (_, Mode::Permits) => Some(Outcome::WrongKind),
+            _ => None,
+        };
+        if let Some(outcome) = refusal {
+            out.push(reply(a.session, a.request_id, outcome, false));
+            return;
+        }
+        if lock.waiter_count() == 0 && lock.admits(false, a.mode, a.weight) {
+            let hold = self.new_hold(a.session, now_ms, (a.weight, a.lease_ms), idx);
+            self.locks[idx as usize].add_hold(hold, a.mode, false);
             self.index_session(a.session, idx);
             out.push(reply(
                 a.session,
@@ -1011,6 +1180,7 @@ impl LockTable {
                 session: a.session,
                 request_id: a.request_id,
                 mode: a.mode,
+                weight: a.weight,
                 lease_ms: a.lease_ms,
                 timer,
                 since_ms: now_ms,
@@ -1110,8 +1280,7 @@ impl LockTable {
             let Some(head) = lock.extra.as_ref().and_then(|e| e.waiters.front()).copied() else {
                 break;
             };
-            let joins_holders = lock.mode == Mode::Shared && head.mode == Mode::Shared;
-            if !(empty || joins_holders) {
+            if !lock.admits(empty, head.mode, head.weight) {
                 break;
             }
             lock.extra_mut().waiters.pop_front();
@@ -1119,15 +1288,9 @@ impl LockTable {
                 self.wait_timers.remove(&key);
             }
             self.waits.remove(&(head.session, head.request_id));
-            let hold = self.new_hold(head.session, now_ms, head.lease_ms, idx);
-            let lock = &mut self.locks[idx as usize];
-            if empty {
-                lock.first = hold;
-                lock.mode = head.mode;
-                empty = false;
-            } else {
-                lock.extra_mut().more.push(hold);
-            }
+            let hold = self.new_hold(head.session, now_ms, (head.weight, head.lease_ms), idx);
+            self.locks[idx as usize].add_hold(hold, head.mode, empty);
+            empty = false;
             out.push(reply(
                 head.session,
                 head.request_id,
@@ -1301,6 +1464,7 @@ impl LockTable {
         LockInfo {
             name: lock.name.clone(),
             mode: lock.mode,
+            capacity: lock.capacity,
             holders: lock.holders().copied().collect(),
             waiters: lock.waiter_count(),
             signals: lock
@@ -1462,9 +1626,25 @@ impl LockTable {
             if let Some(head) = lock.waiters().next() {
                 // A waiter at the head must be blocked by the holders.
                 assert!(
-                    !(lock.mode == Mode::Shared && head.mode == Mode::Shared),
-                    "shared waiter queued behind shared holders"
+                    !lock.admits(false, head.mode, head.weight),
+                    "a waiter at the head that the holders admit"
                 );
+            }
+            let permits = lock.mode == Mode::Permits;
+            assert_eq!(permits, lock.capacity > 0, "capacity of a lock");
+            if permits {
+                let used: u64 = lock.holders().map(|h| u64::from(h.weight)).sum();
+                assert_eq!(lock.used, used, "permits out miscounted");
+                assert!(lock.holders().all(|h| h.weight >= 1));
+                for waiter in lock.waiters() {
+                    assert_eq!(waiter.mode, Mode::Permits, "a lock waits on a semaphore");
+                    assert!(waiter.weight >= 1 && waiter.weight <= lock.capacity);
+                }
+            } else {
+                assert!(lock.holders().all(|h| h.weight == 1));
+                assert!(lock
+                    .waiters()
+                    .all(|w| w.mode != Mode::Permits && w.weight == 1));
             }
             for waiter in lock.waiters() {
                 assert_eq!(

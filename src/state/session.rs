@@ -123,8 +123,9 @@ pub struct Session {
 /// (`Session::record`): what, if anything, the client is to be told.
 #[derive(Debug)]
 pub enum Delivery {
-    /// An acquire waits; the client is told (QUEUED) if it asked.
-    Queued { notify: bool },
+    /// An acquire waits; the client is told (QUEUED, with the acquire's
+    /// opcode `notify`) if it asked.
+    Queued { notify: Option<u8> },
     /// The final reply to this request (no longer pending; its name went
     /// into the holds if it was granted).
     Final(Answered),
@@ -224,7 +225,10 @@ impl Session {
                     .expect("an interim reply answers a pending request");
                 pending.queued = true;
                 Delivery::Queued {
-                    notify: pending.notify_queued,
+                    notify: match pending.op {
+                        PendingOp::Native(op) if pending.notify_queued => Some(op),
+                        _ => None,
+                    },
                 }
             }
             Effect::Reply {

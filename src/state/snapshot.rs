@@ -11,7 +11,7 @@
 use crate::connection::ConnRef;
 use crate::dump::{self, Dump, DumpHold, DumpSession, DumpWaiter};
 use crate::limits::{CLIENT_NAME_LEN_MAX, IN_FLIGHT_PER_SESSION_MAX};
-use crate::lock_table::{shard_for, Acquire, Command, Effect, LockTable, Mode, Wait};
+use crate::lock_table::{shard_for, Acquire, Command, Effect, Hold, Kind, LockTable, Mode, Wait};
 use crate::protocol::opcode;
 use crate::session::{home_of, Held, LockName, Pending, PendingOp, Session, Sessions};
 
@@ -34,10 +34,12 @@ pub fn export_shard(table: &LockTable, now_ms: u64) -> LoopState {
     let left = |deadline: u64| deadline.saturating_sub(now_ms).max(1);
     let holds = table
         .holds()
-        .map(|(name, mode, hold)| DumpHold {
+        .map(|(name, kind, hold)| DumpHold {
             name: name.to_vec(),
             session: hold.session,
-            shared: mode == Mode::Shared,
+            mode: kind.mode,
+            weight: hold.weight,
+            capacity: kind.capacity,
             token: hold.token,
             since_unix_ms: hold.since_ms,
             lease_left_ms: match hold.lease_deadline_ms {
@@ -48,11 +50,13 @@ pub fn export_shard(table: &LockTable, now_ms: u64) -> LoopState {
         .collect();
     let waiters = table
         .waiters()
-        .map(|(name, queued)| DumpWaiter {
+        .map(|(name, kind, queued)| DumpWaiter {
             name: name.to_vec(),
             session: queued.session,
             request_id: queued.request_id,
-            shared: queued.mode == Mode::Shared,
+            mode: queued.mode,
+            weight: queued.weight,
+            capacity: kind.capacity,
             lease_ms: queued.lease_ms,
             wait_left_ms: queued.deadline_ms.map_or(dump::WAIT_FOREVER, left),
             since_unix_ms: queued.since_ms,
@@ -189,11 +193,14 @@ pub fn rebuild_shards(state: &Dump, positions: &[dump::LoopPosition], tables: &m
         let table = &mut tables[shard];
         table.restore_hold(
             &hold.name,
-            hold.session,
-            mode_of(hold.shared),
-            hold.token,
-            hold.since_unix_ms,
-            deadline_after(at, hold.lease_left_ms),
+            kind_of(hold),
+            Hold {
+                session: hold.session,
+                token: hold.token,
+                weight: hold.weight,
+                since_ms: hold.since_unix_ms,
+                lease_deadline_ms: deadline_after(at, hold.lease_left_ms),
+            },
         );
         introduce(table, hold.session, at, &mut sink);
     }
@@ -314,19 +321,19 @@ pub fn restore(
         if !valid_name(&hold.name) {
             continue;
         }
-        let mode = mode_of(hold.shared);
+        let mode = hold.mode;
         let shard = shard_for(&hold.name, loops);
         // A grant time in the future (a hostile or damaged dump) would
         // break the oldest-hold gauge (u64::MAX is its "no hold" value).
         let since_ms = hold.since_unix_ms.min(now_ms);
-        if !tables[shard].restore_hold(
-            &hold.name,
-            id,
-            mode,
-            hold.token,
+        let restored_hold = Hold {
+            session: id,
+            token: hold.token,
+            weight: hold.weight,
             since_ms,
-            deadline_after(now_ms, hold.lease_left_ms),
-        ) {
+            lease_deadline_ms: deadline_after(now_ms, hold.lease_left_ms),
+        };
+        if !tables[shard].restore_hold(&hold.name, kind_of(hold), restored_hold) {
             continue;
         }
         restored += 1;
@@ -354,13 +361,16 @@ pub fn restore(
             continue;
         }
         let shard = shard_for(&waiter.name, loops);
-        let mode = mode_of(waiter.shared);
+        let mode = waiter.mode;
         introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
         session.pending.insert(
             waiter.request_id,
             Pending {
                 shard: shard as u8,
-                op: PendingOp::Native(opcode::ACQUIRE),
+                op: PendingOp::Native(match mode {
+                    Mode::Permits => opcode::ACQUIRE_PERMITS,
+                    Mode::Exclusive | Mode::Shared => opcode::ACQUIRE,
+                }),
                 name: LockName::from_slice(&waiter.name),
                 mode,
                 notify_queued: false,
@@ -448,11 +458,10 @@ fn valid_name(name: &[u8]) -> bool {
     !name.is_empty() && name.len() <= crate::limits::NAME_LEN_MAX
 }
 
-fn mode_of(shared: bool) -> Mode {
-    if shared {
-        Mode::Shared
-    } else {
-        Mode::Exclusive
+fn kind_of(hold: &DumpHold) -> Kind {
+    Kind {
+        mode: hold.mode,
+        capacity: hold.capacity,
     }
 }
 
@@ -478,7 +487,9 @@ fn requeue(
         session,
         request_id: waiter.request_id,
         name: &waiter.name,
-        mode: mode_of(waiter.shared),
+        mode: waiter.mode,
+        weight: waiter.weight,
+        capacity: waiter.capacity,
         wait: match waiter.wait_left_ms {
             dump::WAIT_FOREVER => Wait::Forever,
             left => Wait::Until(at.saturating_add(left)),

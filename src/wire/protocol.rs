@@ -103,6 +103,12 @@ pub mod opcode {
     /// Body: see [`super::ClusterChange`]. Reply: `Ok` once the leader has
     /// proposed it (CLUSTER_STATUS shows when it is done).
     pub const CLUSTER_CHANGE: u8 = 16;
+    /// Take permits of a counting semaphore (or wait for them):
+    /// `PermitsBody` + name. Replies as ACQUIRE.
+    pub const ACQUIRE_PERMITS: u8 = 17;
+    /// Change a semaphore's capacity: capacity u32 + name. Reply `Ok`,
+    /// `NotHeld` (not in use) or `WrongKind` (a lock).
+    pub const SET_CAPACITY: u8 = 18;
     /// Push: a held lock was taken away (lease expired); body token + name.
     pub const LOCK_LOST: u8 = 0x40;
     /// Push: the server is shutting down; empty body.
@@ -230,6 +236,25 @@ const _: () = assert!(offset_of!(AcquireBody, reserved) == 2);
 const _: () = assert!(offset_of!(AcquireBody, wait_ms) == 4);
 const _: () = assert!(offset_of!(AcquireBody, lease_ms) == 8);
 
+/// Fixed part of an ACQUIRE_PERMITS body: an ACQUIRE's, with mode 2
+/// ([`Mode::Permits`]), then the weight and the capacity; the name is the
+/// rest of the body.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct PermitsBody {
+    /// As for ACQUIRE; `mode` must be 2.
+    pub acquire: AcquireBody,
+    /// Permits to take: 1..=capacity.
+    pub weight: U32,
+    /// The semaphore's capacity, ≥ 1: set by the acquire that puts the name
+    /// in use; later acquires must name the same (`CapacityConflict`).
+    pub capacity: U32,
+}
+
+const _: () = assert!(size_of::<PermitsBody>() == 20);
+const _: () = assert!(offset_of!(PermitsBody, weight) == 12);
+const _: () = assert!(offset_of!(PermitsBody, capacity) == 16);
+
 /// Fixed part of an EXTEND body; the lock name is the rest of the body.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -297,6 +322,13 @@ pub enum Status {
     AlreadyHeld = 6,
     NoSuchRequest = 7,
     WrongToken = 8,
+    /// ACQUIRE of a semaphore's name, ACQUIRE_PERMITS of a lock's, or
+    /// SET_CAPACITY of a lock: nothing changed.
+    WrongKind = 9,
+    /// ACQUIRE_PERMITS naming another capacity than the semaphore's.
+    CapacityConflict = 10,
+    /// A queued ACQUIRE_PERMITS heavier than the capacity was lowered to.
+    OverCapacity = 11,
     BadVersion = 32,
     UnknownOpcode = 33,
     BadBody = 34,
@@ -320,7 +352,7 @@ pub enum Status {
 
 impl Status {
     /// Every status, in code order.
-    pub const ALL: [Status; 26] = [
+    pub const ALL: [Status; 29] = [
         Status::Ok,
         Status::Busy,
         Status::TimedOut,
@@ -330,6 +362,9 @@ impl Status {
         Status::AlreadyHeld,
         Status::NoSuchRequest,
         Status::WrongToken,
+        Status::WrongKind,
+        Status::CapacityConflict,
+        Status::OverCapacity,
         Status::BadVersion,
         Status::UnknownOpcode,
         Status::BadBody,
@@ -360,6 +395,9 @@ impl Status {
             6 => Status::AlreadyHeld,
             7 => Status::NoSuchRequest,
             8 => Status::WrongToken,
+            9 => Status::WrongKind,
+            10 => Status::CapacityConflict,
+            11 => Status::OverCapacity,
             32 => Status::BadVersion,
             33 => Status::UnknownOpcode,
             34 => Status::BadBody,
@@ -403,6 +441,9 @@ impl Status {
             Status::AlreadyHeld => "lock is already held by this session",
             Status::NoSuchRequest => "no such pending request",
             Status::WrongToken => "the session holds the lock under another fencing token",
+            Status::WrongKind => "the name is in use as the other kind (lock or semaphore)",
+            Status::CapacityConflict => "the semaphore has another capacity",
+            Status::OverCapacity => "the semaphore's capacity was lowered below this weight",
             Status::BadVersion => "unsupported protocol version",
             Status::UnknownOpcode => "unknown opcode",
             Status::BadBody => "malformed request body",
@@ -445,12 +486,21 @@ pub enum Request<'a> {
         secret: [u8; SECRET_LEN],
         password: &'a [u8],
     },
+    /// ACQUIRE, or ACQUIRE_PERMITS (`mode` `Permits`).
     Acquire {
         name: &'a [u8],
         mode: Mode,
+        /// Permits (`Mode::Permits`); 1 for a lock.
+        weight: u32,
+        /// The semaphore's capacity (`Mode::Permits`); 0 for a lock.
+        capacity: u32,
         wait_ms: u32,
         lease_ms: u32,
         notify_queued: bool,
+    },
+    SetCapacity {
+        name: &'a [u8],
+        capacity: u32,
     },
     /// `token`: the hold's fencing token, 0 = whatever hold the session has.
     Release {
@@ -514,6 +564,7 @@ impl Request<'_> {
             | Request::Extend { .. }
             | Request::Cancel { .. }
             | Request::ForceRelease { .. }
+            | Request::SetCapacity { .. }
             | Request::KillSession { .. } => true,
             Request::Signal { op, .. } => *op != SignalKind::Exists,
             _ => false,
@@ -525,7 +576,12 @@ impl Request<'_> {
         match self {
             Request::Hello { .. } => opcode::HELLO,
             Request::Resume { .. } => opcode::RESUME,
+            Request::Acquire {
+                mode: Mode::Permits,
+                ..
+            } => opcode::ACQUIRE_PERMITS,
             Request::Acquire { .. } => opcode::ACQUIRE,
+            Request::SetCapacity { .. } => opcode::SET_CAPACITY,
             Request::Release { .. } => opcode::RELEASE,
             Request::Extend { .. } => opcode::EXTEND,
             Request::Cancel { .. } => opcode::CANCEL,
@@ -671,6 +727,27 @@ fn split_token(rest: &[u8], with_token: bool) -> Result<(u64, &[u8]), Status> {
     }
 }
 
+/// An ACQUIRE or ACQUIRE_PERMITS from its checked parts.
+fn acquire<'a>(
+    fixed: &AcquireBody,
+    mode: Mode,
+    (weight, capacity): (u32, u32),
+    name: &'a [u8],
+) -> Result<Request<'a>, Status> {
+    if fixed.acq_flags & !ACQ_FLAGS_KNOWN != 0 || fixed.reserved.get() != 0 {
+        return Err(Status::BadBody);
+    }
+    Ok(Request::Acquire {
+        name: check_name(name)?,
+        mode,
+        weight,
+        capacity,
+        wait_ms: fixed.wait_ms.get(),
+        lease_ms: fixed.lease_ms.get(),
+        notify_queued: fixed.acq_flags & ACQ_NOTIFY_QUEUED != 0,
+    })
+}
+
 fn decode_body(op: u8, body: &[u8], with_token: bool) -> Result<Request<'_>, Status> {
     match op {
         opcode::HELLO => {
@@ -707,17 +784,28 @@ fn decode_body(op: u8, body: &[u8], with_token: bool) -> Result<Request<'_>, Sta
         }
         opcode::ACQUIRE => {
             let (fixed, name) = split_fixed::<AcquireBody>(body)?;
-            let mode = Mode::from_u8(fixed.mode).ok_or(Status::BadBody)?;
-            if fixed.acq_flags & !ACQ_FLAGS_KNOWN != 0 || fixed.reserved.get() != 0 {
+            match Mode::from_u8(fixed.mode) {
+                Some(mode @ (Mode::Exclusive | Mode::Shared)) => acquire(fixed, mode, (1, 0), name),
+                _ => Err(Status::BadBody),
+            }
+        }
+        opcode::ACQUIRE_PERMITS => {
+            let (fixed, name) = split_fixed::<PermitsBody>(body)?;
+            let (weight, capacity) = (fixed.weight.get(), fixed.capacity.get());
+            if fixed.acquire.mode != Mode::Permits as u8 || !(1..=capacity).contains(&weight) {
                 return Err(Status::BadBody);
             }
-            Ok(Request::Acquire {
-                name: check_name(name)?,
-                mode,
-                wait_ms: fixed.wait_ms.get(),
-                lease_ms: fixed.lease_ms.get(),
-                notify_queued: fixed.acq_flags & ACQ_NOTIFY_QUEUED != 0,
-            })
+            acquire(&fixed.acquire, Mode::Permits, (weight, capacity), name)
+        }
+        opcode::SET_CAPACITY => {
+            let (capacity, name) = body.split_first_chunk::<4>().ok_or(Status::BadBody)?;
+            match u32::from_le_bytes(*capacity) {
+                0 => Err(Status::BadBody),
+                capacity => Ok(Request::SetCapacity {
+                    name: check_name(name)?,
+                    capacity,
+                }),
+            }
         }
         opcode::RELEASE => {
             let (token, name) = split_token(body, with_token)?;
@@ -948,11 +1036,19 @@ fn deferred_flags(deferred: bool) -> u16 {
     }
 }
 
-/// ACQUIRE granted: body token u64. `deferred` sets the PUSH flag (the grant came after waiting).
-pub fn encode_granted(out: &mut Vec<u8>, request_id: u32, token: u64, deferred: bool) {
+/// Whether `op` takes something (ACQUIRE, ACQUIRE_PERMITS): its replies
+/// may be queued, deferred and granted with a token.
+pub fn is_acquire(op: u8) -> bool {
+    op == opcode::ACQUIRE || op == opcode::ACQUIRE_PERMITS
+}
+
+/// ACQUIRE (`op`: or ACQUIRE_PERMITS) granted: body token u64. `deferred`
+/// sets the PUSH flag (the grant came after waiting).
+pub fn encode_granted(out: &mut Vec<u8>, op: u8, request_id: u32, token: u64, deferred: bool) {
+    debug_assert!(is_acquire(op));
     encode_header(
         out,
-        opcode::ACQUIRE,
+        op,
         deferred_flags(deferred),
         Status::Ok,
         request_id,
@@ -963,26 +1059,27 @@ pub fn encode_granted(out: &mut Vec<u8>, request_id: u32, token: u64, deferred: 
 
 /// Final non-granted outcome of an ACQUIRE (Busy, TimedOut, Cancelled, errors) — `deferred` sets PUSH.
 /// The body is empty.
-pub fn encode_acquire_outcome(out: &mut Vec<u8>, request_id: u32, status: Status, deferred: bool) {
+pub fn encode_acquire_outcome(
+    out: &mut Vec<u8>,
+    op: u8,
+    request_id: u32,
+    status: Status,
+    deferred: bool,
+) {
     assert!(
         status != Status::Ok && status != Status::Queued,
         "{status:?} is not a final non-granted acquire outcome"
     );
-    encode_header(
-        out,
-        opcode::ACQUIRE,
-        deferred_flags(deferred),
-        status,
-        request_id,
-        0,
-    );
+    debug_assert!(is_acquire(op));
+    encode_header(out, op, deferred_flags(deferred), status, request_id, 0);
 }
 
-/// INTERIM QUEUED for an acquire with ACQ_NOTIFY_QUEUED.
-pub fn encode_queued(out: &mut Vec<u8>, request_id: u32) {
+/// INTERIM QUEUED for an acquire (`op`) with ACQ_NOTIFY_QUEUED.
+pub fn encode_queued(out: &mut Vec<u8>, op: u8, request_id: u32) {
+    debug_assert!(is_acquire(op));
     encode_header(
         out,
-        opcode::ACQUIRE,
+        op,
         flags::REPLY | flags::INTERIM,
         Status::Queued,
         request_id,
@@ -1155,6 +1252,8 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
         Request::Acquire {
             name,
             mode,
+            weight,
+            capacity,
             wait_ms,
             lease_ms,
             notify_queued,
@@ -1166,8 +1265,23 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
                 wait_ms: U32::new(wait_ms),
                 lease_ms: U32::new(lease_ms),
             };
-            header(out, size_of::<AcquireBody>() + name.len());
-            out.extend_from_slice(fixed.as_bytes());
+            if mode == Mode::Permits {
+                let fixed = PermitsBody {
+                    acquire: fixed,
+                    weight: U32::new(weight),
+                    capacity: U32::new(capacity),
+                };
+                header(out, size_of::<PermitsBody>() + name.len());
+                out.extend_from_slice(fixed.as_bytes());
+            } else {
+                header(out, size_of::<AcquireBody>() + name.len());
+                out.extend_from_slice(fixed.as_bytes());
+            }
+            out.extend_from_slice(name);
+        }
+        Request::SetCapacity { name, capacity } => {
+            header(out, 4 + name.len());
+            out.extend_from_slice(&capacity.to_le_bytes());
             out.extend_from_slice(name);
         }
         Request::Release { name, token } | Request::ForceRelease { name, token } => {
@@ -1244,35 +1358,45 @@ pub fn end_reply(out: &mut [u8], start: usize) {
 pub struct HolderRecord<'a> {
     pub session: u64,
     pub token: u64,
+    /// Permits held (a semaphore's record only).
+    pub weight: u32,
     /// Grant time, ms since the Unix epoch.
     pub since_unix_ms: u64,
     pub client_name: &'a [u8],
 }
 
 /// Appends a lock record (INSPECT, LIST): name_len u16, mode u8, reserved
-/// u8, waiters u32, holders u16, signals u16; the name; per holder session
-/// u64, token u64, since_unix_ms u64, client_name_len u16, client name; per
-/// signal len u16, signal.
+/// u8, waiters u32, holders u16, signals u16; the name; (a semaphore, mode
+/// 2: capacity u32); per holder session u64, token u64, since_unix_ms u64,
+/// client_name_len u16, client name (mode 2: weight u32); per signal len
+/// u16, signal.
 pub fn put_lock_record<'a>(
     out: &mut Vec<u8>,
     name: &[u8],
-    mode: Mode,
+    (mode, capacity): (Mode, u32),
     waiters: u32,
     holders: &[HolderRecord<'a>],
     signals: &[&[u8]],
 ) {
+    let permits = mode == Mode::Permits;
     out.extend_from_slice(&len_u16(name.len()).get().to_le_bytes());
     out.extend_from_slice(&[mode as u8, 0]);
     out.extend_from_slice(&waiters.to_le_bytes());
     out.extend_from_slice(&len_u16(holders.len()).get().to_le_bytes());
     out.extend_from_slice(&len_u16(signals.len()).get().to_le_bytes());
     out.extend_from_slice(name);
+    if permits {
+        out.extend_from_slice(&capacity.to_le_bytes());
+    }
     for holder in holders {
         out.extend_from_slice(&holder.session.to_le_bytes());
         out.extend_from_slice(&holder.token.to_le_bytes());
         out.extend_from_slice(&holder.since_unix_ms.to_le_bytes());
         out.extend_from_slice(&len_u16(holder.client_name.len()).get().to_le_bytes());
         out.extend_from_slice(holder.client_name);
+        if permits {
+            out.extend_from_slice(&holder.weight.to_le_bytes());
+        }
     }
     for signal in signals {
         out.extend_from_slice(&len_u16(signal.len()).get().to_le_bytes());
@@ -1285,9 +1409,23 @@ pub fn put_lock_record<'a>(
 pub struct LockRecord {
     pub name: Vec<u8>,
     pub mode: Mode,
+    /// A semaphore's capacity; 0 for a lock.
+    pub capacity: u32,
     pub waiters: u32,
-    pub holders: Vec<(u64, u64, u64, Vec<u8>)>,
+    pub holders: Vec<Holder>,
     pub signals: Vec<Vec<u8>>,
+}
+
+/// Client side: one holder of a lock record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub session: u64,
+    pub token: u64,
+    /// Grant time, ms since the Unix epoch.
+    pub since_unix_ms: u64,
+    pub client_name: Vec<u8>,
+    /// Permits held (a semaphore); 1 for a lock.
+    pub weight: u32,
 }
 
 /// A cursor over a reply body.
@@ -1327,14 +1465,17 @@ fn parse_record(cursor: &mut Cursor<'_>) -> Option<LockRecord> {
     let holders = cursor.u16()?;
     let signals = cursor.u16()?;
     let name = cursor.take(name_len)?.to_vec();
+    let permits = mode == Mode::Permits;
+    let capacity = if permits { cursor.u32()? } else { 0 };
     let holders = (0..holders)
         .map(|_| {
-            Some((
-                cursor.u64()?,
-                cursor.u64()?,
-                cursor.u64()?,
-                cursor.bytes16()?,
-            ))
+            Some(Holder {
+                session: cursor.u64()?,
+                token: cursor.u64()?,
+                since_unix_ms: cursor.u64()?,
+                client_name: cursor.bytes16()?,
+                weight: if permits { cursor.u32()? } else { 1 },
+            })
         })
         .collect::<Option<Vec<_>>>()?;
     let signals = (0..signals)
@@ -1343,6 +1484,7 @@ fn parse_record(cursor: &mut Cursor<'_>) -> Option<LockRecord> {
     Some(LockRecord {
         name,
         mode,
+        capacity,
         waiters,
         holders,
         signals,
@@ -1356,6 +1498,8 @@ pub struct QueuedRecord<'a> {
     /// When it was queued, ms since the Unix epoch.
     pub since_unix_ms: u64,
     pub mode: Mode,
+    /// Permits asked for (written for mode 2 only).
+    pub weight: u32,
     pub client_name: &'a [u8],
 }
 
@@ -1363,7 +1507,7 @@ pub struct QueuedRecord<'a> {
 /// clock (server_unix_ms u64, so ages are the server's), queue_count u32,
 /// queue_flags u32 (bit 0: cut at `WAITERS_PER_INSPECT_MAX`), then per
 /// waiter, first in line first: session u64, since_unix_ms u64, mode u8,
-/// reserved u8, client_name_len u16, client name.
+/// reserved u8, client_name_len u16, client name (mode 2: weight u32).
 pub fn put_queue(out: &mut Vec<u8>, server_unix_ms: u64, queue: &[QueuedRecord<'_>], cut: bool) {
     out.extend_from_slice(&server_unix_ms.to_le_bytes());
     let count = u32::try_from(queue.len()).expect("queue listing is bounded");
@@ -1375,6 +1519,9 @@ pub fn put_queue(out: &mut Vec<u8>, server_unix_ms: u64, queue: &[QueuedRecord<'
         out.extend_from_slice(&[waiter.mode as u8, 0]);
         out.extend_from_slice(&len_u16(waiter.client_name.len()).get().to_le_bytes());
         out.extend_from_slice(waiter.client_name);
+        if waiter.mode == Mode::Permits {
+            out.extend_from_slice(&waiter.weight.to_le_bytes());
+        }
     }
 }
 
@@ -1385,6 +1532,8 @@ pub struct Waiting {
     pub since_unix_ms: u64,
     pub mode: Mode,
     pub client_name: Vec<u8>,
+    /// Permits asked for (a semaphore); 1 for a lock.
+    pub weight: u32,
 }
 
 /// Client side: an INSPECT reply. Reads as its lock record (`Deref`).
@@ -1419,11 +1568,16 @@ pub fn parse_inspect_body(body: &[u8]) -> Option<Inspection> {
             let since_unix_ms = cursor.u64()?;
             let mode = Mode::from_u8(cursor.take(2)?[0])?;
             let client_name = cursor.bytes16()?;
+            let weight = match mode {
+                Mode::Permits => cursor.u32()?,
+                Mode::Exclusive | Mode::Shared => 1,
+            };
             Some(Waiting {
                 session,
                 since_unix_ms,
                 mode,
                 client_name,
+                weight,
             })
         })
         .collect::<Option<Vec<_>>>()?;
@@ -1909,6 +2063,8 @@ mod tests {
             Request::Acquire {
                 name: b"report-42",
                 mode: Mode::Exclusive,
+                weight: 1,
+                capacity: 0,
                 wait_ms: 5000,
                 lease_ms: 0,
                 notify_queued: true,
@@ -1916,9 +2072,24 @@ mod tests {
             Request::Acquire {
                 name: b"x",
                 mode: Mode::Shared,
+                weight: 1,
+                capacity: 0,
                 wait_ms: WAIT_FOREVER,
                 lease_ms: 30_000,
                 notify_queued: false,
+            },
+            Request::Acquire {
+                name: b"gpus",
+                mode: Mode::Permits,
+                weight: 3,
+                capacity: 8,
+                wait_ms: 0,
+                lease_ms: 10,
+                notify_queued: true,
+            },
+            Request::SetCapacity {
+                name: b"gpus",
+                capacity: u32::MAX,
             },
             Request::Release {
                 name: b"report-42",
@@ -2002,6 +2173,7 @@ mod tests {
         let holder = HolderRecord {
             session: 5,
             token: 6,
+            weight: 1,
             since_unix_ms: 7,
             client_name: b"h",
         };
@@ -2009,10 +2181,11 @@ mod tests {
             session: 8,
             since_unix_ms: 9,
             mode: Mode::Exclusive,
+            weight: 1,
             client_name: b"w",
         };
         let mut body = Vec::new();
-        put_lock_record(&mut body, b"q", Mode::Exclusive, 1, &[holder], &[]);
+        put_lock_record(&mut body, b"q", (Mode::Exclusive, 0), 1, &[holder], &[]);
         put_queue(&mut body, 10, &[waiter], false);
         assert_eq!(documented, body);
     }
@@ -2023,15 +2196,17 @@ mod tests {
         let holder = HolderRecord {
             session: 5,
             token: 6,
+            weight: 1,
             since_unix_ms: 7,
             client_name: b"holder",
         };
         let mut body = Vec::new();
-        put_lock_record(&mut body, b"lock", Mode::Exclusive, 1, &[holder], &[]);
+        put_lock_record(&mut body, b"lock", (Mode::Exclusive, 0), 1, &[holder], &[]);
         let waiter = QueuedRecord {
             session: 8,
             since_unix_ms: 9,
             mode: Mode::Shared,
+            weight: 1,
             client_name: b"waiter",
         };
         put_queue(&mut body, 10, &[waiter], true);
@@ -2045,6 +2220,7 @@ mod tests {
                 session: 8,
                 since_unix_ms: 9,
                 mode: Mode::Shared,
+                weight: 1,
                 client_name: b"waiter".to_vec(),
             }]
         );
@@ -2095,6 +2271,8 @@ mod tests {
             &Request::Acquire {
                 name: b"a",
                 mode: Mode::Shared,
+                weight: 1,
+                capacity: 0,
                 wait_ms: 0,
                 lease_ms: 0,
                 notify_queued: false,
@@ -2220,7 +2398,7 @@ mod tests {
     fn unknown_and_push_opcodes_are_rejected() {
         for op in [
             0,
-            17,
+            19,
             0x3F,
             opcode::LOCK_LOST,
             opcode::SHUTDOWN,
@@ -2344,6 +2522,67 @@ mod tests {
     }
 
     #[test]
+    fn permits_bodies_are_checked() {
+        let permits = |mode: u8, weight: u32, capacity: u32, name: &[u8]| {
+            let mut body = acquire_body(mode, 0, 0, b"");
+            body.extend_from_slice(&weight.to_le_bytes());
+            body.extend_from_slice(&capacity.to_le_bytes());
+            body.extend_from_slice(name);
+            match result_of(&request(opcode::ACQUIRE_PERMITS, &body)) {
+                Ok(Request::Acquire {
+                    mode,
+                    weight,
+                    capacity,
+                    wait_ms: 100,
+                    ..
+                }) => Ok((mode, weight, capacity)),
+                Ok(other) => panic!("decoded as {other:?}"),
+                Err(status) => Err(status),
+            }
+        };
+        assert_eq!(permits(2, 3, 3, b"n"), Ok((Mode::Permits, 3, 3)));
+        for (mode, weight, capacity) in [
+            (0, 1, 1),
+            (1, 1, 1),
+            (3, 1, 1),
+            (2, 0, 1),
+            (2, 2, 1),
+            (2, 0, 0),
+        ] {
+            assert_eq!(
+                permits(mode, weight, capacity, b"n"),
+                Err(Status::BadBody),
+                "mode {mode} weight {weight} capacity {capacity}"
+            );
+        }
+        assert_eq!(permits(2, 1, 1, b""), Err(Status::BadName));
+        // Too short for the fixed part: the weight and capacity are missing.
+        assert_eq!(
+            result_of(&request(
+                opcode::ACQUIRE_PERMITS,
+                &acquire_body(2, 0, 0, b"abc")
+            )),
+            Err(Status::BadBody)
+        );
+        let set = |capacity: u32, name: &[u8]| {
+            let mut body = capacity.to_le_bytes().to_vec();
+            body.extend_from_slice(name);
+            match result_of(&request(opcode::SET_CAPACITY, &body)) {
+                Ok(Request::SetCapacity { capacity, .. }) => Ok(capacity),
+                Ok(other) => panic!("decoded as {other:?}"),
+                Err(status) => Err(status),
+            }
+        };
+        assert_eq!(set(5, b"n"), Ok(5));
+        assert_eq!(set(0, b"n"), Err(Status::BadBody));
+        assert_eq!(set(5, b""), Err(Status::BadName));
+        assert_eq!(
+            result_of(&request(opcode::SET_CAPACITY, &[1, 0, 0])),
+            Err(Status::BadBody)
+        );
+    }
+
+    #[test]
     fn acquire_fixed_part_is_checked() {
         assert_eq!(
             result_of(&request(opcode::ACQUIRE, &acquire_body(2, 0, 0, b"n"))),
@@ -2409,7 +2648,7 @@ mod tests {
             .filter(|&c| Status::from_u16(c).is_some())
             .count();
         assert_eq!(known, Status::ALL.len());
-        assert_eq!(Status::from_u16(9), None);
+        assert_eq!(Status::from_u16(12), None);
         assert_eq!(Status::from_u16(49), None);
     }
 
@@ -2439,7 +2678,7 @@ mod tests {
 
         for deferred in [false, true] {
             buf.clear();
-            encode_granted(&mut buf, 5, u64::MAX - 1, deferred);
+            encode_granted(&mut buf, opcode::ACQUIRE, 5, u64::MAX - 1, deferred);
             let r = reply(&buf);
             let want_flags = if deferred {
                 flags::REPLY | flags::PUSH
@@ -2453,7 +2692,7 @@ mod tests {
             assert_eq!(parse_token_body(r.body), Some(u64::MAX - 1));
 
             buf.clear();
-            encode_acquire_outcome(&mut buf, 6, Status::TimedOut, deferred);
+            encode_acquire_outcome(&mut buf, opcode::ACQUIRE, 6, Status::TimedOut, deferred);
             let r = reply(&buf);
             assert_eq!(
                 (r.opcode, r.flags, r.status, r.request_id),
@@ -2463,7 +2702,7 @@ mod tests {
         }
 
         buf.clear();
-        encode_queued(&mut buf, 8);
+        encode_queued(&mut buf, opcode::ACQUIRE, 8);
         let r = reply(&buf);
         assert_eq!(
             (r.opcode, r.flags, r.status, r.request_id, r.body),
@@ -2521,7 +2760,7 @@ mod tests {
     #[test]
     fn reply_errors() {
         let mut buf = Vec::new();
-        encode_granted(&mut buf, 1, 1, false);
+        encode_granted(&mut buf, opcode::ACQUIRE, 1, 1, false);
         for len in 0..buf.len() {
             assert_eq!(
                 decode_reply(&buf[..len]),
@@ -2536,10 +2775,10 @@ mod tests {
             Err(ReplyError::BadVersion(2))
         );
         let mut bad = buf.clone();
-        bad[6] = 9;
+        bad[6] = 12;
         assert_eq!(
             decode_reply(&bad[..HEADER_LEN]),
-            Err(ReplyError::BadStatus(9))
+            Err(ReplyError::BadStatus(12))
         );
         let mut big = Vec::new();
         encode_header(
@@ -2568,6 +2807,8 @@ mod tests {
     const ACQUIRE_EXAMPLE: Request<'static> = Request::Acquire {
         name: b"report-42",
         mode: Mode::Exclusive,
+        weight: 1,
+        capacity: 0,
         wait_ms: 5000,
         lease_ms: 30_000,
         notify_queued: true,
@@ -2614,13 +2855,13 @@ mod tests {
     #[test]
     fn hex_granted_reply() {
         let mut buf = Vec::new();
-        encode_granted(&mut buf, 2, 7, false);
+        encode_granted(&mut buf, opcode::ACQUIRE, 2, 7, false);
         assert_eq!(
             hex(&buf),
             "f1 4c 01 03 01 00 00 00 02 00 00 00 08 00 00 00 07 00 00 00 00 00 00 00"
         );
         buf.clear();
-        encode_granted(&mut buf, 2, 7, true);
+        encode_granted(&mut buf, opcode::ACQUIRE, 2, 7, true);
         assert_eq!(
             hex(&buf),
             "f1 4c 01 03 03 00 00 00 02 00 00 00 08 00 00 00 07 00 00 00 00 00 00 00"
@@ -2630,10 +2871,10 @@ mod tests {
     #[test]
     fn hex_busy_and_queued_replies() {
         let mut buf = Vec::new();
-        encode_acquire_outcome(&mut buf, 3, Status::Busy, false);
+        encode_acquire_outcome(&mut buf, opcode::ACQUIRE, 3, Status::Busy, false);
         assert_eq!(hex(&buf), "f1 4c 01 03 01 00 01 00 03 00 00 00 00 00 00 00");
         buf.clear();
-        encode_queued(&mut buf, 2);
+        encode_queued(&mut buf, opcode::ACQUIRE, 2);
         assert_eq!(hex(&buf), "f1 4c 01 03 05 00 04 00 02 00 00 00 00 00 00 00");
     }
 
@@ -2670,11 +2911,11 @@ mod tests {
         encode_session(&mut out, opcode::HELLO, 1, 42, &secret, 5000);
         frames.push(std::mem::take(&mut out));
         frames.push(encoded(2, &ACQUIRE_EXAMPLE));
-        encode_granted(&mut out, 2, 7, false);
+        encode_granted(&mut out, opcode::ACQUIRE, 2, 7, false);
         frames.push(std::mem::take(&mut out));
-        encode_queued(&mut out, 2);
+        encode_queued(&mut out, opcode::ACQUIRE, 2);
         frames.push(std::mem::take(&mut out));
-        encode_acquire_outcome(&mut out, 3, Status::Busy, false);
+        encode_acquire_outcome(&mut out, opcode::ACQUIRE, 3, Status::Busy, false);
         frames.push(std::mem::take(&mut out));
         encode_status(&mut out, opcode::RELEASE, 5, Status::BadName, "bad name");
         frames.push(std::mem::take(&mut out));
@@ -2693,6 +2934,24 @@ mod tests {
         frames.push(std::mem::take(&mut out));
         encode_push(&mut out, opcode::HELD_END);
         frames.push(std::mem::take(&mut out));
+        let permits = Request::Acquire {
+            name: b"gpus",
+            mode: Mode::Permits,
+            weight: 2,
+            capacity: 4,
+            wait_ms: WAIT_FOREVER,
+            lease_ms: 0,
+            notify_queued: false,
+        };
+        frames.push(encoded(9, &permits));
+        let status = Status::CapacityConflict;
+        encode_acquire_outcome(&mut out, opcode::ACQUIRE_PERMITS, 10, status, false);
+        frames.push(std::mem::take(&mut out));
+        let set = Request::SetCapacity {
+            name: b"gpus",
+            capacity: 6,
+        };
+        frames.push(encoded(11, &set));
         frames
     }
 
@@ -2733,7 +2992,7 @@ mod tests {
                 let bytes = hex_prefix(span);
                 assert_eq!(hex(&bytes), span, "not all hex: {span}");
                 let mut deferred = Vec::new();
-                encode_granted(&mut deferred, 2, 7, true);
+                encode_granted(&mut deferred, opcode::ACQUIRE, 2, 7, true);
                 assert!(
                     doc_examples().contains(&bytes) || bytes == deferred,
                     "{span}"

@@ -153,11 +153,20 @@ impl ServerSim {
                     1 => Wait::Until(self.now + rng.range(1, 200)),
                     _ => Wait::Forever,
                 };
+                // Locks and semaphores of two capacities on the same
+                // names: kinds and capacities clash, weights queue.
+                let mode = rng.pick(&[Mode::Exclusive, Mode::Shared, Mode::Permits]);
+                let (weight, capacity) = match mode {
+                    Mode::Permits => (rng.range(1, 3) as u32, 3),
+                    Mode::Exclusive | Mode::Shared => (1, 0),
+                };
                 let acquire = Acquire {
                     session,
                     request_id,
                     name,
-                    mode: rng.pick(&[Mode::Exclusive, Mode::Shared]),
+                    mode,
+                    weight,
+                    capacity,
                     wait,
                     lease_ms: rng.pick(&[0, 0, 50, 300]),
                     reentrant: rng.chance(10),
@@ -221,12 +230,21 @@ impl ServerSim {
                 };
                 self.apply(shard, signal);
             }
-            83..=87 => self.apply(
+            83..=85 => self.apply(
                 shard,
                 Command::Locked {
                     session,
                     request_id,
                     name,
+                },
+            ),
+            86..=87 => self.apply(
+                shard,
+                Command::SetCapacity {
+                    session,
+                    request_id,
+                    name,
+                    capacity: rng.range(1, 5) as u32,
                 },
             ),
             88..=92 => {

@@ -308,6 +308,8 @@ impl EventLoop {
                 request_id,
                 name,
                 mode: Mode::Exclusive,
+                weight: 1,
+                capacity: 0,
                 wait: Wait::Try,
                 lease_ms: 0,
                 reentrant: op == RespOp::Aqr,

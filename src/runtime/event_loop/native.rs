@@ -475,7 +475,7 @@ impl EventLoop {
     ) {
         let op = request.opcode();
         let ask = match op {
-            opcode::ACQUIRE => Ask::Acquire,
+            opcode::ACQUIRE | opcode::ACQUIRE_PERMITS => Ask::Acquire,
             opcode::INSPECT | opcode::LIST | opcode::STATS | opcode::KILL_SESSION => Ask::Query,
             _ => Ask::Other,
         };
@@ -515,6 +515,8 @@ impl EventLoop {
             Request::Acquire {
                 name,
                 mode,
+                weight,
+                capacity,
                 wait_ms,
                 lease_ms,
                 ..
@@ -530,6 +532,8 @@ impl EventLoop {
                     request_id,
                     name,
                     mode,
+                    weight,
+                    capacity,
                     wait,
                     lease_ms,
                     reentrant: false,
@@ -561,8 +565,17 @@ impl EventLoop {
                     token,
                 },
             ),
+            Request::SetCapacity { name, capacity } => (
+                self.shard_of(name),
+                Command::SetCapacity {
+                    session: id,
+                    request_id,
+                    name,
+                    capacity,
+                },
+            ),
             Request::Cancel { target } => match session.pending.get(&target) {
-                Some(p) if p.op == PendingOp::Native(opcode::ACQUIRE) => (
+                Some(p) if matches!(p.op, PendingOp::Native(op) if protocol::is_acquire(op)) => (
                     p.shard as usize,
                     Command::Cancel {
                         session: id,
@@ -697,11 +710,14 @@ pub(super) fn encode_outcome(
             out.push(u8::from(value));
             protocol::end_reply(out, start);
         }
-        (opcode::ACQUIRE, Outcome::Granted { token } | Outcome::Reentered { token }) => {
-            protocol::encode_granted(out, request_id, token, deferred)
+        (op, Outcome::Granted { token } | Outcome::Reentered { token })
+            if protocol::is_acquire(op) =>
+        {
+            protocol::encode_granted(out, op, request_id, token, deferred)
         }
-        (opcode::ACQUIRE, outcome) => {
-            protocol::encode_acquire_outcome(out, request_id, outcome_status(outcome), deferred)
+        (op, outcome) if protocol::is_acquire(op) => {
+            let status = outcome_status(outcome);
+            protocol::encode_acquire_outcome(out, op, request_id, status, deferred)
         }
         (op, outcome) => protocol::encode_status(out, op, request_id, outcome_status(outcome), ""),
     }
@@ -721,5 +737,8 @@ fn outcome_status(outcome: Outcome) -> Status {
         Outcome::AlreadyHeld => Status::AlreadyHeld,
         Outcome::NoSuchRequest => Status::NoSuchRequest,
         Outcome::TooManyWaiters | Outcome::TooManySignals => Status::TooManyWaiters,
+        Outcome::WrongKind => Status::WrongKind,
+        Outcome::CapacityConflict => Status::CapacityConflict,
+        Outcome::OverCapacity => Status::OverCapacity,
     }
 }
