@@ -36,7 +36,7 @@ use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Registry, Token};
 
 use crate::etcd;
-use crate::holders::Holders;
+use crate::holders::{Claim, Holders};
 use crate::keys::{key_name, push_decimal, KeySampler, Rng};
 use crate::report::{OpKind, Stats};
 use crate::resp;
@@ -939,7 +939,9 @@ fn send_release(conn: &mut Conn, cx: &mut Ctx<'_>, slot: usize) {
     let plan = cx.plan;
     let s = &mut conn.slots[slot];
     // The belief ends before the server can see the release.
-    cx.shared.holders.release(s.key, conn.id, s.shared);
+    cx.shared
+        .holders
+        .release(s.key, conn.id, claim(plan, s.shared));
     s.state = State::Releasing;
     s.t_op = cx.now;
     key_name(&mut cx.name, &plan.key_prefix, s.key);
@@ -978,6 +980,15 @@ fn set_idle(conn: &mut Conn, cx: &mut Ctx<'_>, slot: usize) {
     cx.active -= 1;
 }
 
+/// How a slot holds its key: the plan's permits, or shared or exclusive.
+fn claim(plan: &Plan, shared: bool) -> Claim {
+    match plan.permits {
+        Some((weight, capacity)) => Claim::Permits { weight, capacity },
+        None if shared => Claim::Shared,
+        None => Claim::Exclusive,
+    }
+}
+
 /// Acts on the final reply to a slot's request.
 fn on_outcome(
     conn: &mut Conn,
@@ -992,7 +1003,11 @@ fn on_outcome(
         (State::Acquiring, Outcome::Granted) => {
             let s = conn.slots[slot];
             cx.record(OpKind::Acquire, s.t_cycle);
-            if !cx.shared.holders.grant(s.key, conn.id, s.shared) {
+            if !cx
+                .shared
+                .holders
+                .grant(s.key, conn.id, claim(plan, s.shared))
+            {
                 cx.raw.violations += 1;
                 cx.stats.violations += 1;
                 let name = String::from_utf8_lossy(&plan.key_prefix).into_owned();
@@ -1430,7 +1445,9 @@ fn kill(conn: &mut Conn, cx: &mut Ctx<'_>, registry: &Registry, why: &str) {
     for slot in 0..conn.slots.len() {
         let s = conn.slots[slot];
         if s.state == State::Holding {
-            cx.shared.holders.release(s.key, conn.id, s.shared);
+            cx.shared
+                .holders
+                .release(s.key, conn.id, claim(cx.plan, s.shared));
         }
         if s.state != State::Idle {
             set_idle(conn, cx, slot);
