@@ -83,6 +83,7 @@ enum livelock_opcode {
     LIVELOCK_OP_CLUSTER_CHANGE = 16, /* operator: members or transfer, see PROTOCOL.md */
     LIVELOCK_OP_ACQUIRE_PERMITS = 17, /* livelock_acquire_permits + name; replies as ACQUIRE */
     LIVELOCK_OP_SET_CAPACITY = 18,    /* capacity u32 (>= 1) + name */
+    LIVELOCK_OP_SET_ORDER = 19,       /* the session's lock order, see PROTOCOL.md */
     /* Server pushes (never valid from a client). */
     LIVELOCK_OP_LOCK_LOST = 0x40,     /* livelock_token + name */
     LIVELOCK_OP_SHUTDOWN = 0x41,      /* empty */
@@ -130,6 +131,7 @@ enum livelock_status {
     LIVELOCK_STATUS_WRONG_KIND = 9,         /* a lock's name as a semaphore, or the reverse */
     LIVELOCK_STATUS_CAPACITY_CONFLICT = 10, /* not the semaphore's capacity */
     LIVELOCK_STATUS_OVER_CAPACITY = 11,     /* queued; the capacity fell below its weight */
+    LIVELOCK_STATUS_ORDER_VIOLATION = 12,   /* out of the order the session declared */
     LIVELOCK_STATUS_BAD_VERSION = 32,
     LIVELOCK_STATUS_UNKNOWN_OPCODE = 33,
     LIVELOCK_STATUS_BAD_BODY = 34,

@@ -457,6 +457,18 @@ impl Client {
         self.acquire_with(name, options)
     }
 
+    /// Declares the order this session's acquires keep from now on
+    /// (`None`: none): an acquire of a name that does not rank after every
+    /// name the session holds or waits for is then refused
+    /// `OrderViolation`, so sessions that keep one order cannot deadlock
+    /// each other. Declared before taking locks (else `OrderViolation`);
+    /// it lasts as long as the session, across RESUME and restarts.
+    pub fn set_order(&self, order: Option<&crate::order::Order>) -> Result<()> {
+        let mut body = Vec::new();
+        crate::order::Order::encode(order, &mut body);
+        self.call(&Request::SetOrder(&body)).map(|_| ())
+    }
+
     /// The counting semaphore `name` of `capacity` permits (the capacity
     /// is the name's while it is in use: every acquire must name the same,
     /// or is refused `CapacityConflict`; `Semaphore::set_capacity` changes

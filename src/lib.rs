@@ -35,7 +35,7 @@
 //! - `state`: the pure core — the lock table, sessions, the log's records
 //!   and their replay, the dump's format, export and restore. No socket, no
 //!   clock, no thread, no file;
-//! - `limits`, `duration`, `address`, `mode`: shared by all.
+//! - `limits`, `duration`, `address`, `mode`, `order`: shared by all.
 //!
 //! Features: `server` (the default) is all of it; `client` alone (with
 //! `default-features = false`) is the blocking client, the wire format and
@@ -48,6 +48,7 @@ pub mod client_async;
 pub mod duration;
 pub mod limits;
 pub mod mode;
+pub mod order;
 #[cfg(feature = "server")]
 pub mod runtime;
 #[cfg(feature = "server")]

@@ -136,6 +136,7 @@ fn expectations() -> Vec<(String, u64)> {
         ("CLUSTER_CHANGE", opcode::CLUSTER_CHANGE),
         ("ACQUIRE_PERMITS", opcode::ACQUIRE_PERMITS),
         ("SET_CAPACITY", opcode::SET_CAPACITY),
+        ("SET_ORDER", opcode::SET_ORDER),
         ("LOCK_LOST", opcode::LOCK_LOST),
         ("SHUTDOWN", opcode::SHUTDOWN),
         ("SESSION_TAKEN", opcode::SESSION_TAKEN),

@@ -232,7 +232,7 @@ impl World {
                 // The home's admission rule, as the loop applies it.
                 let session = self.homes[0].get(id).unwrap();
                 if session
-                    .refusal(self.next_request, Ask::Acquire, (0, false))
+                    .refusal(self.next_request, Ask::Acquire(name), (0, false))
                     .is_some()
                 {
                     return;

@@ -14,7 +14,8 @@
 //! body:
 //!   created_unix_ms u64, last_token u64
 //!   u32 count, sessions: id u64, secret [16], client_name bytes,
-//!                        client_id (u8 0 = none | 1 + bytes), grace_ms u32
+//!                        client_id (u8 0 = none | 1 + bytes), grace_ms u32,
+//!                        (version 5) the declared order (`order::Order`)
 //!   u32 count, holds:    name bytes, session u64, mode u8 (0 exclusive,
 //!                        1 shared; version 5: 2 permits, then weight u32,
 //!                        capacity u32), token u64, since_unix_ms u64,
@@ -66,6 +67,7 @@ use hashbrown::{HashMap, HashSet};
 use crate::limits::SECRET_LEN;
 use crate::limits::{CLIENT_NAME_LEN_MAX, NAME_LEN_MAX, SIGNAL_LEN_MAX};
 pub use crate::mode::Mode;
+use crate::order::Order;
 
 /// The state file's name inside the server's data directory.
 pub const FILE_NAME: &str = "livelock.dump";
@@ -114,6 +116,8 @@ pub struct DumpSession {
     pub client_id: Option<Vec<u8>>,
     /// How long the session outlives its connection.
     pub grace_ms: u32,
+    /// The order its acquires keep (SET_ORDER), if it declared one.
+    pub order: Option<Order>,
 }
 
 /// One granted hold of a lock by a session of the dump.
@@ -272,6 +276,7 @@ pub fn encode(dump: &Dump) -> Vec<u8> {
             }
         }
         out.extend_from_slice(&session.grace_ms.to_le_bytes());
+        Order::encode(session.order.as_ref(), &mut out);
     }
     put_count(&mut out, dump.holds.len());
     for hold in &dump.holds {
@@ -372,12 +377,14 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
             _ => return Err(DumpError::Corrupt("bad client id tag")),
         };
         let grace_ms = body.u32()?;
+        let order = if version >= 5 { body.order()? } else { None };
         sessions.push(DumpSession {
             id,
             secret,
             client_name,
             client_id,
             grace_ms,
+            order,
         });
     }
     let count = body.count(HOLD_LEN_MIN)?;
@@ -672,6 +679,7 @@ fn encoded_body_len(dump: &Dump) -> usize {
                 + 1
                 + s.client_id.as_ref().map_or(0, |id| 4 + id.len())
                 + 4
+                + order_len(s.order.as_ref())
         })
         .sum();
     let holds: usize = dump
@@ -694,6 +702,13 @@ fn encoded_body_len(dump: &Dump) -> usize {
         .as_ref()
         .map_or(0, |l| 8 + 8 + 4 + 24 * l.loops.len());
     8 + 8 + 4 + sessions + 4 + holds + 4 + waiters + 4 + signals + 1 + log
+}
+
+/// Bytes of an encoded order.
+fn order_len(order: Option<&Order>) -> usize {
+    let mut bytes = Vec::new();
+    Order::encode(order, &mut bytes);
+    bytes.len()
 }
 
 /// Bytes of an encoded mode: the code, and a semaphore's weight and capacity.
@@ -745,6 +760,14 @@ impl Reader<'_> {
 
     fn u8(&mut self) -> Result<u8, DumpError> {
         Ok(self.array::<1>()?[0])
+    }
+
+    /// A session's declared order (`Order::encode`).
+    fn order(&mut self) -> Result<Option<Order>, DumpError> {
+        let (order, rest) =
+            Order::decode(self.rest).map_err(|()| DumpError::Corrupt("bad session order"))?;
+        self.rest = rest;
+        Ok(order)
     }
 
     /// A mode (`put_mode`); before version 5 only 0 and 1.
@@ -831,6 +854,7 @@ mod tests {
                     client_name: b"worker-1".to_vec(),
                     client_id: None,
                     grace_ms: 30_000,
+                    order: None,
                 },
                 DumpSession {
                     id: 0x0201,
@@ -838,6 +862,7 @@ mod tests {
                     client_name: vec![0, 0xff, b'\n', 0x80],
                     client_id: Some(b"conn-\x00\xfe".to_vec()),
                     grace_ms: 0,
+                    order: None,
                 },
                 DumpSession {
                     id: u64::MAX,
@@ -845,6 +870,7 @@ mod tests {
                     client_name: Vec::new(),
                     client_id: Some(Vec::new()),
                     grace_ms: u32::MAX,
+                    order: None,
                 },
             ],
             holds: vec![
@@ -1058,7 +1084,7 @@ mod tests {
         for hold in &mut dump.holds {
             hold.lease_left_ms = 0;
         }
-        let v2 = encode(&dump);
+        let v2 = without_orders(encode(&dump), &dump);
         // Rebuild the body without the v2 fields: each hold's last 8 bytes,
         // and the (empty) waiters count.
         v1.extend_from_slice(&v2[..HEADER_LEN]);
@@ -1084,7 +1110,7 @@ mod tests {
     #[test]
     fn version_3_files_are_read() {
         let mut dump = sample();
-        let v4 = encode(&dump);
+        let v4 = without_orders(encode(&dump), &dump);
         let mut v3 = v4[..HEADER_LEN].to_vec();
         v3[8..12].copy_from_slice(&3u32.to_le_bytes());
         let mut at = HEADER_LEN
@@ -1210,21 +1236,26 @@ mod tests {
     }
 
     #[test]
-    fn semaphores_round_trip_and_need_version_5() {
+    fn semaphores_and_orders_round_trip_and_need_version_5() {
         let dump = with_semaphore();
         let bytes = encode(&dump);
         assert_eq!(decode(&bytes).unwrap(), dump);
         // Version 4 knew no permits: the same bytes marked 4 are corrupt.
-        let mut v4 = bytes.clone();
+        let mut v4 = without_orders(bytes, &dump);
         v4[8..12].copy_from_slice(&4u32.to_le_bytes());
         assert!(matches!(
             decode(&reseal(v4)),
             Err(DumpError::Corrupt("bad mode"))
         ));
-        // Without the semaphore, a version 5 file is a version 4 file.
-        let mut v4 = encode(&sample());
+        // Without semaphores and orders, a version 5 file is a version 4 one.
+        let mut v4 = without_orders(encode(&sample()), &sample());
         v4[8..12].copy_from_slice(&4u32.to_le_bytes());
         assert_eq!(decode(&reseal(v4)).unwrap(), sample());
+        // Sessions keep their declared order.
+        let mut ordered = sample();
+        ordered.sessions[0].order = Some(Order::Ascending);
+        ordered.sessions[1].order = Order::priorities([("z", 1), ("a", 2)]);
+        assert_eq!(decode(&encode(&ordered)).unwrap(), ordered);
     }
 
     #[test]
@@ -1302,6 +1333,7 @@ mod tests {
             HEADER_LEN
                 + 20
                 + dump.sessions.iter().map(encoded_session_len).sum::<usize>()
+                + 4 * dump.sessions.len()
                 + 4
                 + 4
                 + dump.holds[0].name.len()
@@ -1313,6 +1345,22 @@ mod tests {
         }
     }
 
+    /// A version 5 file's bytes without the sessions' orders (each `None`,
+    /// 4 bytes), as versions before 5 have them (the checksum to redo).
+    fn without_orders(v5: Vec<u8>, dump: &Dump) -> Vec<u8> {
+        let mut at = HEADER_LEN + 16 + 4;
+        let mut out = v5[..at].to_vec();
+        for session in &dump.sessions {
+            assert!(session.order.is_none());
+            let len = encoded_session_len(session);
+            out.extend_from_slice(&v5[at..at + len]);
+            at += len + 4;
+        }
+        out.extend_from_slice(&v5[at..]);
+        out
+    }
+
+    /// Bytes of a session before version 5 (no order).
     fn encoded_session_len(s: &DumpSession) -> usize {
         8 + SECRET_LEN
             + 4

@@ -52,6 +52,7 @@
 //! 10 SessionEnd id u64
 //! 11 ForceRelease now, session, request, token u64 (0 = every hold), name bytes
 //! 12 SetCapacity now, session, request, capacity u32, name bytes
+//! 13 SessionOrder id u64, the order (`order::Order::encode`)
 //! ```
 //! Decoding never panics: a record that does not parse, names a loop the
 //! snapshot does not have, or a lock of another shard is an error.
@@ -61,6 +62,7 @@ use std::collections::BTreeMap;
 use crate::dump::{self, Dump, DumpSession, LogPosition, LoopPosition};
 use crate::limits::SECRET_LEN;
 use crate::lock_table::{shard_for, Acquire, Command, Effect, LockTable, Mode, SignalOp, Wait};
+use crate::order::Order;
 use crate::snapshot;
 
 const ACQUIRE: u8 = 1;
@@ -75,6 +77,7 @@ const SESSION_OPEN: u8 = 9;
 const SESSION_END: u8 = 10;
 const FORCE_RELEASE: u8 = 11;
 const SET_CAPACITY: u8 = 12;
+const SESSION_ORDER: u8 = 13;
 
 /// Bytes of a batch's frame header: loop u16, batch u64, len u32.
 pub const BATCH_HEADER_LEN: usize = 2 + 8 + 4;
@@ -133,6 +136,13 @@ impl Journal {
                 put_bytes(out, id);
             }
         }
+    }
+
+    /// The session declared the order its acquires keep (SET_ORDER).
+    pub fn session_order(&mut self, id: u64, order: Option<&Order>) {
+        self.records.push(SESSION_ORDER);
+        self.records.extend_from_slice(&id.to_le_bytes());
+        Order::encode(order, &mut self.records);
     }
 
     pub fn session_end(&mut self, id: u64) {
@@ -472,12 +482,23 @@ impl Replay {
                         client_name,
                         client_id,
                         grace_ms,
+                        order: None,
                     };
                     self.sessions.insert(id, session);
                 }
                 SESSION_END => {
                     let id = r.u64()?;
                     self.sessions.remove(&id);
+                }
+                SESSION_ORDER => {
+                    let id = r.u64()?;
+                    let (order, rest) = Order::decode(r.rest).map_err(|()| corrupt("bad order"))?;
+                    r.rest = rest;
+                    let session = self
+                        .sessions
+                        .get_mut(&id)
+                        .ok_or_else(|| corrupt("the order of an unknown session"))?;
+                    session.order = order;
                 }
                 ACQUIRE..=SIGNAL | FORCE_RELEASE | SET_CAPACITY => {
                     let now = r.u64()?;

@@ -17,6 +17,7 @@ use mio::Token;
 use crate::connection::ConnRef;
 use crate::limits::SECRET_LEN;
 use crate::lock_table::{Effect, Mode, Outcome, RequestId, SessionId};
+use crate::order::Order;
 
 /// A lock name kept by the home (pending requests, holds): inline up to 32
 /// bytes, so the common short name costs no allocation per request.
@@ -53,6 +54,14 @@ pub enum RespOp {
 }
 
 impl PendingOp {
+    /// An acquire (either protocol): its name is held or waited for.
+    pub fn is_acquire(self) -> bool {
+        match self {
+            PendingOp::Native(op) => crate::protocol::is_acquire(op),
+            PendingOp::Resp(op) => matches!(op, RespOp::Aq | RespOp::Aqr),
+        }
+    }
+
     pub fn is_release(self) -> bool {
         matches!(
             self,
@@ -117,6 +126,8 @@ pub struct Session {
     /// plus PARKED_PUSHES_MAX bytes of signals. (A lock lost meanwhile is
     /// not parked: the RESUME's listing of holds no longer has it.)
     pub parked: Vec<u8>,
+    /// The order its acquires must keep (SET_ORDER), if it declared one.
+    pub order: Option<Order>,
 }
 
 /// What an effect means for its session once the home has recorded it
@@ -138,7 +149,7 @@ pub enum Delivery {
 }
 
 /// Why a session cannot take a request now (`Session::refusal`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// The request id is still in flight.
     DuplicateRequestId,
@@ -148,12 +159,16 @@ pub enum Refusal {
     TooManyQueries,
     /// An acquire past HOLDS_PER_SESSION_MAX holds and pending requests.
     TooManyHolds,
+    /// An acquire that does not rank after every name the session holds
+    /// or waits for, in the order it declared: that name.
+    OrderViolation(LockName),
 }
 
 /// What a request asks of its session, for admission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ask {
-    Acquire,
+pub enum Ask<'a> {
+    /// An acquire of this name.
+    Acquire(&'a [u8]),
     /// INSPECT, LIST, STATS: answered by a gather, not a shard.
     Query,
     Other,
@@ -182,7 +197,7 @@ impl Session {
     pub fn refusal(
         &self,
         request_id: RequestId,
-        ask: Ask,
+        ask: Ask<'_>,
         queries: (usize, bool),
     ) -> Option<Refusal> {
         use crate::limits::{
@@ -195,13 +210,42 @@ impl Session {
             Some(Refusal::TooManyInFlight)
         } else if ask == Ask::Query && queries_in_flight >= QUERIES_IN_FLIGHT_MAX {
             Some(Refusal::TooManyQueries)
-        } else if ask == Ask::Acquire
+        } else if matches!(ask, Ask::Acquire(_))
             && self.holds.len() + self.pending.len() >= HOLDS_PER_SESSION_MAX
         {
             Some(Refusal::TooManyHolds)
+        } else if let (Ask::Acquire(name), Some(order)) = (ask, &self.order) {
+            // Everything held or waited for must rank before `name` (the
+            // name itself is left to the shard: AlreadyHeld).
+            let rank = order.rank(name);
+            self.taken_names()
+                .find(|taken| order.rank(taken) > rank)
+                .map(|taken| Refusal::OrderViolation(LockName::from_slice(taken)))
         } else {
             None
         }
+    }
+
+    /// The names the session holds or has an acquire of in flight.
+    fn taken_names(&self) -> impl Iterator<Item = &[u8]> {
+        let held = self.holds.keys().map(|name| &**name);
+        let waited = self
+            .pending
+            .values()
+            .filter(|p| p.op.is_acquire())
+            .map(|p| &*p.name);
+        held.chain(waited)
+    }
+
+    /// Declares the order the session's acquires keep from now on (`None`:
+    /// none). Refused (false) while it holds or waits for anything: an
+    /// order is declared before the locks it orders are taken.
+    pub fn set_order(&mut self, order: Option<Order>) -> bool {
+        if self.taken_names().next().is_some() {
+            return false;
+        }
+        self.order = order;
+        true
     }
 
     /// Records `effect`: answers a pending request, keeps the holds from
@@ -448,15 +492,16 @@ impl Sessions {
         client_name: &[u8],
         client_id: Option<&[u8]>,
         until_ms: u64,
-    ) {
+    ) -> &mut Session {
         assert_eq!(home_of(id, self.loops), self.home);
         self.next_seq = self.next_seq.max(id >> HOME_BITS);
         if let Some(client_id) = client_id {
             self.by_client.insert(client_id.into(), id);
         }
+        self.grace_timers.insert((until_ms, id), ());
         let session = self.insert(id, secret, grace_ms, client_name, client_id, None);
         session.detached_until_ms = until_ms;
-        self.grace_timers.insert((until_ms, id), ());
+        session
     }
 
     fn insert(
@@ -483,6 +528,7 @@ impl Sessions {
             attach_gen: 1,
             replay: None,
             parked: Vec::new(),
+            order: None,
         };
         let previous = self.map.insert(id, session);
         assert!(previous.is_none(), "session id {id:#x} reused");
@@ -752,5 +798,47 @@ mod tests {
         assert!(!secure_eq(b"secret", b"secret2"));
         assert!(!secure_eq(b"", b"x"));
         assert!(!secure_eq(&[0; 256], &[]));
+    }
+
+    /// An ordered session takes names only upward: a name ranking before
+    /// one it holds or waits for is refused, naming that one; an order is
+    /// declared before anything is taken.
+    #[test]
+    fn an_ordered_session_takes_names_only_upward() {
+        use crate::protocol::opcode;
+        let mut sessions = Sessions::new(0, 1);
+        let id = sessions.create([7; 16], 0, b"c", Token(1)).id;
+        let s = sessions.get_mut(id).unwrap();
+        let held = Held {
+            mode: Mode::Exclusive,
+            token: 5,
+            gen: 1,
+        };
+        let ask = |name| Ask::Acquire(name);
+        assert!(s.set_order(Some(Order::Ascending)));
+        s.holds.insert(LockName::from_slice(b"b"), held);
+        s.pending.insert(3, pending(opcode::ACQUIRE_PERMITS, b"d"));
+        // A release in flight orders nothing.
+        s.pending.insert(4, pending(opcode::RELEASE, b"y"));
+        assert_eq!(
+            s.refusal(1, ask(b"c"), (0, false)),
+            Some(Refusal::OrderViolation(LockName::from_slice(b"d")))
+        );
+        assert_eq!(s.refusal(1, ask(b"e"), (0, false)), None);
+        // The same name is the shard's to answer (AlreadyHeld).
+        assert_eq!(s.refusal(1, ask(b"d"), (0, false)), None);
+        assert!(!s.set_order(None), "declared while holding");
+        // Priorities: z (1) before a (2) before every unlisted name.
+        s.holds.clear();
+        s.pending.clear();
+        assert!(s.set_order(Order::priorities([(&b"z"[..], 1), (b"a", 2)])));
+        s.holds.insert(LockName::from_slice(b"a"), held);
+        assert!(s.refusal(1, ask(b"z"), (0, false)).is_some());
+        assert_eq!(s.refusal(1, ask(b"b"), (0, false)), None);
+        // Without an order anything goes.
+        s.holds.clear();
+        assert!(s.set_order(None));
+        s.holds.insert(LockName::from_slice(b"z"), held);
+        assert_eq!(s.refusal(1, ask(b"a"), (0, false)), None);
     }
 }

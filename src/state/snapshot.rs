@@ -98,6 +98,7 @@ pub fn durable_session(s: &Session) -> DumpSession {
         client_name: s.client_name.to_vec(),
         client_id: s.client_id.as_ref().map(|id| id.to_vec()),
         grace_ms: s.grace_ms,
+        order: s.order.clone(),
     }
 }
 
@@ -265,7 +266,7 @@ pub fn restore(
             // A dump allows longer client names than HELLO does; listings
             // are sized for HELLO's.
             let name_len = s.client_name.len().min(CLIENT_NAME_LEN_MAX);
-            sessions[home].restore(
+            let restored = sessions[home].restore(
                 id,
                 s.secret,
                 s.grace_ms,
@@ -273,6 +274,7 @@ pub fn restore(
                 s.client_id.as_deref(),
                 until_ms,
             );
+            restored.order = s.order.clone();
         };
     // First the sessions that keep their id: native ones (their home is in
     // the id, which the client will RESUME with) and LiveLock ones whose

@@ -30,6 +30,7 @@ use crate::limits::{
     CLIENT_NAME_LEN_MAX, FRAME_BODY_MAX, IN_FLIGHT_PER_SESSION_MAX, NAME_LEN_MAX, PASSWORD_LEN_MAX,
     REPLY_BODY_MAX,
 };
+use crate::order::Order;
 
 /// First two bytes of every frame (as a little-endian u16; `F1 4C` on the wire).
 pub const MAGIC: u16 = 0x4CF1;
@@ -109,6 +110,10 @@ pub mod opcode {
     /// Change a semaphore's capacity: capacity u32 + name. Reply `Ok`,
     /// `NotHeld` (not in use) or `WrongKind` (a lock).
     pub const SET_CAPACITY: u8 = 18;
+    /// Declare the order this session's acquires keep: an order
+    /// (`crate::order::Order`'s encoding). Reply `Ok`, or `OrderViolation`
+    /// while the session holds or waits for anything.
+    pub const SET_ORDER: u8 = 19;
     /// Push: a held lock was taken away (lease expired); body token + name.
     pub const LOCK_LOST: u8 = 0x40;
     /// Push: the server is shutting down; empty body.
@@ -329,6 +334,9 @@ pub enum Status {
     CapacityConflict = 10,
     /// A queued ACQUIRE_PERMITS heavier than the capacity was lowered to.
     OverCapacity = 11,
+    /// An acquire out of the order the session declared (SET_ORDER), or a
+    /// SET_ORDER while the session holds or waits for something.
+    OrderViolation = 12,
     BadVersion = 32,
     UnknownOpcode = 33,
     BadBody = 34,
@@ -352,7 +360,7 @@ pub enum Status {
 
 impl Status {
     /// Every status, in code order.
-    pub const ALL: [Status; 29] = [
+    pub const ALL: [Status; 30] = [
         Status::Ok,
         Status::Busy,
         Status::TimedOut,
@@ -365,6 +373,7 @@ impl Status {
         Status::WrongKind,
         Status::CapacityConflict,
         Status::OverCapacity,
+        Status::OrderViolation,
         Status::BadVersion,
         Status::UnknownOpcode,
         Status::BadBody,
@@ -398,6 +407,7 @@ impl Status {
             9 => Status::WrongKind,
             10 => Status::CapacityConflict,
             11 => Status::OverCapacity,
+            12 => Status::OrderViolation,
             32 => Status::BadVersion,
             33 => Status::UnknownOpcode,
             34 => Status::BadBody,
@@ -444,6 +454,7 @@ impl Status {
             Status::WrongKind => "the name is in use as the other kind (lock or semaphore)",
             Status::CapacityConflict => "the semaphore has another capacity",
             Status::OverCapacity => "the semaphore's capacity was lowered below this weight",
+            Status::OrderViolation => "out of the lock order this session declared",
             Status::BadVersion => "unsupported protocol version",
             Status::UnknownOpcode => "unknown opcode",
             Status::BadBody => "malformed request body",
@@ -502,6 +513,8 @@ pub enum Request<'a> {
         name: &'a [u8],
         capacity: u32,
     },
+    /// A well-formed order (`Order::decode` it), the whole body.
+    SetOrder(&'a [u8]),
     /// `token`: the hold's fencing token, 0 = whatever hold the session has.
     Release {
         name: &'a [u8],
@@ -565,6 +578,7 @@ impl Request<'_> {
             | Request::Cancel { .. }
             | Request::ForceRelease { .. }
             | Request::SetCapacity { .. }
+            | Request::SetOrder(_)
             | Request::KillSession { .. } => true,
             Request::Signal { op, .. } => *op != SignalKind::Exists,
             _ => false,
@@ -582,6 +596,7 @@ impl Request<'_> {
             } => opcode::ACQUIRE_PERMITS,
             Request::Acquire { .. } => opcode::ACQUIRE,
             Request::SetCapacity { .. } => opcode::SET_CAPACITY,
+            Request::SetOrder(_) => opcode::SET_ORDER,
             Request::Release { .. } => opcode::RELEASE,
             Request::Extend { .. } => opcode::EXTEND,
             Request::Cancel { .. } => opcode::CANCEL,
@@ -797,6 +812,10 @@ fn decode_body(op: u8, body: &[u8], with_token: bool) -> Result<Request<'_>, Sta
             }
             acquire(&fixed.acquire, Mode::Permits, (weight, capacity), name)
         }
+        opcode::SET_ORDER => match Order::decode(body) {
+            Ok((_, [])) => Ok(Request::SetOrder(body)),
+            _ => Err(Status::BadBody),
+        },
         opcode::SET_CAPACITY => {
             let (capacity, name) = body.split_first_chunk::<4>().ok_or(Status::BadBody)?;
             match u32::from_le_bytes(*capacity) {
@@ -1278,6 +1297,10 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
                 out.extend_from_slice(fixed.as_bytes());
             }
             out.extend_from_slice(name);
+        }
+        Request::SetOrder(body) => {
+            header(out, body.len());
+            out.extend_from_slice(body);
         }
         Request::SetCapacity { name, capacity } => {
             header(out, 4 + name.len());
@@ -2091,6 +2114,8 @@ mod tests {
                 name: b"gpus",
                 capacity: u32::MAX,
             },
+            Request::SetOrder(&[1, 0, 0, 0]),
+            Request::SetOrder(&[2, 0, 1, 0, 7, 0, 0, 0, 1, 0, b'x']),
             Request::Release {
                 name: b"report-42",
                 token: 0,
@@ -2398,7 +2423,7 @@ mod tests {
     fn unknown_and_push_opcodes_are_rejected() {
         for op in [
             0,
-            19,
+            20,
             0x3F,
             opcode::LOCK_LOST,
             opcode::SHUTDOWN,
@@ -2575,6 +2600,14 @@ mod tests {
         };
         assert_eq!(set(5, b"n"), Ok(5));
         assert_eq!(set(0, b"n"), Err(Status::BadBody));
+        // SET_ORDER: exactly one order, nothing after it.
+        for bad in [&[][..], &[3, 0, 0, 0], &[1, 0, 0, 0, 0], &[2, 0, 0, 0]] {
+            assert_eq!(
+                result_of(&request(opcode::SET_ORDER, bad)),
+                Err(Status::BadBody),
+                "{bad:?}"
+            );
+        }
         assert_eq!(set(5, b""), Err(Status::BadName));
         assert_eq!(
             result_of(&request(opcode::SET_CAPACITY, &[1, 0, 0])),
@@ -2648,7 +2681,7 @@ mod tests {
             .filter(|&c| Status::from_u16(c).is_some())
             .count();
         assert_eq!(known, Status::ALL.len());
-        assert_eq!(Status::from_u16(12), None);
+        assert_eq!(Status::from_u16(13), None);
         assert_eq!(Status::from_u16(49), None);
     }
 
@@ -2775,10 +2808,10 @@ mod tests {
             Err(ReplyError::BadVersion(2))
         );
         let mut bad = buf.clone();
-        bad[6] = 12;
+        bad[6] = 13;
         assert_eq!(
             decode_reply(&bad[..HEADER_LEN]),
-            Err(ReplyError::BadStatus(12))
+            Err(ReplyError::BadStatus(13))
         );
         let mut big = Vec::new();
         encode_header(

@@ -11,6 +11,7 @@ use livelock::journal::{fingerprint, Journal};
 use livelock::lock_table::{
     shard_for, Acquire, Command, Effect, LockTable, Mode, Outcome, SignalOp, Wait,
 };
+use livelock::order::Order;
 use livelock::session::Sessions;
 use livelock::snapshot;
 
@@ -130,14 +131,24 @@ impl ServerSim {
             let home = rng.index(self.loops);
             let id = (self.next_session << 8) | home as u64;
             self.next_session += 1;
-            let session = DumpSession {
+            let mut session = DumpSession {
                 id,
                 secret: [id as u8; 16],
                 client_name: format!("client-{id}").into_bytes(),
                 client_id: None,
                 grace_ms: rng.pick(&[0, 5_000]),
+                order: None,
             };
             self.journals[home].session_open(&session);
+            // Some declare an order before taking anything (SET_ORDER).
+            session.order = match rng.below(4) {
+                0 => Some(Order::Ascending),
+                1 => Order::priorities([(&b"z"[..], 1), (b"a", 2)]),
+                _ => None,
+            };
+            if session.order.is_some() {
+                self.journals[home].session_order(id, session.order.as_ref());
+            }
             self.sessions[home].insert(id, session);
             return;
         }

@@ -288,7 +288,7 @@ impl EventLoop {
         // The session's bounds (ids are chosen below, never duplicates:
         // 0 is never one of them).
         let ask = match op {
-            RespOp::Aq | RespOp::Aqr => Ask::Acquire,
+            RespOp::Aq | RespOp::Aqr => Ask::Acquire(name),
             _ => Ask::Other,
         };
         if s.refusal(0, ask, (0, false)).is_some() {

@@ -8,6 +8,7 @@ use super::{header_ids, shown, unsent_frames, EventLoop, Flow, Gather, GatherRep
 use crate::limits::{FIND_RESULTS_MAX, GRACE_MS_MAX, LIST_REPLY_BYTES_MAX};
 use crate::lock_table::{Acquire, Command, Mode, Outcome, RequestId, SessionId, SignalOp, Wait};
 use crate::metrics::Totals;
+use crate::order::Order;
 use crate::protocol::{
     self, opcode, Decoded, Fatal, Request, SignalKind, StatsReply, Status, SECRET_LEN, WAIT_FOREVER,
 };
@@ -474,9 +475,11 @@ impl EventLoop {
         request: Request<'_>,
     ) {
         let op = request.opcode();
-        let ask = match op {
-            opcode::ACQUIRE | opcode::ACQUIRE_PERMITS => Ask::Acquire,
-            opcode::INSPECT | opcode::LIST | opcode::STATS | opcode::KILL_SESSION => Ask::Query,
+        let ask = match (&request, op) {
+            (Request::Acquire { name, .. }, _) => Ask::Acquire(name),
+            (_, opcode::INSPECT | opcode::LIST | opcode::STATS | opcode::KILL_SESSION) => {
+                Ask::Query
+            }
             _ => Ask::Other,
         };
         let queries = self.queries_of(id, request_id);
@@ -485,18 +488,29 @@ impl EventLoop {
             .get_mut(id)
             .expect("a connection's session lives at home");
         let refusal = session.refusal(request_id, ask, queries).map(|r| match r {
-            Refusal::DuplicateRequestId => {
-                (Status::DuplicateRequestId, "request id already in flight")
-            }
-            Refusal::TooManyInFlight => (Status::TooManyInFlight, "too many requests in flight"),
+            Refusal::DuplicateRequestId => (
+                Status::DuplicateRequestId,
+                "request id already in flight".into(),
+            ),
+            Refusal::TooManyInFlight => (
+                Status::TooManyInFlight,
+                "too many requests in flight".into(),
+            ),
             Refusal::TooManyQueries => (
                 Status::TooManyInFlight,
-                "too many INSPECT/LIST/STATS in flight",
+                "too many INSPECT/LIST/STATS in flight".into(),
             ),
-            Refusal::TooManyHolds => (Status::TooManyHolds, "too many holds in this session"),
+            Refusal::TooManyHolds => (
+                Status::TooManyHolds,
+                "too many holds in this session".into(),
+            ),
+            Refusal::OrderViolation(name) => (
+                Status::OrderViolation,
+                format!("out of the declared order: after {}", shown(&name)),
+            ),
         });
         if let Some((status, message)) = refusal {
-            self.reply_status(token, op, request_id, status, message);
+            self.reply_status(token, op, request_id, status, &message);
             return;
         }
         let now_ms = self.now_ms;
@@ -652,6 +666,23 @@ impl EventLoop {
                         token,
                     },
                 )
+            }
+            Request::SetOrder(body) => {
+                let (order, _) = Order::decode(body).expect("checked by the decoder");
+                let session = self.sessions.get_mut(id).expect("checked above");
+                let declared = session.set_order(order);
+                if declared && self.shared.log.is_some() {
+                    self.journal.session_order(id, session.order.as_ref());
+                }
+                let (status, message) = match declared {
+                    true => (Status::Ok, ""),
+                    false => (
+                        Status::OrderViolation,
+                        "declare the order before taking locks",
+                    ),
+                };
+                self.reply_status(token, op, request_id, status, message);
+                return;
             }
             Request::KillSession { session_id } => {
                 tracing::warn!(
