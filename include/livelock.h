@@ -132,6 +132,7 @@ enum livelock_status {
     LIVELOCK_STATUS_CAPACITY_CONFLICT = 10, /* not the semaphore's capacity */
     LIVELOCK_STATUS_OVER_CAPACITY = 11,     /* queued; the capacity fell below its weight */
     LIVELOCK_STATUS_ORDER_VIOLATION = 12,   /* out of the order the session declared */
+    LIVELOCK_STATUS_DEADLOCK = 13,          /* a queued acquire failed to break a deadlock; body: the cycle */
     LIVELOCK_STATUS_BAD_VERSION = 32,
     LIVELOCK_STATUS_UNKNOWN_OPCODE = 33,
     LIVELOCK_STATUS_BAD_BODY = 34,

@@ -152,3 +152,11 @@ pub const SCAN_WORK_PER_TURN: usize = 16_384;
 /// stepping back). 65,536/ms is 50× the fastest shard measured
 /// (BENCHMARKS.md); u64 holds such tokens for thousands of years.
 pub const TOKENS_PER_MS_MAX: u64 = 1 << 16;
+
+/// Deadlock detection: the pause between two rounds of reading every
+/// shard's wait edges. A cycle is failed after two rounds saw it, so within
+/// about two pauses (and two rounds' messages) of closing.
+pub const DEADLOCK_ROUND_MS: u64 = 20;
+/// Wait edges one shard reports per round; a round with a shard over it
+/// decides nothing (a bound on memory and time per round).
+pub const WAIT_EDGES_PER_SHARD_MAX: usize = 100_000;

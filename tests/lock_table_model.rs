@@ -260,6 +260,21 @@ impl Model {
                 };
                 out.push(reply(session, request_id, outcome, false));
             }
+            Command::FailWaiter {
+                session,
+                request_id,
+                cycle,
+            } => {
+                if let Some((slot, at)) = self.find_waiter(session, request_id) {
+                    self.lock(slot).waiters.remove(at);
+                    self.settle(now_ms, slot, out);
+                    out.push(Effect::Deadlock {
+                        session,
+                        request_id,
+                        cycle: cycle.into(),
+                    });
+                }
+            }
             Command::Introduce {
                 session,
                 client_name,
@@ -611,6 +626,12 @@ enum Op {
         request_id: RequestId,
         pick: usize,
     },
+    /// Deadlock detection fails the session's `pick`-th queued acquire, or
+    /// one never queued.
+    FailWaiter {
+        session: SessionId,
+        pick: usize,
+    },
     EndSession {
         session: SessionId,
     },
@@ -723,6 +744,8 @@ fn op() -> impl Strategy<Value = Op> {
             }
         ),
         1 => session.clone().prop_map(|session| Op::EndSession { session }),
+        1 => (session.clone(), prop_oneof![3 => Just(0usize), 1 => 1..4usize])
+            .prop_map(|(session, pick)| Op::FailWaiter { session, pick }),
         1 => (session.clone(), 0..CLIENT_NAMES.len()).prop_map(|(session, client_name)| {
             Op::Introduce {
                 session,
@@ -883,6 +906,16 @@ impl Run {
                 }
             }
             Op::EndSession { session } => Command::EndSession { session },
+            Op::FailWaiter { session, pick } => Command::FailWaiter {
+                session,
+                request_id: self
+                    .model
+                    .queued_of(session)
+                    .get(pick)
+                    .copied()
+                    .unwrap_or(REQUEST_IDS + 1 + pick as RequestId),
+                cycle: b"deadlock: a cycle",
+            },
             Op::Introduce {
                 session,
                 client_name,

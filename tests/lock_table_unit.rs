@@ -2106,3 +2106,55 @@ fn a_session_that_ends_gives_its_permits_back() {
     h.acquire(3, permits(5, 1, b"s", (2, 3), Wait::Forever));
     assert_eq!(h.tick(12), [pushed_grant(5, 1, 5), lost(4, 4, b"s")]);
 }
+
+// ---- wait edges (deadlock detection) --------------------------------------
+
+/// (waiter, blocker) of every edge, sorted.
+fn edges(h: &Harness) -> Vec<(SessionId, SessionId)> {
+    let mut out = Vec::new();
+    assert!(h.table.wait_edges(&mut out, usize::MAX));
+    let mut pairs: Vec<_> = out.iter().map(|e| (e.waiter, e.blocker)).collect();
+    pairs.sort_unstable();
+    pairs
+}
+
+#[test]
+fn a_wait_waits_for_what_it_conflicts_with_ahead_of_it() {
+    let mut h = Harness::new();
+    // Shared holders 1 and 2; exclusive waiter 3; shared waiters 4 and 5
+    // (behind 3, FIFO); exclusive waiter 6.
+    h.acquire(0, acq(1, 1, b"a", S, Wait::Try));
+    h.acquire(0, acq(2, 1, b"a", S, Wait::Try));
+    for (session, mode) in [(3, X), (4, S), (5, S), (6, X)] {
+        h.acquire(0, acq(session, 1, b"a", mode, Wait::Forever));
+    }
+    // 3 waits for both holders; 4 and 5 for 3 (the nearest conflicting
+    // wait ahead), not for each other; 6 for 5 (right ahead of it).
+    assert_eq!(edges(&h), [(3, 1), (3, 2), (4, 3), (5, 3), (6, 5)]);
+    // Semaphore waits make no edges; nor does a lock nobody waits for.
+    h.acquire(0, permits(7, 1, b"s", (1, 1), Wait::Try));
+    h.acquire(0, permits(8, 1, b"s", (1, 1), Wait::Forever));
+    h.acquire(0, acq(9, 1, b"free", X, Wait::Try));
+    assert_eq!(edges(&h).len(), 5);
+    // The bound cuts the edges short and says so.
+    let mut out = Vec::new();
+    assert!(!h.table.wait_edges(&mut out, 3));
+    assert_eq!(out.len(), 3);
+    // A wait failed for a deadlock ends with the cycle; the queue moves.
+    let fail = Command::FailWaiter {
+        session: 3,
+        request_id: 1,
+        cycle: b"deadlock: 3 -> 1 -> 3",
+    };
+    let failed = Effect::Deadlock {
+        session: 3,
+        request_id: 1,
+        cycle: b"deadlock: 3 -> 1 -> 3"[..].into(),
+    };
+    assert_eq!(
+        h.apply(1, fail),
+        [pushed_grant(4, 1, 5), pushed_grant(5, 1, 6), failed]
+    );
+    // Gone already: nothing happens.
+    assert_eq!(h.apply(2, fail), []);
+}

@@ -619,6 +619,9 @@ impl Sim {
                     );
                 }
             }
+            Effect::Deadlock { .. } => {
+                panic!("no wait is failed for a deadlock in this simulation")
+            }
             Effect::Signal { name, .. } => {
                 if alive {
                     check!(
@@ -903,7 +906,7 @@ impl Sim {
             match effect {
                 Effect::LockLost { .. } => self.stats.lost += 1,
                 Effect::Signal { .. } => self.stats.signals += 1,
-                Effect::Reply { .. } => {}
+                Effect::Reply { .. } | Effect::Deadlock { .. } => {}
             }
         }
         for effect in out {

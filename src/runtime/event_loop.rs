@@ -24,9 +24,10 @@
 //!
 //! The two protocols live in submodules: `native` (binary frames) and
 //! `compat` (the LiveLock RESP/inline protocol). Both turn requests into the
-//! same lock-table commands.
+//! same lock-table commands. `deadlock` runs the deadlock detection rounds.
 
 mod compat;
+mod deadlock;
 mod native;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -327,6 +328,26 @@ pub enum Msg {
     Close,
     /// From the log: send your part of a snapshot.
     Snapshot,
+    /// Deadlock detection, from loop 0 to every loop: report your shard's
+    /// wait edges for this round.
+    WaitEdges {
+        round: u64,
+    },
+    /// To loop 0: a shard's wait edges (`complete`: not cut short).
+    WaitEdgesReply {
+        round: u64,
+        shard: usize,
+        edges: Vec<crate::lock_table::WaitEdge>,
+        complete: bool,
+    },
+    /// From loop 0 to a wait's shard: fail it with `Deadlock` if it is
+    /// still the wait numbered `seq`.
+    FailWaiter {
+        session: SessionId,
+        request_id: crate::lock_table::RequestId,
+        seq: u64,
+        cycle: Box<[u8]>,
+    },
 }
 
 /// The two rounds of the shutdown barrier (`Msg::Marker`).
@@ -447,6 +468,8 @@ pub struct EventLoop {
     tainted: bool,
     /// This turn handed changes to the log.
     handed_in: bool,
+    /// Loop 0: deadlock detection rounds.
+    deadlock: Option<deadlock::Rounds>,
 }
 
 /// Output of a connection held for the log: (connection, its generation,
@@ -516,6 +539,7 @@ impl EventLoop {
             held: VecDeque::new(),
             tainted: false,
             handed_in: false,
+            deadlock: (idx == 0).then(deadlock::Rounds::default),
             shared,
         })
     }
@@ -572,6 +596,7 @@ impl EventLoop {
             self.drain_inbox();
             self.service_ready();
             self.fire_timers();
+            self.start_deadlock_round();
             self.advance_scans();
             self.send_outgoing();
             self.flush_dirty();
@@ -627,6 +652,7 @@ impl EventLoop {
             live(self.sessions.next_deadline()),
             self.hello_timers.keys().next().map(|k| k.0),
             self.shutdown_deadline_ms,
+            live(self.deadlock.as_ref().and_then(deadlock::Rounds::next_ms)),
         ];
         let next = deadlines.into_iter().flatten().min()?;
         let now = self.shared.clock.now_ms();
@@ -1216,6 +1242,28 @@ impl EventLoop {
                     protocol::encode_signal(native_out, &name, &signal);
                 }
             }
+            (
+                Delivery::Final(pending),
+                Effect::Deadlock {
+                    request_id, cycle, ..
+                },
+            ) => {
+                self.metrics
+                    .observe_wait(self.now_us.saturating_sub(pending.started_us));
+                self.metrics.inc_deadlocks();
+                tracing::warn!(
+                    session = session_id,
+                    request_id,
+                    "deadlock broken, this wait failed: {}",
+                    shown(&cycle)
+                );
+                if let PendingOp::Native(op) = pending.op {
+                    protocol::encode_deadlock(native_out, op, request_id, &cycle);
+                    if let (true, Some(token)) = (eof, session.conn) {
+                        self.mark_ready(token);
+                    }
+                }
+            }
             (delivery, effect) => unreachable!("{delivery:?} for {effect:?}"),
         }
     }
@@ -1290,6 +1338,19 @@ impl EventLoop {
                     self.advance_shutdown();
                 }
                 Msg::Close => self.begin_close(),
+                Msg::WaitEdges { round } => self.report_wait_edges(round),
+                Msg::WaitEdgesReply {
+                    round,
+                    shard,
+                    edges,
+                    complete,
+                } => self.wait_edges_reply(round, shard, edges, complete),
+                Msg::FailWaiter {
+                    session,
+                    request_id,
+                    seq,
+                    cycle,
+                } => self.fail_waiter(session, request_id, seq, &cycle),
             }
         }
     }

@@ -203,6 +203,7 @@ pub struct LoopMetrics {
     busy: AtomicU64,
     releases: AtomicU64,
     locks_lost: AtomicU64,
+    deadlocks: AtomicU64,
     pushes_dropped: AtomicU64,
     cross_shard_messages: AtomicU64,
     connections_accepted: AtomicU64,
@@ -232,6 +233,7 @@ impl LoopMetrics {
             busy: AtomicU64::new(0),
             releases: AtomicU64::new(0),
             locks_lost: AtomicU64::new(0),
+            deadlocks: AtomicU64::new(0),
             pushes_dropped: AtomicU64::new(0),
             cross_shard_messages: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
@@ -290,6 +292,11 @@ impl LoopMetrics {
         add(&self.locks_lost, 1);
     }
 
+    /// A wait failed to break a deadlock (its session is homed here).
+    pub fn inc_deadlocks(&self) {
+        add(&self.deadlocks, 1);
+    }
+
     /// Messages this loop sent to other loops.
     pub fn inc_cross_shard(&self, n: u64) {
         add(&self.cross_shard_messages, n);
@@ -318,6 +325,11 @@ impl LoopMetrics {
     /// Queued acquires in this loop's shard.
     pub fn set_waiters(&self, n: u64) {
         self.waiters.store(n, Relaxed);
+    }
+
+    /// Queued acquires in this loop's shard, as of its last turn.
+    pub fn waiters(&self) -> u64 {
+        self.waiters.load(Relaxed)
     }
 
     /// Sessions homed on this loop, with and without a connection.
@@ -451,7 +463,7 @@ pub fn render(loops: &[Arc<LoopMetrics>], server: &ServerMetrics, now_ms: u64) -
     );
     histogram(&mut out, name, "", loops, |m| &m.acquire_wait);
 
-    let counters: [(&str, &str, Field); 9] = [
+    let counters: [(&str, &str, Field); 10] = [
         (
             "livelock_acquisitions_total",
             "Acquire requests accepted.",
@@ -477,6 +489,11 @@ pub fn render(loops: &[Arc<LoopMetrics>], server: &ServerMetrics, now_ms: u64) -
             "livelock_locks_lost_total",
             "Holds ended without a release (lease expired or session ended).",
             |m| &m.locks_lost,
+        ),
+        (
+            "livelock_deadlocks_total",
+            "Waits failed to break a deadlock (a cycle of waits), one per cycle.",
+            |m| &m.deadlocks,
         ),
         (
             "livelock_signal_pushes_dropped_total",
@@ -1291,7 +1308,7 @@ mod tests {
             0.0
         );
         assert_eq!(value(&samples, "livelock_locks_held", &[]), 0.0);
-        assert_eq!(types.len(), 24);
+        assert_eq!(types.len(), 25);
         // A clock behind a grant time (cannot happen, must not underflow).
         let m = Arc::new(LoopMetrics::new());
         m.set_oldest_hold_ms(Some(500));

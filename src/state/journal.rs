@@ -53,6 +53,7 @@
 //! 11 ForceRelease now, session, request, token u64 (0 = every hold), name bytes
 //! 12 SetCapacity now, session, request, capacity u32, name bytes
 //! 13 SessionOrder id u64, the order (`order::Order::encode`)
+//! 14 FailWaiter  now, session, request, cycle bytes
 //! ```
 //! Decoding never panics: a record that does not parse, names a loop the
 //! snapshot does not have, or a lock of another shard is an error.
@@ -78,6 +79,7 @@ const SESSION_END: u8 = 10;
 const FORCE_RELEASE: u8 = 11;
 const SET_CAPACITY: u8 = 12;
 const SESSION_ORDER: u8 = 13;
+const FAIL_WAITER: u8 = 14;
 
 /// Bytes of a batch's frame header: loop u16, batch u64, len u32.
 pub const BATCH_HEADER_LEN: usize = 2 + 8 + 4;
@@ -281,6 +283,15 @@ fn encode_command(out: &mut Vec<u8>, now_ms: u64, command: &Command<'_>) {
             out.extend_from_slice(&request_id.to_le_bytes());
             out.extend_from_slice(&capacity.to_le_bytes());
             put_bytes(out, name);
+        }
+        Command::FailWaiter {
+            session,
+            request_id,
+            cycle,
+        } => {
+            head(out, FAIL_WAITER, session);
+            out.extend_from_slice(&request_id.to_le_bytes());
+            put_bytes(out, cycle);
         }
         Command::Locked { .. } => unreachable!("reads are not logged"),
     }
@@ -500,7 +511,7 @@ impl Replay {
                         .ok_or_else(|| corrupt("the order of an unknown session"))?;
                     session.order = order;
                 }
-                ACQUIRE..=SIGNAL | FORCE_RELEASE | SET_CAPACITY => {
+                ACQUIRE..=SIGNAL | FORCE_RELEASE | SET_CAPACITY | FAIL_WAITER => {
                     let now = r.u64()?;
                     let session = r.u64()?;
                     self.stamp(idx, now)?;
@@ -651,6 +662,11 @@ fn decode_command<'a>(
                 name: r.name()?,
             }
         }
+        FAIL_WAITER => Command::FailWaiter {
+            session,
+            request_id: r.u32()?,
+            cycle: r.bytes()?,
+        },
         CANCEL => Command::Cancel {
             session,
             request_id: r.u32()?,

@@ -140,6 +140,14 @@ pub enum Command<'a> {
         name: &'a [u8],
         capacity: u32,
     },
+    /// Deadlock detection chose this queued acquire to break a cycle of
+    /// waits: it ends `Effect::Deadlock` with `cycle` (a description), if
+    /// it is still queued here; otherwise nothing happens.
+    FailWaiter {
+        session: SessionId,
+        request_id: RequestId,
+        cycle: &'a [u8],
+    },
     /// Raise, query or clear a signal on a held lock; any session may.
     /// Answers `Bool` (set: always true; delete: whether it was set), or
     /// `NoSuchLock`. Signals live and die with the lock.
@@ -163,7 +171,10 @@ impl<'a> Command<'a> {
             | Command::Locked { name, .. }
             | Command::SetCapacity { name, .. }
             | Command::Signal { name, .. } => Some(name),
-            Command::Introduce { .. } | Command::Cancel { .. } | Command::EndSession { .. } => None,
+            Command::Introduce { .. }
+            | Command::Cancel { .. }
+            | Command::EndSession { .. }
+            | Command::FailWaiter { .. } => None,
         }
     }
 
@@ -179,6 +190,7 @@ impl<'a> Command<'a> {
             | Command::Locked { name, .. } => (name, b""),
             Command::Signal { name, signal, .. } => (name, signal),
             Command::Introduce { client_name, .. } => (client_name, b""),
+            Command::FailWaiter { cycle, .. } => (cycle, b""),
             Command::Cancel { .. } | Command::EndSession { .. } => (b"", b""),
         }
     }
@@ -271,6 +283,15 @@ impl<'a> Command<'a> {
                 session,
                 client_name: name,
             },
+            Command::FailWaiter {
+                session,
+                request_id,
+                ..
+            } => Command::FailWaiter {
+                session,
+                request_id,
+                cycle: name,
+            },
         }
     }
 }
@@ -354,6 +375,13 @@ pub enum Effect {
         name: Box<[u8]>,
         signal: Box<[u8]>,
     },
+    /// The final (deferred) reply of a queued acquire that deadlock
+    /// detection failed to break a cycle of waits; `cycle` says which.
+    Deadlock {
+        session: SessionId,
+        request_id: RequestId,
+        cycle: Box<[u8]>,
+    },
 }
 
 impl Effect {
@@ -362,7 +390,8 @@ impl Effect {
         match self {
             Effect::Reply { session, .. }
             | Effect::LockLost { session, .. }
-            | Effect::Signal { session, .. } => *session,
+            | Effect::Signal { session, .. }
+            | Effect::Deadlock { session, .. } => *session,
         }
     }
 }
@@ -391,6 +420,9 @@ struct Waiter {
     timer: Option<WaitKey>,
     /// When it was queued (server-clock ms, which are Unix ms).
     since_ms: u64,
+    /// Unique among the shard's waiters ever (not kept across restarts):
+    /// names this wait, not a later one that reuses its request id.
+    seq: u64,
 }
 
 /// One queued acquire, as listings and the dump see it.
@@ -599,6 +631,30 @@ pub struct LockInfo {
     pub signals: Vec<Box<[u8]>>,
 }
 
+/// One edge of the wait-for graph: the queued acquire `request_id` of
+/// session `waiter` (on lock `name`) waits for session `blocker`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitEdge {
+    pub waiter: SessionId,
+    pub request_id: RequestId,
+    /// The wait's `seq` (unique in its shard).
+    pub seq: u64,
+    /// When it was queued.
+    pub since_ms: u64,
+    pub blocker: SessionId,
+    pub by: Blocker,
+    pub name: Box<[u8]>,
+}
+
+/// What of the blocker's the waiter waits for: a hold (its token), or a
+/// queued acquire ahead (its `seq`). With the waiter's `seq`, it names an
+/// edge that stays the same edge for as long as both exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Blocker {
+    Hold(u64),
+    Waiter(u64),
+}
+
 /// How a name in use is held: its mode, and a semaphore's capacity (0
 /// for a lock).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -635,6 +691,8 @@ pub struct LockTable {
     /// Tokens stay at or below this: the high-water mark the server has
     /// made durable (`data_dir::TokenCeiling`), so a crash never repeats a token.
     token_ceiling: u64,
+    /// The last waiter's `seq`.
+    last_seq: u64,
 }
 
 impl LockTable {
@@ -653,6 +711,7 @@ impl LockTable {
             wait_timers: BTreeMap::new(),
             last_token: 0,
             token_ceiling: u64::MAX,
+            last_seq: 0,
         }
     }
 
@@ -848,7 +907,81 @@ impl LockTable {
                 let outcome = self.set_capacity(now_ms, name, capacity, out);
                 out.push(reply(session, request_id, outcome, false));
             }
+            Command::FailWaiter {
+                session,
+                request_id,
+                cycle,
+            } => {
+                if self.remove_waiter(now_ms, session, request_id, out) {
+                    out.push(Effect::Deadlock {
+                        session,
+                        request_id,
+                        cycle: cycle.into(),
+                    });
+                }
+            }
         }
+    }
+
+    /// The `seq` of the queued acquire `request_id` of `session`, if it is
+    /// queued here.
+    pub fn queued_seq(&self, session: SessionId, request_id: RequestId) -> Option<u64> {
+        let &idx = self.waits.get(&(session, request_id))?;
+        self.locks[idx as usize]
+            .waiters()
+            .find(|w| w.session == session && w.request_id == request_id)
+            .map(|w| w.seq)
+    }
+
+    /// The shard's edges of the wait-for graph (`state::deadlock`), at most
+    /// `limit`; false if there were more. A queued acquire of a lock waits
+    /// for the nearest queued acquire ahead of it that it cannot be granted
+    /// with (strict FIFO: it goes only after that one was granted and let
+    /// go), or, with none ahead, for every holder it conflicts with. Waits
+    /// for a semaphore make no edge: any one of several holders may free
+    /// what it needs, which a wait-for edge cannot say.
+    pub fn wait_edges(&self, out: &mut Vec<WaitEdge>, limit: usize) -> bool {
+        let mut slots: Vec<u32> = self.waits.values().copied().collect();
+        slots.sort_unstable();
+        slots.dedup();
+        for idx in slots {
+            let lock = &self.locks[idx as usize];
+            if lock.mode == Mode::Permits {
+                continue;
+            }
+            let waiters: Vec<&Waiter> = lock.waiters().collect();
+            for (at, w) in waiters.iter().enumerate() {
+                let conflicts = |mode: Mode| mode == Mode::Exclusive || w.mode == Mode::Exclusive;
+                let edge = |blocker: SessionId, by: Blocker| WaitEdge {
+                    waiter: w.session,
+                    request_id: w.request_id,
+                    seq: w.seq,
+                    since_ms: w.since_ms,
+                    blocker,
+                    by,
+                    name: lock.name.clone(),
+                };
+                match waiters[..at]
+                    .iter()
+                    .rev()
+                    .find(|ahead| conflicts(ahead.mode))
+                {
+                    Some(ahead) => out.push(edge(ahead.session, Blocker::Waiter(ahead.seq))),
+                    None if conflicts(lock.mode) => {
+                        out.extend(
+                            lock.holders()
+                                .map(|h| edge(h.session, Blocker::Hold(h.token))),
+                        );
+                    }
+                    None => {}
+                }
+                if out.len() > limit {
+                    out.truncate(limit);
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     fn set_capacity(
@@ -1184,6 +1317,10 @@ impl LockTable {
                 lease_ms: a.lease_ms,
                 timer,
                 since_ms: now_ms,
+                seq: {
+                    self.last_seq += 1;
+                    self.last_seq
+                },
             });
         self.waits.insert((a.session, a.request_id), idx);
         self.index_session(a.session, idx);

@@ -279,33 +279,9 @@ impl Session {
                 request_id,
                 outcome,
                 ..
-            } => {
-                let pending = self
-                    .pending
-                    .remove(&request_id)
-                    .expect("a final reply answers a pending request");
-                let answered = Answered {
-                    op: pending.op,
-                    conn: pending.conn,
-                    started_us: pending.started_us,
-                    queued: pending.queued,
-                };
-                match outcome {
-                    Outcome::Granted { token } => {
-                        let held = Held {
-                            mode: pending.mode,
-                            token,
-                            gen: self.attach_gen,
-                        };
-                        self.holds.insert(pending.name, held);
-                    }
-                    Outcome::Ok if pending.op.is_release() => {
-                        self.holds.remove(&*pending.name);
-                    }
-                    _ => {}
-                }
-                Delivery::Final(answered)
-            }
+            } => self.answer(request_id, outcome),
+            // A failed wait: a final reply that changes no hold.
+            Effect::Deadlock { request_id, .. } => self.answer(request_id, Outcome::Cancelled),
             Effect::LockLost {
                 token, ref name, ..
             } => {
@@ -325,6 +301,36 @@ impl Session {
             }
             Effect::Signal { .. } => Delivery::Signal,
         }
+    }
+
+    /// The final reply `outcome` to `request_id`: no longer pending; a
+    /// grant goes into the holds, a release takes its hold out.
+    fn answer(&mut self, request_id: RequestId, outcome: Outcome) -> Delivery {
+        let pending = self
+            .pending
+            .remove(&request_id)
+            .expect("a final reply answers a pending request");
+        let answered = Answered {
+            op: pending.op,
+            conn: pending.conn,
+            started_us: pending.started_us,
+            queued: pending.queued,
+        };
+        match outcome {
+            Outcome::Granted { token } => {
+                let held = Held {
+                    mode: pending.mode,
+                    token,
+                    gen: self.attach_gen,
+                };
+                self.holds.insert(pending.name, held);
+            }
+            Outcome::Ok if pending.op.is_release() => {
+                self.holds.remove(&*pending.name);
+            }
+            _ => {}
+        }
+        Delivery::Final(answered)
     }
 }
 

@@ -337,6 +337,9 @@ pub enum Status {
     /// An acquire out of the order the session declared (SET_ORDER), or a
     /// SET_ORDER while the session holds or waits for something.
     OrderViolation = 12,
+    /// A queued acquire failed to break a deadlock (a cycle of waits); the
+    /// body names the cycle.
+    Deadlock = 13,
     BadVersion = 32,
     UnknownOpcode = 33,
     BadBody = 34,
@@ -360,7 +363,7 @@ pub enum Status {
 
 impl Status {
     /// Every status, in code order.
-    pub const ALL: [Status; 30] = [
+    pub const ALL: [Status; 31] = [
         Status::Ok,
         Status::Busy,
         Status::TimedOut,
@@ -374,6 +377,7 @@ impl Status {
         Status::CapacityConflict,
         Status::OverCapacity,
         Status::OrderViolation,
+        Status::Deadlock,
         Status::BadVersion,
         Status::UnknownOpcode,
         Status::BadBody,
@@ -408,6 +412,7 @@ impl Status {
             10 => Status::CapacityConflict,
             11 => Status::OverCapacity,
             12 => Status::OrderViolation,
+            13 => Status::Deadlock,
             32 => Status::BadVersion,
             33 => Status::UnknownOpcode,
             34 => Status::BadBody,
@@ -455,6 +460,7 @@ impl Status {
             Status::CapacityConflict => "the semaphore has another capacity",
             Status::OverCapacity => "the semaphore's capacity was lowered below this weight",
             Status::OrderViolation => "out of the lock order this session declared",
+            Status::Deadlock => "this wait closed a cycle of waits (deadlock) and was failed",
             Status::BadVersion => "unsupported protocol version",
             Status::UnknownOpcode => "unknown opcode",
             Status::BadBody => "malformed request body",
@@ -1091,6 +1097,16 @@ pub fn encode_acquire_outcome(
     );
     debug_assert!(is_acquire(op));
     encode_header(out, op, deferred_flags(deferred), status, request_id, 0);
+}
+
+/// The final reply (PUSH) of an acquire (`op`) that waited and was failed
+/// to break a deadlock: status `Deadlock`, the body the cycle (UTF-8).
+pub fn encode_deadlock(out: &mut Vec<u8>, op: u8, request_id: u32, cycle: &[u8]) {
+    debug_assert!(is_acquire(op));
+    let flags = deferred_flags(true);
+    let body_len = body_len_u32(cycle.len());
+    encode_header(out, op, flags, Status::Deadlock, request_id, body_len);
+    out.extend_from_slice(cycle);
 }
 
 /// INTERIM QUEUED for an acquire (`op`) with ACQ_NOTIFY_QUEUED.
@@ -2681,7 +2697,7 @@ mod tests {
             .filter(|&c| Status::from_u16(c).is_some())
             .count();
         assert_eq!(known, Status::ALL.len());
-        assert_eq!(Status::from_u16(13), None);
+        assert_eq!(Status::from_u16(14), None);
         assert_eq!(Status::from_u16(49), None);
     }
 
@@ -2808,10 +2824,10 @@ mod tests {
             Err(ReplyError::BadVersion(2))
         );
         let mut bad = buf.clone();
-        bad[6] = 13;
+        bad[6] = 14;
         assert_eq!(
             decode_reply(&bad[..HEADER_LEN]),
-            Err(ReplyError::BadStatus(13))
+            Err(ReplyError::BadStatus(14))
         );
         let mut big = Vec::new();
         encode_header(

@@ -215,7 +215,18 @@ impl ServerSim {
                     token: 0,
                 },
             ),
-            68..=72 => {
+            71..=72 => {
+                // Deadlock detection fails a wait (logged with its cycle).
+                let target = request_id.saturating_sub(rng.range(1, 5) as u32);
+                let shard = rng.index(self.loops);
+                let fail = Command::FailWaiter {
+                    session,
+                    request_id: target,
+                    cycle: b"deadlock: a cycle",
+                };
+                self.apply(shard, fail);
+            }
+            68..=70 => {
                 let target = request_id.saturating_sub(rng.range(1, 5) as u32);
                 let shard = rng.index(self.loops);
                 let cancel = Command::Cancel {
