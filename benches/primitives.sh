@@ -4,7 +4,10 @@
 # release) and counting-semaphore cycles (ACQUIRE_PERMITS + release) side by
 # side, 50 connections: uncontended (100,000 keys) at pipeline 1 and 16, and
 # contended (16 keys, --mode wait: waiters queue and are handed over).
-# Prints one table; JSON results go to target/primitives/.
+# Then deadlock detection: 50 cycles of two sessions across the shards of
+# a two-loop server (memory, then log durability), from the cycle closing
+# to the Deadlock reply (examples/deadlock_latency.rs).
+# Prints the tables; JSON results go to target/primitives/.
 #
 #   benches/primitives.sh              # 10 s per run
 #   DURATION=3 benches/primitives.sh   # quicker
@@ -17,7 +20,7 @@ OUT=target/primitives
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
 
-cargo build --release --workspace --bins -q
+cargo build --release --workspace --bins --examples -q
 
 PORT=27851
 start_livelock "$PORT" 1 memory
@@ -58,3 +61,11 @@ for label, name, base in rows:
     print(f"{label:<44} {r['cycles_per_sec']:>10,.0f} {acq.get('p50_us', ''):>10} "
           f"{acq.get('p99_us', ''):>10}  {r['errors']}/{r['violations']:<6}  {ratio:>7}")
 PY
+
+for durability in memory log; do
+    port=$((PORT + 1))
+    [ "$durability" = log ] && port=$((PORT + 2))
+    start_livelock "$port" 2 "$durability"
+    echo -n "$durability durability: "
+    target/release/examples/deadlock_latency "127.0.0.1:$port" 50
+done

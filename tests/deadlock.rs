@@ -14,8 +14,11 @@ use livelock::client::{AcquireOptions, Client, Error, PendingAcquire};
 use livelock::protocol::Status;
 
 /// Starts an acquire of `name` that waits (at most WAIT_MAX) and returns
-/// once the server said it is queued.
+/// once the server said it is queued. It starts 2 ms after the call: the
+/// server keeps queueing times in ms, and "youngest" is by queueing time,
+/// so waits queued one after the other here are never of the same ms.
 fn queued(client: &Client, name: &str) -> PendingAcquire {
+    std::thread::sleep(Duration::from_millis(2));
     let options = AcquireOptions {
         wait: Some(WAIT_MAX),
         ..AcquireOptions::default()

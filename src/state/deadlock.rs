@@ -20,9 +20,10 @@
 //! still one, since a deadlock does not end by itself. Waits that are
 //! merely long are never reported.
 //!
-//! Of each cycle the youngest wait (queued last; ties by session and
-//! request) is failed, with `Deadlock` and a description of the cycle; the
-//! others proceed.
+//! Of each cycle the youngest wait (queued last, by the shards' clocks in
+//! ms; waits queued in the same ms by session, then request id, the
+//! greatest taken as the youngest) is failed, with `Deadlock` and a
+//! description of the cycle; the others proceed.
 
 use hashbrown::{HashMap, HashSet};
 
