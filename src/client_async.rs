@@ -273,6 +273,43 @@ impl AsyncClient {
         })
     }
 
+    /// `weight` permits of the counting semaphore `name` of `capacity`
+    /// (see `Client::semaphore`), waiting at most `wait` (`None`: forever;
+    /// `Some(ZERO)`: one try, `Busy` if they are not free).
+    pub async fn acquire_permits(
+        &self,
+        name: impl AsRef<[u8]>,
+        (weight, capacity): (u32, u32),
+        wait: Option<Duration>,
+    ) -> Result<AsyncGuard> {
+        let options = AcquireOptions {
+            mode: Mode::Permits,
+            weight,
+            capacity,
+            wait,
+            lease: None,
+        };
+        self.acquire_with(name, options).await
+    }
+
+    /// Changes the capacity of the semaphore `name` while it is in use
+    /// (see `Semaphore::set_capacity`).
+    pub async fn set_capacity(&self, name: impl AsRef<[u8]>, capacity: u32) -> Result<()> {
+        let request = Request::SetCapacity {
+            name: name.as_ref(),
+            capacity,
+        };
+        self.inner.call(&request).await.map(|_| ())
+    }
+
+    /// Declares the order this session's acquires keep (see
+    /// `Client::set_order`).
+    pub async fn set_order(&self, order: Option<&crate::order::Order>) -> Result<()> {
+        let mut body = Vec::new();
+        crate::order::Order::encode(order, &mut body);
+        self.inner.call(&Request::SetOrder(&body)).await.map(|_| ())
+    }
+
     /// One round trip.
     pub async fn ping(&self) -> Result<Duration> {
         let start = tokio::time::Instant::now();

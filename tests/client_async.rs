@@ -202,3 +202,50 @@ async fn dropping_futures_and_clients_leaves_no_hold() {
     assert!(again.token() > 0);
     drop(impatient);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn semaphores_and_orders() {
+    use livelock::order::Order;
+    let server = TestServer::start(2);
+    let a = connect(&server).await;
+    let b = connect(&server).await;
+    let two = bounded("2 of 3", a.acquire_permits("pool", (2, 3), None))
+        .await
+        .unwrap();
+    let zero = Some(Duration::ZERO);
+    match bounded("2 more", b.acquire_permits("pool", (2, 3), zero)).await {
+        Err(Error::Status(Status::Busy, _)) => {}
+        other => panic!("expected Busy, got {:?}", other.map(|g| g.token())),
+    }
+    match bounded("another capacity", b.acquire_permits("pool", (1, 4), zero)).await {
+        Err(Error::Status(Status::CapacityConflict, _)) => {}
+        other => panic!(
+            "expected CapacityConflict, got {:?}",
+            other.map(|g| g.token())
+        ),
+    }
+    bounded("raise", b.set_capacity("pool", 4)).await.unwrap();
+    let more = bounded("2 of 4", b.acquire_permits("pool", (2, 4), zero))
+        .await
+        .unwrap();
+    assert!(more.token() > two.token());
+    // Not while holding: an order is declared first.
+    match bounded("order", a.set_order(Some(&Order::Ascending))).await {
+        Err(Error::Status(Status::OrderViolation, _)) => {}
+        other => panic!("expected OrderViolation, got {other:?}"),
+    }
+    // An ordered session is refused a name below what it holds; the reply
+    // names what it conflicts with.
+    let c = connect(&server).await;
+    bounded("order", c.set_order(Some(&Order::Ascending)))
+        .await
+        .unwrap();
+    let _q = bounded("q", c.acquire("q")).await.unwrap();
+    match bounded("p", c.try_acquire("p")).await {
+        Err(Error::Status(Status::OrderViolation, name)) => assert_eq!(name, "q"),
+        other => panic!(
+            "expected OrderViolation, got {:?}",
+            other.map(|g| g.is_some())
+        ),
+    }
+}

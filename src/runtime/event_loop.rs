@@ -1258,7 +1258,8 @@ impl EventLoop {
                     shown(&cycle)
                 );
                 if let PendingOp::Native(op) = pending.op {
-                    protocol::encode_deadlock(native_out, op, request_id, &cycle);
+                    let status = Status::Deadlock;
+                    protocol::encode_reply(native_out, op, true, status, request_id, &cycle);
                     if let (true, Some(token)) = (eof, session.conn) {
                         self.mark_ready(token);
                     }

@@ -1099,14 +1099,26 @@ pub fn encode_acquire_outcome(
     encode_header(out, op, deferred_flags(deferred), status, request_id, 0);
 }
 
-/// The final reply (PUSH) of an acquire (`op`) that waited and was failed
-/// to break a deadlock: status `Deadlock`, the body the cycle (UTF-8).
-pub fn encode_deadlock(out: &mut Vec<u8>, op: u8, request_id: u32, cycle: &[u8]) {
-    debug_assert!(is_acquire(op));
-    let flags = deferred_flags(true);
-    let body_len = body_len_u32(cycle.len());
-    encode_header(out, op, flags, Status::Deadlock, request_id, body_len);
-    out.extend_from_slice(cycle);
+/// A final reply with a body: `OrderViolation` (the name it conflicts
+/// with), or `Deadlock` (`deferred`: the cycle, UTF-8).
+pub fn encode_reply(
+    out: &mut Vec<u8>,
+    op: u8,
+    deferred: bool,
+    status: Status,
+    request_id: u32,
+    body: &[u8],
+) {
+    let body_len = body_len_u32(body.len());
+    encode_header(
+        out,
+        op,
+        deferred_flags(deferred),
+        status,
+        request_id,
+        body_len,
+    );
+    out.extend_from_slice(body);
 }
 
 /// INTERIM QUEUED for an acquire (`op`) with ACQ_NOTIFY_QUEUED.

@@ -487,30 +487,29 @@ impl EventLoop {
             .sessions
             .get_mut(id)
             .expect("a connection's session lives at home");
-        let refusal = session.refusal(request_id, ask, queries).map(|r| match r {
-            Refusal::DuplicateRequestId => (
-                Status::DuplicateRequestId,
-                "request id already in flight".into(),
-            ),
-            Refusal::TooManyInFlight => (
+        let (status, message) = match session.refusal(request_id, ask, queries) {
+            None => (Status::Ok, ""),
+            Some(Refusal::DuplicateRequestId) => {
+                (Status::DuplicateRequestId, "request id already in flight")
+            }
+            Some(Refusal::TooManyInFlight) => {
+                (Status::TooManyInFlight, "too many requests in flight")
+            }
+            Some(Refusal::TooManyQueries) => (
                 Status::TooManyInFlight,
-                "too many requests in flight".into(),
+                "too many INSPECT/LIST/STATS in flight",
             ),
-            Refusal::TooManyQueries => (
-                Status::TooManyInFlight,
-                "too many INSPECT/LIST/STATS in flight".into(),
-            ),
-            Refusal::TooManyHolds => (
-                Status::TooManyHolds,
-                "too many holds in this session".into(),
-            ),
-            Refusal::OrderViolation(name) => (
-                Status::OrderViolation,
-                format!("out of the declared order: after {}", shown(&name)),
-            ),
-        });
-        if let Some((status, message)) = refusal {
-            self.reply_status(token, op, request_id, status, &message);
+            Some(Refusal::TooManyHolds) => (Status::TooManyHolds, "too many holds in this session"),
+            Some(Refusal::OrderViolation(name)) => {
+                // An outcome, not an error: its body is the name it
+                // conflicts with.
+                let out = self.wbuf(token);
+                protocol::encode_reply(out, op, false, Status::OrderViolation, request_id, &name);
+                return;
+            }
+        };
+        if status != Status::Ok {
+            self.reply_status(token, op, request_id, status, message);
             return;
         }
         let now_ms = self.now_ms;
