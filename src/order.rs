@@ -4,17 +4,19 @@
 //! rank that decides whether an acquire keeps to it.
 //!
 //! A session that declared an order may only acquire a name that ranks
-//! after every name it holds or waits for; sessions that keep to one order
+//! after every name it holds, one acquire at a time; sessions that keep to one order
 //! cannot deadlock each other (every wait goes up the order, so no cycle).
 //!
 //! Encoding (little-endian): `kind u8` (0 none, 1 names in ascending byte
 //! order, 2 priorities), `reserved u8` (0), `count u16`; then, for kind 2
 //! only, `count` (1..=[`ORDER_NAMES_MAX`]) entries `priority u32,
-//! name_len u16, name` with distinct names of 1..=`NAME_LEN_MAX` bytes.
+//! name_len u16, name` with distinct names of 1..=`NAME_LEN_MAX` bytes,
+//! the whole encoding at most [`FRAME_BODY_MAX`] bytes (it is one frame's
+//! body, and a log record's).
 
 use std::collections::BTreeMap;
 
-use crate::limits::NAME_LEN_MAX;
+use crate::limits::{FRAME_BODY_MAX, NAME_LEN_MAX};
 
 /// Most names one priority order may list.
 pub const ORDER_NAMES_MAX: usize = 256;
@@ -34,17 +36,21 @@ pub type Rank<'n> = (u32, &'n [u8]);
 
 impl Order {
     /// A priority order from `(name, priority)` pairs; `None` if one is
-    /// not a valid name, a name is listed twice, or there are none or more
-    /// than [`ORDER_NAMES_MAX`].
+    /// not a valid name, a name is listed twice, there are none or more
+    /// than [`ORDER_NAMES_MAX`], or the encoding would be longer than
+    /// [`FRAME_BODY_MAX`].
     pub fn priorities<N: AsRef<[u8]>>(
         entries: impl IntoIterator<Item = (N, u32)>,
     ) -> Option<Order> {
         let mut map = BTreeMap::new();
+        let mut encoded = 4;
         for (name, priority) in entries {
             let name = name.as_ref();
+            encoded += 6 + name.len();
             if !(1..=NAME_LEN_MAX).contains(&name.len())
                 || map.insert(Box::from(name), priority).is_some()
                 || map.len() > ORDER_NAMES_MAX
+                || encoded > FRAME_BODY_MAX
             {
                 return None;
             }
@@ -143,6 +149,14 @@ mod tests {
         assert!(
             Order::priorities((0..=ORDER_NAMES_MAX as u32).map(|i| (i.to_string(), i))).is_none()
         );
+        // The encoding is one frame body at most: 3 long names fit, not 4
+        // (each takes 6 + 1024 bytes).
+        let long = |i: u8| (vec![i; NAME_LEN_MAX], u32::from(i));
+        let fits = Order::priorities((0..3).map(long)).unwrap();
+        let mut bytes = Vec::new();
+        Order::encode(Some(&fits), &mut bytes);
+        assert!(bytes.len() <= FRAME_BODY_MAX);
+        assert!(Order::priorities((0..4).map(long)).is_none());
     }
 
     #[test]

@@ -73,6 +73,41 @@ fn two_ordered_sessions_cannot_deadlock() {
     assert!(y.token() > 0);
 }
 
+/// The trigger of a deadlock between ordered sessions if waits counted as
+/// taken names: second waits for a (held by first), then asks for c. Were
+/// c granted first, second would hold c and wait for a below it, and
+/// first, taking b then c upward, would close a cycle. So an acquire in
+/// flight refuses any other acquire, naming the one in flight.
+#[test]
+fn an_ordered_session_waits_for_one_name_at_a_time() {
+    let server = TestServer::start(2);
+    let (first, second) = (server.client(), server.client());
+    for client in [&first, &second] {
+        client.set_order(Some(&Order::Ascending)).unwrap();
+    }
+    let a = first.acquire("a").unwrap();
+    let pending = second
+        .start_acquire("a", AcquireOptions::default(), true)
+        .unwrap();
+    common::wait_until("second queued for a", || {
+        first
+            .inspect("a")
+            .unwrap()
+            .is_some_and(|i| i.queue.len() == 1)
+    });
+    match second.try_acquire("c") {
+        Err(Error::Status(Status::OrderViolation, body)) => assert_eq!(body, "a"),
+        Err(other) => panic!("expected OrderViolation naming a, got {other:?}"),
+        Ok(_) => panic!("c granted while a is awaited"),
+    }
+    // Nothing changed: first takes b and c upward; second gets a in turn.
+    let _b = first.acquire("b").unwrap();
+    let _c = first.acquire("c").unwrap();
+    drop(a);
+    let a = common::bounded("second's grant of a", move || pending.wait()).unwrap();
+    assert!(a.token() > 0);
+}
+
 #[test]
 fn the_order_survives_a_crash_of_a_log_server() {
     let dir = ScratchDir::new("order-crash");

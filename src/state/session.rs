@@ -9,7 +9,7 @@
 //! the session is detached so that a RESUME gets it. The home remembers which
 //! shards a session touched, so ending it tells only those.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use hashbrown::HashMap;
 use mio::Token;
@@ -128,6 +128,9 @@ pub struct Session {
     pub parked: Vec<u8>,
     /// The order its acquires must keep (SET_ORDER), if it declared one.
     pub order: Option<Order>,
+    /// With an order: the names it holds by rank (the last is the one a
+    /// new acquire must rank after).
+    ranked: BTreeSet<(u32, LockName)>,
 }
 
 /// What an effect means for its session once the home has recorded it
@@ -215,37 +218,46 @@ impl Session {
         {
             Some(Refusal::TooManyHolds)
         } else if let (Ask::Acquire(name), Some(order)) = (ask, &self.order) {
-            // Everything held or waited for must rank before `name` (the
-            // name itself is left to the shard: AlreadyHeld).
-            let rank = order.rank(name);
-            self.taken_names()
-                .find(|taken| order.rank(taken) > rank)
-                .map(|taken| Refusal::OrderViolation(LockName::from_slice(taken)))
+            // One acquire at a time: one still in flight could be granted
+            // after this one, and the session would then wait downward.
+            if let Some(pending) = self.pending.values().find(|p| p.op.is_acquire()) {
+                return Some(Refusal::OrderViolation(pending.name.clone()));
+            }
+            // Everything held must rank before `name` (the name itself is
+            // left to the shard: AlreadyHeld).
+            let top = self.ranked.last()?;
+            (order.rank(&top.1) > order.rank(name)).then(|| Refusal::OrderViolation(top.1.clone()))
         } else {
             None
         }
-    }
-
-    /// The names the session holds or has an acquire of in flight.
-    fn taken_names(&self) -> impl Iterator<Item = &[u8]> {
-        let held = self.holds.keys().map(|name| &**name);
-        let waited = self
-            .pending
-            .values()
-            .filter(|p| p.op.is_acquire())
-            .map(|p| &*p.name);
-        held.chain(waited)
     }
 
     /// Declares the order the session's acquires keep from now on (`None`:
     /// none). Refused (false) while it holds or waits for anything: an
     /// order is declared before the locks it orders are taken.
     pub fn set_order(&mut self, order: Option<Order>) -> bool {
-        if self.taken_names().next().is_some() {
+        if !self.holds.is_empty() || self.pending.values().any(|p| p.op.is_acquire()) {
             return false;
         }
         self.order = order;
         true
+    }
+
+    /// The session now holds `name` (a grant, or a hold restored).
+    pub fn hold_granted(&mut self, name: LockName, held: Held) {
+        if let Some(order) = &self.order {
+            self.ranked.insert((order.rank(&name).0, name.clone()));
+        }
+        self.holds.insert(name, held);
+    }
+
+    /// The session no longer holds `name`.
+    fn hold_ended(&mut self, name: &[u8]) -> Option<Held> {
+        if let Some(order) = &self.order {
+            self.ranked
+                .remove(&(order.rank(name).0, LockName::from_slice(name)));
+        }
+        self.holds.remove(name)
     }
 
     /// Records `effect`: answers a pending request, keeps the holds from
@@ -286,7 +298,7 @@ impl Session {
                 token, ref name, ..
             } => {
                 let lost = match self.holds.get(&**name) {
-                    Some(held) if held.token == token => self.holds.remove(&**name),
+                    Some(held) if held.token == token => self.hold_ended(name),
                     _ => None,
                 };
                 // Silent only for a hold the listing would have listed (granted
@@ -323,10 +335,10 @@ impl Session {
                     token,
                     gen: self.attach_gen,
                 };
-                self.holds.insert(pending.name, held);
+                self.hold_granted(pending.name, held);
             }
             Outcome::Ok if pending.op.is_release() => {
-                self.holds.remove(&*pending.name);
+                self.hold_ended(&pending.name);
             }
             _ => {}
         }
@@ -535,6 +547,7 @@ impl Sessions {
             replay: None,
             parked: Vec::new(),
             order: None,
+            ranked: BTreeSet::new(),
         };
         let previous = self.map.insert(id, session);
         assert!(previous.is_none(), "session id {id:#x} reused");
@@ -806,9 +819,10 @@ mod tests {
         assert!(!secure_eq(&[0; 256], &[]));
     }
 
-    /// An ordered session takes names only upward: a name ranking before
-    /// one it holds or waits for is refused, naming that one; an order is
-    /// declared before anything is taken.
+    /// An ordered session takes names only upward, one at a time: a name
+    /// ranking before one it holds is refused, naming that one, and so is
+    /// any acquire while another is in flight; an order is declared before
+    /// anything is taken.
     #[test]
     fn an_ordered_session_takes_names_only_upward() {
         use crate::protocol::opcode;
@@ -820,31 +834,41 @@ mod tests {
             token: 5,
             gen: 1,
         };
+        let name = LockName::from_slice;
         let ask = |name| Ask::Acquire(name);
         assert!(s.set_order(Some(Order::Ascending)));
-        s.holds.insert(LockName::from_slice(b"b"), held);
-        s.pending.insert(3, pending(opcode::ACQUIRE_PERMITS, b"d"));
-        // A release in flight orders nothing.
-        s.pending.insert(4, pending(opcode::RELEASE, b"y"));
+        s.hold_granted(name(b"b"), held);
+        s.hold_granted(name(b"d"), held);
         assert_eq!(
             s.refusal(1, ask(b"c"), (0, false)),
-            Some(Refusal::OrderViolation(LockName::from_slice(b"d")))
+            Some(Refusal::OrderViolation(name(b"d")))
         );
         assert_eq!(s.refusal(1, ask(b"e"), (0, false)), None);
         // The same name is the shard's to answer (AlreadyHeld).
         assert_eq!(s.refusal(1, ask(b"d"), (0, false)), None);
+        // A release in flight orders nothing; an acquire in flight does.
+        s.pending.insert(4, pending(opcode::RELEASE, b"y"));
+        assert_eq!(s.refusal(1, ask(b"e"), (0, false)), None);
+        s.pending.insert(3, pending(opcode::ACQUIRE_PERMITS, b"z"));
+        assert_eq!(
+            s.refusal(1, ask(b"e"), (0, false)),
+            Some(Refusal::OrderViolation(name(b"z")))
+        );
         assert!(!s.set_order(None), "declared while holding");
-        // Priorities: z (1) before a (2) before every unlisted name.
-        s.holds.clear();
+        // Released, the top goes: what is below it is fine again.
         s.pending.clear();
+        assert!(s.hold_ended(b"d").is_some());
+        assert_eq!(s.refusal(1, ask(b"c"), (0, false)), None);
+        // Priorities: z (1) before a (2) before every unlisted name.
+        assert!(s.hold_ended(b"b").is_some());
         assert!(s.set_order(Order::priorities([(&b"z"[..], 1), (b"a", 2)])));
-        s.holds.insert(LockName::from_slice(b"a"), held);
+        s.hold_granted(name(b"a"), held);
         assert!(s.refusal(1, ask(b"z"), (0, false)).is_some());
         assert_eq!(s.refusal(1, ask(b"b"), (0, false)), None);
         // Without an order anything goes.
-        s.holds.clear();
+        assert!(s.hold_ended(b"a").is_some());
         assert!(s.set_order(None));
-        s.holds.insert(LockName::from_slice(b"z"), held);
+        s.hold_granted(name(b"z"), held);
         assert_eq!(s.refusal(1, ask(b"a"), (0, false)), None);
     }
 }

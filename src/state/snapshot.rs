@@ -345,7 +345,7 @@ pub fn restore(
             token: hold.token,
             gen: session.attach_gen,
         };
-        session.holds.insert(LockName::from_slice(&hold.name), held);
+        session.hold_granted(LockName::from_slice(&hold.name), held);
         introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
     }
     let mut requeued = 0;
