@@ -84,6 +84,7 @@ enum livelock_opcode {
     LIVELOCK_OP_ACQUIRE_PERMITS = 17, /* livelock_acquire_permits + name; replies as ACQUIRE */
     LIVELOCK_OP_SET_CAPACITY = 18,    /* capacity u32 (>= 1) + name */
     LIVELOCK_OP_SET_ORDER = 19,       /* the session's lock order, see PROTOCOL.md */
+    LIVELOCK_OP_REPORT = 20,          /* top u32; reply: usage rows, see PROTOCOL.md */
     /* Server pushes (never valid from a client). */
     LIVELOCK_OP_LOCK_LOST = 0x40,     /* livelock_token + name */
     LIVELOCK_OP_SHUTDOWN = 0x41,      /* empty */

@@ -78,6 +78,9 @@ pub enum AdminCommand {
         signal: String,
     },
     Stats,
+    Report {
+        top: u32,
+    },
     /// End other sessions' holds of a lock (every hold, or the one with `token`).
     ForceRelease {
         name: String,
@@ -220,6 +223,10 @@ pub fn run(args: AdminArgs, command: AdminCommand) -> ExitCode {
         AdminCommand::ClusterStatus => client.cluster_status().map(|status| match args.json {
             true => println!("{}", cluster_json(&status)),
             false => print_cluster(&status),
+        }),
+        AdminCommand::Report { top } => client.report(top).map(|report| match args.json {
+            true => println!("{}", report_json(&report)),
+            false => print_report(&report),
         }),
         AdminCommand::Stats => client.stats().map(|stats| match args.json {
             true => println!("{}", stats_json(&stats)),
@@ -530,6 +537,73 @@ fn cluster_json(status: &ClusterReply) -> String {
         status.commit,
         status.applied,
         members.join(",")
+    )
+}
+
+fn print_report(report: &livelock::protocol::Report) {
+    let width = report
+        .rows
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.name).chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(24);
+    println!(
+        "{:<width$} {:>5} {:>7} {:>9} {:>9} {:>7} {:>8}  {:>17}  {:>17}",
+        "NAME",
+        "HELD",
+        "WAITING",
+        "ACQUIRES",
+        "GRANTS",
+        "BUSY",
+        "TIMEOUTS",
+        "WAIT p50/p99/max",
+        "HOLD p50/p99/max"
+    );
+    let times = |t: &[u32; 3]| format!("{}/{}/{} ms", t[0], t[1], t[2]);
+    for row in &report.rows {
+        println!(
+            "{:<width$} {:>5} {:>7} {:>9} {:>9} {:>7} {:>8}  {:>17}  {:>17}",
+            String::from_utf8_lossy(&row.name),
+            row.held,
+            row.waiting,
+            row.acquires,
+            row.grants,
+            row.busy,
+            row.timeouts,
+            times(&row.wait_ms),
+            times(&row.hold_ms)
+        );
+    }
+}
+
+fn report_json(report: &livelock::protocol::Report) -> String {
+    let rows: Vec<String> = report
+        .rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{{\"name\":{},\"held\":{},\"waiting\":{},\"acquires\":{},\"grants\":{},\"busy\":{},\"timeouts\":{},\"wait_ms\":{{\"p50\":{},\"p99\":{},\"max\":{}}},\"hold_ms\":{{\"p50\":{},\"p99\":{},\"max\":{}}}}}",
+                json_string(&r.name),
+                r.held,
+                r.waiting,
+                r.acquires,
+                r.grants,
+                r.busy,
+                r.timeouts,
+                r.wait_ms[0],
+                r.wait_ms[1],
+                r.wait_ms[2],
+                r.hold_ms[0],
+                r.hold_ms[1],
+                r.hold_ms[2]
+            )
+        })
+        .collect();
+    format!(
+        "{{\"server_unix_ms\":{},\"locks\":[{}]}}",
+        report.server_unix_ms,
+        rows.join(",")
     )
 }
 

@@ -580,6 +580,16 @@ impl Client {
             .ok_or_else(|| Error::Protocol("bad STATS reply".into()))
     }
 
+    /// The `top` busiest lock names lately (at most 500): acquires,
+    /// grants, busy refusals, timeouts (counts halve every minute), wait
+    /// and hold times (p50, p99, max in ms, within a factor of two), and
+    /// how many hold and wait for each now.
+    pub fn report(&self, top: u32) -> Result<protocol::Report> {
+        let reply = self.call(&Request::Report { top })?;
+        protocol::parse_report_body(&reply.body)
+            .ok_or_else(|| Error::Protocol("bad REPORT reply".into()))
+    }
+
     /// The cluster as its leader sees it (term, commit, each member's
     /// progress); node 0 and no members from a single server.
     pub fn cluster_status(&self) -> Result<protocol::ClusterReply> {

@@ -160,3 +160,10 @@ pub const DEADLOCK_ROUND_MS: u64 = 20;
 /// Wait edges one shard reports per round; a round with a shard over it
 /// decides nothing (a bound on memory and time per round).
 pub const WAIT_EDGES_PER_SHARD_MAX: usize = 100_000;
+
+/// Lock names whose usage one shard keeps for reports (the least active
+/// eighth goes when a new name finds it full; see `state::usage`).
+pub const USAGE_NAMES_PER_SHARD: usize = 1024;
+/// Most rows of one REPORT: 500 × (66 + a 1024-byte name) fit a reply.
+pub const REPORT_TOP_MAX: usize = 500;
+const _: () = assert!(REPORT_TOP_MAX * (66 + NAME_LEN_MAX) + 16 <= LIST_REPLY_BYTES_MAX);

@@ -84,6 +84,14 @@ enum AdminCommandWithArgs {
         #[command(flatten)]
         args: admin::AdminArgs,
     },
+    /// The busiest lock names lately: acquires, grants, busy, timeouts (halved every minute), wait and hold times, held and waiting now.
+    Report {
+        #[command(flatten)]
+        args: admin::AdminArgs,
+        /// This many names, busiest first (at most 500).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=500))]
+        top: u32,
+    },
     /// Break a stuck lock: end its holds (needs --force); each holder is told LOCK_LOST and the next waiter is granted.
     Release {
         #[command(flatten)]
@@ -315,6 +323,9 @@ fn main() -> ExitCode {
                     (args, admin::AdminCommand::Signal { name, signal })
                 }
                 AdminCommandWithArgs::Stats { args } => (args, admin::AdminCommand::Stats),
+                AdminCommandWithArgs::Report { args, top } => {
+                    (args, admin::AdminCommand::Report { top })
+                }
                 AdminCommandWithArgs::Release {
                     force: false, name, ..
                 } => {

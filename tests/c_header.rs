@@ -137,6 +137,7 @@ fn expectations() -> Vec<(String, u64)> {
         ("ACQUIRE_PERMITS", opcode::ACQUIRE_PERMITS),
         ("SET_CAPACITY", opcode::SET_CAPACITY),
         ("SET_ORDER", opcode::SET_ORDER),
+        ("REPORT", opcode::REPORT),
         ("LOCK_LOST", opcode::LOCK_LOST),
         ("SHUTDOWN", opcode::SHUTDOWN),
         ("SESSION_TAKEN", opcode::SESSION_TAKEN),

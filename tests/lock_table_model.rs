@@ -803,6 +803,32 @@ struct Run {
     model: Model,
     now_ms: u64,
     fresh_id: RequestId,
+    /// The usage report the history calls for, per name: acquires,
+    /// grants, busy refusals, timeouts, holds ended.
+    usage: std::collections::HashMap<Vec<u8>, [u64; 5]>,
+}
+
+/// Every hold of the model: (name, token).
+type Holds = std::collections::HashSet<(Vec<u8>, u64)>;
+/// Every queued acquire of the model: (session, request) -> name.
+type Waits = std::collections::HashMap<(SessionId, RequestId), Vec<u8>>;
+
+fn holds_of(model: &Model) -> Holds {
+    model
+        .locks()
+        .flat_map(|l| l.holders.iter().map(move |h| (l.name.clone(), h.token)))
+        .collect()
+}
+
+fn waits_of(model: &Model) -> Waits {
+    model
+        .locks()
+        .flat_map(|l| {
+            l.waiters
+                .iter()
+                .map(move |w| ((w.session, w.request_id), l.name.clone()))
+        })
+        .collect()
 }
 
 impl Run {
@@ -959,15 +985,19 @@ impl Run {
             Op::Advance(ms) => {
                 self.now_ms += ms;
                 let (mut got, mut want) = (Vec::new(), Vec::new());
+                let before = (holds_of(&self.model), waits_of(&self.model));
                 self.table.tick(self.now_ms, &mut got);
                 self.model.tick(self.now_ms, &mut want);
+                self.expect_usage(None, &before, &want);
                 prop_assert_eq!(normalize(got), normalize(want), "tick at {}", self.now_ms);
                 return self.compare();
             }
         };
         let (mut got, mut want) = (Vec::new(), Vec::new());
+        let before = (holds_of(&self.model), waits_of(&self.model));
         self.table.apply(now_ms, command, &mut got);
         self.model.apply(now_ms, command, &mut want);
+        self.expect_usage(Some(command), &before, &want);
         prop_assert_eq!(
             normalize(got),
             normalize(want),
@@ -978,8 +1008,59 @@ impl Run {
         self.compare()
     }
 
+    /// What a step adds to the report, from the model's holds and waits
+    /// before it and its effects: an acquire asked, holds that appeared
+    /// (grants) or went (holds ended), Busy, TimedOut.
+    fn expect_usage(
+        &mut self,
+        command: Option<Command<'_>>,
+        (holds, waits): &(Holds, Waits),
+        effects: &[Effect],
+    ) {
+        let acquired = match command {
+            Some(Command::Acquire(a)) => Some(a.name.to_vec()),
+            _ => None,
+        };
+        let mut add = |name: &[u8], what: usize| {
+            self.usage.entry(name.to_vec()).or_default()[what] += 1;
+        };
+        if let Some(name) = &acquired {
+            add(name, 0);
+        }
+        let after = holds_of(&self.model);
+        for (name, _) in after.difference(holds) {
+            add(name, 1);
+        }
+        for (name, _) in holds.difference(&after) {
+            add(name, 4);
+        }
+        for effect in effects {
+            if let Effect::Reply {
+                session,
+                request_id,
+                outcome: outcome @ (Outcome::Busy | Outcome::TimedOut),
+                ..
+            } = effect
+            {
+                let name = match outcome {
+                    Outcome::Busy => acquired.clone().expect("busy answers an acquire"),
+                    _ => waits[&(*session, *request_id)].clone(),
+                };
+                add(&name, if *outcome == Outcome::Busy { 2 } else { 3 });
+            }
+        }
+    }
+
     fn compare(&self) -> Result<(), TestCaseError> {
         self.table.check_invariants();
+        for name in NAMES {
+            let want = self.usage.get(name).copied().unwrap_or_default();
+            let got = self.table.usage(name).map_or([0; 5], |u| {
+                assert_eq!(u.wait.count(), u.grants, "a wait time per grant");
+                [u.acquires, u.grants, u.busy, u.timeouts, u.hold.count()]
+            });
+            prop_assert_eq!(got, want, "usage of {}", String::from_utf8_lossy(name));
+        }
         for name in NAMES {
             prop_assert_eq!(
                 normalize_info(self.table.inspect(name)),
@@ -1023,6 +1104,7 @@ proptest! {
             model: Model::default(),
             now_ms: 100,
             fresh_id: FRESH_ID_BASE,
+            usage: std::collections::HashMap::new(),
         };
         for op in &ops {
             run.step(op)?;

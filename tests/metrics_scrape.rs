@@ -58,6 +58,19 @@ fn metrics_follow_the_traffic() {
     assert!(sample(&text, "livelock_timeouts_total") >= 1.0);
     assert_eq!(sample(&text, "livelock_busy_total"), 0.0);
     assert!(sample(&text, "livelock_acquisitions_total") >= 2.0);
+    // The busiest names, with their usage (published once a second).
+    wait_until("the hot lock shows", || {
+        text = scrape(metrics);
+        text.contains("livelock_lock_held{lock=\"metered\"} 1")
+    });
+    assert!(
+        text.contains("livelock_lock_timeouts{lock=\"metered\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("livelock_lock_acquires{lock=\"metered\"} 2"),
+        "{text}"
+    );
     assert!(sample(&text, "livelock_connections_accepted_total") >= 2.0);
     // The holder's acquire was served; the waiter's waited (and timed out).
     assert!(sample(&text, "livelock_op_duration_seconds_count{op=\"acquire\"}") >= 1.0);

@@ -268,6 +268,10 @@ pub enum Query {
         name: Box<[u8]>,
     },
     Stats,
+    /// REPORT: each shard's `top` busiest names.
+    Report {
+        top: usize,
+    },
     /// Operator KILL_SESSION: end the session (asked of its home only).
     /// The one query that changes the state: the home logs the end.
     Kill {
@@ -284,6 +288,9 @@ pub enum QueryPart {
     /// names, and whether the shard had more matches than the limit.
     Records(Vec<(Box<[u8]>, Vec<u8>)>, bool),
     Stats(ShardStats),
+    /// (acquires, name, encoded `protocol::ReportRow`) of a shard's
+    /// busiest names.
+    Report(Vec<(u64, Box<[u8]>, Vec<u8>)>),
     /// What the home did with a `Kill`: `Ok`, `UnknownSession`, or
     /// `ShuttingDown` (frozen: nothing changes any more).
     Killed(Status),
@@ -390,6 +397,8 @@ struct Gather {
     /// Some matches were left out (LIST limit).
     truncated: bool,
     stats: ShardStats,
+    /// REPORT rows: (acquires, name, row).
+    report: Vec<(u64, Box<[u8]>, Vec<u8>)>,
     /// The home's answer to a `Kill`.
     killed: Status,
 }
@@ -450,8 +459,11 @@ pub struct EventLoop {
     /// (latency metrics, at turn granularity).
     now_ms: u64,
     now_us: u64,
-    /// Next time to scan the shard for the oldest hold (metrics).
+    /// Next time to scan the shard for the oldest hold and the busiest
+    /// names (metrics).
     next_scan_ms: u64,
+    /// The table's usage version the metrics last showed.
+    published_usage: u64,
     /// The loop the next accepted connection goes to (loop 0 accepts).
     next_target: usize,
     /// The generation of the last connection added (`ConnRef`).
@@ -532,6 +544,7 @@ impl EventLoop {
             now_ms: shared.clock.now_ms(),
             now_us: 0,
             next_scan_ms: 0,
+            published_usage: 0,
             next_target: 0,
             next_gen: 0,
             journal: Journal::default(),
@@ -629,6 +642,24 @@ impl EventLoop {
         if self.shared.config.metrics_listen.is_some() && self.now_ms >= self.next_scan_ms {
             self.next_scan_ms = self.now_ms + 1000;
             metrics.set_oldest_hold_ms(self.table.oldest_hold_ms());
+            self.published_usage = self.table.usage_version();
+            let hot = self
+                .table
+                .usage_top(self.now_ms, crate::metrics::HOT_LOCKS_MAX);
+            let hot = hot
+                .into_iter()
+                .map(|(name, usage, held, waiting)| crate::metrics::HotLock {
+                    name: name.into(),
+                    acquires: usage.acquires,
+                    grants: usage.grants,
+                    busy: usage.busy,
+                    timeouts: usage.timeouts,
+                    held: held as u64,
+                    waiting: waiting as u64,
+                    wait_p99_ms: usage.wait.quantile(0.99),
+                    hold_p99_ms: usage.hold.quantile(0.99),
+                });
+            metrics.set_hot(hot.collect());
         }
     }
 
@@ -653,6 +684,10 @@ impl EventLoop {
             self.hello_timers.keys().next().map(|k| k.0),
             self.shutdown_deadline_ms,
             live(self.deadlock.as_ref().and_then(deadlock::Rounds::next_ms)),
+            // The metrics show a stale usage report: wake to publish it.
+            (self.shared.config.metrics_listen.is_some()
+                && self.table.usage_version() != self.published_usage)
+                .then_some(self.next_scan_ms),
         ];
         let next = deadlines.into_iter().flatten().min()?;
         let now = self.shared.clock.now_ms();
@@ -1695,6 +1730,7 @@ impl EventLoop {
                 records: Vec::new(),
                 truncated: false,
                 stats: ShardStats::default(),
+                report: Vec::new(),
                 killed: Status::UnknownSession,
             },
         );
@@ -1720,7 +1756,7 @@ impl EventLoop {
         let (pattern, limit, find) = match query {
             Query::Find { pattern, limit } => (pattern, limit, true),
             Query::List { pattern, limit } => (pattern, limit, false),
-            Query::Inspect { .. } | Query::Stats => {
+            Query::Inspect { .. } | Query::Stats | Query::Report { .. } => {
                 let part = self.answer_query(&query);
                 self.send_part(origin, query_id, part);
                 return;
@@ -1835,6 +1871,29 @@ impl EventLoop {
                 QueryPart::Records(records.collect(), false)
             }
             Query::Kill { .. } => unreachable!("a kill changes the state (take_query)"),
+            Query::Report { top } => {
+                let top = self.table.usage_top(self.now_ms, *top);
+                let rows = top.into_iter().map(|(name, usage, held, waiting)| {
+                    let times = |t: &crate::usage::Times| {
+                        [0.5, 0.99, 1.0].map(|q| u32::try_from(t.quantile(q)).unwrap_or(u32::MAX))
+                    };
+                    let row = protocol::ReportRow {
+                        name: name.to_vec(),
+                        held: u32::try_from(held).unwrap_or(u32::MAX),
+                        waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
+                        acquires: usage.acquires,
+                        grants: usage.grants,
+                        busy: usage.busy,
+                        timeouts: usage.timeouts,
+                        wait_ms: times(&usage.wait),
+                        hold_ms: times(&usage.hold),
+                    };
+                    let mut bytes = Vec::new();
+                    row.put(&mut bytes);
+                    (usage.acquires, Box::from(name), bytes)
+                });
+                QueryPart::Report(rows.collect())
+            }
             Query::Stats => {
                 let (attached, detached) = self.sessions.counts();
                 QueryPart::Stats(ShardStats {
@@ -1928,6 +1987,7 @@ impl EventLoop {
                 gather.truncated |= cut;
             }
             QueryPart::Killed(status) => gather.killed = status,
+            QueryPart::Report(rows) => gather.report.extend(rows),
             QueryPart::Stats(stats) => {
                 gather.stats.locks += stats.locks;
                 gather.stats.waiters += stats.waiters;
@@ -1950,6 +2010,13 @@ impl EventLoop {
                 gather.records.sort_by(|a, b| a.0.cmp(&b.0));
                 gather.truncated |= gather.records.len() > *limit;
                 gather.records.truncate(*limit);
+            }
+            Query::Report { top } => {
+                // Busiest first, then by name; names are one shard's each.
+                gather
+                    .report
+                    .sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+                gather.report.truncate(*top);
             }
             Query::Inspect { .. } | Query::Stats | Query::Kill { .. } => {}
         }
@@ -2019,7 +2086,9 @@ fn native_op(code: u8) -> crate::metrics::Op {
     match code {
         opcode::HELLO => Op::Hello,
         opcode::RESUME => Op::Resume,
-        opcode::ACQUIRE => Op::Acquire,
+        opcode::ACQUIRE | opcode::ACQUIRE_PERMITS => Op::Acquire,
+        opcode::SET_CAPACITY | opcode::SET_ORDER => Op::Settings,
+        opcode::REPORT => Op::Report,
         opcode::RELEASE => Op::Release,
         opcode::EXTEND => Op::Extend,
         opcode::CANCEL => Op::Cancel,

@@ -82,10 +82,14 @@ pub enum Op {
     Cluster,
     /// Any LiveLock-protocol command.
     Resp,
+    /// A session's or a semaphore's settings: SET_ORDER, SET_CAPACITY.
+    Settings,
+    /// The usage REPORT.
+    Report,
 }
 
 impl Op {
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 18;
     /// Every op, in the order of its index.
     pub const ALL: [Op; Op::COUNT] = [
         Op::Hello,
@@ -104,6 +108,8 @@ impl Op {
         Op::KillSession,
         Op::Cluster,
         Op::Resp,
+        Op::Settings,
+        Op::Report,
     ];
 
     /// The value of the `op` label.
@@ -125,6 +131,8 @@ impl Op {
             Op::KillSession => "kill_session",
             Op::Cluster => "cluster",
             Op::Resp => "resp",
+            Op::Settings => "settings",
+            Op::Report => "report",
         }
     }
 
@@ -214,6 +222,27 @@ pub struct LoopMetrics {
     connections: AtomicU64,
     /// Grant time (server clock, ms) of the shard's oldest hold, or `NO_HOLD`.
     oldest_hold_ms: AtomicU64,
+    /// The shard's busiest names lately (usage report), at most
+    /// `HOT_LOCKS_MAX`, as of the loop's last publication.
+    hot: parking_lot::Mutex<Vec<HotLock>>,
+}
+
+/// Names shown as `livelock_lock_*{lock="..."}` series: the busiest of all
+/// shards (a bound on label cardinality).
+pub const HOT_LOCKS_MAX: usize = 10;
+
+/// One busy name, as the metrics show it (usage report counts, decayed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HotLock {
+    pub name: Box<[u8]>,
+    pub acquires: u64,
+    pub grants: u64,
+    pub busy: u64,
+    pub timeouts: u64,
+    pub held: u64,
+    pub waiting: u64,
+    pub wait_p99_ms: u64,
+    pub hold_p99_ms: u64,
 }
 
 impl Default for LoopMetrics {
@@ -243,7 +272,14 @@ impl LoopMetrics {
             sessions_detached: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             oldest_hold_ms: AtomicU64::new(NO_HOLD),
+            hot: parking_lot::Mutex::new(Vec::new()),
         }
+    }
+
+    /// The shard's busiest names (at most `HOT_LOCKS_MAX` are kept).
+    pub fn set_hot(&self, mut hot: Vec<HotLock>) {
+        hot.truncate(HOT_LOCKS_MAX);
+        *self.hot.lock() = hot;
     }
 
     /// Latency of one operation, from decode to reply (µs).
@@ -567,6 +603,8 @@ pub fn render(loops: &[Arc<LoopMetrics>], server: &ServerMetrics, now_ms: u64) -
     );
     sample_f(&mut out, name, "", oldest_age_ms, 1_000);
 
+    hot_locks(&mut out, loops);
+
     let name = "livelock_dump_duration_seconds";
     family(
         &mut out,
@@ -769,6 +807,86 @@ fn sum_of(loops: &[Arc<LoopMetrics>], field: impl Fn(&LoopMetrics) -> &AtomicU64
 }
 
 /// The HELP and TYPE lines that open a family.
+/// The busiest names of all shards, `HOT_LOCKS_MAX` of them, one series
+/// each per family (`lock` label: the name, lossy UTF-8, escaped).
+fn hot_locks(out: &mut String, loops: &[Arc<LoopMetrics>]) {
+    let mut hot: Vec<HotLock> = loops.iter().flat_map(|m| m.hot.lock().clone()).collect();
+    hot.sort_by(|a, b| {
+        b.acquires
+            .cmp(&a.acquires)
+            .then_with(|| a.name.cmp(&b.name))
+    });
+    hot.truncate(HOT_LOCKS_MAX);
+    let labels: Vec<String> = hot
+        .iter()
+        .map(|h| {
+            let mut value = String::new();
+            for c in String::from_utf8_lossy(&h.name).chars() {
+                match c {
+                    '\\' => value.push_str("\\\\"),
+                    '"' => value.push_str("\\\""),
+                    '\n' => value.push_str("\\n"),
+                    c => value.push(c),
+                }
+            }
+            format!("lock=\"{value}\"")
+        })
+        .collect();
+    type Get = fn(&HotLock) -> u64;
+    let counts: [(&str, &str, Get); 6] = [
+        (
+            "livelock_lock_acquires",
+            "Acquires asked of the name lately (halved every minute).",
+            |h| h.acquires,
+        ),
+        (
+            "livelock_lock_grants",
+            "Grants of the name lately (halved every minute).",
+            |h| h.grants,
+        ),
+        (
+            "livelock_lock_busy",
+            "Tries of the name refused busy lately (halved every minute).",
+            |h| h.busy,
+        ),
+        (
+            "livelock_lock_timeouts",
+            "Waits for the name that timed out lately (halved every minute).",
+            |h| h.timeouts,
+        ),
+        ("livelock_lock_held", "Holds of the name now.", |h| h.held),
+        (
+            "livelock_lock_waiting",
+            "Acquires of the name queued now.",
+            |h| h.waiting,
+        ),
+    ];
+    for (name, help, get) in counts {
+        family(out, name, "gauge", help);
+        for (h, labels) in hot.iter().zip(&labels) {
+            sample(out, name, labels, get(h));
+        }
+    }
+    let times: [(&str, &str, Get); 2] = [
+        (
+            "livelock_lock_wait_p99_seconds",
+            "99th percentile of the name's waits lately (within a factor of 2).",
+            |h| h.wait_p99_ms,
+        ),
+        (
+            "livelock_lock_hold_p99_seconds",
+            "99th percentile of the name's holds lately (within a factor of 2).",
+            |h| h.hold_p99_ms,
+        ),
+    ];
+    for (name, help, get) in times {
+        family(out, name, "gauge", help);
+        for (h, labels) in hot.iter().zip(&labels) {
+            sample_f(out, name, labels, get(h), 1_000);
+        }
+    }
+}
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -1299,6 +1417,45 @@ mod tests {
     }
 
     #[test]
+    fn hot_locks_are_the_busiest_of_all_shards() {
+        let hot = |name: &str, acquires| HotLock {
+            name: name.as_bytes().into(),
+            acquires,
+            grants: acquires / 2,
+            held: 1,
+            wait_p99_ms: 1023,
+            ..HotLock::default()
+        };
+        let (a, b) = (Arc::new(LoopMetrics::new()), Arc::new(LoopMetrics::new()));
+        a.set_hot(
+            (0..HOT_LOCKS_MAX as u64)
+                .map(|i| hot(&format!("a{i}"), i))
+                .collect(),
+        );
+        b.set_hot(vec![hot("job \"7\"", 100), hot("b", 50)]);
+        let (samples, types) = parse(&render(&[a, b], &ServerMetrics::new(), 0));
+        assert_eq!(types["livelock_lock_acquires"], "gauge");
+        let series: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.name == "livelock_lock_acquires")
+            .collect();
+        // The ten busiest of the twelve, busiest first; the name escaped.
+        assert_eq!(series.len(), HOT_LOCKS_MAX);
+        assert_eq!(series[0].labels["lock"], "job \\\"7\\\"");
+        assert_eq!(series[0].value, 100.0);
+        assert_eq!(series[1].labels["lock"], "b");
+        assert!(series
+            .iter()
+            .all(|s| s.labels["lock"] != "a0" && s.labels["lock"] != "a1"));
+        let lock = [("lock", "b")];
+        assert_eq!(value(&samples, "livelock_lock_grants", &lock), 25.0);
+        assert_eq!(
+            value(&samples, "livelock_lock_wait_p99_seconds", &lock),
+            1.023
+        );
+    }
+
+    #[test]
     fn render_with_nothing_is_well_formed() {
         let text = render(&[], &ServerMetrics::new(), 123);
         let (samples, types) = parse(&text);
@@ -1308,7 +1465,7 @@ mod tests {
             0.0
         );
         assert_eq!(value(&samples, "livelock_locks_held", &[]), 0.0);
-        assert_eq!(types.len(), 25);
+        assert_eq!(types.len(), 33);
         // A clock behind a grant time (cannot happen, must not underflow).
         let m = Arc::new(LoopMetrics::new());
         m.set_oldest_hold_ms(Some(500));

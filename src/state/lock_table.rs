@@ -31,6 +31,7 @@ use std::hash::BuildHasher;
 
 use crate::limits::{SIGNALS_PER_LOCK_MAX, WAITERS_PER_LOCK_MAX};
 pub use crate::mode::Mode;
+use crate::usage::{NameUsage, Seen, Usage};
 
 /// A session, unique over all loops of the server (its home loop is in the low bits).
 pub type SessionId = u64;
@@ -693,6 +694,8 @@ pub struct LockTable {
     token_ceiling: u64,
     /// The last waiter's `seq`.
     last_seq: u64,
+    /// Usage by name (reports): observations, not state.
+    usage: Usage,
 }
 
 impl LockTable {
@@ -712,6 +715,7 @@ impl LockTable {
             last_token: 0,
             token_ceiling: u64::MAX,
             last_seq: 0,
+            usage: Usage::new(crate::limits::USAGE_NAMES_PER_SHARD),
         }
     }
 
@@ -1218,7 +1222,9 @@ impl LockTable {
             Mode::Permits => a.weight >= 1 && a.weight <= a.capacity,
             Mode::Exclusive | Mode::Shared => a.weight == 1,
         });
+        self.usage.record(now_ms, a.name, Seen::Acquire);
         let Some(idx) = self.find(a.name) else {
+            self.usage.record(now_ms, a.name, Seen::Grant(0));
             let idx = self.locks.vacant_key() as u32;
             let first = self.new_hold(a.session, now_ms, (a.weight, a.lease_ms), idx);
             let how = Kind {
@@ -1266,6 +1272,7 @@ impl LockTable {
             return;
         }
         if lock.waiter_count() == 0 && lock.admits(false, a.mode, a.weight) {
+            self.usage.record(now_ms, a.name, Seen::Grant(0));
             let hold = self.new_hold(a.session, now_ms, (a.weight, a.lease_ms), idx);
             self.locks[idx as usize].add_hold(hold, a.mode, false);
             self.index_session(a.session, idx);
@@ -1279,6 +1286,7 @@ impl LockTable {
         }
         let deadline = match a.wait {
             Wait::Try => {
+                self.usage.record(now_ms, a.name, Seen::Busy);
                 out.push(reply(a.session, a.request_id, Outcome::Busy, false));
                 return;
             }
@@ -1400,6 +1408,8 @@ impl LockTable {
         let Some((hold, empty)) = lock.remove_hold(session) else {
             return false;
         };
+        let held = Seen::Held(now_ms.saturating_sub(hold.since_ms));
+        self.usage.record(now_ms, &lock.name, held);
         if hold.lease_deadline_ms != 0 {
             self.lease_timers
                 .remove(&(hold.lease_deadline_ms, hold.token, idx));
@@ -1426,6 +1436,9 @@ impl LockTable {
             }
             self.waits.remove(&(head.session, head.request_id));
             let hold = self.new_hold(head.session, now_ms, (head.weight, head.lease_ms), idx);
+            let waited = Seen::Grant(now_ms.saturating_sub(head.since_ms));
+            self.usage
+                .record(now_ms, &self.locks[idx as usize].name, waited);
             self.locks[idx as usize].add_hold(hold, head.mode, empty);
             empty = false;
             out.push(reply(
@@ -1525,6 +1538,8 @@ impl LockTable {
             if lock.hold_of(session).is_some() {
                 let lock = &mut self.locks[idx as usize];
                 let (hold, empty) = lock.remove_hold(session).expect("hold present");
+                let held = Seen::Held(now_ms.saturating_sub(hold.since_ms));
+                self.usage.record(now_ms, &lock.name, held);
                 if hold.lease_deadline_ms != 0 {
                     self.lease_timers
                         .remove(&(hold.lease_deadline_ms, hold.token, idx));
@@ -1558,9 +1573,11 @@ impl LockTable {
                 .first_key_value()
                 .map(|(&key, &idx)| (key, idx));
             match (wait, lease) {
-                (Some(((deadline, _, _), (_, session, request_id))), lease)
+                (Some(((deadline, _, _), (idx, session, request_id))), lease)
                     if deadline <= now_ms && lease.map_or(true, |((l, _, _), _)| deadline <= l) =>
                 {
+                    let name = &self.locks[idx as usize].name;
+                    self.usage.record(now_ms, name, Seen::TimedOut);
                     let removed = self.remove_waiter(now_ms, session, request_id, out);
                     assert!(removed, "a wait timer outlived its waiter");
                     out.push(reply(session, request_id, Outcome::TimedOut, true));
@@ -1584,6 +1601,32 @@ impl LockTable {
                 _ => break,
             }
         }
+    }
+
+    /// The `top` names of this shard with the most acquires lately, with
+    /// their usage and how many hold and wait for them now.
+    pub fn usage_top(&self, now_ms: u64, top: usize) -> Vec<(&[u8], NameUsage, usize, usize)> {
+        self.usage
+            .top(now_ms, top)
+            .into_iter()
+            .map(|(name, usage)| {
+                let (held, waiting) = self.find(name).map_or((0, 0), |idx| {
+                    let lock = &self.locks[idx as usize];
+                    (lock.holder_count(), lock.waiter_count())
+                });
+                (name, usage, held, waiting)
+            })
+            .collect()
+    }
+
+    /// Moves with every usage record (a published report is stale).
+    pub fn usage_version(&self) -> u64 {
+        self.usage.version()
+    }
+
+    /// The usage of `name` lately, if it is tracked.
+    pub fn usage(&self, name: &[u8]) -> Option<&NameUsage> {
+        self.usage.get(name)
     }
 
     /// The client name a session introduced itself with here.

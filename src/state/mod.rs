@@ -8,3 +8,4 @@ pub mod journal;
 pub mod lock_table;
 pub mod session;
 pub mod snapshot;
+pub mod usage;

@@ -114,6 +114,9 @@ pub mod opcode {
     /// (`crate::order::Order`'s encoding). Reply `Ok`, or `OrderViolation`
     /// while the session holds or waits for anything.
     pub const SET_ORDER: u8 = 19;
+    /// Usage report: top u32 (>= 1; at most `REPORT_TOP_MAX` are listed).
+    /// Reply body: see [`super::Report`].
+    pub const REPORT: u8 = 20;
     /// Push: a held lock was taken away (lease expired); body token + name.
     pub const LOCK_LOST: u8 = 0x40;
     /// Push: the server is shutting down; empty body.
@@ -521,6 +524,10 @@ pub enum Request<'a> {
     },
     /// A well-formed order (`Order::decode` it), the whole body.
     SetOrder(&'a [u8]),
+    /// The `top` busiest names (capped at `REPORT_TOP_MAX`).
+    Report {
+        top: u32,
+    },
     /// `token`: the hold's fencing token, 0 = whatever hold the session has.
     Release {
         name: &'a [u8],
@@ -603,6 +610,7 @@ impl Request<'_> {
             Request::Acquire { .. } => opcode::ACQUIRE,
             Request::SetCapacity { .. } => opcode::SET_CAPACITY,
             Request::SetOrder(_) => opcode::SET_ORDER,
+            Request::Report { .. } => opcode::REPORT,
             Request::Release { .. } => opcode::RELEASE,
             Request::Extend { .. } => opcode::EXTEND,
             Request::Cancel { .. } => opcode::CANCEL,
@@ -818,6 +826,10 @@ fn decode_body(op: u8, body: &[u8], with_token: bool) -> Result<Request<'_>, Sta
             }
             acquire(&fixed.acquire, Mode::Permits, (weight, capacity), name)
         }
+        opcode::REPORT => match <[u8; 4]>::try_from(body).map(u32::from_le_bytes) {
+            Ok(top) if top > 0 => Ok(Request::Report { top }),
+            _ => Err(Status::BadBody),
+        },
         opcode::SET_ORDER => match Order::decode(body) {
             Ok((_, [])) => Ok(Request::SetOrder(body)),
             _ => Err(Status::BadBody),
@@ -1330,6 +1342,10 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
             header(out, body.len());
             out.extend_from_slice(body);
         }
+        Request::Report { top } => {
+            header(out, 4);
+            out.extend_from_slice(&top.to_le_bytes());
+        }
         Request::SetCapacity { name, capacity } => {
             header(out, 4 + name.len());
             out.extend_from_slice(&capacity.to_le_bytes());
@@ -1717,6 +1733,88 @@ impl StatsReply {
         out.extend_from_slice(&len_u16(self.version.len()).get().to_le_bytes());
         out.extend_from_slice(self.version.as_bytes());
     }
+}
+
+/// One name of a REPORT reply: name_len u16, name, held u32, waiting u32,
+/// acquires u64, grants u64, busy u64, timeouts u64, then the wait and the
+/// hold times in ms, p50, p99 and max, u32 each (bucket upper bounds:
+/// within a factor of two; 0 = under 1 ms). Counts decay by half every
+/// minute; `held` and `waiting` are as of the answer.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReportRow {
+    pub name: Vec<u8>,
+    pub held: u32,
+    pub waiting: u32,
+    pub acquires: u64,
+    pub grants: u64,
+    pub busy: u64,
+    pub timeouts: u64,
+    /// p50, p99, max.
+    pub wait_ms: [u32; 3],
+    pub hold_ms: [u32; 3],
+}
+
+/// Fixed bytes of a report row besides its name.
+pub const REPORT_ROW_FIXED_LEN: usize = 2 + 4 + 4 + 4 * 8 + 6 * 4;
+
+impl ReportRow {
+    /// Appends the row.
+    pub fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&len_u16(self.name.len()).get().to_le_bytes());
+        out.extend_from_slice(&self.name);
+        out.extend_from_slice(&self.held.to_le_bytes());
+        out.extend_from_slice(&self.waiting.to_le_bytes());
+        for count in [self.acquires, self.grants, self.busy, self.timeouts] {
+            out.extend_from_slice(&count.to_le_bytes());
+        }
+        for ms in self.wait_ms.iter().chain(&self.hold_ms) {
+            out.extend_from_slice(&ms.to_le_bytes());
+        }
+    }
+}
+
+/// Client side: a REPORT reply — count u32, reserved u32, server_unix_ms
+/// u64, then `count` rows, busiest first.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Report {
+    pub server_unix_ms: u64,
+    pub rows: Vec<ReportRow>,
+}
+
+/// Client side: the body of a REPORT reply.
+pub fn parse_report_body(body: &[u8]) -> Option<Report> {
+    let mut cursor = Cursor(body);
+    let count = cursor.u32()?;
+    cursor.u32()?;
+    let server_unix_ms = cursor.u64()?;
+    let rows = (0..count)
+        .map(|_| {
+            let name = cursor.bytes16()?;
+            let held = cursor.u32()?;
+            let waiting = cursor.u32()?;
+            let (acquires, grants) = (cursor.u64()?, cursor.u64()?);
+            let (busy, timeouts) = (cursor.u64()?, cursor.u64()?);
+            let mut times = [0u32; 6];
+            for time in &mut times {
+                *time = cursor.u32()?;
+            }
+            Some(ReportRow {
+                name,
+                held,
+                waiting,
+                acquires,
+                grants,
+                busy,
+                timeouts,
+                wait_ms: [times[0], times[1], times[2]],
+                hold_ms: [times[3], times[4], times[5]],
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    cursor.0.is_empty().then_some(Report {
+        server_unix_ms,
+        rows,
+    })
 }
 
 /// The CLUSTER_STATUS reply body: node u64 (the answering leader's id; 0
@@ -2144,6 +2242,7 @@ mod tests {
             },
             Request::SetOrder(&[1, 0, 0, 0]),
             Request::SetOrder(&[2, 0, 1, 0, 7, 0, 0, 0, 1, 0, b'x']),
+            Request::Report { top: 20 },
             Request::Release {
                 name: b"report-42",
                 token: 0,
@@ -2451,7 +2550,7 @@ mod tests {
     fn unknown_and_push_opcodes_are_rejected() {
         for op in [
             0,
-            20,
+            21,
             0x3F,
             opcode::LOCK_LOST,
             opcode::SHUTDOWN,
@@ -3013,6 +3112,9 @@ mod tests {
             capacity: 6,
         };
         frames.push(encoded(11, &set));
+        let order = [2, 0, 1, 0, 7, 0, 0, 0, 1, 0, b'x'];
+        frames.push(encoded(12, &Request::SetOrder(&order)));
+        frames.push(encoded(13, &Request::Report { top: 20 }));
         frames
     }
 

@@ -90,6 +90,17 @@ impl EventLoop {
                 .put(out);
                 protocol::end_reply(out, start);
             }
+            Query::Report { .. } => {
+                let start = protocol::begin_reply(out, op, request_id);
+                let count = u32::try_from(gather.report.len()).expect("at most REPORT_TOP_MAX");
+                out.extend_from_slice(&count.to_le_bytes());
+                out.extend_from_slice(&0u32.to_le_bytes());
+                out.extend_from_slice(&now_ms.to_le_bytes());
+                for (_, _, row) in &gather.report {
+                    out.extend_from_slice(row);
+                }
+                protocol::end_reply(out, start);
+            }
             Query::Kill { .. } => {
                 let message = match gather.killed {
                     Status::Ok => "",
@@ -477,9 +488,14 @@ impl EventLoop {
         let op = request.opcode();
         let ask = match (&request, op) {
             (Request::Acquire { name, .. }, _) => Ask::Acquire(name),
-            (_, opcode::INSPECT | opcode::LIST | opcode::STATS | opcode::KILL_SESSION) => {
-                Ask::Query
-            }
+            (
+                _,
+                opcode::INSPECT
+                | opcode::LIST
+                | opcode::STATS
+                | opcode::REPORT
+                | opcode::KILL_SESSION,
+            ) => Ask::Query,
             _ => Ask::Other,
         };
         let queries = self.queries_of(id, request_id);
@@ -647,6 +663,12 @@ impl EventLoop {
             Request::Stats => {
                 let reply = GatherReply::Native { op, request_id };
                 self.start_query(token, id, reply, Query::Stats, None);
+                return;
+            }
+            Request::Report { top } => {
+                let reply = GatherReply::Native { op, request_id };
+                let top = (top as usize).min(crate::limits::REPORT_TOP_MAX);
+                self.start_query(token, id, reply, Query::Report { top }, None);
                 return;
             }
             Request::ForceRelease { name, token } => {
