@@ -4,7 +4,7 @@ protocol, blocking (``Client``) and asyncio (``AsyncClient``).
 This module only gathers the public names; see README.md for the guide.
 """
 
-from .aio import AsyncClient, AsyncHeld, AsyncPendingAcquire
+from .aio import AsyncClient, AsyncHeld, AsyncPendingAcquire, AsyncSemaphore
 from .config import DEFAULT_PORT, parse_addresses
 from .core import (
     EVENTS_MAX,
@@ -22,7 +22,9 @@ from .protocol import (
     AlreadyHeldError,
     AuthError,
     BadRequestError,
+    CapacityConflictError,
     ConnectionLost,
+    DeadlockError,
     Holder,
     Inspection,
     LimitError,
@@ -35,6 +37,9 @@ from .protocol import (
     NoSuchRequestError,
     NotAcquired,
     NotHeldError,
+    Order,
+    OrderViolationError,
+    OverCapacityError,
     ProtocolError,
     ServerError,
     ShuttingDownError,
@@ -43,9 +48,10 @@ from .protocol import (
     StorageFailedError,
     UnknownSessionError,
     Waiter,
+    WrongKindError,
     WrongTokenError,
 )
-from .sync import Client, Held, PendingAcquire
+from .sync import Client, Held, PendingAcquire, Semaphore
 
 __version__ = "0.1.0"
 
@@ -60,10 +66,13 @@ __all__ = [
     "AsyncClient",
     "AsyncHeld",
     "AsyncPendingAcquire",
+    "AsyncSemaphore",
     "AuthError",
     "BadRequestError",
+    "CapacityConflictError",
     "Client",
     "ConnectionLost",
+    "DeadlockError",
     "Disconnected",
     "Event",
     "Held",
@@ -80,9 +89,13 @@ __all__ = [
     "NoSuchRequestError",
     "NotAcquired",
     "NotHeldError",
+    "Order",
+    "OrderViolationError",
+    "OverCapacityError",
     "PendingAcquire",
     "ProtocolError",
     "Resumed",
+    "Semaphore",
     "ServerError",
     "SessionTaken",
     "ShuttingDownError",
@@ -93,6 +106,7 @@ __all__ = [
     "StorageFailedError",
     "UnknownSessionError",
     "Waiter",
+    "WrongKindError",
     "WrongTokenError",
     "connect",
     "parse_addresses",

@@ -83,7 +83,7 @@ async def _dial(dial: api.Dial, first: bytes) -> _Streams:
     raise dial.failure()
 
 
-class AsyncClient(api.ClientBase["AsyncHeld", "AsyncPendingAcquire"], api.Awaiting):
+class AsyncClient(api.ClientBase["AsyncHeld", "AsyncPendingAcquire", "AsyncSemaphore"], api.Awaiting):
     """A session with a livelock server, for asyncio. Open one with
     ``await AsyncClient.connect()`` or ``await AsyncClient.resume()``. Every
     method that waits takes ``timeout`` (seconds; None: the client's
@@ -93,7 +93,9 @@ class AsyncClient(api.ClientBase["AsyncHeld", "AsyncPendingAcquire"], api.Awaiti
 
     def __init__(self, opening: api.Opening) -> None:
         # One event loop runs the core's callers: no lock needed.
-        super().__init__(opening, AsyncHeld, AsyncPendingAcquire, contextlib.nullcontext(), asyncio.Event())
+        super().__init__(
+            opening, AsyncHeld, AsyncPendingAcquire, AsyncSemaphore, contextlib.nullcontext(), asyncio.Event()
+        )
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
         self._events_ready = asyncio.Event()
@@ -307,3 +309,10 @@ class AsyncPendingAcquire(api.PendingBase[AsyncClient, _Waiter[HoldState]], api.
         except asyncio.TimeoutError:
             raise self._late(timeout) from None
         return self._client._held(state)
+
+
+class AsyncSemaphore(api.SemaphoreBase[AsyncHeld, AsyncPendingAcquire], api.Awaiting):
+    """A counting semaphore (``client.semaphore(name, capacity)``): ``await
+    semaphore.acquire(weight)`` returns an ``AsyncHeld``, and ``async with
+    semaphore.permits(weight) as held:`` releases it at the end of the
+    block."""

@@ -13,9 +13,10 @@ supply only the I/O: ``_run`` (send, wait, hand back), ``_enter`` (the
 ``lock()`` block), ``_open`` (dial and hand the first frames to the core),
 the reader, and the waits for events.
 
-It also owns what the shells' clients, holds and pending acquires share (the
-session's properties, the listeners, applying the core's ``Outcome``), the
-I/O-free part of dialling (``Dial``) and why a connection ended.
+It also owns what the shells' clients, holds, pending acquires and
+semaphores share (the session's properties, the listeners, applying the
+core's ``Outcome``), the I/O-free part of dialling (``Dial``) and why a
+connection ended.
 """
 
 from __future__ import annotations
@@ -45,9 +46,10 @@ else:
 T = TypeVar("T")
 K = TypeVar("K")
 W = TypeVar("W")
-#: The shell's Held, PendingAcquire and client classes.
+#: The shell's Held, PendingAcquire, Semaphore and client classes.
 H = TypeVar("H")
 PA = TypeVar("PA")
+S = TypeVar("S")
 C = TypeVar("C", bound="_Runner")
 BC = TypeVar("BC", bound="Blocking")
 AC = TypeVar("AC", bound="Awaiting")
@@ -310,7 +312,7 @@ class _Flag(Protocol):
     def clear(self) -> None: ...
 
 
-class ClientBase(Generic[H, PA]):
+class ClientBase(Generic[H, PA, S]):
     """A session with a livelock server, over one connection at a time.
 
     Open one with ``connect()`` or ``resume()``. Every method that waits
@@ -323,12 +325,14 @@ class ClientBase(Generic[H, PA]):
         opening: Opening,
         held: Callable[[Any, c.HoldState], H],
         pending: Callable[[Any, Started[Any]], PA],
+        semaphore: Callable[[Any, BytesLike, int], S],
         core_lock: AbstractContextManager[Any],
         listed: _Flag,
     ) -> None:
-        """What the shell brings: its Held and PendingAcquire classes, the
-        lock that guards the core (which is not thread-safe), and the flag
-        set when a RESUME's listing completed or the connection ended."""
+        """What the shell brings: its Held, PendingAcquire and Semaphore
+        classes, the lock that guards the core (which is not thread-safe),
+        and the flag set when a RESUME's listing completed or the connection
+        ended."""
         self._servers = opening.servers
         self._password = opening.password
         self._connect_timeout = opening.connect_timeout
@@ -336,6 +340,7 @@ class ClientBase(Generic[H, PA]):
         self.request_timeout = opening.request_timeout
         self._make_held = held
         self._make_pending = pending
+        self._make_semaphore = semaphore
         self._core = c.Core()
         self._core_lock = core_lock
         self._listed = listed
@@ -369,6 +374,14 @@ class ClientBase(Generic[H, PA]):
         return Call(op, self._timeout(timeout), _as_is)
 
     # -- What the shell does.
+
+    def _run(self, call: Call[Any]) -> Any:
+        """Makes a call (a ``Blocking``'s or an ``Awaiting``'s ``_run``)."""
+        raise NotImplementedError
+
+    def _enter(self, call: Call[Any]) -> Any:
+        """The context manager around a call's hold (``lock``)."""
+        raise NotImplementedError
 
     def _write_quietly(self, frames: builtins.list[bytes]) -> None:
         """Sends frames nobody waits on; a dead connection is the reader's news."""
@@ -486,6 +499,31 @@ class ClientBase(Generic[H, PA]):
         ends ``lease`` seconds from now unless extended again."""
         return self._ask(c.extend_op(name, lease, token), timeout)
 
+    # -- Semaphores and ordered locking.
+
+    def semaphore(self, name: BytesLike, capacity: int) -> S:
+        """The counting semaphore ``name`` of ``capacity`` permits (nothing
+        is sent): take permits with its ``acquire(weight)`` (or ``with
+        semaphore.permits(weight)``), release them as any hold. The capacity
+        belongs to the name while anyone holds or waits for it: an acquire
+        naming another one gets CapacityConflictError; ``set_capacity``
+        changes it. A name is a lock or a semaphore, never both
+        (WrongKindError)."""
+        return self._make_semaphore(self, name, capacity)
+
+    @method
+    def set_order(self, order: p.Order, *, timeout: float | None = None) -> Call[None]:
+        """Declares the order this session takes names in (SET_ORDER): None,
+        no order (the default); "ascending", names in ascending byte order;
+        or a mapping of names to priorities (u32; lower first, equal ones by
+        name, names not listed after every listed one, by name). Afterwards
+        an acquire of a name ranking before one the session holds or waits
+        for raises OrderViolationError. Sessions that keep one order cannot
+        deadlock each other. Declared while the session holds and waits for
+        nothing (else OrderViolationError); it lasts as long as the
+        session."""
+        return self._ask(c.set_order_op(order), timeout)
+
     # -- Signals.
 
     @method
@@ -574,6 +612,99 @@ class ClientBase(Generic[H, PA]):
         self._write_quietly(frames)
 
 
+# ---- Semaphores --------------------------------------------------------------
+
+
+class SemaphoreBase(Generic[H, PA]):
+    """A counting semaphore of ``capacity`` permits named ``name`` (made by
+    ``client.semaphore(name, capacity)``; nothing is sent until a call).
+    Each hold takes a ``weight`` of the permits, and the permits out never
+    exceed the capacity when a grant is made. Grants are strictly FIFO: a
+    request at the head of the queue waits until its weight fits, and
+    nothing behind it passes it. A hold of permits is a ``Held`` like a
+    lock's (fencing token, lease, ``release``, ``extend``, LockLost), with
+    its ``weight``; a session holds or waits for a name at most once."""
+
+    def __init__(self, client: ClientBase[H, PA, Any], name: BytesLike, capacity: int) -> None:
+        self._client = client
+        self.name: Final = p.lock_name(name)
+        self.capacity = p.semaphore_capacity(capacity)
+
+    def _run(self, call: Call[Any]) -> Any:
+        return self._client._run(call)
+
+    def _enter(self, call: Call[Any]) -> Any:
+        return self._client._enter(call)
+
+    def _acquire(self, weight: int, wait: float | None, lease: float | None, notify_queued: bool) -> c.Op[c.HoldState]:
+        return c.acquire_permits_op(
+            self.name, weight, self.capacity, wait=wait, lease=lease, notify_queued=notify_queued
+        )
+
+    @method
+    def acquire(
+        self, weight: int = 1, *, wait: float | None = None, lease: float | None = None, timeout: float | None = None
+    ) -> Call[H]:
+        """Takes ``weight`` permits (ACQUIRE_PERMITS; 1 to the capacity).
+        ``wait``, ``lease`` and ``timeout`` are ``Client.acquire``'s: None
+        waits forever (FIFO), 0 tries once (LockBusy), else at most that many
+        seconds (AcquireTimedOut). OverCapacityError if the capacity was
+        lowered below ``weight`` while it waited."""
+        timeout = c.acquire_timeout(wait, timeout, self._client.request_timeout)
+        return Call(self._acquire(weight, wait, lease, False), timeout, self._client._held)
+
+    permits = entering(
+        acquire,
+        """``with semaphore.permits(weight) as held:`` (``async with`` on an
+        AsyncClient's) takes permits as ``acquire`` does and releases this
+        hold (by its token) at the end of the block.""",
+    )
+
+    @method
+    def try_acquire(
+        self, weight: int = 1, *, lease: float | None = None, timeout: float | None = None
+    ) -> Call[H | None]:
+        """One attempt: the hold, or None when the permits are not free (or
+        others queue before)."""
+        op = c.try_acquire_permits_op(self.name, weight, self.capacity, lease=lease)
+        return Call(op, c.acquire_timeout(0, timeout, self._client.request_timeout), self._client._held_if_granted)
+
+    @method
+    def start_acquire(self, weight: int = 1, *, wait: float | None = None, lease: float | None = None) -> Call[PA]:
+        """Sends an ACQUIRE_PERMITS (asking to be told when it queues) and
+        returns its PendingAcquire once it is sent, as
+        ``Client.start_acquire``."""
+        timeout = c.acquire_timeout(wait, None, self._client.request_timeout)
+        return Call(self._acquire(weight, wait, lease, True), timeout, self._client._pending, detached=True)
+
+    @method
+    def set_capacity(self, capacity: int, *, timeout: float | None = None) -> Call[bool]:
+        """Changes the capacity (SET_CAPACITY; any session may): holders keep
+        their permits (more may be out than the new capacity until they
+        release them), waiters heavier than it end with OverCapacityError,
+        those that now fit are granted. This object names the new capacity
+        from now on. True if the semaphore was in use (held or waited for),
+        False if not: there was nothing to change on the server (the next
+        acquire sets the capacity). WrongKindError if the name is a lock."""
+        op = c.set_capacity_op(self.name, capacity)
+
+        def changed(in_use: bool) -> bool:
+            self.capacity = capacity
+            return in_use
+
+        return Call(op, self._client._timeout(timeout), changed)
+
+    @method
+    def inspect(self, *, timeout: float | None = None) -> Call[p.Inspection | None]:
+        """Who holds permits (``Holder.weight``) and who waits for how many;
+        the capacity in use is ``record.capacity``. None when nobody holds
+        any."""
+        return self._client._ask(c.inspect_op(self.name), timeout)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} capacity={self.capacity}>"
+
+
 # ---- Holds and pending acquires ---------------------------------------------
 
 
@@ -604,8 +735,10 @@ class _OfClient(Generic[C]):
 
 class HeldBase(_OfClient[C]):
     """A hold: the lock's ``name``, the ``token`` of this grant (the fencing
-    token: larger than every earlier grant's), its ``mode``, and whether it
-    is still held as far as this client knows."""
+    token: larger than every earlier grant's), its ``mode`` (PERMITS for a
+    semaphore's, with their ``weight``: None for a lock, or for permits a
+    RESUME listed), and whether it is still held as far as this client
+    knows."""
 
     def __init__(self, client: C, state: c.HoldState) -> None:
         super().__init__(client)
@@ -613,6 +746,7 @@ class HeldBase(_OfClient[C]):
         self.name: Final = state.name
         self.token: Final = state.token
         self.mode: Final = state.mode
+        self.weight: Final = state.weight
 
     @property
     def lost(self) -> bool:
@@ -650,7 +784,8 @@ class HeldBase(_OfClient[C]):
 
     def __repr__(self) -> str:
         state = "lost" if self._state.lost else "released" if self._state.released else "held"
-        return f"<{type(self).__name__} {self.name!r} token={self.token} {self.mode.name.lower()} {state}>"
+        mode = self.mode.name.lower() if self.weight is None else f"permits weight={self.weight}"
+        return f"<{type(self).__name__} {self.name!r} token={self.token} {mode} {state}>"
 
 
 class PendingBase(_OfClient[C], Generic[C, W]):

@@ -6,8 +6,9 @@ publish. It owns the request ids (a session's, not a connection's), the
 table of requests in flight with their waiters, the session's holds (so a
 LOCK_LOST or a RESUME listing marks the right ``Held`` lost), the RESUME
 reconciliation, and what happens to a request whose caller gave up: a
-waiting ACQUIRE is cancelled and a grant that comes anyway is released by
-its fencing token, so no hold is ever left behind unknown. It also defines
+waiting ACQUIRE (or ACQUIRE_PERMITS) is cancelled and a grant that comes
+anyway is released by its fencing token, so no hold is ever left behind
+unknown. It also defines
 the requests (``Op``: the frame to send and what its reply means) and the
 events. The public methods built on them are ``livelock_client.api``'s.
 """
@@ -45,6 +46,10 @@ EVENTS_MAX = 4096
 
 #: The request id of HELLO and RESUME; a session's own requests never use it.
 FIRST_REQUEST_ID = 1
+
+#: The requests that take a hold, and may wait for it (cancelled when their
+#: caller gives up, their late grants released).
+ACQUIRES = frozenset({Opcode.ACQUIRE, Opcode.ACQUIRE_PERMITS})
 
 
 # ---- Events ---------------------------------------------------------------
@@ -144,23 +149,26 @@ class Op(Generic[T]):
 
 @dataclass(eq=False)
 class HoldState:
-    """One hold of the session, shared by the ``Held`` objects that show it."""
+    """One hold of the session, shared by the ``Held`` objects that show it.
+    ``weight``: the permits of a semaphore it holds, when known (not for a
+    hold a RESUME listed: HELD does not say); None for a lock."""
 
     name: bytes
     token: int
     mode: Mode
     lost: bool = False
     released: bool = False
+    weight: int | None = None
 
     @property
     def active(self) -> bool:
         return not (self.lost or self.released)
 
 
-def _granted(name: bytes, mode: Mode) -> Callable[[Frame], HoldState]:
+def _granted(name: bytes, mode: Mode, weight: int | None = None) -> Callable[[Frame], HoldState]:
     def finish(frame: Frame) -> HoldState:
         p.raise_for(frame)
-        return HoldState(name, p.parse_token(frame.body), mode)
+        return HoldState(name, p.parse_token(frame.body), mode, weight=weight)
 
     return finish
 
@@ -174,14 +182,51 @@ def acquire_op(
     return Op(Opcode.ACQUIRE, body, _granted(key, mode), name=key)
 
 
-def try_acquire_op(name: BytesLike, *, shared: bool, lease: float | None) -> Op[HoldState | None]:
-    """An ACQUIRE that tries once: None when someone else holds the lock."""
-    acquire = acquire_op(name, wait=0, shared=shared, lease=lease, notify_queued=False)
+def _trying(acquire: Op[HoldState]) -> Op[HoldState | None]:
+    """An acquire sent with wait 0, answering None for Busy."""
 
     def finish(frame: Frame) -> HoldState | None:
         return None if frame.status == Status.BUSY else acquire.finish(frame)
 
     return Op(acquire.opcode, acquire.body, finish, name=acquire.name)
+
+
+def try_acquire_op(name: BytesLike, *, shared: bool, lease: float | None) -> Op[HoldState | None]:
+    """An ACQUIRE that tries once: None when someone else holds the lock."""
+    return _trying(acquire_op(name, wait=0, shared=shared, lease=lease, notify_queued=False))
+
+
+def acquire_permits_op(
+    name: BytesLike, weight: int, capacity: int, *, wait: float | None, lease: float | None, notify_queued: bool
+) -> Op[HoldState]:
+    """ACQUIRE_PERMITS: ``weight`` permits of the semaphore ``name`` of
+    ``capacity``."""
+    key = p.lock_name(name)
+    body = p.acquire_permits_body(key, p.wait_ms(wait), p.lease_ms(lease), weight, capacity, notify_queued)
+    return Op(Opcode.ACQUIRE_PERMITS, body, _granted(key, Mode.PERMITS, weight), name=key)
+
+
+def try_acquire_permits_op(name: BytesLike, weight: int, capacity: int, *, lease: float | None) -> Op[HoldState | None]:
+    """An ACQUIRE_PERMITS that tries once: None when the permits are not free
+    (or others queue for them)."""
+    return _trying(acquire_permits_op(name, weight, capacity, wait=0, lease=lease, notify_queued=False))
+
+
+def _in_use(frame: Frame) -> bool:
+    if frame.status == Status.NOT_HELD:
+        return False
+    p.expect_empty(frame)
+    return True
+
+
+def set_capacity_op(name: BytesLike, capacity: int) -> Op[bool]:
+    """True: the semaphore's capacity changed; False: the name is not in use
+    (nothing to change)."""
+    return Op(Opcode.SET_CAPACITY, p.set_capacity_body(capacity, p.lock_name(name)), _in_use)
+
+
+def set_order_op(order: p.Order) -> Op[None]:
+    return Op(Opcode.SET_ORDER, p.set_order_body(order), p.expect_empty)
 
 
 def release_op(name: BytesLike, token: int | None = None) -> Op[None]:
@@ -383,7 +428,7 @@ class Core:
         self._listing = []
         for request_id in in_flight:
             entry = self._pending.setdefault(request_id, _Entry(None, None, self._generation - 1))
-            if entry.waiter is None and (entry.op is None or entry.op.opcode == Opcode.ACQUIRE):
+            if entry.waiter is None and (entry.op is None or entry.op.opcode in ACQUIRES):
                 out.send.append(self._register(cancel_op(request_id), None)[1])
         return out
 
@@ -411,7 +456,7 @@ class Core:
         entry = self._pending.get(request_id)
         if entry is not None and entry.waiter is waiter:
             entry.waiter = None
-            if entry.op is not None and entry.op.opcode == Opcode.ACQUIRE and self.connected:
+            if entry.op is not None and entry.op.opcode in ACQUIRES and self.connected:
                 return [self._register(cancel_op(request_id), None)[1]]
             return []
         if keep_result:
@@ -520,7 +565,7 @@ class Core:
         for request_id, entry in list(self._pending.items()):
             if entry.generation < self._generation and request_id not in still:
                 del self._pending[request_id]
-                if entry.op is not None and entry.op.opcode == Opcode.ACQUIRE:
+                if entry.op is not None and entry.op.opcode in ACQUIRES:
                     orphans.add(entry.op.name)
         kept = []
         for hold in listing:

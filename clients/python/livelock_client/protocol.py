@@ -14,8 +14,9 @@ from __future__ import annotations
 import enum
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NoReturn, Union
+from typing import Literal, NoReturn, Union
 
 MAGIC = b"\xf1\x4c"
 VERSION = 1
@@ -33,6 +34,8 @@ REPLY_BODY_MAX = 1 << 20
 IN_FLIGHT_MAX = 1024
 RESUME_REPLY_BODY_MAX = 32 + 4 + 4 * IN_FLIGHT_MAX
 LIST_LIMIT_MAX = 10_000
+#: SET_ORDER: at most this many names with a priority.
+ORDER_NAMES_MAX = 256
 U32_MAX = 0xFFFFFFFF
 U64_MAX = 0xFFFFFFFFFFFFFFFF
 
@@ -42,13 +45,26 @@ FLAG_PUSH = 0x0002
 FLAG_INTERIM = 0x0004
 FLAG_HOLD_TOKEN = 0x0008
 
-# ACQUIRE acq_flags bit: an INTERIM Queued reply when the acquire has to wait.
+# ACQUIRE/ACQUIRE_PERMITS acq_flags bit: an INTERIM Queued reply when the
+# acquire has to wait.
 ACQ_NOTIFY_QUEUED = 0x01
+
+# SET_ORDER kinds.
+ORDER_NONE = 0
+ORDER_ASCENDING = 1
+ORDER_PRIORITIES = 2
 
 _HEADER = struct.Struct("<2sBBHHII")
 
 #: What a lock name, signal or password may be given as (str is UTF-8 encoded).
 BytesLike = Union[str, bytes, bytearray, memoryview]
+
+#: An order for SET_ORDER (``set_order``): None, no order (the default);
+#: "ascending", names in ascending byte order; or a mapping of names (str is
+#: UTF-8) to priorities (u32): lower first, equal ones by name, names not
+#: listed after every listed one, by name.
+#: (Mapping's keys are invariant: each key type is spelled out.)
+Order = Union[None, Literal["ascending"], Mapping[Union[str, bytes], int], Mapping[str, int], Mapping[bytes, int]]
 
 
 class Opcode(enum.IntEnum):
@@ -66,6 +82,9 @@ class Opcode(enum.IntEnum):
     STATS = 0x0C
     FORCE_RELEASE = 0x0D
     KILL_SESSION = 0x0E
+    ACQUIRE_PERMITS = 0x11
+    SET_CAPACITY = 0x12
+    SET_ORDER = 0x13
     LOCK_LOST = 0x40
     SHUTDOWN = 0x41
     SESSION_TAKEN = 0x42
@@ -86,6 +105,11 @@ class Status(enum.IntEnum):
     ALREADY_HELD = 6
     NO_SUCH_REQUEST = 7
     WRONG_TOKEN = 8
+    WRONG_KIND = 9
+    CAPACITY_CONFLICT = 10
+    OVER_CAPACITY = 11
+    ORDER_VIOLATION = 12
+    DEADLOCK = 13
     BAD_VERSION = 32
     UNKNOWN_OPCODE = 33
     BAD_BODY = 34
@@ -123,6 +147,11 @@ _DESCRIPTIONS = {
     Status.ALREADY_HELD: "lock is already held or awaited by this session",
     Status.NO_SUCH_REQUEST: "no such pending request",
     Status.WRONG_TOKEN: "the session holds the lock under another fencing token",
+    Status.WRONG_KIND: "the name is in use as the other kind (a lock, or a semaphore)",
+    Status.CAPACITY_CONFLICT: "the semaphore is in use with another capacity",
+    Status.OVER_CAPACITY: "the semaphore's capacity was lowered below this acquire's weight",
+    Status.ORDER_VIOLATION: "the name ranks before one this session holds or waits for, in its declared order",
+    Status.DEADLOCK: "the wait closed a cycle of waits and was failed to break it",
     Status.BAD_VERSION: "unsupported protocol version",
     Status.UNKNOWN_OPCODE: "unknown opcode",
     Status.BAD_BODY: "malformed request body",
@@ -144,8 +173,11 @@ _DESCRIPTIONS = {
 
 
 class Mode(enum.IntEnum):
+    """How a name is held: a lock exclusive or shared, or a semaphore's permits."""
+
     EXCLUSIVE = 0
     SHARED = 1
+    PERMITS = 2
 
 
 class SignalOp(enum.IntEnum):
@@ -187,7 +219,8 @@ class ServerError(LivelockError):
 
 
 class NotAcquired(ServerError):
-    """An ACQUIRE was not granted: Busy, TimedOut or Cancelled."""
+    """An ACQUIRE (or ACQUIRE_PERMITS) was not granted: Busy, TimedOut,
+    Cancelled, OverCapacity or Deadlock."""
 
 
 class LockBusy(NotAcquired):
@@ -202,6 +235,23 @@ class AcquireCancelled(NotAcquired):
     """Status CANCELLED: withdrawn by CANCEL (or by BYE)."""
 
 
+class OverCapacityError(NotAcquired):
+    """Status OVER_CAPACITY: a semaphore's capacity was lowered (SET_CAPACITY)
+    below the weight of this acquire while it waited."""
+
+
+class DeadlockError(NotAcquired):
+    """Status DEADLOCK: this acquire waited, closed a cycle of waits and, as
+    the youngest wait of the cycle, was failed to break it. ``cycle`` is the
+    server's description of the cycle (``deadlock: session 0x101 waits for
+    "x" held by session 0x100; ...``). Release what this session holds (or
+    some of it) before trying again."""
+
+    @property
+    def cycle(self) -> str:
+        return self.message
+
+
 class NotHeldError(ServerError):
     """Status NOT_HELD: this session does not hold the lock (or, for
     SIGNAL, nobody does)."""
@@ -213,6 +263,22 @@ class AlreadyHeldError(ServerError):
 
 class WrongTokenError(ServerError):
     """Status WRONG_TOKEN: the session holds the lock under another token."""
+
+
+class WrongKindError(ServerError):
+    """Status WRONG_KIND: the name is in use as a lock and was used as a
+    semaphore, or the reverse (SET_CAPACITY of a lock too); nothing changed."""
+
+
+class CapacityConflictError(ServerError):
+    """Status CAPACITY_CONFLICT: the semaphore is in use with another
+    capacity than the one this acquire named; nothing changed."""
+
+
+class OrderViolationError(ServerError):
+    """Status ORDER_VIOLATION: in the order this session declared
+    (SET_ORDER), the name ranks before one it holds or waits for; or a
+    SET_ORDER while it holds or waits for something. Nothing changed."""
 
 
 class NoSuchRequestError(ServerError):
@@ -252,6 +318,11 @@ _ERROR_CLASSES = {
     Status.NOT_HELD: NotHeldError,
     Status.ALREADY_HELD: AlreadyHeldError,
     Status.WRONG_TOKEN: WrongTokenError,
+    Status.WRONG_KIND: WrongKindError,
+    Status.CAPACITY_CONFLICT: CapacityConflictError,
+    Status.OVER_CAPACITY: OverCapacityError,
+    Status.ORDER_VIOLATION: OrderViolationError,
+    Status.DEADLOCK: DeadlockError,
     Status.NO_SUCH_REQUEST: NoSuchRequestError,
     Status.AUTH: AuthError,
     Status.UNKNOWN_SESSION: UnknownSessionError,
@@ -267,7 +338,8 @@ _ERROR_CLASSES = {
 def error_for(frame: Frame) -> ServerError:
     """The exception for a reply whose status is not Ok."""
     cls = _ERROR_CLASSES.get(frame.status, BadRequestError)
-    message = frame.body.decode("utf-8", "replace") if frame.status.is_error else ""
+    # Errors say why in their body, and so do some outcomes (Deadlock: the cycle).
+    message = frame.body.decode("utf-8", "replace")
     return cls(frame.status, message)
 
 
@@ -350,6 +422,20 @@ def _u32(value: int, what: str) -> int:
     return value
 
 
+def semaphore_capacity(value: int) -> int:
+    """A semaphore's capacity: 1..2**32-1 permits, else ValueError."""
+    if _u32(value, "capacity") == 0:
+        raise ValueError("capacity must be at least 1")
+    return value
+
+
+def permit_weight(value: int, capacity: int) -> int:
+    """The permits an acquire takes: 1..=capacity, else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= capacity:
+        raise ValueError(f"weight must be an integer 1..{capacity} (the capacity), got {value!r}")
+    return value
+
+
 # ---- Requests ------------------------------------------------------------
 
 
@@ -385,6 +471,46 @@ def resume_body(session_id: int, secret: bytes, password: BytesLike) -> bytes:
 def acquire_body(name: bytes, mode: Mode, wait: int, lease: int, notify_queued: bool) -> bytes:
     acq_flags = ACQ_NOTIFY_QUEUED if notify_queued else 0
     return struct.pack("<BBHII", mode, acq_flags, 0, _u32(wait, "wait_ms"), _u32(lease, "lease_ms")) + name
+
+
+def acquire_permits_body(name: bytes, wait: int, lease: int, weight: int, capacity: int, notify_queued: bool) -> bytes:
+    """ACQUIRE_PERMITS: mode 2, acq_flags, reserved, wait_ms, lease_ms,
+    weight, capacity, name."""
+    acq_flags = ACQ_NOTIFY_QUEUED if notify_queued else 0
+    capacity = semaphore_capacity(capacity)
+    fields = (_u32(wait, "wait_ms"), _u32(lease, "lease_ms"), permit_weight(weight, capacity), capacity)
+    return struct.pack("<BBHIIII", Mode.PERMITS, acq_flags, 0, *fields) + name
+
+
+def set_capacity_body(capacity: int, name: bytes) -> bytes:
+    return struct.pack("<I", semaphore_capacity(capacity)) + name
+
+
+def set_order_body(order: Order) -> bytes:
+    """SET_ORDER: kind, reserved, count, then (priorities) each entry's
+    priority, name length and name; ValueError for an order the server
+    would refuse or one that does not fit a request."""
+    if order is None:
+        return struct.pack("<BBH", ORDER_NONE, 0, 0)
+    if isinstance(order, str):
+        if order != "ascending":
+            raise ValueError(f'an order is None, "ascending" or a mapping of names to priorities, not {order!r}')
+        return struct.pack("<BBH", ORDER_ASCENDING, 0, 0)
+    if not isinstance(order, Mapping):
+        raise TypeError(f'an order is None, "ascending" or a mapping, not {type(order).__name__}')
+    if not 1 <= len(order) <= ORDER_NAMES_MAX:
+        raise ValueError(f"an order by priorities names 1 to {ORDER_NAMES_MAX} names, got {len(order)}")
+    entries = {}
+    for name, priority in order.items():
+        key = lock_name(name)
+        if key in entries:
+            raise ValueError(f"the order names {key!r} twice")
+        entries[key] = _u32(priority, "priority")
+    body = struct.pack("<BBH", ORDER_PRIORITIES, 0, len(entries))
+    body += b"".join(struct.pack("<IH", priority, len(key)) + key for key, priority in entries.items())
+    if len(body) > FRAME_BODY_MAX:
+        raise ValueError(f"the order takes {len(body)} bytes; a request holds at most {FRAME_BODY_MAX}")
+    return body
 
 
 def token_prefix(token: int | None) -> tuple[bytes, int]:
@@ -499,6 +625,7 @@ class FrameDecoder:
 
 
 _STATUS_CODES = frozenset(int(s) for s in Status)
+_MODE_CODES = frozenset(int(m) for m in Mode)
 
 
 # ---- Reply and push bodies -------------------------------------------------
@@ -537,7 +664,7 @@ class _Reader:
 
     def mode(self) -> Mode:
         code = self.take(1)[0]
-        if code not in (0, 1):
+        if code not in _MODE_CODES:
             raise ProtocolError(f"bad mode {code} in {self._what}")
         return Mode(code)
 
@@ -613,7 +740,7 @@ def parse_lock_lost(body: bytes) -> tuple[bytes, int]:
 
 
 def parse_held(body: bytes) -> tuple[bytes, int, Mode]:
-    """HELD: (name, token, mode)."""
+    """HELD: (name, token, mode); mode PERMITS for a semaphore's permits."""
     r = _Reader(body, "HELD")
     token = r.u64()
     mode = r.mode()
@@ -629,29 +756,39 @@ def parse_signalled(body: bytes) -> tuple[bytes, bytes]:
 
 @dataclass(frozen=True)
 class Holder:
+    """One hold in a lock record; ``weight``: the permits it holds of a
+    semaphore (None for a lock)."""
+
     session: int
     token: int
     since_unix_ms: int
     client_name: bytes
+    weight: int | None = None
 
 
 @dataclass(frozen=True)
 class LockRecord:
+    """A held name: a lock (mode EXCLUSIVE or SHARED), or a semaphore (mode
+    PERMITS, with its ``capacity``; None for a lock)."""
+
     name: bytes
     mode: Mode
     waiters: int
     holders: tuple[Holder, ...]
     signals: tuple[bytes, ...]
+    capacity: int | None = None
 
 
 @dataclass(frozen=True)
 class Waiter:
-    """One queued ACQUIRE in an INSPECT reply."""
+    """One queued ACQUIRE in an INSPECT reply; ``weight``: the permits an
+    ACQUIRE_PERMITS waits for (None for a lock)."""
 
     session: int
     since_unix_ms: int
     mode: Mode
     client_name: bytes
+    weight: int | None = None
 
 
 @dataclass(frozen=True)
@@ -693,19 +830,28 @@ class Stats:
     version: str
 
 
-def _holder(r: _Reader) -> Holder:
+def _of_semaphore(r: _Reader, mode: Mode) -> int | None:
+    """The u32 that follows a semaphore's name (its capacity), holder or
+    waiter (the weight); None for a lock's."""
+    return r.u32() if mode == Mode.PERMITS else None
+
+
+def _holder(r: _Reader, mode: Mode) -> Holder:
     session, token, since = r.unpack("QQQ")
-    return Holder(session, token, since, r.bytes16())
+    client_name = r.bytes16()
+    return Holder(session, token, since, client_name, _of_semaphore(r, mode))
 
 
 def _record(r: _Reader) -> LockRecord:
     name_len, mode_code, _, waiters, n_holders, n_signals = r.unpack("HBBIHH")
-    if mode_code not in (0, 1):
+    if mode_code not in _MODE_CODES:
         raise ProtocolError(f"bad mode {mode_code} in a lock record")
+    mode = Mode(mode_code)
     name = _name(r, name_len)
-    holders = tuple(_holder(r) for _ in range(n_holders))
+    capacity = _of_semaphore(r, mode)
+    holders = tuple(_holder(r, mode) for _ in range(n_holders))
     signals = tuple(r.bytes16() for _ in range(n_signals))
-    return LockRecord(name, Mode(mode_code), waiters, holders, signals)
+    return LockRecord(name, mode, waiters, holders, signals, capacity)
 
 
 def parse_inspect(body: bytes) -> Inspection:
@@ -719,7 +865,8 @@ def parse_inspect(body: bytes) -> Inspection:
         session, since = r.unpack("QQ")
         mode = r.mode()
         r.take(1)
-        queue.append(Waiter(session, since, mode, r.bytes16()))
+        client_name = r.bytes16()
+        queue.append(Waiter(session, since, mode, client_name, _of_semaphore(r, mode)))
     r.end()
     return Inspection(record, server_unix_ms, tuple(queue), cut)
 

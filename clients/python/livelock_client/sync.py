@@ -202,7 +202,7 @@ def _dial(dial: api.Dial, first: bytes) -> _Stream:
     raise dial.failure()
 
 
-class Client(api.ClientBase["Held", "PendingAcquire"], api.Blocking):
+class Client(api.ClientBase["Held", "PendingAcquire", "Semaphore"], api.Blocking):
     """A session with a livelock server, over one connection at a time.
 
     Open one with ``Client.connect()`` or ``Client.resume()``. Every method
@@ -213,7 +213,7 @@ class Client(api.ClientBase["Held", "PendingAcquire"], api.Blocking):
     _listed: threading.Event
 
     def __init__(self, opening: api.Opening) -> None:
-        super().__init__(opening, Held, PendingAcquire, threading.Lock(), threading.Event())
+        super().__init__(opening, Held, PendingAcquire, Semaphore, threading.Lock(), threading.Event())
         self._sock: _Stream | None = None
         self._reader: threading.Thread | None = None
         self._write_lock = threading.Lock()
@@ -446,3 +446,10 @@ class PendingAcquire(api.PendingBase[Client, _Waiter[HoldState]], api.Blocking):
         if not self._waiter.wait(timeout):
             raise self._late(timeout)
         return self._client._held(self._waiter.result())
+
+
+class Semaphore(api.SemaphoreBase[Held, PendingAcquire], api.Blocking):
+    """A counting semaphore (``client.semaphore(name, capacity)``): its
+    ``acquire(weight)`` returns a ``Held`` (a context manager), and ``with
+    semaphore.permits(weight) as held:`` releases it at the end of the
+    block."""

@@ -319,4 +319,11 @@ WAITING_CALLS: list[tuple[str, tuple[object, ...]]] = [
     ("clear_signal", ("lock", "s")),
     ("force_release", ("lock",)),
     ("kill_session", (99,)),
+    ("set_order", ("ascending",)),
+]
+#: Calls of a semaphore (of capacity 2) that wait for the server, likewise.
+WAITING_SEMAPHORE_CALLS: list[tuple[str, tuple[object, ...]]] = [
+    ("try_acquire", (2,)),
+    ("set_capacity", (3,)),
+    ("inspect", ()),
 ]

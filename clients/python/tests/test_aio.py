@@ -1,8 +1,9 @@
 """The asyncio client against a real server: the core cases of test_sync.py
 (grants, try/timeout, FIFO hand-over and cancel, leases, signals, queries,
-resume, passwords, bad input, server errors), task cancellation, and the
-request timeout of every call on a server that never answers. Each test
-runs its own event loop with asyncio.run."""
+resume, passwords, bad input, server errors), counting semaphores, ordered
+locking and deadlock detection, task cancellation, and the request timeout
+of every call on a server that never answers. Each test runs its own event
+loop with asyncio.run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Awaitable
 from typing import Any, Callable
 
 import pytest
-from conftest import WAIT_MAX, WAITING_CALLS, Server, SilentServer
+from conftest import WAIT_MAX, WAITING_CALLS, WAITING_SEMAPHORE_CALLS, Server, SilentServer
 
 import livelock_client as ll
 from livelock_client import AsyncClient
@@ -161,6 +162,76 @@ def test_errors(make_server: Callable[..., Server], server: Server, name: str) -
     run(test)
 
 
+def test_semaphores(server: Server, name: str) -> None:
+    async def test() -> None:
+        async with await connect(server) as a, await connect(server) as b, await connect(server) as c:
+            semaphore = a.semaphore(name, 4)
+            async with semaphore.permits(3) as held:
+                assert (held.mode, held.weight) == (ll.Mode.PERMITS, 3)
+                big = await b.semaphore(name, 4).start_acquire(2)
+                assert await big.wait_queued(WAIT_MAX)
+                small = await c.semaphore(name, 4).start_acquire(1)
+                assert await small.wait_queued(WAIT_MAX)  # 1 would fit, but waits behind 2 (FIFO)
+                with pytest.raises(ll.LivelockTimeout):
+                    await small.wait(0.05)
+                inspection = await semaphore.inspect()
+                assert inspection is not None and inspection.record.capacity == 4
+                assert [w.weight for w in inspection.queue] == [2, 1]
+                with pytest.raises(ValueError, match="capacity"):
+                    await semaphore.set_capacity(0)  # refused before sending
+            got_big, got_small = await big.wait(WAIT_MAX), await small.wait(WAIT_MAX)
+            assert held.token < got_big.token < got_small.token
+            with pytest.raises(ll.CapacityConflictError):
+                await a.semaphore(name, 5).acquire(1, wait=0)
+            with pytest.raises(ll.WrongKindError):
+                await a.acquire(name, wait=0)
+            # Lowered to 3 (4 - 1): a waiter for 4 no longer fits.
+            waiter = await a.semaphore(name, 4).start_acquire(4)
+            assert await waiter.wait_queued(WAIT_MAX)
+            assert await semaphore.set_capacity(3) is True and semaphore.capacity == 3
+            with pytest.raises(ll.OverCapacityError):
+                await waiter.wait(WAIT_MAX)
+            await got_big.release()
+            await got_small.release()
+            assert await semaphore.set_capacity(4) is False  # nobody holds or waits any more
+            # A holder's connection that ends frees its permits.
+            holder = await connect(server)
+            await holder.semaphore(name, 4).acquire(4)
+            pending = await b.semaphore(name, 4).start_acquire(1)
+            assert await pending.wait_queued(WAIT_MAX)
+            await holder.close()
+            await (await pending.wait(WAIT_MAX)).release()
+
+    run(test)
+
+
+def test_ordered_locking_and_deadlocks(server: Server, name: str) -> None:
+    async def test() -> None:
+        async with await connect(server) as a, await connect(server) as b:
+            x, y = f"{name}-x", f"{name}-y"
+            await a.set_order({y: 0})  # y before x
+            async with a.lock(x):
+                with pytest.raises(ll.OrderViolationError):
+                    await a.acquire(y)
+                with pytest.raises(ll.OrderViolationError):
+                    await a.set_order(None)
+            await a.set_order(None)
+            held_x, held_y = await a.acquire(x), await b.acquire(y)
+            waits = await a.start_acquire(y, wait=WAIT_MAX)
+            assert await waits.wait_queued(WAIT_MAX)
+            await asyncio.sleep(0.002)  # strictly younger, to the millisecond
+            with pytest.raises(ll.DeadlockError) as deadlock:
+                await b.acquire(x, wait=WAIT_MAX)
+            assert f'"{x}"' in deadlock.value.cycle and f'"{y}"' in deadlock.value.cycle
+            await held_y.release()
+            granted = await waits.wait(WAIT_MAX)
+            assert granted.name == y.encode()
+            await granted.release()
+            await held_x.release()
+
+    run(test)
+
+
 def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) -> None:
     short = 0.1
 
@@ -174,7 +245,10 @@ def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) 
         client = await AsyncClient.connect(silent_server.address, request_timeout=short)
         pending = await client.start_acquire("lock", wait=short)
         calls = [getattr(client, method)(*args) for method, args in WAITING_CALLS]
+        semaphore = client.semaphore("semaphore", 2)
+        calls += [getattr(semaphore, method)(*args) for method, args in WAITING_SEMAPHORE_CALLS]
         calls += [client.acquire("lock-2", wait=short), pending.cancel(), pending.wait()]
+        calls += [semaphore.acquire(1, wait=short)]
         # All at once: each one's wait is its own.
         waited = await asyncio.gather(*(timed(call) for call in calls))
         assert all(short <= seconds < short * 2 + 1 for seconds in waited), waited

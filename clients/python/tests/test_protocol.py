@@ -1,5 +1,6 @@
 """The protocol module without a server: the hex examples of docs/PROTOCOL.md
-(section 11 and INSPECT) encode and decode exactly, the decoder refuses
+(section 11 and INSPECT) encode and decode exactly, semaphore records and
+orders encode and decode as documented, the decoder refuses
 untrustworthy streams, bad arguments are refused before anything is sent,
 and the address syntax reads as the Rust tools read it."""
 
@@ -86,6 +87,89 @@ def test_inspect_body_parses_as_documented() -> None:
         p.parse_inspect(body + b"\x00")
 
 
+def test_semaphore_requests_encode_as_the_documented_examples() -> None:
+    permits = core.acquire_permits_op("gpus", 2, 4, wait=None, lease=None, notify_queued=False).frame(9)
+    assert permits == hexbytes(
+        "f1 4c 01 11 00 00 00 00 09 00 00 00 18 00 00 00"
+        " 02 00 00 00 ff ff ff ff 00 00 00 00 02 00 00 00 04 00 00 00 67 70 75 73"
+    )
+    notified = core.acquire_permits_op("gpus", 1, 4, wait=0.5, lease=2, notify_queued=True).frame(3)
+    assert notified[16:36] == hexbytes("02 01 00 00 f4 01 00 00 d0 07 00 00 01 00 00 00 04 00 00 00")
+    capacity = core.set_capacity_op("gpus", 6).frame(11)
+    assert capacity == hexbytes("f1 4c 01 12 00 00 00 00 0b 00 00 00 08 00 00 00 06 00 00 00 67 70 75 73")
+    conflict = one_frame(hexbytes("f1 4c 01 11 01 00 0a 00 0a 00 00 00 00 00 00 00"))
+    assert (conflict.opcode, conflict.request_id) == (p.Opcode.ACQUIRE_PERMITS, 10)
+    assert isinstance(p.error_for(conflict), p.CapacityConflictError)
+    granted = one_frame(hexbytes("f1 4c 01 11 03 00 00 00 09 00 00 00 08 00 00 00 07 00 00 00 00 00 00 00"))
+    hold = core.acquire_permits_op("gpus", 2, 4, wait=None, lease=None, notify_queued=False).finish(granted)
+    assert (hold.name, hold.token, hold.mode, hold.weight) == (b"gpus", 7, p.Mode.PERMITS, 2)
+    # SET_CAPACITY of a name nobody uses: nothing to change.
+    not_held = one_frame(hexbytes("f1 4c 01 12 01 00 05 00 0b 00 00 00 00 00 00 00"))
+    assert core.set_capacity_op("gpus", 6).finish(not_held) is False
+
+
+def test_orders_encode_as_documented() -> None:
+    assert core.set_order_op(None).frame(4) == hexbytes("f1 4c 01 13 00 00 00 00 04 00 00 00 04 00 00 00 00 00 00 00")
+    assert p.set_order_body("ascending") == hexbytes("01 00 00 00")
+    mixed: dict[str | bytes, int] = {"b": 1, b"ab": 0}
+    assert p.set_order_body(mixed) == hexbytes("02 00 02 00 | 01 00 00 00 01 00 62 | 00 00 00 00 02 00 61 62")
+    assert p.set_order_body({f"{i}": i for i in range(256)})[:4] == hexbytes("02 00 00 01")
+
+
+@pytest.mark.parametrize(
+    "order, why",
+    [
+        ({}, "1 to 256 names"),
+        ({f"{i}": 0 for i in range(257)}, "1 to 256 names"),
+        ({"a": 1, b"a": 2}, "twice"),
+        ({"": 1}, "lock name"),
+        ({"a": -1}, "priority"),
+        ({"a": 2**32}, "priority"),
+        ({f"{i:04}" + "x" * 1020: 0 for i in range(4)}, "at most 4096"),
+        ("descending", "ascending"),
+    ],
+)
+def test_bad_orders_are_refused_before_sending(order: p.Order, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        core.set_order_op(order)
+
+
+def test_semaphore_records_parse_as_documented() -> None:
+    # INSPECT of semaphore "s" of capacity 4: session 5 holds 3 permits (token
+    # 6, since 7, client "h"); session 8 waits for 2 since 9 (client "w").
+    body = hexbytes(
+        "01 00 02 00 01 00 00 00 01 00 00 00 73 | 04 00 00 00"
+        " 05 00 00 00 00 00 00 00 06 00 00 00 00 00 00 00 07 00 00 00 00 00 00 00 01 00 68 | 03 00 00 00"
+        " 0a 00 00 00 00 00 00 00 01 00 00 00 00 00 00 00"
+        " 08 00 00 00 00 00 00 00 09 00 00 00 00 00 00 00 02 00 01 00 77 | 02 00 00 00"
+    )
+    inspection = p.parse_inspect(body)
+    assert inspection.record == p.LockRecord(
+        b"s", p.Mode.PERMITS, 1, (p.Holder(5, 6, 7, b"h", weight=3),), (), capacity=4
+    )
+    assert inspection.queue == (p.Waiter(8, 9, p.Mode.PERMITS, b"w", weight=2),)
+    with pytest.raises(p.ProtocolError):
+        p.parse_inspect(body[:-1])  # the waiter's weight cut short
+    record = body[: 12 + 1 + 4 + 24 + 2 + 1 + 4]  # header, name, capacity, holder with its weight
+    listing = p.parse_list(hexbytes("01 00 00 00 00 00 00 00 0a 00 00 00 00 00 00 00") + record)
+    assert listing.records == (inspection.record,)
+    held = hexbytes("07 00 00 00 00 00 00 00 02 67 70 75 73")
+    assert p.parse_held(held) == (b"gpus", 7, p.Mode.PERMITS)
+    with pytest.raises(p.ProtocolError, match="bad mode"):
+        p.parse_held(held[:8] + b"\x03" + held[9:])
+
+
+def test_a_deadlock_reply_carries_the_cycle() -> None:
+    cycle = 'deadlock: session 0x101 waits for "x" held by session 0x100; session 0x100 waits for "y" held by 0x101'
+    header = p.encode_frame(p.Opcode.ACQUIRE, 5, cycle.encode())[:16]
+    # A deferred final reply: REPLY | PUSH, status 13.
+    frame = one_frame(header[:4] + hexbytes("03 00 0d 00") + header[8:] + cycle.encode())
+    assert not frame.is_push and not frame.interim
+    error = p.error_for(frame)
+    assert isinstance(error, p.DeadlockError) and isinstance(error, p.NotAcquired)
+    assert error.status == p.Status.DEADLOCK and error.cycle == cycle and cycle in str(error)
+
+
 def test_the_decoder_takes_frames_byte_by_byte() -> None:
     stream = hexbytes("f1 4c 01 03 05 00 04 00 02 00 00 00 00 00 00 00") + hexbytes(
         "f1 4c 01 03 03 00 00 00 02 00 00 00 08 00 00 00 07 00 00 00 00 00 00 00"
@@ -103,7 +187,7 @@ def test_the_decoder_takes_frames_byte_by_byte() -> None:
         (b"\xf2", "bad magic"),
         (b"\xf1\x4d", "bad magic"),
         (hexbytes("f1 4c 02 03 01 00 00 00 01 00 00 00 00 00 00 00"), "version"),
-        (hexbytes("f1 4c 01 03 01 00 09 00 01 00 00 00 00 00 00 00"), "unknown status"),
+        (hexbytes("f1 4c 01 03 01 00 1f 00 01 00 00 00 00 00 00 00"), "unknown status"),
         (hexbytes("f1 4c 01 03 00 00 00 00 01 00 00 00 00 00 00 00"), "REPLY"),
         (hexbytes("f1 4c 01 03 01 00 00 00 01 00 00 00 01 10 00 00"), "exceeds"),
         (hexbytes("f1 4c 01 02 01 00 00 00 01 00 00 00 25 10 00 00"), "exceeds"),
@@ -161,6 +245,13 @@ def test_bad_arguments_are_refused_before_sending() -> None:
     with pytest.raises(TypeError):
         core.acquire_op(42, wait=None, shared=False, lease=None, notify_queued=False)  # type: ignore[arg-type]
     assert core.Core.hello_frame(3600, "", "me")  # one hour is allowed
+    for weight, capacity in [(0, 4), (5, 4), (True, 4), (1, 0), (1, 2**32)]:
+        with pytest.raises(ValueError, match="weight|capacity"):
+            core.acquire_permits_op("x", weight, capacity, wait=None, lease=None, notify_queued=False)
+    with pytest.raises(ValueError, match="capacity"):
+        core.set_capacity_op("x", 0)
+    with pytest.raises(ValueError, match="lock name"):
+        core.acquire_permits_op("", 1, 1, wait=None, lease=None, notify_queued=False)
 
 
 def test_every_status_has_an_exception_class() -> None:
@@ -171,6 +262,16 @@ def test_every_status_has_an_exception_class() -> None:
         error = p.error_for(frame)
         assert isinstance(error, p.ServerError) and error.status == status
         assert status.name in str(error)
+    kinds = {
+        p.Status.WRONG_KIND: p.WrongKindError,
+        p.Status.CAPACITY_CONFLICT: p.CapacityConflictError,
+        p.Status.OVER_CAPACITY: p.OverCapacityError,
+        p.Status.ORDER_VIOLATION: p.OrderViolationError,
+        p.Status.DEADLOCK: p.DeadlockError,
+    }
+    for status, cls in kinds.items():
+        assert type(p.error_for(p.Frame(p.Opcode.ACQUIRE_PERMITS, p.FLAG_REPLY, status, 1, b""))) is cls
+        assert not status.is_error  # outcomes, below 32
 
 
 def test_addresses_read_as_the_rust_tools_read_them() -> None:

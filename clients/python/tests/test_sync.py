@@ -1,8 +1,10 @@
 """The blocking client against a real server: grants and tokens, try and
 timeout, shared holds, FIFO hand-over, leases and LockLost, extend, cancel,
 signals, INSPECT/LIST/STATS, resume within and after the grace, passwords,
-bad input and server errors; and, on a server that never answers, every
-call that waits for it ends after the request timeout."""
+bad input and server errors; counting semaphores (FIFO by weight, capacity
+conflicts, kinds, SET_CAPACITY, permits freed by a closed connection),
+ordered locking and deadlock detection; and, on a server that never
+answers, every call that waits for it ends after the request timeout."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from collections.abc import Iterator
 from typing import Callable
 
 import pytest
-from conftest import WAIT_MAX, WAITING_CALLS, Server, SilentServer, wait_until
+from conftest import WAIT_MAX, WAITING_CALLS, WAITING_SEMAPHORE_CALLS, Server, SilentServer, wait_until
 
 import livelock_client as ll
 from livelock_client import Client
@@ -362,9 +364,15 @@ def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) 
     short = 0.1
     client = Client.connect(silent_server.address, request_timeout=short, connect_timeout=WAIT_MAX)
     pending = client.start_acquire("lock", wait=short)
+    semaphore = client.semaphore("semaphore", 2)
     timed: list[tuple[str, Callable[[], object]]] = [
         *((method, lambda method=method, args=args: getattr(client, method)(*args)) for method, args in WAITING_CALLS),
+        *(
+            (f"Semaphore.{method}", lambda method=method, args=args: getattr(semaphore, method)(*args))
+            for method, args in WAITING_SEMAPHORE_CALLS
+        ),
         ("acquire(wait)", lambda: client.acquire("lock", wait=short)),  # the wait, then the request timeout
+        ("Semaphore.acquire(wait)", lambda: semaphore.acquire(1, wait=short)),
         ("PendingAcquire.cancel", pending.cancel),
         ("PendingAcquire.wait", pending.wait),
         ("bye", client.bye),  # last: it closes the connection
@@ -375,3 +383,198 @@ def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) 
         with pytest.raises(ll.LivelockTimeout):
             call()
         assert short <= time.monotonic() - started < short * 2 + 1, what
+
+
+# ---- Counting semaphores ------------------------------------------------------
+
+
+def test_permits_are_shared_out_by_weight_in_fifo_order(
+    client: Client, other: Client, server: Server, name: str
+) -> None:
+    connect = Client.connect
+    with connect(server.address, request_timeout=WAIT_MAX) as third, connect(server.address) as fourth:
+        semaphore = client.semaphore(name, capacity=4)
+        with semaphore.permits(3) as held:
+            assert (held.mode, held.weight, held.name) == (ll.Mode.PERMITS, 3, name.encode())
+            big = other.semaphore(name, 4).start_acquire(2)
+            assert big.wait_queued(WAIT_MAX)  # 3 + 2 > 4: it waits
+            small = third.semaphore(name, 4).start_acquire(1)
+            assert small.wait_queued(WAIT_MAX)  # 3 + 1 fits, but it may not pass the request for 2
+            with pytest.raises(ll.LivelockTimeout):
+                small.wait(0.05)
+            assert fourth.semaphore(name, 4).try_acquire(1) is None  # nor may a try
+            inspection = semaphore.inspect()
+            assert inspection is not None
+            assert (inspection.record.mode, inspection.record.capacity) == (ll.Mode.PERMITS, 4)
+            assert [(h.session, h.weight, h.token) for h in inspection.record.holders] == [
+                (client.session_id, 3, held.token)
+            ]
+            assert [(w.session, w.mode, w.weight) for w in inspection.queue] == [
+                (other.session_id, ll.Mode.PERMITS, 2),
+                (third.session_id, ll.Mode.PERMITS, 1),
+            ]
+        # Released at the end of the block: 2 + 1 fit together.
+        got_big, got_small = big.wait(WAIT_MAX), small.wait(WAIT_MAX)
+        assert held.token < got_big.token < got_small.token
+        assert (got_big.weight, got_small.weight) == (2, 1)
+        listing = client.list(name)
+        (record,) = listing.records
+        assert sorted((h.session, h.weight) for h in record.holders) == sorted(
+            [(other.session_id, 2), (third.session_id, 1)]
+        )
+        assert record.capacity == 4
+        # 3 permits out of 4: one more fits, two do not.
+        last = semaphore.try_acquire(1)
+        assert last is not None and last.weight == 1
+        last.release()
+        with pytest.raises(ll.LockBusy):
+            semaphore.acquire(2, wait=0)
+        with pytest.raises(ll.AcquireTimedOut):
+            semaphore.acquire(2, wait=0.1)
+        with pytest.raises(ll.LivelockTimeout):
+            semaphore.acquire(2, timeout=0.2)  # given up: cancelled on the server
+        wait_until(lambda: queue_is_empty(client, name), "the abandoned acquire to leave the queue")
+        other.release(name)  # by name, as a lock's
+        got_small.release()
+    assert client.inspect(name) is None
+
+
+def test_capacity_conflicts_and_wrong_kinds(client: Client, other: Client, name: str) -> None:
+    with client.semaphore(name, 4).permits(1):
+        with pytest.raises(ll.CapacityConflictError) as conflict:
+            other.semaphore(name, 8).acquire(1, wait=0)
+        assert conflict.value.status == ll.Status.CAPACITY_CONFLICT
+        with pytest.raises(ll.WrongKindError) as wrong:
+            other.acquire(name, wait=0)  # a semaphore's name as a lock
+        assert wrong.value.status == ll.Status.WRONG_KIND
+        with pytest.raises(ll.AlreadyHeldError):
+            client.semaphore(name, 4).acquire(1)  # one hold per name and session
+        assert other.semaphore(name, 4).acquire(3, wait=0).weight == 3
+    with client.lock(name + "-lock"):
+        with pytest.raises(ll.WrongKindError):
+            other.semaphore(name + "-lock", 2).acquire(1, wait=0)  # a lock's name as a semaphore
+        with pytest.raises(ll.WrongKindError):
+            other.semaphore(name + "-lock", 2).set_capacity(3)
+    with pytest.raises(ValueError, match="weight"):
+        client.semaphore(name, 4).acquire(5)  # refused before sending
+    with pytest.raises(ValueError, match="capacity"):
+        client.semaphore(name, 0)
+
+
+def test_set_capacity(client: Client, other: Client, server: Server, name: str) -> None:
+    semaphore = client.semaphore(name, 4)
+    assert semaphore.set_capacity(5) is False  # not in use: nothing to change on the server
+    assert semaphore.capacity == 5
+    with Client.connect(server.address, request_timeout=WAIT_MAX) as third:
+        held = semaphore.acquire(2)
+        wants_4 = other.semaphore(name, 5).start_acquire(4)
+        assert wants_4.wait_queued(WAIT_MAX)
+        assert semaphore.set_capacity(6) is True  # 2 + 4 fit now
+        granted = wants_4.wait(WAIT_MAX)
+        assert semaphore.capacity == 6
+        with pytest.raises(ll.CapacityConflictError):
+            third.semaphore(name, 5).acquire(1, wait=0)  # the old capacity
+        wants_6 = third.semaphore(name, 6).start_acquire(6)
+        assert wants_6.wait_queued(WAIT_MAX)
+        assert other.semaphore(name, 1).set_capacity(3) is True  # any session may
+        with pytest.raises(ll.OverCapacityError) as over:
+            wants_6.wait(WAIT_MAX)
+        assert over.value.status == ll.Status.OVER_CAPACITY and isinstance(over.value, ll.NotAcquired)
+        # Holders keep their permits: 6 out of 3 until they release them.
+        inspection = semaphore.inspect()
+        assert inspection is not None and inspection.record.capacity == 3
+        assert sum(h.weight or 0 for h in inspection.record.holders) == 6
+        with pytest.raises(ll.CapacityConflictError):
+            third.semaphore(name, 6).acquire(1, wait=0)  # that object still names 6
+        granted.release()
+        held.release()
+        assert third.inspect(name) is None
+
+
+def test_closing_a_connection_frees_its_permits(other: Client, server: Server, name: str) -> None:
+    holder = Client.connect(server.address, request_timeout=WAIT_MAX)  # no grace: the session ends with it
+    held = holder.semaphore(name, 3).acquire(3)
+    waiting = other.semaphore(name, 3).start_acquire(2)
+    assert waiting.wait_queued(WAIT_MAX)
+    holder.close()
+    granted = waiting.wait(WAIT_MAX)
+    assert granted.token > held.token and held.lost
+    inspection = other.inspect(name)
+    assert inspection is not None
+    assert [(h.session, h.weight) for h in inspection.record.holders] == [(other.session_id, 2)]
+    granted.release()
+
+
+def test_resume_lists_permits(other: Client, server: Server, name: str) -> None:
+    client = Client.connect(server.address, grace=WAIT_MAX, request_timeout=WAIT_MAX)
+    held = client.semaphore(name, 2).acquire(2)
+    client.close()
+    with Client.resume(client.session_id, client.secret, server.address, request_timeout=WAIT_MAX) as again:
+        assert again.resumed is not None
+        (listed,) = again.resumed.holds
+        assert (listed.name, listed.token, listed.mode) == (held.name, held.token, ll.Mode.PERMITS)
+        assert other.semaphore(name, 2).try_acquire(1) is None
+        listed.release()
+    assert other.semaphore(name, 2).try_acquire(2) is not None
+
+
+# ---- Ordered locking and deadlocks ---------------------------------------------
+
+
+def test_ordered_locking_refuses_acquires_out_of_order(client: Client, other: Client, name: str) -> None:
+    a, b, c = (f"{name}/{x}" for x in "abc")
+    client.set_order("ascending")
+    with client.lock(b):
+        with pytest.raises(ll.OrderViolationError) as refused:
+            client.acquire(a)
+        assert refused.value.status == ll.Status.ORDER_VIOLATION
+        with pytest.raises(ll.OrderViolationError):
+            client.semaphore(a, 2).acquire(1)  # semaphores are ordered too
+        with client.lock(c):
+            pass
+        with pytest.raises(ll.OrderViolationError):
+            client.set_order(None)  # not while holding anything
+    # A wait counts as a hold: the queued acquire of c forbids b.
+    with other.lock(c):
+        waiting = client.start_acquire(c)
+        assert waiting.wait_queued(WAIT_MAX)
+        with pytest.raises(ll.OrderViolationError):
+            client.acquire(b, wait=0)
+        with pytest.raises(ll.OrderViolationError):
+            client.set_order(None)
+        assert waiting.cancel()
+        with pytest.raises(ll.AcquireCancelled):
+            waiting.wait(WAIT_MAX)
+    # By priorities: c first, then a; b (not listed) after both.
+    client.set_order({c: 1, a: 2})
+    with client.lock(c), client.lock(a), client.lock(b):
+        pass
+    with client.lock(a):
+        with pytest.raises(ll.OrderViolationError):
+            client.acquire(c)
+    client.set_order(None)
+    with client.lock(b), client.lock(a):
+        pass  # any order again
+
+
+def test_a_deadlock_fails_the_youngest_wait(client: Client, other: Client, name: str) -> None:
+    x, y = f"{name}-x", f"{name}-y"
+    held_x = client.acquire(x)
+    held_y = other.acquire(y)
+    waits_for_y = client.start_acquire(y, wait=WAIT_MAX)
+    assert waits_for_y.wait_queued(WAIT_MAX)
+    time.sleep(0.002)  # the server orders waits by the millisecond: this one is strictly younger
+    started = time.monotonic()
+    with pytest.raises(ll.DeadlockError) as deadlock:
+        other.acquire(x, wait=WAIT_MAX)
+    assert time.monotonic() - started < WAIT_MAX / 2  # not the wait running out
+    error = deadlock.value
+    assert error.status == ll.Status.DEADLOCK and isinstance(error, ll.NotAcquired)
+    assert f'"{x}"' in error.cycle and f'"{y}"' in error.cycle and error.cycle.startswith("deadlock")
+    assert error.cycle in str(error)
+    # The other wait goes on: once y is released, it is granted.
+    held_y.release()
+    granted = waits_for_y.wait(WAIT_MAX)
+    assert granted.name == y.encode() and granted.active
+    granted.release()
+    held_x.release()
