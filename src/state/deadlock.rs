@@ -85,9 +85,16 @@ fn victims(edges: &[ShardEdge]) -> Vec<Victim> {
     for (i, (_, edge)) in edges.iter().enumerate() {
         out_edges.entry(edge.waiter).or_default().push(i);
     }
-    let mut failed: HashSet<(usize, SessionId, RequestId)> = HashSet::new();
+    let mut roots: Vec<SessionId> = out_edges.keys().copied().collect();
+    roots.sort_unstable();
+    let mut search = Search {
+        edges,
+        out_edges,
+        failed: HashSet::new(),
+        done: HashSet::new(),
+    };
     let mut victims = Vec::new();
-    while let Some(cycle) = find_cycle(edges, &out_edges, &failed) {
+    while let Some(cycle) = search.find_cycle(&roots) {
         let youngest = *cycle
             .iter()
             .max_by_key(|&&i| {
@@ -96,7 +103,7 @@ fn victims(edges: &[ShardEdge]) -> Vec<Victim> {
             })
             .expect("a cycle has edges");
         let (shard, edge) = &edges[youngest];
-        failed.insert((*shard, edge.waiter, edge.request_id));
+        search.failed.insert((*shard, edge.waiter, edge.request_id));
         victims.push(Victim {
             shard: *shard,
             session: edge.waiter,
@@ -108,40 +115,48 @@ fn victims(edges: &[ShardEdge]) -> Vec<Victim> {
     victims
 }
 
-/// The edges of one cycle (in order), among the edges of waits not failed.
-fn find_cycle(
-    edges: &[ShardEdge],
-    out_edges: &HashMap<SessionId, Vec<usize>>,
-    failed: &HashSet<(usize, SessionId, RequestId)>,
-) -> Option<Vec<usize>> {
-    let live = |i: usize| {
-        let (shard, e) = &edges[i];
-        !failed.contains(&(*shard, e.waiter, e.request_id))
-    };
-    // 1: on the current path; 2: done (no cycle through it).
-    let mut state: HashMap<SessionId, u8> = HashMap::new();
-    let mut roots: Vec<SessionId> = out_edges.keys().copied().collect();
-    roots.sort_unstable();
-    for root in roots {
-        if state.contains_key(&root) {
-            continue;
-        }
-        // The path: (session, next out-edge to try), and the edges taken.
-        let mut path: Vec<(SessionId, usize)> = vec![(root, 0)];
-        let mut taken: Vec<usize> = Vec::new();
-        state.insert(root, 1);
-        while let Some(&mut (node, ref mut next)) = path.last_mut() {
-            let outs = out_edges.get(&node).map_or(&[][..], Vec::as_slice);
-            let Some(&i) = outs[*next..].iter().find(|&&i| live(i)) else {
-                state.insert(node, 2);
-                path.pop();
-                taken.pop();
+/// A depth-first search for cycles, kept between the cycles it finds:
+/// failing a wait only removes edges, so a session found on no cycle
+/// (`done`) stays on none, and each is searched from once in all.
+struct Search<'e> {
+    edges: &'e [ShardEdge],
+    out_edges: HashMap<SessionId, Vec<usize>>,
+    /// The waits failed so far: their edges are gone.
+    failed: HashSet<(usize, SessionId, RequestId)>,
+    /// Sessions from which no cycle can be reached.
+    done: HashSet<SessionId>,
+}
+
+impl Search<'_> {
+    /// The edges of one cycle (in order) among the edges of waits not
+    /// failed, searched from `roots` in turn.
+    fn find_cycle(&mut self, roots: &[SessionId]) -> Option<Vec<usize>> {
+        let edges = self.edges;
+        for &root in roots {
+            if self.done.contains(&root) {
                 continue;
-            };
-            *next = outs.iter().position(|&j| j == i).expect("found above") + 1;
-            let to = edges[i].1.blocker;
-            match state.get(&to) {
-                Some(1) => {
+            }
+            // The path: (session, next out-edge to try), and the edges taken.
+            let mut path: Vec<(SessionId, usize)> = vec![(root, 0)];
+            let mut on_path: HashSet<SessionId> = HashSet::from_iter([root]);
+            let mut taken: Vec<usize> = Vec::new();
+            while let Some(&mut (node, ref mut next)) = path.last_mut() {
+                let outs = self.out_edges.get(&node).map_or(&[][..], Vec::as_slice);
+                let live = |i: usize| {
+                    let (shard, e) = &edges[i];
+                    !self.failed.contains(&(*shard, e.waiter, e.request_id))
+                };
+                let Some(skip) = outs[*next..].iter().position(|&i| live(i)) else {
+                    self.done.insert(node);
+                    on_path.remove(&node);
+                    path.pop();
+                    taken.pop();
+                    continue;
+                };
+                let i = outs[*next + skip];
+                *next += skip + 1;
+                let to = edges[i].1.blocker;
+                if on_path.contains(&to) {
                     // Back to the path: the cycle is from `to` on.
                     let start = path
                         .iter()
@@ -151,16 +166,15 @@ fn find_cycle(
                     cycle.push(i);
                     return Some(cycle);
                 }
-                Some(_) => {}
-                None => {
-                    state.insert(to, 1);
+                if !self.done.contains(&to) {
+                    on_path.insert(to);
                     path.push((to, 0));
                     taken.push(i);
                 }
             }
         }
+        None
     }
-    None
 }
 
 /// "session 0x.. waits for "x" held by session 0x..; ...", from the
@@ -278,6 +292,34 @@ mod tests {
         // Session 3's wait 9 ends the first cycle; 3 -> 4 -> 3 loses its
         // youngest wait, 4's; 5 <-> 6 loses 6's.
         assert_eq!(failed, [(3, 9), (4, 4), (6, 6)]);
+    }
+
+    /// Many cycles and a long chain into them: each cycle loses exactly
+    /// one wait, the chain none (the search keeps what it learned between
+    /// cycles, so this is one pass, not one per cycle).
+    #[test]
+    fn many_cycles_behind_a_long_chain_each_lose_one_wait() {
+        let mut edges = Vec::new();
+        let pairs = 500;
+        for k in 0..pairs {
+            let (a, b) = (10_000 + 2 * k, 10_001 + 2 * k);
+            edges.push((0, edge(a, a, b, Blocker::Hold(a), "p")));
+            edges.push((1, edge(b, b, a, Blocker::Hold(b), "q")));
+        }
+        // 0 -> 1 -> ... -> 999 -> the first pair.
+        for i in 0..1000 {
+            let to = if i == 999 { 10_000 } else { i + 1 };
+            edges.push((2, edge(i, 100_000 + i, to, Blocker::Hold(i), "c")));
+        }
+        let mut detector = Detector::default();
+        detector.round(edges.clone());
+        let mut failed: Vec<SessionId> = detector.round(edges).iter().map(|v| v.session).collect();
+        failed.sort_unstable();
+        let want: Vec<SessionId> = (0..pairs).map(|k| 10_001 + 2 * k).collect();
+        assert_eq!(
+            failed, want,
+            "the younger wait of each pair, nothing of the chain"
+        );
     }
 
     #[test]

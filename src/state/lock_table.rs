@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use hashbrown::DefaultHashBuilder;
 use hashbrown::{HashMap, HashSet, HashTable};
 use std::hash::BuildHasher;
+use std::sync::Arc;
 
 use crate::limits::{SIGNALS_PER_LOCK_MAX, WAITERS_PER_LOCK_MAX};
 pub use crate::mode::Mode;
@@ -644,7 +645,7 @@ pub struct WaitEdge {
     pub since_ms: u64,
     pub blocker: SessionId,
     pub by: Blocker,
-    pub name: Box<[u8]>,
+    pub name: Arc<[u8]>,
 }
 
 /// What of the blocker's the waiter waits for: a hold (its token), or a
@@ -953,9 +954,12 @@ impl LockTable {
             if lock.mode == Mode::Permits {
                 continue;
             }
-            let waiters: Vec<&Waiter> = lock.waiters().collect();
-            for (at, w) in waiters.iter().enumerate() {
-                let conflicts = |mode: Mode| mode == Mode::Exclusive || w.mode == Mode::Exclusive;
+            // One pass: the nearest conflicting wait ahead of an exclusive
+            // wait is the one just ahead; of a shared wait, the nearest
+            // exclusive one ahead. One copy of the name for all its edges.
+            let name: Arc<[u8]> = Arc::from(&*lock.name);
+            let (mut prev, mut last_exclusive): (Option<&Waiter>, Option<&Waiter>) = (None, None);
+            for w in lock.waiters() {
                 let edge = |blocker: SessionId, by: Blocker| WaitEdge {
                     waiter: w.session,
                     request_id: w.request_id,
@@ -963,21 +967,26 @@ impl LockTable {
                     since_ms: w.since_ms,
                     blocker,
                     by,
-                    name: lock.name.clone(),
+                    name: name.clone(),
                 };
-                match waiters[..at]
-                    .iter()
-                    .rev()
-                    .find(|ahead| conflicts(ahead.mode))
-                {
+                let ahead = if w.mode == Mode::Exclusive {
+                    prev
+                } else {
+                    last_exclusive
+                };
+                match ahead {
                     Some(ahead) => out.push(edge(ahead.session, Blocker::Waiter(ahead.seq))),
-                    None if conflicts(lock.mode) => {
+                    None if lock.mode == Mode::Exclusive || w.mode == Mode::Exclusive => {
                         out.extend(
                             lock.holders()
                                 .map(|h| edge(h.session, Blocker::Hold(h.token))),
                         );
                     }
                     None => {}
+                }
+                prev = Some(w);
+                if w.mode == Mode::Exclusive {
+                    last_exclusive = Some(w);
                 }
                 if out.len() > limit {
                     out.truncate(limit);
