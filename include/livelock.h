@@ -85,6 +85,7 @@ enum livelock_opcode {
     LIVELOCK_OP_SET_CAPACITY = 18,    /* capacity u32 (>= 1) + name */
     LIVELOCK_OP_SET_ORDER = 19,       /* the session's lock order, see PROTOCOL.md */
     LIVELOCK_OP_REPORT = 20,          /* top u32; reply: usage rows, see PROTOCOL.md */
+    LIVELOCK_OP_ACQUIRE_ALL = 21,     /* livelock_acquire_all + names; reply: a token per name */
     /* Server pushes (never valid from a client). */
     LIVELOCK_OP_LOCK_LOST = 0x40,     /* livelock_token + name */
     LIVELOCK_OP_SHUTDOWN = 0x41,      /* empty */
@@ -233,6 +234,22 @@ LIVELOCK_STATIC_ASSERT(sizeof(livelock_acquire_permits) == 20, "livelock_acquire
 LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_permits, acquire) == 0, "livelock_acquire_permits.acquire");
 LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_permits, weight) == 12, "livelock_acquire_permits.weight");
 LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_permits, capacity) == 16, "livelock_acquire_permits.capacity");
+
+/* ACQUIRE_ALL: several locks at once, all or none; then `count` names, each
+ * mode u8 (0 exclusive, 1 shared), 0 u8, name_len u16, the name. Granted:
+ * one livelock_token per name, in the request's order. */
+typedef struct livelock_acquire_all {
+    uint8_t acq_flags;  /* LIVELOCK_ACQ_NOTIFY_QUEUED: one QUEUED, when it first waits */
+    uint8_t reserved;   /* 0 */
+    uint16_t count;     /* 1..=32 names */
+    uint32_t wait_ms;   /* as for ACQUIRE, one wait for all */
+} livelock_acquire_all;
+
+LIVELOCK_STATIC_ASSERT(sizeof(livelock_acquire_all) == 8, "livelock_acquire_all size");
+LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_all, acq_flags) == 0, "livelock_acquire_all.acq_flags");
+LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_all, reserved) == 1, "livelock_acquire_all.reserved");
+LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_all, count) == 2, "livelock_acquire_all.count");
+LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_all, wait_ms) == 4, "livelock_acquire_all.wait_ms");
 
 /* EXTEND: then the lock name = rest of the body. */
 typedef struct livelock_extend {

@@ -457,6 +457,50 @@ impl Client {
         self.acquire_with(name, options)
     }
 
+    /// Takes every name at once, each exclusive or shared, or none:
+    /// one guard per name (in `names`' order, each with its own fencing
+    /// token), once all are held. The server takes them in byte order as
+    /// ordinary FIFO acquires and gives back what it took if one fails, so
+    /// this session never holds a part of the set, and no two such
+    /// requests can deadlock each other. `wait`: `None` forever, else at
+    /// most that long (`ZERO`: one try); `Ok(None)` if not granted in time.
+    pub fn acquire_all<N: AsRef<[u8]>>(
+        &self,
+        names: &[(N, Mode)],
+        wait: Option<Duration>,
+    ) -> Result<Option<Vec<Guard>>> {
+        let list: Vec<(Mode, &[u8])> = names.iter().map(|(n, m)| (*m, n.as_ref())).collect();
+        let mut bytes = Vec::new();
+        protocol::AllNames::encode(&list, &mut bytes);
+        let count = u16::try_from(list.len())
+            .map_err(|_| Error::Status(Status::BadBody, "too many names".into()))?;
+        let names_ok = protocol::AllNames::parse(count, &bytes)
+            .ok_or_else(|| Error::Status(Status::BadBody, "1 to 32 distinct valid names".into()))?;
+        let request = Request::AcquireAll {
+            names: names_ok,
+            wait_ms: wait_ms_of(wait),
+            notify_queued: false,
+        };
+        let reply = match self.call(&request) {
+            Ok(reply) => reply,
+            Err(Error::Status(Status::Busy | Status::TimedOut, _)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let tokens = protocol::parse_tokens_body(&reply.body, list.len())
+            .ok_or_else(|| Error::Protocol("bad ACQUIRE_ALL grant".into()))?;
+        let guards = list
+            .iter()
+            .zip(tokens)
+            .map(|((_, name), token)| Guard {
+                inner: self.inner.clone(),
+                name: name.to_vec(),
+                token,
+                armed: true,
+            })
+            .collect();
+        Ok(Some(guards))
+    }
+
     /// Declares the order this session's acquires keep from now on
     /// (`None`: none): an acquire of a name that does not rank after every
     /// name the session holds or waits for is then refused
@@ -645,18 +689,23 @@ impl Drop for Client {
     }
 }
 
+/// A wait as the protocol says it: `None` forever.
+fn wait_ms_of(wait: Option<Duration>) -> u32 {
+    match wait {
+        None => WAIT_FOREVER,
+        Some(wait) => u32::try_from(wait.as_millis())
+            .unwrap_or(WAIT_FOREVER - 1)
+            .min(WAIT_FOREVER - 1),
+    }
+}
+
 /// The ACQUIRE of `name` as `options` say.
 pub(crate) fn acquire_request(
     name: &[u8],
     options: AcquireOptions,
     notify_queued: bool,
 ) -> Request<'_> {
-    let wait_ms = match options.wait {
-        None => WAIT_FOREVER,
-        Some(wait) => u32::try_from(wait.as_millis())
-            .unwrap_or(WAIT_FOREVER - 1)
-            .min(WAIT_FOREVER - 1),
-    };
+    let wait_ms = wait_ms_of(options.wait);
     let lease_ms = options.lease.map_or(0, |l| {
         u32::try_from(l.as_millis()).unwrap_or(u32::MAX).max(1)
     });

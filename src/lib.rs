@@ -61,5 +61,5 @@ pub use runtime::{
     cluster, config, connection, data_dir, event_loop, metrics, raft_log, server, tls,
 };
 #[cfg(feature = "server")]
-pub use state::{deadlock, dump, journal, lock_table, session, snapshot, usage};
+pub use state::{deadlock, dump, journal, lock_table, multi, session, snapshot, usage};
 pub use wire::{glob, protocol, resp};

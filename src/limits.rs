@@ -161,6 +161,10 @@ pub const DEADLOCK_ROUND_MS: u64 = 20;
 /// decides nothing (a bound on memory and time per round).
 pub const WAIT_EDGES_PER_SHARD_MAX: usize = 100_000;
 
+/// Most names one ACQUIRE_ALL takes (each is one step of its home's work).
+pub const MULTI_NAMES_MAX: usize = 32;
+const _: () = assert!(MULTI_NAMES_MAX <= u16::MAX as usize);
+
 /// Lock names whose usage one shard keeps for reports (the least active
 /// eighth goes when a new name finds it full; see `state::usage`).
 pub const USAGE_NAMES_PER_SHARD: usize = 1024;

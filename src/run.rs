@@ -177,6 +177,32 @@ fn held_by_enclosing_run(held: &str, servers: &[String], name: &str) -> bool {
     })
 }
 
+/// The names to take, as the server would check them (a usage error here).
+fn check_names(names: &[String]) -> Result<(), String> {
+    let max = livelock::limits::NAME_LEN_MAX;
+    for name in names {
+        if name.is_empty() || name.len() > max {
+            let shown: String = name.chars().take(40).collect();
+            let more = if shown.len() < name.len() { "…" } else { "" };
+            return Err(format!(
+                "a lock name is 1 to {max} bytes, not {} ({shown:?}{more})",
+                name.len()
+            ));
+        }
+        if names.iter().filter(|n| *n == name).count() > 1 {
+            return Err(format!("{name} is named twice"));
+        }
+    }
+    match names.len() {
+        0 => Err("no lock named".into()),
+        n if n > livelock::limits::MULTI_NAMES_MAX => Err(format!(
+            "--all takes at most {} names, not {n}",
+            livelock::limits::MULTI_NAMES_MAX
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// `--permits N[/CAPACITY]`: (weight, capacity); `N` alone is 1 of N.
 fn permits_flag(text: &str) -> Result<(u32, u32), String> {
     let number = |t: &str| {
@@ -222,8 +248,15 @@ pub struct RunArgs {
     /// Internal: be the supervisor of COMMAND for the `livelock run` of this pid.
     #[arg(long, hide = true, value_name = "PID")]
     supervise: Option<u32>,
+    /// Instead of NAME, hold every one of these locks (comma-separated, up
+    /// to 32), taken at once, all or none (`--shared`: all shared);
+    /// COMMAND gets their tokens in LIVELOCK_FENCE, space-separated, in
+    /// this order.
+    #[arg(long, value_name = "NAME,NAME...", value_delimiter = ',', conflicts_with_all = ["name", "permits"])]
+    all: Vec<String>,
     /// The lock to hold.
-    name: String,
+    #[arg(required_unless_present_any = ["all", "supervise"])]
+    name: Option<String>,
     /// The command and its arguments (after `--`).
     #[arg(
         last = true,
@@ -290,7 +323,8 @@ pub fn hold(args: HoldArgs) -> ExitCode {
         kill_after: Duration::from_secs(10),
         supervise: None,
         shell_command: Some(HOLD_SCRIPT.into()),
-        name: args.name,
+        all: Vec::new(),
+        name: Some(args.name),
         command: Vec::new(),
     })
 }
@@ -310,23 +344,18 @@ pub fn run(mut args: RunArgs) -> ExitCode {
         .into_iter()
         .filter(|&signal| !ignored(signal))
         .collect();
+    // --all: several names, taken all at once.
+    let all = args.name.is_none();
+    let names: Vec<String> = match args.name.take() {
+        Some(name) => vec![name],
+        None => std::mem::take(&mut args.all),
+    };
     // What the server would refuse, refused here with a usage error.
-    if args.name.is_empty() || args.name.len() > livelock::limits::NAME_LEN_MAX {
-        let shown: String = args.name.chars().take(40).collect();
-        return fail(
-            EXIT_USAGE,
-            format_args!(
-                "a lock name is 1 to {} bytes, not {} ({shown:?}{})",
-                livelock::limits::NAME_LEN_MAX,
-                args.name.len(),
-                if shown.len() < args.name.len() {
-                    "…"
-                } else {
-                    ""
-                }
-            ),
-        );
+    if let Err(e) = check_names(&names) {
+        return fail(EXIT_USAGE, format_args!("{e}"));
     }
+    // The locks, as messages name them.
+    let shown = names.join(",");
     let grace_max = Duration::from_millis(livelock::limits::GRACE_MS_MAX.into());
     if args.lock.grace > grace_max {
         return fail(
@@ -342,13 +371,15 @@ pub fn run(mut args: RunArgs) -> ExitCode {
         Err(e) => return fail(EXIT_USAGE, format_args!("{e}")),
     };
     let held = std::env::var(HELD_VAR).unwrap_or_default();
-    if held_by_enclosing_run(&held, &servers, &args.name) {
+    if let Some(name) = names
+        .iter()
+        .find(|name| held_by_enclosing_run(&held, &servers, name))
+    {
         return fail(
             EXIT_USAGE,
             format_args!(
-                "{} is already held by an enclosing `livelock run` of this process tree \
-                 ({HELD_VAR}): waiting for it would never end",
-                args.name
+                "{name} is already held by an enclosing `livelock run` of this process tree \
+                 ({HELD_VAR}): waiting for it would never end"
             ),
         );
     }
@@ -398,37 +429,47 @@ pub fn run(mut args: RunArgs) -> ExitCode {
         weight,
         capacity,
     };
-    let guard = match client.acquire_with(&args.name, acquire) {
-        Ok(guard) => guard,
-        Err(Error::Status(Status::Busy, _)) => {
-            return fail(
-                EXIT_NOT_LOCKED,
-                format_args!("{} is held by someone else", args.name),
-            )
-        }
-        Err(Error::Status(Status::TimedOut, _)) => {
-            let waited = args.lock.wait.and_then(|w| w.0).unwrap_or_default();
-            return fail(
-                EXIT_NOT_LOCKED,
-                format_args!("{} still held after waiting {waited:?}", args.name),
-            );
-        }
-        Err(e) => {
-            return fail(
-                EXIT_UNAVAILABLE,
-                format_args!("cannot lock {}: {e}", args.name),
-            )
+    // The holds are released explicitly at the end (or by the session's end).
+    let taken = match all {
+        false => client.acquire_with(&names[0], acquire).map(|guard| {
+            let token = guard.token();
+            guard.forget();
+            Some(vec![token])
+        }),
+        true => {
+            let list: Vec<(&str, Mode)> = names.iter().map(|n| (n.as_str(), mode)).collect();
+            client.acquire_all(&list, acquire.wait).map(|guards| {
+                guards.map(|guards| {
+                    let tokens = guards.iter().map(|g| g.token()).collect();
+                    guards.into_iter().for_each(|g| g.forget());
+                    tokens
+                })
+            })
         }
     };
-    let token = guard.token();
-    // The hold is released explicitly at the end (or by the session's end).
-    guard.forget();
+    let tokens = match taken {
+        Ok(Some(tokens)) => tokens,
+        Ok(None) | Err(Error::Status(Status::Busy | Status::TimedOut, _)) => {
+            let waited = args.lock.wait.and_then(|w| w.0).unwrap_or_default();
+            return match waited.is_zero() {
+                true => fail(
+                    EXIT_NOT_LOCKED,
+                    format_args!("{shown} is held by someone else"),
+                ),
+                false => fail(
+                    EXIT_NOT_LOCKED,
+                    format_args!("{shown} still held after waiting {waited:?}"),
+                ),
+            };
+        }
+        Err(e) => return fail(EXIT_UNAVAILABLE, format_args!("cannot lock {shown}: {e}")),
+    };
     // The first heartbeat: the hold is confirmed from here on.
     let confirmed = Instant::now();
     if let Err(e) = client.ping() {
         return fail(
             EXIT_UNAVAILABLE,
-            format_args!("lost the connection right after locking {}: {e}", args.name),
+            format_args!("lost the connection right after locking {shown}: {e}"),
         );
     }
 
@@ -454,11 +495,15 @@ pub fn run(mut args: RunArgs) -> ExitCode {
     if !held_env.is_empty() && !held_env.ends_with('\n') {
         held_env.push('\n');
     }
-    held_env.push_str(&held_line(&addr, mode, &args.name));
-    let supervisor = match spawn_supervisor(&args, token, &held_env) {
+    let lines: Vec<String> = names.iter().map(|n| held_line(&addr, mode, n)).collect();
+    held_env.push_str(&lines.join("\n"));
+    let fence: Vec<String> = tokens.iter().map(u64::to_string).collect();
+    let supervisor = match spawn_supervisor(&args, &fence.join(" "), &held_env) {
         Ok(child) => child,
         Err(e) => {
-            let _ = client.release(&args.name);
+            for name in &names {
+                let _ = client.release(name);
+            }
             return fail(
                 EXIT_INTERNAL,
                 format_args!("cannot start the supervisor of {:?}: {e}", args.command[0]),
@@ -476,6 +521,7 @@ pub fn run(mut args: RunArgs) -> ExitCode {
         libc::kill(supervisor_pid, signal);
     };
 
+    let ours = |name: &[u8]| names.iter().any(|n| n.as_bytes() == name);
     let mut link = Link::start(Arc::new(client), confirmed, 0);
     let mut reconnecting: Option<Receiver<Option<(Client, Instant)>>> = None;
     let mut lost: Option<String> = None;
@@ -503,13 +549,13 @@ pub fn run(mut args: RunArgs) -> ExitCode {
             eprintln!(
                 "livelock run: no answer from {addr} for {:?}: killing the command before the server can free {}",
                 now - link.confirmed,
-                args.name
+                shown
             );
             tell(SUPERVISOR_KILL_NOW);
             killed = true;
         }
         if let Some(reason) = reason.take() {
-            stop_on_loss(&args.name, &reason, &mut lost, &tell);
+            stop_on_loss(&shown, &reason, &mut lost, &tell);
         }
         let wake = [silent_at, term_at, kill_at]
             .into_iter()
@@ -533,15 +579,15 @@ pub fn run(mut args: RunArgs) -> ExitCode {
             },
             recv(link.events) -> event => {
                 let reason = match event {
-                    Ok(Event::LockLost { name, .. }) if name == args.name.as_bytes() => Some("its lease ran out".to_string()),
-                    Ok(Event::Signal { name, signal }) if name == args.name.as_bytes() => {
-                        let shown = String::from_utf8_lossy(&signal);
+                    Ok(Event::LockLost { name, .. }) if ours(&name) => Some(format!("{}: its lease ran out, or an operator released it", String::from_utf8_lossy(&name))),
+                    Ok(Event::Signal { name, signal }) if ours(&name) => {
+                        let (name, signal_shown) = (String::from_utf8_lossy(&name), String::from_utf8_lossy(&signal));
                         match pushed_signal(&signal) {
                             Some(i) => {
-                                eprintln!("livelock run: signal {shown} raised on {}: passed to COMMAND", args.name);
+                                eprintln!("livelock run: signal {signal_shown} raised on {name}: passed to COMMAND");
                                 tell(forward_signal(i));
                             }
-                            None => eprintln!("livelock run: signal {shown} raised on {} (not a Unix signal name: COMMAND is not told)", args.name),
+                            None => eprintln!("livelock run: signal {signal_shown} raised on {name} (not a Unix signal name: COMMAND is not told)"),
                         }
                         None
                     }
@@ -562,7 +608,7 @@ pub fn run(mut args: RunArgs) -> ExitCode {
                     }
                 };
                 if let Some(reason) = reason {
-                    stop_on_loss(&args.name, &reason, &mut lost, &tell);
+                    stop_on_loss(&shown, &reason, &mut lost, &tell);
                 }
             },
             recv(reconnected) -> resumed => {
@@ -572,7 +618,7 @@ pub fn run(mut args: RunArgs) -> ExitCode {
                         let confirmed = link.confirmed.max(sent);
                         link = Link::start(Arc::new(client), confirmed, link.generation + 1);
                     }
-                    _ => stop_on_loss(&args.name, &format!("the connection to {addr} was lost"), &mut lost, &tell),
+                    _ => stop_on_loss(&shown, &format!("the connection to {addr} was lost"), &mut lost, &tell),
                 }
             },
             recv(wake) -> _ => {},
@@ -589,7 +635,7 @@ pub fn run(mut args: RunArgs) -> ExitCode {
             link = Link::start(Arc::new(client), confirmed, link.generation + 1);
         }
     }
-    link.finish(&args.name, lost.is_none());
+    link.finish(&names, lost.is_none());
     match lost {
         // Said on stderr when it happened (`stop_on_loss`).
         Some(_) => ExitCode::from(EXIT_LOCK_LOST),
@@ -609,7 +655,7 @@ fn stop_on_loss(name: &str, reason: &str, lost: &mut Option<String>, tell: &impl
 /// Starts `livelock run --supervise`, which starts COMMAND.
 fn spawn_supervisor(
     args: &RunArgs,
-    token: u64,
+    fence: &str,
     held_env: &str,
 ) -> std::io::Result<std::process::Child> {
     let parent = std::process::id();
@@ -621,10 +667,9 @@ fn spawn_supervisor(
         .arg(parent.to_string())
         .arg("--kill-after")
         .arg(format!("{}ms", args.kill_after.as_millis()))
-        .arg(&args.name)
         .arg("--")
         .args(&args.command)
-        .env("LIVELOCK_FENCE", token.to_string())
+        .env("LIVELOCK_FENCE", fence)
         .env(HELD_VAR, held_env);
     // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
     unsafe {
@@ -690,19 +735,19 @@ impl Link {
         }
     }
 
-    /// Releases `name` if `release`, and ends the session; each step bounded
+    /// Releases `names` if `release`, and ends the session; each step bounded
     /// by `SILENCE_MAX` (the connection may be cut: then the server frees the
-    /// lock when it finds us gone).
-    fn finish(mut self, name: &str, release: bool) {
+    /// locks when it finds us gone).
+    fn finish(mut self, names: &[String], release: bool) {
         self.stop.take();
         let _ = self.done.recv_timeout(SILENCE_MAX);
         let client = self.client;
-        let owned = name.to_string();
+        let owned = names.to_vec();
         let (tx, rx) = crossbeam_channel::bounded(1);
         std::thread::spawn(move || {
-            if release {
-                if let Err(e) = client.release(&owned) {
-                    eprintln!("livelock run: releasing {owned}: {e}");
+            for name in owned.iter().filter(|_| release) {
+                if let Err(e) = client.release(name) {
+                    eprintln!("livelock run: releasing {name}: {e}");
                 }
             }
             if let Ok(client) = Arc::try_unwrap(client) {
@@ -711,7 +756,10 @@ impl Link {
             let _ = tx.send(());
         });
         if rx.recv_timeout(SILENCE_MAX).is_err() {
-            eprintln!("livelock run: no answer from the server while letting go of {name}");
+            eprintln!(
+                "livelock run: no answer from the server while letting go of {}",
+                names.join(",")
+            );
         }
     }
 }

@@ -97,6 +97,7 @@ fn session(id: u64, client_id: Option<&[u8]>) -> DumpSession {
         client_id: client_id.map(<[u8]>::to_vec),
         grace_ms: 1000,
         order: None,
+        multis: Vec::new(),
     }
 }
 

@@ -15,8 +15,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use livelock::limits;
 use livelock::protocol::{
-    self, encode_request, flags, opcode, AcquireBody, CancelBody, ExtendBody, Header, HelloBody,
-    Mode, PermitsBody, Request, ResumeBody, SessionBody, Status,
+    self, encode_request, flags, opcode, AcquireBody, AllBody, CancelBody, ExtendBody, Header,
+    HelloBody, Mode, PermitsBody, Request, ResumeBody, SessionBody, Status,
 };
 
 /// Size of a struct field, by a projection closure (`|h: &Header| &h.magic`).
@@ -68,6 +68,7 @@ fn layout_expectations(checks: &mut Vec<(String, u64)>) {
     same_layout!(checks, "livelock_acquire", AcquireBody,
         [mode, acq_flags, reserved, wait_ms, lease_ms]);
     same_layout!(checks, "livelock_acquire_permits", PermitsBody, [acquire, weight, capacity]);
+    same_layout!(checks, "livelock_acquire_all", AllBody, [acq_flags, reserved, count, wait_ms]);
     same_layout!(checks, "livelock_extend", ExtendBody, [lease_ms]);
     same_layout!(checks, "livelock_cancel", CancelBody, [target_request_id]);
     same_layout!(checks, "livelock_session_reply", SessionBody,
@@ -138,6 +139,7 @@ fn expectations() -> Vec<(String, u64)> {
         ("SET_CAPACITY", opcode::SET_CAPACITY),
         ("SET_ORDER", opcode::SET_ORDER),
         ("REPORT", opcode::REPORT),
+        ("ACQUIRE_ALL", opcode::ACQUIRE_ALL),
         ("LOCK_LOST", opcode::LOCK_LOST),
         ("SHUTDOWN", opcode::SHUTDOWN),
         ("SESSION_TAKEN", opcode::SESSION_TAKEN),

@@ -191,6 +191,7 @@ impl World {
                 queued: false,
                 conn: livelock::connection::ConnRef::NONE,
                 started_us: 0,
+                multi: None,
             },
         );
         self.kinds.insert((id, request_id), kind);
@@ -416,7 +417,7 @@ impl World {
             .iter()
             .map(|t| snapshot::export_shard(t, self.now_ms))
             .collect();
-        parts[0].sessions = snapshot::export_sessions(&self.homes[0]);
+        parts[0].sessions = snapshot::export_sessions(&self.homes[0], self.now_ms);
         let (state, dropped) = snapshot::merge(parts, self.now_ms);
         assert_eq!(dropped, 0, "the simulation's state always fits a dump");
         let state = dump::decode(&dump::encode(&state)).expect("a dump reads back");

@@ -28,6 +28,7 @@
 
 mod compat;
 mod deadlock;
+mod multi;
 mod native;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -1195,6 +1196,11 @@ impl EventLoop {
             (self.conns[t.0].unwritten(), self.conns[t.0].eof)
         });
         let delivery = session.record(&effect);
+        if let Delivery::MultiStep(step) = delivery {
+            let request_id = effect.request_id().expect("a step answers a request");
+            self.multi_step(session_id, request_id, step);
+            return;
+        }
         // Native output goes to the session's connection, or is parked for
         // RESUME while it is detached.
         let native_out: &mut Vec<u8> = match session.conn {
@@ -1248,6 +1254,29 @@ impl EventLoop {
                     }
                     PendingOp::Resp(op) => self.resp_reply(pending.conn, session_id, op, outcome),
                 }
+            }
+            (Delivery::MultiFinal(pending, result), effect) => {
+                let request_id = effect.request_id().expect("a reply answers a request");
+                let micros = self.now_us.saturating_sub(pending.started_us);
+                match pending.queued {
+                    true => self.metrics.observe_wait(micros),
+                    false => self.metrics.observe(op_metric(pending.op), micros),
+                }
+                match &result {
+                    Ok(_) => self.metrics.inc_grants(),
+                    Err(crate::multi::Failure::Outcome(Outcome::TimedOut)) => {
+                        self.metrics.inc_timeouts()
+                    }
+                    Err(crate::multi::Failure::Outcome(Outcome::Busy)) => self.metrics.inc_busy(),
+                    Err(_) => {}
+                }
+                if !resp_session {
+                    multi::encode_final(native_out, request_id, &result, pending.queued);
+                }
+                if let (true, Some(token)) = (eof, session.conn) {
+                    self.mark_ready(token);
+                }
+                self.end_multi(session_id, request_id);
             }
             (Delivery::Lost { push }, Effect::LockLost { token, name, .. }) => {
                 self.metrics.inc_lock_lost();
@@ -1560,7 +1589,7 @@ impl EventLoop {
         let idx = self.idx;
         let started = Instant::now();
         let mut state = snapshot::export_shard(&self.table, now_ms);
-        state.sessions = snapshot::durable_sessions(&self.sessions);
+        state.sessions = snapshot::durable_sessions(&self.sessions, self.now_ms);
         log.send_part(SnapshotPart {
             idx,
             export: started.elapsed(),
@@ -1676,7 +1705,7 @@ impl EventLoop {
         }
         if self.shard_export.is_some() && self.markers[Barrier::Sessions as usize] == others {
             let mut state = self.shard_export.take().expect("checked");
-            state.sessions = snapshot::export_sessions(&self.sessions);
+            state.sessions = snapshot::export_sessions(&self.sessions, self.now_ms);
             self.exported = true;
             // The server holds the receiver until every loop has sent.
             let _ = self.shared.final_tx.send(state);
@@ -2086,7 +2115,7 @@ fn native_op(code: u8) -> crate::metrics::Op {
     match code {
         opcode::HELLO => Op::Hello,
         opcode::RESUME => Op::Resume,
-        opcode::ACQUIRE | opcode::ACQUIRE_PERMITS => Op::Acquire,
+        opcode::ACQUIRE | opcode::ACQUIRE_PERMITS | opcode::ACQUIRE_ALL => Op::Acquire,
         opcode::SET_CAPACITY | opcode::SET_ORDER => Op::Settings,
         opcode::REPORT => Op::Report,
         opcode::RELEASE => Op::Release,

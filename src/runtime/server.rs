@@ -312,7 +312,7 @@ fn launch(launch: Launch) -> io::Result<Server> {
             .zip(&sessions)
             .map(|(table, sessions)| {
                 let mut state = snapshot::export_shard(table, now_ms);
-                state.sessions = snapshot::durable_sessions(sessions);
+                state.sessions = snapshot::durable_sessions(sessions, now_ms);
                 let position = LoopPosition {
                     stamp_ms: now_ms,
                     batch: 0,

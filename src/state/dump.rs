@@ -15,7 +15,11 @@
 //!   created_unix_ms u64, last_token u64
 //!   u32 count, sessions: id u64, secret [16], client_name bytes,
 //!                        client_id (u8 0 = none | 1 + bytes), grace_ms u32,
-//!                        (version 5) the declared order (`order::Order`)
+//!                        (version 5) the declared order (`order::Order`),
+//!                        (version 6) u16 count, multi-locks in flight:
+//!                        request_id u32, wait_left_ms u64 (u64::MAX =
+//!                        forever, 0 = one try), name count u16, names
+//!                        bytes (`protocol::AllNames`)
 //!   u32 count, holds:    name bytes, session u64, mode u8 (0 exclusive,
 //!                        1 shared; version 5: 2 permits, then weight u32,
 //!                        capacity u32), token u64, since_unix_ms u64,
@@ -51,7 +55,9 @@
 //!   so the server's writer never panics whatever state it is given;
 //! - version 1 files (no leases, no waiters), version 2 files (no log
 //!   position), version 3 files (no queueing times) and version 4 files
-//!   (no semaphores) are still read;
+//!   (no semaphores) and version 5 files (no multi-locks) are still read;
+//! - a session's multi-locks in flight have distinct request ids and
+//!   well-formed names (`AllNames::parse`);
 //! - a dump with a log position is a snapshot of `--durability log`: each
 //!   loop's part is its state after its batch `batch` at its own instant
 //!   `stamp_ms` (leases and waits left are counted from there), and the log
@@ -64,17 +70,18 @@ use std::io;
 
 use hashbrown::{HashMap, HashSet};
 
-use crate::limits::SECRET_LEN;
 use crate::limits::{CLIENT_NAME_LEN_MAX, NAME_LEN_MAX, SIGNAL_LEN_MAX};
+use crate::limits::{IN_FLIGHT_PER_SESSION_MAX, MULTI_NAMES_MAX, SECRET_LEN};
 pub use crate::mode::Mode;
 use crate::order::Order;
+use crate::protocol::AllNames;
 
 /// The state file's name inside the server's data directory.
 pub const FILE_NAME: &str = "livelock.dump";
 /// First bytes of every dump.
 pub const MAGIC: [u8; 8] = *b"LLDUMP\0\x01";
 /// Format version this build writes and reads.
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 /// The oldest format this build still reads.
 pub const VERSION_MIN: u32 = 1;
 /// `DumpWaiter::wait_left_ms` of a wait without deadline.
@@ -82,6 +89,8 @@ pub const WAIT_FOREVER: u64 = u64::MAX;
 
 /// Longest lock name in a dump (hold and signal names are 1..= this).
 pub const DUMP_NAME_LEN_MAX: usize = 1024;
+/// Longest names of one multi-lock, encoded.
+const MULTI_NAMES_LEN_MAX: usize = MULTI_NAMES_MAX * (4 + NAME_LEN_MAX);
 /// Longest signal payload in a dump.
 pub const DUMP_SIGNAL_LEN_MAX: usize = 1024;
 /// Longest client name or LiveLock client id in a dump.
@@ -118,6 +127,29 @@ pub struct DumpSession {
     pub grace_ms: u32,
     /// The order its acquires keep (SET_ORDER), if it declared one.
     pub order: Option<Order>,
+    /// Its ACQUIRE_ALLs in flight (restarted from their first name).
+    pub multis: Vec<DumpMulti>,
+}
+
+/// An ACQUIRE_ALL in flight: what it asked for and how long it may still
+/// wait; what it had taken is not kept (a restart gives it back and takes
+/// the names again, from the first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DumpMulti {
+    pub request_id: u32,
+    /// What was left of the wait; [`WAIT_FOREVER`] for none, 0 for a try.
+    pub wait_left_ms: u64,
+    /// How many names `names` has.
+    pub count: u16,
+    /// The names, as `protocol::AllNames` encodes them.
+    pub names: Vec<u8>,
+}
+
+impl DumpMulti {
+    /// The names, if they are well-formed.
+    pub fn names(&self) -> Option<AllNames<'_>> {
+        AllNames::parse(self.count, &self.names)
+    }
 }
 
 /// One granted hold of a lock by a session of the dump.
@@ -277,6 +309,14 @@ pub fn encode(dump: &Dump) -> Vec<u8> {
         }
         out.extend_from_slice(&session.grace_ms.to_le_bytes());
         Order::encode(session.order.as_ref(), &mut out);
+        let count = u16::try_from(session.multis.len()).expect("checked by check_consistent");
+        out.extend_from_slice(&count.to_le_bytes());
+        for multi in &session.multis {
+            out.extend_from_slice(&multi.request_id.to_le_bytes());
+            out.extend_from_slice(&multi.wait_left_ms.to_le_bytes());
+            out.extend_from_slice(&multi.count.to_le_bytes());
+            put_bytes(&mut out, &multi.names, 1, MULTI_NAMES_LEN_MAX);
+        }
     }
     put_count(&mut out, dump.holds.len());
     for hold in &dump.holds {
@@ -378,6 +418,22 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
         };
         let grace_ms = body.u32()?;
         let order = if version >= 5 { body.order()? } else { None };
+        let mut multis = Vec::new();
+        if version >= 6 {
+            let count = u16::from_le_bytes(body.array()?);
+            for _ in 0..count {
+                let request_id = body.u32()?;
+                let wait_left_ms = body.u64()?;
+                let count = u16::from_le_bytes(body.array()?);
+                let names = body.bytes(1, MULTI_NAMES_LEN_MAX)?;
+                multis.push(DumpMulti {
+                    request_id,
+                    wait_left_ms,
+                    count,
+                    names,
+                });
+            }
+        }
         sessions.push(DumpSession {
             id,
             secret,
@@ -385,6 +441,7 @@ pub fn decode(bytes: &[u8]) -> Result<Dump, DumpError> {
             client_id,
             grace_ms,
             order,
+            multis,
         });
     }
     let count = body.count(HOLD_LEN_MIN)?;
@@ -493,6 +550,15 @@ fn check_consistent(dump: &Dump) -> Result<(), &'static str> {
                 .is_some_and(|id| id.len() > DUMP_CLIENT_LEN_MAX)
         {
             return Err("client name or id too long");
+        }
+        if session.multis.len() > IN_FLIGHT_PER_SESSION_MAX {
+            return Err("too many multi-locks in a session");
+        }
+        let mut ids = HashSet::new();
+        for multi in &session.multis {
+            if multi.names().is_none() || !ids.insert(multi.request_id) {
+                return Err("a bad multi-lock");
+            }
         }
     }
     for (name, signal) in &dump.signals {
@@ -633,6 +699,13 @@ pub fn sanitize(dump: &mut Dump) -> usize {
                 .map_or(true, |id| id.len() <= DUMP_CLIENT_LEN_MAX)
             && ids.insert(s.id)
     });
+    for session in &mut dump.sessions {
+        let mut requests = HashSet::new();
+        session
+            .multis
+            .retain(|m| m.names().is_some() && requests.insert(m.request_id));
+        session.multis.truncate(IN_FLIGHT_PER_SESSION_MAX);
+    }
     let name_ok = |name: &[u8]| !name.is_empty() && name.len() <= DUMP_NAME_LEN_MAX;
     dump.signals
         .retain(|(name, signal)| name_ok(name) && signal.len() <= DUMP_SIGNAL_LEN_MAX);
@@ -680,6 +753,11 @@ fn encoded_body_len(dump: &Dump) -> usize {
                 + s.client_id.as_ref().map_or(0, |id| 4 + id.len())
                 + 4
                 + order_len(s.order.as_ref())
+                + 2
+                + s.multis
+                    .iter()
+                    .map(|m| 4 + 8 + 2 + 4 + m.names.len())
+                    .sum::<usize>()
         })
         .sum();
     let holds: usize = dump
@@ -855,6 +933,7 @@ mod tests {
                     client_id: None,
                     grace_ms: 30_000,
                     order: None,
+                    multis: Vec::new(),
                 },
                 DumpSession {
                     id: 0x0201,
@@ -863,6 +942,7 @@ mod tests {
                     client_id: Some(b"conn-\x00\xfe".to_vec()),
                     grace_ms: 0,
                     order: None,
+                    multis: Vec::new(),
                 },
                 DumpSession {
                     id: u64::MAX,
@@ -871,6 +951,7 @@ mod tests {
                     client_id: Some(Vec::new()),
                     grace_ms: u32::MAX,
                     order: None,
+                    multis: Vec::new(),
                 },
             ],
             holds: vec![
@@ -1333,7 +1414,7 @@ mod tests {
             HEADER_LEN
                 + 20
                 + dump.sessions.iter().map(encoded_session_len).sum::<usize>()
-                + 4 * dump.sessions.len()
+                + (4 + 2) * dump.sessions.len()
                 + 4
                 + 4
                 + dump.holds[0].name.len()
@@ -1347,17 +1428,55 @@ mod tests {
 
     /// A version 5 file's bytes without the sessions' orders (each `None`,
     /// 4 bytes), as versions before 5 have them (the checksum to redo).
-    fn without_orders(v5: Vec<u8>, dump: &Dump) -> Vec<u8> {
+    fn without_orders(v6: Vec<u8>, dump: &Dump) -> Vec<u8> {
+        without_session_tail(v6, dump, 4 + 2)
+    }
+
+    /// A version 6 file's bytes without the sessions' `tail` last bytes:
+    /// their orders (4, each `None`) and multi-lock counts (2, each 0).
+    fn without_session_tail(v6: Vec<u8>, dump: &Dump, tail: usize) -> Vec<u8> {
         let mut at = HEADER_LEN + 16 + 4;
-        let mut out = v5[..at].to_vec();
+        let mut out = v6[..at].to_vec();
         for session in &dump.sessions {
-            assert!(session.order.is_none());
-            let len = encoded_session_len(session);
-            out.extend_from_slice(&v5[at..at + len]);
-            at += len + 4;
+            assert!(session.order.is_none() || tail == 2);
+            assert!(session.multis.is_empty());
+            let len = encoded_session_len(session) + 4 + 2 - tail;
+            out.extend_from_slice(&v6[at..at + len]);
+            at += len + tail;
         }
-        out.extend_from_slice(&v5[at..]);
+        out.extend_from_slice(&v6[at..]);
         out
+    }
+
+    /// Multi-locks in flight round-trip; without them a version 6 file is
+    /// a version 5 one; a bad one is corrupt.
+    #[test]
+    fn multi_locks_round_trip_and_need_version_6() {
+        let mut dump = sample();
+        let mut names = Vec::new();
+        AllNames::encode(&[(Mode::Exclusive, b"a"), (Mode::Shared, b"b")], &mut names);
+        let multi = DumpMulti {
+            request_id: 9,
+            wait_left_ms: 1500,
+            count: 2,
+            names,
+        };
+        dump.sessions[0].multis.push(multi.clone());
+        assert_eq!(decode(&encode(&dump)).unwrap(), dump);
+        let mut v5 = without_session_tail(encode(&sample()), &sample(), 2);
+        v5[8..12].copy_from_slice(&5u32.to_le_bytes());
+        assert_eq!(decode(&reseal(v5)).unwrap(), sample());
+        // The same request twice, or names that do not parse.
+        dump.sessions[0].multis.push(multi.clone());
+        assert!(check_consistent(&dump).is_err());
+        dump.sessions[0].multis[1] = DumpMulti { count: 3, ..multi };
+        assert!(check_consistent(&dump).is_err());
+        assert_eq!(
+            sanitize(&mut dump),
+            0,
+            "a bad multi-lock is dropped, not counted"
+        );
+        assert_eq!(dump.sessions[0].multis.len(), 1);
     }
 
     /// Bytes of a session before version 5 (no order).

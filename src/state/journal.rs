@@ -54,16 +54,21 @@
 //! 12 SetCapacity now, session, request, capacity u32, name bytes
 //! 13 SessionOrder id u64, the order (`order::Order::encode`)
 //! 14 FailWaiter  now, session, request, cycle bytes
+//! 15 SessionMulti now, id u64, request u32, u8 0 = ended | 1 = begun +
+//!               wait u8 + deadline u64 (as Acquire), name count u16,
+//!               names bytes (`protocol::AllNames`)
 //! ```
 //! Decoding never panics: a record that does not parse, names a loop the
 //! snapshot does not have, or a lock of another shard is an error.
 
 use std::collections::BTreeMap;
 
-use crate::dump::{self, Dump, DumpSession, LogPosition, LoopPosition};
-use crate::limits::SECRET_LEN;
+use crate::dump::{self, Dump, DumpMulti, DumpSession, LogPosition, LoopPosition};
+use crate::limits::{IN_FLIGHT_PER_SESSION_MAX, SECRET_LEN};
 use crate::lock_table::{shard_for, Acquire, Command, Effect, LockTable, Mode, SignalOp, Wait};
+use crate::multi::{self, Multi};
 use crate::order::Order;
+use crate::session::home_of;
 use crate::snapshot;
 
 const ACQUIRE: u8 = 1;
@@ -80,6 +85,7 @@ const FORCE_RELEASE: u8 = 11;
 const SET_CAPACITY: u8 = 12;
 const SESSION_ORDER: u8 = 13;
 const FAIL_WAITER: u8 = 14;
+const SESSION_MULTI: u8 = 15;
 
 /// Bytes of a batch's frame header: loop u16, batch u64, len u32.
 pub const BATCH_HEADER_LEN: usize = 2 + 8 + 4;
@@ -147,6 +153,26 @@ impl Journal {
         Order::encode(order, &mut self.records);
     }
 
+    /// An ACQUIRE_ALL of the session began (`Some`: its names and wait)
+    /// or ended (granted or failed).
+    pub fn session_multi(&mut self, now_ms: u64, id: u64, request_id: u32, begun: Option<&Multi>) {
+        let out = &mut self.records;
+        out.push(SESSION_MULTI);
+        out.extend_from_slice(&now_ms.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+        out.extend_from_slice(&request_id.to_le_bytes());
+        match begun {
+            None => out.push(0),
+            Some(multi) => {
+                out.push(1);
+                put_wait(out, multi.wait());
+                let (count, names) = multi.encoded_names();
+                out.extend_from_slice(&count.to_le_bytes());
+                put_bytes(out, &names);
+            }
+        }
+    }
+
     pub fn session_end(&mut self, id: u64) {
         self.records.push(SESSION_END);
         self.records.extend_from_slice(&id.to_le_bytes());
@@ -178,6 +204,17 @@ fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
+/// A wait: kind u8 (0 try, 1 until, 2 forever), deadline u64.
+fn put_wait(out: &mut Vec<u8>, wait: Wait) {
+    let (kind, deadline) = match wait {
+        Wait::Try => (0, 0),
+        Wait::Until(at) => (1, at),
+        Wait::Forever => (2, 0),
+    };
+    out.push(kind);
+    out.extend_from_slice(&deadline.to_le_bytes());
+}
+
 fn encode_command(out: &mut Vec<u8>, now_ms: u64, command: &Command<'_>) {
     let head = |out: &mut Vec<u8>, tag: u8, session: u64| {
         out.push(tag);
@@ -193,13 +230,7 @@ fn encode_command(out: &mut Vec<u8>, now_ms: u64, command: &Command<'_>) {
                 out.extend_from_slice(&a.weight.to_le_bytes());
                 out.extend_from_slice(&a.capacity.to_le_bytes());
             }
-            let (kind, deadline) = match a.wait {
-                Wait::Try => (0, 0),
-                Wait::Until(at) => (1, at),
-                Wait::Forever => (2, 0),
-            };
-            out.push(kind);
-            out.extend_from_slice(&deadline.to_le_bytes());
+            put_wait(out, a.wait);
             out.extend_from_slice(&a.lease_ms.to_le_bytes());
             out.push(u8::from(a.reentrant) | u8::from(a.notify_queued) << 1);
             put_bytes(out, a.name);
@@ -336,6 +367,16 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, ReplayError> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8")))
     }
+    fn wait(&mut self) -> Result<Wait, ReplayError> {
+        let kind = self.u8()?;
+        let deadline = self.u64()?;
+        match kind {
+            0 => Ok(Wait::Try),
+            1 => Ok(Wait::Until(deadline)),
+            2 => Ok(Wait::Forever),
+            _ => Err(corrupt("bad wait")),
+        }
+    }
     fn bytes(&mut self) -> Result<&'a [u8], ReplayError> {
         let len = self.u16()? as usize;
         self.take(len)
@@ -368,6 +409,10 @@ pub fn base_entry(state: &Dump) -> Vec<u8> {
 pub struct Replay {
     tables: Vec<LockTable>,
     sessions: BTreeMap<u64, DumpSession>,
+    /// The waits of the sessions' multi-locks in flight (on their home
+    /// loop's clock), by (session, request): `DumpSession::multis` holds
+    /// their names, and the wait left once a snapshot is taken.
+    multi_waits: BTreeMap<(u64, u32), Wait>,
     positions: Vec<LoopPosition>,
     /// The log index the snapshot covers (entries up to it are skipped).
     index: u64,
@@ -389,10 +434,19 @@ impl Replay {
         let mut tables: Vec<LockTable> = (0..loops).map(|i| LockTable::new(i, loops)).collect();
         let sessions: BTreeMap<u64, DumpSession> =
             base.sessions.iter().map(|s| (s.id, s.clone())).collect();
+        let mut multi_waits = BTreeMap::new();
+        for session in &base.sessions {
+            let stamp = log.loops[home_of(session.id, loops)].stamp_ms;
+            for multi in &session.multis {
+                let wait = multi::wait_after(multi.wait_left_ms, stamp);
+                multi_waits.insert((session.id, multi.request_id), wait);
+            }
+        }
         snapshot::rebuild_shards(base, &log.loops, &mut tables);
         Ok(Replay {
             tables,
             sessions,
+            multi_waits,
             positions: log.loops.clone(),
             index: log.index,
             sink: Vec::new(),
@@ -405,6 +459,7 @@ impl Replay {
         Replay {
             tables: Vec::new(),
             sessions: BTreeMap::new(),
+            multi_waits: BTreeMap::new(),
             positions: Vec::new(),
             index: 0,
             sink: Vec::new(),
@@ -494,12 +549,38 @@ impl Replay {
                         client_id,
                         grace_ms,
                         order: None,
+                        multis: Vec::new(),
                     };
                     self.sessions.insert(id, session);
                 }
                 SESSION_END => {
                     let id = r.u64()?;
                     self.sessions.remove(&id);
+                    let ended: Vec<(u64, u32)> = self
+                        .multi_waits
+                        .range((id, 0)..=(id, u32::MAX))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    for key in ended {
+                        self.multi_waits.remove(&key);
+                    }
+                }
+                SESSION_MULTI => {
+                    let now = r.u64()?;
+                    self.stamp(idx, now)?;
+                    let id = r.u64()?;
+                    let request_id = r.u32()?;
+                    let begun = match r.u8()? {
+                        0 => None,
+                        1 => {
+                            let wait = r.wait()?;
+                            let count = r.u16()?;
+                            let names = r.bytes()?.to_vec();
+                            Some((wait, count, names))
+                        }
+                        _ => return Err(corrupt("bad multi-lock record")),
+                    };
+                    self.session_multi(id, request_id, begun)?;
                 }
                 SESSION_ORDER => {
                     let id = r.u64()?;
@@ -531,6 +612,36 @@ impl Replay {
     }
 
     /// A loop's clock never goes back within its log.
+    /// A multi-lock of session `id` began (its wait, name count and names)
+    /// or ended.
+    fn session_multi(
+        &mut self,
+        id: u64,
+        request_id: u32,
+        begun: Option<(Wait, u16, Vec<u8>)>,
+    ) -> Result<(), ReplayError> {
+        let session = self
+            .sessions
+            .get_mut(&id)
+            .ok_or_else(|| corrupt("a multi-lock of an unknown session"))?;
+        session.multis.retain(|m| m.request_id != request_id);
+        self.multi_waits.remove(&(id, request_id));
+        if let Some((wait, count, names)) = begun {
+            let multi = DumpMulti {
+                request_id,
+                wait_left_ms: 0,
+                count,
+                names,
+            };
+            if multi.names().is_none() || session.multis.len() >= IN_FLIGHT_PER_SESSION_MAX {
+                return Err(corrupt("a bad multi-lock"));
+            }
+            session.multis.push(multi);
+            self.multi_waits.insert((id, request_id), wait);
+        }
+        Ok(())
+    }
+
     fn stamp(&mut self, idx: usize, now: u64) -> Result<(), ReplayError> {
         let position = &mut self.positions[idx];
         if now < position.stamp_ms {
@@ -562,7 +673,15 @@ impl Replay {
             parts.push(snapshot::export_shard(table, position.stamp_ms));
         }
         let created = positions.iter().map(|p| p.stamp_ms).max().unwrap_or(0);
-        let sessions = self.sessions.values().cloned().collect();
+        let loops = positions.len();
+        let mut sessions: Vec<DumpSession> = self.sessions.values().cloned().collect();
+        for session in &mut sessions {
+            let stamp = positions[home_of(session.id, loops)].stamp_ms;
+            for multi in &mut session.multis {
+                let wait = self.multi_waits[&(session.id, multi.request_id)];
+                multi.wait_left_ms = multi::wait_left(wait, stamp);
+            }
+        }
         snapshot::exact_merge(
             parts,
             sessions,
@@ -593,14 +712,7 @@ fn decode_command<'a>(
             if mode == Mode::Permits && !(1..=capacity).contains(&weight) {
                 return Err(corrupt("bad weight"));
             }
-            let kind = r.u8()?;
-            let deadline = r.u64()?;
-            let wait = match kind {
-                0 => Wait::Try,
-                1 => Wait::Until(deadline),
-                2 => Wait::Forever,
-                _ => return Err(corrupt("bad wait")),
-            };
+            let wait = r.wait()?;
             let lease_ms = r.u32()?;
             let flags = r.u8()?;
             let name = r.name()?;
@@ -727,6 +839,13 @@ pub fn fingerprint(
     sessions: impl Iterator<Item = DumpSession>,
     batches: &[u64],
 ) -> Vec<u8> {
+    // A multi-lock's wait is kept on the clock of whoever keeps it.
+    let sessions = sessions.map(|mut s| {
+        for multi in &mut s.multis {
+            multi.wait_left_ms = 0;
+        }
+        s
+    });
     let mut parts: Vec<(snapshot::LoopState, LoopPosition)> = tables
         .iter()
         .zip(batches)

@@ -396,6 +396,16 @@ impl Effect {
             | Effect::Deadlock { session, .. } => *session,
         }
     }
+
+    /// The request the effect answers, if it answers one.
+    pub fn request_id(&self) -> Option<RequestId> {
+        match self {
+            Effect::Reply { request_id, .. } | Effect::Deadlock { request_id, .. } => {
+                Some(*request_id)
+            }
+            Effect::LockLost { .. } | Effect::Signal { .. } => None,
+        }
+    }
 }
 
 /// One holder of a lock.

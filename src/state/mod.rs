@@ -6,6 +6,7 @@ pub mod deadlock;
 pub mod dump;
 pub mod journal;
 pub mod lock_table;
+pub mod multi;
 pub mod session;
 pub mod snapshot;
 pub mod usage;

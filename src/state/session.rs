@@ -17,7 +17,9 @@ use mio::Token;
 use crate::connection::ConnRef;
 use crate::limits::SECRET_LEN;
 use crate::lock_table::{Effect, Mode, Outcome, RequestId, SessionId};
+use crate::multi::{Failure, Multi, Step};
 use crate::order::Order;
+use crate::protocol::AllNames;
 
 /// A lock name kept by the home (pending requests, holds): inline up to 32
 /// bytes, so the common short name costs no allocation per request.
@@ -92,6 +94,9 @@ pub struct Pending {
     /// When it was accepted: µs since server start, as of the loop turn
     /// (latency metrics).
     pub started_us: u64,
+    /// ACQUIRE_ALL: its progress (`shard` and `name` are then those of
+    /// the acquire in flight).
+    pub multi: Option<Box<Multi>>,
 }
 
 #[derive(Debug)]
@@ -149,6 +154,12 @@ pub enum Delivery {
     Lost { push: bool },
     /// A signal raised on a lock the session holds.
     Signal,
+    /// An ACQUIRE_ALL goes on: the home does this step next.
+    MultiStep(Step),
+    /// The final reply to an ACQUIRE_ALL: every name granted (the tokens,
+    /// request order; they went into the holds), or its failure (nothing
+    /// of it is held).
+    MultiFinal(Answered, Result<Vec<u64>, Failure>),
 }
 
 /// Why a session cannot take a request now (`Session::refusal`).
@@ -165,6 +176,9 @@ pub enum Refusal {
     /// An acquire that does not rank after every name the session holds
     /// or waits for, in the order it declared: that name.
     OrderViolation(LockName),
+    /// An ACQUIRE_ALL of a name the session holds or waits for, or an
+    /// acquire of a name an ACQUIRE_ALL of the session is taking: that name.
+    AlreadyHeld(LockName),
 }
 
 /// What a request asks of its session, for admission.
@@ -172,9 +186,40 @@ pub enum Refusal {
 pub enum Ask<'a> {
     /// An acquire of this name.
     Acquire(&'a [u8]),
+    /// An ACQUIRE_ALL of these names.
+    AcquireAll(AllNames<'a>),
     /// INSPECT, LIST, STATS: answered by a gather, not a shard.
     Query,
     Other,
+}
+
+impl<'a> Ask<'a> {
+    /// How many names it takes.
+    fn takes(self) -> usize {
+        match self {
+            Ask::Acquire(_) => 1,
+            Ask::AcquireAll(names) => usize::from(names.count()),
+            Ask::Query | Ask::Other => 0,
+        }
+    }
+
+    /// The name it takes that ranks first in `order` (any order: the
+    /// first in byte order), if it takes any.
+    fn lowest(self, order: Option<&Order>) -> Option<&'a [u8]> {
+        match self {
+            Ask::Acquire(name) => Some(name),
+            Ask::AcquireAll(names) => {
+                names
+                    .iter()
+                    .map(|(_, name)| name)
+                    .min_by(|a, b| match order {
+                        Some(order) => order.rank(a).cmp(&order.rank(b)),
+                        None => a.cmp(b),
+                    })
+            }
+            Ask::Query | Ask::Other => None,
+        }
+    }
 }
 
 impl Session {
@@ -213,22 +258,50 @@ impl Session {
             Some(Refusal::TooManyInFlight)
         } else if ask == Ask::Query && queries_in_flight >= QUERIES_IN_FLIGHT_MAX {
             Some(Refusal::TooManyQueries)
-        } else if matches!(ask, Ask::Acquire(_))
-            && self.holds.len() + self.pending.len() >= HOLDS_PER_SESSION_MAX
+        } else if ask.takes() > 0
+            && self.holds.len() + self.pending.len() + ask.takes() > HOLDS_PER_SESSION_MAX
         {
             Some(Refusal::TooManyHolds)
-        } else if let (Ask::Acquire(name), Some(order)) = (ask, &self.order) {
+        } else if let Some(name) = self.taken_twice(ask) {
+            Some(Refusal::AlreadyHeld(name))
+        } else if let (Some(order), Some(lowest)) = (&self.order, ask.lowest(self.order.as_ref())) {
             // One acquire at a time: one still in flight could be granted
             // after this one, and the session would then wait downward.
             if let Some(pending) = self.pending.values().find(|p| p.op.is_acquire()) {
                 return Some(Refusal::OrderViolation(pending.name.clone()));
             }
-            // Everything held must rank before `name` (the name itself is
-            // left to the shard: AlreadyHeld).
+            // Everything held must rank before the name (the name itself
+            // is left to the shard: AlreadyHeld).
             let top = self.ranked.last()?;
-            (order.rank(&top.1) > order.rank(name)).then(|| Refusal::OrderViolation(top.1.clone()))
+            (order.rank(&top.1) > order.rank(lowest))
+                .then(|| Refusal::OrderViolation(top.1.clone()))
         } else {
             None
+        }
+    }
+
+    /// A name `ask` would take that the session may not take twice: for an
+    /// ACQUIRE_ALL, one it holds or has an acquire in flight for; for any
+    /// acquire, one an ACQUIRE_ALL in flight is taking (its holds of its
+    /// names are its own: a failure gives back exactly those).
+    fn taken_twice(&self, ask: Ask<'_>) -> Option<LockName> {
+        let multis = || self.pending.values().filter_map(|p| p.multi.as_deref());
+        let taken_by_multi = |name: &[u8]| multis().any(|m| m.names(name));
+        match ask {
+            Ask::Acquire(name) => taken_by_multi(name).then(|| LockName::from_slice(name)),
+            Ask::AcquireAll(names) => names
+                .iter()
+                .map(|(_, name)| name)
+                .find(|&name| {
+                    self.holds.contains_key(name)
+                        || taken_by_multi(name)
+                        || self
+                            .pending
+                            .values()
+                            .any(|p| p.op.is_acquire() && *p.name == *name)
+                })
+                .map(LockName::from_slice),
+            Ask::Query | Ask::Other => None,
         }
     }
 
@@ -269,6 +342,9 @@ impl Session {
     /// On a reply to a request that is not pending (two final replies, or
     /// one nobody asked for): a broken invariant of the shards.
     pub fn record(&mut self, effect: &Effect) -> Delivery {
+        if let Some(delivery) = self.record_multi(effect) {
+            return delivery;
+        }
         match *effect {
             Effect::Reply {
                 request_id,
@@ -280,12 +356,15 @@ impl Session {
                     .get_mut(&request_id)
                     .expect("an interim reply answers a pending request");
                 pending.queued = true;
-                Delivery::Queued {
-                    notify: match pending.op {
-                        PendingOp::Native(op) if pending.notify_queued => Some(op),
-                        _ => None,
-                    },
+                let notify = match pending.op {
+                    PendingOp::Native(op) if pending.notify_queued => Some(op),
+                    _ => None,
+                };
+                // An ACQUIRE_ALL says QUEUED once, when it first waits.
+                if pending.multi.is_some() {
+                    pending.notify_queued = false;
                 }
+                Delivery::Queued { notify }
             }
             Effect::Reply {
                 request_id,
@@ -297,6 +376,11 @@ impl Session {
             Effect::LockLost {
                 token, ref name, ..
             } => {
+                for pending in self.pending.values_mut() {
+                    if let Some(multi) = pending.multi.as_mut() {
+                        multi.on_lost(name, token);
+                    }
+                }
                 let lost = match self.holds.get(&**name) {
                     Some(held) if held.token == token => self.hold_ended(name),
                     _ => None,
@@ -313,6 +397,55 @@ impl Session {
             }
             Effect::Signal { .. } => Delivery::Signal,
         }
+    }
+
+    /// An effect answering a step of an ACQUIRE_ALL (`None`: it does not),
+    /// and what comes of it.
+    fn record_multi(&mut self, effect: &Effect) -> Option<Delivery> {
+        let (request_id, step) = match effect {
+            Effect::Reply {
+                request_id,
+                outcome,
+                ..
+            } => {
+                let multi = self.pending.get_mut(request_id)?.multi.as_mut()?;
+                match outcome {
+                    Outcome::Queued => return None,
+                    outcome => (*request_id, multi.on_outcome(*outcome)),
+                }
+            }
+            Effect::Deadlock {
+                request_id, cycle, ..
+            } => {
+                let multi = self.pending.get_mut(request_id)?.multi.as_mut()?;
+                (*request_id, multi.on_deadlock(cycle.to_vec()))
+            }
+            Effect::LockLost { .. } | Effect::Signal { .. } => return None,
+        };
+        let result = match step {
+            Step::Granted(tokens) => Ok(tokens),
+            Step::Failed(failure) => Err(failure),
+            step => return Some(Delivery::MultiStep(step)),
+        };
+        let pending = self.pending.remove(&request_id).expect("found above");
+        if let Ok(tokens) = &result {
+            let multi = pending.multi.as_ref().expect("found above");
+            for ((name, mode), &token) in multi.entries().iter().zip(tokens) {
+                let held = Held {
+                    mode: *mode,
+                    token,
+                    gen: self.attach_gen,
+                };
+                self.hold_granted(name.clone(), held);
+            }
+        }
+        let answered = Answered {
+            op: pending.op,
+            conn: pending.conn,
+            started_us: pending.started_us,
+            queued: pending.queued,
+        };
+        Some(Delivery::MultiFinal(answered, result))
     }
 
     /// The final reply `outcome` to `request_id`: no longer pending; a
@@ -742,6 +875,7 @@ mod tests {
             queued: false,
             conn: ConnRef::NONE,
             started_us: 0,
+            multi: None,
         }
     }
 

@@ -9,9 +9,10 @@
 //! server restores at start, and the seeded simulation drives both.
 
 use crate::connection::ConnRef;
-use crate::dump::{self, Dump, DumpHold, DumpSession, DumpWaiter};
+use crate::dump::{self, Dump, DumpHold, DumpMulti, DumpSession, DumpWaiter};
 use crate::limits::{CLIENT_NAME_LEN_MAX, IN_FLIGHT_PER_SESSION_MAX};
 use crate::lock_table::{shard_for, Acquire, Command, Effect, Hold, Kind, LockTable, Mode, Wait};
+use crate::multi::{self, Multi, Step};
 use crate::protocol::opcode;
 use crate::session::{home_of, Held, LockName, Pending, PendingOp, Session, Sessions};
 
@@ -78,16 +79,43 @@ pub fn export_shard(table: &LockTable, now_ms: u64) -> LoopState {
 /// A home's part of the shutdown dump: its sessions with a grace period
 /// (one without ends with its connection: not kept, and its holds are
 /// dropped by `merge`).
-pub fn export_sessions(sessions: &Sessions) -> Vec<DumpSession> {
-    let mut all = durable_sessions(sessions);
+pub fn export_sessions(sessions: &Sessions, now_ms: u64) -> Vec<DumpSession> {
+    let mut all = durable_sessions(sessions, now_ms);
     all.retain(|s| s.grace_ms > 0);
     all
 }
 
 /// The durable part of every session of a home (what the log records of
 /// a session): a snapshot of the log keeps them all.
-pub fn durable_sessions(sessions: &Sessions) -> Vec<DumpSession> {
-    sessions.iter().map(durable_session).collect()
+pub fn durable_sessions(sessions: &Sessions, now_ms: u64) -> Vec<DumpSession> {
+    sessions
+        .iter()
+        .map(|s| {
+            let mut durable = durable_session(s);
+            durable.multis = multis_of(s, now_ms);
+            durable
+        })
+        .collect()
+}
+
+/// The session's ACQUIRE_ALLs in flight, with their waits left at `now_ms`.
+fn multis_of(s: &Session, now_ms: u64) -> Vec<DumpMulti> {
+    let mut multis: Vec<DumpMulti> = s
+        .pending
+        .iter()
+        .filter_map(|(&request_id, p)| {
+            let multi = p.multi.as_deref()?;
+            let (count, names) = multi.encoded_names();
+            Some(DumpMulti {
+                request_id,
+                wait_left_ms: multi::wait_left(multi.wait(), now_ms),
+                count,
+                names,
+            })
+        })
+        .collect();
+    multis.sort_unstable_by_key(|m| m.request_id);
+    multis
 }
 
 /// The durable part of one session.
@@ -99,6 +127,7 @@ pub fn durable_session(s: &Session) -> DumpSession {
         client_id: s.client_id.as_ref().map(|id| id.to_vec()),
         grace_ms: s.grace_ms,
         order: s.order.clone(),
+        multis: Vec::new(),
     }
 }
 
@@ -314,12 +343,33 @@ pub fn restore(
         put_back(sessions, home, id, session);
         restored_ids.insert(session.id, (id, home));
     }
+    // ACQUIRE_ALLs in flight start over: what they had taken, or were
+    // waiting for, is given back (their clients were never told of it).
+    let multis: hashbrown::HashMap<u64, &[DumpMulti]> = state
+        .sessions
+        .iter()
+        .filter(|s| !s.multis.is_empty())
+        .map(|s| (s.id, &s.multis[..]))
+        .collect();
+    let multi_part = |session: u64, name: &[u8], request_id: Option<u32>| {
+        multis.get(&session).is_some_and(|list| {
+            list.iter().any(|m| {
+                request_id == Some(m.request_id)
+                    || m.names().is_some_and(|n| n.iter().any(|(_, n)| n == name))
+            })
+        })
+    };
     let mut restored = 0;
+    let mut given_back = (0, 0);
     let mut sink = Vec::new();
     for hold in &state.holds {
         let Some(&(id, home)) = restored_ids.get(&hold.session) else {
             continue;
         };
+        if multi_part(hold.session, &hold.name, None) {
+            given_back.0 += 1;
+            continue;
+        }
         if !valid_name(&hold.name) {
             continue;
         }
@@ -356,6 +406,10 @@ pub fn restore(
         if !valid_name(&waiter.name) {
             continue;
         }
+        if multi_part(waiter.session, &waiter.name, Some(waiter.request_id)) {
+            given_back.1 += 1;
+            continue;
+        }
         let session = sessions[home].get_mut(id).expect("restored above");
         if session.pending.len() >= IN_FLIGHT_PER_SESSION_MAX
             || session.pending.contains_key(&waiter.request_id)
@@ -379,6 +433,7 @@ pub fn restore(
                 queued: false,
                 conn: ConnRef::NONE,
                 started_us: 0,
+                multi: None,
             },
         );
         requeue(&mut tables[shard], waiter, id, now_ms, &mut sink);
@@ -392,6 +447,54 @@ pub fn restore(
         }
         requeued += 1;
     }
+    let mut restarted = 0;
+    for (dumped, list) in &multis {
+        let Some(&(id, home)) = restored_ids.get(dumped) else {
+            continue;
+        };
+        for dumped_multi in list.iter() {
+            let Some(names) = dumped_multi.names() else {
+                continue;
+            };
+            let session = sessions[home].get_mut(id).expect("restored above");
+            if session.pending.len() >= IN_FLIGHT_PER_SESSION_MAX
+                || session.pending.contains_key(&dumped_multi.request_id)
+            {
+                continue;
+            }
+            let wait = multi::wait_after(dumped_multi.wait_left_ms, now_ms);
+            let multi = Multi::new(names, wait);
+            let Step::Acquire(name, mode, wait) = multi.start() else {
+                unreachable!("a multi-lock starts with an acquire")
+            };
+            let shard = shard_for(&name, loops);
+            introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
+            session.pending.insert(
+                dumped_multi.request_id,
+                Pending {
+                    shard: shard as u8,
+                    op: PendingOp::Native(opcode::ACQUIRE_ALL),
+                    name: name.clone(),
+                    mode,
+                    notify_queued: false,
+                    queued: false,
+                    conn: ConnRef::NONE,
+                    started_us: 0,
+                    multi: Some(Box::new(multi)),
+                },
+            );
+            let acquire = multi::acquire(id, dumped_multi.request_id, (&name, mode, wait));
+            tables[shard].apply(now_ms, acquire, &mut sink);
+            // Its next steps are the home's, as the effects come in.
+            for mut effect in sink.drain(..) {
+                if let Effect::Reply { deferred, .. } = &mut effect {
+                    *deferred = true;
+                }
+                effects[home_of(effect.session(), loops)].push(effect);
+            }
+            restarted += 1;
+        }
+    }
     for (name, signal) in &state.signals {
         if !name.is_empty() && name.len() <= crate::limits::NAME_LEN_MAX {
             tables[shard_for(name, loops)].restore_signal(name, signal);
@@ -401,6 +504,8 @@ pub fn restore(
         sessions: restored_ids.len(),
         holds: restored,
         waiters: requeued,
+        multis: restarted,
+        given_back,
     }
 }
 
@@ -410,14 +515,18 @@ pub struct RestoreReport {
     pub sessions: usize,
     pub holds: usize,
     pub waiters: usize,
+    /// ACQUIRE_ALLs restarted from their first name.
+    pub multis: usize,
+    /// Holds and queued acquires of those, given back.
+    pub given_back: (usize, usize),
 }
 
 impl RestoreReport {
     /// Says on stderr what came back, and what of `state` could not.
     pub fn log(&self, state: &Dump, restart_grace_ms: u64) {
         let dropped_sessions = state.sessions.len() - self.sessions;
-        let dropped_holds = state.holds.len() - self.holds;
-        let dropped_waits = state.waiters.len() - self.waiters;
+        let dropped_holds = state.holds.len() - self.holds - self.given_back.0;
+        let dropped_waits = state.waiters.len() - self.waiters - self.given_back.1;
         if dropped_sessions + dropped_holds + dropped_waits > 0 {
             tracing::warn!(
                 "{dropped_sessions} session(s), {dropped_holds} hold(s) and \
@@ -433,6 +542,14 @@ impl RestoreReport {
             self.holds,
             self.waiters,
         );
+        if self.multis > 0 {
+            tracing::info!(
+                "{} multi-lock(s) in flight start over from their first name ({} hold(s) \
+                 and queued acquire(s) of theirs given back)",
+                self.multis,
+                self.given_back.0 + self.given_back.1
+            );
+        }
     }
 }
 

@@ -117,6 +117,10 @@ pub mod opcode {
     /// Usage report: top u32 (>= 1; at most `REPORT_TOP_MAX` are listed).
     /// Reply body: see [`super::Report`].
     pub const REPORT: u8 = 20;
+    /// Take several locks at once, all or none: `AllBody` + the names
+    /// ([`super::AllNames`]). Reply `Ok` with one token u64 per name (in the
+    /// request's order), or as ACQUIRE's failures.
+    pub const ACQUIRE_ALL: u8 = 21;
     /// Push: a held lock was taken away (lease expired); body token + name.
     pub const LOCK_LOST: u8 = 0x40;
     /// Push: the server is shutting down; empty body.
@@ -220,6 +224,91 @@ const _: () = assert!(offset_of!(ResumeBody, session_id) == 0);
 const _: () = assert!(offset_of!(ResumeBody, secret) == 8);
 const _: () = assert!(offset_of!(ResumeBody, password_len) == 24);
 const _: () = assert!(offset_of!(ResumeBody, reserved) == 26);
+
+/// Fixed part of an ACQUIRE_ALL body; the names ([`AllNames`]) are the rest.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct AllBody {
+    /// Bits such as [`ACQ_NOTIFY_QUEUED`].
+    pub acq_flags: u8,
+    /// Must be 0.
+    pub reserved: u8,
+    /// How many names follow: 1..=`MULTI_NAMES_MAX`.
+    pub count: U16,
+    /// 0: try once; [`WAIT_FOREVER`]; else the longest wait in ms, for all.
+    pub wait_ms: U32,
+}
+
+/// The names of an ACQUIRE_ALL, as sent: per name `mode u8` (0 exclusive,
+/// 1 shared), `reserved u8`, `name_len u16`, the name. Checked when made
+/// (`parse`): 1..=`MULTI_NAMES_MAX` distinct valid names, nothing after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllNames<'a> {
+    count: u16,
+    bytes: &'a [u8],
+}
+
+impl<'a> AllNames<'a> {
+    /// `count` names in `bytes`, checked; `None` if they are not.
+    pub fn parse(count: u16, bytes: &'a [u8]) -> Option<AllNames<'a>> {
+        let names = AllNames { count, bytes };
+        if !(1..=crate::limits::MULTI_NAMES_MAX).contains(&usize::from(count)) {
+            return None;
+        }
+        let mut rest = bytes;
+        let mut seen: Vec<&[u8]> = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
+            let (head, after) = rest.split_first_chunk::<4>()?;
+            let len = usize::from(u16::from_le_bytes([head[2], head[3]]));
+            let mode = Mode::from_u8(head[0]);
+            if !matches!(mode, Some(Mode::Exclusive | Mode::Shared))
+                || head[1] != 0
+                || !(1..=NAME_LEN_MAX).contains(&len)
+                || after.len() < len
+            {
+                return None;
+            }
+            let (name, after) = after.split_at(len);
+            if seen.contains(&name) {
+                return None;
+            }
+            seen.push(name);
+            rest = after;
+        }
+        rest.is_empty().then_some(names)
+    }
+
+    /// Appends the encoding of `names` (mode and name each).
+    pub fn encode(names: &[(Mode, &[u8])], out: &mut Vec<u8>) {
+        for (mode, name) in names {
+            out.extend_from_slice(&[*mode as u8, 0]);
+            out.extend_from_slice(&len_u16(name.len()).get().to_le_bytes());
+            out.extend_from_slice(name);
+        }
+    }
+
+    pub fn count(&self) -> u16 {
+        self.count
+    }
+
+    /// The encoded names (what `encode` wrote).
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// The names with their modes, in the request's order.
+    pub fn iter(&self) -> impl Iterator<Item = (Mode, &'a [u8])> {
+        let mut rest = self.bytes;
+        (0..self.count).map(move |_| {
+            let (head, after) = rest.split_first_chunk::<4>().expect("checked by parse");
+            let len = usize::from(u16::from_le_bytes([head[2], head[3]]));
+            let (name, after) = after.split_at(len);
+            rest = after;
+            let mode = Mode::from_u8(head[0]).expect("checked by parse");
+            (mode, name)
+        })
+    }
+}
 
 /// Fixed part of an ACQUIRE body; the lock name is the rest of the body.
 #[repr(C)]
@@ -524,6 +613,12 @@ pub enum Request<'a> {
     },
     /// A well-formed order (`Order::decode` it), the whole body.
     SetOrder(&'a [u8]),
+    /// Several locks at once, all or none.
+    AcquireAll {
+        names: AllNames<'a>,
+        wait_ms: u32,
+        notify_queued: bool,
+    },
     /// The `top` busiest names (capped at `REPORT_TOP_MAX`).
     Report {
         top: u32,
@@ -586,6 +681,7 @@ impl Request<'_> {
     pub fn changes_state(&self) -> bool {
         match self {
             Request::Acquire { .. }
+            | Request::AcquireAll { .. }
             | Request::Release { .. }
             | Request::Extend { .. }
             | Request::Cancel { .. }
@@ -608,6 +704,7 @@ impl Request<'_> {
                 ..
             } => opcode::ACQUIRE_PERMITS,
             Request::Acquire { .. } => opcode::ACQUIRE,
+            Request::AcquireAll { .. } => opcode::ACQUIRE_ALL,
             Request::SetCapacity { .. } => opcode::SET_CAPACITY,
             Request::SetOrder(_) => opcode::SET_ORDER,
             Request::Report { .. } => opcode::REPORT,
@@ -825,6 +922,18 @@ fn decode_body(op: u8, body: &[u8], with_token: bool) -> Result<Request<'_>, Sta
                 return Err(Status::BadBody);
             }
             acquire(&fixed.acquire, Mode::Permits, (weight, capacity), name)
+        }
+        opcode::ACQUIRE_ALL => {
+            let (fixed, rest) = split_fixed::<AllBody>(body)?;
+            if fixed.acq_flags & !ACQ_FLAGS_KNOWN != 0 || fixed.reserved != 0 {
+                return Err(Status::BadBody);
+            }
+            let names = AllNames::parse(fixed.count.get(), rest).ok_or(Status::BadBody)?;
+            Ok(Request::AcquireAll {
+                names,
+                wait_ms: fixed.wait_ms.get(),
+                notify_queued: fixed.acq_flags & ACQ_NOTIFY_QUEUED != 0,
+            })
         }
         opcode::REPORT => match <[u8; 4]>::try_from(body).map(u32::from_le_bytes) {
             Ok(top) if top > 0 => Ok(Request::Report { top }),
@@ -1073,10 +1182,26 @@ fn deferred_flags(deferred: bool) -> u16 {
     }
 }
 
-/// Whether `op` takes something (ACQUIRE, ACQUIRE_PERMITS): its replies
-/// may be queued, deferred and granted with a token.
+/// Whether `op` takes something (ACQUIRE, ACQUIRE_PERMITS, ACQUIRE_ALL):
+/// its replies may be queued, deferred and granted with tokens.
 pub fn is_acquire(op: u8) -> bool {
-    op == opcode::ACQUIRE || op == opcode::ACQUIRE_PERMITS
+    op == opcode::ACQUIRE || op == opcode::ACQUIRE_PERMITS || op == opcode::ACQUIRE_ALL
+}
+
+/// ACQUIRE_ALL granted: body one token u64 per name, in the request's
+/// order. `deferred` sets the PUSH flag (the grant came after waiting).
+pub fn encode_granted_all(out: &mut Vec<u8>, request_id: u32, tokens: &[u64], deferred: bool) {
+    encode_header(
+        out,
+        opcode::ACQUIRE_ALL,
+        deferred_flags(deferred),
+        Status::Ok,
+        request_id,
+        body_len_u32(TOKEN_LEN * tokens.len()),
+    );
+    for token in tokens {
+        out.extend_from_slice(&token.to_le_bytes());
+    }
 }
 
 /// ACQUIRE (`op`: or ACQUIRE_PERMITS) granted: body token u64. `deferred`
@@ -1337,6 +1462,21 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
                 out.extend_from_slice(fixed.as_bytes());
             }
             out.extend_from_slice(name);
+        }
+        Request::AcquireAll {
+            names,
+            wait_ms,
+            notify_queued,
+        } => {
+            let fixed = AllBody {
+                acq_flags: if notify_queued { ACQ_NOTIFY_QUEUED } else { 0 },
+                reserved: 0,
+                count: U16::new(names.count()),
+                wait_ms: U32::new(wait_ms),
+            };
+            header(out, size_of::<AllBody>() + names.bytes().len());
+            out.extend_from_slice(fixed.as_bytes());
+            out.extend_from_slice(names.bytes());
         }
         Request::SetOrder(body) => {
             header(out, body.len());
@@ -2113,6 +2253,19 @@ pub fn parse_token_body(body: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(token))
 }
 
+/// Body of a granted ACQUIRE_ALL: `count` tokens.
+pub fn parse_tokens_body(body: &[u8], count: usize) -> Option<Vec<u64>> {
+    if body.len() != count * TOKEN_LEN {
+        return None;
+    }
+    let tokens = body.chunks_exact(TOKEN_LEN);
+    Some(
+        tokens
+            .map(|t| u64::from_le_bytes(t.try_into().expect("exact chunks")))
+            .collect(),
+    )
+}
+
 /// Body of a LOCK_LOST push: `(token, name)`.
 pub fn parse_lock_lost_body(body: &[u8]) -> Option<(u64, &[u8])> {
     let (token, name) = body.split_first_chunk::<TOKEN_LEN>()?;
@@ -2546,11 +2699,68 @@ mod tests {
         assert_eq!(parse_signal_body(reply.body), Some((&b"x"[..], &b"go"[..])));
     }
 
+    /// ACQUIRE_ALL bodies: a good one round-trips; anything malformed is
+    /// BadBody (never a panic), whatever part is wrong.
+    #[test]
+    fn acquire_all_bodies_are_checked() {
+        let body = |flags: u8, reserved: u8, count: u16, entries: &[u8]| {
+            let mut b = vec![flags, reserved];
+            b.extend_from_slice(&count.to_le_bytes());
+            b.extend_from_slice(&250u32.to_le_bytes());
+            b.extend_from_slice(entries);
+            b
+        };
+        let entry = |mode: u8, reserved: u8, name: &[u8]| {
+            let mut e = vec![mode, reserved];
+            e.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            e.extend_from_slice(name);
+            e
+        };
+        let two = [entry(0, 0, b"a"), entry(1, 0, b"b")].concat();
+        match result_of(&request(opcode::ACQUIRE_ALL, &body(1, 0, 2, &two))) {
+            Ok(Request::AcquireAll {
+                names,
+                wait_ms: 250,
+                notify_queued: true,
+            }) => {
+                let got: Vec<(Mode, &[u8])> = names.iter().collect();
+                assert_eq!(got, [(Mode::Exclusive, &b"a"[..]), (Mode::Shared, b"b")]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let many: Vec<u8> = (0..=crate::limits::MULTI_NAMES_MAX as u8)
+            .flat_map(|i| entry(0, 0, &[b'n', i]))
+            .collect();
+        for (what, bad) in [
+            ("no names", body(0, 0, 0, &[])),
+            ("too many", body(0, 0, 33, &many)),
+            ("count too high", body(0, 0, 3, &two)),
+            ("count too low", body(0, 0, 1, &two)),
+            (
+                "a name twice",
+                body(0, 0, 2, &[entry(0, 0, b"a"), entry(1, 0, b"a")].concat()),
+            ),
+            ("bad mode", body(0, 0, 1, &entry(2, 0, b"a"))),
+            ("entry reserved", body(0, 0, 1, &entry(0, 1, b"a"))),
+            ("empty name", body(0, 0, 1, &entry(0, 0, b""))),
+            ("unknown flag", body(2, 0, 2, &two)),
+            ("reserved", body(0, 1, 2, &two)),
+            ("short header", vec![0, 0, 1]),
+            ("cut name", body(0, 0, 1, &entry(0, 0, b"abc")[..5])),
+        ] {
+            assert_eq!(
+                result_of(&request(opcode::ACQUIRE_ALL, &bad)),
+                Err(Status::BadBody),
+                "{what}"
+            );
+        }
+    }
+
     #[test]
     fn unknown_and_push_opcodes_are_rejected() {
         for op in [
             0,
-            21,
+            22,
             0x3F,
             opcode::LOCK_LOST,
             opcode::SHUTDOWN,
@@ -3115,6 +3325,16 @@ mod tests {
         let order = [2, 0, 1, 0, 7, 0, 0, 0, 1, 0, b'x'];
         frames.push(encoded(12, &Request::SetOrder(&order)));
         frames.push(encoded(13, &Request::Report { top: 20 }));
+        let mut names = Vec::new();
+        AllNames::encode(&[(Mode::Exclusive, b"a"), (Mode::Shared, b"b")], &mut names);
+        let all = Request::AcquireAll {
+            names: AllNames::parse(2, &names).expect("well-formed"),
+            wait_ms: 5000,
+            notify_queued: false,
+        };
+        frames.push(encoded(14, &all));
+        encode_granted_all(&mut out, 14, &[8, 9], false);
+        frames.push(std::mem::take(&mut out));
         frames
     }
 

@@ -67,7 +67,7 @@ impl ServerSim {
             sessions: homes
                 .iter()
                 .map(|home| {
-                    snapshot::durable_sessions(home)
+                    snapshot::durable_sessions(home, now)
                         .into_iter()
                         .map(|s| (s.id, s))
                         .collect()
@@ -138,6 +138,7 @@ impl ServerSim {
                 client_id: None,
                 grace_ms: rng.pick(&[0, 5_000]),
                 order: None,
+                multis: Vec::new(),
             };
             self.journals[home].session_open(&session);
             // Some declare an order before taking anything (SET_ORDER).

@@ -353,6 +353,7 @@ impl EventLoop {
                 queued: false,
                 conn,
                 started_us: self.now_us,
+                multi: None,
             },
         );
         if matches!(op, RespOp::Aq | RespOp::Aqr) {

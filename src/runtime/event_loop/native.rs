@@ -488,6 +488,7 @@ impl EventLoop {
         let op = request.opcode();
         let ask = match (&request, op) {
             (Request::Acquire { name, .. }, _) => Ask::Acquire(name),
+            (Request::AcquireAll { names, .. }, _) => Ask::AcquireAll(*names),
             (
                 _,
                 opcode::INSPECT
@@ -523,9 +524,24 @@ impl EventLoop {
                 protocol::encode_reply(out, op, false, Status::OrderViolation, request_id, &name);
                 return;
             }
+            Some(Refusal::AlreadyHeld(_)) => {
+                let out = self.wbuf(token);
+                protocol::encode_acquire_outcome(out, op, request_id, Status::AlreadyHeld, false);
+                return;
+            }
         };
         if status != Status::Ok {
             self.reply_status(token, op, request_id, status, message);
+            return;
+        }
+        if let Request::AcquireAll {
+            names,
+            wait_ms,
+            notify_queued,
+        } = request
+        {
+            let conn = self.conn_ref(token);
+            self.start_multi(id, request_id, (names, wait_ms, notify_queued), conn);
             return;
         }
         let now_ms = self.now_ms;
@@ -719,6 +735,7 @@ impl EventLoop {
                 self.start_query(token, id, reply, query, Some(home));
                 return;
             }
+            Request::AcquireAll { .. } => unreachable!("started above"),
             Request::Hello { .. }
             | Request::Resume { .. }
             | Request::Ping
@@ -741,6 +758,7 @@ impl EventLoop {
                 queued: false,
                 conn,
                 started_us: self.now_us,
+                multi: None,
             },
         );
         self.touch(id, shard);

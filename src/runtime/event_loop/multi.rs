@@ -1,0 +1,116 @@
+//! ACQUIRE_ALL at the session's home: the request starts a
+//! `state::multi::Multi`, and each step it names (acquire the next name,
+//! give back what was taken) is sent to the shard of that name as an
+//! ordinary command with the request's id; the shards' answers come back
+//! through `Session::record`, which says the next step or the final reply.
+
+use super::EventLoop;
+use crate::connection::ConnRef;
+use crate::lock_table::{Command, Mode, SessionId, Wait};
+use crate::multi::{self, Failure, Multi, Step};
+use crate::protocol::{self, opcode, AllNames, Status, WAIT_FOREVER};
+use crate::session::{LockName, Pending, PendingOp};
+
+impl EventLoop {
+    /// Starts an admitted ACQUIRE_ALL of session `id`.
+    pub(super) fn start_multi(
+        &mut self,
+        id: SessionId,
+        request_id: u32,
+        (names, wait_ms, notify_queued): (AllNames<'_>, u32, bool),
+        conn: ConnRef,
+    ) {
+        let wait = match wait_ms {
+            0 => Wait::Try,
+            WAIT_FOREVER => Wait::Forever,
+            ms => Wait::Until(self.now_ms + u64::from(ms)),
+        };
+        let multi = Multi::new(names, wait);
+        let step = multi.start();
+        self.metrics.inc_acquisitions();
+        if self.shared.log.is_some() {
+            self.journal
+                .session_multi(self.now_ms, id, request_id, Some(&multi));
+        }
+        let session = self.sessions.get_mut(id).expect("checked by the caller");
+        session.pending.insert(
+            request_id,
+            Pending {
+                shard: 0,
+                op: PendingOp::Native(opcode::ACQUIRE_ALL),
+                name: LockName::new(),
+                mode: Mode::Exclusive,
+                notify_queued,
+                queued: false,
+                conn,
+                started_us: self.now_us,
+                multi: Some(Box::new(multi)),
+            },
+        );
+        self.multi_step(id, request_id, step);
+    }
+
+    /// The ACQUIRE_ALL `request_id` of session `id` was answered.
+    pub(super) fn end_multi(&mut self, id: SessionId, request_id: u32) {
+        if self.shared.log.is_some() {
+            self.journal
+                .session_multi(self.now_ms, id, request_id, None);
+        }
+    }
+
+    /// Sends the commands of `step` of the ACQUIRE_ALL `request_id`.
+    pub(super) fn multi_step(&mut self, id: SessionId, request_id: u32, step: Step) {
+        match step {
+            Step::Acquire(name, mode, wait) => {
+                let shard = self.shard_of(&name);
+                if let Some(pending) = self
+                    .sessions
+                    .get_mut(id)
+                    .and_then(|s| s.pending.get_mut(&request_id))
+                {
+                    // A CANCEL goes to the acquire in flight.
+                    pending.shard = shard as u8;
+                    pending.name = name.clone();
+                }
+                self.touch(id, shard);
+                let command = multi::acquire(id, request_id, (&name, mode, wait));
+                self.route_to_shard(shard, command);
+            }
+            Step::Release(holds) => {
+                for (name, token) in holds {
+                    let shard = self.shard_of(&name);
+                    let command = Command::Release {
+                        session: id,
+                        request_id,
+                        name: &name,
+                        token,
+                    };
+                    self.route_to_shard(shard, command);
+                }
+            }
+            Step::Wait => {}
+            Step::Granted(_) | Step::Failed(_) => {
+                unreachable!("a final step is answered by Session::record")
+            }
+        }
+    }
+}
+
+/// Writes the final reply to an ACQUIRE_ALL.
+pub(super) fn encode_final(
+    out: &mut Vec<u8>,
+    request_id: u32,
+    result: &Result<Vec<u64>, Failure>,
+    deferred: bool,
+) {
+    let op = opcode::ACQUIRE_ALL;
+    match result {
+        Ok(tokens) => protocol::encode_granted_all(out, request_id, tokens, deferred),
+        Err(Failure::Outcome(outcome)) => {
+            super::native::encode_outcome(out, op, request_id, *outcome, deferred)
+        }
+        Err(Failure::Deadlock(cycle)) => {
+            protocol::encode_reply(out, op, deferred, Status::Deadlock, request_id, cycle)
+        }
+    }
+}
