@@ -313,3 +313,94 @@ fn run_all_holds_every_name_and_kill_9_frees_them() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }
+
+/// The request for `names` (all exclusive), waiting forever, with QUEUED.
+fn all_of<'a>(names: &[&str], buf: &'a mut Vec<u8>) -> Request<'a> {
+    let list: Vec<(Mode, &[u8])> = names.iter().map(|n| (X, n.as_bytes())).collect();
+    buf.clear();
+    AllNames::encode(&list, buf);
+    Request::AcquireAll {
+        names: AllNames::parse(names.len() as u16, buf).unwrap(),
+        wait_ms: WAIT_FOREVER,
+        notify_queued: true,
+    }
+}
+
+/// While a multi-lock waits, its parts are not the client's: a RELEASE
+/// or EXTEND of one is NotHeld (the request goes on, and its tokens are
+/// good); a CANCEL ends it and gives the parts back; a part taken away by
+/// an operator fails it Cancelled, and the client hears no LOCK_LOST.
+#[test]
+fn the_parts_of_a_waiting_multi_lock_are_not_the_clients() {
+    let server = TestServer::start(2);
+    let (a, watch) = (server.client(), server.client());
+    let (mut raw, id, _) = RawConn::hello(server.addr, 0);
+    let mut buf = Vec::new();
+    // 1: a RELEASE of a part is refused; the request completes.
+    let z = a.acquire("z").unwrap();
+    raw.send(7, &all_of(&["y", "z"], &mut buf));
+    assert_eq!(raw.recv().status, Status::Queued);
+    assert_eq!(holders(&watch, "y"), [id]);
+    let release = Request::Release {
+        name: b"y",
+        token: 0,
+    };
+    assert_eq!(raw.call(8, &release).status, Status::NotHeld);
+    let extend = Request::Extend {
+        name: b"y",
+        lease_ms: 10,
+        token: 0,
+    };
+    assert_eq!(raw.call(9, &extend).status, Status::NotHeld);
+    drop(z);
+    let granted = raw.recv();
+    assert_eq!((granted.request_id, granted.status), (7, Status::Ok));
+    let tokens = livelock::protocol::parse_tokens_body(&granted.body, 2).unwrap();
+    assert_eq!(
+        watch.inspect("y").unwrap().unwrap().holders[0].token,
+        tokens[0]
+    );
+    // Now they are: released by name.
+    assert_eq!(raw.call(10, &release).status, Status::Ok);
+    assert_eq!(
+        raw.call(
+            11,
+            &Request::Release {
+                name: b"z",
+                token: 0
+            }
+        )
+        .status,
+        Status::Ok
+    );
+
+    // 2: a CANCEL ends it, the part taken is given back.
+    let z = a.acquire("z").unwrap();
+    raw.send(12, &all_of(&["y", "z"], &mut buf));
+    assert_eq!(raw.recv().status, Status::Queued);
+    raw.send(13, &Request::Cancel { target: 12 });
+    // Both answers, in either order.
+    let mut answers: Vec<(u32, Status)> = (0..2)
+        .map(|_| raw.recv())
+        .map(|f| (f.request_id, f.status))
+        .collect();
+    answers.sort_unstable_by_key(|a| a.0);
+    assert_eq!(answers, [(12, Status::Cancelled), (13, Status::Ok)]);
+    assert!(holders(&watch, "y").is_empty());
+    assert_eq!(queued(&watch, "z"), 0);
+
+    // 3: an operator takes a part away: the request fails, silently.
+    raw.send(14, &all_of(&["y", "z"], &mut buf));
+    assert_eq!(raw.recv().status, Status::Queued);
+    wait_until("y taken again", || holders(&watch, "y") == [id]);
+    watch.force_release("y", 0).unwrap();
+    drop(z);
+    let failed = raw.recv();
+    assert_eq!(
+        (failed.opcode, failed.request_id, failed.status),
+        (opcode::ACQUIRE_ALL, 14, Status::Cancelled),
+        "no LOCK_LOST before it: {failed:?}"
+    );
+    wait_until("z given back", || holders(&watch, "z").is_empty());
+    raw.expect_silence(Duration::from_millis(50));
+}

@@ -179,6 +179,9 @@ pub enum Refusal {
     /// An ACQUIRE_ALL of a name the session holds or waits for, or an
     /// acquire of a name an ACQUIRE_ALL of the session is taking: that name.
     AlreadyHeld(LockName),
+    /// A RELEASE or EXTEND of a name an ACQUIRE_ALL of the session is
+    /// taking: not the client's to touch until it is granted.
+    NotHeld,
 }
 
 /// What a request asks of its session, for admission.
@@ -188,6 +191,8 @@ pub enum Ask<'a> {
     Acquire(&'a [u8]),
     /// An ACQUIRE_ALL of these names.
     AcquireAll(AllNames<'a>),
+    /// A RELEASE or EXTEND of the session's hold of this name.
+    Held(&'a [u8]),
     /// INSPECT, LIST, STATS: answered by a gather, not a shard.
     Query,
     Other,
@@ -199,7 +204,7 @@ impl<'a> Ask<'a> {
         match self {
             Ask::Acquire(_) => 1,
             Ask::AcquireAll(names) => usize::from(names.count()),
-            Ask::Query | Ask::Other => 0,
+            Ask::Held(_) | Ask::Query | Ask::Other => 0,
         }
     }
 
@@ -217,7 +222,7 @@ impl<'a> Ask<'a> {
                         None => a.cmp(b),
                     })
             }
-            Ask::Query | Ask::Other => None,
+            Ask::Held(_) | Ask::Query | Ask::Other => None,
         }
     }
 }
@@ -263,7 +268,10 @@ impl Session {
         {
             Some(Refusal::TooManyHolds)
         } else if let Some(name) = self.taken_twice(ask) {
-            Some(Refusal::AlreadyHeld(name))
+            match ask {
+                Ask::Held(_) => Some(Refusal::NotHeld),
+                _ => Some(Refusal::AlreadyHeld(name)),
+            }
         } else if let (Some(order), Some(lowest)) = (&self.order, ask.lowest(self.order.as_ref())) {
             // One acquire at a time: one still in flight could be granted
             // after this one, and the session would then wait downward.
@@ -288,7 +296,9 @@ impl Session {
         let multis = || self.pending.values().filter_map(|p| p.multi.as_deref());
         let taken_by_multi = |name: &[u8]| multis().any(|m| m.names(name));
         match ask {
-            Ask::Acquire(name) => taken_by_multi(name).then(|| LockName::from_slice(name)),
+            Ask::Acquire(name) | Ask::Held(name) => {
+                taken_by_multi(name).then(|| LockName::from_slice(name))
+            }
             Ask::AcquireAll(names) => names
                 .iter()
                 .map(|(_, name)| name)
@@ -376,10 +386,15 @@ impl Session {
             Effect::LockLost {
                 token, ref name, ..
             } => {
-                for pending in self.pending.values_mut() {
-                    if let Some(multi) = pending.multi.as_mut() {
-                        multi.on_lost(name, token);
-                    }
+                // A part of a multi-lock in flight: the request fails, and
+                // the client, never told of the part, is not told of this.
+                let part = self
+                    .pending
+                    .values_mut()
+                    .filter_map(|p| p.multi.as_deref_mut())
+                    .any(|m| m.on_lost(name, token));
+                if part {
+                    return Delivery::Lost { push: false };
                 }
                 let lost = match self.holds.get(&**name) {
                     Some(held) if held.token == token => self.hold_ended(name),

@@ -489,6 +489,7 @@ impl EventLoop {
         let ask = match (&request, op) {
             (Request::Acquire { name, .. }, _) => Ask::Acquire(name),
             (Request::AcquireAll { names, .. }, _) => Ask::AcquireAll(*names),
+            (Request::Release { name, .. } | Request::Extend { name, .. }, _) => Ask::Held(name),
             (
                 _,
                 opcode::INSPECT
@@ -524,6 +525,8 @@ impl EventLoop {
                 protocol::encode_reply(out, op, false, Status::OrderViolation, request_id, &name);
                 return;
             }
+            // An outcome, not an error: no message.
+            Some(Refusal::NotHeld) => (Status::NotHeld, ""),
             Some(Refusal::AlreadyHeld(_)) => {
                 let out = self.wbuf(token);
                 protocol::encode_acquire_outcome(out, op, request_id, Status::AlreadyHeld, false);
