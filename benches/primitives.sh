@@ -6,7 +6,11 @@
 # contended (16 keys, --mode wait: waiters queue and are handed over).
 # Then deadlock detection: 50 cycles of two sessions across the shards of
 # a two-loop server (memory, then log durability), from the cycle closing
-# to the Deadlock reply (examples/deadlock_latency.rs).
+# to the Deadlock reply (examples/deadlock_latency.rs). Then the atomic
+# multi-lock on a two-loop server (memory, then log): one lock cycle, 3
+# single acquires + 3 releases, ACQUIRE_ALL of the same 3 names (on at
+# least two shards) + 3 releases, 50 connections, one client
+# (examples/multi_lock_cycles.rs).
 # Prints the tables; JSON results go to target/primitives/.
 #
 #   benches/primitives.sh              # 10 s per run
@@ -68,4 +72,12 @@ for durability in memory log; do
     start_livelock "$port" 2 "$durability"
     echo -n "$durability durability: "
     target/release/examples/deadlock_latency "127.0.0.1:$port" 50
+done
+
+for durability in memory log; do
+    port=$((PORT + 3))
+    [ "$durability" = log ] && port=$((PORT + 4))
+    start_livelock "$port" 2 "$durability"
+    echo "multi-lock, $durability durability, 2 loops:"
+    target/release/examples/multi_lock_cycles "127.0.0.1:$port" 2 50 "$DURATION"
 done
