@@ -469,31 +469,19 @@ impl Client {
         names: &[(N, Mode)],
         wait: Option<Duration>,
     ) -> Result<Option<Vec<Guard>>> {
-        let list: Vec<(Mode, &[u8])> = names.iter().map(|(n, m)| (*m, n.as_ref())).collect();
-        let mut bytes = Vec::new();
-        protocol::AllNames::encode(&list, &mut bytes);
-        let count = u16::try_from(list.len())
-            .map_err(|_| Error::Status(Status::BadBody, "too many names".into()))?;
-        let names_ok = protocol::AllNames::parse(count, &bytes)
-            .ok_or_else(|| Error::Status(Status::BadBody, "1 to 32 distinct valid names".into()))?;
-        let request = Request::AcquireAll {
-            names: names_ok,
-            wait_ms: wait_ms_of(wait),
-            notify_queued: false,
-        };
+        let (count, bytes) = all_names(names)?;
+        let request = all_request(count, &bytes, wait)?;
         let reply = match self.call(&request) {
             Ok(reply) => reply,
             Err(Error::Status(Status::Busy | Status::TimedOut, _)) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let tokens = protocol::parse_tokens_body(&reply.body, list.len())
-            .ok_or_else(|| Error::Protocol("bad ACQUIRE_ALL grant".into()))?;
-        let guards = list
-            .iter()
-            .zip(tokens)
-            .map(|((_, name), token)| Guard {
+        let granted = all_granted(names, &reply.body)?;
+        let guards = granted
+            .into_iter()
+            .map(|(name, token)| Guard {
                 inner: self.inner.clone(),
-                name: name.to_vec(),
+                name,
                 token,
                 armed: true,
             })
@@ -689,8 +677,48 @@ impl Drop for Client {
     }
 }
 
+/// The names of an ACQUIRE_ALL, encoded: (count, bytes).
+pub(crate) fn all_names<N: AsRef<[u8]>>(names: &[(N, Mode)]) -> Result<(u16, Vec<u8>)> {
+    let list: Vec<(Mode, &[u8])> = names.iter().map(|(n, m)| (*m, n.as_ref())).collect();
+    let count = u16::try_from(list.len())
+        .map_err(|_| Error::Status(Status::BadBody, "too many names".into()))?;
+    let mut bytes = Vec::new();
+    protocol::AllNames::encode(&list, &mut bytes);
+    Ok((count, bytes))
+}
+
+/// The ACQUIRE_ALL of names `all_names` encoded; `BadBody` (not sent) if
+/// they are not 1 to 32 distinct valid names.
+pub(crate) fn all_request(count: u16, bytes: &[u8], wait: Option<Duration>) -> Result<Request<'_>> {
+    let names = protocol::AllNames::parse(count, bytes).ok_or_else(|| {
+        Error::Status(
+            Status::BadBody,
+            "1 to 32 distinct names of 1 to 1024 bytes".into(),
+        )
+    })?;
+    Ok(Request::AcquireAll {
+        names,
+        wait_ms: wait_ms_of(wait),
+        notify_queued: false,
+    })
+}
+
+/// The (name, token) of each name of a granted ACQUIRE_ALL.
+pub(crate) fn all_granted<N: AsRef<[u8]>>(
+    names: &[(N, Mode)],
+    body: &[u8],
+) -> Result<Vec<(Vec<u8>, u64)>> {
+    let tokens = protocol::parse_tokens_body(body, names.len())
+        .ok_or_else(|| Error::Protocol("bad ACQUIRE_ALL grant".into()))?;
+    Ok(names
+        .iter()
+        .map(|(n, _)| n.as_ref().to_vec())
+        .zip(tokens)
+        .collect())
+}
+
 /// A wait as the protocol says it: `None` forever.
-fn wait_ms_of(wait: Option<Duration>) -> u32 {
+pub(crate) fn wait_ms_of(wait: Option<Duration>) -> u32 {
     match wait {
         None => WAIT_FOREVER,
         Some(wait) => u32::try_from(wait.as_millis())

@@ -45,7 +45,8 @@ type WriteHalf = Box<dyn AsyncWrite + Unpin + Send>;
 /// was dropped — is released at once).
 struct Waiter {
     tx: oneshot::Sender<OwnedReply>,
-    acquire: Option<Vec<u8>>,
+    /// What an acquire's grant would hold (one name, or an ACQUIRE_ALL's).
+    acquire: Vec<Vec<u8>>,
 }
 
 /// Requests waiting for their final reply, by request id; `None` once the
@@ -69,8 +70,9 @@ impl Inner {
         let request_id = next_request_id(&self.next_id);
         let (tx, rx) = oneshot::channel();
         let acquire = match request {
-            Request::Acquire { name, .. } => Some(name.to_vec()),
-            _ => None,
+            Request::Acquire { name, .. } => vec![name.to_vec()],
+            Request::AcquireAll { names, .. } => names.iter().map(|(_, n)| n.to_vec()).collect(),
+            _ => Vec::new(),
         };
         match self.waiting.lock().as_mut() {
             Some(map) => map.insert(request_id, Waiter { tx, acquire }),
@@ -94,7 +96,11 @@ impl Inner {
         // cancelled (and a grant that comes anyway released by the reader).
         let mut cancel = CancelOnDrop {
             inner: self,
-            request_id: matches!(request, Request::Acquire { .. }).then_some(request_id),
+            request_id: matches!(
+                request,
+                Request::Acquire { .. } | Request::AcquireAll { .. }
+            )
+            .then_some(request_id),
         };
         let reply = rx.await.map_err(|_| Error::Disconnected);
         cancel.request_id = None;
@@ -290,6 +296,36 @@ impl AsyncClient {
             lease: None,
         };
         self.acquire_with(name, options).await
+    }
+
+    /// Takes every name at once, all or none (see `Client::acquire_all`):
+    /// one guard per name, in `names`' order; `Ok(None)` if not granted
+    /// within `wait` (`None`: forever; `Some(ZERO)`: one try). Dropping
+    /// the future before the grant cancels it (a grant that comes anyway
+    /// is released, every name).
+    pub async fn acquire_all<N: AsRef<[u8]>>(
+        &self,
+        names: &[(N, Mode)],
+        wait: Option<Duration>,
+    ) -> Result<Option<Vec<AsyncGuard>>> {
+        let (count, bytes) = crate::client::all_names(names)?;
+        let request = crate::client::all_request(count, &bytes, wait)?;
+        let reply = match self.inner.call(&request).await {
+            Ok(reply) => reply,
+            Err(Error::Status(Status::Busy | Status::TimedOut, _)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let granted = crate::client::all_granted(names, &reply.body)?;
+        let guards = granted
+            .into_iter()
+            .map(|(name, token)| AsyncGuard {
+                inner: self.inner.clone(),
+                name,
+                token,
+                armed: true,
+            })
+            .collect();
+        Ok(Some(guards))
     }
 
     /// Changes the capacity of the semaphore `name` while it is in use
@@ -495,12 +531,12 @@ async fn read_loop(
                 if let Some(Waiter { tx, acquire }) = waiter {
                     if let Err(reply) = tx.send(reply) {
                         // A grant whose future was dropped: let it go.
-                        let token = protocol::parse_token_body(&reply.body);
-                        if let (Some(name), Status::Ok, Some(token)) =
-                            (acquire, reply.status, token)
-                        {
-                            let id = next_request_id(&inner.next_id);
-                            let _ = inner.send_frame(id, &Request::Release { name: &name, token });
+                        let tokens = protocol::parse_tokens_body(&reply.body, acquire.len());
+                        if let (Status::Ok, Some(tokens)) = (reply.status, tokens) {
+                            for (name, token) in acquire.iter().zip(tokens) {
+                                let id = next_request_id(&inner.next_id);
+                                let _ = inner.send_frame(id, &Request::Release { name, token });
+                            }
                         }
                     }
                 }

@@ -249,3 +249,47 @@ async fn semaphores_and_orders() {
         ),
     }
 }
+
+/// ACQUIRE_ALL: every name with its token, in order; a try that finds one
+/// taken gets nothing; a future dropped while it waits cancels it, and
+/// nothing it had taken stays held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acquire_all_is_all_or_nothing() {
+    use livelock::protocol::Mode::{Exclusive, Shared};
+    let server = TestServer::start(2);
+    let (a, b) = (connect(&server).await, connect(&server).await);
+    let names = [("m1", Exclusive), ("m2", Shared), ("m3", Exclusive)];
+    let held = bounded("all three", a.acquire_all(&names, None))
+        .await
+        .unwrap()
+        .expect("free");
+    let got: Vec<&[u8]> = held.iter().map(|g| g.name()).collect();
+    assert_eq!(got, [&b"m1"[..], b"m2", b"m3"]);
+    let zero = Some(Duration::ZERO);
+    let none = bounded(
+        "a try",
+        b.acquire_all(&[("m0", Exclusive), ("m3", Exclusive)], zero),
+    )
+    .await;
+    assert!(none.unwrap().is_none());
+    assert!(bounded("m0 free", b.try_acquire("m0"))
+        .await
+        .unwrap()
+        .is_some());
+    // B waits for m3 (holding m4 meanwhile); dropping the future cancels.
+    let waiting = b.acquire_all(&[("m4", Exclusive), ("m3", Exclusive)], None);
+    let timed_out = tokio::time::timeout(Duration::from_millis(100), waiting).await;
+    assert!(timed_out.is_err(), "m3 is held by A");
+    let c = connect(&server).await;
+    let mut freed = false;
+    for _ in 0..500 {
+        if let Some(guard) = bounded("m4", c.try_acquire("m4")).await.unwrap() {
+            drop(guard);
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(freed, "m4 was not given back after the cancel");
+    drop(held);
+}
