@@ -471,22 +471,14 @@ impl Client {
     ) -> Result<Option<Vec<Guard>>> {
         let (count, bytes) = all_names(names)?;
         let request = all_request(count, &bytes, wait)?;
-        let reply = match self.call(&request) {
-            Ok(reply) => reply,
-            Err(Error::Status(Status::Busy | Status::TimedOut, _)) => return Ok(None),
-            Err(e) => return Err(e),
+        let granted = all_granted(names, self.call(&request))?;
+        let guard = |(name, token)| Guard {
+            inner: self.inner.clone(),
+            name,
+            token,
+            armed: true,
         };
-        let granted = all_granted(names, &reply.body)?;
-        let guards = granted
-            .into_iter()
-            .map(|(name, token)| Guard {
-                inner: self.inner.clone(),
-                name,
-                token,
-                armed: true,
-            })
-            .collect();
-        Ok(Some(guards))
+        Ok(granted.map(|all| all.into_iter().map(guard).collect()))
     }
 
     /// Declares the order this session's acquires keep from now on
@@ -703,18 +695,24 @@ pub(crate) fn all_request(count: u16, bytes: &[u8], wait: Option<Duration>) -> R
     })
 }
 
-/// The (name, token) of each name of a granted ACQUIRE_ALL.
+/// Each name of a granted ACQUIRE_ALL with its token.
+pub(crate) type Granted = Vec<(Vec<u8>, u64)>;
+
+/// What the reply to an ACQUIRE_ALL of `names` says: the (name, token) of
+/// each name if granted, `None` if not in time (Busy, TimedOut).
 pub(crate) fn all_granted<N: AsRef<[u8]>>(
     names: &[(N, Mode)],
-    body: &[u8],
-) -> Result<Vec<(Vec<u8>, u64)>> {
-    let tokens = protocol::parse_tokens_body(body, names.len())
+    reply: Result<OwnedReply>,
+) -> Result<Option<Granted>> {
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(Error::Status(Status::Busy | Status::TimedOut, _)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let tokens = protocol::parse_tokens_body(&reply.body, names.len())
         .ok_or_else(|| Error::Protocol("bad ACQUIRE_ALL grant".into()))?;
-    Ok(names
-        .iter()
-        .map(|(n, _)| n.as_ref().to_vec())
-        .zip(tokens)
-        .collect())
+    let names = names.iter().map(|(n, _)| n.as_ref().to_vec());
+    Ok(Some(names.zip(tokens).collect()))
 }
 
 /// A wait as the protocol says it: `None` forever.

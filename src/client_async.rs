@@ -310,22 +310,14 @@ impl AsyncClient {
     ) -> Result<Option<Vec<AsyncGuard>>> {
         let (count, bytes) = crate::client::all_names(names)?;
         let request = crate::client::all_request(count, &bytes, wait)?;
-        let reply = match self.inner.call(&request).await {
-            Ok(reply) => reply,
-            Err(Error::Status(Status::Busy | Status::TimedOut, _)) => return Ok(None),
-            Err(e) => return Err(e),
+        let granted = crate::client::all_granted(names, self.inner.call(&request).await)?;
+        let guard = |(name, token)| AsyncGuard {
+            inner: self.inner.clone(),
+            name,
+            token,
+            armed: true,
         };
-        let granted = crate::client::all_granted(names, &reply.body)?;
-        let guards = granted
-            .into_iter()
-            .map(|(name, token)| AsyncGuard {
-                inner: self.inner.clone(),
-                name,
-                token,
-                armed: true,
-            })
-            .collect();
-        Ok(Some(guards))
+        Ok(granted.map(|all| all.into_iter().map(guard).collect()))
     }
 
     /// Changes the capacity of the semaphore `name` while it is in use

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, NoReturn, Union
 
@@ -36,6 +36,8 @@ RESUME_REPLY_BODY_MAX = 32 + 4 + 4 * IN_FLIGHT_MAX
 LIST_LIMIT_MAX = 10_000
 #: SET_ORDER: at most this many names with a priority.
 ORDER_NAMES_MAX = 256
+#: ACQUIRE_ALL: at most this many names in one request.
+MULTI_NAMES_MAX = 32
 U32_MAX = 0xFFFFFFFF
 U64_MAX = 0xFFFFFFFFFFFFFFFF
 
@@ -45,8 +47,8 @@ FLAG_PUSH = 0x0002
 FLAG_INTERIM = 0x0004
 FLAG_HOLD_TOKEN = 0x0008
 
-# ACQUIRE/ACQUIRE_PERMITS acq_flags bit: an INTERIM Queued reply when the
-# acquire has to wait.
+# ACQUIRE/ACQUIRE_PERMITS/ACQUIRE_ALL acq_flags bit: an INTERIM Queued reply
+# when the acquire has to wait (ACQUIRE_ALL: once, when it first waits).
 ACQ_NOTIFY_QUEUED = 0x01
 
 # SET_ORDER kinds.
@@ -85,6 +87,7 @@ class Opcode(enum.IntEnum):
     ACQUIRE_PERMITS = 0x11
     SET_CAPACITY = 0x12
     SET_ORDER = 0x13
+    ACQUIRE_ALL = 0x15
     LOCK_LOST = 0x40
     SHUTDOWN = 0x41
     SESSION_TAKEN = 0x42
@@ -180,6 +183,15 @@ class Mode(enum.IntEnum):
     PERMITS = 2
 
 
+#: How ``acquire_all`` takes one of its names: "exclusive" or "shared", or
+#: the ``Mode`` (EXCLUSIVE or SHARED; PERMITS is refused with ValueError).
+LockMode = Union[Literal["exclusive", "shared"], Mode]
+
+#: One name of ``acquire_all``: a name (taken exclusive, or shared with
+#: ``shared=True``), or a ``(name, mode)`` pair.
+LockSpec = Union[BytesLike, tuple[BytesLike, LockMode]]
+
+
 class SignalOp(enum.IntEnum):
     RAISE = 0
     EXISTS = 1
@@ -219,8 +231,8 @@ class ServerError(LivelockError):
 
 
 class NotAcquired(ServerError):
-    """An ACQUIRE (or ACQUIRE_PERMITS) was not granted: Busy, TimedOut,
-    Cancelled, OverCapacity or Deadlock."""
+    """An ACQUIRE (or ACQUIRE_PERMITS, ACQUIRE_ALL) was not granted: Busy,
+    TimedOut, Cancelled, OverCapacity or Deadlock."""
 
 
 class LockBusy(NotAcquired):
@@ -232,7 +244,8 @@ class AcquireTimedOut(NotAcquired):
 
 
 class AcquireCancelled(NotAcquired):
-    """Status CANCELLED: withdrawn by CANCEL (or by BYE)."""
+    """Status CANCELLED: withdrawn by CANCEL (or by BYE); for ACQUIRE_ALL
+    also when an operator force-released a name it had already taken."""
 
 
 class OverCapacityError(NotAcquired):
@@ -482,6 +495,66 @@ def acquire_permits_body(name: bytes, wait: int, lease: int, weight: int, capaci
     return struct.pack("<BBHIIII", Mode.PERMITS, acq_flags, 0, *fields) + name
 
 
+def lock_mode(mode: LockMode) -> Mode:
+    """The mode of one name of an ACQUIRE_ALL: "exclusive"/"shared" or
+    Mode.EXCLUSIVE/Mode.SHARED, else ValueError (TypeError for a non-mode)."""
+    if isinstance(mode, Mode):
+        if mode == Mode.PERMITS:
+            raise ValueError("acquire_all takes locks (exclusive or shared), not permits")
+        return mode
+    if mode == "exclusive":
+        return Mode.EXCLUSIVE
+    if mode == "shared":
+        return Mode.SHARED
+    if isinstance(mode, str):
+        raise ValueError(f'a lock mode is "exclusive" or "shared", not {mode!r}')
+    raise TypeError(f'a lock mode is "exclusive", "shared" or a Mode, not {type(mode).__name__}')
+
+
+def lock_specs(names: Iterable[LockSpec], shared: bool) -> tuple[tuple[bytes, Mode], ...]:
+    """The names of an ACQUIRE_ALL as sent, in the given order: each a name
+    (``shared`` says its mode) or a (name, mode) pair. A single name
+    instead of a list is a TypeError; the count, distinctness and size are
+    checked by ``acquire_all_body``."""
+    if isinstance(names, (str, bytes, bytearray, memoryview)):
+        raise TypeError("acquire_all takes a list of names (or of (name, mode) pairs), not one name")
+    default = Mode.SHARED if shared else Mode.EXCLUSIVE
+    specs = []
+    for spec in names:
+        if isinstance(spec, tuple):
+            if len(spec) != 2:
+                raise ValueError(f"a name with its mode is a (name, mode) pair, not {spec!r}")
+            name, mode = spec
+            specs.append((lock_name(name), lock_mode(mode)))
+        else:
+            specs.append((lock_name(spec), default))
+    return tuple(specs)
+
+
+def acquire_all_body(names: tuple[tuple[bytes, Mode], ...], wait: int, notify_queued: bool) -> bytes:
+    """ACQUIRE_ALL: acq_flags, reserved, count, wait_ms, then per name its
+    mode, reserved, name_len and name; ValueError for what the server would
+    refuse: not 1 to 32 names, a name twice, a mode other than exclusive or
+    shared, more than one request's 4096 bytes."""
+    if not 1 <= len(names) <= MULTI_NAMES_MAX:
+        raise ValueError(f"acquire_all takes 1 to {MULTI_NAMES_MAX} names, got {len(names)}")
+    seen: set[bytes] = set()
+    entries = []
+    for name, mode in names:
+        name = lock_name(name)
+        if name in seen:
+            raise ValueError(f"acquire_all names {name!r} twice")
+        seen.add(name)
+        if mode not in (Mode.EXCLUSIVE, Mode.SHARED):
+            raise ValueError(f"acquire_all takes locks (exclusive or shared), not {mode!r}")
+        entries.append(struct.pack("<BBH", mode, 0, len(name)) + name)
+    acq_flags = ACQ_NOTIFY_QUEUED if notify_queued else 0
+    body = struct.pack("<BBHI", acq_flags, 0, len(names), _u32(wait, "wait_ms")) + b"".join(entries)
+    if len(body) > FRAME_BODY_MAX:
+        raise ValueError(f"the names take {len(body)} bytes; a request holds at most {FRAME_BODY_MAX}")
+    return body
+
+
 def set_capacity_body(capacity: int, name: bytes) -> bytes:
     return struct.pack("<I", semaphore_capacity(capacity)) + name
 
@@ -717,6 +790,14 @@ def parse_token(body: bytes) -> int:
     token = r.u64()
     r.end()
     return token
+
+
+def parse_tokens(body: bytes, count: int) -> tuple[int, ...]:
+    """A granted ACQUIRE_ALL: exactly ``count`` tokens (u64), in the
+    request's order."""
+    if len(body) != 8 * count:
+        raise ProtocolError(f"ACQUIRE_ALL grant of {len(body)} bytes for {count} names")
+    return struct.unpack(f"<{count}Q", body)
 
 
 def parse_flag(body: bytes) -> bool:
