@@ -26,6 +26,13 @@
 //!   interim QUEUED a pending acquire;
 //! - the home's view of each session's holds equals the tables'.
 //!
+//! Sessions also take 2 or 3 names at once (ACQUIRE_ALL: the production
+//! `state::multi` steps, driven as `event_loop::multi` drives them): every
+//! step's grant is fenced; a granted one holds every name with the tokens
+//! it answered; a failed one holds none of them; while one is in flight,
+//! the tables may show its parts, and nothing else beyond the home's holds;
+//! across a shutdown it comes back in flight (started over).
+//!
 //! Checked at each RESUME (`Sessions::resume`): a wrong secret is refused;
 //! the requests in flight are the pending ones; the listing of holds
 //! (`Session::next_listed`) is exactly the session's holds.
@@ -44,7 +51,8 @@ use livelock::dump;
 use livelock::lock_table::{
     shard_for, Acquire, Command, Effect, LockTable, Mode, Outcome, RequestId, SessionId, Wait,
 };
-use livelock::protocol::opcode;
+use livelock::multi::{self, Multi, Step};
+use livelock::protocol::{opcode, AllNames};
 use livelock::session::{Ask, Delivery, Listed, PendingOp, Sessions};
 use livelock::snapshot;
 use mio::Token;
@@ -60,6 +68,7 @@ const SESSIONS_LIVE: usize = 12;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Acquire,
+    AcquireAll,
     Release,
     Extend,
     Cancel,
@@ -74,6 +83,10 @@ struct World {
     homes: Vec<Sessions>,
     /// What each pending request of each session was, by the client.
     kinds: BTreeMap<(SessionId, RequestId), Kind>,
+    /// The names of each ACQUIRE_ALL in flight, in the request's order.
+    multi_names: BTreeMap<(SessionId, RequestId), Vec<Vec<u8>>>,
+    /// Multi-lock steps the delivered effects called for, not yet sent.
+    steps: std::collections::VecDeque<(SessionId, RequestId, Step)>,
     next_request: u32,
     /// Greatest token granted per lock over the whole run.
     last_token: BTreeMap<Vec<u8>, u64>,
@@ -81,6 +94,8 @@ struct World {
     max_token: u64,
     restarts: usize,
     crashes: usize,
+    /// Multi-locks answered granted, failed; and in flight at a shutdown.
+    multis: [usize; 3],
 }
 
 impl World {
@@ -95,11 +110,14 @@ impl World {
                 .map(|home| Sessions::new(home, shards))
                 .collect(),
             kinds: BTreeMap::new(),
+            multi_names: BTreeMap::new(),
+            steps: std::collections::VecDeque::new(),
             next_request: 1,
             last_token: BTreeMap::new(),
             max_token: 0,
             restarts: 0,
             crashes: 0,
+            multis: [0; 3],
         }
     }
 
@@ -118,9 +136,14 @@ impl World {
         self.deliver_all(out);
     }
 
+    /// Delivers `effects`, then sends the multi-lock steps they called for
+    /// (after, as the event loop does: replies in the order made).
     fn deliver_all(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             self.deliver(effect);
+        }
+        while let Some((id, request_id, step)) = self.steps.pop_front() {
+            self.multi_step(id, request_id, step);
         }
     }
 
@@ -130,7 +153,8 @@ impl World {
         let Some(session) = self.homes[0].get_mut(effect.session()) else {
             return; // an ended session's late effect
         };
-        // The lock a reply is about, before `record` takes the request.
+        // The lock a reply is about, before `record` takes the request (a
+        // multi-lock's: the name of its step in flight).
         let name = match effect {
             Effect::Reply { request_id, .. } => {
                 session.pending.get(&request_id).map(|p| p.name.clone())
@@ -138,6 +162,61 @@ impl World {
             _ => None,
         };
         let delivery = session.record(&effect);
+        // Every grant is fenced: a single acquire's, or a multi-lock's step's.
+        if let (
+            Some(name),
+            Effect::Reply {
+                outcome: Outcome::Granted { token },
+                ..
+            },
+        ) = (&name, &effect)
+        {
+            self.max_token = self.max_token.max(*token);
+            let last = self.last_token.entry(name.to_vec()).or_insert(0);
+            assert!(token > last, "token {token} after {last}");
+            *last = *token;
+        }
+        let request_id = effect.request_id();
+        match &delivery {
+            Delivery::MultiStep(step) => {
+                let request_id = request_id.expect("a step answers a request");
+                self.steps
+                    .push_back((effect.session(), request_id, step.clone()));
+                return;
+            }
+            Delivery::MultiFinal(_, result) => {
+                let (id, request_id) = (effect.session(), request_id.expect("a final reply"));
+                assert_eq!(self.kinds.remove(&(id, request_id)), Some(Kind::AcquireAll));
+                let session = self.homes[0].get(id).expect("live");
+                let (names, tokens) = self
+                    .multi_names
+                    .remove(&(id, request_id))
+                    .map(|n| (n, result.clone()))
+                    .expect("asked");
+                self.multis[usize::from(tokens.is_err())] += 1;
+                match tokens {
+                    Ok(tokens) => {
+                        for (name, token) in names.iter().zip(tokens) {
+                            assert_eq!(
+                                session.holds[&name[..]].token,
+                                token,
+                                "all granted, with its tokens"
+                            );
+                        }
+                    }
+                    Err(_) => {
+                        for name in &names {
+                            assert!(
+                                !session.holds.contains_key(&name[..]),
+                                "a failed multi-lock holds nothing"
+                            );
+                        }
+                    }
+                }
+                return;
+            }
+            _ => {}
+        }
         if let (
             Delivery::Final(_),
             Effect::Reply {
@@ -149,12 +228,8 @@ impl World {
         ) = (&delivery, &effect)
         {
             self.kinds.remove(&(*session, *request_id));
-            if let Outcome::Granted { token } = *outcome {
-                self.max_token = self.max_token.max(token);
-                let name = name.expect("a grant answers a pending acquire");
-                let last = self.last_token.entry(name.to_vec()).or_insert(0);
-                assert!(token > *last, "token {token} after {last}");
-                *last = token;
+            if let Outcome::Granted { .. } = *outcome {
+                assert!(name.is_some(), "a grant answers a pending acquire");
             }
         }
         if let (
@@ -166,8 +241,84 @@ impl World {
             },
         ) = (&delivery, &effect)
         {
-            assert_eq!(self.kinds[&(*session, *request_id)], Kind::Acquire);
+            let kind = self.kinds[&(*session, *request_id)];
+            assert!(matches!(kind, Kind::Acquire | Kind::AcquireAll), "{kind:?}");
         }
+    }
+
+    /// The step of the ACQUIRE_ALL `request_id`, as `event_loop::multi`
+    /// sends it.
+    fn multi_step(&mut self, id: SessionId, request_id: u32, step: Step) {
+        match step {
+            Step::Acquire(name, mode, wait) => {
+                let shard = self.shard(&name);
+                let session = self.homes[0].get_mut(id).expect("live");
+                session.touched |= 1 << shard;
+                let pending = session.pending.get_mut(&request_id).expect("in flight");
+                pending.shard = shard as u8;
+                pending.name = name.clone();
+                self.apply(shard, multi::acquire(id, request_id, (&name, mode, wait)));
+            }
+            Step::Release(holds) => {
+                for (name, token) in holds {
+                    let shard = self.shard(&name);
+                    let release = Command::Release {
+                        session: id,
+                        request_id,
+                        name: &name,
+                        token,
+                    };
+                    self.apply(shard, release);
+                }
+            }
+            Step::Wait => {}
+            Step::Granted(_) | Step::Failed(_) => unreachable!("answered by record"),
+        }
+    }
+
+    /// An ACQUIRE_ALL of 2 or 3 names by `id`, if the home admits it.
+    fn acquire_all(&mut self, id: SessionId, wait: Wait) {
+        let count = 2 + self.rng.below(2) as usize;
+        let mut names: Vec<&[u8]> = Vec::new();
+        while names.len() < count {
+            let name = self.rng.pick(&NAMES);
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        let list: Vec<(Mode, &[u8])> = names
+            .iter()
+            .map(|&n| {
+                (
+                    self.rng
+                        .pick(&[Mode::Exclusive, Mode::Exclusive, Mode::Shared]),
+                    n,
+                )
+            })
+            .collect();
+        let mut bytes = Vec::new();
+        AllNames::encode(&list, &mut bytes);
+        let all = AllNames::parse(count as u16, &bytes).expect("well-formed");
+        let session = self.homes[0].get(id).unwrap();
+        if session
+            .refusal(self.next_request, Ask::AcquireAll(all), (0, false))
+            .is_some()
+        {
+            return;
+        }
+        let multi = Multi::new(all, wait);
+        let step = multi.start();
+        let request_id = self.pending(id, Kind::AcquireAll, 0, b"", Mode::Exclusive);
+        let pending = self.homes[0]
+            .get_mut(id)
+            .unwrap()
+            .pending
+            .get_mut(&request_id)
+            .unwrap();
+        pending.multi = Some(Box::new(multi));
+        let names = names.iter().map(|n| n.to_vec()).collect();
+        self.multi_names.insert((id, request_id), names);
+        self.multi_step(id, request_id, step);
     }
 
     fn pending(&mut self, id: SessionId, kind: Kind, shard: usize, name: &[u8], mode: Mode) -> u32 {
@@ -182,6 +333,7 @@ impl World {
                 op: match kind {
                     Kind::Release => PendingOp::Native(opcode::RELEASE),
                     Kind::Acquire => PendingOp::Native(opcode::ACQUIRE),
+                    Kind::AcquireAll => PendingOp::Native(opcode::ACQUIRE_ALL),
                     Kind::Extend => PendingOp::Native(opcode::EXTEND),
                     Kind::Cancel => PendingOp::Native(opcode::CANCEL),
                 },
@@ -216,6 +368,15 @@ impl World {
             0..=5 if self.live_sessions().len() < SESSIONS_LIVE => {
                 let grace = self.rng.pick(&[0, 0, 500, 3000, 20_000]);
                 self.home().create([7; 16], grace, b"sim", Token(1));
+            }
+            35..=39 if !attached.is_empty() => {
+                let id = self.rng.pick(&attached);
+                let wait = match self.rng.below(4) {
+                    0 => Wait::Try,
+                    1 => Wait::Until(self.now_ms + 1 + self.rng.below(3000)),
+                    _ => Wait::Forever,
+                };
+                self.acquire_all(id, wait);
             }
             0..=39 if !attached.is_empty() => {
                 let id = self.rng.pick(&attached);
@@ -262,6 +423,15 @@ impl World {
                     (1, Some(h)) => h.token,
                     _ => 1 + self.rng.below(5), // mostly a stale token
                 };
+                // The home's admission rule (a multi-lock's parts are not
+                // the client's to release), as the loop applies it.
+                let session = self.homes[0].get(id).unwrap();
+                if session
+                    .refusal(self.next_request, Ask::Held(name), (0, false))
+                    .is_some()
+                {
+                    return;
+                }
                 let shard = self.shard(name);
                 let extend = self.rng.below(3) == 0;
                 let kind = match extend {
@@ -363,7 +533,7 @@ impl World {
             .unwrap()
             .pending
             .iter()
-            .filter(|(rid, _)| self.kinds[&(id, **rid)] == Kind::Acquire)
+            .filter(|(rid, _)| matches!(self.kinds[&(id, **rid)], Kind::Acquire | Kind::AcquireAll))
             .map(|(rid, p)| (*rid, p.shard as usize))
             .collect()
     }
@@ -382,6 +552,7 @@ impl World {
     /// The session is over: every shard it touched is told.
     fn end(&mut self, id: SessionId, touched: u64) {
         self.kinds.retain(|(session, _), _| *session != id);
+        self.multi_names.retain(|(session, _), _| *session != id);
         for shard in 0..self.tables.len() {
             if touched & (1 << shard) != 0 {
                 self.apply(shard, Command::EndSession { session: id });
@@ -446,6 +617,8 @@ impl World {
             .into_iter()
             .filter(|((id, _), _)| kept.contains_key(id))
             .collect();
+        self.multi_names.retain(|(id, _), _| kept.contains_key(id));
+        self.multis[2] += self.multi_names.len();
         let restored = told(&self.homes[0], |_| true);
         // Queued acquires are all that is in flight at a barrier (a
         // single-threaded home has no request in transit), so the restored
@@ -482,6 +655,7 @@ impl World {
             .map(|home| Sessions::new(home, shards))
             .collect();
         self.kinds.clear();
+        self.multi_names.clear();
         self.now_ms += self.rng.below(500);
     }
 
@@ -516,7 +690,16 @@ impl World {
                 .iter()
                 .map(|(n, h)| (n.to_vec(), (h.mode, h.token)))
                 .collect();
-            let tables = in_tables.remove(&id).unwrap_or_default();
+            let mut tables = in_tables.remove(&id).unwrap_or_default();
+            // Beyond its holds, the tables may show parts of its
+            // multi-locks in flight, and nothing else.
+            let multis: Vec<&Multi> = session
+                .pending
+                .values()
+                .filter_map(|p| p.multi.as_deref())
+                .collect();
+            tables
+                .retain(|name, _| !multis.iter().any(|m| m.names(name)) || home.contains_key(name));
             assert_eq!(
                 home, tables,
                 "session {id:#x}: the home's holds are the tables'"
@@ -559,13 +742,13 @@ fn told(home: &Sessions, keep: impl Fn(&livelock::session::Session) -> bool) -> 
         .collect()
 }
 
-fn run(seed: u64) -> (usize, usize) {
+fn run(seed: u64) -> (usize, usize, [usize; 3]) {
     let mut world = World::new(seed);
     for _ in 0..STEPS {
         world.step();
     }
     world.finish();
-    (world.restarts, world.crashes)
+    (world.restarts, world.crashes, world.multis)
 }
 
 #[test]
@@ -577,13 +760,16 @@ fn sessions_shards_restarts_and_crashes() {
             (0..count).collect()
         }
     };
-    let (mut restarts, mut crashes) = (0, 0);
+    let (mut restarts, mut crashes, mut multis) = (0, 0, [0; 3]);
     for seed in seeds {
         let outcome = std::panic::catch_unwind(|| run(seed));
         match outcome {
-            Ok((r, c)) => {
+            Ok((r, c, m)) => {
                 restarts += r;
                 crashes += c;
+                for (total, n) in multis.iter_mut().zip(m) {
+                    *total += n;
+                }
             }
             Err(e) => {
                 eprintln!("failing seed: SIM_SEED={seed}");
@@ -592,4 +778,12 @@ fn sessions_shards_restarts_and_crashes() {
         }
     }
     assert!(restarts > 0 && crashes > 0, "both kinds of restart ran");
+    eprintln!(
+        "multi-locks: {} granted, {} failed, {} in flight at a shutdown",
+        multis[0], multis[1], multis[2]
+    );
+    assert!(
+        multis.iter().all(|&n| n > 0),
+        "multi-locks granted, failed and restarted: {multis:?}"
+    );
 }

@@ -427,6 +427,10 @@ pub struct EventLoop {
     table: LockTable,
     /// Effects of the last lock-table call, routed by `route_effects`.
     effects: Vec<Effect>,
+    /// Multi-lock steps the delivered effects call for: sent once the
+    /// effects at hand are delivered (`run_multi_steps`), so that replies
+    /// go out in the order the shard made them.
+    multi_steps: VecDeque<(SessionId, u32, crate::multi::Step)>,
     /// Messages for each loop, sent at the end of the turn.
     outgoing: Vec<VecDeque<Msg>>,
     /// Connections with input to look at (read not drained or frames left).
@@ -528,6 +532,7 @@ impl EventLoop {
             sessions,
             table,
             effects,
+            multi_steps: VecDeque::new(),
             outgoing: (0..loops).map(|_| VecDeque::new()).collect(),
             ready: VecDeque::new(),
             dirty: Vec::new(),
@@ -1174,6 +1179,7 @@ impl EventLoop {
             }
         }
         self.effects = effects;
+        self.run_multi_steps();
     }
 
     /// Writes an effect for one of this loop's sessions to its connection,
@@ -1198,7 +1204,7 @@ impl EventLoop {
         let delivery = session.record(&effect);
         if let Delivery::MultiStep(step) = delivery {
             let request_id = effect.request_id().expect("a step answers a request");
-            self.multi_step(session_id, request_id, step);
+            self.multi_steps.push_back((session_id, request_id, step));
             return;
         }
         // Native output goes to the session's connection, or is parked for
@@ -1380,6 +1386,7 @@ impl EventLoop {
                 Msg::Effect(effect) => {
                     self.tainted = true;
                     self.deliver(effect);
+                    self.run_multi_steps();
                 }
                 Msg::Adopt(adoption) => {
                     self.tainted = true;

@@ -4,7 +4,7 @@ protocol, blocking (``Client``) and asyncio (``AsyncClient``).
 This module only gathers the public names; see README.md for the guide.
 """
 
-from .aio import AsyncClient, AsyncHeld, AsyncPendingAcquire, AsyncSemaphore
+from .aio import AsyncClient, AsyncHeld, AsyncPendingAcquire, AsyncPendingAcquireAll, AsyncSemaphore
 from .config import DEFAULT_PORT, parse_addresses
 from .core import (
     EVENTS_MAX,
@@ -32,7 +32,9 @@ from .protocol import (
     LivelockError,
     LivelockTimeout,
     LockBusy,
+    LockMode,
     LockRecord,
+    LockSpec,
     Mode,
     NoSuchRequestError,
     NotAcquired,
@@ -51,7 +53,7 @@ from .protocol import (
     WrongKindError,
     WrongTokenError,
 )
-from .sync import Client, Held, PendingAcquire, Semaphore
+from .sync import Client, Held, PendingAcquire, PendingAcquireAll, Semaphore
 
 __version__ = "0.1.0"
 
@@ -66,6 +68,7 @@ __all__ = [
     "AsyncClient",
     "AsyncHeld",
     "AsyncPendingAcquire",
+    "AsyncPendingAcquireAll",
     "AsyncSemaphore",
     "AuthError",
     "BadRequestError",
@@ -84,7 +87,9 @@ __all__ = [
     "LivelockTimeout",
     "LockBusy",
     "LockLost",
+    "LockMode",
     "LockRecord",
+    "LockSpec",
     "Mode",
     "NoSuchRequestError",
     "NotAcquired",
@@ -93,6 +98,7 @@ __all__ = [
     "OrderViolationError",
     "OverCapacityError",
     "PendingAcquire",
+    "PendingAcquireAll",
     "ProtocolError",
     "Resumed",
     "Semaphore",

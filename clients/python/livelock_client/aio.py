@@ -83,7 +83,9 @@ async def _dial(dial: api.Dial, first: bytes) -> _Streams:
     raise dial.failure()
 
 
-class AsyncClient(api.ClientBase["AsyncHeld", "AsyncPendingAcquire", "AsyncSemaphore"], api.Awaiting):
+class AsyncClient(
+    api.ClientBase["AsyncHeld", "AsyncPendingAcquire", "AsyncPendingAcquireAll", "AsyncSemaphore"], api.Awaiting
+):
     """A session with a livelock server, for asyncio. Open one with
     ``await AsyncClient.connect()`` or ``await AsyncClient.resume()``. Every
     method that waits takes ``timeout`` (seconds; None: the client's
@@ -94,7 +96,13 @@ class AsyncClient(api.ClientBase["AsyncHeld", "AsyncPendingAcquire", "AsyncSemap
     def __init__(self, opening: api.Opening) -> None:
         # One event loop runs the core's callers: no lock needed.
         super().__init__(
-            opening, AsyncHeld, AsyncPendingAcquire, AsyncSemaphore, contextlib.nullcontext(), asyncio.Event()
+            opening,
+            AsyncHeld,
+            AsyncPendingAcquire,
+            AsyncPendingAcquireAll,
+            AsyncSemaphore,
+            contextlib.nullcontext(),
+            asyncio.Event(),
         )
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -220,9 +228,16 @@ class AsyncClient(api.ClientBase["AsyncHeld", "AsyncPendingAcquire", "AsyncSemap
         return call.result(value)
 
     @contextlib.asynccontextmanager
-    async def _enter(self, call: api.Call[AsyncHeld]) -> AsyncIterator[AsyncHeld]:
-        async with await self._run(call) as held:
-            yield held
+    async def _enter(
+        self, call: api.Call[AsyncHeld | builtins.list[AsyncHeld]]
+    ) -> AsyncIterator[AsyncHeld | builtins.list[AsyncHeld]]:
+        """The block around a hold, or a list of holds (each released at its
+        end, the last first)."""
+        taken = await self._run(call)
+        async with contextlib.AsyncExitStack() as stack:
+            for held in taken if isinstance(taken, builtins.list) else [taken]:
+                await stack.enter_async_context(held)
+            yield taken
 
     async def _send(self, op: Op[Any], waiter: _Waiter[Any]) -> int:
         request_id, frame = self._core.request(op, waiter)
@@ -287,8 +302,8 @@ class AsyncHeld(api.HeldBase[AsyncClient], api.Awaiting):
                     raise
 
 
-class AsyncPendingAcquire(api.PendingBase[AsyncClient, _Waiter[HoldState]], api.Awaiting):
-    """An ACQUIRE sent by ``start_acquire``, not answered yet."""
+class _Pending(api.PendingBase[AsyncClient, _Waiter[T]], api.Awaiting):
+    """An acquire sent by a ``start_acquire``, whose reply is a ``T``."""
 
     async def wait_queued(self, timeout: float | None = None) -> bool:
         """Whether, within ``timeout`` (None: the client's request timeout),
@@ -299,16 +314,33 @@ class AsyncPendingAcquire(api.PendingBase[AsyncClient, _Waiter[HoldState]], api.
             return False
         return True
 
+    async def _result(self, timeout: float | None) -> T:
+        timeout = self._wait_timeout(timeout)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._waiter.future), timeout)
+        except asyncio.TimeoutError:
+            raise self._late(timeout) from None
+
+
+class AsyncPendingAcquire(_Pending[HoldState]):
+    """An ACQUIRE sent by ``start_acquire``, not answered yet."""
+
     async def wait(self, timeout: float | None = None) -> AsyncHeld:
         """The hold once granted, else the acquire's error; past ``timeout``
         (None: as ``acquire`` waits, forever with ``wait=None``)
         LivelockTimeout, and the acquire stays pending (``cancel`` it)."""
-        timeout = self._wait_timeout(timeout)
-        try:
-            state = await asyncio.wait_for(asyncio.shield(self._waiter.future), timeout)
-        except asyncio.TimeoutError:
-            raise self._late(timeout) from None
-        return self._client._held(state)
+        return self._client._held(await self._result(timeout))
+
+
+class AsyncPendingAcquireAll(_Pending[builtins.list[HoldState]]):
+    """An ACQUIRE_ALL sent by ``start_acquire_all``, not answered yet."""
+
+    async def wait(self, timeout: float | None = None) -> builtins.list[AsyncHeld]:
+        """Every hold (in the order the names were given) once all are
+        granted, else the request's error; past ``timeout`` (None: as
+        ``acquire_all`` waits) LivelockTimeout, and the request stays
+        pending (``cancel`` it)."""
+        return self._client._held_all(await self._result(timeout))
 
 
 class AsyncSemaphore(api.SemaphoreBase[AsyncHeld, AsyncPendingAcquire], api.Awaiting):

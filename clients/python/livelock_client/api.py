@@ -25,7 +25,7 @@ import builtins
 import contextlib
 import inspect
 import ssl
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterable, Iterator
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Final, Generic, Protocol, TypeVar, overload
@@ -46,9 +46,11 @@ else:
 T = TypeVar("T")
 K = TypeVar("K")
 W = TypeVar("W")
-#: The shell's Held, PendingAcquire, Semaphore and client classes.
+#: The shell's Held, PendingAcquire, PendingAcquireAll, Semaphore and client
+#: classes.
 H = TypeVar("H")
 PA = TypeVar("PA")
+PM = TypeVar("PM")
 S = TypeVar("S")
 C = TypeVar("C", bound="_Runner")
 BC = TypeVar("BC", bound="Blocking")
@@ -102,12 +104,13 @@ class Runs:
 
 class Enters:
     """The kind of method that returns a context manager around its call's
-    result (a hold, released at the end of the block)."""
+    result (a hold, or a list of holds, released at the end of the block)."""
 
 
 class Blocking:
     """An object of the blocking client: its methods run to completion
-    (``_run``; a client's ``_enter`` makes the ``with`` block of ``lock``)."""
+    (``_run``; a client's ``_enter`` makes the ``with`` block of ``lock``
+    and ``lock_all``)."""
 
     def _run(self, call: Call[T]) -> T:
         raise NotImplementedError
@@ -115,8 +118,8 @@ class Blocking:
 
 class Awaiting:
     """An object of the asyncio client: its methods are coroutine functions
-    (``_run``), but for ``lock``, whose ``async with`` block a client's
-    ``_enter`` makes."""
+    (``_run``), but for ``lock`` and ``lock_all``, whose ``async with`` block
+    a client's ``_enter`` makes."""
 
     async def _run(self, call: Call[T]) -> T:
         raise NotImplementedError
@@ -312,7 +315,7 @@ class _Flag(Protocol):
     def clear(self) -> None: ...
 
 
-class ClientBase(Generic[H, PA, S]):
+class ClientBase(Generic[H, PA, PM, S]):
     """A session with a livelock server, over one connection at a time.
 
     Open one with ``connect()`` or ``resume()``. Every method that waits
@@ -325,14 +328,15 @@ class ClientBase(Generic[H, PA, S]):
         opening: Opening,
         held: Callable[[Any, c.HoldState], H],
         pending: Callable[[Any, Started[Any]], PA],
+        pending_all: Callable[[Any, Started[Any]], PM],
         semaphore: Callable[[Any, BytesLike, int], S],
         core_lock: AbstractContextManager[Any],
         listed: _Flag,
     ) -> None:
-        """What the shell brings: its Held, PendingAcquire and Semaphore
-        classes, the lock that guards the core (which is not thread-safe),
-        and the flag set when a RESUME's listing completed or the connection
-        ended."""
+        """What the shell brings: its Held, PendingAcquire, PendingAcquireAll
+        and Semaphore classes, the lock that guards the core (which is not
+        thread-safe), and the flag set when a RESUME's listing completed or
+        the connection ended."""
         self._servers = opening.servers
         self._password = opening.password
         self._connect_timeout = opening.connect_timeout
@@ -340,6 +344,7 @@ class ClientBase(Generic[H, PA, S]):
         self.request_timeout = opening.request_timeout
         self._make_held = held
         self._make_pending = pending
+        self._make_pending_all = pending_all
         self._make_semaphore = semaphore
         self._core = c.Core()
         self._core_lock = core_lock
@@ -357,6 +362,9 @@ class ClientBase(Generic[H, PA, S]):
 
     def _pending(self, started: Started[Any]) -> PA:
         return self._make_pending(self, started)
+
+    def _pending_all(self, started: Started[Any]) -> PM:
+        return self._make_pending_all(self, started)
 
     def _dial(self) -> Dial:
         return Dial(self._servers, self._connect_timeout, self._tls)
@@ -380,7 +388,8 @@ class ClientBase(Generic[H, PA, S]):
         raise NotImplementedError
 
     def _enter(self, call: Call[Any]) -> Any:
-        """The context manager around a call's hold (``lock``)."""
+        """The context manager around a call's hold (``lock``) or list of
+        holds (``lock_all``), releasing them at the end of the block."""
         raise NotImplementedError
 
     def _write_quietly(self, frames: builtins.list[bytes]) -> None:
@@ -483,6 +492,68 @@ class ClientBase(Generic[H, PA, S]):
         default)."""
         op = c.acquire_op(name, wait=wait, shared=shared, lease=lease, notify_queued=True)
         return Call(op, c.acquire_timeout(wait, None, self.request_timeout), self._pending, detached=True)
+
+    # -- Several locks at once.
+
+    @method
+    def acquire_all(
+        self,
+        names: Iterable[p.LockSpec],
+        *,
+        wait: float | None = None,
+        shared: bool = False,
+        timeout: float | None = None,
+    ) -> Call[builtins.list[H]]:
+        """Takes every lock of ``names`` or none (ACQUIRE_ALL): one hold per
+        name, in the order given, each with its own fencing token and
+        released like any other. ``names``: 1 to 32 distinct names, each a
+        name (exclusive, or shared with ``shared=True``) or a ``(name,
+        mode)`` pair, mode "exclusive" or "shared" (or a ``Mode``);
+        ValueError before sending otherwise. The server takes them in
+        ascending byte order, each in its FIFO queue, and gives back what it
+        took if one fails, so the session never holds a part of the set and
+        no two such requests deadlock each other. ``wait`` and ``timeout``
+        are ``acquire``'s, for the whole set: None waits forever, 0 tries
+        once (LockBusy), else at most that many seconds (AcquireTimedOut).
+        No lease. While it is in flight the session's own acquires of these
+        names get AlreadyHeldError, its releases and extends NotHeldError."""
+        op = c.acquire_all_op(names, wait=wait, shared=shared, notify_queued=False)
+        return Call(op, c.acquire_timeout(wait, timeout, self.request_timeout), self._held_all)
+
+    lock_all = entering(
+        acquire_all,
+        """``with client.lock_all(names) as held:`` (``async with`` on an
+        AsyncClient) takes every name as ``acquire_all`` does (``held``: the
+        list of holds, in the order given) and releases each hold (by its
+        token) at the end of the block.""",
+    )
+
+    @method
+    def try_acquire_all(
+        self, names: Iterable[p.LockSpec], *, shared: bool = False, timeout: float | None = None
+    ) -> Call[builtins.list[H] | None]:
+        """One attempt at every name: the holds, or None when one of them is
+        taken (what the server took of the others it gave back first)."""
+        op = c.try_acquire_all_op(names, shared=shared)
+        return Call(op, c.acquire_timeout(0, timeout, self.request_timeout), self._held_all_if_granted)
+
+    def _held_all(self, states: builtins.list[c.HoldState]) -> builtins.list[H]:
+        return [self._held(state) for state in states]
+
+    def _held_all_if_granted(self, states: builtins.list[c.HoldState] | None) -> builtins.list[H] | None:
+        return None if states is None else self._held_all(states)
+
+    @method
+    def start_acquire_all(
+        self, names: Iterable[p.LockSpec], *, wait: float | None = None, shared: bool = False
+    ) -> Call[PM]:
+        """Sends an ACQUIRE_ALL (asking to be told when it first queues) and
+        returns once it is sent; wait for it or cancel it with the returned
+        PendingAcquireAll (whose ``wait`` returns the list of holds)."""
+        op = c.acquire_all_op(names, wait=wait, shared=shared, notify_queued=True)
+        return Call(op, c.acquire_timeout(wait, None, self.request_timeout), self._pending_all, detached=True)
+
+    # -- Releases and leases.
 
     @method
     def release(self, name: BytesLike, *, token: int | None = None, timeout: float | None = None) -> Call[None]:
@@ -625,7 +696,7 @@ class SemaphoreBase(Generic[H, PA]):
     lock's (fencing token, lease, ``release``, ``extend``, LockLost), with
     its ``weight``; a session holds or waits for a name at most once."""
 
-    def __init__(self, client: ClientBase[H, PA, Any], name: BytesLike, capacity: int) -> None:
+    def __init__(self, client: ClientBase[H, PA, Any, Any], name: BytesLike, capacity: int) -> None:
         self._client = client
         self.name: Final = p.lock_name(name)
         self.capacity = p.semaphore_capacity(capacity)
@@ -789,7 +860,8 @@ class HeldBase(_OfClient[C]):
 
 
 class PendingBase(_OfClient[C], Generic[C, W]):
-    """An ACQUIRE sent by ``start_acquire``, not answered yet."""
+    """An ACQUIRE (or ACQUIRE_PERMITS, ACQUIRE_ALL) sent by a
+    ``start_acquire``, not answered yet."""
 
     def __init__(self, client: C, started: Started[W]) -> None:
         super().__init__(client)

@@ -6,9 +6,9 @@ publish. It owns the request ids (a session's, not a connection's), the
 table of requests in flight with their waiters, the session's holds (so a
 LOCK_LOST or a RESUME listing marks the right ``Held`` lost), the RESUME
 reconciliation, and what happens to a request whose caller gave up: a
-waiting ACQUIRE (or ACQUIRE_PERMITS) is cancelled and a grant that comes
-anyway is released by its fencing token, so no hold is ever left behind
-unknown. It also defines
+waiting ACQUIRE (or ACQUIRE_PERMITS, ACQUIRE_ALL) is cancelled and a grant
+that comes anyway is released by its fencing token, so no hold is ever left
+behind unknown. It also defines
 the requests (``Op``: the frame to send and what its reply means) and the
 events. The public methods built on them are ``livelock_client.api``'s.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Protocol, TypeVar, Union
 
@@ -49,7 +50,7 @@ FIRST_REQUEST_ID = 1
 
 #: The requests that take a hold, and may wait for it (cancelled when their
 #: caller gives up, their late grants released).
-ACQUIRES = frozenset({Opcode.ACQUIRE, Opcode.ACQUIRE_PERMITS})
+ACQUIRES = frozenset({Opcode.ACQUIRE, Opcode.ACQUIRE_PERMITS, Opcode.ACQUIRE_ALL})
 
 
 # ---- Events ---------------------------------------------------------------
@@ -134,7 +135,8 @@ class EventHub:
 @dataclass(frozen=True)
 class Op(Generic[T]):
     """One request: its frame (less the request id) and what turns its final
-    reply into a result (raising the status's exception)."""
+    reply into a result (raising the status's exception). ``name``: the
+    name it is about; ``names``: an ACQUIRE_ALL's."""
 
     opcode: Opcode
     body: bytes
@@ -142,6 +144,12 @@ class Op(Generic[T]):
     flags: int = 0
     name: bytes = b""
     token: int = 0
+    names: tuple[bytes, ...] = ()
+
+    @property
+    def takes(self) -> tuple[bytes, ...]:
+        """The names an acquire takes."""
+        return self.names or (self.name,)
 
     def frame(self, request_id: int) -> bytes:
         return p.encode_frame(self.opcode, request_id, self.body, self.flags)
@@ -182,13 +190,13 @@ def acquire_op(
     return Op(Opcode.ACQUIRE, body, _granted(key, mode), name=key)
 
 
-def _trying(acquire: Op[HoldState]) -> Op[HoldState | None]:
+def _trying(acquire: Op[T]) -> Op[T | None]:
     """An acquire sent with wait 0, answering None for Busy."""
 
-    def finish(frame: Frame) -> HoldState | None:
+    def finish(frame: Frame) -> T | None:
         return None if frame.status == Status.BUSY else acquire.finish(frame)
 
-    return Op(acquire.opcode, acquire.body, finish, name=acquire.name)
+    return Op(acquire.opcode, acquire.body, finish, name=acquire.name, names=acquire.names)
 
 
 def try_acquire_op(name: BytesLike, *, shared: bool, lease: float | None) -> Op[HoldState | None]:
@@ -210,6 +218,41 @@ def try_acquire_permits_op(name: BytesLike, weight: int, capacity: int, *, lease
     """An ACQUIRE_PERMITS that tries once: None when the permits are not free
     (or others queue for them)."""
     return _trying(acquire_permits_op(name, weight, capacity, wait=0, lease=lease, notify_queued=False))
+
+
+def _granted_all(specs: tuple[tuple[bytes, Mode], ...]) -> Callable[[Frame], list[HoldState]]:
+    def finish(frame: Frame) -> list[HoldState]:
+        p.raise_for(frame)
+        tokens = p.parse_tokens(frame.body, len(specs))
+        return [HoldState(name, token, mode) for (name, mode), token in zip(specs, tokens)]
+
+    return finish
+
+
+def acquire_all_op(
+    names: Iterable[p.LockSpec], *, wait: float | None, shared: bool, notify_queued: bool
+) -> Op[list[HoldState]]:
+    """ACQUIRE_ALL: every name (each a name, exclusive unless ``shared``, or
+    a (name, mode) pair) or none; the holds in the given order."""
+    specs = p.lock_specs(names, shared)
+    body = p.acquire_all_body(specs, p.wait_ms(wait), notify_queued)
+    return Op(Opcode.ACQUIRE_ALL, body, _granted_all(specs), names=tuple(name for name, _ in specs))
+
+
+def try_acquire_all_op(names: Iterable[p.LockSpec], *, shared: bool) -> Op[list[HoldState] | None]:
+    """An ACQUIRE_ALL that tries once: None when a name is taken (what it
+    took of the others is given back first)."""
+    return _trying(acquire_all_op(names, wait=0, shared=shared, notify_queued=False))
+
+
+def taken(value: object) -> list[HoldState]:
+    """The holds an acquire's result carries: one, an ACQUIRE_ALL's list,
+    or none (a try that found the lock taken, or another request's)."""
+    if isinstance(value, HoldState):
+        return [value]
+    if isinstance(value, list):
+        return [hold for hold in value if isinstance(hold, HoldState)]
+    return []
 
 
 def _in_use(frame: Frame) -> bool:
@@ -461,10 +504,11 @@ class Core:
             return []
         if keep_result:
             return None
-        value = waiter.peek()
-        if isinstance(value, HoldState) and self.holds.get(value.name) is value:
-            return self.drop_hold(value)
-        return []
+        frames: list[bytes] = []
+        for hold in taken(waiter.peek()):
+            if self.holds.get(hold.name) is hold:
+                frames += self.drop_hold(hold)
+        return frames
 
     def drop_hold(self, hold: HoldState) -> list[bytes]:
         """Forgets a hold nobody will use and releases it by its token: now,
@@ -507,11 +551,12 @@ class Core:
 
     def _track(self, op: Op[Any], value: object, wanted: bool, out: Outcome) -> None:
         """Keeps ``holds`` as the server has them after a successful reply."""
-        if isinstance(value, HoldState):
-            if wanted:
-                self.holds[value.name] = value
-            elif self.connected:
-                out.send.append(self._register(release_op(value.name, value.token), None)[1])
+        if op.opcode in ACQUIRES:
+            for grant in taken(value):
+                if wanted:
+                    self.holds[grant.name] = grant
+                elif self.connected:
+                    out.send.append(self._register(release_op(grant.name, grant.token), None)[1])
         elif op.opcode == Opcode.RELEASE:
             hold = self.holds.get(op.name)
             if hold is not None and op.token in (0, hold.token):
@@ -561,12 +606,12 @@ class Core:
                 del self.holds[name]
                 out.events.append(LockLost(name, hold.token))
         still: set[int] = set(self.in_flight)
-        orphans = set()
+        orphans: set[bytes] = set()
         for request_id, entry in list(self._pending.items()):
             if entry.generation < self._generation and request_id not in still:
                 del self._pending[request_id]
                 if entry.op is not None and entry.op.opcode in ACQUIRES:
-                    orphans.add(entry.op.name)
+                    orphans.update(entry.op.takes)
         kept = []
         for hold in listing:
             known = self.holds.get(hold.name)

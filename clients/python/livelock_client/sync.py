@@ -202,7 +202,7 @@ def _dial(dial: api.Dial, first: bytes) -> _Stream:
     raise dial.failure()
 
 
-class Client(api.ClientBase["Held", "PendingAcquire", "Semaphore"], api.Blocking):
+class Client(api.ClientBase["Held", "PendingAcquire", "PendingAcquireAll", "Semaphore"], api.Blocking):
     """A session with a livelock server, over one connection at a time.
 
     Open one with ``Client.connect()`` or ``Client.resume()``. Every method
@@ -213,7 +213,9 @@ class Client(api.ClientBase["Held", "PendingAcquire", "Semaphore"], api.Blocking
     _listed: threading.Event
 
     def __init__(self, opening: api.Opening) -> None:
-        super().__init__(opening, Held, PendingAcquire, Semaphore, threading.Lock(), threading.Event())
+        super().__init__(
+            opening, Held, PendingAcquire, PendingAcquireAll, Semaphore, threading.Lock(), threading.Event()
+        )
         self._sock: _Stream | None = None
         self._reader: threading.Thread | None = None
         self._write_lock = threading.Lock()
@@ -331,9 +333,14 @@ class Client(api.ClientBase["Held", "PendingAcquire", "Semaphore"], api.Blocking
         return call.result(waiter.result())
 
     @contextlib.contextmanager
-    def _enter(self, call: api.Call[Held]) -> Iterator[Held]:
-        with self._run(call) as held:
-            yield held
+    def _enter(self, call: api.Call[Held | builtins.list[Held]]) -> Iterator[Held | builtins.list[Held]]:
+        """The block around a hold, or a list of holds (each released at its
+        end, the last first)."""
+        taken = self._run(call)
+        with contextlib.ExitStack() as stack:
+            for held in taken if isinstance(taken, builtins.list) else [taken]:
+                stack.enter_context(held)
+            yield taken
 
     def _send(self, op: Op[Any], waiter: _Waiter[Any]) -> int:
         with self._core_lock:
@@ -428,24 +435,43 @@ class Held(api.HeldBase[Client], api.Blocking):
                     raise
 
 
-class PendingAcquire(api.PendingBase[Client, _Waiter[HoldState]], api.Blocking):
-    """An ACQUIRE sent by ``start_acquire``, not answered yet."""
+class _Pending(api.PendingBase[Client, _Waiter[T]], api.Blocking):
+    """An acquire sent by a ``start_acquire``, whose reply is a ``T``."""
 
     def wait_queued(self, timeout: float | None = None) -> bool:
         """Whether, within ``timeout`` (None: the client's request timeout),
         the server said the acquire queues (or it completed)."""
         return self._waiter.wait_queued(self._queued_timeout(timeout))
 
+    def _result(self, timeout: float | None) -> T:
+        self._client._not_on_reader()
+        timeout = self._wait_timeout(timeout)
+        if not self._waiter.wait(timeout):
+            raise self._late(timeout)
+        return self._waiter.result()
+
+
+class PendingAcquire(_Pending[HoldState]):
+    """An ACQUIRE sent by ``start_acquire``, not answered yet."""
+
     def wait(self, timeout: float | None = None) -> Held:
         """The hold once granted; the acquire's error (LockBusy,
         AcquireTimedOut, AcquireCancelled, ...) otherwise. Past ``timeout``
         (None: as ``acquire`` waits, forever with ``wait=None``)
         LivelockTimeout, and the acquire stays pending (``cancel`` it)."""
-        self._client._not_on_reader()
-        timeout = self._wait_timeout(timeout)
-        if not self._waiter.wait(timeout):
-            raise self._late(timeout)
-        return self._client._held(self._waiter.result())
+        return self._client._held(self._result(timeout))
+
+
+class PendingAcquireAll(_Pending[builtins.list[HoldState]]):
+    """An ACQUIRE_ALL sent by ``start_acquire_all``, not answered yet."""
+
+    def wait(self, timeout: float | None = None) -> builtins.list[Held]:
+        """Every hold (in the order the names were given) once all are
+        granted; the request's error (LockBusy, AcquireTimedOut,
+        AcquireCancelled, ...) otherwise. Past ``timeout`` (None: as
+        ``acquire_all`` waits) LivelockTimeout, and the request stays
+        pending (``cancel`` it)."""
+        return self._client._held_all(self._result(timeout))
 
 
 class Semaphore(api.SemaphoreBase[Held, PendingAcquire], api.Blocking):

@@ -312,6 +312,7 @@ WAITING_CALLS: list[tuple[str, tuple[object, ...]]] = [
     ("inspect", ("lock",)),
     ("list", ("*",)),
     ("try_acquire", ("lock",)),
+    ("try_acquire_all", (["lock", ("lock-2", "shared")],)),
     ("release", ("lock",)),
     ("extend", ("lock", 5.0)),
     ("signal", ("lock", "s")),

@@ -1,8 +1,9 @@
 """The asyncio client against a real server: the core cases of test_sync.py
 (grants, try/timeout, FIFO hand-over and cancel, leases, signals, queries,
 resume, passwords, bad input, server errors), counting semaphores, ordered
-locking and deadlock detection, task cancellation, and the request timeout
-of every call on a server that never answers. Each test runs its own event
+locking and deadlock detection, several locks at once (ACQUIRE_ALL), task
+cancellation, and the request timeout of every call on a server that never
+answers. Each test runs its own event
 loop with asyncio.run."""
 
 from __future__ import annotations
@@ -232,6 +233,112 @@ def test_ordered_locking_and_deadlocks(server: Server, name: str) -> None:
     run(test)
 
 
+async def holders(client: AsyncClient, name: str | bytes) -> list[tuple[int, int]]:
+    inspection = await client.inspect(name)
+    return [] if inspection is None else [(h.session, h.token) for h in inspection.record.holders]
+
+
+def test_acquire_all_grants_every_name_in_order(server: Server, name: str) -> None:
+    async def test() -> None:
+        a, b, c = (f"{name}/{x}" for x in "abc")
+        async with await connect(server) as client, await connect(server) as other:
+            held = await client.acquire_all([b, (c, ll.Mode.SHARED), a])
+            assert [(h.name, h.mode) for h in held] == [
+                (b.encode(), ll.Mode.EXCLUSIVE),
+                (c.encode(), ll.Mode.SHARED),
+                (a.encode(), ll.Mode.EXCLUSIVE),
+            ]
+            for hold in held:
+                assert hold.active and await holders(other, hold.name) == [(client.session_id, hold.token)]
+            assert await other.try_acquire(a) is None
+            for hold in held:
+                await hold.release()
+            async with client.lock_all([c, a], shared=True) as again:
+                assert [h.name for h in again] == [c.encode(), a.encode()]
+                assert all(h.mode == ll.Mode.SHARED for h in again)
+                await (await other.acquire(a, shared=True, wait=0)).release()
+                assert await other.try_acquire_all([b, (c, "exclusive")]) is None  # c is held shared
+            assert not any(h.active for h in again)
+            got = await other.try_acquire_all([c, b])
+            assert got is not None and [h.name for h in got] == [c.encode(), b.encode()]
+
+    run(test)
+
+
+def test_acquire_all_try_timeout_and_cancel_give_everything_back(server: Server, name: str) -> None:
+    async def test() -> None:
+        a, b = f"{name}/a", f"{name}/b"
+        async with await connect(server) as client, await connect(server) as other, await connect(server) as third:
+            blocker = await other.acquire(b)
+            assert await client.try_acquire_all([a, b]) is None
+            with pytest.raises(ll.LockBusy):
+                await client.acquire_all([a, b], wait=0)
+            with pytest.raises(ll.AcquireTimedOut):
+                await client.acquire_all([b, a], wait=0.2)
+            assert (await third.acquire(a, wait=0)).active  # given back each time
+            await third.release(a)
+            pending = await client.start_acquire_all([a, b])
+            assert await pending.wait_queued(WAIT_MAX)
+            assert [s for s, _ in await holders(third, a)] == [client.session_id]
+            with pytest.raises(ll.NotHeldError):
+                await client.release(a)  # not the client's yet
+            with pytest.raises(ll.AlreadyHeldError):
+                await client.acquire(a, wait=0)
+            assert await pending.cancel() is True
+            with pytest.raises(ll.AcquireCancelled):
+                await pending.wait(WAIT_MAX)
+            assert await third.try_acquire(a) is not None
+            await third.release(a)
+            # Granted once b is free.
+            waiting = await client.start_acquire_all([b, a], wait=WAIT_MAX)
+            assert await waiting.wait_queued(WAIT_MAX)
+            await blocker.release()
+            held = await waiting.wait(WAIT_MAX)
+            assert [h.name for h in held] == [b.encode(), a.encode()] and held[0].token > blocker.token
+
+    run(test)
+
+
+def test_cancelling_the_task_cancels_the_acquire_all(server: Server, name: str) -> None:
+    async def test() -> None:
+        a, b = f"{name}/a", f"{name}/b"
+        async with await connect(server) as holder, await connect(server) as waiter:
+            async with holder.lock(b):
+                task = asyncio.create_task(waiter.acquire_all([a, b]))
+                while await queue_length(holder, b) == 0:  # bounded by run()
+                    await asyncio.sleep(0.01)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                while await queue_length(holder, b) == 1 or await holder.inspect(a) is not None:
+                    await asyncio.sleep(0.01)
+            got = await waiter.try_acquire_all([a, b])
+            assert got is not None
+
+    run(test)
+
+
+def test_bad_acquire_all_names_are_refused_before_sending(server: Server, name: str) -> None:
+    async def test() -> None:
+        async with await connect(server) as client:
+            bad_lists: list[list[ll.LockSpec]] = [[], [name, name], [name, (name, "shared")], [name, ""]]
+            bad_lists.append([f"{name}/{i}" for i in range(33)])
+            for names in bad_lists:
+                with pytest.raises(ValueError):
+                    await client.acquire_all(names)
+                with pytest.raises(ValueError):
+                    await client.start_acquire_all(names)
+                with pytest.raises(ValueError):
+                    async with client.lock_all(names):
+                        pass
+            with pytest.raises(TypeError):
+                await client.try_acquire_all(name)
+            assert await client.inspect(name) is None
+            await client.ping()
+
+    run(test)
+
+
 def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) -> None:
     short = 0.1
 
@@ -244,11 +351,13 @@ def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) 
     async def test() -> None:
         client = await AsyncClient.connect(silent_server.address, request_timeout=short)
         pending = await client.start_acquire("lock", wait=short)
+        pending_all = await client.start_acquire_all(["lock-a", "lock-b"], wait=short)
         calls = [getattr(client, method)(*args) for method, args in WAITING_CALLS]
         semaphore = client.semaphore("semaphore", 2)
         calls += [getattr(semaphore, method)(*args) for method, args in WAITING_SEMAPHORE_CALLS]
         calls += [client.acquire("lock-2", wait=short), pending.cancel(), pending.wait()]
-        calls += [semaphore.acquire(1, wait=short)]
+        calls += [pending_all.cancel(), pending_all.wait()]
+        calls += [semaphore.acquire(1, wait=short), client.acquire_all(["lock-3", "lock-4"], wait=short)]
         # All at once: each one's wait is its own.
         waited = await asyncio.gather(*(timed(call) for call in calls))
         assert all(short <= seconds < short * 2 + 1 for seconds in waited), waited

@@ -1,10 +1,14 @@
 """The protocol module without a server: the hex examples of docs/PROTOCOL.md
-(section 11 and INSPECT) encode and decode exactly, semaphore records and
-orders encode and decode as documented, the decoder refuses
-untrustworthy streams, bad arguments are refused before anything is sent,
-and the address syntax reads as the Rust tools read it."""
+(section 11 and INSPECT) encode and decode exactly, semaphore records,
+orders and ACQUIRE_ALL encode and decode as documented, the core cancels an
+ACQUIRE_ALL given up and releases its late grant (every name), the decoder
+refuses untrustworthy streams, bad arguments are refused before anything is
+sent, and the address syntax reads as the Rust tools read it."""
 
 from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
 
 import pytest
 
@@ -157,6 +161,137 @@ def test_semaphore_records_parse_as_documented() -> None:
     assert p.parse_held(held) == (b"gpus", 7, p.Mode.PERMITS)
     with pytest.raises(p.ProtocolError, match="bad mode"):
         p.parse_held(held[:8] + b"\x03" + held[9:])
+
+
+def test_acquire_all_encodes_and_decodes_as_documented() -> None:
+    # request_id 14: "a" exclusive and "b" shared, waiting at most 5 s.
+    op = core.acquire_all_op(["a", ("b", "shared")], wait=5, shared=False, notify_queued=False)
+    assert op.frame(14) == hexbytes(
+        "f1 4c | 01 | 15 | 00 00 | 00 00 | 0e 00 00 00 | 12 00 00 00"
+        " 00 00 02 00 88 13 00 00 | 00 00 01 00 61 | 01 00 01 00 62"
+    )
+    assert op.names == (b"a", b"b") and op.opcode == p.Opcode.ACQUIRE_ALL and int(op.opcode) == 0x15
+    # The same names spelled otherwise make the same request.
+    pairs: list[p.LockSpec] = ["a", ("b", "shared")]
+    spellings: list[tuple[Iterable[p.LockSpec], bool]] = [
+        ([(b"a", p.Mode.EXCLUSIVE), ("b", p.Mode.SHARED)], False),
+        ([("a", "exclusive"), "b"], True),
+        (iter(pairs), False),  # any iterable
+    ]
+    for names, shared in spellings:
+        assert core.acquire_all_op(names, wait=5, shared=shared, notify_queued=False).frame(14) == op.frame(14)
+    # Granted, with the tokens of a (8) and b (9), in the request's order.
+    granted = one_frame(
+        hexbytes(
+            "f1 4c | 01 | 15 | 01 00 | 00 00 | 0e 00 00 00 | 10 00 00 00"
+            " 08 00 00 00 00 00 00 00 | 09 00 00 00 00 00 00 00"
+        )
+    )
+    holds = op.finish(granted)
+    assert [(h.name, h.token, h.mode) for h in holds] == [(b"a", 8, p.Mode.EXCLUSIVE), (b"b", 9, p.Mode.SHARED)]
+    with pytest.raises(p.ProtocolError, match="ACQUIRE_ALL grant"):
+        op.finish(p.Frame(p.Opcode.ACQUIRE_ALL, p.FLAG_REPLY, p.Status.OK, 14, granted.body[:8]))
+    # NOTIFY_QUEUED (start_acquire_all), waiting forever; a try answers None for Busy.
+    notified = core.acquire_all_op(["a"], wait=None, shared=True, notify_queued=True).frame(3)
+    assert notified[16:] == hexbytes("01 00 01 00 ff ff ff ff | 01 00 01 00 61")
+    busy = p.Frame(p.Opcode.ACQUIRE_ALL, p.FLAG_REPLY, p.Status.BUSY, 3, b"")
+    assert core.try_acquire_all_op(["a", "b"], shared=False).finish(busy) is None
+    with pytest.raises(p.LockBusy):
+        op.finish(busy)
+    # The biggest request that fits: 4096 bytes.
+    names = [f"{i}" + "x" * 1019 for i in range(3)] + ["y" * (4096 - 8 - 3 * 1024 - 4)]
+    assert len(core.acquire_all_op(names, wait=0, shared=False, notify_queued=False).body) == 4096
+
+
+@pytest.mark.parametrize(
+    "names, why",
+    [
+        ([], "1 to 32 names"),
+        ([f"n{i}" for i in range(33)], "1 to 32 names"),
+        (["a", "a"], "twice"),
+        (["a", ("a", "shared")], "twice"),
+        (["a", b"a"], "twice"),
+        (["é", "é".encode()], "twice"),
+        (["a", ""], "lock name"),
+        (["a", "x" * 1025], "lock name"),
+        ([("a", "")], "exclusive"),
+        ([("a", "permits")], "exclusive"),
+        ([("a", p.Mode.PERMITS)], "not permits"),
+        ([("a", "shared", 1)], "pair"),
+        ([f"{i}" + "x" * 1023 for i in range(4)], "at most 4096"),
+    ],
+)
+def test_bad_acquire_all_names_are_refused_before_sending(names: list[p.LockSpec], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        core.acquire_all_op(names, wait=None, shared=False, notify_queued=False)
+
+
+def test_acquire_all_takes_a_list_of_names() -> None:
+    for bad in ["ab", b"ab", [42], [("a", 1)]]:
+        with pytest.raises(TypeError):
+            core.acquire_all_op(bad, wait=None, shared=False, notify_queued=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="wait"):
+        core.acquire_all_op(["a"], wait=-1, shared=False, notify_queued=False)
+
+
+class _Waiter:
+    """A caller of the core, recording what it is told."""
+
+    def __init__(self) -> None:
+        self.value: object = None
+        self.error: p.LivelockError | None = None
+
+    def queued(self) -> None:
+        pass
+
+    def done(self, value: object) -> None:
+        self.value = value
+
+    def failed(self, error: p.LivelockError) -> None:
+        self.error = error
+
+    def peek(self) -> object:
+        return self.value
+
+
+def _connected_core() -> core.Core:
+    session = struct.pack("<Q16sIB3x", 7, bytes(16), 0, p.VERSION)
+    state = core.Core()
+    state.on_session(p.Frame(p.Opcode.HELLO, p.FLAG_REPLY, p.Status.OK, core.FIRST_REQUEST_ID, session))
+    return state
+
+
+def _sent(frames: list[bytes]) -> list[tuple[int, bytes]]:
+    """(opcode, body) of request frames."""
+    return [(frame[3], frame[16:]) for frame in frames]
+
+
+def test_an_acquire_all_given_up_is_cancelled_and_its_late_grant_released() -> None:
+    state = _connected_core()
+    waiter = _Waiter()
+    request_id, _ = state.request(core.acquire_all_op(["b", "a"], wait=None, shared=False, notify_queued=False), waiter)
+    assert _sent(state.abandon(request_id, waiter, keep_result=False) or []) == [
+        (p.Opcode.CANCEL, struct.pack("<I", request_id))
+    ]
+    tokens = struct.pack("<QQ", 5, 6)
+    granted = state.on_frame(p.Frame(p.Opcode.ACQUIRE_ALL, p.FLAG_REPLY | p.FLAG_PUSH, p.Status.OK, request_id, tokens))
+    # Every name is released, by its token.
+    assert _sent(granted.send) == [
+        (p.Opcode.RELEASE, struct.pack("<Q", 5) + b"b"),
+        (p.Opcode.RELEASE, struct.pack("<Q", 6) + b"a"),
+    ]
+    assert state.holds == {} and waiter.value is None
+    # A caller that got the grant but stops (Ctrl-C just then) has it released too.
+    late = _Waiter()
+    request_id, _ = state.request(core.acquire_all_op(["c", "d"], wait=None, shared=True, notify_queued=False), late)
+    state.on_frame(p.Frame(p.Opcode.ACQUIRE_ALL, p.FLAG_REPLY, p.Status.OK, request_id, tokens))
+    assert sorted(state.holds) == [b"c", b"d"] and [h.mode for h in state.holds.values()] == [p.Mode.SHARED] * 2
+    released = state.abandon(request_id, late, keep_result=False)
+    assert _sent(released or []) == [
+        (p.Opcode.RELEASE, struct.pack("<Q", 5) + b"c"),
+        (p.Opcode.RELEASE, struct.pack("<Q", 6) + b"d"),
+    ]
+    assert state.holds == {}
 
 
 def test_a_deadlock_reply_carries_the_cycle() -> None:

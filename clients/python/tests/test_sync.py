@@ -3,8 +3,11 @@ timeout, shared holds, FIFO hand-over, leases and LockLost, extend, cancel,
 signals, INSPECT/LIST/STATS, resume within and after the grace, passwords,
 bad input and server errors; counting semaphores (FIFO by weight, capacity
 conflicts, kinds, SET_CAPACITY, permits freed by a closed connection),
-ordered locking and deadlock detection; and, on a server that never
-answers, every call that waits for it ends after the request timeout."""
+ordered locking and deadlock detection; several locks at once
+(ACQUIRE_ALL: tokens in order, try and timeout giving everything back,
+cancel, a part force-released, RESUME, names refused before sending); and,
+on a server that never answers, every call that waits for it ends after the
+request timeout."""
 
 from __future__ import annotations
 
@@ -364,6 +367,7 @@ def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) 
     short = 0.1
     client = Client.connect(silent_server.address, request_timeout=short, connect_timeout=WAIT_MAX)
     pending = client.start_acquire("lock", wait=short)
+    pending_all = client.start_acquire_all(["lock-a", "lock-b"], wait=short)
     semaphore = client.semaphore("semaphore", 2)
     timed: list[tuple[str, Callable[[], object]]] = [
         *((method, lambda method=method, args=args: getattr(client, method)(*args)) for method, args in WAITING_CALLS),
@@ -373,8 +377,11 @@ def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) 
         ),
         ("acquire(wait)", lambda: client.acquire("lock", wait=short)),  # the wait, then the request timeout
         ("Semaphore.acquire(wait)", lambda: semaphore.acquire(1, wait=short)),
+        ("acquire_all(wait)", lambda: client.acquire_all(["lock", "lock-2"], wait=short)),
         ("PendingAcquire.cancel", pending.cancel),
         ("PendingAcquire.wait", pending.wait),
+        ("PendingAcquireAll.cancel", pending_all.cancel),
+        ("PendingAcquireAll.wait", pending_all.wait),
         ("bye", client.bye),  # last: it closes the connection
     ]
     assert pending.wait_queued() is False  # not told within the request timeout
@@ -578,3 +585,164 @@ def test_a_deadlock_fails_the_youngest_wait(client: Client, other: Client, name:
     assert granted.name == y.encode() and granted.active
     granted.release()
     held_x.release()
+
+
+# ---- Several locks at once (ACQUIRE_ALL) ------------------------------------------
+
+
+def holder_tokens(client: Client, name: str | bytes) -> list[tuple[int, int]]:
+    """(session, token) of every holder of ``name``, as the server has them."""
+    inspection = client.inspect(name)
+    return [] if inspection is None else [(h.session, h.token) for h in inspection.record.holders]
+
+
+def test_acquire_all_grants_every_name_with_its_token_in_order(client: Client, other: Client, name: str) -> None:
+    a, b, c = (f"{name}/{x}" for x in "abc")
+    # Not in byte order: the holds come back in the order given.
+    held = client.acquire_all([c, (a, "shared"), b])
+    assert [(h.name, h.mode) for h in held] == [
+        (c.encode(), ll.Mode.EXCLUSIVE),
+        (a.encode(), ll.Mode.SHARED),
+        (b.encode(), ll.Mode.EXCLUSIVE),
+    ]
+    for hold in held:
+        assert hold.active and holder_tokens(other, hold.name) == [(client.session_id, hold.token)]
+    assert other.try_acquire(c) is None
+    shared = other.acquire(a, shared=True, wait=0)  # a is shared
+    shared.release()
+    with pytest.raises(ll.AlreadyHeldError):
+        client.acquire(b)  # each part is an ordinary hold of the session
+    for hold in held:
+        hold.release()
+    assert all(other.inspect(n) is None for n in (a, b, c))
+    # The block form releases every hold at its end; tokens only grow.
+    with client.lock_all([a, b, c], shared=True, wait=WAIT_MAX) as again:
+        assert [h.mode for h in again] == [ll.Mode.SHARED] * 3
+        assert all(new.token > old.token for new, old in zip(again, sorted(held, key=lambda h: h.name)))
+        assert other.try_acquire(b, shared=True) is not None
+        assert other.try_acquire_all([a, (c, "exclusive")]) is None
+    assert not any(h.active for h in again)
+    got = other.try_acquire_all([c, a])
+    assert got is not None and [h.name for h in got] == [c.encode(), a.encode()]
+
+
+def test_a_try_that_finds_a_name_taken_gives_the_others_back(
+    client: Client, other: Client, server: Server, name: str
+) -> None:
+    a, b, c = (f"{name}/{x}" for x in "abc")
+    with Client.connect(server.address, request_timeout=WAIT_MAX) as third:
+        with other.lock(b):  # the server takes a first, then finds b taken
+            assert client.try_acquire_all([a, b, c]) is None
+            with pytest.raises(ll.LockBusy) as busy:
+                client.acquire_all([c, b, a], wait=0)
+            assert busy.value.status == ll.Status.BUSY
+            # What the tries took was given back before they were answered.
+            got = third.try_acquire_all([a, c])
+            assert got is not None
+            for hold in got:
+                hold.release()
+        assert client.try_acquire_all([a, b, c]) is not None
+
+
+def test_acquire_all_times_out_and_gives_everything_back(
+    client: Client, other: Client, server: Server, name: str
+) -> None:
+    a, b = f"{name}/a", f"{name}/b"
+    with Client.connect(server.address, request_timeout=WAIT_MAX) as third:
+        with other.lock(b):
+            with pytest.raises(ll.AcquireTimedOut):
+                client.acquire_all([a, b], wait=0.2)
+            assert third.try_acquire(a) is not None  # given back
+            third.release(a)
+            # Given up by the caller: cancelled on the server, a given back too.
+            with pytest.raises(ll.LivelockTimeout):
+                client.acquire_all([a, b], timeout=0.2)
+            wait_until(lambda: queue_is_empty(other, b), "the abandoned ACQUIRE_ALL to leave the queue")
+            wait_until(lambda: third.inspect(a) is None, "a given back")
+        assert client.acquire_all([a, b], wait=WAIT_MAX)[1].name == b.encode()
+
+
+def test_a_pending_acquire_all_is_cancelled_or_granted(
+    client: Client, other: Client, server: Server, name: str
+) -> None:
+    a, b = f"{name}/a", f"{name}/b"
+    with Client.connect(server.address, request_timeout=WAIT_MAX) as third:
+        blocker = other.acquire(b)
+        pending = client.start_acquire_all([a, b])
+        assert pending.wait_queued(WAIT_MAX)  # a taken, waiting for b
+        assert [session for session, _ in holder_tokens(third, a)] == [client.session_id]
+        # The part taken is not the client's yet.
+        with pytest.raises(ll.NotHeldError):
+            client.release(a)
+        with pytest.raises(ll.AlreadyHeldError):
+            client.acquire(a, wait=0)
+        assert pending.cancel() is True
+        with pytest.raises(ll.AcquireCancelled):
+            pending.wait(WAIT_MAX)
+        assert pending.cancel() is False
+        assert third.try_acquire(a) is not None  # given back
+        third.release(a)
+        # Another one waits, and is granted once b is released.
+        waiting = client.start_acquire_all([(b, "shared"), a], wait=WAIT_MAX)
+        assert waiting.wait_queued(WAIT_MAX)
+        with pytest.raises(ll.LivelockTimeout):
+            waiting.wait(0.05)
+        blocker.release()
+        held = waiting.wait(WAIT_MAX)
+        assert [(h.name, h.mode) for h in held] == [(b.encode(), ll.Mode.SHARED), (a.encode(), ll.Mode.EXCLUSIVE)]
+        assert held[0].token > blocker.token
+        assert holder_tokens(third, b) == [(client.session_id, held[0].token)]
+
+
+def test_a_part_force_released_cancels_the_acquire_all(client: Client, other: Client, name: str) -> None:
+    a, b = f"{name}/a", f"{name}/b"
+    with other.lock(b):
+        pending = client.start_acquire_all([a, b])
+        assert pending.wait_queued(WAIT_MAX)
+        other.force_release(a)  # the part already taken
+    # It fails at its next step (b granted, then given back with the rest).
+    with pytest.raises(ll.AcquireCancelled):
+        pending.wait(WAIT_MAX)
+    assert client.next_event(0.05) is None  # never the client's: no LockLost
+    assert client.try_acquire_all([a, b]) is not None
+
+
+def test_acquire_all_holds_are_listed_on_resume(other: Client, server: Server, name: str) -> None:
+    client = Client.connect(server.address, grace=WAIT_MAX, request_timeout=WAIT_MAX)
+    held = client.acquire_all([f"{name}/b", f"{name}/a"])
+    client.close()
+    client.reconnect()
+    assert client.resumed is not None
+    assert sorted((h.name, h.token) for h in client.resumed.holds) == sorted((h.name, h.token) for h in held)
+    assert all(h.active for h in held)
+    for hold in held:
+        hold.release()
+    assert other.try_acquire_all([f"{name}/a", f"{name}/b"]) is not None
+    client.bye()
+
+
+def test_bad_acquire_all_names_are_refused_before_sending(client: Client, name: str) -> None:
+    bad_lists: list[list[ll.LockSpec]] = [
+        [],
+        [name, name],
+        [name, (name, "shared")],
+        [name, name.encode()],
+        [f"{name}/{i}" for i in range(33)],
+        [name, ""],
+        [name, "x" * 1025],
+        [(name, "permits")],  # type: ignore[list-item]
+    ]
+    for names in bad_lists:
+        with pytest.raises(ValueError):
+            client.acquire_all(names)
+        with pytest.raises(ValueError):
+            client.try_acquire_all(names)
+        with pytest.raises(ValueError):
+            client.start_acquire_all(names)
+        with pytest.raises(ValueError):
+            with client.lock_all(names):
+                pass
+    with pytest.raises(TypeError):
+        client.acquire_all(name)  # one name, not a list of them
+    assert client.inspect(name) is None  # nothing was sent
+    client.ping()

@@ -58,6 +58,14 @@ impl EventLoop {
         }
     }
 
+    /// Sends the steps the delivered effects called for (each may call
+    /// for more, through the effects it makes).
+    pub(super) fn run_multi_steps(&mut self) {
+        while let Some((id, request_id, step)) = self.multi_steps.pop_front() {
+            self.multi_step(id, request_id, step);
+        }
+    }
+
     /// Sends the commands of `step` of the ACQUIRE_ALL `request_id`.
     pub(super) fn multi_step(&mut self, id: SessionId, request_id: u32, step: Step) {
         match step {
