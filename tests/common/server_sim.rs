@@ -6,12 +6,14 @@
 
 use std::collections::BTreeMap;
 
-use livelock::dump::{DumpSession, LoopPosition};
+use livelock::dump::{DumpMulti, DumpSession, LoopPosition};
 use livelock::journal::{fingerprint, Journal};
 use livelock::lock_table::{
     shard_for, Acquire, Command, Effect, LockTable, Mode, Outcome, SignalOp, Wait,
 };
+use livelock::multi::Multi;
 use livelock::order::Order;
+use livelock::protocol::AllNames;
 use livelock::session::Sessions;
 use livelock::snapshot;
 
@@ -274,6 +276,41 @@ impl ServerSim {
                 // Timers fire on one loop.
                 let idx = rng.index(self.loops);
                 self.fire_timers_of(idx);
+            }
+            93..=94 => {
+                // A multi-lock of the session begins or ends (its steps are
+                // ordinary acquires, above); its home logs that.
+                let home = (0..self.loops)
+                    .find(|&h| self.sessions[h].contains_key(&session))
+                    .expect("a live session has a home");
+                let now = self.now;
+                let durable = self.sessions[home].get_mut(&session).expect("live");
+                if let Some(ended) = durable.multis.pop() {
+                    let journal = &mut self.journals[home];
+                    journal.session_multi(now, session, ended.request_id, None);
+                    return;
+                }
+                let first = rng.pick(&NAMES);
+                let second = NAMES
+                    .iter()
+                    .copied()
+                    .find(|&n| n != first)
+                    .expect("6 names");
+                let list = [
+                    (Mode::Exclusive, first),
+                    (rng.pick(&[Mode::Exclusive, Mode::Shared]), second),
+                ];
+                let mut names = Vec::new();
+                AllNames::encode(&list, &mut names);
+                let wait = rng.pick(&[Wait::Try, Wait::Until(now + 100), Wait::Forever]);
+                let multi = Multi::new(AllNames::parse(2, &names).expect("well-formed"), wait);
+                self.journals[home].session_multi(now, session, request_id, Some(&multi));
+                durable.multis.push(DumpMulti {
+                    request_id,
+                    wait_left_ms: 0,
+                    count: 2,
+                    names,
+                });
             }
             _ => {
                 // The session ends: its home logs that, then each shard
