@@ -178,10 +178,9 @@ impl World {
         }
         let request_id = effect.request_id();
         match &delivery {
-            Delivery::MultiStep(step) => {
-                let request_id = request_id.expect("a step answers a request");
+            Delivery::MultiStep(request_id, step) => {
                 self.steps
-                    .push_back((effect.session(), request_id, step.clone()));
+                    .push_back((effect.session(), *request_id, step.clone()));
                 return;
             }
             Delivery::MultiFinal(_, result) => {
@@ -270,6 +269,16 @@ impl World {
                     };
                     self.apply(shard, release);
                 }
+            }
+            Step::Abort => {
+                let session = self.homes[0].get(id).expect("live");
+                let shard = session.pending[&request_id].shard as usize;
+                let fail = Command::FailWaiter {
+                    session: id,
+                    request_id,
+                    cycle: b"",
+                };
+                self.apply(shard, fail);
             }
             Step::Wait => {}
             Step::Granted(_) | Step::Failed(_) => unreachable!("answered by record"),

@@ -1202,8 +1202,7 @@ impl EventLoop {
             (self.conns[t.0].unwritten(), self.conns[t.0].eof)
         });
         let delivery = session.record(&effect);
-        if let Delivery::MultiStep(step) = delivery {
-            let request_id = effect.request_id().expect("a step answers a request");
+        if let Delivery::MultiStep(request_id, step) = delivery {
             self.multi_steps.push_back((session_id, request_id, step));
             return;
         }

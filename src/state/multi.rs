@@ -75,6 +75,9 @@ pub enum Step {
     Granted(Vec<u64>),
     /// Answer the failure: nothing of the set is held.
     Failed(Failure),
+    /// End the acquire in flight at once (a part was taken away: the
+    /// request fails, and need not wait for its current name first).
+    Abort,
     /// Nothing to do until the next outcome.
     Wait,
 }
@@ -187,16 +190,20 @@ impl Multi {
         }
     }
 
-    /// The acquire in flight was failed to break a deadlock.
+    /// The acquire in flight was failed: to break a deadlock, or (after a
+    /// part was lost: `Step::Abort`) to end the request.
     pub fn on_deadlock(&mut self, cycle: Vec<u8>) -> Step {
-        if self.failed.is_some() {
-            return self.on_outcome(Outcome::Cancelled);
+        match (&self.failed, self.lost) {
+            // Not a release's answer: nothing waits while it gives back.
+            (Some(_), _) => Step::Wait,
+            (None, true) => self.fail(Failure::Outcome(Outcome::Cancelled)),
+            (None, false) => self.fail(Failure::Deadlock(cycle)),
         }
-        self.fail(Failure::Deadlock(cycle))
     }
 
     /// A hold was taken away: if it is one of this multi-lock's, it fails
-    /// (at its next outcome) and that hold is not released again.
+    /// (`Step::Abort` ends the acquire in flight; its outcome fails it) and
+    /// that hold is not released again.
     pub fn on_lost(&mut self, name: &[u8], token: u64) -> bool {
         let Some(at) = self.entries.iter().position(|(n, _)| **n == *name) else {
             return false;
@@ -329,6 +336,29 @@ mod tests {
         assert_eq!(
             m.on_outcome(Outcome::Ok),
             Step::Failed(Failure::Outcome(Outcome::Cancelled))
+        );
+        // The wait in flight ended for it (Step::Abort's FailWaiter): it
+        // fails Cancelled, not Deadlock; a late failure while it gives
+        // back is not a release's answer.
+        let mut m = multi(&[(x, "a"), (x, "b")], Wait::Forever);
+        m.start();
+        m.on_outcome(Outcome::Granted { token: 1 });
+        assert!(m.on_lost(b"a", 1));
+        assert_eq!(
+            m.on_deadlock(Vec::new()),
+            Step::Failed(Failure::Outcome(Outcome::Cancelled))
+        );
+        let mut m = multi(&[(x, "a"), (x, "b")], Wait::Forever);
+        m.start();
+        m.on_outcome(Outcome::Granted { token: 1 });
+        assert_eq!(
+            m.on_outcome(Outcome::TimedOut),
+            Step::Release(vec![(name("a"), 1)])
+        );
+        assert_eq!(m.on_deadlock(Vec::new()), Step::Wait);
+        assert_eq!(
+            m.on_outcome(Outcome::Ok),
+            Step::Failed(Failure::Outcome(Outcome::TimedOut))
         );
     }
 }

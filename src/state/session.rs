@@ -154,8 +154,8 @@ pub enum Delivery {
     Lost { push: bool },
     /// A signal raised on a lock the session holds.
     Signal,
-    /// An ACQUIRE_ALL goes on: the home does this step next.
-    MultiStep(Step),
+    /// An ACQUIRE_ALL (this request) goes on: the home does this step next.
+    MultiStep(RequestId, Step),
     /// The final reply to an ACQUIRE_ALL: every name granted (the tokens,
     /// request order; they went into the holds), or its failure (nothing
     /// of it is held).
@@ -388,13 +388,12 @@ impl Session {
             } => {
                 // A part of a multi-lock in flight: the request fails, and
                 // the client, never told of the part, is not told of this.
-                let part = self
-                    .pending
-                    .values_mut()
-                    .filter_map(|p| p.multi.as_deref_mut())
-                    .any(|m| m.on_lost(name, token));
-                if part {
-                    return Delivery::Lost { push: false };
+                let part = self.pending.iter_mut().find_map(|(&id, p)| {
+                    let multi = p.multi.as_deref_mut()?;
+                    multi.on_lost(name, token).then_some(id)
+                });
+                if let Some(request_id) = part {
+                    return Delivery::MultiStep(request_id, Step::Abort);
                 }
                 let lost = match self.holds.get(&**name) {
                     Some(held) if held.token == token => self.hold_ended(name),
@@ -440,7 +439,7 @@ impl Session {
         let result = match step {
             Step::Granted(tokens) => Ok(tokens),
             Step::Failed(failure) => Err(failure),
-            step => return Some(Delivery::MultiStep(step)),
+            step => return Some(Delivery::MultiStep(request_id, step)),
         };
         let pending = self.pending.remove(&request_id).expect("found above");
         if let Ok(tokens) = &result {

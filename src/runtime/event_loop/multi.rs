@@ -96,6 +96,23 @@ impl EventLoop {
                     self.route_to_shard(shard, command);
                 }
             }
+            Step::Abort => {
+                // A part was taken away (an operator's FORCE_RELEASE).
+                self.metrics.inc_lock_lost();
+                let shard = self
+                    .sessions
+                    .get(id)
+                    .and_then(|s| s.pending.get(&request_id))
+                    .map(|p| p.shard as usize);
+                if let Some(shard) = shard {
+                    let fail = Command::FailWaiter {
+                        session: id,
+                        request_id,
+                        cycle: b"",
+                    };
+                    self.route_to_shard(shard, fail);
+                }
+            }
             Step::Wait => {}
             Step::Granted(_) | Step::Failed(_) => {
                 unreachable!("a final step is answered by Session::record")
