@@ -6,12 +6,18 @@
 //! after the other with client steps in between (the shards are not read
 //! at one instant, as in the server), and the `Detector` decides.
 //!
+//! Clients 1 and 2 take their names as a multi-lock (ACQUIRE_ALL) does:
+//! in ascending byte order (`state::multi`), giving everything back when
+//! failed.
+//!
 //! Checked, for many seeds:
 //! - nothing that is not a deadlock is reported: when a wait is failed, its
 //!   session is on a cycle of the graph read from every table at once;
 //! - every deadlock is found: once the clients that can move have finished,
 //!   the clients still waiting are deadlocked, and each pair of rounds
-//!   fails at least one wait until none is left waiting.
+//!   fails at least one wait until none is left waiting;
+//! - multi-locks never deadlock each other: no cycle of the graph has only
+//!   multi-lock clients on it.
 
 mod common;
 
@@ -24,6 +30,8 @@ use livelock::lock_table::{
 const SHARDS: usize = 3;
 const NAMES: [&[u8]; 5] = [b"a", b"b", b"c", b"d", b"e"];
 const CLIENTS: u64 = 6;
+/// Clients 1..=MULTI_CLIENTS take their names in byte order, as ACQUIRE_ALL.
+const MULTI_CLIENTS: u64 = 2;
 
 struct Client {
     id: SessionId,
@@ -52,7 +60,7 @@ impl Sim {
         let mut rng = Rng(seed);
         let clients = (1..=CLIENTS)
             .map(|id| {
-                let plan = plan(&mut rng);
+                let plan = plan(&mut rng, id);
                 Client {
                     id,
                     plan,
@@ -165,7 +173,7 @@ impl Sim {
         let plan = if stopping {
             Vec::new()
         } else {
-            plan(&mut self.rng)
+            plan(&mut self.rng, id)
         };
         let client = self.client(id);
         client.plan = plan;
@@ -221,9 +229,26 @@ impl Sim {
         victims.len()
     }
 
-    /// The victim's session is on a cycle of the graph as it is now.
+    /// The victim's session is on a cycle of the graph as it is now, and
+    /// no cycle through it has only multi-lock clients on it.
     fn check_real(&self, victim: &Victim) {
         let edges = self.exact_edges();
+        let multi = |s: SessionId| s <= MULTI_CLIENTS;
+        if multi(victim.session) {
+            let mut seen = std::collections::HashSet::new();
+            let mut frontier = vec![victim.session];
+            while let Some(session) = frontier.pop() {
+                for (_, e) in edges.iter().filter(|(_, e)| e.waiter == session) {
+                    assert!(
+                        !(multi(e.blocker) && e.blocker == victim.session),
+                        "multi-locks deadlocked each other"
+                    );
+                    if multi(e.blocker) && seen.insert(e.blocker) {
+                        frontier.push(e.blocker);
+                    }
+                }
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         let mut frontier: Vec<SessionId> = edges
             .iter()
@@ -305,14 +330,18 @@ fn shuffle<T>(rng: &mut Rng, items: &mut [T]) {
     }
 }
 
-/// 2 or 3 distinct names in a random order, mostly exclusive.
-fn plan(rng: &mut Rng) -> Vec<(&'static [u8], Mode)> {
+/// 2 or 3 distinct names, mostly exclusive: in a random order, or (a
+/// multi-lock client's) in byte order.
+fn plan(rng: &mut Rng, client: SessionId) -> Vec<(&'static [u8], Mode)> {
     let mut names: Vec<&'static [u8]> = NAMES.to_vec();
     shuffle(rng, &mut names);
     let count = 2 + rng.below(2) as usize;
+    names.truncate(count);
+    if client <= MULTI_CLIENTS {
+        names.sort_unstable();
+    }
     names
         .into_iter()
-        .take(count)
         .map(|name| {
             let mode = if rng.below(4) == 0 {
                 Mode::Shared
