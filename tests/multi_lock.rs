@@ -327,7 +327,8 @@ fn all_of<'a>(names: &[&str], buf: &'a mut Vec<u8>) -> Request<'a> {
 }
 
 /// While a multi-lock waits, its parts are not the client's: a RELEASE
-/// or EXTEND of one is NotHeld (the request goes on, and its tokens are
+/// or EXTEND of one is NotHeld, a signal raised on one is not pushed (the
+/// request goes on, and its tokens are
 /// good); a CANCEL ends it and gives the parts back; a part taken away by
 /// an operator fails it Cancelled at once, and the client hears no
 /// LOCK_LOST.
@@ -353,6 +354,9 @@ fn the_parts_of_a_waiting_multi_lock_are_not_the_clients() {
         token: 0,
     };
     assert_eq!(raw.call(9, &extend).status, Status::NotHeld);
+    // A signal raised on the part is not pushed: not the client's.
+    watch.signal("y", "hup").unwrap();
+    raw.expect_silence(Duration::from_millis(50));
     drop(z);
     let granted = raw.recv();
     assert_eq!((granted.request_id, granted.status), (7, Status::Ok));

@@ -108,6 +108,31 @@ fn an_ordered_session_waits_for_one_name_at_a_time() {
     assert!(a.token() > 0);
 }
 
+/// ACQUIRE_ALL takes its names in byte order: an ordered session may use
+/// it only where its order is byte order for those names (else two ordered
+/// sessions could wait for each other), and above what it holds.
+#[test]
+fn an_ordered_session_takes_several_names_in_its_order_only() {
+    use livelock::protocol::Mode::Exclusive as X;
+    let server = TestServer::start(2);
+    let client = server.client();
+    client
+        .set_order(Order::priorities([("z", 1)]).as_ref())
+        .unwrap();
+    // z ranks first, but byte order takes a first: refused, naming z.
+    match client.acquire_all(&[("a", X), ("z", X)], None) {
+        Err(Error::Status(Status::OrderViolation, name)) => assert_eq!(name, "z"),
+        other => panic!(
+            "expected OrderViolation, got {:?}",
+            other.map(|g| g.is_some())
+        ),
+    }
+    // Names whose order is byte order are fine, above what it holds.
+    let _z = client.acquire("z").unwrap();
+    let both = client.acquire_all(&[("b", X), ("a", X)], None).unwrap();
+    assert_eq!(both.expect("free").len(), 2);
+}
+
 #[test]
 fn the_order_survives_a_crash_of_a_log_server() {
     let dir = ScratchDir::new("order-crash");

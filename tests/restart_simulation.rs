@@ -318,13 +318,10 @@ impl World {
         let multi = Multi::new(all, wait);
         let step = multi.start();
         let request_id = self.pending(id, Kind::AcquireAll, 0, b"", Mode::Exclusive);
-        let pending = self.homes[0]
-            .get_mut(id)
-            .unwrap()
-            .pending
-            .get_mut(&request_id)
-            .unwrap();
+        let session = self.homes[0].get_mut(id).unwrap();
+        let mut pending = session.pending.remove(&request_id).unwrap();
         pending.multi = Some(Box::new(multi));
+        session.begin_multi(request_id, pending);
         let names = names.iter().map(|n| n.to_vec()).collect();
         self.multi_names.insert((id, request_id), names);
         self.multi_step(id, request_id, step);
@@ -549,6 +546,14 @@ impl World {
 
     /// CANCEL of the session's acquire `target`, queued on `shard`.
     fn cancel(&mut self, id: SessionId, target: u32, shard: usize) {
+        // An ACQUIRE_ALL is cancelled at its home, as the loop does.
+        let session = self.homes[0].get_mut(id).expect("live");
+        if let Some(abort) = session.cancel_multi(target) {
+            if abort {
+                self.multi_step(id, target, Step::Abort);
+            }
+            return;
+        }
         let request_id = self.pending(id, Kind::Cancel, shard, b"", Mode::Exclusive);
         let cancel = Command::Cancel {
             session: id,

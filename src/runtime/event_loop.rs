@@ -1203,6 +1203,10 @@ impl EventLoop {
         });
         let delivery = session.record(&effect);
         if let Delivery::MultiStep(request_id, step) = delivery {
+            if let Effect::LockLost { .. } = effect {
+                // A part of it was taken away (an operator's FORCE_RELEASE).
+                self.metrics.inc_lock_lost();
+            }
             self.multi_steps.push_back((session_id, request_id, step));
             return;
         }
@@ -1267,6 +1271,15 @@ impl EventLoop {
                     true => self.metrics.observe_wait(micros),
                     false => self.metrics.observe(op_metric(pending.op), micros),
                 }
+                if let Err(crate::multi::Failure::Deadlock(cycle)) = &result {
+                    self.metrics.inc_deadlocks();
+                    tracing::warn!(
+                        session = session_id,
+                        request_id,
+                        "deadlock broken, this multi-lock failed: {}",
+                        shown(cycle)
+                    );
+                }
                 match &result {
                     Ok(_) => self.metrics.inc_grants(),
                     Err(crate::multi::Failure::Outcome(Outcome::TimedOut)) => {
@@ -1295,7 +1308,7 @@ impl EventLoop {
                     protocol::encode_lock_lost(native_out, token, &name);
                 }
             }
-            (Delivery::Signal, Effect::Signal { name, signal, .. }) => {
+            (Delivery::Signal { push }, Effect::Signal { name, signal, .. }) => {
                 // Signals stay queryable; a push never makes a connection
                 // owe more than WRITE_BUFFER_PAUSE (a holder that does not
                 // read is not closed for what others raise), and parked
@@ -1304,7 +1317,7 @@ impl EventLoop {
                     true => native_out.len() >= PARKED_PUSHES_MAX,
                     false => backlog > WRITE_BUFFER_PAUSE,
                 };
-                if resp_session {
+                if resp_session || !push {
                 } else if full {
                     self.metrics.inc_pushes_dropped();
                 } else {

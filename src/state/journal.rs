@@ -681,6 +681,8 @@ impl Replay {
                 let wait = self.multi_waits[&(session.id, multi.request_id)];
                 multi.wait_left_ms = multi::wait_left(wait, stamp);
             }
+            // As a live export lists them (`snapshot::durable_sessions`).
+            session.multis.sort_unstable_by_key(|m| m.request_id);
         }
         snapshot::exact_merge(
             parts,

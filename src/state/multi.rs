@@ -12,6 +12,7 @@
 
 use crate::dump::WAIT_FOREVER;
 use crate::lock_table::{Acquire, Command, Mode, Outcome, RequestId, SessionId, Wait};
+use crate::order::Order;
 use crate::protocol::AllNames;
 use crate::session::LockName;
 
@@ -93,9 +94,10 @@ pub struct Multi {
     /// Tokens by entry (0: not held).
     tokens: Vec<u64>,
     wait: Wait,
-    /// A name already held was taken away (an operator's FORCE_RELEASE):
-    /// the request fails at its next outcome.
-    lost: bool,
+    /// It is to fail Cancelled at its next outcome (`Step::Abort` ends the
+    /// acquire in flight): a CANCEL of it, or a name it had taken was
+    /// taken away (an operator's FORCE_RELEASE).
+    doomed: bool,
     /// Set once it failed: what to answer once `releasing` is 0.
     failed: Option<Failure>,
     releasing: usize,
@@ -116,7 +118,7 @@ impl Multi {
             by_name,
             held: 0,
             wait,
-            lost: false,
+            doomed: false,
             failed: None,
             releasing: 0,
         }
@@ -178,7 +180,7 @@ impl Multi {
             Outcome::Granted { token } => {
                 self.tokens[self.by_name[self.held]] = token;
                 self.held += 1;
-                if self.lost {
+                if self.doomed {
                     self.fail(Failure::Outcome(Outcome::Cancelled))
                 } else if self.held == self.entries.len() {
                     Step::Granted(self.tokens.clone())
@@ -193,7 +195,7 @@ impl Multi {
     /// The acquire in flight was failed: to break a deadlock, or (after a
     /// part was lost: `Step::Abort`) to end the request.
     pub fn on_deadlock(&mut self, cycle: Vec<u8>) -> Step {
-        match (&self.failed, self.lost) {
+        match (&self.failed, self.doomed) {
             // Not a release's answer: nothing waits while it gives back.
             (Some(_), _) => Step::Wait,
             (None, true) => self.fail(Failure::Outcome(Outcome::Cancelled)),
@@ -212,8 +214,28 @@ impl Multi {
             return false;
         }
         self.tokens[at] = 0;
-        self.lost = true;
+        self.doomed = true;
         true
+    }
+
+    /// A CANCEL of it: it fails Cancelled (`Step::Abort` ends the acquire
+    /// in flight; its outcome fails it) — unless it is already failing
+    /// (false: nothing to do).
+    pub fn cancel(&mut self) -> bool {
+        self.doomed = true;
+        self.failed.is_none()
+    }
+
+    /// The first of `names` (byte order) whose place in `order` is not its
+    /// place in byte order: an ordered session's multi-lock would take it
+    /// against its order (it is refused, naming it).
+    pub fn out_of_order<'n>(names: AllNames<'n>, order: &Order) -> Option<&'n [u8]> {
+        let mut sorted: Vec<&[u8]> = names.iter().map(|(_, n)| n).collect();
+        sorted.sort_unstable();
+        sorted
+            .windows(2)
+            .find(|w| order.rank(w[0]) > order.rank(w[1]))
+            .map(|w| w[1])
     }
 
     fn fail(&mut self, failure: Failure) -> Step {
@@ -313,6 +335,43 @@ mod tests {
             m.on_outcome(Outcome::Ok),
             Step::Failed(Failure::Deadlock(b"cycle".to_vec()))
         );
+    }
+
+    /// A CANCEL fails it at its next outcome, wherever it is: a grant on
+    /// its way when the CANCEL came is given back with the rest.
+    #[test]
+    fn a_cancel_fails_it_at_its_next_outcome() {
+        let x = Mode::Exclusive;
+        let name = |n: &str| LockName::from_slice(n.as_bytes());
+        let mut m = multi(&[(x, "a"), (x, "b")], Wait::Forever);
+        m.start();
+        assert!(m.cancel());
+        assert_eq!(
+            m.on_outcome(Outcome::Granted { token: 3 }),
+            Step::Release(vec![(name("a"), 3)])
+        );
+        assert!(!m.cancel(), "already giving back");
+        assert_eq!(
+            m.on_outcome(Outcome::Ok),
+            Step::Failed(Failure::Outcome(Outcome::Cancelled))
+        );
+    }
+
+    /// An ordered session's multi-lock takes names in byte order: refused
+    /// if its order ranks them otherwise.
+    #[test]
+    fn an_order_other_than_byte_order_is_named() {
+        let bytes = names(&[
+            (Mode::Exclusive, "a"),
+            (Mode::Exclusive, "z"),
+            (Mode::Shared, "m"),
+        ]);
+        let all = AllNames::parse(3, &bytes).unwrap();
+        assert_eq!(Multi::out_of_order(all, &Order::Ascending), None);
+        let z_first = Order::priorities([("z", 1)]).unwrap();
+        assert_eq!(Multi::out_of_order(all, &z_first), Some(&b"z"[..]));
+        let a_first = Order::priorities([("a", 1), ("m", 2)]).unwrap();
+        assert_eq!(Multi::out_of_order(all, &a_first), None);
     }
 
     /// A name taken away while the rest are awaited fails the request at

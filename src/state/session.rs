@@ -136,6 +136,11 @@ pub struct Session {
     /// With an order: the names it holds by rank (the last is the one a
     /// new acquire must rank after).
     ranked: BTreeSet<(u32, LockName)>,
+    /// The names of its ACQUIRE_ALLs in flight, and which request takes
+    /// each (admission looks names up here, not through every request).
+    multi_names: HashMap<LockName, RequestId>,
+    /// How many ACQUIRE_ALLs are in flight.
+    multis: usize,
 }
 
 /// What an effect means for its session once the home has recorded it
@@ -152,8 +157,9 @@ pub enum Delivery {
     /// detached (the RESUME's listing no longer has it), nor while a
     /// listing is being written that has not reached it (it never will).
     Lost { push: bool },
-    /// A signal raised on a lock the session holds.
-    Signal,
+    /// A signal raised on a lock the session holds; not pushed (`push`
+    /// false) for a part of an ACQUIRE_ALL in flight (not the client's).
+    Signal { push: bool },
     /// An ACQUIRE_ALL (this request) goes on: the home does this step next.
     MultiStep(RequestId, Step),
     /// The final reply to an ACQUIRE_ALL: every name granted (the tokens,
@@ -264,7 +270,10 @@ impl Session {
         } else if ask == Ask::Query && queries_in_flight >= QUERIES_IN_FLIGHT_MAX {
             Some(Refusal::TooManyQueries)
         } else if ask.takes() > 0
-            && self.holds.len() + self.pending.len() + ask.takes() > HOLDS_PER_SESSION_MAX
+            && self.holds.len() + self.pending.len() - self.multis
+                + self.multi_names.len()
+                + ask.takes()
+                > HOLDS_PER_SESSION_MAX
         {
             Some(Refusal::TooManyHolds)
         } else if let Some(name) = self.taken_twice(ask) {
@@ -272,6 +281,10 @@ impl Session {
                 Ask::Held(_) => Some(Refusal::NotHeld),
                 _ => Some(Refusal::AlreadyHeld(name)),
             }
+        } else if let (Some(order), Ask::AcquireAll(names)) = (&self.order, ask) {
+            // It takes its names in byte order: that must be its order's.
+            let against = Multi::out_of_order(names, order)?;
+            Some(Refusal::OrderViolation(LockName::from_slice(against)))
         } else if let (Some(order), Some(lowest)) = (&self.order, ask.lowest(self.order.as_ref())) {
             // One acquire at a time: one still in flight could be granted
             // after this one, and the session would then wait downward.
@@ -293,24 +306,26 @@ impl Session {
     /// acquire, one an ACQUIRE_ALL in flight is taking (its holds of its
     /// names are its own: a failure gives back exactly those).
     fn taken_twice(&self, ask: Ask<'_>) -> Option<LockName> {
-        let multis = || self.pending.values().filter_map(|p| p.multi.as_deref());
-        let taken_by_multi = |name: &[u8]| multis().any(|m| m.names(name));
+        let taken_by_multi = |name: &[u8]| self.multi_names.contains_key(name);
         match ask {
             Ask::Acquire(name) | Ask::Held(name) => {
                 taken_by_multi(name).then(|| LockName::from_slice(name))
             }
-            Ask::AcquireAll(names) => names
-                .iter()
-                .map(|(_, name)| name)
-                .find(|&name| {
-                    self.holds.contains_key(name)
-                        || taken_by_multi(name)
-                        || self
-                            .pending
-                            .values()
-                            .any(|p| p.op.is_acquire() && *p.name == *name)
-                })
-                .map(LockName::from_slice),
+            Ask::AcquireAll(names) => {
+                if let Some((_, name)) = names
+                    .iter()
+                    .find(|(_, n)| self.holds.contains_key(*n) || taken_by_multi(n))
+                {
+                    return Some(LockName::from_slice(name));
+                }
+                // One pass over the acquires in flight (at most
+                // IN_FLIGHT_PER_SESSION_MAX), each looked up among its names.
+                let asked: hashbrown::HashSet<&[u8]> = names.iter().map(|(_, n)| n).collect();
+                self.pending
+                    .values()
+                    .find(|p| p.op.is_acquire() && p.multi.is_none() && asked.contains(&*p.name))
+                    .map(|p| p.name.clone())
+            }
             Ask::Query | Ask::Other => None,
         }
     }
@@ -409,8 +424,29 @@ impl Session {
                     push: self.conn.is_some() && !unlisted,
                 }
             }
-            Effect::Signal { .. } => Delivery::Signal,
+            Effect::Signal { ref name, .. } => Delivery::Signal {
+                push: !self.multi_names.contains_key(&**name),
+            },
         }
+    }
+
+    /// Takes in an admitted ACQUIRE_ALL (`pending.multi` is its progress).
+    pub fn begin_multi(&mut self, request_id: RequestId, pending: Pending) {
+        let multi = pending.multi.as_deref().expect("an ACQUIRE_ALL");
+        for (name, _) in multi.entries() {
+            self.multi_names.insert(name.clone(), request_id);
+        }
+        self.multis += 1;
+        let previous = self.pending.insert(request_id, pending);
+        assert!(previous.is_none(), "request {request_id} admitted twice");
+    }
+
+    /// A CANCEL of `request_id`: `None` if it is not an ACQUIRE_ALL in
+    /// flight; else whether the acquire in flight is to be ended
+    /// (`Step::Abort`; false: it is already giving back).
+    pub fn cancel_multi(&mut self, request_id: RequestId) -> Option<bool> {
+        let multi = self.pending.get_mut(&request_id)?.multi.as_deref_mut()?;
+        Some(multi.cancel())
     }
 
     /// An effect answering a step of an ACQUIRE_ALL (`None`: it does not),
@@ -442,8 +478,12 @@ impl Session {
             step => return Some(Delivery::MultiStep(request_id, step)),
         };
         let pending = self.pending.remove(&request_id).expect("found above");
+        let multi = pending.multi.as_ref().expect("found above");
+        for (name, _) in multi.entries() {
+            self.multi_names.remove(name);
+        }
+        self.multis -= 1;
         if let Ok(tokens) = &result {
-            let multi = pending.multi.as_ref().expect("found above");
             for ((name, mode), &token) in multi.entries().iter().zip(tokens) {
                 let held = Held {
                     mode: *mode,
@@ -695,6 +735,8 @@ impl Sessions {
             parked: Vec::new(),
             order: None,
             ranked: BTreeSet::new(),
+            multi_names: HashMap::new(),
+            multis: 0,
         };
         let previous = self.map.insert(id, session);
         assert!(previous.is_none(), "session id {id:#x} reused");

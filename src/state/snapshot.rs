@@ -469,7 +469,7 @@ pub fn restore(
             };
             let shard = shard_for(&name, loops);
             introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
-            session.pending.insert(
+            session.begin_multi(
                 dumped_multi.request_id,
                 Pending {
                     shard: shard as u8,

@@ -33,7 +33,7 @@ impl EventLoop {
                 .session_multi(self.now_ms, id, request_id, Some(&multi));
         }
         let session = self.sessions.get_mut(id).expect("checked by the caller");
-        session.pending.insert(
+        session.begin_multi(
             request_id,
             Pending {
                 shard: 0,
@@ -97,8 +97,7 @@ impl EventLoop {
                 }
             }
             Step::Abort => {
-                // A part was taken away (an operator's FORCE_RELEASE).
-                self.metrics.inc_lock_lost();
+                // Cancelled, or a part was taken away.
                 let shard = self
                     .sessions
                     .get(id)

@@ -622,6 +622,14 @@ impl EventLoop {
                     capacity,
                 },
             ),
+            Request::Cancel { target } if session.cancel_multi(target).is_some() => {
+                // An ACQUIRE_ALL is its home's: it ends the acquire in
+                // flight (whichever shard it is on by now) and fails
+                // Cancelled once what it took is given back.
+                self.multi_step(id, target, crate::multi::Step::Abort);
+                self.reply_status(token, op, request_id, Status::Ok, "");
+                return;
+            }
             Request::Cancel { target } => match session.pending.get(&target) {
                 Some(p) if matches!(p.op, PendingOp::Native(op) if protocol::is_acquire(op)) => (
                     p.shard as usize,
