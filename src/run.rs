@@ -309,8 +309,14 @@ in time; 79 lost while held; 2 usage error; 69 no session; 77 password refused; 
 pub struct HoldArgs {
     #[command(flatten)]
     lock: LockArgs,
+    /// Instead of NAME, hold every one of these locks (comma-separated, up
+    /// to 32), taken at once, all or none; their tokens are printed on one
+    /// line, space-separated, in this order.
+    #[arg(long, value_name = "NAME,NAME...", value_delimiter = ',', conflicts_with_all = ["name", "permits"])]
+    all: Vec<String>,
     /// The lock to hold.
-    name: String,
+    #[arg(required_unless_present = "all")]
+    name: Option<String>,
 }
 
 /// (A background `sleep` ignores SIGINT in a non-interactive shell: the
@@ -323,8 +329,8 @@ pub fn hold(args: HoldArgs) -> ExitCode {
         kill_after: Duration::from_secs(10),
         supervise: None,
         shell_command: Some(HOLD_SCRIPT.into()),
-        all: Vec::new(),
-        name: Some(args.name),
+        all: args.all,
+        name: args.name,
         command: Vec::new(),
     })
 }

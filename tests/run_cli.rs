@@ -1450,6 +1450,46 @@ fn hold_holds_until_interrupted_and_prints_the_token() {
     });
 }
 
+/// `livelock hold --all a,b` holds both, taken at once, and prints their
+/// tokens on one line in that order; Ctrl-C releases both.
+#[test]
+fn hold_all_prints_every_token_in_order() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("hold-all");
+    let mut command = livelock_bin();
+    command
+        .args([
+            "hold",
+            "--server",
+            &server.addr.to_string(),
+            "--all",
+            "hold-z,hold-a",
+        ])
+        .stdout(Stdio::piped());
+    let mut hold = ChildGuard::spawn("hold --all", &mut command, &dir);
+    let tokens: Vec<u64> = hold.wait_for("the tokens", |h| {
+        let line = h.stdout().lines().next()?.to_string();
+        line.split_whitespace().map(|t| t.parse().ok()).collect()
+    });
+    let observer = server.client();
+    let held: Vec<u64> = ["hold-z", "hold-a"]
+        .iter()
+        .map(|n| observer.inspect(n).unwrap().expect("held").holders[0].token)
+        .collect();
+    assert_eq!(tokens, held);
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    assert_eq!(
+        unsafe { libc::kill(hold.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    assert_eq!(hold.wait_exit().code(), Some(0), "{}", hold.stderr());
+    wait_until("both free", || {
+        ["hold-z", "hold-a"]
+            .iter()
+            .all(|n| observer.inspect(n).unwrap().is_none())
+    });
+}
+
 /// A glob that is most likely a mistake (a `[` never closed, a reversed
 /// range) is an error, not an empty list (issue 11, item 6).
 #[test]
