@@ -188,6 +188,8 @@ impl Multi {
                     self.next_acquire()
                 }
             }
+            // Once doomed, whatever ends the wait, the answer is Cancelled.
+            _ if self.doomed => self.fail(Failure::Outcome(Outcome::Cancelled)),
             other => self.fail(Failure::Outcome(other)),
         }
     }
