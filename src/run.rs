@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use crossbeam_channel::{after, never, select, Receiver, Sender};
 
-use livelock::client::{AcquireOptions, Client, ClientOptions, Error, Event};
+use livelock::client::{AcquireOptions, Client, ClientOptions, Error, Event, Guard};
 use livelock::duration::seconds_flag;
 use livelock::protocol::{Mode, Status, SECRET_LEN};
 
@@ -177,8 +177,53 @@ fn held_by_enclosing_run(held: &str, servers: &[String], name: &str) -> bool {
     })
 }
 
+/// Gives every hold of `guards` the `lease` (ACQUIRE_ALL takes none: an
+/// EXTEND each, right after the grant) and keeps them (released at the
+/// end); their tokens. If one cannot be given its lease, all are released.
+fn lease_all(
+    guards: Option<Vec<Guard>>,
+    lease: Option<Duration>,
+) -> Result<Option<Vec<u64>>, Error> {
+    let Some(guards) = guards else {
+        return Ok(None);
+    };
+    if let Some(lease) = lease {
+        for guard in &guards {
+            guard.extend(lease)?;
+        }
+    }
+    let tokens = guards.iter().map(Guard::token).collect();
+    guards.into_iter().for_each(Guard::forget);
+    Ok(Some(tokens))
+}
+
+/// The first of `names` the resumed `client` no longer holds with its token.
+fn missing_after_resume<'n>(
+    client: &Client,
+    names: &'n [String],
+    tokens: &[u64],
+) -> Option<&'n str> {
+    let holds = client.resumed().map(|r| r.holds).unwrap_or_default();
+    names
+        .iter()
+        .zip(tokens)
+        .find(|(name, token)| {
+            !holds
+                .iter()
+                .any(|h| h.name == name.as_bytes() && h.token == **token)
+        })
+        .map(|(name, _)| name.as_str())
+}
+
 /// The names to take, as the server would check them (a usage error here).
 fn check_names(names: &[String]) -> Result<(), String> {
+    if names.len() > livelock::limits::MULTI_NAMES_MAX {
+        return Err(format!(
+            "--all takes at most {} names, not {}",
+            livelock::limits::MULTI_NAMES_MAX,
+            names.len()
+        ));
+    }
     let max = livelock::limits::NAME_LEN_MAX;
     for name in names {
         if name.is_empty() || name.len() > max {
@@ -193,13 +238,9 @@ fn check_names(names: &[String]) -> Result<(), String> {
             return Err(format!("{name} is named twice"));
         }
     }
-    match names.len() {
-        0 => Err("no lock named".into()),
-        n if n > livelock::limits::MULTI_NAMES_MAX => Err(format!(
-            "--all takes at most {} names, not {n}",
-            livelock::limits::MULTI_NAMES_MAX
-        )),
-        _ => Ok(()),
+    match names.is_empty() {
+        true => Err("no lock named".into()),
+        false => Ok(()),
     }
 }
 
@@ -444,13 +485,9 @@ pub fn run(mut args: RunArgs) -> ExitCode {
         }),
         true => {
             let list: Vec<(&str, Mode)> = names.iter().map(|n| (n.as_str(), mode)).collect();
-            client.acquire_all(&list, acquire.wait).map(|guards| {
-                guards.map(|guards| {
-                    let tokens = guards.iter().map(|g| g.token()).collect();
-                    guards.into_iter().for_each(|g| g.forget());
-                    tokens
-                })
-            })
+            client
+                .acquire_all(&list, acquire.wait)
+                .and_then(|guards| lease_all(guards, args.lock.lease))
         }
     };
     let tokens = match taken {
@@ -621,6 +658,12 @@ pub fn run(mut args: RunArgs) -> ExitCode {
                 reconnecting = None;
                 match resumed {
                     Ok(Some((client, sent))) => {
+                        // A lock lost while detached is not pushed: it is
+                        // missing from the RESUME's listing.
+                        if let Some(name) = missing_after_resume(&client, &names, &tokens) {
+                            let reason = format!("{name} was lost while the connection was down");
+                            stop_on_loss(&shown, &reason, &mut lost, &tell);
+                        }
                         let confirmed = link.confirmed.max(sent);
                         link = Link::start(Arc::new(client), confirmed, link.generation + 1);
                     }
@@ -641,7 +684,9 @@ pub fn run(mut args: RunArgs) -> ExitCode {
             link = Link::start(Arc::new(client), confirmed, link.generation + 1);
         }
     }
-    link.finish(&names, lost.is_none());
+    // Every name is given back, also after one was lost (the others are
+    // still held; the lost one's release is refused harmlessly).
+    link.finish(&names);
     match lost {
         // Said on stderr when it happened (`stop_on_loss`).
         Some(_) => ExitCode::from(EXIT_LOCK_LOST),
@@ -741,19 +786,20 @@ impl Link {
         }
     }
 
-    /// Releases `names` if `release`, and ends the session; each step bounded
-    /// by `SILENCE_MAX` (the connection may be cut: then the server frees the
-    /// locks when it finds us gone).
-    fn finish(mut self, names: &[String], release: bool) {
+    /// Releases `names` and ends the session; bounded by `SILENCE_MAX` (the
+    /// connection may be cut: then the server frees the locks when it finds
+    /// us gone).
+    fn finish(mut self, names: &[String]) {
         self.stop.take();
         let _ = self.done.recv_timeout(SILENCE_MAX);
         let client = self.client;
         let owned = names.to_vec();
         let (tx, rx) = crossbeam_channel::bounded(1);
         std::thread::spawn(move || {
-            for name in owned.iter().filter(|_| release) {
-                if let Err(e) = client.release(name) {
-                    eprintln!("livelock run: releasing {name}: {e}");
+            for name in &owned {
+                match client.release(name) {
+                    Ok(()) | Err(Error::Status(Status::NotHeld, _)) => {}
+                    Err(e) => eprintln!("livelock run: releasing {name}: {e}"),
                 }
             }
             if let Ok(client) = Arc::try_unwrap(client) {

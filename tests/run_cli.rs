@@ -1826,6 +1826,38 @@ fn a_lease_bounds_the_hold() {
     assert_eq!(code, Some(2), "{stderr}");
 }
 
+/// `--lease` bounds an `--all` hold too (ACQUIRE_ALL takes no lease: each
+/// name is given it right after the grant): COMMAND is stopped, exit 79,
+/// and every name is free again.
+#[test]
+fn a_lease_bounds_a_hold_of_several_names() {
+    let server = TestServer::start(2);
+    let dir = ScratchDir::new("lease-all");
+    let mut command = livelock_bin();
+    command
+        .args(["run", "--server", &server.addr.to_string()])
+        .args([
+            "--lease",
+            "300ms",
+            "--all",
+            "leased-1,leased-2",
+            "--",
+            "sleep",
+            "30",
+        ]);
+    let started = Instant::now();
+    let (code, _, stderr) = run_to_end("leased --all", &mut command, &dir);
+    assert_eq!(code, Some(79), "{stderr}");
+    assert!(stderr.contains("lease ran out"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(25), "stopped early");
+    let observer = server.client();
+    wait_until("both free", || {
+        ["leased-1", "leased-2"]
+            .iter()
+            .all(|n| observer.inspect(n).unwrap().is_none())
+    });
+}
+
 /// The command line speaks TLS (`--tls-ca`, or LIVELOCK_TLS_CA), to a
 /// server that requires it; a CA file that does not load is a usage error.
 #[test]

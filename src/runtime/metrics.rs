@@ -806,9 +806,8 @@ fn sum_of(loops: &[Arc<LoopMetrics>], field: impl Fn(&LoopMetrics) -> &AtomicU64
         .fold(0, u64::wrapping_add)
 }
 
-/// The HELP and TYPE lines that open a family.
 /// The busiest names of all shards, `HOT_LOCKS_MAX` of them, one series
-/// each per family (`lock` label: the name, lossy UTF-8, escaped).
+/// each per family (`lock` label: the name, escaped: `label_value`).
 fn hot_locks(out: &mut String, loops: &[Arc<LoopMetrics>]) {
     let mut hot: Vec<HotLock> = loops.iter().flat_map(|m| m.hot.lock().clone()).collect();
     hot.sort_by(|a, b| {
@@ -819,18 +818,7 @@ fn hot_locks(out: &mut String, loops: &[Arc<LoopMetrics>]) {
     hot.truncate(HOT_LOCKS_MAX);
     let labels: Vec<String> = hot
         .iter()
-        .map(|h| {
-            let mut value = String::new();
-            for c in String::from_utf8_lossy(&h.name).chars() {
-                match c {
-                    '\\' => value.push_str("\\\\"),
-                    '"' => value.push_str("\\\""),
-                    '\n' => value.push_str("\\n"),
-                    c => value.push(c),
-                }
-            }
-            format!("lock=\"{value}\"")
-        })
+        .map(|h| format!("lock=\"{}\"", label_value(&h.name)))
         .collect();
     type Get = fn(&HotLock) -> u64;
     let counts: [(&str, &str, Get); 6] = [
@@ -887,6 +875,28 @@ fn hot_locks(out: &mut String, loops: &[Arc<LoopMetrics>]) {
     }
 }
 
+/// A lock name as a label value: `\\`, `\"` and `\n` escaped; a byte
+/// that is not UTF-8 written as the text `\\xNN` (so two names that differ
+/// in such bytes stay two series, where a lossy decoding would merge them).
+fn label_value(name: &[u8]) -> String {
+    let mut value = String::new();
+    for chunk in name.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => value.push_str("\\\\"),
+                '"' => value.push_str("\\\""),
+                '\n' => value.push_str("\\n"),
+                c => value.push(c),
+            }
+        }
+        for byte in chunk.invalid() {
+            value.push_str(&format!("\\\\x{byte:02x}"));
+        }
+    }
+    value
+}
+
+/// The HELP and TYPE lines that open a family.
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -1452,6 +1462,18 @@ mod tests {
         assert_eq!(
             value(&samples, "livelock_lock_wait_p99_seconds", &lock),
             1.023
+        );
+    }
+
+    /// Bytes that are not UTF-8 are written as `\xNN` text, so names that
+    /// differ only in them stay distinct series.
+    #[test]
+    fn label_values_keep_names_apart() {
+        assert_eq!(label_value(b"a\xff"), "a\\\\xff");
+        assert_ne!(label_value(b"a\xff"), label_value(b"a\xfe"));
+        assert_eq!(
+            label_value("q\\\"\n\u{e9}".as_bytes()),
+            "q\\\\\\\"\\n\u{e9}"
         );
     }
 

@@ -36,9 +36,22 @@ impl Times {
         *count = count.saturating_add(1);
     }
 
+    /// Halves the distribution as its count is halved (rounded down):
+    /// each bucket halved, and the units the roundings lost given back to
+    /// the buckets that had an odd count, the slowest first — so spread
+    /// observations never vanish while the count says they are there.
     fn halve(&mut self) {
+        let target = self.count() / 2;
+        let odd: Vec<usize> = (0..BUCKETS)
+            .rev()
+            .filter(|&i| self.counts[i] % 2 == 1)
+            .collect();
         for count in &mut self.counts {
             *count /= 2;
+        }
+        let deficit = target - self.count();
+        for &i in odd.iter().take(deficit as usize) {
+            self.counts[i] += 1;
         }
     }
 
@@ -216,6 +229,27 @@ impl Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Halving keeps the distribution's count equal to the halved count,
+    /// even when the observations sit in different buckets.
+    #[test]
+    fn a_spread_distribution_survives_halving() {
+        let mut times = Times::default();
+        for ms in [5, 40, 900] {
+            times.record(ms);
+        }
+        times.halve();
+        assert_eq!(times.count(), 1, "3 halved is 1");
+        assert_eq!(times.quantile(0.5), 1023, "the slowest odd bucket keeps it");
+        times.halve();
+        assert_eq!((times.count(), times.quantile(0.99)), (0, 0));
+        let mut many = Times::default();
+        for ms in [1, 1, 2, 3, 100, 100, 100] {
+            many.record(ms);
+        }
+        many.halve();
+        assert_eq!(many.count(), 3);
+    }
 
     #[test]
     fn times_are_bucketed_by_powers_of_two() {
