@@ -77,6 +77,19 @@ fn metrics_follow_the_traffic() {
     assert!(sample(&text, "livelock_acquire_wait_seconds_count") >= 1.0);
     assert_eq!(sample(&text, "livelock_sessions{state=\"attached\"}"), 2.0);
     assert_eq!(sample(&text, "livelock_up"), 1.0);
+    // A waiter that is cancelled changes what the busiest names show
+    // without any usage record: the gauges follow all the same.
+    let pending = waiter
+        .start_acquire("metered", livelock::client::AcquireOptions::default(), true)
+        .unwrap();
+    wait_until("the waiter shows", || {
+        scrape(metrics).contains("livelock_lock_waiting{lock=\"metered\"} 1")
+    });
+    pending.cancel().unwrap();
+    drop(pending);
+    wait_until("the cancelled waiter is gone", || {
+        scrape(metrics).contains("livelock_lock_waiting{lock=\"metered\"} 0")
+    });
     guard.release().unwrap();
     wait_until("the release shows", || {
         let text = scrape(metrics);

@@ -467,8 +467,11 @@ pub struct EventLoop {
     /// Next time to scan the shard for the oldest hold and the busiest
     /// names (metrics).
     next_scan_ms: u64,
-    /// The table's usage version the metrics last showed.
-    published_usage: u64,
+    /// What the metrics' busiest names last showed: the table's usage
+    /// version, lock and waiter counts (held and waiting change without a
+    /// usage record: a cancel, a failed wait, a session's end), and when
+    /// (counts decay with time alone).
+    published_usage: (u64, usize, usize, u64),
     /// The loop the next accepted connection goes to (loop 0 accepts).
     next_target: usize,
     /// The generation of the last connection added (`ConnRef`).
@@ -550,7 +553,7 @@ impl EventLoop {
             now_ms: shared.clock.now_ms(),
             now_us: 0,
             next_scan_ms: 0,
-            published_usage: 0,
+            published_usage: (0, 0, 0, 0),
             next_target: 0,
             next_gen: 0,
             journal: Journal::default(),
@@ -648,7 +651,7 @@ impl EventLoop {
         if self.shared.config.metrics_listen.is_some() && self.now_ms >= self.next_scan_ms {
             self.next_scan_ms = self.now_ms + 1000;
             metrics.set_oldest_hold_ms(self.table.oldest_hold_ms());
-            self.published_usage = self.table.usage_version();
+            self.published_usage = self.usage_shape();
             let hot = self
                 .table
                 .usage_top(self.now_ms, crate::metrics::HOT_LOCKS_MAX);
@@ -667,6 +670,17 @@ impl EventLoop {
                 });
             metrics.set_hot(hot.collect());
         }
+    }
+
+    /// The usage report's shape now (`published_usage`).
+    fn usage_shape(&self) -> (u64, usize, usize, u64) {
+        let table = &self.table;
+        (
+            table.usage_version(),
+            table.lock_count(),
+            table.waiter_count(),
+            self.now_ms,
+        )
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
@@ -691,9 +705,15 @@ impl EventLoop {
             self.shutdown_deadline_ms,
             live(self.deadlock.as_ref().and_then(deadlock::Rounds::next_ms)),
             // The metrics show a stale usage report: wake to publish it.
-            (self.shared.config.metrics_listen.is_some()
-                && self.table.usage_version() != self.published_usage)
-                .then_some(self.next_scan_ms),
+            (self.shared.config.metrics_listen.is_some()).then(|| {
+                let (version, locks, waiters, published_at) = self.published_usage;
+                let (now_version, now_locks, now_waiters, _) = self.usage_shape();
+                match (now_version, now_locks, now_waiters) == (version, locks, waiters) {
+                    false => self.next_scan_ms,
+                    // Unchanged: only decay makes it stale, once a period.
+                    true => published_at + crate::usage::DECAY_MS,
+                }
+            }),
         ];
         let next = deadlines.into_iter().flatten().min()?;
         let now = self.shared.clock.now_ms();
