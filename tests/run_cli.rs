@@ -1858,6 +1858,47 @@ fn a_lease_bounds_a_hold_of_several_names() {
     });
 }
 
+/// A lock lost while `run`'s connection was down is not pushed (the
+/// session was detached): `run` finds it missing from the RESUME listing,
+/// stops COMMAND and exits 79. The connection goes through a relay the
+/// test cuts; an operator takes the lock meanwhile; then the relay heals.
+#[test]
+fn a_lock_lost_while_disconnected_stops_the_command() {
+    use common::cluster::Link;
+    let server = TestServer::start(2);
+    let relay = Link::start(server.addr);
+    let dir = ScratchDir::new("lost-while-down");
+    let (started, go) = (dir.join("started"), dir.join("go"));
+    // The command runs until the test says go (bounded: 20 s).
+    let script = format!(
+        "touch {}; i=0; while [ ! -e {} ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done",
+        started.display(),
+        go.display()
+    );
+    let mut command = livelock_bin();
+    command
+        .args(["run", "--server", &relay.addr.to_string(), "--grace", "20s"])
+        .args(["vanishing", "--", "sh", "-c", &script]);
+    let mut run = ChildGuard::spawn("run through a relay", &mut command, &dir);
+    wait_until("the command started under the lock", || started.is_file());
+    let operator = server.client();
+    relay.block();
+    // The server sees the connection close: the session is detached.
+    wait_until("the session detached", || {
+        operator.stats().unwrap().sessions_detached == 1
+    });
+    operator.force_release("vanishing", 0).unwrap();
+    relay.heal();
+    let status = run.wait_exit();
+    assert_eq!(status.code(), Some(79), "{}", run.stderr());
+    assert!(
+        run.stderr().contains("lost while the connection was down"),
+        "{}",
+        run.stderr()
+    );
+    std::fs::write(&go, b"").unwrap();
+}
+
 /// The command line speaks TLS (`--tls-ca`, or LIVELOCK_TLS_CA), to a
 /// server that requires it; a CA file that does not load is a usage error.
 #[test]

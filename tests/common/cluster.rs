@@ -29,7 +29,7 @@ pub struct Link {
 }
 
 impl Link {
-    fn start(target: SocketAddr) -> Link {
+    pub fn start(target: SocketAddr) -> Link {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind a link relay");
         let addr = listener.local_addr().unwrap();
         let blocked = Arc::new(AtomicBool::new(false));
