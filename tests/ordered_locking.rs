@@ -130,7 +130,18 @@ fn an_ordered_session_takes_several_names_in_its_order_only() {
     // Names whose order is byte order are fine, above what it holds.
     let _z = client.acquire("z").unwrap();
     let both = client.acquire_all(&[("b", X), ("a", X)], None).unwrap();
-    assert_eq!(both.expect("free").len(), 2);
+    let both = both.expect("free");
+    assert_eq!(both.len(), 2);
+    drop(both);
+    // In byte order, but below a name it holds: refused, naming it.
+    let _m = client.acquire("m").unwrap();
+    match client.acquire_all(&[("b", X), ("a", X)], None) {
+        Err(Error::Status(Status::OrderViolation, name)) => assert_eq!(name, "m"),
+        other => panic!(
+            "expected OrderViolation, got {:?}",
+            other.map(|g| g.is_some())
+        ),
+    }
 }
 
 #[test]

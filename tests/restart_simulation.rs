@@ -712,8 +712,12 @@ impl World {
                 .values()
                 .filter_map(|p| p.multi.as_deref())
                 .collect();
-            tables
-                .retain(|name, _| !multis.iter().any(|m| m.names(name)) || home.contains_key(name));
+            tables.retain(|name, _| {
+                !multis
+                    .iter()
+                    .any(|m| m.entries().iter().any(|(n, _)| **n == **name))
+                    || home.contains_key(name)
+            });
             assert_eq!(
                 home, tables,
                 "session {id:#x}: the home's holds are the tables'"

@@ -148,11 +148,6 @@ impl Multi {
         self.wait
     }
 
-    /// Whether `name` is one of its names.
-    pub fn names(&self, name: &[u8]) -> bool {
-        self.entries.iter().any(|(n, _)| **n == *name)
-    }
-
     /// The name being acquired now, unless it is releasing.
     pub fn current(&self) -> Option<&[u8]> {
         match self.failed {

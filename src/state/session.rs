@@ -214,20 +214,12 @@ impl<'a> Ask<'a> {
         }
     }
 
-    /// The name it takes that ranks first in `order` (any order: the
-    /// first in byte order), if it takes any.
-    fn lowest(self, order: Option<&Order>) -> Option<&'a [u8]> {
+    /// The name it takes first (an ACQUIRE_ALL: in byte order), if it
+    /// takes any.
+    fn first(self) -> Option<&'a [u8]> {
         match self {
             Ask::Acquire(name) => Some(name),
-            Ask::AcquireAll(names) => {
-                names
-                    .iter()
-                    .map(|(_, name)| name)
-                    .min_by(|a, b| match order {
-                        Some(order) => order.rank(a).cmp(&order.rank(b)),
-                        None => a.cmp(b),
-                    })
-            }
+            Ask::AcquireAll(names) => names.iter().map(|(_, name)| name).min(),
             Ask::Held(_) | Ask::Query | Ask::Other => None,
         }
     }
@@ -281,11 +273,14 @@ impl Session {
                 Ask::Held(_) => Some(Refusal::NotHeld),
                 _ => Some(Refusal::AlreadyHeld(name)),
             }
-        } else if let (Some(order), Ask::AcquireAll(names)) = (&self.order, ask) {
-            // It takes its names in byte order: that must be its order's.
-            let against = Multi::out_of_order(names, order)?;
-            Some(Refusal::OrderViolation(LockName::from_slice(against)))
-        } else if let (Some(order), Some(lowest)) = (&self.order, ask.lowest(self.order.as_ref())) {
+        } else if let (Some(order), Some(first)) = (&self.order, ask.first()) {
+            // A multi-lock takes its names in byte order: that must be its
+            // order's (then its first name is also its lowest-ranked).
+            if let Ask::AcquireAll(names) = ask {
+                if let Some(against) = Multi::out_of_order(names, order) {
+                    return Some(Refusal::OrderViolation(LockName::from_slice(against)));
+                }
+            }
             // One acquire at a time: one still in flight could be granted
             // after this one, and the session would then wait downward.
             if let Some(pending) = self.pending.values().find(|p| p.op.is_acquire()) {
@@ -294,8 +289,7 @@ impl Session {
             // Everything held must rank before the name (the name itself
             // is left to the shard: AlreadyHeld).
             let top = self.ranked.last()?;
-            (order.rank(&top.1) > order.rank(lowest))
-                .then(|| Refusal::OrderViolation(top.1.clone()))
+            (order.rank(&top.1) > order.rank(first)).then(|| Refusal::OrderViolation(top.1.clone()))
         } else {
             None
         }
@@ -306,7 +300,7 @@ impl Session {
     /// acquire, one an ACQUIRE_ALL in flight is taking (its holds of its
     /// names are its own: a failure gives back exactly those).
     fn taken_twice(&self, ask: Ask<'_>) -> Option<LockName> {
-        let taken_by_multi = |name: &[u8]| self.multi_names.contains_key(name);
+        let taken_by_multi = |name: &[u8]| self.multis > 0 && self.multi_names.contains_key(name);
         match ask {
             Ask::Acquire(name) | Ask::Held(name) => {
                 taken_by_multi(name).then(|| LockName::from_slice(name))
@@ -403,10 +397,14 @@ impl Session {
             } => {
                 // A part of a multi-lock in flight: the request fails, and
                 // the client, never told of the part, is not told of this.
-                let part = self.pending.iter_mut().find_map(|(&id, p)| {
-                    let multi = p.multi.as_deref_mut()?;
-                    multi.on_lost(name, token).then_some(id)
-                });
+                let part = (self.multis > 0)
+                    .then(|| {
+                        self.pending.iter_mut().find_map(|(&id, p)| {
+                            let multi = p.multi.as_deref_mut()?;
+                            multi.on_lost(name, token).then_some(id)
+                        })
+                    })
+                    .flatten();
                 if let Some(request_id) = part {
                     return Delivery::MultiStep(request_id, Step::Abort);
                 }
@@ -452,6 +450,9 @@ impl Session {
     /// An effect answering a step of an ACQUIRE_ALL (`None`: it does not),
     /// and what comes of it.
     fn record_multi(&mut self, effect: &Effect) -> Option<Delivery> {
+        if self.multis == 0 {
+            return None; // the usual case: no lookup on the reply's path
+        }
         let (request_id, step) = match effect {
             Effect::Reply {
                 request_id,
