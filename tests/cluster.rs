@@ -496,6 +496,10 @@ fn a_member_that_was_down_catches_up_from_a_snapshot() {
         log.contains(&format!("handing leadership to node {lagging}")),
         "{log}"
     );
+    // Handed over: the other follower may come back now. (Left cut off,
+    // the new leader would have no majority until the old one restarted,
+    // and check-quorum could depose it first on a slow machine.)
+    cluster.heal();
     cluster.restart(leader);
     assert_eq!(cluster.leader(), lagging);
     let resumed = holder.resume(&[cluster.client_addr(lagging)]);

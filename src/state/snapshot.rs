@@ -351,13 +351,19 @@ pub fn restore(
         .filter(|s| !s.multis.is_empty())
         .map(|s| (s.id, &s.multis[..]))
         .collect();
+    // Their names and request ids, looked up once per hold and waiter.
+    let mut parts: hashbrown::HashSet<(u64, &[u8])> = hashbrown::HashSet::new();
+    let mut requests: hashbrown::HashSet<(u64, u32)> = hashbrown::HashSet::new();
+    for (&session, list) in &multis {
+        for m in list.iter() {
+            requests.insert((session, m.request_id));
+            let names = m.names().into_iter().flat_map(|n| n.iter());
+            parts.extend(names.map(|(_, name)| (session, name)));
+        }
+    }
     let multi_part = |session: u64, name: &[u8], request_id: Option<u32>| {
-        multis.get(&session).is_some_and(|list| {
-            list.iter().any(|m| {
-                request_id == Some(m.request_id)
-                    || m.names().is_some_and(|n| n.iter().any(|(_, n)| n == name))
-            })
-        })
+        request_id.is_some_and(|r| requests.contains(&(session, r)))
+            || parts.contains(&(session, name))
     };
     let mut restored = 0;
     let mut given_back = (0, 0);
