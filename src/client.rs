@@ -481,6 +481,42 @@ impl Client {
         Ok(granted.map(|all| all.into_iter().map(guard).collect()))
     }
 
+    /// Takes, for every requirement, `need` of its candidates that match
+    /// its tag filter — all requirements at once, or none ("K of these
+    /// N", resource pools). Each requirement with more matching candidates
+    /// than it needs waits in its pool's FIFO queue (a counting semaphore
+    /// of the server's, named after the candidates); then the server takes
+    /// free candidates in byte order. The grant says which candidates
+    /// each requirement got, each with its own guard and fencing token;
+    /// dropping the grant releases the resources, then the queue's
+    /// permits. `wait`: `None` forever, else at most that long (`ZERO`:
+    /// one try); `Ok(None)` if not granted in time. A requirement whose
+    /// filter leaves too few candidates is `Error::Status(OverCapacity)`.
+    pub fn acquire_pool(
+        &self,
+        requirements: &[Requirement],
+        wait: Option<Duration>,
+    ) -> Result<Option<PoolGrant>> {
+        let (count, bytes) = pool_spec(requirements)?;
+        let request = pool_request(count, &bytes, wait)?;
+        let granted = pool_granted(requirements, self.call(&request))?;
+        let guard = |(name, token)| Guard {
+            inner: self.inner.clone(),
+            name,
+            token,
+            armed: true,
+        };
+        Ok(granted.map(|grants| {
+            let mut resources = Vec::new();
+            let mut permits = Vec::new();
+            for grant in grants {
+                resources.push(grant.resources.into_iter().map(guard).collect());
+                permits.extend(grant.permits.map(guard));
+            }
+            PoolGrant { resources, permits }
+        }))
+    }
+
     /// Declares the order this session's acquires keep from now on
     /// (`None`: none): an acquire of a name that does not rank after every
     /// name the session holds or waits for is then refused
@@ -713,6 +749,191 @@ pub(crate) fn all_granted<N: AsRef<[u8]>>(
         .ok_or_else(|| Error::Protocol("bad ACQUIRE_ALL grant".into()))?;
     let names = names.iter().map(|(n, _)| n.as_ref().to_vec());
     Ok(Some(names.zip(tokens).collect()))
+}
+
+/// One requirement of a pool request ([`Client::acquire_pool`]): `need`
+/// of the candidates whose tags have every `key=value` pair of `filter`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requirement {
+    pub need: u16,
+    /// `key=value` pairs joined by `,`; empty: every candidate.
+    pub filter: Vec<u8>,
+    /// (name, tags): tags are `key=value` pairs joined by `,`.
+    pub candidates: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Requirement {
+    /// `need` of `names`, untagged, no filter.
+    pub fn of<N: AsRef<[u8]>>(need: u16, names: impl IntoIterator<Item = N>) -> Requirement {
+        let candidates = names
+            .into_iter()
+            .map(|n| (n.as_ref().to_vec(), Vec::new()))
+            .collect();
+        Requirement {
+            need,
+            filter: Vec::new(),
+            candidates,
+        }
+    }
+
+    /// One name, as a plain lock among the requirements.
+    pub fn name(name: impl AsRef<[u8]>) -> Requirement {
+        Requirement::of(1, [name])
+    }
+
+    /// `need` of tagged candidates (name, tags).
+    pub fn tagged<N: AsRef<[u8]>, T: AsRef<[u8]>>(
+        need: u16,
+        candidates: impl IntoIterator<Item = (N, T)>,
+    ) -> Requirement {
+        let candidates = candidates
+            .into_iter()
+            .map(|(n, t)| (n.as_ref().to_vec(), t.as_ref().to_vec()))
+            .collect();
+        Requirement {
+            need,
+            filter: Vec::new(),
+            candidates,
+        }
+    }
+
+    /// Only candidates with every `key=value` pair of `filter`.
+    pub fn filter(mut self, filter: impl AsRef<[u8]>) -> Requirement {
+        self.filter = filter.as_ref().to_vec();
+        self
+    }
+}
+
+/// A granted pool request: the resources each requirement got (request
+/// order; each requirement's in candidate order). Dropping it releases the
+/// resources, then the pool queues' permits.
+#[derive(Debug)]
+pub struct PoolGrant {
+    // Dropped first: the resources, then the permits.
+    resources: Vec<Vec<Guard>>,
+    permits: Vec<Guard>,
+}
+
+impl PoolGrant {
+    /// The guards of requirement `r`'s resources.
+    pub fn resources(&self, r: usize) -> &[Guard] {
+        &self.resources[r]
+    }
+
+    /// How many requirements it answers.
+    pub fn requirements(&self) -> usize {
+        self.resources.len()
+    }
+
+    /// Every guard: the resources (requirement by requirement), then the
+    /// pool queues' permits.
+    pub fn guards(&self) -> impl Iterator<Item = &Guard> {
+        self.resources.iter().flatten().chain(&self.permits)
+    }
+
+    /// Keeps every hold past this grant (release them by name, or they
+    /// end with the session).
+    pub fn forget(self) {
+        let PoolGrant { resources, permits } = self;
+        resources
+            .into_iter()
+            .flatten()
+            .chain(permits)
+            .for_each(Guard::forget);
+    }
+
+    /// The names of requirement `r`'s resources.
+    pub fn names(&self, r: usize) -> Vec<&[u8]> {
+        self.resources[r].iter().map(Guard::name).collect()
+    }
+
+    /// Releases everything now (the resources, then the permits); the
+    /// first error, if any, after trying all.
+    pub fn release(self) -> Result<()> {
+        let PoolGrant { resources, permits } = self;
+        let mut result = Ok(());
+        for guard in resources.into_iter().flatten().chain(permits) {
+            let released = guard.release();
+            if result.is_ok() {
+                result = released;
+            }
+        }
+        result
+    }
+}
+
+/// The requirements of an ACQUIRE_POOL, encoded: (count, bytes).
+pub(crate) fn pool_spec(requirements: &[Requirement]) -> Result<(u16, Vec<u8>)> {
+    let count = u16::try_from(requirements.len())
+        .map_err(|_| Error::Status(Status::BadBody, "too many requirements".into()))?;
+    let mut bytes = Vec::new();
+    for r in requirements {
+        let list: Vec<(&[u8], &[u8])> =
+            r.candidates.iter().map(|(n, t)| (&n[..], &t[..])).collect();
+        crate::pool::PoolSpec::encode(r.need, &r.filter, &list, &mut bytes);
+    }
+    Ok((count, bytes))
+}
+
+/// The ACQUIRE_POOL of `pool_spec`'s encoding; `BadBody` (not sent) if
+/// the requirements break a rule of `PoolSpec::parse`.
+pub(crate) fn pool_request(
+    count: u16,
+    bytes: &[u8],
+    wait: Option<Duration>,
+) -> Result<Request<'_>> {
+    let spec = crate::pool::PoolSpec::parse(count, bytes).ok_or_else(|| {
+        Error::Status(
+            Status::BadBody,
+            "1 to 16 requirements, 1 <= need <= candidates, at most 64 distinct candidate \
+             names in all, tags and filters as key=value,..."
+                .into(),
+        )
+    })?;
+    Ok(Request::AcquirePool {
+        spec,
+        wait_ms: wait_ms_of(wait),
+        notify_queued: false,
+    })
+}
+
+/// One requirement's part of a granted pool request: (name, token) of
+/// each resource, and of the pool queue's permits.
+pub(crate) struct RequirementGranted {
+    pub resources: Granted,
+    pub permits: Option<(Vec<u8>, u64)>,
+}
+
+/// What the reply to an ACQUIRE_POOL of `requirements` says, `None` if not
+/// in time (Busy, TimedOut).
+pub(crate) fn pool_granted(
+    requirements: &[Requirement],
+    reply: Result<OwnedReply>,
+) -> Result<Option<Vec<RequirementGranted>>> {
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(Error::Status(Status::Busy | Status::TimedOut, _)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let bad = || Error::Protocol("bad ACQUIRE_POOL grant".into());
+    let needs: Vec<u16> = requirements.iter().map(|r| r.need).collect();
+    let grants = crate::pool::parse_grant(&reply.body, &needs).ok_or_else(bad)?;
+    let mut out = Vec::with_capacity(grants.len());
+    for (r, grant) in requirements.iter().zip(grants) {
+        let resources = grant
+            .taken
+            .iter()
+            .map(|&(i, token)| {
+                let (name, _) = r.candidates.get(usize::from(i)).ok_or_else(bad)?;
+                Ok((name.clone(), token))
+            })
+            .collect::<Result<Granted>>()?;
+        out.push(RequirementGranted {
+            resources,
+            permits: grant.permits,
+        });
+    }
+    Ok(Some(out))
 }
 
 /// A wait as the protocol says it: `None` forever.
@@ -1139,6 +1360,15 @@ impl Guard {
     /// session; a resumed session can release it by name).
     pub fn forget(mut self) {
         self.armed = false;
+    }
+}
+
+impl fmt::Debug for Guard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guard")
+            .field("name", &String::from_utf8_lossy(&self.name))
+            .field("token", &self.token)
+            .finish()
     }
 }
 

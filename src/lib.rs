@@ -62,4 +62,4 @@ pub use runtime::{
 };
 #[cfg(feature = "server")]
 pub use state::{deadlock, dump, journal, lock_table, multi, session, snapshot, usage};
-pub use wire::{glob, protocol, resp};
+pub use wire::{glob, pool, protocol, resp};

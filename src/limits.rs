@@ -165,6 +165,14 @@ pub const WAIT_EDGES_PER_SHARD_MAX: usize = 100_000;
 pub const MULTI_NAMES_MAX: usize = 32;
 const _: () = assert!(MULTI_NAMES_MAX <= u16::MAX as usize);
 
+/// Most requirements of one ACQUIRE_POOL.
+pub const POOL_REQUIREMENTS_MAX: usize = 16;
+/// Most candidate resources of one ACQUIRE_POOL, all requirements (each
+/// is at most one step of its home's work).
+pub const POOL_CANDIDATES_MAX: usize = 64;
+/// Longest tag list of a pool candidate, or tag filter, in bytes.
+pub const TAGS_LEN_MAX: usize = 255;
+
 /// Lock names whose usage one shard keeps for reports (the least active
 /// eighth goes when a new name finds it full; see `state::usage`).
 pub const USAGE_NAMES_PER_SHARD: usize = 1024;

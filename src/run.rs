@@ -37,7 +37,9 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use crossbeam_channel::{after, never, select, Receiver, Sender};
 
-use livelock::client::{AcquireOptions, Client, ClientOptions, Error, Event, Guard};
+use livelock::client::{
+    AcquireOptions, Client, ClientOptions, Error, Event, Guard, PoolGrant, Requirement,
+};
 use livelock::duration::seconds_flag;
 use livelock::protocol::{Mode, Status, SECRET_LEN};
 
@@ -197,6 +199,74 @@ fn lease_all(
     Ok(Some(tokens))
 }
 
+/// What `run` holds: every name with its token (released in this order at
+/// the end), of which the first `fence` tokens are COMMAND's
+/// LIVELOCK_FENCE; a pool's resources per requirement.
+struct Holding {
+    names: Vec<String>,
+    tokens: Vec<u64>,
+    fence: usize,
+    resources: Vec<Vec<String>>,
+}
+
+/// The holds of a granted pool request, given the `lease` (an EXTEND each)
+/// and kept (released at the end). If one cannot be given its lease, all
+/// are released.
+fn pool_holding(
+    grant: Option<PoolGrant>,
+    lease: Option<Duration>,
+) -> Result<Option<Holding>, Error> {
+    let Some(grant) = grant else {
+        return Ok(None);
+    };
+    if let Some(lease) = lease {
+        for guard in grant.guards() {
+            guard.extend(lease)?;
+        }
+    }
+    let text = |name: &[u8]| String::from_utf8_lossy(name).into_owned();
+    let resources: Vec<Vec<String>> = (0..grant.requirements())
+        .map(|r| grant.names(r).into_iter().map(text).collect())
+        .collect();
+    let holding = Holding {
+        names: grant.guards().map(|g| text(g.name())).collect(),
+        tokens: grant.guards().map(Guard::token).collect(),
+        fence: resources.iter().map(Vec::len).sum(),
+        resources,
+    };
+    grant.forget();
+    Ok(Some(holding))
+}
+
+/// The pool requirements as the server would check them (a usage error
+/// here).
+fn check_pools(pools: &[Requirement]) -> Result<(), String> {
+    let mut bytes = Vec::new();
+    for r in pools {
+        let list: Vec<(&[u8], &[u8])> =
+            r.candidates.iter().map(|(n, t)| (&n[..], &t[..])).collect();
+        livelock::pool::PoolSpec::encode(r.need, &r.filter, &list, &mut bytes);
+    }
+    let count = u16::try_from(pools.len()).unwrap_or(u16::MAX);
+    let Some(spec) = livelock::pool::PoolSpec::parse(count, &bytes) else {
+        return Err(format!(
+            "--pool: at most {} of them, K at most its candidates, at most {} distinct \
+             candidate names in all, each 1 to {} bytes, tags of at most {} bytes",
+            livelock::limits::POOL_REQUIREMENTS_MAX,
+            livelock::limits::POOL_CANDIDATES_MAX,
+            livelock::limits::NAME_LEN_MAX,
+            livelock::limits::TAGS_LEN_MAX,
+        ));
+    };
+    match spec.short_requirement() {
+        Some(r) => Err(format!(
+            "--pool {:?}: its filter leaves fewer candidates than it needs",
+            String::from_utf8_lossy(&pools[r].filter)
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The first of `names` the resumed `client` no longer holds with its token.
 fn missing_after_resume<'n>(
     client: &Client,
@@ -242,6 +312,61 @@ fn check_names(names: &[String]) -> Result<(), String> {
         true => Err("no lock named".into()),
         false => Ok(()),
     }
+}
+
+/// `--pool 'K of NAME[TAGS],... [where FILTER]'`: one requirement. TAGS
+/// and FILTER are `key=value` pairs joined by `,` (`gpu3[model=T1000]`,
+/// `where model=T1000,site=lab2`).
+fn pool_flag(text: &str) -> Result<Requirement, String> {
+    let usage = || format!("{text:?} is not 'K of NAME[,NAME...] [where KEY=VALUE,...]'");
+    let (need, rest) = text.trim().split_once(" of ").ok_or_else(usage)?;
+    let need: u16 = need
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&k| k > 0)
+        .ok_or_else(usage)?;
+    let (list, filter) = match rest.split_once(" where ") {
+        Some((list, filter)) => (list, filter.trim()),
+        None => (rest, ""),
+    };
+    // Candidates are split at commas outside brackets.
+    let mut candidates = Vec::new();
+    let (mut depth, mut start) = (0i32, 0);
+    let list = list.trim();
+    for (i, c) in list.char_indices().chain([(list.len(), ',')]) {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            ',' if depth == 0 => {
+                let item = list[start..i].trim();
+                let (name, tags) = match item.strip_suffix(']').and_then(|t| t.split_once('[')) {
+                    Some((name, tags)) => (name.trim(), tags.trim()),
+                    None => (item, ""),
+                };
+                if name.is_empty()
+                    || name.contains(['[', ']'])
+                    || name.contains(char::is_whitespace)
+                {
+                    return Err(format!(
+                        "{item:?}: a pool's candidate is NAME or NAME[KEY=VALUE,...] (no spaces)"
+                    ));
+                }
+                candidates.push((name.to_string(), tags.to_string()));
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if depth != 0 {
+        return Err(usage());
+    }
+    for text in candidates.iter().map(|(_, t)| t.as_str()).chain([filter]) {
+        if !livelock::pool::tags_valid(text.as_bytes()) {
+            return Err(format!("{text:?}: tags are KEY=VALUE pairs joined by ','"));
+        }
+    }
+    Ok(Requirement::tagged(need, candidates).filter(filter))
 }
 
 /// `--permits N[/CAPACITY]`: (weight, capacity); `N` alone is 1 of N.
@@ -293,10 +418,19 @@ pub struct RunArgs {
     /// to 32), taken at once, all or none (`--shared`: all shared);
     /// COMMAND gets their tokens in LIVELOCK_FENCE, space-separated, in
     /// this order.
-    #[arg(long, value_name = "NAME,NAME...", value_delimiter = ',', conflicts_with_all = ["name", "permits"])]
+    #[arg(long, value_name = "NAME,NAME...", value_delimiter = ',', conflicts_with_all = ["name", "permits", "pool"])]
     all: Vec<String>,
+    /// Instead of NAME, take K of these resources (repeat it for several
+    /// requirements, all taken at once or none): 'K of NAME,NAME,...',
+    /// candidates may carry tags, 'NAME[KEY=VALUE,...]', and the
+    /// requirement a filter, '... where KEY=VALUE,...'. COMMAND gets the
+    /// names in LIVELOCK_RESOURCES (space-separated, requirement by
+    /// requirement; LIVELOCK_RESOURCES_1... each requirement's) and their
+    /// tokens in LIVELOCK_FENCE, in the same order.
+    #[arg(long, value_name = "'K of NAME,...'", value_parser = pool_flag, conflicts_with_all = ["name", "permits", "shared"])]
+    pool: Vec<Requirement>,
     /// The lock to hold.
-    #[arg(required_unless_present_any = ["all", "supervise"])]
+    #[arg(required_unless_present_any = ["all", "pool", "supervise"])]
     name: Option<String>,
     /// The command and its arguments (after `--`).
     #[arg(
@@ -353,16 +487,20 @@ pub struct HoldArgs {
     /// Instead of NAME, hold every one of these locks (comma-separated, up
     /// to 32), taken at once, all or none; their tokens are printed on one
     /// line, space-separated, in this order.
-    #[arg(long, value_name = "NAME,NAME...", value_delimiter = ',', conflicts_with_all = ["name", "permits"])]
+    #[arg(long, value_name = "NAME,NAME...", value_delimiter = ',', conflicts_with_all = ["name", "permits", "pool"])]
     all: Vec<String>,
+    /// Instead of NAME, take K of these resources (as `run --pool`); the
+    /// names taken are printed on a line before the tokens.
+    #[arg(long, value_name = "'K of NAME,...'", value_parser = pool_flag, conflicts_with_all = ["name", "permits", "shared"])]
+    pool: Vec<Requirement>,
     /// The lock to hold.
-    #[arg(required_unless_present = "all")]
+    #[arg(required_unless_present_any = ["all", "pool"])]
     name: Option<String>,
 }
 
 /// (A background `sleep` ignores SIGINT in a non-interactive shell: the
 /// trap ends it, or the supervisor would wait `--kill-after` for it.)
-const HOLD_SCRIPT: &str = r#"trap 'kill $pid 2>/dev/null; exit 0' INT TERM HUP; echo "$LIVELOCK_FENCE"; while :; do sleep 3600 & pid=$!; wait $pid; done"#;
+const HOLD_SCRIPT: &str = r#"trap 'kill $pid 2>/dev/null; exit 0' INT TERM HUP; [ -n "$LIVELOCK_RESOURCES" ] && echo "$LIVELOCK_RESOURCES"; echo "$LIVELOCK_FENCE"; while :; do sleep 3600 & pid=$!; wait $pid; done"#;
 
 pub fn hold(args: HoldArgs) -> ExitCode {
     run(RunArgs {
@@ -371,6 +509,7 @@ pub fn hold(args: HoldArgs) -> ExitCode {
         supervise: None,
         shell_command: Some(HOLD_SCRIPT.into()),
         all: args.all,
+        pool: args.pool,
         name: args.name,
         command: Vec::new(),
     })
@@ -391,14 +530,25 @@ pub fn run(mut args: RunArgs) -> ExitCode {
         .into_iter()
         .filter(|&signal| !ignored(signal))
         .collect();
-    // --all: several names, taken all at once.
-    let all = args.name.is_none();
+    // --all: several names, taken all at once; --pool: K of N resources
+    // per requirement, all requirements at once.
+    let pools = std::mem::take(&mut args.pool);
+    let all = args.name.is_none() && pools.is_empty();
     let names: Vec<String> = match args.name.take() {
         Some(name) => vec![name],
-        None => std::mem::take(&mut args.all),
+        None if pools.is_empty() => std::mem::take(&mut args.all),
+        None => pools
+            .iter()
+            .flat_map(|r| r.candidates.iter())
+            .map(|(name, _)| String::from_utf8_lossy(name).into_owned())
+            .collect(),
     };
     // What the server would refuse, refused here with a usage error.
-    if let Err(e) = check_names(&names) {
+    let checked = match pools.is_empty() {
+        true => check_names(&names),
+        false => check_pools(&pools),
+    };
+    if let Err(e) = checked {
         return fail(EXIT_USAGE, format_args!("{e}"));
     }
     // The locks, as messages name them.
@@ -477,21 +627,31 @@ pub fn run(mut args: RunArgs) -> ExitCode {
         capacity,
     };
     // The holds are released explicitly at the end (or by the session's end).
-    let taken = match all {
-        false => client.acquire_with(&names[0], acquire).map(|guard| {
+    let plain = |tokens: Vec<u64>| Holding {
+        fence: tokens.len(),
+        names: names.clone(),
+        tokens,
+        resources: Vec::new(),
+    };
+    let taken = match (all, pools.is_empty()) {
+        (false, true) => client.acquire_with(&names[0], acquire).map(|guard| {
             let token = guard.token();
             guard.forget();
-            Some(vec![token])
+            Some(plain(vec![token]))
         }),
-        true => {
+        (true, _) => {
             let list: Vec<(&str, Mode)> = names.iter().map(|n| (n.as_str(), mode)).collect();
             client
                 .acquire_all(&list, acquire.wait)
                 .and_then(|guards| lease_all(guards, args.lock.lease))
+                .map(|tokens| tokens.map(plain))
         }
+        (false, false) => client
+            .acquire_pool(&pools, acquire.wait)
+            .and_then(|grant| pool_holding(grant, args.lock.lease)),
     };
-    let tokens = match taken {
-        Ok(Some(tokens)) => tokens,
+    let holding = match taken {
+        Ok(Some(holding)) => holding,
         Ok(None) | Err(Error::Status(Status::Busy | Status::TimedOut, _)) => {
             let waited = args.lock.wait.and_then(|w| w.0).unwrap_or_default();
             return match waited.is_zero() {
@@ -507,6 +667,14 @@ pub fn run(mut args: RunArgs) -> ExitCode {
         }
         Err(e) => return fail(EXIT_UNAVAILABLE, format_args!("cannot lock {shown}: {e}")),
     };
+    // From here on, the names are what is held (a pool's: the resources
+    // taken and the queues' permits).
+    let Holding {
+        names,
+        tokens,
+        fence,
+        resources,
+    } = holding;
     // The first heartbeat: the hold is confirmed from here on.
     let confirmed = Instant::now();
     if let Err(e) = client.ping() {
@@ -540,8 +708,18 @@ pub fn run(mut args: RunArgs) -> ExitCode {
     }
     let lines: Vec<String> = names.iter().map(|n| held_line(&addr, mode, n)).collect();
     held_env.push_str(&lines.join("\n"));
-    let fence: Vec<String> = tokens.iter().map(u64::to_string).collect();
-    let supervisor = match spawn_supervisor(&args, &fence.join(" "), &held_env) {
+    let fence: Vec<String> = tokens[..fence].iter().map(u64::to_string).collect();
+    let mut env = vec![
+        ("LIVELOCK_FENCE".to_string(), fence.join(" ")),
+        (HELD_VAR.to_string(), held_env),
+    ];
+    if !resources.is_empty() {
+        env.push(("LIVELOCK_RESOURCES".into(), resources.concat().join(" ")));
+        for (r, list) in resources.iter().enumerate() {
+            env.push((format!("LIVELOCK_RESOURCES_{}", r + 1), list.join(" ")));
+        }
+    }
+    let supervisor = match spawn_supervisor(&args, &env) {
         Ok(child) => child,
         Err(e) => {
             for name in &names {
@@ -706,8 +884,7 @@ fn stop_on_loss(name: &str, reason: &str, lost: &mut Option<String>, tell: &impl
 /// Starts `livelock run --supervise`, which starts COMMAND.
 fn spawn_supervisor(
     args: &RunArgs,
-    fence: &str,
-    held_env: &str,
+    env: &[(String, String)],
 ) -> std::io::Result<std::process::Child> {
     let parent = std::process::id();
     // /proc/self/exe: this very binary, even if its file was replaced since.
@@ -720,8 +897,7 @@ fn spawn_supervisor(
         .arg(format!("{}ms", args.kill_after.as_millis()))
         .arg("--")
         .args(&args.command)
-        .env("LIVELOCK_FENCE", fence)
-        .env(HELD_VAR, held_env);
+        .envs(env.iter().map(|(k, v)| (k, v)));
     // SAFETY: only async-signal-safe calls (prctl, getppid, _exit) between fork and exec.
     unsafe {
         command.pre_exec(move || {

@@ -13,7 +13,7 @@
 //! is never answered while any part is held for a failed request.
 
 use livelock::lock_table::{Mode, Outcome, Wait};
-use livelock::multi::{Failure, Multi, Step};
+use livelock::multi::{self, Failure, Multi, Step};
 use livelock::protocol::AllNames;
 use livelock::session::LockName;
 use proptest::prelude::*;
@@ -73,7 +73,7 @@ proptest! {
         let mut bytes = Vec::new();
         AllNames::encode(&list, &mut bytes);
         let all = AllNames::parse(list.len() as u16, &bytes).unwrap();
-        let mut multi = Multi::new(all, Wait::Forever);
+        let mut multi = Multi::new(multi::Request::All(all), Wait::Forever);
 
         // The model's view.
         let mut sorted: Vec<&str> = request.iter().map(|(n, _)| *n).collect();
@@ -104,7 +104,7 @@ proptest! {
                 }
                 continue;
             }
-            let Step::Acquire(name, _, _) = &step else {
+            let Step::Acquire(multi::Take { name, .. }) = &step else {
                 prop_assert!(false, "no acquire in flight: {step:?}");
                 unreachable!()
             };
@@ -139,7 +139,11 @@ proptest! {
                     prop_assert!(!doomed, "a doomed request asks for more");
                     step = next;
                 }
-                Step::Granted(tokens) => {
+                Step::Granted(body) => {
+                    let tokens: Vec<u64> = body
+                        .chunks_exact(8)
+                        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                        .collect();
                     prop_assert!(!doomed);
                     prop_assert_eq!(held.len(), request.len(), "granted with a part missing");
                     // One token per name, in the request's order.

@@ -194,7 +194,11 @@ impl World {
                     .expect("asked");
                 self.multis[usize::from(tokens.is_err())] += 1;
                 match tokens {
-                    Ok(tokens) => {
+                    Ok(body) => {
+                        let tokens = body
+                            .chunks_exact(8)
+                            .map(|c| u64::from_le_bytes(c.try_into().unwrap()));
+                        assert_eq!(body.len(), 8 * names.len());
                         for (name, token) in names.iter().zip(tokens) {
                             assert_eq!(
                                 session.holds[&name[..]].token,
@@ -249,14 +253,14 @@ impl World {
     /// sends it.
     fn multi_step(&mut self, id: SessionId, request_id: u32, step: Step) {
         match step {
-            Step::Acquire(name, mode, wait) => {
-                let shard = self.shard(&name);
+            Step::Acquire(take) => {
+                let shard = self.shard(&take.name);
                 let session = self.homes[0].get_mut(id).expect("live");
                 session.touched |= 1 << shard;
                 let pending = session.pending.get_mut(&request_id).expect("in flight");
                 pending.shard = shard as u8;
-                pending.name = name.clone();
-                self.apply(shard, multi::acquire(id, request_id, (&name, mode, wait)));
+                pending.name = take.name.clone();
+                self.apply(shard, multi::acquire(id, request_id, &take));
             }
             Step::Release(holds) => {
                 for (name, token) in holds {
@@ -310,12 +314,16 @@ impl World {
         let all = AllNames::parse(count as u16, &bytes).expect("well-formed");
         let session = self.homes[0].get(id).unwrap();
         if session
-            .refusal(self.next_request, Ask::AcquireAll(all), (0, false))
+            .refusal(
+                self.next_request,
+                Ask::AcquireAll(multi::Request::All(all)),
+                (0, false),
+            )
             .is_some()
         {
             return;
         }
-        let multi = Multi::new(all, wait);
+        let mut multi = Multi::new(multi::Request::All(all), wait);
         let step = multi.start();
         let request_id = self.pending(id, Kind::AcquireAll, 0, b"", Mode::Exclusive);
         let session = self.homes[0].get_mut(id).unwrap();
@@ -713,10 +721,7 @@ impl World {
                 .filter_map(|p| p.multi.as_deref())
                 .collect();
             tables.retain(|name, _| {
-                !multis
-                    .iter()
-                    .any(|m| m.entries().iter().any(|(n, _)| **n == **name))
-                    || home.contains_key(name)
+                !multis.iter().any(|m| m.names().any(|n| **n == **name)) || home.contains_key(name)
             });
             assert_eq!(
                 home, tables,

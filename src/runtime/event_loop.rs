@@ -1309,7 +1309,11 @@ impl EventLoop {
                     Err(_) => {}
                 }
                 if !resp_session {
-                    multi::encode_final(native_out, request_id, &result, pending.queued);
+                    let op = match pending.op {
+                        crate::session::PendingOp::Native(op) => op,
+                        crate::session::PendingOp::Resp(_) => opcode::ACQUIRE_ALL,
+                    };
+                    multi::encode_final(native_out, (op, request_id), &result, pending.queued);
                 }
                 if let (true, Some(token)) = (eof, session.conn) {
                     self.mark_ready(token);
@@ -2154,7 +2158,9 @@ fn native_op(code: u8) -> crate::metrics::Op {
     match code {
         opcode::HELLO => Op::Hello,
         opcode::RESUME => Op::Resume,
-        opcode::ACQUIRE | opcode::ACQUIRE_PERMITS | opcode::ACQUIRE_ALL => Op::Acquire,
+        opcode::ACQUIRE | opcode::ACQUIRE_PERMITS | opcode::ACQUIRE_ALL | opcode::ACQUIRE_POOL => {
+            Op::Acquire
+        }
         opcode::SET_CAPACITY | opcode::SET_ORDER => Op::Settings,
         opcode::REPORT => Op::Report,
         opcode::RELEASE => Op::Release,

@@ -19,7 +19,9 @@
 //!                        (version 6) u16 count, multi-locks in flight:
 //!                        request_id u32, wait_left_ms u64 (u64::MAX =
 //!                        forever, 0 = one try), name count u16, names
-//!                        bytes (`protocol::AllNames`)
+//!                        bytes (`protocol::AllNames`) — or, for an
+//!                        ACQUIRE_POOL, requirement count | 0x8000 and
+//!                        the requirements (`pool::PoolSpec`)
 //!   u32 count, holds:    name bytes, session u64, mode u8 (0 exclusive,
 //!                        1 shared; version 5: 2 permits, then weight u32,
 //!                        capacity u32), token u64, since_unix_ms u64,
@@ -57,7 +59,8 @@
 //!   position), version 3 files (no queueing times) and version 4 files
 //!   (no semaphores) and version 5 files (no multi-locks) are still read;
 //! - a session's multi-locks in flight have distinct request ids and
-//!   well-formed names (`AllNames::parse`);
+//!   well-formed names (`AllNames::parse`) or requirements
+//!   (`PoolSpec::parse`, none short of candidates);
 //! - a dump with a log position is a snapshot of `--durability log`: each
 //!   loop's part is its state after its batch `batch` at its own instant
 //!   `stamp_ms` (leases and waits left are counted from there), and the log
@@ -74,7 +77,6 @@ use crate::limits::{CLIENT_NAME_LEN_MAX, NAME_LEN_MAX, SIGNAL_LEN_MAX};
 use crate::limits::{IN_FLIGHT_PER_SESSION_MAX, MULTI_NAMES_MAX, SECRET_LEN};
 pub use crate::mode::Mode;
 use crate::order::Order;
-use crate::protocol::AllNames;
 
 /// The state file's name inside the server's data directory.
 pub const FILE_NAME: &str = "livelock.dump";
@@ -127,28 +129,31 @@ pub struct DumpSession {
     pub grace_ms: u32,
     /// The order its acquires keep (SET_ORDER), if it declared one.
     pub order: Option<Order>,
-    /// Its ACQUIRE_ALLs in flight (restarted from their first name).
+    /// Its ACQUIRE_ALLs and ACQUIRE_POOLs in flight (restarted from their
+    /// first step).
     pub multis: Vec<DumpMulti>,
 }
 
-/// An ACQUIRE_ALL in flight: what it asked for and how long it may still
-/// wait; what it had taken is not kept (a restart gives it back and takes
-/// the names again, from the first).
+/// An ACQUIRE_ALL or ACQUIRE_POOL in flight: what it asked for and how
+/// long it may still wait; what it had taken is not kept (a restart gives
+/// it back and starts it over).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DumpMulti {
     pub request_id: u32,
     /// What was left of the wait; [`WAIT_FOREVER`] for none, 0 for a try.
     pub wait_left_ms: u64,
-    /// How many names `names` has.
+    /// The request, as `multi::Request::decode` reads it (with `names`):
+    /// ACQUIRE_ALL's name count, or ACQUIRE_POOL's requirement count with
+    /// the top bit set.
     pub count: u16,
-    /// The names, as `protocol::AllNames` encodes them.
+    /// The names (`protocol::AllNames`) or requirements (`pool::PoolSpec`).
     pub names: Vec<u8>,
 }
 
 impl DumpMulti {
-    /// The names, if they are well-formed.
-    pub fn names(&self) -> Option<AllNames<'_>> {
-        AllNames::parse(self.count, &self.names)
+    /// The request, if it is well-formed.
+    pub fn request(&self) -> Option<crate::multi::Request<'_>> {
+        crate::multi::Request::decode(self.count, &self.names)
     }
 }
 
@@ -556,7 +561,7 @@ fn check_consistent(dump: &Dump) -> Result<(), &'static str> {
         }
         let mut ids = HashSet::new();
         for multi in &session.multis {
-            if multi.names().is_none() || !ids.insert(multi.request_id) {
+            if multi.request().is_none() || !ids.insert(multi.request_id) {
                 return Err("a bad multi-lock");
             }
         }
@@ -703,7 +708,7 @@ pub fn sanitize(dump: &mut Dump) -> usize {
         let mut requests = HashSet::new();
         session
             .multis
-            .retain(|m| m.names().is_some() && requests.insert(m.request_id));
+            .retain(|m| m.request().is_some() && requests.insert(m.request_id));
         session.multis.truncate(IN_FLIGHT_PER_SESSION_MAX);
     }
     let name_ok = |name: &[u8]| !name.is_empty() && name.len() <= DUMP_NAME_LEN_MAX;
@@ -920,6 +925,7 @@ const CRC64_TABLE: [u64; 256] = {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::AllNames;
 
     fn sample() -> Dump {
         Dump {

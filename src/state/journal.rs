@@ -153,7 +153,8 @@ impl Journal {
         Order::encode(order, &mut self.records);
     }
 
-    /// An ACQUIRE_ALL of the session began (`Some`: its names and wait)
+    /// An ACQUIRE_ALL or ACQUIRE_POOL of the session began (`Some`: what
+    /// it asks and its wait)
     /// or ended (granted or failed).
     pub fn session_multi(&mut self, now_ms: u64, id: u64, request_id: u32, begun: Option<&Multi>) {
         let out = &mut self.records;
@@ -166,9 +167,9 @@ impl Journal {
             Some(multi) => {
                 out.push(1);
                 put_wait(out, multi.wait());
-                let (count, names) = multi.encoded_names();
+                let (count, names) = multi.encoded();
                 out.extend_from_slice(&count.to_le_bytes());
-                put_bytes(out, &names);
+                put_bytes(out, names);
             }
         }
     }
@@ -633,7 +634,7 @@ impl Replay {
                 count,
                 names,
             };
-            if multi.names().is_none() || session.multis.len() >= IN_FLIGHT_PER_SESSION_MAX {
+            if multi.request().is_none() || session.multis.len() >= IN_FLIGHT_PER_SESSION_MAX {
                 return Err(corrupt("a bad multi-lock"));
             }
             session.multis.push(multi);

@@ -17,9 +17,8 @@ use mio::Token;
 use crate::connection::ConnRef;
 use crate::limits::SECRET_LEN;
 use crate::lock_table::{Effect, Mode, Outcome, RequestId, SessionId};
-use crate::multi::{Failure, Multi, Step};
+use crate::multi::{self, Failure, Multi, Step};
 use crate::order::Order;
-use crate::protocol::AllNames;
 
 /// A lock name kept by the home (pending requests, holds): inline up to 32
 /// bytes, so the common short name costs no allocation per request.
@@ -162,10 +161,10 @@ pub enum Delivery {
     Signal { push: bool },
     /// An ACQUIRE_ALL (this request) goes on: the home does this step next.
     MultiStep(RequestId, Step),
-    /// The final reply to an ACQUIRE_ALL: every name granted (the tokens,
-    /// request order; they went into the holds), or its failure (nothing
-    /// of it is held).
-    MultiFinal(Answered, Result<Vec<u64>, Failure>),
+    /// The final reply to an ACQUIRE_ALL or ACQUIRE_POOL: granted (the
+    /// reply's body; what it took went into the holds), or its failure
+    /// (nothing of it is held).
+    MultiFinal(Answered, Result<Vec<u8>, Failure>),
 }
 
 /// Why a session cannot take a request now (`Session::refusal`).
@@ -195,8 +194,8 @@ pub enum Refusal {
 pub enum Ask<'a> {
     /// An acquire of this name.
     Acquire(&'a [u8]),
-    /// An ACQUIRE_ALL of these names.
-    AcquireAll(AllNames<'a>),
+    /// An ACQUIRE_ALL or ACQUIRE_POOL.
+    AcquireAll(multi::Request<'a>),
     /// A RELEASE or EXTEND of the session's hold of this name.
     Held(&'a [u8]),
     /// INSPECT, LIST, STATS: answered by a gather, not a shard.
@@ -209,17 +208,17 @@ impl<'a> Ask<'a> {
     fn takes(self) -> usize {
         match self {
             Ask::Acquire(_) => 1,
-            Ask::AcquireAll(names) => usize::from(names.count()),
+            Ask::AcquireAll(asked) => asked.names().len(),
             Ask::Held(_) | Ask::Query | Ask::Other => 0,
         }
     }
 
-    /// The name it takes first (an ACQUIRE_ALL: in byte order), if it
-    /// takes any.
+    /// The name it takes first (an ACQUIRE_ALL: in byte order; a pool:
+    /// its first candidate in byte order), if it takes any.
     fn first(self) -> Option<&'a [u8]> {
         match self {
             Ask::Acquire(name) => Some(name),
-            Ask::AcquireAll(names) => names.iter().map(|(_, name)| name).min(),
+            Ask::AcquireAll(asked) => asked.names().into_iter().min(),
             Ask::Held(_) | Ask::Query | Ask::Other => None,
         }
     }
@@ -276,10 +275,18 @@ impl Session {
         } else if let (Some(order), Some(first)) = (&self.order, ask.first()) {
             // A multi-lock takes its names in byte order: that must be its
             // order's (then its first name is also its lowest-ranked).
-            if let Ask::AcquireAll(names) = ask {
-                if let Some(against) = Multi::out_of_order(names, order) {
-                    return Some(Refusal::OrderViolation(LockName::from_slice(against)));
+            match ask {
+                Ask::AcquireAll(multi::Request::All(names)) => {
+                    if let Some(against) = Multi::out_of_order(names, order) {
+                        return Some(Refusal::OrderViolation(LockName::from_slice(against)));
+                    }
                 }
+                // Which candidates a pool takes is not known in advance:
+                // an ordered session takes no pool.
+                Ask::AcquireAll(multi::Request::Pool(_)) => {
+                    return Some(Refusal::OrderViolation(LockName::from_slice(first)));
+                }
+                _ => {}
             }
             // One acquire at a time: one still in flight could be granted
             // after this one, and the session would then wait downward.
@@ -305,16 +312,17 @@ impl Session {
             Ask::Acquire(name) | Ask::Held(name) => {
                 taken_by_multi(name).then(|| LockName::from_slice(name))
             }
-            Ask::AcquireAll(names) => {
-                if let Some((_, name)) = names
+            Ask::AcquireAll(asked) => {
+                let names = asked.names();
+                if let Some(name) = names
                     .iter()
-                    .find(|(_, n)| self.holds.contains_key(*n) || taken_by_multi(n))
+                    .find(|n| self.holds.contains_key(**n) || taken_by_multi(n))
                 {
                     return Some(LockName::from_slice(name));
                 }
                 // One pass over the acquires in flight (at most
                 // IN_FLIGHT_PER_SESSION_MAX), each looked up among its names.
-                let asked: hashbrown::HashSet<&[u8]> = names.iter().map(|(_, n)| n).collect();
+                let asked: hashbrown::HashSet<&[u8]> = names.into_iter().collect();
                 self.pending
                     .values()
                     .find(|p| p.op.is_acquire() && p.multi.is_none() && asked.contains(&*p.name))
@@ -431,7 +439,7 @@ impl Session {
     /// Takes in an admitted ACQUIRE_ALL (`pending.multi` is its progress).
     pub fn begin_multi(&mut self, request_id: RequestId, pending: Pending) {
         let multi = pending.multi.as_deref().expect("an ACQUIRE_ALL");
-        for (name, _) in multi.entries() {
+        for name in multi.names() {
             self.multi_names.insert(name.clone(), request_id);
         }
         self.multis += 1;
@@ -474,24 +482,30 @@ impl Session {
             Effect::LockLost { .. } | Effect::Signal { .. } => return None,
         };
         let result = match step {
-            Step::Granted(tokens) => Ok(tokens),
+            Step::Granted(body) => Ok(body),
             Step::Failed(failure) => Err(failure),
             step => return Some(Delivery::MultiStep(request_id, step)),
         };
         let pending = self.pending.remove(&request_id).expect("found above");
         let multi = pending.multi.as_ref().expect("found above");
-        for (name, _) in multi.entries() {
+        for name in multi.names() {
             self.multi_names.remove(name);
         }
         self.multis -= 1;
-        if let Ok(tokens) = &result {
-            for ((name, mode), &token) in multi.entries().iter().zip(tokens) {
-                let held = Held {
-                    mode: *mode,
-                    token,
-                    gen: self.attach_gen,
-                };
-                self.hold_granted(name.clone(), held);
+        if result.is_ok() {
+            let taken: Vec<(LockName, Held)> = multi
+                .taken()
+                .map(|(name, mode, token)| {
+                    let held = Held {
+                        mode,
+                        token,
+                        gen: self.attach_gen,
+                    };
+                    (name.clone(), held)
+                })
+                .collect();
+            for (name, held) in taken {
+                self.hold_granted(name, held);
             }
         }
         let answered = Answered {

@@ -105,12 +105,12 @@ fn multis_of(s: &Session, now_ms: u64) -> Vec<DumpMulti> {
         .iter()
         .filter_map(|(&request_id, p)| {
             let multi = p.multi.as_deref()?;
-            let (count, names) = multi.encoded_names();
+            let (count, names) = multi.encoded();
             Some(DumpMulti {
                 request_id,
                 wait_left_ms: multi::wait_left(multi.wait(), now_ms),
                 count,
-                names,
+                names: names.to_vec(),
             })
         })
         .collect();
@@ -352,18 +352,21 @@ pub fn restore(
         .map(|s| (s.id, &s.multis[..]))
         .collect();
     // Their names and request ids, looked up once per hold and waiter.
-    let mut parts: hashbrown::HashSet<(u64, &[u8])> = hashbrown::HashSet::new();
+    let mut parts: hashbrown::HashSet<(u64, Vec<u8>)> = hashbrown::HashSet::new();
     let mut requests: hashbrown::HashSet<(u64, u32)> = hashbrown::HashSet::new();
     for (&session, list) in &multis {
         for m in list.iter() {
             requests.insert((session, m.request_id));
-            let names = m.names().into_iter().flat_map(|n| n.iter());
-            parts.extend(names.map(|(_, name)| (session, name)));
+            // Everything it may have taken (a pool: its queues too).
+            if let Some(request) = m.request() {
+                let multi = Multi::new(request, Wait::Try);
+                parts.extend(multi.names().map(|n| (session, n.to_vec())));
+            }
         }
     }
     let multi_part = |session: u64, name: &[u8], request_id: Option<u32>| {
         request_id.is_some_and(|r| requests.contains(&(session, r)))
-            || parts.contains(&(session, name))
+            || parts.contains(&(session, name.to_vec()))
     };
     let mut restored = 0;
     let mut given_back = (0, 0);
@@ -459,7 +462,7 @@ pub fn restore(
             continue;
         };
         for dumped_multi in list.iter() {
-            let Some(names) = dumped_multi.names() else {
+            let Some(request) = dumped_multi.request() else {
                 continue;
             };
             let session = sessions[home].get_mut(id).expect("restored above");
@@ -469,19 +472,19 @@ pub fn restore(
                 continue;
             }
             let wait = multi::wait_after(dumped_multi.wait_left_ms, now_ms);
-            let multi = Multi::new(names, wait);
-            let Step::Acquire(name, mode, wait) = multi.start() else {
+            let mut multi = Multi::new(request, wait);
+            let Step::Acquire(take) = multi.start() else {
                 unreachable!("a multi-lock starts with an acquire")
             };
-            let shard = shard_for(&name, loops);
+            let shard = shard_for(&take.name, loops);
             introduce(session, shard, &mut tables[shard], now_ms, &mut sink);
             session.begin_multi(
                 dumped_multi.request_id,
                 Pending {
                     shard: shard as u8,
-                    op: PendingOp::Native(opcode::ACQUIRE_ALL),
-                    name: name.clone(),
-                    mode,
+                    op: PendingOp::Native(multi.opcode()),
+                    name: take.name.clone(),
+                    mode: take.mode,
                     notify_queued: false,
                     queued: false,
                     conn: ConnRef::NONE,
@@ -489,7 +492,7 @@ pub fn restore(
                     multi: Some(Box::new(multi)),
                 },
             );
-            let acquire = multi::acquire(id, dumped_multi.request_id, (&name, mode, wait));
+            let acquire = multi::acquire(id, dumped_multi.request_id, &take);
             tables[shard].apply(now_ms, acquire, &mut sink);
             // Its next steps are the home's, as the effects come in.
             for mut effect in sink.drain(..) {

@@ -121,6 +121,13 @@ pub mod opcode {
     /// ([`super::AllNames`]). Reply `Ok` with one token u64 per name (in the
     /// request's order), or as ACQUIRE's failures.
     pub const ACQUIRE_ALL: u8 = 21;
+    /// Take K of N resources per requirement, all requirements or none:
+    /// `AllBody` (whose count is the number of requirements) + the
+    /// requirements ([`crate::pool::PoolSpec`]). Reply `Ok` with the grant
+    /// (`crate::pool::parse_grant`), `OverCapacity` if a requirement's
+    /// filter leaves fewer candidates than it needs, or as ACQUIRE's
+    /// failures.
+    pub const ACQUIRE_POOL: u8 = 22;
     /// Push: a held lock was taken away (lease expired); body token + name.
     pub const LOCK_LOST: u8 = 0x40;
     /// Push: the server is shutting down; empty body.
@@ -225,7 +232,9 @@ const _: () = assert!(offset_of!(ResumeBody, secret) == 8);
 const _: () = assert!(offset_of!(ResumeBody, password_len) == 24);
 const _: () = assert!(offset_of!(ResumeBody, reserved) == 26);
 
-/// Fixed part of an ACQUIRE_ALL body; the names ([`AllNames`]) are the rest.
+/// Fixed part of an ACQUIRE_ALL body (the names, [`AllNames`], are the
+/// rest) and of an ACQUIRE_POOL body (`count`: the requirements,
+/// [`crate::pool::PoolSpec`], the rest).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 pub struct AllBody {
@@ -237,6 +246,17 @@ pub struct AllBody {
     pub count: U16,
     /// 0: try once; [`WAIT_FOREVER`]; else the longest wait in ms, for all.
     pub wait_ms: U32,
+}
+
+impl AllBody {
+    fn new(count: u16, wait_ms: u32, notify_queued: bool) -> AllBody {
+        AllBody {
+            acq_flags: if notify_queued { ACQ_NOTIFY_QUEUED } else { 0 },
+            reserved: 0,
+            count: U16::new(count),
+            wait_ms: U32::new(wait_ms),
+        }
+    }
 }
 
 /// The names of an ACQUIRE_ALL, as sent: per name `mode u8` (0 exclusive,
@@ -619,6 +639,12 @@ pub enum Request<'a> {
         wait_ms: u32,
         notify_queued: bool,
     },
+    /// K of N resources per requirement, all requirements or none.
+    AcquirePool {
+        spec: crate::pool::PoolSpec<'a>,
+        wait_ms: u32,
+        notify_queued: bool,
+    },
     /// The `top` busiest names (capped at `REPORT_TOP_MAX`).
     Report {
         top: u32,
@@ -682,6 +708,7 @@ impl Request<'_> {
         match self {
             Request::Acquire { .. }
             | Request::AcquireAll { .. }
+            | Request::AcquirePool { .. }
             | Request::Release { .. }
             | Request::Extend { .. }
             | Request::Cancel { .. }
@@ -705,6 +732,7 @@ impl Request<'_> {
             } => opcode::ACQUIRE_PERMITS,
             Request::Acquire { .. } => opcode::ACQUIRE,
             Request::AcquireAll { .. } => opcode::ACQUIRE_ALL,
+            Request::AcquirePool { .. } => opcode::ACQUIRE_POOL,
             Request::SetCapacity { .. } => opcode::SET_CAPACITY,
             Request::SetOrder(_) => opcode::SET_ORDER,
             Request::Report { .. } => opcode::REPORT,
@@ -931,6 +959,19 @@ fn decode_body(op: u8, body: &[u8], with_token: bool) -> Result<Request<'_>, Sta
             let names = AllNames::parse(fixed.count.get(), rest).ok_or(Status::BadBody)?;
             Ok(Request::AcquireAll {
                 names,
+                wait_ms: fixed.wait_ms.get(),
+                notify_queued: fixed.acq_flags & ACQ_NOTIFY_QUEUED != 0,
+            })
+        }
+        opcode::ACQUIRE_POOL => {
+            let (fixed, rest) = split_fixed::<AllBody>(body)?;
+            if fixed.acq_flags & !ACQ_FLAGS_KNOWN != 0 || fixed.reserved != 0 {
+                return Err(Status::BadBody);
+            }
+            let spec =
+                crate::pool::PoolSpec::parse(fixed.count.get(), rest).ok_or(Status::BadBody)?;
+            Ok(Request::AcquirePool {
+                spec,
                 wait_ms: fixed.wait_ms.get(),
                 notify_queued: fixed.acq_flags & ACQ_NOTIFY_QUEUED != 0,
             })
@@ -1182,26 +1223,37 @@ fn deferred_flags(deferred: bool) -> u16 {
     }
 }
 
-/// Whether `op` takes something (ACQUIRE, ACQUIRE_PERMITS, ACQUIRE_ALL):
+/// Whether `op` takes something (ACQUIRE, ACQUIRE_PERMITS, ACQUIRE_ALL,
+/// ACQUIRE_POOL):
 /// its replies may be queued, deferred and granted with tokens.
 pub fn is_acquire(op: u8) -> bool {
-    op == opcode::ACQUIRE || op == opcode::ACQUIRE_PERMITS || op == opcode::ACQUIRE_ALL
+    matches!(
+        op,
+        opcode::ACQUIRE | opcode::ACQUIRE_PERMITS | opcode::ACQUIRE_ALL | opcode::ACQUIRE_POOL
+    )
 }
 
-/// ACQUIRE_ALL granted: body one token u64 per name, in the request's
-/// order. `deferred` sets the PUSH flag (the grant came after waiting).
-pub fn encode_granted_all(out: &mut Vec<u8>, request_id: u32, tokens: &[u64], deferred: bool) {
+/// ACQUIRE_ALL or ACQUIRE_POOL (`op`) granted with `body` (ACQUIRE_ALL:
+/// one token u64 per name, in the request's order; ACQUIRE_POOL: see
+/// `crate::pool`). `deferred` sets the PUSH flag (the grant came after
+/// waiting).
+pub fn encode_granted_body(
+    out: &mut Vec<u8>,
+    op: u8,
+    request_id: u32,
+    body: &[u8],
+    deferred: bool,
+) {
+    debug_assert!(op == opcode::ACQUIRE_ALL || op == opcode::ACQUIRE_POOL);
     encode_header(
         out,
-        opcode::ACQUIRE_ALL,
+        op,
         deferred_flags(deferred),
         Status::Ok,
         request_id,
-        body_len_u32(TOKEN_LEN * tokens.len()),
+        body_len_u32(body.len()),
     );
-    for token in tokens {
-        out.extend_from_slice(&token.to_le_bytes());
-    }
+    out.extend_from_slice(body);
 }
 
 /// ACQUIRE (`op`: or ACQUIRE_PERMITS) granted: body token u64. `deferred`
@@ -1468,15 +1520,22 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
             wait_ms,
             notify_queued,
         } => {
-            let fixed = AllBody {
-                acq_flags: if notify_queued { ACQ_NOTIFY_QUEUED } else { 0 },
-                reserved: 0,
-                count: U16::new(names.count()),
-                wait_ms: U32::new(wait_ms),
-            };
-            header(out, size_of::<AllBody>() + names.bytes().len());
+            let (count, bytes) = (names.count(), names.bytes());
+            let fixed = AllBody::new(count, wait_ms, notify_queued);
+            header(out, size_of::<AllBody>() + bytes.len());
             out.extend_from_slice(fixed.as_bytes());
-            out.extend_from_slice(names.bytes());
+            out.extend_from_slice(bytes);
+        }
+        Request::AcquirePool {
+            spec,
+            wait_ms,
+            notify_queued,
+        } => {
+            let (count, bytes) = (spec.count(), spec.bytes());
+            let fixed = AllBody::new(count, wait_ms, notify_queued);
+            header(out, size_of::<AllBody>() + bytes.len());
+            out.extend_from_slice(fixed.as_bytes());
+            out.extend_from_slice(bytes);
         }
         Request::SetOrder(body) => {
             header(out, body.len());
@@ -3333,7 +3392,8 @@ mod tests {
             notify_queued: false,
         };
         frames.push(encoded(14, &all));
-        encode_granted_all(&mut out, 14, &[8, 9], false);
+        let tokens: Vec<u8> = [8u64, 9].iter().flat_map(|t| t.to_le_bytes()).collect();
+        encode_granted_body(&mut out, opcode::ACQUIRE_ALL, 14, &tokens, false);
         frames.push(std::mem::take(&mut out));
         frames
     }

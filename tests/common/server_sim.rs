@@ -11,7 +11,7 @@ use livelock::journal::{fingerprint, Journal};
 use livelock::lock_table::{
     shard_for, Acquire, Command, Effect, LockTable, Mode, Outcome, SignalOp, Wait,
 };
-use livelock::multi::Multi;
+use livelock::multi::{self, Multi};
 use livelock::order::Order;
 use livelock::protocol::AllNames;
 use livelock::session::Sessions;
@@ -303,7 +303,10 @@ impl ServerSim {
                 let mut names = Vec::new();
                 AllNames::encode(&list, &mut names);
                 let wait = rng.pick(&[Wait::Try, Wait::Until(now + 100), Wait::Forever]);
-                let multi = Multi::new(AllNames::parse(2, &names).expect("well-formed"), wait);
+                let multi = Multi::new(
+                    multi::Request::All(AllNames::parse(2, &names).expect("well-formed")),
+                    wait,
+                );
                 self.journals[home].session_multi(now, session, request_id, Some(&multi));
                 durable.multis.push(DumpMulti {
                     request_id,

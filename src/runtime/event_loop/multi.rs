@@ -1,5 +1,5 @@
-//! ACQUIRE_ALL at the session's home: the request starts a
-//! `state::multi::Multi`, and each step it names (acquire the next name,
+//! ACQUIRE_ALL and ACQUIRE_POOL at the session's home: the request starts
+//! a `state::multi::Multi`, and each step it names (acquire the next name,
 //! give back what was taken) is sent to the shard of that name as an
 //! ordinary command with the request's id; the shards' answers come back
 //! through `Session::record`, which says the next step or the final reply.
@@ -7,17 +7,17 @@
 use super::EventLoop;
 use crate::connection::ConnRef;
 use crate::lock_table::{Command, Mode, SessionId, Wait};
-use crate::multi::{self, Failure, Multi, Step};
-use crate::protocol::{self, opcode, AllNames, Status, WAIT_FOREVER};
+use crate::multi::{self, Failure, Multi, Request, Step};
+use crate::protocol::{self, Status, WAIT_FOREVER};
 use crate::session::{LockName, Pending, PendingOp};
 
 impl EventLoop {
-    /// Starts an admitted ACQUIRE_ALL of session `id`.
+    /// Starts an admitted ACQUIRE_ALL or ACQUIRE_POOL of session `id`.
     pub(super) fn start_multi(
         &mut self,
         id: SessionId,
         request_id: u32,
-        (names, wait_ms, notify_queued): (AllNames<'_>, u32, bool),
+        (asked, wait_ms, notify_queued): (Request<'_>, u32, bool),
         conn: ConnRef,
     ) {
         let wait = match wait_ms {
@@ -25,7 +25,7 @@ impl EventLoop {
             WAIT_FOREVER => Wait::Forever,
             ms => Wait::Until(self.now_ms + u64::from(ms)),
         };
-        let multi = Multi::new(names, wait);
+        let mut multi = Multi::new(asked, wait);
         let step = multi.start();
         self.metrics.inc_acquisitions();
         if self.shared.log.is_some() {
@@ -37,7 +37,7 @@ impl EventLoop {
             request_id,
             Pending {
                 shard: 0,
-                op: PendingOp::Native(opcode::ACQUIRE_ALL),
+                op: PendingOp::Native(multi.opcode()),
                 name: LockName::new(),
                 mode: Mode::Exclusive,
                 notify_queued,
@@ -69,8 +69,8 @@ impl EventLoop {
     /// Sends the commands of `step` of the ACQUIRE_ALL `request_id`.
     pub(super) fn multi_step(&mut self, id: SessionId, request_id: u32, step: Step) {
         match step {
-            Step::Acquire(name, mode, wait) => {
-                let shard = self.shard_of(&name);
+            Step::Acquire(take) => {
+                let shard = self.shard_of(&take.name);
                 if let Some(pending) = self
                     .sessions
                     .get_mut(id)
@@ -78,10 +78,10 @@ impl EventLoop {
                 {
                     // A CANCEL goes to the acquire in flight.
                     pending.shard = shard as u8;
-                    pending.name = name.clone();
+                    pending.name = take.name.clone();
                 }
                 self.touch(id, shard);
-                let command = multi::acquire(id, request_id, (&name, mode, wait));
+                let command = multi::acquire(id, request_id, &take);
                 self.route_to_shard(shard, command);
             }
             Step::Release(holds) => {
@@ -120,16 +120,15 @@ impl EventLoop {
     }
 }
 
-/// Writes the final reply to an ACQUIRE_ALL.
+/// Writes the final reply to an ACQUIRE_ALL or ACQUIRE_POOL (`op`).
 pub(super) fn encode_final(
     out: &mut Vec<u8>,
-    request_id: u32,
-    result: &Result<Vec<u64>, Failure>,
+    (op, request_id): (u8, u32),
+    result: &Result<Vec<u8>, Failure>,
     deferred: bool,
 ) {
-    let op = opcode::ACQUIRE_ALL;
     match result {
-        Ok(tokens) => protocol::encode_granted_all(out, request_id, tokens, deferred),
+        Ok(body) => protocol::encode_granted_body(out, op, request_id, body, deferred),
         Err(Failure::Outcome(outcome)) => {
             super::native::encode_outcome(out, op, request_id, *outcome, deferred)
         }

@@ -8,6 +8,7 @@ use super::{header_ids, shown, unsent_frames, EventLoop, Flow, Gather, GatherRep
 use crate::limits::{FIND_RESULTS_MAX, GRACE_MS_MAX, LIST_REPLY_BYTES_MAX};
 use crate::lock_table::{Acquire, Command, Mode, Outcome, RequestId, SessionId, SignalOp, Wait};
 use crate::metrics::Totals;
+use crate::multi;
 use crate::order::Order;
 use crate::protocol::{
     self, opcode, Decoded, Fatal, Request, SignalKind, StatsReply, Status, SECRET_LEN, WAIT_FOREVER,
@@ -488,7 +489,17 @@ impl EventLoop {
         let op = request.opcode();
         let ask = match (&request, op) {
             (Request::Acquire { name, .. }, _) => Ask::Acquire(name),
-            (Request::AcquireAll { names, .. }, _) => Ask::AcquireAll(*names),
+            (Request::AcquireAll { names, .. }, _) => Ask::AcquireAll(multi::Request::All(*names)),
+            (Request::AcquirePool { spec, .. }, _) => {
+                if let Some(r) = spec.short_requirement() {
+                    let message = format!(
+                        "requirement {r}: its filter leaves fewer candidates than it needs"
+                    );
+                    self.reply_status(token, op, request_id, Status::OverCapacity, &message);
+                    return;
+                }
+                Ask::AcquireAll(multi::Request::Pool(*spec))
+            }
             (Request::Release { name, .. } | Request::Extend { name, .. }, _) => Ask::Held(name),
             (
                 _,
@@ -537,14 +548,22 @@ impl EventLoop {
             self.reply_status(token, op, request_id, status, message);
             return;
         }
-        if let Request::AcquireAll {
-            names,
-            wait_ms,
-            notify_queued,
-        } = request
-        {
+        let multi = match request {
+            Request::AcquireAll {
+                names,
+                wait_ms,
+                notify_queued,
+            } => Some((multi::Request::All(names), wait_ms, notify_queued)),
+            Request::AcquirePool {
+                spec,
+                wait_ms,
+                notify_queued,
+            } => Some((multi::Request::Pool(spec), wait_ms, notify_queued)),
+            _ => None,
+        };
+        if let Some(asked) = multi {
             let conn = self.conn_ref(token);
-            self.start_multi(id, request_id, (names, wait_ms, notify_queued), conn);
+            self.start_multi(id, request_id, asked, conn);
             return;
         }
         let now_ms = self.now_ms;
@@ -746,7 +765,9 @@ impl EventLoop {
                 self.start_query(token, id, reply, query, Some(home));
                 return;
             }
-            Request::AcquireAll { .. } => unreachable!("started above"),
+            Request::AcquireAll { .. } | Request::AcquirePool { .. } => {
+                unreachable!("started above")
+            }
             Request::Hello { .. }
             | Request::Resume { .. }
             | Request::Ping
