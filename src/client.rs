@@ -820,6 +820,12 @@ impl PoolGrant {
         &self.resources[r]
     }
 
+    /// The guards of the pool queues' permits (one per requirement that
+    /// had more candidates than it needed).
+    pub fn queues(&self) -> &[Guard] {
+        &self.permits
+    }
+
     /// How many requirements it answers.
     pub fn requirements(&self) -> usize {
         self.resources.len()

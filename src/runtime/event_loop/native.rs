@@ -495,7 +495,10 @@ impl EventLoop {
                     let message = format!(
                         "requirement {r}: its filter leaves fewer candidates than it needs"
                     );
-                    self.reply_status(token, op, request_id, Status::OverCapacity, &message);
+                    // An outcome, not an error: its body says which.
+                    let out = self.wbuf(token);
+                    let (status, body) = (Status::OverCapacity, message.as_bytes());
+                    protocol::encode_reply(out, op, false, status, request_id, body);
                     return;
                 }
                 Ask::AcquireAll(multi::Request::Pool(*spec))
