@@ -9,8 +9,9 @@
 # to the Deadlock reply (examples/deadlock_latency.rs). Then the atomic
 # multi-lock on a two-loop server (memory, then log): one lock cycle, 3
 # single acquires + 3 releases, ACQUIRE_ALL of the same 3 names (on at
-# least two shards) + 3 releases, 50 connections, one client
-# (examples/multi_lock_cycles.rs).
+# least two shards) + 3 releases, and resource pools K=2 of N=16 (one
+# pool per connection; one pool shared by all), 50 connections, one
+# client (examples/multi_lock_cycles.rs).
 # Prints the tables; JSON results go to target/primitives/.
 #
 #   benches/primitives.sh              # 10 s per run
@@ -78,6 +79,6 @@ for durability in memory log; do
     port=$((PORT + 3))
     [ "$durability" = log ] && port=$((PORT + 4))
     start_livelock "$port" 2 "$durability"
-    echo "multi-lock, $durability durability, 2 loops:"
+    echo "multi-lock and pools, $durability durability, 2 loops:"
     target/release/examples/multi_lock_cycles "127.0.0.1:$port" 2 50 "$DURATION"
 done

@@ -2,7 +2,11 @@
 //! RELEASE), three single acquires in byte order then three releases, and
 //! one ACQUIRE_ALL of the same three names then three releases — the same
 //! client, connections and server, one after the other. The three names of
-//! a cycle are on at least two shards of a server of LOOPS loops.
+//! a cycle are on at least two shards of a server of LOOPS loops. Then
+//! resource pools, K=2 of N=16 (ACQUIRE_POOL, then the grant released:
+//! two resources and the pool queue's permits): each connection from its
+//! own pool of 16, and all connections from one shared pool of 16 (8 grants
+//! at a time, the others waiting FIFO in the pool's queue).
 //!
 //! Each connection has its own names (uncontended: the cost of the
 //! requests, not of waiting), picked at random among 10,000 per connection.
@@ -18,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use livelock::client::{Client, ClientOptions};
+use livelock::client::{Client, ClientOptions, Requirement};
 use livelock::lock_table::shard_for;
 use livelock::protocol::Mode;
 
@@ -46,6 +50,10 @@ enum Workload {
     One,
     ThreeSingles,
     AcquireAll,
+    /// 2 of this connection's 16.
+    PoolOwn,
+    /// 2 of 16 shared by every connection.
+    PoolShared,
 }
 
 /// Runs `workload` on `clients` for `seconds`: cycles/s, p50 and p99.
@@ -98,6 +106,16 @@ fn run(
                                 guard.release().expect("release");
                             }
                         }
+                        Workload::PoolOwn | Workload::PoolShared => {
+                            let owner = match workload {
+                                Workload::PoolOwn => i.to_string(),
+                                _ => "shared".into(),
+                            };
+                            let pool = (0..16).map(|k| format!("pool/{owner}/{k}"));
+                            let request = [Requirement::of(2, pool)];
+                            let grant = client.acquire_pool(&request, None).expect("acquire_pool");
+                            grant.expect("waits forever").release().expect("release");
+                        }
                     }
                     samples.push(begun.elapsed());
                 }
@@ -139,11 +157,13 @@ fn main() {
         "p50 us",
         "p99 us"
     );
-    let mut singles = 0.0;
+    let (mut singles, mut one) = (0.0, 0.0);
     for (label, workload) in [
         ("one lock (acquire + release)", Workload::One),
         ("3 names: 3 acquires + 3 releases", Workload::ThreeSingles),
         ("3 names: ACQUIRE_ALL + 3 releases", Workload::AcquireAll),
+        ("pool 2 of 16, one per connection", Workload::PoolOwn),
+        ("pool 2 of 16, shared by all", Workload::PoolShared),
     ] {
         let (rate, p50, p99) = run(&clients, &names, workload, seconds);
         let versus = match workload {
@@ -152,7 +172,11 @@ fn main() {
                 String::new()
             }
             Workload::AcquireAll => format!("{:.2}x", rate / singles),
-            Workload::One => String::new(),
+            Workload::PoolOwn | Workload::PoolShared => format!("{:.2}x of one lock", rate / one),
+            Workload::One => {
+                one = rate;
+                String::new()
+            }
         };
         println!(
             "{label:<44} {rate:>10.0} {:>9} {:>9}  {versus}",
