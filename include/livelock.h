@@ -86,6 +86,7 @@ enum livelock_opcode {
     LIVELOCK_OP_SET_ORDER = 19,       /* the session's lock order, see PROTOCOL.md */
     LIVELOCK_OP_REPORT = 20,          /* top u32; reply: usage rows, see PROTOCOL.md */
     LIVELOCK_OP_ACQUIRE_ALL = 21,     /* livelock_acquire_all + names; reply: a token per name */
+    LIVELOCK_OP_ACQUIRE_POOL = 22,    /* livelock_acquire_all (count = requirements) + requirements, see PROTOCOL.md */
     /* Server pushes (never valid from a client). */
     LIVELOCK_OP_LOCK_LOST = 0x40,     /* livelock_token + name */
     LIVELOCK_OP_SHUTDOWN = 0x41,      /* empty */
@@ -250,6 +251,13 @@ LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_all, acq_flags) == 0, "livelock
 LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_all, reserved) == 1, "livelock_acquire_all.reserved");
 LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_all, count) == 2, "livelock_acquire_all.count");
 LIVELOCK_STATIC_ASSERT(offsetof(livelock_acquire_all, wait_ms) == 4, "livelock_acquire_all.wait_ms");
+
+/* ACQUIRE_POOL: the same fixed part (livelock_acquire_all, `count` = 1..=16
+ * requirements), then per requirement: need u16, candidates u16,
+ * filter_len u16, the filter, and per candidate name_len u16, tags_len u16,
+ * the name, the tags (text "key=value,key=value"). Granted: per requirement
+ * permits_token u64, queue_len u16, the queue's name, then K x (index u16,
+ * livelock_token). See PROTOCOL.md. */
 
 /* EXTEND: then the lock name = rest of the body. */
 typedef struct livelock_extend {

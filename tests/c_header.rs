@@ -140,6 +140,7 @@ fn expectations() -> Vec<(String, u64)> {
         ("SET_ORDER", opcode::SET_ORDER),
         ("REPORT", opcode::REPORT),
         ("ACQUIRE_ALL", opcode::ACQUIRE_ALL),
+        ("ACQUIRE_POOL", opcode::ACQUIRE_POOL),
         ("LOCK_LOST", opcode::LOCK_LOST),
         ("SHUTDOWN", opcode::SHUTDOWN),
         ("SESSION_TAKEN", opcode::SESSION_TAKEN),

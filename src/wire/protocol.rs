@@ -3395,6 +3395,23 @@ mod tests {
         let tokens: Vec<u8> = [8u64, 9].iter().flat_map(|t| t.to_le_bytes()).collect();
         encode_granted_body(&mut out, opcode::ACQUIRE_ALL, 14, &tokens, false);
         frames.push(std::mem::take(&mut out));
+        let mut spec = Vec::new();
+        let candidates: [(&[u8], &[u8]); 2] = [(b"g1", b"m=1"), (b"g2", b"m=2")];
+        crate::pool::PoolSpec::encode(1, b"m=1", &candidates, &mut spec);
+        let pool = Request::AcquirePool {
+            spec: crate::pool::PoolSpec::parse(1, &spec).expect("well-formed"),
+            wait_ms: 0,
+            notify_queued: false,
+        };
+        frames.push(encoded(15, &pool));
+        let mut grant = Vec::new();
+        let taken = crate::pool::RequirementGrant {
+            permits: None,
+            taken: vec![(0, 10)],
+        };
+        crate::pool::encode_grant(&taken, &mut grant);
+        encode_granted_body(&mut out, opcode::ACQUIRE_POOL, 15, &grant, false);
+        frames.push(std::mem::take(&mut out));
         frames
     }
 
