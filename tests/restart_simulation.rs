@@ -31,7 +31,10 @@
 //! step's grant is fenced; a granted one holds every name with the tokens
 //! it answered; a failed one holds none of them; while one is in flight,
 //! the tables may show its parts, and nothing else beyond the home's holds;
-//! across a shutdown it comes back in flight (started over).
+//! across a shutdown it comes back in flight (started over). One in three
+//! of them is a pool request instead (K of 2 to 4 candidates, sometimes
+//! with a plain name): granted, it holds K candidates per requirement and
+//! its queue's permits with the tokens it answered.
 //!
 //! Checked at each RESUME (`Sessions::resume`): a wrong secret is refused;
 //! the requests in flight are the pending ones; the listing of holds
@@ -52,6 +55,7 @@ use livelock::lock_table::{
     shard_for, Acquire, Command, Effect, LockTable, Mode, Outcome, RequestId, SessionId, Wait,
 };
 use livelock::multi::{self, Multi, Step};
+use livelock::pool::PoolSpec;
 use livelock::protocol::{opcode, AllNames};
 use livelock::session::{Ask, Delivery, Listed, PendingOp, Sessions};
 use livelock::snapshot;
@@ -61,6 +65,9 @@ mod common;
 use common::Rng;
 
 const NAMES: [&[u8]; 6] = [b"a", b"b", b"c", b"d", b"e", b"f"];
+
+/// A pool request's K per requirement and candidates, as sent.
+type PoolAsked = (Vec<u16>, Vec<Vec<Vec<u8>>>);
 const STEPS: usize = 1500;
 const SESSIONS_LIVE: usize = 12;
 
@@ -83,8 +90,11 @@ struct World {
     homes: Vec<Sessions>,
     /// What each pending request of each session was, by the client.
     kinds: BTreeMap<(SessionId, RequestId), Kind>,
-    /// The names of each ACQUIRE_ALL in flight, in the request's order.
+    /// The names of each ACQUIRE_ALL in flight, in the request's order (a
+    /// pool request: its candidates).
     multi_names: BTreeMap<(SessionId, RequestId), Vec<Vec<u8>>>,
+    /// Each pool request's K per requirement and candidates, as sent.
+    pools: BTreeMap<(SessionId, RequestId), PoolAsked>,
     /// Multi-lock steps the delivered effects called for, not yet sent.
     steps: std::collections::VecDeque<(SessionId, RequestId, Step)>,
     next_request: u32,
@@ -111,6 +121,7 @@ impl World {
                 .collect(),
             kinds: BTreeMap::new(),
             multi_names: BTreeMap::new(),
+            pools: BTreeMap::new(),
             steps: std::collections::VecDeque::new(),
             next_request: 1,
             last_token: BTreeMap::new(),
@@ -193,7 +204,23 @@ impl World {
                     .map(|n| (n, result.clone()))
                     .expect("asked");
                 self.multis[usize::from(tokens.is_err())] += 1;
+                let pool = self.pools.remove(&(id, request_id));
                 match tokens {
+                    Ok(body) if pool.is_some() => {
+                        // K of each requirement's candidates, with their tokens.
+                        let (needs, candidates) = pool.expect("checked");
+                        let grant = livelock::pool::parse_grant(&body, &needs).expect("a grant");
+                        for (r, g) in grant.iter().enumerate() {
+                            assert_eq!(g.taken.len(), usize::from(needs[r]));
+                            for &(i, token) in &g.taken {
+                                let name = &candidates[r][usize::from(i)];
+                                assert_eq!(session.holds[&name[..]].token, token, "pool grant");
+                            }
+                            if let Some((queue, token)) = &g.permits {
+                                assert_eq!(session.holds[&queue[..]].token, *token, "permits");
+                            }
+                        }
+                    }
                     Ok(body) => {
                         let tokens = body
                             .chunks_exact(8)
@@ -289,8 +316,12 @@ impl World {
         }
     }
 
-    /// An ACQUIRE_ALL of 2 or 3 names by `id`, if the home admits it.
+    /// An ACQUIRE_ALL of 2 or 3 names by `id` (or, one time in three, a
+    /// pool request), if the home admits it.
     fn acquire_all(&mut self, id: SessionId, wait: Wait) {
+        if self.rng.below(3) == 0 {
+            return self.acquire_pool(id, wait);
+        }
         let count = 2 + self.rng.below(2) as usize;
         let mut names: Vec<&[u8]> = Vec::new();
         while names.len() < count {
@@ -312,27 +343,63 @@ impl World {
         let mut bytes = Vec::new();
         AllNames::encode(&list, &mut bytes);
         let all = AllNames::parse(count as u16, &bytes).expect("well-formed");
+        self.start_multi(id, multi::Request::All(all), wait);
+    }
+
+    /// A pool request by `id`, if the home admits it: K of 2 to 4
+    /// candidates, sometimes with a plain name (a requirement of 1 of 1).
+    fn acquire_pool(&mut self, id: SessionId, wait: Wait) {
+        let n = 2 + self.rng.below(3) as usize;
+        let mut names: Vec<&[u8]> = Vec::new();
+        while names.len() < n + 1 {
+            let name = self.rng.pick(&NAMES);
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        let need = 1 + self.rng.below(2) as u16;
+        let candidates: Vec<(&[u8], &[u8])> = names[..n].iter().map(|&c| (c, &b""[..])).collect();
+        let mut bytes = Vec::new();
+        PoolSpec::encode(need, b"", &candidates, &mut bytes);
+        let mut needs = vec![need];
+        if self.rng.below(2) == 0 {
+            PoolSpec::encode(1, b"", &[(names[n], b"")], &mut bytes);
+            needs.push(1);
+        }
+        let spec = PoolSpec::parse(needs.len() as u16, &bytes).expect("well-formed");
+        let candidates = spec
+            .requirements()
+            .map(|r| r.candidates.iter().map(|(c, _)| c.to_vec()).collect())
+            .collect();
+        // Known before it starts: it may be answered at once.
+        let key = (id, self.next_request);
+        self.pools.insert(key, (needs, candidates));
+        if self.start_multi(id, multi::Request::Pool(spec), wait) != Some(key.1) {
+            self.pools.remove(&key);
+        }
+    }
+
+    /// Starts `asked` by `id` as the home does, if it admits it.
+    fn start_multi(&mut self, id: SessionId, asked: multi::Request<'_>, wait: Wait) -> Option<u32> {
         let session = self.homes[0].get(id).unwrap();
         if session
-            .refusal(
-                self.next_request,
-                Ask::AcquireAll(multi::Request::All(all)),
-                (0, false),
-            )
+            .refusal(self.next_request, Ask::AcquireAll(asked), (0, false))
             .is_some()
         {
-            return;
+            return None;
         }
-        let mut multi = Multi::new(multi::Request::All(all), wait);
+        let mut multi = Multi::new(asked, wait);
         let step = multi.start();
         let request_id = self.pending(id, Kind::AcquireAll, 0, b"", Mode::Exclusive);
         let session = self.homes[0].get_mut(id).unwrap();
         let mut pending = session.pending.remove(&request_id).unwrap();
+        pending.op = PendingOp::Native(multi.opcode());
         pending.multi = Some(Box::new(multi));
         session.begin_multi(request_id, pending);
-        let names = names.iter().map(|n| n.to_vec()).collect();
+        let names = asked.names().iter().map(|n| n.to_vec()).collect();
         self.multi_names.insert((id, request_id), names);
         self.multi_step(id, request_id, step);
+        Some(request_id)
     }
 
     fn pending(&mut self, id: SessionId, kind: Kind, shard: usize, name: &[u8], mode: Mode) -> u32 {
