@@ -501,8 +501,12 @@ fn a_member_that_was_down_catches_up_from_a_snapshot() {
     // and check-quorum could depose it first on a slow machine.)
     cluster.heal();
     cluster.restart(leader);
-    assert_eq!(cluster.leader(), lagging);
-    let resumed = holder.resume(&[cluster.client_addr(lagging)]);
+    // The handed-over member usually leads now; but the old leader may go
+    // before its vote for it is sent (a known gap of the hand-over, see
+    // docs/ARCHITECTURE.md), and then whoever wins next leads: the hold is
+    // kept either way.
+    let now = cluster.leader();
+    let resumed = holder.resume(&[cluster.client_addr(now)]);
     assert_eq!(resumed.holds.len(), 1);
     assert_eq!(
         (resumed.holds[0].name.as_slice(), resumed.holds[0].token),

@@ -2819,7 +2819,7 @@ mod tests {
     fn unknown_and_push_opcodes_are_rejected() {
         for op in [
             0,
-            22,
+            23,
             0x3F,
             opcode::LOCK_LOST,
             opcode::SHUTDOWN,
