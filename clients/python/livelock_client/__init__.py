@@ -4,7 +4,15 @@ protocol, blocking (``Client``) and asyncio (``AsyncClient``).
 This module only gathers the public names; see README.md for the guide.
 """
 
-from .aio import AsyncClient, AsyncHeld, AsyncPendingAcquire, AsyncPendingAcquireAll, AsyncSemaphore
+from .aio import (
+    AsyncClient,
+    AsyncHeld,
+    AsyncPendingAcquire,
+    AsyncPendingAcquireAll,
+    AsyncPendingAcquirePool,
+    AsyncPoolGrant,
+    AsyncSemaphore,
+)
 from .config import DEFAULT_PORT, parse_addresses
 from .core import (
     EVENTS_MAX,
@@ -22,6 +30,7 @@ from .protocol import (
     AlreadyHeldError,
     AuthError,
     BadRequestError,
+    Candidates,
     CapacityConflictError,
     ConnectionLost,
     DeadlockError,
@@ -43,17 +52,20 @@ from .protocol import (
     OrderViolationError,
     OverCapacityError,
     ProtocolError,
+    Requirement,
+    RequirementSpec,
     ServerError,
     ShuttingDownError,
     Stats,
     Status,
     StorageFailedError,
+    Tags,
     UnknownSessionError,
     Waiter,
     WrongKindError,
     WrongTokenError,
 )
-from .sync import Client, Held, PendingAcquire, PendingAcquireAll, Semaphore
+from .sync import Client, Held, PendingAcquire, PendingAcquireAll, PendingAcquirePool, PoolGrant, Semaphore
 
 __version__ = "0.1.0"
 
@@ -69,9 +81,12 @@ __all__ = [
     "AsyncHeld",
     "AsyncPendingAcquire",
     "AsyncPendingAcquireAll",
+    "AsyncPendingAcquirePool",
+    "AsyncPoolGrant",
     "AsyncSemaphore",
     "AuthError",
     "BadRequestError",
+    "Candidates",
     "CapacityConflictError",
     "Client",
     "ConnectionLost",
@@ -99,7 +114,11 @@ __all__ = [
     "OverCapacityError",
     "PendingAcquire",
     "PendingAcquireAll",
+    "PendingAcquirePool",
+    "PoolGrant",
     "ProtocolError",
+    "Requirement",
+    "RequirementSpec",
     "Resumed",
     "Semaphore",
     "ServerError",
@@ -110,6 +129,7 @@ __all__ = [
     "Stats",
     "Status",
     "StorageFailedError",
+    "Tags",
     "UnknownSessionError",
     "Waiter",
     "WrongKindError",

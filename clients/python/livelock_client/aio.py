@@ -84,7 +84,15 @@ async def _dial(dial: api.Dial, first: bytes) -> _Streams:
 
 
 class AsyncClient(
-    api.ClientBase["AsyncHeld", "AsyncPendingAcquire", "AsyncPendingAcquireAll", "AsyncSemaphore"], api.Awaiting
+    api.ClientBase[
+        "AsyncHeld",
+        "AsyncPendingAcquire",
+        "AsyncPendingAcquireAll",
+        "AsyncSemaphore",
+        "AsyncPoolGrant",
+        "AsyncPendingAcquirePool",
+    ],
+    api.Awaiting,
 ):
     """A session with a livelock server, for asyncio. Open one with
     ``await AsyncClient.connect()`` or ``await AsyncClient.resume()``. Every
@@ -101,6 +109,8 @@ class AsyncClient(
             AsyncPendingAcquire,
             AsyncPendingAcquireAll,
             AsyncSemaphore,
+            AsyncPoolGrant,
+            AsyncPendingAcquirePool,
             contextlib.nullcontext(),
             asyncio.Event(),
         )
@@ -229,10 +239,10 @@ class AsyncClient(
 
     @contextlib.asynccontextmanager
     async def _enter(
-        self, call: api.Call[AsyncHeld | builtins.list[AsyncHeld]]
-    ) -> AsyncIterator[AsyncHeld | builtins.list[AsyncHeld]]:
-        """The block around a hold, or a list of holds (each released at its
-        end, the last first)."""
+        self, call: api.Call[AsyncHeld | builtins.list[AsyncHeld] | AsyncPoolGrant]
+    ) -> AsyncIterator[AsyncHeld | builtins.list[AsyncHeld] | AsyncPoolGrant]:
+        """The block around a hold, a list of holds (each released at its
+        end, the last first), or a pool grant."""
         taken = await self._run(call)
         async with contextlib.AsyncExitStack() as stack:
             for held in taken if isinstance(taken, builtins.list) else [taken]:
@@ -341,6 +351,55 @@ class AsyncPendingAcquireAll(_Pending[builtins.list[HoldState]]):
         ``acquire_all`` waits) LivelockTimeout, and the request stays
         pending (``cancel`` it)."""
         return self._client._held_all(await self._result(timeout))
+
+
+class AsyncPendingAcquirePool(_Pending[c.PoolGrantState]):
+    """An ACQUIRE_POOL sent by ``start_acquire_pool``, not answered yet."""
+
+    async def wait(self, timeout: float | None = None) -> AsyncPoolGrant:
+        """The AsyncPoolGrant once every requirement is granted, else the
+        request's error; past ``timeout`` (None: as ``acquire_pool`` waits)
+        LivelockTimeout, and the request stays pending (``cancel`` it)."""
+        return self._client._pool(await self._result(timeout))
+
+
+class AsyncPoolGrant(api.PoolGrantBase[AsyncHeld]):
+    """A granted ACQUIRE_POOL (``await client.acquire_pool``): ``grant[r]``
+    the holds requirement ``r`` got, ``grant.names(r)`` their names; ``async
+    with`` releases every hold at the end of the block."""
+
+    async def release(self, *, timeout: float | None = None) -> None:
+        """Releases every hold still held: the resources, then the pool
+        queues' permits; the first error, if any, raised once all were
+        tried."""
+        first: LivelockError | None = None
+        for held in self.holds:
+            if not held.active:
+                continue
+            try:
+                await held.release(timeout=timeout)
+            except LivelockError as error:
+                first = first or error
+        if first is not None:
+            raise first
+
+    async def __aenter__(self) -> AsyncPoolGrant:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Releases as each ``AsyncHeld``'s block does (the resources, then
+        the permits): an error is raised once all were tried, and never over
+        the block's own."""
+        first: LivelockError | None = None
+        for held in self.holds:
+            try:
+                await held.__aexit__(exc_type, exc, tb)
+            except LivelockError as error:
+                first = first or error
+        if first is not None:
+            raise first
 
 
 class AsyncSemaphore(api.SemaphoreBase[AsyncHeld, AsyncPendingAcquire], api.Awaiting):

@@ -46,12 +46,16 @@ else:
 T = TypeVar("T")
 K = TypeVar("K")
 W = TypeVar("W")
-#: The shell's Held, PendingAcquire, PendingAcquireAll, Semaphore and client
-#: classes.
+#: The shell's Held, PendingAcquire, PendingAcquireAll, Semaphore,
+#: PoolGrant, PendingAcquirePool and client classes.
 H = TypeVar("H")
 PA = TypeVar("PA")
 PM = TypeVar("PM")
 S = TypeVar("S")
+G = TypeVar("G")
+PP = TypeVar("PP")
+HB = TypeVar("HB", bound="HeldBase[Any]")
+HB_co = TypeVar("HB_co", bound="HeldBase[Any]", covariant=True)
 C = TypeVar("C", bound="_Runner")
 BC = TypeVar("BC", bound="Blocking")
 AC = TypeVar("AC", bound="Awaiting")
@@ -104,7 +108,8 @@ class Runs:
 
 class Enters:
     """The kind of method that returns a context manager around its call's
-    result (a hold, or a list of holds, released at the end of the block)."""
+    result (a hold, a list of holds, or a pool grant, released at the end
+    of the block)."""
 
 
 class Blocking:
@@ -315,7 +320,7 @@ class _Flag(Protocol):
     def clear(self) -> None: ...
 
 
-class ClientBase(Generic[H, PA, PM, S]):
+class ClientBase(Generic[H, PA, PM, S, G, PP]):
     """A session with a livelock server, over one connection at a time.
 
     Open one with ``connect()`` or ``resume()``. Every method that waits
@@ -330,13 +335,15 @@ class ClientBase(Generic[H, PA, PM, S]):
         pending: Callable[[Any, Started[Any]], PA],
         pending_all: Callable[[Any, Started[Any]], PM],
         semaphore: Callable[[Any, BytesLike, int], S],
+        pool: Callable[[Any, c.PoolGrantState], G],
+        pending_pool: Callable[[Any, Started[Any]], PP],
         core_lock: AbstractContextManager[Any],
         listed: _Flag,
     ) -> None:
-        """What the shell brings: its Held, PendingAcquire, PendingAcquireAll
-        and Semaphore classes, the lock that guards the core (which is not
-        thread-safe), and the flag set when a RESUME's listing completed or
-        the connection ended."""
+        """What the shell brings: its Held, PendingAcquire, PendingAcquireAll,
+        Semaphore, PoolGrant and PendingAcquirePool classes, the lock that
+        guards the core (which is not thread-safe), and the flag set when a
+        RESUME's listing completed or the connection ended."""
         self._servers = opening.servers
         self._password = opening.password
         self._connect_timeout = opening.connect_timeout
@@ -346,6 +353,8 @@ class ClientBase(Generic[H, PA, PM, S]):
         self._make_pending = pending
         self._make_pending_all = pending_all
         self._make_semaphore = semaphore
+        self._make_pool = pool
+        self._make_pending_pool = pending_pool
         self._core = c.Core()
         self._core_lock = core_lock
         self._listed = listed
@@ -365,6 +374,12 @@ class ClientBase(Generic[H, PA, PM, S]):
 
     def _pending_all(self, started: Started[Any]) -> PM:
         return self._make_pending_all(self, started)
+
+    def _pool(self, state: c.PoolGrantState) -> G:
+        return self._make_pool(self, state)
+
+    def _pending_pool(self, started: Started[Any]) -> PP:
+        return self._make_pending_pool(self, started)
 
     def _dial(self) -> Dial:
         return Dial(self._servers, self._connect_timeout, self._tls)
@@ -388,8 +403,9 @@ class ClientBase(Generic[H, PA, PM, S]):
         raise NotImplementedError
 
     def _enter(self, call: Call[Any]) -> Any:
-        """The context manager around a call's hold (``lock``) or list of
-        holds (``lock_all``), releasing them at the end of the block."""
+        """The context manager around a call's hold (``lock``), list of
+        holds (``lock_all``) or pool grant (``lock_pool``), releasing them at
+        the end of the block."""
         raise NotImplementedError
 
     def _write_quietly(self, frames: builtins.list[bytes]) -> None:
@@ -553,6 +569,69 @@ class ClientBase(Generic[H, PA, PM, S]):
         op = c.acquire_all_op(names, wait=wait, shared=shared, notify_queued=True)
         return Call(op, c.acquire_timeout(wait, None, self.request_timeout), self._pending_all, detached=True)
 
+    # -- Resource pools.
+
+    @method
+    def acquire_pool(
+        self,
+        requirements: Iterable[p.RequirementSpec],
+        *,
+        wait: float | None = None,
+        timeout: float | None = None,
+    ) -> Call[G]:
+        """Takes, for every requirement, ``need`` of its candidates whose tags
+        match its filter ("K of these N", ACQUIRE_POOL): all requirements at
+        once or none. ``requirements``: 1 to 16, each a ``Requirement`` or a
+        plain name (a lock among them), with at most 64 candidates in all,
+        each named once; ValueError before sending otherwise. The grant
+        (a PoolGrant) tells which candidates each requirement got, each an
+        ordinary exclusive hold with its own fencing token; its ``release()``
+        (or the end of its ``with`` block) releases them, then the pool
+        queues' permits. A requirement with more matching candidates than it
+        needs waits in the pool's FIFO queue (a counting semaphore of the
+        server's, whose permits the grant holds too); then the server takes
+        free candidates in byte order, so pool requests and ``acquire_all``
+        never deadlock each other. ``wait`` and ``timeout`` are
+        ``acquire_all``'s: None waits forever, 0 tries once (LockBusy), else
+        at most that many seconds (AcquireTimedOut). No lease. A caller that
+        stops waiting has the request cancelled, and a grant that comes
+        anyway released. OverCapacityError if a requirement's filter leaves
+        fewer candidates than it needs; AlreadyHeldError if the session
+        holds or waits for one of the candidates."""
+        op = c.acquire_pool_op(requirements, wait=wait, notify_queued=False)
+        return Call(op, c.acquire_timeout(wait, timeout, self.request_timeout), self._pool)
+
+    lock_pool = entering(
+        acquire_pool,
+        """``with client.lock_pool(requirements) as grant:`` (``async with`` on
+        an AsyncClient) takes them as ``acquire_pool`` does and releases
+        every resource, then the queues' permits, at the end of the
+        block.""",
+    )
+
+    @method
+    def try_acquire_pool(
+        self, requirements: Iterable[p.RequirementSpec], *, timeout: float | None = None
+    ) -> Call[G | None]:
+        """One attempt at every requirement: the PoolGrant, or None when one
+        of them cannot be met now (what the server took it gave back
+        first)."""
+        op = c.try_acquire_pool_op(requirements)
+        return Call(op, c.acquire_timeout(0, timeout, self.request_timeout), self._pool_if_granted)
+
+    def _pool_if_granted(self, state: c.PoolGrantState | None) -> G | None:
+        return None if state is None else self._pool(state)
+
+    @method
+    def start_acquire_pool(
+        self, requirements: Iterable[p.RequirementSpec], *, wait: float | None = None
+    ) -> Call[PP]:
+        """Sends an ACQUIRE_POOL (asking to be told when it first queues) and
+        returns once it is sent; wait for it or cancel it with the returned
+        PendingAcquirePool (whose ``wait`` returns the PoolGrant)."""
+        op = c.acquire_pool_op(requirements, wait=wait, notify_queued=True)
+        return Call(op, c.acquire_timeout(wait, None, self.request_timeout), self._pending_pool, detached=True)
+
     # -- Releases and leases.
 
     @method
@@ -696,7 +775,7 @@ class SemaphoreBase(Generic[H, PA]):
     lock's (fencing token, lease, ``release``, ``extend``, LockLost), with
     its ``weight``; a session holds or waits for a name at most once."""
 
-    def __init__(self, client: ClientBase[H, PA, Any, Any], name: BytesLike, capacity: int) -> None:
+    def __init__(self, client: ClientBase[H, PA, Any, Any, Any, Any], name: BytesLike, capacity: int) -> None:
         self._client = client
         self.name: Final = p.lock_name(name)
         self.capacity = p.semaphore_capacity(capacity)
@@ -860,7 +939,7 @@ class HeldBase(_OfClient[C]):
 
 
 class PendingBase(_OfClient[C], Generic[C, W]):
-    """An ACQUIRE (or ACQUIRE_PERMITS, ACQUIRE_ALL) sent by a
+    """An ACQUIRE (or ACQUIRE_PERMITS, ACQUIRE_ALL, ACQUIRE_POOL) sent by a
     ``start_acquire``, not answered yet."""
 
     def __init__(self, client: C, started: Started[W]) -> None:
@@ -887,6 +966,66 @@ class PendingBase(_OfClient[C], Generic[C, W]):
 
     def _late(self, timeout: float | None) -> LivelockTimeout:
         return LivelockTimeout(f"acquire {self.request_id} not answered within {timeout} s")
+
+
+class _Holding(Protocol[HB_co]):
+    """What a pool grant needs of its client: its holds made."""
+
+    def _held(self, state: c.HoldState) -> HB_co: ...
+
+
+class PoolGrantBase(Generic[HB]):
+    """A granted ACQUIRE_POOL: per requirement (in the order given; ``len``,
+    indexing and iteration go by requirement) the holds of the candidates
+    it took, in candidate order, each an exclusive hold with its own
+    fencing token; ``indices(r)``: which of requirement ``r``'s candidates
+    they are; ``permits``: per requirement the hold of its pool queue's
+    permits (a semaphore's, ``weight`` = its need), None if it had no
+    queue. ``release()`` and the end of a ``with`` block release the
+    resources, then the permits."""
+
+    def __init__(self, client: _Holding[HB], state: c.PoolGrantState) -> None:
+        self.resources: Final = [[client._held(hold) for hold in part] for part in state.resources]
+        self.permits: Final = [None if hold is None else client._held(hold) for hold in state.permits]
+        self._indices = state.indices
+
+    def __len__(self) -> int:
+        return len(self.resources)
+
+    def __getitem__(self, requirement: int) -> builtins.list[HB]:
+        """The holds requirement ``requirement`` got."""
+        return self.resources[requirement]
+
+    def __iter__(self) -> Iterator[builtins.list[HB]]:
+        return iter(self.resources)
+
+    def names(self, requirement: int) -> builtins.list[bytes]:
+        """The names of the candidates requirement ``requirement`` got."""
+        return [held.name for held in self.resources[requirement]]
+
+    def tokens(self, requirement: int) -> builtins.list[int]:
+        """Their fencing tokens."""
+        return [held.token for held in self.resources[requirement]]
+
+    def indices(self, requirement: int) -> builtins.list[int]:
+        """Their indices among the requirement's candidates, as given."""
+        return builtins.list(self._indices[requirement])
+
+    @property
+    def holds(self) -> builtins.list[HB]:
+        """Every hold, in the order they are released: the resources
+        (requirement by requirement), then the pool queues' permits."""
+        resources = [held for part in self.resources for held in part]
+        return resources + [held for held in self.permits if held is not None]
+
+    @property
+    def active(self) -> bool:
+        """Whether any of its holds is still held (neither released nor lost)."""
+        return any(held.active for held in self.holds)
+
+    def __repr__(self) -> str:
+        parts = ", ".join("[" + ", ".join(repr(name) for name in self.names(r)) + "]" for r in range(len(self)))
+        return f"<{type(self).__name__} {parts}{'' if self.active else ' released'}>"
 
 
 # ---- Connections ------------------------------------------------------------

@@ -6,11 +6,11 @@ publish. It owns the request ids (a session's, not a connection's), the
 table of requests in flight with their waiters, the session's holds (so a
 LOCK_LOST or a RESUME listing marks the right ``Held`` lost), the RESUME
 reconciliation, and what happens to a request whose caller gave up: a
-waiting ACQUIRE (or ACQUIRE_PERMITS, ACQUIRE_ALL) is cancelled and a grant
-that comes anyway is released by its fencing token, so no hold is ever left
-behind unknown. It also defines
-the requests (``Op``: the frame to send and what its reply means) and the
-events. The public methods built on them are ``livelock_client.api``'s.
+waiting ACQUIRE (or ACQUIRE_PERMITS, ACQUIRE_ALL, ACQUIRE_POOL) is cancelled
+and a grant that comes anyway is released by its fencing token, so no hold
+is ever left behind unknown. It also defines the requests (``Op``: the
+frame to send and what its reply means) and the events. The public methods
+built on them are ``livelock_client.api``'s.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ FIRST_REQUEST_ID = 1
 
 #: The requests that take a hold, and may wait for it (cancelled when their
 #: caller gives up, their late grants released).
-ACQUIRES = frozenset({Opcode.ACQUIRE, Opcode.ACQUIRE_PERMITS, Opcode.ACQUIRE_ALL})
+ACQUIRES = frozenset({Opcode.ACQUIRE, Opcode.ACQUIRE_PERMITS, Opcode.ACQUIRE_ALL, Opcode.ACQUIRE_POOL})
 
 
 # ---- Events ---------------------------------------------------------------
@@ -136,7 +136,8 @@ class EventHub:
 class Op(Generic[T]):
     """One request: its frame (less the request id) and what turns its final
     reply into a result (raising the status's exception). ``name``: the
-    name it is about; ``names``: an ACQUIRE_ALL's."""
+    name it is about; ``names``: an ACQUIRE_ALL's, or every name an
+    ACQUIRE_POOL may take (its candidates and its pool queues)."""
 
     opcode: Opcode
     body: bytes
@@ -245,11 +246,73 @@ def try_acquire_all_op(names: Iterable[p.LockSpec], *, shared: bool) -> Op[list[
     return _trying(acquire_all_op(names, wait=0, shared=shared, notify_queued=False))
 
 
+@dataclass(frozen=True)
+class PoolGrantState:
+    """A granted ACQUIRE_POOL: per requirement (in the request's order) the
+    holds of the candidates it took (as the server lists them), their
+    indices among its candidates, and the hold of its pool queue's permits
+    (None if it had no queue)."""
+
+    resources: tuple[tuple[HoldState, ...], ...]
+    indices: tuple[tuple[int, ...], ...]
+    permits: tuple[HoldState | None, ...]
+
+    @property
+    def holds(self) -> list[HoldState]:
+        """Every hold: the resources (requirement by requirement), then the
+        queues' permits, the order they are released in."""
+        resources = [hold for part in self.resources for hold in part]
+        return resources + [hold for hold in self.permits if hold is not None]
+
+
+def _granted_pool(requirements: tuple[p.Requirement, ...]) -> Callable[[Frame], PoolGrantState]:
+    def finish(frame: Frame) -> PoolGrantState:
+        p.raise_for(frame)
+        parts = p.parse_pool_grant(frame.body, requirements)
+        resources = tuple(
+            tuple(HoldState(requirement.candidates[index][0], token, Mode.EXCLUSIVE) for index, token in part.taken)
+            for requirement, part in zip(requirements, parts)
+        )
+        indices = tuple(tuple(index for index, _ in part.taken) for part in parts)
+        permits = tuple(
+            HoldState(part.queue, part.permits_token, Mode.PERMITS, weight=requirement.need)
+            if part.permits_token
+            else None
+            for requirement, part in zip(requirements, parts)
+        )
+        return PoolGrantState(resources, indices, permits)
+
+    return finish
+
+
+def acquire_pool_op(
+    requirements: Iterable[p.RequirementSpec], *, wait: float | None, notify_queued: bool
+) -> Op[PoolGrantState]:
+    """ACQUIRE_POOL: for every requirement (a Requirement, or a plain name),
+    ``need`` of its candidates that match its filter, all at once or none.
+    ``names``: every candidate, then the pool queues the server will use
+    (a reply lost with its connection is then released on RESUME)."""
+    reqs = p.pool_requirements(requirements)
+    body = p.acquire_pool_body(reqs, p.wait_ms(wait), notify_queued)
+    queues = tuple(queue for queue in (r.queue() for r in reqs) if queue is not None)
+    names = tuple(name for r in reqs for name in r.names) + queues
+    return Op(Opcode.ACQUIRE_POOL, body, _granted_pool(reqs), names=names)
+
+
+def try_acquire_pool_op(requirements: Iterable[p.RequirementSpec]) -> Op[PoolGrantState | None]:
+    """An ACQUIRE_POOL that tries once: None when a requirement cannot be
+    met now (what it took of the others is given back first)."""
+    return _trying(acquire_pool_op(requirements, wait=0, notify_queued=False))
+
+
 def taken(value: object) -> list[HoldState]:
     """The holds an acquire's result carries: one, an ACQUIRE_ALL's list,
-    or none (a try that found the lock taken, or another request's)."""
+    an ACQUIRE_POOL's (resources, then permits), or none (a try that found
+    the lock taken, or another request's)."""
     if isinstance(value, HoldState):
         return [value]
+    if isinstance(value, PoolGrantState):
+        return value.holds
     if isinstance(value, list):
         return [hold for hold in value if isinstance(hold, HoldState)]
     return []

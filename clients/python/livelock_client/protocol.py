@@ -38,6 +38,12 @@ LIST_LIMIT_MAX = 10_000
 ORDER_NAMES_MAX = 256
 #: ACQUIRE_ALL: at most this many names in one request.
 MULTI_NAMES_MAX = 32
+#: ACQUIRE_POOL: at most this many requirements in one request,
+POOL_REQUIREMENTS_MAX = 16
+#: at most this many candidates in all (their names distinct),
+POOL_CANDIDATES_MAX = 64
+#: and at most this many bytes of a candidate's tags or a filter.
+TAGS_LEN_MAX = 255
 U32_MAX = 0xFFFFFFFF
 U64_MAX = 0xFFFFFFFFFFFFFFFF
 
@@ -47,8 +53,9 @@ FLAG_PUSH = 0x0002
 FLAG_INTERIM = 0x0004
 FLAG_HOLD_TOKEN = 0x0008
 
-# ACQUIRE/ACQUIRE_PERMITS/ACQUIRE_ALL acq_flags bit: an INTERIM Queued reply
-# when the acquire has to wait (ACQUIRE_ALL: once, when it first waits).
+# ACQUIRE/ACQUIRE_PERMITS/ACQUIRE_ALL/ACQUIRE_POOL acq_flags bit: an INTERIM
+# Queued reply when the acquire has to wait (ACQUIRE_ALL, ACQUIRE_POOL: once,
+# when it first waits).
 ACQ_NOTIFY_QUEUED = 0x01
 
 # SET_ORDER kinds.
@@ -88,6 +95,7 @@ class Opcode(enum.IntEnum):
     SET_CAPACITY = 0x12
     SET_ORDER = 0x13
     ACQUIRE_ALL = 0x15
+    ACQUIRE_POOL = 0x16
     LOCK_LOST = 0x40
     SHUTDOWN = 0x41
     SESSION_TAKEN = 0x42
@@ -152,7 +160,10 @@ _DESCRIPTIONS = {
     Status.WRONG_TOKEN: "the session holds the lock under another fencing token",
     Status.WRONG_KIND: "the name is in use as the other kind (a lock, or a semaphore)",
     Status.CAPACITY_CONFLICT: "the semaphore is in use with another capacity",
-    Status.OVER_CAPACITY: "the semaphore's capacity was lowered below this acquire's weight",
+    Status.OVER_CAPACITY: (
+        "the semaphore's capacity was lowered below this acquire's weight,"
+        " or a pool requirement's filter leaves fewer candidates than it needs"
+    ),
     Status.ORDER_VIOLATION: "the name ranks before one this session holds or waits for, in its declared order",
     Status.DEADLOCK: "the wait closed a cycle of waits and was failed to break it",
     Status.BAD_VERSION: "unsupported protocol version",
@@ -190,6 +201,23 @@ LockMode = Union[Literal["exclusive", "shared"], Mode]
 #: One name of ``acquire_all``: a name (taken exclusive, or shared with
 #: ``shared=True``), or a ``(name, mode)`` pair.
 LockSpec = Union[BytesLike, tuple[BytesLike, LockMode]]
+
+#: The tags of a pool candidate, or a requirement's filter: text of
+#: ``key=value`` pairs joined by "," (``"model=T1000,site=lab2"``; empty:
+#: none, or for a filter every candidate), or a mapping of keys to values
+#: (``{"model": "T1000"}``). A key is not empty and has neither "=" nor ",",
+#: a value has no ","; at most 255 bytes in all.
+Tags = Union[BytesLike, Mapping[str, str]]
+
+#: The candidates of a ``Requirement``: names (untagged), ``(name, tags)``
+#: pairs, or a mapping of names to their tags.
+#: (Mapping's keys are invariant: each key type is spelled out.)
+Candidates = Union[
+    Mapping[str, Tags],
+    Mapping[bytes, Tags],
+    Mapping[Union[str, bytes], Tags],
+    Iterable[Union[BytesLike, tuple[BytesLike, Tags]]],
+]
 
 
 class SignalOp(enum.IntEnum):
@@ -231,8 +259,8 @@ class ServerError(LivelockError):
 
 
 class NotAcquired(ServerError):
-    """An ACQUIRE (or ACQUIRE_PERMITS, ACQUIRE_ALL) was not granted: Busy,
-    TimedOut, Cancelled, OverCapacity or Deadlock."""
+    """An ACQUIRE (or ACQUIRE_PERMITS, ACQUIRE_ALL, ACQUIRE_POOL) was not
+    granted: Busy, TimedOut, Cancelled, OverCapacity or Deadlock."""
 
 
 class LockBusy(NotAcquired):
@@ -244,13 +272,16 @@ class AcquireTimedOut(NotAcquired):
 
 
 class AcquireCancelled(NotAcquired):
-    """Status CANCELLED: withdrawn by CANCEL (or by BYE); for ACQUIRE_ALL
-    also when an operator force-released a name it had already taken."""
+    """Status CANCELLED: withdrawn by CANCEL (or by BYE); for ACQUIRE_ALL and
+    ACQUIRE_POOL also when an operator force-released a name it had already
+    taken."""
 
 
 class OverCapacityError(NotAcquired):
     """Status OVER_CAPACITY: a semaphore's capacity was lowered (SET_CAPACITY)
-    below the weight of this acquire while it waited."""
+    below the weight of this acquire while it waited; or, for ACQUIRE_POOL, a
+    requirement's filter leaves fewer candidates than it needs (``message``
+    says which requirement), so it can never be granted."""
 
 
 class DeadlockError(NotAcquired):
@@ -555,6 +586,171 @@ def acquire_all_body(names: tuple[tuple[bytes, Mode], ...], wait: int, notify_qu
     return body
 
 
+def tags_text(tags: Tags, what: str = "tags") -> bytes:
+    """Tags or a filter as sent: ``key=value`` pairs joined by ","; ValueError
+    for text the server would refuse (an empty key, a pair without "=", an
+    empty pair, more than 255 bytes), TypeError for what is not text nor a
+    mapping."""
+    if isinstance(tags, Mapping):
+        pairs = []
+        for key, value in tags.items():
+            k, v = to_bytes(key, f"a {what} key"), to_bytes(value, f"a {what} value")
+            if not k or b"=" in k or b"," in k:
+                raise ValueError(f'a {what} key is not empty and has neither "=" nor ",", got {k!r}')
+            if b"," in v:
+                raise ValueError(f'a {what} value has no ",", got {v!r}')
+            pairs.append(k + b"=" + v)
+        text = b",".join(pairs)
+    else:
+        text = to_bytes(tags, what)
+    if len(text) > TAGS_LEN_MAX:
+        raise ValueError(f"{what} must be at most {TAGS_LEN_MAX} bytes, got {len(text)}")
+    for pair in text.split(b",") if text else ():
+        pair_key, eq, _ = pair.partition(b"=")
+        if not pair_key or not eq:
+            raise ValueError(f'{what} are key=value pairs (the key not empty) joined by ",", got {text!r}')
+    return text
+
+
+def tag_pairs(text: bytes) -> set[bytes]:
+    """The ``key=value`` pairs of tags or a filter (as sent)."""
+    return {pair for pair in text.split(b",") if pair}
+
+
+def tags_match(tags: bytes, filter: bytes) -> bool:
+    """Whether a candidate's ``tags`` have every pair of ``filter`` (the
+    empty filter matches every candidate): the server's rule."""
+    return tag_pairs(filter) <= tag_pairs(tags)
+
+
+def _candidate(candidate: BytesLike | tuple[BytesLike, Tags]) -> tuple[bytes, bytes]:
+    if isinstance(candidate, tuple):
+        if len(candidate) != 2:
+            raise ValueError(f"a tagged candidate is a (name, tags) pair, not {candidate!r}")
+        name, tags = candidate
+        return lock_name(name), tags_text(tags)
+    return lock_name(candidate), b""
+
+
+@dataclass(frozen=True, init=False)
+class Requirement:
+    """One requirement of an ACQUIRE_POOL (``acquire_pool``): ``need`` (K) of
+    the ``candidates`` (N) whose tags have every ``key=value`` pair of
+    ``filter``. ``candidates``: names (untagged), ``(name, tags)`` pairs, or
+    a mapping of names to tags, e.g. ``Requirement(2, {"gpu1":
+    "model=T1", "gpu2": "model=T2"}, filter="model=T1")``; tags and filter
+    are text (``"model=T1,site=lab2"``) or a mapping (``{"model": "T1"}``).
+    Checked when made: ValueError (TypeError for a single name instead of
+    candidates) for what the server would refuse: ``need`` not 1 to the
+    number of candidates, a candidate twice, a bad name, bad tags. Kept as
+    sent: ``candidates`` are (name, tags) pairs of bytes, ``filter`` bytes."""
+
+    need: int
+    candidates: tuple[tuple[bytes, bytes], ...]
+    filter: bytes
+
+    def __init__(self, need: int, candidates: Candidates, *, filter: Tags = b"") -> None:
+        if isinstance(candidates, (str, bytes, bytearray, memoryview)):
+            raise TypeError("a requirement takes a list of candidates (or a mapping of names to tags), not one name")
+        if isinstance(candidates, Mapping):
+            items = tuple((lock_name(name), tags_text(tags)) for name, tags in candidates.items())
+        else:
+            items = tuple(_candidate(candidate) for candidate in candidates)
+        if not 1 <= len(items) <= POOL_CANDIDATES_MAX:
+            raise ValueError(f"a requirement has 1 to {POOL_CANDIDATES_MAX} candidates, got {len(items)}")
+        seen: set[bytes] = set()
+        for name, _ in items:
+            if name in seen:
+                raise ValueError(f"a requirement names the candidate {name!r} twice")
+            seen.add(name)
+        if isinstance(need, bool) or not isinstance(need, int):
+            raise TypeError(f"need must be an int, not {type(need).__name__}")
+        if not 1 <= need <= len(items):
+            raise ValueError(f"need must be 1 to the {len(items)} candidates, got {need}")
+        object.__setattr__(self, "need", need)
+        object.__setattr__(self, "candidates", items)
+        object.__setattr__(self, "filter", tags_text(filter, "filter"))
+
+    @classmethod
+    def name(cls, name: BytesLike) -> Requirement:
+        """A plain lock among the requirements: 1 of the one candidate ``name``."""
+        return cls(1, [name])
+
+    @property
+    def names(self) -> tuple[bytes, ...]:
+        """The candidates' names, in the order sent."""
+        return tuple(name for name, _ in self.candidates)
+
+    def matching(self) -> tuple[int, ...]:
+        """The indices of the candidates the filter admits."""
+        return tuple(i for i, (_, tags) in enumerate(self.candidates) if tags_match(tags, self.filter))
+
+    def queue(self) -> bytes | None:
+        """The name of this requirement's pool queue, as the server names it
+        (a counting semaphore of the matching candidates, of which a grant
+        holds ``need`` permits); None when the filter leaves no more
+        candidates than it needs (no queue)."""
+        matching = self.matching()
+        if len(matching) <= self.need:
+            return None
+        return pool_queue_name(self.candidates[i][0] for i in matching)
+
+
+def pool_queue_name(names: Iterable[bytes]) -> bytes:
+    """The server's name of the pool queue of candidates ``names`` (any
+    order): ``pool:`` and 16 hex digits of the FNV-1a 64 hash of the sorted
+    names, each after its length (u16 LE)."""
+    digest = 0xCBF29CE484222325
+    for name in sorted(names):
+        for byte in struct.pack("<H", len(name)) + name:
+            digest = ((digest ^ byte) * 0x100000001B3) & U64_MAX
+    return f"pool:{digest:016x}".encode()
+
+
+#: One requirement of ``acquire_pool``: a ``Requirement``, or a plain name
+#: (``Requirement.name(name)``: a lock among the requirements).
+RequirementSpec = Union[Requirement, BytesLike]
+
+
+def pool_requirements(requirements: Iterable[RequirementSpec]) -> tuple[Requirement, ...]:
+    """The requirements of an ACQUIRE_POOL, in the given order; TypeError for
+    one requirement (or name) instead of a list; the count, distinctness and
+    size are checked by ``acquire_pool_body``."""
+    if isinstance(requirements, (Requirement, str, bytes, bytearray, memoryview)):
+        raise TypeError("acquire_pool takes a list of requirements, not one")
+    return tuple(r if isinstance(r, Requirement) else Requirement.name(r) for r in requirements)
+
+
+def acquire_pool_body(requirements: tuple[Requirement, ...], wait: int, notify_queued: bool) -> bytes:
+    """ACQUIRE_POOL: acq_flags, reserved, count, wait_ms, then per
+    requirement need, its number of candidates, filter_len and filter, and
+    per candidate name_len, tags_len, name and tags; ValueError for what the
+    server would refuse: not 1 to 16 requirements, more than 64 candidates
+    in all, a candidate name twice (in any requirements), more than one
+    request's 4096 bytes."""
+    if not 1 <= len(requirements) <= POOL_REQUIREMENTS_MAX:
+        raise ValueError(f"acquire_pool takes 1 to {POOL_REQUIREMENTS_MAX} requirements, got {len(requirements)}")
+    seen: set[bytes] = set()
+    parts = []
+    for requirement in requirements:
+        if not isinstance(requirement, Requirement):
+            raise TypeError(f"a requirement is a Requirement, not {type(requirement).__name__}")
+        parts.append(struct.pack("<HHH", requirement.need, len(requirement.candidates), len(requirement.filter)))
+        parts.append(requirement.filter)
+        for name, tags in requirement.candidates:
+            if name in seen:
+                raise ValueError(f"acquire_pool names the candidate {name!r} twice")
+            seen.add(name)
+            parts.append(struct.pack("<HH", len(name), len(tags)) + name + tags)
+    if len(seen) > POOL_CANDIDATES_MAX:
+        raise ValueError(f"acquire_pool takes at most {POOL_CANDIDATES_MAX} candidates in all, got {len(seen)}")
+    acq_flags = ACQ_NOTIFY_QUEUED if notify_queued else 0
+    body = struct.pack("<BBHI", acq_flags, 0, len(requirements), _u32(wait, "wait_ms")) + b"".join(parts)
+    if len(body) > FRAME_BODY_MAX:
+        raise ValueError(f"the requirements take {len(body)} bytes; a request holds at most {FRAME_BODY_MAX}")
+    return body
+
+
 def set_capacity_body(capacity: int, name: bytes) -> bytes:
     return struct.pack("<I", semaphore_capacity(capacity)) + name
 
@@ -798,6 +994,40 @@ def parse_tokens(body: bytes, count: int) -> tuple[int, ...]:
     if len(body) != 8 * count:
         raise ProtocolError(f"ACQUIRE_ALL grant of {len(body)} bytes for {count} names")
     return struct.unpack(f"<{count}Q", body)
+
+
+@dataclass(frozen=True)
+class PoolPart:
+    """One requirement's part of a granted ACQUIRE_POOL: the permits of its
+    pool queue (``permits_token`` 0 and ``queue`` empty: it had none) and
+    what it took: (candidate index, fencing token) pairs, ``need`` of them."""
+
+    permits_token: int
+    queue: bytes
+    taken: tuple[tuple[int, int], ...]
+
+
+def parse_pool_grant(body: bytes, requirements: tuple[Requirement, ...]) -> tuple[PoolPart, ...]:
+    """A granted ACQUIRE_POOL: per requirement, in the request's order, the
+    queue's permits token (u64) and name (u16 length, bytes), then exactly
+    ``need`` (candidate index u16, token u64). An index out of range or
+    twice, a queue name without a token (or the reverse), a body of another
+    length is a ProtocolError."""
+    r = _Reader(body, "ACQUIRE_POOL grant")
+    parts = []
+    for requirement in requirements:
+        permits_token = r.u64()
+        queue_len = r.u16()
+        queue = _name(r, queue_len) if queue_len else b""
+        if (permits_token == 0) != (queue_len == 0):
+            raise ProtocolError("ACQUIRE_POOL grant with a pool queue's name but no token, or the reverse")
+        taken = tuple((index, token) for index, token in (r.unpack("HQ") for _ in range(requirement.need)))
+        indices = {index for index, _ in taken}
+        if len(indices) != len(taken) or any(index >= len(requirement.candidates) for index in indices):
+            raise ProtocolError(f"ACQUIRE_POOL grant of candidates {[i for i, _ in taken]} out of range or twice")
+        parts.append(PoolPart(permits_token, queue, taken))
+    r.end()
+    return tuple(parts)
 
 
 def parse_flag(body: bytes) -> bool:

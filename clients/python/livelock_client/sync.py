@@ -202,7 +202,10 @@ def _dial(dial: api.Dial, first: bytes) -> _Stream:
     raise dial.failure()
 
 
-class Client(api.ClientBase["Held", "PendingAcquire", "PendingAcquireAll", "Semaphore"], api.Blocking):
+class Client(
+    api.ClientBase["Held", "PendingAcquire", "PendingAcquireAll", "Semaphore", "PoolGrant", "PendingAcquirePool"],
+    api.Blocking,
+):
     """A session with a livelock server, over one connection at a time.
 
     Open one with ``Client.connect()`` or ``Client.resume()``. Every method
@@ -214,7 +217,15 @@ class Client(api.ClientBase["Held", "PendingAcquire", "PendingAcquireAll", "Sema
 
     def __init__(self, opening: api.Opening) -> None:
         super().__init__(
-            opening, Held, PendingAcquire, PendingAcquireAll, Semaphore, threading.Lock(), threading.Event()
+            opening,
+            Held,
+            PendingAcquire,
+            PendingAcquireAll,
+            Semaphore,
+            PoolGrant,
+            PendingAcquirePool,
+            threading.Lock(),
+            threading.Event(),
         )
         self._sock: _Stream | None = None
         self._reader: threading.Thread | None = None
@@ -333,9 +344,11 @@ class Client(api.ClientBase["Held", "PendingAcquire", "PendingAcquireAll", "Sema
         return call.result(waiter.result())
 
     @contextlib.contextmanager
-    def _enter(self, call: api.Call[Held | builtins.list[Held]]) -> Iterator[Held | builtins.list[Held]]:
-        """The block around a hold, or a list of holds (each released at its
-        end, the last first)."""
+    def _enter(
+        self, call: api.Call[Held | builtins.list[Held] | PoolGrant]
+    ) -> Iterator[Held | builtins.list[Held] | PoolGrant]:
+        """The block around a hold, a list of holds (each released at its
+        end, the last first), or a pool grant."""
         taken = self._run(call)
         with contextlib.ExitStack() as stack:
             for held in taken if isinstance(taken, builtins.list) else [taken]:
@@ -472,6 +485,56 @@ class PendingAcquireAll(_Pending[builtins.list[HoldState]]):
         ``acquire_all`` waits) LivelockTimeout, and the request stays
         pending (``cancel`` it)."""
         return self._client._held_all(self._result(timeout))
+
+
+class PendingAcquirePool(_Pending[c.PoolGrantState]):
+    """An ACQUIRE_POOL sent by ``start_acquire_pool``, not answered yet."""
+
+    def wait(self, timeout: float | None = None) -> PoolGrant:
+        """The PoolGrant once every requirement is granted; the request's
+        error (LockBusy, AcquireTimedOut, AcquireCancelled, ...) otherwise.
+        Past ``timeout`` (None: as ``acquire_pool`` waits) LivelockTimeout,
+        and the request stays pending (``cancel`` it)."""
+        return self._client._pool(self._result(timeout))
+
+
+class PoolGrant(api.PoolGrantBase[Held]):
+    """A granted ACQUIRE_POOL (``client.acquire_pool``): ``grant[r]`` the
+    holds requirement ``r`` got, ``grant.names(r)`` their names. Used as a
+    context manager, it releases every hold at the end of the block."""
+
+    def release(self, *, timeout: float | None = None) -> None:
+        """Releases every hold still held: the resources, then the pool
+        queues' permits; the first error, if any, raised once all were
+        tried."""
+        first: LivelockError | None = None
+        for held in self.holds:
+            if not held.active:
+                continue
+            try:
+                held.release(timeout=timeout)
+            except LivelockError as error:
+                first = first or error
+        if first is not None:
+            raise first
+
+    def __enter__(self) -> PoolGrant:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Releases as each ``Held``'s block does (the resources, then the
+        permits): an error is raised once all were tried, and never over the
+        block's own."""
+        first: LivelockError | None = None
+        for held in self.holds:
+            try:
+                held.__exit__(exc_type, exc, tb)
+            except LivelockError as error:
+                first = first or error
+        if first is not None:
+            raise first
 
 
 class Semaphore(api.SemaphoreBase[Held, PendingAcquire], api.Blocking):

@@ -321,6 +321,7 @@ WAITING_CALLS: list[tuple[str, tuple[object, ...]]] = [
     ("force_release", ("lock",)),
     ("kill_session", (99,)),
     ("set_order", ("ascending",)),
+    ("try_acquire_pool", ([p.Requirement(1, ["lock-p", "lock-q"]), "lock-r"],)),
 ]
 #: Calls of a semaphore (of capacity 2) that wait for the server, likewise.
 WAITING_SEMAPHORE_CALLS: list[tuple[str, tuple[object, ...]]] = [

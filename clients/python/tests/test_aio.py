@@ -1,8 +1,8 @@
 """The asyncio client against a real server: the core cases of test_sync.py
 (grants, try/timeout, FIFO hand-over and cancel, leases, signals, queries,
 resume, passwords, bad input, server errors), counting semaphores, ordered
-locking and deadlock detection, several locks at once (ACQUIRE_ALL), task
-cancellation, and the request timeout of every call on a server that never
+locking and deadlock detection, several locks at once (ACQUIRE_ALL), resource
+pools (ACQUIRE_POOL), task cancellation, and the request timeout of every call on a server that never
 answers. Each test runs its own event
 loop with asyncio.run."""
 
@@ -339,6 +339,122 @@ def test_bad_acquire_all_names_are_refused_before_sending(server: Server, name: 
     run(test)
 
 
+def test_acquire_pool_grants_k_of_n_and_filters(server: Server, name: str) -> None:
+    async def test() -> None:
+        candidates = [f"{name}/{x}" for x in "abcd"]
+        pool = ll.Requirement(2, candidates)
+        async with await connect(server) as client, await connect(server) as other, await connect(server) as third:
+            grant = await client.acquire_pool([pool, f"{name}/x"], wait=WAIT_MAX)
+            assert isinstance(grant, ll.AsyncPoolGrant) and len(grant) == 2
+            mine = grant.names(0)
+            assert len(set(mine)) == 2 and grant.names(1) == [f"{name}/x".encode()]
+            for hold in grant[0]:
+                assert await holders(other, hold.name) == [(client.session_id, hold.token)]
+            queue = grant.permits[0]
+            assert queue is not None and queue.name == pool.queue() and queue.weight == 2
+            assert grant.permits[1] is None
+            theirs = await other.try_acquire_pool([pool])
+            assert theirs is not None and sorted(mine + theirs.names(0)) == sorted(n.encode() for n in candidates)
+            assert await third.try_acquire_pool([pool]) is None
+            await grant.release()
+            assert not grant.active and [await client.inspect(n) for n in mine] == [None, None]
+            async with third.lock_pool([pool], wait=WAIT_MAX) as again:
+                assert sorted(again.names(0)) == sorted(mine)
+            assert not again.active and await client.inspect(queue.name) is not None  # other's permits
+            await theirs.release()
+            assert await client.inspect(queue.name) is None
+            # A filter picks only matching candidates; one too narrow is OverCapacity.
+            gpus = {f"{name}/gpu{i}": f"model=T{i % 2}" for i in range(4)}
+            async with client.lock_pool([ll.Requirement(2, gpus, filter="model=T1")]) as ones:
+                assert ones.names(0) == [f"{name}/gpu1".encode(), f"{name}/gpu3".encode()]
+            with pytest.raises(ll.OverCapacityError, match="requirement 0"):
+                await client.acquire_pool([ll.Requirement(1, gpus, filter="model=T2")], timeout=WAIT_MAX)
+
+    run(test)
+
+
+def test_acquire_pool_try_timeout_and_cancel_give_everything_back(server: Server, name: str) -> None:
+    async def test() -> None:
+        a, b = f"{name}/a", f"{name}/b"
+        pool = ll.Requirement(1, [a, b])
+        queue = pool.queue()
+        assert queue is not None
+        async with await connect(server) as client, await connect(server) as other, await connect(server) as third:
+            blockers = await other.acquire_all([a, b])
+            assert await client.try_acquire_pool([pool]) is None
+            with pytest.raises(ll.LockBusy):
+                await client.acquire_pool([pool], wait=0)
+            with pytest.raises(ll.AcquireTimedOut):
+                await client.acquire_pool([pool], wait=0.2)
+            assert await third.inspect(queue) is None  # its permits given back each time
+            pending = await client.start_acquire_pool([pool])
+            assert await pending.wait_queued(WAIT_MAX)
+            assert [s for s, _ in await holders(third, queue)] == [client.session_id]
+            assert await pending.cancel() is True
+            with pytest.raises(ll.AcquireCancelled):
+                await pending.wait(WAIT_MAX)
+            assert await third.inspect(queue) is None
+            # Granted once b is free.
+            waiting = await client.start_acquire_pool([pool], wait=WAIT_MAX)
+            assert await waiting.wait_queued(WAIT_MAX)
+            await blockers[1].release()
+            grant = await waiting.wait(WAIT_MAX)
+            assert grant.names(0) == [b.encode()] and grant[0][0].token > blockers[1].token
+            await grant.release()
+            await blockers[0].release()
+
+    run(test)
+
+
+def test_cancelling_the_task_cancels_the_acquire_pool(server: Server, name: str) -> None:
+    async def test() -> None:
+        a, b = f"{name}/a", f"{name}/b"
+        pool = ll.Requirement(1, [a, b])
+        queue = pool.queue()
+        assert queue is not None
+        async with await connect(server) as holder, await connect(server) as waiter:
+            async with holder.lock_all([a, b]):
+                task = asyncio.create_task(waiter.acquire_pool([pool]))
+                while await queue_length(holder, b) == 0:  # bounded by run()
+                    await asyncio.sleep(0.01)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                while await queue_length(holder, b) == 1 or await holder.inspect(queue) is not None:
+                    await asyncio.sleep(0.01)
+                # A caller's timeout gives the request up the same way.
+                with pytest.raises(ll.LivelockTimeout):
+                    await waiter.acquire_pool([pool], timeout=0.2)
+                while await queue_length(holder, b) == 1 or await holder.inspect(queue) is not None:
+                    await asyncio.sleep(0.01)
+            got = await waiter.try_acquire_pool([ll.Requirement(2, [a, b])])
+            assert got is not None
+
+    run(test)
+
+
+def test_bad_requirements_are_refused_before_sending(server: Server, name: str) -> None:
+    async def test() -> None:
+        async with await connect(server) as client:
+            bad_lists: list[list[ll.RequirementSpec]] = [[], [name, name], [name, ""]]
+            bad_lists.append([ll.Requirement(1, [name, f"{name}/2"]), f"{name}/2"])
+            bad_lists.append([f"{name}/{i}" for i in range(17)])
+            for requirements in bad_lists:
+                with pytest.raises(ValueError):
+                    await client.acquire_pool(requirements)
+                with pytest.raises(ValueError):
+                    await client.start_acquire_pool(requirements)
+                with pytest.raises(ValueError):
+                    async with client.lock_pool(requirements):
+                        pass
+            with pytest.raises(TypeError):
+                await client.try_acquire_pool(name)
+            assert await client.inspect(name) is None
+            await client.ping()
+
+    run(test)
+
+
 def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) -> None:
     short = 0.1
 
@@ -352,11 +468,14 @@ def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) 
         client = await AsyncClient.connect(silent_server.address, request_timeout=short)
         pending = await client.start_acquire("lock", wait=short)
         pending_all = await client.start_acquire_all(["lock-a", "lock-b"], wait=short)
+        pending_pool = await client.start_acquire_pool([ll.Requirement(1, ["lock-c", "lock-d"])], wait=short)
         calls = [getattr(client, method)(*args) for method, args in WAITING_CALLS]
         semaphore = client.semaphore("semaphore", 2)
         calls += [getattr(semaphore, method)(*args) for method, args in WAITING_SEMAPHORE_CALLS]
         calls += [client.acquire("lock-2", wait=short), pending.cancel(), pending.wait()]
         calls += [pending_all.cancel(), pending_all.wait()]
+        calls += [pending_pool.cancel(), pending_pool.wait()]
+        calls += [client.acquire_pool([ll.Requirement(2, ["lock-5", "lock-6"])], wait=short)]
         calls += [semaphore.acquire(1, wait=short), client.acquire_all(["lock-3", "lock-4"], wait=short)]
         # All at once: each one's wait is its own.
         waited = await asyncio.gather(*(timed(call) for call in calls))

@@ -1,7 +1,9 @@
 """The protocol module without a server: the hex examples of docs/PROTOCOL.md
 (section 11 and INSPECT) encode and decode exactly, semaphore records,
-orders and ACQUIRE_ALL encode and decode as documented, the core cancels an
-ACQUIRE_ALL given up and releases its late grant (every name), the decoder
+orders and ACQUIRE_ALL encode and decode as documented, ACQUIRE_POOL (resource
+pools) encodes and its grant decodes as its wire format says, the core cancels
+an ACQUIRE_ALL or ACQUIRE_POOL given up and releases its late grant (every
+name, a pool's queue permits last), the decoder
 refuses untrustworthy streams, bad arguments are refused before anything is
 sent, and the address syntax reads as the Rust tools read it."""
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
+from typing import Callable
 
 import pytest
 
@@ -292,6 +295,233 @@ def test_an_acquire_all_given_up_is_cancelled_and_its_late_grant_released() -> N
         (p.Opcode.RELEASE, struct.pack("<Q", 6) + b"d"),
     ]
     assert state.holds == {}
+
+
+def test_acquire_pool_encodes_as_the_wire_format_says() -> None:
+    # request_id 9, waiting at most 5 s: 1 of a (tags m=1) and b (none)
+    # matching the filter m=1, and the plain name c.
+    op = core.acquire_pool_op([p.Requirement(1, [("a", "m=1"), "b"], filter="m=1"), "c"], wait=5, notify_queued=False)
+    assert op.frame(9) == hexbytes(
+        "f1 4c | 01 | 16 | 00 00 | 00 00 | 09 00 00 00 | 29 00 00 00"
+        " 00 00 02 00 88 13 00 00"  # acq_flags, reserved, count 2, wait_ms 5000
+        " 01 00 02 00 03 00 6d 3d 31"  # need 1, 2 candidates, filter "m=1"
+        " 01 00 03 00 61 6d 3d 31 | 01 00 00 00 62"  # a (m=1), b
+        " 01 00 01 00 00 00 | 01 00 00 00 63"  # need 1 of c, no filter
+    )
+    assert op.opcode == p.Opcode.ACQUIRE_POOL and int(op.opcode) == 0x16
+    assert op.names == (b"a", b"b", b"c")  # the filter leaves no spare candidate: no pool queue
+    # The same requirements spelled otherwise make the same request.
+    spellings: list[list[p.RequirementSpec]] = [
+        [p.Requirement(1, {"a": {"m": "1"}, "b": ""}, filter={"m": "1"}), p.Requirement.name("c")],
+        [p.Requirement(1, [(b"a", b"m=1"), (b"b", b"")], filter=b"m=1"), p.Requirement(1, [b"c"])],
+        [p.Requirement(1, {b"a": "m=1", b"b": {}}, filter="m=1"), b"c"],
+    ]
+    for requirements in spellings:
+        assert core.acquire_pool_op(iter(requirements), wait=5, notify_queued=False).frame(9) == op.frame(9)
+    # NOTIFY_QUEUED (start_acquire_pool), waiting forever.
+    notified = core.acquire_pool_op(["c"], wait=None, notify_queued=True).frame(3)
+    assert notified[16:] == hexbytes("01 00 01 00 ff ff ff ff | 01 00 01 00 00 00 | 01 00 00 00 63")
+    # A requirement with spare candidates waits in its pool queue, whose
+    # name (the server's) the op knows, to release it if a reply is lost.
+    spare = p.Requirement(1, ["x", "y"])
+    assert spare.queue() == p.pool_queue_name([b"y", b"x"]) and spare.queue() != p.pool_queue_name([b"x"])
+    assert core.acquire_pool_op([spare], wait=0, notify_queued=False).names == (b"x", b"y", spare.queue())
+    # The biggest request that fits: 4096 bytes.
+    names = [f"{i}" + "x" * 1019 for i in range(3)] + ["y" * (4096 - 8 - 6 - 3 * 1024 - 4)]
+    assert len(core.acquire_pool_op([p.Requirement(1, names)], wait=0, notify_queued=False).body) == 4096
+
+
+def test_acquire_pool_encodes_and_decodes_as_documented() -> None:
+    # docs/PROTOCOL.md section 11: request_id 15, 1 of g1 (m=1) and g2 (m=2)
+    # where m=1, a try; granted g1 with token 10, no pool queue.
+    op = core.try_acquire_pool_op([p.Requirement(1, {"g1": "m=1", "g2": "m=2"}, filter="m=1")])
+    assert op.frame(15) == hexbytes(
+        "f1 4c | 01 | 16 | 00 00 | 00 00 | 0f 00 00 00 | 23 00 00 00"
+        " 00 | 00 | 01 00 | 00 00 00 00 | 01 00 | 02 00 | 03 00 6d 3d 31"
+        " 02 00 03 00 67 31 6d 3d 31 | 02 00 03 00 67 32 6d 3d 32"
+    )
+    granted = one_frame(
+        hexbytes(
+            "f1 4c | 01 | 16 | 01 00 | 00 00 | 0f 00 00 00 | 14 00 00 00"
+            " 00 00 00 00 00 00 00 00 | 00 00 | 00 00 | 0a 00 00 00 00 00 00 00"
+        )
+    )
+    grant = op.finish(granted)
+    assert grant is not None and grant.permits == (None,) and grant.indices == ((0,),)
+    assert [(h.name, h.token, h.mode) for h in core.taken(grant)] == [(b"g1", 10, p.Mode.EXCLUSIVE)]
+
+
+def test_a_pool_grant_decodes_per_requirement() -> None:
+    gpus = p.Requirement(2, {"g1": "model=T1", "g2": "model=T2", "g3": "model=T1", "g4": "model=T1"}, filter="model=T1")
+    op = core.acquire_pool_op([gpus, "db"], wait=None, notify_queued=False)
+    # Requirement 0: the permits of its queue (token 5, "pool:q"), then g1
+    # (index 0, token 8) and g4 (index 3, token 9); requirement 1: no
+    # queue, db (index 0, token 10).
+    body = hexbytes(
+        "05 00 00 00 00 00 00 00 | 06 00 | 70 6f 6f 6c 3a 71"
+        " 00 00 | 08 00 00 00 00 00 00 00 | 03 00 | 09 00 00 00 00 00 00 00"
+        " 00 00 00 00 00 00 00 00 | 00 00 | 00 00 | 0a 00 00 00 00 00 00 00"
+    )
+    grant = op.finish(p.Frame(p.Opcode.ACQUIRE_POOL, p.FLAG_REPLY, p.Status.OK, 4, body))
+    assert [[(h.name, h.token, h.mode) for h in part] for part in grant.resources] == [
+        [(b"g1", 8, p.Mode.EXCLUSIVE), (b"g4", 9, p.Mode.EXCLUSIVE)],
+        [(b"db", 10, p.Mode.EXCLUSIVE)],
+    ]
+    assert grant.indices == ((0, 3), (0,))
+    queue = grant.permits[0]
+    assert queue is not None
+    assert (queue.name, queue.token, queue.mode, queue.weight) == (b"pool:q", 5, p.Mode.PERMITS, 2)
+    assert grant.permits[1] is None
+    # Released in this order: the resources, then the permits.
+    assert [h.name for h in core.taken(grant)] == [b"g1", b"g4", b"db", b"pool:q"]
+    bad_bodies = [
+        (body[:-1], "short"),
+        (body + b"\x00", "stray"),
+        (body[:16] + hexbytes("04 00") + body[18:], "out of range"),  # g1's index: 4 of 4 candidates
+        (body[:26] + hexbytes("00 00") + body[28:], "twice"),  # g4's index: g1's
+        (bytes(8) + body[8:], "no token"),  # a queue name, token 0
+        (body[:36] + hexbytes("01 00 00 00 00 00 00 00") + body[44:], "no token"),  # a token, no queue name
+    ]
+    for bad, why in bad_bodies:
+        with pytest.raises(p.ProtocolError, match=why):
+            op.finish(p.Frame(p.Opcode.ACQUIRE_POOL, p.FLAG_REPLY, p.Status.OK, 4, bad))
+    # Not granted: a try answers None for Busy; the others raise.
+    busy = p.Frame(p.Opcode.ACQUIRE_POOL, p.FLAG_REPLY, p.Status.BUSY, 4, b"")
+    assert core.try_acquire_pool_op([gpus]).finish(busy) is None
+    with pytest.raises(p.LockBusy):
+        op.finish(busy)
+    short = b"requirement 0: its filter leaves fewer candidates than it needs"
+    with pytest.raises(p.OverCapacityError, match="requirement 0") as over:
+        core.try_acquire_pool_op([gpus]).finish(
+            p.Frame(p.Opcode.ACQUIRE_POOL, p.FLAG_REPLY, p.Status.OVER_CAPACITY, 4, short)
+        )
+    assert isinstance(over.value, p.NotAcquired) and over.value.message == short.decode()
+
+
+def test_tags_and_filters_match_whole_pairs() -> None:
+    assert p.tags_text({"model": "T1", "site": "lab2"}) == b"model=T1,site=lab2"
+    assert p.tags_text("k=") == b"k=" and p.tags_text("") == b"" and p.tags_text({}) == b""
+    assert p.tags_text("k=a=b") == b"k=a=b"  # a value may hold "="
+    assert p.tags_match(b"model=T1,site=x", b"")
+    assert p.tags_match(b"model=T1,site=x", b"site=x,model=T1")
+    assert not p.tags_match(b"model=T10", b"model=T1")
+    assert not p.tags_match(b"", b"model=T1")
+    assert p.Requirement(1, {"a": "m=1", "b": "m=2", "c": "m=1,x=y"}, filter="m=1").matching() == (0, 2)
+
+
+def _requirement(need: int, candidates: p.Candidates, filter: p.Tags = "") -> Callable[[], object]:
+    return lambda: p.Requirement(need, candidates, filter=filter)
+
+
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (_requirement(0, ["a"]), "need"),
+        (_requirement(3, ["a", "b"]), "need"),
+        (_requirement(1, []), "1 to 64 candidates"),
+        (_requirement(1, [f"n{i}" for i in range(65)]), "1 to 64 candidates"),
+        (_requirement(1, ["a", "a"]), "twice"),
+        (_requirement(1, ["é", "é".encode()]), "twice"),
+        (_requirement(1, ["a", ("a", "k=v")]), "twice"),
+        (_requirement(1, ["a", ""]), "lock name"),
+        (_requirement(1, ["x" * 1025]), "lock name"),
+        (_requirement(1, [("a", "novalue")]), "key=value"),
+        (_requirement(1, [("a", "=v")]), "key=value"),
+        (_requirement(1, [("a", "k=v,")]), "key=value"),
+        (_requirement(1, [("a", "k=v,,j=w")]), "key=value"),
+        (_requirement(1, [("a", "k=" + "v" * 254)]), "255 bytes"),
+        (_requirement(1, {"a": {"k=": "v"}}), "key"),
+        (_requirement(1, {"a": {"": "v"}}), "key"),
+        (_requirement(1, {"a": {"k": "v,w"}}), "value"),
+        (_requirement(1, [("a", "k=v", "x")]), "pair"),  # type: ignore[list-item]
+        (_requirement(1, ["a"], "model"), "key=value"),
+        (_requirement(1, ["a"], {"k,": "v"}), "key"),
+        (lambda: core.acquire_pool_op([], wait=None, notify_queued=False), "1 to 16 requirements"),
+        (lambda: core.acquire_pool_op([f"n{i}" for i in range(17)], wait=None, notify_queued=False), "1 to 16"),
+        (lambda: core.acquire_pool_op(["a", "a"], wait=None, notify_queued=False), "twice"),
+        (lambda: core.acquire_pool_op([p.Requirement(1, ["a", "b"]), "b"], wait=None, notify_queued=False), "twice"),
+        (
+            lambda: core.acquire_pool_op(
+                [p.Requirement(1, [f"{r}/{i}" for i in range(13)]) for r in range(5)], wait=None, notify_queued=False
+            ),
+            "at most 64 candidates",
+        ),
+        (
+            lambda: core.acquire_pool_op([p.Requirement(1, [f"{i}" + "x" * 1023 for i in range(4)])], wait=0,
+                                         notify_queued=False),
+            "at most 4096",
+        ),
+        (lambda: core.acquire_pool_op(["a"], wait=-1, notify_queued=False), "wait"),
+    ],
+)
+def test_bad_requirements_are_refused_before_sending(make: Callable[[], object], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        make()
+
+
+def test_acquire_pool_takes_a_list_of_requirements() -> None:
+    for bad in ["ab", b"ab", p.Requirement.name("a"), [42]]:
+        with pytest.raises(TypeError):
+            core.acquire_pool_op(bad, wait=None, notify_queued=False)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="not one name"):
+        p.Requirement(1, "ab")
+    with pytest.raises(TypeError, match="need"):
+        p.Requirement(True, ["a"])
+    with pytest.raises(TypeError):
+        p.Requirement(1, [42])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        p.Requirement(1, [("a", 42)])  # type: ignore[list-item]
+
+
+def test_an_acquire_pool_given_up_is_cancelled_and_its_late_grant_released() -> None:
+    state = _connected_core()
+    waiter = _Waiter()
+    op = core.acquire_pool_op([p.Requirement(1, ["b", "a"]), "c"], wait=None, notify_queued=False)
+    request_id, _ = state.request(op, waiter)
+    assert _sent(state.abandon(request_id, waiter, keep_result=False) or []) == [
+        (p.Opcode.CANCEL, struct.pack("<I", request_id))
+    ]
+    queue = p.pool_queue_name([b"a", b"b"])
+    body = struct.pack("<QH", 5, len(queue)) + queue + struct.pack("<HQ", 1, 6) + struct.pack("<QHHQ", 0, 0, 0, 7)
+    granted = state.on_frame(p.Frame(p.Opcode.ACQUIRE_POOL, p.FLAG_REPLY | p.FLAG_PUSH, p.Status.OK, request_id, body))
+    # Every resource is released, by its token, then the queue's permits.
+    released = [
+        (p.Opcode.RELEASE, struct.pack("<Q", 6) + b"a"),
+        (p.Opcode.RELEASE, struct.pack("<Q", 7) + b"c"),
+        (p.Opcode.RELEASE, struct.pack("<Q", 5) + queue),
+    ]
+    assert _sent(granted.send) == released
+    assert state.holds == {} and waiter.value is None
+    # A caller that got the grant but stops (Ctrl-C just then) has it released too.
+    late = _Waiter()
+    request_id, _ = state.request(op, late)
+    state.on_frame(p.Frame(p.Opcode.ACQUIRE_POOL, p.FLAG_REPLY, p.Status.OK, request_id, body))
+    assert sorted(state.holds) == sorted([b"a", b"c", queue])
+    assert state.holds[queue].mode == p.Mode.PERMITS and state.holds[queue].weight == 1
+    assert _sent(state.abandon(request_id, late, keep_result=False) or []) == released
+    assert state.holds == {}
+
+
+def test_a_pool_grant_lost_with_its_connection_is_released_on_resume() -> None:
+    # A session with a grace; its ACQUIRE_POOL was answered on a connection
+    # that died before the reply came: RESUME lists it neither in flight nor
+    # answered, and lists its holds, the pool queue's permits among them.
+    session = struct.pack("<Q16sIB3x", 7, bytes(16), 5000, p.VERSION)
+    state = core.Core()
+    state.on_session(p.Frame(p.Opcode.HELLO, p.FLAG_REPLY, p.Status.OK, core.FIRST_REQUEST_ID, session))
+    state.request(core.acquire_pool_op([p.Requirement(1, ["b", "a"]), "c"], wait=None, notify_queued=False), _Waiter())
+    state.on_disconnect("cut")
+    state.on_session(p.Frame(p.Opcode.RESUME, p.FLAG_REPLY, p.Status.OK, core.FIRST_REQUEST_ID, session + bytes(4)))
+    queue = p.pool_queue_name([b"a", b"b"])
+    for token, mode, name in [(6, p.Mode.EXCLUSIVE, b"a"), (7, p.Mode.EXCLUSIVE, b"c"), (5, p.Mode.PERMITS, queue)]:
+        state.on_frame(p.Frame(p.Opcode.HELD, p.FLAG_REPLY, p.Status.OK, 0, struct.pack("<QB", token, mode) + name))
+    listed = state.on_frame(p.Frame(p.Opcode.HELD_END, p.FLAG_REPLY, p.Status.OK, 0, b""))
+    assert listed.listed and state.holds == {}
+    assert _sent(listed.send) == [
+        (p.Opcode.RELEASE, struct.pack("<Q", 6) + b"a"),
+        (p.Opcode.RELEASE, struct.pack("<Q", 7) + b"c"),
+        (p.Opcode.RELEASE, struct.pack("<Q", 5) + queue),
+    ]
 
 
 def test_a_deadlock_reply_carries_the_cycle() -> None:

@@ -5,9 +5,12 @@ bad input and server errors; counting semaphores (FIFO by weight, capacity
 conflicts, kinds, SET_CAPACITY, permits freed by a closed connection),
 ordered locking and deadlock detection; several locks at once
 (ACQUIRE_ALL: tokens in order, try and timeout giving everything back,
-cancel, a part force-released, RESUME, names refused before sending); and,
-on a server that never answers, every call that waits for it ends after the
-request timeout."""
+cancel, a part force-released, RESUME, names refused before sending);
+resource pools (ACQUIRE_POOL: K of N with their tokens and pool queue, tries
+and timeouts, tag filters, OverCapacity for a filter too narrow, everything
+freed with the session, cancel, RESUME, requirements refused before
+sending); and, on a server that never answers, every call that waits for it
+ends after the request timeout."""
 
 from __future__ import annotations
 
@@ -368,6 +371,7 @@ def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) 
     client = Client.connect(silent_server.address, request_timeout=short, connect_timeout=WAIT_MAX)
     pending = client.start_acquire("lock", wait=short)
     pending_all = client.start_acquire_all(["lock-a", "lock-b"], wait=short)
+    pending_pool = client.start_acquire_pool([ll.Requirement(1, ["lock-c", "lock-d"])], wait=short)
     semaphore = client.semaphore("semaphore", 2)
     timed: list[tuple[str, Callable[[], object]]] = [
         *((method, lambda method=method, args=args: getattr(client, method)(*args)) for method, args in WAITING_CALLS),
@@ -382,6 +386,9 @@ def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) 
         ("PendingAcquire.wait", pending.wait),
         ("PendingAcquireAll.cancel", pending_all.cancel),
         ("PendingAcquireAll.wait", pending_all.wait),
+        ("acquire_pool(wait)", lambda: client.acquire_pool([ll.Requirement(2, ["lock", "lock-2"])], wait=short)),
+        ("PendingAcquirePool.cancel", pending_pool.cancel),
+        ("PendingAcquirePool.wait", pending_pool.wait),
         ("bye", client.bye),  # last: it closes the connection
     ]
     assert pending.wait_queued() is False  # not told within the request timeout
@@ -745,4 +752,187 @@ def test_bad_acquire_all_names_are_refused_before_sending(client: Client, name: 
     with pytest.raises(TypeError):
         client.acquire_all(name)  # one name, not a list of them
     assert client.inspect(name) is None  # nothing was sent
+    client.ping()
+
+
+# ---- Resource pools (ACQUIRE_POOL) --------------------------------------------------
+
+
+def test_a_pool_grants_k_of_n_and_gives_them_back(client: Client, other: Client, server: Server, name: str) -> None:
+    candidates = [f"{name}/{x}" for x in "abcd"]
+    pool = ll.Requirement(2, candidates)
+    with Client.connect(server.address, request_timeout=WAIT_MAX) as third:
+        grant = client.acquire_pool([pool], wait=WAIT_MAX)
+        assert len(grant) == 1 and len(grant[0]) == 2 and grant.active
+        mine = grant.names(0)
+        assert len(set(mine)) == 2 and set(mine) <= {n.encode() for n in candidates}
+        assert [candidates[i].encode() for i in grant.indices(0)] == mine
+        for hold in grant[0]:  # ordinary exclusive holds of the session, with their tokens
+            assert hold.mode == ll.Mode.EXCLUSIVE and hold.active
+            assert holder_tokens(other, hold.name) == [(client.session_id, hold.token)]
+        assert grant.tokens(0) == [hold.token for hold in grant[0]]
+        # The pool queue's permits: 2 of the 4, held by the session too.
+        queue = grant.permits[0]
+        assert queue is not None and queue.mode == ll.Mode.PERMITS and queue.weight == 2
+        assert queue.name == pool.queue()
+        inspection = other.inspect(queue.name)
+        assert inspection is not None and inspection.record.capacity == 4
+        assert [(h.session, h.token, h.weight) for h in inspection.record.holders] == [
+            (client.session_id, queue.token, 2)
+        ]
+        assert [h.name for h in grant.holds] == [*mine, queue.name]
+        # Another client's try gets the other two; a third's finds none.
+        theirs = other.try_acquire_pool([pool])
+        assert theirs is not None
+        assert sorted(mine + theirs.names(0)) == sorted(n.encode() for n in candidates)
+        assert third.try_acquire_pool([pool]) is None
+        with pytest.raises(ll.LockBusy):
+            third.acquire_pool([pool], wait=0)
+        with pytest.raises(ll.AcquireTimedOut):
+            third.acquire_pool([pool], wait=0.2)
+        # Released (the resources, then the permits), they are free again.
+        grant.release()
+        assert not grant.active and not any(hold.active for hold in grant.holds)
+        assert all(other.inspect(n) is None for n in mine)
+        with third.lock_pool([pool], wait=WAIT_MAX) as again:
+            assert sorted(again.names(0)) == sorted(mine)
+            before = {hold.name: hold.token for hold in grant[0]}
+            assert all(hold.token > before[hold.name] for hold in again[0])  # tokens only grow
+        assert not again.active and all(other.inspect(n) is None for n in mine)
+        theirs.release()
+        grant.release()  # nothing left to release
+
+
+def test_a_filter_picks_only_matching_candidates(client: Client, other: Client, name: str) -> None:
+    gpus = {f"{name}/gpu{i}": tags for i, tags in enumerate(["model=T1,site=x", "model=T2", "model=T1", "model=T2"])}
+    db = f"{name}/db"
+    t1 = ll.Requirement(2, gpus, filter="model=T1")
+    grant = client.acquire_pool([t1, db], wait=WAIT_MAX)
+    assert grant.names(0) == [f"{name}/gpu0".encode(), f"{name}/gpu2".encode()] and grant.indices(0) == [0, 2]
+    assert grant.names(1) == [db.encode()]  # a plain name among the requirements
+    assert grant.permits == [None, None]  # no spare candidates: no pool queue
+    # One T2 of two: with a queue of the two T2 (the filter is a mapping here).
+    t2 = ll.Requirement(1, gpus, filter={"model": "T2"})
+    assert t2.queue() is not None and t2.queue() != ll.Requirement(1, gpus).queue()
+    with other.lock_pool([t2], wait=WAIT_MAX) as theirs:
+        assert theirs.names(0)[0] in (f"{name}/gpu1".encode(), f"{name}/gpu3".encode())
+        queue = theirs.permits[0]
+        assert queue is not None and queue.name == t2.queue() and queue.weight == 1
+        with pytest.raises(ll.AlreadyHeldError):
+            client.try_acquire_pool([ll.Requirement(1, gpus, filter="site=x")])  # gpu0 is its own
+    assert other.try_acquire_pool([ll.Requirement(1, gpus, filter="model=T1,site=x")]) is None  # gpu0 is taken
+    grant.release()
+    assert other.try_acquire_pool([ll.Requirement(1, gpus, filter="model=T1,site=x")]) is not None
+
+
+def test_a_filter_that_leaves_too_few_candidates_is_over_capacity(client: Client, name: str) -> None:
+    gpus = {f"{name}/a": "model=T1", f"{name}/b": "model=T2", f"{name}/c": "model=T2"}
+    requirements: list[ll.RequirementSpec] = [f"{name}/d", ll.Requirement(2, gpus, filter="model=T1")]
+    calls: list[Callable[[], object]] = [
+        lambda: client.acquire_pool(requirements, timeout=WAIT_MAX),  # refused at once: it would never be granted
+        lambda: client.acquire_pool(requirements, wait=0),
+        lambda: client.try_acquire_pool(requirements),  # not a None: no waiting would help
+    ]
+    for call in calls:
+        with pytest.raises(ll.OverCapacityError) as over:
+            call()
+        assert over.value.status == ll.Status.OVER_CAPACITY and isinstance(over.value, ll.NotAcquired)
+        assert "requirement 1" in over.value.message
+    assert client.list(f"{name}*").records == ()  # nothing taken
+    assert client.acquire_pool([ll.Requirement(2, gpus, filter="model=T2")], wait=0).names(0) == [
+        f"{name}/b".encode(),
+        f"{name}/c".encode(),
+    ]
+
+
+def test_closing_the_session_frees_the_whole_pool_grant(other: Client, server: Server, name: str) -> None:
+    candidates = [f"{name}/{i}" for i in range(4)]
+    client = Client.connect(server.address, request_timeout=WAIT_MAX)  # no grace: the session ends with it
+    grant = client.acquire_pool([ll.Requirement(2, candidates), ll.Requirement.name(f"{name}/x")])
+    queue = grant.permits[0]
+    assert queue is not None and other.inspect(queue.name) is not None
+    client.close()
+    everything: list[ll.RequirementSpec] = [ll.Requirement(4, candidates), f"{name}/x"]
+    taken = other.acquire_pool(everything, wait=WAIT_MAX)
+    assert sorted(taken.names(0)) == sorted(n.encode() for n in candidates) and taken.permits == [None, None]
+    assert other.inspect(queue.name) is None and all(h.lost for h in grant.holds)
+    taken.release()
+
+
+def holder_sessions(client: Client, name: str | bytes) -> list[int]:
+    """The sessions that hold ``name`` (a lock, or a semaphore's permits)."""
+    return [session for session, _ in holder_tokens(client, name)]
+
+
+def test_a_pending_acquire_pool_is_cancelled_or_granted(
+    client: Client, other: Client, server: Server, name: str
+) -> None:
+    a, b = f"{name}/a", f"{name}/b"
+    pool = ll.Requirement(1, [a, b])
+    queue = pool.queue()
+    assert queue is not None
+    blockers = other.acquire_all([a, b])
+    pending = client.start_acquire_pool([pool])
+    assert pending.wait_queued(WAIT_MAX)  # its queue's permits taken, a passed over, waiting for b
+    assert pending.cancel() is True
+    with pytest.raises(ll.AcquireCancelled):
+        pending.wait(WAIT_MAX)
+    assert pending.cancel() is False
+    wait_until(lambda: other.inspect(queue) is None, "the queue's permits given back")
+    waiting = client.start_acquire_pool([pool], wait=WAIT_MAX)
+    assert waiting.wait_queued(WAIT_MAX)
+    with pytest.raises(ll.LivelockTimeout):
+        waiting.wait(0.05)
+    blockers[1].release()
+    grant = waiting.wait(WAIT_MAX)
+    assert grant.names(0) == [b.encode()] and grant[0][0].token > blockers[1].token
+    # A caller that gives up has the request cancelled, its permits given back.
+    with Client.connect(server.address, request_timeout=WAIT_MAX) as third:
+        with pytest.raises(ll.LivelockTimeout):
+            third.acquire_pool([pool], timeout=0.2)
+        wait_until(lambda: queue_is_empty(client, b), "the abandoned ACQUIRE_POOL to leave the queue")
+        wait_until(
+            lambda: holder_sessions(other, queue) == [client.session_id], "the abandoned request's permits given back"
+        )
+    grant.release()
+    blockers[0].release()
+
+
+def test_pool_holds_are_listed_on_resume(other: Client, server: Server, name: str) -> None:
+    client = Client.connect(server.address, grace=WAIT_MAX, request_timeout=WAIT_MAX)
+    grant = client.acquire_pool([ll.Requirement(1, [f"{name}/a", f"{name}/b"])])
+    client.close()
+    client.reconnect()
+    assert client.resumed is not None
+    assert sorted((h.name, h.token) for h in client.resumed.holds) == sorted((h.name, h.token) for h in grant.holds)
+    grant.release()
+    assert all(not h.active for h in grant.holds)
+    assert other.try_acquire_pool([ll.Requirement(2, [f"{name}/a", f"{name}/b"])]) is not None
+    client.bye()
+
+
+def test_bad_requirements_are_refused_before_sending(client: Client, name: str) -> None:
+    bad_lists: list[list[ll.RequirementSpec]] = [
+        [],
+        [name, name],
+        [ll.Requirement(1, [name, f"{name}/2"]), f"{name}/2"],
+        [f"{name}/{i}" for i in range(17)],
+        [ll.Requirement(1, [f"{name}/{r}/{i}" for i in range(13)]) for r in range(5)],
+        [name, ""],
+    ]
+    for requirements in bad_lists:
+        with pytest.raises(ValueError):
+            client.acquire_pool(requirements)
+        with pytest.raises(ValueError):
+            client.try_acquire_pool(requirements)
+        with pytest.raises(ValueError):
+            client.start_acquire_pool(requirements)
+        with pytest.raises(ValueError):
+            with client.lock_pool(requirements):
+                pass
+    with pytest.raises(ValueError):
+        ll.Requirement(3, [name, f"{name}/2"])
+    with pytest.raises(TypeError):
+        client.acquire_pool(ll.Requirement.name(name))  # type: ignore[arg-type]
+    assert client.list(f"{name}*").records == ()  # nothing was sent
     client.ping()
