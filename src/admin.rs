@@ -80,6 +80,8 @@ pub enum AdminCommand {
     Stats,
     Report {
         top: u32,
+        /// A tag filter (tags text); empty: every name.
+        tag: String,
     },
     /// End other sessions' holds of a lock (every hold, or the one with `token`).
     ForceRelease {
@@ -224,10 +226,14 @@ pub fn run(args: AdminArgs, command: AdminCommand) -> ExitCode {
             true => println!("{}", cluster_json(&status)),
             false => print_cluster(&status),
         }),
-        AdminCommand::Report { top } => client.report(top).map(|report| match args.json {
-            true => println!("{}", report_json(&report)),
-            false => print_report(&report),
-        }),
+        AdminCommand::Report { top, tag } => {
+            client
+                .report_tagged(top, tag.as_bytes())
+                .map(|report| match args.json {
+                    true => println!("{}", report_json(&report, !tag.is_empty())),
+                    false => print_report(&report, !tag.is_empty()),
+                })
+        }
         AdminCommand::Stats => client.stats().map(|stats| match args.json {
             true => println!("{}", stats_json(&stats)),
             false => print_stats(&stats),
@@ -540,11 +546,17 @@ fn cluster_json(status: &ClusterReply) -> String {
     )
 }
 
-fn print_report(report: &livelock::protocol::Report) {
+/// `tagged`: the first row is the tag filter's total.
+fn print_report(report: &livelock::protocol::Report, tagged: bool) {
+    let shown = |i: usize, name: &[u8]| match (tagged, i) {
+        (true, 0) => format!("TOTAL {}", String::from_utf8_lossy(name)),
+        _ => String::from_utf8_lossy(name).into_owned(),
+    };
     let width = report
         .rows
         .iter()
-        .map(|r| String::from_utf8_lossy(&r.name).chars().count())
+        .enumerate()
+        .map(|(i, r)| shown(i, &r.name).chars().count())
         .max()
         .unwrap_or(0)
         .max(24);
@@ -561,10 +573,10 @@ fn print_report(report: &livelock::protocol::Report) {
         "HOLD p50/p99/max"
     );
     let times = |t: &[u32; 3]| format!("{}/{}/{} ms", t[0], t[1], t[2]);
-    for row in &report.rows {
+    for (i, row) in report.rows.iter().enumerate() {
         println!(
             "{:<width$} {:>5} {:>7} {:>9} {:>9} {:>7} {:>8}  {:>17}  {:>17}",
-            String::from_utf8_lossy(&row.name),
+            shown(i, &row.name),
             row.held,
             row.waiting,
             row.acquires,
@@ -577,8 +589,9 @@ fn print_report(report: &livelock::protocol::Report) {
     }
 }
 
-fn report_json(report: &livelock::protocol::Report) -> String {
-    let rows: Vec<String> = report
+/// `tagged`: the first row is the tag filter's total (`"total"`).
+fn report_json(report: &livelock::protocol::Report, tagged: bool) -> String {
+    let mut rows: Vec<String> = report
         .rows
         .iter()
         .map(|r| {
@@ -600,8 +613,12 @@ fn report_json(report: &livelock::protocol::Report) -> String {
             )
         })
         .collect();
+    let total = match tagged && !rows.is_empty() {
+        true => format!(",\"total\":{}", rows.remove(0)),
+        false => String::new(),
+    };
     format!(
-        "{{\"server_unix_ms\":{},\"locks\":[{}]}}",
+        "{{\"server_unix_ms\":{}{total},\"locks\":[{}]}}",
         report.server_unix_ms,
         rows.join(",")
     )

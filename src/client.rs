@@ -645,7 +645,15 @@ impl Client {
     /// and hold times (p50, p99, max in ms, within a factor of two), and
     /// how many hold and wait for each now.
     pub fn report(&self, top: u32) -> Result<protocol::Report> {
-        let reply = self.call(&Request::Report { top })?;
+        self.report_tagged(top, b"")
+    }
+
+    /// The usage of the names whose tags (given by pool requests) have
+    /// every `key=value` pair of `tag`: a first row named `tag` with their
+    /// total (counts added, distributions merged, held and waiting now),
+    /// then the `top` busiest of them. Empty `tag`: `report`.
+    pub fn report_tagged(&self, top: u32, tag: &[u8]) -> Result<protocol::Report> {
+        let reply = self.call(&Request::Report { top, tag })?;
         protocol::parse_report_body(&reply.body)
             .ok_or_else(|| Error::Protocol("bad REPORT reply".into()))
     }

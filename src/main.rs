@@ -91,6 +91,9 @@ enum AdminCommandWithArgs {
         /// This many names, busiest first (at most 500).
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=500))]
         top: u32,
+        /// Only names whose tags (given by pool requests) have this KEY=VALUE (repeat it, or join pairs with ','), after a TOTAL row of all of them.
+        #[arg(long, value_name = "KEY=VALUE")]
+        tag: Vec<String>,
     },
     /// Break a stuck lock: end its holds (needs --force); each holder is told LOCK_LOST and the next waiter is granted.
     Release {
@@ -323,8 +326,17 @@ fn main() -> ExitCode {
                     (args, admin::AdminCommand::Signal { name, signal })
                 }
                 AdminCommandWithArgs::Stats { args } => (args, admin::AdminCommand::Stats),
-                AdminCommandWithArgs::Report { args, top } => {
-                    (args, admin::AdminCommand::Report { top })
+                AdminCommandWithArgs::Report { args, top, tag } => {
+                    let tag = tag.join(",");
+                    if !livelock::pool::tags_valid(tag.as_bytes()) {
+                        eprintln!(
+                            "livelock: --tag {tag:?}: tags are KEY=VALUE pairs joined by ',' \
+                             (at most {} bytes)",
+                            livelock::limits::TAGS_LEN_MAX
+                        );
+                        return ExitCode::from(2);
+                    }
+                    (args, admin::AdminCommand::Report { top, tag })
                 }
                 AdminCommandWithArgs::Release {
                     force: false, name, ..

@@ -282,6 +282,8 @@ impl Model {
                 self.client_names.retain(|(s, _)| *s != session);
                 self.client_names.push((session, client_name.to_vec()));
             }
+            // Usage observations: no lock changes.
+            Command::Tag { .. } => {}
             Command::EndSession { session } => {
                 self.client_names.retain(|(s, _)| *s != session);
                 let mut slots: Vec<usize> = (0..self.slots.len()).collect();

@@ -110,7 +110,7 @@ proptest! {
         let mut step = m.start();
         loop {
             match step {
-                Step::Acquire(Take { name, mode, weight, capacity, wait: w }) => {
+                Step::Acquire(Take { name, mode, weight, capacity, wait: w, tags }) => {
                     let text = String::from_utf8(name.to_vec()).unwrap();
                     token += 1;
                     if let Some(&r) = queues.get(&name.to_vec()) {
@@ -120,6 +120,7 @@ proptest! {
                         prop_assert_eq!(weight, u32::from(reqs[r].0));
                         prop_assert_eq!(capacity as usize, matching[r].len());
                         prop_assert_eq!(w, wait);
+                        prop_assert!(tags.is_empty());
                         queues_taken += 1;
                         held.push((name, token));
                         step = m.on_outcome(Outcome::Granted { token });
@@ -130,6 +131,9 @@ proptest! {
                     prop_assert!(last_candidate.as_deref() < Some(text.as_str()), "byte order");
                     last_candidate = Some(text.clone());
                     prop_assert_eq!(mode, Mode::Exclusive);
+                    // Its tags go with it (usage reports per tag).
+                    let sent = reqs[r].2.iter().find(|(n, _)| NAMES[*n] == text).unwrap();
+                    prop_assert_eq!(&*tags, TAGS[sent.1].as_bytes());
                     let need = usize::from(reqs[r].0);
                     let still = need - got[r].len();
                     prop_assert!(still > 0, "asked for one its requirement does not need");

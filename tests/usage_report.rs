@@ -81,3 +81,83 @@ fn the_report_tells_the_history() {
     assert!(text.starts_with("NAME") && text.contains("hot"), "{text}");
     drop(dir);
 }
+
+/// Per tag: names taken through pools keep their candidates' tags; a
+/// report for a tag filter lists the names whose tags match (on any shard)
+/// after a total row that adds them up, including what is held and
+/// waited for now; a name without the tags is left out. `livelock report
+/// --tag` says the same.
+#[test]
+fn a_tag_report_adds_up_the_names_with_the_tag() {
+    use livelock::client::Requirement;
+    let server = TestServer::start(3);
+    let (a, b) = (server.client(), server.client());
+    let devices = [
+        ("dev1", "model=T1,site=lab1"),
+        ("dev2", "model=T1,site=lab2"),
+        ("dev3", "model=T2,site=lab1"),
+    ];
+    let t1 = || [Requirement::tagged(1, devices).filter("model=T1")];
+    // Four T1 grants (dev1, then dev2 while dev1 is held, ...).
+    for _ in 0..2 {
+        let first = a.acquire_pool(&t1(), None).unwrap().unwrap();
+        let second = b.acquire_pool(&t1(), None).unwrap().unwrap();
+        assert_ne!(first.names(0), second.names(0));
+        first.release().unwrap();
+        second.release().unwrap();
+    }
+    // One T2, and a plain acquire of an untagged name.
+    let t2 = [Requirement::tagged(1, devices).filter("model=T2")];
+    a.acquire_pool(&t2, None)
+        .unwrap()
+        .unwrap()
+        .release()
+        .unwrap();
+    a.acquire("plain").unwrap().release().unwrap();
+    // Held now: a T1 device.
+    let held = a.acquire_pool(&t1(), None).unwrap().unwrap();
+
+    let report = b.report_tagged(10, b"model=T1").unwrap();
+    let names: Vec<&[u8]> = report.rows.iter().map(|r| &r.name[..]).collect();
+    assert_eq!(names[0], b"model=T1", "the total first");
+    let mut rest = names[1..].to_vec();
+    rest.sort();
+    assert_eq!(rest, [&b"dev1"[..], b"dev2"]);
+    let total = &report.rows[0];
+    let sum = |f: fn(&livelock::protocol::ReportRow) -> u64| -> u64 {
+        report.rows[1..].iter().map(f).sum()
+    };
+    assert_eq!(total.acquires, sum(|r| r.acquires));
+    assert_eq!(total.grants, sum(|r| r.grants));
+    // Every grant; the acquires also count the tries that found one taken.
+    assert_eq!((total.grants, total.held), (5, 1));
+    assert_eq!(total.acquires, total.grants + total.busy);
+    // Two filters' pairs must all match.
+    let lab1 = b.report_tagged(10, b"site=lab1,model=T2").unwrap();
+    assert_eq!(lab1.rows.len(), 2);
+    assert_eq!(
+        (&lab1.rows[1].name[..], lab1.rows[0].grants),
+        (&b"dev3"[..], 1)
+    );
+    // Nothing has the tag: just an empty total.
+    let none = b.report_tagged(10, b"model=T9").unwrap();
+    assert_eq!(none.rows.len(), 1);
+    assert_eq!(none.rows[0].acquires, 0);
+    drop(held);
+
+    let out = livelock_bin()
+        .args(["report", "--server"])
+        .arg(server.addr.to_string())
+        .args(["--tag", "model=T1", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(r#""total":{"name":"model=T1","#), "{text}");
+    assert!(text.contains(r#""grants":5,"#), "{text}");
+    let out = livelock_bin()
+        .args(["report", "--tag", "novalue"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -269,9 +269,11 @@ pub enum Query {
         name: Box<[u8]>,
     },
     Stats,
-    /// REPORT: each shard's `top` busiest names.
+    /// REPORT: each shard's `top` busiest names (whose tags match `tag`,
+    /// with their total, if it is not empty).
     Report {
         top: usize,
+        tag: Box<[u8]>,
     },
     /// Operator KILL_SESSION: end the session (asked of its home only).
     /// The one query that changes the state: the home logs the end.
@@ -290,11 +292,50 @@ pub enum QueryPart {
     Records(Vec<(Box<[u8]>, Vec<u8>)>, bool),
     Stats(ShardStats),
     /// (acquires, name, encoded `protocol::ReportRow`) of a shard's
-    /// busiest names.
-    Report(Vec<(u64, Box<[u8]>, Vec<u8>)>),
+    /// busiest names; with a tag filter, the shard's total of the names
+    /// that match (usage, held, waiting).
+    Report(Vec<(u64, Box<[u8]>, Vec<u8>)>, Option<Box<UsageTotal>>),
     /// What the home did with a `Kill`: `Ok`, `UnknownSession`, or
     /// `ShuttingDown` (frozen: nothing changes any more).
     Killed(Status),
+}
+
+/// A name's (or a tag's total) usage with how many hold and wait now.
+#[derive(Debug, Default)]
+pub struct UsageTotal {
+    usage: crate::usage::NameUsage,
+    held: usize,
+    waiting: usize,
+}
+
+impl UsageTotal {
+    fn add(&mut self, other: &UsageTotal) {
+        self.usage.add(&other.usage);
+        self.held += other.held;
+        self.waiting += other.waiting;
+    }
+
+    /// The encoded `protocol::ReportRow` of it, named `name`.
+    fn row(&self, name: &[u8]) -> Vec<u8> {
+        let times = |t: &crate::usage::Times| {
+            [0.5, 0.99, 1.0].map(|q| u32::try_from(t.quantile(q)).unwrap_or(u32::MAX))
+        };
+        let usage = &self.usage;
+        let row = protocol::ReportRow {
+            name: name.to_vec(),
+            held: u32::try_from(self.held).unwrap_or(u32::MAX),
+            waiting: u32::try_from(self.waiting).unwrap_or(u32::MAX),
+            acquires: usage.acquires,
+            grants: usage.grants,
+            busy: usage.busy,
+            timeouts: usage.timeouts,
+            wait_ms: times(&usage.wait),
+            hold_ms: times(&usage.hold),
+        };
+        let mut bytes = Vec::new();
+        row.put(&mut bytes);
+        bytes
+    }
 }
 
 /// Counts of one loop (summed over loops for STATS).
@@ -400,6 +441,8 @@ struct Gather {
     stats: ShardStats,
     /// REPORT rows: (acquires, name, row).
     report: Vec<(u64, Box<[u8]>, Vec<u8>)>,
+    /// REPORT with a tag filter: the total of every shard's names that match.
+    report_total: UsageTotal,
     /// The home's answer to a `Kill`.
     killed: Status,
 }
@@ -1803,6 +1846,7 @@ impl EventLoop {
                 truncated: false,
                 stats: ShardStats::default(),
                 report: Vec::new(),
+                report_total: UsageTotal::default(),
                 killed: Status::UnknownSession,
             },
         );
@@ -1943,28 +1987,34 @@ impl EventLoop {
                 QueryPart::Records(records.collect(), false)
             }
             Query::Kill { .. } => unreachable!("a kill changes the state (take_query)"),
-            Query::Report { top } => {
-                let top = self.table.usage_top(self.now_ms, *top);
-                let rows = top.into_iter().map(|(name, usage, held, waiting)| {
-                    let times = |t: &crate::usage::Times| {
-                        [0.5, 0.99, 1.0].map(|q| u32::try_from(t.quantile(q)).unwrap_or(u32::MAX))
-                    };
-                    let row = protocol::ReportRow {
-                        name: name.to_vec(),
-                        held: u32::try_from(held).unwrap_or(u32::MAX),
-                        waiting: u32::try_from(waiting).unwrap_or(u32::MAX),
-                        acquires: usage.acquires,
-                        grants: usage.grants,
-                        busy: usage.busy,
-                        timeouts: usage.timeouts,
-                        wait_ms: times(&usage.wait),
-                        hold_ms: times(&usage.hold),
-                    };
-                    let mut bytes = Vec::new();
-                    row.put(&mut bytes);
-                    (usage.acquires, Box::from(name), bytes)
+            Query::Report { top, tag } => {
+                // With a filter, every matching name counts in the total.
+                let limit = if tag.is_empty() { *top } else { usize::MAX };
+                let matching = self.table.usage_tagged(self.now_ms, limit, tag);
+                let total = (!tag.is_empty()).then(|| {
+                    let mut total = UsageTotal::default();
+                    for (_, usage, held, waiting) in &matching {
+                        total.add(&UsageTotal {
+                            usage: usage.clone(),
+                            held: *held,
+                            waiting: *waiting,
+                        });
+                    }
+                    Box::new(total)
                 });
-                QueryPart::Report(rows.collect())
+                let rows = matching
+                    .into_iter()
+                    .take(*top)
+                    .map(|(name, usage, held, waiting)| {
+                        let total = UsageTotal {
+                            usage,
+                            held,
+                            waiting,
+                        };
+                        let bytes = total.row(name);
+                        (total.usage.acquires, Box::from(name), bytes)
+                    });
+                QueryPart::Report(rows.collect(), total)
             }
             Query::Stats => {
                 let (attached, detached) = self.sessions.counts();
@@ -2059,7 +2109,12 @@ impl EventLoop {
                 gather.truncated |= cut;
             }
             QueryPart::Killed(status) => gather.killed = status,
-            QueryPart::Report(rows) => gather.report.extend(rows),
+            QueryPart::Report(rows, total) => {
+                gather.report.extend(rows);
+                if let Some(total) = total {
+                    gather.report_total.add(&total);
+                }
+            }
             QueryPart::Stats(stats) => {
                 gather.stats.locks += stats.locks;
                 gather.stats.waiters += stats.waiters;
@@ -2083,7 +2138,7 @@ impl EventLoop {
                 gather.truncated |= gather.records.len() > *limit;
                 gather.records.truncate(*limit);
             }
-            Query::Report { top } => {
+            Query::Report { top, .. } => {
                 // Busiest first, then by name; names are one shard's each.
                 gather
                     .report

@@ -93,7 +93,7 @@ pub const BATCH_HEADER_LEN: usize = 2 + 8 + 4;
 /// Whether `command` changes the table (else it is a read, not logged).
 pub fn changes_state(command: &Command<'_>) -> bool {
     match command {
-        Command::Locked { .. } => false,
+        Command::Locked { .. } | Command::Tag { .. } => false,
         Command::Signal { op, .. } => *op != SignalOp::Exists,
         _ => true,
     }
@@ -325,7 +325,9 @@ fn encode_command(out: &mut Vec<u8>, now_ms: u64, command: &Command<'_>) {
             out.extend_from_slice(&request_id.to_le_bytes());
             put_bytes(out, cycle);
         }
-        Command::Locked { .. } => unreachable!("reads are not logged"),
+        Command::Locked { .. } | Command::Tag { .. } => {
+            unreachable!("reads and observations are not logged")
+        }
     }
 }
 

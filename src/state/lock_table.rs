@@ -150,6 +150,13 @@ pub enum Command<'a> {
         request_id: RequestId,
         cycle: &'a [u8],
     },
+    /// An observation for usage reports: `name` has these `tags` (a pool
+    /// request's candidate, sent before its acquire). Changes no lock and
+    /// answers nothing; not logged.
+    Tag {
+        name: &'a [u8],
+        tags: &'a [u8],
+    },
     /// Raise, query or clear a signal on a held lock; any session may.
     /// Answers `Bool` (set: always true; delete: whether it was set), or
     /// `NoSuchLock`. Signals live and die with the lock.
@@ -172,6 +179,7 @@ impl<'a> Command<'a> {
             | Command::Extend { name, .. }
             | Command::Locked { name, .. }
             | Command::SetCapacity { name, .. }
+            | Command::Tag { name, .. }
             | Command::Signal { name, .. } => Some(name),
             Command::Introduce { .. }
             | Command::Cancel { .. }
@@ -191,6 +199,7 @@ impl<'a> Command<'a> {
             | Command::SetCapacity { name, .. }
             | Command::Locked { name, .. } => (name, b""),
             Command::Signal { name, signal, .. } => (name, signal),
+            Command::Tag { name, tags } => (name, tags),
             Command::Introduce { client_name, .. } => (client_name, b""),
             Command::FailWaiter { cycle, .. } => (cycle, b""),
             Command::Cancel { .. } | Command::EndSession { .. } => (b"", b""),
@@ -281,6 +290,7 @@ impl<'a> Command<'a> {
                 target,
             },
             Command::EndSession { session } => Command::EndSession { session },
+            Command::Tag { .. } => Command::Tag { name, tags: signal },
             Command::Introduce { session, .. } => Command::Introduce {
                 session,
                 client_name: name,
@@ -895,6 +905,7 @@ impl LockTable {
             } => {
                 self.client_names.insert(session, client_name.into());
             }
+            Command::Tag { name, tags } => self.usage.tag(now_ms, name, tags),
             Command::Locked {
                 session,
                 request_id,
@@ -1625,8 +1636,18 @@ impl LockTable {
     /// The `top` names of this shard with the most acquires lately, with
     /// their usage and how many hold and wait for them now.
     pub fn usage_top(&self, now_ms: u64, top: usize) -> Vec<(&[u8], NameUsage, usize, usize)> {
+        self.usage_tagged(now_ms, top, b"")
+    }
+
+    /// `usage_top` of the names whose tags match `filter` (empty: all).
+    pub fn usage_tagged(
+        &self,
+        now_ms: u64,
+        top: usize,
+        filter: &[u8],
+    ) -> Vec<(&[u8], NameUsage, usize, usize)> {
         self.usage
-            .top(now_ms, top)
+            .top_tagged(now_ms, top, filter)
             .into_iter()
             .map(|(name, usage)| {
                 let (held, waiting) = self.find(name).map_or((0, 0), |idx| {

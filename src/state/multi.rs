@@ -131,6 +131,9 @@ pub struct Take {
     /// The queue's capacity; 0 for a lock.
     pub capacity: u32,
     pub wait: Wait,
+    /// A pool candidate's tags (for usage reports, `Command::Tag`); empty
+    /// for none.
+    pub tags: Box<[u8]>,
 }
 
 /// What the home does next for a multi-step request.
@@ -171,6 +174,7 @@ struct Entry {
     weight: u32,
     capacity: u32,
     role: Role,
+    tags: Box<[u8]>,
 }
 
 #[derive(Debug, Clone)]
@@ -217,6 +221,7 @@ impl Multi {
                         weight: 1,
                         capacity: 0,
                         role: Role::Name,
+                        tags: Box::default(),
                     })
                     .collect();
                 ((names.count(), names.bytes().to_vec()), entries, Vec::new())
@@ -323,6 +328,7 @@ impl Multi {
                 weight: e.weight,
                 capacity: e.capacity,
                 wait: if self.trying { Wait::Try } else { self.wait },
+                tags: e.tags.clone(),
             });
         }
         Step::Granted(self.grant_body())
@@ -473,6 +479,7 @@ fn pool_entries(spec: PoolSpec<'_>) -> (Vec<Entry>, Vec<usize>) {
                 weight: u32::from(requirement.need),
                 capacity: u32::try_from(matching.len()).expect("at most POOL_CANDIDATES_MAX"),
                 role: Role::Queue(r),
+                tags: Box::default(),
             });
         }
         for i in matching {
@@ -482,6 +489,7 @@ fn pool_entries(spec: PoolSpec<'_>) -> (Vec<Entry>, Vec<usize>) {
                 weight: 1,
                 capacity: 0,
                 role: Role::Candidate(r, u16::try_from(i).expect("at most POOL_CANDIDATES_MAX")),
+                tags: requirement.candidates[i].1.into(),
             });
         }
         need.push(k);
@@ -517,6 +525,7 @@ mod tests {
             weight,
             capacity,
             wait,
+            tags: Box::default(),
         }
     }
 
@@ -550,6 +559,7 @@ mod tests {
             weight,
             capacity,
             wait,
+            tags: Box::default(),
         })
     }
 
@@ -614,9 +624,14 @@ mod tests {
         );
         let q = queue(&["b", "c"]);
         assert_eq!(m.start(), permits(&q, 1, 2, w));
+        let b = Take {
+            tags: b"m=1,s=2"[..].into(),
+            ..take("b", x, Wait::Try)
+        };
         assert_eq!(
             m.on_outcome(Outcome::Granted { token: 5 }),
-            acquire("b", x, Wait::Try)
+            Step::Acquire(b),
+            "with its tags, for usage reports"
         );
         assert_eq!(
             m.on_outcome(Outcome::Granted { token: 6 }),

@@ -1,7 +1,10 @@
 //! Usage reports (resource_locker's reporter): per lock name, the acquires
 //! asked, granted, refused busy and timed out, and the distributions of
-//! wait and hold times, kept by each shard for its names. Observations, not
-//! state: not logged, not in a dump, gone with a restart.
+//! wait and hold times, kept by each shard for its names; and per tag: a
+//! name taken as a pool's candidate keeps the tags its request gave it
+//! (the latest), and a report for a tag filter adds up the names whose
+//! tags match. Observations, not state: not logged, not in a dump, gone
+//! with a restart.
 //!
 //! Memory is bounded: at most `cap` names per shard. Every count decays by
 //! half every `DECAY_MS` (so the report is about the last minutes, not
@@ -59,6 +62,13 @@ impl Times {
         self.counts.iter().map(|&c| u64::from(c)).sum()
     }
 
+    /// Adds `other`'s observations.
+    pub fn merge(&mut self, other: &Times) {
+        for (count, &more) in self.counts.iter_mut().zip(&other.counts) {
+            *count = count.saturating_add(more);
+        }
+    }
+
     /// The upper bound (ms) of the bucket holding the `q` quantile (0.0 to
     /// 1.0); 0 with no observation.
     pub fn quantile(&self, q: f64) -> u64 {
@@ -89,9 +99,31 @@ pub struct NameUsage {
     pub wait: Times,
     /// From the grant to the end of the hold.
     pub hold: Times,
+    /// The tags a pool request gave the name last (`key=value,...`).
+    pub tags: Box<[u8]>,
 }
 
 impl NameUsage {
+    /// Nothing observed (what decay leaves of an idle name).
+    fn is_idle(&self) -> bool {
+        self.acquires == 0
+            && self.grants == 0
+            && self.busy == 0
+            && self.timeouts == 0
+            && self.wait.count() == 0
+            && self.hold.count() == 0
+    }
+
+    /// Adds `other`'s counts and times (a tag's total).
+    pub fn add(&mut self, other: &NameUsage) {
+        self.acquires += other.acquires;
+        self.grants += other.grants;
+        self.busy += other.busy;
+        self.timeouts += other.timeouts;
+        self.wait.merge(&other.wait);
+        self.hold.merge(&other.hold);
+    }
+
     fn halve(&mut self) {
         self.acquires /= 2;
         self.grants /= 2;
@@ -136,19 +168,27 @@ impl Usage {
         }
     }
 
-    /// Records `seen` of `name` at `now_ms`.
-    pub fn record(&mut self, now_ms: u64, name: &[u8], seen: Seen) {
+    /// The entry of `name`, made if need be (evicting if the map is full).
+    fn entry(&mut self, now_ms: u64, name: &[u8]) -> &mut NameUsage {
         self.version += 1;
         self.decay(now_ms);
-        let usage = match self.names.get_mut(name) {
-            Some(usage) => usage,
-            None => {
-                if self.names.len() >= self.cap {
-                    self.evict();
-                }
-                self.names.entry(name.into()).or_default()
-            }
-        };
+        if !self.names.contains_key(name) && self.names.len() >= self.cap {
+            self.evict();
+        }
+        self.names.entry(name.into()).or_default()
+    }
+
+    /// `name` has these `tags` (a pool's candidate, before its acquire).
+    pub fn tag(&mut self, now_ms: u64, name: &[u8], tags: &[u8]) {
+        let usage = self.entry(now_ms, name);
+        if *usage.tags != *tags {
+            usage.tags = tags.into();
+        }
+    }
+
+    /// Records `seen` of `name` at `now_ms`.
+    pub fn record(&mut self, now_ms: u64, name: &[u8], seen: Seen) {
+        let usage = self.entry(now_ms, name);
         match seen {
             Seen::Acquire => usage.acquires += 1,
             Seen::Grant(wait_ms) => {
@@ -171,7 +211,7 @@ impl Usage {
         for _ in 0..periods.min(64) {
             self.names.values_mut().for_each(NameUsage::halve);
         }
-        self.names.retain(|_, u| *u != NameUsage::default());
+        self.names.retain(|_, u| !u.is_idle());
         self.next_decay_ms = Some(next + periods * DECAY_MS);
     }
 
@@ -192,7 +232,18 @@ impl Usage {
     /// The `top` names with the most acquires (then by name), with their
     /// usage as of `now_ms` (the halvings due since the last record done).
     pub fn top(&self, now_ms: u64, top: usize) -> Vec<(&[u8], NameUsage)> {
-        let mut all: Vec<(&[u8], &NameUsage)> = self.names.iter().map(|(n, u)| (&**n, u)).collect();
+        self.top_tagged(now_ms, top, b"")
+    }
+
+    /// `top`, of the names whose tags match `filter` (`pool::tags_match`;
+    /// empty: every name).
+    pub fn top_tagged(&self, now_ms: u64, top: usize, filter: &[u8]) -> Vec<(&[u8], NameUsage)> {
+        let mut all: Vec<(&[u8], &NameUsage)> = self
+            .names
+            .iter()
+            .filter(|(_, u)| crate::pool::tags_match(&u.tags, filter))
+            .map(|(n, u)| (&**n, u))
+            .collect();
         all.sort_unstable_by(|a, b| b.1.acquires.cmp(&a.1.acquires).then(a.0.cmp(b.0)));
         all.truncate(top);
         let due = match self.next_decay_ms {
@@ -282,6 +333,36 @@ mod tests {
         // A long idle time decays everything.
         usage.record(10 * DECAY_MS, b"d", Seen::Acquire);
         assert_eq!(usage.len(), 1);
+    }
+
+    /// Tags stay with a name's entry; a filter picks the names whose tags
+    /// have its pairs; totals add counts and distributions.
+    #[test]
+    fn names_keep_their_tags_and_filters_pick_them() {
+        let mut usage = Usage::new(8);
+        usage.tag(0, b"gpu1", b"model=T1,site=a");
+        usage.record(0, b"gpu1", Seen::Acquire);
+        usage.record(0, b"gpu1", Seen::Grant(3));
+        usage.tag(0, b"gpu2", b"model=T2");
+        usage.record(0, b"gpu2", Seen::Acquire);
+        usage.record(0, b"plain", Seen::Acquire);
+        usage.record(0, b"plain", Seen::Acquire);
+        let t1 = usage.top_tagged(0, 10, b"model=T1");
+        assert_eq!(t1.len(), 1);
+        assert_eq!((t1[0].0, t1[0].1.grants), (&b"gpu1"[..], 1));
+        assert_eq!(usage.top_tagged(0, 10, b"site=b").len(), 0);
+        assert_eq!(usage.top(0, 10)[0].0, b"plain", "every name, busiest first");
+        let mut total = NameUsage::default();
+        for (_, u) in usage.top_tagged(0, 10, b"") {
+            total.add(&u);
+        }
+        assert_eq!(
+            (total.acquires, total.grants, total.wait.count()),
+            (4, 1, 1)
+        );
+        // Decay drops an idle name, tags and all.
+        usage.record(2 * DECAY_MS, b"x", Seen::Acquire);
+        assert!(usage.get(b"gpu1").is_none());
     }
 
     #[test]

@@ -114,7 +114,10 @@ pub mod opcode {
     /// (`crate::order::Order`'s encoding). Reply `Ok`, or `OrderViolation`
     /// while the session holds or waits for anything.
     pub const SET_ORDER: u8 = 19;
-    /// Usage report: top u32 (>= 1; at most `REPORT_TOP_MAX` are listed).
+    /// Usage report: top u32 (>= 1; at most `REPORT_TOP_MAX` are listed),
+    /// then an optional tag filter (tags text, `crate::pool`): the names
+    /// whose tags match, after a first row, named by the filter, with
+    /// their total.
     /// Reply body: see [`super::Report`].
     pub const REPORT: u8 = 20;
     /// Take several locks at once, all or none: `AllBody` + the names
@@ -645,9 +648,12 @@ pub enum Request<'a> {
         wait_ms: u32,
         notify_queued: bool,
     },
-    /// The `top` busiest names (capped at `REPORT_TOP_MAX`).
+    /// The `top` busiest names (capped at `REPORT_TOP_MAX`); with a `tag`
+    /// filter (tags text, `crate::pool`), of the names whose tags match,
+    /// after a first row with their total.
     Report {
         top: u32,
+        tag: &'a [u8],
     },
     /// `token`: the hold's fencing token, 0 = whatever hold the session has.
     Release {
@@ -976,8 +982,11 @@ fn decode_body(op: u8, body: &[u8], with_token: bool) -> Result<Request<'_>, Sta
                 notify_queued: fixed.acq_flags & ACQ_NOTIFY_QUEUED != 0,
             })
         }
-        opcode::REPORT => match <[u8; 4]>::try_from(body).map(u32::from_le_bytes) {
-            Ok(top) if top > 0 => Ok(Request::Report { top }),
+        opcode::REPORT => match body.split_first_chunk::<4>() {
+            Some((top, tag)) if u32::from_le_bytes(*top) > 0 && crate::pool::tags_valid(tag) => {
+                let top = u32::from_le_bytes(*top);
+                Ok(Request::Report { top, tag })
+            }
             _ => Err(Status::BadBody),
         },
         opcode::SET_ORDER => match Order::decode(body) {
@@ -1541,9 +1550,10 @@ pub fn encode_request(out: &mut Vec<u8>, request_id: u32, req: &Request<'_>) {
             header(out, body.len());
             out.extend_from_slice(body);
         }
-        Request::Report { top } => {
-            header(out, 4);
+        Request::Report { top, tag } => {
+            header(out, 4 + tag.len());
             out.extend_from_slice(&top.to_le_bytes());
+            out.extend_from_slice(tag);
         }
         Request::SetCapacity { name, capacity } => {
             header(out, 4 + name.len());
@@ -2454,7 +2464,7 @@ mod tests {
             },
             Request::SetOrder(&[1, 0, 0, 0]),
             Request::SetOrder(&[2, 0, 1, 0, 7, 0, 0, 0, 1, 0, b'x']),
-            Request::Report { top: 20 },
+            Request::Report { top: 20, tag: b"" },
             Request::Release {
                 name: b"report-42",
                 token: 0,
@@ -3383,7 +3393,7 @@ mod tests {
         frames.push(encoded(11, &set));
         let order = [2, 0, 1, 0, 7, 0, 0, 0, 1, 0, b'x'];
         frames.push(encoded(12, &Request::SetOrder(&order)));
-        frames.push(encoded(13, &Request::Report { top: 20 }));
+        frames.push(encoded(13, &Request::Report { top: 20, tag: b"" }));
         let mut names = Vec::new();
         AllNames::encode(&[(Mode::Exclusive, b"a"), (Mode::Shared, b"b")], &mut names);
         let all = Request::AcquireAll {

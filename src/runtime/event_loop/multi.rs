@@ -81,6 +81,10 @@ impl EventLoop {
                     pending.name = take.name.clone();
                 }
                 self.touch(id, shard);
+                if !take.tags.is_empty() {
+                    let (name, tags) = (&take.name[..], &take.tags[..]);
+                    self.route_to_shard(shard, Command::Tag { name, tags });
+                }
                 let command = multi::acquire(id, request_id, &take);
                 self.route_to_shard(shard, command);
             }

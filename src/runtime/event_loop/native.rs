@@ -91,12 +91,16 @@ impl EventLoop {
                 .put(out);
                 protocol::end_reply(out, start);
             }
-            Query::Report { .. } => {
+            Query::Report { tag, .. } => {
                 let start = protocol::begin_reply(out, op, request_id);
-                let count = u32::try_from(gather.report.len()).expect("at most REPORT_TOP_MAX");
+                // With a tag filter, first the total of every name that matches.
+                let total = (!tag.is_empty()).then(|| gather.report_total.row(&tag[..]));
+                let count = gather.report.len() + usize::from(total.is_some());
+                let count = u32::try_from(count).expect("at most REPORT_TOP_MAX + 1");
                 out.extend_from_slice(&count.to_le_bytes());
                 out.extend_from_slice(&0u32.to_le_bytes());
                 out.extend_from_slice(&now_ms.to_le_bytes());
+                out.extend_from_slice(total.as_deref().unwrap_or_default());
                 for (_, _, row) in &gather.report {
                     out.extend_from_slice(row);
                 }
@@ -714,10 +718,14 @@ impl EventLoop {
                 self.start_query(token, id, reply, Query::Stats, None);
                 return;
             }
-            Request::Report { top } => {
+            Request::Report { top, tag } => {
                 let reply = GatherReply::Native { op, request_id };
                 let top = (top as usize).min(crate::limits::REPORT_TOP_MAX);
-                self.start_query(token, id, reply, Query::Report { top }, None);
+                let query = Query::Report {
+                    top,
+                    tag: tag.into(),
+                };
+                self.start_query(token, id, reply, query, None);
                 return;
             }
             Request::ForceRelease { name, token } => {
