@@ -181,3 +181,38 @@ fn every_operation_is_counted() {
     assert!(sample(&text, "process_open_fds") >= 3.0);
     assert!(sample(&text, "process_cpu_seconds_total") >= 0.0);
 }
+
+/// Usage per tag pair: resources taken through a pool count under each
+/// `key=value` of their tags, added up over the shards.
+#[test]
+fn tag_gauges_add_up_the_names_with_each_tag() {
+    use livelock::client::Requirement;
+    let server = TestServer::start_with(3, |config| {
+        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    });
+    let metrics = server
+        .server
+        .as_ref()
+        .unwrap()
+        .metrics_addr()
+        .expect("metrics on");
+    let client = server.client();
+    let devices = [("gpu1", "model=T1,site=a"), ("gpu2", "model=T1,site=b")];
+    let both = [Requirement::tagged(2, devices)];
+    for _ in 0..3 {
+        client
+            .acquire_pool(&both, None)
+            .unwrap()
+            .unwrap()
+            .release()
+            .unwrap();
+    }
+    let held = client.acquire_pool(&both, None).unwrap().unwrap();
+    wait_until("the tag gauges show", || {
+        let text = scrape(metrics);
+        text.contains("livelock_tag_grants{tag=\"model=T1\"} 8")
+            && text.contains("livelock_tag_grants{tag=\"site=a\"} 4")
+            && text.contains("livelock_tag_held{tag=\"model=T1\"} 2")
+    });
+    drop(held);
+}

@@ -712,7 +712,25 @@ impl EventLoop {
                     hold_p99_ms: usage.hold.quantile(0.99),
                 });
             metrics.set_hot(hot.collect());
+            metrics.set_tags(self.tag_totals());
         }
+    }
+
+    /// This shard's usage totals per tag pair (`key=value`) of its names.
+    fn tag_totals(&self) -> Vec<crate::metrics::TagTotal> {
+        let mut totals: HashMap<Box<[u8]>, crate::metrics::TagTotal> = HashMap::new();
+        for (_, usage, held, waiting) in self.table.usage_tagged(self.now_ms, usize::MAX, b"") {
+            for pair in crate::pool::pairs(&usage.tags) {
+                let total = totals.entry(pair.into()).or_default();
+                total.usage.add(&usage);
+                total.held += held as u64;
+                total.waiting += waiting as u64;
+            }
+        }
+        totals
+            .into_iter()
+            .map(|(tag, total)| crate::metrics::TagTotal { tag, ..total })
+            .collect()
     }
 
     /// The usage report's shape now (`published_usage`).

@@ -17,6 +17,7 @@
 //!   reads at most [`HTTP_REQUEST_LEN_MAX`] bytes of it, and notices `stop`
 //!   within [`HTTP_STOP_LATENCY_MS`] whatever its peers do.
 
+use hashbrown::HashMap;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -225,6 +226,26 @@ pub struct LoopMetrics {
     /// The shard's busiest names lately (usage report), at most
     /// `HOT_LOCKS_MAX`, as of the loop's last publication.
     hot: parking_lot::Mutex<Vec<HotLock>>,
+    /// The shard's totals per tag pair (`key=value`) of its names, the
+    /// `TAGS_PUBLISHED_MAX` busiest, as of the loop's last publication.
+    tags: parking_lot::Mutex<Vec<TagTotal>>,
+}
+
+/// Tag pairs shown as `livelock_tag_*{tag="key=value"}` series: the
+/// busiest over all shards (a bound on label cardinality).
+pub const HOT_TAGS_MAX: usize = 10;
+/// Tag pairs one shard publishes: its busiest. A pair's series adds up
+/// the shards that publish it (all of them unless a shard has more pairs).
+pub const TAGS_PUBLISHED_MAX: usize = 256;
+
+/// One tag pair's total over one shard's names (usage report counts,
+/// decayed; distributions merged).
+#[derive(Debug, Clone, Default)]
+pub struct TagTotal {
+    pub tag: Box<[u8]>,
+    pub usage: crate::usage::NameUsage,
+    pub held: u64,
+    pub waiting: u64,
 }
 
 /// Names shown as `livelock_lock_*{lock="..."}` series: the busiest of all
@@ -273,7 +294,21 @@ impl LoopMetrics {
             connections: AtomicU64::new(0),
             oldest_hold_ms: AtomicU64::new(NO_HOLD),
             hot: parking_lot::Mutex::new(Vec::new()),
+            tags: parking_lot::Mutex::new(Vec::new()),
         }
+    }
+
+    /// The shard's totals per tag pair (the `TAGS_PUBLISHED_MAX` busiest
+    /// are kept).
+    pub fn set_tags(&self, mut tags: Vec<TagTotal>) {
+        tags.sort_by(|a, b| {
+            b.usage
+                .acquires
+                .cmp(&a.usage.acquires)
+                .then_with(|| a.tag.cmp(&b.tag))
+        });
+        tags.truncate(TAGS_PUBLISHED_MAX);
+        *self.tags.lock() = tags;
     }
 
     /// The shard's busiest names (at most `HOT_LOCKS_MAX` are kept).
@@ -604,6 +639,7 @@ pub fn render(loops: &[Arc<LoopMetrics>], server: &ServerMetrics, now_ms: u64) -
     sample_f(&mut out, name, "", oldest_age_ms, 1_000);
 
     hot_locks(&mut out, loops);
+    hot_tags(&mut out, loops);
 
     let name = "livelock_dump_duration_seconds";
     family(
@@ -809,68 +845,109 @@ fn sum_of(loops: &[Arc<LoopMetrics>], field: impl Fn(&LoopMetrics) -> &AtomicU64
 /// The busiest names of all shards, `HOT_LOCKS_MAX` of them, one series
 /// each per family (`lock` label: the name, escaped: `label_value`).
 fn hot_locks(out: &mut String, loops: &[Arc<LoopMetrics>]) {
-    let mut hot: Vec<HotLock> = loops.iter().flat_map(|m| m.hot.lock().clone()).collect();
+    let hot: Vec<HotLock> = loops.iter().flat_map(|m| m.hot.lock().clone()).collect();
+    usage_families(
+        out,
+        ("livelock_lock", "lock", "the name"),
+        hot,
+        HOT_LOCKS_MAX,
+    );
+}
+
+/// The busiest tag pairs over all shards (each shard's totals added up),
+/// `HOT_TAGS_MAX` of them, one series each per family (`tag` label).
+fn hot_tags(out: &mut String, loops: &[Arc<LoopMetrics>]) {
+    let mut totals: HashMap<Box<[u8]>, TagTotal> = HashMap::new();
+    for m in loops {
+        for part in m.tags.lock().iter() {
+            let total = totals.entry(part.tag.clone()).or_default();
+            total.usage.add(&part.usage);
+            total.held += part.held;
+            total.waiting += part.waiting;
+        }
+    }
+    let hot = totals.into_iter().map(|(tag, t)| HotLock {
+        name: tag,
+        acquires: t.usage.acquires,
+        grants: t.usage.grants,
+        busy: t.usage.busy,
+        timeouts: t.usage.timeouts,
+        held: t.held,
+        waiting: t.waiting,
+        wait_p99_ms: t.usage.wait.quantile(0.99),
+        hold_p99_ms: t.usage.hold.quantile(0.99),
+    });
+    let what = ("livelock_tag", "tag", "the names with the tag");
+    usage_families(out, what, hot.collect(), HOT_TAGS_MAX);
+}
+
+/// The usage gauges of the `max` busiest of `hot`, one series each per
+/// family: `{prefix}_acquires{{label="..."}}`..., `of` says whose.
+fn usage_families(
+    out: &mut String,
+    (prefix, label, of): (&str, &str, &str),
+    mut hot: Vec<HotLock>,
+    max: usize,
+) {
     hot.sort_by(|a, b| {
         b.acquires
             .cmp(&a.acquires)
             .then_with(|| a.name.cmp(&b.name))
     });
-    hot.truncate(HOT_LOCKS_MAX);
+    hot.truncate(max);
     let labels: Vec<String> = hot
         .iter()
-        .map(|h| format!("lock=\"{}\"", label_value(&h.name)))
+        .map(|h| format!("{label}=\"{}\"", label_value(&h.name)))
         .collect();
     type Get = fn(&HotLock) -> u64;
     let counts: [(&str, &str, Get); 6] = [
         (
-            "livelock_lock_acquires",
-            "Acquires asked of the name lately (halved every minute).",
+            "acquires",
+            "Acquires asked of {} lately (halved every minute).",
             |h| h.acquires,
         ),
         (
-            "livelock_lock_grants",
-            "Grants of the name lately (halved every minute).",
+            "grants",
+            "Grants of {} lately (halved every minute).",
             |h| h.grants,
         ),
         (
-            "livelock_lock_busy",
-            "Tries of the name refused busy lately (halved every minute).",
+            "busy",
+            "Tries of {} refused busy lately (halved every minute).",
             |h| h.busy,
         ),
         (
-            "livelock_lock_timeouts",
-            "Waits for the name that timed out lately (halved every minute).",
+            "timeouts",
+            "Waits for {} that timed out lately (halved every minute).",
             |h| h.timeouts,
         ),
-        ("livelock_lock_held", "Holds of the name now.", |h| h.held),
-        (
-            "livelock_lock_waiting",
-            "Acquires of the name queued now.",
-            |h| h.waiting,
-        ),
+        ("held", "Holds of {} now.", |h| h.held),
+        ("waiting", "Acquires of {} queued now.", |h| h.waiting),
     ];
-    for (name, help, get) in counts {
-        family(out, name, "gauge", help);
+    for (suffix, help, get) in counts {
+        let name = format!("{prefix}_{suffix}");
+        family(out, &name, "gauge", &help.replace("{}", of));
         for (h, labels) in hot.iter().zip(&labels) {
-            sample(out, name, labels, get(h));
+            sample(out, &name, labels, get(h));
         }
     }
     let times: [(&str, &str, Get); 2] = [
         (
-            "livelock_lock_wait_p99_seconds",
-            "99th percentile of the name's waits lately (within a factor of 2).",
+            "wait_p99_seconds",
+            "99th percentile of the waits for {} lately (within a factor of 2).",
             |h| h.wait_p99_ms,
         ),
         (
-            "livelock_lock_hold_p99_seconds",
-            "99th percentile of the name's holds lately (within a factor of 2).",
+            "hold_p99_seconds",
+            "99th percentile of the holds of {} lately (within a factor of 2).",
             |h| h.hold_p99_ms,
         ),
     ];
-    for (name, help, get) in times {
-        family(out, name, "gauge", help);
+    for (suffix, help, get) in times {
+        let name = format!("{prefix}_{suffix}");
+        family(out, &name, "gauge", &help.replace("{}", of));
         for (h, labels) in hot.iter().zip(&labels) {
-            sample_f(out, name, labels, get(h), 1_000);
+            sample_f(out, &name, labels, get(h), 1_000);
         }
     }
 }
@@ -1463,6 +1540,39 @@ mod tests {
             value(&samples, "livelock_lock_wait_p99_seconds", &lock),
             1.023
         );
+    }
+
+    /// Tag pairs: each shard's totals are added up per pair, and only the
+    /// busiest `HOT_TAGS_MAX` pairs are shown.
+    #[test]
+    fn hot_tags_add_up_the_shards() {
+        let total = |tag: &str, acquires| {
+            let usage = crate::usage::NameUsage {
+                acquires,
+                grants: acquires,
+                ..Default::default()
+            };
+            TagTotal {
+                tag: tag.as_bytes().into(),
+                usage,
+                held: 1,
+                waiting: 0,
+            }
+        };
+        let (a, b) = (Arc::new(LoopMetrics::new()), Arc::new(LoopMetrics::new()));
+        a.set_tags((0..20).map(|i| total(&format!("k=a{i}"), i)).collect());
+        b.set_tags(vec![total("model=T1", 30), total("k=a19", 5)]);
+        let (samples, _) = parse(&render(&[a, b], &ServerMetrics::new(), 0));
+        let series: Vec<&Sample> = samples
+            .iter()
+            .filter(|s| s.name == "livelock_tag_grants")
+            .collect();
+        assert_eq!(series.len(), HOT_TAGS_MAX);
+        assert_eq!(series[0].labels["tag"], "model=T1");
+        assert_eq!(series[1].labels["tag"], "k=a19");
+        assert_eq!(series[1].value, 24.0, "19 + 5: both shards");
+        let held = [("tag", "k=a19")];
+        assert_eq!(value(&samples, "livelock_tag_held", &held), 2.0);
     }
 
     /// Bytes that are not UTF-8 are written as `\xNN` text, so names that
