@@ -30,17 +30,18 @@ fn sample(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
 }
 
-#[test]
-fn metrics_follow_the_traffic() {
-    let server = TestServer::start_with(2, |config| {
+/// A server of `loops` loops with its metrics endpoint, and that endpoint.
+fn metered(loops: usize) -> (TestServer, std::net::SocketAddr) {
+    let server = TestServer::start_with(loops, |config| {
         config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
     });
-    let metrics = server
-        .server
-        .as_ref()
-        .unwrap()
-        .metrics_addr()
-        .expect("metrics on");
+    let metrics = server.server.as_ref().unwrap().metrics_addr();
+    (server, metrics.expect("metrics on"))
+}
+
+#[test]
+fn metrics_follow_the_traffic() {
+    let (server, metrics) = metered(2);
     let holder = server.client();
     let waiter = server.client();
     let guard = holder.acquire("metered").unwrap();
@@ -104,10 +105,7 @@ fn metrics_follow_the_traffic() {
 /// as busy (issue 11, item 9, in part).
 #[test]
 fn every_operation_is_counted() {
-    let server = TestServer::start_with(2, |config| {
-        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-    });
-    let metrics = server.server.as_ref().unwrap().metrics_addr().unwrap();
+    let (server, metrics) = metered(2);
     let client = server.client();
     let other = server.client();
     let guard = client.acquire("counted").unwrap();
@@ -187,15 +185,7 @@ fn every_operation_is_counted() {
 #[test]
 fn tag_gauges_add_up_the_names_with_each_tag() {
     use livelock::client::Requirement;
-    let server = TestServer::start_with(3, |config| {
-        config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-    });
-    let metrics = server
-        .server
-        .as_ref()
-        .unwrap()
-        .metrics_addr()
-        .expect("metrics on");
+    let (server, metrics) = metered(3);
     let client = server.client();
     let devices = [("gpu1", "model=T1,site=a"), ("gpu2", "model=T1,site=b")];
     let both = [Requirement::tagged(2, devices)];
