@@ -26,7 +26,8 @@
 //!   interim QUEUED a pending acquire;
 //! - the home's view of each session's holds equals the tables'.
 //!
-//! Sessions also take 2 or 3 names at once (ACQUIRE_ALL: the production
+//! Single acquires are exclusive, shared, or a semaphore's permits (1 or
+//! 2 of 3). Sessions also take 2 or 3 names at once (ACQUIRE_ALL: the production
 //! `state::multi` steps, driven as `event_loop::multi` drives them): every
 //! step's grant is fenced; a granted one holds every name with the tokens
 //! it answered; a failed one holds none of them; while one is in flight,
@@ -462,9 +463,18 @@ impl World {
             0..=39 if !attached.is_empty() => {
                 let id = self.rng.pick(&attached);
                 let name = self.rng.pick(&NAMES);
-                let mode = self
-                    .rng
-                    .pick(&[Mode::Exclusive, Mode::Exclusive, Mode::Shared]);
+                // Sometimes a semaphore's permits (1 or 2 of 3): a name in
+                // use as a lock refuses it, WrongKind, and the other way round.
+                let mode = self.rng.pick(&[
+                    Mode::Exclusive,
+                    Mode::Exclusive,
+                    Mode::Shared,
+                    Mode::Permits,
+                ]);
+                let (weight, capacity) = match mode {
+                    Mode::Permits => (1 + self.rng.below(2) as u32, 3),
+                    _ => (1, 0),
+                };
                 let wait = match self.rng.below(4) {
                     0 => Wait::Try,
                     1 => Wait::Until(self.now_ms + 1 + self.rng.below(3000)),
@@ -486,8 +496,8 @@ impl World {
                     request_id,
                     name,
                     mode,
-                    weight: 1,
-                    capacity: 0,
+                    weight,
+                    capacity,
                     wait,
                     lease_ms,
                     reentrant: false,
