@@ -501,11 +501,18 @@ fn a_member_that_was_down_catches_up_from_a_snapshot() {
     // and check-quorum could depose it first on a slow machine.)
     cluster.heal();
     cluster.restart(leader);
-    // The handed-over member usually leads now; but the old leader may go
-    // before its vote for it is sent (a known gap of the hand-over, see
-    // docs/ARCHITECTURE.md), and then whoever wins next leads: the hold is
-    // kept either way.
+    // The handed-over member leads: the old leader sent it its vote before
+    // it went (`flush_before_exit`; without it, the target, with the other
+    // follower cut off, was one vote short).
     let now = cluster.leader();
+    assert_eq!(
+        now,
+        lagging,
+        "{}\n---\n{}\n---\n{}",
+        cluster.stderr(1),
+        cluster.stderr(2),
+        cluster.stderr(3)
+    );
     let resumed = holder.resume(&[cluster.client_addr(now)]);
     assert_eq!(resumed.holds.len(), 1);
     assert_eq!(

@@ -40,6 +40,8 @@ pub const TICK: Duration = Duration::from_millis(50);
 const HEARTBEAT_TICKS: usize = 2;
 /// How long a leader asked to stop tries to hand over before it just goes.
 const TRANSFER_MAX: Duration = Duration::from_secs(3);
+/// The longest a stopping node waits for its last messages to be sent.
+const FLUSH_MAX: Duration = Duration::from_millis(400);
 /// Operators' changes waiting for the raft thread.
 const CHANGES_MAX: usize = 16;
 /// A snapshot sent that no follower acknowledged within this is sent again.
@@ -834,7 +836,27 @@ impl Node {
                 false => ", and a supervisor restarts this node as a follower",
             }
         );
+        if asked {
+            self.flush_before_exit();
+        }
         std::process::exit(if asked { 0 } else { 3 });
+    }
+
+    /// Before a stopping node goes: what raft owes its peers is persisted
+    /// and sent — above all the vote a leader handing over gives the
+    /// target as it steps down (going without it could leave the target a
+    /// vote short of a majority) — and the links are given a moment to
+    /// write it (bounded by FLUSH_MAX).
+    fn flush_before_exit(&mut self) {
+        if self.raw.has_ready() && !self.handle_ready() {
+            return;
+        }
+        let until = Instant::now() + FLUSH_MAX;
+        while !self.links.drained() && Instant::now() < until {
+            thread::sleep(Duration::from_millis(5));
+        }
+        // Taken off a queue is not yet written: a little longer.
+        thread::sleep(FLUSH_MAX.min(until.saturating_duration_since(Instant::now())) / 4);
     }
 
     /// Stopping: a leader hands over to the follower with the most of the
@@ -847,6 +869,7 @@ impl Node {
                 self.deposed();
             }
             tracing::info!("stopping");
+            self.flush_before_exit();
             std::process::exit(0);
         }
         let me = self.raw.raft.id;

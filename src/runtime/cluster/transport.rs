@@ -108,6 +108,11 @@ impl Links {
         self.senders.remove(&id);
     }
 
+    /// Every peer's queue is empty (its sender thread took everything).
+    pub fn drained(&self) -> bool {
+        self.senders.values().all(|(_, tx)| tx.is_empty())
+    }
+
     /// The peers and their addresses.
     pub fn peers(&self) -> BTreeMap<u64, SocketAddr> {
         self.senders
