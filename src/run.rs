@@ -11,9 +11,11 @@
 //!   The supervisor exits (with COMMAND's status) only once no descendant is
 //!   left, and only then is the lock released.
 //! - A stop is: a signal to `livelock run` (TERM, INT, HUP, QUIT; forwarded
-//!   to the group), the loss of the hold (lease, session taken, connection
-//!   gone past `--grace`), or the end of COMMAND's main process (what it left
-//!   running is stopped).
+//!   to the group), the loss of the hold (lease, session taken without a
+//!   `--grace` to take it back in, connection gone past `--grace`, a lock
+//!   missing from the listing after a RESUME), or the end of COMMAND's main
+//!   process (what it left running is stopped). A RESUME tries each server
+//!   of `--server` in turn, the one that answered first.
 //! - If `livelock run` dies (even by SIGKILL), the supervisor's parent-death
 //!   signal makes it SIGKILL the group; the server frees the lock when our
 //!   socket closes.
@@ -596,12 +598,11 @@ pub fn run(mut args: RunArgs) -> ExitCode {
         grace: args.lock.grace,
         ..ClientOptions::default()
     };
-    let options = match crate::admin::server_options(&servers, &base, &args.lock.tls) {
+    let all_options = match crate::admin::server_options(&servers, &base, &args.lock.tls) {
         Ok(options) => options,
         Err(e) => return fail(EXIT_USAGE, format_args!("{e}")),
     };
-    // A reconnect (RESUME) goes to the server that answered, the same way.
-    let (client, addr, options) = match crate::admin::connect_first(&servers, &options) {
+    let (client, addr, options) = match crate::admin::connect_first(&servers, &all_options) {
         Ok((client, addr, options)) => (client, addr.to_string(), options.clone()),
         Err((addr, e @ Error::Status(Status::Auth, _))) => {
             return fail(EXIT_AUTH, format_args!("{addr} refused the password: {e}"))
@@ -613,6 +614,16 @@ pub fn run(mut args: RunArgs) -> ExitCode {
             )
         }
     };
+    // A reconnect (RESUME) tries the server that answered, then the others
+    // (a cluster's members all know the session).
+    let mut resume_at = vec![(addr.clone(), options.clone())];
+    resume_at.extend(
+        servers
+            .iter()
+            .cloned()
+            .zip(all_options)
+            .filter(|(other, _)| *other != addr),
+    );
     let mode = match (args.lock.permits, args.lock.shared) {
         (Some(_), _) => Mode::Permits,
         (None, true) => Mode::Shared,
@@ -757,7 +768,7 @@ pub fn run(mut args: RunArgs) -> ExitCode {
             if args.lock.grace.is_zero() {
                 reason = Some(format!("no answer from {addr} for {SILENCE_MAX:?}"));
             } else {
-                reconnecting = Some(start_reconnect(&addr, &link.client, &options, kill_at));
+                reconnecting = Some(start_reconnect(&resume_at, &link.client, kill_at));
             }
         }
         if now >= term_at && lost.is_none() {
@@ -815,14 +826,24 @@ pub fn run(mut args: RunArgs) -> ExitCode {
                     Ok(Event::LockLost { .. } | Event::Shutdown | Event::Signal { .. }) => None,
                     // Our own RESUME takes the session from the old connection.
                     Ok(Event::SessionTaken) if reconnecting.is_some() => None,
-                    Ok(Event::SessionTaken) => Some("another connection took the session".to_string()),
-                    Ok(Event::Disconnected) | Err(_) => {
+                    // Only this process knows the secret: a RESUME of ours
+                    // that timed out (a frozen server) can still be
+                    // delivered later and take the session. It is taken
+                    // back like a lost connection (within the grace); the
+                    // listing then says whether every lock is still held.
+                    Ok(Event::SessionTaken) if args.lock.grace.is_zero() => {
+                        Some("another connection took the session".to_string())
+                    }
+                    ended @ (Ok(Event::SessionTaken | Event::Disconnected) | Err(_)) => {
                         link.events = never();
                         if args.lock.grace.is_zero() {
                             Some(format!("the connection to {addr} was lost"))
                         } else {
+                            if matches!(ended, Ok(Event::SessionTaken)) {
+                                eprintln!("livelock run: another connection took the session; taking it back");
+                            }
                             if reconnecting.is_none() {
-                                reconnecting = Some(start_reconnect(&addr, &link.client, &options, kill_at));
+                                reconnecting = Some(start_reconnect(&resume_at, &link.client, kill_at));
                             }
                             None
                         }
@@ -994,42 +1015,56 @@ impl Link {
 
 /// Resumes the session on a new connection, trying until `until`; the new
 /// client and the send time of the RESUME that worked, or None.
+/// Resumes the session in the background, at the servers of `resume_at`
+/// in turn (the one that answered first), until `until`.
 fn start_reconnect(
-    addr: &str,
+    resume_at: &[(String, ClientOptions)],
     client: &Client,
-    options: &ClientOptions,
     until: Instant,
 ) -> Receiver<Option<(Client, Instant)>> {
     let (tx, rx) = crossbeam_channel::bounded(1);
-    let addr = addr.to_string();
+    let resume_at = resume_at.to_vec();
     let (session_id, secret) = (client.session_id(), client.secret());
-    let options = options.clone();
     std::thread::spawn(move || {
-        let _ = tx.send(reconnect(&addr, session_id, secret, options, until));
+        let _ = tx.send(reconnect(&resume_at, session_id, secret, until));
     });
     rx
 }
 
+/// RESUMEs at each of `resume_at` in turn (a cluster's members all know
+/// the session: a node that is down or frozen is passed for the next)
+/// until one takes it or `until`. Gives up early only when the first — the
+/// server that opened the session — does not know it (another server of
+/// the list may be an unrelated one).
 fn reconnect(
-    addr: &str,
+    resume_at: &[(String, ClientOptions)],
     session_id: u64,
     secret: [u8; SECRET_LEN],
-    mut options: ClientOptions,
     until: Instant,
 ) -> Option<(Client, Instant)> {
-    loop {
+    for (i, (addr, options)) in resume_at.iter().enumerate().cycle() {
         let sent = Instant::now();
         let left = until.saturating_duration_since(sent);
         if left.is_zero() {
             return None;
         }
-        options.connect_timeout = left.min(SILENCE_MAX).max(Duration::from_millis(10));
-        match Client::resume(addr, session_id, secret, &options) {
-            Ok(resumed) => return Some((resumed, sent)),
-            Err(Error::Status(Status::UnknownSession, _)) => return None,
-            Err(_) => std::thread::sleep(Duration::from_millis(100).min(left)),
+        let options = ClientOptions {
+            connect_timeout: left.min(SILENCE_MAX).max(Duration::from_millis(10)),
+            ..options.clone()
+        };
+        match Client::resume(addr.as_str(), session_id, secret, &options) {
+            Ok(resumed) => {
+                eprintln!("livelock run: session resumed at {addr}");
+                return Some((resumed, sent));
+            }
+            Err(Error::Status(Status::UnknownSession, _)) if i == 0 => return None,
+            Err(_) if i + 1 == resume_at.len() => {
+                std::thread::sleep(Duration::from_millis(100).min(left))
+            }
+            Err(_) => {}
         }
     }
+    None
 }
 
 // ---- the supervisor ---------------------------------------------------------

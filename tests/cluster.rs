@@ -835,3 +835,65 @@ fn a_relayed_connection_is_kept_alive_like_a_direct_one() {
         tcp_timer(cluster.client_addr(follower), local) == Some(2)
     });
 }
+
+/// `livelock run` connected through a follower that freezes (SIGSTOP):
+/// its heartbeat goes unanswered, it resumes the session at the next
+/// member of its --server list within its grace (its first RESUME, sent
+/// to the frozen follower, times out); thawed, the follower delivers that
+/// stale RESUME, which takes the session, and run takes it back; COMMAND
+/// runs on and ends normally (exit 0, not 79: the lock was never lost).
+#[test]
+fn run_behind_a_frozen_follower_resumes_at_another_member() {
+    let mut cluster = TestCluster::start("cluster-run-frozen", 3, 110);
+    let leader = cluster.leader();
+    let follower = (1..=3).find(|&id| id != leader).unwrap();
+    let others = (1..=3).filter(|&id| id != follower);
+    let servers: Vec<String> = std::iter::once(follower)
+        .chain(others)
+        .map(|id| cluster.client_addr(id).to_string())
+        .collect();
+    let dir = ScratchDir::new("cluster-run-frozen-run");
+    let (started, go) = (dir.join("started"), dir.join("go"));
+    let script = format!(
+        "touch {}; while [ ! -e {} ]; do sleep 0.05; done",
+        started.display(),
+        go.display()
+    );
+    let mut run = livelock_bin();
+    run.args(["run", "--server", &servers.join(","), "--grace", "20s"])
+        .args(["guarded", "--", "sh", "-c", &script]);
+    let mut child = ChildGuard::spawn("run", &mut run, &dir);
+    child.wait_for("COMMAND started", |_| started.exists().then_some(()));
+    let frozen = cluster.nodes[follower as usize - 1]
+        .process
+        .as_ref()
+        .unwrap();
+    signal(frozen, libc::SIGSTOP);
+    let resumed_at = format!("session resumed at {}", servers[1]);
+    let resumed = child.wait_for("the resume elsewhere", |c| {
+        let text = c.stderr();
+        (text.contains("session resumed at") || text.contains("lost")).then_some(text)
+    });
+    let frozen = cluster.nodes[follower as usize - 1]
+        .process
+        .as_ref()
+        .unwrap();
+    signal(frozen, libc::SIGCONT);
+    assert!(resumed.contains(&resumed_at), "{resumed}");
+    // Thawed, the follower relays the RESUME that timed out against it:
+    // it takes the session, and run takes it back (within its grace).
+    child.wait_for("the session taken back", |c| {
+        let text = c.stderr();
+        let taken = text.find("taking it back")?;
+        text[taken..].contains("session resumed at").then_some(())
+    });
+    std::fs::write(&go, b"").unwrap();
+    let status = child.wait_exit();
+    assert_eq!(status.code(), Some(0), "{}", child.stderr());
+    // Released at the end: the lock is free.
+    let addrs = cluster.live_clients();
+    let observer = Follow::connect(&addrs, "observer", Duration::ZERO);
+    wait_until("the lock released", || {
+        observer.client.inspect("guarded").unwrap().is_none()
+    });
+}
