@@ -351,3 +351,29 @@ fn a_pool_request_in_flight_survives_a_crash_of_a_log_server() {
     let (queue, _) = grant[0].permits.clone().expect("a queue: 1 of 2");
     assert_eq!(holders(&watch, std::str::from_utf8(&queue).unwrap()), [id]);
 }
+
+/// A session that still holds a pool queue's permits (its resources given
+/// back, its permits not yet) is refused the same pool, `AlreadyHeld`:
+/// the permits stay its own, released when it says so.
+#[test]
+fn a_pool_whose_permits_the_session_holds_is_refused() {
+    let server = TestServer::start(2);
+    let (a, watch) = (server.client(), server.client());
+    let pool = || [Requirement::of(1, ["u", "v", "w"])];
+    let grant = a.acquire_pool(&pool(), None).unwrap().unwrap();
+    let queue = String::from_utf8(grant.queues()[0].name().to_vec()).unwrap();
+    let resource = String::from_utf8(grant.names(0)[0].to_vec()).unwrap();
+    grant.forget();
+    a.release(&resource).unwrap();
+    match a.acquire_pool(&pool(), Some(Duration::ZERO)) {
+        Err(Error::Status(Status::AlreadyHeld, _)) => {}
+        other => panic!("expected AlreadyHeld, got {:?}", other.map(|g| g.is_some())),
+    }
+    assert_eq!(holders(&watch, &queue), [a.session_id()]);
+    a.release(&queue).unwrap();
+    assert!(holders(&watch, &queue).is_empty());
+    assert!(a
+        .acquire_pool(&pool(), Some(Duration::ZERO))
+        .unwrap()
+        .is_some());
+}

@@ -52,6 +52,19 @@ impl<'a> Request<'a> {
         }
     }
 
+    /// The pool queues it takes permits of (none for an ACQUIRE_ALL).
+    pub fn queues(&self) -> Vec<LockName> {
+        match self {
+            Request::All(_) => Vec::new(),
+            Request::Pool(spec) => pool_entries(*spec)
+                .0
+                .into_iter()
+                .filter(|e| matches!(e.role, Role::Queue(_)))
+                .map(|e| e.name)
+                .collect(),
+        }
+    }
+
     /// Every name it may take (a pool: its candidates), as sent.
     pub fn names(&self) -> Vec<&'a [u8]> {
         match self {

@@ -320,6 +320,15 @@ impl Session {
                 {
                     return Some(LockName::from_slice(name));
                 }
+                // A pool whose queue's permits the session holds still (an
+                // earlier grant of the same set, its resources released).
+                if let Some(queue) = asked
+                    .queues()
+                    .into_iter()
+                    .find(|q| self.holds.contains_key(&**q) || taken_by_multi(q))
+                {
+                    return Some(queue);
+                }
                 // One pass over the acquires in flight (at most
                 // IN_FLIGHT_PER_SESSION_MAX), each looked up among its names.
                 let asked: hashbrown::HashSet<&[u8]> = names.into_iter().collect();
