@@ -591,6 +591,8 @@ mod tests {
         let mut m = pool_request(&[(2, "", &[("d", ""), ("b", ""), ("c", ""), ("a", "")])], w);
         let q = queue(&["a", "b", "c", "d"]);
         assert_eq!(q, queue(&["d", "c", "b", "a"]), "the set names the queue");
+        // The protocol's hash (PROTOCOL.md), pinned: clients compute it too.
+        assert_eq!(&*queue(&["b", "a"]), b"pool:934aa6c4c6427684");
         assert_eq!(m.start(), permits(&q, 2, 4, w));
         assert_eq!(
             m.on_outcome(Outcome::Granted { token: 1 }),
