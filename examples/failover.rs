@@ -6,7 +6,10 @@
 //! a temporary directory. Each round: find the leader (CLUSTER_STATUS),
 //! SIGKILL it, then try a fresh lock through the other nodes every 5 ms
 //! until one is granted; restart the killed node and wait until every
-//! member is replicating again. Every wait is bounded (30 s).
+//! member is replicating again. Every wait is bounded (30 s). Each round
+//! also says when the new leader's log said it was elected and when it
+//! serves (by the wall clock): the election, then the new leader's
+//! restore, apart from the prober's own delays.
 //!
 //! ```sh
 //! cargo build --release --bins --examples
@@ -50,6 +53,27 @@ fn spawn(livelock: &std::path::Path, dir: &std::path::Path, node: &Node, peers: 
         .stderr(log)
         .spawn()
         .expect("start a node")
+}
+
+/// Seconds since midnight (UTC) of `at`.
+fn seconds_of_day(at: std::time::SystemTime) -> f64 {
+    let since = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970");
+    since.as_secs_f64().rem_euclid(86_400.0)
+}
+
+/// When node `id`'s log last said `what`: seconds since midnight, from
+/// the line's `...THH:MM:SS.ffffffZ` stamp.
+fn last_said(dir: &std::path::Path, id: u64, what: &str) -> Option<f64> {
+    let log = std::fs::read_to_string(dir.join(format!("node{id}.log"))).ok()?;
+    let line = log.lines().rev().find(|l| l.contains(what))?;
+    let time = line.split_whitespace().next()?.split_once('T')?.1;
+    let time = time.trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let (h, m, s) = (parts.next()?, parts.next()?, parts.next()?);
+    let (h, m, s): (f64, f64, f64) = (h.parse().ok()?, m.parse().ok()?, s.parse().ok()?);
+    Some(h * 3600.0 + m * 60.0 + s)
 }
 
 fn options() -> ClientOptions {
@@ -119,6 +143,7 @@ fn main() {
         let node = &mut nodes[leader as usize - 1];
         let mut child = node.child.take().expect("running");
         let killed_at = Instant::now();
+        let killed_wall = seconds_of_day(std::time::SystemTime::now());
         child.kill().expect("SIGKILL");
         let name = format!("failover-{}-{round}", std::process::id());
         let granted = 'granted: loop {
@@ -136,7 +161,23 @@ fn main() {
             std::thread::sleep(Duration::from_millis(5));
         };
         let _ = child.wait();
-        println!("round {round}: leader {leader} killed, first grant after {granted:?}");
+        // When the survivors' logs said so, after the kill.
+        let after = |what: &str| {
+            let first = nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .filter_map(|n| last_said(&dir, n.id, what))
+                .map(|at| (at - killed_wall).rem_euclid(86_400.0))
+                .filter(|&after| after < WAIT_MAX.as_secs_f64())
+                .reduce(f64::min);
+            first.map_or("?".to_string(), |s| format!("{:.0} ms", s * 1000.0))
+        };
+        println!(
+            "round {round}: leader {leader} killed, a new one elected after {}, serving after {}, \
+             first grant after {granted:?}",
+            after("elected leader at entry"),
+            after("serving as the leader")
+        );
         samples.push(granted);
         let node = &mut nodes[leader as usize - 1];
         node.child = Some(spawn(&livelock, &dir, node, &peers));
