@@ -241,7 +241,7 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
         ..RaftConfig::default()
     };
     config.validate().map_err(|e| format!("raft: {e}"))?;
-    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let logger = slog::Logger::root(RaftLog, slog::o!("node" => id));
     let raw = RawNode::new(&config, storage.clone(), &logger).map_err(|e| format!("raft: {e}"))?;
     let status = Arc::new(NodeStatus::new(id, directory));
     let (events_tx, events) = crossbeam_channel::bounded(1);
@@ -975,4 +975,41 @@ fn single(node_id: u64, change_type: ConfChangeType) -> ConfChangeSingle {
     };
     single.set_change_type(change_type);
     single
+}
+
+/// raft-rs's own log (slog) into ours (tracing): each record at DEBUG
+/// under target `raft`, its key-values after the message (elections,
+/// votes given and refused, and why).
+struct RaftLog;
+
+impl slog::Drain for RaftLog {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(
+        &self,
+        record: &slog::Record<'_>,
+        values: &slog::OwnedKVList,
+    ) -> Result<(), slog::Never> {
+        if !tracing::enabled!(target: "raft", tracing::Level::DEBUG) {
+            return Ok(());
+        }
+        let mut text = record.msg().to_string();
+        let mut kv = KeyValues(&mut text);
+        let _ = slog::KV::serialize(&record.kv(), record, &mut kv);
+        let _ = slog::KV::serialize(values, record, &mut kv);
+        tracing::debug!(target: "raft", "{text}");
+        Ok(())
+    }
+}
+
+/// Appends ` key=value` for each pair of a raft-rs log record.
+struct KeyValues<'a>(&'a mut String);
+
+impl slog::Serializer for KeyValues<'_> {
+    fn emit_arguments(&mut self, key: slog::Key, value: &std::fmt::Arguments<'_>) -> slog::Result {
+        use std::fmt::Write as _;
+        let _ = write!(self.0, " {key}={value}");
+        Ok(())
+    }
 }

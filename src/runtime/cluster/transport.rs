@@ -229,6 +229,7 @@ fn send_loop(me: &Identity, id: u64, addr: SocketAddr, rx: &Receiver<Message>, s
         };
         let _ = stream.set_nodelay(true);
         let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
         let mut out = match outgoing(me, addr, stream) {
             Ok(out) => out,
             Err(e) => {
@@ -237,7 +238,11 @@ fn send_loop(me: &Identity, id: u64, addr: SocketAddr, rx: &Receiver<Message>, s
                 continue;
             }
         };
-        if out.write_all(&hello).is_err() {
+        // Flushed now: a link that stays idle (between two followers,
+        // until an election) must not leave its handshake in the buffer —
+        // the peer gives up on it after HANDSHAKE_TIMEOUT and closes, and
+        // the first message written later (a vote request) is lost.
+        if out.write_all(&hello).and_then(|()| out.flush()).is_err() {
             continue;
         }
         tracing::debug!("peer link to node {id} ({addr}) up");
@@ -247,6 +252,13 @@ fn send_loop(me: &Identity, id: u64, addr: SocketAddr, rx: &Receiver<Message>, s
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                     if stop.load(Ordering::SeqCst) {
                         return;
+                    }
+                    // An idle link whose peer went (killed, restarted)
+                    // is redialled now: else the next message — a vote,
+                    // between two followers — is written into it and lost.
+                    if peer_closed(fd) {
+                        tracing::debug!("peer link to node {id} ({addr}) closed by the peer");
+                        break;
                     }
                     continue;
                 }
@@ -268,6 +280,34 @@ fn send_loop(me: &Identity, id: u64, addr: SocketAddr, rx: &Receiver<Message>, s
                 tracing::debug!("peer link to node {id} ({addr}) lost");
                 break;
             }
+        }
+    }
+}
+
+/// Whether the peer closed the connection `fd` (we never read it: its
+/// end shows as EOF or an error on a non-blocking peek).
+fn peer_closed(fd: std::os::fd::RawFd) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: `fd` is the socket of the connection being written (`out`
+    // owns it and lives across this call); one byte of our own buffer; a
+    // peek with MSG_DONTWAIT neither blocks nor consumes.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            std::ptr::addr_of_mut!(byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => true,
+        n if n > 0 => false,
+        _ => {
+            let e = std::io::Error::last_os_error().kind();
+            !matches!(
+                e,
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            )
         }
     }
 }
@@ -410,4 +450,56 @@ fn read_bytes(stream: &mut impl Read, max: usize) -> Result<Vec<u8>, String> {
         .read_exact(&mut bytes)
         .map_err(|e| format!("short handshake ({e})"))?;
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A link's handshake goes out at once, before any message: a link
+    /// that stays idle (two followers) is not closed by its peer for want
+    /// of one (the first vote request on it was lost).
+    #[test]
+    fn the_handshake_is_sent_before_any_message() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let me = Identity {
+            node_id: 1,
+            client_addr: "127.0.0.1:7873".parse().unwrap(),
+            secret: Arc::new(b"secret".to_vec()),
+            tls: None,
+        };
+        let mut links = Links {
+            me: me.clone(),
+            senders: BTreeMap::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        links.set(2, listener.local_addr().unwrap());
+        let (mut peer, _) = listener.accept().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = vec![0u8; handshake(&me).len()];
+        peer.read_exact(&mut got).expect("the handshake, unasked");
+        assert_eq!(got, handshake(&me));
+    }
+
+    /// An idle connection whose peer closed shows as closed; an open one
+    /// does not.
+    #[test]
+    fn a_peer_that_closed_is_seen() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (theirs, _) = listener.accept().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&ours);
+        assert!(!peer_closed(fd));
+        drop(theirs);
+        let start = Instant::now();
+        while !peer_closed(fd) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "never seen closed"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
