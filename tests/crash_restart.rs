@@ -18,8 +18,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    data_dir, expect_clean_exit, free_addr, graceful, livelock_bin, signal, spawn_server_with,
-    start_server_with, wait_listening, wait_until, ChildGuard, ScratchDir, WAIT_MAX,
+    data_dir, expect_clean_exit, free_addr, graceful, holders, livelock_bin, signal,
+    spawn_server_with, start_server_with, wait_listening, wait_until, ChildGuard, ScratchDir,
+    WAIT_MAX,
 };
 use livelock::client::{Client, ClientOptions};
 
@@ -43,14 +44,6 @@ fn start_server(
     extra: &[&str],
 ) -> ChildGuard {
     start_server_with(what, dir, data_dir, addr, "dump", extra)
-}
-
-/// The session ids holding `name`, as INSPECT reports them.
-fn holders(client: &Client, name: &str) -> Vec<u64> {
-    match client.inspect(name).expect("inspect") {
-        Some(record) => record.holders.iter().map(|holder| holder.session).collect(),
-        None => Vec::new(),
-    }
 }
 
 /// Whether process `pid` has `path` (canonical) open.

@@ -10,29 +10,17 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    bounded, data_dir, free_addr, graceful, livelock_bin, start_server_with, wait_until,
-    ChildGuard, RawConn, ScratchDir, TestServer, WAIT_MAX,
+    bounded, data_dir, free_addr, graceful, holders, livelock_bin, queued, start_server_with,
+    wait_until, ChildGuard, RawConn, ScratchDir, Stamps, TestServer, WAIT_MAX,
 };
 use livelock::client::{Client, Error};
 use livelock::protocol::{opcode, AllNames, Mode, Request, Status, WAIT_FOREVER};
 
 const X: Mode = Mode::Exclusive;
-
-fn holders(client: &Client, name: &str) -> Vec<u64> {
-    client
-        .inspect(name)
-        .unwrap()
-        .map_or_else(Vec::new, |i| i.holders.iter().map(|h| h.session).collect())
-}
-
-fn queued(client: &Client, name: &str) -> usize {
-    client.inspect(name).unwrap().map_or(0, |i| i.queue.len())
-}
 
 #[test]
 fn all_names_come_at_once_with_their_tokens_in_request_order() {
@@ -154,8 +142,7 @@ fn a_deadlock_through_a_multi_lock_is_broken() {
 fn overlapping_sets_in_every_order_never_deadlock_nor_overlap() {
     let server = TestServer::start(3);
     let names = ["p", "q", "r", "s", "t"];
-    let stamps: Arc<Vec<AtomicU64>> =
-        Arc::new((0..names.len()).map(|_| AtomicU64::new(0)).collect());
+    let stamps = Stamps::new(&names);
     let workers: Vec<_> = (0..6u64)
         .map(|w| {
             let client = server.client();
@@ -175,19 +162,7 @@ fn overlapping_sets_in_every_order_never_deadlock_nor_overlap() {
                     }
                     let request: Vec<(&str, Mode)> = set.iter().map(|&i| (names[i], X)).collect();
                     let guards = client.acquire_all(&request, None).unwrap().unwrap();
-                    let me = w + 1;
-                    for &i in &set {
-                        assert_eq!(
-                            stamps[i].swap(me, Ordering::SeqCst),
-                            0,
-                            "{} held twice",
-                            names[i]
-                        );
-                    }
-                    std::thread::yield_now();
-                    for &i in &set {
-                        assert_eq!(stamps[i].swap(0, Ordering::SeqCst), me);
-                    }
+                    stamps.hold(w + 1, &set);
                     drop(guards);
                     grants += 1;
                 }

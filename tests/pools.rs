@@ -12,28 +12,16 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    bounded, data_dir, free_addr, graceful, livelock_bin, start_server_with, wait_until,
-    ChildGuard, RawConn, ScratchDir, TestServer,
+    bounded, data_dir, free_addr, graceful, holders, livelock_bin, queued, start_server_with,
+    wait_until, ChildGuard, RawConn, ScratchDir, Stamps, TestServer,
 };
 use livelock::client::{Client, Error, Requirement};
 use livelock::pool::{parse_grant, PoolSpec};
 use livelock::protocol::{opcode, Request, Status, WAIT_FOREVER};
-
-fn holders(client: &Client, name: &str) -> Vec<u64> {
-    client
-        .inspect(name)
-        .unwrap()
-        .map_or_else(Vec::new, |i| i.holders.iter().map(|h| h.session).collect())
-}
-
-fn queued(client: &Client, name: &[u8]) -> usize {
-    client.inspect(name).unwrap().map_or(0, |i| i.queue.len())
-}
 
 fn names_of(grant: &livelock::client::PoolGrant, r: usize) -> Vec<String> {
     grant
@@ -179,8 +167,7 @@ fn a_killed_session_frees_a_half_served_pool_request() {
 fn overlapping_pools_never_share_a_resource_nor_deadlock() {
     let server = TestServer::start(3);
     let names = ["r0", "r1", "r2", "r3", "r4", "r5", "solo"];
-    let stamps: Arc<Vec<AtomicU64>> =
-        Arc::new((0..names.len()).map(|_| AtomicU64::new(0)).collect());
+    let stamps = Stamps::new(&names);
     let workers: Vec<_> = (0..6u64)
         .map(|w| {
             let client = server.client();
@@ -197,19 +184,11 @@ fn overlapping_pools_never_share_a_resource_nor_deadlock() {
                         request.push(Requirement::name("solo"));
                     }
                     let grant = client.acquire_pool(&request, None).unwrap().unwrap();
-                    let me = w + 1;
                     let got: Vec<usize> = (0..request.len())
                         .flat_map(|r| grant.names(r))
                         .map(|n| names.iter().position(|x| x.as_bytes() == n).unwrap())
                         .collect();
-                    for &i in &got {
-                        let before = stamps[i].swap(me, Ordering::SeqCst);
-                        assert_eq!(before, 0, "{} held twice", names[i]);
-                    }
-                    std::thread::yield_now();
-                    for &i in &got {
-                        assert_eq!(stamps[i].swap(0, Ordering::SeqCst), me);
-                    }
+                    stamps.hold(w + 1, &got);
                     grant.release().unwrap();
                     grants += 1;
                 }

@@ -397,7 +397,7 @@ impl World {
         pending.op = PendingOp::Native(multi.opcode());
         pending.multi = Some(Box::new(multi));
         session.begin_multi(request_id, pending);
-        let names = asked.names().iter().map(|n| n.to_vec()).collect();
+        let names = asked.names().map(|n| n.to_vec()).collect();
         self.multi_names.insert((id, request_id), names);
         self.multi_step(id, request_id, step);
         Some(request_id)

@@ -294,48 +294,35 @@ pub enum QueryPart {
     /// (acquires, name, encoded `protocol::ReportRow`) of a shard's
     /// busiest names; with a tag filter, the shard's total of the names
     /// that match (usage, held, waiting).
-    Report(Vec<(u64, Box<[u8]>, Vec<u8>)>, Option<Box<UsageTotal>>),
+    Report(
+        Vec<(u64, Box<[u8]>, Vec<u8>)>,
+        Option<Box<crate::usage::UsageTotal>>,
+    ),
     /// What the home did with a `Kill`: `Ok`, `UnknownSession`, or
     /// `ShuttingDown` (frozen: nothing changes any more).
     Killed(Status),
 }
 
-/// A name's (or a tag's total) usage with how many hold and wait now.
-#[derive(Debug, Default)]
-pub struct UsageTotal {
-    usage: crate::usage::NameUsage,
-    held: usize,
-    waiting: usize,
-}
-
-impl UsageTotal {
-    fn add(&mut self, other: &UsageTotal) {
-        self.usage.add(&other.usage);
-        self.held += other.held;
-        self.waiting += other.waiting;
-    }
-
-    /// The encoded `protocol::ReportRow` of it, named `name`.
-    fn row(&self, name: &[u8]) -> Vec<u8> {
-        let times = |t: &crate::usage::Times| {
-            [0.5, 0.99, 1.0].map(|q| u32::try_from(t.quantile(q)).unwrap_or(u32::MAX))
-        };
-        let usage = &self.usage;
-        let row = protocol::ReportRow {
-            name: name.to_vec(),
-            held: u32::try_from(self.held).unwrap_or(u32::MAX),
-            waiting: u32::try_from(self.waiting).unwrap_or(u32::MAX),
-            acquires: usage.acquires,
-            grants: usage.grants,
-            busy: usage.busy,
-            timeouts: usage.timeouts,
-            wait_ms: times(&usage.wait),
-            hold_ms: times(&usage.hold),
-        };
-        let mut bytes = Vec::new();
-        row.put(&mut bytes);
-        bytes
-    }
+/// The encoded `protocol::ReportRow` of `total`, named `name`.
+pub(super) fn report_row(name: &[u8], total: &crate::usage::UsageTotal) -> Vec<u8> {
+    let times = |t: &crate::usage::Times| {
+        [0.5, 0.99, 1.0].map(|q| u32::try_from(t.quantile(q)).unwrap_or(u32::MAX))
+    };
+    let usage = &total.usage;
+    let row = protocol::ReportRow {
+        name: name.to_vec(),
+        held: u32::try_from(total.held).unwrap_or(u32::MAX),
+        waiting: u32::try_from(total.waiting).unwrap_or(u32::MAX),
+        acquires: usage.acquires,
+        grants: usage.grants,
+        busy: usage.busy,
+        timeouts: usage.timeouts,
+        wait_ms: times(&usage.wait),
+        hold_ms: times(&usage.hold),
+    };
+    let mut bytes = Vec::new();
+    row.put(&mut bytes);
+    bytes
 }
 
 /// Counts of one loop (summed over loops for STATS).
@@ -442,7 +429,7 @@ struct Gather {
     /// REPORT rows: (acquires, name, row).
     report: Vec<(u64, Box<[u8]>, Vec<u8>)>,
     /// REPORT with a tag filter: the total of every shard's names that match.
-    report_total: UsageTotal,
+    report_total: crate::usage::UsageTotal,
     /// The home's answer to a `Kill`.
     killed: Status,
 }
@@ -700,17 +687,7 @@ impl EventLoop {
                 .usage_top(self.now_ms, crate::metrics::HOT_LOCKS_MAX);
             let hot = hot
                 .into_iter()
-                .map(|(name, usage, held, waiting)| crate::metrics::HotLock {
-                    name: name.into(),
-                    acquires: usage.acquires,
-                    grants: usage.grants,
-                    busy: usage.busy,
-                    timeouts: usage.timeouts,
-                    held: held as u64,
-                    waiting: waiting as u64,
-                    wait_p99_ms: usage.wait.quantile(0.99),
-                    hold_p99_ms: usage.hold.quantile(0.99),
-                });
+                .map(|(name, total)| crate::metrics::HotLock::of(name.into(), &total));
             metrics.set_hot(hot.collect());
             metrics.set_tags(self.tag_totals());
         }
@@ -718,18 +695,19 @@ impl EventLoop {
 
     /// This shard's usage totals per tag pair (`key=value`) of its names.
     fn tag_totals(&self) -> Vec<crate::metrics::TagTotal> {
-        let mut totals: HashMap<Box<[u8]>, crate::metrics::TagTotal> = HashMap::new();
-        for (_, usage, held, waiting) in self.table.usage_tagged(self.now_ms, usize::MAX, b"") {
-            for pair in crate::pool::pairs(&usage.tags) {
-                let total = totals.entry(pair.into()).or_default();
-                total.usage.add(&usage);
-                total.held += held as u64;
-                total.waiting += waiting as u64;
+        let names = self.table.usage_tagged(self.now_ms, usize::MAX, b"");
+        let mut totals: HashMap<&[u8], crate::usage::UsageTotal> = HashMap::new();
+        for (_, name) in &names {
+            for pair in crate::pool::pairs(&name.usage.tags) {
+                totals.entry(pair).or_default().add(name);
             }
         }
         totals
             .into_iter()
-            .map(|(tag, total)| crate::metrics::TagTotal { tag, ..total })
+            .map(|(tag, total)| crate::metrics::TagTotal {
+                tag: tag.into(),
+                total,
+            })
             .collect()
     }
 
@@ -1864,7 +1842,7 @@ impl EventLoop {
                 truncated: false,
                 stats: ShardStats::default(),
                 report: Vec::new(),
-                report_total: UsageTotal::default(),
+                report_total: Default::default(),
                 killed: Status::UnknownSession,
             },
         );
@@ -2010,28 +1988,14 @@ impl EventLoop {
                 let limit = if tag.is_empty() { *top } else { usize::MAX };
                 let matching = self.table.usage_tagged(self.now_ms, limit, tag);
                 let total = (!tag.is_empty()).then(|| {
-                    let mut total = UsageTotal::default();
-                    for (_, usage, held, waiting) in &matching {
-                        total.add(&UsageTotal {
-                            usage: usage.clone(),
-                            held: *held,
-                            waiting: *waiting,
-                        });
-                    }
+                    let mut total = crate::usage::UsageTotal::default();
+                    matching.iter().for_each(|(_, name)| total.add(name));
                     Box::new(total)
                 });
-                let rows = matching
-                    .into_iter()
-                    .take(*top)
-                    .map(|(name, usage, held, waiting)| {
-                        let total = UsageTotal {
-                            usage,
-                            held,
-                            waiting,
-                        };
-                        let bytes = total.row(name);
-                        (total.usage.acquires, Box::from(name), bytes)
-                    });
+                let rows = matching.iter().take(*top).map(|(name, total)| {
+                    let bytes = report_row(name, total);
+                    (total.usage.acquires, Box::from(*name), bytes)
+                });
                 QueryPart::Report(rows.collect(), total)
             }
             Query::Stats => {

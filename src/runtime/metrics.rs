@@ -18,6 +18,8 @@
 //!   within [`HTTP_STOP_LATENCY_MS`] whatever its peers do.
 
 use hashbrown::HashMap;
+
+use crate::usage::UsageTotal;
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -243,9 +245,7 @@ pub const TAGS_PUBLISHED_MAX: usize = 256;
 #[derive(Debug, Clone, Default)]
 pub struct TagTotal {
     pub tag: Box<[u8]>,
-    pub usage: crate::usage::NameUsage,
-    pub held: u64,
-    pub waiting: u64,
+    pub total: UsageTotal,
 }
 
 /// Names shown as `livelock_lock_*{lock="..."}` series: the busiest of all
@@ -264,6 +264,24 @@ pub struct HotLock {
     pub waiting: u64,
     pub wait_p99_ms: u64,
     pub hold_p99_ms: u64,
+}
+
+impl HotLock {
+    /// The gauges of `total` (a name's usage, or a tag's), named `name`.
+    pub fn of(name: Box<[u8]>, total: &UsageTotal) -> HotLock {
+        let usage = &total.usage;
+        HotLock {
+            name,
+            acquires: usage.acquires,
+            grants: usage.grants,
+            busy: usage.busy,
+            timeouts: usage.timeouts,
+            held: total.held,
+            waiting: total.waiting,
+            wait_p99_ms: usage.wait.quantile(0.99),
+            hold_p99_ms: usage.hold.quantile(0.99),
+        }
+    }
 }
 
 impl Default for LoopMetrics {
@@ -302,9 +320,10 @@ impl LoopMetrics {
     /// are kept).
     pub fn set_tags(&self, mut tags: Vec<TagTotal>) {
         tags.sort_by(|a, b| {
-            b.usage
+            b.total
+                .usage
                 .acquires
-                .cmp(&a.usage.acquires)
+                .cmp(&a.total.usage.acquires)
                 .then_with(|| a.tag.cmp(&b.tag))
         });
         tags.truncate(TAGS_PUBLISHED_MAX);
@@ -857,26 +876,15 @@ fn hot_locks(out: &mut String, loops: &[Arc<LoopMetrics>]) {
 /// The busiest tag pairs over all shards (each shard's totals added up),
 /// `HOT_TAGS_MAX` of them, one series each per family (`tag` label).
 fn hot_tags(out: &mut String, loops: &[Arc<LoopMetrics>]) {
-    let mut totals: HashMap<Box<[u8]>, TagTotal> = HashMap::new();
+    let mut totals: HashMap<Box<[u8]>, UsageTotal> = HashMap::new();
     for m in loops {
         for part in m.tags.lock().iter() {
-            let total = totals.entry(part.tag.clone()).or_default();
-            total.usage.add(&part.usage);
-            total.held += part.held;
-            total.waiting += part.waiting;
+            totals.entry(part.tag.clone()).or_default().add(&part.total);
         }
     }
-    let hot = totals.into_iter().map(|(tag, t)| HotLock {
-        name: tag,
-        acquires: t.usage.acquires,
-        grants: t.usage.grants,
-        busy: t.usage.busy,
-        timeouts: t.usage.timeouts,
-        held: t.held,
-        waiting: t.waiting,
-        wait_p99_ms: t.usage.wait.quantile(0.99),
-        hold_p99_ms: t.usage.hold.quantile(0.99),
-    });
+    let hot = totals
+        .into_iter()
+        .map(|(tag, total)| HotLock::of(tag, &total));
     let what = ("livelock_tag", "tag", "the names with the tag");
     usage_families(out, what, hot.collect(), HOT_TAGS_MAX);
 }
@@ -1554,9 +1562,11 @@ mod tests {
             };
             TagTotal {
                 tag: tag.as_bytes().into(),
-                usage,
-                held: 1,
-                waiting: 0,
+                total: UsageTotal {
+                    usage,
+                    held: 1,
+                    waiting: 0,
+                },
             }
         };
         let (a, b) = (Arc::new(LoopMetrics::new()), Arc::new(LoopMetrics::new()));

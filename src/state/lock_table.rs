@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use crate::limits::{SIGNALS_PER_LOCK_MAX, WAITERS_PER_LOCK_MAX};
 pub use crate::mode::Mode;
-use crate::usage::{NameUsage, Seen, Usage};
+use crate::usage::{NameUsage, Seen, Usage, UsageTotal};
 
 /// A session, unique over all loops of the server (its home loop is in the low bits).
 pub type SessionId = u64;
@@ -1635,26 +1635,26 @@ impl LockTable {
 
     /// The `top` names of this shard with the most acquires lately, with
     /// their usage and how many hold and wait for them now.
-    pub fn usage_top(&self, now_ms: u64, top: usize) -> Vec<(&[u8], NameUsage, usize, usize)> {
+    pub fn usage_top(&self, now_ms: u64, top: usize) -> Vec<(&[u8], UsageTotal)> {
         self.usage_tagged(now_ms, top, b"")
     }
 
     /// `usage_top` of the names whose tags match `filter` (empty: all).
-    pub fn usage_tagged(
-        &self,
-        now_ms: u64,
-        top: usize,
-        filter: &[u8],
-    ) -> Vec<(&[u8], NameUsage, usize, usize)> {
+    pub fn usage_tagged(&self, now_ms: u64, top: usize, filter: &[u8]) -> Vec<(&[u8], UsageTotal)> {
         self.usage
             .top_tagged(now_ms, top, filter)
             .into_iter()
             .map(|(name, usage)| {
                 let (held, waiting) = self.find(name).map_or((0, 0), |idx| {
                     let lock = &self.locks[idx as usize];
-                    (lock.holder_count(), lock.waiter_count())
+                    (lock.holder_count() as u64, lock.waiter_count() as u64)
                 });
-                (name, usage, held, waiting)
+                let total = UsageTotal {
+                    usage,
+                    held,
+                    waiting,
+                };
+                (name, total)
             })
             .collect()
     }

@@ -66,11 +66,12 @@ impl<'a> Request<'a> {
     }
 
     /// Every name it may take (a pool: its candidates), as sent.
-    pub fn names(&self) -> Vec<&'a [u8]> {
-        match self {
-            Request::All(names) => names.iter().map(|(_, n)| n).collect(),
-            Request::Pool(spec) => spec.names().collect(),
-        }
+    pub fn names(&self) -> impl Iterator<Item = &'a [u8]> {
+        let (all, pool) = match *self {
+            Request::All(names) => (Some(names.iter().map(|(_, n)| n)), None),
+            Request::Pool(spec) => (None, Some(spec.names())),
+        };
+        all.into_iter().flatten().chain(pool.into_iter().flatten())
     }
 }
 
@@ -247,9 +248,9 @@ impl Multi {
         };
         let mut order: Vec<usize> = (0..entries.len()).collect();
         // Queues first, then the rest; each in byte order.
-        order.sort_unstable_by(|&a, &b| {
-            let key = |e: &Entry| (!matches!(e.role, Role::Queue(_)), e.name.clone());
-            key(&entries[a]).cmp(&key(&entries[b]))
+        order.sort_unstable_by_key(|&i| {
+            let e = &entries[i];
+            (!matches!(e.role, Role::Queue(_)), &e.name)
         });
         let mut left = vec![0; need.len()];
         for e in &entries {
@@ -564,15 +565,11 @@ mod tests {
     }
 
     fn permits(queue: &LockName, need: u32, capacity: u32, wait: Wait) -> Step {
-        let (name, mode) = (queue.clone(), Mode::Permits);
-        let (weight, capacity) = (need, capacity);
         Step::Acquire(Take {
-            name,
-            mode,
-            weight,
+            name: queue.clone(),
+            weight: need,
             capacity,
-            wait,
-            tags: Box::default(),
+            ..take("", Mode::Permits, wait)
         })
     }
 

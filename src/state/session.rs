@@ -208,7 +208,7 @@ impl<'a> Ask<'a> {
     fn takes(self) -> usize {
         match self {
             Ask::Acquire(_) => 1,
-            Ask::AcquireAll(asked) => asked.names().len(),
+            Ask::AcquireAll(asked) => asked.names().count(),
             Ask::Held(_) | Ask::Query | Ask::Other => 0,
         }
     }
@@ -218,7 +218,7 @@ impl<'a> Ask<'a> {
     fn first(self) -> Option<&'a [u8]> {
         match self {
             Ask::Acquire(name) => Some(name),
-            Ask::AcquireAll(asked) => asked.names().into_iter().min(),
+            Ask::AcquireAll(asked) => asked.names().min(),
             Ask::Held(_) | Ask::Query | Ask::Other => None,
         }
     }
@@ -313,10 +313,9 @@ impl Session {
                 taken_by_multi(name).then(|| LockName::from_slice(name))
             }
             Ask::AcquireAll(asked) => {
-                let names = asked.names();
-                if let Some(name) = names
-                    .iter()
-                    .find(|n| self.holds.contains_key(**n) || taken_by_multi(n))
+                if let Some(name) = asked
+                    .names()
+                    .find(|n| self.holds.contains_key(*n) || taken_by_multi(n))
                 {
                     return Some(LockName::from_slice(name));
                 }
@@ -331,7 +330,7 @@ impl Session {
                 }
                 // One pass over the acquires in flight (at most
                 // IN_FLIGHT_PER_SESSION_MAX), each looked up among its names.
-                let asked: hashbrown::HashSet<&[u8]> = names.into_iter().collect();
+                let asked: hashbrown::HashSet<&[u8]> = asked.names().collect();
                 self.pending
                     .values()
                     .find(|p| p.op.is_acquire() && p.multi.is_none() && asked.contains(&*p.name))

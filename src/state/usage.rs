@@ -134,6 +134,23 @@ impl NameUsage {
     }
 }
 
+/// A name's usage with how many hold and wait for it now — or a group's
+/// total (a tag's: counts added, distributions merged).
+#[derive(Debug, Clone, Default)]
+pub struct UsageTotal {
+    pub usage: NameUsage,
+    pub held: u64,
+    pub waiting: u64,
+}
+
+impl UsageTotal {
+    pub fn add(&mut self, other: &UsageTotal) {
+        self.usage.add(&other.usage);
+        self.held += other.held;
+        self.waiting += other.waiting;
+    }
+}
+
 /// One shard's usage by name.
 #[derive(Debug)]
 pub struct Usage {
@@ -168,14 +185,15 @@ impl Usage {
         }
     }
 
-    /// The entry of `name`, made if need be (evicting if the map is full).
+    /// The entry of `name`, made if need be (evicting if the map is full;
+    /// the name is copied only then).
     fn entry(&mut self, now_ms: u64, name: &[u8]) -> &mut NameUsage {
         self.version += 1;
         self.decay(now_ms);
         if !self.names.contains_key(name) && self.names.len() >= self.cap {
             self.evict();
         }
-        self.names.entry(name.into()).or_default()
+        self.names.entry_ref(name).or_default()
     }
 
     /// `name` has these `tags` (a pool's candidate, before its acquire).

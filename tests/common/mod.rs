@@ -552,3 +552,48 @@ impl Rng {
         items[self.index(items.len())]
     }
 }
+
+/// The sessions holding `name` now, as INSPECT says.
+pub fn holders(client: &livelock::client::Client, name: &str) -> Vec<u64> {
+    client
+        .inspect(name)
+        .unwrap()
+        .map_or_else(Vec::new, |i| i.holders.iter().map(|h| h.session).collect())
+}
+
+/// How many wait for `name` now, as INSPECT says.
+pub fn queued(client: &livelock::client::Client, name: impl AsRef<[u8]>) -> usize {
+    client.inspect(name).unwrap().map_or(0, |i| i.queue.len())
+}
+
+/// Who holds each of a few exclusive names, as the holders stamp it
+/// themselves: a check, from outside the server, that no two ever hold one
+/// at once.
+pub struct Stamps {
+    names: Vec<&'static str>,
+    holders: Vec<std::sync::atomic::AtomicU64>,
+}
+
+impl Stamps {
+    pub fn new(names: &[&'static str]) -> std::sync::Arc<Stamps> {
+        let holders = names.iter().map(|_| Default::default()).collect();
+        std::sync::Arc::new(Stamps {
+            names: names.to_vec(),
+            holders,
+        })
+    }
+
+    /// Holder `me` (not 0) got the names at `got` (indices): each is
+    /// stamped, checked nobody else's stamp was there, and cleared.
+    pub fn hold(&self, me: u64, got: &[usize]) {
+        use std::sync::atomic::Ordering::SeqCst;
+        for &i in got {
+            let before = self.holders[i].swap(me, SeqCst);
+            assert_eq!(before, 0, "{} held twice", self.names[i]);
+        }
+        std::thread::yield_now();
+        for &i in got {
+            assert_eq!(self.holders[i].swap(0, SeqCst), me);
+        }
+    }
+}

@@ -94,7 +94,8 @@ impl EventLoop {
             Query::Report { tag, .. } => {
                 let start = protocol::begin_reply(out, op, request_id);
                 // With a tag filter, first the total of every name that matches.
-                let total = (!tag.is_empty()).then(|| gather.report_total.row(&tag[..]));
+                let total =
+                    (!tag.is_empty()).then(|| super::report_row(&tag[..], &gather.report_total));
                 let count = gather.report.len() + usize::from(total.is_some());
                 let count = u32::try_from(count).expect("at most REPORT_TOP_MAX + 1");
                 out.extend_from_slice(&count.to_le_bytes());
