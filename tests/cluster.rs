@@ -473,6 +473,16 @@ fn a_member_that_was_down_catches_up_from_a_snapshot() {
     // Restarted, it starts from the snapshot it installed.
     cluster.kill(lagging);
     cluster.restart(lagging);
+    // The leader's majority rests on it once the other is cut off: wait
+    // until the leader sees it caught up (on a loaded machine the restart
+    // can take longer than check-quorum gives a leader without a majority).
+    wait_until("the restarted member caught up", || {
+        let client = Client::connect(cluster.client_addr(leader), &ClientOptions::default());
+        client.is_ok_and(|c| {
+            c.cluster_status()
+                .is_ok_and(|s| s.members.iter().all(|m| m.matched >= s.commit && m.active))
+        })
+    });
     // Cut the other follower off, so it falls behind, and stop the
     // leader: it hands over to the member that caught up.
     cluster.isolate(other);
