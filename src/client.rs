@@ -20,7 +20,7 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -331,26 +331,37 @@ impl Client {
         self.inner.resumed.lock().clone()
     }
 
-    /// Connects and sends `first` (HELLO or RESUME); also returns what fires
-    /// when a RESUME's listing of holds is complete.
+    /// Connects and sends `first` (HELLO or RESUME) to each address in
+    /// turn until one answers (a cluster's members: any one relays to the
+    /// leader, so one that is down, frozen or slower than
+    /// `connect_timeout` is passed over; a server's refusal is final);
+    /// also returns what fires when a RESUME's listing of holds is complete.
     fn open(
         addr: impl ToSocketAddrs,
         options: &ClientOptions,
         first: &Request<'_>,
     ) -> Result<(Client, Receiver<()>)> {
-        let timeout = options.connect_timeout;
-        let mut last = io::Error::new(io::ErrorKind::NotFound, "no address to connect to");
-        let mut stream = None;
+        let mut last = Error::Io(io::Error::new(
+            io::ErrorKind::NotFound,
+            "no address to connect to",
+        ));
         for addr in addr.to_socket_addrs()? {
-            match TcpStream::connect_timeout(&addr, timeout) {
-                Ok(s) => {
-                    stream = Some(s);
-                    break;
-                }
+            match Client::open_at(addr, options, first) {
+                Ok(opened) => return Ok(opened),
+                Err(e @ Error::Status(..)) => return Err(e),
                 Err(e) => last = e,
             }
         }
-        let mut stream = stream.ok_or(last)?;
+        Err(last)
+    }
+
+    fn open_at(
+        addr: SocketAddr,
+        options: &ClientOptions,
+        first: &Request<'_>,
+    ) -> Result<(Client, Receiver<()>)> {
+        let timeout = options.connect_timeout;
+        let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
         stream.set_nodelay(true)?;
         set_dead_peer_detection(&stream)?;
         stream.set_read_timeout(Some(timeout))?;

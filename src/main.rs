@@ -622,7 +622,8 @@ fn on_signals(
 
 /// A cluster node: follows (relaying its clients to the leader) until it
 /// is elected, then serves. SIGTERM hands leadership over first; a leader
-/// that loses office ends the process (its supervisor restarts it).
+/// that loses office restarts itself as a follower (the raft thread
+/// executes the program again).
 fn serve_cluster(config: ServerConfig) -> ExitCode {
     let follower = match livelock::cluster::start(config) {
         Ok(follower) => follower,

@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::cluster::{Follow, TestCluster};
+use common::cluster::{this_run, Follow, TestCluster};
 use common::*;
 use livelock::client::{AcquireOptions, Client, ClientOptions, Error};
+use livelock::cluster::proxy::NOT_RELAYED;
 
 /// Who holds `name` (session, token) and who waits, first first, as the
 /// cluster answers through any live node.
@@ -83,9 +84,10 @@ fn failover_keeps_holds_queue_places_and_token_order() {
 }
 
 /// A leader cut off from the majority grants nothing: its client's
-/// acquire is never answered with a grant, and the node exits (its
-/// clients see the connection end) while the majority elects a leader that
-/// grants the lock. Healed and restarted, it follows the new history.
+/// acquire is never answered with a grant, and the node restarts itself
+/// as a follower (its clients see the connection end; the process does
+/// not exit) while the majority elects a leader that grants the lock.
+/// Healed, it follows the new history.
 #[test]
 fn a_cut_off_leader_never_grants() {
     let mut cluster = TestCluster::start("cluster-minority", 3, 20);
@@ -108,24 +110,37 @@ fn a_cut_off_leader_never_grants() {
         Ok(None) => panic!("a cut-off leader answered busy"),
         Err(e) => panic!("a cut-off leader answered {e}"),
     }
-    let (status, log) = cluster.wait_exit(leader);
-    assert_eq!(
-        status.code(),
-        Some(3),
-        "a deposed leader exits with 3: {log}"
-    );
+    let pid = cluster.nodes[leader as usize - 1]
+        .process
+        .as_ref()
+        .unwrap()
+        .id();
+    cluster.wait_rejoined(leader);
     let new_leader = cluster.leader();
     assert_ne!(new_leader, leader);
     let addrs = cluster.live_clients();
     let majority = Follow::connect(&addrs, "on-the-majority", Duration::ZERO);
     let guard = majority.client.try_acquire("y").unwrap().expect("free");
     cluster.heal();
-    cluster.restart(leader);
-    // Through the restarted node (it relays to the leader).
+    // Through the old leader, now a follower (it relays to the leader).
     let via_old = Client::connect(cluster.client_addr(leader), &ClientOptions::default()).unwrap();
     let seen = via_old.inspect("y").unwrap().expect("held");
     assert_eq!(seen.record.holders[0].session, majority.session_id());
     assert_eq!(seen.record.holders[0].token, guard.token());
+    // The same process all along, and a member again: the leader counts
+    // it caught up.
+    let process = cluster.nodes[leader as usize - 1].process.as_mut().unwrap();
+    assert_eq!(process.id(), pid);
+    assert!(process.try_wait().is_none());
+    let commit = via_old.cluster_status().unwrap().commit;
+    wait_until("the old leader caught up", || {
+        via_old.cluster_status().is_ok_and(|status| {
+            status
+                .members
+                .iter()
+                .any(|m| m.id == leader && m.active && m.matched >= commit)
+        })
+    });
 }
 
 /// SIGTERM on each node in turn, leader included, each restarted before
@@ -321,10 +336,8 @@ fn a_guarded_register_stays_linear_under_faults() {
             }
             "partition" => {
                 cluster.isolate(leader);
-                let (status, _) = cluster.wait_exit(leader);
-                assert_eq!(status.code(), Some(3));
+                cluster.wait_rejoined(leader);
                 cluster.heal();
-                cluster.restart(leader);
                 cluster.leader();
             }
             "one-way partition" => {
@@ -334,10 +347,8 @@ fn a_guarded_register_stays_linear_under_faults() {
                         link.block();
                     }
                 }
-                let (status, _) = cluster.wait_exit(leader);
-                assert_eq!(status.code(), Some(3));
+                cluster.wait_rejoined(leader);
                 cluster.heal();
-                cluster.restart(leader);
             }
             "SIGSTOP" => {
                 let process = cluster.nodes[leader as usize - 1].process.as_ref().unwrap();
@@ -345,15 +356,13 @@ fn a_guarded_register_stays_linear_under_faults() {
                 wait_until("another leader", || {
                     (1..=3)
                         .filter(|&id| id != leader)
-                        .any(|id| cluster.stderr(id).contains("serving as the leader"))
+                        .any(|id| this_run(&cluster.stderr(id)).contains("serving as the leader"))
                 });
                 signal(
                     cluster.nodes[leader as usize - 1].process.as_ref().unwrap(),
                     libc::SIGCONT,
                 );
-                let (status, _) = cluster.wait_exit(leader);
-                assert_eq!(status.code(), Some(3));
-                cluster.restart(leader);
+                cluster.wait_rejoined(leader);
             }
             "SIGSTOP of a follower" => {
                 // The majority goes on meanwhile: a client of the leader
@@ -653,11 +662,9 @@ fn members_are_added_and_removed_online() {
         .all(|m| m["lag"] == 0 && m["healthy"] == true));
     let status = admin(&cluster, &["transfer", &new.to_string()]);
     assert_eq!(status["leader"], new);
-    // The old leader stepped down: it ends its process (3), as any
-    // deposed leader; its supervisor would restart it.
-    let (code, _) = cluster.wait_exit(first_leader);
-    assert_eq!(code.code(), Some(3));
-    cluster.restart(first_leader);
+    // The old leader stepped down: it restarts itself as a follower, as
+    // any deposed leader.
+    cluster.wait_rejoined(first_leader);
     let gone: Vec<u64> = (1..=3).filter(|&id| id != first_leader).collect();
     let remove: Vec<String> = gone.iter().map(u64::to_string).collect();
     let mut args = vec!["remove"];
@@ -849,9 +856,11 @@ fn a_relayed_connection_is_kept_alive_like_a_direct_one() {
 /// `livelock run` connected through a follower that freezes (SIGSTOP):
 /// its heartbeat goes unanswered, it resumes the session at the next
 /// member of its --server list within its grace (its first RESUME, sent
-/// to the frozen follower, times out); thawed, the follower delivers that
-/// stale RESUME, which takes the session, and run takes it back; COMMAND
-/// runs on and ends normally (exit 0, not 79: the lock was never lost).
+/// to the frozen follower, times out); a library client given the same
+/// list opens its session at the next member too. Thawed, the follower
+/// finds those two connections closed and relays neither (a stale RESUME
+/// would take the session from run); COMMAND runs on and ends normally
+/// (exit 0, not 79: the lock was never lost).
 #[test]
 fn run_behind_a_frozen_follower_resumes_at_another_member() {
     let mut cluster = TestCluster::start("cluster-run-frozen", 3, 110);
@@ -884,22 +893,34 @@ fn run_behind_a_frozen_follower_resumes_at_another_member() {
         let text = c.stderr();
         (text.contains("session resumed at") || text.contains("lost")).then_some(text)
     });
+    assert!(resumed.contains(&resumed_at), "{resumed}");
+    let addrs: Vec<std::net::SocketAddr> = servers.iter().map(|s| s.parse().unwrap()).collect();
+    let library = Client::connect(
+        &addrs[..],
+        &ClientOptions {
+            connect_timeout: Duration::from_secs(1),
+            ..ClientOptions::default()
+        },
+    )
+    .expect("a session at the next member");
+    assert!(library.ping().is_ok());
     let frozen = cluster.nodes[follower as usize - 1]
         .process
-        .as_ref()
+        .as_mut()
         .unwrap();
     signal(frozen, libc::SIGCONT);
-    assert!(resumed.contains(&resumed_at), "{resumed}");
-    // Thawed, the follower relays the RESUME that timed out against it:
-    // it takes the session, and run takes it back (within its grace).
-    child.wait_for("the session taken back", |c| {
-        let text = c.stderr();
-        let taken = text.find("taking it back")?;
-        text[taken..].contains("session resumed at").then_some(())
+    frozen.wait_for("both stale connections dropped", |p| {
+        (p.stderr().matches(NOT_RELAYED).count() >= 2).then_some(())
     });
+    assert!(library.ping().is_ok());
     std::fs::write(&go, b"").unwrap();
     let status = child.wait_exit();
     assert_eq!(status.code(), Some(0), "{}", child.stderr());
+    assert!(
+        !child.stderr().contains("taking it back"),
+        "a stale RESUME took the session: {}",
+        child.stderr()
+    );
     // Released at the end: the lock is free.
     let addrs = cluster.live_clients();
     let observer = Follow::connect(&addrs, "observer", Duration::ZERO);

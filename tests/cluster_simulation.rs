@@ -131,7 +131,7 @@ impl World {
         }
     }
 
-    /// A node crashes (or, deposed, exits): what it did not persist is gone.
+    /// A node crashes (or, deposed, restarts itself): what it did not persist is gone.
     fn crash(&mut self, i: usize, down_for: u64) {
         let node = &mut self.nodes[i];
         node.raw = None;
@@ -166,7 +166,7 @@ impl World {
                 if self.step % 5 == (i as u64) % 5 {
                     self.nodes[i].raw.as_mut().unwrap().tick();
                 }
-                // A leader that lost office leaves before anything else
+                // A leader that lost office restarts before anything else
                 // (as `Node::run` checks before it proposes).
                 let deposed = self.nodes[i].server.is_some()
                     && self.nodes[i].raw.as_ref().unwrap().raft.state != StateRole::Leader;

@@ -13,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use livelock::client::{Client, ClientOptions, Error};
+use livelock::cluster::node::RESTARTING;
 use livelock::limits::SECRET_LEN;
 
 use super::{livelock_bin, ChildGuard, ScratchDir, WAIT_MAX};
@@ -279,7 +280,7 @@ impl TestCluster {
             for node in &mut self.nodes {
                 if let Some(process) = &mut node.process {
                     if process.try_wait().is_none()
-                        && process.stderr().contains("serving as the leader")
+                        && this_run(&process.stderr()).contains("serving as the leader")
                     {
                         return node.id;
                     }
@@ -313,6 +314,18 @@ impl TestCluster {
         let mut process = self.node(id).process.take().expect("running");
         let status = process.wait_exit();
         (status, process.stderr())
+    }
+
+    /// Waits (bounded) until node `id`, a leader deposed, has restarted
+    /// itself as a follower — the same process, no exit — and listens
+    /// again; what it logged.
+    pub fn wait_rejoined(&mut self, id: u64) -> String {
+        let process = self.node(id).process.as_mut().expect("running");
+        process.wait_for("the deposed leader to restart as a follower", |p| {
+            let log = p.stderr();
+            let (_, after) = log.rsplit_once(RESTARTING)?;
+            after.contains("cluster node listening").then_some(log)
+        })
     }
 
     /// Cuts every link to and from node `id`.
@@ -429,4 +442,9 @@ impl Follow {
             thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// What a node logged since it last restarted itself as a follower.
+pub fn this_run(log: &str) -> &str {
+    log.rsplit_once(RESTARTING).map_or(log, |(_, after)| after)
 }

@@ -8,8 +8,9 @@
 //! (`Event::Promoted`), which restores it and sends back the base entry to
 //! propose first; from then on it proposes the loops' batches
 //! (`LogShared`, group commit as with one node) and moves `durable` as a
-//! majority stores them. A leader that loses office ends the process (its
-//! held output never leaves; its clients reconnect to the new leader).
+//! majority stores them. A leader that loses office restarts the process as
+//! a follower (`restart_as_follower`: its held output never leaves; its
+//! clients reconnect to the new leader).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ const FLUSH_MAX: Duration = Duration::from_millis(400);
 const CHANGES_MAX: usize = 16;
 /// A snapshot sent that no follower acknowledged within this is sent again.
 const SNAPSHOT_RETRY: Duration = Duration::from_secs(10);
+
+/// What a deposed leader logs as it restarts as a follower.
+pub const RESTARTING: &str = "no longer the leader; restarting as a follower";
 
 /// What the server learns from the node.
 pub enum Event {
@@ -823,23 +827,25 @@ impl Node {
         let _ = self.events.send(Event::Promoted { state });
     }
 
-    /// A leader that lost office (or was asked to stop) ends the process:
-    /// nothing it did not get committed was acknowledged.
+    /// A leader that lost office comes back as a follower; one asked to
+    /// stop ends the process. Either way nothing it did not get committed
+    /// was acknowledged, and its clients see their connections end.
     fn deposed(&mut self) -> ! {
         let asked = self.stop.load(Ordering::SeqCst);
+        // What raft owes its peers (a vote, an answer) goes first.
+        self.flush_before_exit();
+        if asked {
+            tracing::warn!(term = self.raw.raft.term, "no longer the leader; exiting");
+            std::process::exit(0);
+        }
         tracing::warn!(
             term = self.raw.raft.term,
             leader = self.raw.raft.leader_id,
-            "no longer the leader; exiting (clients reconnect to the new leader{})",
-            match asked {
-                true => "",
-                false => ", and a supervisor restarts this node as a follower",
-            }
+            "{RESTARTING} (clients reconnect to the new leader)"
         );
-        if asked {
-            self.flush_before_exit();
-        }
-        std::process::exit(if asked { 0 } else { 3 });
+        let error = restart_as_follower();
+        tracing::error!("cannot restart as a follower ({error}); exiting");
+        std::process::exit(3);
     }
 
     /// Before a stopping node goes: what raft owes its peers is persisted
@@ -1012,4 +1018,38 @@ impl slog::Serializer for KeyValues<'_> {
         let _ = write!(self.0, " {key}={value}");
         Ok(())
     }
+}
+
+/// Executes this program again, with the same arguments and environment
+/// (same process id: a supervisor sees nothing): it starts as any restarted
+/// node does, a follower replaying its own log. Every descriptor is closed
+/// on the way — the data directory's lock, the ports (its clients see their
+/// connections end) and the log's files — whoever opened it. Returns only
+/// if that fails.
+fn restart_as_follower() -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        let fds: Vec<i32> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|&fd| fd > 2)
+            .collect();
+        for fd in fds {
+            // SAFETY: fcntl on a descriptor number only sets a flag (one
+            // closed meanwhile, e.g. the directory's own, gives EBADF).
+            unsafe {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags >= 0 {
+                    libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                }
+            }
+        }
+    }
+    let mut args = std::env::args_os();
+    let name = args.next().unwrap_or_else(|| "livelock".into());
+    // /proc/self/exe: the very program running, even if its file was
+    // replaced or removed since (an upgrade in progress).
+    std::process::Command::new("/proc/self/exe")
+        .arg0(name)
+        .args(args)
+        .exec()
 }

@@ -22,6 +22,11 @@ const RELAYED_MAX: usize = 1024;
 /// How long a connection waits for a leader to relay to.
 const LEADER_WAIT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// What the relay logs when a client went away before it was relayed.
+pub const NOT_RELAYED: &str = "a client closed its connection before it was relayed; dropped";
+/// At most this much of what a client sent before it is relayed is read
+/// first (to see whether it is still there).
+const EARLY_MAX: usize = 64 << 10;
 
 /// The proxy thread.
 pub struct Proxy {
@@ -132,6 +137,18 @@ fn relay(client: TcpStream, tcp: TcpTuning, status: &NodeStatus, directory: &Dir
         return;
     };
     let _ = tcp.apply(&upstream);
+    // A client that gave up while this node could not relay (it was
+    // frozen, or waited for a leader) is not relayed: its request — a
+    // RESUME above all, which would take its session from the connection
+    // it made meanwhile elsewhere — reaches no one.
+    let Some(early) = unless_gone(&client) else {
+        tracing::info!("{NOT_RELAYED}");
+        return;
+    };
+    let mut upstream = upstream;
+    if upstream.write_all(&early).is_err() {
+        return;
+    }
     let (Ok(client_read), Ok(upstream_write), Ok(client_end)) =
         (client.try_clone(), upstream.try_clone(), client.try_clone())
     else {
@@ -147,6 +164,30 @@ fn relay(client: TcpStream, tcp: TcpTuning, status: &NodeStatus, directory: &Dir
     if let Ok(up) = up {
         let _ = up.join();
     }
+}
+
+/// What `client` has sent so far (at most `EARLY_MAX` bytes), or None if
+/// it has closed its side already (or failed).
+fn unless_gone(client: &TcpStream) -> Option<Vec<u8>> {
+    let mut early = Vec::new();
+    let mut buffer = [0u8; 4096];
+    client.set_nonblocking(true).ok()?;
+    let gone = loop {
+        match (&*client).read(&mut buffer) {
+            Ok(0) => break true,
+            Ok(n) => {
+                early.extend_from_slice(&buffer[..n]);
+                if early.len() >= EARLY_MAX {
+                    break false;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break true,
+        }
+    };
+    client.set_nonblocking(false).ok()?;
+    (!gone).then_some(early)
 }
 
 /// Copies `from` to `to` until `from` ends, then ends `to`'s writing side
