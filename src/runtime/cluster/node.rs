@@ -347,6 +347,9 @@ impl Node {
                 // itself; nothing a peer sends stops the node.
                 let _ = self.raw.step(message);
             }
+            // Acknowledgements just stepped may commit entries: their
+            // output leaves now, not after the next proposal's fsync.
+            self.release_durable();
             if Instant::now() >= next_tick {
                 self.raw.tick();
                 next_tick = Instant::now() + TICK;
