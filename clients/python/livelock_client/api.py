@@ -1050,6 +1050,9 @@ class Dial:
     def __iter__(self) -> Iterator[config.Server]:
         for host, port in self._servers:
             self.where = f"{host}:{port}"
+            # What a server passed over had sent is not the next one's.
+            self.decoder = p.FrameDecoder()
+            self.frames = []
             yield host, port
 
     def tls_for(self, host: str) -> tuple[ssl.SSLContext | None, str | None]:
@@ -1065,26 +1068,41 @@ class Dial:
         self._failures.append(f"{self.where}: {_why(error)}")
         self._last = error
 
-    def failure(self) -> ConnectionLost:
-        """What to raise when no server accepted the connection (caused by
-        the last one's error)."""
-        error = ConnectionLost("could not connect: " + "; ".join(self._failures))
+    def failure(self) -> LivelockError:
+        """What to raise when no server answered: LivelockTimeout if the
+        last one tried accepted the connection and said nothing in time,
+        else ConnectionLost (caused by the last one's error); either lists
+        why each server failed."""
+        text = "could not connect: " + "; ".join(self._failures)
+        error: LivelockError = (
+            LivelockTimeout(text) if isinstance(self._last, LivelockTimeout) else ConnectionLost(text)
+        )
         error.__cause__ = self._last
         return error
 
     @contextlib.contextmanager
     def answering(self, close: Callable[[], None], timeout: type[BaseException]) -> Iterator[None]:
         """Around sending the first frame and reading the reply: any failure
-        closes the connection; ``timeout`` raises LivelockTimeout, an
-        OSError ConnectionLost."""
+        closes the connection. A server that does not answer in time (a
+        cluster member that is frozen accepts connections but answers none)
+        or drops the connection is passed over like one that refused it: the
+        block ends quietly and the next server is tried; when none answers,
+        ``failure()`` raises — LivelockTimeout if none answered in time."""
         try:
             yield
         except BaseException as error:
             close()
             if isinstance(error, timeout):
-                raise LivelockTimeout(f"{self.where} did not answer within {self.timeout} s") from None
+                self._failures.append(f"{self.where} did not answer within {self.timeout} s")
+                self._last = LivelockTimeout(f"{self.where} did not answer within {self.timeout} s")
+                return
             if isinstance(error, OSError):
-                raise ConnectionLost(f"{self.where}: {_why(error)}") from error
+                self.refused(error)
+                return
+            if isinstance(error, ConnectionLost):  # closed before answering
+                self._failures.append(str(error))
+                self._last = error
+                return
             raise
 
     def feed(self, data: bytes) -> bool:

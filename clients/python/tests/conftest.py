@@ -298,6 +298,19 @@ class SilentServer:
 
 
 @pytest.fixture
+def black_hole() -> Iterator[str]:
+    """The address of a listening socket that never accepts: the kernel
+    completes connections into its backlog, nothing ever answers (a
+    cluster member frozen by SIGSTOP)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    host, port = sock.getsockname()
+    yield f"{host}:{port}"
+    sock.close()
+
+
+@pytest.fixture
 def silent_server() -> Iterator[SilentServer]:
     srv = SilentServer()
     yield srv

@@ -484,3 +484,14 @@ def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) 
         assert short <= await timed(client.bye()) < short + 1
 
     run(test)
+
+
+def test_a_server_that_never_answers_is_passed_over(server: Server, black_hole: str) -> None:
+    async def test() -> None:
+        servers = f"{black_hole}, livelock://{server.address}"
+        async with await AsyncClient.connect(servers, connect_timeout=0.3) as client:
+            await client.ping()
+        with pytest.raises(ll.LivelockTimeout, match=f"could not connect: {black_hole} did not answer"):
+            await AsyncClient.connect(black_hole, connect_timeout=0.3)
+
+    run(test)

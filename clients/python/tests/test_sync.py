@@ -366,6 +366,19 @@ def test_an_address_list_is_tried_in_order(server: Server) -> None:
         Client.connect("127.0.0.1:1", connect_timeout=WAIT_MAX)
 
 
+def test_a_server_that_never_answers_is_passed_over(server: Server, black_hole: str) -> None:
+    # Connections to the black hole are accepted (in the backlog) and never
+    # answered: after connect_timeout the next address is tried.
+    servers = f"{black_hole}, livelock://{server.address}"
+    client = Client.connect(servers, connect_timeout=0.3, grace=WAIT_MAX, request_timeout=WAIT_MAX)
+    client.ping()
+    client.close()  # dropped, not ended: the session waits for a RESUME
+    with Client.resume(client.session_id, client.secret, servers, connect_timeout=0.3) as again:
+        again.ping()
+    with pytest.raises(ll.LivelockTimeout, match=f"could not connect: {black_hole} did not answer"):
+        Client.connect(black_hole, connect_timeout=0.3)
+
+
 def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) -> None:
     short = 0.1
     client = Client.connect(silent_server.address, request_timeout=short, connect_timeout=WAIT_MAX)
