@@ -127,6 +127,54 @@ impl Drop for CancelOnDrop<'_> {
     }
 }
 
+/// A connection whose HELLO the server accepted.
+struct Opened {
+    reader: ReadHalf,
+    writer: WriteHalf,
+    /// What was read after the reply.
+    buf: Vec<u8>,
+    session_id: u64,
+    secret: [u8; SECRET_LEN],
+}
+
+/// Connects to `addr` and sends `hello` (an encoded HELLO): the session,
+/// once the server accepts it.
+async fn open(addr: std::net::SocketAddr, options: &ClientOptions, hello: &[u8]) -> Result<Opened> {
+    let stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    set_dead_peer_detection(&stream)?;
+    let (mut reader, mut writer): (ReadHalf, WriteHalf) = match &options.tls {
+        Some(tls) => {
+            let connector = tokio_rustls::TlsConnector::from(tls.config());
+            let stream = connector.connect(tls.server_name(), stream).await?;
+            let (reader, writer) = tokio::io::split(stream);
+            (Box::new(reader), Box::new(writer))
+        }
+        None => {
+            let (reader, writer) = stream.into_split();
+            (Box::new(reader), Box::new(writer))
+        }
+    };
+    writer.write_all(hello).await?;
+    writer.flush().await?;
+    let mut buf = Vec::new();
+    let reply = read_frame(&mut reader, &mut buf)
+        .await?
+        .ok_or(Error::Disconnected)?;
+    if reply.status != Status::Ok {
+        return Err(status_error(reply.status, &reply.body));
+    }
+    let (session_id, secret, _) = protocol::parse_session_body(&reply.body)
+        .ok_or_else(|| Error::Protocol("short session reply".into()))?;
+    Ok(Opened {
+        reader,
+        writer,
+        buf,
+        session_id,
+        secret,
+    })
+}
+
 /// A session with the server, for tokio tasks. Cheap to share (`Arc`).
 pub struct AsyncClient {
     inner: Arc<Inner>,
@@ -134,7 +182,10 @@ pub struct AsyncClient {
 }
 
 impl AsyncClient {
-    /// Connects and opens a session (HELLO), within `options.connect_timeout`.
+    /// Connects and opens a session (HELLO): each address in turn, the
+    /// whole handshake within `options.connect_timeout` (a cluster's
+    /// members: one that is down, frozen or slow is passed over; a
+    /// server's refusal is final).
     pub async fn connect(addr: impl ToSocketAddrs, options: &ClientOptions) -> Result<AsyncClient> {
         let grace_ms = u32::try_from(options.grace.as_millis()).unwrap_or(u32::MAX);
         let hello = Request::Hello {
@@ -142,40 +193,35 @@ impl AsyncClient {
             password: options.password.as_deref().unwrap_or("").as_bytes(),
             client_name: options.client_name.as_bytes(),
         };
-        let open = async {
-            let stream = TcpStream::connect(addr).await?;
-            stream.set_nodelay(true)?;
-            set_dead_peer_detection(&stream)?;
-            let (mut reader, mut writer): (ReadHalf, WriteHalf) = match &options.tls {
-                Some(tls) => {
-                    let connector = tokio_rustls::TlsConnector::from(tls.config());
-                    let stream = connector.connect(tls.server_name(), stream).await?;
-                    let (reader, writer) = tokio::io::split(stream);
-                    (Box::new(reader), Box::new(writer))
-                }
-                None => {
-                    let (reader, writer) = stream.into_split();
-                    (Box::new(reader), Box::new(writer))
-                }
-            };
-            let mut frame = Vec::new();
-            protocol::encode_request(&mut frame, 1, &hello);
-            writer.write_all(&frame).await?;
-            writer.flush().await?;
-            let mut buf = Vec::new();
-            let reply = read_frame(&mut reader, &mut buf)
-                .await?
-                .ok_or(Error::Disconnected)?;
-            Ok::<_, Error>((reader, writer, buf, reply))
-        };
-        let (reader, writer, buf, reply) = tokio::time::timeout(options.connect_timeout, open)
-            .await
-            .map_err(|_| Error::Io(std::io::ErrorKind::TimedOut.into()))??;
-        if reply.status != Status::Ok {
-            return Err(status_error(reply.status, &reply.body));
+        let mut frame = Vec::new();
+        protocol::encode_request(&mut frame, 1, &hello);
+        let mut last = Error::Io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no address to connect to",
+        ));
+        for addr in tokio::net::lookup_host(addr).await? {
+            let opened = tokio::time::timeout(options.connect_timeout, open(addr, options, &frame))
+                .await
+                .unwrap_or_else(|_| Err(Error::Io(std::io::ErrorKind::TimedOut.into())));
+            match opened {
+                Ok(opened) => return Ok(AsyncClient::start(opened)),
+                Err(e @ Error::Status(..)) => return Err(e),
+                Err(e) => last = e,
+            }
         }
-        let (session_id, secret, _) = protocol::parse_session_body(&reply.body)
-            .ok_or_else(|| Error::Protocol("short session reply".into()))?;
+        Err(last)
+    }
+
+    /// The session a handshake opened, served by its reader and writer tasks.
+    fn start(
+        Opened {
+            reader,
+            writer,
+            buf,
+            session_id,
+            secret,
+        }: Opened,
+    ) -> AsyncClient {
         let (frames, frames_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::channel(EVENTS_QUEUE_MAX);
         let inner = Arc::new(Inner {
@@ -188,10 +234,10 @@ impl AsyncClient {
         });
         tokio::spawn(write_loop(writer, frames_rx));
         tokio::spawn(read_loop(reader, buf, inner.clone(), events_tx));
-        Ok(AsyncClient {
+        AsyncClient {
             inner,
             events: Mutex::new(events),
-        })
+        }
     }
 
     pub fn session_id(&self) -> u64 {

@@ -293,3 +293,30 @@ async fn acquire_all_is_all_or_nothing() {
     assert!(freed, "m4 was not given back after the cancel");
     drop(held);
 }
+
+/// A server that accepts connections (the kernel's backlog) and never
+/// answers — a frozen cluster member — first in the list: after
+/// `connect_timeout` the next address opens the session. Alone, it times
+/// out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_never_answers_is_passed_over() {
+    let server = TestServer::start(1);
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = black_hole.local_addr().unwrap();
+    let options = ClientOptions {
+        connect_timeout: Duration::from_millis(300),
+        ..ClientOptions::default()
+    };
+    let client = bounded(
+        "connect",
+        AsyncClient::connect(&[silent, server.addr][..], &options),
+    )
+    .await
+    .expect("a session at the second address");
+    bounded("ping", client.ping()).await.unwrap();
+    match bounded("connect", AsyncClient::connect(silent, &options)).await {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a session from a server that never answers"),
+    }
+}

@@ -1171,3 +1171,37 @@ fn a_dropped_pending_acquire_is_cancelled() {
         holder.inspect("free-one").unwrap().is_none()
     });
 }
+
+/// A server that accepts connections (the kernel's backlog) and never
+/// answers — a frozen cluster member — first in the list: after
+/// `connect_timeout` the next address opens the session, and RESUME passes
+/// it over likewise; alone, it times out.
+#[test]
+fn a_server_that_never_answers_is_passed_over() {
+    let server = TestServer::start(1);
+    let black_hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = black_hole.local_addr().unwrap();
+    let options = ClientOptions {
+        connect_timeout: Duration::from_millis(300),
+        grace: Duration::from_secs(30),
+        ..ClientOptions::default()
+    };
+    let both = [silent, server.addr];
+    let client = Client::connect(&both[..], &options).expect("a session at the second address");
+    let (id, secret) = (client.session_id(), client.secret());
+    client.acquire("passed-over").unwrap().forget();
+    drop(client);
+    let again = Client::resume(&both[..], id, secret, &options).expect("resumed at the second");
+    assert_eq!(again.resumed().unwrap().holds.len(), 1);
+    match Client::connect(silent, &options) {
+        Err(Error::Io(e)) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{e}"
+        ),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a session from a server that never answers"),
+    }
+}
