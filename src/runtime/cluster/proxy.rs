@@ -16,14 +16,16 @@ use std::time::{Duration, Instant};
 use super::node::NodeStatus;
 use super::transport::Directory;
 use crate::config::TcpTuning;
+use crate::protocol;
 
 /// Relayed connections at a time; more are closed at once.
 const RELAYED_MAX: usize = 1024;
 /// How long a connection waits for a leader to relay to.
 const LEADER_WAIT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// What the relay logs when a client went away before it was relayed.
-pub const NOT_RELAYED: &str = "a client closed its connection before it was relayed; dropped";
+/// What the relay logs when a RESUME's client went away before it was relayed.
+pub const NOT_RELAYED: &str =
+    "a RESUME whose client closed the connection before it was relayed; dropped";
 /// At most this much of what a client sent before it is relayed is read
 /// first (to see whether it is still there).
 const EARLY_MAX: usize = 64 << 10;
@@ -137,14 +139,19 @@ fn relay(client: TcpStream, tcp: TcpTuning, status: &NodeStatus, directory: &Dir
         return;
     };
     let _ = tcp.apply(&upstream);
-    // A client that gave up while this node could not relay (it was
-    // frozen, or waited for a leader) is not relayed: its request — a
-    // RESUME above all, which would take its session from the connection
-    // it made meanwhile elsewhere — reaches no one.
-    let Some(early) = unless_gone(&client) else {
-        tracing::info!("{NOT_RELAYED}");
+    // A RESUME whose client gave up while this node could not relay it
+    // (it was frozen, or waited for a leader) is not relayed: it would
+    // take the session from the connection the client made meanwhile
+    // elsewhere. (Anything else is: a client may half-close and still
+    // read its answers, which the leader gives.)
+    let Some(early) = read_early(&client) else {
         return;
     };
+    if early.closed && is_resume(&early.bytes) {
+        tracing::info!("{NOT_RELAYED}");
+        return;
+    }
+    let early = early.bytes;
     let mut upstream = upstream;
     if upstream.write_all(&early).is_err() {
         return;
@@ -166,18 +173,26 @@ fn relay(client: TcpStream, tcp: TcpTuning, status: &NodeStatus, directory: &Dir
     }
 }
 
-/// What `client` has sent so far (at most `EARLY_MAX` bytes), or None if
-/// it has closed its side already (or failed).
-fn unless_gone(client: &TcpStream) -> Option<Vec<u8>> {
-    let mut early = Vec::new();
+/// What a client sent before it was relayed.
+struct Early {
+    /// At most `EARLY_MAX` bytes.
+    bytes: Vec<u8>,
+    /// It has closed its side (or its connection failed).
+    closed: bool,
+}
+
+/// Reads what `client` has sent so far without waiting; None if the
+/// socket cannot be switched between modes.
+fn read_early(client: &TcpStream) -> Option<Early> {
+    let mut bytes = Vec::new();
     let mut buffer = [0u8; 4096];
     client.set_nonblocking(true).ok()?;
-    let gone = loop {
+    let closed = loop {
         match (&*client).read(&mut buffer) {
             Ok(0) => break true,
             Ok(n) => {
-                early.extend_from_slice(&buffer[..n]);
-                if early.len() >= EARLY_MAX {
+                bytes.extend_from_slice(&buffer[..n]);
+                if bytes.len() >= EARLY_MAX {
                     break false;
                 }
             }
@@ -187,7 +202,15 @@ fn unless_gone(client: &TcpStream) -> Option<Vec<u8>> {
         }
     };
     client.set_nonblocking(false).ok()?;
-    (!gone).then_some(early)
+    Some(Early { bytes, closed })
+}
+
+/// Whether `bytes` begin with a native RESUME frame (TLS is opaque here).
+fn is_resume(bytes: &[u8]) -> bool {
+    matches!(
+        protocol::decode_request(bytes),
+        Ok(protocol::Decoded::Frame { opcode, .. }) if opcode == protocol::opcode::RESUME
+    )
 }
 
 /// Copies `from` to `to` until `from` ends, then ends `to`'s writing side
