@@ -6,7 +6,8 @@
 //! journaled) and proposes its turns' batches; a new leader takes office as
 //! `cluster::node` does: replay of every committed entry, restore with the
 //! failover grace, the state proposed as its base entry. A leader that
-//! loses office leaves (as the process exits) and restarts as a follower.
+//! loses office leaves and restarts as a follower (as the process executes
+//! itself again), keeping only what it persisted.
 //!
 //! Invariants, for many seeds:
 //! - every node's replay of entry (index, term) is the state its leader had
