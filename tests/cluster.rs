@@ -559,6 +559,89 @@ fn a_member_that_was_down_catches_up_from_a_snapshot() {
     cluster.heal();
 }
 
+/// A leader cut off while its client goes on writing takes the changes
+/// (nothing is acknowledged) and writes a snapshot of them — at an index the
+/// majority never commits. Deposed, it restarts from its log: the snapshot
+/// never became its dump file (it waited for its batches to be committed)
+/// and is deleted. Healed, it catches up and, made the leader, serves the
+/// majority's history: none of the cut-off changes, the majority's hold.
+#[test]
+fn a_cut_off_leaders_snapshot_never_becomes_its_state() {
+    let mut cluster = TestCluster::start_with(
+        "cluster-cut-off-snapshot",
+        3,
+        120,
+        &["--snapshot-log-bytes", "1048576"],
+    );
+    let leader = cluster.leader();
+    let direct = Client::connect(cluster.client_addr(leader), &ClientOptions::default()).unwrap();
+    cluster.isolate(leader);
+    // About 1.2 MiB of acquires, none of them answered (none committed).
+    let long = "y".repeat(1000);
+    let pending: Vec<_> = (0..1200)
+        .map(|i| {
+            direct
+                .start_acquire(format!("cut-{i}-{long}"), AcquireOptions::default(), false)
+                .unwrap()
+        })
+        .collect();
+    let log = cluster.wait_rejoined(leader);
+    let before = &log[..log.rfind(livelock::cluster::node::RESTARTING).unwrap()];
+    assert!(
+        before.contains("at log index"),
+        "the cut-off leader wrote no snapshot: {log}"
+    );
+    drop(pending);
+    let data = cluster.data_dir(leader).to_path_buf();
+    let left: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("pending"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    let addrs: Vec<_> = (1..=3)
+        .filter(|&id| id != leader)
+        .map(|id| cluster.client_addr(id))
+        .collect();
+    // (A grace: the transfer below ends its connection if it is the
+    // leader's.)
+    let majority = Follow::connect(&addrs, "on-the-majority", Duration::from_secs(60));
+    let kept = majority.client.acquire("majority").unwrap();
+    let token = kept.token();
+    kept.forget();
+    cluster.heal();
+    let commit = majority.client.cluster_status().unwrap().commit;
+    wait_until("the old leader caught up", || {
+        majority.client.cluster_status().is_ok_and(|status| {
+            status
+                .members
+                .iter()
+                .any(|m| m.id == leader && m.active && m.matched >= commit)
+        })
+    });
+    match majority
+        .client
+        .cluster_change(&livelock::protocol::ClusterChange::Transfer(leader))
+    {
+        Ok(()) | Err(Error::Disconnected) => {}
+        Err(e) => panic!("transfer: {e}"),
+    }
+    wait_until("the old leader serving again", || {
+        this_run(&cluster.stderr(leader)).contains("serving as the leader")
+    });
+    let observer = Follow::connect(&[cluster.client_addr(leader)], "observer", Duration::ZERO);
+    let seen = observer.client.inspect("majority").unwrap().expect("held");
+    assert_eq!(seen.record.holders[0].token, token);
+    for i in [0, 599, 1199] {
+        let name = format!("cut-{i}-{long}");
+        assert!(
+            observer.client.inspect(name).unwrap().is_none(),
+            "a change the majority never committed is in the state"
+        );
+    }
+}
+
 /// `livelock cluster status`, asked of any member, shows the leader's view:
 /// every member, its lag and health; a member that is down turns
 /// unreachable. A single server says it is not a cluster.

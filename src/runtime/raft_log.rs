@@ -490,10 +490,10 @@ impl Log {
         let snapshotter = thread::Builder::new()
             .name("livelock-snapshot".into())
             .spawn(move || {
-                let written: OnSnapshot = Box::new(|_, _, _| {});
+                let written: OnSnapshot = Box::new(|_| {});
                 write_snapshots(
                     &snapshot_shared,
-                    &dump_path,
+                    &|_| dump_path.clone(),
                     loops,
                     jobs_rx,
                     parts_rx,
@@ -549,8 +549,20 @@ pub struct SnapshotJob {
     pub term: u64,
 }
 
-/// Told of each snapshot written: its index, term and bytes.
-pub type OnSnapshot = Box<dyn Fn(u64, u64, Vec<u8>) + Send>;
+/// A snapshot the snapshot thread wrote.
+pub struct Written {
+    pub index: u64,
+    pub term: u64,
+    pub bytes: Vec<u8>,
+    /// The last batch it holds: every loop's part is its state after its
+    /// batches handed in so far, which may be proposed in entries after
+    /// `index` (a cluster's leader waits for them to be committed before
+    /// the snapshot becomes its dump file).
+    pub covers: u64,
+}
+
+/// Told of each snapshot written.
+pub type OnSnapshot = Box<dyn Fn(Written) + Send>;
 
 struct Writer {
     node: RawNode<MemStorage>,
@@ -864,10 +876,11 @@ enum WriteError {
 }
 
 /// The snapshot thread: collects every loop's part of each snapshot asked
-/// for, writes it as the dump file, and lets the log be compacted.
+/// for, writes it where `path_for` its index says (the dump file; a
+/// cluster leader's pending file), and lets the log be compacted.
 pub fn write_snapshots(
     shared: &LogShared,
-    dump_path: &Path,
+    path_for: &dyn Fn(u64) -> PathBuf,
     loops: usize,
     jobs: Receiver<SnapshotJob>,
     parts: Receiver<SnapshotPart>,
@@ -899,10 +912,13 @@ pub fn write_snapshots(
             .flatten()
             .map(|part| (part.state, part.position))
             .collect();
+        // Each part was exported after its loop handed in its batches.
+        let covers = shared.submitted();
         let snapshot = crate::snapshot::log_snapshot(parts, job.index, job.term);
         let started = std::time::Instant::now();
         let bytes = dump::encode(&snapshot);
-        match crate::data_dir::write_atomic(dump_path, &bytes) {
+        let path = path_for(job.index);
+        match crate::data_dir::write_atomic(&path, &bytes) {
             Ok(()) => {
                 tracing::info!(
                     "snapshot of {} hold(s) at log index {} written ({} bytes, {} ms; \
@@ -915,13 +931,18 @@ pub fn write_snapshots(
                 );
                 shared.snapshots.fetch_add(1, Ordering::Relaxed);
                 shared.compact_to.fetch_max(job.index, Ordering::SeqCst);
-                written(job.index, job.term, bytes);
+                written(Written {
+                    index: job.index,
+                    term: job.term,
+                    bytes,
+                    covers,
+                });
                 shared.wake();
             }
             Err(e) => tracing::warn!(
                 "writing a snapshot to {} failed ({e}); the log keeps \
                  growing until one succeeds",
-                dump_path.display()
+                path.display()
             ),
         }
         shared.snapshot_pending.store(false, Ordering::SeqCst);

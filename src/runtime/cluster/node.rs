@@ -202,6 +202,7 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
         inbox,
         directory,
     } = start;
+    remove_pending(&data_dir);
     // The node's own snapshot, then the stored entries after it.
     let (replay, raft_snapshot) = match &snapshot {
         Some(state) => {
@@ -291,8 +292,36 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
     })
 }
 
-/// The last snapshot written (index, term, bytes), until compacted to.
-type Written = Arc<Mutex<Option<(u64, u64, Vec<u8>)>>>;
+/// The last snapshot written, until compacted to — a leader's with the
+/// file it waits in (it becomes the dump file once every batch it holds is
+/// committed; a follower's, replayed from committed entries, is written as
+/// the dump file at once).
+type Written = Arc<Mutex<Option<(raft_log::Written, Option<PathBuf>)>>>;
+
+/// Where a leader's snapshot at `index` waits until every batch in it is
+/// committed.
+fn pending_path(data_dir: &std::path::Path, index: u64) -> PathBuf {
+    data_dir.join(format!("{PENDING_PREFIX}{index}"))
+}
+
+const PENDING_PREFIX: &str = "livelock.dump.pending.";
+
+/// Snapshots a leader wrote that never became its dump file (it lost
+/// office, or stopped, first) are deleted at start.
+fn remove_pending(data_dir: &std::path::Path) {
+    let Ok(dir) = std::fs::read_dir(data_dir) else {
+        return;
+    };
+    for entry in dir.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(PENDING_PREFIX)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
 
 /// The leader's snapshot thread's jobs, and what asks the loops for parts.
 type LeaderSnapshots = (Sender<SnapshotJob>, Box<dyn Fn() + Send>);
@@ -728,18 +757,33 @@ impl Node {
             return;
         };
         let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
-        let (log, path, written) = (
-            self.log.clone(),
-            self.dump_path.clone(),
-            self.written.clone(),
-        );
-        let on_written: raft_log::OnSnapshot = Box::new(move |index, term, bytes| {
-            *written.lock().expect("snapshot slot") = Some((index, term, bytes));
+        // Written aside: it may hold batches of entries not yet committed
+        // (a leader cut off goes on taking changes until it learns), and a
+        // restart must not start from them.
+        let data_dir = crate::data_dir::parent_dir(&self.dump_path).to_path_buf();
+        let (log, written, dir) = (self.log.clone(), self.written.clone(), data_dir.clone());
+        let on_written: raft_log::OnSnapshot = Box::new(move |snapshot| {
+            let waiting = pending_path(&dir, snapshot.index);
+            let replaced = written
+                .lock()
+                .expect("snapshot slot")
+                .replace((snapshot, Some(waiting)));
+            // A newer one replaces a snapshot still waiting.
+            if let Some((_, Some(older))) = replaced {
+                let _ = std::fs::remove_file(older);
+            }
         });
         let spawned = thread::Builder::new()
             .name("livelock-snapshot".into())
             .spawn(move || {
-                raft_log::write_snapshots(&log, &path, loops, jobs_rx, parts, on_written)
+                raft_log::write_snapshots(
+                    &log,
+                    &|index| pending_path(&data_dir, index),
+                    loops,
+                    jobs_rx,
+                    parts,
+                    on_written,
+                )
             });
         match spawned {
             Ok(_) => self.jobs = Some((jobs_tx, ask_loops)),
@@ -766,20 +810,43 @@ impl Node {
         ask_loops();
     }
 
-    /// A snapshot written and committed replaces the entries it covers, in
-    /// raft's storage and on disk; it is what lagging followers are sent.
+    /// A snapshot written and committed — its index, and for a leader's
+    /// every batch in it — replaces the entries it covers, in raft's
+    /// storage and on disk (a leader's becomes the dump file only now); it
+    /// is what lagging followers are sent.
     fn compact(&mut self) {
         let committed = self.raw.raft.raft_log.committed;
+        let durable = self.log.durable();
         let ready = {
             let mut slot = self.written.lock().expect("snapshot slot");
             match &*slot {
-                Some((index, _, _)) if *index <= committed => slot.take(),
+                Some((written, pending))
+                    if written.index <= committed
+                        && (pending.is_none() || written.covers <= durable) =>
+                {
+                    slot.take()
+                }
                 _ => None,
             }
         };
-        let Some((index, term, bytes)) = ready else {
+        let Some((
+            raft_log::Written {
+                index, term, bytes, ..
+            },
+            pending,
+        )) = ready
+        else {
             return;
         };
+        if let Some(pending) = pending {
+            if let Err(e) = crate::data_dir::rename_durably(&pending, &self.dump_path) {
+                tracing::warn!(
+                    "the snapshot at log index {index} cannot become the dump file ({e}); \
+                     the log keeps growing until one does"
+                );
+                return;
+            }
+        }
         let mut snapshot = Snapshot {
             data: bytes.into(),
             ..Snapshot::default()
@@ -793,6 +860,12 @@ impl Node {
 
     /// Moves `durable` past the batches whose entries are committed.
     fn release_durable(&mut self) {
+        // Only a leader's entries are its batches: one that just learned
+        // of a newer term may hold a commit index that covers entries the
+        // new leader wrote over its own (it is deposed before its turn).
+        if self.raw.raft.state != StateRole::Leader {
+            return;
+        }
         let committed = self.raw.raft.raft_log.committed;
         if self.uncommitted.release(committed, &self.log) {
             if let Some(wake) = &self.wake_loops {
@@ -834,10 +907,11 @@ impl Node {
     /// stop ends the process. Either way nothing it did not get committed
     /// was acknowledged, and its clients see their connections end.
     fn deposed(&mut self) -> ! {
-        let asked = self.stop.load(Ordering::SeqCst);
         // What raft owes its peers (a vote, an answer) goes first.
         self.flush_before_exit();
-        if asked {
+        // (Read after the flush: a SIGTERM meanwhile must not be lost in
+        // an exec — the signal thread has done its part already.)
+        if self.stop.load(Ordering::SeqCst) {
             tracing::warn!(term = self.raw.raft.term, "no longer the leader; exiting");
             std::process::exit(0);
         }
@@ -956,7 +1030,13 @@ fn write_follower_snapshot(
                 bytes.len()
             );
             log.snapshots.fetch_add(1, Ordering::Relaxed);
-            *written.lock().expect("snapshot slot") = Some((index, term, bytes));
+            let snapshot = raft_log::Written {
+                index,
+                term,
+                bytes,
+                covers: 0,
+            };
+            *written.lock().expect("snapshot slot") = Some((snapshot, None));
             log.wake();
         }
         Err(e) => tracing::warn!(
