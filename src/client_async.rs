@@ -199,7 +199,10 @@ impl AsyncClient {
             std::io::ErrorKind::NotFound,
             "no address to connect to",
         ));
-        for addr in tokio::net::lookup_host(addr).await? {
+        let addrs = tokio::time::timeout(options.connect_timeout, tokio::net::lookup_host(addr))
+            .await
+            .map_err(|_| Error::Io(std::io::ErrorKind::TimedOut.into()))??;
+        for addr in addrs {
             let opened = tokio::time::timeout(options.connect_timeout, open(addr, options, &frame))
                 .await
                 .unwrap_or_else(|_| Err(Error::Io(std::io::ErrorKind::TimedOut.into())));

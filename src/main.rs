@@ -650,8 +650,8 @@ fn serve_cluster(config: ServerConfig) -> ExitCode {
     };
     let _ = reload.set(Box::new(server.tls_reloader()));
     tracing::info!("serving clients on {} as the leader", server.local_addr());
-    // The process ends in the raft thread (stopped or deposed), or here
-    // after a LiveLock SHUTDOWN.
+    // The process ends in the raft thread (stopped; deposed, it executes
+    // itself again as a follower), or here after a LiveLock SHUTDOWN.
     match server.join() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

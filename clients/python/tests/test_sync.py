@@ -370,13 +370,13 @@ def test_a_server_that_never_answers_is_passed_over(server: Server, black_hole: 
     # Connections to the black hole are accepted (in the backlog) and never
     # answered: after connect_timeout the next address is tried.
     servers = f"{black_hole}, livelock://{server.address}"
-    client = Client.connect(servers, connect_timeout=0.3, grace=WAIT_MAX, request_timeout=WAIT_MAX)
+    client = Client.connect(servers, connect_timeout=1.0, grace=WAIT_MAX, request_timeout=WAIT_MAX)
     client.ping()
     client.close()  # dropped, not ended: the session waits for a RESUME
-    with Client.resume(client.session_id, client.secret, servers, connect_timeout=0.3) as again:
+    with Client.resume(client.session_id, client.secret, servers, connect_timeout=1.0) as again:
         again.ping()
     with pytest.raises(ll.LivelockTimeout, match=f"could not connect: {black_hole} did not answer"):
-        Client.connect(black_hole, connect_timeout=0.3)
+        Client.connect(black_hole, connect_timeout=1.0)
 
 
 def test_every_call_ends_after_the_request_timeout(silent_server: SilentServer) -> None:
