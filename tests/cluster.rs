@@ -642,7 +642,8 @@ fn a_cut_off_leaders_snapshot_never_becomes_its_state() {
     }
 }
 
-/// `livelock cluster status`, asked of any member, shows the leader's view:
+/// `livelock cluster status`, asked of any member, shows the leader's view
+/// (one view: its commit index as of the members' progress):
 /// every member, its lag and health; a member that is down turns
 /// unreachable. A single server says it is not a cluster.
 #[test]
@@ -673,6 +674,15 @@ fn cluster_status_shows_the_leaders_view() {
             m["healthy"] == true && m["state"] == "replicate" && m["lag"].as_u64() == Some(0)
         })
     });
+    // One view: the commit index shown is never ahead of the leader's own
+    // log as shown (each status read is itself a quorum round, which moves
+    // the commit index past a members' list published before it).
+    let client = Client::connect(cluster.client_addr(leader), &ClientOptions::default()).unwrap();
+    for _ in 0..5 {
+        let reply = client.cluster_status().unwrap();
+        let own = reply.members.iter().find(|m| m.id == leader).unwrap();
+        assert!(own.matched >= reply.commit, "{reply:?}");
+    }
     cluster.kill(follower);
     wait_until("the member that is down seen unreachable", || {
         let seen = status(&cluster, leader);

@@ -69,8 +69,8 @@ pub struct NodeStatus {
     pub applied: AtomicU64,
     /// This node leads and serves (its base entry is proposed).
     pub serving: AtomicBool,
-    /// As the leader sees them: (id, matched, state, active).
-    members: Mutex<Vec<(u64, u64, u8, bool)>>,
+    /// As the leader sees them, once a tick.
+    members: Mutex<Members>,
     /// Members' client addresses.
     pub directory: Arc<super::transport::Directory>,
     changes: (Sender<ClusterChange>, Receiver<ClusterChange>),
@@ -85,7 +85,7 @@ impl NodeStatus {
             commit: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             serving: AtomicBool::new(false),
-            members: Mutex::new(Vec::new()),
+            members: Mutex::new(Members::default()),
             directory,
             changes: crossbeam_channel::bounded(CHANGES_MAX),
         }
@@ -97,12 +97,20 @@ impl NodeStatus {
         self.changes.0.try_send(change).is_ok()
     }
 
-    /// The CLUSTER_STATUS reply.
+    /// The CLUSTER_STATUS reply: one view of the leader's (its commit and
+    /// applied index as of the members' progress, so a member's lag is
+    /// never against a commit index newer than what it is compared with).
     pub fn reply(&self) -> ClusterReply {
-        let members = self
-            .members
-            .lock()
-            .expect("status lock")
+        let view = self.members.lock().expect("status lock");
+        let (commit, applied) = match view.rows.is_empty() {
+            true => (
+                self.commit.load(Ordering::Relaxed),
+                self.applied.load(Ordering::Relaxed),
+            ),
+            false => (view.commit, view.applied),
+        };
+        let members = view
+            .rows
             .iter()
             .map(|&(id, matched, state, active)| ClusterMember {
                 id,
@@ -119,11 +127,21 @@ impl NodeStatus {
         ClusterReply {
             node: self.id,
             term: self.term.load(Ordering::Relaxed),
-            commit: self.commit.load(Ordering::Relaxed),
-            applied: self.applied.load(Ordering::Relaxed),
+            commit,
+            applied,
             members,
         }
     }
+}
+
+/// The members' progress as the leader saw it, with its commit and
+/// applied index at that moment.
+#[derive(Debug, Default)]
+struct Members {
+    commit: u64,
+    applied: u64,
+    /// (id, matched, state, active).
+    rows: Vec<(u64, u64, u8, bool)>,
 }
 
 /// What the server hands back at promotion: the base entry to propose
@@ -976,7 +994,7 @@ impl Node {
     fn publish_members(&self) {
         let raft = &self.raw.raft;
         if raft.state == StateRole::Leader {
-            let mut members: Vec<(u64, u64, u8, bool)> = raft
+            let mut rows: Vec<(u64, u64, u8, bool)> = raft
                 .prs()
                 .iter()
                 .map(|(&id, progress)| {
@@ -992,8 +1010,12 @@ impl Node {
                     (id, matched, state, id == raft.id || progress.recent_active)
                 })
                 .collect();
-            members.sort_unstable();
-            *self.status.members.lock().expect("status lock") = members;
+            rows.sort_unstable();
+            *self.status.members.lock().expect("status lock") = Members {
+                commit: raft.raft_log.committed,
+                applied: raft.raft_log.applied,
+                rows,
+            };
         }
     }
 
