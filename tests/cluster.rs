@@ -132,15 +132,7 @@ fn a_cut_off_leader_never_grants() {
     let process = cluster.nodes[leader as usize - 1].process.as_mut().unwrap();
     assert_eq!(process.id(), pid);
     assert!(process.try_wait().is_none());
-    let commit = via_old.cluster_status().unwrap().commit;
-    wait_until("the old leader caught up", || {
-        via_old.cluster_status().is_ok_and(|status| {
-            status
-                .members
-                .iter()
-                .any(|m| m.id == leader && m.active && m.matched >= commit)
-        })
-    });
+    cluster.wait_caught_up(&via_old, leader);
 }
 
 /// SIGTERM on each node in turn, leader included, each restarted before
@@ -486,30 +478,9 @@ fn a_member_that_was_down_catches_up_from_a_snapshot() {
     cluster.restart(lagging);
     // The leader's majority rests on it once the other is cut off: wait
     // until the leader sees it caught up (on a loaded machine the restart
-    // can take longer than check-quorum gives a leader without a majority)
-    // — up to what was committed when it restarted: the leader's timers
-    // keep committing entries, so "every member at the commit index" at
-    // one instant may never be seen.
+    // can take longer than check-quorum gives a leader without a majority).
     let observer = Client::connect(cluster.client_addr(leader), &ClientOptions::default()).unwrap();
-    let target = observer.cluster_status().unwrap().commit;
-    let started = Instant::now();
-    loop {
-        let status = observer.cluster_status().ok();
-        let caught_up = status.as_ref().is_some_and(|s| {
-            s.members
-                .iter()
-                .any(|m| m.id == lagging && m.active && m.matched >= target)
-        });
-        if caught_up {
-            break;
-        }
-        assert!(
-            started.elapsed() < WAIT_MAX,
-            "the restarted member did not catch up to {target}: {status:?}\n---\n{}",
-            cluster.stderr(lagging)
-        );
-        thread::sleep(Duration::from_millis(10));
-    }
+    cluster.wait_caught_up(&observer, lagging);
     // Cut the other follower off, so it falls behind, and stop the
     // leader: it hands over to the member that caught up.
     cluster.isolate(other);
@@ -611,15 +582,7 @@ fn a_cut_off_leaders_snapshot_never_becomes_its_state() {
     let token = kept.token();
     kept.forget();
     cluster.heal();
-    let commit = majority.client.cluster_status().unwrap().commit;
-    wait_until("the old leader caught up", || {
-        majority.client.cluster_status().is_ok_and(|status| {
-            status
-                .members
-                .iter()
-                .any(|m| m.id == leader && m.active && m.matched >= commit)
-        })
-    });
+    cluster.wait_caught_up(&majority.client, leader);
     match majority
         .client
         .cluster_change(&livelock::protocol::ClusterChange::Transfer(leader))

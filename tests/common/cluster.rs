@@ -328,6 +328,33 @@ impl TestCluster {
         })
     }
 
+    /// Waits (bounded) until the leader, asked through `client`, counts
+    /// member `id` active and holding every entry committed when the wait
+    /// began — not the commit index of each reply, which the leader's
+    /// timers and these very reads keep moving; on timeout, the last
+    /// status and the member's log.
+    pub fn wait_caught_up(&self, client: &Client, id: u64) {
+        let target = client.cluster_status().expect("a cluster status").commit;
+        let started = Instant::now();
+        loop {
+            let status = client.cluster_status().ok();
+            let caught_up = status.as_ref().is_some_and(|s| {
+                s.members
+                    .iter()
+                    .any(|m| m.id == id && m.active && m.matched >= target)
+            });
+            if caught_up {
+                return;
+            }
+            assert!(
+                started.elapsed() < WAIT_MAX,
+                "node {id} did not catch up to {target}: {status:?}\n---\n{}",
+                self.stderr(id)
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Cuts every link to and from node `id`.
     pub fn isolate(&self, id: u64) {
         for ((from, to), link) in &self.links {

@@ -1065,7 +1065,10 @@ class Dial:
     def refused(self, error: BaseException) -> None:
         """The server did not accept the connection (or its TLS handshake
         failed): the next one is tried."""
-        self._failures.append(f"{self.where}: {_why(error)}")
+        self._failed(f"{self.where}: {_why(error)}", error)
+
+    def _failed(self, why: str, error: BaseException) -> None:
+        self._failures.append(why)
         self._last = error
 
     def failure(self) -> LivelockError:
@@ -1087,23 +1090,20 @@ class Dial:
         cluster member that is frozen accepts connections but answers none)
         or drops the connection is passed over like one that refused it: the
         block ends quietly and the next server is tried; when none answers,
-        ``failure()`` raises — LivelockTimeout if none answered in time."""
+        ``failure()`` raises."""
         try:
             yield
         except BaseException as error:
             close()
             if isinstance(error, timeout):
-                self._failures.append(f"{self.where} did not answer within {self.timeout} s")
-                self._last = LivelockTimeout(f"{self.where} did not answer within {self.timeout} s")
-                return
-            if isinstance(error, OSError):
+                silent = LivelockTimeout(f"{self.where} did not answer within {self.timeout} s")
+                self._failed(str(silent), silent)
+            elif isinstance(error, OSError):
                 self.refused(error)
-                return
-            if isinstance(error, ConnectionLost):  # closed before answering
-                self._failures.append(str(error))
-                self._last = error
-                return
-            raise
+            elif isinstance(error, ConnectionLost):  # closed before answering
+                self._failed(str(error), error)
+            else:
+                raise
 
     def feed(self, data: bytes) -> bool:
         """Takes what the server sent; whether its reply has come."""

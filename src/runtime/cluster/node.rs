@@ -310,11 +310,11 @@ pub fn start(start: NodeStart) -> Result<NodeHandle, String> {
     })
 }
 
-/// The last snapshot written, until compacted to — a leader's with the
-/// file it waits in (it becomes the dump file once every batch it holds is
-/// committed; a follower's, replayed from committed entries, is written as
-/// the dump file at once).
-type Written = Arc<Mutex<Option<(raft_log::Written, Option<PathBuf>)>>>;
+/// The last snapshot written, until compacted to, and whether it is a
+/// leader's waiting in its pending file (it becomes the dump file once every
+/// batch it holds is committed; a follower's, replayed from committed
+/// entries, is written as the dump file at once).
+type Written = Arc<Mutex<Option<(raft_log::Written, bool)>>>;
 
 /// Where a leader's snapshot at `index` waits until every batch in it is
 /// committed.
@@ -781,14 +781,13 @@ impl Node {
         let data_dir = crate::data_dir::parent_dir(&self.dump_path).to_path_buf();
         let (log, written, dir) = (self.log.clone(), self.written.clone(), data_dir.clone());
         let on_written: raft_log::OnSnapshot = Box::new(move |snapshot| {
-            let waiting = pending_path(&dir, snapshot.index);
             let replaced = written
                 .lock()
                 .expect("snapshot slot")
-                .replace((snapshot, Some(waiting)));
+                .replace((snapshot, true));
             // A newer one replaces a snapshot still waiting.
-            if let Some((_, Some(older))) = replaced {
-                let _ = std::fs::remove_file(older);
+            if let Some((older, true)) = replaced {
+                let _ = std::fs::remove_file(pending_path(&dir, older.index));
             }
         });
         let spawned = thread::Builder::new()
@@ -839,8 +838,7 @@ impl Node {
             let mut slot = self.written.lock().expect("snapshot slot");
             match &*slot {
                 Some((written, pending))
-                    if written.index <= committed
-                        && (pending.is_none() || written.covers <= durable) =>
+                    if written.index <= committed && (!pending || written.covers <= durable) =>
                 {
                     slot.take()
                 }
@@ -856,8 +854,11 @@ impl Node {
         else {
             return;
         };
-        if let Some(pending) = pending {
-            if let Err(e) = crate::data_dir::rename_durably(&pending, &self.dump_path) {
+        if pending {
+            let dir = crate::data_dir::parent_dir(&self.dump_path);
+            if let Err(e) =
+                crate::data_dir::rename_durably(&pending_path(dir, index), &self.dump_path)
+            {
                 tracing::warn!(
                     "the snapshot at log index {index} cannot become the dump file ({e}); \
                      the log keeps growing until one does"
@@ -1058,7 +1059,7 @@ fn write_follower_snapshot(
                 bytes,
                 covers: 0,
             };
-            *written.lock().expect("snapshot slot") = Some((snapshot, None));
+            *written.lock().expect("snapshot slot") = Some((snapshot, false));
             log.wake();
         }
         Err(e) => tracing::warn!(
